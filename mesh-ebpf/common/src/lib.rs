@@ -1,0 +1,122 @@
+//! Types shared by the kernel programs in `mesh-ebpf/programs` and the loader in `mesh-node`.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that both sides agree on the byte layout
+//! of map keys and values; the kernel compares keys byte by byte, so padding must be zeroed and
+//! therefore named.
+#![no_std]
+
+/// Port of the outbound listener the node proxy opens inside every enrolled pod's netns.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// `SO_MARK` carried by the proxy's own sockets; the connect hooks never redirect them.
+pub const PROXY_MARK: u32 = 0x4d59_0001;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Default capacity of the original-destination maps; `mesh-node --orig-dst-capacity` overrides.
+pub const ORIG_DST_CAPACITY: u32 = 65_536;
+/// Capacity of the enrolled-namespace map (one entry per enrolled pod on the node).
+pub const ENROLLED_CAPACITY: u32 = 16_384;
+
+/// Names of the maps and programs in the object, used by the loader.
+pub mod names {
+    pub const ENROLLED: &str = "ENROLLED";
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const CONNECT4: &str = "mycel_connect4";
+    pub const CONNECT6: &str = "mycel_connect6";
+    pub const GETPEERNAME4: &str = "mycel_getpeer4";
+    pub const GETPEERNAME6: &str = "mycel_getpeer6";
+    pub const SOCK_OPS: &str = "mycel_sockops";
+}
+
+/// An IPv4 or IPv6 socket address as the kernel hands it over: address words and port in
+/// network byte order. IPv4 uses `addr[0]` only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockAddr {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u16,
+}
+
+/// The destination an application asked for before the connect hook rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    pub dst: SockAddr,
+}
+
+/// Key of `ORIG_BY_TUPLE`: the client side of the redirected connection as the proxy sees it
+/// from `accept()` (peer address), qualified by the pod's netns cookie because every pod has
+/// its own 127.0.0.1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TupleKey {
+    pub netns_cookie: u64,
+    pub src: SockAddr,
+    pub _pad: u32,
+}
+
+/// Value of `ENROLLED`, keyed by netns cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Enrollment {
+    /// Reserved for per-pod flags (e.g. capture mode); zero today.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Index into the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A connect from an enrolled pod was rewritten to the proxy.
+    Redirected = 0,
+    /// A TCP connect from a namespace that is not enrolled.
+    SkippedNotEnrolled = 1,
+    /// A connect by the proxy itself (its sockets carry `PROXY_MARK`).
+    SkippedProxyMark = 2,
+    /// A connect from an enrolled pod to loopback, or not TCP.
+    SkippedOther = 3,
+    /// An original-destination entry could not be stored: the map is full.
+    MapFull = 4,
+    /// `sock_ops` could not arm the close callback, so the record was dropped (fail closed).
+    OrigDstLost = 5,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 6] = [
+        Counter::Redirected,
+        Counter::SkippedNotEnrolled,
+        Counter::SkippedProxyMark,
+        Counter::SkippedOther,
+        Counter::MapFull,
+        Counter::OrigDstLost,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::SkippedNotEnrolled => "skipped_not_enrolled",
+            Counter::SkippedProxyMark => "skipped_proxy_mark",
+            Counter::SkippedOther => "skipped_other",
+            Counter::MapFull => "map_full",
+            Counter::OrigDstLost => "orig_dst_lost",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data with no implicit padding (every field is sized and aligned so the
+    // struct has no holes; `_pad` fields make it explicit where needed).
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::Enrollment {}
+}

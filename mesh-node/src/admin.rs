@@ -1,0 +1,109 @@
+//! A small local admin endpoint: `GET /stats` (counters as `name value` lines) and
+//! `GET /healthz`. Localhost by default; full Prometheus metrics come with the observability
+//! work.
+
+use std::{fmt::Write as _, net::SocketAddr, sync::atomic::Ordering, sync::Arc, time::Duration};
+
+use mesh_ebpf_common::Counter;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use crate::{capture::Capture, proxy::ProxyStats};
+
+/// State the daemon publishes for the admin endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub enrolled: usize,
+    pub config_errors: u64,
+    pub config_applied: u64,
+}
+
+pub struct Admin {
+    pub capture: Arc<Capture>,
+    pub stats: Arc<ProxyStats>,
+    pub status: watch::Receiver<Status>,
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &admin)).await;
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        if len == buf.len() {
+            return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
+        }
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    match (method, path) {
+        ("GET", "/healthz") => respond(&mut stream, "200 OK", "ok\n").await,
+        ("GET", "/stats") => match render_stats(admin) {
+            Ok(body) => respond(&mut stream, "200 OK", &body).await,
+            Err(e) => respond(&mut stream, "500 Internal Server Error", &format!("{e}\n")).await,
+        },
+        ("GET", _) => respond(&mut stream, "404 Not Found", "not found\n").await,
+        _ => respond(&mut stream, "405 Method Not Allowed", "").await,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    let msg = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(msg.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn render_stats(admin: &Admin) -> Result<String, crate::capture::CaptureError> {
+    let mut out = String::new();
+    let counters = admin.capture.counters()?;
+    for c in Counter::ALL {
+        let _ = writeln!(out, "ebpf_{} {}", c.name(), counters.get(c));
+    }
+    let (by_cookie, by_tuple) = admin.capture.orig_dst_entries();
+    let _ = writeln!(out, "orig_dst_entries_by_cookie {by_cookie}");
+    let _ = writeln!(out, "orig_dst_entries_by_tuple {by_tuple}");
+    let s = &admin.stats;
+    for (name, v) in [
+        ("proxy_accepted", &s.accepted),
+        ("proxy_forwarded", &s.forwarded),
+        ("proxy_no_orig_dst", &s.no_orig_dst),
+        ("proxy_upstream_failed", &s.upstream_failed),
+        ("proxy_reset", &s.reset),
+        ("proxy_bytes_sent", &s.bytes_sent),
+        ("proxy_bytes_received", &s.bytes_received),
+    ] {
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    }
+    let status = admin.status.borrow().clone();
+    let _ = writeln!(out, "enrolled_workloads {}", status.enrolled);
+    let _ = writeln!(out, "config_applied {}", status.config_applied);
+    let _ = writeln!(out, "config_errors {}", status.config_errors);
+    Ok(out)
+}

@@ -1,0 +1,216 @@
+//! One mesh-node per cgroup, and no leftovers from a previous one.
+//!
+//! Attachments are bpf_links owned by the daemon's file descriptors, so a crashed daemon's
+//! programs detach when the kernel closes its fds. What can still be found on a cgroup is an
+//! attachment made some other way (a legacy `BPF_PROG_ATTACH`, or a link pinned by hand); those
+//! are removed before attaching. A second live daemon on the same cgroup is refused instead,
+//! because both would redirect the same connects.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use mesh_ebpf_common::names;
+
+const LOCK_DIR: &str = "/run/mycel";
+
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// The attach types mesh-node uses, with the kernel's numbering.
+const ATTACH_TYPES: [(u32, &str); 5] = [
+    (3, "sock_ops"),
+    (10, "connect4"),
+    (11, "connect6"),
+    (29, "getpeername4"),
+    (30, "getpeername6"),
+];
+
+const OUR_PROGRAMS: [&str; 5] = [
+    names::CONNECT4,
+    names::CONNECT6,
+    names::GETPEERNAME4,
+    names::GETPEERNAME6,
+    names::SOCK_OPS,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(
+        "another mesh-node already owns cgroup {cgroup} (lock {lock} is held); stop it first"
+    )]
+    Busy { cgroup: PathBuf, lock: PathBuf },
+    #[error("cannot take lock {lock}: {source}")]
+    Lock { lock: PathBuf, source: io::Error },
+    #[error("cannot query programs attached to {cgroup}: {source}")]
+    Query { cgroup: PathBuf, source: io::Error },
+    #[error("cannot remove stale program {name} (id {id}) from {cgroup}: {source}")]
+    Detach {
+        cgroup: PathBuf,
+        name: String,
+        id: u32,
+        source: io::Error,
+    },
+}
+
+/// Held for the daemon's lifetime; the kernel releases the flock when the process exits.
+pub struct CgroupLock {
+    _file: File,
+}
+
+/// Takes ownership of `cgroup` for this process and removes stale Mycel attachments from it.
+pub fn claim(cgroup: &Path, cgroup_dir: &File) -> Result<CgroupLock, AttachError> {
+    let meta = cgroup_dir.metadata().map_err(|source| AttachError::Lock {
+        lock: cgroup.to_path_buf(),
+        source,
+    })?;
+    let lock = PathBuf::from(LOCK_DIR).join(format!("cgroup-{}-{}.lock", meta.dev(), meta.ino()));
+    let lock_err = |source| AttachError::Lock {
+        lock: lock.clone(),
+        source,
+    };
+    fs::create_dir_all(LOCK_DIR).map_err(lock_err)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(lock_err)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(AttachError::Busy {
+                cgroup: cgroup.to_path_buf(),
+                lock,
+            });
+        }
+        return Err(lock_err(e));
+    }
+    remove_stale(cgroup, cgroup_dir)?;
+    Ok(CgroupLock { _file: file })
+}
+
+fn remove_stale(cgroup: &Path, cgroup_dir: &File) -> Result<(), AttachError> {
+    for (attach_type, type_name) in ATTACH_TYPES {
+        let ids = query(cgroup_dir, attach_type).map_err(|source| AttachError::Query {
+            cgroup: cgroup.to_path_buf(),
+            source,
+        })?;
+        for id in ids {
+            let Some(info) = program_info(id) else { continue };
+            let Some(name) = info.name_as_str().map(str::to_owned) else { continue };
+            if !OUR_PROGRAMS.contains(&name.as_str()) {
+                continue;
+            }
+            tracing::warn!(
+                cgroup = %cgroup.display(), program = %name, id, attach = type_name,
+                "removing a stale Mycel attachment left by an earlier run"
+            );
+            detach(cgroup_dir, attach_type, id, &info).map_err(|source| AttachError::Detach {
+                cgroup: cgroup.to_path_buf(),
+                name,
+                id,
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn program_info(id: u32) -> Option<aya::programs::ProgramInfo> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+}
+
+/// Programs attached to the cgroup itself (not inherited) for one attach type.
+fn query(cgroup_dir: &File, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = Attr::default();
+    attr.put_u32(0, cgroup_dir.as_raw_fd() as u32);
+    attr.put_u32(4, attach_type);
+    attr.put_u64(16, ids.as_mut_ptr() as u64);
+    attr.put_u32(24, ids.len() as u32);
+    attr.sys(BPF_PROG_QUERY)?;
+    ids.truncate(attr.get_u32(24) as usize);
+    Ok(ids)
+}
+
+fn detach(
+    cgroup_dir: &File,
+    attach_type: u32,
+    prog_id: u32,
+    info: &aya::programs::ProgramInfo,
+) -> io::Result<()> {
+    // A link (pinned somewhere) keeps the program attached: detach the link itself.
+    let link = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .find(|l| l.program_id() == prog_id);
+    if let Some(link) = link {
+        let mut attr = Attr::default();
+        attr.put_u32(0, link.id());
+        let fd = attr.sys(BPF_LINK_GET_FD_BY_ID)?;
+        // SAFETY: the syscall returned a new fd that we now own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut attr = Attr::default();
+        attr.put_u32(0, fd.as_raw_fd() as u32);
+        attr.sys(BPF_LINK_DETACH)?;
+        return Ok(());
+    }
+    let prog_fd = info
+        .fd()
+        .map_err(|e| io::Error::other(format!("cannot open program: {e}")))?;
+    let mut attr = Attr::default();
+    attr.put_u32(0, cgroup_dir.as_raw_fd() as u32);
+    attr.put_u32(4, std::os::fd::AsFd::as_fd(&prog_fd).as_raw_fd() as u32);
+    attr.put_u32(8, attach_type);
+    attr.sys(BPF_PROG_DETACH)?;
+    Ok(())
+}
+
+/// A zeroed `union bpf_attr`, written field by field at the kernel ABI's offsets.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Default for Attr {
+    fn default() -> Self {
+        Self([0; 128])
+    }
+}
+
+impl Attr {
+    fn put_u32(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn get_u32(&self, off: usize) -> u32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&self.0[off..off + 4]);
+        u32::from_ne_bytes(b)
+    }
+    fn sys(&mut self, cmd: libc::c_long) -> io::Result<i32> {
+        // SAFETY: `self` is a properly aligned, large-enough bpf_attr for every command used.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                self.0.as_mut_ptr(),
+                self.0.len() as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as i32)
+        }
+    }
+}

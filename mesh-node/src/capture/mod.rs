@@ -1,0 +1,320 @@
+//! The kernel side of traffic capture, seen from user space: loads the embedded eBPF object,
+//! attaches it once to a cgroup, and owns its maps.
+//!
+//! Dropping [`Capture`] detaches everything: the attachments are bpf_links held by this process,
+//! so even a crash cannot leave them behind.
+
+mod attach;
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+};
+use mesh_ebpf_common::{
+    names, Counter, Enrollment, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
+};
+
+pub use attach::CgroupLock;
+
+/// The object built from `mesh-ebpf/programs` by the build script.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    Attach(#[from] attach::AttachError),
+}
+
+/// Sums of the per-CPU counters, in [`Counter::ALL`] order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; Counter::COUNT as usize]);
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+}
+
+pub struct Options {
+    pub cgroup: PathBuf,
+    pub orig_dst_capacity: u32,
+    /// Enables the programs' aya-log output at debug level (off by default: the level check
+    /// runs in the kernel, so disabled logging costs one load per call).
+    pub ebpf_log: bool,
+}
+
+/// Loaded and attached programs plus their maps.
+pub struct Capture {
+    // Field order matters on drop: maps first, then the programs (which detach their links).
+    enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
+    by_tuple: HashMap<MapData, TupleKey, OrigDst>,
+    by_cookie: HashMap<MapData, u64, OrigDst>,
+    counters: PerCpuArray<MapData, u64>,
+    _ebpf: Ebpf,
+    _lock: CgroupLock,
+    cgroup: PathBuf,
+}
+
+impl Capture {
+    pub fn attach(opts: &Options) -> Result<Self, CaptureError> {
+        let cgroup_dir = File::open(&opts.cgroup).map_err(|source| CaptureError::Cgroup {
+            path: opts.cgroup.clone(),
+            source,
+        })?;
+        let lock = attach::claim(&opts.cgroup, &cgroup_dir)?;
+
+        let log_level: u8 = if opts.ebpf_log { 4 } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::ORIG_BY_COOKIE, opts.orig_dst_capacity)
+            .map_max_entries(names::ORIG_BY_TUPLE, opts.orig_dst_capacity)
+            .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .load(OBJECT)?;
+        if opts.ebpf_log {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(logger) => spawn_log_pump(logger),
+                Err(e) => tracing::warn!(error = %e, "eBPF logging requested but unavailable"),
+            }
+        }
+
+        for name in [
+            names::CONNECT4,
+            names::CONNECT6,
+            names::GETPEERNAME4,
+            names::GETPEERNAME6,
+        ] {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Missing(name))?
+                .try_into()
+                .map_err(|source| CaptureError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| CaptureError::Program { name, source })?;
+            // bpf_links on a cgroup are always multi-attach; the kernel rejects any flag here.
+            prog.attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
+        let name = names::SOCK_OPS;
+        let prog: &mut SockOps = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::Missing(name))?
+            .try_into()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        prog.attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(|source| CaptureError::Program { name, source })?;
+
+        let enrolled = take_map(&mut ebpf, names::ENROLLED, HashMap::try_from)?;
+        let by_tuple = take_map(&mut ebpf, names::ORIG_BY_TUPLE, HashMap::try_from)?;
+        let by_cookie = take_map(&mut ebpf, names::ORIG_BY_COOKIE, HashMap::try_from)?;
+        let counters = take_map(&mut ebpf, names::COUNTERS, PerCpuArray::try_from)?;
+
+        Ok(Self {
+            enrolled: Mutex::new(enrolled),
+            by_tuple,
+            by_cookie,
+            counters,
+            _ebpf: ebpf,
+            _lock: lock,
+            cgroup: opts.cgroup.clone(),
+        })
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Starts redirecting connects made in the netns with this cookie.
+    pub fn enroll(&self, netns_cookie: u64) -> Result<(), CaptureError> {
+        self.enrolled_map()
+            .insert(netns_cookie, Enrollment::default(), 0)
+            .map_err(|source| CaptureError::Map {
+                name: names::ENROLLED,
+                source,
+            })
+    }
+
+    /// Stops redirecting new connects from this netns; open connections are not touched.
+    pub fn unenroll(&self, netns_cookie: u64) -> Result<(), CaptureError> {
+        match self.enrolled_map().remove(&netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(CaptureError::Map {
+                name: names::ENROLLED,
+                source,
+            }),
+        }
+    }
+
+    fn enrolled_map(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, Enrollment>> {
+        // A panic while holding this lock cannot leave the map half-written (each call is one
+        // syscall), so a poisoned lock is still usable.
+        self.enrolled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The destination the application connected to, for a connection the proxy accepted in
+    /// the netns with `netns_cookie` from client address `peer`.
+    pub fn original_destination(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = TupleKey {
+            netns_cookie,
+            src: to_kernel(peer),
+            _pad: 0,
+        };
+        let orig = self.by_tuple.get(&key, 0).ok()?;
+        from_kernel(orig.dst)
+    }
+
+    pub fn counters(&self) -> Result<Counters, CaptureError> {
+        let mut out = Counters::default();
+        for c in Counter::ALL {
+            let per_cpu = self
+                .counters
+                .get(&(c as u32), 0)
+                .map_err(|source| CaptureError::Map {
+                    name: names::COUNTERS,
+                    source,
+                })?;
+            out.0[c as usize] = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Entries currently held by the two original-destination maps (by cookie, by tuple).
+    pub fn orig_dst_entries(&self) -> (usize, usize) {
+        (self.by_cookie.keys().count(), self.by_tuple.keys().count())
+    }
+}
+
+/// Moves the programs' aya-log records from their ring buffer into `tracing`.
+fn spawn_log_pump(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the AsyncFd owns the logger, which owns the fd, so the fd outlives the
+    // registration.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot poll the eBPF log buffer");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut ready) = fd.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, CaptureError> {
+    let map = ebpf.take_map(name).ok_or(CaptureError::Missing(name))?;
+    convert(map).map_err(|source| CaptureError::Map { name, source })
+}
+
+/// Socket address in the kernel programs' layout: network byte order, IPv4 in word 0.
+pub fn to_kernel(addr: SocketAddr) -> SockAddr {
+    let (addr_words, family) = match addr.ip() {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], AF_INET),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([word(0), word(4), word(8), word(12)], AF_INET6)
+        }
+    };
+    SockAddr {
+        addr: addr_words,
+        port: addr.port().to_be(),
+        family,
+    }
+}
+
+/// The inverse of [`to_kernel`]; an IPv4-mapped IPv6 destination comes back as IPv4, since
+/// that is where the application's packets would have gone.
+pub fn from_kernel(sa: SockAddr) -> Option<SocketAddr> {
+    let port = u16::from_be(sa.port);
+    let ip = match sa.family {
+        AF_INET => IpAddr::V4(Ipv4Addr::from(sa.addr[0].to_ne_bytes())),
+        AF_INET6 => {
+            let mut o = [0u8; 16];
+            for (i, w) in sa.addr.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            let v6 = Ipv6Addr::from(o);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_layout_round_trips() {
+        for s in ["10.1.2.3:8080", "[fd00::1:2]:443", "127.0.0.1:1"] {
+            let addr: SocketAddr = s.parse().unwrap();
+            assert_eq!(from_kernel(to_kernel(addr)), Some(addr));
+        }
+    }
+
+    #[test]
+    fn kernel_layout_is_network_order() {
+        let sa = to_kernel("10.0.0.1:15001".parse().unwrap());
+        assert_eq!(sa.addr[0].to_ne_bytes(), [10, 0, 0, 1]);
+        assert_eq!(sa.port.to_ne_bytes(), 15001u16.to_be_bytes());
+    }
+
+    #[test]
+    fn mapped_v6_destination_becomes_v4() {
+        let mapped: SocketAddr = "[::ffff:10.0.0.7]:80".parse().unwrap();
+        assert_eq!(
+            from_kernel(to_kernel(mapped)),
+            Some("10.0.0.7:80".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn unknown_family_is_rejected() {
+        let sa = SockAddr {
+            family: 99,
+            ..SockAddr::default()
+        };
+        assert_eq!(from_kernel(sa), None);
+    }
+}

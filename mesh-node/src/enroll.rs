@@ -1,0 +1,240 @@
+//! Keeps the set of captured pods equal to the desired set of workloads.
+//!
+//! For each pod: a thread in its netns, outbound listeners on loopback there, and its netns
+//! cookie in the `ENROLLED` map. [`Enroller::apply`] prepares everything a new set needs before
+//! changing anything, so a bad set (a missing netns, a port already taken) leaves the current
+//! one untouched.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    capture::{Capture, CaptureError},
+    netns::{self, NetnsError, NetnsWorker},
+    proxy::{
+        outbound::{self, PodContext},
+        ProxyStats,
+    },
+    workloads::{Workload, WorkloadId},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("workload {workload}: {source}")]
+    Netns {
+        workload: WorkloadId,
+        source: NetnsError,
+    },
+    #[error("workload {workload}: cannot listen on {addr} in {netns}: {source}")]
+    Listen {
+        workload: WorkloadId,
+        addr: std::net::SocketAddr,
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("workload {workload}: {source}")]
+    Capture {
+        workload: WorkloadId,
+        source: CaptureError,
+    },
+}
+
+struct Pod {
+    workload: Workload,
+    netns_cookie: u64,
+    shutdown: CancellationToken,
+}
+
+/// Listeners bound for a pod that is not enrolled yet.
+struct Prepared {
+    ctx: Arc<PodContext>,
+    workload: Workload,
+    listeners: Vec<std::net::TcpListener>,
+}
+
+pub struct Enroller {
+    capture: Arc<Capture>,
+    stats: Arc<ProxyStats>,
+    connect_timeout: Duration,
+    pods: BTreeMap<WorkloadId, Pod>,
+    /// Every accepted connection, so shutdown can wait for them to finish.
+    connections: TaskTracker,
+}
+
+impl Enroller {
+    pub fn new(capture: Arc<Capture>, stats: Arc<ProxyStats>, connect_timeout: Duration) -> Self {
+        Self {
+            capture,
+            stats,
+            connect_timeout,
+            pods: BTreeMap::new(),
+            connections: TaskTracker::new(),
+        }
+    }
+
+    pub fn enrolled(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// Makes the captured set equal to `desired`, or changes nothing and returns why not.
+    pub async fn apply(&mut self, desired: BTreeMap<WorkloadId, Workload>) -> Result<(), EnrollError> {
+        let departed: Vec<WorkloadId> = self
+            .pods
+            .iter()
+            .filter(|(id, pod)| desired.get(*id) != Some(&pod.workload))
+            .map(|(id, _)| id.clone())
+            .collect();
+        // A netns that moves to another workload (a rename) is released first: its listeners
+        // hold the outbound port that the new workload's listeners need.
+        for id in &departed {
+            let netns_reused = desired.values().any(|w| w.netns == self.pods[id].workload.netns);
+            if netns_reused {
+                if let Some(pod) = self.pods.remove(id) {
+                    self.stop(&pod);
+                    tracing::info!(workload = %id, "unenrolled (netns reassigned)");
+                }
+            }
+        }
+        let mut prepared = Vec::new();
+        for (id, workload) in &desired {
+            let unchanged = self.pods.get(id).is_some_and(|p| p.workload == *workload);
+            if !unchanged {
+                prepared.push(self.prepare(workload.clone()).await?);
+            }
+        }
+        let mut added: Vec<u64> = Vec::new();
+        for p in &prepared {
+            if let Err(source) = self.capture.enroll(p.ctx.netns_cookie) {
+                for cookie in added {
+                    let _ = self.capture.unenroll(cookie);
+                }
+                return Err(EnrollError::Capture {
+                    workload: p.workload.id.clone(),
+                    source,
+                });
+            }
+            added.push(p.ctx.netns_cookie);
+        }
+        for id in departed {
+            if let Some(pod) = self.pods.remove(&id) {
+                self.stop(&pod);
+                tracing::info!(workload = %id, "unenrolled");
+            }
+        }
+        for p in prepared {
+            let shutdown = CancellationToken::new();
+            for listener in p.listeners {
+                // Registering with the reactor needs the runtime, so it happens here rather
+                // than on the netns thread.
+                match TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        tokio::spawn(outbound::serve(
+                            l,
+                            p.ctx.clone(),
+                            shutdown.clone(),
+                            self.connections.clone(),
+                        ));
+                    }
+                    Err(e) => tracing::error!(workload = %p.workload.id, error = %e, "cannot register listener"),
+                }
+            }
+            tracing::info!(workload = %p.workload.id, netns = %p.workload.netns.display(), cookie = p.ctx.netns_cookie, "enrolled");
+            self.pods.insert(
+                p.workload.id.clone(),
+                Pod {
+                    netns_cookie: p.ctx.netns_cookie,
+                    workload: p.workload,
+                    shutdown,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn prepare(&self, workload: Workload) -> Result<Prepared, EnrollError> {
+        let id = workload.id.clone();
+        let worker = NetnsWorker::spawn(&workload.netns).map_err(|source| EnrollError::Netns {
+            workload: id.clone(),
+            source,
+        })?;
+        let mut listeners = Vec::new();
+        let mut cookie = None;
+        for addr in outbound::listen_addrs() {
+            let bound = worker
+                .run(move || outbound::bind_in_netns(addr))
+                .await
+                .map_err(|source| EnrollError::Netns {
+                    workload: id.clone(),
+                    source,
+                })?;
+            match bound {
+                Ok(l) => {
+                    if cookie.is_none() {
+                        cookie = Some(netns::socket_netns_cookie(&l).map_err(|source| {
+                            EnrollError::Listen {
+                                workload: id.clone(),
+                                addr,
+                                netns: workload.netns.display().to_string(),
+                                source,
+                            }
+                        })?);
+                    }
+                    listeners.push(l);
+                }
+                // A pod without IPv6 on loopback still gets IPv4 capture.
+                Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                    tracing::warn!(workload = %id, "no ::1 in the pod's netns; IPv6 connects will not be captured");
+                }
+                Err(source) => {
+                    return Err(EnrollError::Listen {
+                        workload: id,
+                        addr,
+                        netns: workload.netns.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        let netns_cookie = cookie.expect("the IPv4 listener is always bound or an error returned");
+        let ctx = Arc::new(PodContext {
+            workload: id,
+            netns: worker,
+            netns_cookie,
+            capture: self.capture.clone(),
+            stats: self.stats.clone(),
+            connect_timeout: self.connect_timeout,
+        });
+        Ok(Prepared {
+            ctx,
+            workload,
+            listeners,
+        })
+    }
+
+    fn stop(&self, pod: &Pod) {
+        if let Err(e) = self.capture.unenroll(pod.netns_cookie) {
+            tracing::error!(workload = %pod.workload.id, error = %e, "cannot remove enrollment");
+        }
+        pod.shutdown.cancel();
+    }
+
+    /// Stops redirecting, closes the listeners, then waits up to `drain` for open connections.
+    pub async fn shutdown(&mut self, drain: Duration) {
+        for pod in std::mem::take(&mut self.pods).into_values() {
+            self.stop(&pod);
+        }
+        self.connections.close();
+        let open = self.connections.len();
+        if open > 0 {
+            tracing::info!(open, "draining connections");
+        }
+        if tokio::time::timeout(drain, self.connections.wait()).await.is_err() {
+            tracing::warn!(
+                open = self.connections.len(),
+                "drain timeout reached; closing remaining connections"
+            );
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! mesh-node: Mycel's per-node daemon.
+
+mod admin;
+mod capture;
+mod enroll;
+mod netns;
+mod proxy;
+mod workloads;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
+
+#[derive(Parser)]
+#[command(name = "mesh-node", version, about = "Mycel node daemon: captures pod traffic with eBPF into a node proxy")]
+struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the capture programs, enroll this node's workloads and run the proxy.
+    ///
+    /// Workloads come from a local file of `Workload` documents (offline mode); the file is
+    /// re-read when it changes, and a bad file is reported and ignored, keeping the last good set.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name; only workloads with `spec.node` equal to it are enrolled.
+    #[arg(long)]
+    node_name: String,
+    /// YAML file of `Workload` documents (apiVersion mycel.dev/v1alpha1).
+    #[arg(long)]
+    workloads: PathBuf,
+    /// cgroup v2 directory to attach the programs to [default: the root of the cgroup2 mount
+    /// in /proc/mounts].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Address of the admin endpoint (/healthz, /stats).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_listen: SocketAddr,
+    /// Capacity of each original-destination map (concurrent redirected connections).
+    #[arg(long, default_value_t = mesh_ebpf_common::ORIG_DST_CAPACITY, value_parser = clap::value_parser!(u32).range(1..))]
+    orig_dst_capacity: u32,
+    /// Seconds to wait for an upstream connect before resetting the client.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
+    connect_timeout: f64,
+    /// Seconds to let open connections finish on SIGTERM before exiting.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+    drain_timeout: f64,
+    /// How often to check the workloads file for changes, in seconds.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_seconds)]
+    reload_interval: f64,
+    /// Turn on the eBPF programs' debug log (aya-log); costly, for troubleshooting only.
+    #[arg(long)]
+    ebpf_log: bool,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(format!("{s} must be between 0 and 86400 seconds"));
+    }
+    Ok(v)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(run(args))),
+    };
+    if let Err(e) = result {
+        // One line, the whole cause chain.
+        eprintln!("mesh-node: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    // aya-log forwards the eBPF programs' log records through the `log` facade.
+    let _ = tracing_log::LogTracer::init();
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => cgroup2_root(Path::new("/proc/mounts"))?,
+    };
+    // Read the workloads before touching the kernel: a bad file at start is a bad command line.
+    let initial = workloads::load(&args.workloads, &args.node_name)?;
+    let admin_listener = admin::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on --admin-listen {}", args.admin_listen))?;
+
+    let capture = Arc::new(capture::Capture::attach(&capture::Options {
+        cgroup: cgroup.clone(),
+        orig_dst_capacity: args.orig_dst_capacity,
+        ebpf_log: args.ebpf_log,
+    })?);
+    tracing::info!(cgroup = %capture.cgroup().display(), "capture programs attached");
+
+    let stats = Arc::new(proxy::ProxyStats::default());
+    let mut enroller = enroll::Enroller::new(
+        capture.clone(),
+        stats.clone(),
+        Duration::from_secs_f64(args.connect_timeout),
+    );
+    enroller.apply(initial).await?;
+    let (status_tx, status_rx) = watch::channel(admin::Status {
+        enrolled: enroller.enrolled(),
+        config_applied: 1,
+        config_errors: 0,
+    });
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(admin::Admin {
+            capture: capture.clone(),
+            stats,
+            status: status_rx,
+        }),
+    ));
+    tracing::info!(node = %args.node_name, admin = %args.admin_listen, enrolled = enroller.enrolled(), "mesh-node ready");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(args.reload_interval));
+    let mut last_text = std::fs::read(&args.workloads).ok();
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = tick.tick() => {}
+        }
+        let text = std::fs::read(&args.workloads).ok();
+        if text == last_text {
+            continue;
+        }
+        last_text = text;
+        let outcome = match workloads::load(&args.workloads, &args.node_name) {
+            Ok(desired) => enroller.apply(desired).await.map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        status_tx.send_modify(|s| {
+            s.enrolled = enroller.enrolled();
+            match &outcome {
+                Ok(()) => s.config_applied += 1,
+                Err(_) => s.config_errors += 1,
+            }
+        });
+        match outcome {
+            Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads file applied"),
+            Err(e) => tracing::error!("workloads file rejected, keeping the previous workloads: {e:#}"),
+        }
+    }
+
+    tracing::info!("shutting down: no new redirects, draining connections");
+    enroller
+        .shutdown(Duration::from_secs_f64(args.drain_timeout))
+        .await;
+    drop(enroller);
+    match Arc::try_unwrap(capture) {
+        Ok(capture) => drop(capture),
+        Err(_) => tracing::warn!("capture still referenced at exit; the kernel detaches it when the process ends"),
+    }
+    tracing::info!("detached; bye");
+    Ok(())
+}
+
+/// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup/unified` on hybrid hosts).
+fn cgroup2_root(mounts: &Path) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(mounts)
+        .with_context(|| format!("cannot read {}", mounts.display()))?;
+    match find_cgroup2(&text) {
+        Some(p) => Ok(p),
+        None => bail!("no cgroup2 mount in {}; pass --cgroup", mounts.display()),
+    }
+}
+
+fn find_cgroup2(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_and_unified_cgroup2_mounts() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(find_cgroup2(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(find_cgroup2("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(find_cgroup2("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn seconds_are_validated() {
+        assert_eq!(parse_seconds("0.5"), Ok(0.5));
+        assert!(parse_seconds("0").is_err());
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("NaN").is_err());
+        assert!(parse_seconds("soon").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""A plain application for Mycel's end-to-end tests: nothing in it knows about the mesh.
+
+  app.py serve PORT               HTTP server on [::]:PORT (dual stack). GET /blob/N answers N
+                                  deterministic bytes; GET /whoami answers the client address;
+                                  any other connection that sends "ping\n" gets "pong\n".
+  app.py get URL                  HTTP GET with http.client; prints JSON {peer, status, len, sha256}
+  app.py probe HOST PORT          connect, wait for data; prints JSON {outcome, seconds}
+                                  (outcome: reset | eof | data | timeout | refused)
+  app.py loop HOST PORT N         N sequential connections, each "ping" -> "pong"; prints failures
+"""
+import hashlib
+import http.client
+import http.server
+import json
+import socket
+import socketserver
+import sys
+import time
+
+
+def blob(n):
+    # Deterministic, not compressible-looking: a repeating 251-byte pattern (prime length).
+    pattern = bytes((i * 37 + 11) % 256 for i in range(251))
+    reps, rest = divmod(n, len(pattern))
+    return pattern * reps + pattern[:rest]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/blob/"):
+            body = blob(int(self.path[len("/blob/"):]))
+        elif self.path == "/whoami":
+            host = self.client_address[0]
+            body = (host[len("::ffff:"):] if host.startswith("::ffff:") else host).encode()
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 512
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def finish_request(self, request, client_address):
+        # "ping" connections (the loop mode) are answered without HTTP.
+        first = request.recv(5, socket.MSG_PEEK)
+        if first == b"ping\n":
+            request.recv(5)
+            request.sendall(b"pong\n")
+            return
+        super().finish_request(request, client_address)
+
+
+def serve(port):
+    with Server(("::", port), Handler) as srv:
+        print("listening", flush=True)
+        srv.serve_forever()
+
+
+def get(url):
+    assert url.startswith("http://")
+    hostport, _, path = url[len("http://"):].partition("/")
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.connect()
+    peer = conn.sock.getpeername()
+    conn.request("GET", "/" + path)
+    resp = conn.getresponse()
+    body = resp.read()
+    print(json.dumps({
+        "peer": [peer[0], peer[1]],
+        "status": resp.status,
+        "len": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "body": body.decode(errors="replace") if len(body) < 200 else None,
+    }))
+
+
+def probe(host, port):
+    start = time.monotonic()
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(5)
+    try:
+        s.connect((host, port))
+        data = s.recv(1)
+        outcome = "data" if data else "eof"
+    except ConnectionRefusedError:
+        outcome = "refused"
+    except ConnectionResetError:
+        outcome = "reset"
+    except socket.timeout:
+        outcome = "timeout"
+    print(json.dumps({"outcome": outcome, "seconds": time.monotonic() - start}))
+
+
+def loop(host, port, n):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    failures = 0
+    for _ in range(n):
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(b"ping\n")
+                if s.recv(5) != b"pong\n":
+                    failures += 1
+        except OSError:
+            failures += 1
+    print(json.dumps({"connections": n, "failures": failures}))
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "serve":
+        serve(int(sys.argv[2]))
+    elif mode == "get":
+        get(sys.argv[2])
+    elif mode == "probe":
+        probe(sys.argv[2], int(sys.argv[3]))
+    elif mode == "loop":
+        loop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        sys.exit(f"unknown mode {mode}")

@@ -1,0 +1,69 @@
+//! The test application (`tests/apps/app.py`), run inside pods.
+
+use std::{
+    io::{self, BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::topology::{run_with_timeout, spawn_in, Pod};
+
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("apps/app.py")
+}
+
+fn python(args: &[&str]) -> Command {
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(script()).args(args);
+    cmd
+}
+
+/// A server process in a pod; killed on drop.
+pub struct Server(Child);
+
+impl Server {
+    pub fn start(pod: &Pod, port: u16) -> io::Result<Self> {
+        let mut child = pod.spawn(
+            python(&["serve", &port.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )?;
+        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "listening" {
+            let _ = child.kill();
+            return Err(io::Error::other(format!("server did not start: {line:?}")));
+        }
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `app.py ARGS` in `pod` (its netns and cgroup) and parses the JSON it prints.
+pub fn run(pod: &Pod, args: &[&str], timeout: Duration) -> serde_json::Value {
+    run_where(&pod.netns_path(), Some(&pod.cgroup), args, timeout)
+}
+
+/// Runs `app.py ARGS` in a netns and, optionally, a cgroup.
+pub fn run_where(netns: &Path, cgroup: Option<&Path>, args: &[&str], timeout: Duration) -> serde_json::Value {
+    let mut cmd = python(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = spawn_in(netns, cgroup, &mut cmd).expect("spawn app.py");
+    let out = run_with_timeout(child, timeout).expect("app.py finished");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "app.py {args:?} failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("app.py printed {stdout:?}: {e}"))
+}

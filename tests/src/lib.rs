@@ -1,0 +1,10 @@
+//! Test topologies for Mycel: nodes and pods as network namespaces on this machine, and handles
+//! for the daemons that run on them. Used by the end-to-end tests in `tests/tests/` and by
+//! `cargo xtask up`.
+
+pub mod app;
+pub mod mesh;
+pub mod topology;
+
+pub use mesh::MeshNode;
+pub use topology::{NodeSpec, Pod, Topology};

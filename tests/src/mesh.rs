@@ -1,0 +1,215 @@
+//! A mesh-node daemon running against a [`Topology`](crate::Topology) node.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::topology::{Node, Pod};
+
+/// The mesh-node binary next to the running test or xtask binary (`target/<profile>/`), or
+/// `$MESH_NODE_BIN`.
+pub fn mesh_node_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_NODE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe has a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("mesh-node")
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+/// The YAML documents that enroll `pods` on `node`.
+pub fn workloads_yaml(node: &str, pods: &[&Pod]) -> String {
+    pods.iter()
+        .map(|p| {
+            format!(
+                "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {}, namespace: default }}\nspec: {{ node: {node}, netns: {} }}\n",
+                p.name,
+                p.netns_path().display()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+pub struct MeshNode {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    pub workloads_file: PathBuf,
+    pub log_file: PathBuf,
+    dir: PathBuf,
+}
+
+impl MeshNode {
+    /// Starts mesh-node for `node`, attached to the node's cgroup, with the daemon process
+    /// itself in `daemon_cgroup` (or the caller's cgroup when `None`).
+    pub fn start(node: &Node, workloads: &str, daemon_cgroup: Option<&Path>, extra: &[&str]) -> io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-mesh-node-{}", node.netns, free_port()));
+        fs::create_dir_all(&dir)?;
+        let workloads_file = dir.join("workloads.yaml");
+        fs::write(&workloads_file, workloads)?;
+        let log_file = dir.join("mesh-node.log");
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut cmd = Command::new(mesh_node_bin());
+        cmd.arg("run")
+            .arg("--node-name")
+            .arg(&node.name)
+            .arg("--workloads")
+            .arg(&workloads_file)
+            .arg("--cgroup")
+            .arg(&node.cgroup)
+            .arg("--admin-listen")
+            .arg(admin.to_string())
+            .arg("--reload-interval")
+            .arg("0.1")
+            .args(extra)
+            .env("RUST_LOG", std::env::var("MESH_NODE_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.join("stdout"))?)
+            .stderr(fs::File::create(&log_file)?);
+        if let Some(cg) = daemon_cgroup {
+            let procs = fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+            // SAFETY: one write(2) between fork and exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::write(fd, b"0\n".as_ptr().cast(), 2) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn()?;
+            drop(procs);
+            return Ok(Self { child: Some(child), admin, workloads_file, log_file, dir });
+        }
+        let child = cmd.spawn()?;
+        Ok(Self { child: Some(child), admin, workloads_file, log_file, dir })
+    }
+
+    /// Waits until the admin endpoint reports `enrolled` workloads.
+    pub fn wait_enrolled(&mut self, enrolled: u64) -> io::Result<()> {
+        self.wait_for(Duration::from_secs(20), |s| s.get("enrolled_workloads") == Some(&enrolled))
+    }
+
+    /// Polls `/stats` until `cond` holds, failing with the daemon's log if it exits or times out.
+    pub fn wait_for(&mut self, timeout: Duration, cond: impl Fn(&BTreeMap<String, u64>) -> bool) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(io::Error::other(format!("mesh-node exited ({status}):\n{}", self.log())));
+            }
+            if let Ok(stats) = self.stats() {
+                if cond(&stats) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("condition not met within {timeout:?}; stats: {:?}\nlog:\n{}", self.stats().ok(), self.log()),
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET /stats` parsed into `name → value`.
+    pub fn stats(&self) -> io::Result<BTreeMap<String, u64>> {
+        let body = http_get(self.admin, "/stats")?;
+        Ok(body
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect())
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        self.stats()
+            .unwrap_or_else(|e| panic!("cannot read mesh-node stats: {e}\n{}", self.log()))
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| panic!("no stat {name}"))
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Replaces the workloads file (atomically, by rename).
+    pub fn write_workloads(&self, text: &str) -> io::Result<()> {
+        let tmp = self.dir.join("workloads.yaml.tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(tmp, &self.workloads_file)
+    }
+
+    /// Sends `signal` and waits for the exit status (killing after 15 s).
+    pub fn stop_with(&mut self, signal: i32) -> io::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            return Err(io::Error::other("already stopped"));
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for MeshNode {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop_with(libc::SIGTERM);
+        }
+        if !thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("mesh-node log kept at {}", self.log_file.display());
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET against the admin endpoint (loopback only).
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| io::Error::other("bad response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(io::Error::other(format!("{path}: {}", head.lines().next().unwrap_or(""))));
+    }
+    Ok(body.to_string())
+}
