@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir.parent().expect("mesh-node lives in the workspace root").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .expect("mesh-node lives in the workspace root")
+        .to_path_buf();
     let target_dir = mesh_ebpf_build::default_target_dir(&root);
     for dir in mesh_ebpf_build::source_dirs(&root) {
         println!("cargo:rerun-if-changed={}", dir.display());

@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "mesh-cp", version, about = "Mycel control plane (not implemented yet: nodes run from a local workloads file)")]
+#[command(
+    name = "mesh-cp",
+    version,
+    about = "Mycel control plane (not implemented yet: nodes run from a local workloads file)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

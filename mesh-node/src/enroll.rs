@@ -79,7 +79,10 @@ impl Enroller {
     }
 
     /// Makes the captured set equal to `desired`, or changes nothing and returns why not.
-    pub async fn apply(&mut self, desired: BTreeMap<WorkloadId, Workload>) -> Result<(), EnrollError> {
+    pub async fn apply(
+        &mut self,
+        desired: BTreeMap<WorkloadId, Workload>,
+    ) -> Result<(), EnrollError> {
         let departed: Vec<WorkloadId> = self
             .pods
             .iter()
@@ -89,7 +92,9 @@ impl Enroller {
         // A netns that moves to another workload (a rename) is released first: its listeners
         // hold the outbound port that the new workload's listeners need.
         for id in &departed {
-            let netns_reused = desired.values().any(|w| w.netns == self.pods[id].workload.netns);
+            let netns_reused = desired
+                .values()
+                .any(|w| w.netns == self.pods[id].workload.netns);
             if netns_reused {
                 if let Some(pod) = self.pods.remove(id) {
                     self.stop(&pod);
@@ -137,7 +142,9 @@ impl Enroller {
                             self.connections.clone(),
                         ));
                     }
-                    Err(e) => tracing::error!(workload = %p.workload.id, error = %e, "cannot register listener"),
+                    Err(e) => {
+                        tracing::error!(workload = %p.workload.id, error = %e, "cannot register listener")
+                    }
                 }
             }
             tracing::info!(workload = %p.workload.id, netns = %p.workload.netns.display(), cookie = p.ctx.netns_cookie, "enrolled");
@@ -230,7 +237,10 @@ impl Enroller {
         if open > 0 {
             tracing::info!(open, "draining connections");
         }
-        if tokio::time::timeout(drain, self.connections.wait()).await.is_err() {
+        if tokio::time::timeout(drain, self.connections.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 open = self.connections.len(),
                 "drain timeout reached; closing remaining connections"

@@ -22,7 +22,11 @@ use tokio::{
 };
 
 #[derive(Parser)]
-#[command(name = "mesh-node", version, about = "Mycel node daemon: captures pod traffic with eBPF into a node proxy")]
+#[command(
+    name = "mesh-node",
+    version,
+    about = "Mycel node daemon: captures pod traffic with eBPF into a node proxy"
+)]
 struct Cli {
     /// Log format on stderr; the level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -187,7 +191,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
         match outcome {
             Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads file applied"),
-            Err(e) => tracing::error!("workloads file rejected, keeping the previous workloads: {e:#}"),
+            Err(e) => {
+                tracing::error!("workloads file rejected, keeping the previous workloads: {e:#}")
+            }
         }
     }
 
@@ -198,7 +204,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(enroller);
     match Arc::try_unwrap(capture) {
         Ok(capture) => drop(capture),
-        Err(_) => tracing::warn!("capture still referenced at exit; the kernel detaches it when the process ends"),
+        Err(_) => tracing::warn!(
+            "capture still referenced at exit; the kernel detaches it when the process ends"
+        ),
     }
     tracing::info!("detached; bye");
     Ok(())
@@ -229,8 +237,14 @@ mod tests {
     #[test]
     fn finds_hybrid_and_unified_cgroup2_mounts() {
         let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(find_cgroup2(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(find_cgroup2("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            find_cgroup2(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            find_cgroup2("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(find_cgroup2("proc /proc proc rw 0 0\n"), None);
     }
 

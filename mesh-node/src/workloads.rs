@@ -104,7 +104,8 @@ pub fn parse(
     let mut out = BTreeMap::new();
     for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc_no = index + 1;
-        let value = serde_yaml::Value::deserialize(de).map_err(|e| invalid(doc_no, one_line(&e)))?;
+        let value =
+            serde_yaml::Value::deserialize(de).map_err(|e| invalid(doc_no, one_line(&e)))?;
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
         }
@@ -113,7 +114,10 @@ pub fn parse(
         if doc.api_version != API_VERSION {
             return Err(invalid(
                 doc_no,
-                format!("apiVersion: expected {API_VERSION}, found {}", doc.api_version),
+                format!(
+                    "apiVersion: expected {API_VERSION}, found {}",
+                    doc.api_version
+                ),
             ));
         }
         if doc.kind != "Workload" {
@@ -137,7 +141,10 @@ pub fn parse(
         if !doc.spec.netns.is_absolute() {
             return Err(invalid(
                 doc_no,
-                format!("spec.netns: {} is not an absolute path", doc.spec.netns.display()),
+                format!(
+                    "spec.netns: {} is not an absolute path",
+                    doc.spec.netns.display()
+                ),
             ));
         }
         if doc.spec.node != node {
@@ -229,7 +236,10 @@ spec: { node: n2, netns: /run/netns/b }
     #[test]
     fn rejects_unknown_fields_naming_them() {
         let e = err("apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: /x, nets: 1}\n");
-        assert!(e.contains("w.yaml: document 1") && e.contains("nets"), "{e}");
+        assert!(
+            e.contains("w.yaml: document 1") && e.contains("nets"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -240,7 +250,10 @@ spec: { node: n2, netns: /run/netns/b }
 
     #[test]
     fn rejects_wrong_kind_version_and_names() {
-        assert!(err("apiVersion: v9\nkind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: /x}\n").contains("apiVersion"));
+        assert!(err(
+            "apiVersion: v9\nkind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: /x}\n"
+        )
+        .contains("apiVersion"));
         assert!(err("apiVersion: mycel.dev/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {node: n1, netns: /x}\n").contains("kind"));
         assert!(err("apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: A_b}\nspec: {node: n1, netns: /x}\n").contains("metadata.name"));
         assert!(err("apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: rel}\n").contains("spec.netns"));

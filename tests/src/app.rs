@@ -29,7 +29,10 @@ impl Server {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit()),
         )?;
-        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout"))?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
         if line.trim() != "listening" {
@@ -53,7 +56,12 @@ pub fn run(pod: &Pod, args: &[&str], timeout: Duration) -> serde_json::Value {
 }
 
 /// Runs `app.py ARGS` in a netns and, optionally, a cgroup.
-pub fn run_where(netns: &Path, cgroup: Option<&Path>, args: &[&str], timeout: Duration) -> serde_json::Value {
+pub fn run_where(
+    netns: &Path,
+    cgroup: Option<&Path>,
+    args: &[&str],
+    timeout: Duration,
+) -> serde_json::Value {
     let mut cmd = python(args);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = spawn_in(netns, cgroup, &mut cmd).expect("spawn app.py");

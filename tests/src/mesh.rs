@@ -60,7 +60,12 @@ pub struct MeshNode {
 impl MeshNode {
     /// Starts mesh-node for `node`, attached to the node's cgroup, with the daemon process
     /// itself in `daemon_cgroup` (or the caller's cgroup when `None`).
-    pub fn start(node: &Node, workloads: &str, daemon_cgroup: Option<&Path>, extra: &[&str]) -> io::Result<Self> {
+    pub fn start(
+        node: &Node,
+        workloads: &str,
+        daemon_cgroup: Option<&Path>,
+        extra: &[&str],
+    ) -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-mesh-node-{}", node.netns, free_port()));
         fs::create_dir_all(&dir)?;
         let workloads_file = dir.join("workloads.yaml");
@@ -80,12 +85,17 @@ impl MeshNode {
             .arg("--reload-interval")
             .arg("0.1")
             .args(extra)
-            .env("RUST_LOG", std::env::var("MESH_NODE_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(fs::File::create(dir.join("stdout"))?)
             .stderr(fs::File::create(&log_file)?);
         if let Some(cg) = daemon_cgroup {
-            let procs = fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?;
+            let procs = fs::OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))?;
             let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
             // SAFETY: one write(2) between fork and exec.
             unsafe {
@@ -98,23 +108,48 @@ impl MeshNode {
             }
             let child = cmd.spawn()?;
             drop(procs);
-            return Ok(Self { child: Some(child), admin, workloads_file, log_file, dir });
+            return Ok(Self {
+                child: Some(child),
+                admin,
+                workloads_file,
+                log_file,
+                dir,
+            });
         }
         let child = cmd.spawn()?;
-        Ok(Self { child: Some(child), admin, workloads_file, log_file, dir })
+        Ok(Self {
+            child: Some(child),
+            admin,
+            workloads_file,
+            log_file,
+            dir,
+        })
     }
 
     /// Waits until the admin endpoint reports `enrolled` workloads.
     pub fn wait_enrolled(&mut self, enrolled: u64) -> io::Result<()> {
-        self.wait_for(Duration::from_secs(20), |s| s.get("enrolled_workloads") == Some(&enrolled))
+        self.wait_for(Duration::from_secs(20), |s| {
+            s.get("enrolled_workloads") == Some(&enrolled)
+        })
     }
 
     /// Polls `/stats` until `cond` holds, failing with the daemon's log if it exits or times out.
-    pub fn wait_for(&mut self, timeout: Duration, cond: impl Fn(&BTreeMap<String, u64>) -> bool) -> io::Result<()> {
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        cond: impl Fn(&BTreeMap<String, u64>) -> bool,
+    ) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(io::Error::other(format!("mesh-node exited ({status}):\n{}", self.log())));
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(io::Error::other(format!(
+                    "mesh-node exited ({status}):\n{}",
+                    self.log()
+                )));
             }
             if let Ok(stats) = self.stats() {
                 if cond(&stats) {
@@ -124,7 +159,11 @@ impl MeshNode {
             if Instant::now() > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("condition not met within {timeout:?}; stats: {:?}\nlog:\n{}", self.stats().ok(), self.log()),
+                    format!(
+                        "condition not met within {timeout:?}; stats: {:?}\nlog:\n{}",
+                        self.stats().ok(),
+                        self.log()
+                    ),
                 ));
             }
             thread::sleep(Duration::from_millis(50));
@@ -204,12 +243,20 @@ impl Drop for MeshNode {
 pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| io::Error::other("bad response"))?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other("bad response"))?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(io::Error::other(format!("{path}: {}", head.lines().next().unwrap_or(""))));
+        return Err(io::Error::other(format!(
+            "{path}: {}",
+            head.lines().next().unwrap_or("")
+        )));
     }
     Ok(body.to_string())
 }

@@ -99,7 +99,8 @@ fn err(msg: impl Into<String>) -> TopologyError {
 
 /// The cgroup v2 mount point, from /proc/mounts.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").map_err(|e| err(format!("/proc/mounts: {e}")))?;
+    let mounts =
+        fs::read_to_string("/proc/mounts").map_err(|e| err(format!("/proc/mounts: {e}")))?;
     mounts
         .lines()
         .find_map(|l| {
@@ -115,8 +116,7 @@ fn unique_prefix(base: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let mix = std::process::id()
-        .wrapping_mul(2_654_435_761)
+    let mix = std::process::id().wrapping_mul(2_654_435_761)
         ^ nanos
         ^ SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(40_503);
     format!("{base}{:06x}", mix & 0xff_ffff)
@@ -140,7 +140,14 @@ pub fn ip(args: &[&str]) -> Result<()> {
 
 /// Sets a sysctl inside a netns (a short-lived `ip netns exec`, which is fine for /proc/sys).
 fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
-    ip(&["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")])
+    ip(&[
+        "netns",
+        "exec",
+        netns,
+        "sysctl",
+        "-qw",
+        &format!("{key}={value}"),
+    ])
 }
 
 impl Topology {
@@ -153,7 +160,9 @@ impl Topology {
     /// [`PREFIX`] so `cargo xtask clean` finds it).
     pub fn with_prefix(base: &str, nodes: &[NodeSpec]) -> Result<Self> {
         if !base.starts_with(PREFIX) {
-            return Err(err(format!("topology prefix {base:?} must start with {PREFIX:?}")));
+            return Err(err(format!(
+                "topology prefix {base:?} must start with {PREFIX:?}"
+            )));
         }
         let prefix = unique_prefix(base);
         let cgroup_root = cgroup2_mount()?.join(&prefix);
@@ -205,19 +214,73 @@ impl Topology {
                 sysctl(&node_ns, k, v)?;
             }
             ip(&["-n", &node_ns, "link", "add", "br0", "type", "bridge"])?;
-            ip(&["-n", &node_ns, "addr", "add", &format!("10.77.{n}.1/24"), "dev", "br0"])?;
-            ip(&["-n", &node_ns, "addr", "add", &format!("fd77:0:0:{n}::1/64"), "dev", "br0", "nodad"])?;
+            ip(&[
+                "-n",
+                &node_ns,
+                "addr",
+                "add",
+                &format!("10.77.{n}.1/24"),
+                "dev",
+                "br0",
+            ])?;
+            ip(&[
+                "-n",
+                &node_ns,
+                "addr",
+                "add",
+                &format!("fd77:0:0:{n}::1/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ])?;
             ip(&["-n", &node_ns, "link", "set", "br0", "up"])?;
             if specs.len() > 1 {
                 let up = format!("n{n}");
-                ip(&["-n", &node_ns, "link", "add", "up", "type", "veth", "peer", "name", &up, "netns", &fabric])?;
+                ip(&[
+                    "-n", &node_ns, "link", "add", "up", "type", "veth", "peer", "name", &up,
+                    "netns", &fabric,
+                ])?;
                 ip(&["-n", &fabric, "link", "set", &up, "master", "br0", "up"])?;
-                ip(&["-n", &node_ns, "addr", "add", &format!("10.78.0.{}/24", n + 1), "dev", "up"])?;
-                ip(&["-n", &node_ns, "addr", "add", &format!("fd78::{}/64", n + 1), "dev", "up", "nodad"])?;
+                ip(&[
+                    "-n",
+                    &node_ns,
+                    "addr",
+                    "add",
+                    &format!("10.78.0.{}/24", n + 1),
+                    "dev",
+                    "up",
+                ])?;
+                ip(&[
+                    "-n",
+                    &node_ns,
+                    "addr",
+                    "add",
+                    &format!("fd78::{}/64", n + 1),
+                    "dev",
+                    "up",
+                    "nodad",
+                ])?;
                 ip(&["-n", &node_ns, "link", "set", "up", "up"])?;
                 for m in (0..specs.len()).filter(|m| *m != n) {
-                    ip(&["-n", &node_ns, "route", "add", &format!("10.77.{m}.0/24"), "via", &format!("10.78.0.{}", m + 1)])?;
-                    ip(&["-n", &node_ns, "-6", "route", "add", &format!("fd77:0:0:{m}::/64"), "via", &format!("fd78::{}", m + 1)])?;
+                    ip(&[
+                        "-n",
+                        &node_ns,
+                        "route",
+                        "add",
+                        &format!("10.77.{m}.0/24"),
+                        "via",
+                        &format!("10.78.0.{}", m + 1),
+                    ])?;
+                    ip(&[
+                        "-n",
+                        &node_ns,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd77:0:0:{m}::/64"),
+                        "via",
+                        &format!("fd78::{}", m + 1),
+                    ])?;
                 }
             }
             let node_cg = self.cgroup_root.join(&spec.name);
@@ -232,18 +295,57 @@ impl Topology {
                 let pod_ns = format!("{}-{}-{}", self.prefix, spec.name, pod.name);
                 self.add_netns(&pod_ns)?;
                 let host_if = format!("p{p}");
-                ip(&["-n", &node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns])?;
-                ip(&["-n", &node_ns, "link", "set", &host_if, "master", "br0", "up"])?;
+                ip(&[
+                    "-n", &node_ns, "link", "add", &host_if, "type", "veth", "peer", "name",
+                    "eth0", "netns", &pod_ns,
+                ])?;
+                ip(&[
+                    "-n", &node_ns, "link", "set", &host_if, "master", "br0", "up",
+                ])?;
                 let v4 = Ipv4Addr::new(10, 77, n as u8, p as u8 + 2);
                 let v6: Ipv6Addr = format!("fd77:0:0:{n}::{:x}", p + 2)
                     .parse()
                     .map_err(|e| err(format!("ipv6: {e}")))?;
-                ip(&["-n", &pod_ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-                ip(&["-n", &pod_ns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "addr",
+                    "add",
+                    &format!("{v4}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
                 ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
                 // Only the mesh's own subnets are routable: there is no default route.
-                ip(&["-n", &pod_ns, "route", "add", "10.77.0.0/16", "via", &format!("10.77.{n}.1")])?;
-                ip(&["-n", &pod_ns, "-6", "route", "add", "fd77::/16", "via", &format!("fd77:0:0:{n}::1")])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "route",
+                    "add",
+                    "10.77.0.0/16",
+                    "via",
+                    &format!("10.77.{n}.1"),
+                ])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "-6",
+                    "route",
+                    "add",
+                    "fd77::/16",
+                    "via",
+                    &format!("fd77:0:0:{n}::1"),
+                ])?;
                 let pod_cg = node_cg.join(&pod.name);
                 self.add_cgroup(&pod_cg)?;
                 node.pods.push(Pod {
@@ -289,7 +391,11 @@ impl Topology {
 pub fn spawn_in(netns_path: &Path, cgroup: Option<&Path>, cmd: &mut Command) -> io::Result<Child> {
     let ns = File::open(netns_path)?;
     let procs = match cgroup {
-        Some(cg) => Some(OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?),
+        Some(cg) => Some(
+            OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))?,
+        ),
         None => None,
     };
     let ns_fd = ns.as_raw_fd();
@@ -358,7 +464,10 @@ fn remove_cgroup(path: &Path) -> io::Result<()> {
         return Ok(());
     }
     // cgroup.kill (Linux 5.14) kills the whole subtree atomically.
-    if let Ok(mut f) = OpenOptions::new().write(true).open(path.join("cgroup.kill")) {
+    if let Ok(mut f) = OpenOptions::new()
+        .write(true)
+        .open(path.join("cgroup.kill"))
+    {
         let _ = f.write_all(b"1");
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -399,7 +508,11 @@ impl Drop for Topology {
         }
         self.cgroups.clear();
         if !problems.is_empty() {
-            eprintln!("topology {}: teardown left: {}", self.prefix, problems.join("; "));
+            eprintln!(
+                "topology {}: teardown left: {}",
+                self.prefix,
+                problems.join("; ")
+            );
         }
     }
 }

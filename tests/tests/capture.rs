@@ -21,7 +21,8 @@ fn setup() -> (Topology, MeshNode, Server) {
         .expect("daemon cgroup");
     let server = Server::start(topo.pod("b"), PORT).expect("server in b");
     let yaml = workloads_yaml("n0", &[topo.pod("a"), topo.pod("b")]);
-    let mut node = MeshNode::start(topo.node("n0"), &yaml, Some(&daemon_cg), &[]).expect("mesh-node");
+    let mut node =
+        MeshNode::start(topo.node("n0"), &yaml, Some(&daemon_cg), &[]).expect("mesh-node");
     node.wait_enrolled(2).expect("enrolled");
     (topo, node, server)
 }
@@ -37,7 +38,11 @@ fn client_reaches_server_through_proxy_with_original_peer_and_intact_payload() {
         (b.ipv6.to_string(), format!("[{}]", b.ipv6)),
     ] {
         let before = node.stats().unwrap();
-        let out = app::run(a, &["get", &format!("http://{url_host}:{PORT}/blob/{size}")], T);
+        let out = app::run(
+            a,
+            &["get", &format!("http://{url_host}:{PORT}/blob/{size}")],
+            T,
+        );
         let expected = {
             // The same pattern app.py serves, hashed here independently.
             let pattern: Vec<u8> = (0..251u32).map(|i| ((i * 37 + 11) % 256) as u8).collect();
@@ -65,9 +70,117 @@ fn client_reaches_server_through_proxy_with_original_peer_and_intact_payload() {
     assert_eq!(who["body"], a.ipv4.to_string(), "{who}");
 }
 
+#[test]
+fn non_enrolled_namespace_or_cgroup_connects_directly() {
+    let (topo, node, _server) = setup();
+    let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
+    let before = node.stats().unwrap();
+
+    // Pod c is under the node's cgroup but its netns is not enrolled.
+    let out = app::run(c, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
+    assert_eq!(out["body"], c.ipv4.to_string(), "{out}");
+    assert_eq!(out["peer"][0], b.ipv4.to_string(), "{out}");
+    let mid = node.stats().unwrap();
+    assert_eq!(mid["ebpf_redirected"], before["ebpf_redirected"], "{mid:?}");
+    assert_eq!(
+        mid["ebpf_skipped_not_enrolled"],
+        before["ebpf_skipped_not_enrolled"] + 1,
+        "{mid:?}"
+    );
+
+    // A process in pod a's (enrolled) netns but outside the node's cgroup is not seen at all.
+    let out = app::run_where(
+        &a.netns_path(),
+        None,
+        &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)],
+        T,
+    );
+    assert_eq!(out["body"], a.ipv4.to_string(), "{out}");
+    let after = node.stats().unwrap();
+    assert_eq!(
+        after["ebpf_redirected"], mid["ebpf_redirected"],
+        "{after:?}"
+    );
+    assert_eq!(after["proxy_accepted"], mid["proxy_accepted"], "{after:?}");
+}
+
+#[test]
+fn closed_port_resets_client_quickly() {
+    let (topo, node, _server) = setup();
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    for host in [b.ipv4.to_string(), b.ipv6.to_string()] {
+        let out = app::run(a, &["probe", &host, "9999"], T);
+        assert_eq!(
+            out["outcome"], "reset",
+            "a failure must look like a failure: {out}"
+        );
+        assert!(out["seconds"].as_f64().unwrap() < 1.0, "{out}");
+    }
+    assert_eq!(node.stat("proxy_upstream_failed"), 2);
+}
+
+#[test]
+fn ten_thousand_connections_leave_no_original_destination_entries() {
+    let (topo, node, _server) = setup();
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let out = app::run(
+        a,
+        &["loop", &b.ipv4.to_string(), &PORT.to_string(), "10000"],
+        Duration::from_secs(600),
+    );
+    assert_eq!(out["failures"], 0, "{out}");
+    assert!(node.stat("ebpf_redirected") >= 10_000);
+    assert_eq!(node.stat("ebpf_map_full"), 0);
+    let mut node = node;
+    node.wait_for(Duration::from_secs(10), |s| {
+        s["orig_dst_entries_by_cookie"] == 0 && s["orig_dst_entries_by_tuple"] == 0
+    })
+    .expect("original-destination maps drain once the connections are closed");
+}
+
+#[test]
+fn full_original_destination_map_is_counted_and_connections_are_reset() {
+    let mut topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
+    let _ = &mut topo;
+    let _server = Server::start(topo.pod("b"), PORT).expect("server");
+    let yaml = workloads_yaml("n0", &[topo.pod("a"), topo.pod("b")]);
+    let mut node = MeshNode::start(topo.node("n0"), &yaml, None, &["--orig-dst-capacity", "4"])
+        .expect("mesh-node");
+    node.wait_enrolled(2).unwrap();
+    // Hold 12 connections open at once from pod a: more than the map can track.
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let script = format!(
+        "import socket,json\nsocks=[]\nres=[]\nfor i in range(12):\n  s=socket.create_connection(('{}',{PORT}),timeout=5); socks.append(s)\nfor s in socks:\n  try:\n    s.sendall(b'ping\\n'); res.append(s.recv(5)==b'pong\\n')\n  except OSError: res.append(False)\nprint(json.dumps({{'ok':sum(res),'failed':len(res)-sum(res)}}))",
+        b.ipv4
+    );
+    let out = a
+        .run(
+            std::process::Command::new("/usr/bin/python3").args(["-c", &script]),
+            T,
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|_| panic!("{text} {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(v["failed"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["ok"].as_u64().unwrap() > 0, "{v}");
+    let s = node.stats().unwrap();
+    assert!(s["ebpf_map_full"] > 0, "map-full must be counted: {s:?}");
+    assert_eq!(
+        s["proxy_no_orig_dst"],
+        v["failed"].as_u64().unwrap(),
+        "{s:?}"
+    );
+    assert!(
+        node.log().contains("no original destination"),
+        "{}",
+        node.log()
+    );
+}
+
 fn sha256_hex(data: &[u8]) -> String {
-    use std::process::{Command, Stdio};
     use std::io::Write;
+    use std::process::{Command, Stdio};
     let mut child = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -75,5 +188,9 @@ fn sha256_hex(data: &[u8]) -> String {
         .expect("sha256sum");
     child.stdin.take().unwrap().write_all(data).unwrap();
     let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }

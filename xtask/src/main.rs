@@ -1,1 +1,148 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands. See `cargo xtask --help`.
+
+mod prereqs;
+mod up;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, try and test Mycel")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF programs (installs nightly rust-src and bpf-linker if missing).
+    BuildEbpf,
+    /// Install what is missing, then run every check and test: fmt, clippy, unit and
+    /// end-to-end tests in real network namespaces (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Start a local sandbox mesh (one node, three pods) with a demo client and server.
+    Up {
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Remove namespaces, cgroups and temp files left by killed test or sandbox runs.
+    Clean,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::BuildEbpf => prereqs::ensure_build()
+            .and_then(|()| build_ebpf())
+            .map(|p| {
+                println!("xtask: eBPF object at {}", p.display());
+            }),
+        Cmd::Test { cargo_test_args } => test(&cargo_test_args),
+        Cmd::Up { duration } => up::run(duration),
+        Cmd::Clean => clean(),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+fn build_ebpf() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    let target = mesh_ebpf_build::default_target_dir(&root);
+    Ok(mesh_ebpf_build::build(&root, &target)?)
+}
+
+fn cargo(what: &str, args: &[&str]) -> anyhow::Result<()> {
+    println!("xtask: {what}: cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("{what} failed: cargo {} ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Builds the workspace's binaries (mesh-node embeds the eBPF object via its build script).
+pub fn build_bins() -> anyhow::Result<()> {
+    cargo("build", &["build", "--workspace", "--bins"])
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    prereqs::ensure_all()?;
+    let object = build_ebpf()?;
+    println!("xtask: eBPF object at {}", object.display());
+    cargo("format check", &["fmt", "--all", "--", "--check"])?;
+    cargo(
+        "lint",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    build_bins()?;
+    let mut args = vec!["test", "--workspace"];
+    args.extend(extra.iter().map(String::as_str));
+    let result = cargo("tests", &args);
+    // Every test tears its topology down in Drop; anything left here is a bug worth failing on.
+    let left = mesh_tests::topology::clean_prefix(mesh_tests::topology::TEST_PREFIX)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    result?;
+    if !left.namespaces.is_empty() || !left.cgroups.is_empty() {
+        bail!(
+            "tests left namespaces {:?} and cgroups {:?} behind (now removed)",
+            left.namespaces,
+            left.cgroups
+        );
+    }
+    println!("xtask: all checks passed; no namespaces or cgroups left behind");
+    Ok(())
+}
+
+fn clean() -> anyhow::Result<()> {
+    let cleaned = mesh_tests::topology::clean_prefix(mesh_tests::topology::PREFIX)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut files = 0;
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(mesh_tests::topology::PREFIX)
+            {
+                std::fs::remove_dir_all(e.path())
+                    .with_context(|| format!("cannot remove {}", e.path().display()))?;
+                files += 1;
+            }
+        }
+    }
+    println!(
+        "xtask: removed {} namespaces, {} cgroups, {files} temp dirs",
+        cleaned.namespaces.len(),
+        cleaned.cgroups.len()
+    );
+    Ok(())
+}

@@ -5,8 +5,7 @@
 //! Freshness is cargo's own: the nested build is incremental and a no-op when nothing changed.
 
 use std::{
-    env,
-    fmt, io,
+    env, fmt, io,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -36,7 +35,10 @@ impl fmt::Display for BuildError {
             ),
             BuildError::Missing(what) => write!(f, "{what} is missing"),
         }?;
-        write!(f, "; run `cargo xtask build-ebpf`, which installs missing prerequisites")
+        write!(
+            f,
+            "; run `cargo xtask build-ebpf`, which installs missing prerequisites"
+        )
     }
 }
 
@@ -52,14 +54,24 @@ pub fn source_dirs(workspace_root: &Path) -> [PathBuf; 2] {
 
 /// Where the object lands for a given workspace target directory.
 pub fn object_path(target_dir: &Path) -> PathBuf {
-    target_dir.join("bpf").join(TARGET).join("release").join(BIN)
+    target_dir
+        .join("bpf")
+        .join(TARGET)
+        .join("release")
+        .join(BIN)
 }
 
 /// The workspace's target directory as cargo resolves it when only the environment is known.
 pub fn default_target_dir(workspace_root: &Path) -> PathBuf {
     env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { workspace_root.join(p) })
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                workspace_root.join(p)
+            }
+        })
         .unwrap_or_else(|| workspace_root.join("target"))
 }
 
@@ -71,7 +83,15 @@ pub fn build(workspace_root: &Path, target_dir: &Path) -> Result<PathBuf, BuildE
     let programs = workspace_root.join("mesh-ebpf/programs");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&programs)
-        .args(["+nightly", "build", "--release", "--bin", BIN, "--target", TARGET])
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--bin",
+            BIN,
+            "--target",
+            TARGET,
+        ])
         .arg("--target-dir")
         .arg(target_dir.join("bpf"));
     // A build script inherits the outer cargo's compiler, wrappers and flags (clippy-driver,

@@ -42,9 +42,7 @@ const OUR_PROGRAMS: [&str; 5] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error(
-        "another mesh-node already owns cgroup {cgroup} (lock {lock} is held); stop it first"
-    )]
+    #[error("another mesh-node already owns cgroup {cgroup} (lock {lock} is held); stop it first")]
     Busy { cgroup: PathBuf, lock: PathBuf },
     #[error("cannot take lock {lock}: {source}")]
     Lock { lock: PathBuf, source: io::Error },
@@ -104,8 +102,12 @@ fn remove_stale(cgroup: &Path, cgroup_dir: &File) -> Result<(), AttachError> {
             source,
         })?;
         for id in ids {
-            let Some(info) = program_info(id) else { continue };
-            let Some(name) = info.name_as_str().map(str::to_owned) else { continue };
+            let Some(info) = program_info(id) else {
+                continue;
+            };
+            let Some(name) = info.name_as_str().map(str::to_owned) else {
+                continue;
+            };
             if !OUR_PROGRAMS.contains(&name.as_str()) {
                 continue;
             }

@@ -193,13 +193,13 @@ impl Capture {
     pub fn counters(&self) -> Result<Counters, CaptureError> {
         let mut out = Counters::default();
         for c in Counter::ALL {
-            let per_cpu = self
-                .counters
-                .get(&(c as u32), 0)
-                .map_err(|source| CaptureError::Map {
-                    name: names::COUNTERS,
-                    source,
-                })?;
+            let per_cpu =
+                self.counters
+                    .get(&(c as u32), 0)
+                    .map_err(|source| CaptureError::Map {
+                        name: names::COUNTERS,
+                        source,
+                    })?;
             out.0[c as usize] = per_cpu.iter().sum();
         }
         Ok(out)

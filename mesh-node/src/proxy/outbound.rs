@@ -140,7 +140,9 @@ async fn relay(mut client: TcpStream, mut upstream: TcpStream, ctx: &PodContext,
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((sent, received)) => {
             ctx.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-            ctx.stats.bytes_received.fetch_add(received, Ordering::Relaxed);
+            ctx.stats
+                .bytes_received
+                .fetch_add(received, Ordering::Relaxed);
         }
         Err(e) => {
             ctx.stats.reset.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,213 @@
+//! mesh-node's lifecycle: runtime enrollment changes, bad input, restart and shutdown.
+
+use std::{process::Command, time::Duration};
+
+use mesh_tests::{
+    app::{self, Server},
+    mesh::{mesh_node_bin, workloads_yaml},
+    MeshNode, NodeSpec, Topology,
+};
+
+const PORT: u16 = 8080;
+const T: Duration = Duration::from_secs(60);
+
+/// Programs attached directly to `cgroup`, as bpftool reports them: (attach type, name).
+fn attached(cgroup: &std::path::Path) -> Vec<(String, String)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("bpftool json");
+    let mut out: Vec<(String, String)> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["attach_type"].as_str().unwrap_or("").to_string(),
+                p["name"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn unenrolling_at_runtime_stops_redirecting_new_connections() {
+    let topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let _server = Server::start(b, PORT).unwrap();
+    let mut node =
+        MeshNode::start(topo.node("n0"), &workloads_yaml("n0", &[a, b]), None, &[]).unwrap();
+    node.wait_enrolled(2).unwrap();
+    app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
+    assert_eq!(node.stat("ebpf_redirected"), 1);
+
+    node.write_workloads(&workloads_yaml("n0", &[b])).unwrap();
+    node.wait_enrolled(1).unwrap();
+    let out = app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
+    assert_eq!(out["body"], a.ipv4.to_string());
+    assert_eq!(node.stat("ebpf_redirected"), 1, "a is no longer captured");
+    assert_eq!(node.stat("ebpf_skipped_not_enrolled"), 1);
+
+    // And back again, without a restart.
+    node.write_workloads(&workloads_yaml("n0", &[a, b]))
+        .unwrap();
+    node.wait_enrolled(2).unwrap();
+    app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
+    assert_eq!(node.stat("ebpf_redirected"), 2);
+}
+
+#[test]
+fn bad_workloads_file_at_runtime_keeps_last_good_state() {
+    let topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let _server = Server::start(b, PORT).unwrap();
+    let good = workloads_yaml("n0", &[a, b]);
+    let mut node = MeshNode::start(topo.node("n0"), &good, None, &[]).unwrap();
+    node.wait_enrolled(2).unwrap();
+
+    let bad_inputs = [
+        "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: [not, a, map\n".to_string(),
+        // One valid workload plus one whose netns does not exist: nothing may be applied.
+        format!(
+            "{}---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost }}\nspec: {{ node: n0, netns: /run/netns/{}-does-not-exist }}\n",
+            workloads_yaml("n0", &[b]),
+            topo.prefix
+        ),
+    ];
+    for (i, bad) in bad_inputs.iter().enumerate() {
+        node.write_workloads(bad).unwrap();
+        node.wait_for(T, |s| s["config_errors"] == i as u64 + 1)
+            .unwrap();
+        assert_eq!(node.stat("enrolled_workloads"), 2, "last good state kept");
+        // Still capturing pod a.
+        let before = node.stat("ebpf_redirected");
+        app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
+        assert_eq!(node.stat("ebpf_redirected"), before + 1);
+    }
+    let log = node.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("workloads file rejected"))
+        .collect();
+    assert_eq!(errors.len(), 2, "one line per rejected file:\n{log}");
+    assert!(
+        errors[0].contains("workloads.yaml: document 1"),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[1].contains("does-not-exist"), "{}", errors[1]);
+}
+
+#[test]
+fn bad_input_at_start_is_one_line_and_non_zero_exit() {
+    let topo = Topology::new(&[NodeSpec::new("n0", &["a"])]).expect("topology");
+    let dir = std::env::temp_dir().join(format!("{}-badstart", topo.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("w.yaml");
+    let cases = [
+        ("kind: Workload\napiVersion: mycel.dev/v1alpha1\nmetadata: {name: a}\nspec: {node: n0, netns: /run/netns/none-such-mycel}\n", "none-such-mycel"),
+        ("{{{{", "w.yaml: document 1"),
+    ];
+    for (text, needle) in cases {
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(mesh_node_bin())
+            .args([
+                "run",
+                "--node-name",
+                "n0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--workloads",
+            ])
+            .arg(&file)
+            .arg("--cgroup")
+            .arg(&topo.node("n0").cgroup)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(needle), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // Nothing stays attached after a failed start.
+    assert!(attached(&topo.node("n0").cgroup).is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn restart_after_crash_leaves_no_duplicate_attachments_and_sigterm_detaches() {
+    let topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
+    let (a, b) = (topo.pod("a"), topo.pod("b"));
+    let cg = topo.node("n0").cgroup.clone();
+    let _server = Server::start(b, PORT).unwrap();
+    let yaml = workloads_yaml("n0", &[a, b]);
+    let expected: Vec<(String, String)> = {
+        let mut v: Vec<(String, String)> = [
+            ("cgroup_inet4_connect", "mycel_connect4"),
+            ("cgroup_inet6_connect", "mycel_connect6"),
+            ("cgroup_inet4_getpeername", "mycel_getpeer4"),
+            ("cgroup_inet6_getpeername", "mycel_getpeer6"),
+            ("cgroup_sock_ops", "mycel_sockops"),
+        ]
+        .iter()
+        .map(|(t, n)| (t.to_string(), n.to_string()))
+        .collect();
+        v.sort();
+        v
+    };
+
+    let mut first = MeshNode::start(topo.node("n0"), &yaml, None, &[]).unwrap();
+    first.wait_enrolled(2).unwrap();
+    assert_eq!(attached(&cg), expected);
+    // A second daemon on the same cgroup is refused rather than doubling the redirects.
+    let second = Command::new(mesh_node_bin())
+        .args([
+            "run",
+            "--node-name",
+            "n0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--workloads",
+        ])
+        .arg(&first.workloads_file)
+        .arg("--cgroup")
+        .arg(&cg)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another mesh-node already owns cgroup")
+    );
+
+    first.stop_with(libc::SIGKILL).unwrap();
+    let mut again = MeshNode::start(topo.node("n0"), &yaml, None, &[]).unwrap();
+    again.wait_enrolled(2).unwrap();
+    assert_eq!(
+        attached(&cg),
+        expected,
+        "exactly one attachment of each program"
+    );
+    let out = app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
+    assert_eq!(out["body"], a.ipv4.to_string());
+    assert_eq!(again.stat("ebpf_redirected"), 1);
+
+    let status = again.stop_with(libc::SIGTERM).unwrap();
+    assert!(status.success(), "{status}: {}", again.log());
+    assert!(again.log().contains("detached"), "{}", again.log());
+    assert!(attached(&cg).is_empty(), "SIGTERM detaches everything");
+}

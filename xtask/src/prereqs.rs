@@ -1,0 +1,138 @@
+//! Installs what the build and the tests need, once, with one line per step.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _};
+
+/// Debian packages the end-to-end tests use: iproute2 (ip), bpftool, python3 (the test app),
+/// coreutils (sha256sum).
+const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "python3", "coreutils"];
+/// What `cargo install bpf-linker --features llvm-22` links against.
+const LLVM_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn quiet(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn run(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+fn missing_debs(pkgs: &[&'static str]) -> Vec<&'static str> {
+    pkgs.iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .contains("install ok installed")
+        })
+        .collect()
+}
+
+fn install_debs(pkgs: &[&'static str], why: &str) -> anyhow::Result<()> {
+    let missing = missing_debs(pkgs);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "xtask: installing Debian packages {} ({why}) with apt-get",
+        missing.join(" ")
+    );
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
+    run(
+        "apt-get install",
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn bpf_linker_ok() -> bool {
+    output(Command::new("bpf-linker").arg("--version")).contains(BPF_LINKER_VERSION)
+}
+
+/// For `build-ebpf`: nightly with rust-src, and bpf-linker built against LLVM 22.
+pub fn ensure_build() -> anyhow::Result<()> {
+    if !quiet(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        bail!("the nightly toolchain is not installed (rustup toolchain install nightly); it cannot be fetched by this tool");
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("xtask: installing rust-src for nightly (needed by -Z build-std=core)");
+        run(
+            "rustup component add",
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        )?;
+    }
+    if !bpf_linker_ok() {
+        install_debs(LLVM_PACKAGES, "LLVM 22 for bpf-linker")?;
+        println!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (cargo install, about 6 minutes, once)");
+        // bpf-linker's build script takes the first llvm-config on PATH (LLVM 14 on Debian 12)
+        // unless told where LLVM 22 is; llvm-sys reads its own variable.
+        run(
+            "cargo install bpf-linker",
+            Command::new("cargo")
+                .args([
+                    "install",
+                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", LLVM_PREFIX)
+                .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+        )?;
+        if !bpf_linker_ok() {
+            bail!("bpf-linker {BPF_LINKER_VERSION} is still not on PATH after installing it (is ~/.cargo/bin on PATH?)");
+        }
+    }
+    Ok(())
+}
+
+/// For `test` and `up`: the build prerequisites plus the tools the tests drive.
+pub fn ensure_all() -> anyhow::Result<()> {
+    ensure_build()?;
+    install_debs(TEST_PACKAGES, "used by the end-to-end tests")?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the tests and the sandbox create network namespaces, cgroups and eBPF programs: run as root");
+    }
+    println!(
+        "xtask: prerequisites present (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, {})",
+        TEST_PACKAGES.join(", ")
+    );
+    Ok(())
+}
