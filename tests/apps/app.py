@@ -8,6 +8,7 @@
   app.py probe HOST PORT          connect, wait for data; prints JSON {outcome, seconds}
                                   (outcome: reset | eof | data | timeout | refused)
   app.py loop HOST PORT N         N sequential connections, each "ping" -> "pong"; prints failures
+  app.py hold HOST PORT N         N connections open at once, then "ping" on each; prints {ok, failed}
 """
 import hashlib
 import http.client
@@ -122,6 +123,23 @@ def loop(host, port, n):
     print(json.dumps({"connections": n, "failures": failures}))
 
 
+def hold(host, port, n):
+    socks, results = [], []
+    for _ in range(n):
+        try:
+            socks.append(socket.create_connection((host, port), timeout=5))
+        except OSError:
+            # On loopback a reset can arrive before connect() returns: a failed connection.
+            results.append(False)
+    for s in socks:
+        try:
+            s.sendall(b"ping\n")
+            results.append(s.recv(5) == b"pong\n")
+        except OSError:
+            results.append(False)
+    print(json.dumps({"ok": sum(results), "failed": len(results) - sum(results)}))
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "serve":
@@ -130,6 +148,8 @@ if __name__ == "__main__":
         get(sys.argv[2])
     elif mode == "probe":
         probe(sys.argv[2], int(sys.argv[3]))
+    elif mode == "hold":
+        hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "loop":
         loop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:

@@ -105,7 +105,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         ],
     )?;
     build_bins()?;
-    let mut args = vec!["test", "--workspace"];
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     let result = cargo("tests", &args);
     // Every test tears its topology down in Drop; anything left here is a bug worth failing on.
