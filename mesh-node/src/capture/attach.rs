@@ -57,9 +57,17 @@ pub enum AttachError {
     },
 }
 
-/// Held for the daemon's lifetime; the kernel releases the flock when the process exits.
+/// Held for the daemon's lifetime. On drop the lock file is removed while still locked; a
+/// crash leaves the file, and the kernel releases the flock with the process.
 pub struct CgroupLock {
+    path: PathBuf,
     _file: File,
+}
+
+impl Drop for CgroupLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 /// Takes ownership of `cgroup` for this process and removes stale Mycel attachments from it.
@@ -74,25 +82,37 @@ pub fn claim(cgroup: &Path, cgroup_dir: &File) -> Result<CgroupLock, AttachError
         source,
     };
     fs::create_dir_all(LOCK_DIR).map_err(lock_err)?;
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .map_err(lock_err)?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(AttachError::Busy {
-                cgroup: cgroup.to_path_buf(),
-                lock,
-            });
+    let file = loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .map_err(lock_err)?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(AttachError::Busy {
+                    cgroup: cgroup.to_path_buf(),
+                    lock,
+                });
+            }
+            return Err(lock_err(e));
         }
-        return Err(lock_err(e));
-    }
+        // The previous owner may have unlinked the file between our open and our flock; a lock
+        // on an unlinked file protects nothing, so start over with the current one.
+        let locked = file.metadata().map_err(lock_err)?.ino();
+        match fs::metadata(&lock) {
+            Ok(current) if current.ino() == locked => break file,
+            _ => continue,
+        }
+    };
     remove_stale(cgroup, cgroup_dir)?;
-    Ok(CgroupLock { _file: file })
+    Ok(CgroupLock {
+        path: lock,
+        _file: file,
+    })
 }
 
 fn remove_stale(cgroup: &Path, cgroup_dir: &File) -> Result<(), AttachError> {
