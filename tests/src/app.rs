@@ -64,7 +64,7 @@ pub fn run_where(
 ) -> serde_json::Value {
     let mut cmd = python(args);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = spawn_in(netns, cgroup, &mut cmd).expect("spawn app.py");
+    let child = spawn_in(Some(netns), cgroup, &mut cmd).expect("spawn app.py");
     let out = run_with_timeout(child, timeout).expect("app.py finished");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -92,31 +92,7 @@ impl MeshNode {
             .stdin(Stdio::null())
             .stdout(fs::File::create(dir.join("stdout"))?)
             .stderr(fs::File::create(&log_file)?);
-        if let Some(cg) = daemon_cgroup {
-            let procs = fs::OpenOptions::new()
-                .write(true)
-                .open(cg.join("cgroup.procs"))?;
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
-            // SAFETY: one write(2) between fork and exec.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    if libc::write(fd, b"0\n".as_ptr().cast(), 2) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn()?;
-            drop(procs);
-            return Ok(Self {
-                child: Some(child),
-                admin,
-                workloads_file,
-                log_file,
-                dir,
-            });
-        }
-        let child = cmd.spawn()?;
+        let child = crate::topology::spawn_in(None, daemon_cgroup, &mut cmd)?;
         Ok(Self {
             child: Some(child),
             admin,

@@ -150,6 +150,13 @@ fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
     ])
 }
 
+/// Gives `dev` in `netns` an IPv4 and an IPv6 address (IPv6 without duplicate address
+/// detection, which would leave it unusable for a second or two).
+fn add_addrs(netns: &str, dev: &str, v4_cidr: &str, v6_cidr: &str) -> Result<()> {
+    ip(&["-n", netns, "addr", "add", v4_cidr, "dev", dev])?;
+    ip(&["-n", netns, "addr", "add", v6_cidr, "dev", dev, "nodad"])
+}
+
 impl Topology {
     /// Builds the topology; on any failure everything created so far is removed.
     pub fn new(nodes: &[NodeSpec]) -> Result<Self> {
@@ -214,25 +221,12 @@ impl Topology {
                 sysctl(&node_ns, k, v)?;
             }
             ip(&["-n", &node_ns, "link", "add", "br0", "type", "bridge"])?;
-            ip(&[
-                "-n",
+            add_addrs(
                 &node_ns,
-                "addr",
-                "add",
+                "br0",
                 &format!("10.77.{n}.1/24"),
-                "dev",
-                "br0",
-            ])?;
-            ip(&[
-                "-n",
-                &node_ns,
-                "addr",
-                "add",
                 &format!("fd77:0:0:{n}::1/64"),
-                "dev",
-                "br0",
-                "nodad",
-            ])?;
+            )?;
             ip(&["-n", &node_ns, "link", "set", "br0", "up"])?;
             if specs.len() > 1 {
                 let up = format!("n{n}");
@@ -241,25 +235,12 @@ impl Topology {
                     "netns", &fabric,
                 ])?;
                 ip(&["-n", &fabric, "link", "set", &up, "master", "br0", "up"])?;
-                ip(&[
-                    "-n",
+                add_addrs(
                     &node_ns,
-                    "addr",
-                    "add",
+                    "up",
                     &format!("10.78.0.{}/24", n + 1),
-                    "dev",
-                    "up",
-                ])?;
-                ip(&[
-                    "-n",
-                    &node_ns,
-                    "addr",
-                    "add",
                     &format!("fd78::{}/64", n + 1),
-                    "dev",
-                    "up",
-                    "nodad",
-                ])?;
+                )?;
                 ip(&["-n", &node_ns, "link", "set", "up", "up"])?;
                 for m in (0..specs.len()).filter(|m| *m != n) {
                     ip(&[
@@ -306,25 +287,7 @@ impl Topology {
                 let v6: Ipv6Addr = format!("fd77:0:0:{n}::{:x}", p + 2)
                     .parse()
                     .map_err(|e| err(format!("ipv6: {e}")))?;
-                ip(&[
-                    "-n",
-                    &pod_ns,
-                    "addr",
-                    "add",
-                    &format!("{v4}/24"),
-                    "dev",
-                    "eth0",
-                ])?;
-                ip(&[
-                    "-n",
-                    &pod_ns,
-                    "addr",
-                    "add",
-                    &format!("{v6}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ])?;
+                add_addrs(&pod_ns, "eth0", &format!("{v4}/24"), &format!("{v6}/64"))?;
                 ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
                 // Only the mesh's own subnets are routable: there is no default route.
                 ip(&[
@@ -386,10 +349,14 @@ impl Topology {
     }
 }
 
-/// Starts `cmd` inside the netns at `netns_path`, and in `cgroup` if given; the caller's own
-/// namespace and cgroup are untouched (no `ip netns exec`, which remounts /sys).
-pub fn spawn_in(netns_path: &Path, cgroup: Option<&Path>, cmd: &mut Command) -> io::Result<Child> {
-    let ns = File::open(netns_path)?;
+/// Starts `cmd` inside the netns at `netns_path` and/or in `cgroup`, each when given; the
+/// caller's own namespace and cgroup are untouched (no `ip netns exec`, which remounts /sys).
+pub fn spawn_in(
+    netns_path: Option<&Path>,
+    cgroup: Option<&Path>,
+    cmd: &mut Command,
+) -> io::Result<Child> {
+    let ns = netns_path.map(File::open).transpose()?;
     let procs = match cgroup {
         Some(cg) => Some(
             OpenOptions::new()
@@ -398,7 +365,7 @@ pub fn spawn_in(netns_path: &Path, cgroup: Option<&Path>, cmd: &mut Command) -> 
         ),
         None => None,
     };
-    let ns_fd = ns.as_raw_fd();
+    let ns_fd = ns.as_ref().map(|f| f.as_raw_fd());
     let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: only async-signal-safe syscalls between fork and exec.
     unsafe {
@@ -409,8 +376,10 @@ pub fn spawn_in(netns_path: &Path, cgroup: Option<&Path>, cmd: &mut Command) -> 
                     return Err(io::Error::last_os_error());
                 }
             }
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
+            if let Some(fd) = ns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -424,7 +393,7 @@ pub fn spawn_in(netns_path: &Path, cgroup: Option<&Path>, cmd: &mut Command) -> 
 impl Pod {
     /// Starts a process in this pod (its netns and its cgroup).
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<Child> {
-        spawn_in(&self.netns_path(), Some(&self.cgroup), cmd)
+        spawn_in(Some(&self.netns_path()), Some(&self.cgroup), cmd)
     }
 
     /// Runs a command in this pod and collects its output, killing it after `timeout`.

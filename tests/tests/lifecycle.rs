@@ -1,6 +1,6 @@
 //! mesh-node's lifecycle: runtime enrollment changes, bad input, restart and shutdown.
 
-use std::{process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use mesh_tests::{
     app::{self, Server},
@@ -41,6 +41,19 @@ fn attached(cgroup: &std::path::Path) -> Vec<(String, String)> {
         .collect();
     out.sort();
     out
+}
+
+/// Runs `mesh-node run` for node n0 in the foreground and collects its exit and output; for
+/// starts that are expected to fail.
+fn run_once(workloads: &Path, cgroup: &Path) -> std::process::Output {
+    Command::new(mesh_node_bin())
+        .args(["run", "--node-name", "n0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--workloads")
+        .arg(workloads)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .output()
+        .expect("run mesh-node")
 }
 
 #[test]
@@ -123,20 +136,7 @@ fn bad_input_at_start_is_one_line_and_non_zero_exit() {
     ];
     for (text, needle) in cases {
         std::fs::write(&file, text).unwrap();
-        let out = Command::new(mesh_node_bin())
-            .args([
-                "run",
-                "--node-name",
-                "n0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--workloads",
-            ])
-            .arg(&file)
-            .arg("--cgroup")
-            .arg(&topo.node("n0").cgroup)
-            .output()
-            .unwrap();
+        let out = run_once(&file, &topo.node("n0").cgroup);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
@@ -175,20 +175,7 @@ fn restart_after_crash_leaves_no_duplicate_attachments_and_sigterm_detaches() {
     first.wait_enrolled(2).unwrap();
     assert_eq!(attached(&cg), expected);
     // A second daemon on the same cgroup is refused rather than doubling the redirects.
-    let second = Command::new(mesh_node_bin())
-        .args([
-            "run",
-            "--node-name",
-            "n0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--workloads",
-        ])
-        .arg(&first.workloads_file)
-        .arg("--cgroup")
-        .arg(&cg)
-        .output()
-        .unwrap();
+    let second = run_once(&first.workloads_file, &cg);
     assert_eq!(second.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&second.stderr).contains("another mesh-node already owns cgroup")
