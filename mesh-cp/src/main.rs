@@ -1,31 +1,256 @@
-//! mesh-cp: Mycel's control plane. Only the command line exists so far; every subcommand says
-//! plainly that it is not implemented yet rather than pretending to work.
+//! mesh-cp: Mycel's control plane. The CA and the source of truth: it reads the mesh's
+//! configuration, signs workload certificates, and streams each node its slice of the config.
 
-use clap::{Parser, Subcommand};
+mod ca;
+mod grpc;
+mod server;
+mod slice;
+mod source;
+mod state;
+mod status;
+mod tokens;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
     name = "mesh-cp",
     version,
-    about = "Mycel control plane (not implemented yet: nodes run from a local workloads file)"
+    about = "Mycel control plane: CA, config source, and the gRPC API that node daemons stream from"
 )]
 struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Serve nodes over gRPC from a directory of YAML documents (not implemented yet).
-    Serve,
+    /// Serve nodes from a directory of YAML documents (universal mode).
+    ///
+    /// The directory is re-read when it changes. A change is applied only if the whole
+    /// directory is valid; otherwise the error is logged and shown on /status, and the last
+    /// good config stays in force. At start, an invalid directory is an error.
+    Serve(ServeArgs),
+    /// Manage the join tokens nodes authenticate with (universal mode).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Directory of MeshConfig, Workload and Service documents (*.yaml, *.yml).
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// Directory for the CA (ca.crt, ca.key) and join tokens; created if missing.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address of the gRPC API (TLS) that nodes connect to.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    grpc_listen: SocketAddr,
+    /// Address of the HTTP status endpoint (/healthz, /status).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    http_listen: SocketAddr,
+    /// A DNS name or IP address nodes use to reach this control plane; repeat for several
+    /// [default: localhost, mesh-cp, the host name and this host's addresses].
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Use this root certificate (PEM) instead of the one in the data dir.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The private key (PEM) of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// How often to check the config dir for changes, in seconds.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_seconds)]
+    reload_interval: f64,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a join token for a node and print it (it is shown once; only a hash is kept).
+    Create {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Revoke a token by id; nodes using it are disconnected within seconds.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// List tokens: id, node, creation time.
+    List {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 3600.0) {
+        return Err(format!("{s} must be between 0 and 3600 seconds"));
+    }
+    Ok(v)
 }
 
 fn main() {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve => {
-            eprintln!("mesh-cp: error: `serve` is not implemented yet; run mesh-node with --workloads FILE");
-            std::process::exit(2);
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(serve(args))),
+        Command::Token(cmd) => token(cmd),
+    };
+    if let Err(e) = result {
+        eprintln!("mesh-cp: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn ensure_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create { node, data_dir } => {
+            ensure_data_dir(&data_dir)?;
+            let (record, token) = tokens::create(&data_dir, &node)?;
+            eprintln!(
+                "token {} for node {} created; it is not shown again",
+                record.id, record.node
+            );
+            println!("{token}");
         }
+        TokenCommand::Revoke { id, data_dir } => {
+            let record = tokens::revoke(&data_dir, &id)?;
+            eprintln!("token {} of node {} revoked", record.id, record.node);
+        }
+        TokenCommand::List { data_dir } => {
+            println!("{:<14} {:<24} CREATED (unix seconds)", "ID", "NODE");
+            for t in tokens::list(&data_dir)? {
+                println!("{:<14} {:<24} {}", t.id, t.node, t.created);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if !args.config_dir.is_dir() {
+        bail!(
+            "--config-dir {} is not a directory",
+            args.config_dir.display()
+        );
+    }
+    ensure_data_dir(&args.data_dir)?;
+    let (config, files) = source::initial(&args.config_dir)
+        .context("the config dir is invalid; fix it before starting the control plane")?;
+    let ca = match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => ca::Ca::load_or_create(cert, key, false)?,
+        _ => ca::Ca::load_or_create(
+            &args.data_dir.join("ca.crt"),
+            &args.data_dir.join("ca.key"),
+            true,
+        )?,
+    };
+    let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on --grpc-listen {}", args.grpc_listen))?;
+    let http = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on --http-listen {}", args.http_listen))?;
+
+    let (publish, published) = tokio::sync::watch::channel(state::Published {
+        version: 1,
+        config: Arc::new(config),
+    });
+    let shared = Arc::new(state::Shared::new(
+        published,
+        tokens::TokenStore::new(&args.data_dir),
+        ca,
+    ));
+    let names = if args.server_names.is_empty() {
+        server::default_server_names(args.grpc_listen)
+    } else {
+        args.server_names.clone()
+    };
+    tokio::spawn(source::watch_dir(
+        args.config_dir.clone(),
+        Duration::from_secs_f64(args.reload_interval),
+        files,
+        publish,
+        shared.clone(),
+    ));
+    tokio::spawn(status::serve(http, shared.clone()));
+    let grpc_task = tokio::spawn(server::serve_grpc(grpc, shared.clone(), names));
+    {
+        let c = shared.config.borrow();
+        tracing::info!(
+            grpc = %args.grpc_listen, http = %args.http_listen,
+            workloads = c.config.workloads.len(), services = c.config.services.len(),
+            trust_domain = c.config.mesh.trust_domain,
+            "mesh-cp ready"
+        );
+    }
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+        r = grpc_task => return r.context("the gRPC server panicked")?,
+    }
+    // Nodes keep their last config and certificates and reconnect on their own.
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

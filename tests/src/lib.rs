@@ -3,8 +3,11 @@
 //! `cargo xtask up`.
 
 pub mod app;
+pub mod cp;
+pub mod daemon;
 pub mod mesh;
 pub mod topology;
 
+pub use cp::ControlPlane;
 pub use mesh::MeshNode;
 pub use topology::{NodeSpec, Pod, Topology};

@@ -6,17 +6,24 @@ use std::{
     io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
-use crate::topology::{Node, Pod};
+use crate::{
+    daemon::Daemon,
+    topology::{Node, Pod},
+};
 
-/// The mesh-node binary next to the running test or xtask binary (`target/<profile>/`), or
-/// `$MESH_NODE_BIN`.
+/// The mesh-node binary next to the running test or xtask binary, or `$MESH_NODE_BIN`.
 pub fn mesh_node_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESH_NODE_BIN") {
+    sibling_bin("mesh-node", "MESH_NODE_BIN")
+}
+
+/// A workspace binary next to the running test or xtask binary (`target/<profile>/`), or the
+/// path in `$env_override`.
+pub fn sibling_bin(name: &str, env_override: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_override) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
@@ -24,7 +31,7 @@ pub fn mesh_node_bin() -> PathBuf {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    dir.join("mesh-node")
+    dir.join(name)
 }
 
 /// A free loopback port (bound and released; good enough for tests on one machine).
@@ -50,11 +57,10 @@ pub fn workloads_yaml(node: &str, pods: &[&Pod]) -> String {
 }
 
 pub struct MeshNode {
-    child: Option<Child>,
+    daemon: Daemon,
     pub admin: SocketAddr,
     pub workloads_file: PathBuf,
     pub log_file: PathBuf,
-    dir: PathBuf,
 }
 
 impl MeshNode {
@@ -94,11 +100,10 @@ impl MeshNode {
             .stderr(fs::File::create(&log_file)?);
         let child = crate::topology::spawn_in(None, daemon_cgroup, &mut cmd)?;
         Ok(Self {
-            child: Some(child),
+            daemon: Daemon::new("mesh-node", child, dir, log_file.clone()),
             admin,
             workloads_file,
             log_file,
-            dir,
         })
     }
 
@@ -115,47 +120,18 @@ impl MeshNode {
         timeout: Duration,
         cond: impl Fn(&BTreeMap<String, u64>) -> bool,
     ) -> io::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                return Err(io::Error::other(format!(
-                    "mesh-node exited ({status}):\n{}",
-                    self.log()
-                )));
-            }
-            if let Ok(stats) = self.stats() {
-                if cond(&stats) {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "condition not met within {timeout:?}; stats: {:?}\nlog:\n{}",
-                        self.stats().ok(),
-                        self.log()
-                    ),
-                ));
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        let admin = self.admin;
+        self.daemon
+            .wait_until(timeout, "stats condition", || {
+                let stats = stats_of(admin).ok()?;
+                cond(&stats).then_some(())
+            })
+            .map_err(|e| io::Error::new(e.kind(), format!("{e}\nstats: {:?}", self.stats().ok())))
     }
 
     /// `GET /stats` parsed into `name → value`.
     pub fn stats(&self) -> io::Result<BTreeMap<String, u64>> {
-        let body = http_get(self.admin, "/stats")?;
-        Ok(body
-            .lines()
-            .filter_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                Some((k.to_string(), v.trim().parse().ok()?))
-            })
-            .collect())
+        stats_of(self.admin)
     }
 
     pub fn stat(&self, name: &str) -> u64 {
@@ -167,52 +143,35 @@ impl MeshNode {
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_file).unwrap_or_default()
+        self.daemon.log()
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.daemon.pid()
     }
 
     /// Replaces the workloads file (atomically, by rename).
     pub fn write_workloads(&self, text: &str) -> io::Result<()> {
-        let tmp = self.dir.join("workloads.yaml.tmp");
+        let tmp = self.daemon.dir.join("workloads.yaml.tmp");
         fs::write(&tmp, text)?;
         fs::rename(tmp, &self.workloads_file)
     }
 
     /// Sends `signal` and waits for the exit status (killing after 15 s).
     pub fn stop_with(&mut self, signal: i32) -> io::Result<std::process::ExitStatus> {
-        let Some(mut child) = self.child.take() else {
-            return Err(io::Error::other("already stopped"));
-        };
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return child.wait();
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.daemon.stop_with(signal)
     }
 }
 
-impl Drop for MeshNode {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.stop_with(libc::SIGTERM);
-        }
-        if !thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("mesh-node log kept at {}", self.log_file.display());
-        }
-    }
+fn stats_of(admin: SocketAddr) -> io::Result<BTreeMap<String, u64>> {
+    let body = http_get(admin, "/stats")?;
+    Ok(body
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect())
 }
 
 /// A minimal HTTP/1.1 GET against the admin endpoint (loopback only).

@@ -1,0 +1,229 @@
+//! The gRPC service nodes talk to: the config stream and certificate signing, both scoped to
+//! the node the caller's join token was issued to.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_api::{
+    metadata,
+    v1::{
+        node_service_server::NodeService, ConfigAck, ConfigUpdate, SignCertificateRequest,
+        SignCertificateResponse,
+    },
+};
+use mesh_model::SpiffeId;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    slice::{self, Slice},
+    state::Shared,
+};
+
+pub struct NodeApi {
+    shared: Arc<Shared>,
+}
+
+impl NodeApi {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Returns the node name and token of an authenticated caller.
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<(String, String), Status> {
+        let peer = req.remote_addr();
+        let header = |name: &str| {
+            req.metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let token = header(metadata::AUTHORIZATION)
+            .and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned))
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <join token>` metadata")
+            })?;
+        let claimed = header(metadata::NODE)
+            .ok_or_else(|| Status::unauthenticated("missing `x-mycel-node` metadata"))?;
+        match self.shared.tokens.verify(&token) {
+            Ok(Some(node)) if node == claimed => Ok((node, token)),
+            Ok(Some(node)) => {
+                tracing::warn!(peer = ?peer, claimed, token_node = node, "refused: token belongs to another node");
+                Err(Status::permission_denied(format!(
+                    "this join token was issued to node {node}, not {claimed}"
+                )))
+            }
+            Ok(None) => {
+                tracing::warn!(peer = ?peer, claimed, "refused: unknown or revoked join token");
+                Err(Status::unauthenticated("unknown or revoked join token"))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot check join tokens");
+                Err(Status::unavailable(
+                    "the control plane cannot read its token store",
+                ))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    type StreamConfigStream = ReceiverStream<Result<ConfigUpdate, Status>>;
+
+    async fn stream_config(
+        &self,
+        req: Request<Streaming<ConfigAck>>,
+    ) -> Result<Response<Self::StreamConfigStream>, Status> {
+        let (node, token) = self.authenticate(&req)?;
+        let peer = req.remote_addr();
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(serve_stream(
+            self.shared.clone(),
+            node,
+            token,
+            peer,
+            req.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn sign_certificate(
+        &self,
+        req: Request<SignCertificateRequest>,
+    ) -> Result<Response<SignCertificateResponse>, Status> {
+        let (node, _) = self.authenticate(&req)?;
+        let req = req.into_inner();
+        let refuse = |status: Status| {
+            tracing::warn!(
+                node,
+                identity = req.identity,
+                reason = status.message(),
+                "certificate refused"
+            );
+            self.shared
+                .update_node(&node, |n| n.certificates_refused += 1);
+            status
+        };
+        let identity: SpiffeId =
+            req.identity
+                .parse()
+                .map_err(|e: mesh_model::ParseSpiffeIdError| {
+                    refuse(Status::invalid_argument(e.to_string()))
+                })?;
+        let published = self.shared.config.borrow().clone();
+        let mesh = &published.config.mesh;
+        if identity.trust_domain != mesh.trust_domain {
+            return Err(refuse(Status::permission_denied(format!(
+                "{identity} is not in this mesh's trust domain {}",
+                mesh.trust_domain
+            ))));
+        }
+        let placed = published
+            .config
+            .workloads_on(&node)
+            .any(|w| w.identity(&mesh.trust_domain) == identity);
+        if !placed {
+            return Err(refuse(Status::permission_denied(format!(
+                "no workload with identity {identity} is placed on node {node}"
+            ))));
+        }
+        let issued = self
+            .shared
+            .ca
+            .sign_workload(&req.csr_der, &identity, mesh.cert_ttl)
+            .map_err(|e| refuse(Status::invalid_argument(e.to_string())))?;
+        self.shared
+            .update_node(&node, |n| n.certificates_issued += 1);
+        tracing::info!(node, %identity, serial = issued.serial, not_after = %issued.not_after, "certificate issued");
+        Ok(Response::new(SignCertificateResponse {
+            cert_chain_der: vec![issued.der.to_vec()],
+        }))
+    }
+}
+
+/// Feeds one node's config stream until the node goes away or its token stops being valid.
+async fn serve_stream(
+    shared: Arc<Shared>,
+    node: String,
+    token: String,
+    peer: Option<SocketAddr>,
+    mut acks: Streaming<ConfigAck>,
+    tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
+) {
+    shared.update_node(&node, |n| n.streams += 1);
+    tracing::info!(node, peer = ?peer, "node connected");
+    let mut config = shared.config.clone();
+    let roots = [shared.ca.root_der().clone()];
+    let mut sent: Option<Slice> = None;
+    let mut dirty = true;
+    let mut recheck = tokio::time::interval(shared.token_recheck);
+    let reason = loop {
+        if dirty {
+            dirty = false;
+            let published = config.borrow_and_update().clone();
+            let slice = slice::node_slice(&published.config, &roots, &node);
+            let update = match &sent {
+                None => Some(ConfigUpdate {
+                    version: published.version,
+                    snapshot: true,
+                    upserts: slice.values().cloned().collect(),
+                    removals: Vec::new(),
+                }),
+                Some(old) => {
+                    let (upserts, removals) = slice::diff(old, &slice);
+                    (!upserts.is_empty() || !removals.is_empty()).then_some(ConfigUpdate {
+                        version: published.version,
+                        snapshot: false,
+                        upserts,
+                        removals,
+                    })
+                }
+            };
+            if let Some(update) = update {
+                tracing::debug!(
+                    node,
+                    version = update.version,
+                    snapshot = update.snapshot,
+                    upserts = update.upserts.len(),
+                    removals = update.removals.len(),
+                    "sending config"
+                );
+                if tx.send(Ok(update)).await.is_err() {
+                    break "stream closed";
+                }
+            }
+            sent = Some(slice);
+        }
+        tokio::select! {
+            changed = config.changed() => {
+                if changed.is_err() {
+                    break "control plane shutting down";
+                }
+                dirty = true;
+            }
+            ack = acks.message() => match ack {
+                Ok(Some(ack)) if ack.error.is_empty() => {
+                    tracing::debug!(node, version = ack.version, "config acknowledged");
+                    shared.update_node(&node, |n| n.acked_version = Some(ack.version));
+                }
+                Ok(Some(ack)) => {
+                    tracing::warn!(node, version = ack.version, error = ack.error, "node rejected config");
+                    shared.update_node(&node, |n| n.last_nack = Some((ack.version, ack.error)));
+                }
+                Ok(None) => break "node closed the stream",
+                Err(_) => break "stream broken",
+            },
+            _ = recheck.tick() => {
+                if !matches!(shared.tokens.verify(&token), Ok(Some(n)) if n == node) {
+                    tracing::warn!(node, "join token revoked; closing the node's stream");
+                    let _ = tx.send(Err(Status::unauthenticated("join token revoked"))).await;
+                    break "token revoked";
+                }
+            }
+        }
+    };
+    shared.update_node(&node, |n| n.streams = n.streams.saturating_sub(1));
+    tracing::info!(node, reason, "node disconnected");
+}

@@ -1,0 +1,152 @@
+//! What one node may see of the configuration, and how two such views differ.
+//!
+//! A node gets the mesh settings, the trust bundle, every workload (the netns path only for its
+//! own) and every service with its resolved endpoints: enough to capture its pods and to route
+//! to any destination. Netns paths of other nodes' workloads are host details it has no use for.
+
+use std::collections::BTreeMap;
+
+use mesh_api::{keys, v1};
+use mesh_model::Config;
+use rustls_pki_types::CertificateDer;
+
+pub type Slice = BTreeMap<String, v1::Resource>;
+
+pub fn node_slice(config: &Config, roots: &[CertificateDer<'_>], node: &str) -> Slice {
+    let mut out = Slice::new();
+    let mut put = |key: String, kind: v1::resource::Kind| {
+        out.insert(
+            key.clone(),
+            v1::Resource {
+                key,
+                kind: Some(kind),
+            },
+        );
+    };
+    put(
+        keys::MESH.into(),
+        v1::resource::Kind::Mesh(v1::MeshSettings {
+            trust_domain: config.mesh.trust_domain.clone(),
+            cert_ttl_seconds: config.mesh.cert_ttl.as_secs(),
+        }),
+    );
+    put(
+        keys::TRUST_BUNDLE.into(),
+        v1::resource::Kind::TrustBundle(v1::TrustBundle {
+            roots_der: roots.iter().map(|r| r.to_vec()).collect(),
+        }),
+    );
+    for w in config.workloads.values() {
+        let local = w.node == node;
+        put(
+            keys::workload(&w.key.namespace, &w.key.name),
+            v1::resource::Kind::Workload(v1::Workload {
+                namespace: w.key.namespace.clone(),
+                name: w.key.name.clone(),
+                node: w.node.clone(),
+                netns: if local {
+                    w.netns.to_string_lossy().into_owned()
+                } else {
+                    String::new()
+                },
+                addresses: w
+                    .addresses
+                    .iter()
+                    .map(|a| mesh_api::ip_to_bytes(*a))
+                    .collect(),
+                identity: w.identity(&config.mesh.trust_domain).to_string(),
+                labels: w.labels.clone().into_iter().collect(),
+            }),
+        );
+    }
+    for s in config.services.values() {
+        put(
+            keys::service(&s.key.namespace, &s.key.name),
+            v1::resource::Kind::Service(v1::Service {
+                namespace: s.key.namespace.clone(),
+                name: s.key.name.clone(),
+                vips: s.vips.iter().map(|a| mesh_api::ip_to_bytes(*a)).collect(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| v1::ServicePort {
+                        port: p.port.into(),
+                        target_port: p.target_port.into(),
+                        name: p.name.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+                endpoints: config.endpoints(s).map(|w| w.key.to_string()).collect(),
+            }),
+        );
+    }
+    out
+}
+
+/// Resources of `new` that are absent from or different in `old`, and keys only `old` has.
+pub fn diff(old: &Slice, new: &Slice) -> (Vec<v1::Resource>, Vec<String>) {
+    let upserts = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let removals = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
+    (upserts, removals)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: a, labels: {{app: a}}}}\nspec: {{node: n1, netns: /run/netns/a, addresses: [10.0.0.1]}}\n---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: b, labels: {{app: b}}}}\nspec: {{node: n2, netns: /run/netns/b, addresses: [10.0.0.2]}}\n---\napiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {{name: b}}\nspec: {{vips: [10.96.0.1], ports: [{{port: 80}}], selector: {{app: b}}}}\n{extra}"
+        );
+        mesh_model::parse(&[(PathBuf::from("c.yaml"), text)]).unwrap()
+    }
+
+    fn workload(s: &Slice, key: &str) -> v1::Workload {
+        match s[key].kind.clone() {
+            Some(v1::resource::Kind::Workload(w)) => w,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn netns_paths_only_for_the_nodes_own_workloads() {
+        let s = node_slice(&config(""), &[], "n1");
+        assert_eq!(workload(&s, "workload/default/a").netns, "/run/netns/a");
+        assert_eq!(workload(&s, "workload/default/b").netns, "");
+        assert_eq!(
+            workload(&s, "workload/default/b").identity,
+            "spiffe://cluster.local/ns/default/sa/default"
+        );
+        match &s["service/default/b"].kind {
+            Some(v1::resource::Kind::Service(svc)) => assert_eq!(svc.endpoints, ["default/b"]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn diff_has_only_what_changed() {
+        let before = node_slice(&config(""), &[], "n1");
+        let (up, rm) = diff(&before, &before);
+        assert!(up.is_empty() && rm.is_empty());
+
+        let added = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: c, labels: {app: b}}\nspec: {node: n2, netns: /run/netns/c, addresses: [10.0.0.3]}\n";
+        let after = node_slice(&config(added), &[], "n1");
+        let (up, rm) = diff(&before, &after);
+        let keys: Vec<_> = up.iter().map(|r| r.key.as_str()).collect();
+        // The new workload, and the service whose endpoints it joined.
+        assert_eq!(keys, ["service/default/b", "workload/default/c"]);
+        assert!(rm.is_empty());
+        let (up, rm) = diff(&after, &before);
+        assert_eq!(up.len(), 1);
+        assert_eq!(rm, ["workload/default/c"]);
+    }
+}

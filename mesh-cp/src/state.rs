@@ -1,0 +1,107 @@
+//! State shared by the gRPC service, the config source and the status endpoint.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use mesh_model::Config;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::{ca::Ca, tokens::TokenStore};
+
+/// One accepted configuration. Versions start at 1 with each control-plane process; nodes
+/// take a snapshot at the start of every stream, so versions need not survive a restart.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub version: u64,
+    pub config: Arc<Config>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigStatus {
+    /// The version in force.
+    pub version: u64,
+    /// Why the files on disk are not in force, if they are not.
+    pub error: Option<String>,
+    pub error_file: Option<PathBuf>,
+    #[serde(serialize_with = "unix_seconds")]
+    pub checked_at: SystemTime,
+}
+
+impl ConfigStatus {
+    pub fn ok(version: u64) -> Self {
+        Self {
+            version,
+            error: None,
+            error_file: None,
+            checked_at: SystemTime::now(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeStatus {
+    /// Config streams open right now.
+    pub streams: u32,
+    pub acked_version: Option<u64>,
+    /// The last version the node rejected, and why.
+    pub last_nack: Option<(u64, String)>,
+    pub certificates_issued: u64,
+    pub certificates_refused: u64,
+}
+
+pub struct Shared {
+    pub config: watch::Receiver<Published>,
+    pub tokens: TokenStore,
+    pub ca: Ca,
+    /// How often an open stream re-checks that its token is still valid.
+    pub token_recheck: Duration,
+    config_status: Mutex<ConfigStatus>,
+    nodes: Mutex<BTreeMap<String, NodeStatus>>,
+}
+
+impl Shared {
+    pub fn new(config: watch::Receiver<Published>, tokens: TokenStore, ca: Ca) -> Self {
+        let version = config.borrow().version;
+        Self {
+            config,
+            tokens,
+            ca,
+            token_recheck: Duration::from_secs(2),
+            config_status: Mutex::new(ConfigStatus::ok(version)),
+            nodes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn set_config_status(&self, status: ConfigStatus) {
+        *self.config_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    pub fn config_status(&self) -> ConfigStatus {
+        self.config_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn update_node(&self, node: &str, f: impl FnOnce(&mut NodeStatus)) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        f(nodes.entry(node.to_owned()).or_default());
+    }
+
+    pub fn nodes(&self) -> BTreeMap<String, NodeStatus> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}

@@ -1,0 +1,253 @@
+//! Join tokens: how a node outside Kubernetes proves which node it is.
+//!
+//! A token is `<id>.<secret>`. Only the SHA-256 of the secret is stored (the secret is 256
+//! random bits, so a slow hash adds nothing). The store is one JSON file in the data dir,
+//! changed by `mesh-cp token ...` under a lock and replaced atomically; the server re-reads it
+//! when it changes, so a revocation takes effect on the next check without a restart.
+
+use std::{
+    fs::File,
+    io::Write as _,
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::SystemTime,
+};
+
+use ring::rand::SecureRandom as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+pub const FILE_NAME: &str = "tokens.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no token with id {0}")]
+    NotFound(String),
+    #[error("{0:?} is not a node name (a DNS label: a-z, 0-9, '-', at most 63)")]
+    BadNode(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub node: String,
+    /// Hex SHA-256 of the secret part.
+    pub secret_sha256: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TokenFile {
+    tokens: Vec<TokenRecord>,
+}
+
+/// Read-only view for the server: re-reads the file when its modification time or size changes.
+pub struct TokenStore {
+    path: PathBuf,
+    cache: Mutex<Option<(FileStamp, Vec<TokenRecord>)>>,
+}
+
+type FileStamp = (SystemTime, u64, u64);
+
+impl TokenStore {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            path: data_dir.join(FILE_NAME),
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// The node a token was issued to, or `None` for an unknown, revoked or malformed token.
+    pub fn verify(&self, token: &str) -> Result<Option<String>, TokenError> {
+        let Some((id, secret)) = token.split_once('.') else {
+            return Ok(None);
+        };
+        let digest = hex::encode(Sha256::digest(secret.as_bytes()));
+        let records = self.records()?;
+        Ok(records
+            .iter()
+            .find(|r| r.id == id && constant_time_eq(r.secret_sha256.as_bytes(), digest.as_bytes()))
+            .map(|r| r.node.clone()))
+    }
+
+    fn records(&self) -> Result<Vec<TokenRecord>, TokenError> {
+        let stamp = match std::fs::metadata(&self.path) {
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt as _;
+                (
+                    m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    m.len(),
+                    m.ino(),
+                )
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(TokenError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached, records)) = cache.as_ref() {
+            if *cached == stamp {
+                return Ok(records.clone());
+            }
+        }
+        let records = read_file(&self.path)?.tokens;
+        *cache = Some((stamp, records.clone()));
+        Ok(records)
+    }
+}
+
+fn read_file(path: &Path) -> Result<TokenFile, TokenError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| TokenError::Corrupt {
+            path: path.into(),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenFile::default()),
+        Err(source) => Err(TokenError::Read {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// Runs `change` on the token file under an exclusive lock and replaces the file atomically.
+fn modify<T>(
+    data_dir: &Path,
+    change: impl FnOnce(&mut TokenFile) -> Result<T, TokenError>,
+) -> Result<T, TokenError> {
+    let path = data_dir.join(FILE_NAME);
+    let lock_path = data_dir.join(".tokens.lock");
+    let werr = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| TokenError::Write { path: p, source }
+    };
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(werr(&lock_path))?;
+    // SAFETY: flock on an fd we own; released when `lock` is dropped.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(werr(&lock_path)(std::io::Error::last_os_error()));
+    }
+    let mut file = read_file(&path)?;
+    let out = change(&mut file)?;
+    let tmp = data_dir.join(".tokens.json.tmp");
+    let json = serde_json::to_vec_pretty(&file).map_err(|e| TokenError::Corrupt {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut f = File::options()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(werr(&tmp))?;
+    f.write_all(&json).map_err(werr(&tmp))?;
+    f.sync_all().map_err(werr(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+    Ok(out)
+}
+
+/// Issues a token for `node` and returns it; only its hash is kept.
+pub fn create(data_dir: &Path, node: &str) -> Result<(TokenRecord, String), TokenError> {
+    if !mesh_model::is_dns_label(node) {
+        return Err(TokenError::BadNode(node.into()));
+    }
+    let mut id_bytes = [0u8; 6];
+    let mut secret_bytes = [0u8; 32];
+    let rng = ring::rand::SystemRandom::new();
+    rng.fill(&mut id_bytes)
+        .and_then(|()| rng.fill(&mut secret_bytes))
+        .expect("the kernel's random source is available");
+    let (id, secret) = (hex::encode(id_bytes), hex::encode(secret_bytes));
+    let record = TokenRecord {
+        id: id.clone(),
+        node: node.into(),
+        secret_sha256: hex::encode(Sha256::digest(secret.as_bytes())),
+        created: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let stored = record.clone();
+    modify(data_dir, move |f| {
+        f.tokens.push(stored);
+        Ok(())
+    })?;
+    Ok((record, format!("{id}.{secret}")))
+}
+
+/// Removes the token with `id`; connected nodes using it are cut off at their next check.
+pub fn revoke(data_dir: &Path, id: &str) -> Result<TokenRecord, TokenError> {
+    modify(data_dir, |f| {
+        let pos = f
+            .tokens
+            .iter()
+            .position(|t| t.id == id)
+            .ok_or_else(|| TokenError::NotFound(id.into()))?;
+        Ok(f.tokens.remove(pos))
+    })
+}
+
+pub fn list(data_dir: &Path) -> Result<Vec<TokenRecord>, TokenError> {
+    Ok(read_file(&data_dir.join(FILE_NAME))?.tokens)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_verify_revoke() {
+        let d = std::env::temp_dir().join(format!("mesh-cp-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let store = TokenStore::new(&d);
+        let (rec, token) = create(&d, "node-1").unwrap();
+        assert_eq!(store.verify(&token).unwrap().as_deref(), Some("node-1"));
+        let text = std::fs::read_to_string(d.join(FILE_NAME)).unwrap();
+        let secret = token.split_once('.').unwrap().1;
+        assert!(!text.contains(secret), "the secret is stored in clear");
+
+        let (_, other) = create(&d, "node-2").unwrap();
+        assert_eq!(list(&d).unwrap().len(), 2);
+        let forged = format!("{}.{}", rec.id, other.split_once('.').unwrap().1);
+        assert_eq!(store.verify(&forged).unwrap(), None);
+        assert_eq!(store.verify("garbage").unwrap(), None);
+
+        revoke(&d, &rec.id).unwrap();
+        assert_eq!(store.verify(&token).unwrap(), None);
+        assert!(matches!(revoke(&d, &rec.id), Err(TokenError::NotFound(_))));
+        assert!(matches!(
+            create(&d, "Bad_Node"),
+            Err(TokenError::BadNode(_))
+        ));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,292 @@
+//! A whole set of documents into one consistent [`Config`].
+//!
+//! A configuration is accepted whole or not at all: the first error, naming its file, document
+//! and field, rejects the set, and the caller keeps whatever it had before.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::resource::{self, MeshConfig, ObjectKey, Resource, Service, Workload};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    pub mesh: MeshConfig,
+    pub workloads: BTreeMap<ObjectKey, Workload>,
+    pub services: BTreeMap<ObjectKey, Service>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: document {doc}: {message}")]
+    Invalid {
+        file: PathBuf,
+        doc: usize,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The file the error is about.
+    pub fn file(&self) -> &Path {
+        match self {
+            ConfigError::Read { path, .. } => path,
+            ConfigError::Invalid { file, .. } => file,
+        }
+    }
+}
+
+impl Config {
+    /// Workloads placed on `node`.
+    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.values().filter(move |w| w.node == node)
+    }
+
+    /// Workloads of the service's namespace whose labels include all of its selector.
+    pub fn endpoints<'a>(
+        &'a self,
+        service: &'a Service,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.values().filter(move |w| {
+            w.key.namespace == service.key.namespace
+                && service
+                    .selector
+                    .iter()
+                    .all(|(k, v)| w.labels.get(k) == Some(v))
+        })
+    }
+}
+
+/// The YAML files a config directory holds: `*.yaml` and `*.yml`, not hidden, not recursive,
+/// in name order so that errors are reported the same way every time.
+pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if yaml && !name.starts_with('.') && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads and validates every YAML file of `dir`.
+pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+    let mut texts = Vec::new();
+    for file in config_files(dir)? {
+        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        texts.push((file, text));
+    }
+    parse(&texts)
+}
+
+/// Reads and validates one file.
+pub fn load_file(file: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    parse(&[(file.to_path_buf(), text)])
+}
+
+/// Validates `(file name, contents)` pairs as one configuration.
+pub fn parse(files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
+    let mut builder = Builder::default();
+    for (file, text) in files {
+        for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let doc = index + 1;
+            let invalid = |message: String| ConfigError::Invalid {
+                file: file.clone(),
+                doc,
+                message,
+            };
+            let value =
+                serde_yaml::Value::deserialize(de).map_err(|e| invalid(resource::one_line(&e)))?;
+            if value.is_null() {
+                continue; // an empty document, e.g. after a trailing `---`
+            }
+            let parsed = resource::parse_document(value).map_err(&invalid)?;
+            builder.add(parsed).map_err(invalid)?;
+        }
+    }
+    Ok(builder.config)
+}
+
+#[derive(Default)]
+struct Builder {
+    config: Config,
+    mesh_seen: bool,
+    /// Every address in use, and by what, so a clash names both sides.
+    addresses: BTreeMap<IpAddr, String>,
+}
+
+impl Builder {
+    fn add(&mut self, resource: Resource) -> Result<(), String> {
+        match resource {
+            Resource::MeshConfig(m) => {
+                if self.mesh_seen {
+                    return Err("a second MeshConfig; there can be only one".into());
+                }
+                self.mesh_seen = true;
+                self.config.mesh = m;
+            }
+            Resource::Workload(w) => {
+                if self.config.workloads.contains_key(&w.key) {
+                    return Err(format!("Workload {} is defined twice", w.key));
+                }
+                if let Some(other) = self
+                    .config
+                    .workloads
+                    .values()
+                    .find(|o| o.node == w.node && o.netns == w.netns)
+                {
+                    return Err(format!(
+                        "spec.netns: {} on node {} is already used by workload {}",
+                        w.netns.display(),
+                        w.node,
+                        other.key
+                    ));
+                }
+                self.claim(
+                    &w.addresses,
+                    "spec.addresses",
+                    &format!("workload {}", w.key),
+                )?;
+                self.config.workloads.insert(w.key.clone(), w);
+            }
+            Resource::Service(s) => {
+                if self.config.services.contains_key(&s.key) {
+                    return Err(format!("Service {} is defined twice", s.key));
+                }
+                self.claim(&s.vips, "spec.vips", &format!("service {}", s.key))?;
+                self.config.services.insert(s.key.clone(), s);
+            }
+        }
+        Ok(())
+    }
+
+    fn claim(&mut self, ips: &[IpAddr], field: &str, owner: &str) -> Result<(), String> {
+        for (i, ip) in ips.iter().enumerate() {
+            if let Some(other) = self.addresses.get(ip) {
+                return Err(format!("{field}[{i}]: {ip} is already used by {other}"));
+            }
+        }
+        for ip in ips {
+            self.addresses.insert(*ip, owner.to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(docs: &[(&str, &str)]) -> Vec<(PathBuf, String)> {
+        docs.iter()
+            .map(|(f, t)| (PathBuf::from(f), t.to_string()))
+            .collect()
+    }
+
+    fn workload(name: &str, node: &str, addr: &str, app: &str) -> String {
+        format!("apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec: {{node: {node}, netns: /run/netns/{name}, addresses: ['{addr}']}}\n")
+    }
+
+    const SERVICE: &str = "apiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}\n";
+
+    #[test]
+    fn builds_a_config_across_files() {
+        let a = format!(
+            "{}---\n{}---\n",
+            workload("w1", "n1", "10.0.0.1", "web"),
+            workload("w2", "n2", "10.0.0.2", "web")
+        );
+        let c = parse(&files(&[
+            ("a.yaml", &a),
+            ("b.yaml", &workload("db", "n1", "10.0.0.3", "db")),
+            ("c.yaml", SERVICE),
+        ]))
+        .unwrap();
+        assert_eq!(c.workloads.len(), 3);
+        assert_eq!(c.workloads_on("n1").count(), 2);
+        let web = &c.services[&ObjectKey::new("default", "web")];
+        let eps: Vec<_> = c.endpoints(web).map(|w| w.key.name.as_str()).collect();
+        assert_eq!(eps, ["w1", "w2"]);
+        assert_eq!(c.mesh, MeshConfig::default());
+    }
+
+    fn err(docs: &[(&str, &str)]) -> String {
+        let e = parse(&files(docs)).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        e
+    }
+
+    #[test]
+    fn cross_document_errors_name_file_and_document() {
+        let w1 = workload("w1", "n1", "10.0.0.1", "web");
+        let e = err(&[("a.yaml", &w1), ("b.yaml", &w1)]);
+        assert!(
+            e.starts_with("b.yaml: document 1:") && e.contains("twice"),
+            "{e}"
+        );
+
+        let clash = workload("w2", "n2", "10.0.0.1", "web");
+        let e = err(&[("a.yaml", &format!("{w1}---\n{clash}"))]);
+        assert!(
+            e.starts_with("a.yaml: document 2: spec.addresses[0]")
+                && e.contains("workload default/w1"),
+            "{e}"
+        );
+
+        let same_netns = w1
+            .replace("name: w1", "name: w9")
+            .replace("10.0.0.1", "10.0.0.9");
+        let same_netns = same_netns.replace("/run/netns/w9", "/run/netns/w1");
+        let e = err(&[("a.yaml", &format!("{w1}---\n{same_netns}"))]);
+        assert!(e.contains("spec.netns"), "{e}");
+
+        let vip_clash = SERVICE.replace("10.96.0.1", "10.0.0.1");
+        let e = err(&[("a.yaml", &w1), ("s.yaml", &vip_clash)]);
+        assert!(e.starts_with("s.yaml: document 1: spec.vips[0]"), "{e}");
+
+        let mesh = "apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\n";
+        let e = err(&[("m.yaml", &format!("{mesh}---\n{mesh}"))]);
+        assert!(e.contains("second MeshConfig"), "{e}");
+
+        let e = err(&[("x.yaml", "kind: [unclosed\n")]);
+        assert!(e.starts_with("x.yaml: document 1:"), "{e}");
+    }
+
+    #[test]
+    fn loads_only_visible_yaml_files_of_a_directory() {
+        let dir = std::env::temp_dir().join(format!("mesh-model-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), workload("w1", "n1", "10.0.0.1", "web")).unwrap();
+        std::fs::write(dir.join("b.yml"), SERVICE).unwrap();
+        std::fs::write(dir.join(".a.yaml.swp"), "garbage: [").unwrap();
+        std::fs::write(dir.join("notes.txt"), "garbage: [").unwrap();
+        let c = load_dir(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let c = c.unwrap();
+        assert_eq!((c.workloads.len(), c.services.len()), (1, 1));
+    }
+}

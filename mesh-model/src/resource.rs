@@ -1,0 +1,417 @@
+//! One YAML document into one typed resource.
+//!
+//! Each kind has a private `serde` shape that rejects unknown fields, and a public type that
+//! holds only validated values. Validation here is per document; checks that span documents
+//! live in `config.rs`.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use crate::{duration, identity, is_dns_label, SpiffeId};
+
+pub const API_VERSION: &str = "mycel.dev/v1alpha1";
+
+/// `namespace/name` of a namespaced resource.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Mesh-wide settings. At most one per configuration; defaults apply when there is none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfig {
+    pub trust_domain: String,
+    /// Lifetime of workload certificates; nodes renew at half of it.
+    pub cert_ttl: Duration,
+}
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
+pub const MAX_CERT_TTL: Duration = Duration::from_secs(365 * 86_400);
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            cert_ttl: DEFAULT_CERT_TTL,
+        }
+    }
+}
+
+/// A process group on a host, in its own network namespace, with one identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub key: ObjectKey,
+    pub labels: BTreeMap<String, String>,
+    /// Name of the node whose daemon captures it.
+    pub node: String,
+    /// Path of its network namespace on that node (e.g. `/run/netns/web-1`).
+    pub netns: PathBuf,
+    /// Its addresses inside that netns; how other workloads reach it.
+    pub addresses: Vec<IpAddr>,
+    pub service_account: String,
+}
+
+impl Workload {
+    pub fn identity(&self, trust_domain: &str) -> SpiffeId {
+        SpiffeId::new(trust_domain, &self.key.namespace, &self.service_account)
+    }
+}
+
+/// A virtual IP whose connections go to the workloads its selector picks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub key: ObjectKey,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Labels a workload of the same namespace must all carry to be an endpoint.
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    MeshConfig(MeshConfig),
+    Workload(Workload),
+    Service(Service),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Document {
+    api_version: String,
+    kind: String,
+    metadata: RawMeta,
+    #[serde(default)]
+    spec: serde_yaml::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeta {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMeshConfig {
+    trust_domain: Option<String>,
+    cert_ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    node: String,
+    netns: PathBuf,
+    #[serde(default)]
+    addresses: Vec<String>,
+    service_account: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    vips: Vec<String>,
+    ports: Vec<RawServicePort>,
+    selector: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawServicePort {
+    name: Option<String>,
+    port: u16,
+    target_port: Option<u16>,
+}
+
+/// Parses one document. The error names the field and is one line.
+pub fn parse_document(value: serde_yaml::Value) -> Result<Resource, String> {
+    let doc: Document = serde_yaml::from_value(value).map_err(|e| one_line(&e))?;
+    if doc.api_version != API_VERSION {
+        return Err(format!(
+            "apiVersion: expected {API_VERSION}, found {}",
+            doc.api_version
+        ));
+    }
+    let meta = doc.metadata;
+    for (field, value) in [
+        ("metadata.name", &meta.name),
+        ("metadata.namespace", &meta.namespace),
+    ] {
+        check_label(field, value)?;
+    }
+    let key = ObjectKey {
+        namespace: meta.namespace,
+        name: meta.name,
+    };
+    let spec = doc.spec;
+    match doc.kind.as_str() {
+        "MeshConfig" => mesh_config(spec).map(Resource::MeshConfig),
+        "Workload" => workload(key, meta.labels, spec).map(Resource::Workload),
+        "Service" => service(key, spec).map(Resource::Service),
+        other => Err(format!(
+            "kind: {other:?} is not one of MeshConfig, Workload, Service"
+        )),
+    }
+}
+
+fn spec_of<T: serde::de::DeserializeOwned + Default>(spec: serde_yaml::Value) -> Result<T, String> {
+    if spec.is_null() {
+        return Ok(T::default());
+    }
+    serde_yaml::from_value(spec).map_err(|e| format!("spec: {}", one_line(&e)))
+}
+
+fn required_spec<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Result<T, String> {
+    if spec.is_null() {
+        return Err("spec: missing".into());
+    }
+    serde_yaml::from_value(spec).map_err(|e| format!("spec: {}", one_line(&e)))
+}
+
+fn mesh_config(spec: serde_yaml::Value) -> Result<MeshConfig, String> {
+    let raw: RawMeshConfig = spec_of(spec)?;
+    let mut out = MeshConfig::default();
+    if let Some(td) = raw.trust_domain {
+        if !identity::is_trust_domain(&td) {
+            return Err(format!(
+                "spec.trustDomain: {td:?} is not a trust domain (lower-case letters, digits, '.', '-', '_')"
+            ));
+        }
+        out.trust_domain = td;
+    }
+    if let Some(ttl) = raw.cert_ttl {
+        let d = duration::parse(&ttl).map_err(|e| format!("spec.certTtl: {e}"))?;
+        if d < MIN_CERT_TTL || d > MAX_CERT_TTL {
+            return Err(format!(
+                "spec.certTtl: {ttl} is outside {} to {}",
+                duration::format(MIN_CERT_TTL),
+                duration::format(MAX_CERT_TTL)
+            ));
+        }
+        out.cert_ttl = d;
+    }
+    Ok(out)
+}
+
+fn workload(
+    key: ObjectKey,
+    labels: BTreeMap<String, String>,
+    spec: serde_yaml::Value,
+) -> Result<Workload, String> {
+    let raw: RawWorkload = required_spec(spec)?;
+    check_label("spec.node", &raw.node)?;
+    if !raw.netns.is_absolute() {
+        return Err(format!(
+            "spec.netns: {} is not an absolute path",
+            raw.netns.display()
+        ));
+    }
+    let addresses = parse_ips("spec.addresses", &raw.addresses)?;
+    let service_account = raw.service_account.unwrap_or_else(|| "default".into());
+    if !identity::is_sa_name(&service_account) {
+        return Err(format!(
+            "spec.serviceAccount: {service_account:?} is not a valid service-account name"
+        ));
+    }
+    check_labels("metadata.labels", &labels)?;
+    Ok(Workload {
+        key,
+        labels,
+        node: raw.node,
+        netns: raw.netns,
+        addresses,
+        service_account,
+    })
+}
+
+fn service(key: ObjectKey, spec: serde_yaml::Value) -> Result<Service, String> {
+    let raw: RawService = required_spec(spec)?;
+    if raw.vips.is_empty() {
+        return Err("spec.vips: at least one address is required".into());
+    }
+    let vips = parse_ips("spec.vips", &raw.vips)?;
+    if raw.ports.is_empty() {
+        return Err("spec.ports: at least one port is required".into());
+    }
+    let mut ports: Vec<ServicePort> = Vec::new();
+    for (i, p) in raw.ports.into_iter().enumerate() {
+        let target_port = p.target_port.unwrap_or(p.port);
+        if p.port == 0 || target_port == 0 {
+            return Err(format!("spec.ports[{i}]: port 0 is not a port"));
+        }
+        if ports.iter().any(|q| q.port == p.port) {
+            return Err(format!("spec.ports[{i}].port: {} is listed twice", p.port));
+        }
+        if let Some(name) = &p.name {
+            check_label(&format!("spec.ports[{i}].name"), name)?;
+        }
+        ports.push(ServicePort {
+            name: p.name,
+            port: p.port,
+            target_port,
+        });
+    }
+    if raw.selector.is_empty() {
+        return Err(
+            "spec.selector: an empty selector would select every workload of the namespace; name at least one label"
+                .into(),
+        );
+    }
+    check_labels("spec.selector", &raw.selector)?;
+    Ok(Service {
+        key,
+        vips,
+        ports,
+        selector: raw.selector,
+    })
+}
+
+fn parse_ips(field: &str, values: &[String]) -> Result<Vec<IpAddr>, String> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        let ip: IpAddr = v
+            .parse()
+            .map_err(|_| format!("{field}[{i}]: {v:?} is not an IP address"))?;
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return Err(format!(
+                "{field}[{i}]: {ip} cannot be a workload or service address"
+            ));
+        }
+        if out.contains(&ip) {
+            return Err(format!("{field}[{i}]: {ip} is listed twice"));
+        }
+        out.push(ip);
+    }
+    Ok(out)
+}
+
+fn check_label(field: &str, value: &str) -> Result<(), String> {
+    if is_dns_label(value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}: {value:?} is not a DNS label (a-z, 0-9, '-', at most 63)"
+        ))
+    }
+}
+
+fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
+    let ok = |s: &str, allow_empty: bool| {
+        (allow_empty || !s.is_empty())
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+    };
+    for (k, v) in labels {
+        if !ok(k, false) || !ok(v, true) {
+            return Err(format!("{field}: {k:?}: {v:?} is not a valid label"));
+        }
+    }
+    Ok(())
+}
+
+/// serde_yaml errors can span lines; the operator gets one.
+pub(crate) fn one_line(e: &impl fmt::Display) -> String {
+    e.to_string().lines().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Resource, String> {
+        parse_document(serde_yaml::from_str(text).unwrap())
+    }
+
+    const HEAD: &str = "apiVersion: mycel.dev/v1alpha1\n";
+
+    #[test]
+    fn parses_each_kind() {
+        let w = parse(&format!("{HEAD}kind: Workload\nmetadata: {{name: web, namespace: shop, labels: {{app: web}}}}\nspec: {{node: n1, netns: /run/netns/web, addresses: [10.0.0.2, 'fd00::2'], serviceAccount: web-sa}}\n")).unwrap();
+        let Resource::Workload(w) = w else { panic!() };
+        assert_eq!(w.key.to_string(), "shop/web");
+        assert_eq!(
+            w.identity("td").to_string(),
+            "spiffe://td/ns/shop/sa/web-sa"
+        );
+        assert_eq!(w.addresses.len(), 2);
+
+        let s = parse(&format!("{HEAD}kind: Service\nmetadata: {{name: web}}\nspec: {{vips: [10.96.0.1], ports: [{{port: 80, targetPort: 8080}}, {{port: 443}}], selector: {{app: web}}}}\n")).unwrap();
+        let Resource::Service(s) = s else { panic!() };
+        assert_eq!(s.ports[0].target_port, 8080);
+        assert_eq!(s.ports[1].target_port, 443);
+
+        let m = parse(&format!(
+            "{HEAD}kind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{certTtl: 20s}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            m,
+            Resource::MeshConfig(MeshConfig {
+                trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+                cert_ttl: Duration::from_secs(20)
+            })
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("kind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: /x, nets: 1}", "nets"),
+            ("kind: Workload\nmetadata: {name: A}\nspec: {node: n1, netns: /x}", "metadata.name"),
+            ("kind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: x}", "spec.netns"),
+            ("kind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: /x, addresses: [1.2.3]}", "spec.addresses[0]"),
+            ("kind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: /x, serviceAccount: 'A B'}", "spec.serviceAccount"),
+            ("kind: Workload\nmetadata: {name: a}", "spec: missing"),
+            ("kind: Service\nmetadata: {name: a}\nspec: {vips: [], ports: [{port: 1}], selector: {a: b}}", "spec.vips"),
+            ("kind: Service\nmetadata: {name: a}\nspec: {vips: [10.0.0.1], ports: [{port: 0}], selector: {a: b}}", "spec.ports[0]"),
+            ("kind: Service\nmetadata: {name: a}\nspec: {vips: [10.0.0.1], ports: [{port: 1}, {port: 1}], selector: {a: b}}", "spec.ports[1].port"),
+            ("kind: Service\nmetadata: {name: a}\nspec: {vips: [10.0.0.1], ports: [{port: 1}], selector: {}}", "spec.selector"),
+            ("kind: Service\nmetadata: {name: a}\nspec: {vips: [127.0.0.1], ports: [{port: 1}], selector: {a: b}}", "spec.vips[0]"),
+            ("kind: MeshConfig\nmetadata: {name: m}\nspec: {certTtl: 1s}", "spec.certTtl"),
+            ("kind: MeshConfig\nmetadata: {name: m}\nspec: {trustDomain: 'A B'}", "spec.trustDomain"),
+            ("kind: Pod\nmetadata: {name: a}", "kind"),
+        ];
+        for (body, needle) in cases {
+            let e = parse(&format!("{HEAD}{body}\n")).unwrap_err();
+            assert!(e.contains(needle), "{body}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = parse("apiVersion: v1\nkind: Workload\nmetadata: {name: a}\n").unwrap_err();
+        assert!(e.contains("apiVersion"), "{e}");
+    }
+}

@@ -1,0 +1,222 @@
+//! A mesh-cp control plane run by a test: a config dir the test writes YAML into, a data dir
+//! with the CA and tokens, loopback gRPC and status ports, and a thin gRPC client.
+
+use std::{
+    fs, io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use mesh_api::v1::node_service_client::NodeServiceClient;
+use tonic::{
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
+
+use crate::{
+    daemon::Daemon,
+    mesh::{free_port, http_get, sibling_bin},
+};
+
+pub struct ControlPlane {
+    daemon: Daemon,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub config_dir: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts mesh-cp with `files` (name, YAML) in a fresh config dir under a scratch directory
+    /// named after `prefix`, and waits for `/healthz`.
+    pub fn start(prefix: &str, files: &[(&str, &str)]) -> io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-mesh-cp-{}", free_port()));
+        let config_dir = dir.join("config");
+        let data_dir = dir.join("data");
+        fs::create_dir_all(&config_dir)?;
+        for (name, text) in files {
+            fs::write(config_dir.join(name), text)?;
+        }
+        let log_file = dir.join("mesh-cp.log");
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cp = Self {
+            daemon: Daemon::not_started("mesh-cp", dir, log_file),
+            grpc,
+            http,
+            config_dir,
+            data_dir,
+        };
+        cp.daemon.replace(cp.spawn()?);
+        cp.wait_healthy()?;
+        Ok(cp)
+    }
+
+    fn spawn(&self) -> io::Result<std::process::Child> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.daemon.log_file)?;
+        Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"))
+            .arg("serve")
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--grpc-listen")
+            .arg(self.grpc.to_string())
+            .arg("--http-listen")
+            .arg(self.http.to_string())
+            .arg("--reload-interval")
+            .arg("0.1")
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_CP_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+    }
+
+    fn wait_healthy(&mut self) -> io::Result<()> {
+        let http = self.http;
+        self.daemon
+            .wait_until(Duration::from_secs(20), "mesh-cp /healthz", || {
+                http_get(http, "/healthz").ok()
+            })
+            .map(drop)
+    }
+
+    /// Stops the process (SIGTERM); [`ControlPlane::resume`] starts it again on the same ports
+    /// and data dir.
+    pub fn pause(&mut self) -> io::Result<()> {
+        self.daemon.stop_with(libc::SIGTERM).map(drop)
+    }
+
+    pub fn resume(&mut self) -> io::Result<()> {
+        let child = self.spawn()?;
+        self.daemon.replace(child);
+        self.wait_healthy()
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+
+    pub fn daemon(&mut self) -> &mut Daemon {
+        &mut self.daemon
+    }
+
+    /// Writes a config file atomically (a rename), as an operator's tooling should.
+    pub fn write_config(&self, name: &str, text: &str) -> io::Result<()> {
+        let tmp = self.config_dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(tmp, self.config_dir.join(name))
+    }
+
+    pub fn remove_config(&self, name: &str) -> io::Result<()> {
+        fs::remove_file(self.config_dir.join(name))
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.data_dir.join("ca.crt")
+    }
+
+    /// `GET /status` as JSON.
+    pub fn status(&self) -> io::Result<serde_json::Value> {
+        let body = http_get(self.http, "/status")?;
+        serde_json::from_str(&body).map_err(io::Error::other)
+    }
+
+    /// `mesh-cp token create --node NODE`: the token, and its id.
+    pub fn create_token(&self, node: &str) -> io::Result<(String, String)> {
+        let out = self.token_cmd(&["create", "--node", node])?;
+        let token = out.trim().to_owned();
+        let id = token
+            .split_once('.')
+            .map(|(id, _)| id.to_owned())
+            .ok_or_else(|| io::Error::other(format!("not a token: {token:?}")))?;
+        Ok((token, id))
+    }
+
+    pub fn revoke_token(&self, id: &str) -> io::Result<()> {
+        self.token_cmd(&["revoke", id]).map(drop)
+    }
+
+    /// Writes a token for `node` to a file (mode 0600) for `mesh-node --token-file`.
+    pub fn token_file(&self, node: &str) -> io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (token, _) = self.create_token(node)?;
+        let path = self.daemon.dir.join(format!("{node}.token"));
+        fs::write(&path, format!("{token}\n"))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        Ok(path)
+    }
+
+    fn token_cmd(&self, args: &[&str]) -> io::Result<String> {
+        let out = Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"))
+            .arg("token")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "mesh-cp token {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A gRPC client that presents `token` as `node`.
+    pub async fn client(&self, node: &str, token: &str) -> io::Result<NodeClient> {
+        connect(self.grpc, &self.ca_cert(), node, token).await
+    }
+}
+
+pub type NodeClient = NodeServiceClient<InterceptedService<Channel, Credentials>>;
+
+/// Adds the node's credentials to every call.
+#[derive(Clone)]
+pub struct Credentials {
+    node: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert(mesh_api::metadata::NODE, self.node.clone());
+        req.metadata_mut()
+            .insert(mesh_api::metadata::AUTHORIZATION, self.bearer.clone());
+        Ok(req)
+    }
+}
+
+pub async fn connect(
+    addr: SocketAddr,
+    ca: &Path,
+    node: &str,
+    token: &str,
+) -> io::Result<NodeClient> {
+    let ca_pem = fs::read(ca)?;
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .map_err(io::Error::other)?
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)))
+        .map_err(io::Error::other)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(io::Error::other)?;
+    let creds = Credentials {
+        node: node.parse().map_err(io::Error::other)?,
+        bearer: format!("Bearer {token}")
+            .parse()
+            .map_err(io::Error::other)?,
+    };
+    Ok(NodeServiceClient::with_interceptor(channel, creds))
+}

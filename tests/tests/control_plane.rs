@@ -1,0 +1,256 @@
+//! mesh-cp on its own: node authentication and authorization, certificate signing, and the
+//! node-scoped config stream, driven through the real gRPC API over TLS.
+
+use std::time::Duration;
+
+use mesh_api::v1::{self, resource::Kind, ConfigAck, ConfigUpdate, SignCertificateRequest};
+use mesh_tests::{cp::NodeClient, ControlPlane};
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, StreamExt as _};
+use tonic::{Code, Streaming};
+
+fn workload(name: &str, node: &str, addr: &str) -> String {
+    format!(
+        "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, labels: {{app: {name}}}}}\nspec: {{node: {node}, netns: /run/netns/{name}, addresses: ['{addr}'], serviceAccount: {name}-sa}}\n"
+    )
+}
+
+fn start(test: &str) -> ControlPlane {
+    let a = workload("a", "n1", "10.0.0.1");
+    let b = workload("b", "n2", "10.0.0.2");
+    ControlPlane::start(
+        &format!("mycel-t-cp-{test}"),
+        &[("a.yaml", &a), ("b.yaml", &b)],
+    )
+    .expect("start mesh-cp")
+}
+
+fn csr(uri: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    params.serialize_request(&key).unwrap().der().to_vec()
+}
+
+async fn sign(
+    client: &mut NodeClient,
+    identity: &str,
+    csr_uri: &str,
+) -> Result<Vec<Vec<u8>>, tonic::Status> {
+    client
+        .sign_certificate(SignCertificateRequest {
+            csr_der: csr(csr_uri),
+            identity: identity.into(),
+        })
+        .await
+        .map(|r| r.into_inner().cert_chain_der)
+}
+
+/// Opens the config stream; acks are sent through the returned sender.
+async fn open_stream(
+    client: &mut NodeClient,
+) -> Result<(mpsc::Sender<ConfigAck>, Streaming<ConfigUpdate>), tonic::Status> {
+    let (tx, rx) = mpsc::channel(4);
+    let updates = client
+        .stream_config(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, updates))
+}
+
+async fn next(updates: &mut Streaming<ConfigUpdate>) -> Result<ConfigUpdate, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), updates.next())
+        .await
+        .expect("a config update within 10 s")
+        .expect("the stream is open")
+}
+
+fn keys(update: &ConfigUpdate) -> Vec<&str> {
+    update.upserts.iter().map(|r| r.key.as_str()).collect()
+}
+
+fn workload_of<'a>(update: &'a ConfigUpdate, key: &str) -> &'a v1::Workload {
+    update
+        .upserts
+        .iter()
+        .find_map(|r| match &r.kind {
+            Some(Kind::Workload(w)) if r.key == key => Some(w),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no {key} in {update:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_authenticate_with_tokens_and_get_certificates_only_for_their_workloads() {
+    let cp = start("auth");
+    let (token, token_id) = cp.create_token("n1").unwrap();
+    let id_a = "spiffe://cluster.local/ns/default/sa/a-sa";
+    let id_b = "spiffe://cluster.local/ns/default/sa/b-sa";
+
+    // Unknown token, and a valid token presented by another node.
+    let mut stranger = cp.client("n1", "0000.ffff").await.unwrap();
+    let e = sign(&mut stranger, id_a, id_a).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(
+        open_stream(&mut stranger).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let mut impostor = cp.client("n2", &token).await.unwrap();
+    let e = sign(&mut impostor, id_b, id_b).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    let mut n1 = cp.client("n1", &token).await.unwrap();
+    let chain = sign(&mut n1, id_a, id_a).await.expect("a is placed on n1");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        format!("[URI({id_a:?})]")
+    );
+    assert!(!leaf.is_ca());
+
+    // b runs on n2: n1's token cannot get its identity, nor sneak it into a CSR.
+    let e = sign(&mut n1, id_b, id_b).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("not") || e.message().contains("no workload"),
+        "{e:?}"
+    );
+    let e = sign(&mut n1, id_a, id_b).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = sign(
+        &mut n1,
+        "spiffe://other.domain/ns/default/sa/a-sa",
+        "spiffe://other.domain/ns/default/sa/a-sa",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(cp.log().contains("certificate refused"));
+
+    // Revocation cuts off an open stream and every later call.
+    let (_acks, mut updates) = open_stream(&mut n1).await.unwrap();
+    assert!(next(&mut updates).await.unwrap().snapshot);
+    cp.revoke_token(&token_id).unwrap();
+    let ended = next(&mut updates).await.unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    let e = sign(&mut n1, id_a, id_a).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_stream_is_node_scoped_incremental_and_keeps_the_last_good_config() {
+    let cp = start("stream");
+    let (token, _) = cp.create_token("n1").unwrap();
+    let mut n1 = cp.client("n1", &token).await.unwrap();
+    let (acks, mut updates) = open_stream(&mut n1).await.unwrap();
+
+    let first = next(&mut updates).await.unwrap();
+    assert!(first.snapshot);
+    assert_eq!(
+        keys(&first),
+        [
+            "mesh",
+            "trust-bundle",
+            "workload/default/a",
+            "workload/default/b"
+        ]
+    );
+    assert_eq!(
+        workload_of(&first, "workload/default/a").netns,
+        "/run/netns/a"
+    );
+    assert_eq!(
+        workload_of(&first, "workload/default/b").netns,
+        "",
+        "another node's netns leaked"
+    );
+    acks.send(ConfigAck {
+        version: first.version,
+        error: String::new(),
+    })
+    .await
+    .unwrap();
+    let acked = || {
+        cp.status()
+            .ok()
+            .and_then(|s| s["nodes"]["n1"]["acked_version"].as_u64())
+    };
+    wait(|| acked() == Some(first.version)).await;
+
+    // A broken file is reported and changes nothing.
+    cp.write_config("c.yaml", "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: c}\nspec: {node: n1, netns: relative}\n").unwrap();
+    wait(|| {
+        cp.status()
+            .ok()
+            .and_then(|s| s["config"]["error"].as_str().map(str::to_owned))
+            .is_some_and(|e| e.contains("c.yaml") && e.contains("spec.netns"))
+    })
+    .await;
+    assert!(cp.log().contains("config rejected"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), updates.next())
+            .await
+            .is_err(),
+        "a bad file changed the config"
+    );
+
+    // Fixed: only the new workload travels.
+    cp.write_config("c.yaml", &workload("c", "n1", "10.0.0.3"))
+        .unwrap();
+    let added = next(&mut updates).await.unwrap();
+    assert!(!added.snapshot);
+    assert_eq!(added.version, first.version + 1);
+    assert_eq!(keys(&added), ["workload/default/c"]);
+    assert!(added.removals.is_empty());
+    wait(|| {
+        cp.status()
+            .ok()
+            .is_some_and(|s| s["config"]["error"].is_null())
+    })
+    .await;
+
+    cp.remove_config("c.yaml").unwrap();
+    let removed = next(&mut updates).await.unwrap();
+    assert!(removed.upserts.is_empty());
+    assert_eq!(removed.removals, ["workload/default/c"]);
+}
+
+#[test]
+fn an_invalid_config_dir_at_start_is_a_one_line_error() {
+    let dir = std::env::temp_dir().join(format!("mycel-t-cp-badstart-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    std::fs::write(dir.join("config/x.yaml"), "kind: [unclosed\n").unwrap();
+    let out = std::process::Command::new(mesh_tests::mesh::sibling_bin("mesh-cp", "MESH_CP_BIN"))
+        .args([
+            "serve",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--config-dir")
+        .arg(dir.join("config"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("mesh-cp: error:") && last.contains("x.yaml"),
+        "{stderr}"
+    );
+}
+
+async fn wait(mut cond: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not met within 10 s");
+}
