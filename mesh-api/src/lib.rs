@@ -29,6 +29,42 @@ pub mod metadata {
     pub const NODE: &str = "x-mycel-node";
 }
 
+/// Adds a node's name and join token to every call it makes.
+#[derive(Clone)]
+pub struct Credentials {
+    node: tonic::metadata::AsciiMetadataValue,
+    bearer: tonic::metadata::AsciiMetadataValue,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the node name or token contains characters that cannot go in gRPC metadata")]
+pub struct BadCredentials;
+
+impl Credentials {
+    pub fn new(node: &str, token: &str) -> Result<Self, BadCredentials> {
+        Ok(Self {
+            node: node.parse().map_err(|_| BadCredentials)?,
+            bearer: format!("Bearer {token}")
+                .parse()
+                .map_err(|_| BadCredentials)?,
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(metadata::NODE, self.node.clone());
+        req.metadata_mut()
+            .insert(metadata::AUTHORIZATION, self.bearer.clone());
+        Ok(req)
+    }
+}
+
+/// The node API client as nodes use it: every call carries [`Credentials`].
+pub type NodeClient = v1::node_service_client::NodeServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credentials>,
+>;
+
 /// Resource keys of the config stream.
 pub mod keys {
     pub const MESH: &str = "mesh";

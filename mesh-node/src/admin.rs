@@ -1,5 +1,5 @@
-//! A small local admin endpoint: `GET /stats` (counters as `name value` lines) and
-//! `GET /healthz`. Localhost by default; full Prometheus metrics come with the observability
+//! A small local admin endpoint: `GET /stats` (counters as `name value` lines), `GET /certs`
+//! (the workload certificates held) and `GET /healthz`. Localhost by default; full Prometheus metrics come with the observability
 //! work.
 
 use std::{fmt::Write as _, net::SocketAddr, sync::atomic::Ordering, sync::Arc, time::Duration};
@@ -11,7 +11,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{capture::Capture, proxy::ProxyStats};
+use crate::{capture::Capture, identity::SvidStore, proxy::ProxyStats};
 
 /// State the daemon publishes for the admin endpoint.
 #[derive(Debug, Clone, Default)]
@@ -19,11 +19,15 @@ pub struct Status {
     pub enrolled: usize,
     pub config_errors: u64,
     pub config_applied: u64,
+    /// Version of the control plane's config in force (0 in offline mode or before the first).
+    pub config_version: u64,
+    pub cp_connected: bool,
 }
 
 pub struct Admin {
     pub capture: Arc<Capture>,
     pub stats: Arc<ProxyStats>,
+    pub svids: Arc<SvidStore>,
     pub status: watch::Receiver<Status>,
 }
 
@@ -66,6 +70,7 @@ async fn answer(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
             Ok(body) => respond(&mut stream, "200 OK", &body).await,
             Err(e) => respond(&mut stream, "500 Internal Server Error", &format!("{e}\n")).await,
         },
+        ("GET", "/certs") => respond(&mut stream, "200 OK", &render_certs(admin)).await,
         ("GET", _) => respond(&mut stream, "404 Not Found", "not found\n").await,
         _ => respond(&mut stream, "405 Method Not Allowed", "").await,
     }
@@ -78,6 +83,29 @@ async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::R
     );
     stream.write_all(msg.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// One line per certificate held: identity, serial, expiry and renewal (Unix seconds), and the
+/// number of certificates in the chain presented.
+fn render_certs(admin: &Admin) -> String {
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    let mut out = String::new();
+    for svid in admin.svids.all() {
+        let _ = writeln!(
+            out,
+            "{} serial={} not_after={} renew_at={} chain={}",
+            svid.identity,
+            svid.serial,
+            unix(svid.not_after),
+            unix(svid.renew_at),
+            svid.certified.cert.len()
+        );
+    }
+    out
 }
 
 fn render_stats(admin: &Admin) -> Result<String, crate::capture::CaptureError> {
@@ -105,5 +133,11 @@ fn render_stats(admin: &Admin) -> Result<String, crate::capture::CaptureError> {
     let _ = writeln!(out, "enrolled_workloads {}", status.enrolled);
     let _ = writeln!(out, "config_applied {}", status.config_applied);
     let _ = writeln!(out, "config_errors {}", status.config_errors);
+    let _ = writeln!(out, "config_version {}", status.config_version);
+    let _ = writeln!(out, "cp_connected {}", u8::from(status.cp_connected));
+    let svid = admin.svids.stats();
+    let _ = writeln!(out, "svids {}", admin.svids.len());
+    let _ = writeln!(out, "svids_issued {}", svid.issued);
+    let _ = writeln!(out, "svid_errors {}", svid.errors);
     Ok(out)
 }

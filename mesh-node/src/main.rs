@@ -2,12 +2,15 @@
 
 mod admin;
 mod capture;
+mod control;
 mod enroll;
+mod identity;
 mod netns;
 mod proxy;
 mod workloads;
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -45,19 +48,33 @@ enum LogFormat {
 enum Command {
     /// Attach the capture programs, enroll this node's workloads and run the proxy.
     ///
-    /// Workloads come from a local file of `Workload` documents (offline mode); the file is
-    /// re-read when it changes, and a bad file is reported and ignored, keeping the last good set.
+    /// Workloads come from the control plane (--cp, --token-file, --cp-ca), which also signs
+    /// their certificates; the node keeps its last config and certificates while the control
+    /// plane is unreachable. Offline mode (--workloads) reads them from a local file of
+    /// `Workload` documents instead, re-read when it changes (a bad file is reported and
+    /// ignored, keeping the last good set); it has no certificates.
     Run(RunArgs),
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["cp", "workloads"])))]
 struct RunArgs {
-    /// This node's name; only workloads with `spec.node` equal to it are enrolled.
+    /// This node's name; only workloads placed on it are enrolled.
     #[arg(long)]
     node_name: String,
-    /// YAML file of `Workload` documents (apiVersion mycel.dev/v1alpha1).
-    #[arg(long)]
-    workloads: PathBuf,
+    /// Control plane gRPC address, `host:port` or `https://host:port`.
+    #[arg(long, requires_all = ["token_file", "cp_ca"])]
+    cp: Option<String>,
+    /// File holding this node's join token (`mesh-cp token create`); re-read on every connect.
+    #[arg(long, requires = "cp")]
+    token_file: Option<PathBuf>,
+    /// PEM root certificate that the control plane's serving certificate chains to (its
+    /// data dir's ca.crt).
+    #[arg(long, requires = "cp")]
+    cp_ca: Option<PathBuf>,
+    /// Offline mode: YAML file of `Workload` documents (apiVersion mycel.dev/v1alpha1).
+    #[arg(long, conflicts_with = "cp")]
+    workloads: Option<PathBuf>,
     /// cgroup v2 directory to attach the programs to [default: the root of the cgroup2 mount
     /// in /proc/mounts].
     #[arg(long)]
@@ -74,7 +91,7 @@ struct RunArgs {
     /// Seconds to let open connections finish on SIGTERM before exiting.
     #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     drain_timeout: f64,
-    /// How often to check the workloads file for changes, in seconds.
+    /// Offline mode: how often to check the workloads file for changes, in seconds.
     #[arg(long, default_value_t = 0.5, value_parser = parse_seconds)]
     reload_interval: f64,
     /// Turn on the eBPF programs' debug log (aya-log); costly, for troubleshooting only.
@@ -128,8 +145,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => cgroup2_root(Path::new("/proc/mounts"))?,
     };
-    // Read the workloads before touching the kernel: a bad file at start is a bad command line.
-    let initial = workloads::load(&args.workloads, &args.node_name)?;
+    // Check the source before touching the kernel: a bad file or address at start is a bad
+    // command line.
+    let source = match (&args.cp, &args.token_file, &args.cp_ca, &args.workloads) {
+        (Some(cp), Some(token), Some(ca), None) => {
+            Source::ControlPlane(control::CpClient::new(cp, ca, &args.node_name, token)?)
+        }
+        (None, None, None, Some(file)) => {
+            Source::File(file.clone(), workloads::load(file, &args.node_name)?)
+        }
+        _ => bail!("give either --cp, --token-file and --cp-ca, or --workloads"),
+    };
     let admin_listener = admin::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on --admin-listen {}", args.admin_listen))?;
@@ -142,58 +168,46 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(cgroup = %capture.cgroup().display(), "capture programs attached");
 
     let stats = Arc::new(proxy::ProxyStats::default());
+    let svids = Arc::new(identity::SvidStore::default());
     let mut enroller = enroll::Enroller::new(
         capture.clone(),
         stats.clone(),
         Duration::from_secs_f64(args.connect_timeout),
     );
-    enroller.apply(initial).await?;
-    let (status_tx, status_rx) = watch::channel(admin::Status {
-        enrolled: enroller.enrolled(),
-        config_applied: 1,
-        config_errors: 0,
-    });
+    let (status_tx, status_rx) = watch::channel(admin::Status::default());
     tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(admin::Admin {
             capture: capture.clone(),
             stats,
+            svids: svids.clone(),
             status: status_rx,
         }),
     ));
-    tracing::info!(node = %args.node_name, admin = %args.admin_listen, enrolled = enroller.enrolled(), "mesh-node ready");
 
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(args.reload_interval));
-    let mut last_text = std::fs::read(&args.workloads).ok();
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = tick.tick() => {}
+    let mut signals = Signals::new()?;
+    match source {
+        Source::File(file, initial) => {
+            enroller.apply(initial).await?;
+            status_tx.send_modify(|s| {
+                s.enrolled = enroller.enrolled();
+                s.config_applied = 1;
+            });
+            tracing::info!(node = %args.node_name, admin = %args.admin_listen, enrolled = enroller.enrolled(), "mesh-node ready (offline mode)");
+            let interval = Duration::from_secs_f64(args.reload_interval);
+            follow_file(
+                &file,
+                &args.node_name,
+                interval,
+                &mut enroller,
+                &status_tx,
+                &mut signals,
+            )
+            .await;
         }
-        let text = std::fs::read(&args.workloads).ok();
-        if text == last_text {
-            continue;
-        }
-        last_text = text;
-        let outcome = match workloads::load(&args.workloads, &args.node_name) {
-            Ok(desired) => enroller.apply(desired).await.map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        };
-        status_tx.send_modify(|s| {
-            s.enrolled = enroller.enrolled();
-            match &outcome {
-                Ok(()) => s.config_applied += 1,
-                Err(_) => s.config_errors += 1,
-            }
-        });
-        match outcome {
-            Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads file applied"),
-            Err(e) => {
-                tracing::error!("workloads file rejected, keeping the previous workloads: {e:#}")
-            }
+        Source::ControlPlane(client) => {
+            tracing::info!(node = %args.node_name, admin = %args.admin_listen, cp = args.cp.as_deref().unwrap_or_default(), "mesh-node ready; waiting for the control plane");
+            follow_control_plane(client, svids, &mut enroller, &status_tx, &mut signals).await;
         }
     }
 
@@ -210,6 +224,145 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("detached; bye");
     Ok(())
+}
+
+enum Source {
+    File(
+        PathBuf,
+        BTreeMap<workloads::WorkloadId, workloads::Workload>,
+    ),
+    ControlPlane(control::CpClient),
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Offline mode: re-applies the workloads file whenever its contents change.
+async fn follow_file(
+    file: &Path,
+    node: &str,
+    interval: Duration,
+    enroller: &mut enroll::Enroller,
+    status: &watch::Sender<admin::Status>,
+    signals: &mut Signals,
+) {
+    let mut tick = tokio::time::interval(interval);
+    let mut last_text = std::fs::read(file).ok();
+    loop {
+        tokio::select! {
+            _ = signals.recv() => return,
+            _ = tick.tick() => {}
+        }
+        let text = std::fs::read(file).ok();
+        if text == last_text {
+            continue;
+        }
+        last_text = text;
+        let outcome = match workloads::load(file, node) {
+            Ok(desired) => enroller.apply(desired).await.map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        record(
+            status,
+            enroller,
+            outcome.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
+        );
+        match outcome {
+            Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads file applied"),
+            Err(e) => {
+                tracing::error!("workloads file rejected, keeping the previous workloads: {e:#}")
+            }
+        }
+    }
+}
+
+/// Connected mode: the control plane's config stream decides what is enrolled; certificates
+/// are kept current alongside. A set that fails to enroll is retried every few seconds.
+async fn follow_control_plane(
+    client: control::CpClient,
+    svids: Arc<identity::SvidStore>,
+    enroller: &mut enroll::Enroller,
+    status: &watch::Sender<admin::Status>,
+    signals: &mut Signals,
+) {
+    let (view_tx, view_rx) = watch::channel(Arc::new(control::MeshView::default()));
+    let (apply_tx, mut apply_rx) = tokio::sync::mpsc::channel(1);
+    let (connected_tx, mut connected_rx) = watch::channel(false);
+    tokio::spawn(control::run_stream(
+        client.clone(),
+        view_tx,
+        apply_tx,
+        connected_tx,
+    ));
+    tokio::spawn(identity::run_manager(client, view_rx.clone(), svids));
+    let mut retry = tokio::time::interval(Duration::from_secs(2));
+    let mut pending: Option<BTreeMap<workloads::WorkloadId, workloads::Workload>> = None;
+    loop {
+        tokio::select! {
+            _ = signals.recv() => return,
+            req = apply_rx.recv() => {
+                let Some(control::ApplyRequest { desired, done }) = req else { return };
+                let outcome = enroller.apply(desired.clone()).await.map_err(|e| e.to_string());
+                pending = outcome.is_err().then_some(desired);
+                record(status, enroller, outcome.clone());
+                status.send_modify(|s| s.config_version = view_rx.borrow().version);
+                match &outcome {
+                    Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads applied"),
+                    Err(e) => tracing::error!("cannot enroll the workloads, keeping the previous set and retrying: {e}"),
+                }
+                let _ = done.send(outcome);
+            }
+            _ = retry.tick(), if pending.is_some() => {
+                if let Some(desired) = pending.take() {
+                    let outcome = enroller.apply(desired.clone()).await.map_err(|e| e.to_string());
+                    if outcome.is_err() {
+                        pending = Some(desired);
+                    } else {
+                        tracing::info!(enrolled = enroller.enrolled(), "workloads applied on retry");
+                    }
+                    record(status, enroller, outcome);
+                }
+            }
+            changed = connected_rx.changed() => {
+                if changed.is_ok() {
+                    let up = *connected_rx.borrow_and_update();
+                    status.send_modify(|s| s.cp_connected = up);
+                }
+            }
+        }
+    }
+}
+
+fn record(
+    status: &watch::Sender<admin::Status>,
+    enroller: &enroll::Enroller,
+    outcome: Result<(), String>,
+) {
+    status.send_modify(|s| {
+        s.enrolled = enroller.enrolled();
+        match outcome {
+            Ok(()) => s.config_applied += 1,
+            Err(_) => s.config_errors += 1,
+        }
+    });
 }
 
 /// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup/unified` on hybrid hosts).

@@ -9,11 +9,9 @@ use std::{
     time::Duration,
 };
 
-use mesh_api::v1::node_service_client::NodeServiceClient;
-use tonic::{
-    service::{interceptor::InterceptedService, Interceptor},
-    transport::{Certificate, Channel, ClientTlsConfig},
-};
+pub use mesh_api::NodeClient;
+use mesh_api::{v1::node_service_client::NodeServiceClient, Credentials};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::{
     daemon::Daemon,
@@ -178,25 +176,6 @@ impl ControlPlane {
     }
 }
 
-pub type NodeClient = NodeServiceClient<InterceptedService<Channel, Credentials>>;
-
-/// Adds the node's credentials to every call.
-#[derive(Clone)]
-pub struct Credentials {
-    node: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-    bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-}
-
-impl Interceptor for Credentials {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut()
-            .insert(mesh_api::metadata::NODE, self.node.clone());
-        req.metadata_mut()
-            .insert(mesh_api::metadata::AUTHORIZATION, self.bearer.clone());
-        Ok(req)
-    }
-}
-
 pub async fn connect(
     addr: SocketAddr,
     ca: &Path,
@@ -212,11 +191,6 @@ pub async fn connect(
         .connect()
         .await
         .map_err(io::Error::other)?;
-    let creds = Credentials {
-        node: node.parse().map_err(io::Error::other)?,
-        bearer: format!("Bearer {token}")
-            .parse()
-            .map_err(io::Error::other)?,
-    };
+    let creds = Credentials::new(node, token).map_err(io::Error::other)?;
     Ok(NodeServiceClient::with_interceptor(channel, creds))
 }

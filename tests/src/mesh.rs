@@ -11,6 +11,7 @@ use std::{
 };
 
 use crate::{
+    cp::ControlPlane,
     daemon::Daemon,
     topology::{Node, Pod},
 };
@@ -42,14 +43,18 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral loopback port")
 }
 
-/// The YAML documents that enroll `pods` on `node`.
-pub fn workloads_yaml(node: &str, pods: &[&Pod]) -> String {
+/// `Workload` documents for `pods`, each placed on its own node, with its addresses, the label
+/// `app: <pod name>` and the service account `<pod name>`.
+pub fn workloads_yaml(pods: &[&Pod]) -> String {
     pods.iter()
         .map(|p| {
             format!(
-                "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {}, namespace: default }}\nspec: {{ node: {node}, netns: {} }}\n",
-                p.name,
-                p.netns_path().display()
+                "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: default, labels: {{ app: {name} }} }}\nspec: {{ node: {node}, netns: {netns}, addresses: ['{v4}', '{v6}'], serviceAccount: {name} }}\n",
+                name = p.name,
+                node = p.node,
+                netns = p.netns_path().display(),
+                v4 = p.ipv4,
+                v6 = p.ipv6,
             )
         })
         .collect::<Vec<_>>()
@@ -59,31 +64,63 @@ pub fn workloads_yaml(node: &str, pods: &[&Pod]) -> String {
 pub struct MeshNode {
     daemon: Daemon,
     pub admin: SocketAddr,
+    /// Offline mode's workloads file (unused when the node follows a control plane).
     pub workloads_file: PathBuf,
     pub log_file: PathBuf,
 }
 
 impl MeshNode {
-    /// Starts mesh-node for `node`, attached to the node's cgroup, with the daemon process
-    /// itself in `daemon_cgroup` (or the caller's cgroup when `None`).
+    /// Starts mesh-node in offline mode for `node`, attached to the node's cgroup, with the
+    /// daemon process itself in `daemon_cgroup` (or the caller's cgroup when `None`).
     pub fn start(
         node: &Node,
         workloads: &str,
         daemon_cgroup: Option<&Path>,
         extra: &[&str],
     ) -> io::Result<Self> {
+        Self::launch(node, daemon_cgroup, extra, |workloads_file| {
+            fs::write(workloads_file, workloads)?;
+            Ok(vec!["--workloads".into(), workloads_file.into()])
+        })
+    }
+
+    /// Starts mesh-node for `node` following the control plane `cp`, with a fresh join token.
+    pub fn connect(
+        node: &Node,
+        cp: &ControlPlane,
+        daemon_cgroup: Option<&Path>,
+        extra: &[&str],
+    ) -> io::Result<Self> {
+        let token_file = cp.token_file(&node.name)?;
+        Self::launch(node, daemon_cgroup, extra, |_| {
+            Ok(vec![
+                "--cp".into(),
+                cp.grpc.to_string().into(),
+                "--token-file".into(),
+                token_file.into(),
+                "--cp-ca".into(),
+                cp.ca_cert().into(),
+            ])
+        })
+    }
+
+    fn launch(
+        node: &Node,
+        daemon_cgroup: Option<&Path>,
+        extra: &[&str],
+        source: impl FnOnce(&Path) -> io::Result<Vec<std::ffi::OsString>>,
+    ) -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-mesh-node-{}", node.netns, free_port()));
         fs::create_dir_all(&dir)?;
         let workloads_file = dir.join("workloads.yaml");
-        fs::write(&workloads_file, workloads)?;
+        let source_args = source(&workloads_file)?;
         let log_file = dir.join("mesh-node.log");
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let mut cmd = Command::new(mesh_node_bin());
         cmd.arg("run")
             .arg("--node-name")
             .arg(&node.name)
-            .arg("--workloads")
-            .arg(&workloads_file)
+            .args(source_args)
             .arg("--cgroup")
             .arg(&node.cgroup)
             .arg("--admin-listen")

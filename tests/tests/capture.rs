@@ -20,7 +20,7 @@ fn setup() -> (Topology, MeshNode, Server) {
         .add_cgroup_below(&topo.node("n0").cgroup.clone(), "mesh-node")
         .expect("daemon cgroup");
     let server = Server::start(topo.pod("b"), PORT).expect("server in b");
-    let yaml = workloads_yaml("n0", &[topo.pod("a"), topo.pod("b")]);
+    let yaml = workloads_yaml(&[topo.pod("a"), topo.pod("b")]);
     let mut node =
         MeshNode::start(topo.node("n0"), &yaml, Some(&daemon_cg), &[]).expect("mesh-node");
     node.wait_enrolled(2).expect("enrolled");
@@ -142,7 +142,7 @@ fn ten_thousand_connections_leave_no_original_destination_entries() {
 fn full_original_destination_map_is_counted_and_connections_are_reset() {
     let topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
     let _server = Server::start(topo.pod("b"), PORT).expect("server");
-    let yaml = workloads_yaml("n0", &[topo.pod("a"), topo.pod("b")]);
+    let yaml = workloads_yaml(&[topo.pod("a"), topo.pod("b")]);
     let mut node = MeshNode::start(topo.node("n0"), &yaml, None, &["--orig-dst-capacity", "4"])
         .expect("mesh-node");
     node.wait_enrolled(2).unwrap();

@@ -61,13 +61,12 @@ fn unenrolling_at_runtime_stops_redirecting_new_connections() {
     let topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
     let (a, b) = (topo.pod("a"), topo.pod("b"));
     let _server = Server::start(b, PORT).unwrap();
-    let mut node =
-        MeshNode::start(topo.node("n0"), &workloads_yaml("n0", &[a, b]), None, &[]).unwrap();
+    let mut node = MeshNode::start(topo.node("n0"), &workloads_yaml(&[a, b]), None, &[]).unwrap();
     node.wait_enrolled(2).unwrap();
     app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
     assert_eq!(node.stat("ebpf_redirected"), 1);
 
-    node.write_workloads(&workloads_yaml("n0", &[b])).unwrap();
+    node.write_workloads(&workloads_yaml(&[b])).unwrap();
     node.wait_enrolled(1).unwrap();
     let out = app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
     assert_eq!(out["body"], a.ipv4.to_string());
@@ -75,8 +74,7 @@ fn unenrolling_at_runtime_stops_redirecting_new_connections() {
     assert_eq!(node.stat("ebpf_skipped_not_enrolled"), 1);
 
     // And back again, without a restart.
-    node.write_workloads(&workloads_yaml("n0", &[a, b]))
-        .unwrap();
+    node.write_workloads(&workloads_yaml(&[a, b])).unwrap();
     node.wait_enrolled(2).unwrap();
     app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
     assert_eq!(node.stat("ebpf_redirected"), 2);
@@ -87,7 +85,7 @@ fn bad_workloads_file_at_runtime_keeps_last_good_state() {
     let topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
     let (a, b) = (topo.pod("a"), topo.pod("b"));
     let _server = Server::start(b, PORT).unwrap();
-    let good = workloads_yaml("n0", &[a, b]);
+    let good = workloads_yaml(&[a, b]);
     let mut node = MeshNode::start(topo.node("n0"), &good, None, &[]).unwrap();
     node.wait_enrolled(2).unwrap();
 
@@ -96,7 +94,7 @@ fn bad_workloads_file_at_runtime_keeps_last_good_state() {
         // One valid workload plus one whose netns does not exist: nothing may be applied.
         format!(
             "{}---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost }}\nspec: {{ node: n0, netns: /run/netns/{}-does-not-exist }}\n",
-            workloads_yaml("n0", &[b]),
+            workloads_yaml(&[b]),
             topo.prefix
         ),
     ];
@@ -155,7 +153,7 @@ fn restart_after_crash_leaves_no_duplicate_attachments_and_sigterm_detaches() {
     let (a, b) = (topo.pod("a"), topo.pod("b"));
     let cg = topo.node("n0").cgroup.clone();
     let _server = Server::start(b, PORT).unwrap();
-    let yaml = workloads_yaml("n0", &[a, b]);
+    let yaml = workloads_yaml(&[a, b]);
     let expected: Vec<(String, String)> = {
         let mut v: Vec<(String, String)> = [
             ("cgroup_inet4_connect", "mycel_connect4"),

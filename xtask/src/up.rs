@@ -22,13 +22,8 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("creating the sandbox: {e}"))?;
     let (web, api, db) = (topo.pod("web"), topo.pod("api"), topo.pod("db"));
     let _server = Server::start(api, PORT).context("starting the demo server in pod api")?;
-    let mut node = MeshNode::start(
-        topo.node("node1"),
-        &workloads_yaml("node1", &[web, api]),
-        None,
-        &[],
-    )
-    .context("starting mesh-node")?;
+    let mut node = MeshNode::start(topo.node("node1"), &workloads_yaml(&[web, api]), None, &[])
+        .context("starting mesh-node")?;
     node.wait_enrolled(2).context("waiting for mesh-node")?;
 
     println!();

@@ -1,0 +1,150 @@
+//! The node's side of the control plane: one gRPC channel (TLS, verified against `--cp-ca`),
+//! the config stream that keeps the [`MeshView`] current, and the credentials every call
+//! carries. When the control plane is away the node keeps its last view and certificates and
+//! reconnects with backoff.
+
+mod stream;
+pub mod view;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use mesh_api::{v1::node_service_client::NodeServiceClient, Credentials, NodeClient};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+pub use stream::{run as run_stream, ApplyRequest};
+pub use view::MeshView;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("--cp {addr}: {reason}")]
+    BadAddress { addr: String, reason: String },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is empty")]
+    EmptyToken { path: PathBuf },
+    #[error("{path}: {source}")]
+    BadToken {
+        path: PathBuf,
+        source: mesh_api::BadCredentials,
+    },
+}
+
+/// How to reach the control plane and who to say we are.
+#[derive(Clone)]
+pub struct CpClient {
+    channel: Channel,
+    node: String,
+    token_file: PathBuf,
+}
+
+impl CpClient {
+    /// Prepares the channel (it connects on first use and reconnects by itself) and checks that
+    /// the token file can be read, so a bad command line fails at start.
+    pub fn new(
+        addr: &str,
+        ca_file: &Path,
+        node: &str,
+        token_file: &Path,
+    ) -> Result<Self, ControlError> {
+        let ca_pem = std::fs::read(ca_file).map_err(|source| ControlError::Read {
+            path: ca_file.into(),
+            source,
+        })?;
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("https://{addr}")
+        };
+        let bad = |reason: String| ControlError::BadAddress {
+            addr: addr.into(),
+            reason,
+        };
+        if !uri.starts_with("https://") {
+            return Err(bad("only https:// is supported".into()));
+        }
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| bad(e.to_string()))?
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)))
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let client = Self {
+            channel: endpoint.connect_lazy(),
+            node: node.into(),
+            token_file: token_file.into(),
+        };
+        client.credentials()?;
+        Ok(client)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The token file is read for every connection, so it can be replaced without a restart.
+    fn credentials(&self) -> Result<Credentials, ControlError> {
+        let text =
+            std::fs::read_to_string(&self.token_file).map_err(|source| ControlError::Read {
+                path: self.token_file.clone(),
+                source,
+            })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(ControlError::EmptyToken {
+                path: self.token_file.clone(),
+            });
+        }
+        Credentials::new(&self.node, token).map_err(|source| ControlError::BadToken {
+            path: self.token_file.clone(),
+            source,
+        })
+    }
+
+    pub fn api(&self) -> Result<NodeClient, ControlError> {
+        Ok(NodeServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.credentials()?,
+        ))
+    }
+}
+
+/// Exponential backoff with jitter, reset after a success.
+pub struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            next: min,
+            min,
+            max,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The delay to wait now; the next one doubles, up to the maximum.
+    pub fn step(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        // Up to 25% jitter, so nodes cut off together do not reconnect together.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    }
+}

@@ -1,0 +1,128 @@
+//! The config stream session loop: connect, take the snapshot, apply each update, acknowledge,
+//! and reconnect with backoff when the stream breaks.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use mesh_api::v1::ConfigAck;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{Backoff, CpClient, MeshView};
+use crate::workloads::{Workload, WorkloadId};
+
+/// A request to make the captured set equal to `desired`; the answer is `Err(reason)` when it
+/// could not be applied (the enroller keeps the previous set and retries).
+pub struct ApplyRequest {
+    pub desired: BTreeMap<WorkloadId, Workload>,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Runs until the process ends. Publishes every view it builds on `view` and asks the enroller
+/// to apply the local workloads of each through `apply`.
+pub async fn run(
+    client: CpClient,
+    view: watch::Sender<Arc<MeshView>>,
+    apply: mpsc::Sender<ApplyRequest>,
+    connected: watch::Sender<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let outcome = session(&client, &view, &apply, &connected, &mut backoff).await;
+        connected.send_replace(false);
+        let delay = backoff.step();
+        match outcome {
+            Ok(()) => {
+                tracing::warn!(retry_in = ?delay, "control plane closed the config stream; keeping the last config")
+            }
+            Err(e) => {
+                tracing::warn!(retry_in = ?delay, "control plane unavailable, keeping the last config: {e}")
+            }
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(
+    client: &CpClient,
+    view: &watch::Sender<Arc<MeshView>>,
+    apply: &mpsc::Sender<ApplyRequest>,
+    connected: &watch::Sender<bool>,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let mut api = client.api().map_err(|e| e.to_string())?;
+    let (ack_tx, ack_rx) = mpsc::channel(4);
+    let mut updates = api
+        .stream_config(ReceiverStream::new(ack_rx))
+        .await
+        .map_err(|s| describe(&s))?
+        .into_inner();
+    // The base the next diff applies to; a new stream starts from its own snapshot.
+    let mut base = MeshView::default();
+    loop {
+        let update = match updates.message().await {
+            Ok(Some(u)) => u,
+            Ok(None) => return Ok(()),
+            Err(s) => return Err(describe(&s)),
+        };
+        let version = update.version;
+        let snapshot = update.snapshot;
+        let error = match base.apply(update) {
+            Ok(next) => {
+                base = next;
+                let published = Arc::new(base.clone());
+                view.send_replace(published);
+                if snapshot {
+                    connected.send_replace(true);
+                    backoff.reset();
+                    tracing::info!(
+                        version,
+                        workloads = base.workloads.len(),
+                        services = base.services.len(),
+                        "config snapshot received"
+                    );
+                } else {
+                    tracing::info!(version, "config update received");
+                }
+                enroll(apply, base.local_workloads(client.node())).await
+            }
+            Err(e) => {
+                tracing::error!(version, "config update rejected: {e}");
+                if snapshot {
+                    // Without a usable snapshot there is no base for what follows.
+                    return Err(format!("unusable snapshot: {e}"));
+                }
+                e
+            }
+        };
+        let ack = ConfigAck { version, error };
+        if ack_tx.send(ack).await.is_err() {
+            return Err("the stream's send side closed".into());
+        }
+    }
+}
+
+async fn enroll(
+    apply: &mpsc::Sender<ApplyRequest>,
+    desired: BTreeMap<WorkloadId, Workload>,
+) -> String {
+    let (done, answer) = oneshot::channel();
+    if apply.send(ApplyRequest { desired, done }).await.is_err() {
+        return "the node is shutting down".into();
+    }
+    match answer.await {
+        Ok(Ok(())) => String::new(),
+        Ok(Err(e)) => e,
+        Err(_) => "the node is shutting down".into(),
+    }
+}
+
+fn describe(status: &tonic::Status) -> String {
+    // Connection failures carry the useful part in the source chain, not the message.
+    let mut out = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
+}

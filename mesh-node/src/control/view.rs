@@ -1,0 +1,215 @@
+//! The node's view of the mesh, built from the control plane's config stream: the first
+//! message of a stream replaces it, later ones patch it. The view a stream has built is the base
+//! its next diff applies to, so it is kept even when enrolling what it describes fails.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
+
+use mesh_api::{
+    keys,
+    v1::{self, resource::Kind, ConfigUpdate},
+};
+
+use crate::workloads::{Workload, WorkloadId};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshView {
+    /// 0 until the first snapshot arrives.
+    pub version: u64,
+    pub mesh: v1::MeshSettings,
+    pub trust_roots: Vec<Vec<u8>>,
+    /// Keyed `namespace/name`.
+    pub workloads: BTreeMap<String, v1::Workload>,
+    pub services: BTreeMap<String, v1::Service>,
+}
+
+impl MeshView {
+    /// The view after `update`, or why the update cannot be applied (the view is unchanged).
+    pub fn apply(&self, update: ConfigUpdate) -> Result<MeshView, String> {
+        let mut next = if update.snapshot {
+            MeshView::default()
+        } else {
+            if self.version == 0 {
+                return Err("an incremental update arrived before any snapshot".into());
+            }
+            self.clone()
+        };
+        next.version = update.version;
+        for resource in update.upserts {
+            let key = resource.key;
+            match resource.kind {
+                Some(Kind::Mesh(m)) if key == keys::MESH => next.mesh = m,
+                Some(Kind::TrustBundle(t)) if key == keys::TRUST_BUNDLE => {
+                    next.trust_roots = t.roots_der
+                }
+                Some(Kind::Workload(w)) if key == keys::workload(&w.namespace, &w.name) => {
+                    check_addresses(&key, &w.addresses)?;
+                    next.workloads
+                        .insert(format!("{}/{}", w.namespace, w.name), w);
+                }
+                Some(Kind::Service(s)) if key == keys::service(&s.namespace, &s.name) => {
+                    check_addresses(&key, &s.vips)?;
+                    next.services
+                        .insert(format!("{}/{}", s.namespace, s.name), s);
+                }
+                other => {
+                    return Err(format!(
+                        "resource {key:?} does not match its contents ({})",
+                        other.map_or("empty", kind_name)
+                    ))
+                }
+            }
+        }
+        for key in update.removals {
+            if let Some(k) = key.strip_prefix("workload/") {
+                next.workloads.remove(k);
+            } else if let Some(k) = key.strip_prefix("service/") {
+                next.services.remove(k);
+            }
+        }
+        if next.trust_roots.is_empty() {
+            return Err("the config has no trust bundle".into());
+        }
+        Ok(next)
+    }
+
+    /// The workloads to capture on `node`.
+    pub fn local_workloads(&self, node: &str) -> BTreeMap<WorkloadId, Workload> {
+        self.workloads
+            .values()
+            .filter(|w| w.node == node && !w.netns.is_empty())
+            .map(|w| {
+                let id = WorkloadId::new(&w.namespace, &w.name);
+                let workload = Workload {
+                    id: id.clone(),
+                    netns: PathBuf::from(&w.netns),
+                };
+                (id, workload)
+            })
+            .collect()
+    }
+
+    /// SPIFFE IDs of the workloads placed on `node`: the certificates this node needs.
+    pub fn local_identities(&self, node: &str) -> BTreeSet<String> {
+        self.workloads
+            .values()
+            .filter(|w| w.node == node)
+            .map(|w| w.identity.clone())
+            .collect()
+    }
+}
+
+fn check_addresses(key: &str, addrs: &[Vec<u8>]) -> Result<(), String> {
+    match addrs.iter().find(|a| mesh_api::ip_from_bytes(a).is_none()) {
+        Some(bad) => Err(format!("{key}: an address of {} bytes", bad.len())),
+        None => Ok(()),
+    }
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Mesh(_) => "mesh settings",
+        Kind::TrustBundle(_) => "trust bundle",
+        Kind::Workload(_) => "a workload",
+        Kind::Service(_) => "a service",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, node: &str, netns: &str) -> v1::Resource {
+        v1::Resource {
+            key: keys::workload("default", name),
+            kind: Some(Kind::Workload(v1::Workload {
+                namespace: "default".into(),
+                name: name.into(),
+                node: node.into(),
+                netns: netns.into(),
+                addresses: vec![vec![10, 0, 0, 1]],
+                identity: format!("spiffe://td/ns/default/sa/{name}"),
+                labels: Default::default(),
+            })),
+        }
+    }
+
+    fn bundle() -> v1::Resource {
+        v1::Resource {
+            key: keys::TRUST_BUNDLE.into(),
+            kind: Some(Kind::TrustBundle(v1::TrustBundle {
+                roots_der: vec![vec![1]],
+            })),
+        }
+    }
+
+    fn update(
+        version: u64,
+        snapshot: bool,
+        upserts: Vec<v1::Resource>,
+        removals: &[&str],
+    ) -> ConfigUpdate {
+        ConfigUpdate {
+            version,
+            snapshot,
+            upserts,
+            removals: removals.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn snapshot_then_patches() {
+        let v = MeshView::default()
+            .apply(update(
+                1,
+                true,
+                vec![bundle(), workload("a", "n1", "/a"), workload("b", "n2", "")],
+                &[],
+            ))
+            .unwrap();
+        assert_eq!(v.local_workloads("n1").len(), 1);
+        assert_eq!(v.local_identities("n1").len(), 1);
+        let v = v
+            .apply(update(
+                2,
+                false,
+                vec![workload("c", "n1", "/c")],
+                &["workload/default/a"],
+            ))
+            .unwrap();
+        let local: Vec<_> = v
+            .local_workloads("n1")
+            .into_keys()
+            .map(|k| k.name)
+            .collect();
+        assert_eq!(local, ["c"]);
+        assert_eq!(v.workloads.len(), 2);
+        // A new snapshot forgets everything before it.
+        let v = v.apply(update(3, true, vec![bundle()], &[])).unwrap();
+        assert!(v.workloads.is_empty());
+    }
+
+    #[test]
+    fn rejects_inconsistent_updates() {
+        assert!(MeshView::default()
+            .apply(update(1, false, vec![bundle()], &[]))
+            .is_err());
+        assert!(MeshView::default()
+            .apply(update(1, true, vec![], &[]))
+            .is_err());
+        let mut wrong_key = workload("a", "n1", "/a");
+        wrong_key.key = "workload/default/zzz".into();
+        assert!(MeshView::default()
+            .apply(update(1, true, vec![bundle(), wrong_key], &[]))
+            .is_err());
+        let mut bad_addr = workload("a", "n1", "/a");
+        if let Some(Kind::Workload(w)) = &mut bad_addr.kind {
+            w.addresses = vec![vec![1, 2, 3]];
+        }
+        assert!(MeshView::default()
+            .apply(update(1, true, vec![bundle(), bad_addr], &[]))
+            .is_err());
+    }
+}

@@ -1,0 +1,122 @@
+//! mesh-node following a real mesh-cp: enrollment from the config stream, workload
+//! certificates, config changes without restarts, and a control-plane outage.
+
+use std::time::Duration;
+
+use mesh_tests::{
+    app::{self, Server},
+    mesh::{http_get, workloads_yaml},
+    ControlPlane, MeshNode, NodeSpec, Topology,
+};
+
+const PORT: u16 = 8080;
+const T: Duration = Duration::from_secs(60);
+
+struct Setup {
+    topo: Topology,
+    cp: ControlPlane,
+    node: MeshNode,
+    _server: Server,
+}
+
+/// One node with pods a, b (in the config) and c (not yet); a server in b.
+fn setup(test: &str) -> Setup {
+    let mut topo = Topology::new(&[NodeSpec::new("n1", &["a", "b", "c"])]).expect("topology");
+    let daemon_cg = topo
+        .add_cgroup_below(&topo.node("n1").cgroup.clone(), "mesh-node")
+        .expect("daemon cgroup");
+    let server = Server::start(topo.pod("b"), PORT).expect("server in b");
+    let yaml = workloads_yaml(&[topo.pod("a"), topo.pod("b")]);
+    let cp = ControlPlane::start(
+        &format!("{}-{test}", topo.prefix),
+        &[("workloads.yaml", &yaml)],
+    )
+    .expect("mesh-cp");
+    let mut node =
+        MeshNode::connect(topo.node("n1"), &cp, Some(&daemon_cg), &[]).expect("mesh-node");
+    node.wait_for(Duration::from_secs(30), |s| {
+        s["enrolled_workloads"] == 2 && s["svids"] == 2 && s["cp_connected"] == 1
+    })
+    .expect("enrolled with certificates");
+    Setup {
+        topo,
+        cp,
+        node,
+        _server: server,
+    }
+}
+
+/// a → b over the mesh; the proxy must have forwarded it.
+fn call_b(s: &Setup) {
+    let before = s.node.stat("proxy_forwarded");
+    let b = s.topo.pod("b");
+    let out = app::run(
+        s.topo.pod("a"),
+        &["get", &format!("http://{}:{PORT}/blob/1000", b.ipv4)],
+        T,
+    );
+    assert_eq!(out["status"], 200, "{out}");
+    assert!(s.node.stat("proxy_forwarded") > before, "not proxied");
+}
+
+#[test]
+fn node_enrolls_what_the_control_plane_places_on_it_and_holds_its_certificates() {
+    let mut s = setup("follow");
+    call_b(&s);
+    let certs = http_get(s.node.admin, "/certs").unwrap();
+    for sa in ["a", "b"] {
+        assert!(
+            certs.contains(&format!(
+                "spiffe://cluster.local/ns/default/sa/{sa} serial="
+            )),
+            "{certs}"
+        );
+    }
+    assert!(s.node.log().contains("certificate obtained"));
+
+    // Added and removed in the config dir: enrolled and unenrolled without a restart.
+    let c = workloads_yaml(&[s.topo.pod("c")]);
+    s.cp.write_config("c.yaml", &c).unwrap();
+    s.node
+        .wait_for(T, |st| st["enrolled_workloads"] == 3 && st["svids"] == 3)
+        .expect("c enrolled");
+    s.cp.write_config("workloads.yaml", &workloads_yaml(&[s.topo.pod("a")]))
+        .unwrap();
+    s.node
+        .wait_for(T, |st| st["enrolled_workloads"] == 2 && st["svids"] == 2)
+        .expect("b unenrolled");
+    let certs = http_get(s.node.admin, "/certs").unwrap();
+    assert!(!certs.contains("/sa/b "), "{certs}");
+    let status = s.cp.status().unwrap();
+    assert_eq!(
+        status["nodes"]["n1"]["acked_version"], status["config"]["version"],
+        "{status}"
+    );
+}
+
+#[test]
+fn node_keeps_its_config_while_the_control_plane_is_away_and_resyncs_when_it_returns() {
+    let mut s = setup("outage");
+    s.cp.pause().unwrap();
+    s.node
+        .wait_for(T, |st| st["cp_connected"] == 0)
+        .expect("node notices the outage");
+    // While it is away for 30 s: known workloads stay enrolled and keep talking.
+    let away = std::time::Instant::now();
+    s.cp.write_config("c.yaml", &workloads_yaml(&[s.topo.pod("c")]))
+        .unwrap();
+    while away.elapsed() < Duration::from_secs(30) {
+        call_b(&s);
+        assert_eq!(s.node.stat("enrolled_workloads"), 2);
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    assert!(s.node.log().contains("keeping the last config"));
+
+    s.cp.resume().unwrap();
+    s.node
+        .wait_for(T, |st| {
+            st["cp_connected"] == 1 && st["enrolled_workloads"] == 3 && st["svids"] == 3
+        })
+        .expect("node resyncs with the change made during the outage");
+    call_b(&s);
+}
