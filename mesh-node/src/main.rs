@@ -7,6 +7,7 @@ mod enroll;
 mod identity;
 mod netns;
 mod proxy;
+mod tunnel;
 mod workloads;
 
 use std::{

@@ -1,0 +1,478 @@
+//! mTLS with SPIFFE identities, for both ends of a tunnel.
+//!
+//! Standard WebPKI name checks do not apply: an SVID names its workload with one URI SAN
+//! (`spiffe://<td>/ns/<ns>/sa/<sa>`) and no DNS name. So the client verifies the server's chain
+//! against the trust bundle and then requires exactly the SPIFFE ID it expects at that
+//! address; the server verifies the client's chain, requires a client certificate, and
+//! requires the mesh's trust domain. The verified client ID is read back with [`peer_identity`]
+//! for logs and policy.
+#![cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the tunnel listener and dialer that use this land next"
+    )
+)]
+
+use std::sync::Arc;
+
+use mesh_model::SpiffeId;
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        ParsedCertificate, WebPkiClientVerifier,
+    },
+    sign::CertifiedKey,
+    ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+
+/// Why a peer certificate was not accepted; becomes the handshake error and the log line.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the certificate has no SPIFFE ID URI SAN")]
+    NoSpiffeId,
+    #[error("the certificate carries {0} URI SANs; an SVID has exactly one")]
+    SeveralUris(usize),
+    #[error("{0}")]
+    BadSpiffeId(#[from] mesh_model::ParseSpiffeIdError),
+    #[error("peer is {found}, expected {expected}")]
+    WrongIdentity { expected: String, found: String },
+    #[error("peer is in trust domain {found}, expected {expected}")]
+    WrongTrustDomain { expected: String, found: String },
+    #[error("unreadable certificate: {0}")]
+    Unreadable(String),
+}
+
+impl From<IdentityError> for Error {
+    fn from(e: IdentityError) -> Self {
+        Error::General(e.to_string())
+    }
+}
+
+/// The SPIFFE ID of a leaf certificate.
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| IdentityError::Unreadable(e.to_string()))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::Unreadable(e.to_string()))?
+        .ok_or(IdentityError::NoSpiffeId)?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Err(IdentityError::NoSpiffeId),
+        [uri] => Ok(uri.parse()?),
+        many => Err(IdentityError::SeveralUris(many.len())),
+    }
+}
+
+/// The verified peer's identity of an established connection.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, IdentityError> {
+    certs
+        .and_then(|c| c.first())
+        .ok_or(IdentityError::NoSpiffeId)
+        .and_then(spiffe_id)
+}
+
+/// The roots workload certificates chain to, and the mesh's trust domain.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    roots: Arc<RootCertStore>,
+    trust_domain: String,
+}
+
+impl Trust {
+    pub fn new(roots_der: &[Vec<u8>], trust_domain: &str) -> Result<Self, Error> {
+        let mut roots = RootCertStore::empty();
+        for der in roots_der {
+            roots.add(CertificateDer::from(der.clone()))?;
+        }
+        Ok(Self {
+            roots: Arc::new(roots),
+            trust_domain: trust_domain.to_owned(),
+        })
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The certificate to present, looked up at each handshake so that a renewal is picked up
+/// by the next connection without touching open ones.
+#[derive(Clone)]
+pub struct CurrentSvid(Arc<dyn Fn() -> Option<Arc<CertifiedKey>> + Send + Sync>);
+
+impl CurrentSvid {
+    pub fn new(f: impl Fn() -> Option<Arc<CertifiedKey>> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for CurrentSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CurrentSvid")
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CurrentSvid {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        (self.0)()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentSvid {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        (self.0)()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Client side of a tunnel to a workload that must be `expected`, presenting `svid`.
+pub fn client_config(
+    svid: CurrentSvid,
+    trust: &Trust,
+    expected: SpiffeId,
+) -> Result<ClientConfig, Error> {
+    let provider = provider();
+    let verifier = Arc::new(ExpectedServer {
+        roots: trust.roots.clone(),
+        expected,
+        provider: provider.clone(),
+    });
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(svid)))
+}
+
+/// Server side of a tunnel, presenting `svid` and requiring a client SVID of the mesh.
+pub fn server_config(svid: CurrentSvid, trust: &Trust) -> Result<ServerConfig, Error> {
+    let provider = provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| Error::General(e.to_string()))?;
+    let verifier = Arc::new(MeshClient {
+        inner,
+        trust_domain: trust.trust_domain.clone(),
+    });
+    Ok(ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(svid)))
+}
+
+/// Chain to the trust bundle, then exactly the expected SPIFFE ID (no DNS name check).
+#[derive(Debug)]
+struct ExpectedServer {
+    roots: Arc<RootCertStore>,
+    expected: SpiffeId,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for ExpectedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let found = spiffe_id(end_entity)?;
+        if found != self.expected {
+            return Err(IdentityError::WrongIdentity {
+                expected: self.expected.to_string(),
+                found: found.to_string(),
+            }
+            .into());
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// WebPKI client verification (chain, validity, clientAuth usage), then the trust domain.
+#[derive(Debug)]
+struct MeshClient {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for MeshClient {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = spiffe_id(end_entity)?;
+        if id.trust_domain != self.trust_domain {
+            return Err(IdentityError::WrongTrustDomain {
+                expected: self.trust_domain.clone(),
+                found: id.trust_domain,
+            }
+            .into());
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        root: Vec<u8>,
+    }
+
+    fn ca() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let root = p.self_signed(&key).unwrap().der().to_vec();
+        Ca {
+            issuer: Issuer::new(p, key),
+            root,
+        }
+    }
+
+    /// An SVID for `uri` signed by `ca`, valid from `from` to `to` seconds relative to now.
+    fn svid(ca: &Ca, uri: &str, from: i64, to: i64) -> CurrentSvid {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now + time::Duration::seconds(from);
+        p.not_after = now + time::Duration::seconds(to);
+        let cert = p.signed_by(&key, &ca.issuer).unwrap();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let ck = Arc::new(
+            CertifiedKey::from_der(vec![cert.der().clone()], key_der, &provider()).unwrap(),
+        );
+        CurrentSvid::new(move || Some(ck.clone()))
+    }
+
+    const A: &str = "spiffe://td/ns/shop/sa/a";
+    const B: &str = "spiffe://td/ns/shop/sa/b";
+
+    /// Runs a handshake over an in-memory pipe. Ok: the identity the server verified.
+    async fn handshake(
+        client: ClientConfig,
+        server: ServerConfig,
+    ) -> Result<SpiffeId, (String, String)> {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let name = ServerName::try_from("tunnel.mycel").unwrap();
+        let (cres, sres) = tokio::join!(
+            async {
+                let mut tls = connector.connect(name, c).await?;
+                tls.write_all(b"ping").await?;
+                tls.flush().await?;
+                let mut buf = [0u8; 4];
+                tls.read_exact(&mut buf).await?;
+                Ok::<_, std::io::Error>(())
+            },
+            async {
+                let mut tls = acceptor.accept(s).await?;
+                let id = peer_identity(tls.get_ref().1.peer_certificates());
+                let mut buf = [0u8; 4];
+                tls.read_exact(&mut buf).await?;
+                tls.write_all(b"pong").await?;
+                tls.flush().await?;
+                Ok::<_, std::io::Error>(id)
+            }
+        );
+        match (cres, sres) {
+            (Ok(()), Ok(Ok(id))) => Ok(id),
+            (c, s) => Err((
+                c.err().map(|e| e.to_string()).unwrap_or_default(),
+                match s {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(_)) => String::new(),
+                },
+            )),
+        }
+    }
+
+    fn trust(ca: &Ca) -> Trust {
+        Trust::new(std::slice::from_ref(&ca.root), "td").unwrap()
+    }
+
+    #[tokio::test]
+    async fn both_sides_verify_each_other() {
+        let ca = ca();
+        let t = trust(&ca);
+        let client = client_config(svid(&ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap();
+        let server = server_config(svid(&ca, B, -60, 3600), &t).unwrap();
+        assert_eq!(handshake(client, server).await.unwrap().to_string(), A);
+    }
+
+    #[tokio::test]
+    async fn client_refuses_a_server_with_another_identity() {
+        let ca = ca();
+        let t = trust(&ca);
+        let client = client_config(svid(&ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap();
+        let server = server_config(svid(&ca, "spiffe://td/ns/shop/sa/c", -60, 3600), &t).unwrap();
+        let (c, _) = handshake(client, server).await.unwrap_err();
+        assert!(c.contains("expected spiffe://td/ns/shop/sa/b"), "{c}");
+    }
+
+    #[tokio::test]
+    async fn server_refuses_bad_client_certificates() {
+        let (mesh_ca, other_ca) = (ca(), ca());
+        let ca = mesh_ca;
+        let t = trust(&ca);
+        let server = || server_config(svid(&ca, B, -60, 3600), &t).unwrap();
+        let client = |s: CurrentSvid| client_config(s, &t, B.parse().unwrap()).unwrap();
+
+        let (_, s) = handshake(
+            client(svid(&ca, "spiffe://other/ns/shop/sa/a", -60, 3600)),
+            server(),
+        )
+        .await
+        .unwrap_err();
+        assert!(s.contains("trust domain other"), "{s}");
+
+        let (_, s) = handshake(client(svid(&ca, A, -7200, -3600)), server())
+            .await
+            .unwrap_err();
+        assert!(s.to_lowercase().contains("expired"), "{s}");
+
+        // Same subject name as the mesh's root, different key: the signature cannot verify.
+        let (_, s) = handshake(client(svid(&other_ca, A, -60, 3600)), server())
+            .await
+            .unwrap_err();
+        assert!(
+            s.contains("BadSignature") || s.contains("UnknownIssuer"),
+            "{s}"
+        );
+
+        let (_, s) = handshake(client(CurrentSvid::new(|| None)), server())
+            .await
+            .unwrap_err();
+        assert!(
+            s.to_lowercase().contains("no certificate") || s.contains("NoCertificate"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn svid_ids_are_read_from_the_one_uri_san() {
+        let ca = ca();
+        let s = svid(&ca, A, -60, 60);
+        let ck = (s.0)().unwrap();
+        assert_eq!(spiffe_id(&ck.cert[0]).unwrap().to_string(), A);
+    }
+}
