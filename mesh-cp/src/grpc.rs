@@ -1,7 +1,7 @@
 //! The gRPC service nodes talk to: the config stream and certificate signing, both scoped to
 //! the node the caller's join token was issued to.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_api::{
     metadata,
@@ -19,6 +19,9 @@ use crate::{
     slice::{self, Slice},
     state::Shared,
 };
+
+/// How often an open config stream re-checks that its token has not been revoked.
+const TOKEN_RECHECK: Duration = Duration::from_secs(2);
 
 pub struct NodeApi {
     shared: Arc<Shared>,
@@ -158,7 +161,7 @@ async fn serve_stream(
     let roots = [shared.ca.root_der().clone()];
     let mut sent: Option<Slice> = None;
     let mut dirty = true;
-    let mut recheck = tokio::time::interval(shared.token_recheck);
+    let mut recheck = tokio::time::interval(TOKEN_RECHECK);
     let reason = loop {
         if dirty {
             dirty = false;

@@ -18,22 +18,10 @@ use crate::state::{ConfigStatus, Published, Shared};
 /// What the directory held the last time it was read.
 type Snapshot = Vec<(PathBuf, String)>;
 
-fn read_dir(dir: &Path) -> Result<Snapshot, ConfigError> {
-    let mut out = Vec::new();
-    for file in mesh_model::config_files(dir)? {
-        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
-            path: file.clone(),
-            source,
-        })?;
-        out.push((file, text));
-    }
-    Ok(out)
-}
-
 /// Loads the directory at start. An invalid directory here is a startup error: with no last
 /// good config to keep, serving an empty one would unenroll every workload in the mesh.
 pub fn initial(dir: &Path) -> Result<(Config, Snapshot), ConfigError> {
-    let files = read_dir(dir)?;
+    let files = mesh_model::read_dir(dir)?;
     let config = mesh_model::parse(&files)?;
     Ok((config, files))
 }
@@ -53,7 +41,7 @@ pub async fn watch_dir(
         tick.tick().await;
         let read = {
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || read_dir(&dir)).await
+            tokio::task::spawn_blocking(move || mesh_model::read_dir(&dir)).await
         };
         let outcome = match read {
             Ok(Ok(files)) if files == last => continue,

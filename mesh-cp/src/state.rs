@@ -4,7 +4,7 @@ use std::{
     collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use mesh_model::Config;
@@ -58,8 +58,6 @@ pub struct Shared {
     pub config: watch::Receiver<Published>,
     pub tokens: TokenStore,
     pub ca: Ca,
-    /// How often an open stream re-checks that its token is still valid.
-    pub token_recheck: Duration,
     config_status: Mutex<ConfigStatus>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
 }
@@ -71,7 +69,6 @@ impl Shared {
             config,
             tokens,
             ca,
-            token_recheck: Duration::from_secs(2),
             config_status: Mutex::new(ConfigStatus::ok(version)),
             nodes: Mutex::new(BTreeMap::new()),
         }

@@ -86,8 +86,9 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(files)
 }
 
-/// Reads and validates every YAML file of `dir`.
-pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+/// The `(file, contents)` of every YAML file of `dir`, ready for [`parse`]; callers that watch
+/// the directory compare these to see whether anything changed.
+pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, ConfigError> {
     let mut texts = Vec::new();
     for file in config_files(dir)? {
         let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
@@ -96,7 +97,12 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
         })?;
         texts.push((file, text));
     }
-    parse(&texts)
+    Ok(texts)
+}
+
+/// Reads and validates every YAML file of `dir`.
+pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+    parse(&read_dir(dir)?)
 }
 
 /// Reads and validates one file.

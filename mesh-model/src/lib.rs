@@ -5,7 +5,7 @@ pub mod duration;
 mod identity;
 mod resource;
 
-pub use config::{config_files, load_dir, load_file, parse, Config, ConfigError};
+pub use config::{config_files, load_dir, load_file, parse, read_dir, Config, ConfigError};
 pub use identity::{is_sa_name, is_trust_domain, ParseSpiffeIdError, SpiffeId};
 pub use resource::{
     parse_document, MeshConfig, ObjectKey, Resource, Service, ServicePort, Workload, API_VERSION,

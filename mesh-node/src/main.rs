@@ -321,9 +321,7 @@ async fn follow_control_plane(
             _ = signals.recv() => return,
             req = apply_rx.recv() => {
                 let Some(control::ApplyRequest { desired, done }) = req else { return };
-                let outcome = enroller.apply(desired.clone()).await.map_err(|e| e.to_string());
-                pending = outcome.is_err().then_some(desired);
-                record(status, enroller, outcome.clone());
+                let outcome = enroll_or_keep_pending(enroller, status, &mut pending, desired).await;
                 status.send_modify(|s| s.config_version = view_rx.borrow().version);
                 match &outcome {
                     Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads applied"),
@@ -333,13 +331,9 @@ async fn follow_control_plane(
             }
             _ = retry.tick(), if pending.is_some() => {
                 if let Some(desired) = pending.take() {
-                    let outcome = enroller.apply(desired.clone()).await.map_err(|e| e.to_string());
-                    if outcome.is_err() {
-                        pending = Some(desired);
-                    } else {
+                    if enroll_or_keep_pending(enroller, status, &mut pending, desired).await.is_ok() {
                         tracing::info!(enrolled = enroller.enrolled(), "workloads applied on retry");
                     }
-                    record(status, enroller, outcome);
                 }
             }
             changed = connected_rx.changed() => {
@@ -350,6 +344,22 @@ async fn follow_control_plane(
             }
         }
     }
+}
+
+/// Applies `desired`; on failure leaves it in `pending` for the retry tick.
+async fn enroll_or_keep_pending(
+    enroller: &mut enroll::Enroller,
+    status: &watch::Sender<admin::Status>,
+    pending: &mut Option<BTreeMap<workloads::WorkloadId, workloads::Workload>>,
+    desired: BTreeMap<workloads::WorkloadId, workloads::Workload>,
+) -> Result<(), String> {
+    let outcome = enroller
+        .apply(desired.clone())
+        .await
+        .map_err(|e| e.to_string());
+    *pending = outcome.is_err().then_some(desired);
+    record(status, enroller, outcome.clone());
+    outcome
 }
 
 fn record(
