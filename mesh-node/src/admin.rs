@@ -126,6 +126,13 @@ fn render_stats(admin: &Admin) -> Result<String, crate::capture::CaptureError> {
         ("proxy_reset", &s.reset),
         ("proxy_bytes_sent", &s.bytes_sent),
         ("proxy_bytes_received", &s.bytes_received),
+        ("proxy_passthrough", &s.passthrough),
+        ("proxy_same_node", &s.same_node),
+        ("proxy_no_endpoint", &s.no_endpoint),
+        ("tunnels_out", &s.tunnels_out),
+        ("tunnels_out_failed", &s.tunnels_out_failed),
+        ("tunnels_in", &s.tunnels_in),
+        ("tunnels_in_refused", &s.tunnels_in_refused),
     ] {
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
     }

@@ -1,7 +1,7 @@
 //! Keeps the set of captured pods equal to the desired set of workloads.
 //!
-//! For each pod: a thread in its netns, outbound listeners on loopback there, and its netns
-//! cookie in the `ENROLLED` map. [`Enroller::apply`] prepares everything a new set needs before
+//! For each pod: a thread in its netns, outbound listeners on loopback there, the tunnel
+//! listener on :15008 (connected mode), and its netns cookie in the `ENROLLED` map. [`Enroller::apply`] prepares everything a new set needs before
 //! changing anything, so a bad set (a missing netns, a port already taken) leaves the current
 //! one untouched.
 
@@ -11,12 +11,9 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    capture::{Capture, CaptureError},
+    capture::CaptureError,
     netns::{self, NetnsError, NetnsWorker},
-    proxy::{
-        outbound::{self, PodContext},
-        ProxyStats,
-    },
+    proxy::{self, inbound, outbound, PodContext, Shared},
     workloads::{Workload, WorkloadId},
 };
 
@@ -47,28 +44,33 @@ struct Pod {
     shutdown: CancellationToken,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Outbound,
+    Tunnel,
+}
+
 /// Listeners bound for a pod that is not enrolled yet.
 struct Prepared {
     ctx: Arc<PodContext>,
     workload: Workload,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(Role, std::net::TcpListener)>,
 }
 
 pub struct Enroller {
-    capture: Arc<Capture>,
-    stats: Arc<ProxyStats>,
-    connect_timeout: Duration,
+    shared: Arc<Shared>,
+    /// Whether pods get a tunnel listener (connected mode; offline mode has no certificates).
+    tunnels: bool,
     pods: BTreeMap<WorkloadId, Pod>,
     /// Every accepted connection, so shutdown can wait for them to finish.
     connections: TaskTracker,
 }
 
 impl Enroller {
-    pub fn new(capture: Arc<Capture>, stats: Arc<ProxyStats>, connect_timeout: Duration) -> Self {
+    pub fn new(shared: Arc<Shared>, tunnels: bool) -> Self {
         Self {
-            capture,
-            stats,
-            connect_timeout,
+            shared,
+            tunnels,
             pods: BTreeMap::new(),
             connections: TaskTracker::new(),
         }
@@ -111,9 +113,9 @@ impl Enroller {
         }
         let mut added: Vec<u64> = Vec::new();
         for p in &prepared {
-            if let Err(source) = self.capture.enroll(p.ctx.netns_cookie) {
+            if let Err(source) = self.shared.capture.enroll(p.ctx.netns_cookie) {
                 for cookie in added {
-                    let _ = self.capture.unenroll(cookie);
+                    let _ = self.shared.capture.unenroll(cookie);
                 }
                 return Err(EnrollError::Capture {
                     workload: p.workload.id.clone(),
@@ -130,17 +132,21 @@ impl Enroller {
         }
         for p in prepared {
             let shutdown = CancellationToken::new();
-            for listener in p.listeners {
+            for (role, listener) in p.listeners {
                 // Registering with the reactor needs the runtime, so it happens here rather
                 // than on the netns thread.
                 match TcpListener::from_std(listener) {
                     Ok(l) => {
-                        tokio::spawn(outbound::serve(
-                            l,
-                            p.ctx.clone(),
-                            shutdown.clone(),
-                            self.connections.clone(),
-                        ));
+                        let (ctx, stop, tracker) =
+                            (p.ctx.clone(), shutdown.clone(), self.connections.clone());
+                        match role {
+                            Role::Outbound => {
+                                tokio::spawn(proxy::serve(l, ctx, stop, tracker, outbound::handle))
+                            }
+                            Role::Tunnel => {
+                                tokio::spawn(proxy::serve(l, ctx, stop, tracker, inbound::handle))
+                            }
+                        };
                     }
                     Err(e) => {
                         tracing::error!(workload = %p.workload.id, error = %e, "cannot register listener")
@@ -148,6 +154,8 @@ impl Enroller {
                 }
             }
             tracing::info!(workload = %p.workload.id, netns = %p.workload.netns.display(), cookie = p.ctx.netns_cookie, "enrolled");
+            self.local_pods()
+                .insert(p.workload.id.clone(), p.ctx.clone());
             self.pods.insert(
                 p.workload.id.clone(),
                 Pod {
@@ -168,9 +176,18 @@ impl Enroller {
         })?;
         let mut listeners = Vec::new();
         let mut cookie = None;
-        for addr in outbound::listen_addrs() {
+        let tunnel_addrs = if self.tunnels {
+            inbound::listen_addrs().to_vec()
+        } else {
+            Vec::new()
+        };
+        let addrs = outbound::listen_addrs()
+            .into_iter()
+            .map(|a| (Role::Outbound, a))
+            .chain(tunnel_addrs.into_iter().map(|a| (Role::Tunnel, a)));
+        for (role, addr) in addrs {
             let bound = worker
-                .run(move || outbound::bind_in_netns(addr))
+                .run(move || proxy::bind_in_netns(addr))
                 .await
                 .map_err(|source| EnrollError::Netns {
                     workload: id.clone(),
@@ -188,11 +205,11 @@ impl Enroller {
                             }
                         })?);
                     }
-                    listeners.push(l);
+                    listeners.push((role, l));
                 }
-                // A pod without IPv6 on loopback still gets IPv4 capture.
-                Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-                    tracing::warn!(workload = %id, "no ::1 in the pod's netns; IPv6 connects will not be captured");
+                // A pod without IPv6 still gets IPv4 capture and tunnels.
+                Err(e) if addr.is_ipv6() && no_ipv6(&e) => {
+                    tracing::warn!(workload = %id, %addr, "no IPv6 in the pod's netns; not listening on IPv6");
                 }
                 Err(source) => {
                     return Err(EnrollError::Listen {
@@ -209,9 +226,7 @@ impl Enroller {
             workload: id,
             netns: worker,
             netns_cookie,
-            capture: self.capture.clone(),
-            stats: self.stats.clone(),
-            connect_timeout: self.connect_timeout,
+            shared: self.shared.clone(),
         });
         Ok(Prepared {
             ctx,
@@ -221,10 +236,18 @@ impl Enroller {
     }
 
     fn stop(&self, pod: &Pod) {
-        if let Err(e) = self.capture.unenroll(pod.netns_cookie) {
+        if let Err(e) = self.shared.capture.unenroll(pod.netns_cookie) {
             tracing::error!(workload = %pod.workload.id, error = %e, "cannot remove enrollment");
         }
+        self.local_pods().remove(&pod.workload.id);
         pod.shutdown.cancel();
+    }
+
+    fn local_pods(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, std::collections::HashMap<WorkloadId, Arc<PodContext>>>
+    {
+        self.shared.local.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops redirecting, closes the listeners, then waits up to `drain` for open connections.
@@ -247,4 +270,11 @@ impl Enroller {
             );
         }
     }
+}
+
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+    )
 }

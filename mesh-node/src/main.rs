@@ -132,7 +132,9 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: logs in files and collectors stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -170,11 +172,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let stats = Arc::new(proxy::ProxyStats::default());
     let svids = Arc::new(identity::SvidStore::default());
-    let mut enroller = enroll::Enroller::new(
+    // Offline mode keeps the empty directory: every destination is passed through unchanged.
+    let (directory_tx, directory_rx) =
+        watch::channel(Arc::new(proxy::directory::Directory::default()));
+    let shared = Arc::new(proxy::Shared::new(
         capture.clone(),
         stats.clone(),
         Duration::from_secs_f64(args.connect_timeout),
-    );
+        directory_rx,
+    ));
+    let connected = matches!(source, Source::ControlPlane(_));
+    let mut enroller = enroll::Enroller::new(shared, connected);
     let (status_tx, status_rx) = watch::channel(admin::Status::default());
     tokio::spawn(admin::serve(
         admin_listener,
@@ -208,7 +216,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         Source::ControlPlane(client) => {
             tracing::info!(node = %args.node_name, admin = %args.admin_listen, cp = args.cp.as_deref().unwrap_or_default(), "mesh-node ready; waiting for the control plane");
-            follow_control_plane(client, svids, &mut enroller, &status_tx, &mut signals).await;
+            follow_control_plane(
+                client,
+                svids,
+                directory_tx,
+                &mut enroller,
+                &status_tx,
+                &mut signals,
+            )
+            .await;
         }
     }
 
@@ -300,6 +316,7 @@ async fn follow_file(
 async fn follow_control_plane(
     client: control::CpClient,
     svids: Arc<identity::SvidStore>,
+    directory: watch::Sender<Arc<proxy::directory::Directory>>,
     enroller: &mut enroll::Enroller,
     status: &watch::Sender<admin::Status>,
     signals: &mut Signals,
@@ -312,6 +329,11 @@ async fn follow_control_plane(
         view_tx,
         apply_tx,
         connected_tx,
+    ));
+    tokio::spawn(proxy::directory::follow(
+        view_rx.clone(),
+        svids.clone(),
+        directory,
     ));
     tokio::spawn(identity::run_manager(client, view_rx.clone(), svids));
     let mut retry = tokio::time::interval(Duration::from_secs(2));

@@ -5,10 +5,17 @@
                                   deterministic bytes; GET /whoami answers the client address;
                                   any other connection that sends "ping\n" gets "pong\n".
   app.py get URL                  HTTP GET with http.client; prints JSON {peer, status, len, sha256}
-  app.py probe HOST PORT          connect, wait for data; prints JSON {outcome, seconds}
+  app.py probe HOST PORT [kill]   connect (and with "kill", ask the server to reset the
+                                  connection), wait for data; prints JSON {outcome, seconds}
                                   (outcome: reset | eof | data | timeout | refused)
+  app.py halfclose HOST PORT N    send N bytes to the echo server, shut down writing, read the
+                                  echo until EOF; prints {sent, received, same}
   app.py loop HOST PORT N         N sequential connections, each "ping" -> "pong"; prints failures
   app.py hold HOST PORT N         N connections open at once, then "ping" on each; prints {ok, failed}
+  app.py linger HOST PORT SECS    one connection kept open SECS seconds, a line echoed every 0.5 s
+                                  (server side: a connection that starts with "echo\n");
+                                  prints {rounds, failed, error}
+  app.py blob-sha256 N            the sha256 of the N bytes GET /blob/N answers (no network)
 """
 import hashlib
 import http.client
@@ -16,6 +23,7 @@ import http.server
 import json
 import socket
 import socketserver
+import struct
 import sys
 import time
 
@@ -63,6 +71,18 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             request.recv(5)
             request.sendall(b"pong\n")
             return
+        if first == b"kill\n":
+            # Close with RST: linger on, zero timeout.
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.close()
+            return
+        if first == b"echo\n":
+            request.recv(5)
+            while True:
+                data = request.recv(65536)
+                if not data:
+                    return
+                request.sendall(data)
         super().finish_request(request, client_address)
 
 
@@ -92,12 +112,14 @@ def get(url):
     }))
 
 
-def probe(host, port):
+def probe(host, port, kill=False):
     start = time.monotonic()
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     s.settimeout(5)
     try:
         s.connect((host, port))
+        if kill:
+            s.sendall(b"kill\n")
         data = s.recv(1)
         outcome = "data" if data else "eof"
     except ConnectionRefusedError:
@@ -140,6 +162,44 @@ def hold(host, port, n):
     print(json.dumps({"ok": sum(results), "failed": len(results) - sum(results)}))
 
 
+def halfclose(host, port, n):
+    data = blob(n)
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"echo\n" + data)
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    print(json.dumps({"sent": n, "received": len(got), "same": bytes(got) == data}))
+
+
+def linger(host, port, seconds):
+    rounds, failed, error = 0, 0, None
+    try:
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(b"echo\n")
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                line = ("round %d\n" % rounds).encode()
+                s.sendall(line)
+                got = b""
+                while len(got) < len(line):
+                    chunk = s.recv(len(line) - len(got))
+                    if not chunk:
+                        raise ConnectionError("closed by the peer")
+                    got += chunk
+                rounds += 1
+                if got != line:
+                    failed += 1
+                time.sleep(0.5)
+    except OSError as e:
+        error = repr(e)
+    print(json.dumps({"rounds": rounds, "failed": failed, "error": error}))
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "serve":
@@ -147,10 +207,16 @@ if __name__ == "__main__":
     elif mode == "get":
         get(sys.argv[2])
     elif mode == "probe":
-        probe(sys.argv[2], int(sys.argv[3]))
+        probe(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["kill"])
+    elif mode == "halfclose":
+        halfclose(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "hold":
         hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "loop":
         loop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "linger":
+        linger(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    elif mode == "blob-sha256":
+        print(json.dumps({"sha256": hashlib.sha256(blob(int(sys.argv[2]))).hexdigest()}))
     else:
         sys.exit(f"unknown mode {mode}")

@@ -65,11 +65,21 @@ pub fn run_where(
     let mut cmd = python(args);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = spawn_in(Some(netns), cgroup, &mut cmd).expect("spawn app.py");
+    finish(child, timeout)
+}
+
+/// Starts `app.py ARGS` in `pod` without waiting; collect it with [`finish`].
+pub fn start(pod: &Pod, args: &[&str]) -> io::Result<Child> {
+    pod.spawn(python(args).stdout(Stdio::piped()).stderr(Stdio::piped()))
+}
+
+/// Waits for an app started with [`start`] and parses the JSON it printed.
+pub fn finish(child: Child, timeout: Duration) -> serde_json::Value {
     let out = run_with_timeout(child, timeout).expect("app.py finished");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "app.py {args:?} failed: {}\nstdout: {stdout}\nstderr: {}",
+        "app.py failed: {}\nstdout: {stdout}\nstderr: {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );

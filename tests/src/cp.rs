@@ -100,6 +100,10 @@ impl ControlPlane {
         self.wait_healthy()
     }
 
+    pub fn log_file(&self) -> &Path {
+        &self.daemon.log_file
+    }
+
     pub fn log(&self) -> String {
         self.daemon.log()
     }

@@ -7,6 +7,8 @@ pub mod cp;
 pub mod daemon;
 pub mod mesh;
 pub mod topology;
+pub mod tunnel;
+pub mod wire;
 
 pub use cp::ControlPlane;
 pub use mesh::MeshNode;

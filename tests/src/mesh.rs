@@ -61,6 +61,14 @@ pub fn workloads_yaml(pods: &[&Pod]) -> String {
         .join("---\n")
 }
 
+/// A `Service` document: `vip:port` goes to `target_port` of the workloads labelled
+/// `app: <app>`.
+pub fn service_yaml(name: &str, vip: &str, port: u16, target_port: u16, app: &str) -> String {
+    format!(
+        "apiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: default }}\nspec: {{ vips: ['{vip}'], ports: [{{ name: main, port: {port}, targetPort: {target_port} }}], selector: {{ app: {app} }} }}\n"
+    )
+}
+
 pub struct MeshNode {
     daemon: Daemon,
     pub admin: SocketAddr,
@@ -181,6 +189,28 @@ impl MeshNode {
 
     pub fn log(&self) -> String {
         self.daemon.log()
+    }
+
+    /// `GET /certs`: the serial of each certificate held, by SPIFFE ID.
+    pub fn cert_serials(&self) -> io::Result<BTreeMap<String, String>> {
+        Ok(http_get(self.admin, "/certs")?
+            .lines()
+            .filter_map(|l| {
+                let mut fields = l.split_whitespace();
+                let id = fields.next()?;
+                let serial = fields.next()?.strip_prefix("serial=")?;
+                Some((id.to_string(), serial.to_string()))
+            })
+            .collect())
+    }
+
+    /// Waits until the log contains `needle`; returns the whole log.
+    pub fn wait_log(&mut self, timeout: Duration, needle: &str) -> io::Result<String> {
+        let file = self.log_file.clone();
+        self.daemon.wait_until(timeout, needle, || {
+            let log = fs::read_to_string(&file).ok()?;
+            log.contains(needle).then_some(log)
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {

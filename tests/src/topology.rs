@@ -1,7 +1,7 @@
 //! A small cluster made of network namespaces on this machine.
 //!
 //! ```text
-//!   pod netns (eth0) ──veth── node netns (br0) ──veth── fabric netns (br0) ── other nodes
+//!   pod netns (eth0) ──veth── node netns (br0, uplink) ──veth── fabric netns (br0) ── other nodes
 //! ```
 //!
 //! Pods of node `i` live in `10.77.i.0/24` and `fd77:0:0:i::/64`; nodes join a fabric bridge on
@@ -25,6 +25,9 @@ use std::{
 
 /// Every Mycel topology name starts with this, so leftovers can be found and removed.
 pub const PREFIX: &str = "mycel-";
+/// A node's interface to the fabric that joins the nodes (not "up": `ip link add up` reads
+/// that as a flag).
+pub const UPLINK: &str = "uplink";
 /// Prefix of topologies made by tests; `cargo xtask up` uses `mycel-up`.
 pub const TEST_PREFIX: &str = "mycel-t";
 
@@ -231,17 +234,17 @@ impl Topology {
             if specs.len() > 1 {
                 let up = format!("n{n}");
                 ip(&[
-                    "-n", &node_ns, "link", "add", "up", "type", "veth", "peer", "name", &up,
+                    "-n", &node_ns, "link", "add", UPLINK, "type", "veth", "peer", "name", &up,
                     "netns", &fabric,
                 ])?;
                 ip(&["-n", &fabric, "link", "set", &up, "master", "br0", "up"])?;
                 add_addrs(
                     &node_ns,
-                    "up",
+                    UPLINK,
                     &format!("10.78.0.{}/24", n + 1),
                     &format!("fd78::{}/64", n + 1),
                 )?;
-                ip(&["-n", &node_ns, "link", "set", "up", "up"])?;
+                ip(&["-n", &node_ns, "link", "set", UPLINK, "up"])?;
                 for m in (0..specs.len()).filter(|m| *m != n) {
                     ip(&[
                         "-n",

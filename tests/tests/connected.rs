@@ -49,6 +49,7 @@ fn setup(test: &str) -> Setup {
 /// a → b over the mesh; the proxy must have forwarded it.
 fn call_b(s: &Setup) {
     let before = s.node.stat("proxy_forwarded");
+    let same_node_before = s.node.stat("proxy_same_node");
     let b = s.topo.pod("b");
     let out = app::run(
         s.topo.pod("a"),
@@ -57,6 +58,9 @@ fn call_b(s: &Setup) {
     );
     assert_eq!(out["status"], 200, "{out}");
     assert!(s.node.stat("proxy_forwarded") > before, "not proxied");
+    // Both pods are on this node: delivered directly, without a tunnel.
+    assert!(s.node.stat("proxy_same_node") > same_node_before);
+    assert_eq!(s.node.stat("tunnels_out"), 0);
 }
 
 #[test]

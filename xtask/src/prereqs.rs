@@ -5,8 +5,15 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context as _};
 
 /// Debian packages the end-to-end tests use: iproute2 (ip), bpftool, python3 (the test app),
-/// coreutils (sha256sum).
-const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "python3", "coreutils"];
+/// coreutils (sha256sum), tcpdump and tshark (what crosses the link between nodes).
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "python3",
+    "coreutils",
+    "tcpdump",
+    "tshark",
+];
 /// What `cargo install bpf-linker --features llvm-22` links against.
 const LLVM_PACKAGES: &[&str] = &[
     "llvm-22-dev",

@@ -1,13 +1,41 @@
 //! The node proxy: listeners inside each enrolled pod's netns and the connections they accept.
+//!
+//! - `outbound.rs`: connections a pod's application made (redirected by the connect hooks);
+//!   routed by `directory.rs` to a tunnel, to a pod on this node, or out unchanged.
+//! - `inbound.rs`: the pod's tunnel listener on :15008, and the checks every delivery to a
+//!   local pod passes, whether it came through a tunnel or from a pod on this node.
+//! - `relay.rs`: copying bytes with half-close and resets passed on.
 
+pub mod directory;
+pub mod inbound;
 pub mod outbound;
+pub mod relay;
 
-use std::sync::atomic::AtomicU64;
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use mesh_ebpf_common::PROXY_MARK;
+use std::future::Future;
+
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{capture::Capture, netns::NetnsWorker, workloads::WorkloadId};
+use directory::Directory;
 
 /// Totals over all pods, shown on the admin endpoint.
 #[derive(Debug, Default)]
 pub struct ProxyStats {
     pub accepted: AtomicU64,
+    /// Outbound connections sent on (through a tunnel, to a local pod, or out unchanged).
     pub forwarded: AtomicU64,
     /// Accepted connections with no original-destination record; reset.
     pub no_orig_dst: AtomicU64,
@@ -17,4 +45,191 @@ pub struct ProxyStats {
     pub reset: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// Outbound connections to a destination outside the mesh, sent unchanged.
+    pub passthrough: AtomicU64,
+    /// Outbound tunnels established (TLS done, destination answered OK).
+    pub tunnels_out: AtomicU64,
+    /// Outbound tunnels that failed: connect, handshake, or a refusal by the destination.
+    pub tunnels_out_failed: AtomicU64,
+    /// Outbound connections delivered to a pod on this node without TLS.
+    pub same_node: AtomicU64,
+    /// Inbound tunnels accepted and connected to the application.
+    pub tunnels_in: AtomicU64,
+    /// Inbound tunnels refused: handshake, bad header, identity mismatch, or no application.
+    pub tunnels_in_refused: AtomicU64,
+    /// Connections to a service VIP that found no reachable endpoint; reset.
+    pub no_endpoint: AtomicU64,
+}
+
+/// State every pod's listeners share: one per daemon.
+pub struct Shared {
+    pub capture: Arc<Capture>,
+    pub stats: Arc<ProxyStats>,
+    pub connect_timeout: Duration,
+    /// The current routing view; replaced whole when the mesh view changes.
+    pub directory: watch::Receiver<Arc<Directory>>,
+    /// Enrolled pods by workload, for deliveries between pods of this node.
+    pub local: RwLock<HashMap<WorkloadId, Arc<PodContext>>>,
+    health: EndpointHealth,
+    next_connection_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        capture: Arc<Capture>,
+        stats: Arc<ProxyStats>,
+        connect_timeout: Duration,
+        directory: watch::Receiver<Arc<Directory>>,
+    ) -> Self {
+        Self {
+            capture,
+            stats,
+            connect_timeout,
+            directory,
+            local: RwLock::default(),
+            health: EndpointHealth::default(),
+            // Unique per daemon run; the pid keeps ids from two runs apart in the logs.
+            next_connection_id: AtomicU64::new(u64::from(std::process::id()) << 32),
+        }
+    }
+
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.borrow().clone()
+    }
+
+    pub fn local_pod(&self, key: &str) -> Option<Arc<PodContext>> {
+        let (ns, name) = key.split_once('/')?;
+        self.local
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&WorkloadId::new(ns, name))
+            .cloned()
+    }
+
+    fn connection_id(&self) -> u64 {
+        self.next_connection_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// One enrolled pod: where its sockets are made, and what the shared state is.
+pub struct PodContext {
+    pub workload: WorkloadId,
+    pub netns: NetnsWorker,
+    pub netns_cookie: u64,
+    pub shared: Arc<Shared>,
+}
+
+impl PodContext {
+    /// Connects to `dst` from inside this pod's netns with a socket the connect hooks let
+    /// through (SO_MARK), giving up after the connect timeout.
+    pub async fn connect_marked(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let std_stream = self
+            .netns
+            .run(move || -> io::Result<std::net::TcpStream> {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(dst),
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )?;
+                s.set_mark(PROXY_MARK)?;
+                s.set_nonblocking(true)?;
+                Ok(s.into())
+            })
+            .await
+            .map_err(io::Error::other)??;
+        let socket = TcpSocket::from_std_stream(std_stream);
+        let timeout = self.shared.connect_timeout;
+        let stream = match tokio::time::timeout(timeout, socket.connect(dst)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {timeout:?}"),
+                ))
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+/// Binds a listener; call on the pod's netns thread.
+pub fn bind_in_netns(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // A restarted daemon must be able to bind while old accepted sockets linger in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Accepts on one of a pod's listeners until `shutdown` fires; each connection runs `handle`
+/// on `tracker`, so shutdown can drain them.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    ctx: Arc<PodContext>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<PodContext>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tracker.spawn(handle(stream, peer, ctx.clone()));
+            }
+            Err(e) => {
+                // Out of fds or memory: back off instead of spinning on the error.
+                let addr = listener.local_addr().ok();
+                tracing::warn!(workload = %ctx.workload, ?addr, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Service endpoints that failed recently are tried last for a while (passive health).
+#[derive(Default)]
+struct EndpointHealth {
+    failed_until: RwLock<HashMap<String, Instant>>,
+}
+
+impl EndpointHealth {
+    const HOLD_DOWN: Duration = Duration::from_secs(5);
+
+    fn is_healthy(&self, key: &str) -> bool {
+        let failed = self.failed_until.read().unwrap_or_else(|p| p.into_inner());
+        failed.get(key).is_none_or(|until| *until <= Instant::now())
+    }
+
+    fn failed(&self, key: &str) {
+        let mut failed = self.failed_until.write().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        failed.retain(|_, until| *until > now);
+        failed.insert(key.to_owned(), now + Self::HOLD_DOWN);
+    }
+
+    fn succeeded(&self, key: &str) {
+        if !self.is_healthy(key) {
+            self.failed_until
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(key);
+        }
+    }
 }

@@ -1,30 +1,33 @@
 //! Outbound: connections an enrolled pod's application made, redirected here by the connect
-//! hooks. Each is matched with its original destination and, for now, forwarded in plaintext
-//! from inside the pod's netns (the tunnel replaces this hop later).
+//! hooks. Each is matched with its original destination and routed by the directory: to a
+//! mesh workload on another node through a tunnel, to a pod on this node directly (no TLS,
+//! same checks), or, outside the mesh, on unchanged from inside the pod's netns.
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
-use mesh_ebpf_common::{OUTBOUND_PORT, PROXY_MARK};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
+use mesh_ebpf_common::OUTBOUND_PORT;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::{client::TlsStream, TlsConnector};
 
-use super::ProxyStats;
-use crate::{capture::Capture, netns::NetnsWorker, workloads::WorkloadId};
+use super::{
+    directory::{Directory, Route, Target},
+    inbound::{self, Delivery},
+    relay::{self, reset},
+    PodContext,
+};
+use crate::tunnel::{header, TUNNEL_PORT};
 
-/// Everything the outbound path of one pod needs.
-pub struct PodContext {
-    pub workload: WorkloadId,
-    pub netns: NetnsWorker,
-    pub netns_cookie: u64,
-    pub capture: Arc<Capture>,
-    pub stats: Arc<ProxyStats>,
-    pub connect_timeout: Duration,
-}
+/// Limit for the TLS handshake plus the header exchange, after the TCP connect.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Service endpoints tried per connection before giving up.
+const MAX_ENDPOINT_ATTEMPTS: usize = 3;
 
 /// Listener addresses inside every pod: the connect hooks rewrite to exactly these.
 pub fn listen_addrs() -> [SocketAddr; 2] {
@@ -34,54 +37,64 @@ pub fn listen_addrs() -> [SocketAddr; 2] {
     ]
 }
 
-/// Binds a listener; call on the pod's netns thread.
-pub fn bind_in_netns(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    // A restarted daemon must be able to bind while old accepted sockets linger in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
+/// Where an outbound connection was sent.
+enum Upstream {
+    Plain(TcpStream),
+    Tunnel(Box<TlsStream<TcpStream>>),
 }
 
-/// Accepts until `shutdown` fires; each connection runs on `tracker` so shutdown can drain them.
-pub async fn serve(
-    listener: TcpListener,
-    ctx: Arc<PodContext>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((client, peer)) => {
-                ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                let ctx = ctx.clone();
-                tracker.spawn(async move { handle(client, peer, &ctx).await });
-            }
-            Err(e) => {
-                // Out of fds or memory: back off instead of spinning on the error.
-                tracing::warn!(workload = %ctx.workload, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("connect to {addr} failed: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake { addr: SocketAddr, source: io::Error },
+    #[error("tunnel header exchange with {addr} failed: {source}")]
+    Header {
+        addr: SocketAddr,
+        source: header::HeaderError,
+    },
+    #[error("no answer from {addr} within {HANDSHAKE_TIMEOUT:?}")]
+    Timeout { addr: SocketAddr },
+    #[error("the destination refused ({status:?}): {reason}")]
+    Refused { status: Status, reason: String },
+    #[error("this pod has no certificate yet for {0}")]
+    NoSvid(String),
+    #[error("no trust bundle from the control plane yet")]
+    NoTrust,
+    #[error("this pod ({0}) is not in the mesh view")]
+    UnknownSource(String),
+    #[error("this pod has no {0} address to send from")]
+    NoSourceAddress(&'static str),
+    #[error("cannot build the TLS client: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+impl SendError {
+    /// Whether another endpoint of the same service might work.
+    fn try_next(&self) -> bool {
+        match self {
+            SendError::Connect { .. }
+            | SendError::Handshake { .. }
+            | SendError::Header { .. }
+            | SendError::Timeout { .. } => true,
+            SendError::Refused { status, .. } => *status == Status::UpstreamFailed,
+            _ => false,
         }
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, ctx: &PodContext) {
-    let Some(dst) = ctx.capture.original_destination(ctx.netns_cookie, peer) else {
-        ctx.stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
+/// One connection the pod's application made.
+pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
+    let ctx = &*ctx;
+    let stats = &ctx.shared.stats;
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let Some(dst) = ctx
+        .shared
+        .capture
+        .original_destination(ctx.netns_cookie, peer)
+    else {
+        stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             workload = %ctx.workload, %peer,
             "no original destination recorded for this connection (original-destination map full?); resetting it"
@@ -89,72 +102,196 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         reset(client);
         return;
     };
-    let upstream = match connect_upstream(ctx, dst).await {
-        Ok(s) => s,
+    let _ = client.set_nodelay(true);
+    let dir = ctx.shared.directory();
+    let upstream = match dir.route(dst) {
+        Route::Passthrough => match ctx.connect_marked(dst).await {
+            Ok(s) => {
+                stats.passthrough.fetch_add(1, Ordering::Relaxed);
+                Upstream::Plain(s)
+            }
+            Err(e) => {
+                stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    workload = %ctx.workload, %peer, %dst, error = %e,
+                    "upstream connect failed; resetting the client connection"
+                );
+                reset(client);
+                return;
+            }
+        },
+        Route::Workload(target) => match send(ctx, &dir, &target, peer).await {
+            Ok(up) => up,
+            Err(e) => {
+                fail(ctx, client, dst, &target, &e);
+                return;
+            }
+        },
+        Route::Service {
+            service,
+            candidates,
+        } => match send_to_service(ctx, &dir, &service, candidates, peer).await {
+            Some(up) => up,
+            None => {
+                stats.no_endpoint.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    workload = %ctx.workload, %dst, %service,
+                    "no endpoint of the service could be reached; resetting the client connection"
+                );
+                reset(client);
+                return;
+            }
+        },
+    };
+    stats.forwarded.fetch_add(1, Ordering::Relaxed);
+    let result = match upstream {
+        Upstream::Plain(s) => relay::relay(client, s).await,
+        Upstream::Tunnel(s) => relay::relay(client, *s).await,
+    };
+    match result {
+        Ok((sent, received)) => {
+            stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+            stats.bytes_received.fetch_add(received, Ordering::Relaxed);
+        }
         Err(e) => {
-            ctx.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                workload = %ctx.workload, %peer, %dst, error = %e,
-                "upstream connect failed; resetting the client connection"
-            );
-            reset(client);
-            return;
+            stats.reset.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(workload = %ctx.workload, %dst, error = %e, "relay ended with an error; both sides reset");
+        }
+    }
+}
+
+/// Tries the service's endpoints in the directory's order, those that failed recently last.
+async fn send_to_service(
+    ctx: &PodContext,
+    dir: &Directory,
+    service: &str,
+    mut candidates: Vec<Target>,
+    peer: SocketAddr,
+) -> Option<Upstream> {
+    let health = &ctx.shared.health;
+    // Stable: keeps the round-robin order within the healthy and the failed group.
+    candidates.sort_by_key(|t| !health.is_healthy(&t.peer.key));
+    for target in candidates.iter().take(MAX_ENDPOINT_ATTEMPTS) {
+        match send(ctx, dir, target, peer).await {
+            Ok(up) => {
+                health.succeeded(&target.peer.key);
+                return Some(up);
+            }
+            Err(e) => {
+                tracing::info!(
+                    workload = %ctx.workload, %service, endpoint = %target.peer.key,
+                    addr = %target.addr, error = %e, "service endpoint failed"
+                );
+                ctx.shared
+                    .stats
+                    .tunnels_out_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                if !e.try_next() {
+                    return None;
+                }
+                health.failed(&target.peer.key);
+            }
+        }
+    }
+    None
+}
+
+fn fail(ctx: &PodContext, client: TcpStream, dst: SocketAddr, target: &Target, e: &SendError) {
+    ctx.shared
+        .stats
+        .tunnels_out_failed
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        workload = %ctx.workload, %dst, destination = %target.peer.key, error = %e,
+        "cannot reach the destination; resetting the client connection"
+    );
+    reset(client);
+}
+
+/// Sends one connection to a mesh workload: directly when it is a pod on this node, through a
+/// tunnel otherwise.
+async fn send(
+    ctx: &PodContext,
+    dir: &Directory,
+    target: &Target,
+    app_peer: SocketAddr,
+) -> Result<Upstream, SendError> {
+    let me = ctx.workload.to_string();
+    let source = dir
+        .peer(&me)
+        .ok_or_else(|| SendError::UnknownSource(me.clone()))?;
+    let source_ip = source
+        .address_like(target.addr.ip())
+        .ok_or(SendError::NoSourceAddress(family(target.addr.ip())))?;
+    let delivery = Delivery {
+        source_identity: source.identity.clone(),
+        source: SocketAddr::new(source_ip, app_peer.port()),
+        destination: target.addr,
+        connection_id: ctx.shared.connection_id(),
+    };
+    if let Some(local) = ctx.shared.local_pod(&target.peer.key) {
+        let stream = inbound::deliver(&local, dir, &delivery)
+            .await
+            .map_err(|r| SendError::Refused {
+                status: r.status,
+                reason: r.reason,
+            })?;
+        ctx.shared.stats.same_node.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(workload = %me, destination = %target.peer.key, addr = %target.addr, id = delivery.connection_id, "delivered on this node");
+        return Ok(Upstream::Plain(stream));
+    }
+    let tls = dir.tls().ok_or(SendError::NoTrust)?;
+    let source_id = source.identity.to_string();
+    if !tls.has_svid(&source_id) {
+        return Err(SendError::NoSvid(source_id));
+    }
+    let config = tls.client(&source_id, target.peer.identity.clone())?;
+    let addr = SocketAddr::new(target.addr.ip(), TUNNEL_PORT);
+    let tcp = ctx
+        .connect_marked(addr)
+        .await
+        .map_err(|source| SendError::Connect { addr, source })?;
+    let open = async {
+        let mut tls = TlsConnector::from(config)
+            .connect(ServerName::IpAddress(target.addr.ip().into()), tcp)
+            .await
+            .map_err(|source| SendError::Handshake { addr, source })?;
+        let request = TunnelRequest {
+            destination_address: mesh_api::ip_to_bytes(target.addr.ip()),
+            destination_port: u32::from(target.addr.port()),
+            source_address: mesh_api::ip_to_bytes(source_ip),
+            source_port: u32::from(app_peer.port()),
+            connection_id: delivery.connection_id,
+        };
+        header::write(&mut tls, &request)
+            .await
+            .map_err(|e| SendError::Header {
+                addr,
+                source: e.into(),
+            })?;
+        let response: TunnelResponse = header::read(&mut tls)
+            .await
+            .map_err(|source| SendError::Header { addr, source })?;
+        match response.status() {
+            Status::Ok => Ok(tls),
+            status => Err(SendError::Refused {
+                status,
+                reason: response.reason,
+            }),
         }
     };
-    ctx.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    relay(client, upstream, ctx, dst).await;
-}
-
-/// Opens a socket in the pod's netns, marked so the connect hooks let it through, and
-/// connects it to the original destination.
-async fn connect_upstream(ctx: &PodContext, dst: SocketAddr) -> io::Result<TcpStream> {
-    let std_stream = ctx
-        .netns
-        .run(move || -> io::Result<std::net::TcpStream> {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(dst),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            s.set_mark(PROXY_MARK)?;
-            s.set_nonblocking(true)?;
-            Ok(s.into())
-        })
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, open)
         .await
-        .map_err(io::Error::other)??;
-    let socket = TcpSocket::from_std_stream(std_stream);
-    match tokio::time::timeout(ctx.connect_timeout, socket.connect(dst)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {:?}", ctx.connect_timeout),
-        )),
-    }
+        .map_err(|_| SendError::Timeout { addr })??;
+    ctx.shared.stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel open");
+    Ok(Upstream::Tunnel(Box::new(tls)))
 }
 
-/// Copies both ways. A FIN is passed on as a FIN (half-close); a reset or error on either side
-/// resets both, so neither peer mistakes a failure for a clean end of stream.
-async fn relay(mut client: TcpStream, mut upstream: TcpStream, ctx: &PodContext, dst: SocketAddr) {
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((sent, received)) => {
-            ctx.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-            ctx.stats
-                .bytes_received
-                .fetch_add(received, Ordering::Relaxed);
-        }
-        Err(e) => {
-            ctx.stats.reset.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(workload = %ctx.workload, %dst, error = %e, "relay ended with an error; resetting both sides");
-            reset(client);
-            reset(upstream);
-        }
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
     }
-}
-
-/// Closes with RST instead of FIN.
-fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
 }

@@ -1,7 +1,88 @@
 //! The node-to-node tunnel: TLS 1.3 on port 15008 between the source and destination pods'
-//! netns, each side presenting its workload's SVID.
+//! netns, each side presenting its workload's SVID, then one header each way (`header.rs`) and
+//! the application's bytes.
 //!
-//! This step has the TLS identity layer only (`tls.rs`); the listener, the header exchange and
-//! the relay that use it come next.
+//! Every tunnel does a full handshake: no pooling and no session resumption yet. A resumed
+//! session skips certificate verification, so a renewed certificate or a changed trust bundle
+//! would not show on it; the connection-rate work (issue 5) decides whether the saved
+//! handshake is worth that, with numbers.
 
+pub mod header;
 pub mod tls;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use mesh_model::SpiffeId;
+use rustls::{ClientConfig, ServerConfig};
+
+use crate::identity::SvidStore;
+pub use tls::Trust;
+
+/// The port every enrolled pod's tunnel listener binds.
+pub const TUNNEL_PORT: u16 = 15008;
+
+/// rustls configurations for one trust bundle, built on first use and shared by every tunnel
+/// with the same identities. Replaced as a whole when the trust bundle or domain changes.
+pub struct TlsConfigs {
+    trust: Trust,
+    svids: Arc<SvidStore>,
+    clients: Mutex<HashMap<(String, SpiffeId), Arc<ClientConfig>>>,
+    servers: Mutex<HashMap<String, Arc<ServerConfig>>>,
+}
+
+impl TlsConfigs {
+    pub fn new(trust: Trust, svids: Arc<SvidStore>) -> Self {
+        Self {
+            trust,
+            svids,
+            clients: Mutex::default(),
+            servers: Mutex::default(),
+        }
+    }
+
+    /// Whether this node holds a certificate for `identity` right now.
+    pub fn has_svid(&self, identity: &str) -> bool {
+        self.svids.get(identity).is_some()
+    }
+
+    /// For dialling a workload that must prove it is `expected`, as `source`.
+    pub fn client(
+        &self,
+        source: &str,
+        expected: SpiffeId,
+    ) -> Result<Arc<ClientConfig>, rustls::Error> {
+        let key = (source.to_owned(), expected);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let mut config = tls::client_config(self.current(source), &self.trust, key.1.clone())?;
+        config.resumption = rustls::client::Resumption::disabled();
+        let config = Arc::new(config);
+        clients.insert(key, config.clone());
+        Ok(config)
+    }
+
+    /// For accepting tunnels to a pod whose identity is `local`.
+    pub fn server(&self, local: &str) -> Result<Arc<ServerConfig>, rustls::Error> {
+        let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = servers.get(local) {
+            return Ok(s.clone());
+        }
+        let mut config = tls::server_config(self.current(local), &self.trust)?;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        let config = Arc::new(config);
+        servers.insert(local.to_owned(), config.clone());
+        Ok(config)
+    }
+
+    fn current(&self, identity: &str) -> tls::CurrentSvid {
+        let svids = self.svids.clone();
+        let identity = identity.to_owned();
+        tls::CurrentSvid::new(move || svids.get(&identity).map(|s| s.certified.clone()))
+    }
+}

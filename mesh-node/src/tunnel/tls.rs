@@ -6,13 +6,6 @@
 //! address; the server verifies the client's chain, requires a client certificate, and
 //! requires the mesh's trust domain. The verified client ID is read back with [`peer_identity`]
 //! for logs and policy.
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the tunnel listener and dialer that use this land next"
-    )
-)]
 
 use std::sync::Arc;
 
@@ -75,6 +68,13 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
         [uri] => Ok(uri.parse()?),
         many => Err(IdentityError::SeveralUris(many.len())),
     }
+}
+
+/// A certificate's serial number as `/certs` shows it (hex bytes joined by colons).
+pub fn serial(cert: &CertificateDer<'_>) -> Option<String> {
+    x509_parser::parse_x509_certificate(cert)
+        .ok()
+        .map(|(_, c)| c.raw_serial_as_string())
 }
 
 /// The verified peer's identity of an established connection.

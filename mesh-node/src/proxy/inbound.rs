@@ -1,0 +1,277 @@
+//! Inbound: deliveries to a pod on this node. A tunnel from another node arrives on the pod's
+//! listener at :15008 (TLS with the pod's SVID, client certificate required); a connection from
+//! a pod on this node arrives from the outbound side without TLS. Both pass [`deliver`]: the
+//! destination's checks, then a connection to the application from inside the pod's netns.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
+use mesh_model::SpiffeId;
+use tokio::net::TcpStream;
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
+
+use super::{
+    directory::Directory,
+    relay::{self, reset},
+    PodContext,
+};
+use crate::tunnel::{
+    header,
+    tls::{peer_identity, serial},
+    TUNNEL_PORT,
+};
+
+/// Limit for the TLS handshake plus the client's header.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tunnel listener's addresses inside every pod.
+pub fn listen_addrs() -> [SocketAddr; 2] {
+    [
+        SocketAddr::from(([0, 0, 0, 0], TUNNEL_PORT)),
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, TUNNEL_PORT)),
+    ]
+}
+
+/// One connection for a local pod, as the destination's checks see it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Verified: from the tunnel's client certificate, or this node's own view for a local pod.
+    pub source_identity: SpiffeId,
+    /// The application's source address and port.
+    pub source: SocketAddr,
+    /// Address and port in the destination pod.
+    pub destination: SocketAddr,
+    pub connection_id: u64,
+}
+
+/// Why a delivery was not made; sent back to a tunnel client and logged.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: Status,
+    pub reason: String,
+}
+
+impl Refusal {
+    fn new(status: Status, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The destination's checks for `d` into `pod`, then a connection to its application.
+pub async fn deliver(
+    pod: &PodContext,
+    dir: &Directory,
+    d: &Delivery,
+) -> Result<TcpStream, Refusal> {
+    let key = pod.workload.to_string();
+    let me = dir.peer(&key).ok_or_else(|| {
+        Refusal::new(
+            Status::BadRequest,
+            format!("{key} is not in this node's mesh view"),
+        )
+    })?;
+    if !me.addresses.contains(&d.destination.ip()) || d.destination.port() == 0 {
+        return Err(Refusal::new(
+            Status::BadRequest,
+            format!("{} is not an address of {key}", d.destination),
+        ));
+    }
+    let source = dir.peer_by_addr(d.source.ip()).ok_or_else(|| {
+        Refusal::new(
+            Status::Denied,
+            format!("source address {} is not a mesh workload", d.source.ip()),
+        )
+    })?;
+    if source.identity != d.source_identity {
+        return Err(Refusal::new(
+            Status::Denied,
+            format!(
+                "source address {} belongs to {} ({}), not to {}",
+                d.source.ip(),
+                source.key,
+                source.identity,
+                d.source_identity
+            ),
+        ));
+    }
+    // Authorization policy is evaluated here (issue 4).
+    pod.connect_marked(d.destination).await.map_err(|e| {
+        pod.shared
+            .stats
+            .upstream_failed
+            .fetch_add(1, Ordering::Relaxed);
+        Refusal::new(
+            Status::UpstreamFailed,
+            format!("connect to {} failed: {e}", d.destination),
+        )
+    })
+}
+
+/// One tunnel from another node.
+pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
+    let ctx = &*ctx;
+    let stats = &ctx.shared.stats;
+    let refused = |reason: &dyn std::fmt::Display| {
+        stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(workload = %ctx.workload, %peer, %reason, "tunnel refused");
+    };
+    let _ = tcp.set_nodelay(true);
+    let dir = ctx.shared.directory();
+    let key = ctx.workload.to_string();
+    let (Some(me), Some(tls)) = (dir.peer(&key), dir.tls()) else {
+        refused(&"this node has no mesh view or trust bundle for the pod yet");
+        reset(tcp);
+        return;
+    };
+    let local_id = me.identity.to_string();
+    if !tls.has_svid(&local_id) {
+        refused(&format!("this node has no certificate for {local_id} yet"));
+        reset(tcp);
+        return;
+    }
+    let config = match tls.server(&local_id) {
+        Ok(c) => c,
+        Err(e) => {
+            refused(&format!("cannot build the TLS server: {e}"));
+            reset(tcp);
+            return;
+        }
+    };
+    let accept = async {
+        let mut stream = TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let request: TunnelRequest = header::read(&mut stream)
+            .await
+            .map_err(|e| format!("no valid tunnel header: {e}"))?;
+        Ok::<_, String>((stream, request))
+    };
+    let (mut stream, request) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(reason)) => return refused(&reason),
+        Err(_) => {
+            return refused(&format!(
+                "no handshake and header within {HANDSHAKE_TIMEOUT:?}"
+            ))
+        }
+    };
+    let peer_certs = stream.get_ref().1.peer_certificates();
+    let client = match peer_identity(peer_certs) {
+        Ok(id) => id,
+        // The verifier already required a SPIFFE ID; this is a belt-and-braces check.
+        Err(e) => return refused(&format!("no client identity: {e}")),
+    };
+    let client_serial = peer_certs
+        .and_then(|c| c.first())
+        .and_then(serial)
+        .unwrap_or_default();
+    let outcome = match parse(&request, client.clone()) {
+        Ok(d) => check_tunnel_source(&dir, peer.ip(), &d)
+            .map(|()| d)
+            .map_err(|r| (r, None)),
+        Err(r) => Err((r, None)),
+    };
+    let outcome = match outcome {
+        Ok(d) => match deliver(ctx, &dir, &d).await {
+            Ok(upstream) => Ok((d, upstream)),
+            Err(r) => Err((r, Some(d))),
+        },
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok((d, upstream)) => {
+            if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
+                refused(&format!("the client went away: {e}"));
+                reset(upstream);
+                return;
+            }
+            stats.tunnels_in.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                workload = %ctx.workload, client = %client, %client_serial, source = %d.source,
+                destination = %d.destination, id = d.connection_id, "tunnel accepted"
+            );
+            relay_tunnel(ctx, stream, upstream).await;
+        }
+        Err((refusal, d)) => {
+            stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                workload = %ctx.workload, %peer, client = %client,
+                id = d.as_ref().map(|d| d.connection_id),
+                status = ?refusal.status, reason = %refusal.reason, "tunnel refused"
+            );
+            let _ = header::write(&mut stream, &response(refusal.status, &refusal.reason)).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        }
+    }
+}
+
+async fn relay_tunnel(ctx: &PodContext, stream: TlsStream<TcpStream>, upstream: TcpStream) {
+    if let Err(e) = relay::relay(stream, upstream).await {
+        ctx.shared.stats.reset.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
+    }
+}
+
+fn response(status: Status, reason: &str) -> TunnelResponse {
+    TunnelResponse {
+        status: status as i32,
+        reason: reason.to_owned(),
+    }
+}
+
+fn parse(req: &TunnelRequest, client: SpiffeId) -> Result<Delivery, Refusal> {
+    let ip = |bytes: &[u8], what: &str| {
+        mesh_api::ip_from_bytes(bytes).ok_or_else(|| {
+            Refusal::new(
+                Status::BadRequest,
+                format!("{what} address has {} bytes", bytes.len()),
+            )
+        })
+    };
+    let port = |p: u32, what: &str| {
+        u16::try_from(p).map_err(|_| {
+            Refusal::new(
+                Status::BadRequest,
+                format!("{what} port {p} is out of range"),
+            )
+        })
+    };
+    Ok(Delivery {
+        source_identity: client,
+        source: SocketAddr::new(
+            ip(&req.source_address, "source")?,
+            port(req.source_port, "source")?,
+        ),
+        destination: SocketAddr::new(
+            ip(&req.destination_address, "destination")?,
+            port(req.destination_port, "destination")?,
+        ),
+        connection_id: req.connection_id,
+    })
+}
+
+/// The tunnel's own TCP source must be the workload the header names as the source.
+fn check_tunnel_source(dir: &Directory, tcp_peer: IpAddr, d: &Delivery) -> Result<(), Refusal> {
+    let from = dir.peer_by_addr(tcp_peer).map(|p| p.key.as_str());
+    let claimed = dir.peer_by_addr(d.source.ip()).map(|p| p.key.as_str());
+    if from.is_some() && from == claimed {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            Status::Denied,
+            format!(
+                "the tunnel comes from {tcp_peer} ({}) but names {} as its source",
+                from.unwrap_or("not a mesh workload"),
+                d.source.ip()
+            ),
+        ))
+    }
+}

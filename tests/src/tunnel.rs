@@ -1,0 +1,243 @@
+//! A hand-made tunnel client: dials a pod's :15008 from inside a chosen netns with any
+//! certificate (or none), to check what a destination node accepts and refuses. It trusts any
+//! server certificate and hands it back for the test to inspect.
+
+use std::{
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_api::v1::{TunnelRequest, TunnelResponse};
+use prost::Message as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
+    ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned,
+};
+
+/// A CA that can issue arbitrary workload certificates: the mesh's own (loaded from mesh-cp's
+/// data dir) or a foreign one.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate chain and its key.
+pub struct Issued {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl TestCa {
+    /// mesh-cp's CA from its data dir (`ca.crt`, `ca.key`).
+    pub fn load(data_dir: &Path) -> io::Result<Self> {
+        let cert = fs::read_to_string(data_dir.join("ca.crt"))?;
+        let key = KeyPair::from_pem(&fs::read_to_string(data_dir.join("ca.key"))?)
+            .map_err(io::Error::other)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert, key).map_err(io::Error::other)?;
+        Ok(Self { issuer })
+    }
+
+    /// A new CA the mesh does not trust.
+    pub fn foreign() -> Self {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Self {
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A workload certificate for `spiffe_id`, valid from `from` to `until`.
+    pub fn issue(
+        &self,
+        spiffe_id: &str,
+        from: time::OffsetDateTime,
+        until: time::OffsetDateTime,
+    ) -> Issued {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("uri"))];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = from;
+        params.not_after = until;
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Issued {
+            chain: vec![cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        }
+    }
+
+    /// Valid for an hour from a minute ago.
+    pub fn issue_valid(&self, spiffe_id: &str) -> Issued {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue(
+            spiffe_id,
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
+    }
+}
+
+/// What one tunnel attempt got.
+pub struct Outcome {
+    /// The certificate the server presented, if the handshake got that far.
+    pub server_cert: Option<CertificateDer<'static>>,
+    /// The server's answer to the header, or the error that ended the attempt.
+    pub response: Result<TunnelResponse, String>,
+    /// When the answer was OK: the open tunnel, for application bytes.
+    pub stream: Option<StreamOwned<ClientConnection, TcpStream>>,
+}
+
+/// Connects to `dst` from inside `netns`, does the TLS handshake presenting `cert`, sends
+/// `request` and reads the answer.
+pub fn dial(
+    netns: &Path,
+    dst: SocketAddr,
+    cert: Option<&Issued>,
+    request: &TunnelRequest,
+) -> io::Result<Outcome> {
+    let tcp = connect_in(netns, dst)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let provider = Arc::new(ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let config = match cert {
+        Some(c) => builder
+            .with_client_auth_cert(c.chain.clone(), PrivateKeyDer::Pkcs8(c.key.clone_key()))
+            .map_err(io::Error::other)?,
+        None => builder.with_no_client_auth(),
+    };
+    let conn = ClientConnection::new(Arc::new(config), ServerName::IpAddress(dst.ip().into()))
+        .map_err(io::Error::other)?;
+    let mut tls = StreamOwned::new(conn, tcp);
+    let exchange =
+        |tls: &mut StreamOwned<ClientConnection, TcpStream>| -> io::Result<TunnelResponse> {
+            tls.write_all(&request.encode_length_delimited_to_vec())?;
+            tls.flush()?;
+            let mut len = 0usize;
+            for shift in [0, 7] {
+                let mut b = [0u8];
+                tls.read_exact(&mut b)?;
+                len |= usize::from(b[0] & 0x7f) << shift;
+                if b[0] & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut buf = vec![0u8; len];
+            tls.read_exact(&mut buf)?;
+            TunnelResponse::decode(buf.as_slice()).map_err(io::Error::other)
+        };
+    let response = exchange(&mut tls).map_err(|e| e.to_string());
+    let server_cert = tls
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned());
+    let ok = response
+        .as_ref()
+        .is_ok_and(|r| r.status() == mesh_api::v1::tunnel_response::Status::Ok);
+    Ok(Outcome {
+        server_cert,
+        response,
+        stream: ok.then_some(tls),
+    })
+}
+
+/// A TCP connection made from inside `netns` (the socket stays in that netns).
+pub fn connect_in(netns: &Path, dst: SocketAddr) -> io::Result<TcpStream> {
+    let file = fs::File::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on an fd we own; only this short-lived thread changes namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+        })
+        .join()
+        .map_err(|_| io::Error::other("connect thread panicked"))?
+    })
+}
+
+/// The SPIFFE ID and serial (as mesh-node's `/certs` prints it) of a certificate.
+pub fn describe(cert: &CertificateDer<'_>) -> (String, String) {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).expect("certificate");
+    let uri = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+        })
+        .unwrap_or_default();
+    (uri, parsed.raw_serial_as_string())
+}
+
+#[derive(Debug)]
+struct AnyServer(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
