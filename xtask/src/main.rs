@@ -133,14 +133,19 @@ fn clean() -> anyhow::Result<()> {
                 .to_string_lossy()
                 .starts_with(mesh_tests::topology::PREFIX)
             {
-                std::fs::remove_dir_all(e.path())
-                    .with_context(|| format!("cannot remove {}", e.path().display()))?;
+                // Scratch dirs of daemons, and loose files such as kept captures.
+                let removed = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(e.path())
+                } else {
+                    std::fs::remove_file(e.path())
+                };
+                removed.with_context(|| format!("cannot remove {}", e.path().display()))?;
                 files += 1;
             }
         }
     }
     println!(
-        "xtask: removed {} namespaces, {} cgroups, {files} temp dirs",
+        "xtask: removed {} namespaces, {} cgroups, {files} temp files and dirs",
         cleaned.namespaces.len(),
         cleaned.cgroups.len()
     );
