@@ -378,3 +378,41 @@ fn certificates_rotate_under_a_long_lived_connection() {
     assert!(out["rounds"].as_u64() >= Some(40), "{out}");
     assert!(m.n1.log().contains("certificate obtained"));
 }
+
+#[test]
+fn tunnels_keep_working_while_the_control_plane_is_away() {
+    let mut m = mesh("outage", "");
+    let server = m.topo.pod("server").ipv4.to_string();
+    let linger = app::start(
+        m.topo.pod("client"),
+        &["linger", &server, &PORT.to_string(), "34"],
+    )
+    .expect("linger");
+    m.cp.pause().expect("stop mesh-cp");
+    for node in [&mut m.n1, &mut m.n2] {
+        node.wait_for(T, |s| s["cp_connected"] == 0)
+            .expect("the node notices the outage");
+    }
+    // 30 s without a control plane: new tunnels between known workloads, by pod IP and VIP.
+    let away = std::time::Instant::now();
+    while away.elapsed() < Duration::from_secs(30) {
+        for url in [
+            format!("http://{server}:{PORT}/blob/1000"),
+            format!("http://{VIP}:{VIP_PORT}/blob/1000"),
+        ] {
+            let out = get(&m, &url);
+            assert_eq!(out["status"], 200, "{url} during the outage: {out}");
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    m.cp.resume().expect("restart mesh-cp");
+    for node in [&mut m.n1, &mut m.n2] {
+        node.wait_for(T, |s| s["cp_connected"] == 1)
+            .expect("the node reconnects");
+    }
+    // The connection opened before the outage lived through it.
+    let out = app::finish(linger, T);
+    assert_eq!(out["error"], serde_json::Value::Null, "{out}");
+    assert_eq!(out["failed"], 0, "{out}");
+    assert!(m.n1.stat("tunnels_out") >= 11);
+}
