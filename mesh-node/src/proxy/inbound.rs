@@ -173,20 +173,13 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         .and_then(|c| c.first())
         .and_then(serial)
         .unwrap_or_default();
-    let outcome = match parse(&request, client.clone()) {
-        Ok(d) => check_tunnel_source(&dir, peer.ip(), &d)
-            .map(|()| d)
-            .map_err(|r| (r, None)),
-        Err(r) => Err((r, None)),
+    let admitted = async {
+        let d = parse(&request, client.clone())?;
+        check_tunnel_source(&dir, peer.ip(), &d)?;
+        let upstream = deliver(ctx, &dir, &d).await?;
+        Ok::<_, Refusal>((d, upstream))
     };
-    let outcome = match outcome {
-        Ok(d) => match deliver(ctx, &dir, &d).await {
-            Ok(upstream) => Ok((d, upstream)),
-            Err(r) => Err((r, Some(d))),
-        },
-        Err(e) => Err(e),
-    };
-    match outcome {
+    match admitted.await {
         Ok((d, upstream)) => {
             if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
                 refused(&format!("the client went away: {e}"));
@@ -200,11 +193,10 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             );
             relay_tunnel(ctx, stream, upstream).await;
         }
-        Err((refusal, d)) => {
+        Err(refusal) => {
             stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
-                workload = %ctx.workload, %peer, client = %client,
-                id = d.as_ref().map(|d| d.connection_id),
+                workload = %ctx.workload, %peer, client = %client, id = request.connection_id,
                 status = ?refusal.status, reason = %refusal.reason, "tunnel refused"
             );
             let _ = header::write(&mut stream, &response(refusal.status, &refusal.reason)).await;
@@ -273,5 +265,45 @@ fn check_tunnel_source(dir: &Directory, tcp_peer: IpAddr, d: &Delivery) -> Resul
                 d.source.ip()
             ),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> TunnelRequest {
+        TunnelRequest {
+            destination_address: vec![10, 0, 0, 2],
+            destination_port: 8080,
+            source_address: vec![10, 0, 0, 1],
+            source_port: 40000,
+            connection_id: 9,
+        }
+    }
+
+    fn client() -> SpiffeId {
+        "spiffe://cluster.local/ns/default/sa/a".parse().unwrap()
+    }
+
+    #[test]
+    fn parses_a_well_formed_header() {
+        let d = parse(&request(), client()).unwrap();
+        assert_eq!(d.source, "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(d.destination, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(d.connection_id, 9);
+    }
+
+    #[test]
+    fn malformed_headers_are_bad_requests_naming_the_field() {
+        let mut short = request();
+        short.source_address = vec![10, 0, 0];
+        let mut big_port = request();
+        big_port.destination_port = 70_000;
+        for (req, field) in [(short, "source address"), (big_port, "destination port")] {
+            let r = parse(&req, client()).unwrap_err();
+            assert_eq!(r.status, Status::BadRequest);
+            assert!(r.reason.contains(field), "{}", r.reason);
+        }
     }
 }
