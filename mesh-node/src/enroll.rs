@@ -1,9 +1,9 @@
 //! Keeps the set of captured pods equal to the desired set of workloads.
 //!
 //! For each pod: a thread in its netns, outbound listeners on loopback there, the tunnel
-//! listener on :15008 (connected mode), and its netns cookie in the `ENROLLED` map. [`Enroller::apply`] prepares everything a new set needs before
-//! changing anything, so a bad set (a missing netns, a port already taken) leaves the current
-//! one untouched.
+//! listener on :15008 (connected mode), and its netns cookie in the `ENROLLED` map.
+//! [`Enroller::apply`] prepares everything a new set needs before changing anything, so a bad
+//! set (a missing netns, a port already taken) leaves the current one untouched.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 

@@ -19,13 +19,13 @@ use crate::{
     control::MeshView,
     identity::SvidStore,
     tunnel::{TlsConfigs, Trust},
+    workloads::WorkloadId,
 };
 
 /// A mesh workload as the proxy needs it.
 #[derive(Debug)]
 pub struct Peer {
-    /// `namespace/name`.
-    pub key: String,
+    pub key: WorkloadId,
     pub identity: SpiffeId,
     pub addresses: Vec<IpAddr>,
 }
@@ -68,7 +68,7 @@ struct ServiceEntry {
 
 #[derive(Default)]
 pub struct Directory {
-    peers: HashMap<String, Arc<Peer>>,
+    peers: HashMap<WorkloadId, Arc<Peer>>,
     by_addr: HashMap<IpAddr, Arc<Peer>>,
     by_vip: HashMap<SocketAddr, ServiceEntry>,
     /// None until a view with a usable trust bundle arrives (always None in offline mode).
@@ -87,8 +87,9 @@ impl Directory {
                     continue;
                 }
             };
+            let id = WorkloadId::new(&w.namespace, &w.name);
             let peer = Arc::new(Peer {
-                key: key.clone(),
+                key: id.clone(),
                 identity,
                 addresses: w
                     .addresses
@@ -99,7 +100,7 @@ impl Directory {
             for a in &peer.addresses {
                 by_addr.insert(*a, peer.clone());
             }
-            peers.insert(key.clone(), peer);
+            peers.insert(id, peer);
         }
         let mut by_vip = HashMap::new();
         for (key, s) in &view.services {
@@ -174,7 +175,7 @@ impl Directory {
         }
     }
 
-    pub fn peer(&self, key: &str) -> Option<&Arc<Peer>> {
+    pub fn peer(&self, key: &WorkloadId) -> Option<&Arc<Peer>> {
         self.peers.get(key)
     }
 
@@ -202,11 +203,15 @@ pub async fn follow(
     }
 }
 
-fn endpoints(service: &v1::Service, peers: &HashMap<String, Arc<Peer>>) -> Vec<Arc<Peer>> {
+/// The service's endpoints (`namespace/name` keys on the wire) that the view knows.
+fn endpoints(service: &v1::Service, peers: &HashMap<WorkloadId, Arc<Peer>>) -> Vec<Arc<Peer>> {
     service
         .endpoints
         .iter()
-        .filter_map(|key| peers.get(key).cloned())
+        .filter_map(|key| {
+            let (ns, name) = key.split_once('/')?;
+            peers.get(&WorkloadId::new(ns, name)).cloned()
+        })
         .collect()
 }
 
@@ -263,7 +268,7 @@ mod tests {
         let dir = Directory::new(&view(), Arc::default());
         match dir.route(addr("10.0.0.2:9000")) {
             Route::Workload(t) => {
-                assert_eq!(t.peer.key, "default/b");
+                assert_eq!(t.peer.key, WorkloadId::new("default", "b"));
                 assert_eq!(t.addr, addr("10.0.0.2:9000"));
             }
             other => panic!("{other:?}"),

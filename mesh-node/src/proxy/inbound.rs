@@ -70,8 +70,8 @@ pub async fn deliver(
     dir: &Directory,
     d: &Delivery,
 ) -> Result<TcpStream, Refusal> {
-    let key = pod.workload.to_string();
-    let me = dir.peer(&key).ok_or_else(|| {
+    let key = &pod.workload;
+    let me = dir.peer(key).ok_or_else(|| {
         Refusal::new(
             Status::BadRequest,
             format!("{key} is not in this node's mesh view"),
@@ -124,8 +124,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     let _ = tcp.set_nodelay(true);
     let dir = ctx.shared.directory();
-    let key = ctx.workload.to_string();
-    let (Some(me), Some(tls)) = (dir.peer(&key), dir.tls()) else {
+    let (Some(me), Some(tls)) = (dir.peer(&ctx.workload), dir.tls()) else {
         refused(&"this node has no mesh view or trust bundle for the pod yet");
         reset(tcp);
         return;
@@ -252,8 +251,8 @@ fn parse(req: &TunnelRequest, client: SpiffeId) -> Result<Delivery, Refusal> {
 
 /// The tunnel's own TCP source must be the workload the header names as the source.
 fn check_tunnel_source(dir: &Directory, tcp_peer: IpAddr, d: &Delivery) -> Result<(), Refusal> {
-    let from = dir.peer_by_addr(tcp_peer).map(|p| p.key.as_str());
-    let claimed = dir.peer_by_addr(d.source.ip()).map(|p| p.key.as_str());
+    let from = dir.peer_by_addr(tcp_peer).map(|p| &p.key);
+    let claimed = dir.peer_by_addr(d.source.ip()).map(|p| &p.key);
     if from.is_some() && from == claimed {
         Ok(())
     } else {
@@ -261,7 +260,7 @@ fn check_tunnel_source(dir: &Directory, tcp_peer: IpAddr, d: &Delivery) -> Resul
             Status::Denied,
             format!(
                 "the tunnel comes from {tcp_peer} ({}) but names {} as its source",
-                from.unwrap_or("not a mesh workload"),
+                from.map_or_else(|| "not a mesh workload".to_owned(), ToString::to_string),
                 d.source.ip()
             ),
         ))

@@ -97,12 +97,11 @@ impl Shared {
         self.directory.borrow().clone()
     }
 
-    pub fn local_pod(&self, key: &str) -> Option<Arc<PodContext>> {
-        let (ns, name) = key.split_once('/')?;
+    pub fn local_pod(&self, key: &WorkloadId) -> Option<Arc<PodContext>> {
         self.local
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&WorkloadId::new(ns, name))
+            .get(key)
             .cloned()
     }
 
@@ -127,13 +126,8 @@ impl PodContext {
         let std_stream = self
             .netns
             .run(move || -> io::Result<std::net::TcpStream> {
-                let s = socket2::Socket::new(
-                    socket2::Domain::for_address(dst),
-                    socket2::Type::STREAM,
-                    Some(socket2::Protocol::TCP),
-                )?;
+                let s = tcp_socket(dst)?;
                 s.set_mark(PROXY_MARK)?;
-                s.set_nonblocking(true)?;
                 Ok(s.into())
             })
             .await
@@ -154,19 +148,25 @@ impl PodContext {
     }
 }
 
-/// Binds a listener; call on the pod's netns thread.
-pub fn bind_in_netns(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A non-blocking TCP socket for `addr`'s family, in the calling thread's netns.
+fn tcp_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Binds a listener; call on the pod's netns thread.
+pub fn bind_in_netns(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = tcp_socket(addr)?;
     // A restarted daemon must be able to bind while old accepted sockets linger in TIME_WAIT.
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
@@ -206,25 +206,25 @@ pub async fn serve<F, Fut>(
 /// Service endpoints that failed recently are tried last for a while (passive health).
 #[derive(Default)]
 struct EndpointHealth {
-    failed_until: RwLock<HashMap<String, Instant>>,
+    failed_until: RwLock<HashMap<WorkloadId, Instant>>,
 }
 
 impl EndpointHealth {
     const HOLD_DOWN: Duration = Duration::from_secs(5);
 
-    fn is_healthy(&self, key: &str) -> bool {
+    fn is_healthy(&self, key: &WorkloadId) -> bool {
         let failed = self.failed_until.read().unwrap_or_else(|p| p.into_inner());
         failed.get(key).is_none_or(|until| *until <= Instant::now())
     }
 
-    fn failed(&self, key: &str) {
+    fn failed(&self, key: &WorkloadId) {
         let mut failed = self.failed_until.write().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         failed.retain(|_, until| *until > now);
-        failed.insert(key.to_owned(), now + Self::HOLD_DOWN);
+        failed.insert(key.clone(), now + Self::HOLD_DOWN);
     }
 
-    fn succeeded(&self, key: &str) {
+    fn succeeded(&self, key: &WorkloadId) {
         if !self.is_healthy(key) {
             self.failed_until
                 .write()

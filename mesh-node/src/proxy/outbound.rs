@@ -216,10 +216,10 @@ async fn send(
     target: &Target,
     app_peer: SocketAddr,
 ) -> Result<Upstream, SendError> {
-    let me = ctx.workload.to_string();
+    let me = &ctx.workload;
     let source = dir
-        .peer(&me)
-        .ok_or_else(|| SendError::UnknownSource(me.clone()))?;
+        .peer(me)
+        .ok_or_else(|| SendError::UnknownSource(me.to_string()))?;
     let source_ip = source
         .address_like(target.addr.ip())
         .ok_or(SendError::NoSourceAddress(family(target.addr.ip())))?;
