@@ -4,6 +4,8 @@ pub mod v1 {
     tonic::include_proto!("mycel.v1");
 }
 
+pub mod policy;
+
 use std::net::IpAddr;
 
 /// Encodes an address as the 4 or 16 raw bytes the protocol carries.
@@ -76,6 +78,10 @@ pub mod keys {
 
     pub fn service(namespace: &str, name: &str) -> String {
         format!("service/{namespace}/{name}")
+    }
+
+    pub fn policy(namespace: &str, name: &str) -> String {
+        format!("policy/{namespace}/{name}")
     }
 }
 

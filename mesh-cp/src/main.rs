@@ -2,6 +2,7 @@
 //! configuration, signs workload certificates, and streams each node its slice of the config.
 
 mod ca;
+mod explain;
 mod grpc;
 mod server;
 mod slice;
@@ -47,11 +48,45 @@ enum Command {
     /// Manage the join tokens nodes authenticate with (universal mode).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Show whether a connection from one workload to another would be allowed, and which
+    /// policy and rule decide it: the same evaluation the destination node runs.
+    ///
+    /// Reads a config dir (offline), or asks a running control plane (--cp, its HTTP status
+    /// address; the default). The first line is the verdict: ALLOW or DENY.
+    Explain(ExplainArgs),
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// The client workload, NAMESPACE/NAME.
+    #[arg(long)]
+    from: String,
+    /// The destination workload, NAMESPACE/NAME.
+    #[arg(long)]
+    to: String,
+    /// Destination port on the workload (after any service port mapping).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: u16,
+    /// Evaluate this config dir instead of asking a control plane.
+    #[arg(long, conflicts_with = "cp")]
+    config_dir: Option<PathBuf>,
+    /// HTTP status address of a running control plane.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    cp: SocketAddr,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Directory of MeshConfig, Workload and Service documents (*.yaml, *.yml).
+    /// Directory of MeshConfig, Workload, Service and AccessPolicy documents (*.yaml, *.yml).
     #[arg(long)]
     config_dir: PathBuf,
     /// Directory for the CA (ca.crt, ca.key) and join tokens; created if missing.
@@ -120,6 +155,7 @@ fn main() {
             .context("cannot start the async runtime")
             .and_then(|rt| rt.block_on(serve(args))),
         Command::Token(cmd) => token(cmd),
+        Command::Explain(args) => run_explain(args),
     };
     if let Err(e) = result {
         eprintln!("mesh-cp: error: {e:#}");
@@ -139,6 +175,23 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
+    let from = explain::parse_key(&args.from).context("--from")?;
+    let to = explain::parse_key(&args.to).context("--to")?;
+    let explanation = match &args.config_dir {
+        Some(dir) => {
+            let config = mesh_model::load_dir(dir)?;
+            explain::explain(&config, &from, &to, args.port)?
+        }
+        None => explain::fetch(args.cp, &args.from, &args.to, args.port)?,
+    };
+    match args.output {
+        OutputFormat::Text => print!("{}", explain::render(&explanation)),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+    }
+    Ok(())
 }
 
 fn ensure_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {

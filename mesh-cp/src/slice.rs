@@ -3,6 +3,8 @@
 //! A node gets the mesh settings, the trust bundle, every workload (the netns path only for its
 //! own) and every service with its resolved endpoints: enough to capture its pods and to route
 //! to any destination. Netns paths of other nodes' workloads are host details it has no use for.
+//! Access policies go only to nodes where they select a workload, with the keys of those
+//! workloads: the node enforces inbound and needs nothing else.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +30,7 @@ pub fn node_slice(config: &Config, roots: &[CertificateDer<'_>], node: &str) -> 
         v1::resource::Kind::Mesh(v1::MeshSettings {
             trust_domain: config.mesh.trust_domain.clone(),
             cert_ttl_seconds: config.mesh.cert_ttl.as_secs(),
+            default_action: mesh_api::policy::action_to_proto(config.mesh.default_action).into(),
         }),
     );
     put(
@@ -78,6 +81,19 @@ pub fn node_slice(config: &Config, roots: &[CertificateDer<'_>], node: &str) -> 
                 endpoints: config.endpoints(s).map(|w| w.key.to_string()).collect(),
             }),
         );
+    }
+    for p in config.policies.values() {
+        let selected: Vec<String> = config
+            .selected_by(p)
+            .filter(|w| w.node == node)
+            .map(|w| w.key.to_string())
+            .collect();
+        if !selected.is_empty() {
+            put(
+                keys::policy(&p.key.namespace, &p.key.name),
+                v1::resource::Kind::Policy(mesh_api::policy::to_proto(p, selected)),
+            );
+        }
     }
     out
 }
@@ -148,5 +164,31 @@ mod tests {
         let (up, rm) = diff(&after, &before);
         assert_eq!(up.len(), 1);
         assert_eq!(rm, ["workload/default/c"]);
+    }
+
+    #[test]
+    fn policies_go_only_where_they_select_a_workload() {
+        let policy = "---\napiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: only-b}\nspec: {selector: {matchLabels: {app: b}}, action: Deny, rules: [{ports: [80]}]}\n";
+        let c = config(policy);
+        assert!(!node_slice(&c, &[], "n1").contains_key("policy/default/only-b"));
+        match &node_slice(&c, &[], "n2")["policy/default/only-b"].kind {
+            Some(v1::resource::Kind::Policy(p)) => assert_eq!(p.selected, ["default/b"]),
+            other => panic!("{other:?}"),
+        }
+        // Adding a workload the policy selects on n2 changes the policy's resource there.
+        let added = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: c, labels: {app: b}}\nspec: {node: n2, netns: /run/netns/c, addresses: [10.0.0.3]}\n";
+        let before = node_slice(&c, &[], "n2");
+        let after = node_slice(&config(&format!("{policy}{added}")), &[], "n2");
+        let (up, rm) = diff(&before, &after);
+        let keys: Vec<_> = up.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "policy/default/only-b",
+                "service/default/b",
+                "workload/default/c"
+            ]
+        );
+        assert!(rm.is_empty());
     }
 }

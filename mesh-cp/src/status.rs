@@ -1,9 +1,16 @@
-//! The HTTP status endpoint: `/healthz`, and `/status` with the config in force, the last config
-//! error, and each node's stream and acknowledged version (JSON).
+//! The HTTP status endpoint: `/healthz`, `/status` with the config in force, the last config
+//! error, and each node's stream and acknowledged version (JSON), and `/explain` (the JSON of
+//! `mesh-cp explain`, evaluated on the config in force).
 
 use std::sync::Arc;
 
-use axum::{extract::State, routing::get, Json, Router};
+use axum::{
+    extract::{Query, State},
+    http::StatusCode,
+    routing::get,
+    Json, Router,
+};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -13,6 +20,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
+        .route("/explain", get(explain))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "status endpoint stopped");
@@ -28,4 +36,24 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "trust_domain": published.config.mesh.trust_domain,
         "nodes": shared.nodes(),
     }))
+}
+
+#[derive(Deserialize)]
+struct ExplainQuery {
+    from: String,
+    to: String,
+    port: u16,
+}
+
+async fn explain(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<ExplainQuery>,
+) -> Result<Json<crate::explain::Explanation>, (StatusCode, String)> {
+    let bad = |e: crate::explain::ExplainError| (StatusCode::BAD_REQUEST, format!("{e}\n"));
+    let from = crate::explain::parse_key(&q.from).map_err(bad)?;
+    let to = crate::explain::parse_key(&q.to).map_err(bad)?;
+    let published = shared.config.borrow().clone();
+    crate::explain::explain(&published.config, &from, &to, q.port)
+        .map(Json)
+        .map_err(bad)
 }

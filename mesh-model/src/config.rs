@@ -11,13 +11,18 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::resource::{self, MeshConfig, ObjectKey, Resource, Service, Workload};
+use crate::{
+    authz::Selection,
+    policy::AccessPolicy,
+    resource::{self, MeshConfig, ObjectKey, Resource, Service, Workload},
+};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub mesh: MeshConfig,
     pub workloads: BTreeMap<ObjectKey, Workload>,
     pub services: BTreeMap<ObjectKey, Service>,
+    pub policies: BTreeMap<ObjectKey, AccessPolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +68,33 @@ impl Config {
                     .iter()
                     .all(|(k, v)| w.labels.get(k) == Some(v))
         })
+    }
+
+    /// Workloads the policy applies to: those of its namespace (of every namespace, for a
+    /// policy in the root namespace) that carry all of its selector's labels.
+    pub fn selected_by<'a>(
+        &'a self,
+        policy: &'a AccessPolicy,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        let mesh_wide = policy.key.namespace == self.mesh.root_namespace;
+        self.workloads.values().filter(move |w| {
+            (mesh_wide || w.key.namespace == policy.key.namespace)
+                && policy
+                    .selector
+                    .iter()
+                    .all(|(k, v)| w.labels.get(k) == Some(v))
+        })
+    }
+
+    /// Every policy with the keys of the workloads it selects, for [`crate::authz`].
+    pub fn selections(&self) -> Vec<Selection> {
+        self.policies
+            .values()
+            .map(|p| {
+                let selected = self.selected_by(p).map(|w| w.key.clone()).collect();
+                (p.clone(), selected)
+            })
+            .collect()
     }
 }
 
@@ -178,6 +210,12 @@ impl Builder {
                     &format!("workload {}", w.key),
                 )?;
                 self.config.workloads.insert(w.key.clone(), w);
+            }
+            Resource::AccessPolicy(p) => {
+                if self.config.policies.contains_key(&p.key) {
+                    return Err(format!("AccessPolicy {} is defined twice", p.key));
+                }
+                self.config.policies.insert(p.key.clone(), p);
             }
             Resource::Service(s) => {
                 if self.config.services.contains_key(&s.key) {

@@ -8,7 +8,12 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, time::Duration
 
 use serde::Deserialize;
 
-use crate::{duration, identity, is_dns_label, SpiffeId};
+use crate::{
+    crd::{AccessPolicySpec, Action, MeshConfigSpec},
+    duration, identity, is_dns_label,
+    policy::{self, AccessPolicy},
+    SpiffeId,
+};
 
 pub const API_VERSION: &str = "mycel.dev/v1alpha1";
 
@@ -28,6 +33,12 @@ impl ObjectKey {
     }
 }
 
+impl serde::Serialize for ObjectKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
@@ -40,18 +51,25 @@ pub struct MeshConfig {
     pub trust_domain: String,
     /// Lifetime of workload certificates; nodes renew at half of it.
     pub cert_ttl: Duration,
+    /// Verdict for connections no enforced policy decides.
+    pub default_action: Action,
+    /// AccessPolicies of this namespace select workloads of every namespace.
+    pub root_namespace: String,
 }
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
 pub const MAX_CERT_TTL: Duration = Duration::from_secs(365 * 86_400);
+pub const DEFAULT_ROOT_NAMESPACE: &str = "mycel-system";
 
 impl Default for MeshConfig {
     fn default() -> Self {
         Self {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             cert_ttl: DEFAULT_CERT_TTL,
+            default_action: Action::Allow,
+            root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
         }
     }
 }
@@ -98,6 +116,7 @@ pub enum Resource {
     MeshConfig(MeshConfig),
     Workload(Workload),
     Service(Service),
+    AccessPolicy(AccessPolicy),
 }
 
 #[derive(Deserialize)]
@@ -122,13 +141,6 @@ struct RawMeta {
 
 fn default_namespace() -> String {
     "default".into()
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawMeshConfig {
-    trust_domain: Option<String>,
-    cert_ttl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -182,8 +194,9 @@ pub fn parse_document(value: serde_yaml::Value) -> Result<Resource, String> {
         "MeshConfig" => mesh_config(spec).map(Resource::MeshConfig),
         "Workload" => workload(key, meta.labels, spec).map(Resource::Workload),
         "Service" => service(key, spec).map(Resource::Service),
+        "AccessPolicy" => access_policy(key, spec).map(Resource::AccessPolicy),
         other => Err(format!(
-            "kind: {other:?} is not one of MeshConfig, Workload, Service"
+            "kind: {other:?} is not one of MeshConfig, Workload, Service, AccessPolicy"
         )),
     }
 }
@@ -202,8 +215,14 @@ fn required_spec<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Res
     serde_yaml::from_value(spec).map_err(|e| format!("spec: {}", one_line(&e)))
 }
 
+fn access_policy(key: ObjectKey, spec: serde_yaml::Value) -> Result<AccessPolicy, String> {
+    policy::reject_l7_fields(&spec)?;
+    let spec: AccessPolicySpec = required_spec(spec)?;
+    policy::validate(key, spec)
+}
+
 fn mesh_config(spec: serde_yaml::Value) -> Result<MeshConfig, String> {
-    let raw: RawMeshConfig = spec_of(spec)?;
+    let raw: MeshConfigSpec = spec_of(spec)?;
     let mut out = MeshConfig::default();
     if let Some(td) = raw.trust_domain {
         if !identity::is_trust_domain(&td) {
@@ -223,6 +242,13 @@ fn mesh_config(spec: serde_yaml::Value) -> Result<MeshConfig, String> {
             ));
         }
         out.cert_ttl = d;
+    }
+    if let Some(action) = raw.default_action {
+        out.default_action = action;
+    }
+    if let Some(ns) = raw.root_namespace {
+        check_label("spec.rootNamespace", &ns)?;
+        out.root_namespace = ns;
     }
     Ok(out)
 }
@@ -319,7 +345,7 @@ fn parse_ips(field: &str, values: &[String]) -> Result<Vec<IpAddr>, String> {
     Ok(out)
 }
 
-fn check_label(field: &str, value: &str) -> Result<(), String> {
+pub(crate) fn check_label(field: &str, value: &str) -> Result<(), String> {
     if is_dns_label(value) {
         Ok(())
     } else {
@@ -329,7 +355,7 @@ fn check_label(field: &str, value: &str) -> Result<(), String> {
     }
 }
 
-fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
+pub(crate) fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
     let ok = |s: &str, allow_empty: bool| {
         (allow_empty || !s.is_empty())
             && s.len() <= 253
@@ -382,8 +408,8 @@ mod tests {
         assert_eq!(
             m,
             Resource::MeshConfig(MeshConfig {
-                trust_domain: DEFAULT_TRUST_DOMAIN.into(),
-                cert_ttl: Duration::from_secs(20)
+                cert_ttl: Duration::from_secs(20),
+                ..MeshConfig::default()
             })
         );
     }
@@ -413,5 +439,56 @@ mod tests {
         }
         let e = parse("apiVersion: v1\nkind: Workload\nmetadata: {name: a}\n").unwrap_err();
         assert!(e.contains("apiVersion"), "{e}");
+    }
+    #[test]
+    fn parses_an_access_policy() {
+        let p = parse(&format!("{HEAD}kind: AccessPolicy\nmetadata: {{name: pay, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: payment}}}}\n  action: Deny\n  mode: DryRun\n  rules:\n  - sourceIdentities: ['spiffe://cluster.local/ns/shop/sa/analytics', 'spiffe://cluster.local/ns/batch/*']\n    notSourceNamespaces: [shop]\n    sourceLabels: {{app: analytics}}\n    sourceCidrs: [{{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]\n    ports: [8080, '9000-9100']\n    notPorts: [9050]\n")).unwrap();
+        let Resource::AccessPolicy(p) = p else {
+            panic!()
+        };
+        assert_eq!(p.key.to_string(), "shop/pay");
+        assert_eq!(p.selector["app"], "payment");
+        assert_eq!(
+            (p.action, p.mode),
+            (crate::Action::Deny, crate::Mode::DryRun)
+        );
+        assert_eq!(p.rules.len(), 1);
+        assert_eq!(p.rules[0].clauses.len(), 6);
+        assert!(p.rules[0].clauses[1].negated);
+    }
+
+    #[test]
+    fn policy_errors_name_the_field() {
+        let rule = |r: &str| {
+            format!(
+                "kind: AccessPolicy\nmetadata: {{name: p}}\nspec: {{action: Allow, rules: [{r}]}}"
+            )
+        };
+        let cases = [
+            (rule("{sourceCidrs: [{cidr: 10.0.0.0/33}]}"), "spec.rules[0].sourceCidrs[0].cidr"),
+            (rule("{sourceCidrs: [{cidr: 10.0.0.1/24}]}"), "spec.rules[0].sourceCidrs[0].cidr"),
+            (rule("{sourceCidrs: [{cidr: 10.0.0.0/24, except: [10.9.0.0/24]}]}"), "spec.rules[0].sourceCidrs[0].except[0]"),
+            (rule("{ports: [80]}, {ports: ['90-80']}"), "spec.rules[1].ports[0]"),
+            (rule("{notPorts: [0]}"), "spec.rules[0].notPorts[0]"),
+            (rule("{ports: [70000]}"), "spec.rules[0].ports[0]"),
+            (rule("{}"), "spec.rules[0]: an empty rule"),
+            (rule("{sourceNamespaces: []}"), "spec.rules[0].sourceNamespaces"),
+            (rule("{sourceIdentities: ['spiffe://td/ns/*/sa/x']}"), "spec.rules[0].sourceIdentities[0]"),
+            (rule("{sourceIdentities: ['web']}"), "spec.rules[0].sourceIdentities[0]"),
+            (rule("{ports: [80], methods: [GET]}"), "spec.rules[0].methods: L7"),
+            (rule("{ports: [80], paths: ['/admin']}"), "spec.rules[0].paths: L7"),
+            (rule("{ports: [80], sourcePods: [a]}"), "sourcePods"),
+            ("kind: AccessPolicy\nmetadata: {name: p}\nspec: {action: Allow, rules: []}".into(), "spec.rules: at least one"),
+            ("kind: AccessPolicy\nmetadata: {name: p}\nspec: {action: Maybe, rules: [{ports: [1]}]}".into(), "Maybe"),
+            ("kind: AccessPolicy\nmetadata: {name: p}\nspec: {action: Allow, hosts: [a], rules: [{ports: [1]}]}".into(), "spec.hosts: L7"),
+            ("kind: AccessPolicy\nmetadata: {name: p}\nspec: {action: Allow, selector: {matchLabels: {'a b': c}}, rules: [{ports: [1]}]}".into(), "spec.selector.matchLabels"),
+            ("kind: MeshConfig\nmetadata: {name: m}\nspec: {defaultAction: Block}".into(), "Block"),
+            ("kind: MeshConfig\nmetadata: {name: m}\nspec: {rootNamespace: 'Not A Label'}".into(), "spec.rootNamespace"),
+        ];
+        for (body, needle) in cases {
+            let e = parse(&format!("{HEAD}{body}\n")).unwrap_err();
+            assert!(e.contains(needle), "{body}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 }

@@ -11,7 +11,11 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{capture::Capture, identity::SvidStore, proxy::ProxyStats};
+use crate::{
+    capture::Capture,
+    identity::SvidStore,
+    proxy::{authz::Authz, ProxyStats},
+};
 
 /// State the daemon publishes for the admin endpoint.
 #[derive(Debug, Clone, Default)]
@@ -27,6 +31,7 @@ pub struct Status {
 pub struct Admin {
     pub capture: Arc<Capture>,
     pub stats: Arc<ProxyStats>,
+    pub authz: Arc<Authz>,
     pub svids: Arc<SvidStore>,
     pub status: watch::Receiver<Status>,
 }
@@ -136,6 +141,7 @@ fn render_stats(admin: &Admin) -> Result<String, crate::capture::CaptureError> {
     ] {
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
     }
+    admin.authz.render(&mut out);
     let status = admin.status.borrow().clone();
     let _ = writeln!(out, "enrolled_workloads {}", status.enrolled);
     let _ = writeln!(out, "config_applied {}", status.config_applied);

@@ -179,8 +179,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         capture.clone(),
         stats.clone(),
         Duration::from_secs_f64(args.connect_timeout),
-        directory_rx,
+        directory_rx.clone(),
     ));
+    let authz = shared.authz.clone();
+    tokio::spawn(proxy::authz::follow(authz.clone(), directory_rx));
     let connected = matches!(source, Source::ControlPlane(_));
     let mut enroller = enroll::Enroller::new(shared, connected);
     let (status_tx, status_rx) = watch::channel(admin::Status::default());
@@ -189,6 +191,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(admin::Admin {
             capture: capture.clone(),
             stats,
+            authz,
             svids: svids.clone(),
             status: status_rx,
         }),

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """A plain application for Mycel's end-to-end tests: nothing in it knows about the mesh.
 
-  app.py serve PORT               HTTP server on [::]:PORT (dual stack). GET /blob/N answers N
+  app.py serve PORT [LOG]         HTTP server on [::]:PORT (dual stack). GET /blob/N answers N
                                   deterministic bytes; GET /whoami answers the client address;
                                   any other connection that sends "ping\n" gets "pong\n".
+                                  With LOG, appends each accepted connection's peer to that file.
   app.py get URL                  HTTP GET with http.client; prints JSON {peer, status, len, sha256}
   app.py probe HOST PORT [kill]   connect (and with "kill", ask the server to reset the
                                   connection), wait for data; prints JSON {outcome, seconds}
@@ -60,6 +61,14 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
     request_queue_size = 512
 
+    accept_log = None
+
+    def verify_request(self, request, client_address):
+        if self.accept_log:
+            with open(self.accept_log, "a") as f:
+                f.write(client_address[0] + "\n")
+        return True
+
     def server_bind(self):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
@@ -86,8 +95,9 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         super().finish_request(request, client_address)
 
 
-def serve(port):
+def serve(port, accept_log=None):
     with Server(("::", port), Handler) as srv:
+        srv.accept_log = accept_log
         print("listening", flush=True)
         srv.serve_forever()
 
@@ -203,7 +213,7 @@ def linger(host, port, seconds):
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "serve":
-        serve(int(sys.argv[2]))
+        serve(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
     elif mode == "get":
         get(sys.argv[2])
     elif mode == "probe":

@@ -24,11 +24,17 @@ pub struct Server(Child);
 
 impl Server {
     pub fn start(pod: &Pod, port: u16) -> io::Result<Self> {
-        let mut child = pod.spawn(
-            python(&["serve", &port.to_string()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit()),
-        )?;
+        Self::launch(pod, &["serve", &port.to_string()])
+    }
+
+    /// A server that appends the peer address of every connection it accepts to `log`.
+    pub fn start_logging(pod: &Pod, port: u16, log: &Path) -> io::Result<Self> {
+        let log = log.to_string_lossy();
+        Self::launch(pod, &["serve", &port.to_string(), &log])
+    }
+
+    fn launch(pod: &Pod, args: &[&str]) -> io::Result<Self> {
+        let mut child = pod.spawn(python(args).stdout(Stdio::piped()).stderr(Stdio::inherit()))?;
         let stdout = child
             .stdout
             .take()

@@ -133,6 +133,116 @@ impl ControlPlane {
         serde_json::from_str(&body).map_err(io::Error::other)
     }
 
+    /// The config version in force.
+    pub fn version(&self) -> io::Result<u64> {
+        self.status()?["config"]["version"]
+            .as_u64()
+            .ok_or_else(|| io::Error::other("no config version in /status"))
+    }
+
+    /// Writes a config file, waits until the control plane has accepted it (a new version) and
+    /// `nodes` have acknowledged that version; returns it. Nodes whose slice did not change get
+    /// no update, so name only those the change concerns.
+    pub fn apply(&mut self, name: &str, text: &str, nodes: &[&str]) -> io::Result<u64> {
+        let before = self.status()?;
+        self.write_config(name, text)?;
+        self.wait_version_after(&before, nodes)
+    }
+
+    /// Like [`ControlPlane::apply`], for removing a config file.
+    pub fn unapply(&mut self, name: &str, nodes: &[&str]) -> io::Result<u64> {
+        let before = self.status()?;
+        self.remove_config(name)?;
+        self.wait_version_after(&before, nodes)
+    }
+
+    fn wait_version_after(
+        &mut self,
+        before: &serde_json::Value,
+        nodes: &[&str],
+    ) -> io::Result<u64> {
+        let old_version = before["config"]["version"].as_u64().unwrap_or(0);
+        let old_error = before["config"]["error"].clone();
+        let http = self.http;
+        let status = move || -> Option<serde_json::Value> {
+            serde_json::from_str(&http_get(http, "/status").ok()?).ok()
+        };
+        let version =
+            self.daemon
+                .wait_until(Duration::from_secs(20), "a new config version", || {
+                    let s = status()?;
+                    if let Some(v) = s["config"]["version"].as_u64().filter(|v| *v > old_version) {
+                        return Some(Ok(v));
+                    }
+                    match s["config"]["error"].as_str() {
+                        // A rejection of this change is an answer too; the caller wanted acceptance.
+                        Some(e) if s["config"]["error"] != old_error => {
+                            Some(Err(io::Error::other(format!("config rejected: {e}"))))
+                        }
+                        _ => None,
+                    }
+                })??;
+        self.daemon
+            .wait_until(Duration::from_secs(20), "nodes acknowledging it", || {
+                let s = status()?;
+                nodes
+                    .iter()
+                    .all(|n| s["nodes"][n]["acked_version"].as_u64() >= Some(version))
+                    .then_some(())
+            })?;
+        Ok(version)
+    }
+
+    /// Writes a config file that the control plane must reject; returns its error message.
+    pub fn apply_invalid(&mut self, name: &str, text: &str) -> io::Result<String> {
+        let http = self.http;
+        let old_error = self.status()?["config"]["error"].clone();
+        self.write_config(name, text)?;
+        self.daemon
+            .wait_until(Duration::from_secs(20), "the config error", || {
+                let s: serde_json::Value =
+                    serde_json::from_str(&http_get(http, "/status").ok()?).ok()?;
+                let error = &s["config"]["error"];
+                (*error != old_error).then(|| error.as_str().map(str::to_owned))?
+            })
+    }
+
+    /// `mesh-cp explain --output json`, offline on this control plane's config dir, or against
+    /// the running control plane.
+    pub fn explain(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        offline: bool,
+    ) -> io::Result<serde_json::Value> {
+        let mut cmd = Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"));
+        cmd.args([
+            "explain",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &port.to_string(),
+            "--output",
+            "json",
+        ]);
+        if offline {
+            cmd.arg("--config-dir").arg(&self.config_dir);
+        } else {
+            cmd.arg("--cp").arg(self.http.to_string());
+        }
+        let out = cmd.output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "mesh-cp explain {from} {to} {port}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        serde_json::from_slice(&out.stdout).map_err(io::Error::other)
+    }
+
     /// `mesh-cp token create --node NODE`: the token, and its id.
     pub fn create_token(&self, node: &str) -> io::Result<(String, String)> {
         let out = self.token_cmd(&["create", "--node", node])?;

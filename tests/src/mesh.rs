@@ -13,7 +13,7 @@ use std::{
 use crate::{
     cp::ControlPlane,
     daemon::Daemon,
-    topology::{Node, Pod},
+    topology::{Node, Pod, Topology},
 };
 
 /// The mesh-node binary next to the running test or xtask binary, or `$MESH_NODE_BIN`.
@@ -90,6 +90,26 @@ impl MeshNode {
             fs::write(workloads_file, workloads)?;
             Ok(vec!["--workloads".into(), workloads_file.into()])
         })
+    }
+
+    /// Starts mesh-node on `node` following `cp`, the daemon in its own cgroup below the node's,
+    /// and waits until it has enrolled `workloads` workloads with a certificate each.
+    pub fn join(
+        topo: &mut Topology,
+        node: &str,
+        cp: &ControlPlane,
+        workloads: u64,
+    ) -> io::Result<Self> {
+        let cg = topo
+            .add_cgroup_below(&topo.node(node).cgroup.clone(), "mesh-node")
+            .map_err(io::Error::other)?;
+        let mut daemon = Self::connect(topo.node(node), cp, Some(&cg), &[])?;
+        daemon.wait_for(Duration::from_secs(30), |s| {
+            s["enrolled_workloads"] == workloads
+                && s["svids"] == workloads
+                && s["cp_connected"] == 1
+        })?;
+        Ok(daemon)
     }
 
     /// Starts mesh-node for `node` following the control plane `cp`, with a fresh join token.

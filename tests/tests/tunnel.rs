@@ -49,20 +49,8 @@ fn mesh(test: &str, extra_yaml: &str) -> Mesh {
     );
     let cp = ControlPlane::start(&format!("{}-{test}", topo.prefix), &[("mesh.yaml", &yaml)])
         .expect("mesh-cp");
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2"] {
-        let cg = topo
-            .add_cgroup_below(&topo.node(name).cgroup.clone(), "mesh-node")
-            .expect("daemon cgroup");
-        let mut node = MeshNode::connect(topo.node(name), &cp, Some(&cg), &[]).expect("mesh-node");
-        node.wait_for(Duration::from_secs(30), |s| {
-            s["enrolled_workloads"] == 1 && s["svids"] == 1 && s["cp_connected"] == 1
-        })
-        .expect("enrolled with a certificate");
-        nodes.push(node);
-    }
-    let n2 = nodes.pop().expect("n2");
-    let n1 = nodes.pop().expect("n1");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
+    let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
     Mesh {
         topo,
         cp,

@@ -37,6 +37,8 @@ enum Cmd {
     },
     /// Remove namespaces, cgroups and temp files left by killed test or sandbox runs.
     Clean,
+    /// Regenerate the CRDs under deploy/crds/ from the Rust types in mesh-model.
+    Crds,
 }
 
 fn main() {
@@ -50,6 +52,19 @@ fn main() {
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
         Cmd::Up { duration } => up::run(duration),
         Cmd::Clean => clean(),
+        Cmd::Crds => cargo(
+            "generate CRDs",
+            &[
+                "run",
+                "-q",
+                "-p",
+                "mesh-model",
+                "--example",
+                "crds",
+                "--",
+                "deploy/crds",
+            ],
+        ),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

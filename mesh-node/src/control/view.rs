@@ -12,6 +12,8 @@ use mesh_api::{
     v1::{self, resource::Kind, ConfigUpdate},
 };
 
+use mesh_model::authz::Selection;
+
 use crate::workloads::{Workload, WorkloadId};
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -23,6 +25,8 @@ pub struct MeshView {
     /// Keyed `namespace/name`.
     pub workloads: BTreeMap<String, v1::Workload>,
     pub services: BTreeMap<String, v1::Service>,
+    /// Access policies that select workloads of this node, decoded; keyed `namespace/name`.
+    pub policies: BTreeMap<String, Selection>,
 }
 
 impl MeshView {
@@ -40,7 +44,11 @@ impl MeshView {
         for resource in update.upserts {
             let key = resource.key;
             match resource.kind {
-                Some(Kind::Mesh(m)) if key == keys::MESH => next.mesh = m,
+                Some(Kind::Mesh(m)) if key == keys::MESH => {
+                    mesh_api::policy::action_from_proto(m.default_action)
+                        .map_err(|e| format!("{key}: default action: {e}"))?;
+                    next.mesh = m
+                }
                 Some(Kind::TrustBundle(t)) if key == keys::TRUST_BUNDLE => {
                     next.trust_roots = t.roots_der
                 }
@@ -53,6 +61,11 @@ impl MeshView {
                     check_addresses(&key, &s.vips)?;
                     next.services
                         .insert(format!("{}/{}", s.namespace, s.name), s);
+                }
+                Some(Kind::Policy(p)) if key == keys::policy(&p.namespace, &p.name) => {
+                    let decoded = mesh_api::policy::from_proto(&p)?;
+                    next.policies
+                        .insert(format!("{}/{}", p.namespace, p.name), decoded);
                 }
                 other => {
                     return Err(format!(
@@ -67,6 +80,8 @@ impl MeshView {
                 next.workloads.remove(k);
             } else if let Some(k) = key.strip_prefix("service/") {
                 next.services.remove(k);
+            } else if let Some(k) = key.strip_prefix("policy/") {
+                next.policies.remove(k);
             }
         }
         if next.trust_roots.is_empty() {
@@ -114,6 +129,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::TrustBundle(_) => "trust bundle",
         Kind::Workload(_) => "a workload",
         Kind::Service(_) => "a service",
+        Kind::Policy(_) => "an access policy",
     }
 }
 

@@ -3,7 +3,7 @@
 //! one of its endpoints (round-robin), anything else leaves the pod unchanged.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -12,7 +12,10 @@ use std::{
 };
 
 use mesh_api::v1;
-use mesh_model::SpiffeId;
+use mesh_model::{
+    authz::{PolicyIndex, SourceWorkload},
+    Action, SpiffeId,
+};
 use tokio::sync::watch;
 
 use crate::{
@@ -27,10 +30,22 @@ use crate::{
 pub struct Peer {
     pub key: WorkloadId,
     pub identity: SpiffeId,
+    /// `identity` as a URI, which is what policies match.
+    pub identity_uri: String,
     pub addresses: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Peer {
+    /// This workload as a policy client, once its identity has been verified.
+    pub fn as_source(&self) -> SourceWorkload<'_> {
+        SourceWorkload {
+            identity: &self.identity_uri,
+            namespace: &self.identity.namespace,
+            labels: &self.labels,
+        }
+    }
+
     /// The workload's first address in the family of `like`.
     pub fn address_like(&self, like: IpAddr) -> Option<IpAddr> {
         self.addresses
@@ -73,6 +88,8 @@ pub struct Directory {
     by_vip: HashMap<SocketAddr, ServiceEntry>,
     /// None until a view with a usable trust bundle arrives (always None in offline mode).
     tls: Option<TlsConfigs>,
+    /// Policies for this node's workloads; empty in offline mode.
+    policies: PolicyIndex,
 }
 
 impl Directory {
@@ -90,7 +107,9 @@ impl Directory {
             let id = WorkloadId::new(&w.namespace, &w.name);
             let peer = Arc::new(Peer {
                 key: id.clone(),
+                identity_uri: identity.to_string(),
                 identity,
+                labels: w.labels.clone().into_iter().collect(),
                 addresses: w
                     .addresses
                     .iter()
@@ -134,11 +153,16 @@ impl Directory {
                 }
             }
         };
+        // A view without mesh settings (before the first snapshot) has no policies either.
+        let default_action =
+            mesh_api::policy::action_from_proto(view.mesh.default_action).unwrap_or(Action::Allow);
+        let policies = PolicyIndex::new(default_action, view.policies.values().cloned());
         Self {
             peers,
             by_addr,
             by_vip,
             tls,
+            policies,
         }
     }
 
@@ -185,6 +209,10 @@ impl Directory {
 
     pub fn tls(&self) -> Option<&TlsConfigs> {
         self.tls.as_ref()
+    }
+
+    pub fn policies(&self) -> &PolicyIndex {
+        &self.policies
     }
 }
 

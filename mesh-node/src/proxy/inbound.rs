@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 
 use super::{
+    authz::{self, OpenGuard},
     directory::Directory,
     relay::{self, reset},
     PodContext,
@@ -64,12 +65,16 @@ impl Refusal {
     }
 }
 
-/// The destination's checks for `d` into `pod`, then a connection to its application.
-pub async fn deliver(
-    pod: &PodContext,
-    dir: &Directory,
-    d: &Delivery,
-) -> Result<TcpStream, Refusal> {
+/// A delivery that passed the checks: the connection to the application, and the registration
+/// that lets a later policy change close it.
+pub struct Admitted {
+    pub upstream: TcpStream,
+    pub guard: OpenGuard,
+}
+
+/// The destination's checks for `d` into `pod` (addresses, identity, then policy), then a
+/// connection to its application.
+pub async fn deliver(pod: &PodContext, dir: &Directory, d: &Delivery) -> Result<Admitted, Refusal> {
     let key = &pod.workload;
     let me = dir.peer(key).ok_or_else(|| {
         Refusal::new(
@@ -101,8 +106,22 @@ pub async fn deliver(
             ),
         ));
     }
-    // Authorization policy is evaluated here (issue 4).
-    pod.connect_marked(d.destination).await.map_err(|e| {
+    let request = authz::Request {
+        destination: key.clone(),
+        destination_addr: d.destination,
+        source_addr: d.source,
+        source_identity: Some(d.source_identity.clone()),
+        connection_id: d.connection_id,
+    };
+    // Registered before the check, which reads the newest policies: a change that lands after
+    // the check finds the registration and re-checks it.
+    let authz = &pod.shared.authz;
+    let guard = authz.admit(request.clone());
+    let decision = authz.check(&pod.shared.directory(), &request);
+    if !decision.allowed {
+        return Err(Refusal::new(Status::Denied, decision.to_string()));
+    }
+    let upstream = pod.connect_marked(d.destination).await.map_err(|e| {
         pod.shared
             .stats
             .upstream_failed
@@ -111,7 +130,8 @@ pub async fn deliver(
             Status::UpstreamFailed,
             format!("connect to {} failed: {e}", d.destination),
         )
-    })
+    })?;
+    Ok(Admitted { upstream, guard })
 }
 
 /// One tunnel from another node.
@@ -179,7 +199,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         Ok::<_, Refusal>((d, upstream))
     };
     match admitted.await {
-        Ok((d, upstream)) => {
+        Ok((d, Admitted { upstream, guard })) => {
             if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
                 refused(&format!("the client went away: {e}"));
                 reset(upstream);
@@ -190,7 +210,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 workload = %ctx.workload, client = %client, %client_serial, source = %d.source,
                 destination = %d.destination, id = d.connection_id, "tunnel accepted"
             );
-            relay_tunnel(ctx, stream, upstream).await;
+            relay_tunnel(ctx, stream, upstream, &guard).await;
         }
         Err(refusal) => {
             stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
@@ -204,8 +224,13 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     }
 }
 
-async fn relay_tunnel(ctx: &PodContext, stream: TlsStream<TcpStream>, upstream: TcpStream) {
-    if let Err(e) = relay::relay(stream, upstream).await {
+async fn relay_tunnel(
+    ctx: &PodContext,
+    stream: TlsStream<TcpStream>,
+    upstream: TcpStream,
+    guard: &OpenGuard,
+) {
+    if let Err(e) = relay::relay(stream, upstream, Some(guard.closed())).await {
         ctx.shared.stats.reset.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
     }

@@ -4,8 +4,11 @@
 //!   routed by `directory.rs` to a tunnel, to a pod on this node, or out unchanged.
 //! - `inbound.rs`: the pod's tunnel listener on :15008, and the checks every delivery to a
 //!   local pod passes, whether it came through a tunnel or from a pod on this node.
+//! - `authz.rs`: the policy check on every delivery, its logs and counters, and the closing of
+//!   open connections that a policy change denies.
 //! - `relay.rs`: copying bytes with half-close and resets passed on.
 
+pub mod authz;
 pub mod directory;
 pub mod inbound;
 pub mod outbound;
@@ -70,6 +73,7 @@ pub struct Shared {
     pub directory: watch::Receiver<Arc<Directory>>,
     /// Enrolled pods by workload, for deliveries between pods of this node.
     pub local: RwLock<HashMap<WorkloadId, Arc<PodContext>>>,
+    pub authz: Arc<authz::Authz>,
     health: EndpointHealth,
     next_connection_id: AtomicU64,
 }
@@ -87,6 +91,7 @@ impl Shared {
             connect_timeout,
             directory,
             local: RwLock::default(),
+            authz: Arc::default(),
             health: EndpointHealth::default(),
             // Unique per daemon run; the pid keeps ids from two runs apart in the logs.
             next_connection_id: AtomicU64::new(u64::from(std::process::id()) << 32),

@@ -17,8 +17,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
 use super::{
+    authz::OpenGuard,
     directory::{Directory, Route, Target},
-    inbound::{self, Delivery},
+    inbound::{self, Admitted, Delivery},
     relay::{self, reset},
     PodContext,
 };
@@ -40,6 +41,8 @@ pub fn listen_addrs() -> [SocketAddr; 2] {
 /// Where an outbound connection was sent.
 enum Upstream {
     Plain(TcpStream),
+    /// A pod of this node, admitted by its checks.
+    Local(TcpStream, OpenGuard),
     Tunnel(Box<TlsStream<TcpStream>>),
 }
 
@@ -145,8 +148,9 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let result = match upstream {
-        Upstream::Plain(s) => relay::relay(client, s).await,
-        Upstream::Tunnel(s) => relay::relay(client, *s).await,
+        Upstream::Plain(s) => relay::relay(client, s, None).await,
+        Upstream::Local(s, guard) => relay::relay(client, s, Some(guard.closed())).await,
+        Upstream::Tunnel(s) => relay::relay(client, *s, None).await,
     };
     match result {
         Ok((sent, received)) => {
@@ -230,15 +234,16 @@ async fn send(
         connection_id: ctx.shared.connection_id(),
     };
     if let Some(local) = ctx.shared.local_pod(&target.peer.key) {
-        let stream = inbound::deliver(&local, dir, &delivery)
-            .await
-            .map_err(|r| SendError::Refused {
-                status: r.status,
-                reason: r.reason,
-            })?;
+        let Admitted { upstream, guard } =
+            inbound::deliver(&local, dir, &delivery)
+                .await
+                .map_err(|r| SendError::Refused {
+                    status: r.status,
+                    reason: r.reason,
+                })?;
         ctx.shared.stats.same_node.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(workload = %me, destination = %target.peer.key, addr = %target.addr, id = delivery.connection_id, "delivered on this node");
-        return Ok(Upstream::Plain(stream));
+        return Ok(Upstream::Local(upstream, guard));
     }
     let tls = dir.tls().ok_or(SendError::NoTrust)?;
     let source_id = source.identity.to_string();

@@ -7,6 +7,7 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::{client, server};
+use tokio_util::sync::CancellationToken;
 
 /// A stream that can be closed with a TCP reset.
 pub trait Resettable: AsyncRead + AsyncWrite + Unpin {
@@ -39,12 +40,27 @@ pub fn reset(stream: impl Resettable) {
 
 /// Copies both ways until both sides have ended. A FIN is passed on as a FIN (for TLS: a
 /// close_notify, then FIN), so half-closed connections keep working; a reset or error on either
-/// side resets both. Returns bytes (a → b, b → a), or the error after resetting.
+/// side resets both, and so does `closed` firing (a policy change denied the connection).
+/// Returns bytes (a → b, b → a), or the error after resetting.
 pub async fn relay<A: Resettable, B: Resettable>(
     mut a: A,
     mut b: B,
+    closed: Option<&CancellationToken>,
 ) -> Result<(u64, u64), std::io::Error> {
-    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
+    let closed = async {
+        match closed {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => copied,
+        () = closed => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "closed: a policy change denies this connection",
+        )),
+    };
+    match copied {
         Ok(n) => Ok(n),
         Err(e) => {
             reset(a);

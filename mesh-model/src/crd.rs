@@ -1,0 +1,246 @@
+//! The `spec` of `AccessPolicy` and `MeshConfig` exactly as operators write it: one set of types
+//! is both the Kubernetes CRD schema (generated with kube-derive and schemars, committed under
+//! `deploy/crds/`) and the universal-mode YAML. Values here are unvalidated; `policy.rs` and
+//! `resource.rs` turn them into the validated model.
+
+use std::{borrow::Cow, collections::BTreeMap, fmt};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+/// Allow or deny connections to the selected workloads.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize, JsonSchema,
+)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "Allow",
+            Action::Deny => "Deny",
+        })
+    }
+}
+
+/// `Enforce` decides connections; `DryRun` is evaluated, logged and counted, never enforced.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Deserialize,
+    Serialize,
+    JsonSchema,
+)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    DryRun,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "Enforce",
+            Mode::DryRun => "DryRun",
+        })
+    }
+}
+
+/// L4 authorization for the workloads it selects. Rules are ORed; the clauses of a rule are
+/// ANDed; each list clause matches when any of its entries does, and its `not…` form when none
+/// does.
+// Clippy reads the repeated `printcolumn(type_ = …)` arguments of kube's attribute as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "mycel.dev",
+    version = "v1alpha1",
+    kind = "AccessPolicy",
+    namespaced,
+    shortname = "ap",
+    doc = "L4 allow/deny rules for the workloads a selector picks",
+    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessPolicySpec {
+    /// Destination workloads. Absent or empty: every workload of the policy's namespace (of the
+    /// whole mesh when that is the mesh's root namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    pub action: Action,
+    #[serde(default)]
+    pub mode: Mode,
+    /// At least one; a connection matches the policy when it matches any rule.
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    /// Labels a workload must all carry.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// One rule: every clause present must match. A rule needs at least one clause.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleSpec {
+    /// SPIFFE IDs of the client, exact or ending in `*` for a prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_identities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_source_identities: Option<Vec<String>>,
+    /// Namespaces of the client's (verified) identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_source_namespaces: Option<Vec<String>>,
+    /// Labels the client workload must all carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_source_labels: Option<BTreeMap<String, String>>,
+    /// The client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_cidrs: Option<Vec<CidrSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_source_cidrs: Option<Vec<CidrSpec>>,
+    /// Destination ports (on the workload, after any service port mapping): `8080` or
+    /// `"9000-9100"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ports: Option<Vec<PortSpec>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CidrSpec {
+    /// `10.0.0.0/8`, `fd00::/64`, or a single address.
+    pub cidr: String,
+    /// Blocks inside `cidr` that do not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+}
+
+/// A port (`8080`) or an inclusive range (`"9000-9100"`), as written; validated later so that
+/// the error can name the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortSpec {
+    Number(u64),
+    Text(String),
+}
+
+impl Serialize for PortSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PortSpec::Number(n) => s.serialize_u64(*n),
+            PortSpec::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = PortSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number or a \"first-last\" range")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<PortSpec, E> {
+                Ok(PortSpec::Number(n))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<PortSpec, E> {
+                u64::try_from(n)
+                    .map(PortSpec::Number)
+                    .map_err(|_| E::custom(format!("{n} is not a port")))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<PortSpec, E> {
+                Ok(PortSpec::Text(s.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl JsonSchema for PortSpec {
+    fn schema_name() -> Cow<'static, str> {
+        "PortSpec".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        // Kubernetes' own int-or-string convention, so `kubectl` and validators accept both.
+        json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [
+                { "type": "integer", "minimum": 1, "maximum": 65535 },
+                { "type": "string", "pattern": "^[0-9]+(-[0-9]+)?$" }
+            ]
+        })
+    }
+}
+
+/// Mesh-wide settings; at most one per mesh (cluster-scoped in Kubernetes).
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "mycel.dev",
+    version = "v1alpha1",
+    kind = "MeshConfig",
+    root = "MeshConfigResource",
+    doc = "Mesh-wide settings of Mycel: trust domain, certificate lifetime, default policy action"
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfigSpec {
+    /// SPIFFE trust domain of workload identities [default: cluster.local].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    /// Lifetime of workload certificates, e.g. `24h`; nodes renew at half of it [default: 24h].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_ttl: Option<String>,
+    /// What happens to a connection no enforced policy decides [default: Allow].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_action: Option<Action>,
+    /// Namespace whose AccessPolicies apply to the whole mesh [default: mycel-system].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_namespace: Option<String>,
+}
+
+/// Every CRD Mycel defines, with the file name it has under `deploy/crds/`.
+pub fn definitions() -> Vec<(&'static str, CustomResourceDefinition)> {
+    vec![
+        ("accesspolicies.mycel.dev.yaml", AccessPolicy::crd()),
+        ("meshconfigs.mycel.dev.yaml", MeshConfigResource::crd()),
+    ]
+}
+
+/// The YAML text of a CRD as committed (a header line says it is generated).
+pub fn render(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
+    Ok(format!(
+        "# Generated from mesh-model/src/crd.rs by `cargo xtask crds`; do not edit.\n{}",
+        serde_yaml::to_string(crd)?
+    ))
+}

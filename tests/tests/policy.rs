@@ -1,0 +1,401 @@
+//! L4 authorization end to end: two nodes following one control plane, AccessPolicies written
+//! into its config dir while traffic runs. Every verdict the data path reaches is compared with
+//! `mesh-cp explain`, offline (config dir) and against the running control plane.
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use mesh_tests::{
+    app::{self, Server},
+    mesh::workloads_yaml,
+    ControlPlane, MeshNode, NodeSpec, Topology,
+};
+
+const PORT: u16 = 8080;
+const OTHER_PORT: u16 = 9090;
+const T: Duration = Duration::from_secs(30);
+const TD: &str = "spiffe://cluster.local/ns/default/sa";
+
+/// n1 runs `order` and `analytics`; n2 runs `payment` and `inventory`. Every pod serves PORT;
+/// payment also serves OTHER_PORT and logs each connection it accepts on PORT.
+struct Shop {
+    topo: Topology,
+    cp: ControlPlane,
+    n1: MeshNode,
+    n2: MeshNode,
+    payment_log: PathBuf,
+    _servers: Vec<Server>,
+}
+
+fn shop(test: &str) -> Shop {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["order", "analytics"]),
+        NodeSpec::new("n2", &["payment", "inventory"]),
+    ])
+    .expect("topology");
+    let payment_log = std::env::temp_dir().join(format!("{}-payment-accepts", topo.prefix));
+    fs::write(&payment_log, "").expect("accept log");
+    let servers = vec![
+        Server::start_logging(topo.pod("payment"), PORT, &payment_log).expect("payment"),
+        Server::start(topo.pod("payment"), OTHER_PORT).expect("payment other port"),
+        Server::start(topo.pod("inventory"), PORT).expect("inventory"),
+        Server::start(topo.pod("analytics"), PORT).expect("analytics"),
+    ];
+    let pods = ["order", "analytics", "payment", "inventory"].map(|p| topo.pod(p));
+    let cp = ControlPlane::start(
+        &format!("{}-{test}", topo.prefix),
+        &[("workloads.yaml", &workloads_yaml(&pods))],
+    )
+    .expect("mesh-cp");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
+    let n2 = MeshNode::join(&mut topo, "n2", &cp, 2).expect("mesh-node n2");
+    Shop {
+        topo,
+        cp,
+        n1,
+        n2,
+        payment_log,
+        _servers: servers,
+    }
+}
+
+impl Shop {
+    /// One "ping" connection from `from` to `to`:`port` (pod IPv4); true when it got "pong".
+    fn connects(&self, from: &str, to: &str, port: u16) -> bool {
+        let ip = self.topo.pod(to).ipv4.to_string();
+        let out = app::run(
+            self.topo.pod(from),
+            &["loop", &ip, &port.to_string(), "1"],
+            T,
+        );
+        out["failures"] == 0
+    }
+
+    /// `connects`, checked against `expected` and against both forms of `mesh-cp explain`.
+    fn expect(&self, case: &str, from: &str, to: &str, port: u16, expected: bool) {
+        self.expect_explained(case, from, to, port, expected, &[true, false]);
+    }
+
+    fn expect_explained(
+        &self,
+        case: &str,
+        from: &str,
+        to: &str,
+        port: u16,
+        expected: bool,
+        offline_modes: &[bool],
+    ) {
+        let got = self.connects(from, to, port);
+        assert_eq!(
+            got,
+            expected,
+            "{case}: {from} -> {to}:{port} {}\nn1 log:\n{}\nn2 log:\n{}",
+            if got { "was allowed" } else { "was denied" },
+            self.n1.log(),
+            self.n2.log()
+        );
+        for &offline in offline_modes {
+            let e = self
+                .cp
+                .explain(
+                    &format!("default/{from}"),
+                    &format!("default/{to}"),
+                    port,
+                    offline,
+                )
+                .expect("mesh-cp explain");
+            assert_eq!(
+                e["verdicts"][0]["allowed"], expected,
+                "{case}: explain (offline: {offline}) disagrees with the data path: {e:#}"
+            );
+        }
+    }
+
+    fn accepted_by_payment(&self) -> usize {
+        fs::read_to_string(&self.payment_log)
+            .expect("accept log")
+            .lines()
+            .count()
+    }
+}
+
+fn policy(name: &str, app: &str, action: &str, mode: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{ name: {name}, namespace: default }}\nspec:\n  selector: {{ matchLabels: {{ app: {app} }} }}\n  action: {action}\n  mode: {mode}\n  rules: {rules}\n"
+    )
+}
+
+const BLOCK_ANALYTICS: &str = "block-analytics";
+
+fn block_analytics() -> String {
+    policy(
+        BLOCK_ANALYTICS,
+        "payment",
+        "Deny",
+        "Enforce",
+        &format!("[{{ sourceIdentities: ['{TD}/analytics'] }}]"),
+    )
+}
+
+#[test]
+fn order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing() {
+    let mut s = shop("seeds");
+    s.cp.apply("block-analytics.yaml", &block_analytics(), &["n2"])
+        .expect("policy applied");
+
+    s.expect("seeds", "order", "payment", PORT, true);
+    let seen = s.accepted_by_payment();
+    s.expect("seeds", "analytics", "payment", PORT, false);
+    assert_eq!(
+        s.accepted_by_payment(),
+        seen,
+        "payment's application saw the denied connection"
+    );
+    s.expect("seeds", "order", "inventory", PORT, true);
+
+    // The deny names the policy and rule on the destination node, and is counted there.
+    let log = s.n2.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection denied"))
+        .unwrap_or_else(|| panic!("no deny logged on n2:\n{log}"));
+    for field in [
+        "policy=default/block-analytics",
+        "rule=0",
+        &format!("source_identity={TD}/analytics"),
+        "destination=default/payment",
+        "port=8080",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line:?}");
+    }
+    let counter = "policy_decisions{policy=\"default/block-analytics\",rule=\"0\",action=\"Deny\",mode=\"Enforce\"}";
+    assert_eq!(s.n2.stat(counter), 1);
+    assert!(s.n1.stat("tunnels_out_failed") >= 1);
+
+    // A bad policy is refused whole, naming file and field, and the last good set stays.
+    let bad = policy(
+        "broken",
+        "payment",
+        "Allow",
+        "Enforce",
+        "[{ sourceCidrs: [{ cidr: '10.0.0.0/33' }] }]",
+    );
+    let error = s.cp.apply_invalid("broken.yaml", &bad).expect("rejected");
+    assert!(
+        error.contains("broken.yaml") && error.contains("spec.rules[0].sourceCidrs[0].cidr"),
+        "{error}"
+    );
+    let also_bad = policy(
+        "l7",
+        "payment",
+        "Allow",
+        "Enforce",
+        "[{ ports: [80], methods: [GET] }]",
+    );
+    let error =
+        s.cp.apply_invalid("broken.yaml", &also_bad)
+            .expect("rejected");
+    assert!(error.contains("spec.rules[0].methods: L7"), "{error}");
+    // The running control plane (and the data path) keep the last good set; offline explain
+    // reads the files as they are and refuses the broken set with the same error.
+    s.expect_explained(
+        "after a bad policy",
+        "analytics",
+        "payment",
+        PORT,
+        false,
+        &[false],
+    );
+    s.expect_explained(
+        "after a bad policy",
+        "order",
+        "payment",
+        PORT,
+        true,
+        &[false],
+    );
+    let offline =
+        s.cp.explain("default/order", "default/payment", PORT, true)
+            .expect_err("offline explain of an invalid dir");
+    assert!(
+        offline.to_string().contains("spec.rules[0].methods"),
+        "{offline}"
+    );
+    s.cp.remove_config("broken.yaml").expect("remove");
+}
+
+#[test]
+fn each_matcher_negations_precedence_defaults_and_dry_run() {
+    let mut s = shop("matchers");
+    let order_v4 = s.topo.pod("order").ipv4;
+    // (name, the one rule, port, order allowed, analytics allowed), as an Allow policy on payment.
+    let cases: Vec<(&str, String, u16, bool, bool)> = vec![
+        ("identity", format!("{{ sourceIdentities: ['{TD}/order'] }}"), PORT, true, false),
+        ("not identity", format!("{{ notSourceIdentities: ['{TD}/order'] }}"), PORT, false, true),
+        ("identity prefix", format!("{{ sourceIdentities: ['{TD}/ord*'] }}"), PORT, true, false),
+        ("not identity prefix", format!("{{ notSourceIdentities: ['{TD}/ord*'] }}"), PORT, false, true),
+        ("namespace", "{ sourceNamespaces: [default] }".into(), PORT, true, true),
+        ("not namespace", "{ notSourceNamespaces: [default] }".into(), PORT, false, false),
+        ("labels", "{ sourceLabels: { app: order } }".into(), PORT, true, false),
+        ("not labels", "{ notSourceLabels: { app: order } }".into(), PORT, false, true),
+        ("cidr", format!("{{ sourceCidrs: [{{ cidr: '{order_v4}/32' }}] }}"), PORT, true, false),
+        ("not cidr", format!("{{ notSourceCidrs: [{{ cidr: '{order_v4}/32' }}] }}"), PORT, false, true),
+        ("cidr except", format!("{{ sourceCidrs: [{{ cidr: 0.0.0.0/0, except: ['{order_v4}/32'] }}] }}"), PORT, false, true),
+        ("port", "{ ports: [8080] }".into(), PORT, true, true),
+        ("port, other port", "{ ports: [8080] }".into(), OTHER_PORT, false, false),
+        ("not port", "{ notPorts: [8080] }".into(), OTHER_PORT, true, true),
+        ("port range", "{ ports: ['9000-9100'] }".into(), OTHER_PORT, true, true),
+        ("not port range", "{ notPorts: ['9000-9100'] }".into(), OTHER_PORT, false, false),
+        ("clauses are ANDed", format!("{{ sourceNamespaces: [default], notSourceIdentities: ['{TD}/analytics'], ports: [8080] }}"), PORT, true, false),
+    ];
+    for (i, (name, rule, port, order, analytics)) in cases.iter().enumerate() {
+        // A new name each time, so that every case is a config change.
+        let p = policy(
+            &format!("case-{i}"),
+            "payment",
+            "Allow",
+            "Enforce",
+            &format!("[{rule}]"),
+        );
+        s.cp.apply("case.yaml", &p, &["n2"]).expect(name);
+        s.expect(name, "order", "payment", *port, *order);
+        s.expect(name, "analytics", "payment", *port, *analytics);
+    }
+    s.cp.unapply("case.yaml", &["n2"]).expect("removed");
+
+    // Deny beats allow: both match analytics; the Deny decides.
+    let allow_all = policy(
+        "allow-shop",
+        "payment",
+        "Allow",
+        "Enforce",
+        "[{ sourceNamespaces: [default] }]",
+    );
+    s.cp.apply("allow.yaml", &allow_all, &["n2"])
+        .expect("allow");
+    s.cp.apply("deny.yaml", &block_analytics(), &["n2"])
+        .expect("deny");
+    s.expect("deny beats allow", "order", "payment", PORT, true);
+    s.expect("deny beats allow", "analytics", "payment", PORT, false);
+    let e =
+        s.cp.explain("default/analytics", "default/payment", PORT, true)
+            .expect("explain");
+    assert_eq!(
+        e["verdicts"][0]["policy"], "default/block-analytics",
+        "{e:#}"
+    );
+    s.cp.unapply("allow.yaml", &["n2"]).expect("removed");
+    s.cp.unapply("deny.yaml", &["n2"]).expect("removed");
+
+    // Same node: n1 delivers order -> analytics itself and applies analytics' policies.
+    s.expect("same node, no policy", "order", "analytics", PORT, true);
+    let same = policy(
+        "no-order",
+        "analytics",
+        "Deny",
+        "Enforce",
+        &format!("[{{ sourceIdentities: ['{TD}/order'] }}]"),
+    );
+    s.cp.apply("same.yaml", &same, &["n1"])
+        .expect("same-node policy");
+    s.expect("same node, denied", "order", "analytics", PORT, false);
+    assert!(
+        s.n1.log().contains("policy=default/no-order"),
+        "{}",
+        s.n1.log()
+    );
+    s.cp.unapply("same.yaml", &["n1"]).expect("removed");
+
+    // Default deny: nothing gets through without an Allow; an Allow opens exactly its match.
+    let mesh = |action: &str| {
+        format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ defaultAction: {action} }}\n")
+    };
+    s.cp.apply("mesh.yaml", &mesh("Deny"), &["n1", "n2"])
+        .expect("default deny");
+    s.expect("default deny", "order", "inventory", PORT, false);
+    s.expect("default deny", "order", "analytics", PORT, false);
+    let inventory = policy(
+        "inventory-from-order",
+        "inventory",
+        "Allow",
+        "Enforce",
+        "[{ sourceLabels: { app: order } }]",
+    );
+    s.cp.apply("inventory.yaml", &inventory, &["n2"])
+        .expect("allow inventory");
+    s.expect("default deny + allow", "order", "inventory", PORT, true);
+    s.expect(
+        "default deny + allow",
+        "analytics",
+        "inventory",
+        PORT,
+        false,
+    );
+    s.cp.apply("mesh.yaml", &mesh("Allow"), &["n1", "n2"])
+        .expect("default allow");
+    s.expect("default allow", "order", "analytics", PORT, true);
+    s.cp.unapply("inventory.yaml", &["n2"]).expect("removed");
+
+    // DryRun: logged and counted, never enforced.
+    let dry = policy(
+        "dry-block",
+        "payment",
+        "Deny",
+        "DryRun",
+        &format!("[{{ sourceIdentities: ['{TD}/analytics'] }}]"),
+    );
+    s.cp.apply("dry.yaml", &dry, &["n2"]).expect("dry run");
+    s.expect("dry run", "analytics", "payment", PORT, true);
+    let e =
+        s.cp.explain("default/analytics", "default/payment", PORT, false)
+            .expect("explain");
+    assert_eq!(
+        e["verdicts"][0]["dry_run"][0], "policy default/dry-block rule 0 (Deny)",
+        "{e:#}"
+    );
+    let log = s.n2.log();
+    assert!(
+        log.lines().any(|l| l.contains("dry-run policy matched") && l.contains("policy=default/dry-block")),
+        "{log}"
+    );
+    let counter =
+        "policy_decisions{policy=\"default/dry-block\",rule=\"0\",action=\"Deny\",mode=\"DryRun\"}";
+    assert!(s.n2.stat(counter) >= 1);
+}
+
+#[test]
+fn a_policy_change_closes_the_open_connections_it_denies() {
+    let mut s = shop("close");
+    let payment = s.topo.pod("payment").ipv4.to_string();
+    let inventory = s.topo.pod("inventory").ipv4.to_string();
+    // Two connections held open: one the new policy denies, one it does not.
+    let denied =
+        app::start(s.topo.pod("order"), &["linger", &payment, "8080", "8"]).expect("linger");
+    let kept =
+        app::start(s.topo.pod("order"), &["linger", &inventory, "8080", "8"]).expect("linger");
+    s.n2.wait_for(T, |st| st["policy_open_connections"] == 2)
+        .expect("both connections open");
+    let deny_order = policy(
+        "no-order",
+        "payment",
+        "Deny",
+        "Enforce",
+        &format!("[{{ sourceIdentities: ['{TD}/order'] }}]"),
+    );
+    s.cp.apply("deny.yaml", &deny_order, &["n2"])
+        .expect("policy");
+    s.n2.wait_log(T, "open connection closed")
+        .expect("the closing is logged");
+    let denied = app::finish(denied, T);
+    let kept = app::finish(kept, T);
+    assert!(
+        !denied["error"].is_null(),
+        "the denied connection stayed open: {denied}"
+    );
+    assert!(kept["error"].is_null() && kept["failed"] == 0, "{kept}");
+    assert!(
+        kept["rounds"].as_u64() > denied["rounds"].as_u64(),
+        "denied {denied}, kept {kept}"
+    );
+    assert_eq!(s.n2.stat("policy_closed_open_connections"), 1);
+    s.expect("after the change", "order", "payment", PORT, false);
+}
