@@ -83,6 +83,10 @@ pub mod keys {
     pub fn policy(namespace: &str, name: &str) -> String {
         format!("policy/{namespace}/{name}")
     }
+
+    pub fn fast_deny(namespace: &str, name: &str) -> String {
+        format!("fast-deny/{namespace}/{name}")
+    }
 }
 
 #[cfg(test)]

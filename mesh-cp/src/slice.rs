@@ -4,12 +4,16 @@
 //! own) and every service with its resolved endpoints: enough to capture its pods and to route
 //! to any destination. Netns paths of other nodes' workloads are host details it has no use for.
 //! Access policies go only to nodes where they select a workload, with the keys of those
-//! workloads: the node enforces inbound and needs nothing else.
+//! workloads: the node enforces inbound and needs nothing else. Each local workload also gets
+//! its fast-deny set: the connects its node may refuse in the kernel.
 
 use std::collections::BTreeMap;
 
 use mesh_api::{keys, v1};
-use mesh_model::Config;
+use mesh_model::{
+    authz::{fast_deny, PolicyIndex},
+    Config,
+};
 use rustls_pki_types::CertificateDer;
 
 pub type Slice = BTreeMap<String, v1::Resource>;
@@ -81,6 +85,27 @@ pub fn node_slice(config: &Config, roots: &[CertificateDer<'_>], node: &str) -> 
                 endpoints: config.endpoints(s).map(|w| w.key.to_string()).collect(),
             }),
         );
+    }
+    // Built per node from the whole config: fast-deny needs every destination's policies.
+    let index = PolicyIndex::new(config.mesh.default_action, config.selections());
+    for w in config.workloads_on(node) {
+        let entries: Vec<v1::FastDenyEntry> = fast_deny(config, &index, w)
+            .into_iter()
+            .map(|(address, port)| v1::FastDenyEntry {
+                address: mesh_api::ip_to_bytes(address),
+                port: port.into(),
+            })
+            .collect();
+        if !entries.is_empty() {
+            put(
+                keys::fast_deny(&w.key.namespace, &w.key.name),
+                v1::resource::Kind::FastDeny(v1::FastDeny {
+                    namespace: w.key.namespace.clone(),
+                    name: w.key.name.clone(),
+                    entries,
+                }),
+            );
+        }
     }
     for p in config.policies.values() {
         let selected: Vec<String> = config
@@ -175,6 +200,19 @@ mod tests {
             Some(v1::resource::Kind::Policy(p)) => assert_eq!(p.selected, ["default/b"]),
             other => panic!("{other:?}"),
         }
+        // Everyone is denied b:80, so a (on n1) gets fast-deny entries, and so does b (on n2)
+        // for connects to itself.
+        match &node_slice(&c, &[], "n1")["fast-deny/default/a"].kind {
+            Some(v1::resource::Kind::FastDeny(f)) => {
+                assert_eq!(f.entries.len(), 2, "{f:?}"); // b:80, and the VIP 10.96.0.1:80 -> b:80
+            }
+            other => panic!("{other:?}"),
+        }
+        let n2_keys: Vec<String> = node_slice(&c, &[], "n2").into_keys().collect();
+        assert!(
+            n2_keys.contains(&"fast-deny/default/b".to_string()),
+            "{n2_keys:?}"
+        );
         // Adding a workload the policy selects on n2 changes the policy's resource there.
         let added = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: c, labels: {app: b}}\nspec: {node: n2, netns: /run/netns/c, addresses: [10.0.0.3]}\n";
         let before = node_slice(&c, &[], "n2");
@@ -184,6 +222,8 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "fast-deny/default/b",
+                "fast-deny/default/c",
                 "policy/default/only-b",
                 "service/default/b",
                 "workload/default/c"

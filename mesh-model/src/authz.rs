@@ -12,7 +12,7 @@
 //! baseline.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::IpAddr,
 };
@@ -20,8 +20,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    policy::{AccessPolicy, Matcher, Rule},
-    Action, Mode, ObjectKey,
+    policy::{AccessPolicy, Matcher, PortRange, Rule},
+    Action, Config, Mode, ObjectKey, Workload,
 };
 
 /// The client of a connection, as the destination knows it.
@@ -174,6 +174,14 @@ impl Buckets {
         }
     }
 
+    fn all(&self) -> impl Iterator<Item = RuleRef> + '_ {
+        self.by_port
+            .values()
+            .flatten()
+            .chain(&self.any_port)
+            .copied()
+    }
+
     fn candidates(&self, port: u16) -> impl Iterator<Item = RuleRef> + '_ {
         self.by_port
             .get(&port)
@@ -312,6 +320,43 @@ impl PolicyIndex {
         self.by_default(dry_run)
     }
 
+    /// The ports on which enforced policy denies every connection from `src` to `destination`,
+    /// as sorted, merged ranges. The verdict depends on the port only through port clauses, so
+    /// it is constant between consecutive boundaries of the port ranges of the rules that
+    /// apply; one evaluation per such interval decides all of it.
+    pub fn denied_ports(&self, destination: &ObjectKey, src: &Source<'_>) -> Vec<PortRange> {
+        let mut cuts: BTreeSet<u32> = BTreeSet::from([1, 65_536]);
+        if let Some(sel) = self.by_workload.get(destination) {
+            for r in sel.deny.all().chain(sel.allow.all()) {
+                for clause in &self.rule(r).clauses {
+                    if let Matcher::Ports(ranges) = &clause.matcher {
+                        for range in ranges {
+                            cuts.insert(range.first.into());
+                            cuts.insert(u32::from(range.last) + 1);
+                        }
+                    }
+                }
+            }
+        }
+        let cuts: Vec<u32> = cuts.into_iter().collect();
+        let mut denied: Vec<PortRange> = Vec::new();
+        for interval in cuts.windows(2) {
+            let (Ok(first), Ok(last)) =
+                (u16::try_from(interval[0]), u16::try_from(interval[1] - 1))
+            else {
+                continue;
+            };
+            if self.evaluate(destination, first, src).allowed {
+                continue;
+            }
+            match denied.last_mut() {
+                Some(prev) if u32::from(prev.last) + 1 == u32::from(first) => prev.last = last,
+                _ => denied.push(PortRange { first, last }),
+            }
+        }
+        denied
+    }
+
     fn by_default(&self, dry_run: Vec<RuleHit>) -> Decision {
         Decision {
             allowed: self.default_action == Action::Allow,
@@ -332,6 +377,87 @@ impl PolicyIndex {
             action: p.action,
             mode: p.mode,
         }
+    }
+}
+
+/// Most ports listed one by one for one destination address in the fast-deny set; beyond
+/// that (but short of every port) the destination alone decides.
+pub const MAX_FAST_DENY_PORTS: u32 = 64;
+
+/// What the node of `source` may refuse in the kernel, before a connection leaves the pod:
+/// `(destination address, port)` pairs, port 0 meaning every port, that enforced policy denies
+/// for this client whatever the destination node does. Workload addresses and service VIPs
+/// (when every endpoint denies) are included. It is a subset of what the destination denies,
+/// by construction: every entry comes from [`PolicyIndex::denied_ports`] with the same inputs
+/// the destination will see (the verified identity, the workload's labels, and its address in
+/// the destination's family).
+pub fn fast_deny(
+    config: &Config,
+    index: &PolicyIndex,
+    source: &Workload,
+) -> BTreeSet<(IpAddr, u16)> {
+    let identity = source.identity(&config.mesh.trust_domain);
+    let uri = identity.to_string();
+    let mut out = BTreeSet::new();
+    for v4 in [true, false] {
+        let Some(address) = source.addresses.iter().copied().find(|a| a.is_ipv4() == v4) else {
+            continue;
+        };
+        let src = Source {
+            address,
+            workload: Some(SourceWorkload {
+                identity: &uri,
+                namespace: &identity.namespace,
+                labels: &source.labels,
+            }),
+        };
+        let mut denied: HashMap<&ObjectKey, Vec<PortRange>> = HashMap::new();
+        for w in config.workloads.values() {
+            let ranges = index.denied_ports(&w.key, &src);
+            for a in w.addresses.iter().filter(|a| a.is_ipv4() == v4) {
+                add_ranges(&mut out, *a, &ranges);
+            }
+            denied.insert(&w.key, ranges);
+        }
+        for s in config.services.values() {
+            let endpoints: Vec<&Workload> = config
+                .endpoints(s)
+                .filter(|w| w.addresses.iter().any(|a| a.is_ipv4() == v4))
+                .collect();
+            if endpoints.is_empty() {
+                continue;
+            }
+            for p in &s.ports {
+                let all_deny = endpoints.iter().all(|w| {
+                    denied
+                        .get(&w.key)
+                        .is_some_and(|r| r.iter().any(|r| r.contains(p.target_port)))
+                });
+                if all_deny {
+                    for vip in s.vips.iter().filter(|a| a.is_ipv4() == v4) {
+                        out.insert((*vip, p.port));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn add_ranges(out: &mut BTreeSet<(IpAddr, u16)>, address: IpAddr, ranges: &[PortRange]) {
+    let total: u32 = ranges
+        .iter()
+        .map(|r| u32::from(r.last) - u32::from(r.first) + 1)
+        .sum();
+    if total == 65_535 {
+        out.insert((address, 0));
+    } else if total <= MAX_FAST_DENY_PORTS {
+        out.extend(
+            ranges
+                .iter()
+                .flat_map(|r| r.first..=r.last)
+                .map(|p| (address, p)),
+        );
     }
 }
 

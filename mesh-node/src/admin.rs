@@ -122,6 +122,11 @@ fn render_stats(admin: &Admin) -> Result<String, crate::capture::CaptureError> {
     let (by_cookie, by_tuple) = admin.capture.orig_dst_entries();
     let _ = writeln!(out, "orig_dst_entries_by_cookie {by_cookie}");
     let _ = writeln!(out, "orig_dst_entries_by_tuple {by_tuple}");
+    let _ = writeln!(
+        out,
+        "fast_deny_entries {}",
+        admin.capture.fast_deny_entries()
+    );
     let s = &admin.stats;
     for (name, v) in [
         ("proxy_accepted", &s.accepted),

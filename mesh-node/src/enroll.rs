@@ -80,6 +80,34 @@ impl Enroller {
         self.pods.len()
     }
 
+    /// Puts the fast-deny entries of the enrolled pods (`namespace/name` → destinations, port 0
+    /// for every port) into the kernel, and removes those of pods no longer enrolled.
+    pub fn sync_fast_deny(&self, entries: &BTreeMap<String, Vec<(std::net::IpAddr, u16)>>) {
+        let desired = self
+            .pods
+            .iter()
+            .filter_map(|(id, pod)| Some((pod.netns_cookie, entries.get(&id.to_string())?)))
+            .flat_map(|(cookie, list)| {
+                list.iter()
+                    .map(move |(ip, port)| crate::capture::fast_deny_key(cookie, *ip, *port))
+            })
+            .collect();
+        let update = self.shared.capture.set_fast_deny(desired);
+        if update.failed > 0 {
+            tracing::warn!(
+                failed = update.failed, held = update.held,
+                "fast-deny entries did not fit the kernel map; those connects are refused by the destination instead"
+            );
+        } else if update.added + update.removed > 0 {
+            tracing::info!(
+                added = update.added,
+                removed = update.removed,
+                held = update.held,
+                "fast-deny entries updated"
+            );
+        }
+    }
+
     /// Makes the captured set equal to `desired`, or changes nothing and returns why not.
     pub async fn apply(
         &mut self,

@@ -347,6 +347,9 @@ async fn follow_control_plane(
             req = apply_rx.recv() => {
                 let Some(control::ApplyRequest { desired, done }) = req else { return };
                 let outcome = enroll_or_keep_pending(enroller, status, &mut pending, desired).await;
+                // Before the ack: once the control plane sees this version acked, the kernel
+                // refuses what it denies.
+                enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
                 status.send_modify(|s| s.config_version = view_rx.borrow().version);
                 match &outcome {
                     Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads applied"),
@@ -357,6 +360,7 @@ async fn follow_control_plane(
             _ = retry.tick(), if pending.is_some() => {
                 if let Some(desired) = pending.take() {
                     if enroll_or_keep_pending(enroller, status, &mut pending, desired).await.is_ok() {
+                        enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
                         tracing::info!(enrolled = enroller.enrolled(), "workloads applied on retry");
                     }
                 }

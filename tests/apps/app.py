@@ -8,7 +8,7 @@
   app.py get URL                  HTTP GET with http.client; prints JSON {peer, status, len, sha256}
   app.py probe HOST PORT [kill]   connect (and with "kill", ask the server to reset the
                                   connection), wait for data; prints JSON {outcome, seconds}
-                                  (outcome: reset | eof | data | timeout | refused)
+                                  (outcome: reset | eof | data | timeout | refused | eperm)
   app.py halfclose HOST PORT N    send N bytes to the echo server, shut down writing, read the
                                   echo until EOF; prints {sent, received, same}
   app.py loop HOST PORT N         N sequential connections, each "ping" -> "pong"; prints failures
@@ -134,6 +134,9 @@ def probe(host, port, kill=False):
         outcome = "data" if data else "eof"
     except ConnectionRefusedError:
         outcome = "refused"
+    except PermissionError:
+        # connect() refused locally, e.g. by a cgroup connect hook.
+        outcome = "eperm"
     except ConnectionResetError:
         outcome = "reset"
     except socket.timeout:

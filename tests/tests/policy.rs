@@ -1,12 +1,15 @@
 //! L4 authorization end to end: two nodes following one control plane, AccessPolicies written
-//! into its config dir while traffic runs. Every verdict the data path reaches is compared with
-//! `mesh-cp explain`, offline (config dir) and against the running control plane.
+//! into its config dir while traffic runs. Every verdict the data path reaches (in the source
+//! node's kernel, or at the destination node) is compared with `mesh-cp explain`, offline
+//! (config dir) and against the running control plane.
 
-use std::{fs, path::PathBuf, time::Duration};
+use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
 
+use mesh_api::v1::{tunnel_response::Status, TunnelRequest};
 use mesh_tests::{
     app::{self, Server},
     mesh::workloads_yaml,
+    tunnel::{dial, TestCa},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
@@ -143,16 +146,52 @@ fn order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing() {
         .expect("policy applied");
 
     s.expect("seeds", "order", "payment", PORT, true);
+    s.expect("seeds", "order", "inventory", PORT, true);
+
+    // analytics' connect fails at once, in its own node's kernel: nothing reaches n2 or payment.
     let seen = s.accepted_by_payment();
-    s.expect("seeds", "analytics", "payment", PORT, false);
+    let refused_at_n2 = s.n2.stat("tunnels_in_refused");
+    let payment = s.topo.pod("payment");
+    for ip in [payment.ipv4.to_string(), payment.ipv6.to_string()] {
+        let probe = app::run(s.topo.pod("analytics"), &["probe", &ip, "8080"], T);
+        assert_eq!(probe["outcome"], "eperm", "analytics -> {ip}: {probe}");
+    }
+    assert_eq!(s.n1.stat("ebpf_fast_denied"), 2);
+    assert!(s.n1.stat("fast_deny_entries") >= 2);
     assert_eq!(
         s.accepted_by_payment(),
         seen,
-        "payment's application saw the denied connection"
+        "payment's application saw a denied connection"
     );
-    s.expect("seeds", "order", "inventory", PORT, true);
+    assert_eq!(s.n2.stat("tunnels_in_refused"), refused_at_n2);
+    s.expect("seeds", "analytics", "payment", PORT, false);
+    assert_eq!(s.accepted_by_payment(), seen);
 
-    // The deny names the policy and rule on the destination node, and is counted there.
+    // The destination stays authoritative: a client that skips its node's kernel check (here a
+    // raw tunnel with analytics' certificate) is refused by n2, which logs policy and rule.
+    let ca = TestCa::load(&s.cp.data_dir).expect("mesh CA");
+    let analytics = s.topo.pod("analytics");
+    let request = TunnelRequest {
+        destination_address: mesh_api::ip_to_bytes(payment.ipv4.into()),
+        destination_port: u32::from(PORT),
+        source_address: mesh_api::ip_to_bytes(analytics.ipv4.into()),
+        source_port: 40000,
+        connection_id: 7,
+    };
+    let out = dial(
+        &analytics.netns_path(),
+        SocketAddr::new(payment.ipv4.into(), 15008),
+        Some(&ca.issue_valid(&format!("{TD}/analytics"))),
+        &request,
+    )
+    .expect("dial");
+    let response = out.response.expect("an answer");
+    assert_eq!(response.status(), Status::Denied, "{response:?}");
+    assert!(
+        response.reason.contains("default/block-analytics"),
+        "{response:?}"
+    );
+    assert_eq!(s.accepted_by_payment(), seen);
     let log = s.n2.log();
     let line = log
         .lines()
@@ -169,7 +208,6 @@ fn order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing() {
     }
     let counter = "policy_decisions{policy=\"default/block-analytics\",rule=\"0\",action=\"Deny\",mode=\"Enforce\"}";
     assert_eq!(s.n2.stat(counter), 1);
-    assert!(s.n1.stat("tunnels_out_failed") >= 1);
 
     // A bad policy is refused whole, naming file and field, and the last good set stays.
     let bad = policy(
@@ -221,6 +259,12 @@ fn order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing() {
         "{offline}"
     );
     s.cp.remove_config("broken.yaml").expect("remove");
+
+    // Removing the policy takes its kernel entries away with it.
+    s.cp.unapply("block-analytics.yaml", &["n1", "n2"])
+        .expect("policy removed");
+    assert_eq!(s.n1.stat("fast_deny_entries"), 0);
+    s.expect("policy removed", "analytics", "payment", PORT, true);
 }
 
 #[test]
@@ -286,14 +330,16 @@ fn each_matcher_negations_precedence_defaults_and_dry_run() {
     s.cp.unapply("allow.yaml", &["n2"]).expect("removed");
     s.cp.unapply("deny.yaml", &["n2"]).expect("removed");
 
-    // Same node: n1 delivers order -> analytics itself and applies analytics' policies.
+    // Same node: n1 delivers order -> analytics itself and applies analytics' policies. The
+    // rule denies every port but one: too many ports to refuse in the kernel, so it is the
+    // same-node delivery's own check that denies.
     s.expect("same node, no policy", "order", "analytics", PORT, true);
     let same = policy(
         "no-order",
         "analytics",
         "Deny",
         "Enforce",
-        &format!("[{{ sourceIdentities: ['{TD}/order'] }}]"),
+        &format!("[{{ sourceIdentities: ['{TD}/order'], notPorts: [9] }}]"),
     );
     s.cp.apply("same.yaml", &same, &["n1"])
         .expect("same-node policy");

@@ -1,12 +1,13 @@
-//! `cargo xtask up`: a sandbox mesh until Ctrl-C: mesh-cp, two nodes, and demo pods talking
-//! across them through the tunnel, by pod IP, by service VIP and on the same node.
+//! `cargo xtask up`: a sandbox mesh until Ctrl-C: mesh-cp, two nodes, and the seeds' scenario:
+//! order calls payment (pod IP and service VIP, through the tunnel) and inventory; analytics is
+//! denied payment by an AccessPolicy, in its own node's kernel.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use mesh_tests::{
     app::{self, Server},
-    mesh::{service_yaml, workloads_yaml},
+    mesh::{service_yaml, sibling_bin, workloads_yaml},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
@@ -23,30 +24,37 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     let topo = Topology::with_prefix(
         "mycel-up",
         &[
-            NodeSpec::new("node1", &["web", "cache", "db"]),
-            NodeSpec::new("node2", &["api"]),
+            NodeSpec::new("node1", &["order", "analytics", "db"]),
+            NodeSpec::new("node2", &["payment", "inventory"]),
         ],
     )
     .map_err(|e| anyhow::anyhow!("creating the sandbox: {e}"))?;
-    let (web, cache, db, api) = (
-        topo.pod("web"),
-        topo.pod("cache"),
+    let (order, analytics, db, payment, inventory) = (
+        topo.pod("order"),
+        topo.pod("analytics"),
         topo.pod("db"),
-        topo.pod("api"),
+        topo.pod("payment"),
+        topo.pod("inventory"),
     );
     let _servers = [
-        Server::start(api, PORT).context("starting the demo server in pod api")?,
-        Server::start(cache, PORT).context("starting the demo server in pod cache")?,
+        Server::start(payment, PORT).context("starting the demo server in pod payment")?,
+        Server::start(inventory, PORT).context("starting the demo server in pod inventory")?,
     ];
     let config = format!(
         "{}---\n{}",
-        workloads_yaml(&[web, cache, api]),
-        service_yaml("api", VIP, 80, PORT, "api")
+        workloads_yaml(&[order, analytics, payment, inventory]),
+        service_yaml("payment", VIP, 80, PORT, "payment")
     );
-    let cp =
-        ControlPlane::start(&topo.prefix, &[("mesh.yaml", &config)]).context("starting mesh-cp")?;
+    let cp = ControlPlane::start(
+        &topo.prefix,
+        &[
+            ("mesh.yaml", &config),
+            ("block-analytics.yaml", BLOCK_ANALYTICS),
+        ],
+    )
+    .context("starting mesh-cp")?;
     let mut nodes = Vec::new();
-    for (name, enrolled) in [("node1", 2), ("node2", 1)] {
+    for (name, enrolled) in [("node1", 2), ("node2", 2)] {
         let mut node = MeshNode::connect(topo.node(name), &cp, None, &[])
             .with_context(|| format!("starting mesh-node on {name}"))?;
         node.wait_for(Duration::from_secs(30), |s| {
@@ -60,17 +68,48 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     println!();
     println!("Mycel sandbox is up:");
     println!(
-        "  node1: web ({}), cache ({}), db ({}, not in the mesh)",
-        web.ipv4, cache.ipv4, db.ipv4
+        "  node1: order ({}), analytics ({}), db ({}, not in the mesh)",
+        order.ipv4, analytics.ipv4, db.ipv4
     );
-    println!("  node2: api ({})", api.ipv4);
-    println!("  service api: {VIP}:80 -> api:{PORT}");
+    println!(
+        "  node2: payment ({}), inventory ({})",
+        payment.ipv4, inventory.ipv4
+    );
+    println!("  service payment: {VIP}:80 -> payment:{PORT}");
+    println!(
+        "  policy default/block-analytics: Deny analytics -> payment ({}/block-analytics.yaml)",
+        cp.config_dir.display()
+    );
     println!(
         "  mesh-cp: config dir {}, data dir {}, log {}",
         cp.config_dir.display(),
         cp.data_dir.display(),
         cp.log_file().display()
     );
+    println!();
+    println!("Why is a call allowed or denied? The same evaluation the nodes run:");
+    let mesh_cp = sibling_bin("mesh-cp", "MESH_CP_BIN");
+    for from in ["order", "analytics"] {
+        let args = [
+            "explain".to_owned(),
+            "--from".to_owned(),
+            format!("default/{from}"),
+            "--to".to_owned(),
+            "default/payment".to_owned(),
+            "--port".to_owned(),
+            PORT.to_string(),
+            "--cp".to_owned(),
+            cp.http.to_string(),
+        ];
+        println!("  $ {} {}", mesh_cp.display(), args.join(" "));
+        let out = std::process::Command::new(&mesh_cp)
+            .args(&args)
+            .output()
+            .context("running mesh-cp explain")?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("    {line}");
+        }
+    }
     println!();
     println!("Look:");
     let look = |cmd: String, what: &str| println!("  {cmd:<44} # {what}");
@@ -85,7 +124,7 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         );
         look(
             format!("curl -s http://{}/stats", node.admin),
-            &format!("{name}: counters (eBPF, proxy, tunnels, certificates)"),
+            &format!("{name}: counters (eBPF, proxy, tunnels, policy decisions)"),
         );
     }
     for (name, node) in [("node1", node1), ("node2", node2)] {
@@ -93,29 +132,44 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     }
     println!(
         "  nsenter --net={} sh -c 'echo $$ > {}/cgroup.procs; exec bash'",
-        web.netns_path().display(),
-        web.cgroup.display()
+        order.netns_path().display(),
+        order.cgroup.display()
     );
-    println!("      then: curl http://{VIP}/whoami   # from web, through the tunnel to api");
+    println!("      then: curl http://{VIP}/whoami   # from order, through the tunnel to payment");
     println!(
         "  edit or add YAML in {}: mesh-cp applies it; a bad file is reported on /status",
         cp.config_dir.display()
     );
     println!("  cargo xtask clean   # if this process is ever killed");
     println!();
-    println!("Pod web calls api (pod IP and VIP, across nodes) and cache (same node) every 2 s. Ctrl-C tears everything down.");
+    println!("Every 2 s: order calls payment (pod IP and VIP, across nodes) and inventory; analytics calls payment. Ctrl-C tears everything down.");
 
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs(s));
     loop {
         let mut line = Vec::new();
         for (what, url) in [
-            ("api", format!("http://{}:{PORT}/whoami", api.ipv4)),
-            ("api VIP", format!("http://{VIP}:80/whoami")),
-            ("cache", format!("http://{}:{PORT}/whoami", cache.ipv4)),
+            ("payment", format!("http://{}:{PORT}/whoami", payment.ipv4)),
+            ("payment VIP", format!("http://{VIP}:80/whoami")),
+            (
+                "inventory",
+                format!("http://{}:{PORT}/whoami", inventory.ipv4),
+            ),
         ] {
-            let out = app::run(web, &["get", &url], Duration::from_secs(10));
-            line.push(format!("web -> {what}: HTTP {}", out["status"]));
+            let out = app::run(order, &["get", &url], Duration::from_secs(10));
+            line.push(format!("order -> {what}: HTTP {}", out["status"]));
         }
+        let probe = app::run(
+            analytics,
+            &["probe", &payment.ipv4.to_string(), &PORT.to_string()],
+            Duration::from_secs(10),
+        );
+        line.push(format!(
+            "analytics -> payment: {}",
+            match probe["outcome"].as_str() {
+                Some("eperm") => "denied (connect refused in node1's kernel)".to_owned(),
+                other => other.unwrap_or("?").to_owned(),
+            }
+        ));
         let (s1, s2) = (
             node1.stats().unwrap_or_default(),
             node2.stats().unwrap_or_default(),
@@ -123,11 +177,12 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         let stat =
             |s: &std::collections::BTreeMap<String, u64>, k: &str| s.get(k).copied().unwrap_or(0);
         println!(
-            "{}; node1 tunnels_out={} same_node={}; node2 tunnels_in={}",
+            "{}; node1 tunnels_out={} fast_denied={}; node2 tunnels_in={} denied={}",
             line.join(", "),
             stat(&s1, "tunnels_out"),
-            stat(&s1, "proxy_same_node"),
+            stat(&s1, "ebpf_fast_denied"),
             stat(&s2, "tunnels_in"),
+            stat(&s2, "policy_denied"),
         );
         if deadline.is_some_and(|d| Instant::now() >= d)
             || wait_for_signal(&signals, Duration::from_secs(2))
@@ -142,6 +197,17 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     println!("done: no namespaces, cgroups or eBPF programs left");
     Ok(())
 }
+
+/// The seeds' scenario: analytics must not call payment.
+const BLOCK_ANALYTICS: &str = "apiVersion: mycel.dev/v1alpha1
+kind: AccessPolicy
+metadata: { name: block-analytics, namespace: default }
+spec:
+  selector: { matchLabels: { app: payment } }
+  action: Deny
+  rules:
+  - sourceIdentities: [\"spiffe://cluster.local/ns/default/sa/analytics\"]
+";
 
 fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: plain sigset manipulation on a local value.

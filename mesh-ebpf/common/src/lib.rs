@@ -18,6 +18,8 @@ pub const AF_INET6: u16 = 10;
 pub const ORIG_DST_CAPACITY: u32 = 65_536;
 /// Capacity of the enrolled-namespace map (one entry per enrolled pod on the node).
 pub const ENROLLED_CAPACITY: u32 = 16_384;
+/// Capacity of the fast-deny map: (pod, destination, port) verdicts pushed by the node.
+pub const FAST_DENY_CAPACITY: u32 = 65_536;
 
 /// Names of the maps and programs in the object, used by the loader.
 pub mod names {
@@ -25,6 +27,7 @@ pub mod names {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const FAST_DENY: &str = "FAST_DENY";
     pub const CONNECT4: &str = "mycel_connect4";
     pub const CONNECT6: &str = "mycel_connect6";
     pub const GETPEERNAME4: &str = "mycel_getpeer4";
@@ -35,7 +38,7 @@ pub mod names {
 /// An IPv4 or IPv6 socket address as the kernel hands it over: address words and port in
 /// network byte order. IPv4 uses `addr[0]` only.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SockAddr {
     pub addr: [u32; 4],
     /// Network byte order.
@@ -58,6 +61,17 @@ pub struct OrigDst {
 pub struct TupleKey {
     pub netns_cookie: u64,
     pub src: SockAddr,
+    pub _pad: u32,
+}
+
+/// Key of `FAST_DENY`: a connect from the pod with this netns cookie to `dst` is refused in the
+/// kernel. `dst.port` 0 means every port. IPv4 destinations (also IPv4-mapped IPv6 ones) use the
+/// `AF_INET` form.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FastDenyKey {
+    pub netns_cookie: u64,
+    pub dst: SockAddr,
     pub _pad: u32,
 }
 
@@ -86,16 +100,19 @@ pub enum Counter {
     MapFull = 4,
     /// `sock_ops` could not arm the close callback, so the record was dropped (fail closed).
     OrigDstLost = 5,
+    /// A connect refused in the kernel because policy denies it (the fast-deny map).
+    FastDenied = 6,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Redirected,
         Counter::SkippedNotEnrolled,
         Counter::SkippedProxyMark,
         Counter::SkippedOther,
         Counter::MapFull,
         Counter::OrigDstLost,
+        Counter::FastDenied,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -107,6 +124,7 @@ impl Counter {
             Counter::SkippedOther => "skipped_other",
             Counter::MapFull => "map_full",
             Counter::OrigDstLost => "orig_dst_lost",
+            Counter::FastDenied => "fast_denied",
         }
     }
 }
@@ -118,5 +136,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::FastDenyKey {}
     unsafe impl aya::Pod for super::Enrollment {}
 }

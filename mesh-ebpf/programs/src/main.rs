@@ -7,6 +7,10 @@
 //! removes both. `getpeername4/6` answer with the original destination so the rewrite is
 //! invisible to the application.
 //!
+//! Before redirecting, a connect whose (pod, destination, port) is in `FAST_DENY` is refused
+//! (the application's `connect()` fails with EPERM): user space puts there only what the
+//! destination's policy denies anyway, so the attempt never leaves the pod.
+//!
 //! Every decision bumps a per-CPU counter; user space sums them.
 #![no_std]
 #![no_main]
@@ -25,12 +29,14 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use core::ptr::read_volatile;
 use mesh_ebpf_common::{
-    Counter, Enrollment, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6, ENROLLED_CAPACITY,
-    ORIG_DST_CAPACITY, OUTBOUND_PORT, PROXY_MARK,
+    Counter, Enrollment, FastDenyKey, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
+    ENROLLED_CAPACITY, FAST_DENY_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT, PROXY_MARK,
 };
 
 /// Let the syscall proceed (with whatever the program wrote into the context).
 const ALLOW: i32 = 1;
+/// Refuse the syscall: `connect()` fails with EPERM.
+const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const SOCK_STREAM: u32 = 1;
 
@@ -50,6 +56,10 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
 #[map]
 static ORIG_BY_TUPLE: HashMap<TupleKey, OrigDst> = HashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
 
+/// Connects refused before they leave the pod; see `FastDenyKey`.
+#[map]
+static FAST_DENY: HashMap<FastDenyKey, u32> = HashMap::with_max_entries(FAST_DENY_CAPACITY, 0);
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
@@ -61,29 +71,46 @@ fn count(counter: Counter) {
     }
 }
 
-/// Checks shared by both connect hooks. Returns true when the connect must be redirected.
+/// Checks shared by both connect hooks. Returns the pod's netns cookie when the connect must be
+/// redirected.
 #[inline(always)]
-fn should_redirect(ctx: &SockAddrContext) -> bool {
+fn should_redirect(ctx: &SockAddrContext) -> Option<u64> {
     // SAFETY: the verifier guarantees ctx points at a valid bpf_sock_addr.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP || sa.type_ != SOCK_STREAM {
         count(Counter::SkippedOther);
-        return false;
+        return None;
     }
     // SAFETY: `sk` is always a valid socket pointer for sock_addr programs.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
     if mark == PROXY_MARK {
         count(Counter::SkippedProxyMark);
-        return false;
+        return None;
     }
     // SAFETY: helper is allowed for cgroup sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup of a plain value.
     if unsafe { ENROLLED.get(&netns) }.is_none() {
         count(Counter::SkippedNotEnrolled);
-        return false;
+        return None;
     }
-    true
+    Some(netns)
+}
+
+/// Whether policy refuses this connect: an entry for the exact port, or for every port.
+#[inline(always)]
+fn fast_denied(netns_cookie: u64, dst: SockAddr) -> bool {
+    let mut key = FastDenyKey {
+        netns_cookie,
+        dst,
+        _pad: 0,
+    };
+    // SAFETY: read-only lookups of plain values.
+    if unsafe { FAST_DENY.get(&key) }.is_some() {
+        return true;
+    }
+    key.dst.port = 0;
+    unsafe { FAST_DENY.get(&key) }.is_some()
 }
 
 #[inline(always)]
@@ -99,9 +126,9 @@ fn remember(ctx: &SockAddrContext, dst: SockAddr) -> bool {
 
 #[cgroup_sock_addr(connect4)]
 pub fn mycel_connect4(ctx: SockAddrContext) -> i32 {
-    if !should_redirect(&ctx) {
+    let Some(netns) = should_redirect(&ctx) else {
         return ALLOW;
-    }
+    };
     // SAFETY: the verifier guarantees ctx points at a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip = sa.user_ip4;
@@ -115,6 +142,11 @@ pub fn mycel_connect4(ctx: SockAddrContext) -> i32 {
         port: sa.user_port as u16,
         family: AF_INET,
     };
+    if fast_denied(netns, dst) {
+        count(Counter::FastDenied);
+        debug!(&ctx, "connect4 refused by policy");
+        return REFUSE;
+    }
     if !remember(&ctx, dst) {
         // Without a record the proxy could not recover the destination; fail open to the
         // original destination rather than break the connect, and the counter says so.
@@ -129,9 +161,9 @@ pub fn mycel_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn mycel_connect6(ctx: SockAddrContext) -> i32 {
-    if !should_redirect(&ctx) {
+    let Some(netns) = should_redirect(&ctx) else {
         return ALLOW;
-    }
+    };
     // SAFETY: the verifier guarantees ctx points at a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
@@ -147,6 +179,22 @@ pub fn mycel_connect6(ctx: SockAddrContext) -> i32 {
         port: sa.user_port as u16,
         family: AF_INET6,
     };
+    // Policy entries for IPv4 destinations are in the AF_INET form, also for a dual-stack
+    // socket connecting to an IPv4-mapped address.
+    let policy_dst = if is_mapped {
+        SockAddr {
+            addr: [ip[3], 0, 0, 0],
+            port: dst.port,
+            family: AF_INET,
+        }
+    } else {
+        dst
+    };
+    if fast_denied(netns, policy_dst) {
+        count(Counter::FastDenied);
+        debug!(&ctx, "connect6 refused by policy");
+        return REFUSE;
+    }
     if !remember(&ctx, dst) {
         return ALLOW;
     }

@@ -7,6 +7,7 @@
 mod attach;
 
 use std::{
+    collections::HashSet,
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -19,7 +20,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_ebpf_common::{
-    names, Counter, Enrollment, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
+    names, Counter, Enrollment, FastDenyKey, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
 };
 
 pub use attach::CgroupLock;
@@ -74,6 +75,7 @@ pub struct Options {
 pub struct Capture {
     // Field order matters on drop: maps first, then the programs (which detach their links).
     enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
+    fast_deny: Mutex<FastDeny>,
     by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
@@ -132,12 +134,17 @@ impl Capture {
             .map_err(|source| CaptureError::Program { name, source })?;
 
         let enrolled = take_map(&mut ebpf, names::ENROLLED, HashMap::try_from)?;
+        let fast_deny = take_map(&mut ebpf, names::FAST_DENY, HashMap::try_from)?;
         let by_tuple = take_map(&mut ebpf, names::ORIG_BY_TUPLE, HashMap::try_from)?;
         let by_cookie = take_map(&mut ebpf, names::ORIG_BY_COOKIE, HashMap::try_from)?;
         let counters = take_map(&mut ebpf, names::COUNTERS, PerCpuArray::try_from)?;
 
         Ok(Self {
             enrolled: Mutex::new(enrolled),
+            fast_deny: Mutex::new(FastDeny {
+                map: fast_deny,
+                installed: HashSet::new(),
+            }),
             by_tuple,
             by_cookie,
             counters,
@@ -205,9 +212,71 @@ impl Capture {
         Ok(out)
     }
 
+    /// Makes the fast-deny map hold exactly `desired`: new entries are added first, then stale
+    /// ones removed. An entry that does not fit (the map is full) is left out and counted: the
+    /// destination still refuses that connection, only later.
+    pub fn set_fast_deny(&self, desired: HashSet<FastDenyKey>) -> FastDenyUpdate {
+        let mut fd = self.fast_deny.lock().unwrap_or_else(|p| p.into_inner());
+        let mut update = FastDenyUpdate::default();
+        let FastDeny { map, installed } = &mut *fd;
+        for key in desired.difference(installed).copied().collect::<Vec<_>>() {
+            match map.insert(key, 1, 0) {
+                Ok(()) => {
+                    installed.insert(key);
+                    update.added += 1;
+                }
+                Err(_) => update.failed += 1,
+            }
+        }
+        for key in installed.difference(&desired).copied().collect::<Vec<_>>() {
+            match map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                    installed.remove(&key);
+                    update.removed += 1;
+                }
+                Err(_) => update.failed += 1,
+            }
+        }
+        update.held = installed.len();
+        update
+    }
+
+    /// Entries the fast-deny map holds.
+    pub fn fast_deny_entries(&self) -> usize {
+        self.fast_deny
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .installed
+            .len()
+    }
+
     /// Entries currently held by the two original-destination maps (by cookie, by tuple).
     pub fn orig_dst_entries(&self) -> (usize, usize) {
         (self.by_cookie.keys().count(), self.by_tuple.keys().count())
+    }
+}
+
+/// The fast-deny map and what this process put in it (the only writer).
+struct FastDeny {
+    map: HashMap<MapData, FastDenyKey, u32>,
+    installed: HashSet<FastDenyKey>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FastDenyUpdate {
+    pub added: usize,
+    pub removed: usize,
+    /// Inserts or removals the kernel refused (a full map, most likely).
+    pub failed: usize,
+    pub held: usize,
+}
+
+/// The fast-deny key for a connect from the netns `netns_cookie` to `ip:port` (0: any port).
+pub fn fast_deny_key(netns_cookie: u64, ip: IpAddr, port: u16) -> FastDenyKey {
+    FastDenyKey {
+        netns_cookie,
+        dst: to_kernel(SocketAddr::new(ip, port)),
+        _pad: 0,
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::PathBuf,
 };
 
@@ -27,6 +28,9 @@ pub struct MeshView {
     pub services: BTreeMap<String, v1::Service>,
     /// Access policies that select workloads of this node, decoded; keyed `namespace/name`.
     pub policies: BTreeMap<String, Selection>,
+    /// Connects to refuse in the kernel, by local workload `namespace/name`: destination
+    /// address and port (0: every port).
+    pub fast_deny: BTreeMap<String, Vec<(IpAddr, u16)>>,
 }
 
 impl MeshView {
@@ -67,6 +71,21 @@ impl MeshView {
                     next.policies
                         .insert(format!("{}/{}", p.namespace, p.name), decoded);
                 }
+                Some(Kind::FastDeny(f)) if key == keys::fast_deny(&f.namespace, &f.name) => {
+                    let entries = f
+                        .entries
+                        .iter()
+                        .map(|e| {
+                            let ip = mesh_api::ip_from_bytes(&e.address);
+                            let port = u16::try_from(e.port).ok();
+                            ip.zip(port).ok_or_else(|| {
+                                format!("{key}: an entry with a bad address or port {}", e.port)
+                            })
+                        })
+                        .collect::<Result<_, _>>()?;
+                    next.fast_deny
+                        .insert(format!("{}/{}", f.namespace, f.name), entries);
+                }
                 other => {
                     return Err(format!(
                         "resource {key:?} does not match its contents ({})",
@@ -82,6 +101,8 @@ impl MeshView {
                 next.services.remove(k);
             } else if let Some(k) = key.strip_prefix("policy/") {
                 next.policies.remove(k);
+            } else if let Some(k) = key.strip_prefix("fast-deny/") {
+                next.fast_deny.remove(k);
             }
         }
         if next.trust_roots.is_empty() {
@@ -130,6 +151,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Workload(_) => "a workload",
         Kind::Service(_) => "a service",
         Kind::Policy(_) => "an access policy",
+        Kind::FastDeny(_) => "fast-deny entries",
     }
 }
 
