@@ -4,7 +4,7 @@
 
 use mesh_model::{
     policy::{AccessPolicy, Cidr, CidrBlock, Clause, IdentityPattern, Matcher, PortRange, Rule},
-    Action, Mode, ObjectKey,
+    Action, Mode, MtlsMode, ObjectKey,
 };
 
 use crate::{ip_from_bytes, ip_to_bytes, v1};
@@ -21,6 +21,21 @@ pub fn action_from_proto(a: i32) -> Result<Action, String> {
         Ok(v1::PolicyAction::Allow) => Ok(Action::Allow),
         Ok(v1::PolicyAction::Deny) => Ok(Action::Deny),
         _ => Err(format!("policy action {a} is neither Allow nor Deny")),
+    }
+}
+
+pub fn mtls_to_proto(m: MtlsMode) -> v1::MtlsMode {
+    match m {
+        MtlsMode::Permissive => v1::MtlsMode::Permissive,
+        MtlsMode::Strict => v1::MtlsMode::Strict,
+    }
+}
+
+pub fn mtls_from_proto(m: i32) -> Result<MtlsMode, String> {
+    match v1::MtlsMode::try_from(m) {
+        Ok(v1::MtlsMode::Permissive) => Ok(MtlsMode::Permissive),
+        Ok(v1::MtlsMode::Strict) => Ok(MtlsMode::Strict),
+        _ => Err(format!("mTLS mode {m} is neither PERMISSIVE nor STRICT")),
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 
 use mesh_model::{
     authz::{PolicyIndex, Source, SourceWorkload},
-    Config, ObjectKey,
+    Config, MtlsMode, ObjectKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -62,19 +62,23 @@ pub fn parse_key(s: &str) -> Result<ObjectKey, ExplainError> {
     }
 }
 
+/// Who connects: a mesh workload (through its node, so with its verified identity), or a
+/// plaintext client known only by its address (PERMISSIVE mode).
+#[derive(Debug, Clone)]
+pub enum Client {
+    Workload(ObjectKey),
+    Address(IpAddr),
+}
+
 pub fn explain(
     config: &Config,
-    from: &ObjectKey,
+    from: &Client,
     to: &ObjectKey,
     port: u16,
 ) -> Result<Explanation, ExplainError> {
     if port == 0 {
         return Err(ExplainError::BadPort);
     }
-    let source = config
-        .workloads
-        .get(from)
-        .ok_or_else(|| ExplainError::Unknown(from.clone()))?;
     if !config.workloads.contains_key(to) {
         return Err(ExplainError::Unknown(to.clone()));
     }
@@ -85,53 +89,101 @@ pub fn explain(
         .map(|(p, _)| format!("{} ({} {})", p.key, p.mode, p.action))
         .collect();
     let index = PolicyIndex::new(config.mesh.default_action, selections);
-    let identity = source.identity(&config.mesh.trust_domain);
-    let identity_uri = identity.to_string();
-    let workload = SourceWorkload {
-        identity: &identity_uri,
-        namespace: &identity.namespace,
-        labels: &source.labels,
-    };
-    // One address per family, as the data path picks the source address like the destination's.
-    let mut addresses: Vec<Option<IpAddr>> = Vec::new();
-    for family_v4 in [true, false] {
-        if let Some(a) = source.addresses.iter().find(|a| a.is_ipv4() == family_v4) {
-            addresses.push(Some(*a));
+    let verdict = |address: Option<IpAddr>, workload: Option<SourceWorkload<'_>>| {
+        let src = Source {
+            address: address.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            workload,
+        };
+        let d = index.evaluate(to, port, &src);
+        Verdict {
+            source_address: address,
+            allowed: d.allowed,
+            policy: d.policy_name(),
+            rule: d.rule_name(),
+            reason: d.to_string(),
+            dry_run: d
+                .dry_run
+                .iter()
+                .map(|h| format!("{h} ({})", h.action))
+                .collect(),
         }
-    }
-    if addresses.is_empty() {
-        addresses.push(None);
-    }
-    let verdicts = addresses
-        .into_iter()
-        .map(|address| {
-            let src = Source {
-                address: address.unwrap_or(IpAddr::from([0, 0, 0, 0])),
-                workload: Some(workload),
+    };
+    let (from_name, source_identity, verdicts) = match from {
+        Client::Address(ip) => (
+            format!("{ip} (plaintext)"),
+            "none (plaintext)".to_owned(),
+            vec![plaintext_verdict(config, *ip, port, verdict)],
+        ),
+        Client::Workload(key) => {
+            let source = config
+                .workloads
+                .get(key)
+                .ok_or_else(|| ExplainError::Unknown(key.clone()))?;
+            let identity = source.identity(&config.mesh.trust_domain);
+            let identity_uri = identity.to_string();
+            let workload = SourceWorkload {
+                identity: &identity_uri,
+                namespace: &identity.namespace,
+                labels: &source.labels,
             };
-            let d = index.evaluate(to, port, &src);
-            Verdict {
-                source_address: address,
-                allowed: d.allowed,
-                policy: d.policy_name(),
-                rule: d.rule_name(),
-                reason: d.to_string(),
-                dry_run: d
-                    .dry_run
-                    .iter()
-                    .map(|h| format!("{h} ({})", h.action))
-                    .collect(),
+            // One address per family: the data path sends from the source's address in the
+            // destination's family.
+            let mut addresses: Vec<Option<IpAddr>> = [true, false]
+                .into_iter()
+                .filter_map(|v4| source.addresses.iter().find(|a| a.is_ipv4() == v4))
+                .map(|a| Some(*a))
+                .collect();
+            if addresses.is_empty() {
+                addresses.push(None);
             }
-        })
-        .collect();
+            let verdicts = addresses
+                .into_iter()
+                .map(|a| verdict(a, Some(workload)))
+                .collect();
+            (key.to_string(), identity_uri.clone(), verdicts)
+        }
+    };
     Ok(Explanation {
-        from: from.to_string(),
+        from: from_name,
         to: to.to_string(),
         port,
-        source_identity: identity_uri,
+        source_identity,
         verdicts,
         selecting,
     })
+}
+
+/// Plaintext meets the mTLS mode before any policy: open ports pass untouched, STRICT drops
+/// the rest, PERMISSIVE hands it to policy.
+fn plaintext_verdict(
+    config: &Config,
+    ip: IpAddr,
+    port: u16,
+    by_policy: impl Fn(Option<IpAddr>, Option<SourceWorkload<'_>>) -> Verdict,
+) -> Verdict {
+    let mtls = |allowed: bool, rule: &str, reason: String| Verdict {
+        source_address: Some(ip),
+        allowed,
+        policy: "mtls".into(),
+        rule: rule.into(),
+        reason,
+        dry_run: Vec::new(),
+    };
+    if config.mesh.plaintext_ports.contains(&port) {
+        mtls(
+            true,
+            "plaintext-port",
+            format!("ALLOW: port {port} takes plaintext untouched (MeshConfig spec.mtls.plaintextPorts); no policy applies"),
+        )
+    } else if config.mesh.mtls == MtlsMode::Strict {
+        mtls(
+            false,
+            "strict",
+            "DENY: the mesh's mTLS mode is Strict; plaintext is dropped before policy".into(),
+        )
+    } else {
+        by_policy(Some(ip), None)
+    }
 }
 
 /// The human form: the verdict first, so `explain … | head -1` answers the question.
@@ -182,16 +234,21 @@ pub fn render(e: &Explanation) -> String {
 }
 
 /// Asks a running control plane (its HTTP status address) for an explanation.
-pub fn fetch(cp: SocketAddr, from: &str, to: &str, port: u16) -> anyhow::Result<Explanation> {
+pub fn fetch(cp: SocketAddr, from: &Client, to: &str, port: u16) -> anyhow::Result<Explanation> {
     use anyhow::Context as _;
     let timeout = Duration::from_secs(10);
     let mut stream = TcpStream::connect_timeout(&cp, timeout)
         .with_context(|| format!("cannot reach the control plane at {cp}"))?;
     stream.set_read_timeout(Some(timeout))?;
-    // Keys are DNS labels and a slash (checked before this), so they need no URL escaping.
+    // Keys are DNS labels and a slash, addresses are digits, dots and colons (all checked
+    // before this), so they need no URL escaping.
+    let from = match from {
+        Client::Workload(key) => format!("from={key}"),
+        Client::Address(ip) => format!("from_address={ip}"),
+    };
     write!(
         stream,
-        "GET /explain?from={from}&to={to}&port={port} HTTP/1.1\r\nhost: {cp}\r\nconnection: close\r\n\r\n"
+        "GET /explain?{from}&to={to}&port={port} HTTP/1.1\r\nhost: {cp}\r\nconnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream
@@ -230,7 +287,8 @@ mod tests {
     fn explains_allow_and_deny() {
         let c = config();
         let key = |s| parse_key(s).unwrap();
-        let e = explain(&c, &key("shop/order"), &key("shop/payment"), 8080).unwrap();
+        let from = |s| Client::Workload(key(s));
+        let e = explain(&c, &from("shop/order"), &key("shop/payment"), 8080).unwrap();
         assert!(e.verdicts[0].allowed);
         assert_eq!(
             (e.verdicts[0].policy.as_str(), e.verdicts[0].rule.as_str()),
@@ -242,15 +300,20 @@ mod tests {
             "{text}"
         );
 
-        let e = explain(&c, &key("shop/analytics"), &key("shop/payment"), 8080).unwrap();
+        let e = explain(&c, &from("shop/analytics"), &key("shop/payment"), 8080).unwrap();
         assert!(!e.verdicts[0].allowed);
         assert_eq!(e.verdicts[0].rule, "no-allow-match");
         assert!(render(&e).starts_with("DENY "));
 
         assert!(matches!(
-            explain(&c, &key("shop/nope"), &key("shop/payment"), 1),
+            explain(&c, &from("shop/nope"), &key("shop/payment"), 1),
             Err(ExplainError::Unknown(_))
         ));
+        // A plaintext client has no identity: the Allow policy for order cannot match it.
+        let plain = Client::Address("192.168.1.1".parse().unwrap());
+        let e = explain(&c, &plain, &key("shop/payment"), 8080).unwrap();
+        assert!(!e.verdicts[0].allowed);
+        assert!(render(&e).starts_with("DENY 192.168.1.1 (plaintext) -> shop/payment"));
         assert!(parse_key("shop").is_err());
         assert!(parse_key("Shop/a").is_err());
     }

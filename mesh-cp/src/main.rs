@@ -59,8 +59,16 @@ enum Command {
 #[derive(clap::Args)]
 struct ExplainArgs {
     /// The client workload, NAMESPACE/NAME.
+    #[arg(
+        long,
+        required_unless_present = "from_address",
+        conflicts_with = "from_address"
+    )]
+    from: Option<String>,
+    /// A plaintext client outside the mesh, by address (PERMISSIVE mode: only CIDR rules and
+    /// `not…` clauses can match it).
     #[arg(long)]
-    from: String,
+    from_address: Option<std::net::IpAddr>,
     /// The destination workload, NAMESPACE/NAME.
     #[arg(long)]
     to: String,
@@ -178,14 +186,18 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
-    let from = explain::parse_key(&args.from).context("--from")?;
+    let from = match (&args.from, args.from_address) {
+        (Some(key), _) => explain::Client::Workload(explain::parse_key(key).context("--from")?),
+        (None, Some(ip)) => explain::Client::Address(ip),
+        (None, None) => bail!("give --from or --from-address"),
+    };
     let to = explain::parse_key(&args.to).context("--to")?;
     let explanation = match &args.config_dir {
         Some(dir) => {
             let config = mesh_model::load_dir(dir)?;
             explain::explain(&config, &from, &to, args.port)?
         }
-        None => explain::fetch(args.cp, &args.from, &args.to, args.port)?,
+        None => explain::fetch(args.cp, &from, &args.to, args.port)?,
     };
     match args.output {
         OutputFormat::Text => print!("{}", explain::render(&explanation)),

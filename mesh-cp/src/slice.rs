@@ -35,6 +35,13 @@ pub fn node_slice(config: &Config, roots: &[CertificateDer<'_>], node: &str) -> 
             trust_domain: config.mesh.trust_domain.clone(),
             cert_ttl_seconds: config.mesh.cert_ttl.as_secs(),
             default_action: mesh_api::policy::action_to_proto(config.mesh.default_action).into(),
+            mtls_mode: mesh_api::policy::mtls_to_proto(config.mesh.mtls).into(),
+            plaintext_ports: config
+                .mesh
+                .plaintext_ports
+                .iter()
+                .map(|p| u32::from(*p))
+                .collect(),
         }),
     );
     put(

@@ -40,7 +40,8 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
 
 #[derive(Deserialize)]
 struct ExplainQuery {
-    from: String,
+    from: Option<String>,
+    from_address: Option<std::net::IpAddr>,
     to: String,
     port: u16,
 }
@@ -50,7 +51,18 @@ async fn explain(
     Query(q): Query<ExplainQuery>,
 ) -> Result<Json<crate::explain::Explanation>, (StatusCode, String)> {
     let bad = |e: crate::explain::ExplainError| (StatusCode::BAD_REQUEST, format!("{e}\n"));
-    let from = crate::explain::parse_key(&q.from).map_err(bad)?;
+    let from = match (&q.from, q.from_address) {
+        (Some(key), None) => {
+            crate::explain::Client::Workload(crate::explain::parse_key(key).map_err(bad)?)
+        }
+        (None, Some(ip)) => crate::explain::Client::Address(ip),
+        _ => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "give exactly one of from and from_address\n".into(),
+            ))
+        }
+    };
     let to = crate::explain::parse_key(&q.to).map_err(bad)?;
     let published = shared.config.borrow().clone();
     crate::explain::explain(&published.config, &from, &to, q.port)

@@ -20,11 +20,9 @@ pub enum Action {
 }
 
 impl fmt::Display for Action {
+    /// The variant's name, as written in YAML.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Action::Allow => "Allow",
-            Action::Deny => "Deny",
-        })
+        fmt::Debug::fmt(self, f)
     }
 }
 
@@ -50,11 +48,9 @@ pub enum Mode {
 }
 
 impl fmt::Display for Mode {
+    /// The variant's name, as written in YAML.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mode::Enforce => "Enforce",
-            Mode::DryRun => "DryRun",
-        })
+        fmt::Debug::fmt(self, f)
     }
 }
 
@@ -227,6 +223,37 @@ pub struct MeshConfigSpec {
     /// Namespace whose AccessPolicies apply to the whole mesh [default: mycel-system].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_namespace: Option<String>,
+    /// Plaintext (non-mesh) TCP to mesh workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsSpec {
+    /// `Strict`: plaintext connections to a mesh workload are dropped before they reach it.
+    /// `Permissive`: they are accepted by the node proxy and subject to AccessPolicy, which
+    /// knows only their source address [default: Permissive].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MtlsMode>,
+    /// Workload ports that take plaintext untouched in either mode, e.g. for health checks
+    /// from the node. The tunnel port (15008) is always open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext_ports: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub enum MtlsMode {
+    Strict,
+    #[default]
+    Permissive,
+}
+
+impl fmt::Display for MtlsMode {
+    /// The variant's name, as written in YAML.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
 }
 
 /// Every CRD Mycel defines, with the file name it has under `deploy/crds/`.

@@ -9,11 +9,12 @@ pub mod policy;
 mod resource;
 
 pub use config::{config_files, load_dir, load_file, parse, read_dir, Config, ConfigError};
-pub use crd::{Action, Mode};
+pub use crd::{Action, Mode, MtlsMode};
 pub use identity::{is_sa_name, is_trust_domain, ParseSpiffeIdError, SpiffeId};
 pub use resource::{
     parse_document, MeshConfig, ObjectKey, Resource, Service, ServicePort, Workload, API_VERSION,
     DEFAULT_CERT_TTL, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, MAX_CERT_TTL, MIN_CERT_TTL,
+    RESERVED_PORTS,
 };
 
 /// A Kubernetes-style DNS label: a-z, 0-9 and '-', not at either end, at most 63 characters.

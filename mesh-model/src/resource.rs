@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, time::Duration
 use serde::Deserialize;
 
 use crate::{
-    crd::{AccessPolicySpec, Action, MeshConfigSpec},
+    crd::{AccessPolicySpec, Action, MeshConfigSpec, MtlsMode},
     duration, identity, is_dns_label,
     policy::{self, AccessPolicy},
     SpiffeId,
@@ -55,6 +55,10 @@ pub struct MeshConfig {
     pub default_action: Action,
     /// AccessPolicies of this namespace select workloads of every namespace.
     pub root_namespace: String,
+    /// What happens to plaintext TCP to mesh workloads.
+    pub mtls: MtlsMode,
+    /// Workload ports that take plaintext untouched, sorted.
+    pub plaintext_ports: Vec<u16>,
 }
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -62,6 +66,9 @@ pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const MIN_CERT_TTL: Duration = Duration::from_secs(10);
 pub const MAX_CERT_TTL: Duration = Duration::from_secs(365 * 86_400);
 pub const DEFAULT_ROOT_NAMESPACE: &str = "mycel-system";
+/// Ports the node proxy uses inside every pod: outbound (15001), plaintext inbound (15006) and
+/// the tunnel (15008).
+pub const RESERVED_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 impl Default for MeshConfig {
     fn default() -> Self {
@@ -70,6 +77,8 @@ impl Default for MeshConfig {
             cert_ttl: DEFAULT_CERT_TTL,
             default_action: Action::Allow,
             root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+            mtls: MtlsMode::Permissive,
+            plaintext_ports: Vec::new(),
         }
     }
 }
@@ -250,6 +259,30 @@ fn mesh_config(spec: serde_yaml::Value) -> Result<MeshConfig, String> {
         check_label("spec.rootNamespace", &ns)?;
         out.root_namespace = ns;
     }
+    let mtls = raw.mtls.unwrap_or_default();
+    out.mtls = mtls.mode.unwrap_or_default();
+    for (i, p) in mtls
+        .plaintext_ports
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let field = format!("spec.mtls.plaintextPorts[{i}]");
+        let port = u16::try_from(p)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{field}: {p} is not a port (1-65535)"))?;
+        if RESERVED_PORTS.contains(&port) {
+            return Err(format!(
+                "{field}: {port} is a port of the node proxy inside every pod, not a workload port"
+            ));
+        }
+        if out.plaintext_ports.contains(&port) {
+            return Err(format!("{field}: {port} is listed twice"));
+        }
+        out.plaintext_ports.push(port);
+    }
+    out.plaintext_ports.sort_unstable();
     Ok(out)
 }
 
@@ -484,6 +517,9 @@ mod tests {
             ("kind: AccessPolicy\nmetadata: {name: p}\nspec: {action: Allow, selector: {matchLabels: {'a b': c}}, rules: [{ports: [1]}]}".into(), "spec.selector.matchLabels"),
             ("kind: MeshConfig\nmetadata: {name: m}\nspec: {defaultAction: Block}".into(), "Block"),
             ("kind: MeshConfig\nmetadata: {name: m}\nspec: {rootNamespace: 'Not A Label'}".into(), "spec.rootNamespace"),
+            ("kind: MeshConfig\nmetadata: {name: m}\nspec: {mtls: {mode: Strict, plaintextPorts: [8081, 70000]}}".into(), "spec.mtls.plaintextPorts[1]"),
+            ("kind: MeshConfig\nmetadata: {name: m}\nspec: {mtls: {plaintextPorts: [15008]}}".into(), "spec.mtls.plaintextPorts[0]"),
+            ("kind: MeshConfig\nmetadata: {name: m}\nspec: {mtls: {mode: strict}}".into(), "strict"),
         ];
         for (body, needle) in cases {
             let e = parse(&format!("{HEAD}{body}\n")).unwrap_err();

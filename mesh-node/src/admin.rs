@@ -143,6 +143,8 @@ fn render_stats(admin: &Admin) -> Result<String, crate::capture::CaptureError> {
         ("tunnels_out_failed", &s.tunnels_out_failed),
         ("tunnels_in", &s.tunnels_in),
         ("tunnels_in_refused", &s.tunnels_in_refused),
+        ("plaintext_in", &s.plaintext_in),
+        ("plaintext_denied", &s.plaintext_denied),
     ] {
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
     }

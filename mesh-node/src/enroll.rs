@@ -1,12 +1,20 @@
 //! Keeps the set of captured pods equal to the desired set of workloads.
 //!
 //! For each pod: a thread in its netns, outbound listeners on loopback there, the tunnel
-//! listener on :15008 (connected mode), and its netns cookie in the `ENROLLED` map.
+//! listener on :15008 and the plaintext listener on :15006 with the inbound program on the
+//! pod's interfaces (connected mode), and its netns cookie in the `ENROLLED` map.
 //! [`Enroller::apply`] prepares everything a new set needs before changing anything, so a bad
 //! set (a missing netns, a port already taken) leaves the current one untouched.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
+use aya::programs::tc::SchedClassifierLink;
+use mesh_ebpf_common::{INBOUND_PERMISSIVE, INBOUND_STRICT};
+use mesh_model::MtlsMode;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -42,25 +50,32 @@ struct Pod {
     workload: Workload,
     netns_cookie: u64,
     shutdown: CancellationToken,
+    /// The inbound program on each of the pod's interfaces; dropping detaches it.
+    _inbound: Vec<(String, SchedClassifierLink)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Outbound,
     Tunnel,
+    Plaintext,
 }
 
-/// Listeners bound for a pod that is not enrolled yet.
+/// Listeners bound (and the inbound program attached) for a pod that is not enrolled yet.
 struct Prepared {
     ctx: Arc<PodContext>,
     workload: Workload,
     listeners: Vec<(Role, std::net::TcpListener)>,
+    inbound: Vec<(String, SchedClassifierLink)>,
 }
 
 pub struct Enroller {
     shared: Arc<Shared>,
-    /// Whether pods get a tunnel listener (connected mode; offline mode has no certificates).
+    /// Whether pods get tunnel and plaintext listeners and the inbound program (connected mode;
+    /// offline mode has no certificates and no policy).
     tunnels: bool,
+    /// The inbound program's mode in force (the mesh's mTLS mode); 0 until the first config.
+    inbound_mode: u32,
     pods: BTreeMap<WorkloadId, Pod>,
     /// Every accepted connection, so shutdown can wait for them to finish.
     connections: TaskTracker,
@@ -71,6 +86,7 @@ impl Enroller {
         Self {
             shared,
             tunnels,
+            inbound_mode: 0,
             pods: BTreeMap::new(),
             connections: TaskTracker::new(),
         }
@@ -106,6 +122,34 @@ impl Enroller {
                 "fast-deny entries updated"
             );
         }
+    }
+
+    /// Applies the mesh's mTLS mode to plaintext to the pods and opens the tunnel port plus
+    /// `plaintext_ports` to it. Errors are logged; the previous settings then stay in force.
+    pub fn set_inbound(&mut self, mode: MtlsMode, plaintext_ports: &[u16]) {
+        let flags = match mode {
+            MtlsMode::Strict => INBOUND_STRICT,
+            MtlsMode::Permissive => INBOUND_PERMISSIVE,
+        };
+        let open: HashSet<u16> = plaintext_ports
+            .iter()
+            .copied()
+            .chain([crate::tunnel::TUNNEL_PORT])
+            .collect();
+        if let Err(e) = self.shared.capture.set_open_ports(&open) {
+            tracing::error!(error = %e, "cannot update the open plaintext ports");
+        }
+        if flags == self.inbound_mode {
+            return;
+        }
+        if let Err(e) = self.shared.capture.set_inbound_mode(flags) {
+            tracing::error!(error = %e, "cannot apply the mTLS mode");
+            return;
+        }
+        self.inbound_mode = flags;
+        let mut open: Vec<u16> = open.into_iter().collect();
+        open.sort_unstable();
+        tracing::info!(mode = %mode, open_ports = ?open, "plaintext to mesh pods: mTLS mode applied");
     }
 
     /// Makes the captured set equal to `desired`, or changes nothing and returns why not.
@@ -174,6 +218,13 @@ impl Enroller {
                             Role::Tunnel => {
                                 tokio::spawn(proxy::serve(l, ctx, stop, tracker, inbound::handle))
                             }
+                            Role::Plaintext => tokio::spawn(proxy::serve(
+                                l,
+                                ctx,
+                                stop,
+                                tracker,
+                                inbound::handle_plaintext,
+                            )),
                         };
                     }
                     Err(e) => {
@@ -190,6 +241,7 @@ impl Enroller {
                     netns_cookie: p.ctx.netns_cookie,
                     workload: p.workload,
                     shutdown,
+                    _inbound: p.inbound,
                 },
             );
         }
@@ -204,15 +256,19 @@ impl Enroller {
         })?;
         let mut listeners = Vec::new();
         let mut cookie = None;
-        let tunnel_addrs = if self.tunnels {
-            inbound::listen_addrs().to_vec()
+        let (tunnel_addrs, plaintext_addrs) = if self.tunnels {
+            (
+                inbound::listen_addrs().to_vec(),
+                inbound::plaintext_listen_addrs().to_vec(),
+            )
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         let addrs = outbound::listen_addrs()
             .into_iter()
             .map(|a| (Role::Outbound, a))
-            .chain(tunnel_addrs.into_iter().map(|a| (Role::Tunnel, a)));
+            .chain(tunnel_addrs.into_iter().map(|a| (Role::Tunnel, a)))
+            .chain(plaintext_addrs.into_iter().map(|a| (Role::Plaintext, a)));
         for (role, addr) in addrs {
             let bound = worker
                 .run(move || proxy::bind_in_netns(addr))
@@ -250,6 +306,23 @@ impl Enroller {
             }
         }
         let netns_cookie = cookie.expect("the IPv4 listener is always bound or an error returned");
+        let inbound = if self.tunnels {
+            let capture = self.shared.capture.clone();
+            worker
+                .run(move || capture.attach_inbound())
+                .await
+                .map_err(|source| EnrollError::Netns {
+                    workload: id.clone(),
+                    source,
+                })?
+                .map_err(|source| EnrollError::Capture {
+                    workload: id.clone(),
+                    source,
+                })?
+        } else {
+            Vec::new()
+        };
+        tracing::debug!(workload = %id, interfaces = ?inbound.iter().map(|(i, _)| i).collect::<Vec<_>>(), "inbound program attached");
         let ctx = Arc::new(PodContext {
             workload: id,
             netns: worker,
@@ -260,6 +333,7 @@ impl Enroller {
             ctx,
             workload,
             listeners,
+            inbound,
         })
     }
 

@@ -208,7 +208,8 @@ impl ControlPlane {
     }
 
     /// `mesh-cp explain --output json`, offline on this control plane's config dir, or against
-    /// the running control plane.
+    /// the running control plane. `from` is a workload (`ns/name`) or a plaintext client's
+    /// address.
     pub fn explain(
         &self,
         from: &str,
@@ -217,17 +218,14 @@ impl ControlPlane {
         offline: bool,
     ) -> io::Result<serde_json::Value> {
         let mut cmd = Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"));
-        cmd.args([
-            "explain",
-            "--from",
-            from,
-            "--to",
-            to,
-            "--port",
-            &port.to_string(),
-            "--output",
-            "json",
-        ]);
+        let from_flag = if from.parse::<std::net::IpAddr>().is_ok() {
+            "--from-address"
+        } else {
+            "--from"
+        };
+        let port = port.to_string();
+        cmd.args(["explain", from_flag, from, "--to", to, "--port", &port])
+            .args(["--output", "json"]);
         if offline {
             cmd.arg("--config-dir").arg(&self.config_dir);
         } else {

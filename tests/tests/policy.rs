@@ -17,9 +17,12 @@ const PORT: u16 = 8080;
 const OTHER_PORT: u16 = 9090;
 const T: Duration = Duration::from_secs(30);
 const TD: &str = "spiffe://cluster.local/ns/default/sa";
+/// The pod that is not in the mesh.
+const OUTSIDE: &str = "outside";
 
-/// n1 runs `order` and `analytics`; n2 runs `payment` and `inventory`. Every pod serves PORT;
-/// payment also serves OTHER_PORT and logs each connection it accepts on PORT.
+/// n1 runs `order` and `analytics`; n2 runs `payment` and `inventory`, and `outside`, which is
+/// not in the mesh. The mesh pods serve PORT; payment also serves OTHER_PORT and logs each
+/// connection it accepts on PORT.
 struct Shop {
     topo: Topology,
     cp: ControlPlane,
@@ -32,7 +35,7 @@ struct Shop {
 fn shop(test: &str) -> Shop {
     let mut topo = Topology::new(&[
         NodeSpec::new("n1", &["order", "analytics"]),
-        NodeSpec::new("n2", &["payment", "inventory"]),
+        NodeSpec::new("n2", &["payment", "inventory", OUTSIDE]),
     ])
     .expect("topology");
     let payment_log = std::env::temp_dir().join(format!("{}-payment-accepts", topo.prefix));
@@ -78,6 +81,8 @@ impl Shop {
         self.expect_explained(case, from, to, port, expected, &[true, false]);
     }
 
+    /// `connects`, checked against `expected` and against `mesh-cp explain` (offline, online,
+    /// or both). A client outside the mesh is explained by its address.
     fn expect_explained(
         &self,
         case: &str,
@@ -96,19 +101,34 @@ impl Shop {
             self.n1.log(),
             self.n2.log()
         );
+        let subject = if from == OUTSIDE {
+            self.topo.pod(from).ipv4.to_string()
+        } else {
+            format!("default/{from}")
+        };
         for &offline in offline_modes {
             let e = self
                 .cp
-                .explain(
-                    &format!("default/{from}"),
-                    &format!("default/{to}"),
-                    port,
-                    offline,
-                )
+                .explain(&subject, &format!("default/{to}"), port, offline)
                 .expect("mesh-cp explain");
             assert_eq!(
                 e["verdicts"][0]["allowed"], expected,
                 "{case}: explain (offline: {offline}) disagrees with the data path: {e:#}"
+            );
+        }
+    }
+
+    /// A plaintext connection from `outside` (not in the mesh) to payment, checked like
+    /// [`Shop::expect`]. Refused ones are SYNs dropped (STRICT: the client waits out its
+    /// timeout) or resets (a PERMISSIVE deny).
+    fn expect_plaintext(&self, case: &str, port: u16, expected: bool) {
+        let seen = self.accepted_by_payment();
+        self.expect_explained(case, OUTSIDE, "payment", port, expected, &[true, false]);
+        if !expected && port == PORT {
+            assert_eq!(
+                self.accepted_by_payment(),
+                seen,
+                "{case}: payment saw the connection"
             );
         }
     }
@@ -427,10 +447,17 @@ fn a_policy_change_closes_the_open_connections_it_denies() {
         "Enforce",
         &format!("[{{ sourceIdentities: ['{TD}/order'] }}]"),
     );
+    let written = std::time::Instant::now();
     s.cp.apply("deny.yaml", &deny_order, &["n2"])
         .expect("policy");
     s.n2.wait_log(T, "open connection closed")
         .expect("the closing is logged");
+    // A figure for the record, not an assertion: these machines are shared and noisy. It
+    // includes mesh-cp's reload interval (0.1 s here) and 50 ms polling of the log.
+    eprintln!(
+        "policy file written -> open connection closed: {:?}",
+        written.elapsed()
+    );
     let denied = app::finish(denied, T);
     let kept = app::finish(kept, T);
     assert!(
@@ -444,4 +471,82 @@ fn a_policy_change_closes_the_open_connections_it_denies() {
     );
     assert_eq!(s.n2.stat("policy_closed_open_connections"), 1);
     s.expect("after the change", "order", "payment", PORT, false);
+}
+
+#[test]
+fn plaintext_from_outside_the_mesh_is_policed_when_permissive_and_dropped_when_strict() {
+    let mut s = shop("plaintext");
+    let outside = s.topo.pod(OUTSIDE).ipv4;
+    let mesh = |spec: &str| {
+        format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {spec}\n")
+    };
+
+    // PERMISSIVE (the default): the inbound program hands the SYN to n2's proxy, and with no
+    // policy the default allows it.
+    s.expect_plaintext("permissive, no policy", PORT, true);
+    assert!(s.n2.stat("ebpf_inbound_steered") >= 1);
+    assert!(s.n2.stat("plaintext_in") >= 1);
+
+    // CIDR rules apply to it: denied by its address...
+    let deny = policy(
+        "no-outside",
+        "payment",
+        "Deny",
+        "Enforce",
+        &format!("[{{ sourceCidrs: [{{ cidr: '{outside}/32' }}] }}]"),
+    );
+    s.cp.apply("cidr.yaml", &deny, &["n2"])
+        .expect("deny by CIDR");
+    s.expect_plaintext("permissive, denied by CIDR", PORT, false);
+    assert!(s.n2.stat("plaintext_denied") >= 1);
+    let log = s.n2.log();
+    assert!(
+        log.lines().any(|l| l.contains("connection denied")
+            && l.contains("policy=default/no-outside")
+            && l.contains("source_identity=none (plaintext)")),
+        "{log}"
+    );
+    // ...allowed by an Allow that names its network; identity rules cannot match plaintext.
+    let allow = policy(
+        "only-outside-net",
+        "payment",
+        "Allow",
+        "Enforce",
+        &format!("[{{ sourceCidrs: [{{ cidr: '{outside}/32' }}] }}, {{ sourceIdentities: ['{TD}/order'] }}]"),
+    );
+    s.cp.apply("cidr.yaml", &allow, &["n2"])
+        .expect("allow by CIDR");
+    s.expect_plaintext("permissive, allowed by CIDR", PORT, true);
+    s.expect(
+        "permissive, allowed by identity",
+        "order",
+        "payment",
+        PORT,
+        true,
+    );
+    s.expect("permissive, neither", "analytics", "payment", PORT, false);
+    s.cp.unapply("cidr.yaml", &["n2"]).expect("removed");
+
+    // STRICT: plaintext never reaches the pod (the SYN is dropped), whatever policy says;
+    // mesh traffic still flows through the tunnel port; an explicit plaintext port is open.
+    s.cp.apply(
+        "mesh.yaml",
+        &mesh("{ mtls: { mode: Strict, plaintextPorts: [9090] } }"),
+        &["n1", "n2"],
+    )
+    .expect("strict");
+    let dropped = s.n2.stat("ebpf_inbound_dropped");
+    s.expect_plaintext("strict", PORT, false);
+    assert!(s.n2.stat("ebpf_inbound_dropped") > dropped);
+    s.expect("strict, through the mesh", "order", "payment", PORT, true);
+    s.expect_plaintext("strict, open port", OTHER_PORT, true);
+
+    // Back to PERMISSIVE: plaintext is policed again instead of dropped.
+    s.cp.apply(
+        "mesh.yaml",
+        &mesh("{ mtls: { mode: Permissive } }"),
+        &["n1", "n2"],
+    )
+    .expect("permissive");
+    s.expect_plaintext("permissive again", PORT, true);
 }

@@ -8,6 +8,19 @@
 /// Port of the outbound listener the node proxy opens inside every enrolled pod's netns.
 pub const OUTBOUND_PORT: u16 = 15001;
 
+/// Port of the node proxy's plaintext listener inside every enrolled pod's netns: in PERMISSIVE
+/// mode the inbound program hands it plaintext connections to the pod (`bpf_sk_assign`).
+pub const PLAINTEXT_PORT: u16 = 15006;
+
+/// `INBOUND_MODE[0]`: drop plaintext TCP connections to enrolled pods (STRICT).
+pub const INBOUND_STRICT: u32 = 1;
+/// `INBOUND_MODE[0]`: steer plaintext TCP connections to enrolled pods to the plaintext
+/// listener (PERMISSIVE). Any other value: let plaintext through (before the first config).
+pub const INBOUND_PERMISSIVE: u32 = 2;
+
+/// Capacity of the open-ports map (ports that take plaintext untouched).
+pub const OPEN_PORTS_CAPACITY: u32 = 256;
+
 /// `SO_MARK` carried by the proxy's own sockets; the connect hooks never redirect them.
 pub const PROXY_MARK: u32 = 0x4d59_0001;
 
@@ -28,6 +41,9 @@ pub mod names {
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const COUNTERS: &str = "COUNTERS";
     pub const FAST_DENY: &str = "FAST_DENY";
+    pub const OPEN_PORTS: &str = "OPEN_PORTS";
+    pub const INBOUND_MODE: &str = "INBOUND_MODE";
+    pub const INBOUND: &str = "mycel_inbound";
     pub const CONNECT4: &str = "mycel_connect4";
     pub const CONNECT6: &str = "mycel_connect6";
     pub const GETPEERNAME4: &str = "mycel_getpeer4";
@@ -79,7 +95,7 @@ pub struct FastDenyKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Enrollment {
-    /// Reserved for per-pod flags (e.g. capture mode); zero today.
+    /// Reserved for per-pod flags; zero today.
     pub flags: u32,
     pub _pad: u32,
 }
@@ -102,10 +118,16 @@ pub enum Counter {
     OrigDstLost = 5,
     /// A connect refused in the kernel because policy denies it (the fast-deny map).
     FastDenied = 6,
+    /// A plaintext connection to a pod dropped (STRICT).
+    InboundDropped = 7,
+    /// A plaintext connection to a pod handed to the proxy's plaintext listener (PERMISSIVE).
+    InboundSteered = 8,
+    /// A plaintext connection dropped because the plaintext listener was missing (PERMISSIVE).
+    InboundNoListener = 9,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Redirected,
         Counter::SkippedNotEnrolled,
         Counter::SkippedProxyMark,
@@ -113,6 +135,9 @@ impl Counter {
         Counter::MapFull,
         Counter::OrigDstLost,
         Counter::FastDenied,
+        Counter::InboundDropped,
+        Counter::InboundSteered,
+        Counter::InboundNoListener,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -125,6 +150,9 @@ impl Counter {
             Counter::MapFull => "map_full",
             Counter::OrigDstLost => "orig_dst_lost",
             Counter::FastDenied => "fast_denied",
+            Counter::InboundDropped => "inbound_dropped",
+            Counter::InboundSteered => "inbound_steered",
+            Counter::InboundNoListener => "inbound_no_listener",
         }
     }
 }

@@ -11,26 +11,37 @@
 //! (the application's `connect()` fails with EPERM): user space puts there only what the
 //! destination's policy denies anyway, so the attempt never leaves the pod.
 //!
+//! `mycel_inbound` (tcx ingress on every enrolled pod's interfaces) keeps plaintext honest: a TCP
+//! SYN to the pod on a port that is not open (the tunnel port, configured exemptions) is dropped
+//! (STRICT) or handed to the node proxy's plaintext listener with `bpf_sk_assign` (PERMISSIVE),
+//! where policy applies. The node proxy itself reaches the pod's application over the pod's
+//! loopback, so it never crosses this hook.
+//!
 //! Every decision bumps a per-CPU counter; user space sums them.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{
+        bpf_sock_tuple, tcx_action_base::{TCX_DROP, TCX_NEXT, TCX_PASS}, BPF_F_CURRENT_NETNS,
         BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_assign, bpf_sk_lookup_tcp,
+        bpf_sk_release,
+    },
+    macros::{cgroup_sock_addr, classifier, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use core::ptr::read_volatile;
 use mesh_ebpf_common::{
     Counter, Enrollment, FastDenyKey, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
-    ENROLLED_CAPACITY, FAST_DENY_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT, PROXY_MARK,
+    ENROLLED_CAPACITY, FAST_DENY_CAPACITY, INBOUND_PERMISSIVE, INBOUND_STRICT,
+    OPEN_PORTS_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT, PLAINTEXT_PORT, PROXY_MARK,
 };
 
 /// Let the syscall proceed (with whatever the program wrote into the context).
@@ -59,6 +70,16 @@ static ORIG_BY_TUPLE: HashMap<TupleKey, OrigDst> = HashMap::with_max_entries(ORI
 /// Connects refused before they leave the pod; see `FastDenyKey`.
 #[map]
 static FAST_DENY: HashMap<FastDenyKey, u32> = HashMap::with_max_entries(FAST_DENY_CAPACITY, 0);
+
+/// Destination ports (host byte order) on which plaintext reaches the pod untouched: the tunnel
+/// port and the configured exemptions. Written by the node daemon; the same for every pod.
+#[map]
+static OPEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(OPEN_PORTS_CAPACITY, 0);
+
+/// The mesh's mTLS mode for the inbound program: `INBOUND_STRICT` or `INBOUND_PERMISSIVE`.
+/// The program is only attached to enrolled pods' interfaces, so the mode is all it needs.
+#[map]
+static INBOUND_MODE: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -324,4 +345,129 @@ fn on_close(ctx: &SockOpsContext) {
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // Unreachable in a verified program; the verifier rejects code that could get here.
     loop {}
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP_U8: u8 = 6;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+#[classifier]
+pub fn mycel_inbound(ctx: TcContext) -> i32 {
+    // A packet too short to parse is not a TCP SYN we police: let the stack judge it.
+    inbound(&ctx).unwrap_or(TCX_NEXT)
+}
+
+/// Where a TCP packet's header starts and its addresses, for the packets this hook polices.
+struct Syn {
+    l4: usize,
+    v6: bool,
+}
+
+#[inline(always)]
+fn inbound(ctx: &TcContext) -> Result<i32, i64> {
+    let flags = INBOUND_MODE.get(0).copied().unwrap_or(0);
+    if flags != INBOUND_STRICT && flags != INBOUND_PERMISSIVE {
+        return Ok(TCX_NEXT);
+    }
+    let Some(syn) = first_syn(ctx)? else {
+        return Ok(TCX_NEXT);
+    };
+    let dport = u16::from_be(ctx.load::<u16>(syn.l4 + 2)?);
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { OPEN_PORTS.get(&dport) }.is_some() {
+        return Ok(TCX_NEXT);
+    }
+    if flags == INBOUND_STRICT {
+        count(Counter::InboundDropped);
+        return Ok(TCX_DROP);
+    }
+    // PERMISSIVE: the SYN goes to the proxy's plaintext listener in this netns, which sees the
+    // original destination as its local address.
+    // SAFETY: all-zero is a valid bpf_sock_tuple.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if syn.v6 {
+        // SAFETY: writing plain integers into the union's IPv6 member.
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        t.saddr = ctx.load::<[u32; 4]>(ETH_HLEN + 8)?;
+        t.daddr = ctx.load::<[u32; 4]>(ETH_HLEN + 24)?;
+        t.sport = ctx.load::<u16>(syn.l4)?;
+        t.dport = PLAINTEXT_PORT.to_be();
+        core::mem::size_of_val(t)
+    } else {
+        // SAFETY: writing plain integers into the union's IPv4 member.
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        t.saddr = ctx.load::<u32>(ETH_HLEN + 12)?;
+        t.daddr = ctx.load::<u32>(ETH_HLEN + 16)?;
+        t.sport = ctx.load::<u16>(syn.l4)?;
+        t.dport = PLAINTEXT_PORT.to_be();
+        core::mem::size_of_val(t)
+    };
+    // SAFETY: the tuple lives on the stack for the call; the returned socket is released below
+    // on every path.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        count(Counter::InboundNoListener);
+        return Ok(TCX_DROP);
+    }
+    // SAFETY: `sk` is a valid referenced socket until released.
+    let listening = unsafe { (*sk).state } == BPF_TCP_LISTEN;
+    // SAFETY: as above; assignment takes its own reference.
+    let assigned = listening && unsafe { bpf_sk_assign(ctx.as_ptr(), sk as *mut _, 0) } == 0;
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    if !assigned {
+        count(Counter::InboundNoListener);
+        return Ok(TCX_DROP);
+    }
+    count(Counter::InboundSteered);
+    Ok(TCX_PASS)
+}
+
+/// The packet when it opens a TCP connection (SYN without ACK); None for anything else.
+/// IPv6 packets with extension headers before TCP are not parsed (and so not policed).
+#[inline(always)]
+fn first_syn(ctx: &TcContext) -> Result<Option<Syn>, i64> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    let syn = match ethertype {
+        ETH_P_IP => {
+            let version_ihl = ctx.load::<u8>(ETH_HLEN)?;
+            let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6)?);
+            if version_ihl >> 4 != 4
+                || ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP_U8
+                || frag & 0x1fff != 0
+            {
+                return Ok(None);
+            }
+            Syn {
+                l4: ETH_HLEN + usize::from(version_ihl & 0x0f) * 4,
+                v6: false,
+            }
+        }
+        ETH_P_IPV6 => {
+            if ctx.load::<u8>(ETH_HLEN + 6)? != IPPROTO_TCP_U8 {
+                return Ok(None);
+            }
+            Syn {
+                l4: ETH_HLEN + 40,
+                v6: true,
+            }
+        }
+        _ => return Ok(None),
+    };
+    let tcp_flags = ctx.load::<u8>(syn.l4 + 13)?;
+    if tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0 {
+        return Ok(None);
+    }
+    Ok(Some(syn))
 }

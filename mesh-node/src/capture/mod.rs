@@ -15,8 +15,11 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{
+        tc::{SchedClassifierLink, TcAttachOptions},
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SockOps, TcAttachType,
+    },
     Ebpf, EbpfLoader,
 };
 use mesh_ebpf_common::{
@@ -51,6 +54,8 @@ pub enum CaptureError {
     },
     #[error(transparent)]
     Attach(#[from] attach::AttachError),
+    #[error("cannot list the network interfaces: {0}")]
+    Interfaces(std::io::Error),
 }
 
 /// Sums of the per-CPU counters, in [`Counter::ALL`] order.
@@ -76,10 +81,13 @@ pub struct Capture {
     // Field order matters on drop: maps first, then the programs (which detach their links).
     enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
     fast_deny: Mutex<FastDeny>,
+    open_ports: Mutex<HashMap<MapData, u16, u32>>,
+    inbound_mode: Mutex<Array<MapData, u32>>,
     by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
-    _ebpf: Ebpf,
+    /// Held for the inbound program, which is attached per pod interface as pods enroll.
+    ebpf: Mutex<Ebpf>,
     _lock: CgroupLock,
     cgroup: PathBuf,
 }
@@ -132,9 +140,20 @@ impl Capture {
             .map_err(|source| CaptureError::Program { name, source })?;
         prog.attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(|source| CaptureError::Program { name, source })?;
+        let name = names::INBOUND;
+        let inbound: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::Missing(name))?
+            .try_into()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        inbound
+            .load()
+            .map_err(|source| CaptureError::Program { name, source })?;
 
         let enrolled = take_map(&mut ebpf, names::ENROLLED, HashMap::try_from)?;
         let fast_deny = take_map(&mut ebpf, names::FAST_DENY, HashMap::try_from)?;
+        let open_ports = take_map(&mut ebpf, names::OPEN_PORTS, HashMap::try_from)?;
+        let inbound_mode = take_map(&mut ebpf, names::INBOUND_MODE, Array::try_from)?;
         let by_tuple = take_map(&mut ebpf, names::ORIG_BY_TUPLE, HashMap::try_from)?;
         let by_cookie = take_map(&mut ebpf, names::ORIG_BY_COOKIE, HashMap::try_from)?;
         let counters = take_map(&mut ebpf, names::COUNTERS, PerCpuArray::try_from)?;
@@ -145,10 +164,12 @@ impl Capture {
                 map: fast_deny,
                 installed: HashSet::new(),
             }),
+            open_ports: Mutex::new(open_ports),
+            inbound_mode: Mutex::new(inbound_mode),
             by_tuple,
             by_cookie,
             counters,
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
             _lock: lock,
             cgroup: opts.cgroup.clone(),
         })
@@ -166,6 +187,76 @@ impl Capture {
                 name: names::ENROLLED,
                 source,
             })
+    }
+
+    /// Attaches the inbound program (tcx ingress) to every interface but loopback of the
+    /// calling thread's netns. Call it on the pod's netns thread; dropping the links detaches.
+    pub fn attach_inbound(&self) -> Result<Vec<(String, SchedClassifierLink)>, CaptureError> {
+        let name = names::INBOUND;
+        let interfaces =
+            nix::net::if_::if_nameindex().map_err(|e| CaptureError::Interfaces(e.into()))?;
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::Missing(name))?
+            .try_into()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        let mut links = Vec::new();
+        for iface in interfaces.iter() {
+            let ifname = iface.name().to_string_lossy().into_owned();
+            if ifname == "lo" {
+                continue;
+            }
+            let id = prog
+                .attach_with_options(
+                    &ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|source| CaptureError::Program { name, source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| CaptureError::Program { name, source })?;
+            links.push((ifname, link));
+        }
+        Ok(links)
+    }
+
+    /// What the inbound program does with plaintext to enrolled pods: `INBOUND_STRICT` or
+    /// `INBOUND_PERMISSIVE` (anything else lets it through).
+    pub fn set_inbound_mode(&self, mode: u32) -> Result<(), CaptureError> {
+        self.inbound_mode
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(0, mode, 0)
+            .map_err(|source| CaptureError::Map {
+                name: names::INBOUND_MODE,
+                source,
+            })
+    }
+
+    /// Makes the open-ports map hold exactly `ports`.
+    pub fn set_open_ports(&self, ports: &HashSet<u16>) -> Result<(), CaptureError> {
+        let mut map = self.open_ports.lock().unwrap_or_else(|p| p.into_inner());
+        let err = |source| CaptureError::Map {
+            name: names::OPEN_PORTS,
+            source,
+        };
+        for port in ports {
+            map.insert(*port, 1, 0).map_err(err)?;
+        }
+        let stale: Vec<u16> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| !ports.contains(p))
+            .collect();
+        for port in stale {
+            match map.remove(&port) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(err(source)),
+            }
+        }
+        Ok(())
     }
 
     /// Stops redirecting new connects from this netns; open connections are not touched.

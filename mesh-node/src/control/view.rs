@@ -51,6 +51,15 @@ impl MeshView {
                 Some(Kind::Mesh(m)) if key == keys::MESH => {
                     mesh_api::policy::action_from_proto(m.default_action)
                         .map_err(|e| format!("{key}: default action: {e}"))?;
+                    mesh_api::policy::mtls_from_proto(m.mtls_mode)
+                        .map_err(|e| format!("{key}: {e}"))?;
+                    if let Some(bad) = m
+                        .plaintext_ports
+                        .iter()
+                        .find(|p| u16::try_from(**p).is_err())
+                    {
+                        return Err(format!("{key}: plaintext port {bad} is out of range"));
+                    }
                     next.mesh = m
                 }
                 Some(Kind::TrustBundle(t)) if key == keys::TRUST_BUNDLE => {

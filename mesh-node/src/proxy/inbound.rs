@@ -10,6 +10,7 @@ use std::{
 };
 
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
+use mesh_ebpf_common::PLAINTEXT_PORT;
 use mesh_model::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
@@ -34,6 +35,15 @@ pub fn listen_addrs() -> [SocketAddr; 2] {
     [
         SocketAddr::from(([0, 0, 0, 0], TUNNEL_PORT)),
         SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, TUNNEL_PORT)),
+    ]
+}
+
+/// The plaintext listener's addresses inside every pod; the inbound program hands it
+/// plaintext connections to the pod in PERMISSIVE mode.
+pub fn plaintext_listen_addrs() -> [SocketAddr; 2] {
+    [
+        SocketAddr::from(([0, 0, 0, 0], PLAINTEXT_PORT)),
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, PLAINTEXT_PORT)),
     ]
 }
 
@@ -221,6 +231,61 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             let _ = header::write(&mut stream, &response(refusal.status, &refusal.reason)).await;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
         }
+    }
+}
+
+/// One plaintext connection to the pod, handed over by the inbound program (PERMISSIVE mode).
+/// Its local address is the destination the client asked for; all policy knows of the client
+/// is its address.
+pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
+    let ctx = &*ctx;
+    let stats = &ctx.shared.stats;
+    stats.plaintext_in.fetch_add(1, Ordering::Relaxed);
+    let _ = client.set_nodelay(true);
+    let destination = match client.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(workload = %ctx.workload, %peer, error = %e, "plaintext connection without a local address; resetting it");
+            reset(client);
+            return;
+        }
+    };
+    let dir = ctx.shared.directory();
+    let ours = dir
+        .peer(&ctx.workload)
+        .is_some_and(|me| me.addresses.contains(&destination.ip()));
+    if !ours {
+        tracing::warn!(workload = %ctx.workload, %peer, %destination, "plaintext connection to an address that is not the pod's; resetting it");
+        reset(client);
+        return;
+    }
+    let request = authz::Request {
+        destination: ctx.workload.clone(),
+        destination_addr: destination,
+        source_addr: peer,
+        source_identity: None,
+        connection_id: ctx.shared.connection_id(),
+    };
+    let authz = &ctx.shared.authz;
+    let guard = authz.admit(request.clone());
+    if !authz.check(&ctx.shared.directory(), &request).allowed {
+        stats.plaintext_denied.fetch_add(1, Ordering::Relaxed);
+        reset(client);
+        return;
+    }
+    let upstream = match ctx.connect_marked(destination).await {
+        Ok(s) => s,
+        Err(e) => {
+            stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(workload = %ctx.workload, %peer, %destination, error = %e, "plaintext: connect to the application failed; resetting the client");
+            reset(client);
+            return;
+        }
+    };
+    tracing::debug!(workload = %ctx.workload, %peer, %destination, id = request.connection_id, "plaintext connection admitted");
+    if let Err(e) = relay::relay(client, upstream, Some(guard.closed())).await {
+        stats.reset.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(workload = %ctx.workload, error = %e, "plaintext relay ended with an error; both sides reset");
     }
 }
 

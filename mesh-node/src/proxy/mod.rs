@@ -3,7 +3,8 @@
 //! - `outbound.rs`: connections a pod's application made (redirected by the connect hooks);
 //!   routed by `directory.rs` to a tunnel, to a pod on this node, or out unchanged.
 //! - `inbound.rs`: the pod's tunnel listener on :15008, and the checks every delivery to a
-//!   local pod passes, whether it came through a tunnel or from a pod on this node.
+//!   local pod passes, whether it came through a tunnel or from a pod on this node; and the
+//!   plaintext listener on :15006 (PERMISSIVE mode).
 //! - `authz.rs`: the policy check on every delivery, its logs and counters, and the closing of
 //!   open connections that a policy change denies.
 //! - `relay.rs`: copying bytes with half-close and resets passed on.
@@ -62,6 +63,10 @@ pub struct ProxyStats {
     pub tunnels_in_refused: AtomicU64,
     /// Connections to a service VIP that found no reachable endpoint; reset.
     pub no_endpoint: AtomicU64,
+    /// Plaintext connections to a pod handed over by the inbound program (PERMISSIVE).
+    pub plaintext_in: AtomicU64,
+    /// Of those, the ones policy denied (reset).
+    pub plaintext_denied: AtomicU64,
 }
 
 /// State every pod's listeners share: one per daemon.
@@ -110,7 +115,7 @@ impl Shared {
             .cloned()
     }
 
-    fn connection_id(&self) -> u64 {
+    pub fn connection_id(&self) -> u64 {
         self.next_connection_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
