@@ -296,7 +296,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(
             grpc = %args.grpc_listen, http = %args.http_listen,
             workloads = c.config.workloads.len(), services = c.config.services.len(),
-            trust_domain = c.config.mesh.trust_domain,
+            policies = c.config.policies.len(), trust_domain = c.config.mesh.trust_domain,
             "mesh-cp ready"
         );
     }

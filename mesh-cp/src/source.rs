@@ -64,6 +64,7 @@ pub async fn watch_dir(
                         version,
                         workloads = config.workloads.len(),
                         services = config.services.len(),
+                        policies = config.policies.len(),
                         "config applied"
                     );
                     publish.send_replace(Published {

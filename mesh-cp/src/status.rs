@@ -33,6 +33,9 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "config": shared.config_status(),
         "workloads": published.config.workloads.len(),
         "services": published.config.services.len(),
+        "policies": published.config.policies.len(),
+        "default_action": published.config.mesh.default_action,
+        "mtls": published.config.mesh.mtls,
         "trust_domain": published.config.mesh.trust_domain,
         "nodes": shared.nodes(),
     }))

@@ -214,14 +214,27 @@ fn spec_of<T: serde::de::DeserializeOwned + Default>(spec: serde_yaml::Value) ->
     if spec.is_null() {
         return Ok(T::default());
     }
-    serde_yaml::from_value(spec).map_err(|e| format!("spec: {}", one_line(&e)))
+    typed_spec(spec)
 }
 
 fn required_spec<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Result<T, String> {
     if spec.is_null() {
         return Err("spec: missing".into());
     }
-    serde_yaml::from_value(spec).map_err(|e| format!("spec: {}", one_line(&e)))
+    typed_spec(spec)
+}
+
+/// The typed spec, or an error that names the field by its path (`spec.rules[0].ports`).
+fn typed_spec<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(spec).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." {
+            "spec".to_owned()
+        } else {
+            format!("spec.{path}")
+        };
+        format!("{at}: {}", one_line(e.inner()))
+    })
 }
 
 fn access_policy(key: ObjectKey, spec: serde_yaml::Value) -> Result<AccessPolicy, String> {
@@ -510,7 +523,8 @@ mod tests {
             (rule("{sourceIdentities: ['web']}"), "spec.rules[0].sourceIdentities[0]"),
             (rule("{ports: [80], methods: [GET]}"), "spec.rules[0].methods: L7"),
             (rule("{ports: [80], paths: ['/admin']}"), "spec.rules[0].paths: L7"),
-            (rule("{ports: [80], sourcePods: [a]}"), "sourcePods"),
+            (rule("{ports: [80], sourcePods: [a]}"), "spec.rules[0].sourcePods: unknown field"),
+            (rule("{ports: 80}"), "spec.rules[0].ports: invalid type"),
             ("kind: AccessPolicy\nmetadata: {name: p}\nspec: {action: Allow, rules: []}".into(), "spec.rules: at least one"),
             ("kind: AccessPolicy\nmetadata: {name: p}\nspec: {action: Maybe, rules: [{ports: [1]}]}".into(), "Maybe"),
             ("kind: AccessPolicy\nmetadata: {name: p}\nspec: {action: Allow, hosts: [a], rules: [{ports: [1]}]}".into(), "spec.hosts: L7"),
