@@ -64,6 +64,14 @@ fn shop(test: &str) -> Shop {
     }
 }
 
+impl Drop for Shop {
+    fn drop(&mut self) {
+        // Servers first: they append to the accept log.
+        self._servers.clear();
+        let _ = fs::remove_file(&self.payment_log);
+    }
+}
+
 impl Shop {
     /// One "ping" connection from `from` to `to`:`port` (pod IPv4); true when it got "pong".
     fn connects(&self, from: &str, to: &str, port: u16) -> bool {

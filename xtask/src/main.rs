@@ -134,35 +134,45 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             left.cgroups
         );
     }
-    println!("xtask: all checks passed; no namespaces or cgroups left behind");
+    // Failing tests keep their daemons' logs on purpose; passing ones must leave nothing.
+    let files = remove_temp_entries(mesh_tests::topology::TEST_PREFIX)?;
+    if !files.is_empty() {
+        bail!("tests left temp files behind (now removed): {files:?}");
+    }
+    println!("xtask: all checks passed; no namespaces, cgroups or temp files left behind");
     Ok(())
 }
 
 fn clean() -> anyhow::Result<()> {
     let cleaned = mesh_tests::topology::clean_prefix(mesh_tests::topology::PREFIX)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut files = 0;
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-        for e in entries.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with(mesh_tests::topology::PREFIX)
-            {
-                // Scratch dirs of daemons, and loose files such as kept captures.
-                let removed = if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    std::fs::remove_dir_all(e.path())
-                } else {
-                    std::fs::remove_file(e.path())
-                };
-                removed.with_context(|| format!("cannot remove {}", e.path().display()))?;
-                files += 1;
-            }
-        }
-    }
+    let files = remove_temp_entries(mesh_tests::topology::PREFIX)?.len();
     println!(
         "xtask: removed {} namespaces, {} cgroups, {files} temp files and dirs",
         cleaned.namespaces.len(),
         cleaned.cgroups.len()
     );
     Ok(())
+}
+
+/// Removes the temp dir's entries named with `prefix` (daemons' scratch dirs, loose files such
+/// as kept captures); returns their names.
+fn remove_temp_entries(prefix: &str) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let result = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(e.path())
+            } else {
+                std::fs::remove_file(e.path())
+            };
+            result.with_context(|| format!("cannot remove {}", e.path().display()))?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
 }
