@@ -39,6 +39,13 @@ enum Cmd {
     Clean,
     /// Regenerate the CRDs under deploy/crds/ from the Rust types in mesh-model.
     Crds,
+    /// Measure what the mesh costs against baselines in the same run (release build, two-node
+    /// sandbox): a table on stdout, JSON under target/bench/.
+    Bench {
+        /// A short run (seconds) that only checks the harness works; its figures mean little.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() {
@@ -52,6 +59,7 @@ fn main() {
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
         Cmd::Up { duration } => up::run(duration),
         Cmd::Clean => clean(),
+        Cmd::Bench { quick } => bench(quick),
         Cmd::Crds => cargo(
             "generate CRDs",
             &[
@@ -140,6 +148,43 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         bail!("tests left temp files behind (now removed): {files:?}");
     }
     println!("xtask: all checks passed; no namespaces, cgroups or temp files left behind");
+    Ok(())
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    prereqs::ensure_all()?;
+    cargo(
+        "release build",
+        &["build", "--release", "--workspace", "--bins"],
+    )?;
+    let release = target_dir().join("release");
+    // The harness finds the daemons and the load generator through these.
+    for (var, bin) in [
+        ("MESH_NODE_BIN", "mesh-node"),
+        ("MESH_CP_BIN", "mesh-cp"),
+        ("MESH_LOADGEN_BIN", "mesh-loadgen"),
+    ] {
+        std::env::set_var(var, release.join(bin));
+    }
+    let out_dir = target_dir().join("bench");
+    let options = if quick {
+        mesh_tests::bench::Options::quick("mycel-bench", out_dir)
+    } else {
+        mesh_tests::bench::Options::full("mycel-bench", out_dir)
+    };
+    println!(
+        "xtask: benchmarking: {} interleaved round(s) of {} s per setup and metric",
+        options.rounds, options.seconds
+    );
+    let report = mesh_tests::bench::run(&options).context("the benchmark failed")?;
+    println!("\n{}", report.table);
+    println!("xtask: report written to {}", report.file.display());
     Ok(())
 }
 

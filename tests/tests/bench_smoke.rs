@@ -1,0 +1,37 @@
+//! `cargo xtask bench --quick`'s harness, run on the debug build so that it cannot rot. It
+//! checks that every setup and metric produced samples and a report; it asserts no time.
+
+use mesh_tests::{
+    bench::{self, Options, SETUPS},
+    topology::TEST_PREFIX,
+};
+
+#[test]
+fn the_benchmark_harness_measures_every_setup_and_writes_a_report() {
+    let out =
+        std::env::temp_dir().join(format!("{TEST_PREFIX}bench-report-{}", std::process::id()));
+    let report = bench::run(&Options::quick(TEST_PREFIX, out.clone()));
+    let written = std::fs::read_to_string(out.join("latest.json"));
+    let _ = std::fs::remove_dir_all(&out);
+    let report = report.expect("the quick benchmark runs");
+    for metric in [
+        "bulk-1.bytes_per_second",
+        "bulk-4.bytes_per_second",
+        "rpc.p50_us",
+        "rpc.p99_us",
+        "rpc.p999_us",
+        "connrate.per_second",
+    ] {
+        for setup in SETUPS {
+            let samples = &report.samples[metric][setup.name];
+            assert!(
+                !samples.is_empty() && samples.iter().all(|v| *v > 0.0),
+                "{metric} {}: {samples:?}",
+                setup.name
+            );
+        }
+    }
+    let written: serde_json::Value = serde_json::from_str(&written.expect("latest.json")).unwrap();
+    assert_eq!(written["ratios"].as_array().map(Vec::len), Some(6));
+    println!("{}", report.table);
+}
