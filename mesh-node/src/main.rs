@@ -127,6 +127,36 @@ fn main() {
     }
 }
 
+/// Every proxied connection holds two sockets (three with its tunnel's peer on the other
+/// side), so the default soft limit of 1024 descriptors caps a node at a few hundred
+/// connections. Raise it to the hard limit the operator allows.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return;
+        }
+        let before = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            tracing::debug!(
+                from = before,
+                to = lim.rlim_max,
+                "raised the open-file limit"
+            );
+        } else {
+            tracing::warn!(
+                limit = before,
+                "cannot raise the open-file limit; busy nodes may run out of descriptors"
+            );
+        }
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -144,6 +174,7 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => cgroup2_root(Path::new("/proc/mounts"))?,

@@ -4,7 +4,10 @@
 //!
 //! One topology holds every setup: a client and a server outside the mesh (direct, and
 //! end-to-end rustls between the two applications), and a mesh client calling a mesh server on
-//! the other node (Mycel TLS) and on its own node (Mycel same-node).
+//! the other node (Mycel TLS) and on its own node (Mycel same-node). Besides the traffic
+//! figures it measures the node daemons' CPU per GB moved against the AES-GCM floor, their
+//! memory per idle tunnelled connection, and the time from a policy change to both nodes
+//! enforcing it; and draws the ratios as an SVG chart.
 
 use std::{
     collections::BTreeMap,
@@ -34,7 +37,13 @@ pub struct Options {
     pub rounds: usize,
     /// Requests per second of the latency test.
     pub rpc_rate: u32,
-    /// Where the JSON report goes.
+    /// Idle tunnelled connections for the memory figure.
+    pub idle_connections: usize,
+    /// Policy changes timed.
+    pub policy_changes: usize,
+    /// Bytes for the crypto floor.
+    pub crypto_bytes: usize,
+    /// Where the JSON report and chart go.
     pub out_dir: PathBuf,
 }
 
@@ -45,6 +54,9 @@ impl Options {
             seconds: 3.0,
             rounds: 3,
             rpc_rate: 1000,
+            idle_connections: 1000,
+            policy_changes: 5,
+            crypto_bytes: 1 << 30,
             out_dir,
         }
     }
@@ -56,6 +68,9 @@ impl Options {
             seconds: 0.5,
             rounds: 1,
             rpc_rate: 200,
+            idle_connections: 50,
+            policy_changes: 2,
+            crypto_bytes: 16 << 20,
             out_dir,
         }
     }
@@ -216,14 +231,35 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
         &format!("{}-bench", topo.prefix),
         &[("workloads.yaml", &workloads_yaml(&pods))],
     )?;
-    let _n1 = MeshNode::join(topo, "n1", &cp, 2)?;
-    let _n2 = MeshNode::join(topo, "n2", &cp, 1)?;
+    let mut cp = cp;
+    let n1 = MeshNode::join(topo, "n1", &cp, 2)?;
+    let n2 = MeshNode::join(topo, "n2", &cp, 1)?;
+    let daemons: Vec<u32> = [&n1, &n2].iter().filter_map(|n| n.pid()).collect();
 
     let mut samples = Samples::new();
+    let mut put = |key: String, setup: &str, v: f64| {
+        samples
+            .entry(key)
+            .or_default()
+            .entry(setup.to_owned())
+            .or_default()
+            .push(v)
+    };
     for metric in metrics(o) {
         for _ in 0..o.rounds {
             for setup in SETUPS {
+                let cpu_before = cpu_seconds(&daemons)?;
                 let out = run_client(o, topo, &metric, setup, tls_dir)?;
+                let cpu = cpu_seconds(&daemons)? - cpu_before;
+                if metric.mode == "bulk" && setup.name.starts_with("mycel") {
+                    if let Some(bytes) = out["bytes"].as_f64().filter(|b| *b > 0.0) {
+                        put(
+                            format!("{}.cpu_s_per_gb", metric.name),
+                            setup.name,
+                            cpu / (bytes / 1e9),
+                        );
+                    }
+                }
                 for field in metric.fields {
                     let v = out[*field].as_f64().ok_or_else(|| {
                         io::Error::other(format!(
@@ -231,17 +267,166 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
                             metric.name, setup.name
                         ))
                     })?;
-                    samples
-                        .entry(format!("{}.{field}", metric.name))
-                        .or_default()
-                        .entry(setup.name.to_owned())
-                        .or_default()
-                        .push(v);
+                    put(format!("{}.{field}", metric.name), setup.name, v);
                 }
             }
         }
     }
+    put(
+        "crypto-floor.cpu_s_per_gb".into(),
+        "aes-256-gcm",
+        crypto_floor(o.crypto_bytes),
+    );
+    let idle_mb = idle_memory(o, topo, &daemons)?;
+    put("idle-1000.rss_mb".into(), "mycel-tls", idle_mb);
+    for seconds in policy_changes(o, &mut cp)? {
+        put("policy-change.seconds".into(), "mycel-tls", seconds);
+    }
     report(o, samples)
+}
+
+/// User + system CPU seconds of `pids` so far.
+fn cpu_seconds(pids: &[u32]) -> io::Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut total = 0.0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The fields after the command name (which may hold spaces) start with the state;
+        // utime and stime are the 12th and 13th of them.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        total += (field(11) + field(12)) / ticks;
+    }
+    Ok(total)
+}
+
+/// Resident memory of `pids`, in MB.
+fn rss_mb(pids: &[u32]) -> io::Result<f64> {
+    let mut kb = 0.0;
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        kb += status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    Ok(kb / 1024.0)
+}
+
+/// CPU seconds per GB for AES-256-GCM (the suite rustls picks first) to encrypt and decrypt
+/// the same bytes in 16 KiB records, with ring, on this thread: what any TLS relay must spend.
+fn crypto_floor(bytes: usize) -> f64 {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    let Ok(unbound) = UnboundKey::new(&AES_256_GCM, &[7u8; 32]) else {
+        return f64::NAN;
+    };
+    let key = LessSafeKey::new(unbound);
+    const RECORD: usize = 16 * 1024;
+    let mut buf = vec![0x5au8; RECORD];
+    let records = (bytes / RECORD).max(1);
+    let start = thread_cpu_seconds();
+    for i in 0..records {
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&(i as u64).to_be_bytes());
+        buf.truncate(RECORD);
+        let sealed = key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::empty(),
+            &mut buf,
+        );
+        let opened = sealed.and_then(|()| {
+            key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
+                .map(|plain| plain.len())
+        });
+        if opened != Ok(RECORD) {
+            return f64::NAN;
+        }
+    }
+    let seconds = thread_cpu_seconds() - start;
+    seconds / ((records * RECORD) as f64 / 1e9)
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a local struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// Both daemons' extra resident memory while `idle_connections` tunnelled connections are
+/// open and idle, scaled to 1,000 connections, in MB.
+fn idle_memory(o: &Options, topo: &Topology, daemons: &[u32]) -> io::Result<f64> {
+    use std::io::BufRead as _;
+    let idle = rss_mb(daemons)?;
+    let server = topo.pod("s1");
+    let mut cmd = Command::new(loadgen());
+    cmd.args(["hold", "--addr", &format!("{}:{PORT}", server.ipv4)])
+        .args(["--count", &o.idle_connections.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = topo.pod("c1").spawn(&mut cmd)?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.as_mut() {
+        io::BufReader::new(out).read_line(&mut line)?;
+    }
+    // Let the daemons settle (buffers allocated, tasks parked) before reading.
+    std::thread::sleep(Duration::from_millis(500));
+    let held = rss_mb(daemons);
+    drop(child.stdin.take());
+    let _ = child.wait();
+    if !line.starts_with("held") {
+        return Err(io::Error::other(format!("the hold client said {line:?}")));
+    }
+    Ok((held? - idle) * 1000.0 / o.idle_connections as f64)
+}
+
+/// Seconds from writing a policy file to both nodes acknowledging the version that has it
+/// (a node acks once it has applied it, kernel fast-deny entries included). Alternates adding
+/// and removing a policy that concerns both nodes: n2 enforces it, n1 refuses in the kernel.
+fn policy_changes(o: &Options, cp: &mut ControlPlane) -> io::Result<Vec<f64>> {
+    const FILE: &str = "bench-change.yaml";
+    let policy = "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: bench-change, namespace: default }\nspec: { selector: { matchLabels: { app: s1 } }, action: Deny, rules: [{ sourceIdentities: ['spiffe://cluster.local/ns/default/sa/c1'], ports: [9999] }] }\n";
+    let mut out = Vec::new();
+    for i in 0..o.policy_changes {
+        let before = cp.version()?;
+        let start = std::time::Instant::now();
+        if i % 2 == 0 {
+            cp.write_config(FILE, policy)?;
+        } else {
+            cp.remove_config(FILE)?;
+        }
+        loop {
+            let s = cp.status()?;
+            let version = s["config"]["version"].as_u64().unwrap_or(0);
+            let acked = |n: &str| s["nodes"][n]["acked_version"].as_u64().unwrap_or(0);
+            if version > before && acked("n1") >= version && acked("n2") >= version {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(io::Error::other(
+                    "a policy change was not acknowledged within 30 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out.push(start.elapsed().as_secs_f64());
+    }
+    if o.policy_changes % 2 == 1 {
+        let _ = cp.remove_config(FILE);
+    }
+    Ok(out)
 }
 
 fn run_client(
@@ -289,7 +474,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// The ratios the performance targets are stated in: (name, numerator, denominator, target).
-const RATIOS: [(&str, &str, &str, &str, &str); 6] = [
+const RATIOS: [(&str, &str, &str, &str, &str); 7] = [
     (
         "bulk 1 stream ÷ direct",
         "bulk-1.bytes_per_second",
@@ -332,6 +517,8 @@ const RATIOS: [(&str, &str, &str, &str, &str); 6] = [
         "direct",
         "—",
     ),
+    // Computed from the CPU samples and the crypto floor (see `report`).
+    ("CPU-s per GB ÷ crypto floor", "", "", "", "≤ 1.5"),
 ];
 
 fn report(o: &Options, samples: Samples) -> io::Result<Report> {
@@ -344,7 +531,7 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "{:<28} {}",
+        "{:<34} {}",
         "median (min..max)",
         SETUPS
             .iter()
@@ -352,33 +539,73 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
             .collect::<String>()
     );
     for (key, by_setup) in &samples {
-        let (unit, scale) = if key.ends_with("bytes_per_second") {
-            ("MB/s", 1e-6)
+        let (unit, scale, digits) = if key.ends_with("bytes_per_second") {
+            ("MB/s", 1e-6, 0)
         } else if key.ends_with("_us") {
-            ("µs", 1.0)
+            ("µs", 1.0, 0)
+        } else if key.ends_with("per_second") {
+            ("/s", 1.0, 0)
+        } else if key.ends_with("rss_mb") {
+            ("MB per 1000", 1.0, 1)
         } else {
-            ("/s", 1.0)
+            ("s", 1.0, 3)
         };
-        let _ = write!(table, "{:<28}", format!("{key} ({unit})"));
-        for s in SETUPS {
-            let v = by_setup.get(s.name).cloned().unwrap_or_default();
+        let _ = write!(table, "{:<34}", format!("{key} ({unit})"));
+        let names: Vec<&str> = if by_setup.keys().any(|k| SETUPS.iter().any(|s| s.name == k)) {
+            SETUPS.iter().map(|s| s.name).collect()
+        } else {
+            by_setup.keys().map(String::as_str).collect()
+        };
+        for name in names {
+            let Some(v) = by_setup.get(name).cloned() else {
+                let _ = write!(table, " {:>24}", "—");
+                continue;
+            };
             let lo = v.iter().copied().fold(f64::INFINITY, f64::min) * scale;
             let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max) * scale;
             let _ = write!(
                 table,
                 " {:>24}",
-                format!("{:.0} ({:.0}..{:.0})", median(&v) * scale, lo, hi)
+                format!(
+                    "{:.digits$} ({:.digits$}..{:.digits$}) {}",
+                    median(&v) * scale,
+                    lo,
+                    hi,
+                    if SETUPS.iter().any(|s| s.name == name) {
+                        ""
+                    } else {
+                        name
+                    }
+                )
+                .trim_end()
             );
         }
         let _ = writeln!(table);
     }
     let _ = writeln!(table);
     let mut ratios = Vec::new();
+    let floor = med("crypto-floor.cpu_s_per_gb", "aes-256-gcm");
     for (name, key, num, den, target) in RATIOS {
-        let r = med(key, num) / med(key, den);
+        let r = if key.is_empty() {
+            med("bulk-1.cpu_s_per_gb", "mycel-tls") / floor
+        } else {
+            med(key, num) / med(key, den)
+        };
         let _ = writeln!(table, "{name:<32} {r:>6.2}   target {target}");
         ratios.push(json!({"name": name, "metric": key, "setup": num, "baseline": den, "ratio": r, "target": target}));
     }
+    let policy_change = med("policy-change.seconds", "mycel-tls");
+    let _ = writeln!(
+        table,
+        "{:<32} {policy_change:>6.3}   target < 1 s",
+        "policy change → both nodes (s)"
+    );
+    let idle = med("idle-1000.rss_mb", "mycel-tls");
+    let _ = writeln!(
+        table,
+        "{:<32} {idle:>6.1}   target ≤ 16 MB",
+        "RSS per 1000 idle conns (MB)"
+    );
     let json = json!({
         "seconds_per_run": o.seconds,
         "rounds": o.rounds,
@@ -396,10 +623,61 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
     let text = serde_json::to_string_pretty(&json).map_err(io::Error::other)?;
     std::fs::write(&file, &text)?;
     std::fs::write(o.out_dir.join("latest.json"), &text)?;
+    let svg = chart(&ratios);
+    std::fs::write(o.out_dir.join(format!("bench-{stamp}.svg")), &svg)?;
+    std::fs::write(o.out_dir.join("latest.svg"), &svg)?;
     Ok(Report {
         samples,
         json,
         table,
         file,
     })
+}
+
+/// A horizontal bar per ratio, with its target as a tick, as a self-contained SVG.
+fn chart(ratios: &[Value]) -> String {
+    const ROW: f64 = 34.0;
+    const LEFT: f64 = 250.0;
+    const WIDTH: f64 = 420.0;
+    // The axis runs to 2.0 or the largest ratio, whichever is more.
+    let max = ratios
+        .iter()
+        .filter_map(|r| r["ratio"].as_f64())
+        .filter(|r| r.is_finite())
+        .fold(2.0f64, f64::max);
+    let x = |v: f64| LEFT + WIDTH * (v / max).clamp(0.0, 1.0);
+    let height = 60.0 + ROW * ratios.len() as f64;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"13\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"22\" font-size=\"15\">Mycel ÷ baseline, same run (bar: measured, red tick: target)</text>\n",
+        LEFT + WIDTH + 80.0
+    );
+    for (i, r) in ratios.iter().enumerate() {
+        let y = 40.0 + ROW * i as f64;
+        let name = r["name"].as_str().unwrap_or("?");
+        let ratio = r["ratio"].as_f64().unwrap_or(f64::NAN);
+        let target = r["target"].as_str().unwrap_or("");
+        let _ = write!(
+            svg,
+            "<text x=\"10\" y=\"{:.0}\">{}</text>\n<rect x=\"{LEFT}\" y=\"{y:.0}\" width=\"{:.1}\" height=\"20\" fill=\"#4a7fb5\"/>\n<text x=\"{:.1}\" y=\"{:.0}\">{ratio:.2}</text>\n",
+            y + 15.0,
+            name.replace('&', "&amp;").replace('<', "&lt;"),
+            x(if ratio.is_finite() { ratio } else { 0.0 }) - LEFT,
+            x(if ratio.is_finite() { ratio } else { 0.0 }) + 5.0,
+            y + 15.0,
+        );
+        let goal: Option<f64> = target.trim_start_matches(['≥', '≤', ' ']).parse().ok();
+        if let Some(goal) = goal {
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{1:.0}\" y2=\"{2:.0}\" stroke=\"#c0392b\" stroke-width=\"3\"/>",
+                x(goal),
+                y - 3.0,
+                y + 23.0
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
 }

@@ -12,6 +12,7 @@ fn the_benchmark_harness_measures_every_setup_and_writes_a_report() {
         std::env::temp_dir().join(format!("{TEST_PREFIX}bench-report-{}", std::process::id()));
     let report = bench::run(&Options::quick(TEST_PREFIX, out.clone()));
     let written = std::fs::read_to_string(out.join("latest.json"));
+    let chart = std::fs::read_to_string(out.join("latest.svg"));
     let _ = std::fs::remove_dir_all(&out);
     let report = report.expect("the quick benchmark runs");
     for metric in [
@@ -32,6 +33,19 @@ fn the_benchmark_harness_measures_every_setup_and_writes_a_report() {
         }
     }
     let written: serde_json::Value = serde_json::from_str(&written.expect("latest.json")).unwrap();
-    assert_eq!(written["ratios"].as_array().map(Vec::len), Some(6));
+    assert_eq!(written["ratios"].as_array().map(Vec::len), Some(7));
+    for key in [
+        "crypto-floor.cpu_s_per_gb",
+        "idle-1000.rss_mb",
+        "policy-change.seconds",
+        "bulk-1.cpu_s_per_gb",
+    ] {
+        assert!(report.samples.contains_key(key), "no {key}");
+    }
+    let chart = chart.expect("latest.svg");
+    assert!(
+        chart.starts_with("<svg") && chart.contains("CPU-s per GB"),
+        "{chart}"
+    );
     println!("{}", report.table);
 }

@@ -7,11 +7,13 @@
 //! mesh-loadgen bulk --addr A --secs S --streams N [--tls DIR]
 //! mesh-loadgen rpc --addr A --secs S --rate R [--tls DIR]
 //! mesh-loadgen connrate --addr A --secs S --concurrency C [--tls DIR]
+//! mesh-loadgen hold --addr A --count N                prints "held N", then holds them until
+//!                                                     stdin closes
 //! ```
 //!
 //! Each client prints one JSON line. The first byte a client sends picks the server's
 //! behaviour: `B` count bytes until EOF and answer the count, `R` echo 1 KiB messages, `C` echo
-//! one 1 KiB message and close.
+//! one 1 KiB message and close, `H` read until EOF (an idle connection).
 
 use std::{
     io::{self, Read, Write},
@@ -54,9 +56,10 @@ fn run(args: &[String]) -> Result<()> {
         })
     };
     let tls = flag("--tls").map(PathBuf::from);
+    raise_fd_limit();
     match mode {
         "serve" => serve(num("--port", 0.0)? as u16, tls.as_deref()),
-        "bulk" | "rpc" | "connrate" => {
+        "bulk" | "rpc" | "connrate" | "hold" => {
             let addr: SocketAddr = flag("--addr")
                 .ok_or("--addr is required")?
                 .parse()
@@ -66,12 +69,15 @@ fn run(args: &[String]) -> Result<()> {
             let out = match mode {
                 "bulk" => bulk(&client, secs, num("--streams", 1.0)? as usize)?,
                 "rpc" => rpc(&client, secs, num("--rate", 1000.0)?)?,
+                "hold" => hold(&client, num("--count", 1000.0)? as usize)?,
                 _ => connrate(&client, secs, num("--concurrency", 4.0)? as usize)?,
             };
             println!("{out}");
             Ok(())
         }
-        _ => Err("usage: mesh-loadgen serve|bulk|rpc|connrate ... (see the source header)".into()),
+        _ => Err(
+            "usage: mesh-loadgen serve|bulk|rpc|connrate|hold ... (see the source header)".into(),
+        ),
     }
 }
 
@@ -249,6 +255,11 @@ fn answer(mut s: Box<dyn Stream>) -> io::Result<()> {
             s.write_all(&msg)?;
             s.flush()
         }
+        b'H' => {
+            let mut buf = [0u8; 64];
+            while s.read(&mut buf)? > 0 {}
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -301,6 +312,37 @@ fn bulk(client: &Client, secs: Duration, streams: usize) -> Result<serde_json::V
         "seconds": elapsed,
         "bytes_per_second": bytes as f64 / elapsed,
     }))
+}
+
+/// Opens `count` idle connections, says so on stdout, and keeps them until stdin closes (the
+/// harness measures memory meanwhile).
+fn hold(client: &Client, count: usize) -> Result<serde_json::Value> {
+    let mut conns = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut c = client.connect(b'H')?;
+        c.flush()?;
+        conns.push(c);
+    }
+    println!("held {}", conns.len());
+    io::stdout().flush()?;
+    let mut sink = Vec::new();
+    io::stdin().read_to_end(&mut sink)?;
+    Ok(serde_json::json!({ "held": conns.len() }))
+}
+
+/// Many connections need many descriptors: use what the hard limit allows.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// 1 KiB request/response on one open connection at a fixed rate. Latency counts from the
