@@ -85,19 +85,7 @@ pub struct Admitted {
 /// The destination's checks for `d` into `pod` (addresses, identity, then policy), then a
 /// connection to its application.
 pub async fn deliver(pod: &PodContext, dir: &Directory, d: &Delivery) -> Result<Admitted, Refusal> {
-    let key = &pod.workload;
-    let me = dir.peer(key).ok_or_else(|| {
-        Refusal::new(
-            Status::BadRequest,
-            format!("{key} is not in this node's mesh view"),
-        )
-    })?;
-    if !me.addresses.contains(&d.destination.ip()) || d.destination.port() == 0 {
-        return Err(Refusal::new(
-            Status::BadRequest,
-            format!("{} is not an address of {key}", d.destination),
-        ));
-    }
+    check_destination(pod, dir, d.destination)?;
     let source = dir.peer_by_addr(d.source.ip()).ok_or_else(|| {
         Refusal::new(
             Status::Denied,
@@ -117,12 +105,42 @@ pub async fn deliver(pod: &PodContext, dir: &Directory, d: &Delivery) -> Result<
         ));
     }
     let request = authz::Request {
-        destination: key.clone(),
+        destination: pod.workload.clone(),
         destination_addr: d.destination,
         source_addr: d.source,
         source_identity: Some(d.source_identity.clone()),
         connection_id: d.connection_id,
     };
+    authorize_and_connect(pod, request).await
+}
+
+/// The destination must be an address (and a port) of this pod.
+fn check_destination(
+    pod: &PodContext,
+    dir: &Directory,
+    destination: SocketAddr,
+) -> Result<(), Refusal> {
+    let key = &pod.workload;
+    let me = dir.peer(key).ok_or_else(|| {
+        Refusal::new(
+            Status::BadRequest,
+            format!("{key} is not in this node's mesh view"),
+        )
+    })?;
+    if !me.addresses.contains(&destination.ip()) || destination.port() == 0 {
+        return Err(Refusal::new(
+            Status::BadRequest,
+            format!("{destination} is not an address of {key}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The policy check every delivery ends with, then the connection to the application.
+async fn authorize_and_connect(
+    pod: &PodContext,
+    request: authz::Request,
+) -> Result<Admitted, Refusal> {
     // Registered before the check, which reads the newest policies: a change that lands after
     // the check finds the registration and re-checks it.
     let authz = &pod.shared.authz;
@@ -131,14 +149,15 @@ pub async fn deliver(pod: &PodContext, dir: &Directory, d: &Delivery) -> Result<
     if !decision.allowed {
         return Err(Refusal::new(Status::Denied, decision.to_string()));
     }
-    let upstream = pod.connect_marked(d.destination).await.map_err(|e| {
+    let destination = request.destination_addr;
+    let upstream = pod.connect_marked(destination).await.map_err(|e| {
         pod.shared
             .stats
             .upstream_failed
             .fetch_add(1, Ordering::Relaxed);
         Refusal::new(
             Status::UpstreamFailed,
-            format!("connect to {} failed: {e}", d.destination),
+            format!("connect to {destination} failed: {e}"),
         )
     })?;
     Ok(Admitted { upstream, guard })
@@ -250,12 +269,8 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
             return;
         }
     };
-    let dir = ctx.shared.directory();
-    let ours = dir
-        .peer(&ctx.workload)
-        .is_some_and(|me| me.addresses.contains(&destination.ip()));
-    if !ours {
-        tracing::warn!(workload = %ctx.workload, %peer, %destination, "plaintext connection to an address that is not the pod's; resetting it");
+    if let Err(r) = check_destination(ctx, &ctx.shared.directory(), destination) {
+        tracing::warn!(workload = %ctx.workload, %peer, reason = %r.reason, "plaintext connection refused; resetting it");
         reset(client);
         return;
     }
@@ -266,23 +281,21 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
         source_identity: None,
         connection_id: ctx.shared.connection_id(),
     };
-    let authz = &ctx.shared.authz;
-    let guard = authz.admit(request.clone());
-    if !authz.check(&ctx.shared.directory(), &request).allowed {
-        stats.plaintext_denied.fetch_add(1, Ordering::Relaxed);
-        reset(client);
-        return;
-    }
-    let upstream = match ctx.connect_marked(destination).await {
-        Ok(s) => s,
-        Err(e) => {
-            stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(workload = %ctx.workload, %peer, %destination, error = %e, "plaintext: connect to the application failed; resetting the client");
+    let id = request.connection_id;
+    let Admitted { upstream, guard } = match authorize_and_connect(ctx, request).await {
+        Ok(admitted) => admitted,
+        Err(r) => {
+            if r.status == Status::Denied {
+                // The deny itself is logged by the policy check.
+                stats.plaintext_denied.fetch_add(1, Ordering::Relaxed);
+            } else {
+                tracing::info!(workload = %ctx.workload, %peer, reason = %r.reason, "plaintext: connect to the application failed; resetting the client");
+            }
             reset(client);
             return;
         }
     };
-    tracing::debug!(workload = %ctx.workload, %peer, %destination, id = request.connection_id, "plaintext connection admitted");
+    tracing::debug!(workload = %ctx.workload, %peer, %destination, id, "plaintext connection admitted");
     if let Err(e) = relay::relay(client, upstream, Some(guard.closed())).await {
         stats.reset.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(workload = %ctx.workload, error = %e, "plaintext relay ended with an error; both sides reset");
