@@ -377,8 +377,8 @@ async fn follow_control_plane(
             _ = signals.recv() => return,
             req = apply_rx.recv() => {
                 let Some(control::ApplyRequest { desired, done }) = req else { return };
-                let (mode, plaintext_ports) = inbound_settings(&view_rx.borrow());
-                enroller.set_inbound(mode, &plaintext_ports);
+                let settings = view_rx.borrow().mesh_policy.clone();
+                enroller.set_inbound(settings.mtls, &settings.plaintext_ports);
                 let outcome = enroll_or_keep_pending(enroller, status, &mut pending, desired).await;
                 // Before the ack: once the control plane sees this version acked, the kernel
                 // refuses what it denies.
@@ -406,18 +406,6 @@ async fn follow_control_plane(
             }
         }
     }
-}
-
-/// The mesh's mTLS mode and plaintext ports, as the view (already validated) carries them.
-fn inbound_settings(view: &control::MeshView) -> (mesh_model::MtlsMode, Vec<u16>) {
-    let mode = mesh_api::policy::mtls_from_proto(view.mesh.mtls_mode).unwrap_or_default();
-    let ports = view
-        .mesh
-        .plaintext_ports
-        .iter()
-        .filter_map(|p| u16::try_from(*p).ok())
-        .collect();
-    (mode, ports)
 }
 
 /// Applies `desired`; on failure leaves it in `pending` for the retry tick.

@@ -13,7 +13,7 @@ use mesh_api::{
     v1::{self, resource::Kind, ConfigUpdate},
 };
 
-use mesh_model::authz::Selection;
+use mesh_model::{authz::Selection, Action, MtlsMode};
 
 use crate::workloads::{Workload, WorkloadId};
 
@@ -22,6 +22,8 @@ pub struct MeshView {
     /// 0 until the first snapshot arrives.
     pub version: u64,
     pub mesh: v1::MeshSettings,
+    /// The policy part of `mesh`, decoded once when it arrives.
+    pub mesh_policy: MeshPolicy,
     pub trust_roots: Vec<Vec<u8>>,
     /// Keyed `namespace/name`.
     pub workloads: BTreeMap<String, v1::Workload>,
@@ -31,6 +33,43 @@ pub struct MeshView {
     /// Connects to refuse in the kernel, by local workload `namespace/name`: destination
     /// address and port (0: every port).
     pub fast_deny: BTreeMap<String, Vec<(IpAddr, u16)>>,
+}
+
+/// Mesh-wide settings of enforcement. The default (no settings yet, or offline mode) allows
+/// everything and polices plaintext permissively, as a mesh without policies does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshPolicy {
+    pub default_action: Action,
+    pub mtls: MtlsMode,
+    /// Workload ports that take plaintext untouched.
+    pub plaintext_ports: Vec<u16>,
+}
+
+impl Default for MeshPolicy {
+    fn default() -> Self {
+        Self {
+            default_action: Action::Allow,
+            mtls: MtlsMode::default(),
+            plaintext_ports: Vec::new(),
+        }
+    }
+}
+
+impl MeshPolicy {
+    fn decode(m: &v1::MeshSettings) -> Result<Self, String> {
+        Ok(Self {
+            default_action: mesh_api::policy::action_from_proto(m.default_action)
+                .map_err(|e| format!("default action: {e}"))?,
+            mtls: mesh_api::policy::mtls_from_proto(m.mtls_mode)?,
+            plaintext_ports: m
+                .plaintext_ports
+                .iter()
+                .map(|p| {
+                    u16::try_from(*p).map_err(|_| format!("plaintext port {p} is out of range"))
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
 }
 
 impl MeshView {
@@ -49,17 +88,7 @@ impl MeshView {
             let key = resource.key;
             match resource.kind {
                 Some(Kind::Mesh(m)) if key == keys::MESH => {
-                    mesh_api::policy::action_from_proto(m.default_action)
-                        .map_err(|e| format!("{key}: default action: {e}"))?;
-                    mesh_api::policy::mtls_from_proto(m.mtls_mode)
-                        .map_err(|e| format!("{key}: {e}"))?;
-                    if let Some(bad) = m
-                        .plaintext_ports
-                        .iter()
-                        .find(|p| u16::try_from(**p).is_err())
-                    {
-                        return Err(format!("{key}: plaintext port {bad} is out of range"));
-                    }
+                    next.mesh_policy = MeshPolicy::decode(&m).map_err(|e| format!("{key}: {e}"))?;
                     next.mesh = m
                 }
                 Some(Kind::TrustBundle(t)) if key == keys::TRUST_BUNDLE => {

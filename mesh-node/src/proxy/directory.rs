@@ -14,7 +14,7 @@ use std::{
 use mesh_api::v1;
 use mesh_model::{
     authz::{PolicyIndex, SourceWorkload},
-    Action, SpiffeId,
+    SpiffeId,
 };
 use tokio::sync::watch;
 
@@ -153,10 +153,10 @@ impl Directory {
                 }
             }
         };
-        // A view without mesh settings (before the first snapshot) has no policies either.
-        let default_action =
-            mesh_api::policy::action_from_proto(view.mesh.default_action).unwrap_or(Action::Allow);
-        let policies = PolicyIndex::new(default_action, view.policies.values().cloned());
+        let policies = PolicyIndex::new(
+            view.mesh_policy.default_action,
+            view.policies.values().cloned(),
+        );
         Self {
             peers,
             by_addr,
