@@ -108,7 +108,7 @@ impl Enroller {
                     .map(move |(ip, port)| crate::capture::fast_deny_key(cookie, *ip, *port))
             })
             .collect();
-        let update = self.shared.capture.set_fast_deny(desired);
+        let update = self.shared.capture.set_fast_deny(&desired);
         if update.failed > 0 {
             tracing::warn!(
                 failed = update.failed, held = update.held,
@@ -136,8 +136,12 @@ impl Enroller {
             .copied()
             .chain([crate::tunnel::TUNNEL_PORT])
             .collect();
-        if let Err(e) = self.shared.capture.set_open_ports(&open) {
-            tracing::error!(error = %e, "cannot update the open plaintext ports");
+        let update = self.shared.capture.set_open_ports(&open);
+        if update.failed > 0 {
+            tracing::error!(
+                failed = update.failed,
+                "cannot update the open plaintext ports in the kernel"
+            );
         }
         if flags == self.inbound_mode {
             return;

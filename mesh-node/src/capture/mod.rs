@@ -5,6 +5,7 @@
 //! so even a crash cannot leave them behind.
 
 mod attach;
+mod map_set;
 
 use std::{
     collections::HashSet,
@@ -27,6 +28,8 @@ use mesh_ebpf_common::{
 };
 
 pub use attach::CgroupLock;
+use map_set::MapSet;
+pub use map_set::SetUpdate;
 
 /// The object built from `mesh-ebpf/programs` by the build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -80,8 +83,8 @@ pub struct Options {
 pub struct Capture {
     // Field order matters on drop: maps first, then the programs (which detach their links).
     enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
-    fast_deny: Mutex<FastDeny>,
-    open_ports: Mutex<HashMap<MapData, u16, u32>>,
+    fast_deny: Mutex<MapSet<FastDenyKey>>,
+    open_ports: Mutex<MapSet<u16>>,
     inbound_mode: Mutex<Array<MapData, u32>>,
     by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     by_cookie: HashMap<MapData, u64, OrigDst>,
@@ -160,11 +163,8 @@ impl Capture {
 
         Ok(Self {
             enrolled: Mutex::new(enrolled),
-            fast_deny: Mutex::new(FastDeny {
-                map: fast_deny,
-                installed: HashSet::new(),
-            }),
-            open_ports: Mutex::new(open_ports),
+            fast_deny: Mutex::new(MapSet::new(fast_deny)),
+            open_ports: Mutex::new(MapSet::new(open_ports)),
             inbound_mode: Mutex::new(inbound_mode),
             by_tuple,
             by_cookie,
@@ -236,27 +236,11 @@ impl Capture {
     }
 
     /// Makes the open-ports map hold exactly `ports`.
-    pub fn set_open_ports(&self, ports: &HashSet<u16>) -> Result<(), CaptureError> {
-        let mut map = self.open_ports.lock().unwrap_or_else(|p| p.into_inner());
-        let err = |source| CaptureError::Map {
-            name: names::OPEN_PORTS,
-            source,
-        };
-        for port in ports {
-            map.insert(*port, 1, 0).map_err(err)?;
-        }
-        let stale: Vec<u16> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|p| !ports.contains(p))
-            .collect();
-        for port in stale {
-            match map.remove(&port) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(err(source)),
-            }
-        }
-        Ok(())
+    pub fn set_open_ports(&self, ports: &HashSet<u16>) -> SetUpdate {
+        self.open_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sync(ports)
     }
 
     /// Stops redirecting new connects from this netns; open connections are not touched.
@@ -303,33 +287,13 @@ impl Capture {
         Ok(out)
     }
 
-    /// Makes the fast-deny map hold exactly `desired`: new entries are added first, then stale
-    /// ones removed. An entry that does not fit (the map is full) is left out and counted: the
-    /// destination still refuses that connection, only later.
-    pub fn set_fast_deny(&self, desired: HashSet<FastDenyKey>) -> FastDenyUpdate {
-        let mut fd = self.fast_deny.lock().unwrap_or_else(|p| p.into_inner());
-        let mut update = FastDenyUpdate::default();
-        let FastDeny { map, installed } = &mut *fd;
-        for key in desired.difference(installed).copied().collect::<Vec<_>>() {
-            match map.insert(key, 1, 0) {
-                Ok(()) => {
-                    installed.insert(key);
-                    update.added += 1;
-                }
-                Err(_) => update.failed += 1,
-            }
-        }
-        for key in installed.difference(&desired).copied().collect::<Vec<_>>() {
-            match map.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
-                    installed.remove(&key);
-                    update.removed += 1;
-                }
-                Err(_) => update.failed += 1,
-            }
-        }
-        update.held = installed.len();
-        update
+    /// Makes the fast-deny map hold exactly `desired`. An entry that does not fit (the map is
+    /// full) is left out and counted: the destination still refuses that connection, only later.
+    pub fn set_fast_deny(&self, desired: &HashSet<FastDenyKey>) -> SetUpdate {
+        self.fast_deny
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sync(desired)
     }
 
     /// Entries the fast-deny map holds.
@@ -337,7 +301,6 @@ impl Capture {
         self.fast_deny
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .installed
             .len()
     }
 
@@ -345,21 +308,6 @@ impl Capture {
     pub fn orig_dst_entries(&self) -> (usize, usize) {
         (self.by_cookie.keys().count(), self.by_tuple.keys().count())
     }
-}
-
-/// The fast-deny map and what this process put in it (the only writer).
-struct FastDeny {
-    map: HashMap<MapData, FastDenyKey, u32>,
-    installed: HashSet<FastDenyKey>,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct FastDenyUpdate {
-    pub added: usize,
-    pub removed: usize,
-    /// Inserts or removals the kernel refused (a full map, most likely).
-    pub failed: usize,
-    pub held: usize,
 }
 
 /// The fast-deny key for a connect from the netns `netns_cookie` to `ip:port` (0: any port).
