@@ -166,7 +166,7 @@ async fn serve_stream(
         if dirty {
             dirty = false;
             let published = config.borrow_and_update().clone();
-            let slice = slice::node_slice(&published.config, &roots, &node);
+            let slice = slice::node_slice(&published.config, &published.policies, &roots, &node);
             let update = match &sent {
                 None => Some(ConfigUpdate {
                     version: published.version,

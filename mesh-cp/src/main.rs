@@ -268,10 +268,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on --http-listen {}", args.http_listen))?;
 
-    let (publish, published) = tokio::sync::watch::channel(state::Published {
-        version: 1,
-        config: Arc::new(config),
-    });
+    let (publish, published) = tokio::sync::watch::channel(state::Published::new(1, config));
     let shared = Arc::new(state::Shared::new(
         published,
         tokens::TokenStore::new(&args.data_dir),

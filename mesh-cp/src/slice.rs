@@ -18,7 +18,13 @@ use rustls_pki_types::CertificateDer;
 
 pub type Slice = BTreeMap<String, v1::Resource>;
 
-pub fn node_slice(config: &Config, roots: &[CertificateDer<'_>], node: &str) -> Slice {
+/// `index` is `config`'s policies, indexed (once per config, not per node).
+pub fn node_slice(
+    config: &Config,
+    index: &PolicyIndex,
+    roots: &[CertificateDer<'_>],
+    node: &str,
+) -> Slice {
     let mut out = Slice::new();
     let mut put = |key: String, kind: v1::resource::Kind| {
         out.insert(
@@ -93,10 +99,9 @@ pub fn node_slice(config: &Config, roots: &[CertificateDer<'_>], node: &str) -> 
             }),
         );
     }
-    // Built per node from the whole config: fast-deny needs every destination's policies.
-    let index = PolicyIndex::new(config.mesh.default_action, config.selections());
+    // Fast-deny needs every destination's policies, not only this node's.
     for w in config.workloads_on(node) {
-        let entries: Vec<v1::FastDenyEntry> = fast_deny(config, &index, w)
+        let entries: Vec<v1::FastDenyEntry> = fast_deny(config, index, w)
             .into_iter()
             .map(|(address, port)| v1::FastDenyEntry {
                 address: mesh_api::ip_to_bytes(address),
@@ -158,6 +163,11 @@ mod tests {
         mesh_model::parse(&[(PathBuf::from("c.yaml"), text)]).unwrap()
     }
 
+    fn slice_of(config: &Config, node: &str) -> Slice {
+        let index = PolicyIndex::new(config.mesh.default_action, config.selections());
+        node_slice(config, &index, &[], node)
+    }
+
     fn workload(s: &Slice, key: &str) -> v1::Workload {
         match s[key].kind.clone() {
             Some(v1::resource::Kind::Workload(w)) => w,
@@ -167,7 +177,7 @@ mod tests {
 
     #[test]
     fn netns_paths_only_for_the_nodes_own_workloads() {
-        let s = node_slice(&config(""), &[], "n1");
+        let s = slice_of(&config(""), "n1");
         assert_eq!(workload(&s, "workload/default/a").netns, "/run/netns/a");
         assert_eq!(workload(&s, "workload/default/b").netns, "");
         assert_eq!(
@@ -182,12 +192,12 @@ mod tests {
 
     #[test]
     fn diff_has_only_what_changed() {
-        let before = node_slice(&config(""), &[], "n1");
+        let before = slice_of(&config(""), "n1");
         let (up, rm) = diff(&before, &before);
         assert!(up.is_empty() && rm.is_empty());
 
         let added = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: c, labels: {app: b}}\nspec: {node: n2, netns: /run/netns/c, addresses: [10.0.0.3]}\n";
-        let after = node_slice(&config(added), &[], "n1");
+        let after = slice_of(&config(added), "n1");
         let (up, rm) = diff(&before, &after);
         let keys: Vec<_> = up.iter().map(|r| r.key.as_str()).collect();
         // The new workload, and the service whose endpoints it joined.
@@ -202,28 +212,28 @@ mod tests {
     fn policies_go_only_where_they_select_a_workload() {
         let policy = "---\napiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: only-b}\nspec: {selector: {matchLabels: {app: b}}, action: Deny, rules: [{ports: [80]}]}\n";
         let c = config(policy);
-        assert!(!node_slice(&c, &[], "n1").contains_key("policy/default/only-b"));
-        match &node_slice(&c, &[], "n2")["policy/default/only-b"].kind {
+        assert!(!slice_of(&c, "n1").contains_key("policy/default/only-b"));
+        match &slice_of(&c, "n2")["policy/default/only-b"].kind {
             Some(v1::resource::Kind::Policy(p)) => assert_eq!(p.selected, ["default/b"]),
             other => panic!("{other:?}"),
         }
         // Everyone is denied b:80, so a (on n1) gets fast-deny entries, and so does b (on n2)
         // for connects to itself.
-        match &node_slice(&c, &[], "n1")["fast-deny/default/a"].kind {
+        match &slice_of(&c, "n1")["fast-deny/default/a"].kind {
             Some(v1::resource::Kind::FastDeny(f)) => {
                 assert_eq!(f.entries.len(), 2, "{f:?}"); // b:80, and the VIP 10.96.0.1:80 -> b:80
             }
             other => panic!("{other:?}"),
         }
-        let n2_keys: Vec<String> = node_slice(&c, &[], "n2").into_keys().collect();
+        let n2_keys: Vec<String> = slice_of(&c, "n2").into_keys().collect();
         assert!(
             n2_keys.contains(&"fast-deny/default/b".to_string()),
             "{n2_keys:?}"
         );
         // Adding a workload the policy selects on n2 changes the policy's resource there.
         let added = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: c, labels: {app: b}}\nspec: {node: n2, netns: /run/netns/c, addresses: [10.0.0.3]}\n";
-        let before = node_slice(&c, &[], "n2");
-        let after = node_slice(&config(&format!("{policy}{added}")), &[], "n2");
+        let before = slice_of(&c, "n2");
+        let after = slice_of(&config(&format!("{policy}{added}")), "n2");
         let (up, rm) = diff(&before, &after);
         let keys: Vec<_> = up.iter().map(|r| r.key.as_str()).collect();
         assert_eq!(

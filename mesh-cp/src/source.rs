@@ -67,10 +67,7 @@ pub async fn watch_dir(
                         policies = config.policies.len(),
                         "config applied"
                     );
-                    publish.send_replace(Published {
-                        version,
-                        config: Arc::new(config),
-                    });
+                    publish.send_replace(Published::new(version, config));
                 }
                 shared.set_config_status(ConfigStatus::ok(version));
             }

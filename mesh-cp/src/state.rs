@@ -7,7 +7,7 @@ use std::{
     time::SystemTime,
 };
 
-use mesh_model::Config;
+use mesh_model::{authz::PolicyIndex, Config};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -19,6 +19,20 @@ use crate::{ca::Ca, tokens::TokenStore};
 pub struct Published {
     pub version: u64,
     pub config: Arc<Config>,
+    /// The config's policies, indexed once per version: every node's fast-deny set is
+    /// computed from it.
+    pub policies: Arc<PolicyIndex>,
+}
+
+impl Published {
+    pub fn new(version: u64, config: Config) -> Self {
+        let policies = PolicyIndex::new(config.mesh.default_action, config.selections());
+        Self {
+            version,
+            config: Arc::new(config),
+            policies: Arc::new(policies),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
