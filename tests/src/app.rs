@@ -34,7 +34,13 @@ impl Server {
     }
 
     fn launch(pod: &Pod, args: &[&str]) -> io::Result<Self> {
-        let mut child = pod.spawn(python(args).stdout(Stdio::piped()).stderr(Stdio::inherit()))?;
+        Self::spawn(pod, &mut python(args))
+    }
+
+    /// Starts `cmd` in `pod` and waits for it to print `listening` (every server the tests
+    /// run does, once it accepts connections).
+    pub fn spawn(pod: &Pod, cmd: &mut Command) -> io::Result<Self> {
+        let mut child = pod.spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()))?;
         let stdout = child
             .stdout
             .take()

@@ -14,13 +14,14 @@ use std::{
     fmt::Write as _,
     io,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use serde_json::{json, Value};
 
 use crate::{
+    app::Server,
     mesh::{sibling_bin, workloads_yaml},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
@@ -165,42 +166,17 @@ pub struct Report {
     pub file: PathBuf,
 }
 
-/// A server process; killed on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn loadgen() -> PathBuf {
     sibling_bin("mesh-loadgen", "MESH_LOADGEN_BIN")
 }
 
 fn start_server(topo: &Topology, pod: &str, port: u16, tls: Option<&Path>) -> io::Result<Server> {
-    use std::io::BufRead as _;
     let mut cmd = Command::new(loadgen());
     cmd.args(["serve", "--port", &port.to_string()]);
     if let Some(dir) = tls {
         cmd.arg("--tls").arg(dir);
     }
-    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-    let mut child = topo.pod(pod).spawn(&mut cmd)?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| io::Error::other("no stdout"))?;
-    let mut line = String::new();
-    io::BufReader::new(stdout).read_line(&mut line)?;
-    if line.trim() != "listening" {
-        let _ = child.kill();
-        return Err(io::Error::other(format!(
-            "loadgen server in {pod} did not start: {line:?}"
-        )));
-    }
-    Ok(Server(child))
+    Server::spawn(topo.pod(pod), &mut cmd)
 }
 
 /// Runs the benchmark and writes its JSON report into `o.out_dir`.
