@@ -46,6 +46,11 @@ pub struct Options {
     pub crypto_bytes: usize,
     /// Where the JSON report and chart go.
     pub out_dir: PathBuf,
+    /// Measure only this figure (`bulk-1`, `bulk-4`, `rpc`, `connrate`, `idle`, `policy`).
+    pub only: Option<String>,
+    /// Record a `perf` profile of both node daemons during each Mycel-over-TLS run and write
+    /// its top symbols next to the report (`profile-<metric>.txt`).
+    pub profile: bool,
 }
 
 impl Options {
@@ -59,6 +64,8 @@ impl Options {
             policy_changes: 5,
             crypto_bytes: 1 << 30,
             out_dir,
+            only: None,
+            profile: false,
         }
     }
 
@@ -73,6 +80,8 @@ impl Options {
             policy_changes: 2,
             crypto_bytes: 16 << 20,
             out_dir,
+            only: None,
+            profile: false,
         }
     }
 }
@@ -221,12 +230,22 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
             .or_default()
             .push(v)
     };
-    for metric in metrics(o) {
-        for _ in 0..o.rounds {
+    let wanted = |name: &str| o.only.as_deref().is_none_or(|only| only == name);
+    for metric in metrics(o).into_iter().filter(|m| wanted(m.name)) {
+        for round in 0..o.rounds {
             for setup in SETUPS {
+                let profile = (o.profile && setup.name == "mycel-tls")
+                    .then(|| Profile::start(&daemons))
+                    .transpose()?;
                 let cpu_before = cpu_seconds(&daemons)?;
                 let out = run_client(o, topo, &metric, setup, tls_dir)?;
                 let cpu = cpu_seconds(&daemons)? - cpu_before;
+                if let Some(profile) = profile {
+                    let file = o
+                        .out_dir
+                        .join(format!("profile-{}-{round}.txt", metric.name));
+                    profile.finish(&file)?;
+                }
                 if metric.mode == "bulk" && setup.name.starts_with("mycel") {
                     if let Some(bytes) = out["bytes"].as_f64().filter(|b| *b > 0.0) {
                         put(
@@ -248,17 +267,74 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
             }
         }
     }
-    put(
-        "crypto-floor.cpu_s_per_gb".into(),
-        "aes-256-gcm",
-        crypto_floor(o.crypto_bytes),
-    );
-    let idle_mb = idle_memory(o, topo, &daemons)?;
-    put("idle-1000.rss_mb".into(), "mycel-tls", idle_mb);
-    for seconds in policy_changes(o, &mut cp)? {
-        put("policy-change.seconds".into(), "mycel-tls", seconds);
+    if wanted("bulk-1") {
+        put(
+            "crypto-floor.cpu_s_per_gb".into(),
+            "aes-256-gcm",
+            crypto_floor(o.crypto_bytes),
+        );
+    }
+    if wanted("idle") {
+        let idle_mb = idle_memory(o, topo, &daemons)?;
+        put("idle-1000.rss_mb".into(), "mycel-tls", idle_mb);
+    }
+    if wanted("policy") {
+        for seconds in policy_changes(o, &mut cp)? {
+            put("policy-change.seconds".into(), "mycel-tls", seconds);
+        }
     }
     report(o, samples)
+}
+
+/// `perf record` of the node daemons while one client runs.
+struct Profile {
+    perf: std::process::Child,
+    data: PathBuf,
+}
+
+impl Profile {
+    fn start(pids: &[u32]) -> io::Result<Self> {
+        let data =
+            std::env::temp_dir().join(format!("mycel-bench-perf-{}.data", std::process::id()));
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let perf = Command::new("perf")
+            .args(["record", "-q", "-F", "1999", "-g", "-o"])
+            .arg(&data)
+            .args(["-p", &pids.join(",")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                io::Error::other(format!("cannot run perf (apt-get install linux-perf): {e}"))
+            })?;
+        // perf needs a moment to attach before the load starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { perf, data })
+    }
+
+    /// Stops recording and writes the flat profile (self time by symbol) to `out`.
+    fn finish(mut self, out: &Path) -> io::Result<()> {
+        // SAFETY: signalling a child this process spawned and has not reaped.
+        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
+        let _ = self.perf.wait();
+        let report = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "-g",
+                "none",
+                "--percent-limit",
+                "0.5",
+                "-i",
+            ])
+            .arg(&self.data)
+            .stderr(Stdio::null())
+            .output();
+        let _ = std::fs::remove_file(&self.data);
+        std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+        std::fs::write(out, report?.stdout)
+    }
 }
 
 /// User + system CPU seconds of `pids` so far.

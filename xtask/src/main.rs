@@ -45,6 +45,13 @@ enum Cmd {
         /// A short run (seconds) that only checks the harness works; its figures mean little.
         #[arg(long)]
         quick: bool,
+        /// Measure one figure only: bulk-1, bulk-4, rpc, connrate, idle or policy.
+        #[arg(long, value_parser = ["bulk-1", "bulk-4", "rpc", "connrate", "idle", "policy"])]
+        only: Option<String>,
+        /// Record a perf profile of both node daemons during each Mycel run and write the top
+        /// symbols to target/bench/profile-<figure>-<round>.txt.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -59,7 +66,11 @@ fn main() {
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
         Cmd::Up { duration } => up::run(duration),
         Cmd::Clean => clean(),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench {
+            quick,
+            only,
+            profile,
+        } => bench(quick, only, profile),
         Cmd::Crds => cargo(
             "generate CRDs",
             &[
@@ -157,7 +168,7 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-fn bench(quick: bool) -> anyhow::Result<()> {
+fn bench(quick: bool, only: Option<String>, profile: bool) -> anyhow::Result<()> {
     prereqs::ensure_all()?;
     cargo(
         "release build",
@@ -173,11 +184,13 @@ fn bench(quick: bool) -> anyhow::Result<()> {
         std::env::set_var(var, release.join(bin));
     }
     let out_dir = target_dir().join("bench");
-    let options = if quick {
+    let mut options = if quick {
         mesh_tests::bench::Options::quick("mycel-bench", out_dir)
     } else {
         mesh_tests::bench::Options::full("mycel-bench", out_dir)
     };
+    options.only = only;
+    options.profile = profile;
     println!(
         "xtask: benchmarking: {} interleaved round(s) of {} s per setup and metric",
         options.rounds, options.seconds

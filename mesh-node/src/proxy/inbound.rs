@@ -13,7 +13,6 @@ use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
 use mesh_ebpf_common::PLAINTEXT_PORT;
 use mesh_model::SpiffeId;
 use tokio::net::TcpStream;
-use tokio_rustls::{server::TlsStream, TlsAcceptor};
 
 use super::{
     authz::{self, OpenGuard},
@@ -24,7 +23,7 @@ use super::{
 use crate::tunnel::{
     header,
     tls::{peer_identity, serial},
-    TUNNEL_PORT,
+    Session, TUNNEL_PORT,
 };
 
 /// Limit for the TLS handshake plus the client's header.
@@ -193,8 +192,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         }
     };
     let accept = async {
-        let mut stream = TlsAcceptor::from(config)
-            .accept(tcp)
+        let mut stream = Session::accept(config, tcp)
             .await
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
         let request: TunnelRequest = header::read(&mut stream)
@@ -202,16 +200,17 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             .map_err(|e| format!("no valid tunnel header: {e}"))?;
         Ok::<_, String>((stream, request))
     };
-    let (mut stream, request) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-        Ok(Ok(accepted)) => accepted,
-        Ok(Err(reason)) => return refused(&reason),
-        Err(_) => {
-            return refused(&format!(
-                "no handshake and header within {HANDSHAKE_TIMEOUT:?}"
-            ))
-        }
-    };
-    let peer_certs = stream.get_ref().1.peer_certificates();
+    let (mut stream, request) =
+        match Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)).await {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(reason)) => return refused(&reason),
+            Err(_) => {
+                return refused(&format!(
+                    "no handshake and header within {HANDSHAKE_TIMEOUT:?}"
+                ))
+            }
+        };
+    let peer_certs = Some(stream.peer_certificates());
     let client = match peer_identity(peer_certs) {
         Ok(id) => id,
         // The verifier already required a SPIFFE ID; this is a belt-and-braces check.
@@ -227,7 +226,9 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         let upstream = deliver(ctx, &dir, &d).await?;
         Ok::<_, Refusal>((d, upstream))
     };
-    match admitted.await {
+    // Boxed, like the handshake: the connection's task keeps only the relay's state while
+    // it lives.
+    match Box::pin(admitted).await {
         Ok((d, Admitted { upstream, guard })) => {
             if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
                 refused(&format!("the client went away: {e}"));
@@ -248,7 +249,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 status = ?refusal.status, reason = %refusal.reason, "tunnel refused"
             );
             let _ = header::write(&mut stream, &response(refusal.status, &refusal.reason)).await;
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            let _ = stream.close().await;
         }
     }
 }
@@ -296,19 +297,16 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
         }
     };
     tracing::debug!(workload = %ctx.workload, %peer, %destination, id, "plaintext connection admitted");
+    let upstream = relay::Stream::Plain(upstream);
     if let Err(e) = relay::relay(client, upstream, Some(guard.closed())).await {
         stats.reset.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(workload = %ctx.workload, error = %e, "plaintext relay ended with an error; both sides reset");
     }
 }
 
-async fn relay_tunnel(
-    ctx: &PodContext,
-    stream: TlsStream<TcpStream>,
-    upstream: TcpStream,
-    guard: &OpenGuard,
-) {
-    if let Err(e) = relay::relay(stream, upstream, Some(guard.closed())).await {
+async fn relay_tunnel(ctx: &PodContext, stream: Session, upstream: TcpStream, guard: &OpenGuard) {
+    let stream = relay::Stream::Tunnel(Box::new(stream));
+    if let Err(e) = relay::relay(upstream, stream, Some(guard.closed())).await {
         ctx.shared.stats.reset.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
     }

@@ -14,16 +14,15 @@ use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
 use mesh_ebpf_common::OUTBOUND_PORT;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio_rustls::{client::TlsStream, TlsConnector};
 
 use super::{
     authz::OpenGuard,
     directory::{Directory, Route, Target},
     inbound::{self, Admitted, Delivery},
-    relay::{self, reset},
+    relay::{self, reset, Stream},
     PodContext,
 };
-use crate::tunnel::{header, TUNNEL_PORT};
+use crate::tunnel::{header, session::SessionError, Session, TUNNEL_PORT};
 
 /// Limit for the TLS handshake plus the header exchange, after the TCP connect.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,7 +42,7 @@ enum Upstream {
     Plain(TcpStream),
     /// A pod of this node, admitted by its checks.
     Local(TcpStream, OpenGuard),
-    Tunnel(Box<TlsStream<TcpStream>>),
+    Tunnel(Box<Session>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +50,10 @@ enum SendError {
     #[error("connect to {addr} failed: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
     #[error("TLS handshake with {addr} failed: {source}")]
-    Handshake { addr: SocketAddr, source: io::Error },
+    Handshake {
+        addr: SocketAddr,
+        source: SessionError,
+    },
     #[error("tunnel header exchange with {addr} failed: {source}")]
     Header {
         addr: SocketAddr,
@@ -123,7 +125,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 return;
             }
         },
-        Route::Workload(target) => match send(ctx, &dir, &target, peer).await {
+        Route::Workload(target) => match Box::pin(send(ctx, &dir, &target, peer)).await {
             Ok(up) => up,
             Err(e) => {
                 fail(ctx, client, dst, &target, &e);
@@ -133,7 +135,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         Route::Service {
             service,
             candidates,
-        } => match send_to_service(ctx, &dir, &service, candidates, peer).await {
+        } => match Box::pin(send_to_service(ctx, &dir, &service, candidates, peer)).await {
             Some(up) => up,
             None => {
                 stats.no_endpoint.fetch_add(1, Ordering::Relaxed);
@@ -148,9 +150,11 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let result = match upstream {
-        Upstream::Plain(s) => relay::relay(client, s, None).await,
-        Upstream::Local(s, guard) => relay::relay(client, s, Some(guard.closed())).await,
-        Upstream::Tunnel(s) => relay::relay(client, *s, None).await,
+        Upstream::Plain(s) => relay::relay(client, Stream::Plain(s), None).await,
+        Upstream::Local(s, guard) => {
+            relay::relay(client, Stream::Plain(s), Some(guard.closed())).await
+        }
+        Upstream::Tunnel(s) => relay::relay(client, Stream::Tunnel(s), None).await,
     };
     match result {
         Ok((sent, received)) => {
@@ -257,8 +261,7 @@ async fn send(
         .await
         .map_err(|source| SendError::Connect { addr, source })?;
     let open = async {
-        let mut tls = TlsConnector::from(config)
-            .connect(ServerName::IpAddress(target.addr.ip().into()), tcp)
+        let mut tls = Session::connect(config, ServerName::IpAddress(target.addr.ip().into()), tcp)
             .await
             .map_err(|source| SendError::Handshake { addr, source })?;
         let request = TunnelRequest {

@@ -1,16 +1,36 @@
 //! Copying between the two halves of a proxied connection.
+//!
+//! Each direction waits for its source to be readable holding no memory, then borrows a
+//! buffer from a pool shared by the process, moves as much as the socket has (many TLS
+//! records per system call), and gives the buffer back once the bytes are written: an idle
+//! connection holds no buffer. Towards a tunnel, the application's bytes are read straight
+//! into record slots and sealed in place; from a tunnel, records are opened in place and
+//! their payloads written out with one vectored write. Nothing is copied in user space.
 
-use std::time::Duration;
-
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
+use std::{
+    io::{self, IoSlice, IoSliceMut},
+    net::Shutdown,
+    ops::Range,
+    time::Duration,
 };
-use tokio_rustls::{client, server};
+
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::tunnel::{
+    record::{ContentType, FULL_RECORD, HEADER, MAX_PLAINTEXT},
+    session::{Rekey, Rx, SessionError, Tx},
+    Session,
+};
+
+/// The far side of a relay: a plain TCP connection or a tunnel.
+pub enum Stream {
+    Plain(TcpStream),
+    Tunnel(Box<Session>),
+}
+
 /// A stream that can be closed with a TCP reset.
-pub trait Resettable: AsyncRead + AsyncWrite + Unpin {
+pub trait Resettable {
     fn tcp(&self) -> &TcpStream;
 }
 
@@ -20,15 +40,18 @@ impl Resettable for TcpStream {
     }
 }
 
-impl Resettable for client::TlsStream<TcpStream> {
+impl Resettable for Session {
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        Session::tcp(self)
     }
 }
 
-impl Resettable for server::TlsStream<TcpStream> {
+impl Resettable for Stream {
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tunnel(s) => s.tcp(),
+        }
     }
 }
 
@@ -38,34 +61,246 @@ pub fn reset(stream: impl Resettable) {
     drop(stream);
 }
 
-/// Copies both ways until both sides have ended. A FIN is passed on as a FIN (for TLS: a
-/// close_notify, then FIN), so half-closed connections keep working; a reset or error on either
-/// side resets both, and so does `closed` firing (a policy change denied the connection).
-/// Returns bytes (a → b, b → a), or the error after resetting.
-pub async fn relay<A: Resettable, B: Resettable>(
-    mut a: A,
-    mut b: B,
+/// Copies both ways until both sides have ended. A FIN is passed on as a FIN (to a tunnel: a
+/// close_notify, then FIN), so half-closed connections keep working; a reset or error on
+/// either side resets both, and so does `closed` firing (a policy change denied the
+/// connection). Returns bytes (app → other, other → app), or the error after resetting.
+pub async fn relay(
+    app: TcpStream,
+    mut other: Stream,
     closed: Option<&CancellationToken>,
-) -> Result<(u64, u64), std::io::Error> {
+) -> Result<(u64, u64), io::Error> {
     let closed = async {
         match closed {
             Some(token) => token.cancelled().await,
             None => std::future::pending().await,
         }
     };
+    let copy = async {
+        match &mut other {
+            Stream::Plain(b) => tokio::try_join!(plain(&app, b), plain(b, &app)),
+            Stream::Tunnel(session) => {
+                let (tcp, tx, rx, rekey) = session.parts();
+                tokio::try_join!(seal(&app, tcp, tx, rekey), open(tcp, rx, rekey, &app))
+            }
+        }
+    };
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => copied,
-        () = closed => Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionAborted,
+        copied = copy => copied,
+        () = closed => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
             "closed: a policy change denies this connection",
         )),
     };
     match copied {
         Ok(n) => Ok(n),
         Err(e) => {
-            reset(a);
-            reset(b);
+            reset(app);
+            reset(other);
             Err(e)
+        }
+    }
+}
+
+/// Plain to plain.
+async fn plain(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        src.readable().await?;
+        let mut buf = pool::take();
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => {
+                shutdown_write(dst)?;
+                return Ok(total);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        write_all(dst, &buf[..n]).await?;
+        total += n as u64;
+    }
+}
+
+/// Plain to a tunnel: read into the plaintext slots of up to [`pool::SLOTS`] records, seal
+/// each in place, and write them as one contiguous run.
+async fn seal(src: &TcpStream, dst: &TcpStream, tx: &mut Tx, rekey: &Rekey) -> io::Result<u64> {
+    let mut total = 0;
+    let mut control = Vec::new();
+    loop {
+        src.readable().await?;
+        let mut buf = pool::take();
+        let read = {
+            let mut slots: Vec<IoSliceMut<'_>> = buf
+                .chunks_exact_mut(FULL_RECORD)
+                .map(|r| IoSliceMut::new(&mut r[HEADER..HEADER + MAX_PLAINTEXT]))
+                .collect();
+            src.try_read_vectored(&mut slots)
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        control.clear();
+        tx.maybe_update_key(rekey, &mut control)?;
+        if n == 0 {
+            tx.close_notify(&mut control);
+            write_all(dst, &control).await?;
+            shutdown_write(dst)?;
+            return Ok(total);
+        }
+        if !control.is_empty() {
+            write_all(dst, &control).await?;
+        }
+        let mut end = 0;
+        let mut left = n;
+        for record in buf.chunks_exact_mut(FULL_RECORD) {
+            if left == 0 {
+                break;
+            }
+            let len = left.min(MAX_PLAINTEXT);
+            end += tx.seal(record, len, ContentType::ApplicationData);
+            left -= len;
+        }
+        write_all(dst, &buf[..end]).await?;
+        total += n as u64;
+    }
+}
+
+/// A tunnel to plain: read as many records as the socket has, open them in place, and write
+/// their payloads with one vectored write. A partial record stays at the buffer's start.
+async fn open(src: &TcpStream, rx: &mut Rx, rekey: &Rekey, dst: &TcpStream) -> io::Result<u64> {
+    let mut total = 0;
+    // What the header exchange read past the header goes first. Taking the vectors (not
+    // just their bytes) frees their capacity: an idle tunnel holds no buffer.
+    let early = std::mem::take(&mut rx.plaintext);
+    if !early.is_empty() {
+        write_all(dst, &early).await?;
+        total += early.len() as u64;
+    }
+    drop(early);
+    let pending = std::mem::take(&mut rx.pending);
+    let mut held: Option<pool::Buf> = None;
+    let mut filled = 0;
+    if !pending.is_empty() {
+        let mut buf = pool::take();
+        filled = pending.len();
+        buf[..filled].copy_from_slice(&pending);
+        held = Some(buf);
+    }
+    drop(pending);
+    let mut data: Vec<Range<usize>> = Vec::new();
+    loop {
+        if rx.closed {
+            shutdown_write(dst)?;
+            return Ok(total);
+        }
+        if let Some(buf) = held.as_mut() {
+            data.clear();
+            let opened = rx.open(rekey, &mut buf[..filled], &mut data)?;
+            let mut slices: Vec<IoSlice<'_>> =
+                data.iter().map(|r| IoSlice::new(&buf[r.clone()])).collect();
+            total += write_all_vectored(dst, &mut slices).await? as u64;
+            buf.copy_within(opened.consumed..filled, 0);
+            filled -= opened.consumed;
+            if opened.closed {
+                continue;
+            }
+            if filled == 0 {
+                held = None;
+            }
+        }
+        src.readable().await?;
+        let buf = held.get_or_insert_with(pool::take);
+        match src.try_read(&mut buf[filled..]) {
+            Ok(0) => return Err(SessionError::Truncated.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if filled == 0 {
+                    held = None;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn shutdown_write(s: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(s).shutdown(Shutdown::Write) {
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
+    }
+}
+
+async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match dst.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn write_all_vectored(dst: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<usize> {
+    let total = slices.iter().map(|s| s.len()).sum();
+    while !slices.is_empty() {
+        match dst.try_write_vectored(slices) {
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
+/// Relay buffers, shared by every connection of the process.
+mod pool {
+    use std::sync::Mutex;
+
+    use crate::tunnel::record::FULL_RECORD;
+
+    /// Records per buffer: 16 full records, about 256 KiB, the most one read or write moves.
+    pub const SLOTS: usize = 16;
+    const SIZE: usize = SLOTS * FULL_RECORD;
+    /// Buffers kept for reuse after a burst; more are freed.
+    const KEEP: usize = 32;
+
+    static FREE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+
+    /// A buffer on loan; goes back to the pool when dropped.
+    pub struct Buf(Option<Box<[u8]>>);
+
+    pub fn take() -> Buf {
+        let reused = FREE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        Buf(Some(
+            reused.unwrap_or_else(|| vec![0u8; SIZE].into_boxed_slice()),
+        ))
+    }
+
+    impl Drop for Buf {
+        fn drop(&mut self) {
+            if let Some(b) = self.0.take() {
+                let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
+                if free.len() < KEEP {
+                    free.push(b);
+                }
+            }
+        }
+    }
+
+    impl std::ops::Deref for Buf {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            self.0.as_deref().unwrap_or_default()
+        }
+    }
+
+    impl std::ops::DerefMut for Buf {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            self.0.as_deref_mut().unwrap_or_default()
         }
     }
 }

@@ -2,7 +2,8 @@
 //! (`TunnelRequest` from the client, `TunnelResponse` from the server), then raw bytes.
 
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use super::session::{Session, SessionError};
 
 /// Far more than a header needs (about 60 bytes); a peer sending more is broken or hostile.
 pub const MAX_HEADER: usize = 1024;
@@ -18,42 +19,47 @@ pub enum HeaderError {
     #[error("undecodable header: {0}")]
     Decode(#[from] prost::DecodeError),
     #[error("{0}")]
-    Io(#[from] std::io::Error),
+    Session(#[from] SessionError),
 }
 
-pub async fn write<M: Message, W: AsyncWrite + Unpin>(w: &mut W, msg: &M) -> std::io::Result<()> {
-    w.write_all(&msg.encode_length_delimited_to_vec()).await?;
-    w.flush().await
+/// Sends one message as one record.
+pub async fn write<M: Message>(session: &mut Session, msg: &M) -> Result<(), SessionError> {
+    session.send(&msg.encode_length_delimited_to_vec()).await
 }
 
-/// Reads exactly one message and nothing after it, so the bytes that follow stay in the stream.
-pub async fn read<M: Message + Default, R: AsyncRead + Unpin>(r: &mut R) -> Result<M, HeaderError> {
-    let len = read_varint(r).await?;
-    if len > MAX_HEADER as u64 {
-        return Err(HeaderError::TooLong(len));
+/// Reads exactly one message; application bytes that came after it stay in the session for
+/// the relay.
+pub async fn read<M: Message + Default>(session: &mut Session) -> Result<M, HeaderError> {
+    loop {
+        if let Some((msg, used)) = decode(session.received())? {
+            session.consume(used);
+            return Ok(msg);
+        }
+        if !session.receive().await? {
+            return Err(HeaderError::Closed);
+        }
     }
-    let mut buf = vec![0u8; len as usize];
-    r.read_exact(&mut buf).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => HeaderError::Closed,
-        _ => HeaderError::Io(e),
-    })?;
-    Ok(M::decode(buf.as_slice())?)
 }
 
-async fn read_varint<R: AsyncRead + Unpin>(r: &mut R) -> Result<u64, HeaderError> {
-    let mut value = 0u64;
+/// The message at the start of `buf` and the bytes it took, or `None` if it is not all there.
+fn decode<M: Message + Default>(buf: &[u8]) -> Result<Option<(M, usize)>, HeaderError> {
+    let mut len = 0u64;
     // The limit is 1 KiB, so two varint bytes are enough; a third is already out of range.
     for i in 0..3 {
-        let byte = match r.read_u8().await {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(HeaderError::Closed)
-            }
-            Err(e) => return Err(e.into()),
+        let Some(byte) = buf.get(i) else {
+            return Ok(None);
         };
-        value |= u64::from(byte & 0x7f) << (7 * i);
+        len |= u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
-            return Ok(value);
+            if len > MAX_HEADER as u64 {
+                return Err(HeaderError::TooLong(len));
+            }
+            let start = i + 1;
+            let end = start + len as usize;
+            return match buf.get(start..end) {
+                Some(body) => Ok(Some((M::decode(body)?, end))),
+                None => Ok(None),
+            };
         }
     }
     Err(HeaderError::BadLength)
@@ -65,8 +71,8 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn round_trip_leaves_the_payload_in_the_stream() {
+    #[test]
+    fn decodes_one_message_and_leaves_what_follows() {
         let req = TunnelRequest {
             destination_address: vec![10, 0, 0, 1],
             destination_port: 8080,
@@ -74,45 +80,36 @@ mod tests {
             source_port: 40000,
             connection_id: 7,
         };
-        let mut wire = Vec::new();
-        write(&mut wire, &req).await.unwrap();
+        let mut wire = req.encode_length_delimited_to_vec();
+        let len = wire.len();
         wire.extend_from_slice(b"payload");
-        let mut r = wire.as_slice();
-        let got: TunnelRequest = read(&mut r).await.unwrap();
-        assert_eq!(got, req);
-        assert_eq!(r, b"payload");
+        let (got, used) = decode::<TunnelRequest>(&wire).unwrap().unwrap();
+        assert_eq!((got, used), (req, len));
+        assert!(decode::<TunnelRequest>(&wire[..len - 1]).unwrap().is_none());
+        assert!(decode::<TunnelRequest>(&[]).unwrap().is_none());
     }
 
-    #[tokio::test]
-    async fn rejects_truncated_oversized_and_garbage_headers() {
+    #[test]
+    fn rejects_oversized_and_garbage_headers() {
         let resp = TunnelResponse {
             status: Status::Ok as i32,
             reason: String::new(),
         };
-        let wire = resp.encode_length_delimited_to_vec();
-        let mut short = &wire[..wire.len() - 1];
+        assert!(
+            decode::<TunnelResponse>(&resp.encode_length_delimited_to_vec())
+                .unwrap()
+                .is_some()
+        );
         assert!(matches!(
-            read::<TunnelResponse, _>(&mut short).await,
-            Err(HeaderError::Closed)
-        ));
-        let mut empty: &[u8] = &[];
-        assert!(matches!(
-            read::<TunnelResponse, _>(&mut empty).await,
-            Err(HeaderError::Closed)
-        ));
-        let mut huge: &[u8] = &[0xff, 0xff, 0x7f];
-        assert!(matches!(
-            read::<TunnelResponse, _>(&mut huge).await,
+            decode::<TunnelResponse>(&[0xff, 0xff, 0x7f]),
             Err(HeaderError::TooLong(_) | HeaderError::BadLength)
         ));
-        let mut long: &[u8] = &[0x80, 0x10];
         assert!(matches!(
-            read::<TunnelResponse, _>(&mut long).await,
+            decode::<TunnelResponse>(&[0x80, 0x10]),
             Err(HeaderError::TooLong(2048))
         ));
-        let mut garbage: &[u8] = &[3, 0xff, 0xff, 0xff];
         assert!(matches!(
-            read::<TunnelRequest, _>(&mut garbage).await,
+            decode::<TunnelRequest>(&[3, 0xff, 0xff, 0xff]),
             Err(HeaderError::Decode(_))
         ));
     }

@@ -311,7 +311,7 @@ impl ClientCertVerifier for MeshClient {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use rcgen::{
         BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
         KeyUsagePurpose, SanType,
@@ -321,12 +321,12 @@ mod tests {
 
     use super::*;
 
-    struct Ca {
+    pub(crate) struct Ca {
         issuer: Issuer<'static, KeyPair>,
         root: Vec<u8>,
     }
 
-    fn ca() -> Ca {
+    pub(crate) fn ca() -> Ca {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::default();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -342,7 +342,7 @@ mod tests {
     }
 
     /// An SVID for `uri` signed by `ca`, valid from `from` to `to` seconds relative to now.
-    fn svid(ca: &Ca, uri: &str, from: i64, to: i64) -> CurrentSvid {
+    pub(crate) fn svid(ca: &Ca, uri: &str, from: i64, to: i64) -> CurrentSvid {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::default();
         p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
@@ -362,8 +362,8 @@ mod tests {
         CurrentSvid::new(move || Some(ck.clone()))
     }
 
-    const A: &str = "spiffe://td/ns/shop/sa/a";
-    const B: &str = "spiffe://td/ns/shop/sa/b";
+    pub(crate) const A: &str = "spiffe://td/ns/shop/sa/a";
+    pub(crate) const B: &str = "spiffe://td/ns/shop/sa/b";
 
     /// Runs a handshake over an in-memory pipe. Ok: the identity the server verified.
     async fn handshake(
@@ -406,7 +406,7 @@ mod tests {
         }
     }
 
-    fn trust(ca: &Ca) -> Trust {
+    pub(crate) fn trust(ca: &Ca) -> Trust {
         Trust::new(std::slice::from_ref(&ca.root), "td").unwrap()
     }
 
