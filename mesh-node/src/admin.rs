@@ -140,6 +140,7 @@ fn render_stats(admin: &Admin) -> Result<String, crate::capture::CaptureError> {
         ("proxy_same_node", &s.same_node),
         ("proxy_no_endpoint", &s.no_endpoint),
         ("tunnels_out", &s.tunnels_out),
+        ("tunnels_reused", &s.tunnels_reused),
         ("tunnels_out_failed", &s.tunnels_out_failed),
         ("tunnels_in", &s.tunnels_in),
         ("tunnels_in_refused", &s.tunnels_in_refused),

@@ -99,6 +99,14 @@ fn pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted() {
 
     assert!(m.n1.stat("tunnels_out") >= 4, "n1 log:\n{}", m.n1.log());
     assert!(m.n2.stat("tunnels_in") >= 4, "n2 log:\n{}", m.n2.log());
+    // Connections to the same pod address after the first reuse its idle session.
+    let reused = m.n1.stat("tunnels_reused");
+    assert!(
+        reused >= 1,
+        "no session was reused; n1 log:\n{}",
+        m.n1.log()
+    );
+    let handshakes = m.n1.stat("tunnels_out") - reused;
     assert!(m.n1.stat("proxy_passthrough") >= 1);
     let accepted = m.n2.log();
     assert!(
@@ -120,7 +128,12 @@ fn pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted() {
     )
     .expect("tshark");
     let versions: Vec<&str> = hellos.lines().collect();
-    assert!(versions.len() >= 4, "server hellos: {hellos:?}");
+    assert_eq!(
+        versions.len() as u64,
+        handshakes,
+        "server hellos: {hellos:?}"
+    );
+    assert!(handshakes >= 2, "IPv4 and IPv6 need a session each");
     assert!(
         versions.iter().all(|v| *v == "0x0304"),
         "not all TLS 1.3: {versions:?}"

@@ -21,7 +21,8 @@ use super::{
     PodContext,
 };
 use crate::tunnel::{
-    header,
+    header::{self, HeaderError},
+    pool,
     tls::{peer_identity, serial},
     Session, TUNNEL_PORT,
 };
@@ -191,25 +192,12 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             return;
         }
     };
-    let accept = async {
-        let mut stream = Session::accept(config, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        let request: TunnelRequest = header::read(&mut stream)
-            .await
-            .map_err(|e| format!("no valid tunnel header: {e}"))?;
-        Ok::<_, String>((stream, request))
+    let accept = Session::accept(config, tcp);
+    let mut stream = match Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => return refused(&format!("TLS handshake failed: {e}")),
+        Err(_) => return refused(&format!("no handshake within {HANDSHAKE_TIMEOUT:?}")),
     };
-    let (mut stream, request) =
-        match Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)).await {
-            Ok(Ok(accepted)) => accepted,
-            Ok(Err(reason)) => return refused(&reason),
-            Err(_) => {
-                return refused(&format!(
-                    "no handshake and header within {HANDSHAKE_TIMEOUT:?}"
-                ))
-            }
-        };
     let peer_certs = Some(stream.peer_certificates());
     let client = match peer_identity(peer_certs) {
         Ok(id) => id,
@@ -220,36 +208,69 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         .and_then(|c| c.first())
         .and_then(serial)
         .unwrap_or_default();
-    let admitted = async {
-        let d = parse(&request, client.clone())?;
-        check_tunnel_source(&dir, peer.ip(), &d)?;
-        let upstream = deliver(ctx, &dir, &d).await?;
-        Ok::<_, Refusal>((d, upstream))
-    };
-    // Boxed, like the handshake: the connection's task keeps only the relay's state while
-    // it lives.
-    match Box::pin(admitted).await {
-        Ok((d, Admitted { upstream, guard })) => {
-            if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
-                refused(&format!("the client went away: {e}"));
-                reset(upstream);
+    // One connection after another on the same session (see tunnel/pool.rs); each header is
+    // checked as a new tunnel's would be.
+    let mut first = true;
+    loop {
+        let wait = if first {
+            HANDSHAKE_TIMEOUT
+        } else {
+            pool::SERVER_IDLE
+        };
+        let request: TunnelRequest =
+            match tokio::time::timeout(wait, header::read(&mut stream)).await {
+                Ok(Ok(request)) => request,
+                Ok(Err(e)) if first => return refused(&format!("no valid tunnel header: {e}")),
+                Err(_) if first => {
+                    return refused(&format!("no tunnel header within {HANDSHAKE_TIMEOUT:?}"))
+                }
+                // The client closed the idle session, or it stayed idle too long.
+                Ok(Err(HeaderError::Closed | HeaderError::Session(_))) | Err(_) => {
+                    let _ = stream.close().await;
+                    return;
+                }
+                Ok(Err(e)) => {
+                    refused(&format!("no valid tunnel header on a reused session: {e}"));
+                    return reset(stream);
+                }
+            };
+        first = false;
+        let admitted = async {
+            let d = parse(&request, client.clone())?;
+            check_tunnel_source(&dir, peer.ip(), &d)?;
+            let upstream = deliver(ctx, &dir, &d).await?;
+            Ok::<_, Refusal>((d, upstream))
+        };
+        // Boxed, like the handshake: the connection's task keeps only the relay's state while
+        // it lives.
+        match Box::pin(admitted).await {
+            Ok((d, Admitted { upstream, guard })) => {
+                if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
+                    refused(&format!("the client went away: {e}"));
+                    reset(upstream);
+                    return;
+                }
+                stats.tunnels_in.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    workload = %ctx.workload, client = %client, %client_serial, source = %d.source,
+                    destination = %d.destination, id = d.connection_id, "tunnel accepted"
+                );
+                match relay_tunnel(ctx, stream, upstream, &guard).await {
+                    Some(session) => stream = *session,
+                    None => return,
+                }
+            }
+            Err(refusal) => {
+                stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    workload = %ctx.workload, %peer, client = %client, id = request.connection_id,
+                    status = ?refusal.status, reason = %refusal.reason, "tunnel refused"
+                );
+                let _ =
+                    header::write(&mut stream, &response(refusal.status, &refusal.reason)).await;
+                let _ = stream.close().await;
                 return;
             }
-            stats.tunnels_in.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                workload = %ctx.workload, client = %client, %client_serial, source = %d.source,
-                destination = %d.destination, id = d.connection_id, "tunnel accepted"
-            );
-            relay_tunnel(ctx, stream, upstream, &guard).await;
-        }
-        Err(refusal) => {
-            stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                workload = %ctx.workload, %peer, client = %client, id = request.connection_id,
-                status = ?refusal.status, reason = %refusal.reason, "tunnel refused"
-            );
-            let _ = header::write(&mut stream, &response(refusal.status, &refusal.reason)).await;
-            let _ = stream.close().await;
         }
     }
 }
@@ -304,11 +325,21 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     }
 }
 
-async fn relay_tunnel(ctx: &PodContext, stream: Session, upstream: TcpStream, guard: &OpenGuard) {
+/// Relays one connection; returns the session when it can carry another.
+async fn relay_tunnel(
+    ctx: &PodContext,
+    stream: Session,
+    upstream: TcpStream,
+    guard: &OpenGuard,
+) -> Option<Box<Session>> {
     let stream = relay::Stream::Tunnel(Box::new(stream));
-    if let Err(e) = relay::relay(upstream, stream, Some(guard.closed())).await {
-        ctx.shared.stats.reset.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
+    match relay::relay(upstream, stream, Some(guard.closed())).await {
+        Ok(done) => done.session,
+        Err(e) => {
+            ctx.shared.stats.reset.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
+            None
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //!   plaintext listener on :15006 (PERMISSIVE mode).
 //! - `authz.rs`: the policy check on every delivery, its logs and counters, and the closing of
 //!   open connections that a policy change denies.
-//! - `relay.rs`: copying bytes with half-close and resets passed on.
+//! - `relay.rs`: copying bytes with half-close and resets passed on, sealing and opening
+//!   tunnel records in place in pooled buffers.
 
 pub mod authz;
 pub mod directory;
@@ -53,6 +54,8 @@ pub struct ProxyStats {
     pub passthrough: AtomicU64,
     /// Outbound tunnels established (TLS done, destination answered OK).
     pub tunnels_out: AtomicU64,
+    /// Of those, the ones that reused an idle session (no handshake).
+    pub tunnels_reused: AtomicU64,
     /// Outbound tunnels that failed: connect, handshake, or a refusal by the destination.
     pub tunnels_out_failed: AtomicU64,
     /// Outbound connections delivered to a pod on this node without TLS.
@@ -79,6 +82,8 @@ pub struct Shared {
     /// Enrolled pods by workload, for deliveries between pods of this node.
     pub local: RwLock<HashMap<WorkloadId, Arc<PodContext>>>,
     pub authz: Arc<authz::Authz>,
+    /// Idle tunnel sessions to reuse.
+    pub tunnels: crate::tunnel::pool::Pool,
     health: EndpointHealth,
     next_connection_id: AtomicU64,
 }
@@ -97,6 +102,7 @@ impl Shared {
             directory,
             local: RwLock::default(),
             authz: Arc::default(),
+            tunnels: crate::tunnel::pool::Pool::default(),
             health: EndpointHealth::default(),
             // Unique per daemon run; the pid keeps ids from two runs apart in the logs.
             next_connection_id: AtomicU64::new(u64::from(std::process::id()) << 32),

@@ -22,7 +22,7 @@ use super::{
     relay::{self, reset, Stream},
     PodContext,
 };
-use crate::tunnel::{header, session::SessionError, Session, TUNNEL_PORT};
+use crate::tunnel::{header, pool, session::SessionError, Session, TUNNEL_PORT};
 
 /// Limit for the TLS handshake plus the header exchange, after the TCP connect.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,7 +42,8 @@ enum Upstream {
     Plain(TcpStream),
     /// A pod of this node, admitted by its checks.
     Local(TcpStream, OpenGuard),
-    Tunnel(Box<Session>),
+    /// Through a tunnel session; it goes back to the pool under this key if it can.
+    Tunnel(Box<Session>, pool::Key),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,17 +150,26 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         },
     };
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let result = match upstream {
-        Upstream::Plain(s) => relay::relay(client, Stream::Plain(s), None).await,
-        Upstream::Local(s, guard) => {
-            relay::relay(client, Stream::Plain(s), Some(guard.closed())).await
-        }
-        Upstream::Tunnel(s) => relay::relay(client, Stream::Tunnel(s), None).await,
+    let (result, pooled) = match upstream {
+        Upstream::Plain(s) => (relay::relay(client, Stream::Plain(s), None).await, None),
+        Upstream::Local(s, guard) => (
+            relay::relay(client, Stream::Plain(s), Some(guard.closed())).await,
+            None,
+        ),
+        Upstream::Tunnel(s, key) => (
+            relay::relay(client, Stream::Tunnel(s), None).await,
+            Some(key),
+        ),
     };
     match result {
-        Ok((sent, received)) => {
-            stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-            stats.bytes_received.fetch_add(received, Ordering::Relaxed);
+        Ok(done) => {
+            stats.bytes_sent.fetch_add(done.sent, Ordering::Relaxed);
+            stats
+                .bytes_received
+                .fetch_add(done.received, Ordering::Relaxed);
+            if let (Some(key), Some(session)) = (pooled, done.session) {
+                ctx.shared.tunnels.put(key, session);
+            }
         }
         Err(e) => {
             stats.reset.fetch_add(1, Ordering::Relaxed);
@@ -254,46 +264,81 @@ async fn send(
     if !tls.has_svid(&source_id) {
         return Err(SendError::NoSvid(source_id));
     }
-    let config = tls.client(&source_id, target.peer.identity.clone())?;
     let addr = SocketAddr::new(target.addr.ip(), TUNNEL_PORT);
+    let key = pool::Key {
+        source: me.clone(),
+        destination: addr,
+        identity: target.peer.identity.clone(),
+        trust: tls.trust_fingerprint(),
+    };
+    let request = TunnelRequest {
+        destination_address: mesh_api::ip_to_bytes(target.addr.ip()),
+        destination_port: u32::from(target.addr.port()),
+        source_address: mesh_api::ip_to_bytes(source_ip),
+        source_port: u32::from(app_peer.port()),
+        connection_id: delivery.connection_id,
+    };
+    let stats = &ctx.shared.stats;
+    if let Some(session) = ctx.shared.tunnels.take(&key) {
+        match exchange(session, &request, addr).await {
+            Ok(session) => {
+                stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
+                stats.tunnels_reused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel session reused");
+                return Ok(Upstream::Tunnel(session, key));
+            }
+            Err(e @ SendError::Refused { .. }) => return Err(e),
+            // The destination closed the idle session first: make a new one.
+            Err(e) => {
+                tracing::debug!(workload = %me, %addr, error = %e, "an idle tunnel session is gone; opening a new one")
+            }
+        }
+    }
+    let config = tls.client(&source_id, target.peer.identity.clone())?;
     let tcp = ctx
         .connect_marked(addr)
         .await
         .map_err(|source| SendError::Connect { addr, source })?;
-    let open = async {
-        let mut tls = Session::connect(config, ServerName::IpAddress(target.addr.ip().into()), tcp)
-            .await
-            .map_err(|source| SendError::Handshake { addr, source })?;
-        let request = TunnelRequest {
-            destination_address: mesh_api::ip_to_bytes(target.addr.ip()),
-            destination_port: u32::from(target.addr.port()),
-            source_address: mesh_api::ip_to_bytes(source_ip),
-            source_port: u32::from(app_peer.port()),
-            connection_id: delivery.connection_id,
-        };
-        header::write(&mut tls, &request)
+    let name = ServerName::IpAddress(target.addr.ip().into());
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, Session::connect(config, name, tcp));
+    let session = handshake
+        .await
+        .map_err(|_| SendError::Timeout { addr })?
+        .map_err(|source| SendError::Handshake { addr, source })?;
+    let session = exchange(Box::new(session), &request, addr).await?;
+    stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel open");
+    Ok(Upstream::Tunnel(session, key))
+}
+
+/// Sends the header and reads the destination's answer.
+async fn exchange(
+    mut session: Box<Session>,
+    request: &TunnelRequest,
+    addr: SocketAddr,
+) -> Result<Box<Session>, SendError> {
+    let answer = async {
+        header::write(&mut session, request)
             .await
             .map_err(|e| SendError::Header {
                 addr,
                 source: e.into(),
             })?;
-        let response: TunnelResponse = header::read(&mut tls)
+        let response: TunnelResponse = header::read(&mut session)
             .await
             .map_err(|source| SendError::Header { addr, source })?;
-        match response.status() {
-            Status::Ok => Ok(tls),
-            status => Err(SendError::Refused {
-                status,
-                reason: response.reason,
-            }),
-        }
+        Ok::<_, SendError>(response)
     };
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, open)
+    let response = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer)
         .await
         .map_err(|_| SendError::Timeout { addr })??;
-    ctx.shared.stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel open");
-    Ok(Upstream::Tunnel(Box::new(tls)))
+    match response.status() {
+        Status::Ok => Ok(session),
+        status => Err(SendError::Refused {
+            status,
+            reason: response.reason,
+        }),
+    }
 }
 
 fn family(ip: IpAddr) -> &'static str {

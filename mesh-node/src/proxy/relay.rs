@@ -61,15 +61,26 @@ pub fn reset(stream: impl Resettable) {
     drop(stream);
 }
 
-/// Copies both ways until both sides have ended. A FIN is passed on as a FIN (to a tunnel: a
-/// close_notify, then FIN), so half-closed connections keep working; a reset or error on
-/// either side resets both, and so does `closed` firing (a policy change denied the
-/// connection). Returns bytes (app → other, other → app), or the error after resetting.
+/// How a relay ended in order.
+pub struct Relayed {
+    /// Bytes from the application to the other side.
+    pub sent: u64,
+    /// Bytes from the other side to the application.
+    pub received: u64,
+    /// The tunnel session, when both directions ended with an end of stream and it can
+    /// carry another connection.
+    pub session: Option<Box<Session>>,
+}
+
+/// Copies both ways until both sides have ended. A FIN is passed on as a FIN (through a
+/// tunnel: as an end-of-stream record), so half-closed connections keep working; a reset or
+/// error on either side resets both, and so does `closed` firing (a policy change denied the
+/// connection). Returns the error after resetting.
 pub async fn relay(
     app: TcpStream,
     mut other: Stream,
     closed: Option<&CancellationToken>,
-) -> Result<(u64, u64), io::Error> {
+) -> Result<Relayed, io::Error> {
     let closed = async {
         match closed {
             Some(token) => token.cancelled().await,
@@ -93,7 +104,22 @@ pub async fn relay(
         )),
     };
     match copied {
-        Ok(n) => Ok(n),
+        Ok((sent, received)) => {
+            let session = match other {
+                Stream::Tunnel(s) if s.reusable() => Some(s),
+                // The peer closed the session: answer in kind, then FIN.
+                Stream::Tunnel(mut s) => {
+                    let _ = s.close().await;
+                    None
+                }
+                Stream::Plain(_) => None,
+            };
+            Ok(Relayed {
+                sent,
+                received,
+                session,
+            })
+        }
         Err(e) => {
             reset(app);
             reset(other);
@@ -145,9 +171,8 @@ async fn seal(src: &TcpStream, dst: &TcpStream, tx: &mut Tx, rekey: &Rekey) -> i
         control.clear();
         tx.maybe_update_key(rekey, &mut control)?;
         if n == 0 {
-            tx.close_notify(&mut control);
+            tx.end_of_stream(&mut control);
             write_all(dst, &control).await?;
-            shutdown_write(dst)?;
             return Ok(total);
         }
         if !control.is_empty() {
@@ -169,7 +194,8 @@ async fn seal(src: &TcpStream, dst: &TcpStream, tx: &mut Tx, rekey: &Rekey) -> i
 }
 
 /// A tunnel to plain: read as many records as the socket has, open them in place, and write
-/// their payloads with one vectored write. A partial record stays at the buffer's start.
+/// their payloads with one vectored write. A partial record stays at the buffer's start; bytes
+/// after the end of stream (the next connection's header) go back to the session.
 async fn open(src: &TcpStream, rx: &mut Rx, rekey: &Rekey, dst: &TcpStream) -> io::Result<u64> {
     let mut total = 0;
     // What the header exchange read past the header goes first. Taking the vectors (not
@@ -192,21 +218,21 @@ async fn open(src: &TcpStream, rx: &mut Rx, rekey: &Rekey, dst: &TcpStream) -> i
     drop(pending);
     let mut data: Vec<Range<usize>> = Vec::new();
     loop {
-        if rx.closed {
-            shutdown_write(dst)?;
-            return Ok(total);
-        }
         if let Some(buf) = held.as_mut() {
             data.clear();
             let opened = rx.open(rekey, &mut buf[..filled], &mut data)?;
             let mut slices: Vec<IoSlice<'_>> =
                 data.iter().map(|r| IoSlice::new(&buf[r.clone()])).collect();
             total += write_all_vectored(dst, &mut slices).await? as u64;
+            if opened.ended {
+                shutdown_write(dst)?;
+                if !rx.closed {
+                    rx.pending = buf[opened.consumed..filled].to_vec();
+                }
+                return Ok(total);
+            }
             buf.copy_within(opened.consumed..filled, 0);
             filled -= opened.consumed;
-            if opened.closed {
-                continue;
-            }
             if filled == 0 {
                 held = None;
             }

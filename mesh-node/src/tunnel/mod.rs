@@ -4,14 +4,14 @@
 //!
 //! - `tls.rs`: rustls configurations and the SPIFFE identity checks;
 //! - `session.rs`: one connection: rustls's handshake, then this node's record layer
-//!   (`record.rs`), which the relay drives without copies.
+//!   (`record.rs`), which the relay drives without copies;
+//! - `pool.rs`: idle sessions, reused by the next connection between the same two pods.
 //!
-//! Every tunnel does a full handshake: no pooling and no session resumption yet. A resumed
-//! session skips certificate verification, so a renewed certificate or a changed trust bundle
-//! would not show on it; the connection-rate work (issue 5) decides whether the saved
-//! handshake is worth that, with numbers.
+//! TLS session resumption is not used: a pooled session saves more (no handshake at all) and
+//! its lifetime is bounded by the pool.
 
 pub mod header;
+pub mod pool;
 pub mod record;
 pub mod session;
 pub mod tls;
@@ -48,6 +48,11 @@ impl TlsConfigs {
             clients: Mutex::default(),
             servers: Mutex::default(),
         }
+    }
+
+    /// Tells trust bundles apart; see [`Trust::fingerprint`].
+    pub fn trust_fingerprint(&self) -> u64 {
+        self.trust.fingerprint()
     }
 
     /// Whether this node holds a certificate for `identity` right now.

@@ -6,6 +6,11 @@
 //! application bytes) stays here for the record layer. rustls keeps computing key updates
 //! (`rustls::kernel::KernelConnection`): a peer's KeyUpdate is followed, and this side updates
 //! its own key before the cipher suite's confidentiality limit. Session tickets are not used.
+//!
+//! One session carries one application connection at a time, and then the next (see
+//! `pool.rs`): each direction of a connection ends with an empty application-data record
+//! (TLS 1.3 allows them; this is the tunnel's end of stream), and once both directions have
+//! ended the session is free for another header. close_notify ends the session itself.
 
 use std::{
     io,
@@ -131,8 +136,13 @@ impl Tx {
         Ok(())
     }
 
-    /// Appends a close_notify alert: the peer reads an orderly end of stream.
-    pub fn close_notify(&mut self, out: &mut Vec<u8>) {
+    /// Appends the end of this direction's stream: an empty application-data record.
+    pub fn end_of_stream(&mut self, out: &mut Vec<u8>) {
+        self.sealer.seal_to(&[], ContentType::ApplicationData, out);
+    }
+
+    /// Appends a close_notify alert: the session ends.
+    fn close_notify(&mut self, out: &mut Vec<u8>) {
         self.sealer.seal_to(&[1, 0], ContentType::Alert, out);
     }
 
@@ -146,8 +156,8 @@ impl Tx {
 pub struct Opened {
     /// Bytes of the input that held complete records.
     pub consumed: usize,
-    /// The peer sent close_notify: nothing follows.
-    pub closed: bool,
+    /// The peer ended its direction of the connection (end of stream or close_notify).
+    pub ended: bool,
 }
 
 /// The receiving direction.
@@ -158,13 +168,13 @@ pub struct Rx {
     pub pending: Vec<u8>,
     /// Application bytes opened but not delivered yet (those after the header).
     pub plaintext: Vec<u8>,
-    /// The peer sent close_notify.
+    /// The peer sent close_notify: the session carries nothing more.
     pub closed: bool,
 }
 
 impl Rx {
     /// Opens every complete record at the start of `buf` in place and records where the
-    /// application bytes are in `data`. Stops after close_notify.
+    /// application bytes are in `data`. Stops after the end of stream or close_notify.
     pub fn open(
         &mut self,
         rekey: &Rekey,
@@ -181,12 +191,15 @@ impl Rx {
                 ContentType::ApplicationData if !range.is_empty() => {
                     data.push(start + range.start..start + range.end);
                 }
-                ContentType::ApplicationData => {}
+                ContentType::ApplicationData => {
+                    out.ended = true;
+                    return Ok(out);
+                }
                 ContentType::Alert => match record[range] {
                     // close_notify
                     [_, 0] => {
                         self.closed = true;
-                        out.closed = true;
+                        out.ended = true;
                         return Ok(out);
                     }
                     [_, desc] => {
@@ -239,6 +252,7 @@ pub struct Session {
     rx: Rx,
     rekey: Rekey,
     peer_certificates: Vec<CertificateDer<'static>>,
+    established: std::time::Instant,
 }
 
 impl Session {
@@ -345,7 +359,18 @@ impl Session {
                 peer_asked: AtomicBool::new(false),
             },
             peer_certificates,
+            established: std::time::Instant::now(),
         })
+    }
+
+    /// Time since the handshake.
+    pub fn age(&self) -> std::time::Duration {
+        self.established.elapsed()
+    }
+
+    /// Whether the session can carry another connection: the peer has not closed it.
+    pub fn reusable(&self) -> bool {
+        !self.rx.closed
     }
 
     /// The peer's verified certificate chain, leaf first.
@@ -383,7 +408,7 @@ impl Session {
     }
 
     /// Reads at least one more record, adding its application bytes to `rx.plaintext`.
-    /// Returns false once the peer has closed (close_notify).
+    /// Returns false once the peer has ended its stream or closed the session.
     pub async fn receive(&mut self) -> Result<bool, SessionError> {
         loop {
             // Opening works in place, so the pending bytes are taken out while it runs.
@@ -398,7 +423,7 @@ impl Session {
             }
             self.rx.pending = pending;
             let opened = opened?;
-            if self.rx.closed {
+            if opened.ended {
                 return Ok(false);
             }
             if opened.consumed > 0 {
@@ -411,7 +436,7 @@ impl Session {
         }
     }
 
-    /// Sends close_notify, then FIN: the peer reads an orderly end of stream.
+    /// Sends close_notify, then FIN: the session ends in order.
     pub async fn close(&mut self) -> Result<(), SessionError> {
         let mut out = Vec::new();
         self.tx.close_notify(&mut out);
@@ -576,8 +601,12 @@ mod tests {
         let mut rest = Vec::new();
         tls.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
-        let (up, down) = server.await.unwrap().unwrap();
-        assert_eq!((up, down), (data.len() as u64 + 20, data.len() as u64 + 20));
+        let done = server.await.unwrap().unwrap();
+        assert_eq!(
+            (done.sent, done.received),
+            (data.len() as u64 + 20, data.len() as u64 + 20)
+        );
+        assert!(done.session.is_none(), "the client closed the session");
         echo.await.unwrap();
     }
 
@@ -616,8 +645,80 @@ mod tests {
         let mut got = Vec::new();
         let _ = app.read_to_end(&mut got).await;
         assert_eq!(got, b" and more");
-        let err = relayed.await.unwrap().unwrap_err();
+        let Err(err) = relayed.await.unwrap() else {
+            panic!("a truncated session relayed to its end");
+        };
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        server.await.unwrap();
+    }
+
+    /// Two connections, one after the other, over one session between two relays: each
+    /// direction ends with an end-of-stream record and the session comes back from both.
+    #[tokio::test]
+    async fn a_session_carries_one_connection_after_another() {
+        use mesh_api::v1::{TunnelRequest, TunnelResponse};
+
+        use crate::tunnel::header;
+
+        let (client_config, server_config) = configs();
+        let (client_tcp, server_tcp) = pair().await;
+        let server = tokio::spawn(async move {
+            let mut session = Box::new(Session::accept(server_config, server_tcp).await.unwrap());
+            for round in 0..2u64 {
+                let req: TunnelRequest = header::read(&mut session).await.unwrap();
+                assert_eq!(req.connection_id, round);
+                header::write(&mut session, &TunnelResponse::default())
+                    .await
+                    .unwrap();
+                let (proxy_side, mut app) = pair().await;
+                let echo = tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    app.read_to_end(&mut got).await.unwrap();
+                    app.write_all(&got).await.unwrap();
+                });
+                let done = relay(proxy_side, Stream::Tunnel(session), None)
+                    .await
+                    .unwrap();
+                echo.await.unwrap();
+                session = done.session.expect("the session comes back");
+            }
+        });
+        let name = ServerName::try_from("tunnel.mycel").unwrap();
+        let mut session = Box::new(
+            Session::connect(client_config, name, client_tcp)
+                .await
+                .unwrap(),
+        );
+        for round in 0..2u64 {
+            let req = TunnelRequest {
+                connection_id: round,
+                ..Default::default()
+            };
+            header::write(&mut session, &req).await.unwrap();
+            let _: TunnelResponse = header::read(&mut session).await.unwrap();
+            let (proxy_side, mut app) = pair().await;
+            let data = pattern(200_000 + round as usize);
+            let sent = data.clone();
+            let app_side = tokio::spawn(async move {
+                app.write_all(&sent).await.unwrap();
+                app.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                app.read_to_end(&mut back).await.unwrap();
+                back
+            });
+            let done = relay(proxy_side, Stream::Tunnel(session), None)
+                .await
+                .unwrap();
+            assert!(
+                app_side.await.unwrap() == data,
+                "round {round}: echo differs"
+            );
+            assert_eq!(
+                (done.sent, done.received),
+                (data.len() as u64, data.len() as u64)
+            );
+            session = done.session.expect("the session comes back");
+        }
         server.await.unwrap();
     }
 }

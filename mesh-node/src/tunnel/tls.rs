@@ -90,18 +90,29 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, I
 pub struct Trust {
     roots: Arc<RootCertStore>,
     trust_domain: String,
+    fingerprint: u64,
 }
 
 impl Trust {
     pub fn new(roots_der: &[Vec<u8>], trust_domain: &str) -> Result<Self, Error> {
+        use std::hash::{Hash as _, Hasher as _};
         let mut roots = RootCertStore::empty();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
         for der in roots_der {
             roots.add(CertificateDer::from(der.clone()))?;
+            der.hash(&mut hasher);
         }
+        trust_domain.hash(&mut hasher);
         Ok(Self {
             roots: Arc::new(roots),
             trust_domain: trust_domain.to_owned(),
+            fingerprint: hasher.finish(),
         })
+    }
+
+    /// Tells bundles apart (sessions made under one are not reused under another).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 }
 
