@@ -280,7 +280,8 @@ async fn send(
     };
     let stats = &ctx.shared.stats;
     if let Some(session) = ctx.shared.tunnels.take(&key) {
-        match exchange(session, &request, addr).await {
+        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange(session, &request, addr));
+        match answer.await.unwrap_or(Err(SendError::Timeout { addr })) {
             Ok(session) => {
                 stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
                 stats.tunnels_reused.fetch_add(1, Ordering::Relaxed);
@@ -300,38 +301,35 @@ async fn send(
         .await
         .map_err(|source| SendError::Connect { addr, source })?;
     let name = ServerName::IpAddress(target.addr.ip().into());
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, Session::connect(config, name, tcp));
-    let session = handshake
+    let open = async {
+        let session = Session::connect(config, name, tcp)
+            .await
+            .map_err(|source| SendError::Handshake { addr, source })?;
+        exchange(Box::new(session), &request, addr).await
+    };
+    let session = tokio::time::timeout(HANDSHAKE_TIMEOUT, open)
         .await
-        .map_err(|_| SendError::Timeout { addr })?
-        .map_err(|source| SendError::Handshake { addr, source })?;
-    let session = exchange(Box::new(session), &request, addr).await?;
+        .map_err(|_| SendError::Timeout { addr })??;
     stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel open");
     Ok(Upstream::Tunnel(session, key))
 }
 
-/// Sends the header and reads the destination's answer.
+/// Sends the header and reads the destination's answer (the caller bounds the time).
 async fn exchange(
     mut session: Box<Session>,
     request: &TunnelRequest,
     addr: SocketAddr,
 ) -> Result<Box<Session>, SendError> {
-    let answer = async {
-        header::write(&mut session, request)
-            .await
-            .map_err(|e| SendError::Header {
-                addr,
-                source: e.into(),
-            })?;
-        let response: TunnelResponse = header::read(&mut session)
-            .await
-            .map_err(|source| SendError::Header { addr, source })?;
-        Ok::<_, SendError>(response)
-    };
-    let response = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer)
+    header::write(&mut session, request)
         .await
-        .map_err(|_| SendError::Timeout { addr })??;
+        .map_err(|e| SendError::Header {
+            addr,
+            source: e.into(),
+        })?;
+    let response: TunnelResponse = header::read(&mut session)
+        .await
+        .map_err(|source| SendError::Header { addr, source })?;
     match response.status() {
         Status::Ok => Ok(session),
         status => Err(SendError::Refused {

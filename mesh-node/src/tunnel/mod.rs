@@ -71,11 +71,11 @@ impl TlsConfigs {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        let mut config = tls::client_config(self.current(source), &self.trust, key.1.clone())?;
-        config.resumption = rustls::client::Resumption::disabled();
-        // The session's record layer takes over from rustls after the handshake.
-        config.enable_secret_extraction = true;
-        let config = Arc::new(config);
+        let config = Arc::new(tls::client_config(
+            self.current(source),
+            &self.trust,
+            key.1.clone(),
+        )?);
         clients.insert(key, config.clone());
         Ok(config)
     }
@@ -86,11 +86,7 @@ impl TlsConfigs {
         if let Some(s) = servers.get(local) {
             return Ok(s.clone());
         }
-        let mut config = tls::server_config(self.current(local), &self.trust)?;
-        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        config.send_tls13_tickets = 0;
-        config.enable_secret_extraction = true;
-        let config = Arc::new(config);
+        let config = Arc::new(tls::server_config(self.current(local), &self.trust)?);
         servers.insert(local.to_owned(), config.clone());
         Ok(config)
     }

@@ -520,11 +520,8 @@ mod tests {
     fn configs() -> (Arc<ClientConfig>, Arc<ServerConfig>) {
         let ca = ca();
         let t = trust(&ca);
-        let mut client = client_config(svid(&ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap();
-        client.enable_secret_extraction = true;
-        let mut server = server_config(svid(&ca, B, -60, 3600), &t).unwrap();
-        server.send_tls13_tickets = 0;
-        server.enable_secret_extraction = true;
+        let client = client_config(svid(&ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap();
+        let server = server_config(svid(&ca, B, -60, 3600), &t).unwrap();
         (Arc::new(client), Arc::new(server))
     }
 

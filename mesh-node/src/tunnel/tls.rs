@@ -169,11 +169,16 @@ pub fn client_config(
         expected,
         provider: provider.clone(),
     });
-    Ok(ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(svid)))
+        .with_client_cert_resolver(Arc::new(svid));
+    // Sessions are pooled instead of resumed, and `session.rs` takes the record layer over
+    // from rustls after the handshake.
+    config.resumption = rustls::client::Resumption::disabled();
+    config.enable_secret_extraction = true;
+    Ok(config)
 }
 
 /// Server side of a tunnel, presenting `svid` and requiring a client SVID of the mesh.
@@ -186,10 +191,16 @@ pub fn server_config(svid: CurrentSvid, trust: &Trust) -> Result<ServerConfig, E
         inner,
         trust_domain: trust.trust_domain.clone(),
     });
-    Ok(ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(svid)))
+        .with_cert_resolver(Arc::new(svid));
+    // No tickets: nothing follows the handshake that `session.rs` would have to pass back to
+    // rustls, and sessions are pooled instead of resumed.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.enable_secret_extraction = true;
+    Ok(config)
 }
 
 /// Chain to the trust bundle, then exactly the expected SPIFFE ID (no DNS name check).
