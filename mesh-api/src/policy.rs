@@ -4,7 +4,7 @@
 
 use mesh_model::{
     policy::{AccessPolicy, Cidr, CidrBlock, Clause, IdentityPattern, Matcher, PortRange, Rule},
-    Action, Mode, MtlsMode, ObjectKey,
+    Action, Mode, MtlsMode, ObjectKey, Transport,
 };
 
 use crate::{ip_from_bytes, ip_to_bytes, v1};
@@ -36,6 +36,22 @@ pub fn mtls_from_proto(m: i32) -> Result<MtlsMode, String> {
         Ok(v1::MtlsMode::Permissive) => Ok(MtlsMode::Permissive),
         Ok(v1::MtlsMode::Strict) => Ok(MtlsMode::Strict),
         _ => Err(format!("mTLS mode {m} is neither PERMISSIVE nor STRICT")),
+    }
+}
+
+pub fn transport_to_proto(t: Transport) -> v1::Transport {
+    match t {
+        Transport::Tls => v1::Transport::Tls,
+        Transport::Quic => v1::Transport::Quic,
+    }
+}
+
+/// UNSPECIFIED comes from a control plane older than the QUIC transport: TLS, as it was then.
+pub fn transport_from_proto(t: i32) -> Result<Transport, String> {
+    match v1::Transport::try_from(t) {
+        Ok(v1::Transport::Unspecified | v1::Transport::Tls) => Ok(Transport::Tls),
+        Ok(v1::Transport::Quic) => Ok(Transport::Quic),
+        Err(_) => Err(format!("transport {t} is neither TLS nor QUIC")),
     }
 }
 

@@ -48,6 +48,7 @@ pub fn node_slice(
                 .iter()
                 .map(|p| u32::from(*p))
                 .collect(),
+            transport: mesh_api::policy::transport_to_proto(config.mesh.transport).into(),
         }),
     );
     put(

@@ -36,6 +36,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "policies": published.config.policies.len(),
         "default_action": published.config.mesh.default_action,
         "mtls": published.config.mesh.mtls,
+        "transport": published.config.mesh.transport,
         "trust_domain": published.config.mesh.trust_domain,
         "nodes": shared.nodes(),
     }))

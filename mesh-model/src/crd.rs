@@ -226,6 +226,11 @@ pub struct MeshConfigSpec {
     /// Plaintext (non-mesh) TCP to mesh workloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsSpec>,
+    /// How node proxies carry connections between nodes: `tls` (TLS 1.3 over one TCP
+    /// connection per application connection) or `quic` (one QUIC connection per pair of
+    /// pods, one stream per application connection) [default: tls].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
@@ -253,6 +258,25 @@ impl fmt::Display for MtlsMode {
     /// The variant's name, as written in YAML.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The protocol of node-to-node tunnels. Every node accepts both; this picks what sources use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Tls,
+    Quic,
+}
+
+impl fmt::Display for Transport {
+    /// As written in YAML.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Tls => "tls",
+            Transport::Quic => "quic",
+        })
     }
 }
 

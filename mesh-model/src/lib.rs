@@ -9,7 +9,7 @@ pub mod policy;
 mod resource;
 
 pub use config::{config_files, load_dir, load_file, parse, read_dir, Config, ConfigError};
-pub use crd::{Action, Mode, MtlsMode};
+pub use crd::{Action, Mode, MtlsMode, Transport};
 pub use identity::{is_sa_name, is_trust_domain, ParseSpiffeIdError, SpiffeId};
 pub use resource::{
     parse_document, MeshConfig, ObjectKey, Resource, Service, ServicePort, Workload, API_VERSION,

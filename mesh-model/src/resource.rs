@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, time::Duration
 use serde::Deserialize;
 
 use crate::{
-    crd::{AccessPolicySpec, Action, MeshConfigSpec, MtlsMode},
+    crd::{AccessPolicySpec, Action, MeshConfigSpec, MtlsMode, Transport},
     duration, identity, is_dns_label,
     policy::{self, AccessPolicy},
     SpiffeId,
@@ -59,6 +59,8 @@ pub struct MeshConfig {
     pub mtls: MtlsMode,
     /// Workload ports that take plaintext untouched, sorted.
     pub plaintext_ports: Vec<u16>,
+    /// What sources use for tunnels to other nodes.
+    pub transport: Transport,
 }
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -79,6 +81,7 @@ impl Default for MeshConfig {
             root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
             mtls: MtlsMode::Permissive,
             plaintext_ports: Vec::new(),
+            transport: Transport::default(),
         }
     }
 }
@@ -296,6 +299,7 @@ fn mesh_config(spec: serde_yaml::Value) -> Result<MeshConfig, String> {
         out.plaintext_ports.push(port);
     }
     out.plaintext_ports.sort_unstable();
+    out.transport = raw.transport.unwrap_or_default();
     Ok(out)
 }
 
@@ -448,13 +452,14 @@ mod tests {
         assert_eq!(s.ports[1].target_port, 443);
 
         let m = parse(&format!(
-            "{HEAD}kind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{certTtl: 20s}}\n"
+            "{HEAD}kind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{certTtl: 20s, transport: quic}}\n"
         ))
         .unwrap();
         assert_eq!(
             m,
             Resource::MeshConfig(MeshConfig {
                 cert_ttl: Duration::from_secs(20),
+                transport: crate::Transport::Quic,
                 ..MeshConfig::default()
             })
         );
@@ -534,6 +539,7 @@ mod tests {
             ("kind: MeshConfig\nmetadata: {name: m}\nspec: {mtls: {mode: Strict, plaintextPorts: [8081, 70000]}}".into(), "spec.mtls.plaintextPorts[1]"),
             ("kind: MeshConfig\nmetadata: {name: m}\nspec: {mtls: {plaintextPorts: [15008]}}".into(), "spec.mtls.plaintextPorts[0]"),
             ("kind: MeshConfig\nmetadata: {name: m}\nspec: {mtls: {mode: strict}}".into(), "strict"),
+            ("kind: MeshConfig\nmetadata: {name: m}\nspec: {transport: tcp}".into(), "tcp"),
         ];
         for (body, needle) in cases {
             let e = parse(&format!("{HEAD}{body}\n")).unwrap_err();

@@ -7,7 +7,7 @@
 //! set (a missing netns, a port already taken) leaves the current one untouched.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -39,6 +39,15 @@ pub enum EnrollError {
         netns: String,
         source: std::io::Error,
     },
+    #[error(
+        "workload {workload}: cannot open UDP port {port} (QUIC tunnels) in {netns}: {source}"
+    )]
+    ListenUdp {
+        workload: WorkloadId,
+        port: u16,
+        netns: String,
+        source: std::io::Error,
+    },
     #[error("workload {workload}: {source}")]
     Capture {
         workload: WorkloadId,
@@ -64,6 +73,8 @@ enum Role {
 /// Listeners bound (and the inbound program attached) for a pod that is not enrolled yet.
 struct Prepared {
     ctx: Arc<PodContext>,
+    /// The pod's QUIC endpoint (connected mode).
+    quic: Option<quinn::Endpoint>,
     workload: Workload,
     listeners: Vec<(Role, std::net::TcpListener)>,
     inbound: Vec<(String, SchedClassifierLink)>,
@@ -77,6 +88,10 @@ pub struct Enroller {
     /// The inbound program's mode in force (the mesh's mTLS mode); 0 until the first config.
     inbound_mode: u32,
     pods: BTreeMap<WorkloadId, Pod>,
+    /// Each enrolled netns's QUIC endpoint, by netns cookie. It outlives a pod that is
+    /// enrolled again with changed settings (its UDP port stays bound by open connections, and
+    /// they carry on); it is closed when no pod in its netns is enrolled any more.
+    quic: HashMap<u64, quinn::Endpoint>,
     /// Every accepted connection, so shutdown can wait for them to finish.
     connections: TaskTracker,
 }
@@ -88,6 +103,7 @@ impl Enroller {
             tunnels,
             inbound_mode: 0,
             pods: BTreeMap::new(),
+            quic: HashMap::new(),
             connections: TaskTracker::new(),
         }
     }
@@ -236,6 +252,15 @@ impl Enroller {
                     }
                 }
             }
+            if let Some(endpoint) = p.quic {
+                self.quic.insert(p.ctx.netns_cookie, endpoint.clone());
+                tokio::spawn(inbound::serve_quic(
+                    endpoint,
+                    p.ctx.clone(),
+                    shutdown.clone(),
+                    self.connections.clone(),
+                ));
+            }
             tracing::info!(workload = %p.workload.id, netns = %p.workload.netns.display(), cookie = p.ctx.netns_cookie, "enrolled");
             self.local_pods()
                 .insert(p.workload.id.clone(), p.ctx.clone());
@@ -249,7 +274,21 @@ impl Enroller {
                 },
             );
         }
+        self.close_unused_endpoints();
         Ok(())
+    }
+
+    /// Closes the QUIC endpoints of netns where no pod is enrolled any more; their open
+    /// tunnels end with them.
+    fn close_unused_endpoints(&mut self) {
+        let enrolled: HashSet<u64> = self.pods.values().map(|p| p.netns_cookie).collect();
+        self.quic.retain(|cookie, endpoint| {
+            let keep = enrolled.contains(cookie);
+            if !keep {
+                endpoint.close(crate::tunnel::quic::code::DONE, b"the pod left the mesh");
+            }
+            keep
+        });
     }
 
     async fn prepare(&self, workload: Workload) -> Result<Prepared, EnrollError> {
@@ -327,18 +366,52 @@ impl Enroller {
             Vec::new()
         };
         tracing::debug!(workload = %id, interfaces = ?inbound.iter().map(|(i, _)| i).collect::<Vec<_>>(), "inbound program attached");
+        let quic = if self.tunnels {
+            Some(self.quic_endpoint(&worker, &workload, netns_cookie).await?)
+        } else {
+            None
+        };
         let ctx = Arc::new(PodContext {
             workload: id,
             netns: worker,
             netns_cookie,
+            quic: quic.clone(),
             shared: self.shared.clone(),
         });
         Ok(Prepared {
             ctx,
+            quic,
             workload,
             listeners,
             inbound,
         })
+    }
+
+    /// The netns's endpoint: the one it already has, or one on a new UDP socket.
+    async fn quic_endpoint(
+        &self,
+        worker: &NetnsWorker,
+        workload: &Workload,
+        cookie: u64,
+    ) -> Result<quinn::Endpoint, EnrollError> {
+        if let Some(e) = self.quic.get(&cookie) {
+            return Ok(e.clone());
+        }
+        let listen_error = |source| EnrollError::ListenUdp {
+            workload: workload.id.clone(),
+            port: crate::tunnel::TUNNEL_PORT,
+            netns: workload.netns.display().to_string(),
+            source,
+        };
+        let socket = worker
+            .run(crate::tunnel::quic::bind_in_netns)
+            .await
+            .map_err(|source| EnrollError::Netns {
+                workload: workload.id.clone(),
+                source,
+            })?
+            .map_err(listen_error)?;
+        crate::tunnel::quic::endpoint(socket).map_err(listen_error)
     }
 
     fn stop(&self, pod: &Pod) {
@@ -375,6 +448,9 @@ impl Enroller {
                 "drain timeout reached; closing remaining connections"
             );
         }
+        // Peers learn at once that the QUIC connections are gone, instead of after their
+        // idle timeout.
+        self.close_unused_endpoints();
     }
 }
 

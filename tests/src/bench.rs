@@ -48,8 +48,8 @@ pub struct Options {
     pub out_dir: PathBuf,
     /// Measure only this figure (`bulk-1`, `bulk-4`, `rpc`, `connrate`, `idle`, `policy`).
     pub only: Option<String>,
-    /// Record a `perf` profile of both node daemons during each Mycel-over-TLS run and write
-    /// its top symbols next to the report (`profile-<metric>.txt`).
+    /// Record a `perf` profile of both node daemons during each Mycel run (TLS and QUIC) and
+    /// write its top symbols next to the report (`profile-<metric>-<setup>-<round>.txt`).
     pub profile: bool,
 }
 
@@ -94,16 +94,19 @@ pub struct Setup {
     server: &'static str,
     port: u16,
     tls: bool,
+    /// The mesh's transport this setup needs (set in its MeshConfig before it runs).
+    transport: Option<&'static str>,
 }
 
 /// In the order they are interleaved; the first is the baseline for ratios.
-pub const SETUPS: [Setup; 4] = [
+pub const SETUPS: [Setup; 5] = [
     Setup {
         name: "direct",
         client: "c0",
         server: "s0",
         port: PORT,
         tls: false,
+        transport: None,
     },
     Setup {
         name: "rustls",
@@ -111,6 +114,7 @@ pub const SETUPS: [Setup; 4] = [
         server: "s0",
         port: TLS_PORT,
         tls: true,
+        transport: None,
     },
     Setup {
         name: "mycel-tls",
@@ -118,6 +122,15 @@ pub const SETUPS: [Setup; 4] = [
         server: "s1",
         port: PORT,
         tls: false,
+        transport: Some("tls"),
+    },
+    Setup {
+        name: "mycel-quic",
+        client: "c1",
+        server: "s1",
+        port: PORT,
+        tls: false,
+        transport: Some("quic"),
     },
     Setup {
         name: "mycel-same-node",
@@ -125,8 +138,27 @@ pub const SETUPS: [Setup; 4] = [
         server: "s2",
         port: PORT,
         tls: false,
+        transport: None,
     },
 ];
+
+/// The bench mesh's MeshConfig with `transport`.
+fn mesh_yaml(transport: &str) -> String {
+    format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport} }}\n")
+}
+
+/// Sets the mesh's transport, if it is not `current` already, and waits for both nodes.
+fn use_transport(
+    cp: &mut ControlPlane,
+    current: &mut &'static str,
+    wanted: &'static str,
+) -> io::Result<()> {
+    if *current != wanted {
+        cp.apply("mesh.yaml", &mesh_yaml(wanted), &["n1", "n2"])?;
+        *current = wanted;
+    }
+    Ok(())
+}
 
 /// A measured quantity: the loadgen mode and arguments, and which JSON fields it reports.
 struct Metric {
@@ -212,11 +244,14 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
         start_server(topo, "s2", PORT, None)?,
     ];
     let pods = ["c1", "s1", "s2"].map(|p| topo.pod(p));
-    let cp = ControlPlane::start(
+    let mut transport = "tls";
+    let mut cp = ControlPlane::start(
         &format!("{}-bench", topo.prefix),
-        &[("workloads.yaml", &workloads_yaml(&pods))],
+        &[
+            ("workloads.yaml", &workloads_yaml(&pods)),
+            ("mesh.yaml", &mesh_yaml(transport)),
+        ],
     )?;
-    let mut cp = cp;
     let n1 = MeshNode::join(topo, "n1", &cp, 2)?;
     let n2 = MeshNode::join(topo, "n2", &cp, 1)?;
     let daemons: Vec<u32> = [&n1, &n2].iter().filter_map(|n| n.pid()).collect();
@@ -234,16 +269,20 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     for metric in metrics(o).into_iter().filter(|m| wanted(m.name)) {
         for round in 0..o.rounds {
             for setup in SETUPS {
-                let profile = (o.profile && setup.name == "mycel-tls")
+                if let Some(wanted) = setup.transport {
+                    use_transport(&mut cp, &mut transport, wanted)?;
+                }
+                let profile = (o.profile && setup.transport.is_some())
                     .then(|| Profile::start(&daemons))
                     .transpose()?;
                 let cpu_before = cpu_seconds(&daemons)?;
                 let out = run_client(o, topo, &metric, setup, tls_dir)?;
                 let cpu = cpu_seconds(&daemons)? - cpu_before;
                 if let Some(profile) = profile {
-                    let file = o
-                        .out_dir
-                        .join(format!("profile-{}-{round}.txt", metric.name));
+                    let file = o.out_dir.join(format!(
+                        "profile-{}-{}-{round}.txt",
+                        metric.name, setup.name
+                    ));
                     profile.finish(&file)?;
                 }
                 if metric.mode == "bulk" && setup.name.starts_with("mycel") {
@@ -275,8 +314,14 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
         );
     }
     if wanted("idle") {
-        let idle_mb = idle_memory(o, topo, &daemons)?;
-        put("idle-1000.rss_mb".into(), "mycel-tls", idle_mb);
+        for setup in SETUPS.iter().filter(|s| s.name.starts_with("mycel-")) {
+            let Some(wanted) = setup.transport else {
+                continue;
+            };
+            use_transport(&mut cp, &mut transport, wanted)?;
+            let idle_mb = idle_memory(o, topo, &daemons)?;
+            put("idle-1000.rss_mb".into(), setup.name, idle_mb);
+        }
     }
     if wanted("policy") {
         for seconds in policy_changes(o, &mut cp)? {
@@ -526,7 +571,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// The ratios the performance targets are stated in: (name, numerator, denominator, target).
-const RATIOS: [(&str, &str, &str, &str, &str); 7] = [
+const RATIOS: [(&str, &str, &str, &str, &str); 8] = [
     (
         "bulk 1 stream ÷ direct",
         "bulk-1.bytes_per_second",
@@ -561,6 +606,13 @@ const RATIOS: [(&str, &str, &str, &str, &str); 7] = [
         "mycel-tls",
         "direct",
         "≤ 3.0",
+    ),
+    (
+        "QUIC bulk ÷ TLS bulk",
+        "bulk-1.bytes_per_second",
+        "mycel-quic",
+        "mycel-tls",
+        "≥ 0.6",
     ),
     (
         "same-node bulk ÷ direct",

@@ -17,7 +17,8 @@ pub struct Tcpdump {
 }
 
 impl Tcpdump {
-    /// Starts capturing TCP on `interface` in the netns at `netns`, and waits until it listens.
+    /// Starts capturing TCP and UDP on `interface` in the netns at `netns`, and waits until it
+    /// listens.
     pub fn start(netns: &Path, interface: &str, file: &Path) -> io::Result<Self> {
         let log = file.with_extension("log");
         let mut cmd = Command::new("tcpdump");
@@ -34,7 +35,7 @@ impl Tcpdump {
             "-w",
         ])
         .arg(file)
-        .arg("tcp")
+        .args(["tcp", "or", "udp"])
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log)?);
         let mut child = spawn_in(Some(netns), None, &mut cmd)?;
@@ -80,12 +81,13 @@ impl Drop for Tcpdump {
     }
 }
 
-/// `tshark -r FILE ARGS`, its stdout; port 15008 is decoded as TLS.
+/// `tshark -r FILE ARGS`, its stdout; port 15008 is decoded as TLS over TCP and as QUIC over
+/// UDP.
 pub fn tshark(file: &Path, args: &[&str]) -> io::Result<String> {
     let out = Command::new("tshark")
         .arg("-r")
         .arg(file)
-        .args(["-d", "tcp.port==15008,tls"])
+        .args(["-d", "tcp.port==15008,tls", "-d", "udp.port==15008,quic"])
         .args(args)
         .stdin(Stdio::null())
         .output()?;
@@ -102,7 +104,17 @@ pub fn tshark(file: &Path, args: &[&str]) -> io::Result<String> {
 /// The TCP payloads of the packets matching `filter`, one per packet.
 pub fn payloads(file: &Path, filter: &str) -> io::Result<Vec<Vec<u8>>> {
     let filter = format!("({filter}) && tcp.len > 0");
-    let text = tshark(file, &["-Y", &filter, "-T", "fields", "-e", "tcp.payload"])?;
+    fields(file, &filter, "tcp.payload")
+}
+
+/// The UDP payloads of the packets matching `filter`, one per packet.
+pub fn udp_payloads(file: &Path, filter: &str) -> io::Result<Vec<Vec<u8>>> {
+    let filter = format!("({filter}) && udp.length > 8");
+    fields(file, &filter, "udp.payload")
+}
+
+fn fields(file: &Path, filter: &str, field: &str) -> io::Result<Vec<Vec<u8>>> {
+    let text = tshark(file, &["-Y", filter, "-T", "fields", "-e", field])?;
     Ok(text
         .lines()
         .map(|l| decode_hex(&l.replace(':', "")))

@@ -1,7 +1,8 @@
 //! L4 authorization end to end: two nodes following one control plane, AccessPolicies written
 //! into its config dir while traffic runs. Every verdict the data path reaches (in the source
 //! node's kernel, or at the destination node) is compared with `mesh-cp explain`, offline
-//! (config dir) and against the running control plane.
+//! (config dir) and against the running control plane. The tests that cross nodes run on both
+//! transports (`tls::` and `quic::`).
 
 use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -32,7 +33,31 @@ struct Shop {
     _servers: Vec<Server>,
 }
 
-fn shop(test: &str) -> Shop {
+/// The tests below, once per transport.
+macro_rules! on_both_transports {
+    ($($test:ident),* $(,)?) => {
+        mod tls {
+            $(#[test] fn $test() { super::$test("tls") })*
+        }
+        mod quic {
+            $(#[test] fn $test() { super::$test("quic") })*
+        }
+    };
+}
+
+on_both_transports!(
+    order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing,
+    each_matcher_negations_precedence_defaults_and_dry_run,
+    a_policy_change_closes_the_open_connections_it_denies,
+);
+
+/// The MeshConfig document with `transport` and `spec`'s other fields (`a: b, c: d`).
+fn mesh_config(transport: &str, spec: &str) -> String {
+    let sep = if spec.is_empty() { "" } else { ", " };
+    format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport}{sep}{spec} }}\n")
+}
+
+fn shop(test: &str, transport: &str) -> Shop {
     let mut topo = Topology::new(&[
         NodeSpec::new("n1", &["order", "analytics"]),
         NodeSpec::new("n2", &["payment", "inventory", OUTSIDE]),
@@ -48,8 +73,11 @@ fn shop(test: &str) -> Shop {
     ];
     let pods = ["order", "analytics", "payment", "inventory"].map(|p| topo.pod(p));
     let cp = ControlPlane::start(
-        &format!("{}-{test}", topo.prefix),
-        &[("workloads.yaml", &workloads_yaml(&pods))],
+        &format!("{}-{test}-{transport}", topo.prefix),
+        &[
+            ("workloads.yaml", &workloads_yaml(&pods)),
+            ("mesh.yaml", &mesh_config(transport, "")),
+        ],
     )
     .expect("mesh-cp");
     let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
@@ -73,6 +101,14 @@ impl Drop for Shop {
 }
 
 impl Shop {
+    /// Every tunnel n1 opened went over `transport`.
+    fn assert_transport(&self, transport: &str) {
+        let (tunnels, quic) = (self.n1.stat("tunnels_out"), self.n1.stat("tunnels_quic"));
+        assert!(tunnels >= 1, "no tunnel was opened");
+        let expected = if transport == "quic" { tunnels } else { 0 };
+        assert_eq!(quic, expected, "{tunnels} tunnels, {quic} over QUIC");
+    }
+
     /// One "ping" connection from `from` to `to`:`port` (pod IPv4); true when it got "pong".
     fn connects(&self, from: &str, to: &str, port: u16) -> bool {
         let ip = self.topo.pod(to).ipv4.to_string();
@@ -167,9 +203,8 @@ fn block_analytics() -> String {
     )
 }
 
-#[test]
-fn order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing() {
-    let mut s = shop("seeds");
+fn order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing(transport: &str) {
+    let mut s = shop("seeds", transport);
     s.cp.apply("block-analytics.yaml", &block_analytics(), &["n2"])
         .expect("policy applied");
 
@@ -293,11 +328,11 @@ fn order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing() {
         .expect("policy removed");
     assert_eq!(s.n1.stat("fast_deny_entries"), 0);
     s.expect("policy removed", "analytics", "payment", PORT, true);
+    s.assert_transport(transport);
 }
 
-#[test]
-fn each_matcher_negations_precedence_defaults_and_dry_run() {
-    let mut s = shop("matchers");
+fn each_matcher_negations_precedence_defaults_and_dry_run(transport: &str) {
+    let mut s = shop("matchers", transport);
     let order_v4 = s.topo.pod("order").ipv4;
     // (name, the one rule, port, order allowed, analytics allowed), as an Allow policy on payment.
     let cases: Vec<(&str, String, u16, bool, bool)> = vec![
@@ -380,9 +415,7 @@ fn each_matcher_negations_precedence_defaults_and_dry_run() {
     s.cp.unapply("same.yaml", &["n1"]).expect("removed");
 
     // Default deny: nothing gets through without an Allow; an Allow opens exactly its match.
-    let mesh = |action: &str| {
-        format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ defaultAction: {action} }}\n")
-    };
+    let mesh = |action: &str| mesh_config(transport, &format!("defaultAction: {action}"));
     s.cp.apply("mesh.yaml", &mesh("Deny"), &["n1", "n2"])
         .expect("default deny");
     s.expect("default deny", "order", "inventory", PORT, false);
@@ -434,11 +467,11 @@ fn each_matcher_negations_precedence_defaults_and_dry_run() {
     let counter =
         "policy_decisions{policy=\"default/dry-block\",rule=\"0\",action=\"Deny\",mode=\"DryRun\"}";
     assert!(s.n2.stat(counter) >= 1);
+    s.assert_transport(transport);
 }
 
-#[test]
-fn a_policy_change_closes_the_open_connections_it_denies() {
-    let mut s = shop("close");
+fn a_policy_change_closes_the_open_connections_it_denies(transport: &str) {
+    let mut s = shop("close", transport);
     let payment = s.topo.pod("payment").ipv4.to_string();
     let inventory = s.topo.pod("inventory").ipv4.to_string();
     // Two connections held open: one the new policy denies, one it does not.
@@ -479,15 +512,14 @@ fn a_policy_change_closes_the_open_connections_it_denies() {
     );
     assert_eq!(s.n2.stat("policy_closed_open_connections"), 1);
     s.expect("after the change", "order", "payment", PORT, false);
+    s.assert_transport(transport);
 }
 
 #[test]
 fn plaintext_from_outside_the_mesh_is_policed_when_permissive_and_dropped_when_strict() {
-    let mut s = shop("plaintext");
+    let mut s = shop("plaintext", "tls");
     let outside = s.topo.pod(OUTSIDE).ipv4;
-    let mesh = |spec: &str| {
-        format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {spec}\n")
-    };
+    let mesh = |spec: &str| mesh_config("tls", spec);
 
     // PERMISSIVE (the default): the inbound program hands the SYN to n2's proxy, and with no
     // policy the default allows it.
@@ -539,7 +571,7 @@ fn plaintext_from_outside_the_mesh_is_policed_when_permissive_and_dropped_when_s
     // mesh traffic still flows through the tunnel port; an explicit plaintext port is open.
     s.cp.apply(
         "mesh.yaml",
-        &mesh("{ mtls: { mode: Strict, plaintextPorts: [9090] } }"),
+        &mesh("mtls: { mode: Strict, plaintextPorts: [9090] }"),
         &["n1", "n2"],
     )
     .expect("strict");
@@ -552,7 +584,7 @@ fn plaintext_from_outside_the_mesh_is_policed_when_permissive_and_dropped_when_s
     // Back to PERMISSIVE: plaintext is policed again instead of dropped.
     s.cp.apply(
         "mesh.yaml",
-        &mesh("{ mtls: { mode: Permissive } }"),
+        &mesh("mtls: { mode: Permissive }"),
         &["n1", "n2"],
     )
     .expect("permissive");

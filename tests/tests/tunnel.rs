@@ -1,6 +1,7 @@
 //! Two nodes following one control plane. Pod-to-pod traffic between the nodes goes through
 //! the mTLS tunnel (checked on the wire), a service VIP reaches its endpoint, the destination
 //! refuses tunnel clients it cannot verify, and certificates rotate under open connections.
+//! Each test runs on both transports (`tls::` and `quic::`), chosen by the mesh's MeshConfig.
 
 use std::{path::Path, time::Duration};
 
@@ -30,9 +31,29 @@ struct Mesh {
     _servers: Vec<Server>,
 }
 
+/// The tests below, once per transport.
+macro_rules! on_both_transports {
+    ($($test:ident),* $(,)?) => {
+        mod tls {
+            $(#[test] fn $test() { super::$test("tls") })*
+        }
+        mod quic {
+            $(#[test] fn $test() { super::$test("quic") })*
+        }
+    };
+}
+
+on_both_transports!(
+    pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted,
+    half_close_and_resets_cross_the_tunnel,
+    certificates_rotate_under_a_long_lived_connection,
+    tunnels_keep_working_while_the_control_plane_is_away,
+);
+
 /// n1 runs `client`; n2 runs `server` and `outside` (not in the mesh). Servers listen on
-/// PORT in `server` and `outside`; the service `web` is VIP:80 → server:8080.
-fn mesh(test: &str, extra_yaml: &str) -> Mesh {
+/// PORT in `server` and `outside`; the service `web` is VIP:80 → server:8080. The mesh uses
+/// `transport`, with `mesh_spec` added to its MeshConfig spec.
+fn mesh(test: &str, transport: &str, mesh_spec: &str) -> Mesh {
     let mut topo = Topology::new(&[
         NodeSpec::new("n1", &["client"]),
         NodeSpec::new("n2", &["server", "outside"]),
@@ -43,12 +64,12 @@ fn mesh(test: &str, extra_yaml: &str) -> Mesh {
         Server::start(topo.pod("outside"), PORT).expect("outside app"),
     ];
     let yaml = format!(
-        "{}---\n{}{extra_yaml}",
+        "{}---\n{}---\napiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport}{mesh_spec} }}\n",
         workloads_yaml(&[topo.pod("client"), topo.pod("server")]),
         service_yaml("web", VIP, VIP_PORT, PORT, "server"),
     );
-    let cp = ControlPlane::start(&format!("{}-{test}", topo.prefix), &[("mesh.yaml", &yaml)])
-        .expect("mesh-cp");
+    let name = format!("{}-{test}-{transport}", topo.prefix);
+    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
     let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
     let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
     Mesh {
@@ -64,9 +85,8 @@ fn get(m: &Mesh, url: &str) -> serde_json::Value {
     app::run(m.topo.pod("client"), &["get", url], T)
 }
 
-#[test]
-fn pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted() {
-    let m = mesh("wire", "");
+fn pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted(transport: &str) {
+    let m = mesh("wire", transport, "");
     let expected =
         app::run(m.topo.pod("client"), &["blob-sha256", &BLOB.to_string()], T)["sha256"].clone();
     let server = m.topo.pod("server");
@@ -99,7 +119,8 @@ fn pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted() {
 
     assert!(m.n1.stat("tunnels_out") >= 4, "n1 log:\n{}", m.n1.log());
     assert!(m.n2.stat("tunnels_in") >= 4, "n2 log:\n{}", m.n2.log());
-    // Connections to the same pod address after the first reuse its idle session.
+    // Connections to the same pod address after the first reuse its idle session, or its
+    // QUIC connection.
     let reused = m.n1.stat("tunnels_reused");
     assert!(
         reused >= 1,
@@ -110,11 +131,27 @@ fn pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted() {
     assert!(m.n1.stat("proxy_passthrough") >= 1);
     let accepted = m.n2.log();
     assert!(
-        accepted.contains(&format!("client={CLIENT_ID}")) && accepted.contains("tunnel accepted"),
+        accepted.contains(&format!("client={CLIENT_ID}"))
+            && accepted.contains(&format!("transport=\"{transport}\""))
+            && accepted.contains("tunnel accepted"),
         "the server side must log the verified client identity:\n{accepted}"
     );
+    let quic = transport == "quic";
+    let streams = m.n1.stat("tunnels_quic");
+    if quic {
+        assert_eq!(
+            streams,
+            m.n1.stat("tunnels_out"),
+            "every tunnel is a QUIC stream"
+        );
+        assert_eq!(handshakes, m.n1.stat("quic_connections_out"));
+        assert_eq!(m.n2.stat("quic_connections_in"), handshakes);
+    } else {
+        assert_eq!(streams, 0, "no QUIC stream on the TLS transport");
+    }
 
-    // Every tunnel handshake on the link is TLS 1.3.
+    // Every tunnel handshake on the link is TLS 1.3 (QUIC's Initial packets, which carry the
+    // ServerHello, are readable without keys).
     let hellos = wire::tshark(
         &pcap,
         &[
@@ -138,11 +175,23 @@ fn pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted() {
         versions.iter().all(|v| *v == "0x0304"),
         "not all TLS 1.3: {versions:?}"
     );
+    // Nothing of the other transport on the tunnel port.
+    let unused = if quic { "tcp" } else { "udp" };
+    let other = wire::tshark(&pcap, &["-Y", &format!("{unused}.port == 15008")]).expect("tshark");
+    assert!(
+        other.trim().is_empty(),
+        "{unused} on the tunnel port:\n{other}"
+    );
     // No plaintext from the payload in the tunnels; the same markers are plainly visible in
     // the control connection, which shows the search would find them.
     let pattern: Vec<u8> = (0..64u32).map(|i| ((i * 37 + 11) % 256) as u8).collect();
     let markers: [&[u8]; 3] = [&pattern, b"GET /blob/", b"HTTP/1.0 200"];
-    let tunnel = wire::payloads(&pcap, "tcp.port == 15008").expect("tunnel payloads");
+    let tunnel = if quic {
+        wire::udp_payloads(&pcap, "udp.port == 15008")
+    } else {
+        wire::payloads(&pcap, "tcp.port == 15008")
+    }
+    .expect("tunnel payloads");
     let control = wire::payloads(
         &pcap,
         &format!("ip.addr == {} && tcp.port == {PORT}", outside.ipv4),
@@ -179,9 +228,8 @@ fn pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted() {
     let _ = std::fs::remove_file(&pcap);
 }
 
-#[test]
-fn half_close_and_resets_cross_the_tunnel() {
-    let m = mesh("relay", "");
+fn half_close_and_resets_cross_the_tunnel(transport: &str) {
+    let m = mesh("relay", transport, "");
     let client = m.topo.pod("client");
     let server = m.topo.pod("server").ipv4.to_string();
     // The client stops sending; the server still answers everything, then closes.
@@ -204,7 +252,7 @@ fn half_close_and_resets_cross_the_tunnel() {
 
 #[test]
 fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why() {
-    let mut m = mesh("refuse", "");
+    let mut m = mesh("refuse", "tls", "");
     let ca = TestCa::load(&m.cp.data_dir).expect("mesh CA");
     let client = m.topo.pod("client");
     let server = m.topo.pod("server");
@@ -301,12 +349,8 @@ fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why() {
     assert!(m.n2.stat("tunnels_in_refused") >= 6);
 }
 
-#[test]
-fn certificates_rotate_under_a_long_lived_connection() {
-    let mut m = mesh(
-        "rotate",
-        "---\napiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: { name: mesh }\nspec: { certTtl: 20s }\n",
-    );
+fn certificates_rotate_under_a_long_lived_connection(transport: &str) {
+    let mut m = mesh("rotate", transport, ", certTtl: 20s");
     let server = m.topo.pod("server");
     let before_client = m.n1.cert_serials().expect("/certs")[CLIENT_ID].clone();
     let before_server = m.n2.cert_serials().expect("/certs")[SERVER_ID].clone();
@@ -380,9 +424,8 @@ fn certificates_rotate_under_a_long_lived_connection() {
     assert!(m.n1.log().contains("certificate obtained"));
 }
 
-#[test]
-fn tunnels_keep_working_while_the_control_plane_is_away() {
-    let mut m = mesh("outage", "");
+fn tunnels_keep_working_while_the_control_plane_is_away(transport: &str) {
+    let mut m = mesh("outage", transport, "");
     let server = m.topo.pod("server").ipv4.to_string();
     let linger = app::start(
         m.topo.pod("client"),

@@ -13,7 +13,7 @@ use mesh_api::{
     v1::{self, resource::Kind, ConfigUpdate},
 };
 
-use mesh_model::{authz::Selection, Action, MtlsMode};
+use mesh_model::{authz::Selection, Action, MtlsMode, Transport};
 
 use crate::workloads::{Workload, WorkloadId};
 
@@ -35,14 +35,17 @@ pub struct MeshView {
     pub fast_deny: BTreeMap<String, Vec<(IpAddr, u16)>>,
 }
 
-/// Mesh-wide settings of enforcement. The default (no settings yet, or offline mode) allows
-/// everything and polices plaintext permissively, as a mesh without policies does.
+/// Mesh-wide settings of enforcement and of the data path. The default (no settings yet, or
+/// offline mode) allows everything and polices plaintext permissively, as a mesh without
+/// policies does, and tunnels over TLS.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeshPolicy {
     pub default_action: Action,
     pub mtls: MtlsMode,
     /// Workload ports that take plaintext untouched.
     pub plaintext_ports: Vec<u16>,
+    /// What this node's pods use for tunnels to other nodes.
+    pub transport: Transport,
 }
 
 impl Default for MeshPolicy {
@@ -51,6 +54,7 @@ impl Default for MeshPolicy {
             default_action: Action::Allow,
             mtls: MtlsMode::default(),
             plaintext_ports: Vec::new(),
+            transport: Transport::default(),
         }
     }
 }
@@ -68,6 +72,7 @@ impl MeshPolicy {
                     u16::try_from(*p).map_err(|_| format!("plaintext port {p} is out of range"))
                 })
                 .collect::<Result<_, _>>()?,
+            transport: mesh_api::policy::transport_from_proto(m.transport)?,
         })
     }
 }

@@ -14,7 +14,7 @@ use std::{
 use mesh_api::v1;
 use mesh_model::{
     authz::{PolicyIndex, SourceWorkload},
-    SpiffeId,
+    SpiffeId, Transport,
 };
 use tokio::sync::watch;
 
@@ -90,6 +90,8 @@ pub struct Directory {
     tls: Option<TlsConfigs>,
     /// Policies for this node's workloads; empty in offline mode.
     policies: PolicyIndex,
+    /// What tunnels to other nodes use.
+    transport: Transport,
 }
 
 impl Directory {
@@ -163,6 +165,7 @@ impl Directory {
             by_vip,
             tls,
             policies,
+            transport: view.mesh_policy.transport,
         }
     }
 
@@ -213,6 +216,10 @@ impl Directory {
 
     pub fn policies(&self) -> &PolicyIndex {
         &self.policies
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 }
 

@@ -13,6 +13,7 @@ use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
 use mesh_ebpf_common::PLAINTEXT_PORT;
 use mesh_model::SpiffeId;
 use tokio::net::TcpStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     authz::{self, OpenGuard},
@@ -22,7 +23,7 @@ use super::{
 };
 use crate::tunnel::{
     header::{self, HeaderError},
-    pool,
+    pool, quic,
     tls::{peer_identity, serial},
     Session, TUNNEL_PORT,
 };
@@ -235,15 +236,9 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 }
             };
         first = false;
-        let admitted = async {
-            let d = parse(&request, client.clone())?;
-            check_tunnel_source(&dir, peer.ip(), &d)?;
-            let upstream = deliver(ctx, &dir, &d).await?;
-            Ok::<_, Refusal>((d, upstream))
-        };
         // Boxed, like the handshake: the connection's task keeps only the relay's state while
         // it lives.
-        match Box::pin(admitted).await {
+        match Box::pin(admit_tunnel(ctx, &dir, &request, &client, peer.ip())).await {
             Ok((d, Admitted { upstream, guard })) => {
                 if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
                     refused(&format!("the client went away: {e}"));
@@ -253,7 +248,8 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 stats.tunnels_in.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     workload = %ctx.workload, client = %client, %client_serial, source = %d.source,
-                    destination = %d.destination, id = d.connection_id, "tunnel accepted"
+                    destination = %d.destination, id = d.connection_id, transport = "tls",
+                    "tunnel accepted"
                 );
                 match relay_tunnel(ctx, stream, upstream, &guard).await {
                     Some(session) => stream = *session,
@@ -271,6 +267,196 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 let _ = stream.close().await;
                 return;
             }
+        }
+    }
+}
+
+/// The checks of one tunnelled connection: a well-formed header, sent from the address of
+/// the workload it names as the source, then [`deliver`].
+async fn admit_tunnel(
+    ctx: &PodContext,
+    dir: &Directory,
+    request: &TunnelRequest,
+    client: &SpiffeId,
+    peer: IpAddr,
+) -> Result<(Delivery, Admitted), Refusal> {
+    let d = parse(request, client.clone())?;
+    check_tunnel_source(dir, peer, &d)?;
+    let admitted = deliver(ctx, dir, &d).await?;
+    Ok((d, admitted))
+}
+
+/// Accepts QUIC tunnels on the pod's endpoint until `shutdown` fires. The endpoint presents
+/// the pod's current certificate and trusts the current bundle: its server configuration
+/// follows the directory. Connections outlive this loop (they end with the peer, or when the
+/// pod leaves the mesh and the endpoint is closed), so a pod that is enrolled again keeps
+/// its open tunnels, as with TLS.
+pub async fn serve_quic(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<PodContext>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut directory = ctx.shared.directory.clone();
+    let mut serving = None;
+    loop {
+        if !shutdown.is_cancelled() {
+            let dir = directory.borrow_and_update().clone();
+            set_quic_server(&endpoint, &ctx, &dir, &mut serving);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = directory.changed() => if changed.is_err() { return },
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    tokio::spawn(handle_quic(incoming, ctx.clone(), tracker.clone()));
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// Gives the endpoint the server configuration for the pod's identity under the current trust
+/// bundle, if that is not what it has (`serving`); no configuration (new connections refused)
+/// while the view lacks either.
+fn set_quic_server(
+    endpoint: &quinn::Endpoint,
+    ctx: &PodContext,
+    dir: &Directory,
+    serving: &mut Option<(u64, SpiffeId)>,
+) {
+    let wanted = dir
+        .peer(&ctx.workload)
+        .zip(dir.tls())
+        .map(|(me, tls)| (tls.trust_fingerprint(), me.identity.clone()));
+    if wanted == *serving {
+        return;
+    }
+    let config = match (&wanted, dir.tls()) {
+        (Some((_, identity)), Some(tls)) => {
+            let built = tls
+                .server(&identity.to_string())
+                .map_err(|e| e.to_string())
+                .and_then(|c| quic::server_config(c).map_err(|e| e.to_string()));
+            match built {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(workload = %ctx.workload, error = %e, "cannot build the QUIC server; QUIC tunnels to the pod are refused");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    endpoint.set_server_config(config);
+    *serving = wanted;
+}
+
+/// One QUIC connection from another node: the handshake, then a task per stream (each one
+/// application connection, checked like a TLS tunnel).
+async fn handle_quic(incoming: quinn::Incoming, ctx: Arc<PodContext>, tracker: TaskTracker) {
+    let peer = incoming.remote_address();
+    let peer_ip = peer.ip().to_canonical();
+    let stats = &ctx.shared.stats;
+    let refused = |reason: &dyn std::fmt::Display| {
+        stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(workload = %ctx.workload, %peer, %reason, "QUIC tunnel refused");
+    };
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => return refused(&format!("QUIC handshake failed: {e}")),
+    };
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return refused(&format!("QUIC handshake failed: {e}")),
+        Err(_) => return refused(&format!("no QUIC handshake within {HANDSHAKE_TIMEOUT:?}")),
+    };
+    let certs = quic::peer_certificates(&conn);
+    let client = match peer_identity(Some(&certs)) {
+        Ok(id) => id,
+        Err(e) => {
+            conn.close(quic::code::DONE, b"no client identity");
+            return refused(&format!("no client identity: {e}"));
+        }
+    };
+    let client_serial = certs.first().and_then(serial).unwrap_or_default();
+    stats.quic_connections_in.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(workload = %ctx.workload, %peer, %client, "QUIC connection accepted");
+    let from = Arc::new(QuicPeer {
+        client,
+        client_serial,
+        addr: SocketAddr::new(peer_ip, peer.port()),
+    });
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let stream = quic::TunnelStream::new(send, recv);
+        tracker.spawn(handle_quic_stream(stream, from.clone(), ctx.clone()));
+    }
+}
+
+/// The verified source of a QUIC connection.
+struct QuicPeer {
+    client: SpiffeId,
+    client_serial: String,
+    addr: SocketAddr,
+}
+
+/// One stream of a QUIC tunnel: its header, the checks, then the relay.
+async fn handle_quic_stream(
+    mut stream: quic::TunnelStream,
+    from: Arc<QuicPeer>,
+    ctx: Arc<PodContext>,
+) {
+    let ctx = &*ctx;
+    let stats = &ctx.shared.stats;
+    let peer = from.addr;
+    let header = header::read_stream::<TunnelRequest>(&mut stream.recv);
+    let (request, early) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, header).await {
+        Ok(Ok(got)) => got,
+        Ok(Err(e)) => {
+            stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(workload = %ctx.workload, %peer, client = %from.client, reason = %format!("no valid tunnel header: {e}"), "QUIC tunnel refused");
+            return stream.reset();
+        }
+        Err(_) => {
+            stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(workload = %ctx.workload, %peer, client = %from.client, reason = %format!("no tunnel header within {HANDSHAKE_TIMEOUT:?}"), "QUIC tunnel refused");
+            return stream.reset();
+        }
+    };
+    stream.early = early;
+    let dir = ctx.shared.directory();
+    match Box::pin(admit_tunnel(ctx, &dir, &request, &from.client, peer.ip())).await {
+        Ok((d, Admitted { upstream, guard })) => {
+            if let Err(e) = header::write_stream(&mut stream.send, &response(Status::Ok, "")).await
+            {
+                tracing::warn!(workload = %ctx.workload, %peer, error = %e, "QUIC tunnel: the client went away");
+                reset(upstream);
+                return;
+            }
+            stats.tunnels_in.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                workload = %ctx.workload, client = %from.client, client_serial = %from.client_serial,
+                source = %d.source, destination = %d.destination, id = d.connection_id,
+                transport = "quic", "tunnel accepted"
+            );
+            let stream = relay::Stream::Quic(Box::new(stream));
+            if let Err(e) = relay::relay(upstream, stream, Some(guard.closed())).await {
+                stats.reset.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
+            }
+        }
+        Err(refusal) => {
+            stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                workload = %ctx.workload, %peer, client = %from.client, id = request.connection_id,
+                status = ?refusal.status, reason = %refusal.reason, "tunnel refused"
+            );
+            let _ =
+                header::write_stream(&mut stream.send, &response(refusal.status, &refusal.reason))
+                    .await;
+            let _ = stream.send.finish();
+            let _ = stream.send.stopped().await;
         }
     }
 }

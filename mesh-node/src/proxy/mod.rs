@@ -54,8 +54,14 @@ pub struct ProxyStats {
     pub passthrough: AtomicU64,
     /// Outbound tunnels established (TLS done, destination answered OK).
     pub tunnels_out: AtomicU64,
-    /// Of those, the ones that reused an idle session (no handshake).
+    /// Of those, the ones that reused an idle session or a QUIC connection (no handshake).
     pub tunnels_reused: AtomicU64,
+    /// Of those, the ones carried by a QUIC stream.
+    pub tunnels_quic: AtomicU64,
+    /// QUIC connections this node opened to other nodes.
+    pub quic_connections_out: AtomicU64,
+    /// QUIC connections other nodes opened to this node's pods.
+    pub quic_connections_in: AtomicU64,
     /// Outbound tunnels that failed: connect, handshake, or a refusal by the destination.
     pub tunnels_out_failed: AtomicU64,
     /// Outbound connections delivered to a pod on this node without TLS.
@@ -84,6 +90,8 @@ pub struct Shared {
     pub authz: Arc<authz::Authz>,
     /// Idle tunnel sessions to reuse.
     pub tunnels: crate::tunnel::pool::Pool,
+    /// QUIC connections to other nodes' pods.
+    pub quic: crate::tunnel::quic::Connections,
     health: EndpointHealth,
     next_connection_id: AtomicU64,
 }
@@ -103,6 +111,7 @@ impl Shared {
             local: RwLock::default(),
             authz: Arc::default(),
             tunnels: crate::tunnel::pool::Pool::default(),
+            quic: crate::tunnel::quic::Connections::default(),
             health: EndpointHealth::default(),
             // Unique per daemon run; the pid keeps ids from two runs apart in the logs.
             next_connection_id: AtomicU64::new(u64::from(std::process::id()) << 32),
@@ -132,6 +141,8 @@ pub struct PodContext {
     pub workload: WorkloadId,
     pub netns: NetnsWorker,
     pub netns_cookie: u64,
+    /// The pod's UDP endpoint on :15008 for QUIC tunnels both ways (connected mode only).
+    pub quic: Option<quinn::Endpoint>,
     pub shared: Arc<Shared>,
 }
 

@@ -12,6 +12,7 @@ use std::{
 
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
 use mesh_ebpf_common::OUTBOUND_PORT;
+use mesh_model::Transport;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -22,7 +23,12 @@ use super::{
     relay::{self, reset, Stream},
     PodContext,
 };
-use crate::tunnel::{header, pool, session::SessionError, Session, TUNNEL_PORT};
+use crate::tunnel::{
+    header, pool,
+    quic::{self, TunnelStream},
+    session::SessionError,
+    Session, TUNNEL_PORT,
+};
 
 /// Limit for the TLS handshake plus the header exchange, after the TCP connect.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +50,8 @@ enum Upstream {
     Local(TcpStream, OpenGuard),
     /// Through a tunnel session; it goes back to the pool under this key if it can.
     Tunnel(Box<Session>, pool::Key),
+    /// Through a stream of a QUIC connection.
+    Quic(Box<TunnelStream>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +67,11 @@ enum SendError {
     Header {
         addr: SocketAddr,
         source: header::HeaderError,
+    },
+    #[error("QUIC connection to {addr} failed: {source}")]
+    Quic {
+        addr: SocketAddr,
+        source: quic::QuicError,
     },
     #[error("no answer from {addr} within {HANDSHAKE_TIMEOUT:?}")]
     Timeout { addr: SocketAddr },
@@ -82,6 +95,7 @@ impl SendError {
         match self {
             SendError::Connect { .. }
             | SendError::Handshake { .. }
+            | SendError::Quic { .. }
             | SendError::Header { .. }
             | SendError::Timeout { .. } => true,
             SendError::Refused { status, .. } => *status == Status::UpstreamFailed,
@@ -160,6 +174,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             relay::relay(client, Stream::Tunnel(s), None).await,
             Some(key),
         ),
+        Upstream::Quic(s) => (relay::relay(client, Stream::Quic(s), None).await, None),
     };
     match result {
         Ok(done) => {
@@ -261,12 +276,13 @@ async fn send(
     }
     let tls = dir.tls().ok_or(SendError::NoTrust)?;
     let source_id = source.identity.to_string();
-    if !tls.has_svid(&source_id) {
+    let Some(source_serial) = tls.svid_serial(&source_id) else {
         return Err(SendError::NoSvid(source_id));
-    }
+    };
     let addr = SocketAddr::new(target.addr.ip(), TUNNEL_PORT);
     let key = pool::Key {
         source: me.clone(),
+        source_serial,
         destination: addr,
         identity: target.peer.identity.clone(),
         trust: tls.trust_fingerprint(),
@@ -279,6 +295,12 @@ async fn send(
         connection_id: delivery.connection_id,
     };
     let stats = &ctx.shared.stats;
+    if dir.transport() == Transport::Quic {
+        let config = tls.client(&source_id, target.peer.identity.clone())?;
+        let stream = send_quic(ctx, &key, config, &request).await?;
+        tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "QUIC stream open");
+        return Ok(Upstream::Quic(stream));
+    }
     if let Some(session) = ctx.shared.tunnels.take(&key) {
         let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange(session, &request, addr));
         match answer.await.unwrap_or(Err(SendError::Timeout { addr })) {
@@ -313,6 +335,75 @@ async fn send(
     stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel open");
     Ok(Upstream::Tunnel(session, key))
+}
+
+/// Opens a stream for one connection on the pod pair's QUIC connection (making one if
+/// needed) and exchanges the header on it. A pooled connection that fails before the
+/// destination answered is replaced by a new one, once.
+async fn send_quic(
+    ctx: &PodContext,
+    key: &pool::Key,
+    tls: Arc<rustls::ClientConfig>,
+    request: &TunnelRequest,
+) -> Result<Box<TunnelStream>, SendError> {
+    let addr = key.destination;
+    let endpoint = ctx.quic.as_ref().ok_or(SendError::Quic {
+        addr,
+        source: quic::QuicError::NoEndpoint,
+    })?;
+    let stats = &ctx.shared.stats;
+    let mut fresh = false;
+    loop {
+        let dial = quic::Dial {
+            endpoint,
+            addr,
+            tls: tls.clone(),
+        };
+        let attempt = async {
+            let (mut stream, made) = ctx
+                .shared
+                .quic
+                .open(key, dial, fresh)
+                .await
+                .map_err(|source| SendError::Quic { addr, source })?;
+            let header = async {
+                header::write_stream(&mut stream.send, request).await?;
+                header::read_stream::<TunnelResponse>(&mut stream.recv).await
+            };
+            let (response, early) = header
+                .await
+                .map_err(|source| SendError::Header { addr, source })?;
+            stream.early = early;
+            match response.status() {
+                Status::Ok => Ok((stream, made)),
+                status => Err(SendError::Refused {
+                    status,
+                    reason: response.reason,
+                }),
+            }
+        };
+        let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
+            .await
+            .unwrap_or(Err(SendError::Timeout { addr }));
+        match outcome {
+            Ok((stream, made)) => {
+                stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
+                stats.tunnels_quic.fetch_add(1, Ordering::Relaxed);
+                if made {
+                    stats.quic_connections_out.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.tunnels_reused.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(Box::new(stream));
+            }
+            Err(e @ SendError::Refused { .. }) => return Err(e),
+            Err(e) if !fresh => {
+                tracing::debug!(%addr, error = %e, "a pooled QUIC connection failed; opening a new one");
+                fresh = true;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Sends the header and reads the destination's answer (the caller bounds the time).

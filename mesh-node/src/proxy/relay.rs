@@ -14,19 +14,33 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::tunnel::{
+    quic::TunnelStream,
     record::{ContentType, FULL_RECORD, HEADER, MAX_PLAINTEXT},
     session::{Rekey, Rx, SessionError, Tx},
     Session,
 };
 
-/// The far side of a relay: a plain TCP connection or a tunnel.
+/// The far side of a relay: a plain TCP connection, a TLS tunnel, or a QUIC tunnel stream.
 pub enum Stream {
     Plain(TcpStream),
     Tunnel(Box<Session>),
+    Quic(Box<TunnelStream>),
+}
+
+impl Stream {
+    /// Ends the stream as a failure: a TCP reset, or a QUIC stream reset.
+    fn abort(self) {
+        match self {
+            Stream::Plain(s) => reset(s),
+            Stream::Tunnel(s) => reset(*s),
+            Stream::Quic(s) => s.reset(),
+        }
+    }
 }
 
 /// A stream that can be closed with a TCP reset.
@@ -43,15 +57,6 @@ impl Resettable for TcpStream {
 impl Resettable for Session {
     fn tcp(&self) -> &TcpStream {
         Session::tcp(self)
-    }
-}
-
-impl Resettable for Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tunnel(s) => s.tcp(),
-        }
     }
 }
 
@@ -94,6 +99,13 @@ pub async fn relay(
                 let (tcp, tx, rx, rekey) = session.parts();
                 tokio::try_join!(seal(&app, tcp, tx, rekey), open(tcp, rx, rekey, &app))
             }
+            Stream::Quic(q) => {
+                let early = std::mem::take(&mut q.early);
+                tokio::try_join!(
+                    to_stream(&app, &mut q.send),
+                    from_stream(&mut q.recv, early, &app)
+                )
+            }
         }
     };
     let copied = tokio::select! {
@@ -112,7 +124,7 @@ pub async fn relay(
                     let _ = s.close().await;
                     None
                 }
-                Stream::Plain(_) => None,
+                Stream::Plain(_) | Stream::Quic(_) => None,
             };
             Ok(Relayed {
                 sent,
@@ -122,7 +134,7 @@ pub async fn relay(
         }
         Err(e) => {
             reset(app);
-            reset(other);
+            other.abort();
             Err(e)
         }
     }
@@ -248,6 +260,56 @@ async fn open(src: &TcpStream, rx: &mut Rx, rekey: &Rekey, dst: &TcpStream) -> i
                 }
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Plain to a QUIC stream. The end of stream is sent as the stream's FIN, and the copy ends
+/// once the peer has it all: dropping the last handle of a connection closes it at once.
+async fn to_stream(src: &TcpStream, dst: &mut quinn::SendStream) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        src.readable().await?;
+        let mut buf = pool::take();
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => {
+                dst.finish().map_err(io::Error::other)?;
+                dst.stopped().await?;
+                return Ok(total);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        dst.write_all(&buf[..n]).await?;
+        total += n as u64;
+    }
+}
+
+/// A QUIC stream to plain: the received chunks, as quinn holds them, with one vectored
+/// write. `early` (read with the header) goes first.
+async fn from_stream(
+    src: &mut quinn::RecvStream,
+    early: Vec<u8>,
+    dst: &TcpStream,
+) -> io::Result<u64> {
+    let mut total = 0;
+    if !early.is_empty() {
+        write_all(dst, &early).await?;
+        total += early.len() as u64;
+    }
+    drop(early);
+    let mut chunks: [Bytes; 16] = Default::default();
+    loop {
+        let Some(n) = src.read_chunks(&mut chunks).await? else {
+            shutdown_write(dst)?;
+            return Ok(total);
+        };
+        let mut slices: Vec<IoSlice<'_>> = chunks[..n].iter().map(|c| IoSlice::new(c)).collect();
+        total += write_all_vectored(dst, &mut slices).await? as u64;
+        drop(slices);
+        for c in &mut chunks[..n] {
+            *c = Bytes::new();
         }
     }
 }

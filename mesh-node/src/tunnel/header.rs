@@ -1,5 +1,6 @@
 //! The tunnel's framing: one length-delimited protobuf message each way after the handshake
-//! (`TunnelRequest` from the client, `TunnelResponse` from the server), then raw bytes.
+//! (`TunnelRequest` from the client, `TunnelResponse` from the server), then raw bytes. The
+//! same on a TLS session and on a QUIC stream.
 
 use prost::Message;
 
@@ -20,6 +21,10 @@ pub enum HeaderError {
     Decode(#[from] prost::DecodeError),
     #[error("{0}")]
     Session(#[from] SessionError),
+    #[error("{0}")]
+    Stream(#[from] quinn::ReadError),
+    #[error("{0}")]
+    StreamWrite(#[from] quinn::WriteError),
 }
 
 /// Sends one message as one record.
@@ -37,6 +42,31 @@ pub async fn read<M: Message + Default>(session: &mut Session) -> Result<M, Head
         }
         if !session.receive().await? {
             return Err(HeaderError::Closed);
+        }
+    }
+}
+
+/// Sends one message on a QUIC stream.
+pub async fn write_stream<M: Message>(
+    send: &mut quinn::SendStream,
+    msg: &M,
+) -> Result<(), quinn::WriteError> {
+    send.write_all(&msg.encode_length_delimited_to_vec()).await
+}
+
+/// Reads exactly one message from a QUIC stream; returns it with the application bytes that
+/// came after it.
+pub async fn read_stream<M: Message + Default>(
+    recv: &mut quinn::RecvStream,
+) -> Result<(M, Vec<u8>), HeaderError> {
+    let mut buf = Vec::new();
+    loop {
+        if let Some((msg, used)) = decode(&buf)? {
+            return Ok((msg, buf.split_off(used)));
+        }
+        match recv.read_chunk(MAX_HEADER, true).await? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None => return Err(HeaderError::Closed),
         }
     }
 }

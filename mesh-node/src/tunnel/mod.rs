@@ -12,6 +12,7 @@
 
 pub mod header;
 pub mod pool;
+pub mod quic;
 pub mod record;
 pub mod session;
 pub mod tls;
@@ -58,6 +59,11 @@ impl TlsConfigs {
     /// Whether this node holds a certificate for `identity` right now.
     pub fn has_svid(&self, identity: &str) -> bool {
         self.svids.get(identity).is_some()
+    }
+
+    /// The serial of this node's current certificate for `identity`, if it holds one.
+    pub fn svid_serial(&self, identity: &str) -> Option<String> {
+        self.svids.get(identity).map(|s| s.serial.clone())
     }
 
     /// For dialling a workload that must prove it is `expected`, as `source`.

@@ -6,10 +6,11 @@
 //! connection: the destination checks every header as it checks a new tunnel's.
 //!
 //! Sessions are keyed by everything their handshake established: the source pod (its netns
-//! and address are the tunnel's source), the destination pod's tunnel address, the identity
-//! the destination proved, and the trust bundle. They are kept for at most [`IDLE`] unused
-//! and [`MAX_AGE`] in all, so a renewed certificate or a new bundle is in use within a
-//! minute; the destination closes sessions idle for longer than [`IDLE`] does here.
+//! and address are the tunnel's source) and the certificate it presented, the destination
+//! pod's tunnel address, the identity the destination proved, and the trust bundle. So a
+//! renewed source certificate is used by the next connection. Sessions are kept for at most
+//! [`IDLE`] unused and [`MAX_AGE`] in all, so a destination's renewed certificate is in use
+//! within a minute; the destination closes sessions idle for longer than [`IDLE`] does here.
 
 use std::{
     collections::HashMap,
@@ -35,6 +36,8 @@ const PER_KEY: usize = 16;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub source: WorkloadId,
+    /// Serial of the source's certificate.
+    pub source_serial: String,
     pub destination: SocketAddr,
     pub identity: SpiffeId,
     pub trust: u64,

@@ -1,0 +1,354 @@
+//! The QUIC transport (quinn): one QUIC connection per pair of pods, one bidirectional stream
+//! per application connection, carrying the same header as a TLS tunnel and then its bytes.
+//!
+//! Each enrolled pod has one UDP endpoint on :15008 in its netns, which both accepts tunnels
+//! to the pod and opens the pod's tunnels to other nodes, so a tunnel's UDP source address is
+//! the source pod's, as a TLS tunnel's TCP source is. The handshake is TLS 1.3 with the same
+//! SPIFFE checks as the TLS transport (`tls.rs`): the client requires the destination's
+//! expected identity, the server requires a client certificate of the mesh.
+//!
+//! [`Connections`] keeps the source side's connections, keyed like the TLS session pool, and
+//! drops each one from the pool after [`pool::IDLE`] without streams or [`pool::MAX_AGE`]
+//! after its handshake; a dropped connection closes once its last stream has ended.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{Ipv6Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use quinn::{
+    crypto::rustls::{QuicClientConfig, QuicServerConfig},
+    Connection, Endpoint, EndpointConfig, RecvStream, SendStream, TransportConfig, VarInt,
+};
+use rustls::pki_types::CertificateDer;
+
+use super::{pool, TUNNEL_PORT};
+
+/// Streams one connection may have open at once. quinn reserves an entry for each stream
+/// the peer may open, so this is not unbounded; past it, the pool opens another connection.
+pub const MAX_STREAMS: u32 = 4096;
+/// Flow-control windows, from `cargo xtask bench` (see the crate README): per stream enough
+/// for one bulk transfer at full speed between two nodes, per connection room for several.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const SEND_WINDOW: u64 = 16 << 20;
+/// Socket buffers of each pod's endpoint: a burst of GSO batches must not overflow them.
+const SOCKET_BUFFER: usize = 4 << 20;
+/// With streams open, the source keeps an idle connection alive (an application connection
+/// may be silent for hours, as over TCP); the server gives up on a silent peer after
+/// [`IDLE_TIMEOUT`].
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the pool looks at each connection's use.
+const SWEEP: Duration = Duration::from_secs(5);
+
+/// Stream and connection error codes on the wire.
+pub mod code {
+    use quinn::VarInt;
+    /// The connection or stream is no longer needed.
+    pub const DONE: VarInt = VarInt::from_u32(0);
+    /// The other side of the relay failed or was reset: passed on as a reset.
+    pub const RESET: VarInt = VarInt::from_u32(1);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("this pod has no QUIC endpoint")]
+    NoEndpoint,
+    #[error("cannot use the TLS configuration for QUIC: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+}
+
+/// The transport settings both sides use.
+fn transport() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(SEND_WINDOW)
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        // The nodes are on one network: start from a LAN's round trip, not the Internet's
+        // 333 ms, so that a lost first packet is resent in milliseconds.
+        .initial_rtt(Duration::from_millis(10));
+    if let Ok(timeout) = IDLE_TIMEOUT.try_into() {
+        t.max_idle_timeout(Some(timeout));
+    }
+    t
+}
+
+/// A client configuration from the tunnel's rustls one (same identities and checks).
+pub fn client_config(tls: Arc<rustls::ClientConfig>) -> Result<quinn::ClientConfig, QuicError> {
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport()));
+    Ok(config)
+}
+
+/// A server configuration from the tunnel's rustls one.
+pub fn server_config(tls: Arc<rustls::ServerConfig>) -> Result<quinn::ServerConfig, QuicError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport()));
+    // Sources are pods of the mesh on known addresses; a retry round trip would only slow
+    // every new connection down.
+    config.migration(false);
+    Ok(config)
+}
+
+/// The pod's UDP socket on :15008, dual-stack where the netns has IPv6. Call on the pod's
+/// netns thread.
+pub fn bind_in_netns() -> io::Result<std::net::UdpSocket> {
+    let dual = SocketAddr::from((Ipv6Addr::UNSPECIFIED, TUNNEL_PORT));
+    let socket = match udp_socket(dual, true) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+            ) =>
+        {
+            udp_socket(SocketAddr::from(([0, 0, 0, 0], TUNNEL_PORT)), false)?
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(socket.into())
+}
+
+fn udp_socket(addr: SocketAddr, dual: bool) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if dual {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    force_buffers(&socket);
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// Sets both socket buffers to [`SOCKET_BUFFER`], above `net.core.[rw]mem_max` (the daemon
+/// has CAP_NET_ADMIN); the kernel's limits apply if that is refused.
+fn force_buffers(socket: &socket2::Socket) {
+    use std::os::fd::AsRawFd as _;
+    let size = libc::c_int::try_from(SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        // SAFETY: a valid fd and a c_int option value of the right size.
+        let set = |opt| unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                std::ptr::addr_of!(size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set(force) != 0 {
+            set(plain);
+        }
+    }
+}
+
+/// A quinn endpoint over `socket`, with no server configuration yet (incoming connections are
+/// refused until [`Endpoint::set_server_config`]). Needs the runtime.
+pub fn endpoint(socket: std::net::UdpSocket) -> io::Result<Endpoint> {
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| io::Error::other("no async runtime for the QUIC endpoint"))?;
+    Endpoint::new(EndpointConfig::default(), None, socket, runtime)
+}
+
+/// The verified certificate chain of the peer of an established connection.
+pub fn peer_certificates(conn: &Connection) -> Vec<CertificateDer<'static>> {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|certs| *certs)
+        .unwrap_or_default()
+}
+
+/// One tunnelled connection: a bidirectional stream, and what was read past its header.
+pub struct TunnelStream {
+    pub send: SendStream,
+    pub recv: RecvStream,
+    /// Application bytes that arrived with the header; they go first.
+    pub early: Vec<u8>,
+    _use: Option<StreamUse>,
+}
+
+impl TunnelStream {
+    pub fn new(send: SendStream, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            early: Vec::new(),
+            _use: None,
+        }
+    }
+
+    /// Resets both directions, as a TCP reset would.
+    pub fn reset(mut self) {
+        let _ = self.send.reset(code::RESET);
+        let _ = self.recv.stop(code::RESET);
+    }
+}
+
+/// Counts a pooled connection's open streams, for the idle check.
+struct StreamUse(Arc<Usage>);
+
+impl Drop for StreamUse {
+    fn drop(&mut self) {
+        self.0.idle_since.store(self.0.now(), Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Usage {
+    opened: Instant,
+    open: AtomicUsize,
+    /// Milliseconds after `opened` when the last stream ended.
+    idle_since: AtomicU64,
+}
+
+impl Usage {
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the pool should let go of the connection.
+    fn expired(&self) -> bool {
+        let idle = self
+            .now()
+            .saturating_sub(self.idle_since.load(Ordering::Relaxed));
+        self.opened.elapsed() >= pool::MAX_AGE
+            || (self.open.load(Ordering::Relaxed) == 0 && Duration::from_millis(idle) >= pool::IDLE)
+    }
+}
+
+struct Live {
+    conn: Connection,
+    usage: Arc<Usage>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Live>>>;
+
+/// What [`Connections::open`] needs to make a new connection.
+pub struct Dial<'a> {
+    pub endpoint: &'a Endpoint,
+    pub addr: SocketAddr,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// The source side's connections, shared by every pod of the node.
+#[derive(Default, Clone)]
+pub struct Connections {
+    slots: Arc<Mutex<HashMap<pool::Key, Slot>>>,
+}
+
+impl Connections {
+    /// A new stream to `key`'s destination, on the pooled connection when there is a usable
+    /// one and `fresh` is false, else on a new connection that the pool keeps from then on.
+    /// Returns whether it made a new one. The caller bounds the time.
+    pub async fn open(
+        &self,
+        key: &pool::Key,
+        dial: Dial<'_>,
+        fresh: bool,
+    ) -> Result<(TunnelStream, bool), QuicError> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        // Held across the handshake, so that a burst of connections to a new destination
+        // makes one QUIC connection, not one each.
+        let mut live = slot.lock().await;
+        let pooled = live.as_ref().filter(|l| {
+            !fresh
+                && l.conn.close_reason().is_none()
+                && l.usage.opened.elapsed() < pool::MAX_AGE
+                && l.usage.open.load(Ordering::Relaxed) < MAX_STREAMS as usize
+        });
+        let (conn, usage, made) = match pooled {
+            Some(l) => (l.conn.clone(), l.usage.clone(), false),
+            None => {
+                let config = client_config(dial.tls)?;
+                let name = dial.addr.ip().to_string();
+                let conn = dial
+                    .endpoint
+                    .connect_with(config, dial.addr, &name)?
+                    .await?;
+                let usage = Arc::new(Usage {
+                    opened: Instant::now(),
+                    open: AtomicUsize::new(0),
+                    idle_since: AtomicU64::new(0),
+                });
+                self.watch(key.clone(), conn.stable_id(), usage.clone());
+                *live = Some(Live {
+                    conn: conn.clone(),
+                    usage: usage.clone(),
+                });
+                (conn, usage, true)
+            }
+        };
+        usage.open.fetch_add(1, Ordering::Relaxed);
+        let guard = StreamUse(usage);
+        drop(live);
+        let (send, recv) = conn.open_bi().await?;
+        let mut stream = TunnelStream::new(send, recv);
+        stream._use = Some(guard);
+        Ok((stream, made))
+    }
+
+    /// Lets go of the connection `id` under `key` once it is idle, too old or closed.
+    fn watch(&self, key: pool::Key, id: usize, usage: Arc<Usage>) {
+        let slots = Arc::downgrade(&self.slots);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP).await;
+                let Some(slots) = slots.upgrade() else { return };
+                let Some(slot) = slots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&key)
+                    .cloned()
+                else {
+                    return;
+                };
+                let mut live = slot.lock().await;
+                let Some(l) = live.as_ref().filter(|l| l.conn.stable_id() == id) else {
+                    // Replaced: the old connection closes with its last stream.
+                    return;
+                };
+                if l.conn.close_reason().is_none() && !usage.expired() {
+                    continue;
+                }
+                // Dropping the pool's handle closes the connection once no stream holds it.
+                *live = None;
+                drop(live);
+                let mut map = slots.lock().unwrap_or_else(|p| p.into_inner());
+                // Two holders, the map and `slot` here: nobody is opening a stream on it.
+                if map.get(&key).is_some_and(|s| Arc::strong_count(s) == 2) {
+                    map.remove(&key);
+                }
+                return;
+            }
+        });
+    }
+}
