@@ -252,9 +252,31 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
             ("mesh.yaml", &mesh_yaml(transport)),
         ],
     )?;
-    let n1 = MeshNode::join(topo, "n1", &cp, 2)?;
-    let n2 = MeshNode::join(topo, "n2", &cp, 1)?;
-    let daemons: Vec<u32> = [&n1, &n2].iter().filter_map(|n| n.pid()).collect();
+    let join = |topo: &mut Topology, cp: &ControlPlane| -> io::Result<[MeshNode; 2]> {
+        Ok([
+            MeshNode::join(topo, "n1", cp, 2)?,
+            MeshNode::join(topo, "n2", cp, 1)?,
+        ])
+    };
+    let pids =
+        |nodes: &[MeshNode; 2]| -> Vec<u32> { nodes.iter().filter_map(MeshNode::pid).collect() };
+    let mut nodes = join(topo, &cp)?;
+    let wanted = |name: &str| o.only.as_deref().is_none_or(|only| only == name);
+    // Idle memory first, on daemons started afresh under each transport: memory that earlier
+    // runs freed but the allocator kept would otherwise hide what idle connections cost.
+    let mut idle = Vec::new();
+    if wanted("idle") {
+        for setup in SETUPS {
+            let Some(t) = setup.transport else {
+                continue;
+            };
+            use_transport(&mut cp, &mut transport, t)?;
+            drop(nodes);
+            nodes = join(topo, &cp)?;
+            idle.push((setup.name, idle_memory(o, topo, &pids(&nodes))?));
+        }
+    }
+    let daemons = pids(&nodes);
 
     let mut samples = Samples::new();
     let mut put = |key: String, setup: &str, v: f64| {
@@ -265,7 +287,9 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
             .or_default()
             .push(v)
     };
-    let wanted = |name: &str| o.only.as_deref().is_none_or(|only| only == name);
+    for (name, mb) in idle {
+        put("idle-1000.rss_mb".into(), name, mb);
+    }
     for metric in metrics(o).into_iter().filter(|m| wanted(m.name)) {
         for round in 0..o.rounds {
             for setup in SETUPS {
@@ -312,16 +336,6 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
             "aes-256-gcm",
             crypto_floor(o.crypto_bytes),
         );
-    }
-    if wanted("idle") {
-        for setup in SETUPS.iter().filter(|s| s.name.starts_with("mycel-")) {
-            let Some(wanted) = setup.transport else {
-                continue;
-            };
-            use_transport(&mut cp, &mut transport, wanted)?;
-            let idle_mb = idle_memory(o, topo, &daemons)?;
-            put("idle-1000.rss_mb".into(), setup.name, idle_mb);
-        }
     }
     if wanted("policy") {
         for seconds in policy_changes(o, &mut cp)? {
@@ -704,12 +718,14 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
         "{:<32} {policy_change:>6.3}   target < 1 s",
         "policy change → both nodes (s)"
     );
-    let idle = med("idle-1000.rss_mb", "mycel-tls");
-    let _ = writeln!(
-        table,
-        "{:<32} {idle:>6.1}   target ≤ 16 MB",
-        "RSS per 1000 idle conns (MB)"
-    );
+    for (transport, setup) in [("TLS", "mycel-tls"), ("QUIC", "mycel-quic")] {
+        let idle = med("idle-1000.rss_mb", setup);
+        let _ = writeln!(
+            table,
+            "{:<32} {idle:>6.1}   target ≤ 16 MB",
+            format!("RSS per 1000 idle conns, {transport}")
+        );
+    }
     let json = json!({
         "seconds_per_run": o.seconds,
         "rounds": o.rounds,

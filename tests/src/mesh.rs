@@ -100,8 +100,17 @@ impl MeshNode {
         cp: &ControlPlane,
         workloads: u64,
     ) -> io::Result<Self> {
+        // A node joined again (a restarted daemon) gets a new cgroup next to the old one.
+        let parent = topo.node(node).cgroup.clone();
+        let name = (1..)
+            .map(|i| match i {
+                1 => "mesh-node".to_owned(),
+                i => format!("mesh-node-{i}"),
+            })
+            .find(|name| !parent.join(name).exists())
+            .unwrap_or_default();
         let cg = topo
-            .add_cgroup_below(&topo.node(node).cgroup.clone(), "mesh-node")
+            .add_cgroup_below(&parent, &name)
             .map_err(io::Error::other)?;
         let mut daemon = Self::connect(topo.node(node), cp, Some(&cg), &[])?;
         daemon.wait_for(Duration::from_secs(30), |s| {

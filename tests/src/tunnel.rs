@@ -1,6 +1,7 @@
 //! A hand-made tunnel client: dials a pod's :15008 from inside a chosen netns with any
-//! certificate (or none), to check what a destination node accepts and refuses. It trusts any
-//! server certificate and hands it back for the test to inspect.
+//! certificate (or none), over TLS ([`dial`]) or QUIC ([`dial_quic`]), to check what a
+//! destination node accepts and refuses. It trusts any server certificate and hands it back
+//! for the test to inspect.
 
 use std::{
     fs,
@@ -113,18 +114,7 @@ pub fn dial(
 ) -> io::Result<Outcome> {
     let tcp = connect_in(netns, dst)?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let provider = Arc::new(ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(io::Error::other)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-    let config = match cert {
-        Some(c) => builder
-            .with_client_auth_cert(c.chain.clone(), PrivateKeyDer::Pkcs8(c.key.clone_key()))
-            .map_err(io::Error::other)?,
-        None => builder.with_no_client_auth(),
-    };
+    let config = client_config(cert)?;
     let conn = ClientConnection::new(Arc::new(config), ServerName::IpAddress(dst.ip().into()))
         .map_err(io::Error::other)?;
     let mut tls = StreamOwned::new(conn, tcp);
@@ -161,8 +151,120 @@ pub fn dial(
     })
 }
 
-/// A TCP connection made from inside `netns` (the socket stays in that netns).
-pub fn connect_in(netns: &Path, dst: SocketAddr) -> io::Result<TcpStream> {
+/// TLS 1.3 presenting `cert` (or nothing), trusting any server.
+fn client_config(cert: Option<&Issued>) -> io::Result<ClientConfig> {
+    let provider = Arc::new(ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    Ok(match cert {
+        Some(c) => builder
+            .with_client_auth_cert(c.chain.clone(), PrivateKeyDer::Pkcs8(c.key.clone_key()))
+            .map_err(io::Error::other)?,
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// What one QUIC tunnel attempt got.
+pub struct QuicOutcome {
+    pub server_cert: Option<CertificateDer<'static>>,
+    pub response: Result<TunnelResponse, String>,
+    /// When the answer was OK: whether "ping\n" on the stream got "pong\n" back.
+    pub pong: bool,
+}
+
+/// Like [`dial`], over QUIC: a connection to `dst` from a UDP socket inside `netns`, one
+/// stream with `request`, and on an OK answer one ping through it.
+pub fn dial_quic(
+    netns: &Path,
+    dst: SocketAddr,
+    cert: Option<&Issued>,
+    request: &TunnelRequest,
+) -> io::Result<QuicOutcome> {
+    let socket = in_netns(netns, || {
+        std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))
+    })?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_config(cert)?)
+        .map_err(io::Error::other)?;
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let attempt = async {
+            let conn = endpoint
+                .connect_with(config, dst, &dst.ip().to_string())
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let server_cert = conn
+                .peer_identity()
+                .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .and_then(|certs| certs.first().cloned());
+            let exchange = async {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                send.write_all(&request.encode_length_delimited_to_vec())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut got = Vec::new();
+                let response = loop {
+                    if let Ok(r) = TunnelResponse::decode_length_delimited(got.as_slice()) {
+                        break r;
+                    }
+                    match recv.read_chunk(1024, true).await {
+                        Ok(Some(chunk)) => got.extend_from_slice(&chunk.bytes),
+                        Ok(None) => return Err("the stream ended before an answer".to_owned()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                };
+                let mut pong = false;
+                if response.status() == mesh_api::v1::tunnel_response::Status::Ok {
+                    send.write_all(b"ping\n").await.map_err(|e| e.to_string())?;
+                    let mut buf = [0u8; 5];
+                    recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+                    pong = &buf == b"pong\n";
+                }
+                Ok::<_, String>((response, pong))
+            };
+            let (response, pong) = match exchange.await {
+                Ok((r, pong)) => (Ok(r), pong),
+                Err(e) => (Err(e), false),
+            };
+            conn.close(0u32.into(), b"");
+            Ok::<_, String>(QuicOutcome {
+                server_cert,
+                response,
+                pong,
+            })
+        };
+        let outcome = match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => QuicOutcome {
+                server_cert: None,
+                response: Err(e),
+                pong: false,
+            },
+            Err(_) => QuicOutcome {
+                server_cert: None,
+                response: Err("no answer within 10 s".into()),
+                pong: false,
+            },
+        };
+        endpoint.wait_idle().await;
+        Ok(outcome)
+    })
+}
+
+/// Runs `f` on a short-lived thread inside `netns`; sockets it makes stay in that netns.
+fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     let file = fs::File::open(netns)?;
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -170,10 +272,17 @@ pub fn connect_in(netns: &Path, dst: SocketAddr) -> io::Result<TcpStream> {
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+            f()
         })
         .join()
-        .map_err(|_| io::Error::other("connect thread panicked"))?
+        .map_err(|_| io::Error::other("netns thread panicked"))?
+    })
+}
+
+/// A TCP connection made from inside `netns` (the socket stays in that netns).
+pub fn connect_in(netns: &Path, dst: SocketAddr) -> io::Result<TcpStream> {
+    in_netns(netns, || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(5))
     })
 }
 

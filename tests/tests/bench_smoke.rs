@@ -33,7 +33,14 @@ fn the_benchmark_harness_measures_every_setup_and_writes_a_report() {
         }
     }
     let written: serde_json::Value = serde_json::from_str(&written.expect("latest.json")).unwrap();
-    assert_eq!(written["ratios"].as_array().map(Vec::len), Some(7));
+    assert_eq!(written["ratios"].as_array().map(Vec::len), Some(8));
+    // Idle memory is measured on both transports.
+    for setup in ["mycel-tls", "mycel-quic"] {
+        assert!(
+            report.samples["idle-1000.rss_mb"].contains_key(setup),
+            "no idle memory for {setup}"
+        );
+    }
     for key in [
         "crypto-floor.cpu_s_per_gb",
         "idle-1000.rss_mb",

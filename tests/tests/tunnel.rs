@@ -9,7 +9,7 @@ use mesh_api::v1::{tunnel_response::Status, TunnelRequest};
 use mesh_tests::{
     app::{self, Server},
     mesh::{service_yaml, workloads_yaml},
-    tunnel::{describe, dial, TestCa},
+    tunnel::{describe, dial, dial_quic, TestCa},
     wire::{self, Tcpdump},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
@@ -46,6 +46,7 @@ macro_rules! on_both_transports {
 on_both_transports!(
     pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted,
     half_close_and_resets_cross_the_tunnel,
+    the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why,
     certificates_rotate_under_a_long_lived_connection,
     tunnels_keep_working_while_the_control_plane_is_away,
 );
@@ -250,9 +251,8 @@ fn half_close_and_resets_cross_the_tunnel(transport: &str) {
     assert!(m.n2.stat("proxy_upstream_failed") >= 1);
 }
 
-#[test]
-fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why() {
-    let mut m = mesh("refuse", "tls", "");
+fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why(transport: &str) {
+    let mut m = mesh("refuse", transport, "");
     let ca = TestCa::load(&m.cp.data_dir).expect("mesh CA");
     let client = m.topo.pod("client");
     let server = m.topo.pod("server");
@@ -266,25 +266,37 @@ fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why() {
         connection_id: 42,
     };
     let from_client = request(client.ipv4.into());
+    // One hand-made tunnel on the transport under test: the answer, the server's
+    // certificate, and on an OK answer whether a ping crossed it.
+    let attempt = |cert: Option<&mesh_tests::tunnel::Issued>, req: &TunnelRequest| {
+        if transport == "quic" {
+            let out = dial_quic(&netns, dst, cert, req).expect("dial");
+            (out.response, out.server_cert, out.pong)
+        } else {
+            use std::io::{Read as _, Write as _};
+            let out = dial(&netns, dst, cert, req).expect("dial");
+            let pong = out.stream.is_some_and(|mut stream| {
+                let mut pong = [0u8; 5];
+                stream.write_all(b"ping\n").is_ok()
+                    && stream.read_exact(&mut pong).is_ok()
+                    && &pong == b"pong\n"
+            });
+            (out.response, out.server_cert, pong)
+        }
+    };
 
     // Control: a correct certificate gets through, and the server presents its own SVID.
     let good = ca.issue_valid(CLIENT_ID);
-    let out = dial(&netns, dst, Some(&good), &from_client).expect("dial");
-    let response = out.response.expect("answer");
+    let (response, server_cert, pong) = attempt(Some(&good), &from_client);
+    let response = response.expect("answer");
     assert_eq!(response.status(), Status::Ok, "{response:?}");
-    let (id, serial) = describe(&out.server_cert.expect("server cert"));
+    let (id, serial) = describe(&server_cert.expect("server cert"));
     assert_eq!(id, SERVER_ID);
     assert_eq!(
         Some(&serial),
         m.n2.cert_serials().expect("/certs").get(SERVER_ID)
     );
-    let mut stream = out.stream.expect("open tunnel");
-    use std::io::{Read as _, Write as _};
-    stream.write_all(b"ping\n").expect("write");
-    let mut pong = [0u8; 5];
-    stream.read_exact(&mut pong).expect("read");
-    assert_eq!(&pong, b"pong\n");
-    drop(stream);
+    assert!(pong, "no pong through the accepted tunnel");
 
     let other_source = format!("names {} as its source", server.ipv4);
     let now = time::OffsetDateTime::now_utc();
@@ -333,8 +345,8 @@ fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why() {
         ),
     ];
     for (what, cert, req, reason) in cases {
-        let out = dial(&netns, dst, cert.as_ref(), &req).expect("dial");
-        if let Ok(r) = &out.response {
+        let (response, _, _) = attempt(cert.as_ref(), &req);
+        if let Ok(r) = &response {
             assert_ne!(r.status(), Status::Ok, "{what}: accepted");
         }
         let log =

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -264,14 +264,17 @@ async fn open(src: &TcpStream, rx: &mut Rx, rekey: &Rekey, dst: &TcpStream) -> i
     }
 }
 
-/// Plain to a QUIC stream. The end of stream is sent as the stream's FIN, and the copy ends
-/// once the peer has it all: dropping the last handle of a connection closes it at once.
+/// Plain to a QUIC stream. Each read goes into a new buffer that quinn takes as it is (no
+/// copy into its send buffer). The end of stream is sent as the stream's FIN, and the copy
+/// ends once the peer has it all: dropping the last handle of a connection closes it at once.
 async fn to_stream(src: &TcpStream, dst: &mut quinn::SendStream) -> io::Result<u64> {
+    /// Below glibc's mmap threshold, so a read costs a heap allocation, not a mapping.
+    const CHUNK: usize = 64 * 1024;
     let mut total = 0;
     loop {
         src.readable().await?;
-        let mut buf = pool::take();
-        let n = match src.try_read(&mut buf) {
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        let n = match src.try_read_buf(&mut buf) {
             Ok(0) => {
                 dst.finish().map_err(io::Error::other)?;
                 dst.stopped().await?;
@@ -281,7 +284,7 @@ async fn to_stream(src: &TcpStream, dst: &mut quinn::SendStream) -> io::Result<u
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        dst.write_all(&buf[..n]).await?;
+        dst.write_chunk(buf.freeze()).await?;
         total += n as u64;
     }
 }
