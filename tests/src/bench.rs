@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::{
     app::Server,
-    mesh::{sibling_bin, workloads_yaml},
+    mesh::{mesh_config_yaml, sibling_bin, workloads_yaml},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
@@ -142,11 +142,6 @@ pub const SETUPS: [Setup; 5] = [
     },
 ];
 
-/// The bench mesh's MeshConfig with `transport`.
-fn mesh_yaml(transport: &str) -> String {
-    format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport} }}\n")
-}
-
 /// Sets the mesh's transport, if it is not `current` already, and waits for both nodes.
 fn use_transport(
     cp: &mut ControlPlane,
@@ -154,7 +149,7 @@ fn use_transport(
     wanted: &'static str,
 ) -> io::Result<()> {
     if *current != wanted {
-        cp.apply("mesh.yaml", &mesh_yaml(wanted), &["n1", "n2"])?;
+        cp.apply("mesh.yaml", &mesh_config_yaml(wanted, ""), &["n1", "n2"])?;
         *current = wanted;
     }
     Ok(())
@@ -249,7 +244,7 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
         &format!("{}-bench", topo.prefix),
         &[
             ("workloads.yaml", &workloads_yaml(&pods)),
-            ("mesh.yaml", &mesh_yaml(transport)),
+            ("mesh.yaml", &mesh_config_yaml(transport, "")),
         ],
     )?;
     let join = |topo: &mut Topology, cp: &ControlPlane| -> io::Result<[MeshNode; 2]> {

@@ -69,6 +69,13 @@ pub fn service_yaml(name: &str, vip: &str, port: u16, target_port: u16, app: &st
     )
 }
 
+/// The `MeshConfig` document with `transport` and `spec`'s other fields (`a: b, c: d`, or
+/// nothing).
+pub fn mesh_config_yaml(transport: &str, spec: &str) -> String {
+    let sep = if spec.is_empty() { "" } else { ", " };
+    format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport}{sep}{spec} }}\n")
+}
+
 pub struct MeshNode {
     daemon: Daemon,
     pub admin: SocketAddr,

@@ -9,7 +9,7 @@ use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest};
 use mesh_tests::{
     app::{self, Server},
-    mesh::workloads_yaml,
+    mesh::{mesh_config_yaml, workloads_yaml},
     tunnel::{dial, TestCa},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
@@ -33,29 +33,11 @@ struct Shop {
     _servers: Vec<Server>,
 }
 
-/// The tests below, once per transport.
-macro_rules! on_both_transports {
-    ($($test:ident),* $(,)?) => {
-        mod tls {
-            $(#[test] fn $test() { super::$test("tls") })*
-        }
-        mod quic {
-            $(#[test] fn $test() { super::$test("quic") })*
-        }
-    };
-}
-
-on_both_transports!(
+mesh_tests::on_both_transports!(
     order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing,
     each_matcher_negations_precedence_defaults_and_dry_run,
     a_policy_change_closes_the_open_connections_it_denies,
 );
-
-/// The MeshConfig document with `transport` and `spec`'s other fields (`a: b, c: d`).
-fn mesh_config(transport: &str, spec: &str) -> String {
-    let sep = if spec.is_empty() { "" } else { ", " };
-    format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport}{sep}{spec} }}\n")
-}
 
 fn shop(test: &str, transport: &str) -> Shop {
     let mut topo = Topology::new(&[
@@ -76,7 +58,7 @@ fn shop(test: &str, transport: &str) -> Shop {
         &format!("{}-{test}-{transport}", topo.prefix),
         &[
             ("workloads.yaml", &workloads_yaml(&pods)),
-            ("mesh.yaml", &mesh_config(transport, "")),
+            ("mesh.yaml", &mesh_config_yaml(transport, "")),
         ],
     )
     .expect("mesh-cp");
@@ -415,7 +397,7 @@ fn each_matcher_negations_precedence_defaults_and_dry_run(transport: &str) {
     s.cp.unapply("same.yaml", &["n1"]).expect("removed");
 
     // Default deny: nothing gets through without an Allow; an Allow opens exactly its match.
-    let mesh = |action: &str| mesh_config(transport, &format!("defaultAction: {action}"));
+    let mesh = |action: &str| mesh_config_yaml(transport, &format!("defaultAction: {action}"));
     s.cp.apply("mesh.yaml", &mesh("Deny"), &["n1", "n2"])
         .expect("default deny");
     s.expect("default deny", "order", "inventory", PORT, false);
@@ -519,7 +501,7 @@ fn a_policy_change_closes_the_open_connections_it_denies(transport: &str) {
 fn plaintext_from_outside_the_mesh_is_policed_when_permissive_and_dropped_when_strict() {
     let mut s = shop("plaintext", "tls");
     let outside = s.topo.pod(OUTSIDE).ipv4;
-    let mesh = |spec: &str| mesh_config("tls", spec);
+    let mesh = |spec: &str| mesh_config_yaml("tls", spec);
 
     // PERMISSIVE (the default): the inbound program hands the SYN to n2's proxy, and with no
     // policy the default allows it.

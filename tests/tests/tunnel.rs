@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest};
 use mesh_tests::{
     app::{self, Server},
-    mesh::{service_yaml, workloads_yaml},
+    mesh::{mesh_config_yaml, service_yaml, workloads_yaml},
     tunnel::{describe, dial, dial_quic, TestCa},
     wire::{self, Tcpdump},
     ControlPlane, MeshNode, NodeSpec, Topology,
@@ -31,19 +31,7 @@ struct Mesh {
     _servers: Vec<Server>,
 }
 
-/// The tests below, once per transport.
-macro_rules! on_both_transports {
-    ($($test:ident),* $(,)?) => {
-        mod tls {
-            $(#[test] fn $test() { super::$test("tls") })*
-        }
-        mod quic {
-            $(#[test] fn $test() { super::$test("quic") })*
-        }
-    };
-}
-
-on_both_transports!(
+mesh_tests::on_both_transports!(
     pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted,
     half_close_and_resets_cross_the_tunnel,
     the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why,
@@ -65,9 +53,10 @@ fn mesh(test: &str, transport: &str, mesh_spec: &str) -> Mesh {
         Server::start(topo.pod("outside"), PORT).expect("outside app"),
     ];
     let yaml = format!(
-        "{}---\n{}---\napiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport}{mesh_spec} }}\n",
+        "{}---\n{}---\n{}",
         workloads_yaml(&[topo.pod("client"), topo.pod("server")]),
         service_yaml("web", VIP, VIP_PORT, PORT, "server"),
+        mesh_config_yaml(transport, mesh_spec),
     );
     let name = format!("{}-{test}-{transport}", topo.prefix);
     let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
@@ -362,7 +351,7 @@ fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why(transpor
 }
 
 fn certificates_rotate_under_a_long_lived_connection(transport: &str) {
-    let mut m = mesh("rotate", transport, ", certTtl: 20s");
+    let mut m = mesh("rotate", transport, "certTtl: 20s");
     let server = m.topo.pod("server");
     let before_client = m.n1.cert_serials().expect("/certs")[CLIENT_ID].clone();
     let before_server = m.n2.cert_serials().expect("/certs")[SERVER_ID].clone();

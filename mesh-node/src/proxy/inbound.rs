@@ -326,29 +326,20 @@ fn set_quic_server(
     dir: &Directory,
     serving: &mut Option<(u64, SpiffeId)>,
 ) {
-    let wanted = dir
-        .peer(&ctx.workload)
-        .zip(dir.tls())
-        .map(|(me, tls)| (tls.trust_fingerprint(), me.identity.clone()));
+    let current = dir.peer(&ctx.workload).zip(dir.tls());
+    let wanted = current.map(|(me, tls)| (tls.trust_fingerprint(), me.identity.clone()));
     if wanted == *serving {
         return;
     }
-    let config = match (&wanted, dir.tls()) {
-        (Some((_, identity)), Some(tls)) => {
-            let built = tls
-                .server(&identity.to_string())
-                .map_err(|e| e.to_string())
-                .and_then(|c| quic::server_config(c).map_err(|e| e.to_string()));
-            match built {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::error!(workload = %ctx.workload, error = %e, "cannot build the QUIC server; QUIC tunnels to the pod are refused");
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
+    let config = current.and_then(|(me, tls)| {
+        let built = tls
+            .server(&me.identity_uri)
+            .map_err(|e| e.to_string())
+            .and_then(|c| quic::server_config(c).map_err(|e| e.to_string()));
+        built
+            .inspect_err(|e| tracing::error!(workload = %ctx.workload, error = %e, "cannot build the QUIC server; QUIC tunnels to the pod are refused"))
+            .ok()
+    });
     endpoint.set_server_config(config);
     *serving = wanted;
 }
@@ -413,14 +404,13 @@ async fn handle_quic_stream(
     let header = header::read_stream::<TunnelRequest>(&mut stream.recv);
     let (request, early) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, header).await {
         Ok(Ok(got)) => got,
-        Ok(Err(e)) => {
+        failed => {
+            let reason = match failed {
+                Ok(Err(e)) => format!("no valid tunnel header: {e}"),
+                _ => format!("no tunnel header within {HANDSHAKE_TIMEOUT:?}"),
+            };
             stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(workload = %ctx.workload, %peer, client = %from.client, reason = %format!("no valid tunnel header: {e}"), "QUIC tunnel refused");
-            return stream.reset();
-        }
-        Err(_) => {
-            stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(workload = %ctx.workload, %peer, client = %from.client, reason = %format!("no tunnel header within {HANDSHAKE_TIMEOUT:?}"), "QUIC tunnel refused");
+            tracing::warn!(workload = %ctx.workload, %peer, client = %from.client, %reason, "QUIC tunnel refused");
             return stream.reset();
         }
     };

@@ -311,6 +311,7 @@ async fn from_stream(
         let mut slices: Vec<IoSlice<'_>> = chunks[..n].iter().map(|c| IoSlice::new(c)).collect();
         total += write_all_vectored(dst, &mut slices).await? as u64;
         drop(slices);
+        // Let go of the chunks now: an idle stream must not hold the last ones it received.
         for c in &mut chunks[..n] {
             *c = Bytes::new();
         }
