@@ -267,12 +267,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .shutdown(Duration::from_secs_f64(args.drain_timeout))
         .await;
     drop(enroller);
-    match Arc::try_unwrap(capture) {
-        Ok(capture) => drop(capture),
-        Err(_) => tracing::warn!(
-            "capture still referenced at exit; the kernel detaches it when the process ends"
-        ),
-    }
+    // Connections that outlived the drain still hold the capture; its programs and the cgroup
+    // lock are let go here all the same.
+    capture.release();
     tracing::info!("detached; bye");
     Ok(())
 }

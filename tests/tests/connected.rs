@@ -13,10 +13,12 @@ const PORT: u16 = 8080;
 const T: Duration = Duration::from_secs(60);
 
 struct Setup {
-    topo: Topology,
     cp: ControlPlane,
     node: MeshNode,
     _server: Server,
+    /// Last, so it is dropped last: the daemons stop cleanly (releasing their cgroup
+    /// claims) before the topology's teardown kills whatever runs in its cgroups.
+    topo: Topology,
 }
 
 /// One node with pods a, b (in the config) and c (not yet); a server in b.

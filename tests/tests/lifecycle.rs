@@ -182,6 +182,18 @@ fn restart_after_crash_leaves_no_duplicate_attachments_and_sigterm_detaches() {
     first.stop_with(libc::SIGKILL).unwrap();
     let mut again = MeshNode::start(topo.node("n0"), &yaml, None, &[]).unwrap();
     again.wait_enrolled(2).unwrap();
+    // The daemon's claim on the cgroup: a crash leaves it (the flock dies with the process),
+    // a clean stop removes it.
+    let lock = {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&cg).unwrap();
+        std::path::PathBuf::from(format!(
+            "/run/mycel/cgroup-{}-{}.lock",
+            meta.dev(),
+            meta.ino()
+        ))
+    };
+    assert!(lock.exists(), "{} while the daemon runs", lock.display());
     assert_eq!(
         attached(&cg),
         expected,
@@ -195,4 +207,5 @@ fn restart_after_crash_leaves_no_duplicate_attachments_and_sigterm_detaches() {
     assert!(status.success(), "{status}: {}", again.log());
     assert!(again.log().contains("detached"), "{}", again.log());
     assert!(attached(&cg).is_empty(), "SIGTERM detaches everything");
+    assert!(!lock.exists(), "{} is left behind", lock.display());
 }

@@ -25,12 +25,14 @@ const OUTSIDE: &str = "outside";
 /// not in the mesh. The mesh pods serve PORT; payment also serves OTHER_PORT and logs each
 /// connection it accepts on PORT.
 struct Shop {
-    topo: Topology,
     cp: ControlPlane,
     n1: MeshNode,
     n2: MeshNode,
     payment_log: PathBuf,
     _servers: Vec<Server>,
+    /// Last, so it is dropped last: the daemons stop cleanly (releasing their cgroup
+    /// claims) before the topology's teardown kills whatever runs in its cgroups.
+    topo: Topology,
 }
 
 mesh_tests::on_both_transports!(

@@ -24,11 +24,13 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 
 struct Mesh {
-    topo: Topology,
     cp: ControlPlane,
     n1: MeshNode,
     n2: MeshNode,
     _servers: Vec<Server>,
+    /// Last, so it is dropped last: the daemons stop cleanly (releasing their cgroup
+    /// claims) before the topology's teardown kills whatever runs in its cgroups.
+    topo: Topology,
 }
 
 mesh_tests::on_both_transports!(

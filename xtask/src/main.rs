@@ -139,6 +139,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         ],
     )?;
     build_bins()?;
+    let locks_before = cgroup_locks();
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     let result = cargo("tests", &args);
@@ -158,7 +159,18 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     if !files.is_empty() {
         bail!("tests left temp files behind (now removed): {files:?}");
     }
-    println!("xtask: all checks passed; no namespaces, cgroups or temp files left behind");
+    // A daemon stopped cleanly removes its claim on its cgroup; one left means a daemon was
+    // killed instead (lifecycle's deliberate crash is followed by a clean restart).
+    let locks: Vec<_> = cgroup_locks().difference(&locks_before).cloned().collect();
+    for name in &locks {
+        let _ = std::fs::remove_file(Path::new(CGROUP_LOCK_DIR).join(name));
+    }
+    if !locks.is_empty() {
+        bail!("tests left cgroup lock files in {CGROUP_LOCK_DIR} (now removed): {locks:?}");
+    }
+    println!(
+        "xtask: all checks passed; no namespaces, cgroups, lock files or temp files left behind"
+    );
     Ok(())
 }
 
@@ -175,13 +187,16 @@ fn bench(quick: bool, only: Option<String>, profile: bool) -> anyhow::Result<()>
         &["build", "--release", "--workspace", "--bins"],
     )?;
     let release = target_dir().join("release");
-    // The harness finds the daemons and the load generator through these.
+    // The harness finds the daemons and the load generator through these. One already set is
+    // kept, so a daemon can run under a profiler (a wrapper script that execs heaptrack, say).
     for (var, bin) in [
         ("MESH_NODE_BIN", "mesh-node"),
         ("MESH_CP_BIN", "mesh-cp"),
         ("MESH_LOADGEN_BIN", "mesh-loadgen"),
     ] {
-        std::env::set_var(var, release.join(bin));
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, release.join(bin));
+        }
     }
     let out_dir = target_dir().join("bench");
     let mut options = if quick {
@@ -211,6 +226,20 @@ fn clean() -> anyhow::Result<()> {
         cleaned.cgroups.len()
     );
     Ok(())
+}
+
+/// Where mesh-node keeps its per-cgroup lock files.
+const CGROUP_LOCK_DIR: &str = "/run/mycel";
+
+fn cgroup_locks() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(CGROUP_LOCK_DIR)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Removes the temp dir's entries named with `prefix` (daemons' scratch dirs, loose files such

@@ -59,6 +59,8 @@ pub enum CaptureError {
     Attach(#[from] attach::AttachError),
     #[error("cannot list the network interfaces: {0}")]
     Interfaces(std::io::Error),
+    #[error("the capture programs were released (the daemon is shutting down)")]
+    Released,
 }
 
 /// Sums of the per-CPU counters, in [`Counter::ALL`] order.
@@ -89,9 +91,11 @@ pub struct Capture {
     by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
-    /// Held for the inbound program, which is attached per pod interface as pods enroll.
-    ebpf: Mutex<Ebpf>,
-    _lock: CgroupLock,
+    /// Held for the inbound program, which is attached per pod interface as pods enroll;
+    /// `None` once released. Dropping it detaches the cgroup programs.
+    ebpf: Mutex<Option<Ebpf>>,
+    /// The claim on the cgroup, after the programs in drop order; `None` once released.
+    lock: Mutex<Option<CgroupLock>>,
     cgroup: PathBuf,
 }
 
@@ -169,14 +173,21 @@ impl Capture {
             by_tuple,
             by_cookie,
             counters,
-            ebpf: Mutex::new(ebpf),
-            _lock: lock,
+            ebpf: Mutex::new(Some(ebpf)),
+            lock: Mutex::new(Some(lock)),
             cgroup: opts.cgroup.clone(),
         })
     }
 
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
+    }
+
+    /// Detaches the cgroup programs, then removes the claim on the cgroup. For shutdown: tasks
+    /// that still hold the capture keep working maps but redirect nothing new.
+    pub fn release(&self) {
+        drop(self.ebpf.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
     /// Starts redirecting connects made in the netns with this cookie.
@@ -197,6 +208,8 @@ impl Capture {
             nix::net::if_::if_nameindex().map_err(|e| CaptureError::Interfaces(e.into()))?;
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
         let prog: &mut SchedClassifier = ebpf
+            .as_mut()
+            .ok_or(CaptureError::Released)?
             .program_mut(name)
             .ok_or(CaptureError::Missing(name))?
             .try_into()

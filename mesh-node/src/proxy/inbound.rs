@@ -194,21 +194,19 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         }
     };
     let accept = Session::accept(config, tcp);
-    let mut stream = match Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)).await {
-        Ok(Ok(session)) => session,
-        Ok(Err(e)) => return refused(&format!("TLS handshake failed: {e}")),
-        Err(_) => return refused(&format!("no handshake within {HANDSHAKE_TIMEOUT:?}")),
-    };
-    let peer_certs = Some(stream.peer_certificates());
-    let client = match peer_identity(peer_certs) {
+    let (mut stream, peer_certs) =
+        match Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)).await {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(e)) => return refused(&format!("TLS handshake failed: {e}")),
+            Err(_) => return refused(&format!("no handshake within {HANDSHAKE_TIMEOUT:?}")),
+        };
+    let client = match peer_identity(Some(&peer_certs)) {
         Ok(id) => id,
         // The verifier already required a SPIFFE ID; this is a belt-and-braces check.
         Err(e) => return refused(&format!("no client identity: {e}")),
     };
-    let client_serial = peer_certs
-        .and_then(|c| c.first())
-        .and_then(serial)
-        .unwrap_or_default();
+    let client_serial = peer_certs.first().and_then(serial).unwrap_or_default();
+    drop(peer_certs);
     // One connection after another on the same session (see tunnel/pool.rs); each header is
     // checked as a new tunnel's would be.
     let mut first = true;
@@ -252,7 +250,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                     "tunnel accepted"
                 );
                 match relay_tunnel(ctx, stream, upstream, &guard).await {
-                    Some(session) => stream = *session,
+                    Some(session) => stream = session,
                     None => return,
                 }
             }
@@ -504,11 +502,11 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
 /// Relays one connection; returns the session when it can carry another.
 async fn relay_tunnel(
     ctx: &PodContext,
-    stream: Session,
+    stream: Box<Session>,
     upstream: TcpStream,
     guard: &OpenGuard,
 ) -> Option<Box<Session>> {
-    let stream = relay::Stream::Tunnel(Box::new(stream));
+    let stream = relay::Stream::Tunnel(stream);
     match relay::relay(upstream, stream, Some(guard.closed())).await {
         Ok(done) => done.session,
         Err(e) => {

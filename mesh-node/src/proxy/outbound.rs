@@ -327,7 +327,7 @@ async fn send(
         let session = Session::connect(config, name, tcp)
             .await
             .map_err(|source| SendError::Handshake { addr, source })?;
-        exchange(Box::new(session), &request, addr).await
+        exchange(session, &request, addr).await
     };
     let session = tokio::time::timeout(HANDSHAKE_TIMEOUT, open)
         .await

@@ -37,7 +37,7 @@ impl Stream {
     fn abort(self) {
         match self {
             Stream::Plain(s) => reset(s),
-            Stream::Tunnel(s) => reset(*s),
+            Stream::Tunnel(s) => reset(s),
             Stream::Quic(s) => s.reset(),
         }
     }
@@ -54,7 +54,7 @@ impl Resettable for TcpStream {
     }
 }
 
-impl Resettable for Session {
+impl Resettable for Box<Session> {
     fn tcp(&self) -> &TcpStream {
         Session::tcp(self)
     }
@@ -99,12 +99,17 @@ pub async fn relay(
                 let (tcp, tx, rx, rekey) = session.parts();
                 tokio::try_join!(seal(&app, tcp, tx, rekey), open(tcp, rx, rekey, &app))
             }
+            // Boxed: QUIC's copies are the largest futures (a batch of chunks each), and
+            // every idle TLS or plain connection would otherwise carry their size.
             Stream::Quic(q) => {
                 let early = std::mem::take(&mut q.early);
-                tokio::try_join!(
-                    to_stream(&app, &mut q.send),
-                    from_stream(&mut q.recv, early, &app)
-                )
+                Box::pin(async {
+                    tokio::try_join!(
+                        to_stream(&app, &mut q.send),
+                        from_stream(&mut q.recv, early, &app)
+                    )
+                })
+                .await
             }
         }
     };

@@ -251,23 +251,28 @@ pub struct Session {
     tx: Tx,
     rx: Rx,
     rekey: Rekey,
-    peer_certificates: Vec<CertificateDer<'static>>,
     established: std::time::Instant,
 }
 
 impl Session {
-    /// Handshakes as the client of `name`.
+    /// Handshakes as the client of `name` (the verifier has checked the server's identity).
+    /// Sessions are boxed: they are moved between the pool, the header exchange and the relay.
     pub async fn connect(
         config: Arc<ClientConfig>,
         name: ServerName<'static>,
         tcp: TcpStream,
-    ) -> Result<Self, SessionError> {
+    ) -> Result<Box<Self>, SessionError> {
         let conn = UnbufferedClientConnection::new(config, name)?;
-        Self::handshake(conn, tcp).await
+        Ok(Self::handshake(conn, tcp).await?.0)
     }
 
-    /// Handshakes as the server.
-    pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> Result<Self, SessionError> {
+    /// Handshakes as the server; returns the session and the client's verified certificate
+    /// chain, leaf first. The session does not keep the chain: idle sessions are many, and
+    /// the caller needs only the identity and serial it names.
+    pub async fn accept(
+        config: Arc<ServerConfig>,
+        tcp: TcpStream,
+    ) -> Result<(Box<Self>, Vec<CertificateDer<'static>>), SessionError> {
         let conn = UnbufferedServerConnection::new(config)?;
         Self::handshake(conn, tcp).await
     }
@@ -275,7 +280,7 @@ impl Session {
     async fn handshake<C: Handshake>(
         mut conn: C,
         mut tcp: TcpStream,
-    ) -> Result<Self, SessionError> {
+    ) -> Result<(Box<Self>, Vec<CertificateDer<'static>>), SessionError> {
         let mut incoming = Vec::with_capacity(4096);
         let mut outgoing = Vec::new();
         let mut encoded = 0;
@@ -342,7 +347,7 @@ impl Session {
         // Leave room for the records of one relay batch past the check.
         .saturating_sub(1 << 10);
         let (secrets, keys) = conn.into_kernel()?;
-        Ok(Self {
+        let session = Box::new(Self {
             tcp,
             tx: Tx {
                 sealer: Sealer::new(secrets.tx.0, &secrets.tx.1)?,
@@ -358,9 +363,9 @@ impl Session {
                 keys: Mutex::new(keys),
                 peer_asked: AtomicBool::new(false),
             },
-            peer_certificates,
             established: std::time::Instant::now(),
-        })
+        });
+        Ok((session, peer_certificates))
     }
 
     /// Time since the handshake.
@@ -371,11 +376,6 @@ impl Session {
     /// Whether the session can carry another connection: the peer has not closed it.
     pub fn reusable(&self) -> bool {
         !self.rx.closed
-    }
-
-    /// The peer's verified certificate chain, leaf first.
-    pub fn peer_certificates(&self) -> &[CertificateDer<'static>] {
-        &self.peer_certificates
     }
 
     pub fn tcp(&self) -> &TcpStream {
@@ -555,9 +555,9 @@ mod tests {
             }
         });
         let server = tokio::spawn(async move {
-            let mut session = Session::accept(server_config, server_tcp).await.unwrap();
+            let (mut session, chain) = Session::accept(server_config, server_tcp).await.unwrap();
             assert_eq!(
-                crate::tunnel::tls::peer_identity(Some(session.peer_certificates()))
+                crate::tunnel::tls::peer_identity(Some(&chain))
                     .unwrap()
                     .to_string(),
                 A
@@ -568,7 +568,7 @@ mod tests {
             }
             assert_eq!(&session.received()[..5], b"hello");
             session.consume(5);
-            relay(app_proxy_side, Stream::Tunnel(Box::new(session)), None).await
+            relay(app_proxy_side, Stream::Tunnel(session), None).await
         });
         let connector = tokio_rustls::TlsConnector::from(client_config);
         let name = ServerName::try_from("tunnel.mycel").unwrap();
@@ -634,11 +634,7 @@ mod tests {
         assert_eq!(&session.received()[..4], b"pong");
         session.consume(4);
         let (app_proxy_side, mut app) = pair().await;
-        let relayed = tokio::spawn(relay(
-            app_proxy_side,
-            Stream::Tunnel(Box::new(session)),
-            None,
-        ));
+        let relayed = tokio::spawn(relay(app_proxy_side, Stream::Tunnel(session), None));
         let mut got = Vec::new();
         let _ = app.read_to_end(&mut got).await;
         assert_eq!(got, b" and more");
@@ -660,7 +656,7 @@ mod tests {
         let (client_config, server_config) = configs();
         let (client_tcp, server_tcp) = pair().await;
         let server = tokio::spawn(async move {
-            let mut session = Box::new(Session::accept(server_config, server_tcp).await.unwrap());
+            let (mut session, _) = Session::accept(server_config, server_tcp).await.unwrap();
             for round in 0..2u64 {
                 let req: TunnelRequest = header::read(&mut session).await.unwrap();
                 assert_eq!(req.connection_id, round);
@@ -681,11 +677,9 @@ mod tests {
             }
         });
         let name = ServerName::try_from("tunnel.mycel").unwrap();
-        let mut session = Box::new(
-            Session::connect(client_config, name, client_tcp)
-                .await
-                .unwrap(),
-        );
+        let mut session = Session::connect(client_config, name, client_tcp)
+            .await
+            .unwrap();
         for round in 0..2u64 {
             let req = TunnelRequest {
                 connection_id: round,

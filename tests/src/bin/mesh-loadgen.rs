@@ -7,13 +7,14 @@
 //! mesh-loadgen bulk --addr A --secs S --streams N [--tls DIR]
 //! mesh-loadgen rpc --addr A --secs S --rate R [--tls DIR]
 //! mesh-loadgen connrate --addr A --secs S --concurrency C [--tls DIR]
-//! mesh-loadgen hold --addr A --count N                prints "held N", then holds them until
-//!                                                     stdin closes
+//! mesh-loadgen hold --addr A --count N                opens N connections, each answered end to
+//!                                                     end, prints "held N", then holds them
+//!                                                     until stdin closes
 //! ```
 //!
 //! Each client prints one JSON line. The first byte a client sends picks the server's
 //! behaviour: `B` count bytes until EOF and answer the count, `R` echo 1 KiB messages, `C` echo
-//! one 1 KiB message and close, `H` read until EOF (an idle connection).
+//! one 1 KiB message and close, `H` answer one byte, then read until EOF (an idle connection).
 
 use std::{
     io::{self, Read, Write},
@@ -256,6 +257,10 @@ fn answer(mut s: Box<dyn Stream>) -> io::Result<()> {
             s.flush()
         }
         b'H' => {
+            // The answer tells the client the whole path is up (through a mesh: the tunnel
+            // is established), so what it then measures is idle connections, not handshakes.
+            s.write_all(b"h")?;
+            s.flush()?;
             let mut buf = [0u8; 64];
             while s.read(&mut buf)? > 0 {}
             Ok(())
@@ -314,13 +319,18 @@ fn bulk(client: &Client, secs: Duration, streams: usize) -> Result<serde_json::V
     }))
 }
 
-/// Opens `count` idle connections, says so on stdout, and keeps them until stdin closes (the
-/// harness measures memory meanwhile).
+/// Opens `count` idle connections, each one answered by the server, says so on stdout, and
+/// keeps them until stdin closes (the harness measures memory meanwhile).
 fn hold(client: &Client, count: usize) -> Result<serde_json::Value> {
     let mut conns = Vec::with_capacity(count);
     for _ in 0..count {
         let mut c = client.connect(b'H')?;
         c.flush()?;
+        let mut answer = [0u8; 1];
+        c.read_exact(&mut answer)?;
+        if answer != *b"h" {
+            return Err(format!("the server answered {answer:?} to an idle connection").into());
+        }
         conns.push(c);
     }
     println!("held {}", conns.len());
