@@ -49,7 +49,8 @@ pub struct Options {
     /// Measure only this figure (`bulk-1`, `bulk-4`, `rpc`, `connrate`, `idle`, `policy`).
     pub only: Option<String>,
     /// Record a `perf` profile of both node daemons during each Mycel run (TLS and QUIC) and
-    /// write its top symbols next to the report (`profile-<metric>-<setup>-<round>.txt`).
+    /// write its top symbols next to the report (`profile-<metric>-<setup>-<round>.txt`); for
+    /// `rpc`, the machine's scheduler delays instead (`perf sched latency`), direct included.
     pub profile: bool,
 }
 
@@ -291,12 +292,23 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
                 if let Some(wanted) = setup.transport {
                     use_transport(&mut cp, &mut transport, wanted)?;
                 }
-                let profile = (o.profile && setup.transport.is_some())
-                    .then(|| Profile::start(&daemons))
+                // Latency is lost waiting to be scheduled rather than computing, so the
+                // latency figure records scheduler delays, machine-wide, instead of samples.
+                let kind = if metric.mode == "rpc" {
+                    ProfileKind::SchedulerDelays
+                } else {
+                    ProfileKind::Samples
+                };
+                let profile = (o.profile
+                    && (setup.transport.is_some()
+                        || (kind == ProfileKind::SchedulerDelays && setup.name == "direct")))
+                    .then(|| Profile::start(kind, &daemons))
                     .transpose()?;
-                let cpu_before = cpu_seconds(&daemons)?;
+                let cpu_before = Cpu::now(&daemons)?;
+                let wall = std::time::Instant::now();
                 let out = run_client(o, topo, &metric, setup, tls_dir)?;
-                let cpu = cpu_seconds(&daemons)? - cpu_before;
+                let wall = wall.elapsed().as_secs_f64();
+                let cpu = Cpu::now(&daemons)?.since(&cpu_before);
                 if let Some(profile) = profile {
                     let file = o.out_dir.join(format!(
                         "profile-{}-{}-{round}.txt",
@@ -304,12 +316,31 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
                     ));
                     profile.finish(&file)?;
                 }
-                if metric.mode == "bulk" && setup.name.starts_with("mycel") {
-                    if let Some(bytes) = out["bytes"].as_f64().filter(|b| *b > 0.0) {
+                // Work units: GB for bulk, connections (in µs per connection) for connrate.
+                let units = match metric.mode {
+                    "bulk" => out["bytes"].as_f64().map(|b| (b / 1e9, "s_per_gb", 1.0)),
+                    "connrate" => out["connections"].as_f64().map(|c| (c, "us_per_conn", 1e6)),
+                    _ => None,
+                };
+                if let Some((units, unit, scale)) = units.filter(|(u, ..)| *u > 0.0) {
+                    let per = |seconds: f64| seconds * scale / units;
+                    let name = metric.name;
+                    put(
+                        format!("{name}.machine_cpu_{unit}"),
+                        setup.name,
+                        per(cpu.machine),
+                    );
+                    put(format!("{name}.busy_cores"), setup.name, cpu.machine / wall);
+                    if setup.name.starts_with("mycel") {
                         put(
-                            format!("{}.cpu_s_per_gb", metric.name),
+                            format!("{name}.cpu_{unit}"),
                             setup.name,
-                            cpu / (bytes / 1e9),
+                            per(cpu.daemons_user + cpu.daemons_sys),
+                        );
+                        put(
+                            format!("{name}.daemon_sys_{unit}"),
+                            setup.name,
+                            per(cpu.daemons_sys),
                         );
                     }
                 }
@@ -340,21 +371,35 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     report(o, samples)
 }
 
-/// `perf record` of the node daemons while one client runs.
+/// What `--profile` records while one client runs.
+#[derive(Clone, Copy, PartialEq)]
+enum ProfileKind {
+    /// `perf record -g` of the node daemons: where their CPU goes.
+    Samples,
+    /// `perf sched record` of the whole machine: how long each woken task waited to run.
+    SchedulerDelays,
+}
+
 struct Profile {
+    kind: ProfileKind,
     perf: std::process::Child,
     data: PathBuf,
 }
 
 impl Profile {
-    fn start(pids: &[u32]) -> io::Result<Self> {
+    fn start(kind: ProfileKind, pids: &[u32]) -> io::Result<Self> {
         let data =
             std::env::temp_dir().join(format!("mycel-bench-perf-{}.data", std::process::id()));
         let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
-        let perf = Command::new("perf")
-            .args(["record", "-q", "-F", "1999", "-g", "-o"])
-            .arg(&data)
-            .args(["-p", &pids.join(",")])
+        let mut perf = Command::new("perf");
+        match kind {
+            ProfileKind::Samples => perf
+                .args(["record", "-q", "-F", "1999", "-g", "-o"])
+                .arg(&data)
+                .args(["-p", &pids.join(",")]),
+            ProfileKind::SchedulerDelays => perf.args(["sched", "record", "-a", "-o"]).arg(&data),
+        };
+        let perf = perf
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -363,7 +408,7 @@ impl Profile {
             })?;
         // perf needs a moment to attach before the load starts.
         std::thread::sleep(Duration::from_millis(300));
-        Ok(Self { perf, data })
+        Ok(Self { kind, perf, data })
     }
 
     /// Stops recording and writes the flat profile (self time by symbol) to `out`.
@@ -371,8 +416,9 @@ impl Profile {
         // SAFETY: signalling a child this process spawned and has not reaped.
         unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
         let _ = self.perf.wait();
-        let report = Command::new("perf")
-            .args([
+        let mut report = Command::new("perf");
+        match self.kind {
+            ProfileKind::Samples => report.args([
                 "report",
                 "--stdio",
                 "--no-children",
@@ -381,36 +427,80 @@ impl Profile {
                 "--percent-limit",
                 "0.5",
                 "-i",
-            ])
-            .arg(&self.data)
-            .stderr(Stdio::null())
-            .output();
+            ]),
+            ProfileKind::SchedulerDelays => report.args(["sched", "latency", "-i"]),
+        };
+        let report = report.arg(&self.data).stderr(Stdio::null()).output();
         let _ = std::fs::remove_file(&self.data);
         std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
         std::fs::write(out, report?.stdout)
     }
 }
 
-/// User + system CPU seconds of `pids` so far.
-fn cpu_seconds(pids: &[u32]) -> io::Result<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let mut total = 0.0;
-    for pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // The fields after the command name (which may hold spaces) start with the state;
-        // utime and stime are the 12th and 13th of them.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let field = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        total += (field(11) + field(12)) / ticks;
+/// CPU time so far: the node daemons' user and kernel time, and the whole machine's busy time.
+///
+/// The machine's figure is what bounds the ratios: these kernels charge softirq work (the TCP
+/// receive path of veth traffic) to whichever task is running, so the traffic's cost is spread
+/// over the client, server and daemons; only the sum over the machine holds all of it.
+#[derive(Clone, Copy)]
+struct Cpu {
+    daemons_user: f64,
+    daemons_sys: f64,
+    machine: f64,
+}
+
+impl Cpu {
+    fn now(daemons: &[u32]) -> io::Result<Self> {
+        let ticks = clock_ticks();
+        let (mut daemons_user, mut daemons_sys) = (0.0, 0.0);
+        for pid in daemons {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            // The fields after the command name (which may hold spaces) start with the state;
+            // utime and stime are the 12th and 13th of them.
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let field = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            daemons_user += field(11) / ticks;
+            daemons_sys += field(12) / ticks;
+        }
+        // cpu user nice system idle iowait irq softirq steal …: busy is all but idle, iowait
+        // and steal (time the hypervisor gave to other machines).
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let busy: f64 = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .enumerate()
+            .filter(|(i, _)| ![3, 4, 7].contains(i))
+            .filter_map(|(_, v)| v.parse::<f64>().ok())
+            .sum();
+        Ok(Self {
+            daemons_user,
+            daemons_sys,
+            machine: busy / ticks,
+        })
     }
-    Ok(total)
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            daemons_user: self.daemons_user - before.daemons_user,
+            daemons_sys: self.daemons_sys - before.daemons_sys,
+            machine: self.machine - before.machine,
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// Resident memory of `pids`, in MB.
@@ -644,7 +734,7 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "{:<34} {}",
+        "{:<40} {}",
         "median (min..max)",
         SETUPS
             .iter()
@@ -654,16 +744,18 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
     for (key, by_setup) in &samples {
         let (unit, scale, digits) = if key.ends_with("bytes_per_second") {
             ("MB/s", 1e-6, 0)
-        } else if key.ends_with("_us") {
+        } else if key.ends_with("_us") || key.ends_with("_us_per_conn") {
             ("µs", 1.0, 0)
         } else if key.ends_with("per_second") {
             ("/s", 1.0, 0)
+        } else if key.ends_with("busy_cores") {
+            ("cores", 1.0, 2)
         } else if key.ends_with("rss_mb") {
             ("MB per 1000", 1.0, 1)
         } else {
             ("s", 1.0, 3)
         };
-        let _ = write!(table, "{:<34}", format!("{key} ({unit})"));
+        let _ = write!(table, "{:<40}", format!("{key} ({unit})"));
         let names: Vec<&str> = if by_setup.keys().any(|k| SETUPS.iter().any(|s| s.name == k)) {
             SETUPS.iter().map(|s| s.name).collect()
         } else {
@@ -704,8 +796,16 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
         } else {
             med(key, num) / med(key, den)
         };
-        let _ = writeln!(table, "{name:<32} {r:>6.2}   target {target}");
-        ratios.push(json!({"name": name, "metric": key, "setup": num, "baseline": den, "ratio": r, "target": target}));
+        let bound = kernel_bound(&med, key, num, den, floor);
+        let _ = write!(table, "{name:<32} {r:>6.2}   target {target:<6}");
+        if bound.is_finite() {
+            let _ = write!(table, "   kernel-work bound {bound:.2}");
+        }
+        let _ = writeln!(table);
+        ratios.push(json!({
+            "name": name, "metric": key, "setup": num, "baseline": den, "ratio": r,
+            "target": target, "kernel_work_bound": bound.is_finite().then_some(bound),
+        }));
     }
     let policy_change = med("policy-change.seconds", "mycel-tls");
     let _ = writeln!(
@@ -749,6 +849,40 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
     })
 }
 
+/// The best a ratio could be if the daemons' user-space work cost nothing but the AES-GCM
+/// floor, so that only their kernel work (socket calls, copies, the TCP stack of the extra hops)
+/// and the applications' own cost remained; NaN for ratios it does not apply to.
+///
+/// For throughputs this is the baseline's machine CPU per unit of work over the mesh's, with
+/// the daemons' user time replaced by the floor: the bound holds while both runs keep the
+/// machine's cores busy (`busy_cores` in the table). For CPU ÷ floor it is the daemons' kernel
+/// time per GB plus the floor, over the floor.
+fn kernel_bound(
+    med: &dyn Fn(&str, &str) -> f64,
+    key: &str,
+    num: &str,
+    den: &str,
+    floor: f64,
+) -> f64 {
+    let mesh_floor = |metric: &str, unit: &str, crypto: f64| {
+        let machine = med(&format!("{metric}.machine_cpu_{unit}"), num);
+        let daemons = med(&format!("{metric}.cpu_{unit}"), num);
+        let kernel = med(&format!("{metric}.daemon_sys_{unit}"), num);
+        machine - (daemons - kernel) + crypto
+    };
+    match (key, num) {
+        ("", _) => (med("bulk-1.daemon_sys_s_per_gb", "mycel-tls") + floor) / floor,
+        ("bulk-1.bytes_per_second", "mycel-tls") => {
+            med("bulk-1.machine_cpu_s_per_gb", den) / mesh_floor("bulk-1", "s_per_gb", floor)
+        }
+        ("connrate.per_second", "mycel-tls") => {
+            med("connrate.machine_cpu_us_per_conn", den)
+                / mesh_floor("connrate", "us_per_conn", 0.0)
+        }
+        _ => f64::NAN,
+    }
+}
+
 /// A horizontal bar per ratio, with its target as a tick, as a self-contained SVG.
 fn chart(ratios: &[Value]) -> String {
     const ROW: f64 = 34.0;
@@ -757,7 +891,8 @@ fn chart(ratios: &[Value]) -> String {
     // The axis runs to 2.0 or the largest ratio, whichever is more.
     let max = ratios
         .iter()
-        .filter_map(|r| r["ratio"].as_f64())
+        .flat_map(|r| [r["ratio"].as_f64(), r["kernel_work_bound"].as_f64()])
+        .flatten()
         .filter(|r| r.is_finite())
         .fold(2.0f64, f64::max);
     let x = |v: f64| LEFT + WIDTH * (v / max).clamp(0.0, 1.0);
@@ -765,8 +900,8 @@ fn chart(ratios: &[Value]) -> String {
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"13\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"10\" y=\"22\" font-size=\"15\">Mycel ÷ baseline, same run (bar: measured, red tick: target)</text>\n",
-        LEFT + WIDTH + 80.0
+         <text x=\"10\" y=\"22\" font-size=\"15\">Mycel ÷ baseline, same run (bar: measured, red tick: target, grey dashes: bound from kernel work)</text>\n",
+        LEFT + WIDTH + 150.0
     );
     for (i, r) in ratios.iter().enumerate() {
         let y = 40.0 + ROW * i as f64;
@@ -788,6 +923,15 @@ fn chart(ratios: &[Value]) -> String {
                 svg,
                 "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{1:.0}\" y2=\"{2:.0}\" stroke=\"#c0392b\" stroke-width=\"3\"/>",
                 x(goal),
+                y - 3.0,
+                y + 23.0
+            );
+        }
+        if let Some(bound) = r["kernel_work_bound"].as_f64() {
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{1:.0}\" y2=\"{2:.0}\" stroke=\"#555\" stroke-width=\"2\" stroke-dasharray=\"3,2\"/>",
+                x(bound),
                 y - 3.0,
                 y + 23.0
             );

@@ -22,6 +22,8 @@ fn the_benchmark_harness_measures_every_setup_and_writes_a_report() {
         "rpc.p99_us",
         "rpc.p999_us",
         "connrate.per_second",
+        "bulk-1.machine_cpu_s_per_gb",
+        "connrate.machine_cpu_us_per_conn",
     ] {
         for setup in SETUPS {
             let samples = &report.samples[metric][setup.name];
@@ -33,7 +35,14 @@ fn the_benchmark_harness_measures_every_setup_and_writes_a_report() {
         }
     }
     let written: serde_json::Value = serde_json::from_str(&written.expect("latest.json")).unwrap();
-    assert_eq!(written["ratios"].as_array().map(Vec::len), Some(8));
+    let ratios = written["ratios"].as_array().expect("ratios");
+    assert_eq!(ratios.len(), 8);
+    // The bound from kernel work is given for the throughput and CPU targets.
+    let bounded = ratios
+        .iter()
+        .filter(|r| r["kernel_work_bound"].as_f64().is_some_and(|b| b > 0.0))
+        .count();
+    assert_eq!(bounded, 4, "{ratios:?}");
     // Idle memory is measured on both transports.
     for setup in ["mycel-tls", "mycel-quic"] {
         assert!(
@@ -46,6 +55,8 @@ fn the_benchmark_harness_measures_every_setup_and_writes_a_report() {
         "idle-1000.rss_mb",
         "policy-change.seconds",
         "bulk-1.cpu_s_per_gb",
+        "bulk-1.daemon_sys_s_per_gb",
+        "connrate.daemon_sys_us_per_conn",
     ] {
         assert!(report.samples.contains_key(key), "no {key}");
     }

@@ -49,7 +49,8 @@ enum Cmd {
         #[arg(long, value_parser = ["bulk-1", "bulk-4", "rpc", "connrate", "idle", "policy"])]
         only: Option<String>,
         /// Record a perf profile of both node daemons during each Mycel run and write the top
-        /// symbols to target/bench/profile-<figure>-<setup>-<round>.txt.
+        /// symbols to target/bench/profile-<figure>-<setup>-<round>.txt (for rpc: the
+        /// machine's scheduler delays, `perf sched latency`, direct run included).
         #[arg(long)]
         profile: bool,
     },
