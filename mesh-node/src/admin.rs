@@ -1,6 +1,6 @@
-//! A small local admin endpoint: `GET /stats` (counters as `name value` lines), `GET /certs`
-//! (the workload certificates held) and `GET /healthz`. Localhost by default; full Prometheus metrics come with the observability
-//! work.
+//! The daemon's HTTP endpoints. Admin (localhost by default): `GET /stats` (counters as
+//! `name value` lines), `GET /certs` (the workload certificates held) and `GET /healthz`.
+//! Metrics (`--metrics-listen`): `GET /metrics` in Prometheus's text format.
 
 use std::{fmt::Write as _, net::SocketAddr, sync::atomic::Ordering, sync::Arc, time::Duration};
 
@@ -26,6 +26,8 @@ pub struct Status {
     /// Version of the control plane's config in force (0 in offline mode or before the first).
     pub config_version: u64,
     pub cp_connected: bool,
+    /// When the last config update arrived (or, offline, the workloads file was applied).
+    pub config_updated_at: Option<std::time::SystemTime>,
 }
 
 pub struct Admin {
@@ -40,25 +42,74 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+/// An HTTP/1.1 endpoint's answers to `GET`s.
+pub trait Routes: Send + Sync + 'static {
+    fn get(&self, path: &str) -> Reply;
+}
+
+pub struct Reply {
+    status: &'static str,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Reply {
+    pub fn ok(content_type: &'static str, body: String) -> Self {
+        Self {
+            status: "200 OK",
+            content_type,
+            body,
+        }
+    }
+
+    pub fn text(body: String) -> Self {
+        Self::ok(TEXT, body)
+    }
+
+    pub fn not_found() -> Self {
+        Self {
+            status: "404 Not Found",
+            content_type: TEXT,
+            body: "not found\n".into(),
+        }
+    }
+
+    pub fn error(e: impl std::fmt::Display) -> Self {
+        Self {
+            status: "500 Internal Server Error",
+            content_type: TEXT,
+            body: format!("{e}\n"),
+        }
+    }
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Answers requests on `listener` with `routes`, one short-lived task per connection.
+pub async fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let admin = admin.clone();
+        let routes = routes.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &admin)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &*routes)).await;
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
+async fn answer<R: Routes>(mut stream: TcpStream, routes: &R) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
         if len == buf.len() {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
+            let reply = Reply {
+                status: "431 Request Header Fields Too Large",
+                content_type: TEXT,
+                body: String::new(),
+            };
+            return respond(&mut stream, reply).await;
         }
         let n = stream.read(&mut buf[len..]).await?;
         if n == 0 {
@@ -69,25 +120,57 @@ async fn answer(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&buf[..len]);
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    match (method, path) {
-        ("GET", "/healthz") => respond(&mut stream, "200 OK", "ok\n").await,
-        ("GET", "/stats") => match render_stats(admin) {
-            Ok(body) => respond(&mut stream, "200 OK", &body).await,
-            Err(e) => respond(&mut stream, "500 Internal Server Error", &format!("{e}\n")).await,
+    let reply = match method {
+        "GET" => routes.get(path),
+        _ => Reply {
+            status: "405 Method Not Allowed",
+            content_type: TEXT,
+            body: String::new(),
         },
-        ("GET", "/certs") => respond(&mut stream, "200 OK", &render_certs(admin)).await,
-        ("GET", _) => respond(&mut stream, "404 Not Found", "not found\n").await,
-        _ => respond(&mut stream, "405 Method Not Allowed", "").await,
-    }
+    };
+    respond(&mut stream, reply).await
 }
 
-async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+async fn respond(stream: &mut TcpStream, reply: Reply) -> std::io::Result<()> {
     let msg = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        reply.status,
+        reply.content_type,
+        reply.body.len(),
+        reply.body
     );
     stream.write_all(msg.as_bytes()).await?;
     stream.shutdown().await
+}
+
+impl Routes for Admin {
+    fn get(&self, path: &str) -> Reply {
+        match path {
+            "/healthz" => Reply::text("ok\n".into()),
+            "/stats" => match render_stats(self) {
+                Ok(body) => Reply::text(body),
+                Err(e) => Reply::error(e),
+            },
+            "/certs" => Reply::text(render_certs(self)),
+            _ => Reply::not_found(),
+        }
+    }
+}
+
+/// The Prometheus endpoint: `/metrics`, and `/healthz` for probes that only reach this port.
+pub struct MetricsEndpoint(pub Arc<crate::metrics::Metrics>);
+
+impl Routes for MetricsEndpoint {
+    fn get(&self, path: &str) -> Reply {
+        match path {
+            "/metrics" => match self.0.render() {
+                Ok(body) => Reply::ok(crate::metrics::CONTENT_TYPE, body),
+                Err(e) => Reply::error(e),
+            },
+            "/healthz" => Reply::text("ok\n".into()),
+            _ => Reply::not_found(),
+        }
+    }
 }
 
 /// One line per certificate held: identity, serial, expiry and renewal (Unix seconds), and the

@@ -5,6 +5,7 @@ mod capture;
 mod control;
 mod enroll;
 mod identity;
+mod metrics;
 mod netns;
 mod proxy;
 mod tunnel;
@@ -80,9 +81,12 @@ struct RunArgs {
     /// in /proc/mounts].
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// Address of the admin endpoint (/healthz, /stats).
+    /// Address of the admin endpoint (/healthz, /stats, /certs); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_listen: SocketAddr,
+    /// Address of the Prometheus endpoint (/metrics), for the node's scraper.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_listen: SocketAddr,
     /// Capacity of each original-destination map (concurrent redirected connections).
     #[arg(long, default_value_t = mesh_ebpf_common::ORIG_DST_CAPACITY, value_parser = clap::value_parser!(u32).range(1..))]
     orig_dst_capacity: u32,
@@ -193,6 +197,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener = admin::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on --admin-listen {}", args.admin_listen))?;
+    let metrics_listener = admin::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
+    let metrics = Arc::new(metrics::Metrics::new()?);
 
     let capture = Arc::new(capture::Capture::attach(&capture::Options {
         cgroup: cgroup.clone(),
@@ -209,6 +217,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shared = Arc::new(proxy::Shared::new(
         capture.clone(),
         stats.clone(),
+        metrics.connections.clone(),
         Duration::from_secs_f64(args.connect_timeout),
         directory_rx.clone(),
     ));
@@ -217,6 +226,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let connected = matches!(source, Source::ControlPlane(_));
     let mut enroller = enroll::Enroller::new(shared, connected);
     let (status_tx, status_rx) = watch::channel(admin::Status::default());
+    metrics.register(Box::new(metrics::collect::NodeCollector::new(
+        capture.clone(),
+        authz.clone(),
+        svids.clone(),
+        stats.clone(),
+        status_rx.clone(),
+    )?))?;
     tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(admin::Admin {
@@ -227,6 +243,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             status: status_rx,
         }),
     ));
+    tokio::spawn(admin::serve(
+        metrics_listener,
+        Arc::new(admin::MetricsEndpoint(metrics)),
+    ));
 
     let mut signals = Signals::new()?;
     match source {
@@ -235,6 +255,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             status_tx.send_modify(|s| {
                 s.enrolled = enroller.enrolled();
                 s.config_applied = 1;
+                s.config_updated_at = Some(std::time::SystemTime::now());
             });
             tracing::info!(node = %args.node_name, admin = %args.admin_listen, enrolled = enroller.enrolled(), "mesh-node ready (offline mode)");
             let interval = Duration::from_secs_f64(args.reload_interval);
@@ -333,6 +354,9 @@ async fn follow_file(
             enroller,
             outcome.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
         );
+        if outcome.is_ok() {
+            status.send_modify(|s| s.config_updated_at = Some(std::time::SystemTime::now()));
+        }
         match outcome {
             Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads file applied"),
             Err(e) => {
@@ -380,7 +404,10 @@ async fn follow_control_plane(
                 // Before the ack: once the control plane sees this version acked, the kernel
                 // refuses what it denies.
                 enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
-                status.send_modify(|s| s.config_version = view_rx.borrow().version);
+                status.send_modify(|s| {
+                    s.config_version = view_rx.borrow().version;
+                    s.config_updated_at = Some(std::time::SystemTime::now());
+                });
                 match &outcome {
                     Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads applied"),
                     Err(e) => tracing::error!("cannot enroll the workloads, keeping the previous set and retrying: {e}"),

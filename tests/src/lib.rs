@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cp;
 pub mod daemon;
 pub mod mesh;
+pub mod prom;
 pub mod topology;
 pub mod tunnel;
 pub mod wire;

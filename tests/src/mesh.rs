@@ -79,6 +79,8 @@ pub fn mesh_config_yaml(transport: &str, spec: &str) -> String {
 pub struct MeshNode {
     daemon: Daemon,
     pub admin: SocketAddr,
+    /// The Prometheus endpoint (`/metrics`), on loopback.
+    pub metrics: SocketAddr,
     /// Offline mode's workloads file (unused when the node follows a control plane).
     pub workloads_file: PathBuf,
     pub log_file: PathBuf,
@@ -160,6 +162,7 @@ impl MeshNode {
         let source_args = source(&workloads_file)?;
         let log_file = dir.join("mesh-node.log");
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let mut cmd = Command::new(mesh_node_bin());
         cmd.arg("run")
             .arg("--node-name")
@@ -169,6 +172,8 @@ impl MeshNode {
             .arg(&node.cgroup)
             .arg("--admin-listen")
             .arg(admin.to_string())
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
             .arg("--reload-interval")
             .arg("0.1")
             .args(extra)
@@ -183,6 +188,7 @@ impl MeshNode {
         Ok(Self {
             daemon: Daemon::new("mesh-node", child, dir, log_file.clone()),
             admin,
+            metrics,
             workloads_file,
             log_file,
         })
@@ -247,6 +253,11 @@ impl MeshNode {
             let log = fs::read_to_string(&file).ok()?;
             log.contains(needle).then_some(log)
         })
+    }
+
+    /// `GET /metrics`: the Prometheus exposition.
+    pub fn metrics_text(&self) -> io::Result<String> {
+        http_get(self.metrics, "/metrics")
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -5,7 +5,8 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context as _};
 
 /// Debian packages the end-to-end tests use: iproute2 (ip), bpftool, python3 (the test app),
-/// coreutils (sha256sum), tcpdump and tshark (what crosses the link between nodes).
+/// coreutils (sha256sum), tcpdump and tshark (what crosses the link between nodes),
+/// prometheus (promtool checks the metrics; the server scrapes the nodes).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -13,6 +14,7 @@ const TEST_PACKAGES: &[&str] = &[
     "coreutils",
     "tcpdump",
     "tshark",
+    "prometheus",
 ];
 /// What `cargo install bpf-linker --features llvm-22` links against.
 const LLVM_PACKAGES: &[&str] = &[

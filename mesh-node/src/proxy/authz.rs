@@ -37,7 +37,7 @@ pub struct Request {
 }
 
 /// Per-policy decision counters: (policy, rule, action, mode) → count.
-type DecisionKey = (String, String, Action, Mode);
+pub type DecisionKey = (String, String, Action, Mode);
 
 #[derive(Default)]
 pub struct Authz {
@@ -157,6 +157,17 @@ impl Authz {
                 "policy_decisions{{policy=\"{policy}\",rule=\"{rule}\",action=\"{action}\",mode=\"{mode}\"}} {n}"
             );
         }
+    }
+
+    /// Open connections closed so far because a policy change denies them.
+    pub fn closed_by_policy(&self) -> u64 {
+        self.closed_by_policy.load(Ordering::Relaxed)
+    }
+
+    /// Decisions so far: (policy, rule, action, mode) → count.
+    pub fn decision_counts(&self) -> Vec<(DecisionKey, u64)> {
+        let decisions = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
+        decisions.iter().map(|(k, n)| (k.clone(), *n)).collect()
     }
 
     fn count(&self, d: &Decision) {

@@ -21,6 +21,7 @@ use super::{
     relay::{self, reset},
     PodContext,
 };
+use crate::metrics::{Connection, FailReason, Pair, Reporter};
 use crate::tunnel::{
     header::{self, HeaderError},
     pool, quic,
@@ -81,11 +82,75 @@ impl Refusal {
 pub struct Admitted {
     pub upstream: TcpStream,
     pub guard: OpenGuard,
+    /// Who talks to whom, for the metrics (boxed: connection tasks stay small).
+    pub pair: Box<Pair>,
+}
+
+impl Refusal {
+    fn reason(&self) -> FailReason {
+        match self.status {
+            Status::Denied => FailReason::Denied,
+            Status::UpstreamFailed => FailReason::UpstreamConnect,
+            _ => FailReason::Refused,
+        }
+    }
+}
+
+/// The workload pair of a delivery to `pod`, as its destination sees it: the source is the
+/// workload at the source address if it holds the verified identity, else just the identity.
+fn pair_at_destination(
+    pod: &PodContext,
+    dir: &Directory,
+    source_identity: Option<&SpiffeId>,
+    source: IpAddr,
+    destination_port: u16,
+) -> Pair {
+    let mut pair = match dir.peer(&pod.workload) {
+        Some(me) => Pair::default().with_destination(me),
+        None => Pair {
+            destination_workload: pod.workload.name.clone(),
+            destination_namespace: pod.workload.namespace.clone(),
+            ..Pair::default()
+        },
+    };
+    if let Some(id) = source_identity {
+        match dir.peer_by_addr(source).filter(|p| &p.identity == id) {
+            Some(peer) => pair = pair.with_source(peer),
+            None => {
+                pair.source_identity = id.to_string();
+                pair.source_namespace.clone_from(&id.namespace);
+            }
+        }
+    }
+    pair.destination_port = destination_port;
+    pair
 }
 
 /// The destination's checks for `d` into `pod` (addresses, identity, then policy), then a
 /// connection to its application.
 pub async fn deliver(pod: &PodContext, dir: &Directory, d: &Delivery) -> Result<Admitted, Refusal> {
+    let pair = pair_at_destination(
+        pod,
+        dir,
+        Some(&d.source_identity),
+        d.source.ip(),
+        d.destination.port(),
+    );
+    let outcome = checked_delivery(pod, dir, d, pair.clone()).await;
+    if let Err(r) = &outcome {
+        pod.shared
+            .metrics
+            .failed(Reporter::Destination, &pair, r.reason());
+    }
+    outcome
+}
+
+async fn checked_delivery(
+    pod: &PodContext,
+    dir: &Directory,
+    d: &Delivery,
+    pair: Pair,
+) -> Result<Admitted, Refusal> {
     check_destination(pod, dir, d.destination)?;
     let source = dir.peer_by_addr(d.source.ip()).ok_or_else(|| {
         Refusal::new(
@@ -112,7 +177,7 @@ pub async fn deliver(pod: &PodContext, dir: &Directory, d: &Delivery) -> Result<
         source_identity: Some(d.source_identity.clone()),
         connection_id: d.connection_id,
     };
-    authorize_and_connect(pod, request).await
+    authorize_and_connect(pod, request, pair).await
 }
 
 /// The destination must be an address (and a port) of this pod.
@@ -141,6 +206,7 @@ fn check_destination(
 async fn authorize_and_connect(
     pod: &PodContext,
     request: authz::Request,
+    pair: Pair,
 ) -> Result<Admitted, Refusal> {
     // Registered before the check, which reads the newest policies: a change that lands after
     // the check finds the registration and re-checks it.
@@ -161,7 +227,11 @@ async fn authorize_and_connect(
             format!("connect to {destination} failed: {e}"),
         )
     })?;
-    Ok(Admitted { upstream, guard })
+    Ok(Admitted {
+        upstream,
+        guard,
+        pair: Box::new(pair),
+    })
 }
 
 /// One tunnel from another node.
@@ -237,8 +307,18 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         // Boxed, like the handshake: the connection's task keeps only the relay's state while
         // it lives.
         match Box::pin(admit_tunnel(ctx, &dir, &request, &client, peer.ip())).await {
-            Ok((d, Admitted { upstream, guard })) => {
+            Ok((
+                d,
+                Admitted {
+                    upstream,
+                    guard,
+                    pair,
+                },
+            )) => {
+                let mut conn = ctx.shared.metrics.opened(Reporter::Destination, &pair);
+                drop(pair);
                 if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
+                    conn.fail(FailReason::Reset);
                     refused(&format!("the client went away: {e}"));
                     reset(upstream);
                     return;
@@ -249,7 +329,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                     destination = %d.destination, id = d.connection_id, transport = "tls",
                     "tunnel accepted"
                 );
-                match relay_tunnel(ctx, stream, upstream, &guard).await {
+                match relay_tunnel(ctx, stream, upstream, &guard, &mut conn).await {
                     Some(session) => stream = session,
                     None => return,
                 }
@@ -278,8 +358,21 @@ async fn admit_tunnel(
     client: &SpiffeId,
     peer: IpAddr,
 ) -> Result<(Delivery, Admitted), Refusal> {
-    let d = parse(request, client.clone())?;
-    check_tunnel_source(dir, peer, &d)?;
+    let checked = parse(request, client.clone()).and_then(|d| {
+        check_tunnel_source(dir, peer, &d)?;
+        Ok(d)
+    });
+    let d = match checked {
+        Ok(d) => d,
+        Err(r) => {
+            let port = u16::try_from(request.destination_port).unwrap_or(0);
+            let pair = pair_at_destination(ctx, dir, Some(client), peer, port);
+            ctx.shared
+                .metrics
+                .failed(Reporter::Destination, &pair, r.reason());
+            return Err(r);
+        }
+    };
     let admitted = deliver(ctx, dir, &d).await?;
     Ok((d, admitted))
 }
@@ -415,9 +508,19 @@ async fn handle_quic_stream(
     stream.early = early;
     let dir = ctx.shared.directory();
     match Box::pin(admit_tunnel(ctx, &dir, &request, &from.client, peer.ip())).await {
-        Ok((d, Admitted { upstream, guard })) => {
+        Ok((
+            d,
+            Admitted {
+                upstream,
+                guard,
+                pair,
+            },
+        )) => {
+            let mut conn = ctx.shared.metrics.opened(Reporter::Destination, &pair);
+            drop(pair);
             if let Err(e) = header::write_stream(&mut stream.send, &response(Status::Ok, "")).await
             {
+                conn.fail(FailReason::Reset);
                 tracing::warn!(workload = %ctx.workload, %peer, error = %e, "QUIC tunnel: the client went away");
                 reset(upstream);
                 return;
@@ -429,8 +532,10 @@ async fn handle_quic_stream(
                 transport = "quic", "tunnel accepted"
             );
             let stream = relay::Stream::Quic(Box::new(stream));
-            if let Err(e) = relay::relay(upstream, stream, Some(guard.closed())).await {
+            let relayed = relay::relay(upstream, stream, Some(guard.closed()), &conn.traffic).await;
+            if let Err(e) = relayed {
                 stats.reset.fetch_add(1, Ordering::Relaxed);
+                conn.fail(ended_by(&guard));
                 tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
             }
         }
@@ -478,9 +583,17 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
         connection_id: ctx.shared.connection_id(),
     };
     let id = request.connection_id;
-    let Admitted { upstream, guard } = match authorize_and_connect(ctx, request).await {
+    let dir = ctx.shared.directory();
+    let pair = pair_at_destination(ctx, &dir, None, peer.ip(), destination.port());
+    let admitted = authorize_and_connect(ctx, request, pair.clone()).await;
+    let Admitted {
+        upstream, guard, ..
+    } = match admitted {
         Ok(admitted) => admitted,
         Err(r) => {
+            ctx.shared
+                .metrics
+                .failed(Reporter::Destination, &pair, r.reason());
             if r.status == Status::Denied {
                 // The deny itself is logged by the policy check.
                 stats.plaintext_denied.fetch_add(1, Ordering::Relaxed);
@@ -493,8 +606,13 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     };
     tracing::debug!(workload = %ctx.workload, %peer, %destination, id, "plaintext connection admitted");
     let upstream = relay::Stream::Plain(upstream);
-    if let Err(e) = relay::relay(client, upstream, Some(guard.closed())).await {
+    let mut conn = ctx.shared.metrics.opened(Reporter::Destination, &pair);
+    drop(pair);
+    // The relay holds the client here, not the application.
+    let traffic = conn.traffic.swapped();
+    if let Err(e) = relay::relay(client, upstream, Some(guard.closed()), &traffic).await {
         stats.reset.fetch_add(1, Ordering::Relaxed);
+        conn.fail(ended_by(&guard));
         tracing::debug!(workload = %ctx.workload, error = %e, "plaintext relay ended with an error; both sides reset");
     }
 }
@@ -505,15 +623,26 @@ async fn relay_tunnel(
     stream: Box<Session>,
     upstream: TcpStream,
     guard: &OpenGuard,
+    conn: &mut Connection,
 ) -> Option<Box<Session>> {
     let stream = relay::Stream::Tunnel(stream);
-    match relay::relay(upstream, stream, Some(guard.closed())).await {
+    match relay::relay(upstream, stream, Some(guard.closed()), &conn.traffic).await {
         Ok(done) => done.session,
         Err(e) => {
             ctx.shared.stats.reset.fetch_add(1, Ordering::Relaxed);
+            conn.fail(ended_by(guard));
             tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
             None
         }
+    }
+}
+
+/// Why an admitted connection's relay failed: a policy change closed it, or an error.
+fn ended_by(guard: &OpenGuard) -> FailReason {
+    if guard.closed().is_cancelled() {
+        FailReason::ClosedByPolicy
+    } else {
+        FailReason::Reset
     }
 }
 

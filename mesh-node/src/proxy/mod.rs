@@ -82,6 +82,8 @@ pub struct ProxyStats {
 pub struct Shared {
     pub capture: Arc<Capture>,
     pub stats: Arc<ProxyStats>,
+    /// Per workload pair connection metrics (Prometheus).
+    pub metrics: Arc<crate::metrics::ConnectionMetrics>,
     pub connect_timeout: Duration,
     /// The current routing view; replaced whole when the mesh view changes.
     pub directory: watch::Receiver<Arc<Directory>>,
@@ -100,12 +102,14 @@ impl Shared {
     pub fn new(
         capture: Arc<Capture>,
         stats: Arc<ProxyStats>,
+        metrics: Arc<crate::metrics::ConnectionMetrics>,
         connect_timeout: Duration,
         directory: watch::Receiver<Arc<Directory>>,
     ) -> Self {
         Self {
             capture,
             stats,
+            metrics,
             connect_timeout,
             directory,
             local: RwLock::default(),

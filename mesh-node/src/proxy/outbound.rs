@@ -7,7 +7,7 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     sync::{atomic::Ordering, Arc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
@@ -23,6 +23,7 @@ use super::{
     relay::{self, reset, Stream},
     PodContext,
 };
+use crate::metrics::{FailReason, Pair, Path, Reporter};
 use crate::tunnel::{
     header, pool,
     quic::{self, TunnelStream},
@@ -46,12 +47,32 @@ pub fn listen_addrs() -> [SocketAddr; 2] {
 /// Where an outbound connection was sent.
 enum Upstream {
     Plain(TcpStream),
-    /// A pod of this node, admitted by its checks.
-    Local(TcpStream, OpenGuard),
+    /// A pod of this node, admitted by its checks (which also report it, as its destination).
+    Local(TcpStream, OpenGuard, Box<Pair>),
     /// Through a tunnel session; it goes back to the pool under this key if it can.
-    Tunnel(Box<Session>, pool::Key),
+    Tunnel {
+        session: Box<Session>,
+        key: pool::Key,
+        reused: bool,
+    },
     /// Through a stream of a QUIC connection.
-    Quic(Box<TunnelStream>),
+    Quic {
+        stream: Box<TunnelStream>,
+        reused: bool,
+    },
+}
+
+impl Upstream {
+    fn path(&self) -> Path {
+        match self {
+            Upstream::Plain(_) => Path::Passthrough,
+            Upstream::Local(..) => Path::Local,
+            Upstream::Tunnel { reused: false, .. } => Path::TlsNew,
+            Upstream::Tunnel { reused: true, .. } => Path::TlsReused,
+            Upstream::Quic { reused: false, .. } => Path::QuicNew,
+            Upstream::Quic { reused: true, .. } => Path::QuicReused,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +111,27 @@ enum SendError {
 }
 
 impl SendError {
+    /// The bounded reason the metrics give for it.
+    fn reason(&self) -> FailReason {
+        match self {
+            SendError::Connect { .. }
+            | SendError::Handshake { .. }
+            | SendError::Header { .. }
+            | SendError::Quic { .. }
+            | SendError::Timeout { .. } => FailReason::Tunnel,
+            SendError::Refused { status, .. } => match status {
+                Status::Denied => FailReason::Denied,
+                Status::UpstreamFailed => FailReason::UpstreamConnect,
+                _ => FailReason::Refused,
+            },
+            SendError::NoSvid(_)
+            | SendError::NoTrust
+            | SendError::UnknownSource(_)
+            | SendError::NoSourceAddress(_)
+            | SendError::Tls(_) => FailReason::NotReady,
+        }
+    }
+
     /// Whether another endpoint of the same service might work.
     fn try_next(&self) -> bool {
         match self {
@@ -108,13 +150,21 @@ impl SendError {
 pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let ctx = &*ctx;
     let stats = &ctx.shared.stats;
+    let metrics = &ctx.shared.metrics;
+    let started = Instant::now();
     stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let dir = ctx.shared.directory();
+    let mut pair = dir
+        .peer(&ctx.workload)
+        .map(|me| Pair::default().with_source(me))
+        .unwrap_or_default();
     let Some(dst) = ctx
         .shared
         .capture
         .original_destination(ctx.netns_cookie, peer)
     else {
         stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
+        metrics.failed(Reporter::Source, &pair, FailReason::NoOriginalDestination);
         tracing::warn!(
             workload = %ctx.workload, %peer,
             "no original destination recorded for this connection (original-destination map full?); resetting it"
@@ -123,7 +173,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         return;
     };
     let _ = client.set_nodelay(true);
-    let dir = ctx.shared.directory();
+    pair.destination_port = dst.port();
     let upstream = match dir.route(dst) {
         Route::Passthrough => match ctx.connect_marked(dst).await {
             Ok(s) => {
@@ -132,6 +182,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             }
             Err(e) => {
                 stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+                metrics.failed(Reporter::Source, &pair, FailReason::UpstreamConnect);
                 tracing::info!(
                     workload = %ctx.workload, %peer, %dst, error = %e,
                     "upstream connect failed; resetting the client connection"
@@ -140,41 +191,68 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 return;
             }
         },
-        Route::Workload(target) => match Box::pin(send(ctx, &dir, &target, peer)).await {
-            Ok(up) => up,
-            Err(e) => {
-                fail(ctx, client, dst, &target, &e);
-                return;
+        Route::Workload(target) => {
+            pair = to_target(pair, &target);
+            match Box::pin(send(ctx, &dir, &target, peer)).await {
+                Ok(up) => up,
+                Err(e) => {
+                    metrics.failed(Reporter::Source, &pair, e.reason());
+                    fail(ctx, client, dst, &target, &e);
+                    return;
+                }
             }
-        },
+        }
         Route::Service {
             service,
             candidates,
-        } => match Box::pin(send_to_service(ctx, &dir, &service, candidates, peer)).await {
-            Some(up) => up,
-            None => {
-                stats.no_endpoint.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    workload = %ctx.workload, %dst, %service,
-                    "no endpoint of the service could be reached; resetting the client connection"
-                );
-                reset(client);
-                return;
+        } => {
+            pair.destination_service.clone_from(&service);
+            match Box::pin(send_to_service(ctx, &dir, &service, candidates, peer)).await {
+                Some((up, target)) => {
+                    pair = to_target(pair, &target);
+                    up
+                }
+                None => {
+                    stats.no_endpoint.fetch_add(1, Ordering::Relaxed);
+                    metrics.failed(Reporter::Source, &pair, FailReason::NoEndpoint);
+                    tracing::info!(
+                        workload = %ctx.workload, %dst, %service,
+                        "no endpoint of the service could be reached; resetting the client connection"
+                    );
+                    reset(client);
+                    return;
+                }
             }
-        },
+        }
     };
+    metrics.connected(upstream.path(), started.elapsed());
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
+    let mut conn = metrics.opened(Reporter::Source, &pair);
+    // A delivery on this node is also reported by its destination, in the same relay.
+    let mut local = None;
     let (result, pooled) = match upstream {
-        Upstream::Plain(s) => (relay::relay(client, Stream::Plain(s), None).await, None),
-        Upstream::Local(s, guard) => (
-            relay::relay(client, Stream::Plain(s), Some(guard.closed())).await,
+        Upstream::Plain(s) => (
+            relay::relay(client, Stream::Plain(s), None, &conn.traffic).await,
             None,
         ),
-        Upstream::Tunnel(s, key) => (
-            relay::relay(client, Stream::Tunnel(s), None).await,
+        Upstream::Local(s, guard, local_pair) => {
+            let dest = local.insert((metrics.opened(Reporter::Destination, &local_pair), guard));
+            // The relay holds the client, not the destination's application.
+            let traffic = conn.traffic.clone().and(&dest.0.traffic.swapped());
+            let closed = Some(dest.1.closed());
+            (
+                relay::relay(client, Stream::Plain(s), closed, &traffic).await,
+                None,
+            )
+        }
+        Upstream::Tunnel { session, key, .. } => (
+            relay::relay(client, Stream::Tunnel(session), None, &conn.traffic).await,
             Some(key),
         ),
-        Upstream::Quic(s) => (relay::relay(client, Stream::Quic(s), None).await, None),
+        Upstream::Quic { stream, .. } => (
+            relay::relay(client, Stream::Quic(stream), None, &conn.traffic).await,
+            None,
+        ),
     };
     match result {
         Ok(done) => {
@@ -188,9 +266,27 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         }
         Err(e) => {
             stats.reset.fetch_add(1, Ordering::Relaxed);
+            let by_policy = local
+                .as_ref()
+                .is_some_and(|(_, g)| g.closed().is_cancelled());
+            let reason = if by_policy {
+                FailReason::ClosedByPolicy
+            } else {
+                FailReason::Reset
+            };
+            conn.fail(reason);
+            if let Some((dest, _)) = local.as_mut() {
+                dest.fail(reason);
+            }
             tracing::debug!(workload = %ctx.workload, %dst, error = %e, "relay ended with an error; both sides reset");
         }
     }
+}
+
+/// The pair's destination is `target`'s workload, on the port it listens on.
+fn to_target(mut pair: Pair, target: &Target) -> Pair {
+    pair.destination_port = target.addr.port();
+    pair.with_destination(&target.peer)
 }
 
 /// Tries the service's endpoints in the directory's order, those that failed recently last.
@@ -200,7 +296,7 @@ async fn send_to_service(
     service: &str,
     mut candidates: Vec<Target>,
     peer: SocketAddr,
-) -> Option<Upstream> {
+) -> Option<(Upstream, Target)> {
     let health = &ctx.shared.health;
     // Stable: keeps the round-robin order within the healthy and the failed group.
     candidates.sort_by_key(|t| !health.is_healthy(&t.peer.key));
@@ -208,7 +304,7 @@ async fn send_to_service(
         match send(ctx, dir, target, peer).await {
             Ok(up) => {
                 health.succeeded(&target.peer.key);
-                return Some(up);
+                return Some((up, target.clone()));
             }
             Err(e) => {
                 tracing::info!(
@@ -263,16 +359,19 @@ async fn send(
         connection_id: ctx.shared.connection_id(),
     };
     if let Some(local) = ctx.shared.local_pod(&target.peer.key) {
-        let Admitted { upstream, guard } =
-            inbound::deliver(&local, dir, &delivery)
-                .await
-                .map_err(|r| SendError::Refused {
-                    status: r.status,
-                    reason: r.reason,
-                })?;
+        let Admitted {
+            upstream,
+            guard,
+            pair,
+        } = inbound::deliver(&local, dir, &delivery)
+            .await
+            .map_err(|r| SendError::Refused {
+                status: r.status,
+                reason: r.reason,
+            })?;
         ctx.shared.stats.same_node.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(workload = %me, destination = %target.peer.key, addr = %target.addr, id = delivery.connection_id, "delivered on this node");
-        return Ok(Upstream::Local(upstream, guard));
+        return Ok(Upstream::Local(upstream, guard, pair));
     }
     let tls = dir.tls().ok_or(SendError::NoTrust)?;
     let source_id = source.identity.to_string();
@@ -297,9 +396,9 @@ async fn send(
     let stats = &ctx.shared.stats;
     if dir.transport() == Transport::Quic {
         let config = tls.client(&source_id, target.peer.identity.clone())?;
-        let stream = send_quic(ctx, &key, config, &request).await?;
+        let (stream, reused) = send_quic(ctx, &key, config, &request).await?;
         tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "QUIC stream open");
-        return Ok(Upstream::Quic(stream));
+        return Ok(Upstream::Quic { stream, reused });
     }
     if let Some(session) = ctx.shared.tunnels.take(&key) {
         let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange(session, &request, addr));
@@ -308,7 +407,11 @@ async fn send(
                 stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
                 stats.tunnels_reused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel session reused");
-                return Ok(Upstream::Tunnel(session, key));
+                return Ok(Upstream::Tunnel {
+                    session,
+                    key,
+                    reused: true,
+                });
             }
             Err(e @ SendError::Refused { .. }) => return Err(e),
             // The destination closed the idle session first: make a new one.
@@ -334,7 +437,11 @@ async fn send(
         .map_err(|_| SendError::Timeout { addr })??;
     stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel open");
-    Ok(Upstream::Tunnel(session, key))
+    Ok(Upstream::Tunnel {
+        session,
+        key,
+        reused: false,
+    })
 }
 
 /// Opens a stream for one connection on the pod pair's QUIC connection (making one if
@@ -345,7 +452,7 @@ async fn send_quic(
     key: &pool::Key,
     tls: Arc<rustls::ClientConfig>,
     request: &TunnelRequest,
-) -> Result<Box<TunnelStream>, SendError> {
+) -> Result<(Box<TunnelStream>, bool), SendError> {
     let addr = key.destination;
     let endpoint = ctx.quic.as_ref().ok_or(SendError::Quic {
         addr,
@@ -394,7 +501,7 @@ async fn send_quic(
                 } else {
                     stats.tunnels_reused.fetch_add(1, Ordering::Relaxed);
                 }
-                return Ok(Box::new(stream));
+                return Ok((Box::new(stream), !made));
             }
             Err(e @ SendError::Refused { .. }) => return Err(e),
             Err(e) if !fresh => {

@@ -15,9 +15,11 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use prometheus::IntCounter;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{count, Traffic};
 use crate::tunnel::{
     quic::TunnelStream,
     record::{ContentType, FULL_RECORD, HEADER, MAX_PLAINTEXT},
@@ -85,7 +87,9 @@ pub async fn relay(
     app: TcpStream,
     mut other: Stream,
     closed: Option<&CancellationToken>,
+    traffic: &Traffic,
 ) -> Result<Relayed, io::Error> {
+    let (out, back) = (&traffic.from_app[..], &traffic.to_app[..]);
     let closed = async {
         match closed {
             Some(token) => token.cancelled().await,
@@ -94,10 +98,13 @@ pub async fn relay(
     };
     let copy = async {
         match &mut other {
-            Stream::Plain(b) => tokio::try_join!(plain(&app, b), plain(b, &app)),
+            Stream::Plain(b) => tokio::try_join!(plain(&app, b, out), plain(b, &app, back)),
             Stream::Tunnel(session) => {
                 let (tcp, tx, rx, rekey) = session.parts();
-                tokio::try_join!(seal(&app, tcp, tx, rekey), open(tcp, rx, rekey, &app))
+                tokio::try_join!(
+                    seal(&app, tcp, tx, rekey, out),
+                    open(tcp, rx, rekey, &app, back)
+                )
             }
             // Boxed: QUIC's copies are the largest futures (a batch of chunks each), and
             // every idle TLS or plain connection would otherwise carry their size.
@@ -105,8 +112,8 @@ pub async fn relay(
                 let early = std::mem::take(&mut q.early);
                 Box::pin(async {
                     tokio::try_join!(
-                        to_stream(&app, &mut q.send),
-                        from_stream(&mut q.recv, early, &app)
+                        to_stream(&app, &mut q.send, out),
+                        from_stream(&mut q.recv, early, &app, back)
                     )
                 })
                 .await
@@ -146,7 +153,7 @@ pub async fn relay(
 }
 
 /// Plain to plain.
-async fn plain(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+async fn plain(src: &TcpStream, dst: &TcpStream, counted: &[IntCounter]) -> io::Result<u64> {
     let mut total = 0;
     loop {
         src.readable().await?;
@@ -162,12 +169,19 @@ async fn plain(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         };
         write_all(dst, &buf[..n]).await?;
         total += n as u64;
+        count(counted, n);
     }
 }
 
 /// Plain to a tunnel: read into the plaintext slots of up to [`pool::SLOTS`] records, seal
 /// each in place, and write them as one contiguous run.
-async fn seal(src: &TcpStream, dst: &TcpStream, tx: &mut Tx, rekey: &Rekey) -> io::Result<u64> {
+async fn seal(
+    src: &TcpStream,
+    dst: &TcpStream,
+    tx: &mut Tx,
+    rekey: &Rekey,
+    counted: &[IntCounter],
+) -> io::Result<u64> {
     let mut total = 0;
     let mut control = Vec::new();
     loop {
@@ -207,13 +221,20 @@ async fn seal(src: &TcpStream, dst: &TcpStream, tx: &mut Tx, rekey: &Rekey) -> i
         }
         write_all(dst, &buf[..end]).await?;
         total += n as u64;
+        count(counted, n);
     }
 }
 
 /// A tunnel to plain: read as many records as the socket has, open them in place, and write
 /// their payloads with one vectored write. A partial record stays at the buffer's start; bytes
 /// after the end of stream (the next connection's header) go back to the session.
-async fn open(src: &TcpStream, rx: &mut Rx, rekey: &Rekey, dst: &TcpStream) -> io::Result<u64> {
+async fn open(
+    src: &TcpStream,
+    rx: &mut Rx,
+    rekey: &Rekey,
+    dst: &TcpStream,
+    counted: &[IntCounter],
+) -> io::Result<u64> {
     let mut total = 0;
     // What the header exchange read past the header goes first. Taking the vectors (not
     // just their bytes) frees their capacity: an idle tunnel holds no buffer.
@@ -221,6 +242,7 @@ async fn open(src: &TcpStream, rx: &mut Rx, rekey: &Rekey, dst: &TcpStream) -> i
     if !early.is_empty() {
         write_all(dst, &early).await?;
         total += early.len() as u64;
+        count(counted, early.len());
     }
     drop(early);
     let pending = std::mem::take(&mut rx.pending);
@@ -240,7 +262,9 @@ async fn open(src: &TcpStream, rx: &mut Rx, rekey: &Rekey, dst: &TcpStream) -> i
             let opened = rx.open(rekey, &mut buf[..filled], &mut data)?;
             let mut slices: Vec<IoSlice<'_>> =
                 data.iter().map(|r| IoSlice::new(&buf[r.clone()])).collect();
-            total += write_all_vectored(dst, &mut slices).await? as u64;
+            let written = write_all_vectored(dst, &mut slices).await?;
+            total += written as u64;
+            count(counted, written);
             if opened.ended {
                 shutdown_write(dst)?;
                 if !rx.closed {
@@ -272,7 +296,11 @@ async fn open(src: &TcpStream, rx: &mut Rx, rekey: &Rekey, dst: &TcpStream) -> i
 /// Plain to a QUIC stream. Each read goes into a new buffer that quinn takes as it is (no
 /// copy into its send buffer). The end of stream is sent as the stream's FIN, and the copy
 /// ends once the peer has it all: dropping the last handle of a connection closes it at once.
-async fn to_stream(src: &TcpStream, dst: &mut quinn::SendStream) -> io::Result<u64> {
+async fn to_stream(
+    src: &TcpStream,
+    dst: &mut quinn::SendStream,
+    counted: &[IntCounter],
+) -> io::Result<u64> {
     /// Below glibc's mmap threshold, so a read costs a heap allocation, not a mapping.
     const CHUNK: usize = 64 * 1024;
     let mut total = 0;
@@ -291,6 +319,7 @@ async fn to_stream(src: &TcpStream, dst: &mut quinn::SendStream) -> io::Result<u
         };
         dst.write_chunk(buf.freeze()).await?;
         total += n as u64;
+        count(counted, n);
     }
 }
 
@@ -300,11 +329,13 @@ async fn from_stream(
     src: &mut quinn::RecvStream,
     early: Vec<u8>,
     dst: &TcpStream,
+    counted: &[IntCounter],
 ) -> io::Result<u64> {
     let mut total = 0;
     if !early.is_empty() {
         write_all(dst, &early).await?;
         total += early.len() as u64;
+        count(counted, early.len());
     }
     drop(early);
     let mut chunks: [Bytes; 16] = Default::default();
@@ -314,7 +345,9 @@ async fn from_stream(
             return Ok(total);
         };
         let mut slices: Vec<IoSlice<'_>> = chunks[..n].iter().map(|c| IoSlice::new(c)).collect();
-        total += write_all_vectored(dst, &mut slices).await? as u64;
+        let written = write_all_vectored(dst, &mut slices).await?;
+        total += written as u64;
+        count(counted, written);
         drop(slices);
         // Let go of the chunks now: an idle stream must not hold the last ones it received.
         for c in &mut chunks[..n] {

@@ -510,6 +510,7 @@ mod tests {
 
     use super::*;
     use crate::{
+        metrics::Traffic,
         proxy::relay::{relay, Stream},
         tunnel::tls::{
             client_config, server_config,
@@ -568,7 +569,13 @@ mod tests {
             }
             assert_eq!(&session.received()[..5], b"hello");
             session.consume(5);
-            relay(app_proxy_side, Stream::Tunnel(session), None).await
+            relay(
+                app_proxy_side,
+                Stream::Tunnel(session),
+                None,
+                &Traffic::default(),
+            )
+            .await
         });
         let connector = tokio_rustls::TlsConnector::from(client_config);
         let name = ServerName::try_from("tunnel.mycel").unwrap();
@@ -634,7 +641,10 @@ mod tests {
         assert_eq!(&session.received()[..4], b"pong");
         session.consume(4);
         let (app_proxy_side, mut app) = pair().await;
-        let relayed = tokio::spawn(relay(app_proxy_side, Stream::Tunnel(session), None));
+        let relayed = tokio::spawn(async move {
+            let traffic = Traffic::default();
+            relay(app_proxy_side, Stream::Tunnel(session), None, &traffic).await
+        });
         let mut got = Vec::new();
         let _ = app.read_to_end(&mut got).await;
         assert_eq!(got, b" and more");
@@ -669,9 +679,14 @@ mod tests {
                     app.read_to_end(&mut got).await.unwrap();
                     app.write_all(&got).await.unwrap();
                 });
-                let done = relay(proxy_side, Stream::Tunnel(session), None)
-                    .await
-                    .unwrap();
+                let done = relay(
+                    proxy_side,
+                    Stream::Tunnel(session),
+                    None,
+                    &Traffic::default(),
+                )
+                .await
+                .unwrap();
                 echo.await.unwrap();
                 session = done.session.expect("the session comes back");
             }
@@ -697,9 +712,14 @@ mod tests {
                 app.read_to_end(&mut back).await.unwrap();
                 back
             });
-            let done = relay(proxy_side, Stream::Tunnel(session), None)
-                .await
-                .unwrap();
+            let done = relay(
+                proxy_side,
+                Stream::Tunnel(session),
+                None,
+                &Traffic::default(),
+            )
+            .await
+            .unwrap();
             assert!(
                 app_side.await.unwrap() == data,
                 "round {round}: echo differs"

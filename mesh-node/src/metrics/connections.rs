@@ -1,0 +1,456 @@
+//! Connection metrics, labelled by workload pair and by the end that reports them.
+//!
+//! Each connection through the proxy is reported by the node of its source
+//! (`reporter="source"`) and by the node of its destination (`reporter="destination"`); a
+//! connection between two pods of one node is reported twice by that node. Labels name
+//! workloads, never pods or addresses, so a node's series grow with the workload pairs it
+//! carries, not with its connections.
+
+use std::{sync::Arc, time::Duration, time::Instant};
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use super::{MetricsError, PREFIX};
+use crate::proxy::directory::Peer;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// Who talks to whom. Empty fields are unknown: the workload of a destination outside the
+/// mesh, the service (only the source knows which one it asked for), a source whose address
+/// is not a mesh workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pair {
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_identity: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_identity: String,
+    pub destination_service: String,
+    pub destination_port: u16,
+}
+
+impl Pair {
+    pub fn with_source(mut self, peer: &Peer) -> Self {
+        self.source_workload.clone_from(&peer.key.name);
+        self.source_namespace.clone_from(&peer.key.namespace);
+        self.source_identity.clone_from(&peer.identity_uri);
+        self
+    }
+
+    pub fn with_destination(mut self, peer: &Peer) -> Self {
+        self.destination_workload.clone_from(&peer.key.name);
+        self.destination_namespace.clone_from(&peer.key.namespace);
+        self.destination_identity.clone_from(&peer.identity_uri);
+        self
+    }
+
+    fn labels(&self, reporter: Reporter) -> Labels {
+        Box::new([
+            reporter.as_str().to_owned(),
+            self.source_workload.clone(),
+            self.source_namespace.clone(),
+            self.source_identity.clone(),
+            self.destination_workload.clone(),
+            self.destination_namespace.clone(),
+            self.destination_identity.clone(),
+            self.destination_service.clone(),
+            self.destination_port.to_string(),
+        ])
+    }
+}
+
+const PAIR_LABELS: [&str; 9] = [
+    "reporter",
+    "source_workload",
+    "source_namespace",
+    "source_identity",
+    "destination_workload",
+    "destination_namespace",
+    "destination_identity",
+    "destination_service",
+    "destination_port",
+];
+
+type Labels = Box<[String; 9]>;
+
+/// Why a connection failed. A closed set, so the label stays bounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailReason {
+    /// A policy denies it.
+    Denied,
+    /// The application at the destination could not be connected to.
+    UpstreamConnect,
+    /// The tunnel could not be made: connect, TLS or QUIC handshake, header exchange, timeout.
+    Tunnel,
+    /// The destination refused the tunnel for a reason other than policy.
+    Refused,
+    /// No endpoint of the service could be reached.
+    NoEndpoint,
+    /// This node lacks what the connection needs: a certificate, the trust bundle, its view.
+    NotReady,
+    /// The original destination of a redirected connection was not recorded.
+    NoOriginalDestination,
+    /// Established, then ended by an error on either side (both sides were reset).
+    Reset,
+    /// Established, then closed because a policy change denies it.
+    ClosedByPolicy,
+}
+
+impl FailReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::Denied => "denied",
+            FailReason::UpstreamConnect => "upstream_connect",
+            FailReason::Tunnel => "tunnel",
+            FailReason::Refused => "refused",
+            FailReason::NoEndpoint => "no_endpoint",
+            FailReason::NotReady => "not_ready",
+            FailReason::NoOriginalDestination => "no_original_destination",
+            FailReason::Reset => "reset",
+            FailReason::ClosedByPolicy => "closed_by_policy",
+        }
+    }
+}
+
+/// How an outbound connection reached its destination, for the connect latency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// A pod of this node, without a tunnel.
+    Local,
+    /// A new TLS tunnel session (TCP connect, handshake, header exchange).
+    TlsNew,
+    /// An idle TLS session reused (header exchange only).
+    TlsReused,
+    /// A stream on a new QUIC connection.
+    QuicNew,
+    /// A stream on an existing QUIC connection.
+    QuicReused,
+    /// Outside the mesh: a plain TCP connect.
+    Passthrough,
+}
+
+impl Path {
+    fn labels(self) -> [&'static str; 2] {
+        match self {
+            Path::Local => ["local", "none"],
+            Path::TlsNew => ["tls", "new"],
+            Path::TlsReused => ["tls", "reused"],
+            Path::QuicNew => ["quic", "new"],
+            Path::QuicReused => ["quic", "reused"],
+            Path::Passthrough => ["passthrough", "none"],
+        }
+    }
+}
+
+/// The connection families. One per daemon, shared by every connection.
+pub struct ConnectionMetrics {
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    failed: IntCounterVec,
+    open: IntGaugeVec,
+    sent: IntCounterVec,
+    received: IntCounterVec,
+    duration: HistogramVec,
+    connect: HistogramVec,
+}
+
+impl ConnectionMetrics {
+    pub fn register(registry: &Registry) -> Result<Arc<Self>, MetricsError> {
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<_, MetricsError> {
+            let c = IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let mut failed_labels = PAIR_LABELS.to_vec();
+        failed_labels.push("reason");
+        let open = IntGaugeVec::new(
+            Opts::new(
+                format!("{PREFIX}_tcp_connections_open"),
+                "Connections established and not yet closed.",
+            ),
+            &PAIR_LABELS,
+        )?;
+        registry.register(Box::new(open.clone()))?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                format!("{PREFIX}_tcp_connection_duration_seconds"),
+                "How long established connections lasted, observed when they close.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0,
+            ]),
+            &PAIR_LABELS,
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        let connect = HistogramVec::new(
+            HistogramOpts::new(
+                format!("{PREFIX}_tcp_connect_duration_seconds"),
+                "Time from accepting an application's connection to its destination answering: \
+                 TCP connect, tunnel handshake and header exchange, by transport and session.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, 10.0,
+            ]),
+            &["transport", "session"],
+        )?;
+        registry.register(Box::new(connect.clone()))?;
+        Ok(Arc::new(Self {
+            opened: counter(
+                "tcp_connections_opened_total",
+                "Connections established: the destination's application accepted them.",
+                &PAIR_LABELS,
+            )?,
+            closed: counter(
+                "tcp_connections_closed_total",
+                "Established connections that ended, whichever way (those ended by an error are \
+                 also counted as failed).",
+                &PAIR_LABELS,
+            )?,
+            failed: counter(
+                "tcp_connections_failed_total",
+                "Connections that failed, before being established or by an error after, by reason.",
+                &failed_labels,
+            )?,
+            open,
+            sent: counter(
+                "tcp_sent_bytes_total",
+                "Application bytes from source to destination, counted as they are relayed.",
+                &PAIR_LABELS,
+            )?,
+            received: counter(
+                "tcp_received_bytes_total",
+                "Application bytes from destination to source, counted as they are relayed.",
+                &PAIR_LABELS,
+            )?,
+            duration,
+            connect,
+        }))
+    }
+
+    /// An established connection: counted open until the returned value drops.
+    pub fn opened(self: &Arc<Self>, reporter: Reporter, pair: &Pair) -> Connection {
+        let labels = pair.labels(reporter);
+        let values = label_refs(&labels);
+        self.opened.with_label_values(&values).inc();
+        let open = self.open.with_label_values(&values);
+        open.inc();
+        let (sent, received) = (
+            self.sent.with_label_values(&values),
+            self.received.with_label_values(&values),
+        );
+        // The relay counts relative to the application socket it holds: at the source that
+        // is the client, at the destination the server.
+        let traffic = match reporter {
+            Reporter::Source => Traffic::new(sent, received),
+            Reporter::Destination => Traffic::new(received, sent),
+        };
+        Connection {
+            metrics: self.clone(),
+            labels,
+            traffic,
+            open,
+            start: Instant::now(),
+            failure: None,
+        }
+    }
+
+    /// A connection that failed before it was established.
+    pub fn failed(&self, reporter: Reporter, pair: &Pair, reason: FailReason) {
+        let labels = pair.labels(reporter);
+        let mut values = label_refs(&labels).to_vec();
+        values.push(reason.as_str());
+        self.failed.with_label_values(&values).inc();
+    }
+
+    /// Time an outbound connection took to reach its destination.
+    pub fn connected(&self, path: Path, took: Duration) {
+        self.connect
+            .with_label_values(&path.labels())
+            .observe(took.as_secs_f64());
+    }
+}
+
+fn label_refs(labels: &[String; 9]) -> [&str; 9] {
+    let mut out = [""; 9];
+    for (o, l) in out.iter_mut().zip(labels.iter()) {
+        *o = l.as_str();
+    }
+    out
+}
+
+/// Byte counters of one relay, by direction relative to the application socket it holds.
+/// A connection between two pods of one node carries both reporters' counters.
+#[derive(Clone, Default)]
+pub struct Traffic {
+    pub from_app: Vec<IntCounter>,
+    pub to_app: Vec<IntCounter>,
+}
+
+impl Traffic {
+    fn new(from_app: IntCounter, to_app: IntCounter) -> Self {
+        Self {
+            from_app: vec![from_app],
+            to_app: vec![to_app],
+        }
+    }
+
+    /// The same counters for a relay that holds the other end's application socket (the
+    /// destination's counters on a relay that holds the client).
+    pub fn swapped(&self) -> Self {
+        Self {
+            from_app: self.to_app.clone(),
+            to_app: self.from_app.clone(),
+        }
+    }
+
+    /// Both connections' counters, for a relay that serves both ends (same node).
+    pub fn and(mut self, other: &Traffic) -> Self {
+        self.from_app.extend(other.from_app.iter().cloned());
+        self.to_app.extend(other.to_app.iter().cloned());
+        self
+    }
+}
+
+/// Adds `n` bytes to each counter.
+pub fn count(counters: &[IntCounter], n: usize) {
+    for c in counters {
+        c.inc_by(n as u64);
+    }
+}
+
+/// An established connection's metrics; closes it in the metrics when dropped.
+pub struct Connection {
+    metrics: Arc<ConnectionMetrics>,
+    labels: Labels,
+    pub traffic: Traffic,
+    open: IntGauge,
+    start: Instant,
+    failure: Option<FailReason>,
+}
+
+impl Connection {
+    /// Marks the connection as ended by `reason` (it still counts as closed).
+    pub fn fail(&mut self, reason: FailReason) {
+        self.failure = Some(reason);
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let values = label_refs(&self.labels);
+        self.open.dec();
+        self.metrics.closed.with_label_values(&values).inc();
+        self.metrics
+            .duration
+            .with_label_values(&values)
+            .observe(self.start.elapsed().as_secs_f64());
+        if let Some(reason) = self.failure {
+            let mut values = values.to_vec();
+            values.push(reason.as_str());
+            self.metrics.failed.with_label_values(&values).inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> Pair {
+        Pair {
+            source_workload: "a".into(),
+            source_namespace: "ns".into(),
+            destination_workload: "b".into(),
+            destination_namespace: "ns".into(),
+            destination_port: 80,
+            ..Pair::default()
+        }
+    }
+
+    fn value(registry: &Registry, name: &str, reporter: &str) -> f64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "reporter" && l.value() == reporter)
+            })
+            .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+            .sum()
+    }
+
+    #[test]
+    fn a_connection_counts_bytes_live_and_closes_once() {
+        let registry = Registry::new();
+        let m = ConnectionMetrics::register(&registry).unwrap();
+        let mut source = m.opened(Reporter::Source, &pair());
+        let destination = m.opened(Reporter::Destination, &pair());
+        // The source's relay holds the client: from the app is sent. The destination's relay
+        // holds the server: from the app is received.
+        count(&source.traffic.from_app, 100);
+        count(&destination.traffic.from_app, 7);
+        assert_eq!(
+            value(&registry, "mycel_tcp_sent_bytes_total", "source"),
+            100.0
+        );
+        assert_eq!(
+            value(&registry, "mycel_tcp_received_bytes_total", "destination"),
+            7.0
+        );
+        assert_eq!(
+            value(&registry, "mycel_tcp_connections_open", "source"),
+            1.0
+        );
+        source.fail(FailReason::Reset);
+        drop(source);
+        drop(destination);
+        for reporter in ["source", "destination"] {
+            assert_eq!(
+                value(&registry, "mycel_tcp_connections_open", reporter),
+                0.0
+            );
+            assert_eq!(
+                value(&registry, "mycel_tcp_connections_closed_total", reporter),
+                1.0
+            );
+        }
+        assert_eq!(
+            value(&registry, "mycel_tcp_connections_failed_total", "source"),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &registry,
+                "mycel_tcp_connections_failed_total",
+                "destination"
+            ),
+            0.0
+        );
+    }
+
+    #[test]
+    fn registering_twice_is_an_error() {
+        let registry = Registry::new();
+        ConnectionMetrics::register(&registry).unwrap();
+        assert!(ConnectionMetrics::register(&registry).is_err());
+    }
+}

@@ -1,0 +1,68 @@
+//! The node's Prometheus metrics, served as text on `--metrics-listen` at `/metrics`.
+//!
+//! - `connections.rs`: per workload pair and reporter: connections opened, closed, failed (by
+//!   a bounded reason), open, bytes each way (counted as they move, so long connections show
+//!   live), durations; and the node's connect latency.
+//! - `collect.rs`: figures read when scraped from the state that already owns them: the eBPF
+//!   counters, policy decisions, certificates, config freshness, proxy totals.
+//!
+//! One [`Metrics`] per daemon owns the registry; a family registered twice is a startup error,
+//! never a silently merged exposition.
+
+pub mod collect;
+pub mod connections;
+
+use std::sync::Arc;
+
+use prometheus::{Encoder, Registry, TextEncoder};
+
+pub use connections::{
+    count, Connection, ConnectionMetrics, FailReason, Pair, Path, Reporter, Traffic,
+};
+
+/// Every metric name starts with this.
+pub const PREFIX: &str = "mycel";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot register metric family: {0}")]
+    Register(#[from] prometheus::Error),
+    #[error("cannot encode the metrics: {0}")]
+    Encode(String),
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Arc<ConnectionMetrics>,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let connections = ConnectionMetrics::register(&registry)?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            connections,
+        })
+    }
+
+    /// Adds a collector of state owned elsewhere.
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> Result<(), MetricsError> {
+        Ok(self.registry.register(c)?)
+    }
+
+    /// The exposition in Prometheus's text format.
+    pub fn render(&self) -> Result<String, MetricsError> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .map_err(|e| MetricsError::Encode(e.to_string()))?;
+        String::from_utf8(out).map_err(|e| MetricsError::Encode(e.to_string()))
+    }
+}
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
