@@ -1,5 +1,6 @@
 //! mesh-node: Mycel's per-node daemon.
 
+mod access_log;
 mod admin;
 mod capture;
 mod control;
@@ -87,6 +88,12 @@ struct RunArgs {
     /// Address of the Prometheus endpoint (/metrics), for the node's scraper.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_listen: SocketAddr,
+    /// Which connections get a JSON line in the access log.
+    #[arg(long, value_enum, default_value = "denied")]
+    access_log: access_log::Mode,
+    /// Append the access log to this file instead of standard output.
+    #[arg(long)]
+    access_log_file: Option<PathBuf>,
     /// Capacity of each original-destination map (concurrent redirected connections).
     #[arg(long, default_value_t = mesh_ebpf_common::ORIG_DST_CAPACITY, value_parser = clap::value_parser!(u32).range(1..))]
     orig_dst_capacity: u32,
@@ -200,7 +207,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics_listener = admin::bind(args.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
-    let metrics = Arc::new(metrics::Metrics::new()?);
+    let access_log = access_log::AccessLog::open(args.access_log, args.access_log_file.as_deref())
+        .with_context(|| {
+            format!(
+                "cannot open --access-log-file {}",
+                args.access_log_file
+                    .as_deref()
+                    .unwrap_or(Path::new("-"))
+                    .display()
+            )
+        })?;
+    let metrics = Arc::new(metrics::Metrics::new(Arc::new(access_log))?);
 
     let capture = Arc::new(capture::Capture::attach(&capture::Options {
         cgroup: cgroup.clone(),

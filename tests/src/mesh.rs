@@ -109,6 +109,17 @@ impl MeshNode {
         cp: &ControlPlane,
         workloads: u64,
     ) -> io::Result<Self> {
+        Self::join_with(topo, node, cp, workloads, &[])
+    }
+
+    /// [`MeshNode::join`] with more mesh-node arguments.
+    pub fn join_with(
+        topo: &mut Topology,
+        node: &str,
+        cp: &ControlPlane,
+        workloads: u64,
+        extra: &[&str],
+    ) -> io::Result<Self> {
         // A node joined again (a restarted daemon) gets a new cgroup next to the old one.
         let parent = topo.node(node).cgroup.clone();
         let name = (1..)
@@ -121,7 +132,7 @@ impl MeshNode {
         let cg = topo
             .add_cgroup_below(&parent, &name)
             .map_err(io::Error::other)?;
-        let mut daemon = Self::connect(topo.node(node), cp, Some(&cg), &[])?;
+        let mut daemon = Self::connect(topo.node(node), cp, Some(&cg), extra)?;
         daemon.wait_for(Duration::from_secs(30), |s| {
             s["enrolled_workloads"] == workloads
                 && s["svids"] == workloads
@@ -253,6 +264,14 @@ impl MeshNode {
             let log = fs::read_to_string(&file).ok()?;
             log.contains(needle).then_some(log)
         })
+    }
+
+    /// The access log's lines so far (the daemon's standard output), parsed.
+    pub fn access_log(&self) -> io::Result<Vec<serde_json::Value>> {
+        fs::read_to_string(self.daemon.dir.join("stdout"))?
+            .lines()
+            .map(|l| serde_json::from_str(l).map_err(|e| io::Error::other(format!("{e}: {l}"))))
+            .collect()
     }
 
     /// `GET /metrics`: the Prometheus exposition.

@@ -1,7 +1,9 @@
-//! Node metrics end to end: known traffic through a two-node mesh, then each node's
-//! `/metrics` read back: connections and bytes per workload pair from both reporters, a deny
-//! attributed to its policy, the eBPF counters, certificates and config freshness; and every
-//! exposition passes `promtool check metrics` with no family listed twice.
+//! Node metrics and access logs end to end: known traffic through a two-node mesh, then each
+//! node's `/metrics` read back: connections and bytes per workload pair from both reporters, a
+//! deny attributed to its policy, the eBPF counters, certificates and config freshness; every
+//! exposition passes `promtool check metrics` with no family listed twice. n2 logs every
+//! connection (`--access-log all`), n1 only denies (the default): each line carries every
+//! field.
 
 use std::{
     net::SocketAddr,
@@ -52,7 +54,8 @@ fn mesh(transport: &str) -> Mesh {
     )
     .expect("mesh-cp");
     let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
-    let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+    let n2 = MeshNode::join_with(&mut topo, "n2", &cp, 1, &["--access-log", "all"])
+        .expect("mesh-node n2");
     Mesh {
         cp,
         n1,
@@ -245,6 +248,73 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
         assert_eq!(e.sum("mycel_control_plane_connected", &[]), 1.0);
         assert!(e.sum("process_resident_memory_bytes", &[]) > 0.0);
     }
+
+    // The access log: n2 logged each connection it delivered, and the deny, with every field.
+    let lines = m.n2.access_log().expect("n2 access log");
+    let delivered: Vec<_> = lines
+        .iter()
+        .filter(|l| l["source_workload"] == "default/order")
+        .collect();
+    assert_eq!(delivered.len(), 8, "{lines:#?}");
+    let echo_line = delivered
+        .iter()
+        .find(|l| l["bytes_sent"] == 100_005)
+        .unwrap_or_else(|| panic!("no line for the echo: {delivered:#?}"));
+    let order = m.topo.pod("order").ipv4.to_string();
+    let payment_addr = format!("{ip}:{PORT}");
+    for (field, want) in [
+        ("reporter", "destination"),
+        ("source_identity", &format!("{TD}/order")),
+        ("destination_workload", "default/payment"),
+        ("destination_identity", &format!("{TD}/payment")),
+        ("destination_address", &payment_addr),
+        ("transport", transport),
+        ("verdict", "allowed"),
+        ("policy", "default"),
+        ("rule", "-"),
+        ("close_reason", "closed"),
+    ] {
+        assert_eq!(echo_line[field], want, "{field} in {echo_line}");
+    }
+    assert_eq!(echo_line["bytes_received"], 100_000, "{echo_line}");
+    assert_eq!(echo_line["destination_port"], PORT, "{echo_line}");
+    let source = echo_line["source_address"].as_str().unwrap_or_default();
+    assert!(source.starts_with(&format!("{order}:")), "{echo_line}");
+    assert!(echo_line["duration_seconds"]
+        .as_f64()
+        .is_some_and(|d| d > 0.0));
+    assert!(echo_line["connection_id"].as_u64().is_some_and(|id| id > 0));
+    assert!(
+        echo_line["time"]
+            .as_str()
+            .is_some_and(|t| t.len() >= 20 && t.ends_with('Z')),
+        "{echo_line}"
+    );
+    let deny = lines
+        .iter()
+        .find(|l| l["verdict"] == "denied")
+        .unwrap_or_else(|| panic!("no deny logged: {lines:#?}"));
+    for (field, want) in [
+        ("reporter", "destination"),
+        ("source_workload", "default/analytics"),
+        ("source_identity", &format!("{TD}/analytics")),
+        ("destination_workload", "default/payment"),
+        ("transport", "tls"),
+        ("policy", "default/block-analytics"),
+        ("rule", "0"),
+        ("close_reason", "denied"),
+    ] {
+        assert_eq!(deny[field], want, "{field} in {deny}");
+    }
+    assert_eq!(deny["connection_id"], 7, "{deny}");
+    assert_eq!(deny["bytes_sent"], 0, "{deny}");
+    let analytics_addr = format!("{}:40000", m.topo.pod("analytics").ipv4);
+    assert_eq!(deny["source_address"], analytics_addr.as_str(), "{deny}");
+    // n1 logs denies only: it decided none (analytics was refused in its kernel).
+    assert_eq!(
+        m.n1.access_log().expect("n1 access log"),
+        Vec::<serde_json::Value>::new()
+    );
 
     // Every exposition passes promtool and lists each family once.
     for node in [&m.n1, &m.n2] {

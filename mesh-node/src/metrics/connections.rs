@@ -6,13 +6,21 @@
 //! workloads, never pods or addresses, so a node's series grow with the workload pairs it
 //! carries, not with its connections.
 
-use std::{sync::Arc, time::Duration, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime},
+};
 
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use super::{MetricsError, PREFIX};
+use crate::access_log::{self, AccessLog, Entry};
 use crate::proxy::directory::Peer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +81,19 @@ impl Pair {
             self.destination_port.to_string(),
         ])
     }
+}
+
+/// What the access log says of a connection beyond its pair.
+#[derive(Clone, Debug, Default)]
+pub struct Details {
+    pub connection_id: u64,
+    pub source_address: Option<SocketAddr>,
+    pub destination_address: Option<SocketAddr>,
+    /// `tls`, `quic`, `local`, `plaintext`, `passthrough`.
+    pub transport: &'static str,
+    /// The deciding policy and rule, where this node decided.
+    pub policy: String,
+    pub rule: String,
 }
 
 const PAIR_LABELS: [&str; 9] = [
@@ -160,6 +181,7 @@ impl Path {
 
 /// The connection families. One per daemon, shared by every connection.
 pub struct ConnectionMetrics {
+    access_log: Arc<AccessLog>,
     opened: IntCounterVec,
     closed: IntCounterVec,
     failed: IntCounterVec,
@@ -171,7 +193,10 @@ pub struct ConnectionMetrics {
 }
 
 impl ConnectionMetrics {
-    pub fn register(registry: &Registry) -> Result<Arc<Self>, MetricsError> {
+    pub fn register(
+        registry: &Registry,
+        access_log: Arc<AccessLog>,
+    ) -> Result<Arc<Self>, MetricsError> {
         let counter = |name: &str, help: &str, labels: &[&str]| -> Result<_, MetricsError> {
             let c = IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)?;
             registry.register(Box::new(c.clone()))?;
@@ -211,6 +236,7 @@ impl ConnectionMetrics {
         )?;
         registry.register(Box::new(connect.clone()))?;
         Ok(Arc::new(Self {
+            access_log,
             opened: counter(
                 "tcp_connections_opened_total",
                 "Connections established: the destination's application accepted them.",
@@ -243,8 +269,14 @@ impl ConnectionMetrics {
         }))
     }
 
-    /// An established connection: counted open until the returned value drops.
-    pub fn opened(self: &Arc<Self>, reporter: Reporter, pair: &Pair) -> Connection {
+    /// An established connection: counted open until the returned value drops, then logged.
+    /// Boxed: it lives in the connection's task for as long as the connection.
+    pub fn opened(
+        self: &Arc<Self>,
+        reporter: Reporter,
+        pair: &Pair,
+        details: Details,
+    ) -> Box<Connection> {
         let labels = pair.labels(reporter);
         let values = label_refs(&labels);
         self.opened.with_label_values(&values).inc();
@@ -256,26 +288,58 @@ impl ConnectionMetrics {
         );
         // The relay counts relative to the application socket it holds: at the source that
         // is the client, at the destination the server.
+        let (sent, received) = (Flow::new(sent), Flow::new(received));
+        let totals = [sent.totals[0].clone(), received.totals[0].clone()];
         let traffic = match reporter {
-            Reporter::Source => Traffic::new(sent, received),
-            Reporter::Destination => Traffic::new(received, sent),
+            Reporter::Source => Traffic {
+                from_app: sent,
+                to_app: received,
+            },
+            Reporter::Destination => Traffic {
+                from_app: received,
+                to_app: sent,
+            },
         };
-        Connection {
+        Box::new(Connection {
             metrics: self.clone(),
             labels,
+            details,
             traffic,
+            totals,
             open,
             start: Instant::now(),
             failure: None,
-        }
+        })
     }
 
-    /// A connection that failed before it was established.
-    pub fn failed(&self, reporter: Reporter, pair: &Pair, reason: FailReason) {
+    /// A connection that failed before it was established; `detail` says why, for people.
+    pub fn failed(
+        &self,
+        reporter: Reporter,
+        pair: &Pair,
+        reason: FailReason,
+        details: &Details,
+        detail: &str,
+    ) {
         let labels = pair.labels(reporter);
         let mut values = label_refs(&labels).to_vec();
         values.push(reason.as_str());
         self.failed.with_label_values(&values).inc();
+        if self.access_log.wants(reason == FailReason::Denied) {
+            let verdict = if reason == FailReason::Denied {
+                "denied"
+            } else {
+                "failed"
+            };
+            self.access_log.write(&entry(
+                &labels,
+                details,
+                ([0, 0], Duration::ZERO),
+                verdict,
+                reason.as_str(),
+                detail,
+            ));
+        }
     }
 
     /// Time an outbound connection took to reach its destination.
@@ -283,6 +347,46 @@ impl ConnectionMetrics {
         self.connect
             .with_label_values(&path.labels())
             .observe(took.as_secs_f64());
+    }
+}
+
+/// The access log line of a connection with `labels` (as [`Pair::labels`] orders them).
+fn entry<'a>(
+    labels: &'a [String; 9],
+    d: &'a Details,
+    ([sent, received], took): ([u64; 2], Duration),
+    verdict: &'a str,
+    close_reason: &'a str,
+    detail: &'a str,
+) -> Entry<'a> {
+    let workload = |ns: &str, name: &str| {
+        if name.is_empty() {
+            String::new()
+        } else {
+            format!("{ns}/{name}")
+        }
+    };
+    Entry {
+        time: access_log::rfc3339(SystemTime::now()),
+        reporter: &labels[0],
+        connection_id: d.connection_id,
+        source_workload: workload(&labels[2], &labels[1]),
+        source_identity: &labels[3],
+        source_address: d.source_address,
+        destination_workload: workload(&labels[5], &labels[4]),
+        destination_identity: &labels[6],
+        destination_address: d.destination_address,
+        destination_service: &labels[7],
+        destination_port: labels[8].parse().unwrap_or(0),
+        transport: d.transport,
+        bytes_sent: sent,
+        bytes_received: received,
+        duration_seconds: access_log::seconds(took),
+        verdict,
+        policy: &d.policy,
+        rule: &d.rule,
+        close_reason,
+        detail,
     }
 }
 
@@ -294,22 +398,47 @@ fn label_refs(labels: &[String; 9]) -> [&str; 9] {
     out
 }
 
+/// One direction's byte counters: the pair's series and each connection's own total.
+#[derive(Clone, Default)]
+pub struct Flow {
+    counters: Vec<IntCounter>,
+    totals: Vec<Arc<AtomicU64>>,
+}
+
+impl Flow {
+    fn new(counter: IntCounter) -> Self {
+        Self {
+            counters: vec![counter],
+            totals: vec![Arc::default()],
+        }
+    }
+
+    /// Counts `n` bytes moved.
+    pub fn add(&self, n: usize) {
+        for c in &self.counters {
+            c.inc_by(n as u64);
+        }
+        for t in &self.totals {
+            t.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn and(mut self, other: &Flow) -> Self {
+        self.counters.extend(other.counters.iter().cloned());
+        self.totals.extend(other.totals.iter().cloned());
+        self
+    }
+}
+
 /// Byte counters of one relay, by direction relative to the application socket it holds.
 /// A connection between two pods of one node carries both reporters' counters.
 #[derive(Clone, Default)]
 pub struct Traffic {
-    pub from_app: Vec<IntCounter>,
-    pub to_app: Vec<IntCounter>,
+    pub from_app: Flow,
+    pub to_app: Flow,
 }
 
 impl Traffic {
-    fn new(from_app: IntCounter, to_app: IntCounter) -> Self {
-        Self {
-            from_app: vec![from_app],
-            to_app: vec![to_app],
-        }
-    }
-
     /// The same counters for a relay that holds the other end's application socket (the
     /// destination's counters on a relay that holds the client).
     pub fn swapped(&self) -> Self {
@@ -320,17 +449,11 @@ impl Traffic {
     }
 
     /// Both connections' counters, for a relay that serves both ends (same node).
-    pub fn and(mut self, other: &Traffic) -> Self {
-        self.from_app.extend(other.from_app.iter().cloned());
-        self.to_app.extend(other.to_app.iter().cloned());
-        self
-    }
-}
-
-/// Adds `n` bytes to each counter.
-pub fn count(counters: &[IntCounter], n: usize) {
-    for c in counters {
-        c.inc_by(n as u64);
+    pub fn and(self, other: &Traffic) -> Self {
+        Self {
+            from_app: self.from_app.and(&other.from_app),
+            to_app: self.to_app.and(&other.to_app),
+        }
     }
 }
 
@@ -338,7 +461,10 @@ pub fn count(counters: &[IntCounter], n: usize) {
 pub struct Connection {
     metrics: Arc<ConnectionMetrics>,
     labels: Labels,
+    details: Details,
     pub traffic: Traffic,
+    /// This connection's bytes sent and received (source → destination, and back).
+    totals: [Arc<AtomicU64>; 2],
     open: IntGauge,
     start: Instant,
     failure: Option<FailReason>,
@@ -364,6 +490,23 @@ impl Drop for Connection {
             let mut values = values.to_vec();
             values.push(reason.as_str());
             self.metrics.failed.with_label_values(&values).inc();
+        }
+        let denied = self.failure == Some(FailReason::ClosedByPolicy);
+        if self.metrics.access_log.wants(denied) {
+            let bytes = self.totals.each_ref().map(|t| t.load(Ordering::Relaxed));
+            let (verdict, close) = match self.failure {
+                None => ("allowed", "closed"),
+                Some(FailReason::ClosedByPolicy) => ("denied", FailReason::ClosedByPolicy.as_str()),
+                Some(reason) => ("allowed", reason.as_str()),
+            };
+            self.metrics.access_log.write(&entry(
+                &self.labels,
+                &self.details,
+                (bytes, self.start.elapsed()),
+                verdict,
+                close,
+                "",
+            ));
         }
     }
 }
@@ -401,13 +544,13 @@ mod tests {
     #[test]
     fn a_connection_counts_bytes_live_and_closes_once() {
         let registry = Registry::new();
-        let m = ConnectionMetrics::register(&registry).unwrap();
-        let mut source = m.opened(Reporter::Source, &pair());
-        let destination = m.opened(Reporter::Destination, &pair());
+        let m = ConnectionMetrics::register(&registry, Arc::new(AccessLog::off())).unwrap();
+        let mut source = m.opened(Reporter::Source, &pair(), Details::default());
+        let destination = m.opened(Reporter::Destination, &pair(), Details::default());
         // The source's relay holds the client: from the app is sent. The destination's relay
         // holds the server: from the app is received.
-        count(&source.traffic.from_app, 100);
-        count(&destination.traffic.from_app, 7);
+        source.traffic.from_app.add(100);
+        destination.traffic.from_app.add(7);
         assert_eq!(
             value(&registry, "mycel_tcp_sent_bytes_total", "source"),
             100.0
@@ -450,7 +593,7 @@ mod tests {
     #[test]
     fn registering_twice_is_an_error() {
         let registry = Registry::new();
-        ConnectionMetrics::register(&registry).unwrap();
-        assert!(ConnectionMetrics::register(&registry).is_err());
+        ConnectionMetrics::register(&registry, Arc::new(AccessLog::off())).unwrap();
+        assert!(ConnectionMetrics::register(&registry, Arc::new(AccessLog::off())).is_err());
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use prometheus::{Encoder, Registry, TextEncoder};
 
 pub use connections::{
-    count, Connection, ConnectionMetrics, FailReason, Pair, Path, Reporter, Traffic,
+    Connection, ConnectionMetrics, Details, FailReason, Flow, Pair, Path, Reporter, Traffic,
 };
 
 /// Every metric name starts with this.
@@ -37,9 +37,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Result<Self, MetricsError> {
+    /// The registry with the connection families, whose connections `access_log` logs.
+    pub fn new(access_log: Arc<crate::access_log::AccessLog>) -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let connections = ConnectionMetrics::register(&registry)?;
+        let connections = ConnectionMetrics::register(&registry, access_log)?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;

@@ -21,7 +21,7 @@ use super::{
     relay::{self, reset},
     PodContext,
 };
-use crate::metrics::{Connection, FailReason, Pair, Reporter};
+use crate::metrics::{Connection, Details, FailReason, Pair, Reporter};
 use crate::tunnel::{
     header::{self, HeaderError},
     pool, quic,
@@ -59,6 +59,20 @@ pub struct Delivery {
     /// Address and port in the destination pod.
     pub destination: SocketAddr,
     pub connection_id: u64,
+    /// How it arrived: `tls`, `quic`, or `local` (from a pod of this node).
+    pub transport: &'static str,
+}
+
+impl Delivery {
+    fn details(&self) -> Details {
+        Details {
+            connection_id: self.connection_id,
+            source_address: Some(self.source),
+            destination_address: Some(self.destination),
+            transport: self.transport,
+            ..Details::default()
+        }
+    }
 }
 
 /// Why a delivery was not made; sent back to a tunnel client and logged.
@@ -66,6 +80,9 @@ pub struct Delivery {
 pub struct Refusal {
     pub status: Status,
     pub reason: String,
+    /// The deciding policy and rule of a deny (boxed: a refusal is rare, and travels in
+    /// results that connection tasks hold).
+    pub decided: Option<Box<(String, String)>>,
 }
 
 impl Refusal {
@@ -73,7 +90,23 @@ impl Refusal {
         Self {
             status,
             reason: reason.into(),
+            decided: None,
         }
+    }
+
+    /// Counts and logs the refusal of a connection with `pair` and `details`.
+    fn report(&self, pod: &PodContext, pair: &Pair, mut details: Details) {
+        if let Some(decided) = &self.decided {
+            details.policy.clone_from(&decided.0);
+            details.rule.clone_from(&decided.1);
+        }
+        pod.shared.metrics.failed(
+            Reporter::Destination,
+            pair,
+            self.reason(),
+            &details,
+            &self.reason,
+        );
     }
 }
 
@@ -82,8 +115,9 @@ impl Refusal {
 pub struct Admitted {
     pub upstream: TcpStream,
     pub guard: OpenGuard,
-    /// Who talks to whom, for the metrics (boxed: connection tasks stay small).
-    pub pair: Box<Pair>,
+    /// Who talks to whom and how, for the metrics and the access log (boxed: connection
+    /// tasks stay small).
+    pub report: Box<(Pair, Details)>,
 }
 
 impl Refusal {
@@ -138,9 +172,7 @@ pub async fn deliver(pod: &PodContext, dir: &Directory, d: &Delivery) -> Result<
     );
     let outcome = checked_delivery(pod, dir, d, pair.clone()).await;
     if let Err(r) = &outcome {
-        pod.shared
-            .metrics
-            .failed(Reporter::Destination, &pair, r.reason());
+        r.report(pod, &pair, d.details());
     }
     outcome
 }
@@ -177,7 +209,7 @@ async fn checked_delivery(
         source_identity: Some(d.source_identity.clone()),
         connection_id: d.connection_id,
     };
-    authorize_and_connect(pod, request, pair).await
+    authorize_and_connect(pod, request, pair, d.details()).await
 }
 
 /// The destination must be an address (and a port) of this pod.
@@ -207,14 +239,19 @@ async fn authorize_and_connect(
     pod: &PodContext,
     request: authz::Request,
     pair: Pair,
+    mut details: Details,
 ) -> Result<Admitted, Refusal> {
     // Registered before the check, which reads the newest policies: a change that lands after
     // the check finds the registration and re-checks it.
     let authz = &pod.shared.authz;
     let guard = authz.admit(request.clone());
     let decision = authz.check(&pod.shared.directory(), &request);
+    details.policy = decision.policy_name();
+    details.rule = decision.rule_name();
     if !decision.allowed {
-        return Err(Refusal::new(Status::Denied, decision.to_string()));
+        let mut refusal = Refusal::new(Status::Denied, decision.to_string());
+        refusal.decided = Some(Box::new((details.policy, details.rule)));
+        return Err(refusal);
     }
     let destination = request.destination_addr;
     let upstream = pod.connect_marked(destination).await.map_err(|e| {
@@ -230,7 +267,7 @@ async fn authorize_and_connect(
     Ok(Admitted {
         upstream,
         guard,
-        pair: Box::new(pair),
+        report: Box::new((pair, details)),
     })
 }
 
@@ -306,16 +343,20 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         first = false;
         // Boxed, like the handshake: the connection's task keeps only the relay's state while
         // it lives.
-        match Box::pin(admit_tunnel(ctx, &dir, &request, &client, peer.ip())).await {
+        match Box::pin(admit_tunnel(ctx, &dir, &request, &client, peer.ip(), "tls")).await {
             Ok((
                 d,
                 Admitted {
                     upstream,
                     guard,
-                    pair,
+                    report,
                 },
             )) => {
-                let mut conn = ctx.shared.metrics.opened(Reporter::Destination, &pair);
+                let (pair, details) = *report;
+                let mut conn = ctx
+                    .shared
+                    .metrics
+                    .opened(Reporter::Destination, &pair, details);
                 drop(pair);
                 if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
                     conn.fail(FailReason::Reset);
@@ -357,8 +398,9 @@ async fn admit_tunnel(
     request: &TunnelRequest,
     client: &SpiffeId,
     peer: IpAddr,
+    transport: &'static str,
 ) -> Result<(Delivery, Admitted), Refusal> {
-    let checked = parse(request, client.clone()).and_then(|d| {
+    let checked = parse(request, client.clone(), transport).and_then(|d| {
         check_tunnel_source(dir, peer, &d)?;
         Ok(d)
     });
@@ -367,9 +409,12 @@ async fn admit_tunnel(
         Err(r) => {
             let port = u16::try_from(request.destination_port).unwrap_or(0);
             let pair = pair_at_destination(ctx, dir, Some(client), peer, port);
-            ctx.shared
-                .metrics
-                .failed(Reporter::Destination, &pair, r.reason());
+            let details = Details {
+                connection_id: request.connection_id,
+                transport,
+                ..Details::default()
+            };
+            r.report(ctx, &pair, details);
             return Err(r);
         }
     };
@@ -507,16 +552,21 @@ async fn handle_quic_stream(
     };
     stream.early = early;
     let dir = ctx.shared.directory();
-    match Box::pin(admit_tunnel(ctx, &dir, &request, &from.client, peer.ip())).await {
+    let admitted = admit_tunnel(ctx, &dir, &request, &from.client, peer.ip(), "quic");
+    match Box::pin(admitted).await {
         Ok((
             d,
             Admitted {
                 upstream,
                 guard,
-                pair,
+                report,
             },
         )) => {
-            let mut conn = ctx.shared.metrics.opened(Reporter::Destination, &pair);
+            let (pair, details) = *report;
+            let mut conn = ctx
+                .shared
+                .metrics
+                .opened(Reporter::Destination, &pair, details);
             drop(pair);
             if let Err(e) = header::write_stream(&mut stream.send, &response(Status::Ok, "")).await
             {
@@ -585,15 +635,22 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     let id = request.connection_id;
     let dir = ctx.shared.directory();
     let pair = pair_at_destination(ctx, &dir, None, peer.ip(), destination.port());
-    let admitted = authorize_and_connect(ctx, request, pair.clone()).await;
+    let details = Details {
+        connection_id: id,
+        source_address: Some(peer),
+        destination_address: Some(destination),
+        transport: "plaintext",
+        ..Details::default()
+    };
+    let admitted = authorize_and_connect(ctx, request, pair.clone(), details.clone()).await;
     let Admitted {
-        upstream, guard, ..
+        upstream,
+        report,
+        guard,
     } = match admitted {
         Ok(admitted) => admitted,
         Err(r) => {
-            ctx.shared
-                .metrics
-                .failed(Reporter::Destination, &pair, r.reason());
+            r.report(ctx, &pair, details);
             if r.status == Status::Denied {
                 // The deny itself is logged by the policy check.
                 stats.plaintext_denied.fetch_add(1, Ordering::Relaxed);
@@ -606,7 +663,11 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     };
     tracing::debug!(workload = %ctx.workload, %peer, %destination, id, "plaintext connection admitted");
     let upstream = relay::Stream::Plain(upstream);
-    let mut conn = ctx.shared.metrics.opened(Reporter::Destination, &pair);
+    let (pair, details) = *report;
+    let mut conn = ctx
+        .shared
+        .metrics
+        .opened(Reporter::Destination, &pair, details);
     drop(pair);
     // The relay holds the client here, not the application.
     let traffic = conn.traffic.swapped();
@@ -653,7 +714,11 @@ fn response(status: Status, reason: &str) -> TunnelResponse {
     }
 }
 
-fn parse(req: &TunnelRequest, client: SpiffeId) -> Result<Delivery, Refusal> {
+fn parse(
+    req: &TunnelRequest,
+    client: SpiffeId,
+    transport: &'static str,
+) -> Result<Delivery, Refusal> {
     let ip = |bytes: &[u8], what: &str| {
         mesh_api::ip_from_bytes(bytes).ok_or_else(|| {
             Refusal::new(
@@ -681,6 +746,7 @@ fn parse(req: &TunnelRequest, client: SpiffeId) -> Result<Delivery, Refusal> {
             port(req.destination_port, "destination")?,
         ),
         connection_id: req.connection_id,
+        transport,
     })
 }
 
@@ -722,7 +788,7 @@ mod tests {
 
     #[test]
     fn parses_a_well_formed_header() {
-        let d = parse(&request(), client()).unwrap();
+        let d = parse(&request(), client(), "tls").unwrap();
         assert_eq!(d.source, "10.0.0.1:40000".parse().unwrap());
         assert_eq!(d.destination, "10.0.0.2:8080".parse().unwrap());
         assert_eq!(d.connection_id, 9);
@@ -735,7 +801,7 @@ mod tests {
         let mut big_port = request();
         big_port.destination_port = 70_000;
         for (req, field) in [(short, "source address"), (big_port, "destination port")] {
-            let r = parse(&req, client()).unwrap_err();
+            let r = parse(&req, client(), "tls").unwrap_err();
             assert_eq!(r.status, Status::BadRequest);
             assert!(r.reason.contains(field), "{}", r.reason);
         }

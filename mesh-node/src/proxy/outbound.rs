@@ -23,7 +23,7 @@ use super::{
     relay::{self, reset, Stream},
     PodContext,
 };
-use crate::metrics::{FailReason, Pair, Path, Reporter};
+use crate::metrics::{Details, FailReason, Pair, Path, Reporter};
 use crate::tunnel::{
     header, pool,
     quic::{self, TunnelStream},
@@ -48,7 +48,7 @@ pub fn listen_addrs() -> [SocketAddr; 2] {
 enum Upstream {
     Plain(TcpStream),
     /// A pod of this node, admitted by its checks (which also report it, as its destination).
-    Local(TcpStream, OpenGuard, Box<Pair>),
+    Local(TcpStream, OpenGuard, Box<(Pair, Details)>),
     /// Through a tunnel session; it goes back to the pool under this key if it can.
     Tunnel {
         session: Box<Session>,
@@ -154,17 +154,30 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let started = Instant::now();
     stats.accepted.fetch_add(1, Ordering::Relaxed);
     let dir = ctx.shared.directory();
-    let mut pair = dir
-        .peer(&ctx.workload)
-        .map(|me| Pair::default().with_source(me))
-        .unwrap_or_default();
+    let me = dir.peer(&ctx.workload);
+    // Boxed: they live across the connect, and a connection's task stays small.
+    let mut pair = Box::new(
+        me.map(|me| Pair::default().with_source(me))
+            .unwrap_or_default(),
+    );
+    let mut details = Box::new(Details {
+        connection_id: ctx.shared.connection_id(),
+        transport: "passthrough",
+        ..Details::default()
+    });
     let Some(dst) = ctx
         .shared
         .capture
         .original_destination(ctx.netns_cookie, peer)
     else {
         stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
-        metrics.failed(Reporter::Source, &pair, FailReason::NoOriginalDestination);
+        metrics.failed(
+            Reporter::Source,
+            &pair,
+            FailReason::NoOriginalDestination,
+            &details,
+            "no original destination recorded",
+        );
         tracing::warn!(
             workload = %ctx.workload, %peer,
             "no original destination recorded for this connection (original-destination map full?); resetting it"
@@ -174,6 +187,15 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     let _ = client.set_nodelay(true);
     pair.destination_port = dst.port();
+    // The application's address as the destination sees it: the pod's, with its port.
+    details.source_address = me
+        .and_then(|me| me.address_like(dst.ip()))
+        .map(|ip| SocketAddr::new(ip, peer.port()));
+    details.destination_address = Some(dst);
+    let tunnel = match dir.transport() {
+        Transport::Quic => "quic",
+        _ => "tls",
+    };
     let upstream = match dir.route(dst) {
         Route::Passthrough => match ctx.connect_marked(dst).await {
             Ok(s) => {
@@ -182,7 +204,13 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             }
             Err(e) => {
                 stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
-                metrics.failed(Reporter::Source, &pair, FailReason::UpstreamConnect);
+                metrics.failed(
+                    Reporter::Source,
+                    &pair,
+                    FailReason::UpstreamConnect,
+                    &details,
+                    &e.to_string(),
+                );
                 tracing::info!(
                     workload = %ctx.workload, %peer, %dst, error = %e,
                     "upstream connect failed; resetting the client connection"
@@ -192,11 +220,23 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             }
         },
         Route::Workload(target) => {
-            pair = to_target(pair, &target);
-            match Box::pin(send(ctx, &dir, &target, peer)).await {
+            to_target(&mut pair, &target);
+            details.destination_address = Some(target.addr);
+            details.transport = if ctx.shared.local_pod(&target.peer.key).is_some() {
+                "local"
+            } else {
+                tunnel
+            };
+            match Box::pin(send(ctx, &dir, &target, peer, details.connection_id)).await {
                 Ok(up) => up,
                 Err(e) => {
-                    metrics.failed(Reporter::Source, &pair, e.reason());
+                    metrics.failed(
+                        Reporter::Source,
+                        &pair,
+                        e.reason(),
+                        &details,
+                        &e.to_string(),
+                    );
                     fail(ctx, client, dst, &target, &e);
                     return;
                 }
@@ -207,14 +247,26 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             candidates,
         } => {
             pair.destination_service.clone_from(&service);
-            match Box::pin(send_to_service(ctx, &dir, &service, candidates, peer)).await {
+            details.transport = tunnel;
+            let id = details.connection_id;
+            match Box::pin(send_to_service(ctx, &dir, &service, candidates, peer, id)).await {
                 Some((up, target)) => {
-                    pair = to_target(pair, &target);
+                    to_target(&mut pair, &target);
+                    details.destination_address = Some(target.addr);
+                    if matches!(up, Upstream::Local(..)) {
+                        details.transport = "local";
+                    }
                     up
                 }
                 None => {
                     stats.no_endpoint.fetch_add(1, Ordering::Relaxed);
-                    metrics.failed(Reporter::Source, &pair, FailReason::NoEndpoint);
+                    metrics.failed(
+                        Reporter::Source,
+                        &pair,
+                        FailReason::NoEndpoint,
+                        &details,
+                        "no endpoint of the service could be reached",
+                    );
                     tracing::info!(
                         workload = %ctx.workload, %dst, %service,
                         "no endpoint of the service could be reached; resetting the client connection"
@@ -227,7 +279,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     metrics.connected(upstream.path(), started.elapsed());
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let mut conn = metrics.opened(Reporter::Source, &pair);
+    let mut conn = metrics.opened(Reporter::Source, &pair, *details);
+    drop(pair);
     // A delivery on this node is also reported by its destination, in the same relay.
     let mut local = None;
     let (result, pooled) = match upstream {
@@ -235,8 +288,10 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             relay::relay(client, Stream::Plain(s), None, &conn.traffic).await,
             None,
         ),
-        Upstream::Local(s, guard, local_pair) => {
-            let dest = local.insert((metrics.opened(Reporter::Destination, &local_pair), guard));
+        Upstream::Local(s, guard, admitted) => {
+            let (local_pair, local_details) = *admitted;
+            let opened = metrics.opened(Reporter::Destination, &local_pair, local_details);
+            let dest = local.insert((opened, guard));
             // The relay holds the client, not the destination's application.
             let traffic = conn.traffic.clone().and(&dest.0.traffic.swapped());
             let closed = Some(dest.1.closed());
@@ -284,9 +339,9 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
 }
 
 /// The pair's destination is `target`'s workload, on the port it listens on.
-fn to_target(mut pair: Pair, target: &Target) -> Pair {
+fn to_target(pair: &mut Pair, target: &Target) {
     pair.destination_port = target.addr.port();
-    pair.with_destination(&target.peer)
+    *pair = std::mem::take(pair).with_destination(&target.peer);
 }
 
 /// Tries the service's endpoints in the directory's order, those that failed recently last.
@@ -296,12 +351,13 @@ async fn send_to_service(
     service: &str,
     mut candidates: Vec<Target>,
     peer: SocketAddr,
+    id: u64,
 ) -> Option<(Upstream, Target)> {
     let health = &ctx.shared.health;
     // Stable: keeps the round-robin order within the healthy and the failed group.
     candidates.sort_by_key(|t| !health.is_healthy(&t.peer.key));
     for target in candidates.iter().take(MAX_ENDPOINT_ATTEMPTS) {
-        match send(ctx, dir, target, peer).await {
+        match send(ctx, dir, target, peer, id).await {
             Ok(up) => {
                 health.succeeded(&target.peer.key);
                 return Some((up, target.clone()));
@@ -344,6 +400,7 @@ async fn send(
     dir: &Directory,
     target: &Target,
     app_peer: SocketAddr,
+    id: u64,
 ) -> Result<Upstream, SendError> {
     let me = &ctx.workload;
     let source = dir
@@ -356,13 +413,14 @@ async fn send(
         source_identity: source.identity.clone(),
         source: SocketAddr::new(source_ip, app_peer.port()),
         destination: target.addr,
-        connection_id: ctx.shared.connection_id(),
+        connection_id: id,
+        transport: "local",
     };
     if let Some(local) = ctx.shared.local_pod(&target.peer.key) {
         let Admitted {
             upstream,
             guard,
-            pair,
+            report,
         } = inbound::deliver(&local, dir, &delivery)
             .await
             .map_err(|r| SendError::Refused {
@@ -371,7 +429,7 @@ async fn send(
             })?;
         ctx.shared.stats.same_node.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(workload = %me, destination = %target.peer.key, addr = %target.addr, id = delivery.connection_id, "delivered on this node");
-        return Ok(Upstream::Local(upstream, guard, pair));
+        return Ok(Upstream::Local(upstream, guard, report));
     }
     let tls = dir.tls().ok_or(SendError::NoTrust)?;
     let source_id = source.identity.to_string();

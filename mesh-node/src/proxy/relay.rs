@@ -15,11 +15,10 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use prometheus::IntCounter;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{count, Traffic};
+use crate::metrics::{Flow, Traffic};
 use crate::tunnel::{
     quic::TunnelStream,
     record::{ContentType, FULL_RECORD, HEADER, MAX_PLAINTEXT},
@@ -89,7 +88,7 @@ pub async fn relay(
     closed: Option<&CancellationToken>,
     traffic: &Traffic,
 ) -> Result<Relayed, io::Error> {
-    let (out, back) = (&traffic.from_app[..], &traffic.to_app[..]);
+    let (out, back) = (&traffic.from_app, &traffic.to_app);
     let closed = async {
         match closed {
             Some(token) => token.cancelled().await,
@@ -153,7 +152,7 @@ pub async fn relay(
 }
 
 /// Plain to plain.
-async fn plain(src: &TcpStream, dst: &TcpStream, counted: &[IntCounter]) -> io::Result<u64> {
+async fn plain(src: &TcpStream, dst: &TcpStream, counted: &Flow) -> io::Result<u64> {
     let mut total = 0;
     loop {
         src.readable().await?;
@@ -169,7 +168,7 @@ async fn plain(src: &TcpStream, dst: &TcpStream, counted: &[IntCounter]) -> io::
         };
         write_all(dst, &buf[..n]).await?;
         total += n as u64;
-        count(counted, n);
+        counted.add(n);
     }
 }
 
@@ -180,7 +179,7 @@ async fn seal(
     dst: &TcpStream,
     tx: &mut Tx,
     rekey: &Rekey,
-    counted: &[IntCounter],
+    counted: &Flow,
 ) -> io::Result<u64> {
     let mut total = 0;
     let mut control = Vec::new();
@@ -221,7 +220,7 @@ async fn seal(
         }
         write_all(dst, &buf[..end]).await?;
         total += n as u64;
-        count(counted, n);
+        counted.add(n);
     }
 }
 
@@ -233,7 +232,7 @@ async fn open(
     rx: &mut Rx,
     rekey: &Rekey,
     dst: &TcpStream,
-    counted: &[IntCounter],
+    counted: &Flow,
 ) -> io::Result<u64> {
     let mut total = 0;
     // What the header exchange read past the header goes first. Taking the vectors (not
@@ -242,7 +241,7 @@ async fn open(
     if !early.is_empty() {
         write_all(dst, &early).await?;
         total += early.len() as u64;
-        count(counted, early.len());
+        counted.add(early.len());
     }
     drop(early);
     let pending = std::mem::take(&mut rx.pending);
@@ -264,7 +263,7 @@ async fn open(
                 data.iter().map(|r| IoSlice::new(&buf[r.clone()])).collect();
             let written = write_all_vectored(dst, &mut slices).await?;
             total += written as u64;
-            count(counted, written);
+            counted.add(written);
             if opened.ended {
                 shutdown_write(dst)?;
                 if !rx.closed {
@@ -299,7 +298,7 @@ async fn open(
 async fn to_stream(
     src: &TcpStream,
     dst: &mut quinn::SendStream,
-    counted: &[IntCounter],
+    counted: &Flow,
 ) -> io::Result<u64> {
     /// Below glibc's mmap threshold, so a read costs a heap allocation, not a mapping.
     const CHUNK: usize = 64 * 1024;
@@ -319,7 +318,7 @@ async fn to_stream(
         };
         dst.write_chunk(buf.freeze()).await?;
         total += n as u64;
-        count(counted, n);
+        counted.add(n);
     }
 }
 
@@ -329,13 +328,13 @@ async fn from_stream(
     src: &mut quinn::RecvStream,
     early: Vec<u8>,
     dst: &TcpStream,
-    counted: &[IntCounter],
+    counted: &Flow,
 ) -> io::Result<u64> {
     let mut total = 0;
     if !early.is_empty() {
         write_all(dst, &early).await?;
         total += early.len() as u64;
-        count(counted, early.len());
+        counted.add(early.len());
     }
     drop(early);
     let mut chunks: [Bytes; 16] = Default::default();
@@ -347,7 +346,7 @@ async fn from_stream(
         let mut slices: Vec<IoSlice<'_>> = chunks[..n].iter().map(|c| IoSlice::new(c)).collect();
         let written = write_all_vectored(dst, &mut slices).await?;
         total += written as u64;
-        count(counted, written);
+        counted.add(written);
         drop(slices);
         // Let go of the chunks now: an idle stream must not hold the last ones it received.
         for c in &mut chunks[..n] {
