@@ -204,6 +204,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener = admin::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on --admin-listen {}", args.admin_listen))?;
+    // Answering from the start: /readyz says what the daemon is still waiting for.
+    let connected = matches!(source, Source::ControlPlane(_));
+    let (status_tx, status_rx) = watch::channel(admin::Status {
+        connected_mode: connected,
+        ..admin::Status::default()
+    });
+    let admin = Arc::new(admin::Admin::new(status_rx.clone()));
+    tokio::spawn(admin::serve(admin_listener, admin.clone()));
     let metrics_listener = admin::bind(args.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
@@ -240,9 +248,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     let authz = shared.authz.clone();
     tokio::spawn(proxy::authz::follow(authz.clone(), directory_rx));
-    let connected = matches!(source, Source::ControlPlane(_));
     let mut enroller = enroll::Enroller::new(shared, connected);
-    let (status_tx, status_rx) = watch::channel(admin::Status::default());
+    let (view_tx, view_rx) = watch::channel(Arc::new(control::MeshView::default()));
     metrics.register(Box::new(metrics::collect::NodeCollector::new(
         capture.clone(),
         authz.clone(),
@@ -250,16 +257,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         stats.clone(),
         status_rx.clone(),
     )?))?;
-    tokio::spawn(admin::serve(
-        admin_listener,
-        Arc::new(admin::Admin {
-            capture: capture.clone(),
-            stats,
-            authz,
-            svids: svids.clone(),
-            status: status_rx,
-        }),
-    ));
+    admin.attached(admin::Parts {
+        capture: capture.clone(),
+        stats,
+        authz,
+        svids: svids.clone(),
+        view: view_rx.clone(),
+    });
     tokio::spawn(admin::serve(
         metrics_listener,
         Arc::new(admin::MetricsEndpoint(metrics)),
@@ -290,6 +294,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::info!(node = %args.node_name, admin = %args.admin_listen, cp = args.cp.as_deref().unwrap_or_default(), "mesh-node ready; waiting for the control plane");
             follow_control_plane(
                 client,
+                (view_tx, view_rx),
                 svids,
                 directory_tx,
                 &mut enroller,
@@ -387,13 +392,16 @@ async fn follow_file(
 /// are kept current alongside. A set that fails to enroll is retried every few seconds.
 async fn follow_control_plane(
     client: control::CpClient,
+    (view_tx, view_rx): (
+        watch::Sender<Arc<control::MeshView>>,
+        watch::Receiver<Arc<control::MeshView>>,
+    ),
     svids: Arc<identity::SvidStore>,
     directory: watch::Sender<Arc<proxy::directory::Directory>>,
     enroller: &mut enroll::Enroller,
     status: &watch::Sender<admin::Status>,
     signals: &mut Signals,
 ) {
-    let (view_tx, view_rx) = watch::channel(Arc::new(control::MeshView::default()));
     let (apply_tx, mut apply_rx) = tokio::sync::mpsc::channel(1);
     let (connected_tx, mut connected_rx) = watch::channel(false);
     tokio::spawn(control::run_stream(

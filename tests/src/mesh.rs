@@ -244,17 +244,26 @@ impl MeshNode {
         self.daemon.log()
     }
 
-    /// `GET /certs`: the serial of each certificate held, by SPIFFE ID.
+    /// `GET /debug/certs`: the serial of each certificate held, by SPIFFE ID.
     pub fn cert_serials(&self) -> io::Result<BTreeMap<String, String>> {
-        Ok(http_get(self.admin, "/certs")?
-            .lines()
-            .filter_map(|l| {
-                let mut fields = l.split_whitespace();
-                let id = fields.next()?;
-                let serial = fields.next()?.strip_prefix("serial=")?;
-                Some((id.to_string(), serial.to_string()))
+        let body: serde_json::Value = serde_json::from_str(&http_get(self.admin, "/debug/certs")?)
+            .map_err(io::Error::other)?;
+        Ok(body["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                Some((
+                    c["identity"].as_str()?.to_string(),
+                    c["serial"].as_str()?.to_string(),
+                ))
             })
             .collect())
+    }
+
+    /// `GET path` on the admin endpoint: the status code and body, whatever the status.
+    pub fn admin_get(&self, path: &str) -> io::Result<(u16, String)> {
+        http_get_any(self.admin, path)
     }
 
     /// Waits until the log contains `needle`; returns the whole log.
@@ -307,8 +316,8 @@ fn stats_of(admin: SocketAddr) -> io::Result<BTreeMap<String, u64>> {
         .collect())
 }
 
-/// A minimal HTTP/1.1 GET against the admin endpoint (loopback only).
-pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
+/// A minimal HTTP/1.1 GET (loopback only): status code and body.
+pub fn http_get_any(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
@@ -320,11 +329,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .ok_or_else(|| io::Error::other("bad response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(io::Error::other(format!(
-            "{path}: {}",
-            head.lines().next().unwrap_or("")
-        )));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("no status in {head:?}")))?;
+    Ok((code, body.to_string()))
+}
+
+/// A minimal HTTP/1.1 GET against the admin endpoint (loopback only); anything but 200 is an
+/// error.
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
+    match http_get_any(addr, path)? {
+        (200, body) => Ok(body),
+        (code, body) => Err(io::Error::other(format!("{path}: {code} {}", body.trim()))),
     }
-    Ok(body.to_string())
 }

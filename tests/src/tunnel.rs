@@ -286,7 +286,7 @@ pub fn connect_in(netns: &Path, dst: SocketAddr) -> io::Result<TcpStream> {
     })
 }
 
-/// The SPIFFE ID and serial (as mesh-node's `/certs` prints it) of a certificate.
+/// The SPIFFE ID and serial (as mesh-node's `/debug/certs` shows it) of a certificate.
 pub fn describe(cert: &CertificateDer<'_>) -> (String, String) {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).expect("certificate");
     let uri = parsed

@@ -25,6 +25,108 @@ const TD: &str = "spiffe://cluster.local/ns/default/sa";
 
 mesh_tests::on_both_transports!(metrics_count_known_traffic_by_workload_pair);
 
+/// `/readyz` answers from the daemon's start and says ready only once the eBPF programs are
+/// attached and the enrolled workload has its certificate: with the control plane down, the
+/// node attaches and waits; once it is back, the node is ready and `/debug/*` show the config,
+/// the certificate and its chain.
+#[test]
+fn readyz_waits_for_the_programs_and_the_certificates() {
+    let mut topo = Topology::new(&[NodeSpec::new("n1", &["order"])]).expect("topology");
+    let pods = [topo.pod("order")];
+    let mut cp = ControlPlane::start(
+        &format!("{}-readyz", topo.prefix),
+        &[
+            ("workloads.yaml", &workloads_yaml(&pods)),
+            ("mesh.yaml", &mesh_config_yaml("tls", "")),
+        ],
+    )
+    .expect("mesh-cp");
+    cp.pause().expect("stop mesh-cp");
+    let cg = topo
+        .add_cgroup_below(&topo.node("n1").cgroup.clone(), "mesh-node")
+        .expect("daemon cgroup");
+    let node = MeshNode::connect(topo.node("n1"), &cp, Some(&cg), &[]).expect("mesh-node");
+
+    // Every answer until the node has attached and is waiting for the control plane.
+    let deadline = Instant::now() + T;
+    let mut answers = Vec::new();
+    loop {
+        if let Ok(answer) = node.admin_get("/readyz") {
+            let waiting = answer.1.contains("no config from the control plane yet");
+            answers.push(answer);
+            if waiting {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "{answers:?}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Loading the programs (BTF and all) takes the daemon a while (about 150 ms here), and the
+    // endpoint answers from before: the first state seen is "not attached".
+    assert!(
+        answers[0].1.contains("eBPF programs are not attached"),
+        "{answers:?}"
+    );
+    for (code, body) in &answers {
+        assert_eq!(
+            *code, 503,
+            "ready before the control plane answered: {body}"
+        );
+        assert!(
+            body.contains("eBPF programs are not attached")
+                || body.contains("no config from the control plane"),
+            "{body}"
+        );
+    }
+    // The programs are attached (the counters read), and still not ready without certificates.
+    assert!(node.stats().is_ok(), "{}", node.log());
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, body) = node.admin_get("/readyz").expect("/readyz");
+    assert_eq!(code, 503, "{body}");
+
+    cp.resume().expect("restart mesh-cp");
+    let ready = Instant::now() + T;
+    while node.admin_get("/readyz").map(|(c, _)| c).ok() != Some(200) {
+        assert!(Instant::now() < ready, "never ready:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, body) = node.admin_get("/readyz").expect("/readyz");
+    assert_eq!(body, "ready\n");
+
+    let json = |path: &str| -> serde_json::Value {
+        let (code, body) = node.admin_get(path).expect(path);
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    };
+    let config = json("/debug/config");
+    assert!(
+        config["version"].as_u64().is_some_and(|v| v > 0),
+        "{config}"
+    );
+    assert_eq!(config["mode"], "control-plane");
+    let order = &config["workloads"][0];
+    assert_eq!(order["key"], "default/order", "{config}");
+    assert_eq!(order["on_this_node"], true, "{config}");
+    assert_eq!(order["identity"], format!("{TD}/order"));
+    let certs = json("/debug/certs");
+    let cert = &certs["certificates"][0];
+    assert_eq!(cert["identity"], format!("{TD}/order"), "{certs}");
+    assert!(
+        cert["chain"].as_array().is_some_and(|c| !c.is_empty()),
+        "{certs}"
+    );
+    assert_eq!(
+        certs["trust_roots"].as_array().map(Vec::len),
+        Some(1),
+        "{certs}"
+    );
+    let connections = json("/debug/connections");
+    assert_eq!(connections["inbound"], serde_json::json!([]));
+    drop(node);
+    drop(cp);
+    drop(topo);
+}
+
 struct Mesh {
     cp: ControlPlane,
     n1: MeshNode,

@@ -285,7 +285,7 @@ fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why(transpor
     assert_eq!(id, SERVER_ID);
     assert_eq!(
         Some(&serial),
-        m.n2.cert_serials().expect("/certs").get(SERVER_ID)
+        m.n2.cert_serials().expect("/debug/certs").get(SERVER_ID)
     );
     assert!(pong, "no pong through the accepted tunnel");
 
@@ -355,8 +355,8 @@ fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why(transpor
 fn certificates_rotate_under_a_long_lived_connection(transport: &str) {
     let mut m = mesh("rotate", transport, "certTtl: 20s");
     let server = m.topo.pod("server");
-    let before_client = m.n1.cert_serials().expect("/certs")[CLIENT_ID].clone();
-    let before_server = m.n2.cert_serials().expect("/certs")[SERVER_ID].clone();
+    let before_client = m.n1.cert_serials().expect("/debug/certs")[CLIENT_ID].clone();
+    let before_server = m.n2.cert_serials().expect("/debug/certs")[SERVER_ID].clone();
     let linger = app::start(
         m.topo.pod("client"),
         &["linger", &server.ipv4.to_string(), &PORT.to_string(), "30"],
@@ -389,7 +389,7 @@ fn certificates_rotate_under_a_long_lived_connection(transport: &str) {
     // A new tunnel presents the current certificates on both ends.
     let out = get(&m, &format!("http://{}:{PORT}/blob/1000", server.ipv4));
     assert_eq!(out["status"], 200, "{out}");
-    let current_client = m.n1.cert_serials().expect("/certs")[CLIENT_ID].clone();
+    let current_client = m.n1.cert_serials().expect("/debug/certs")[CLIENT_ID].clone();
     m.n2.wait_log(
         Duration::from_secs(5),
         &format!("client_serial={current_client}"),
@@ -416,7 +416,7 @@ fn certificates_rotate_under_a_long_lived_connection(transport: &str) {
     );
     assert_eq!(
         Some(&serial),
-        m.n2.cert_serials().expect("/certs").get(SERVER_ID)
+        m.n2.cert_serials().expect("/debug/certs").get(SERVER_ID)
     );
 
     // The connection opened before the rotation lived through it.

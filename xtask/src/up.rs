@@ -119,8 +119,8 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     );
     for (name, node) in [("node1", node1), ("node2", node2)] {
         look(
-            format!("curl -s http://{}/certs", node.admin),
-            &format!("{name}: workload certificates (serial, expiry, renewal)"),
+            format!("curl -s http://{}/debug/certs", node.admin),
+            &format!("{name}: workload certificates (serial, expiry, chain) and roots"),
         );
         look(
             format!("curl -s http://{}/stats", node.admin),

@@ -159,6 +159,14 @@ impl Authz {
         }
     }
 
+    /// The connections admitted and still open.
+    pub fn open_connections(&self) -> Vec<Request> {
+        self.lock_open()
+            .values()
+            .map(|o| o.request.clone())
+            .collect()
+    }
+
     /// Open connections closed so far because a policy change denies them.
     pub fn closed_by_policy(&self) -> u64 {
         self.closed_by_policy.load(Ordering::Relaxed)
