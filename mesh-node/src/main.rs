@@ -82,7 +82,7 @@ struct RunArgs {
     /// in /proc/mounts].
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// Address of the admin endpoint (/healthz, /stats, /certs); keep it on loopback.
+    /// Address of the admin endpoint (/healthz, /readyz, /stats, /debug/*); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_listen: SocketAddr,
     /// Address of the Prometheus endpoint (/metrics), for the node's scraper.

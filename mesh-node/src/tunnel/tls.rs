@@ -70,7 +70,7 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
     }
 }
 
-/// A certificate's serial number as `/certs` shows it (hex bytes joined by colons).
+/// A certificate's serial number as `/debug/certs` shows it (hex bytes joined by colons).
 pub fn serial(cert: &CertificateDer<'_>) -> Option<String> {
     x509_parser::parse_x509_certificate(cert)
         .ok()
