@@ -1,10 +1,19 @@
-//! Reading Prometheus expositions in tests: samples by name and labels, and `promtool`'s
-//! checks.
+//! Prometheus in tests: reading expositions (samples by name and labels), `promtool`'s
+//! checks, and a real Prometheus server (Debian's package) on loopback that scrapes the
+//! nodes and answers PromQL.
 
 use std::{
     collections::BTreeMap,
+    fs,
     io::{self, Write as _},
+    net::SocketAddr,
     process::{Command, Stdio},
+    time::Duration,
+};
+
+use crate::{
+    daemon::Daemon,
+    mesh::{free_port, http_get, http_get_any},
 };
 
 /// One sample: its labels, sorted by name.
@@ -136,6 +145,134 @@ pub fn promtool_check(text: &str) -> io::Result<Result<(), String>> {
             String::from_utf8_lossy(&out.stderr)
         ))
     })
+}
+
+/// A Prometheus server scraping `targets` every second, its data in a scratch directory;
+/// stopped and removed on drop.
+pub struct PrometheusServer {
+    pub addr: SocketAddr,
+    daemon: Daemon,
+}
+
+/// The job name the dashboard's queries select nodes by.
+pub const NODE_JOB: &str = "mycel-node";
+
+impl PrometheusServer {
+    /// Starts `prometheus` scraping each `(job, address)` at `/metrics`, and waits until it is
+    /// ready.
+    pub fn start(prefix: &str, targets: &[(&str, SocketAddr)]) -> io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-prometheus"));
+        fs::create_dir_all(&dir)?;
+        let mut jobs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (job, addr) in targets {
+            jobs.entry(job).or_default().push(format!("'{addr}'"));
+        }
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
+        );
+        for (job, addrs) in &jobs {
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+                addrs.join(", ")
+            ));
+        }
+        let config_file = dir.join("prometheus.yml");
+        fs::write(&config_file, config)?;
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let log_file = dir.join("prometheus.log");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log_file)?)
+            .spawn()
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "cannot run prometheus (apt-get install prometheus): {e}"
+                ))
+            })?;
+        let mut daemon = Daemon::new("prometheus", child, dir, log_file);
+        daemon.wait_until(Duration::from_secs(30), "prometheus ready", || {
+            http_get(addr, "/-/ready").ok()
+        })?;
+        Ok(Self { addr, daemon })
+    }
+
+    /// An instant query: each series' labels and value.
+    pub fn query(&self, promql: &str) -> io::Result<Vec<(Labels, f64)>> {
+        query(self.addr, promql)
+    }
+
+    /// Waits until `promql` returns a result for which `done` holds; returns the result.
+    pub fn wait_for(
+        &mut self,
+        promql: &str,
+        done: impl Fn(&[(Labels, f64)]) -> bool,
+    ) -> io::Result<Vec<(Labels, f64)>> {
+        let addr = self.addr;
+        let mut last = String::new();
+        let outcome = self.daemon.wait_until(Duration::from_secs(30), promql, || {
+            match query(addr, promql) {
+                Ok(r) if done(&r) => Some(r),
+                other => {
+                    last = format!("{other:?}");
+                    None
+                }
+            }
+        });
+        outcome.map_err(|e| io::Error::other(format!("{e}; last answer: {last}")))
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+}
+
+/// `GET /api/v1/query` on the server at `addr`.
+fn query(addr: SocketAddr, promql: &str) -> io::Result<Vec<(Labels, f64)>> {
+    let path = format!("/api/v1/query?query={}", percent_encode(promql));
+    let (code, body) = http_get_any(addr, &path)?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(io::Error::other)?;
+    if code != 200 || v["status"] != "success" {
+        return Err(io::Error::other(format!("{promql}: {code} {body}")));
+    }
+    let series = v["data"]["result"].as_array().cloned().unwrap_or_default();
+    Ok(series
+        .iter()
+        .map(|s| {
+            let labels = s["metric"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let value = s["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN);
+            (labels, value)
+        })
+        .collect())
+}
+
+/// Percent-encodes a query parameter (RFC 3986 unreserved characters stay).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

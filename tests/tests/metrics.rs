@@ -14,7 +14,7 @@ use mesh_api::v1::{tunnel_response::Status, TunnelRequest};
 use mesh_tests::{
     app::{self, Server},
     mesh::{mesh_config_yaml, workloads_yaml},
-    prom::{promtool_check, Exposition},
+    prom::{promtool_check, Exposition, Labels, PrometheusServer, NODE_JOB},
     tunnel::{dial, TestCa},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
@@ -211,6 +211,12 @@ fn pair<'a>(reporter: &'a str, src: &'a str, dst: &'a str) -> [(&'a str, &'a str
 
 fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
     let mut m = mesh(transport);
+    // A real Prometheus scrapes both nodes from before the traffic (rates need two samples).
+    let mut prom = PrometheusServer::start(
+        &format!("{}-{transport}", m.topo.prefix),
+        &[(NODE_JOB, m.n1.metrics), (NODE_JOB, m.n2.metrics)],
+    )
+    .expect("prometheus");
     m.cp.apply(
         "block-analytics.yaml",
         &format!(
@@ -418,6 +424,73 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
         Vec::<serde_json::Value>::new()
     );
 
+    // Prometheus, with the dashboard's own queries: counts exact, bytes within 0.1 %, the deny
+    // under its policy, every node up; and every query of the dashboard is valid PromQL that
+    // returns data.
+    let opened = dashboard_query("Connections opened by service pair (total)", 0);
+    let result = prom
+        .wait_for(&opened, |r| {
+            value_of(
+                r,
+                &[
+                    ("source_workload", "order"),
+                    ("destination_workload", "payment"),
+                ],
+            ) == Some(8.0)
+                && value_of(r, &[("destination_workload", "analytics")]) == Some(3.0)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", prom.log()));
+    assert_eq!(result.len(), 2, "{result:?}");
+    let order_payment = [
+        ("source_workload", "order"),
+        ("destination_workload", "payment"),
+    ];
+    for (panel, target, want) in [
+        (
+            "Bytes by service pair (total, source → destination and back)",
+            0,
+            sent,
+        ),
+        (
+            "Bytes by service pair (total, source → destination and back)",
+            1,
+            received,
+        ),
+    ] {
+        let r = prom
+            .query(&dashboard_query(panel, target))
+            .expect("bytes query");
+        let got = value_of(&r, &order_payment).unwrap_or(f64::NAN);
+        assert!(
+            (got - want).abs() <= want * 0.001,
+            "{panel}: {got} vs {want}: {r:?}"
+        );
+    }
+    let denies = prom
+        .wait_for(
+            &dashboard_query("Denies by policy and rule (total)", 0),
+            |r| !r.is_empty(),
+        )
+        .expect("denies");
+    assert_eq!(
+        value_of(
+            &denies,
+            &[("policy", "default/block-analytics"), ("rule", "0")]
+        ),
+        Some(1.0),
+        "{denies:?}"
+    );
+    assert_eq!(denies.len(), 1, "{denies:?}");
+    let up = prom
+        .query(&format!("up{{job=\"{NODE_JOB}\"}}"))
+        .expect("up");
+    assert_eq!(up.iter().map(|(_, v)| v).sum::<f64>(), 2.0, "{up:?}");
+    // Rates need two scrapes of a series: wait for data rather than query once.
+    for (title, expr) in dashboard_queries() {
+        prom.wait_for(&expr, |r| !r.is_empty())
+            .unwrap_or_else(|e| panic!("{title}: {e}"));
+    }
+
     // Every exposition passes promtool and lists each family once.
     for node in [&m.n1, &m.n2] {
         let text = node.metrics_text().expect("metrics");
@@ -431,4 +504,63 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
         families.dedup();
         assert_eq!(families.len(), before, "a family is listed twice:\n{text}");
     }
+}
+
+/// The dashboard shipped in `deploy/grafana/`, as (panel title, query) pairs, with Grafana's
+/// `$__rate_interval` set to what the test's one-second scrapes allow.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/mycel-dashboard.json"
+    );
+    let text = std::fs::read_to_string(path).expect("the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let title = panel["title"].as_str().unwrap_or_default();
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            out.push((title.to_owned(), expr.replace("$__rate_interval", "30s")));
+        }
+    }
+    out
+}
+
+/// The `target`th query of the dashboard panel titled `title`.
+fn dashboard_query(title: &str, target: usize) -> String {
+    dashboard_queries()
+        .into_iter()
+        .filter(|(t, _)| t == title)
+        .nth(target)
+        .map(|(_, e)| e)
+        .unwrap_or_else(|| panic!("no query {target} in panel {title:?}"))
+}
+
+/// The value of the one series whose labels include `want`.
+fn value_of(result: &[(Labels, f64)], want: &[(&str, &str)]) -> Option<f64> {
+    let mut matching = result.iter().filter(|(labels, _)| {
+        want.iter()
+            .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+    });
+    let (_, v) = matching.next()?;
+    matching.next().is_none().then_some(*v)
+}
+
+/// The shipped scrape config for plain hosts is valid Prometheus configuration.
+#[test]
+fn the_shipped_scrape_config_passes_promtool() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/prometheus-scrape.yml"
+    );
+    let out = std::process::Command::new("promtool")
+        .args(["check", "config", path])
+        .output()
+        .expect("promtool (apt-get install prometheus)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
