@@ -1,7 +1,11 @@
 //! The gRPC service nodes talk to: the config stream and certificate signing, both scoped to
 //! the node the caller's join token was issued to.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use mesh_api::{
     metadata,
@@ -16,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    metrics::Refusal,
     slice::{self, Slice},
     state::Shared,
 };
@@ -98,7 +103,8 @@ impl NodeService for NodeApi {
     ) -> Result<Response<SignCertificateResponse>, Status> {
         let (node, _) = self.authenticate(&req)?;
         let req = req.into_inner();
-        let refuse = |status: Status| {
+        let refuse = |why: Refusal, status: Status| {
+            self.shared.metrics.refused(why);
             tracing::warn!(
                 node,
                 identity = req.identity,
@@ -113,32 +119,42 @@ impl NodeService for NodeApi {
             req.identity
                 .parse()
                 .map_err(|e: mesh_model::ParseSpiffeIdError| {
-                    refuse(Status::invalid_argument(e.to_string()))
+                    refuse(
+                        Refusal::BadIdentity,
+                        Status::invalid_argument(e.to_string()),
+                    )
                 })?;
         let published = self.shared.config.borrow().clone();
         let mesh = &published.config.mesh;
         if identity.trust_domain != mesh.trust_domain {
-            return Err(refuse(Status::permission_denied(format!(
-                "{identity} is not in this mesh's trust domain {}",
-                mesh.trust_domain
-            ))));
+            return Err(refuse(
+                Refusal::TrustDomain,
+                Status::permission_denied(format!(
+                    "{identity} is not in this mesh's trust domain {}",
+                    mesh.trust_domain
+                )),
+            ));
         }
         let placed = published
             .config
             .workloads_on(&node)
             .any(|w| w.identity(&mesh.trust_domain) == identity);
         if !placed {
-            return Err(refuse(Status::permission_denied(format!(
-                "no workload with identity {identity} is placed on node {node}"
-            ))));
+            return Err(refuse(
+                Refusal::NotPlaced,
+                Status::permission_denied(format!(
+                    "no workload with identity {identity} is placed on node {node}"
+                )),
+            ));
         }
         let issued = self
             .shared
             .ca
             .sign_workload(&req.csr_der, &identity, mesh.cert_ttl)
-            .map_err(|e| refuse(Status::invalid_argument(e.to_string())))?;
+            .map_err(|e| refuse(Refusal::BadCsr, Status::invalid_argument(e.to_string())))?;
         self.shared
             .update_node(&node, |n| n.certificates_issued += 1);
+        self.shared.metrics.issued();
         tracing::info!(node, %identity, serial = issued.serial, not_after = %issued.not_after, "certificate issued");
         Ok(Response::new(SignCertificateResponse {
             cert_chain_der: vec![issued.der.to_vec()],
@@ -162,6 +178,8 @@ async fn serve_stream(
     let mut sent: Option<Slice> = None;
     let mut dirty = true;
     let mut recheck = tokio::time::interval(TOKEN_RECHECK);
+    // Versions sent and not yet answered, oldest first, with when they were sent.
+    let mut in_flight: Vec<(u64, Instant)> = Vec::new();
     let reason = loop {
         if dirty {
             dirty = false;
@@ -193,9 +211,12 @@ async fn serve_stream(
                     removals = update.removals.len(),
                     "sending config"
                 );
+                let (version, snapshot) = (update.version, update.snapshot);
                 if tx.send(Ok(update)).await.is_err() {
                     break "stream closed";
                 }
+                shared.metrics.pushed(snapshot);
+                in_flight.push((version, Instant::now()));
             }
             sent = Some(slice);
         }
@@ -209,10 +230,14 @@ async fn serve_stream(
             ack = acks.message() => match ack {
                 Ok(Some(ack)) if ack.error.is_empty() => {
                     tracing::debug!(node, version = ack.version, "config acknowledged");
+                    let took = answered(&mut in_flight, ack.version);
+                    shared.metrics.acked(true, took);
                     shared.update_node(&node, |n| n.acked_version = Some(ack.version));
                 }
                 Ok(Some(ack)) => {
                     tracing::warn!(node, version = ack.version, error = ack.error, "node rejected config");
+                    answered(&mut in_flight, ack.version);
+                    shared.metrics.acked(false, None);
                     shared.update_node(&node, |n| n.last_nack = Some((ack.version, ack.error)));
                 }
                 Ok(None) => break "node closed the stream",
@@ -229,4 +254,15 @@ async fn serve_stream(
     };
     shared.update_node(&node, |n| n.streams = n.streams.saturating_sub(1));
     tracing::info!(node, reason, "node disconnected");
+}
+
+/// Removes the versions up to `version` from `in_flight`; the seconds since `version` itself
+/// was sent, if it was.
+fn answered(in_flight: &mut Vec<(u64, Instant)>, version: u64) -> Option<f64> {
+    let took = in_flight
+        .iter()
+        .find(|(v, _)| *v == version)
+        .map(|(_, at)| at.elapsed().as_secs_f64());
+    in_flight.retain(|(v, _)| *v > version);
+    took
 }

@@ -4,6 +4,7 @@
 mod ca;
 mod explain;
 mod grpc;
+mod metrics;
 mod server;
 mod slice;
 mod source;
@@ -103,9 +104,12 @@ struct ServeArgs {
     /// Address of the gRPC API (TLS) that nodes connect to.
     #[arg(long, default_value = "0.0.0.0:15012")]
     grpc_listen: SocketAddr,
-    /// Address of the HTTP status endpoint (/healthz, /status).
+    /// Address of the HTTP status endpoint (/healthz, /readyz, /status, /explain, /debug/*).
     #[arg(long, default_value = "127.0.0.1:15014")]
     http_listen: SocketAddr,
+    /// Address of the Prometheus endpoint (/metrics).
+    #[arg(long, default_value = "0.0.0.0:15016")]
+    metrics_listen: SocketAddr,
     /// A DNS name or IP address nodes use to reach this control plane; repeat for several
     /// [default: localhost, mesh-cp, the host name and this host's addresses].
     #[arg(long = "server-name")]
@@ -267,13 +271,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("cannot listen on --http-listen {}", args.http_listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
 
     let (publish, published) = tokio::sync::watch::channel(state::Published::new(1, config));
     let shared = Arc::new(state::Shared::new(
         published,
         tokens::TokenStore::new(&args.data_dir),
         ca,
+        metrics::CpMetrics::new().context("cannot register the metrics")?,
     ));
+    shared
+        .metrics
+        .watch(Arc::downgrade(&shared))
+        .context("cannot register the metrics")?;
     let names = if args.server_names.is_empty() {
         server::default_server_names(args.grpc_listen)
     } else {
@@ -287,6 +299,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shared.clone(),
     ));
     tokio::spawn(status::serve(http, shared.clone()));
+    tokio::spawn(status::serve_metrics(metrics_listener, shared.clone()));
     let grpc_task = tokio::spawn(server::serve_grpc(grpc, shared.clone(), names));
     {
         let c = shared.config.borrow();

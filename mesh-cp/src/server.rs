@@ -141,6 +141,9 @@ pub async fn serve_grpc(
         }
     });
 
+    shared
+        .serving
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

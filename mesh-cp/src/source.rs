@@ -75,6 +75,7 @@ pub async fn watch_dir(
                 let message = e.to_string();
                 if last_error.as_deref() != Some(message.as_str()) {
                     tracing::error!(file = %e.file().display(), "config rejected, keeping the last good config: {message}");
+                    shared.metrics.config_rejected();
                     last_error = Some(message.clone());
                 }
                 let version = publish.borrow().version;

@@ -11,7 +11,7 @@ use mesh_model::{authz::PolicyIndex, Config};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{ca::Ca, tokens::TokenStore};
+use crate::{ca::Ca, metrics::CpMetrics, tokens::TokenStore};
 
 /// One accepted configuration. Versions start at 1 with each control-plane process; nodes
 /// take a snapshot at the start of every stream, so versions need not survive a restart.
@@ -72,17 +72,27 @@ pub struct Shared {
     pub config: watch::Receiver<Published>,
     pub tokens: TokenStore,
     pub ca: Ca,
+    pub metrics: CpMetrics,
+    /// Set once the gRPC server serves (its certificate issued): the readiness probe.
+    pub serving: std::sync::atomic::AtomicBool,
     config_status: Mutex<ConfigStatus>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
 }
 
 impl Shared {
-    pub fn new(config: watch::Receiver<Published>, tokens: TokenStore, ca: Ca) -> Self {
+    pub fn new(
+        config: watch::Receiver<Published>,
+        tokens: TokenStore,
+        ca: Ca,
+        metrics: CpMetrics,
+    ) -> Self {
         let version = config.borrow().version;
         Self {
             config,
             tokens,
             ca,
+            metrics,
+            serving: std::sync::atomic::AtomicBool::new(false),
             config_status: Mutex::new(ConfigStatus::ok(version)),
             nodes: Mutex::new(BTreeMap::new()),
         }

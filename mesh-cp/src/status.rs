@@ -1,8 +1,10 @@
-//! The HTTP status endpoint: `/healthz`, `/status` with the config in force, the last config
-//! error, and each node's stream and acknowledged version (JSON), and `/explain` (the JSON of
-//! `mesh-cp explain`, evaluated on the config in force).
+//! The HTTP endpoints. Status (`--http-listen`, loopback by default): `/healthz`, `/readyz`
+//! (the config loaded and the gRPC API serving), `/status` with the config in force, the last
+//! config error, and each node's stream and acknowledged version (JSON), `/explain` (the JSON
+//! of `mesh-cp explain`, evaluated on the config in force), `/debug/nodes` and
+//! `/debug/config`. Metrics (`--metrics-listen`): `/metrics`.
 
-use std::sync::Arc;
+use std::sync::{atomic::Ordering, Arc};
 
 use axum::{
     extract::{Query, State},
@@ -19,12 +21,113 @@ use crate::state::Shared;
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/explain", get(explain))
+        .route("/debug/nodes", get(debug_nodes))
+        .route("/debug/config", get(debug_config))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "status endpoint stopped");
     }
+}
+
+/// Serves `/metrics` on its own listener, for the scraper.
+pub async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics endpoint stopped");
+    }
+}
+
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), (StatusCode, String)> {
+    let body = shared
+        .metrics
+        .render()
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    ))
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    if shared.serving.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the gRPC API is not serving yet\n",
+        )
+    }
+}
+
+async fn debug_nodes(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let version = shared.config.borrow().version;
+    Json(json!({ "config_version": version, "nodes": shared.nodes() }))
+}
+
+/// The config in force, as the control plane holds it.
+async fn debug_config(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let published = shared.config.borrow().clone();
+    let c = &published.config;
+    let key = |k: &mesh_model::ObjectKey| k.to_string();
+    let workloads: serde_json::Map<String, serde_json::Value> = c
+        .workloads
+        .values()
+        .map(|w| {
+            (
+                key(&w.key),
+                json!({
+                    "node": w.node,
+                    "identity": w.identity(&c.mesh.trust_domain).to_string(),
+                    "addresses": w.addresses,
+                    "labels": w.labels,
+                    "netns": w.netns,
+                }),
+            )
+        })
+        .collect();
+    let services: serde_json::Map<String, serde_json::Value> = c
+        .services
+        .values()
+        .map(|s| {
+            let ports: Vec<_> = s
+                .ports
+                .iter()
+                .map(|p| json!({"name": p.name, "port": p.port, "target_port": p.target_port}))
+                .collect();
+            (
+                key(&s.key),
+                json!({ "vips": s.vips, "ports": ports, "selector": s.selector }),
+            )
+        })
+        .collect();
+    let policies: serde_json::Map<String, serde_json::Value> =
+        c.policies.iter().map(|(k, p)| (key(k), json!(p))).collect();
+    Json(json!({
+        "version": published.version,
+        "status": shared.config_status(),
+        "mesh": {
+            "trust_domain": c.mesh.trust_domain,
+            "cert_ttl_seconds": c.mesh.cert_ttl.as_secs(),
+            "default_action": c.mesh.default_action,
+            "root_namespace": c.mesh.root_namespace,
+            "mtls": c.mesh.mtls,
+            "plaintext_ports": c.mesh.plaintext_ports,
+            "transport": c.mesh.transport,
+        },
+        "workloads": workloads,
+        "services": services,
+        "policies": policies,
+    }))
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {

@@ -22,6 +22,8 @@ pub struct ControlPlane {
     daemon: Daemon,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The Prometheus endpoint (`/metrics`).
+    pub metrics: SocketAddr,
     pub config_dir: PathBuf,
     pub data_dir: PathBuf,
 }
@@ -40,10 +42,12 @@ impl ControlPlane {
         let log_file = dir.join("mesh-cp.log");
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cp = Self {
             daemon: Daemon::not_started("mesh-cp", dir, log_file),
             grpc,
             http,
+            metrics,
             config_dir,
             data_dir,
         };
@@ -67,6 +71,8 @@ impl ControlPlane {
             .arg(self.grpc.to_string())
             .arg("--http-listen")
             .arg(self.http.to_string())
+            .arg("--metrics-listen")
+            .arg(self.metrics.to_string())
             .arg("--reload-interval")
             .arg("0.1")
             .env(

@@ -154,8 +154,9 @@ pub struct PrometheusServer {
     daemon: Daemon,
 }
 
-/// The job name the dashboard's queries select nodes by.
+/// The job names the dashboard's queries select nodes and the control plane by.
 pub const NODE_JOB: &str = "mycel-node";
+pub const CP_JOB: &str = "mycel-cp";
 
 impl PrometheusServer {
     /// Starts `prometheus` scraping each `(job, address)` at `/metrics`, and waits until it is

@@ -228,6 +228,8 @@ fn an_invalid_config_dir_at_start_is_a_one_line_error() {
             "127.0.0.1:0",
             "--http-listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .arg("--config-dir")
         .arg(dir.join("config"))

@@ -13,8 +13,8 @@ use std::{
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest};
 use mesh_tests::{
     app::{self, Server},
-    mesh::{mesh_config_yaml, workloads_yaml},
-    prom::{promtool_check, Exposition, Labels, PrometheusServer, NODE_JOB},
+    mesh::{http_get, mesh_config_yaml, workloads_yaml},
+    prom::{promtool_check, Exposition, Labels, PrometheusServer, CP_JOB, NODE_JOB},
     tunnel::{dial, TestCa},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
@@ -214,7 +214,11 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
     // A real Prometheus scrapes both nodes from before the traffic (rates need two samples).
     let mut prom = PrometheusServer::start(
         &format!("{}-{transport}", m.topo.prefix),
-        &[(NODE_JOB, m.n1.metrics), (NODE_JOB, m.n2.metrics)],
+        &[
+            (NODE_JOB, m.n1.metrics),
+            (NODE_JOB, m.n2.metrics),
+            (CP_JOB, m.cp.metrics),
+        ],
     )
     .expect("prometheus");
     m.cp.apply(
@@ -491,9 +495,64 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
             .unwrap_or_else(|e| panic!("{title}: {e}"));
     }
 
+    // The control plane: nodes, certificates, pushes acknowledged, its CA, its endpoints.
+    let cp_text = http_get(m.cp.metrics, "/metrics").expect("mesh-cp /metrics");
+    let cp = Exposition::parse(&cp_text).expect("mesh-cp exposition");
+    assert_eq!(cp.sum("mycel_cp_nodes_connected", &[]), 2.0, "{cp_text}");
+    assert_eq!(
+        cp.sum("mycel_cp_certificates_issued_total", &[]),
+        3.0,
+        "{cp_text}"
+    );
+    assert_eq!(cp.sum("mycel_cp_config_errors_total", &[]), 0.0);
+    assert_eq!(
+        cp.sum("mycel_cp_config_version", &[]),
+        2.0,
+        "one policy applied"
+    );
+    assert_eq!(cp.sum("mycel_cp_config_dir_in_force", &[]), 1.0);
+    // A snapshot per node, then the policy to both: each acknowledged, with its latency.
+    let pushes = cp.sum("mycel_cp_config_pushes_total", &[]);
+    assert!(pushes >= 4.0, "{cp_text}");
+    assert_eq!(
+        cp.sum("mycel_cp_config_acks_total", &[("result", "ok")]),
+        pushes,
+        "{cp_text}"
+    );
+    assert_eq!(
+        cp.sum("mycel_cp_config_push_duration_seconds_count", &[]),
+        pushes
+    );
+    assert!(cp.sum("mycel_cp_ca_expiry_timestamp_seconds", &[]) > now + 86_400.0);
+    assert_eq!(
+        http_get(m.cp.http, "/readyz").expect("mesh-cp /readyz"),
+        "ready\n"
+    );
+    let nodes: serde_json::Value =
+        serde_json::from_str(&http_get(m.cp.http, "/debug/nodes").expect("/debug/nodes"))
+            .expect("JSON");
+    for node in ["n1", "n2"] {
+        assert_eq!(nodes["nodes"][node]["streams"], 1, "{nodes}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&http_get(m.cp.http, "/debug/config").expect("/debug/config"))
+            .expect("JSON");
+    assert_eq!(config["version"], 2, "{config}");
+    assert!(
+        config["policies"]["default/block-analytics"].is_object(),
+        "{config}"
+    );
+    assert_eq!(
+        config["workloads"]["default/payment"]["node"], "n2",
+        "{config}"
+    );
+
     // Every exposition passes promtool and lists each family once.
-    for node in [&m.n1, &m.n2] {
-        let text = node.metrics_text().expect("metrics");
+    for text in [
+        m.n1.metrics_text().expect("n1 metrics"),
+        m.n2.metrics_text().expect("n2 metrics"),
+        cp_text,
+    ] {
         if let Err(problems) = promtool_check(&text).expect("promtool") {
             panic!("promtool check metrics:\n{problems}\n{text}");
         }

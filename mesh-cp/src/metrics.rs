@@ -1,0 +1,223 @@
+//! The control plane's Prometheus metrics, served on `--metrics-listen` at `/metrics`.
+//!
+//! Counted where things happen: config pushes to nodes and how long each took to be
+//! acknowledged, acknowledgements and rejections, certificates issued and refused (by a
+//! bounded reason), config reloads rejected. Read when scraped: nodes connected, the config
+//! version in force, whether the files on disk are in force, the CA's expiry.
+
+use std::sync::{Mutex, Weak};
+
+use prometheus::{
+    core::{Collector, Desc},
+    proto::MetricFamily,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::state::Shared;
+
+const PREFIX: &str = "mycel_cp";
+
+/// Why a certificate was refused; a closed set so the label stays bounded.
+#[derive(Clone, Copy, Debug)]
+pub enum Refusal {
+    /// The requested identity is not a SPIFFE ID.
+    BadIdentity,
+    /// The identity is outside the mesh's trust domain.
+    TrustDomain,
+    /// No workload with that identity is placed on the asking node.
+    NotPlaced,
+    /// The CSR could not be signed (malformed, wrong key type).
+    BadCsr,
+}
+
+impl Refusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::BadIdentity => "bad_identity",
+            Refusal::TrustDomain => "trust_domain",
+            Refusal::NotPlaced => "not_placed",
+            Refusal::BadCsr => "bad_csr",
+        }
+    }
+}
+
+pub struct CpMetrics {
+    registry: Registry,
+    pushes: IntCounterVec,
+    acks: IntCounterVec,
+    push_latency: Histogram,
+    issued: IntCounter,
+    refused: IntCounterVec,
+    config_errors: IntCounter,
+}
+
+impl CpMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let name = |n: &str| format!("{PREFIX}_{n}");
+        let pushes = IntCounterVec::new(
+            Opts::new(
+                name("config_pushes_total"),
+                "Config updates sent to nodes: a snapshot when a stream starts, then changes.",
+            ),
+            &["kind"],
+        )?;
+        let acks = IntCounterVec::new(
+            Opts::new(
+                name("config_acks_total"),
+                "Node answers to config updates: ok (applied) or rejected.",
+            ),
+            &["result"],
+        )?;
+        let push_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                name("config_push_duration_seconds"),
+                "From sending a config version to a node to the node acknowledging it (applied, \
+                 kernel fast-deny entries included).",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+        )?;
+        let issued = IntCounter::new(
+            name("certificates_issued_total"),
+            "Workload certificates signed.",
+        )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                name("certificates_refused_total"),
+                "Certificate requests refused, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let config_errors = IntCounter::new(
+            name("config_errors_total"),
+            "Config dir changes rejected (the last good config stays in force).",
+        )?;
+        for c in [
+            Box::new(pushes.clone()) as Box<dyn Collector>,
+            Box::new(acks.clone()),
+            Box::new(push_latency.clone()),
+            Box::new(issued.clone()),
+            Box::new(refused.clone()),
+            Box::new(config_errors.clone()),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ] {
+            registry.register(c)?;
+        }
+        Ok(Self {
+            registry,
+            pushes,
+            acks,
+            push_latency,
+            issued,
+            refused,
+            config_errors,
+        })
+    }
+
+    /// Adds the figures read from `shared` when scraped.
+    pub fn watch(&self, shared: Weak<Shared>) -> Result<(), prometheus::Error> {
+        self.registry
+            .register(Box::new(StateCollector::new(shared)?))
+    }
+
+    pub fn pushed(&self, snapshot: bool) {
+        let kind = if snapshot { "snapshot" } else { "update" };
+        self.pushes.with_label_values(&[kind]).inc();
+    }
+
+    /// A node acknowledged (`ok`) or rejected a version sent `seconds` ago.
+    pub fn acked(&self, ok: bool, seconds: Option<f64>) {
+        let result = if ok { "ok" } else { "rejected" };
+        self.acks.with_label_values(&[result]).inc();
+        if let Some(s) = seconds {
+            self.push_latency.observe(s);
+        }
+    }
+
+    pub fn issued(&self) {
+        self.issued.inc();
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        self.refused.with_label_values(&[why.as_str()]).inc();
+    }
+
+    pub fn config_rejected(&self) {
+        self.config_errors.inc();
+    }
+
+    pub fn render(&self) -> Result<String, String> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(out).map_err(|e| e.to_string())
+    }
+}
+
+/// Figures read from the shared state at scrape time. Holds it weakly: the state owns the
+/// metrics, not the other way round.
+struct StateCollector {
+    shared: Weak<Shared>,
+    nodes: IntGauge,
+    version: IntGauge,
+    config_in_force: IntGauge,
+    ca_expiry: Gauge,
+    scrape: Mutex<()>,
+}
+
+impl StateCollector {
+    fn new(shared: Weak<Shared>) -> Result<Self, prometheus::Error> {
+        let name = |n: &str| format!("{PREFIX}_{n}");
+        Ok(Self {
+            shared,
+            nodes: IntGauge::new(name("nodes_connected"), "Nodes with a config stream open.")?,
+            version: IntGauge::new(name("config_version"), "The config version in force.")?,
+            config_in_force: IntGauge::new(
+                name("config_dir_in_force"),
+                "1 when the config dir as it is on disk is in force, 0 when a change was rejected.",
+            )?,
+            ca_expiry: Gauge::new(
+                name("ca_expiry_timestamp_seconds"),
+                "When the CA's root certificate expires (Unix seconds).",
+            )?,
+            scrape: Mutex::new(()),
+        })
+    }
+}
+
+impl Collector for StateCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        [&self.nodes, &self.version, &self.config_in_force]
+            .into_iter()
+            .flat_map(|g| g.desc())
+            .chain(self.ca_expiry.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(shared) = self.shared.upgrade() else {
+            return Vec::new();
+        };
+        let connected = shared.nodes().values().filter(|n| n.streams > 0).count();
+        self.nodes.set(i64::try_from(connected).unwrap_or(i64::MAX));
+        let status = shared.config_status();
+        self.version
+            .set(i64::try_from(status.version).unwrap_or(i64::MAX));
+        self.config_in_force.set(i64::from(status.error.is_none()));
+        let expiry = x509_parser::parse_x509_certificate(shared.ca.root_der())
+            .map(|(_, c)| c.validity().not_after.timestamp() as f64)
+            .unwrap_or(0.0);
+        self.ca_expiry.set(expiry);
+        let mut out = Vec::new();
+        out.extend(self.nodes.collect());
+        out.extend(self.version.collect());
+        out.extend(self.config_in_force.collect());
+        out.extend(self.ca_expiry.collect());
+        out
+    }
+}
