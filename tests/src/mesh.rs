@@ -35,12 +35,32 @@ pub fn sibling_bin(name: &str, env_override: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// A free loopback port (bound and released; good enough for tests on one machine).
+/// A free loopback port for a daemon to listen on.
+///
+/// Taken below the kernel's ephemeral range (32768 and up here), so that no outgoing
+/// connection can take it between this check and the daemon's bind, which happened with
+/// ephemeral ports once daemons had several listeners each; handed out once per process
+/// (a cursor), starting at an offset of the process id so that concurrent test processes
+/// rarely meet; and checked free by binding it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % COUNT,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..COUNT {
+        let i = NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
+        let port = u16::try_from(FIRST + i).unwrap_or(0);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// `Workload` documents for `pods`, each placed on its own node, with its addresses, the label
