@@ -12,6 +12,7 @@ mod state;
 mod status;
 mod tokens;
 
+use nix::sys::signal::{SigmaskHow, Signal};
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context as _};
@@ -158,6 +159,10 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 }
 
 fn main() {
+    // A parent may have started us with SIGTERM and SIGINT blocked (a supervisor that waits
+    // for them with sigwait, say): the clean stop depends on them, so take them back.
+    let stop = nix::sys::signal::SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT]);
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&stop), None);
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {

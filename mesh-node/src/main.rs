@@ -12,6 +12,7 @@ mod proxy;
 mod tunnel;
 mod workloads;
 
+use nix::sys::signal::{SigmaskHow, Signal};
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -122,6 +123,10 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 }
 
 fn main() {
+    // A parent may have started us with SIGTERM and SIGINT blocked (a supervisor that waits
+    // for them with sigwait, say): the clean stop depends on them, so take them back.
+    let stop = nix::sys::signal::SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT]);
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&stop), None);
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {

@@ -1,6 +1,7 @@
 //! `cargo xtask up`: a sandbox mesh until Ctrl-C: mesh-cp, two nodes, and the seeds' scenario:
 //! order calls payment (pod IP and service VIP, through the tunnel) and inventory; analytics is
-//! denied payment by an AccessPolicy, in its own node's kernel.
+//! denied payment by an AccessPolicy, in its own node's kernel. With Prometheus installed, a
+//! server on loopback scrapes both nodes and the control plane.
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use anyhow::Context as _;
 use mesh_tests::{
     app::{self, Server},
     mesh::{service_yaml, sibling_bin, workloads_yaml},
+    prom::{PrometheusServer, CP_JOB, NODE_JOB},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
@@ -18,7 +20,8 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     crate::prereqs::ensure_all()?;
     crate::build_bins()?;
     // Block SIGINT/SIGTERM here and collect them with sigtimedwait, so that Ctrl-C always ends
-    // in the teardown below (children start with the default mask: std resets it).
+    // in the teardown below. Children inherit the mask; the daemons unblock their stop signals
+    // at start (the demo app servers are killed, not signalled).
     let signals = block_stop_signals();
 
     let topo = Topology::with_prefix(
@@ -64,6 +67,7 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         nodes.push(node);
     }
     let (node1, node2) = (&nodes[0], &nodes[1]);
+    let prometheus = start_prometheus(&topo.prefix, &cp, node1, node2);
 
     println!();
     println!("Mycel sandbox is up:");
@@ -128,7 +132,29 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         );
     }
     for (name, node) in [("node1", node1), ("node2", node2)] {
+        look(
+            format!("curl -s http://{}/metrics", node.metrics),
+            &format!("{name}: Prometheus metrics"),
+        );
+    }
+    for (name, node) in [("node1", node1), ("node2", node2)] {
         println!("  {name} log: {}", node.log_file.display());
+    }
+    if let Some(p) = &prometheus {
+        println!();
+        println!(
+            "Prometheus (scraping both nodes and mesh-cp every second): http://{}/",
+            p.addr
+        );
+        println!("  Try these queries (Graph tab, or curl the API):");
+        for (what, query) in DEMO_QUERIES {
+            println!("  # {what}");
+            println!("  {query}");
+            println!(
+                "    curl -s 'http://{}/api/v1/query' --data-urlencode 'query={query}'",
+                p.addr
+            );
+        }
     }
     println!(
         "  nsenter --net={} sh -c 'echo $$ > {}/cgroup.procs; exec bash'",
@@ -191,6 +217,7 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         }
     }
     println!("tearing down the sandbox");
+    drop(prometheus);
     drop(nodes);
     drop(cp);
     drop(topo);
@@ -229,4 +256,44 @@ fn wait_for_signal(set: &libc::sigset_t, timeout: Duration) -> bool {
     };
     // SAFETY: valid set and timespec; no siginfo requested.
     unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) > 0 }
+}
+
+/// Three queries to try on the sandbox's Prometheus: what the dashboard shows first.
+const DEMO_QUERIES: [(&str, &str); 3] = [
+    (
+        "bytes per second between workload pairs, as their destinations saw them",
+        r#"sum by (source_workload, destination_workload) (rate(mycel_tcp_sent_bytes_total{reporter="destination"}[1m]))"#,
+    ),
+    (
+        "connects refused in the source node's kernel (analytics -> payment)",
+        r#"sum by (instance) (mycel_ebpf_events_total{event="fast_denied"})"#,
+    ),
+    (
+        "seconds until each workload certificate expires",
+        r#"min by (identity) (mycel_certificate_expiry_timestamp_seconds) - time()"#,
+    ),
+];
+
+/// A Prometheus server for the sandbox when the `prometheus` binary is there; the sandbox runs
+/// without it otherwise.
+fn start_prometheus(
+    prefix: &str,
+    cp: &ControlPlane,
+    node1: &MeshNode,
+    node2: &MeshNode,
+) -> Option<PrometheusServer> {
+    let targets = [
+        (NODE_JOB, node1.metrics),
+        (NODE_JOB, node2.metrics),
+        (CP_JOB, cp.metrics),
+    ];
+    match PrometheusServer::start(prefix, &targets) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            println!(
+                "xtask: no Prometheus for the sandbox ({e}); the metrics endpoints still answer"
+            );
+            None
+        }
+    }
 }
