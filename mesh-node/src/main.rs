@@ -202,7 +202,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Source::ControlPlane(control::CpClient::new(cp, ca, &args.node_name, token)?)
         }
         (None, None, None, Some(file)) => {
-            Source::File(file.clone(), workloads::load(file, &args.node_name)?)
+            let (initial, text) = workloads::load(file, &args.node_name)?;
+            Source::File(file.clone(), initial, text)
         }
         _ => bail!("give either --cp, --token-file and --cp-ca, or --workloads"),
     };
@@ -276,7 +277,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut signals = Signals::new()?;
     match source {
-        Source::File(file, initial) => {
+        Source::File(file, initial, text) => {
             enroller.apply(initial).await?;
             status_tx.send_modify(|s| {
                 s.enrolled = enroller.enrolled();
@@ -287,6 +288,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let interval = Duration::from_secs_f64(args.reload_interval);
             follow_file(
                 &file,
+                text,
                 &args.node_name,
                 interval,
                 &mut enroller,
@@ -323,9 +325,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 enum Source {
+    /// The file, the workloads it places on this node, and the text they were read from.
     File(
         PathBuf,
         BTreeMap<workloads::WorkloadId, workloads::Workload>,
+        String,
     ),
     ControlPlane(control::CpClient),
 }
@@ -354,6 +358,9 @@ impl Signals {
 /// Offline mode: re-applies the workloads file whenever its contents change.
 async fn follow_file(
     file: &Path,
+    // What was applied: compared with the file, never re-read, so a change made while the
+    // daemon was starting is not taken for the applied text.
+    mut last_text: String,
     node: &str,
     interval: Duration,
     enroller: &mut enroll::Enroller,
@@ -361,18 +368,29 @@ async fn follow_file(
     signals: &mut Signals,
 ) {
     let mut tick = tokio::time::interval(interval);
-    let mut last_text = std::fs::read(file).ok();
     loop {
         tokio::select! {
             _ = signals.recv() => return,
             _ = tick.tick() => {}
         }
-        let text = std::fs::read(file).ok();
+        let read = std::fs::read_to_string(file);
+        let text = match &read {
+            Ok(text) if *text == last_text => continue,
+            Ok(text) => text.clone(),
+            Err(e) => format!("unreadable: {e}"),
+        };
         if text == last_text {
             continue;
         }
         last_text = text;
-        let outcome = match workloads::load(file, node) {
+        let outcome = match read {
+            Ok(text) => workloads::parse(file, &text, node),
+            Err(source) => Err(mesh_model::ConfigError::Read {
+                path: file.to_path_buf(),
+                source,
+            }),
+        };
+        let outcome = match outcome {
             Ok(desired) => enroller.apply(desired).await.map_err(anyhow::Error::from),
             Err(e) => Err(e.into()),
         };

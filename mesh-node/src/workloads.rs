@@ -16,12 +16,26 @@ pub struct Workload {
     pub netns: PathBuf,
 }
 
-/// Reads the file and returns the workloads placed on `node`, keyed by id.
+/// Reads the file; returns the workloads placed on `node`, keyed by id, and the text they
+/// were read from (what a later change is compared with).
 pub fn load(
     file: &Path,
     node: &str,
+) -> Result<(BTreeMap<WorkloadId, Workload>, String), mesh_model::ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| mesh_model::ConfigError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    Ok((parse(file, &text, node)?, text))
+}
+
+/// The workloads placed on `node` in `text`, the contents of `file`.
+pub fn parse(
+    file: &Path,
+    text: &str,
+    node: &str,
 ) -> Result<BTreeMap<WorkloadId, Workload>, mesh_model::ConfigError> {
-    let config = mesh_model::load_file(file)?;
+    let config = mesh_model::parse(&[(file.to_path_buf(), text.to_owned())])?;
     Ok(config
         .workloads_on(node)
         .map(|w| {
@@ -54,7 +68,7 @@ mod tests {
         std::fs::write(&file, "apiVersion: [unclosed\n").unwrap();
         let bad = load(&file, "n1");
         std::fs::remove_dir_all(&dir).unwrap();
-        let w = w.unwrap();
+        let (w, _) = w.unwrap();
         assert_eq!(w.len(), 1);
         let a = w.values().next().unwrap();
         assert_eq!(a.id.to_string(), "shop/a");
