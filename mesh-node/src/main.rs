@@ -262,6 +262,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         svids.clone(),
         stats.clone(),
         status_rx.clone(),
+        view_rx.clone(),
     )?))?;
     admin.attached(admin::Parts {
         capture: capture.clone(),

@@ -359,6 +359,16 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
         assert!((0.0..600.0).contains(&age), "config age {age}");
         assert_eq!(e.sum("mycel_control_plane_connected", &[]), 1.0);
         assert!(e.sum("process_resident_memory_bytes", &[]) > 0.0);
+        let roots: Vec<f64> = e
+            .matching("mycel_trust_root_expiry_timestamp_seconds", &[])
+            .map(|(_, v)| v)
+            .collect();
+        assert!(
+            roots.len() == 1 && roots[0] > now + 86_400.0,
+            "trust roots: {roots:?}"
+        );
+        assert!(e.sum("mycel_runtime_workers", &[]) >= 1.0);
+        assert!(e.sum("mycel_runtime_alive_tasks", &[]) >= 1.0);
     }
 
     // The access log: n2 logged each connection it delivered, and the deny, with every field.

@@ -19,6 +19,7 @@ use super::PREFIX;
 use crate::{
     admin::Status,
     capture::Capture,
+    control::MeshView,
     identity::SvidStore,
     proxy::{authz::Authz, ProxyStats},
 };
@@ -30,17 +31,21 @@ pub struct NodeCollector {
     svids: Arc<SvidStore>,
     stats: Arc<ProxyStats>,
     status: watch::Receiver<Status>,
+    view: watch::Receiver<Arc<MeshView>>,
     ebpf: IntCounterVec,
     ebpf_entries: IntGaugeVec,
     decisions: IntCounterVec,
     closed_by_policy: IntCounterVec,
     tunnels: IntCounterVec,
     cert_expiry: GaugeVec,
+    root_expiry: GaugeVec,
     config_age: GaugeVec,
     config_version: IntGauge,
     config_results: IntCounterVec,
     cp_connected: IntGauge,
     enrolled: IntGauge,
+    workers: IntGauge,
+    tasks: IntGauge,
     /// Scrapes rebuild the families: one at a time.
     scrape: Mutex<()>,
 }
@@ -52,6 +57,7 @@ impl NodeCollector {
         svids: Arc<SvidStore>,
         stats: Arc<ProxyStats>,
         status: watch::Receiver<Status>,
+        view: watch::Receiver<Arc<MeshView>>,
     ) -> Result<Self, prometheus::Error> {
         let name = |n: &str| format!("{PREFIX}_{n}");
         Ok(Self {
@@ -60,6 +66,7 @@ impl NodeCollector {
             svids,
             stats,
             status,
+            view,
             ebpf: IntCounterVec::new(
                 Opts::new(
                     name("ebpf_events_total"),
@@ -106,6 +113,13 @@ impl NodeCollector {
                 ),
                 &["identity", "serial"],
             )?,
+            root_expiry: GaugeVec::new(
+                Opts::new(
+                    name("trust_root_expiry_timestamp_seconds"),
+                    "When each trust root from the control plane expires (Unix seconds).",
+                ),
+                &["subject", "serial"],
+            )?,
             config_age: GaugeVec::new(
                 Opts::new(
                     name("config_age_seconds"),
@@ -130,6 +144,15 @@ impl NodeCollector {
                 "1 while the config stream from the control plane is up.",
             )?,
             enrolled: IntGauge::new(name("enrolled_workloads"), "Workloads this node captures.")?,
+            workers: IntGauge::new(
+                name("runtime_workers"),
+                "Worker threads of the daemon's async runtime.",
+            )?,
+            tasks: IntGauge::new(
+                name("runtime_alive_tasks"),
+                "Tasks alive in the daemon's async runtime (about one per open connection, plus \
+                 the daemon's own).",
+            )?,
             scrape: Mutex::new(()),
         })
     }
@@ -186,6 +209,24 @@ impl NodeCollector {
                 .set(unix_seconds(svid.not_after));
         }
 
+        self.root_expiry.reset();
+        let view = self.view.borrow().clone();
+        for der in &view.trust_roots {
+            if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) {
+                self.root_expiry
+                    .with_label_values(&[cert.subject().to_string(), cert.raw_serial_as_string()])
+                    .set(cert.validity().not_after.timestamp() as f64);
+            }
+        }
+        // Scrapes are answered on the runtime; a handle is there unless called from outside.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let m = rt.metrics();
+            self.workers
+                .set(i64::try_from(m.num_workers()).unwrap_or(i64::MAX));
+            self.tasks
+                .set(i64::try_from(m.num_alive_tasks()).unwrap_or(i64::MAX));
+        }
+
         let status = self.status.borrow().clone();
         self.config_age.reset();
         if let Some(at) = status.config_updated_at {
@@ -225,6 +266,9 @@ impl Collector for NodeCollector {
         d.extend(self.closed_by_policy.desc());
         d.extend(self.tunnels.desc());
         d.extend(self.cert_expiry.desc());
+        d.extend(self.root_expiry.desc());
+        d.extend(self.workers.desc());
+        d.extend(self.tasks.desc());
         d.extend(self.config_age.desc());
         d.extend(self.config_version.desc());
         d.extend(self.config_results.desc());
@@ -243,6 +287,9 @@ impl Collector for NodeCollector {
         out.extend(self.closed_by_policy.collect());
         out.extend(self.tunnels.collect());
         out.extend(self.cert_expiry.collect());
+        out.extend(self.root_expiry.collect());
+        out.extend(self.workers.collect());
+        out.extend(self.tasks.collect());
         out.extend(self.config_age.collect());
         out.extend(self.config_version.collect());
         out.extend(self.config_results.collect());
