@@ -7,23 +7,25 @@
 //! carries, not with its connections.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant, SystemTime},
 };
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use super::{MetricsError, PREFIX};
 use crate::access_log::{self, AccessLog, Entry};
 use crate::proxy::directory::Peer;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reporter {
     Source,
     Destination,
@@ -41,7 +43,7 @@ impl Reporter {
 /// Who talks to whom. Empty fields are unknown: the workload of a destination outside the
 /// mesh, the service (only the source knows which one it asked for), a source whose address
 /// is not a mesh workload.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Pair {
     pub source_workload: String,
     pub source_namespace: String,
@@ -68,8 +70,8 @@ impl Pair {
         self
     }
 
-    fn labels(&self, reporter: Reporter) -> Labels {
-        Box::new([
+    fn labels(&self, reporter: Reporter) -> [String; 9] {
+        [
             reporter.as_str().to_owned(),
             self.source_workload.clone(),
             self.source_namespace.clone(),
@@ -79,7 +81,7 @@ impl Pair {
             self.destination_identity.clone(),
             self.destination_service.clone(),
             self.destination_port.to_string(),
-        ])
+        ]
     }
 }
 
@@ -107,8 +109,6 @@ const PAIR_LABELS: [&str; 9] = [
     "destination_service",
     "destination_port",
 ];
-
-type Labels = Box<[String; 9]>;
 
 /// Why a connection failed. A closed set, so the label stays bounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,6 +182,9 @@ impl Path {
 /// The connection families. One per daemon, shared by every connection.
 pub struct ConnectionMetrics {
     access_log: Arc<AccessLog>,
+    /// The series of each (reporter, pair) seen, looked up once: an open connection holds a
+    /// reference, not its own copy of nine label values. Bounded as the series themselves are.
+    series: Mutex<HashMap<(Reporter, Pair), Arc<PairSeries>>>,
     opened: IntCounterVec,
     closed: IntCounterVec,
     failed: IntCounterVec,
@@ -237,6 +240,7 @@ impl ConnectionMetrics {
         registry.register(Box::new(connect.clone()))?;
         Ok(Arc::new(Self {
             access_log,
+            series: Mutex::default(),
             opened: counter(
                 "tcp_connections_opened_total",
                 "Connections established: the destination's application accepted them.",
@@ -277,19 +281,14 @@ impl ConnectionMetrics {
         pair: &Pair,
         details: Details,
     ) -> Box<Connection> {
-        let labels = pair.labels(reporter);
-        let values = label_refs(&labels);
-        self.opened.with_label_values(&values).inc();
-        let open = self.open.with_label_values(&values);
-        open.inc();
-        let (sent, received) = (
-            self.sent.with_label_values(&values),
-            self.received.with_label_values(&values),
-        );
+        let series = self.series(reporter, pair);
+        series.opened.inc();
+        series.open.inc();
+        let totals: Arc<[AtomicU64; 2]> = Arc::default();
+        let sent = Flow::new(series.sent.clone(), &totals, 0);
+        let received = Flow::new(series.received.clone(), &totals, 1);
         // The relay counts relative to the application socket it holds: at the source that
         // is the client, at the destination the server.
-        let (sent, received) = (Flow::new(sent), Flow::new(received));
-        let totals = [sent.totals[0].clone(), received.totals[0].clone()];
         let traffic = match reporter {
             Reporter::Source => Traffic {
                 from_app: sent,
@@ -302,14 +301,33 @@ impl ConnectionMetrics {
         };
         Box::new(Connection {
             metrics: self.clone(),
-            labels,
+            series,
             details,
             traffic,
             totals,
-            open,
             start: Instant::now(),
             failure: None,
         })
+    }
+
+    fn series(&self, reporter: Reporter, pair: &Pair) -> Arc<PairSeries> {
+        let mut all = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = all.get(&(reporter, pair.clone())) {
+            return s.clone();
+        }
+        let labels = pair.labels(reporter);
+        let values = label_refs(&labels);
+        let s = Arc::new(PairSeries {
+            opened: self.opened.with_label_values(&values),
+            closed: self.closed.with_label_values(&values),
+            open: self.open.with_label_values(&values),
+            sent: self.sent.with_label_values(&values),
+            received: self.received.with_label_values(&values),
+            duration: self.duration.with_label_values(&values),
+            labels,
+        });
+        all.insert((reporter, pair.clone()), s.clone());
+        s
     }
 
     /// A connection that failed before it was established; `detail` says why, for people.
@@ -398,34 +416,30 @@ fn label_refs(labels: &[String; 9]) -> [&str; 9] {
     out
 }
 
-/// One direction's byte counters: the pair's series and each connection's own total.
+/// One direction's byte counters: the pair's series and the connection's own total (two of
+/// each for a relay that serves both ends of a connection on one node).
 #[derive(Clone, Default)]
 pub struct Flow {
-    counters: Vec<IntCounter>,
-    totals: Vec<Arc<AtomicU64>>,
+    parts: Vec<(IntCounter, Arc<[AtomicU64; 2]>, usize)>,
 }
 
 impl Flow {
-    fn new(counter: IntCounter) -> Self {
+    fn new(counter: IntCounter, totals: &Arc<[AtomicU64; 2]>, index: usize) -> Self {
         Self {
-            counters: vec![counter],
-            totals: vec![Arc::default()],
+            parts: vec![(counter, totals.clone(), index)],
         }
     }
 
     /// Counts `n` bytes moved.
     pub fn add(&self, n: usize) {
-        for c in &self.counters {
-            c.inc_by(n as u64);
-        }
-        for t in &self.totals {
-            t.fetch_add(n as u64, Ordering::Relaxed);
+        for (counter, totals, i) in &self.parts {
+            counter.inc_by(n as u64);
+            totals[*i].fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
     fn and(mut self, other: &Flow) -> Self {
-        self.counters.extend(other.counters.iter().cloned());
-        self.totals.extend(other.totals.iter().cloned());
+        self.parts.extend(other.parts.iter().cloned());
         self
     }
 }
@@ -460,14 +474,24 @@ impl Traffic {
 /// An established connection's metrics; closes it in the metrics when dropped.
 pub struct Connection {
     metrics: Arc<ConnectionMetrics>,
-    labels: Labels,
+    series: Arc<PairSeries>,
     details: Details,
     pub traffic: Traffic,
     /// This connection's bytes sent and received (source → destination, and back).
-    totals: [Arc<AtomicU64>; 2],
-    open: IntGauge,
+    totals: Arc<[AtomicU64; 2]>,
     start: Instant,
     failure: Option<FailReason>,
+}
+
+/// The series of one (reporter, pair).
+struct PairSeries {
+    labels: [String; 9],
+    opened: IntCounter,
+    closed: IntCounter,
+    open: IntGauge,
+    sent: IntCounter,
+    received: IntCounter,
+    duration: Histogram,
 }
 
 impl Connection {
@@ -479,28 +503,26 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        let values = label_refs(&self.labels);
-        self.open.dec();
-        self.metrics.closed.with_label_values(&values).inc();
-        self.metrics
-            .duration
-            .with_label_values(&values)
-            .observe(self.start.elapsed().as_secs_f64());
+        let series = &self.series;
+        series.open.dec();
+        series.closed.inc();
+        series.duration.observe(self.start.elapsed().as_secs_f64());
         if let Some(reason) = self.failure {
-            let mut values = values.to_vec();
+            let mut values = label_refs(&series.labels).to_vec();
             values.push(reason.as_str());
             self.metrics.failed.with_label_values(&values).inc();
         }
         let denied = self.failure == Some(FailReason::ClosedByPolicy);
         if self.metrics.access_log.wants(denied) {
             let bytes = self.totals.each_ref().map(|t| t.load(Ordering::Relaxed));
+            let series = &self.series;
             let (verdict, close) = match self.failure {
                 None => ("allowed", "closed"),
                 Some(FailReason::ClosedByPolicy) => ("denied", FailReason::ClosedByPolicy.as_str()),
                 Some(reason) => ("allowed", reason.as_str()),
             };
             self.metrics.access_log.write(&entry(
-                &self.labels,
+                &series.labels,
                 &self.details,
                 (bytes, self.start.elapsed()),
                 verdict,
