@@ -189,13 +189,21 @@ impl StateCollector {
     }
 }
 
+impl StateCollector {
+    /// Every family: what `desc` and `collect` both walk.
+    fn families(&self) -> [&dyn Collector; 4] {
+        [
+            &self.nodes,
+            &self.version,
+            &self.config_in_force,
+            &self.ca_expiry,
+        ]
+    }
+}
+
 impl Collector for StateCollector {
     fn desc(&self) -> Vec<&Desc> {
-        [&self.nodes, &self.version, &self.config_in_force]
-            .into_iter()
-            .flat_map(|g| g.desc())
-            .chain(self.ca_expiry.desc())
-            .collect()
+        self.families().into_iter().flat_map(|f| f.desc()).collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -213,11 +221,9 @@ impl Collector for StateCollector {
             .map(|(_, c)| c.validity().not_after.timestamp() as f64)
             .unwrap_or(0.0);
         self.ca_expiry.set(expiry);
-        let mut out = Vec::new();
-        out.extend(self.nodes.collect());
-        out.extend(self.version.collect());
-        out.extend(self.config_in_force.collect());
-        out.extend(self.ca_expiry.collect());
-        out
+        self.families()
+            .into_iter()
+            .flat_map(|f| f.collect())
+            .collect()
     }
 }

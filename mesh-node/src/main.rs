@@ -375,15 +375,16 @@ async fn follow_file(
             _ = tick.tick() => {}
         }
         let read = std::fs::read_to_string(file);
-        let text = match &read {
-            Ok(text) if *text == last_text => continue,
-            Ok(text) => text.clone(),
-            Err(e) => format!("unreadable: {e}"),
+        // An unreadable file counts as a change once, not on every tick; the text is copied
+        // only when it changed.
+        let seen = match &read {
+            Ok(text) => std::borrow::Cow::Borrowed(text.as_str()),
+            Err(e) => std::borrow::Cow::Owned(format!("unreadable: {e}")),
         };
-        if text == last_text {
+        if seen == last_text.as_str() {
             continue;
         }
-        last_text = text;
+        last_text = seen.into_owned();
         let outcome = match read {
             Ok(text) => workloads::parse(file, &text, node),
             Err(source) => Err(mesh_model::ConfigError::Read {

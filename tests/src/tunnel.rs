@@ -104,6 +104,33 @@ pub struct Outcome {
     pub stream: Option<StreamOwned<ClientConnection, TcpStream>>,
 }
 
+/// A raw TLS tunnel from pod `from` to pod `to`'s :15008 with a valid certificate for
+/// `identity` from the mesh CA in `data_dir`, asking for `to`:`port` as from `from`:40000,
+/// connection id 7: a client that skips its own node and the kernel checks there, so only the
+/// destination's checks decide.
+pub fn dial_as(
+    data_dir: &Path,
+    from: &crate::Pod,
+    to: &crate::Pod,
+    port: u16,
+    identity: &str,
+) -> io::Result<Outcome> {
+    let ca = TestCa::load(data_dir)?;
+    let request = TunnelRequest {
+        destination_address: mesh_api::ip_to_bytes(to.ipv4.into()),
+        destination_port: u32::from(port),
+        source_address: mesh_api::ip_to_bytes(from.ipv4.into()),
+        source_port: 40000,
+        connection_id: 7,
+    };
+    dial(
+        &from.netns_path(),
+        SocketAddr::new(to.ipv4.into(), 15008),
+        Some(&ca.issue_valid(identity)),
+        &request,
+    )
+}
+
 /// Connects to `dst` from inside `netns`, does the TLS handshake presenting `cert`, sends
 /// `request` and reads the answer.
 pub fn dial(

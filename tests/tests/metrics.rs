@@ -5,17 +5,14 @@
 //! connection (`--access-log all`), n1 only denies (the default): each line carries every
 //! field.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mesh_api::v1::{tunnel_response::Status, TunnelRequest};
+use mesh_api::v1::tunnel_response::Status;
 use mesh_tests::{
     app::{self, Server},
     mesh::{http_get, mesh_config_yaml, workloads_yaml},
     prom::{promtool_check, Exposition, Labels, PrometheusServer, CP_JOB, NODE_JOB},
-    tunnel::{dial, TestCa},
+    tunnel::dial_as,
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
@@ -301,20 +298,13 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
     // tunnel with analytics' certificate) is denied by n2, attributed to the policy.
     let probe = app::run(m.topo.pod("analytics"), &["probe", &ip, "8080"], T);
     assert_eq!(probe["outcome"], "eperm", "{probe}");
-    let ca = TestCa::load(&m.cp.data_dir).expect("mesh CA");
     let (analytics, payment) = (m.topo.pod("analytics"), m.topo.pod("payment"));
-    let request = TunnelRequest {
-        destination_address: mesh_api::ip_to_bytes(payment.ipv4.into()),
-        destination_port: u32::from(PORT),
-        source_address: mesh_api::ip_to_bytes(analytics.ipv4.into()),
-        source_port: 40000,
-        connection_id: 7,
-    };
-    let out = dial(
-        &analytics.netns_path(),
-        SocketAddr::new(payment.ipv4.into(), 15008),
-        Some(&ca.issue_valid(&format!("{TD}/analytics"))),
-        &request,
+    let out = dial_as(
+        &m.cp.data_dir,
+        analytics,
+        payment,
+        PORT,
+        &format!("{TD}/analytics"),
     )
     .expect("dial");
     assert_eq!(out.response.expect("an answer").status(), Status::Denied);

@@ -4,13 +4,13 @@
 //! (config dir) and against the running control plane. The tests that cross nodes run on both
 //! transports (`tls::` and `quic::`).
 
-use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{fs, path::PathBuf, time::Duration};
 
-use mesh_api::v1::{tunnel_response::Status, TunnelRequest};
+use mesh_api::v1::tunnel_response::Status;
 use mesh_tests::{
     app::{self, Server},
     mesh::{mesh_config_yaml, workloads_yaml},
-    tunnel::{dial, TestCa},
+    tunnel::dial_as,
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
@@ -216,20 +216,12 @@ fn order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing(transport: &
 
     // The destination stays authoritative: a client that skips its node's kernel check (here a
     // raw tunnel with analytics' certificate) is refused by n2, which logs policy and rule.
-    let ca = TestCa::load(&s.cp.data_dir).expect("mesh CA");
-    let analytics = s.topo.pod("analytics");
-    let request = TunnelRequest {
-        destination_address: mesh_api::ip_to_bytes(payment.ipv4.into()),
-        destination_port: u32::from(PORT),
-        source_address: mesh_api::ip_to_bytes(analytics.ipv4.into()),
-        source_port: 40000,
-        connection_id: 7,
-    };
-    let out = dial(
-        &analytics.netns_path(),
-        SocketAddr::new(payment.ipv4.into(), 15008),
-        Some(&ca.issue_valid(&format!("{TD}/analytics"))),
-        &request,
+    let out = dial_as(
+        &s.cp.data_dir,
+        s.topo.pod("analytics"),
+        payment,
+        PORT,
+        &format!("{TD}/analytics"),
     )
     .expect("dial");
     let response = out.response.expect("an answer");

@@ -11,7 +11,7 @@ use mesh_ebpf_common::Counter;
 use prometheus::{
     core::{Collector, Desc},
     proto::MetricFamily,
-    GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
 use tokio::sync::watch;
 
@@ -35,7 +35,7 @@ pub struct NodeCollector {
     ebpf: IntCounterVec,
     ebpf_entries: IntGaugeVec,
     decisions: IntCounterVec,
-    closed_by_policy: IntCounterVec,
+    closed_by_policy: IntCounter,
     tunnels: IntCounterVec,
     cert_expiry: GaugeVec,
     root_expiry: GaugeVec,
@@ -91,12 +91,9 @@ impl NodeCollector {
                 ),
                 &["policy", "rule", "action", "mode"],
             )?,
-            closed_by_policy: IntCounterVec::new(
-                Opts::new(
-                    name("policy_closed_connections_total"),
-                    "Open connections closed because a policy change denies them.",
-                ),
-                &[],
+            closed_by_policy: IntCounter::new(
+                name("policy_closed_connections_total"),
+                "Open connections closed because a policy change denies them.",
             )?,
             tunnels: IntCounterVec::new(
                 Opts::new(
@@ -183,7 +180,8 @@ impl NodeCollector {
             let (action, mode) = (action.to_string(), mode.to_string());
             set_counter(&self.decisions, &[&policy, &rule, &action, &mode], n);
         }
-        set_counter(&self.closed_by_policy, &[], self.authz.closed_by_policy());
+        self.closed_by_policy.reset();
+        self.closed_by_policy.inc_by(self.authz.closed_by_policy());
 
         let s = &self.stats;
         for (direction, outcome, v) in [
@@ -257,44 +255,39 @@ fn unix_seconds(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+impl NodeCollector {
+    /// Every family, in exposition order: what `desc` and `collect` both walk.
+    fn families(&self) -> [&dyn Collector; 14] {
+        [
+            &self.ebpf,
+            &self.ebpf_entries,
+            &self.decisions,
+            &self.closed_by_policy,
+            &self.tunnels,
+            &self.cert_expiry,
+            &self.root_expiry,
+            &self.workers,
+            &self.tasks,
+            &self.config_age,
+            &self.config_version,
+            &self.config_results,
+            &self.cp_connected,
+            &self.enrolled,
+        ]
+    }
+}
+
 impl Collector for NodeCollector {
     fn desc(&self) -> Vec<&Desc> {
-        let mut d = Vec::new();
-        d.extend(self.ebpf.desc());
-        d.extend(self.ebpf_entries.desc());
-        d.extend(self.decisions.desc());
-        d.extend(self.closed_by_policy.desc());
-        d.extend(self.tunnels.desc());
-        d.extend(self.cert_expiry.desc());
-        d.extend(self.root_expiry.desc());
-        d.extend(self.workers.desc());
-        d.extend(self.tasks.desc());
-        d.extend(self.config_age.desc());
-        d.extend(self.config_version.desc());
-        d.extend(self.config_results.desc());
-        d.extend(self.cp_connected.desc());
-        d.extend(self.enrolled.desc());
-        d
+        self.families().into_iter().flat_map(|f| f.desc()).collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         self.update();
-        let mut out = Vec::new();
-        out.extend(self.ebpf.collect());
-        out.extend(self.ebpf_entries.collect());
-        out.extend(self.decisions.collect());
-        out.extend(self.closed_by_policy.collect());
-        out.extend(self.tunnels.collect());
-        out.extend(self.cert_expiry.collect());
-        out.extend(self.root_expiry.collect());
-        out.extend(self.workers.collect());
-        out.extend(self.tasks.collect());
-        out.extend(self.config_age.collect());
-        out.extend(self.config_version.collect());
-        out.extend(self.config_results.collect());
-        out.extend(self.cp_connected.collect());
-        out.extend(self.enrolled.collect());
-        out
+        self.families()
+            .into_iter()
+            .flat_map(|f| f.collect())
+            .collect()
     }
 }

@@ -21,7 +21,7 @@ use super::{
     relay::{self, reset},
     PodContext,
 };
-use crate::metrics::{Connection, Details, FailReason, Pair, Reporter};
+use crate::metrics::{Connection, ConnectionMetrics, Details, FailReason, Pair, Reporter};
 use crate::tunnel::{
     header::{self, HeaderError},
     pool, quic,
@@ -122,12 +122,24 @@ pub struct Admitted {
 
 impl Refusal {
     fn reason(&self) -> FailReason {
-        match self.status {
-            Status::Denied => FailReason::Denied,
-            Status::UpstreamFailed => FailReason::UpstreamConnect,
-            _ => FailReason::Refused,
-        }
+        refusal_reason(self.status)
     }
+}
+
+/// The bounded reason the metrics give for a refusal with `status`, at either end.
+pub fn refusal_reason(status: Status) -> FailReason {
+    match status {
+        Status::Denied => FailReason::Denied,
+        Status::UpstreamFailed => FailReason::UpstreamConnect,
+        _ => FailReason::Refused,
+    }
+}
+
+/// Opens the destination's report (metrics now, the access log at close) of an admitted
+/// connection. The pair is dropped here: only the shared series stay with the connection.
+pub fn opened(metrics: &Arc<ConnectionMetrics>, report: Box<(Pair, Details)>) -> Box<Connection> {
+    let (pair, details) = *report;
+    metrics.opened(Reporter::Destination, &pair, details)
 }
 
 /// The workload pair of a delivery to `pod`, as its destination sees it: the source is the
@@ -352,12 +364,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                     report,
                 },
             )) => {
-                let (pair, details) = *report;
-                let mut conn = ctx
-                    .shared
-                    .metrics
-                    .opened(Reporter::Destination, &pair, details);
-                drop(pair);
+                let mut conn = opened(&ctx.shared.metrics, report);
                 if let Err(e) = header::write(&mut stream, &response(Status::Ok, "")).await {
                     conn.fail(FailReason::Reset);
                     refused(&format!("the client went away: {e}"));
@@ -562,12 +569,7 @@ async fn handle_quic_stream(
                 report,
             },
         )) => {
-            let (pair, details) = *report;
-            let mut conn = ctx
-                .shared
-                .metrics
-                .opened(Reporter::Destination, &pair, details);
-            drop(pair);
+            let mut conn = opened(&ctx.shared.metrics, report);
             if let Err(e) = header::write_stream(&mut stream.send, &response(Status::Ok, "")).await
             {
                 conn.fail(FailReason::Reset);
@@ -663,12 +665,7 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     };
     tracing::debug!(workload = %ctx.workload, %peer, %destination, id, "plaintext connection admitted");
     let upstream = relay::Stream::Plain(upstream);
-    let (pair, details) = *report;
-    let mut conn = ctx
-        .shared
-        .metrics
-        .opened(Reporter::Destination, &pair, details);
-    drop(pair);
+    let mut conn = opened(&ctx.shared.metrics, report);
     // The relay holds the client here, not the application.
     let traffic = conn.traffic.swapped();
     if let Err(e) = relay::relay(client, upstream, Some(guard.closed()), &traffic).await {

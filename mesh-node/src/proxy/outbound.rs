@@ -119,11 +119,7 @@ impl SendError {
             | SendError::Header { .. }
             | SendError::Quic { .. }
             | SendError::Timeout { .. } => FailReason::Tunnel,
-            SendError::Refused { status, .. } => match status {
-                Status::Denied => FailReason::Denied,
-                Status::UpstreamFailed => FailReason::UpstreamConnect,
-                _ => FailReason::Refused,
-            },
+            SendError::Refused { status, .. } => inbound::refusal_reason(*status),
             SendError::NoSvid(_)
             | SendError::NoTrust
             | SendError::UnknownSource(_)
@@ -289,9 +285,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             None,
         ),
         Upstream::Local(s, guard, admitted) => {
-            let (local_pair, local_details) = *admitted;
-            let opened = metrics.opened(Reporter::Destination, &local_pair, local_details);
-            let dest = local.insert((opened, guard));
+            let dest = local.insert((inbound::opened(metrics, admitted), guard));
             // The relay holds the client, not the destination's application.
             let traffic = conn.traffic.clone().and(&dest.0.traffic.swapped());
             let closed = Some(dest.1.closed());
