@@ -83,10 +83,13 @@ pub struct Entry<'a> {
     pub time: String,
     pub reporter: &'a str,
     pub connection_id: u64,
+    /// `namespace/app`: the application (see `metrics::Pair`); `source_pod` is the replica.
     pub source_workload: String,
+    pub source_pod: String,
     pub source_identity: &'a str,
     pub source_address: Option<SocketAddr>,
     pub destination_workload: String,
+    pub destination_pod: String,
     pub destination_identity: &'a str,
     pub destination_address: Option<SocketAddr>,
     pub destination_service: &'a str,

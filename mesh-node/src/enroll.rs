@@ -449,8 +449,25 @@ impl Enroller {
             );
         }
         // Peers learn at once that the QUIC connections are gone, instead of after their
-        // idle timeout.
+        // idle timeout: the close frames must leave before the process does.
+        let closing: Vec<_> = self.quic.values().cloned().collect();
         self.close_unused_endpoints();
+        let flushed = wait_idle(closing);
+        if tokio::time::timeout(QUIC_CLOSE_WAIT, flushed)
+            .await
+            .is_err()
+        {
+            tracing::debug!("QUIC endpoints still closing; exiting anyway");
+        }
+    }
+}
+
+/// How long shutdown waits for the QUIC endpoints to send their close frames.
+const QUIC_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+async fn wait_idle(endpoints: Vec<quinn::Endpoint>) {
+    for endpoint in endpoints {
+        endpoint.wait_idle().await;
     }
 }
 

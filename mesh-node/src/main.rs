@@ -89,6 +89,10 @@ struct RunArgs {
     /// Address of the Prometheus endpoint (/metrics), for the node's scraper.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_listen: SocketAddr,
+    /// Add the source and destination pods' names to the per-workload-pair metrics. Off by
+    /// default: series then grow with the pods, not with the applications.
+    #[arg(long)]
+    metrics_pod_labels: bool,
     /// Which connections get a JSON line in the access log.
     #[arg(long, value_enum, default_value = "denied")]
     access_log: access_log::Mode,
@@ -231,7 +235,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .display()
             )
         })?;
-    let metrics = Arc::new(metrics::Metrics::new(Arc::new(access_log))?);
+    let metrics = Arc::new(metrics::Metrics::new(
+        Arc::new(access_log),
+        args.metrics_pod_labels,
+    )?);
 
     let capture = Arc::new(capture::Capture::attach(&capture::Options {
         cgroup: cgroup.clone(),
@@ -249,6 +256,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         capture.clone(),
         stats.clone(),
         metrics.connections.clone(),
+        metrics.tunnels.clone(),
         Duration::from_secs_f64(args.connect_timeout),
         directory_rx.clone(),
     ));

@@ -153,8 +153,14 @@ fn mesh(transport: &str) -> Mesh {
     )
     .expect("mesh-cp");
     let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
-    let n2 = MeshNode::join_with(&mut topo, "n2", &cp, 1, &["--access-log", "all"])
-        .expect("mesh-node n2");
+    let n2 = MeshNode::join_with(
+        &mut topo,
+        "n2",
+        &cp,
+        1,
+        &["--access-log", "all", "--metrics-pod-labels"],
+    )
+    .expect("mesh-node n2");
     Mesh {
         cp,
         n1,
@@ -272,6 +278,21 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
             [(format!("{TD}/order"), format!("{TD}/payment"))],
             "{reporter}"
         );
+        // Pods are labels only where asked for (n2).
+        let pods: Vec<_> = e
+            .matching("mycel_tcp_connections_opened_total", &want)
+            .map(|(l, _)| {
+                (
+                    l.get("source_pod").cloned(),
+                    l.get("destination_pod").cloned(),
+                )
+            })
+            .collect();
+        let expected = match reporter {
+            "destination" => (Some("order".to_owned()), Some("payment".to_owned())),
+            _ => (None, None),
+        };
+        assert_eq!(pods, [expected], "{reporter}");
     }
     let e = scrape_until(&m.n1, "same node", |e| {
         e.sum(
@@ -378,6 +399,8 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
         ("reporter", "destination"),
         ("source_identity", &format!("{TD}/order")),
         ("destination_workload", "default/payment"),
+        ("source_pod", "default/order"),
+        ("destination_pod", "default/payment"),
         ("destination_identity", &format!("{TD}/payment")),
         ("destination_address", &payment_addr),
         ("transport", transport),
@@ -409,6 +432,7 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
     for (field, want) in [
         ("reporter", "destination"),
         ("source_workload", "default/analytics"),
+        ("source_pod", "default/analytics"),
         ("source_identity", &format!("{TD}/analytics")),
         ("destination_workload", "default/payment"),
         ("transport", "tls"),
@@ -563,6 +587,32 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
         families.dedup();
         assert_eq!(families.len(), before, "a family is listed twice:\n{text}");
     }
+
+    tunnels_open_and_streams_carried(&mut m, transport);
+}
+
+/// The tunnels of the traffic above: n1 has its tunnels to payment open (idle, kept for the
+/// next connection). Once n1 stops, n2 has none open, and the tunnels it saw closed carried
+/// every connection: the 8 from order and the denied one.
+fn tunnels_open_and_streams_carried(m: &mut Mesh, transport: &str) {
+    let e1 = Exposition::parse(&m.n1.metrics_text().expect("n1 metrics")).expect("parse");
+    let out = [("direction", "out"), ("transport", transport)];
+    let open = e1.sum("mycel_tunnels_open", &out);
+    assert!((1.0..=8.0).contains(&open), "{open} tunnels open out of n1");
+    let e2 = Exposition::parse(&m.n2.metrics_text().expect("n2 metrics")).expect("parse");
+    assert!(e2.sum("mycel_tunnels_open", &[("direction", "in")]) >= 1.0);
+
+    m.n1.stop_with(libc::SIGTERM).expect("stop n1");
+    let e2 = scrape_until(&m.n2, "n1's tunnels closed", |e| {
+        e.sum("mycel_tunnels_open", &[("direction", "in")]) == 0.0
+    });
+    let carried = e2.sum("mycel_tunnel_streams_sum", &[("direction", "in")]);
+    assert_eq!(carried, 9.0, "connections carried by n2's inbound tunnels");
+    let tunnels = e2.sum("mycel_tunnel_streams_count", &[("direction", "in")]);
+    assert!((2.0..=9.0).contains(&tunnels), "{tunnels} inbound tunnels");
+    // The denied dial was a tunnel of its own, with one connection.
+    let one = [("direction", "in"), ("transport", "tls"), ("le", "1")];
+    assert!(e2.sum("mycel_tunnel_streams_bucket", &one) >= 1.0);
 }
 
 /// The dashboard shipped in `deploy/grafana/`, as (panel title, query) pairs, with Grafana's

@@ -43,35 +43,56 @@ impl Reporter {
 /// Who talks to whom. Empty fields are unknown: the workload of a destination outside the
 /// mesh, the service (only the source knows which one it asked for), a source whose address
 /// is not a mesh workload.
+///
+/// A workload, in the labels, is what a pod's `app.kubernetes.io/name` or `app` label names
+/// (the object's own name when it has neither): every replica of an application shares its
+/// series. The pod (`source_pod`, `destination_pod`: the workload object's name) is in the
+/// labels only with `--metrics-pod-labels`, and always in the access log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Pair {
     pub source_workload: String,
     pub source_namespace: String,
     pub source_identity: String,
+    pub source_pod: String,
     pub destination_workload: String,
     pub destination_namespace: String,
     pub destination_identity: String,
+    pub destination_pod: String,
     pub destination_service: String,
     pub destination_port: u16,
 }
 
+/// Labels that name an application, most specific first.
+const APP_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app"];
+
+/// The application `peer` is a replica of, for the labels.
+fn workload_of(peer: &Peer) -> &str {
+    APP_LABELS
+        .iter()
+        .find_map(|l| peer.labels.get(*l).filter(|v| !v.is_empty()))
+        .unwrap_or(&peer.key.name)
+}
+
 impl Pair {
     pub fn with_source(mut self, peer: &Peer) -> Self {
-        self.source_workload.clone_from(&peer.key.name);
+        self.source_workload = workload_of(peer).to_owned();
+        self.source_pod.clone_from(&peer.key.name);
         self.source_namespace.clone_from(&peer.key.namespace);
         self.source_identity.clone_from(&peer.identity_uri);
         self
     }
 
     pub fn with_destination(mut self, peer: &Peer) -> Self {
-        self.destination_workload.clone_from(&peer.key.name);
+        self.destination_workload = workload_of(peer).to_owned();
+        self.destination_pod.clone_from(&peer.key.name);
         self.destination_namespace.clone_from(&peer.key.namespace);
         self.destination_identity.clone_from(&peer.identity_uri);
         self
     }
 
-    fn labels(&self, reporter: Reporter) -> [String; 9] {
-        [
+    /// Label values in the order of [`label_names`].
+    fn labels(&self, reporter: Reporter, pods: bool) -> Vec<String> {
+        let mut labels = vec![
             reporter.as_str().to_owned(),
             self.source_workload.clone(),
             self.source_namespace.clone(),
@@ -81,7 +102,11 @@ impl Pair {
             self.destination_identity.clone(),
             self.destination_service.clone(),
             self.destination_port.to_string(),
-        ]
+        ];
+        if pods {
+            labels.extend([self.source_pod.clone(), self.destination_pod.clone()]);
+        }
+        labels
     }
 }
 
@@ -98,17 +123,24 @@ pub struct Details {
     pub rule: String,
 }
 
-const PAIR_LABELS: [&str; 9] = [
-    "reporter",
-    "source_workload",
-    "source_namespace",
-    "source_identity",
-    "destination_workload",
-    "destination_namespace",
-    "destination_identity",
-    "destination_service",
-    "destination_port",
-];
+/// The labels of the per-pair families, with the pod labels when `pods`.
+fn label_names(pods: bool) -> Vec<&'static str> {
+    let mut names = vec![
+        "reporter",
+        "source_workload",
+        "source_namespace",
+        "source_identity",
+        "destination_workload",
+        "destination_namespace",
+        "destination_identity",
+        "destination_service",
+        "destination_port",
+    ];
+    if pods {
+        names.extend(["source_pod", "destination_pod"]);
+    }
+    names
+}
 
 /// Why a connection failed. A closed set, so the label stays bounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,6 +214,8 @@ impl Path {
 /// The connection families. One per daemon, shared by every connection.
 pub struct ConnectionMetrics {
     access_log: Arc<AccessLog>,
+    /// Whether the per-pair families carry the pods' names (`--metrics-pod-labels`).
+    pod_labels: bool,
     /// The series of each (reporter, pair) seen, looked up once: an open connection holds a
     /// reference, not its own copy of nine label values. Bounded as the series themselves are.
     series: Mutex<HashMap<(Reporter, Pair), Arc<PairSeries>>>,
@@ -196,23 +230,26 @@ pub struct ConnectionMetrics {
 }
 
 impl ConnectionMetrics {
+    /// Registers the families; with `pod_labels`, the per-pair ones carry the pods' names.
     pub fn register(
         registry: &Registry,
         access_log: Arc<AccessLog>,
+        pod_labels: bool,
     ) -> Result<Arc<Self>, MetricsError> {
+        let pair_labels = label_names(pod_labels);
         let counter = |name: &str, help: &str, labels: &[&str]| -> Result<_, MetricsError> {
             let c = IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let mut failed_labels = PAIR_LABELS.to_vec();
+        let mut failed_labels = pair_labels.clone();
         failed_labels.push("reason");
         let open = IntGaugeVec::new(
             Opts::new(
                 format!("{PREFIX}_tcp_connections_open"),
                 "Connections established and not yet closed.",
             ),
-            &PAIR_LABELS,
+            &pair_labels,
         )?;
         registry.register(Box::new(open.clone()))?;
         let duration = HistogramVec::new(
@@ -223,7 +260,7 @@ impl ConnectionMetrics {
             .buckets(vec![
                 0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0,
             ]),
-            &PAIR_LABELS,
+            &pair_labels,
         )?;
         registry.register(Box::new(duration.clone()))?;
         let connect = HistogramVec::new(
@@ -240,17 +277,18 @@ impl ConnectionMetrics {
         registry.register(Box::new(connect.clone()))?;
         Ok(Arc::new(Self {
             access_log,
+            pod_labels,
             series: Mutex::default(),
             opened: counter(
                 "tcp_connections_opened_total",
                 "Connections established: the destination's application accepted them.",
-                &PAIR_LABELS,
+                &pair_labels,
             )?,
             closed: counter(
                 "tcp_connections_closed_total",
                 "Established connections that ended, whichever way (those ended by an error are \
                  also counted as failed).",
-                &PAIR_LABELS,
+                &pair_labels,
             )?,
             failed: counter(
                 "tcp_connections_failed_total",
@@ -261,12 +299,12 @@ impl ConnectionMetrics {
             sent: counter(
                 "tcp_sent_bytes_total",
                 "Application bytes from source to destination, counted as they are relayed.",
-                &PAIR_LABELS,
+                &pair_labels,
             )?,
             received: counter(
                 "tcp_received_bytes_total",
                 "Application bytes from destination to source, counted as they are relayed.",
-                &PAIR_LABELS,
+                &pair_labels,
             )?,
             duration,
             connect,
@@ -315,8 +353,8 @@ impl ConnectionMetrics {
         if let Some(s) = all.get(&(reporter, pair.clone())) {
             return s.clone();
         }
-        let labels = pair.labels(reporter);
-        let values = label_refs(&labels);
+        let labels = pair.labels(reporter, self.pod_labels);
+        let values: Vec<&str> = labels.iter().map(String::as_str).collect();
         let s = Arc::new(PairSeries {
             opened: self.opened.with_label_values(&values),
             closed: self.closed.with_label_values(&values),
@@ -324,6 +362,8 @@ impl ConnectionMetrics {
             sent: self.sent.with_label_values(&values),
             received: self.received.with_label_values(&values),
             duration: self.duration.with_label_values(&values),
+            reporter,
+            pair: pair.clone(),
             labels,
         });
         all.insert((reporter, pair.clone()), s.clone());
@@ -339,8 +379,8 @@ impl ConnectionMetrics {
         details: &Details,
         detail: &str,
     ) {
-        let labels = pair.labels(reporter);
-        let mut values = label_refs(&labels).to_vec();
+        let labels = pair.labels(reporter, self.pod_labels);
+        let mut values: Vec<&str> = labels.iter().map(String::as_str).collect();
         values.push(reason.as_str());
         self.failed.with_label_values(&values).inc();
         if self.access_log.wants(reason == FailReason::Denied) {
@@ -350,7 +390,8 @@ impl ConnectionMetrics {
                 "failed"
             };
             self.access_log.write(&entry(
-                &labels,
+                reporter,
+                pair,
                 details,
                 ([0, 0], Duration::ZERO),
                 verdict,
@@ -368,16 +409,17 @@ impl ConnectionMetrics {
     }
 }
 
-/// The access log line of a connection with `labels` (as [`Pair::labels`] orders them).
+/// The access log line of a connection of `pair`, reported by `reporter`.
 fn entry<'a>(
-    labels: &'a [String; 9],
+    reporter: Reporter,
+    pair: &'a Pair,
     d: &'a Details,
     ([sent, received], took): ([u64; 2], Duration),
     verdict: &'a str,
     close_reason: &'a str,
     detail: &'a str,
 ) -> Entry<'a> {
-    let workload = |ns: &str, name: &str| {
+    let named = |ns: &str, name: &str| {
         if name.is_empty() {
             String::new()
         } else {
@@ -386,16 +428,18 @@ fn entry<'a>(
     };
     Entry {
         time: access_log::rfc3339(SystemTime::now()),
-        reporter: &labels[0],
+        reporter: reporter.as_str(),
         connection_id: d.connection_id,
-        source_workload: workload(&labels[2], &labels[1]),
-        source_identity: &labels[3],
+        source_workload: named(&pair.source_namespace, &pair.source_workload),
+        source_pod: named(&pair.source_namespace, &pair.source_pod),
+        source_identity: &pair.source_identity,
         source_address: d.source_address,
-        destination_workload: workload(&labels[5], &labels[4]),
-        destination_identity: &labels[6],
+        destination_workload: named(&pair.destination_namespace, &pair.destination_workload),
+        destination_pod: named(&pair.destination_namespace, &pair.destination_pod),
+        destination_identity: &pair.destination_identity,
         destination_address: d.destination_address,
-        destination_service: &labels[7],
-        destination_port: labels[8].parse().unwrap_or(0),
+        destination_service: &pair.destination_service,
+        destination_port: pair.destination_port,
         transport: d.transport,
         bytes_sent: sent,
         bytes_received: received,
@@ -406,14 +450,6 @@ fn entry<'a>(
         close_reason,
         detail,
     }
-}
-
-fn label_refs(labels: &[String; 9]) -> [&str; 9] {
-    let mut out = [""; 9];
-    for (o, l) in out.iter_mut().zip(labels.iter()) {
-        *o = l.as_str();
-    }
-    out
 }
 
 /// One direction's byte counters: the pair's series and the connection's own total (two of
@@ -485,7 +521,10 @@ pub struct Connection {
 
 /// The series of one (reporter, pair).
 struct PairSeries {
-    labels: [String; 9],
+    reporter: Reporter,
+    pair: Pair,
+    /// Label values, as [`Pair::labels`] orders them.
+    labels: Vec<String>,
     opened: IntCounter,
     closed: IntCounter,
     open: IntGauge,
@@ -508,7 +547,7 @@ impl Drop for Connection {
         series.closed.inc();
         series.duration.observe(self.start.elapsed().as_secs_f64());
         if let Some(reason) = self.failure {
-            let mut values = label_refs(&series.labels).to_vec();
+            let mut values: Vec<&str> = series.labels.iter().map(String::as_str).collect();
             values.push(reason.as_str());
             self.metrics.failed.with_label_values(&values).inc();
         }
@@ -522,7 +561,8 @@ impl Drop for Connection {
                 Some(reason) => ("allowed", reason.as_str()),
             };
             self.metrics.access_log.write(&entry(
-                &series.labels,
+                series.reporter,
+                &series.pair,
                 &self.details,
                 (bytes, self.start.elapsed()),
                 verdict,
@@ -536,6 +576,7 @@ impl Drop for Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workloads::WorkloadId;
 
     fn pair() -> Pair {
         Pair {
@@ -566,7 +607,7 @@ mod tests {
     #[test]
     fn a_connection_counts_bytes_live_and_closes_once() {
         let registry = Registry::new();
-        let m = ConnectionMetrics::register(&registry, Arc::new(AccessLog::off())).unwrap();
+        let m = ConnectionMetrics::register(&registry, Arc::new(AccessLog::off()), false).unwrap();
         let mut source = m.opened(Reporter::Source, &pair(), Details::default());
         let destination = m.opened(Reporter::Destination, &pair(), Details::default());
         // The source's relay holds the client: from the app is sent. The destination's relay
@@ -612,10 +653,82 @@ mod tests {
         );
     }
 
+    fn peer(name: &str, labels: &[(&str, &str)]) -> Peer {
+        let identity = mesh_model::SpiffeId::new("cluster.local", "ns", "sa");
+        Peer {
+            key: WorkloadId {
+                namespace: "ns".into(),
+                name: name.into(),
+            },
+            identity_uri: identity.to_string(),
+            identity,
+            addresses: Vec::new(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    /// Replicas of one application share its series; pods are labels only when asked for.
+    #[test]
+    fn workloads_are_applications_and_pods_are_labels_only_on_request() {
+        let web1 = peer("web-1", &[("app", "web")]);
+        let web2 = peer(
+            "web-2",
+            &[("app", "web"), ("app.kubernetes.io/name", "shop")],
+        );
+        let db = peer("db-0", &[("tier", "data")]);
+        let a = Pair::default().with_source(&web1).with_destination(&db);
+        assert_eq!(
+            (a.source_workload.as_str(), a.source_pod.as_str()),
+            ("web", "web-1")
+        );
+        assert_eq!(
+            (a.destination_workload.as_str(), a.destination_pod.as_str()),
+            ("db-0", "db-0"),
+            "no application label: the object's name"
+        );
+        let b = Pair::default().with_source(&web2);
+        assert_eq!(b.source_workload, "shop", "app.kubernetes.io/name first");
+
+        let names = |pods: bool| {
+            let registry = Registry::new();
+            let m =
+                ConnectionMetrics::register(&registry, Arc::new(AccessLog::off()), pods).unwrap();
+            let one = Pair::default().with_source(&web1).with_destination(&db);
+            let two = Pair::default()
+                .with_source(&peer("web-2", &[("app", "web")]))
+                .with_destination(&db);
+            drop(m.opened(Reporter::Source, &one, Details::default()));
+            drop(m.opened(Reporter::Source, &two, Details::default()));
+            let families = registry.gather();
+            let opened = families
+                .iter()
+                .find(|f| f.name() == "mycel_tcp_connections_opened_total")
+                .expect("opened family");
+            let series: Vec<Vec<String>> = opened
+                .get_metric()
+                .iter()
+                .map(|m| m.get_label().iter().map(|l| l.name().to_owned()).collect())
+                .collect();
+            series
+        };
+        let plain = names(false);
+        assert_eq!(plain.len(), 1, "two replicas of web, one series: {plain:?}");
+        assert!(!plain[0].iter().any(|l| l.ends_with("_pod")), "{plain:?}");
+        let with_pods = names(true);
+        assert_eq!(with_pods.len(), 2, "a series per pod: {with_pods:?}");
+        for labels in &with_pods {
+            assert!(labels.contains(&"source_pod".to_owned()), "{labels:?}");
+            assert!(labels.contains(&"destination_pod".to_owned()), "{labels:?}");
+        }
+    }
+
     #[test]
     fn registering_twice_is_an_error() {
         let registry = Registry::new();
-        ConnectionMetrics::register(&registry, Arc::new(AccessLog::off())).unwrap();
-        assert!(ConnectionMetrics::register(&registry, Arc::new(AccessLog::off())).is_err());
+        ConnectionMetrics::register(&registry, Arc::new(AccessLog::off()), false).unwrap();
+        assert!(ConnectionMetrics::register(&registry, Arc::new(AccessLog::off()), false).is_err());
     }
 }

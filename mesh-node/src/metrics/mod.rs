@@ -3,6 +3,7 @@
 //! - `connections.rs`: per workload pair and reporter: connections opened, closed, failed (by
 //!   a bounded reason), open, bytes each way (counted as they move, so long connections show
 //!   live), durations; and the node's connect latency.
+//! - `tunnels.rs`: tunnels open, and the connections each one carried.
 //! - `collect.rs`: figures read when scraped from the state that already owns them: the eBPF
 //!   counters, policy decisions, certificates, config freshness, proxy totals.
 //!
@@ -11,6 +12,7 @@
 
 pub mod collect;
 pub mod connections;
+pub mod tunnels;
 
 use std::sync::Arc;
 
@@ -19,6 +21,7 @@ use prometheus::{Encoder, Registry, TextEncoder};
 pub use connections::{
     Connection, ConnectionMetrics, Details, FailReason, Flow, Pair, Path, Reporter, Traffic,
 };
+pub use tunnels::{OpenTunnel, TunnelMetrics};
 
 /// Every metric name starts with this.
 pub const PREFIX: &str = "mycel";
@@ -34,19 +37,26 @@ pub enum MetricsError {
 pub struct Metrics {
     registry: Registry,
     pub connections: Arc<ConnectionMetrics>,
+    pub tunnels: Arc<TunnelMetrics>,
 }
 
 impl Metrics {
-    /// The registry with the connection families, whose connections `access_log` logs.
-    pub fn new(access_log: Arc<crate::access_log::AccessLog>) -> Result<Self, MetricsError> {
+    /// The registry with the connection families, whose connections `access_log` logs (with
+    /// the pods' names as labels when `pod_labels`), and the tunnel families.
+    pub fn new(
+        access_log: Arc<crate::access_log::AccessLog>,
+        pod_labels: bool,
+    ) -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let connections = ConnectionMetrics::register(&registry, access_log)?;
+        let connections = ConnectionMetrics::register(&registry, access_log, pod_labels)?;
+        let tunnels = Arc::new(TunnelMetrics::register(&registry)?);
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
             registry,
             connections,
+            tunnels,
         })
     }
 

@@ -21,7 +21,9 @@ use super::{
     relay::{self, reset},
     PodContext,
 };
-use crate::metrics::{Connection, ConnectionMetrics, Details, FailReason, Pair, Reporter};
+use crate::metrics::{
+    tunnels as tunnel_metrics, Connection, ConnectionMetrics, Details, FailReason, Pair, Reporter,
+};
 use crate::tunnel::{
     header::{self, HeaderError},
     pool, quic,
@@ -155,6 +157,7 @@ fn pair_at_destination(
         Some(me) => Pair::default().with_destination(me),
         None => Pair {
             destination_workload: pod.workload.name.clone(),
+            destination_pod: pod.workload.name.clone(),
             destination_namespace: pod.workload.namespace.clone(),
             ..Pair::default()
         },
@@ -319,6 +322,11 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             Ok(Err(e)) => return refused(&format!("TLS handshake failed: {e}")),
             Err(_) => return refused(&format!("no handshake within {HANDSHAKE_TIMEOUT:?}")),
         };
+    stream.track(
+        ctx.shared
+            .tunnel_metrics
+            .opened(tunnel_metrics::Direction::In, tunnel_metrics::Kind::Tls),
+    );
     let client = match peer_identity(Some(&peer_certs)) {
         Ok(id) => id,
         // The verifier already required a SPIFFE ID; this is a belt-and-braces check.
@@ -353,6 +361,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 }
             };
         first = false;
+        stream.carry();
         // Boxed, like the handshake: the connection's task keeps only the relay's state while
         // it lives.
         match Box::pin(admit_tunnel(ctx, &dir, &request, &client, peer.ip(), "tls")).await {
@@ -506,6 +515,11 @@ async fn handle_quic(incoming: quinn::Incoming, ctx: Arc<PodContext>, tracker: T
         Ok(Err(e)) => return refused(&format!("QUIC handshake failed: {e}")),
         Err(_) => return refused(&format!("no QUIC handshake within {HANDSHAKE_TIMEOUT:?}")),
     };
+    // Held until the connection ends: `accept_bi` fails then.
+    let tunnel = ctx
+        .shared
+        .tunnel_metrics
+        .opened(tunnel_metrics::Direction::In, tunnel_metrics::Kind::Quic);
     let certs = quic::peer_certificates(&conn);
     let client = match peer_identity(Some(&certs)) {
         Ok(id) => id,
@@ -523,6 +537,7 @@ async fn handle_quic(incoming: quinn::Incoming, ctx: Arc<PodContext>, tracker: T
         addr: SocketAddr::new(peer_ip, peer.port()),
     });
     while let Ok((send, recv)) = conn.accept_bi().await {
+        tunnel.stream();
         let stream = quic::TunnelStream::new(send, recv);
         tracker.spawn(handle_quic_stream(stream, from.clone(), ctx.clone()));
     }

@@ -84,6 +84,8 @@ pub struct Shared {
     pub stats: Arc<ProxyStats>,
     /// Per workload pair connection metrics (Prometheus).
     pub metrics: Arc<crate::metrics::ConnectionMetrics>,
+    /// Tunnels open and the connections each carried (Prometheus).
+    pub tunnel_metrics: Arc<crate::metrics::TunnelMetrics>,
     pub connect_timeout: Duration,
     /// The current routing view; replaced whole when the mesh view changes.
     pub directory: watch::Receiver<Arc<Directory>>,
@@ -103,6 +105,7 @@ impl Shared {
         capture: Arc<Capture>,
         stats: Arc<ProxyStats>,
         metrics: Arc<crate::metrics::ConnectionMetrics>,
+        tunnel_metrics: Arc<crate::metrics::TunnelMetrics>,
         connect_timeout: Duration,
         directory: watch::Receiver<Arc<Directory>>,
     ) -> Self {
@@ -110,6 +113,7 @@ impl Shared {
             capture,
             stats,
             metrics,
+            tunnel_metrics,
             connect_timeout,
             directory,
             local: RwLock::default(),

@@ -23,7 +23,7 @@ use super::{
     relay::{self, reset, Stream},
     PodContext,
 };
-use crate::metrics::{Details, FailReason, Pair, Path, Reporter};
+use crate::metrics::{tunnels as tunnel_metrics, Details, FailReason, Pair, Path, Reporter};
 use crate::tunnel::{
     header, pool,
     quic::{self, TunnelStream},
@@ -479,9 +479,11 @@ async fn send(
         .map_err(|source| SendError::Connect { addr, source })?;
     let name = ServerName::IpAddress(target.addr.ip().into());
     let open = async {
-        let session = Session::connect(config, name, tcp)
+        let mut session = Session::connect(config, name, tcp)
             .await
             .map_err(|source| SendError::Handshake { addr, source })?;
+        let tunnels = &ctx.shared.tunnel_metrics;
+        session.track(tunnels.opened(tunnel_metrics::Direction::Out, tunnel_metrics::Kind::Tls));
         exchange(session, &request, addr).await
     };
     let session = tokio::time::timeout(HANDSHAKE_TIMEOUT, open)
@@ -517,6 +519,7 @@ async fn send_quic(
             endpoint,
             addr,
             tls: tls.clone(),
+            metrics: &ctx.shared.tunnel_metrics,
         };
         let attempt = async {
             let (mut stream, made) = ctx
@@ -571,6 +574,7 @@ async fn exchange(
     request: &TunnelRequest,
     addr: SocketAddr,
 ) -> Result<Box<Session>, SendError> {
+    session.carry();
     header::write(&mut session, request)
         .await
         .map_err(|e| SendError::Header {

@@ -29,6 +29,10 @@ use quinn::{
 use rustls::pki_types::CertificateDer;
 
 use super::{pool, TUNNEL_PORT};
+use crate::metrics::{
+    tunnels::{Direction, Kind},
+    OpenTunnel, TunnelMetrics,
+};
 
 /// Streams one connection may have open at once. quinn reserves an entry for each stream
 /// the peer may open, so this is not unbounded; past it, the pool opens another connection.
@@ -219,6 +223,9 @@ impl Drop for StreamUse {
 
 struct Usage {
     opened: Instant,
+    /// Counts the connection among the open tunnels until the pool and its last stream let
+    /// go of it, which is when quinn closes it.
+    tunnel: OpenTunnel,
     open: AtomicUsize,
     /// Milliseconds after `opened` when the last stream ended.
     idle_since: AtomicU64,
@@ -251,6 +258,7 @@ pub struct Dial<'a> {
     pub endpoint: &'a Endpoint,
     pub addr: SocketAddr,
     pub tls: Arc<rustls::ClientConfig>,
+    pub metrics: &'a TunnelMetrics,
 }
 
 /// The source side's connections, shared by every pod of the node.
@@ -296,6 +304,7 @@ impl Connections {
                     .await?;
                 let usage = Arc::new(Usage {
                     opened: Instant::now(),
+                    tunnel: dial.metrics.opened(Direction::Out, Kind::Quic),
                     open: AtomicUsize::new(0),
                     idle_since: AtomicU64::new(0),
                 });
@@ -311,6 +320,7 @@ impl Connections {
         let guard = StreamUse(usage);
         drop(live);
         let (send, recv) = conn.open_bi().await?;
+        guard.0.tunnel.stream();
         let mut stream = TunnelStream::new(send, recv);
         stream._use = Some(guard);
         Ok((stream, made))

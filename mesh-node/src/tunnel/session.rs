@@ -252,6 +252,8 @@ pub struct Session {
     rx: Rx,
     rekey: Rekey,
     established: std::time::Instant,
+    /// Counts the session among the open tunnels while it lives (see [`Session::track`]).
+    tunnel: Option<crate::metrics::OpenTunnel>,
 }
 
 impl Session {
@@ -364,6 +366,7 @@ impl Session {
                 peer_asked: AtomicBool::new(false),
             },
             established: std::time::Instant::now(),
+            tunnel: None,
         });
         Ok((session, peer_certificates))
     }
@@ -371,6 +374,19 @@ impl Session {
     /// Time since the handshake.
     pub fn age(&self) -> std::time::Duration {
         self.established.elapsed()
+    }
+
+    /// Counts the session as an open tunnel until it drops, wherever it is then (the pool,
+    /// a relay, an error path).
+    pub fn track(&mut self, tunnel: crate::metrics::OpenTunnel) {
+        self.tunnel = Some(tunnel);
+    }
+
+    /// Counts one more connection carried by the session.
+    pub fn carry(&self) {
+        if let Some(t) = &self.tunnel {
+            t.stream();
+        }
     }
 
     /// Whether the session can carry another connection: the peer has not closed it.

@@ -1,0 +1,206 @@
+//! Tunnels between nodes: how many are open, and how many connections (streams) each one
+//! carried before it closed.
+//!
+//! A tunnel is one TLS session (which carries its connections one after another) or one QUIC
+//! connection (which carries them side by side, a stream each). Both ends count: `out` at the
+//! node that opened it, `in` at the node it was opened to. A stream is one connection's header
+//! exchange, whatever the destination answered, so a refused connection counts too.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use super::{MetricsError, PREFIX};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Out,
+    In,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Tls,
+    Quic,
+}
+
+/// Every child of the families, in the order of their index.
+const CHILDREN: [(Direction, Kind); 4] = [
+    (Direction::Out, Kind::Tls),
+    (Direction::Out, Kind::Quic),
+    (Direction::In, Kind::Tls),
+    (Direction::In, Kind::Quic),
+];
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Out => "out",
+            Direction::In => "in",
+        }
+    }
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tls => "tls",
+            Kind::Quic => "quic",
+        }
+    }
+}
+
+/// The tunnel families, and their four children made once.
+pub struct TunnelMetrics {
+    /// Indexed as [`CHILDREN`] is.
+    open: [IntGauge; 4],
+    streams: [Histogram; 4],
+}
+
+impl TunnelMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, MetricsError> {
+        let labels = ["direction", "transport"];
+        let open = IntGaugeVec::new(
+            Opts::new(
+                format!("{PREFIX}_tunnels_open"),
+                "Tunnels open now, by direction (out: this node opened it) and transport (tls: \
+                 a session, quic: a connection).",
+            ),
+            &labels,
+        )?;
+        let streams = HistogramVec::new(
+            HistogramOpts::new(
+                format!("{PREFIX}_tunnel_streams"),
+                "Connections each tunnel carried (one after another on a TLS session, side by \
+                 side on a QUIC connection), observed when the tunnel closes.",
+            )
+            .buckets(vec![0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 100.0, 1000.0, 10000.0]),
+            &labels,
+        )?;
+        registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(streams.clone()))?;
+        let child = |i: usize| {
+            let (direction, kind) = CHILDREN[i];
+            [direction.as_str(), kind.as_str()]
+        };
+        Ok(Self {
+            open: std::array::from_fn(|i| open.with_label_values(&child(i))),
+            streams: std::array::from_fn(|i| streams.with_label_values(&child(i))),
+        })
+    }
+
+    /// The position of (`direction`, `kind`) in [`CHILDREN`].
+    fn index(direction: Direction, kind: Kind) -> usize {
+        match (direction, kind) {
+            (Direction::Out, Kind::Tls) => 0,
+            (Direction::Out, Kind::Quic) => 1,
+            (Direction::In, Kind::Tls) => 2,
+            (Direction::In, Kind::Quic) => 3,
+        }
+    }
+
+    /// A tunnel that has just been established: open until the returned value drops.
+    pub fn opened(&self, direction: Direction, kind: Kind) -> OpenTunnel {
+        let i = Self::index(direction, kind);
+        self.open[i].inc();
+        OpenTunnel {
+            open: self.open[i].clone(),
+            streams: self.streams[i].clone(),
+            carried: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One established tunnel, held by whatever owns the tunnel (the TLS session, the QUIC
+/// connection's use count, the task that serves an inbound tunnel).
+pub struct OpenTunnel {
+    open: IntGauge,
+    streams: Histogram,
+    carried: AtomicU64,
+}
+
+impl OpenTunnel {
+    /// One more connection on the tunnel.
+    pub fn stream(&self) {
+        self.carried.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.open.dec();
+        self.streams
+            .observe(self.carried.load(Ordering::Relaxed) as f64);
+    }
+}
+
+impl std::fmt::Debug for OpenTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenTunnel")
+            .field("carried", &self.carried.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (value of the gauge, histogram count, histogram sum) of one child.
+    fn read(registry: &Registry, direction: &str, transport: &str) -> (f64, u64, f64) {
+        let families = registry.gather();
+        let find = |name: &str| {
+            families
+                .iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric().iter())
+                .find(|m| {
+                    let l = m.get_label();
+                    l.iter()
+                        .any(|l| l.name() == "direction" && l.value() == direction)
+                        && l.iter()
+                            .any(|l| l.name() == "transport" && l.value() == transport)
+                })
+                .cloned()
+        };
+        let open = find("mycel_tunnels_open").expect("open child");
+        let streams = find("mycel_tunnel_streams").expect("streams child");
+        let h = streams.get_histogram();
+        (
+            open.get_gauge().get_value(),
+            h.get_sample_count(),
+            h.get_sample_sum(),
+        )
+    }
+
+    #[test]
+    fn each_child_is_at_its_index() {
+        for (i, (direction, kind)) in CHILDREN.into_iter().enumerate() {
+            assert_eq!(TunnelMetrics::index(direction, kind), i);
+        }
+    }
+
+    #[test]
+    fn a_tunnel_is_open_until_dropped_then_observes_its_streams() {
+        let registry = Registry::new();
+        let m = TunnelMetrics::register(&registry).unwrap();
+        let a = m.opened(Direction::Out, Kind::Tls);
+        let b = m.opened(Direction::Out, Kind::Tls);
+        let c = m.opened(Direction::In, Kind::Quic);
+        for _ in 0..3 {
+            a.stream();
+        }
+        c.stream();
+        assert_eq!(read(&registry, "out", "tls"), (2.0, 0, 0.0));
+        drop(a);
+        assert_eq!(read(&registry, "out", "tls"), (1.0, 1, 3.0));
+        drop(b);
+        assert_eq!(read(&registry, "out", "tls"), (0.0, 2, 3.0));
+        assert_eq!(read(&registry, "in", "quic"), (1.0, 0, 0.0));
+        drop(c);
+        assert_eq!(read(&registry, "in", "quic"), (0.0, 1, 1.0));
+        // Each child has its own labels.
+        assert_eq!(read(&registry, "out", "quic"), (0.0, 0, 0.0));
+        assert_eq!(read(&registry, "in", "tls"), (0.0, 0, 0.0));
+    }
+}
