@@ -2,7 +2,8 @@
 //! (the config loaded and the gRPC API serving), `/status` with the config in force, the last
 //! config error, and each node's stream and acknowledged version (JSON), `/explain` (the JSON
 //! of `mesh-cp explain`, evaluated on the config in force), `/debug/nodes` and
-//! `/debug/config`. Metrics (`--metrics-listen`): `/metrics`.
+//! `/debug/config`. Metrics (`--metrics-listen`): `/metrics`, and `/healthz` and `/readyz` again
+//! for the kubelet's probes, which cannot reach the pod's loopback.
 
 use std::sync::{atomic::Ordering, Arc};
 
@@ -32,10 +33,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Serves `/metrics` on its own listener, for the scraper.
+/// Serves `/metrics` on its own listener, for the scraper, with the probes.
 pub async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics endpoint stopped");

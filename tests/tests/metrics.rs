@@ -548,10 +548,17 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
         pushes
     );
     assert!(cp.sum("mycel_cp_ca_expiry_timestamp_seconds", &[]) > now + 86_400.0);
-    assert_eq!(
-        http_get(m.cp.http, "/readyz").expect("mesh-cp /readyz"),
-        "ready\n"
-    );
+    // On the status port, and on the metrics port for the kubelet's probes.
+    for addr in [m.cp.http, m.cp.metrics] {
+        assert_eq!(
+            http_get(addr, "/readyz").expect("mesh-cp /readyz"),
+            "ready\n"
+        );
+        assert_eq!(
+            http_get(addr, "/healthz").expect("mesh-cp /healthz"),
+            "ok\n"
+        );
+    }
     let nodes: serde_json::Value =
         serde_json::from_str(&http_get(m.cp.http, "/debug/nodes").expect("/debug/nodes"))
             .expect("JSON");

@@ -16,6 +16,11 @@ const TEST_PACKAGES: &[&str] = &[
     "tshark",
     "prometheus",
 ];
+/// The manifest checks: `kubectl kustomize` renders `deploy/` (Debian's kubectl renders it the
+/// same as current ones), `kubernetes-validate` (PyPI) checks the result against the API's
+/// schemas.
+const KUBECTL_PACKAGE: &str = "kubernetes-client";
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// What `cargo install bpf-linker --features llvm-22` links against.
 const LLVM_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -135,13 +140,41 @@ pub fn ensure_build() -> anyhow::Result<()> {
 pub fn ensure_all() -> anyhow::Result<()> {
     ensure_build()?;
     install_debs(TEST_PACKAGES, "used by the end-to-end tests")?;
+    ensure_manifest_tools()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the tests and the sandbox create network namespaces, cgroups and eBPF programs: run as root");
     }
     println!(
-        "xtask: prerequisites present (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, {})",
+        "xtask: prerequisites present (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, {}, kubectl, {KUBERNETES_VALIDATE})",
         TEST_PACKAGES.join(", ")
     );
+    Ok(())
+}
+
+/// kubectl and kubernetes-validate, for the checks of the Kubernetes manifests.
+fn ensure_manifest_tools() -> anyhow::Result<()> {
+    if !quiet(Command::new("kubectl").args(["version", "--client"])) {
+        install_debs(&[KUBECTL_PACKAGE], "kubectl renders deploy/ with kustomize")?;
+    }
+    let (_, version) = KUBERNETES_VALIDATE.split_once("==").unwrap_or_default();
+    let installed =
+        output(Command::new("python3").args(["-m", "kubernetes_validate", "--version"]));
+    if installed.trim() != version {
+        println!(
+            "xtask: installing {KUBERNETES_VALIDATE} with pip (checks the Kubernetes manifests)"
+        );
+        run(
+            "pip install",
+            Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                KUBERNETES_VALIDATE,
+            ]),
+        )?;
+    }
     Ok(())
 }
