@@ -4,6 +4,7 @@
 mod ca;
 mod explain;
 mod grpc;
+mod kubernetes;
 mod metrics;
 mod server;
 mod slice;
@@ -41,11 +42,17 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve nodes from a directory of YAML documents (universal mode).
+    /// Serve nodes from a directory of YAML documents (universal mode), or from the
+    /// Kubernetes API (--kubernetes).
     ///
     /// The directory is re-read when it changes. A change is applied only if the whole
     /// directory is valid; otherwise the error is logged and shown on /status, and the last
     /// good config stays in force. At start, an invalid directory is an error.
+    ///
+    /// With --kubernetes, pods join the mesh by the label mycel.dev/mesh=enabled on their
+    /// namespace or on themselves, and AccessPolicies and the MeshConfig are custom
+    /// resources. One invalid AccessPolicy is left out and says why in its status; the
+    /// others stay in force. Nodes are served once every kind has been listed.
     Serve(ServeArgs),
     /// Manage the join tokens nodes authenticate with (universal mode).
     #[command(subcommand)]
@@ -97,8 +104,15 @@ enum OutputFormat {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Directory of MeshConfig, Workload, Service and AccessPolicy documents (*.yaml, *.yml).
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config_dir: Option<PathBuf>,
+    /// Read the mesh from the Kubernetes API (in-cluster credentials, or the kubeconfig).
     #[arg(long)]
-    config_dir: PathBuf,
+    kubernetes: bool,
     /// Directory for the CA (ca.crt, ca.key) and join tokens; created if missing.
     #[arg(long)]
     data_dir: PathBuf,
@@ -252,16 +266,44 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if !args.config_dir.is_dir() {
-        bail!(
-            "--config-dir {} is not a directory",
-            args.config_dir.display()
-        );
+/// Where the config comes from, once its first version is read.
+enum Origin {
+    Dir(PathBuf, Vec<(PathBuf, String)>),
+    Kubernetes(Box<(kubernetes::Source, kubernetes::translate::Translated)>),
+}
+
+async fn first_config(args: &ServeArgs) -> anyhow::Result<(mesh_model::Config, Origin)> {
+    match &args.config_dir {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--config-dir {} is not a directory", dir.display());
+            }
+            let (config, files) = source::initial(dir)
+                .context("the config dir is invalid; fix it before starting the control plane")?;
+            Ok((config, Origin::Dir(dir.clone(), files)))
+        }
+        None => {
+            // kube's error already names each place it looked; its sources only repeat it.
+            let client = ::kube::Client::try_default()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
+            tracing::info!(
+                "listing pods, services, endpoint slices, namespaces and Mycel resources"
+            );
+            let source =
+                kubernetes::Source::start(client, kubernetes::watch::Retry::default()).await;
+            let first = source.translate(&mesh_model::MeshConfig::default());
+            Ok((
+                first.config.clone(),
+                Origin::Kubernetes(Box::new((source, first))),
+            ))
+        }
     }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ensure_data_dir(&args.data_dir)?;
-    let (config, files) = source::initial(&args.config_dir)
-        .context("the config dir is invalid; fix it before starting the control plane")?;
+    let (config, origin) = first_config(&args).await?;
     let ca = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => ca::Ca::load_or_create(cert, key, false)?,
         _ => ca::Ca::load_or_create(
@@ -296,13 +338,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         args.server_names.clone()
     };
-    tokio::spawn(source::watch_dir(
-        args.config_dir.clone(),
-        Duration::from_secs_f64(args.reload_interval),
-        files,
-        publish,
-        shared.clone(),
-    ));
+    match origin {
+        Origin::Dir(dir, files) => tokio::spawn(source::watch_dir(
+            dir,
+            Duration::from_secs_f64(args.reload_interval),
+            files,
+            publish,
+            shared.clone(),
+        )),
+        Origin::Kubernetes(k) => {
+            let (source, first) = *k;
+            tokio::spawn(kubernetes::follow(source, first, publish, shared.clone()))
+        }
+    };
     tokio::spawn(status::serve(http, shared.clone()));
     tokio::spawn(status::serve_metrics(metrics_listener, shared.clone()));
     let grpc_task = tokio::spawn(server::serve_grpc(grpc, shared.clone(), names));

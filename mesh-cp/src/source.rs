@@ -13,7 +13,7 @@ use std::{
 use mesh_model::{Config, ConfigError};
 use tokio::sync::watch;
 
-use crate::state::{ConfigStatus, Published, Shared};
+use crate::state::{publish_if_changed, ConfigStatus, Published, Shared};
 
 /// What the directory held the last time it was read.
 type Snapshot = Vec<(PathBuf, String)>;
@@ -56,19 +56,7 @@ pub async fn watch_dir(
             Ok((config, files)) => {
                 last = files;
                 last_error = None;
-                let changed = config != *publish.borrow().config;
-                let mut version = publish.borrow().version;
-                if changed {
-                    version += 1;
-                    tracing::info!(
-                        version,
-                        workloads = config.workloads.len(),
-                        services = config.services.len(),
-                        policies = config.policies.len(),
-                        "config applied"
-                    );
-                    publish.send_replace(Published::new(version, config));
-                }
+                let (version, _) = publish_if_changed(&publish, config);
                 shared.set_config_status(ConfigStatus::ok(version));
             }
             Err(e) => {

@@ -35,6 +35,25 @@ impl Published {
     }
 }
 
+/// Publishes `config` as the next version if it differs from the one in force. Returns the
+/// version in force and whether it is new.
+pub fn publish_if_changed(publish: &watch::Sender<Published>, config: Config) -> (u64, bool) {
+    let current = publish.borrow().version;
+    if config == *publish.borrow().config {
+        return (current, false);
+    }
+    let version = current + 1;
+    tracing::info!(
+        version,
+        workloads = config.workloads.len(),
+        services = config.services.len(),
+        policies = config.policies.len(),
+        "config applied"
+    );
+    publish.send_replace(Published::new(version, config));
+    (version, true)
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ConfigStatus {
     /// The version in force.

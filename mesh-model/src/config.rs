@@ -56,18 +56,24 @@ impl Config {
         self.workloads.values().filter(move |w| w.node == node)
     }
 
-    /// Workloads of the service's namespace whose labels include all of its selector.
+    /// The service's endpoints: those it lists, or else the workloads of its namespace whose
+    /// labels include all of its selector.
     pub fn endpoints<'a>(
         &'a self,
         service: &'a Service,
     ) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads.values().filter(move |w| {
-            w.key.namespace == service.key.namespace
-                && service
-                    .selector
-                    .iter()
-                    .all(|(k, v)| w.labels.get(k) == Some(v))
-        })
+        self.workloads
+            .values()
+            .filter(move |w| match &service.endpoints {
+                Some(listed) => listed.contains(&w.key),
+                None => {
+                    w.key.namespace == service.key.namespace
+                        && service
+                            .selector
+                            .iter()
+                            .all(|(k, v)| w.labels.get(k) == Some(v))
+                }
+            })
     }
 
     /// Workloads the policy applies to: those of its namespace (of every namespace, for a

@@ -67,8 +67,19 @@ impl fmt::Display for Mode {
     namespaced,
     shortname = "ap",
     doc = "L4 allow/deny rules for the workloads a selector picks",
+    status = "AccessPolicyStatus",
     printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Selected",
+        type_ = "integer",
+        json_path = ".status.selectedWorkloads"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -86,6 +97,21 @@ pub struct AccessPolicySpec {
     pub mode: Mode,
     /// At least one; a connection matches the policy when it matches any rule.
     pub rules: Vec<RuleSpec>,
+}
+
+/// What the control plane made of an AccessPolicy (Kubernetes only; written by mesh-cp).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicyStatus {
+    /// The `metadata.generation` the status is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Workloads the policy selects while it is in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected_workloads: Option<u64>,
+    /// `Accepted`: `True` when in force, `False` with reason `Invalid` and why not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]

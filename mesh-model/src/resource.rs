@@ -114,6 +114,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Labels a workload of the same namespace must all carry to be an endpoint.
     pub selector: BTreeMap<String, String>,
+    /// The endpoints, when the source lists them rather than the selector picking them: in
+    /// Kubernetes, the ready pods of the service's EndpointSlices. `None` in universal mode.
+    pub endpoints: Option<std::collections::BTreeSet<ObjectKey>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -373,6 +376,7 @@ fn service(key: ObjectKey, spec: serde_yaml::Value) -> Result<Service, String> {
         vips,
         ports,
         selector: raw.selector,
+        endpoints: None,
     })
 }
 

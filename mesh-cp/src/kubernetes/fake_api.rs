@@ -1,0 +1,295 @@
+//! A stand-in for the Kubernetes API server behind kube's mock service (`tower-test`): the
+//! only stand-in the tests use. It keeps objects by resource with resource versions, answers
+//! lists, streams watch events from a version on, writes status subresources by merge patch,
+//! and can be told to expire old versions (a watch from before gets `410 Gone`) or to go
+//! away (every request gets 503 and open watches end).
+//!
+//! Only what the adapter's requests need: cluster-wide list and watch of each kind, and
+//! `PATCH …/status`.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use kube::client::Body;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+pub type FakeBody = UnsyncBoxBody<Bytes, Infallible>;
+type EventSender = mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// (resource, namespace, name) → object.
+    objects: BTreeMap<(String, String, String), Value>,
+    /// Every change: (version, resource, event type, object).
+    events: Vec<(u64, String, &'static str, Value)>,
+    /// Watches from a version below this get `410 Gone`.
+    expired_below: u64,
+    down: bool,
+    watches: Vec<(String, EventSender)>,
+    /// "METHOD path?query" of every request, in order.
+    requests: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+}
+
+/// The resource (plural) a request path is about, and the object name if it names one, and
+/// whether it is the status subresource.
+fn parse_path(path: &str) -> (String, Option<(String, String)>, bool) {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // /api/v1/... or /apis/GROUP/VERSION/...
+    let rest = if parts.first() == Some(&"api") {
+        &parts[2.min(parts.len())..]
+    } else {
+        &parts[3.min(parts.len())..]
+    };
+    match rest {
+        ["namespaces", ns, resource, name, "status"] => (
+            (*resource).into(),
+            Some(((*ns).into(), (*name).into())),
+            true,
+        ),
+        ["namespaces", ns, resource, name] => (
+            (*resource).into(),
+            Some(((*ns).into(), (*name).into())),
+            false,
+        ),
+        [resource] => ((*resource).into(), None, false),
+        [resource, name] => (
+            (*resource).into(),
+            Some((String::new(), (*name).into())),
+            false,
+        ),
+        _ => (rest.join("/"), None, false),
+    }
+}
+
+fn full(status: StatusCode, body: Value) -> Response<FakeBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed_unsync())
+        .unwrap_or_default()
+}
+
+fn failure(code: u16, reason: &str, message: &str) -> Value {
+    json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "code": code, "reason": reason, "message": message })
+}
+
+fn line(kind: &str, object: &Value) -> Result<Frame<Bytes>, Infallible> {
+    let mut text = json!({ "type": kind, "object": object }).to_string();
+    text.push('\n');
+    Ok(Frame::data(Bytes::from(text)))
+}
+
+impl FakeApi {
+    /// A kube client whose requests this fake answers, on the runtime it is called from.
+    pub fn client(&self) -> kube::Client {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<FakeBody>>();
+        let api = self.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let api = api.clone();
+                tokio::spawn(async move { send.send_response(api.answer(request).await) });
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates or replaces `object` (it names its resource's kind and metadata); the spec
+    /// changing bumps `metadata.generation`, as the API server does.
+    pub fn apply(&self, resource: &str, mut object: Value) {
+        let mut s = self.lock();
+        s.rv += 1;
+        let rv = s.rv;
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        let key = (resource.to_owned(), ns, name.clone());
+        let (kind, generation) = match s.objects.get(&key) {
+            Some(old) => {
+                let bump = old.get("spec") != object.get("spec");
+                let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                // Writes of the whole object keep what the status subresource holds.
+                if let Some(status) = old.get("status").filter(|_| object.get("status").is_none()) {
+                    object["status"] = status.clone();
+                }
+                ("MODIFIED", if bump { g + 1 } else { g })
+            }
+            None => ("ADDED", 1),
+        };
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        object["metadata"]["generation"] = generation.into();
+        object["metadata"]["uid"] = format!("uid-{name}").into();
+        s.objects.insert(key, object.clone());
+        s.emit(rv, resource, kind, object);
+    }
+
+    pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
+        let mut s = self.lock();
+        let key = (resource.to_owned(), namespace.to_owned(), name.to_owned());
+        if let Some(mut object) = s.objects.remove(&key) {
+            s.rv += 1;
+            let rv = s.rv;
+            object["metadata"]["resourceVersion"] = rv.to_string().into();
+            s.emit(rv, resource, "DELETED", object);
+        }
+    }
+
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        let key = (resource.to_owned(), namespace.to_owned(), name.to_owned());
+        self.lock().objects.get(&key).cloned()
+    }
+
+    /// Ends every open watch; watches from before now get `410 Gone`, so watchers list again.
+    pub fn expire(&self) {
+        let mut s = self.lock();
+        s.expired_below = s.rv + 1;
+        s.watches.clear();
+    }
+
+    /// Takes the API away (503 to everything, open watches end) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        let mut s = self.lock();
+        s.down = down;
+        if down {
+            s.watches.clear();
+        }
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.lock().requests.clone()
+    }
+
+    async fn answer(&self, request: Request<Body>) -> Response<FakeBody> {
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        let body = body.collect_bytes().await.unwrap_or_default();
+        let mut s = self.lock();
+        s.requests.push(format!("{} {path}?{query}", parts.method));
+        if s.down {
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                failure(503, "ServiceUnavailable", "the fake API is down"),
+            );
+        }
+        let (resource, named, status) = parse_path(&path);
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .map(str::to_owned)
+        };
+        match (parts.method.as_str(), named) {
+            ("GET", None) if param("watch").as_deref() == Some("true") => {
+                let from: u64 = param("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let (tx, rx) = mpsc::unbounded_channel();
+                if from < s.expired_below {
+                    let gone = failure(410, "Expired", "too old resource version");
+                    let _ = tx.send(line("ERROR", &gone));
+                } else {
+                    for (rv, r, kind, object) in &s.events {
+                        if *rv > from && *r == resource {
+                            let _ = tx.send(line(kind, object));
+                        }
+                    }
+                    s.watches.push((resource, tx));
+                }
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", "application/json")
+                    .body(StreamBody::new(UnboundedReceiverStream::new(rx)).boxed_unsync())
+                    .unwrap_or_default()
+            }
+            ("GET", None) => {
+                let items: Vec<Value> = s
+                    .objects
+                    .iter()
+                    .filter(|((r, _, _), _)| *r == resource)
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                full(
+                    StatusCode::OK,
+                    json!({ "kind": "List", "apiVersion": "v1",
+                            "metadata": { "resourceVersion": s.rv.to_string() }, "items": items }),
+                )
+            }
+            ("PATCH", Some((ns, name))) if status => {
+                let key = (resource.clone(), ns, name);
+                let Some(mut object) = s.objects.get(&key).cloned() else {
+                    return full(
+                        StatusCode::NOT_FOUND,
+                        failure(404, "NotFound", "no such object"),
+                    );
+                };
+                let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                merge(&mut object["status"], &patch["status"]);
+                s.rv += 1;
+                let rv = s.rv;
+                object["metadata"]["resourceVersion"] = rv.to_string().into();
+                s.objects.insert(key, object.clone());
+                s.emit(rv, &resource, "MODIFIED", object.clone());
+                full(StatusCode::OK, object)
+            }
+            _ => full(
+                StatusCode::NOT_FOUND,
+                failure(
+                    404,
+                    "NotFound",
+                    &format!("the fake API does not serve {path}"),
+                ),
+            ),
+        }
+    }
+}
+
+impl State {
+    fn emit(&mut self, rv: u64, resource: &str, kind: &'static str, object: Value) {
+        self.watches
+            .retain(|(r, tx)| r != resource || tx.send(line(kind, &object)).is_ok());
+        self.events.push((rv, resource.to_owned(), kind, object));
+    }
+}
+
+/// JSON merge patch (RFC 7386).
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            if let Value::Object(t) = target {
+                for (k, v) in fields {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}

@@ -1,0 +1,292 @@
+//! The adapter against the fake API (kube's mock service): the first list, watch events, a
+//! watch that expires (`410 Gone`) and is listed again, and an API outage. Each time the
+//! published model must end up right, and the slice a node's stream is sent must change by
+//! exactly what changed.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mesh_model::{Config, ObjectKey};
+use serde_json::{json, Value};
+use tokio::sync::watch as channel;
+
+use super::{fake_api::FakeApi, follow, watch::Retry, Source};
+use crate::{
+    ca::Ca,
+    metrics::CpMetrics,
+    slice,
+    state::{Published, Shared},
+    tokens::TokenStore,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+/// A data dir for the CA, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mesh-cp-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn namespace(name: &str, mesh: &str) -> Value {
+    json!({ "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": name, "labels": { "mycel.dev/mesh": mesh } } })
+}
+
+fn pod(name: &str, node: &str, ip: &str, app: &str) -> Value {
+    json!({ "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": "shop", "labels": { "app": app } },
+            "spec": { "nodeName": node, "serviceAccountName": app,
+                      "containers": [{ "name": "app", "image": "app" }] },
+            "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] } })
+}
+
+fn policy(name: &str, spec: Value) -> Value {
+    json!({ "apiVersion": "mycel.dev/v1alpha1", "kind": "AccessPolicy",
+            "metadata": { "name": name, "namespace": "shop" }, "spec": spec })
+}
+
+fn deny_analytics() -> Value {
+    policy(
+        "no-analytics",
+        json!({ "selector": { "matchLabels": { "app": "payment" } }, "action": "Deny",
+                "rules": [{ "sourceIdentities": ["spiffe://cluster.local/ns/shop/sa/analytics"] }] }),
+    )
+}
+
+fn payment_service() -> [Value; 2] {
+    [
+        json!({ "apiVersion": "v1", "kind": "Service",
+                "metadata": { "name": "payment", "namespace": "shop" },
+                "spec": { "clusterIPs": ["10.96.0.10"], "selector": { "app": "payment" },
+                          "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] } }),
+        json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": { "name": "payment-x", "namespace": "shop",
+                              "labels": { "kubernetes.io/service-name": "payment" } },
+                "addressType": "IPv4",
+                "endpoints": [{ "addresses": ["10.1.2.2"], "conditions": { "ready": true },
+                                "targetRef": { "kind": "Pod", "namespace": "shop", "name": "payment-1" } }],
+                "ports": [{ "name": "http", "port": 8080 }] }),
+    ]
+}
+
+fn keys(c: &Config) -> Vec<String> {
+    c.workloads.keys().map(ToString::to_string).collect()
+}
+
+/// Waits until the published config satisfies `done`; returns it.
+async fn published_until(
+    rx: &mut channel::Receiver<Published>,
+    what: &str,
+    done: impl Fn(&Published) -> bool,
+) -> Published {
+    let deadline = Instant::now() + T;
+    loop {
+        let p = rx.borrow_and_update().clone();
+        if done(&p) {
+            return p;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            tokio::time::timeout(left, rx.changed()).await.is_ok(),
+            "{what}: not published within {T:?}; in force: {:?}",
+            keys(&p.config)
+        );
+    }
+}
+
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + T;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {T:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What node `node`'s stream is sent between two versions: (upserted keys, removed keys).
+fn node_update(old: &Published, new: &Published, node: &str) -> (Vec<String>, Vec<String>) {
+    let slice = |p: &Published| slice::node_slice(&p.config, &p.policies, &[], node);
+    let (upserts, removals) = slice::diff(&slice(old), &slice(new));
+    (upserts.into_iter().map(|r| r.key).collect(), removals)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_watch_gone_and_outage_keep_the_model_right() {
+    let api = FakeApi::default();
+    api.apply("namespaces", namespace("shop", "enabled"));
+    api.apply("pods", pod("order-1", "n1", "10.1.1.2", "order"));
+    api.apply("pods", pod("payment-1", "n2", "10.1.2.2", "payment"));
+    let [svc, eps] = payment_service();
+    api.apply("services", svc);
+    api.apply("endpointslices", eps);
+    api.apply("accesspolicies", deny_analytics());
+
+    // The first complete list.
+    let source = tokio::time::timeout(
+        T,
+        Source::start(
+            api.client(),
+            Retry::new(Duration::from_millis(20), Duration::from_millis(200)),
+        ),
+    )
+    .await
+    .expect("the first list");
+    let first = source.translate(&mesh_model::MeshConfig::default());
+    assert_eq!(keys(&first.config), ["shop/order-1", "shop/payment-1"]);
+    let svc = &first.config.services[&ObjectKey::new("shop", "payment")];
+    let eps: Vec<_> = first
+        .config
+        .endpoints(svc)
+        .map(|w| w.key.to_string())
+        .collect();
+    assert_eq!(eps, ["shop/payment-1"]);
+    assert_eq!(first.config.policies.len(), 1);
+
+    let data = TempDir::new("kube");
+    let ca = Ca::load_or_create(&data.0.join("ca.crt"), &data.0.join("ca.key"), true).expect("CA");
+    let (publish, mut published) = channel::channel(Published::new(1, first.config.clone()));
+    let shared = Arc::new(Shared::new(
+        published.clone(),
+        TokenStore::new(&data.0),
+        ca,
+        CpMetrics::new().expect("metrics"),
+    ));
+    let health = source.health.clone();
+    tokio::spawn(follow(source, first, publish, shared.clone()));
+    let v1 = published.borrow_and_update().clone();
+
+    // The policy's status says it is in force and what it selects.
+    eventually("the policy's status", || {
+        api.get("accesspolicies", "shop", "no-analytics")
+            .is_some_and(|p| {
+                p["status"]["conditions"][0]["status"] == "True"
+                    && p["status"]["selectedWorkloads"] == 1
+            })
+    })
+    .await;
+
+    // Watch: a new pod on n1 is one upsert for n1's stream.
+    api.apply("pods", pod("analytics-1", "n1", "10.1.1.3", "analytics"));
+    let v2 = published_until(&mut published, "analytics-1 added", |p| {
+        p.config
+            .workloads
+            .contains_key(&ObjectKey::new("shop", "analytics-1"))
+    })
+    .await;
+    assert_eq!(v2.version, v1.version + 1);
+    // n1 gets the workload and its fast-deny set (payment denies analytics); n2 the peer.
+    assert_eq!(
+        node_update(&v1, &v2, "n1"),
+        (
+            vec![
+                "fast-deny/shop/analytics-1".into(),
+                "workload/shop/analytics-1".into()
+            ],
+            vec![]
+        )
+    );
+    assert_eq!(
+        node_update(&v1, &v2, "n2"),
+        (vec!["workload/shop/analytics-1".into()], vec![])
+    );
+
+    // A bad policy is left out, says why in its status and on /status; the others stay.
+    api.apply(
+        "accesspolicies",
+        policy("broken", json!({ "action": "Deny", "rules": [] })),
+    );
+    eventually("the broken policy's status", || {
+        api.get("accesspolicies", "shop", "broken")
+            .is_some_and(|p| p["status"]["conditions"][0]["reason"] == "Invalid")
+    })
+    .await;
+    assert!(!published
+        .borrow()
+        .config
+        .policies
+        .contains_key(&ObjectKey::new("shop", "broken")));
+    let status = shared.config_status();
+    assert!(
+        status
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("shop/broken")),
+        "{status:?}"
+    );
+    api.delete("accesspolicies", "shop", "broken");
+
+    // 410 Gone: every watch must list again; a deletion made meanwhile is seen.
+    let before = api.requests().len();
+    api.expire();
+    api.delete("pods", "shop", "order-1");
+    let v3 = published_until(&mut published, "order-1 deleted after relist", |p| {
+        !p.config
+            .workloads
+            .contains_key(&ObjectKey::new("shop", "order-1"))
+    })
+    .await;
+    let after: Vec<String> = api.requests()[before..].to_vec();
+    let relisted = |path: &str| {
+        after
+            .iter()
+            .any(|r| r.starts_with(&format!("GET {path}?")) && !r.contains("watch=true"))
+    };
+    for path in [
+        "/api/v1/pods",
+        "/api/v1/namespaces",
+        "/apis/mycel.dev/v1alpha1/accesspolicies",
+    ] {
+        assert!(relisted(path), "{path} not listed again: {after:#?}");
+    }
+    assert_eq!(
+        node_update(&v2, &v3, "n1"),
+        (vec![], vec!["workload/shop/order-1".into()])
+    );
+
+    // An outage: the mesh keeps its last state; changes made meanwhile arrive after it.
+    api.set_down(true);
+    eventually("the watchers notice the outage", || {
+        health.last_error().is_some()
+    })
+    .await;
+    api.apply("pods", pod("order-2", "n1", "10.1.1.4", "order"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        published.borrow().version,
+        v3.version,
+        "nothing changes while the API is away"
+    );
+    api.set_down(false);
+    let v4 = published_until(&mut published, "order-2 after the outage", |p| {
+        p.config
+            .workloads
+            .contains_key(&ObjectKey::new("shop", "order-2"))
+    })
+    .await;
+    assert_eq!(
+        keys(&v4.config),
+        ["shop/analytics-1", "shop/order-2", "shop/payment-1"]
+    );
+    eventually("the watchers recover", || health.last_error().is_none()).await;
+    assert_eq!(
+        node_update(&v3, &v4, "n1"),
+        (vec!["workload/shop/order-2".into()], vec![])
+    );
+    assert_eq!(
+        node_update(&v3, &v4, "n2"),
+        (vec!["workload/shop/order-2".into()], vec![])
+    );
+}

@@ -1,0 +1,623 @@
+//! Kubernetes objects into the model universal mode uses. Everything behind this (slices for
+//! nodes, fast-deny sets, certificates, explain) is the same code for both sources.
+//!
+//! - A pod is a [`Workload`] when it is in the mesh: its own `mycel.dev/mesh` label says
+//!   `enabled` (or `disabled`), else its namespace's does. Only pods with a node and an
+//!   address, not on the host's network and not finished, can be captured.
+//! - A Service is a mesh [`Service`] when its ready endpoints (from its EndpointSlices) include
+//!   pods of the mesh; traffic from the mesh goes to those pods only. Headless services need
+//!   nothing: their clients connect to pod addresses.
+//! - AccessPolicies and the MeshConfig are read by the universal mode's own parser. Unlike a
+//!   config dir, where one bad file rejects the set, one bad policy here is left out and says
+//!   why in its status: the others, and the cluster's pods, do not wait for it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, Service as KubeService},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{api::DynamicObject, ResourceExt};
+use mesh_model::{
+    policy::AccessPolicy, Config, MeshConfig, ObjectKey, Resource, Service, ServicePort, Workload,
+};
+
+/// The label, on a namespace or a pod, that puts pods in the mesh (`enabled`) or keeps one
+/// out (`disabled`).
+pub const MESH_LABEL: &str = "mycel.dev/mesh";
+/// The label an EndpointSlice names its Service with.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Everything the adapter watches, as the reflectors hold it.
+#[derive(Clone, Default)]
+pub struct Objects {
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<KubeService>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub policies: Vec<Arc<DynamicObject>>,
+    pub meshes: Vec<Arc<DynamicObject>>,
+}
+
+/// What became of one AccessPolicy, for its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// In force; it selects this many workloads.
+    Accepted { selected: usize },
+    /// Left out, with the parser's one-line reason.
+    Invalid { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyOutcome {
+    /// The `metadata.generation` this verdict is about.
+    pub generation: Option<i64>,
+    pub verdict: Verdict,
+}
+
+pub struct Translated {
+    pub config: Config,
+    pub policies: BTreeMap<ObjectKey, PolicyOutcome>,
+    /// What was left out and why, one line each, for the log and `/status`.
+    pub problems: Vec<String>,
+}
+
+/// The model of `objects`. `previous` is the mesh settings in force, kept when the MeshConfig
+/// cannot be read: flipping the trust domain or the default action on a typo would cut the
+/// mesh.
+pub fn translate(objects: &Objects, previous: &MeshConfig) -> Translated {
+    let mut problems = Vec::new();
+    let mesh = mesh_config(&objects.meshes, previous, &mut problems);
+    let mut config = Config {
+        mesh,
+        ..Config::default()
+    };
+    let namespaces: BTreeMap<String, &Namespace> = objects
+        .namespaces
+        .iter()
+        .map(|n| (n.name_any(), n.as_ref()))
+        .collect();
+    let mut claimed: BTreeMap<IpAddr, ObjectKey> = BTreeMap::new();
+    for pod in &objects.pods {
+        let Some(workload) = workload(pod, &namespaces) else {
+            continue;
+        };
+        if let Some((ip, other)) = workload
+            .addresses
+            .iter()
+            .find_map(|ip| claimed.get(ip).map(|o| (ip, o)))
+        {
+            problems.push(format!(
+                "pod {} left out: its address {ip} is also pod {other}'s",
+                workload.key
+            ));
+            continue;
+        }
+        for ip in &workload.addresses {
+            claimed.insert(*ip, workload.key.clone());
+        }
+        config.workloads.insert(workload.key.clone(), workload);
+    }
+    for svc in &objects.services {
+        if let Some(s) = service(svc, &objects.slices, &config, &mut problems) {
+            config.services.insert(s.key.clone(), s);
+        }
+    }
+    let mut outcomes = BTreeMap::new();
+    let mut accepted: Vec<AccessPolicy> = Vec::new();
+    for obj in &objects.policies {
+        let key = ObjectKey::new(&obj.namespace().unwrap_or_default(), &obj.name_any());
+        let generation = obj.metadata.generation;
+        match mesh_model::parse_document(document(obj)) {
+            Ok(Resource::AccessPolicy(p)) => accepted.push(p),
+            Ok(_) => {}
+            Err(reason) => {
+                problems.push(format!("AccessPolicy {key} left out: {reason}"));
+                outcomes.insert(
+                    key,
+                    PolicyOutcome {
+                        generation,
+                        verdict: Verdict::Invalid { reason },
+                    },
+                );
+            }
+        }
+    }
+    for p in accepted {
+        let selected = config.selected_by(&p).count();
+        let generation = objects
+            .policies
+            .iter()
+            .find(|o| {
+                o.name_any() == p.key.name && o.namespace().as_ref() == Some(&p.key.namespace)
+            })
+            .and_then(|o| o.metadata.generation);
+        outcomes.insert(
+            p.key.clone(),
+            PolicyOutcome {
+                generation,
+                verdict: Verdict::Accepted { selected },
+            },
+        );
+        config.policies.insert(p.key.clone(), p);
+    }
+    Translated {
+        config,
+        policies: outcomes,
+        problems,
+    }
+}
+
+/// The one MeshConfig, defaults without one, `previous` when it cannot be read.
+fn mesh_config(
+    meshes: &[Arc<DynamicObject>],
+    previous: &MeshConfig,
+    problems: &mut Vec<String>,
+) -> MeshConfig {
+    match meshes {
+        [] => MeshConfig::default(),
+        [one] => match mesh_model::parse_document(document(one)) {
+            Ok(Resource::MeshConfig(m)) => m,
+            Ok(_) => previous.clone(),
+            Err(e) => {
+                problems.push(format!(
+                    "MeshConfig {} refused, the settings in force stay: {e}",
+                    one.name_any()
+                ));
+                previous.clone()
+            }
+        },
+        many => {
+            let names: Vec<_> = many.iter().map(|m| m.name_any()).collect();
+            problems.push(format!(
+                "{} MeshConfigs ({}); there can be only one: the settings in force stay",
+                many.len(),
+                names.join(", ")
+            ));
+            previous.clone()
+        }
+    }
+}
+
+/// A custom resource as the YAML document universal mode would read.
+fn document(obj: &DynamicObject) -> serde_yaml::Value {
+    let types = obj.types.clone().unwrap_or_default();
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("name".into(), obj.name_any().into());
+    if let Some(ns) = obj.namespace() {
+        metadata.insert("namespace".into(), ns.into());
+    }
+    let doc = serde_json::json!({
+        "apiVersion": types.api_version,
+        "kind": types.kind,
+        "metadata": metadata,
+        "spec": obj.data.get("spec").cloned().unwrap_or(serde_json::Value::Null),
+    });
+    serde_yaml::to_value(doc).unwrap_or(serde_yaml::Value::Null)
+}
+
+fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// Whether `pod` asks to be in the mesh, by its own label or its namespace's.
+fn in_mesh(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> bool {
+    match label(&pod.metadata.labels, MESH_LABEL) {
+        Some("enabled") => true,
+        Some(_) => false,
+        None => {
+            pod.namespace()
+                .and_then(|ns| namespaces.get(&ns))
+                .and_then(|ns| label(&ns.metadata.labels, MESH_LABEL))
+                == Some("enabled")
+        }
+    }
+}
+
+/// The workload of a pod in the mesh that a node can capture now.
+fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Workload> {
+    if !in_mesh(pod, namespaces) {
+        return None;
+    }
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref()?;
+    if spec.host_network == Some(true)
+        || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
+    let addresses: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    if addresses.is_empty() {
+        return None;
+    }
+    Some(Workload {
+        key: ObjectKey::new(&pod.namespace()?, &pod.name_any()),
+        labels: pod.labels().clone(),
+        node,
+        // The node finds the pod's network namespace itself (the CNI plugin hands it over).
+        netns: PathBuf::new(),
+        addresses,
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+    })
+}
+
+/// The mesh service of `svc`, if it has a virtual IP and ready endpoints in the mesh.
+fn service(
+    svc: &KubeService,
+    slices: &[Arc<EndpointSlice>],
+    config: &Config,
+    problems: &mut Vec<String>,
+) -> Option<Service> {
+    let namespace = svc.namespace()?;
+    let name = svc.name_any();
+    let spec = svc.spec.as_ref()?;
+    let vips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    if vips.is_empty() {
+        return None;
+    }
+    let own: Vec<&EndpointSlice> = slices
+        .iter()
+        .filter(|s| {
+            s.namespace().as_deref() == Some(namespace.as_str())
+                && label(&s.metadata.labels, SERVICE_NAME_LABEL) == Some(name.as_str())
+        })
+        .map(|s| s.as_ref())
+        .collect();
+    let endpoints: BTreeSet<ObjectKey> = own
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter_map(|e| e.target_ref.as_ref())
+        .filter(|r| r.kind.as_deref() == Some("Pod"))
+        .filter_map(|r| {
+            let key = ObjectKey::new(
+                r.namespace.as_deref().unwrap_or(&namespace),
+                r.name.as_deref()?,
+            );
+            config.workloads.contains_key(&key).then_some(key)
+        })
+        .collect();
+    if endpoints.is_empty() {
+        return None;
+    }
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let Ok(port) = u16::try_from(p.port) else {
+            continue;
+        };
+        let target = match &p.target_port {
+            None => Some(port),
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            // A named port: what the EndpointSlices resolved it to.
+            Some(IntOrString::String(_)) => own
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .find(|sp| sp.name == p.name)
+                .and_then(|sp| sp.port)
+                .and_then(|n| u16::try_from(n).ok()),
+        };
+        match target {
+            Some(target_port) => ports.push(ServicePort {
+                name: p.name.clone(),
+                port,
+                target_port,
+            }),
+            None => problems.push(format!(
+                "service {namespace}/{name} port {port} left out: its target port is not resolved yet"
+            )),
+        }
+    }
+    if ports.is_empty() {
+        return None;
+    }
+    Some(Service {
+        key: ObjectKey::new(&namespace, &name),
+        vips,
+        ports,
+        selector: spec.selector.clone().unwrap_or_default(),
+        endpoints: Some(endpoints),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ApiResource;
+    use mesh_model::crd::AccessPolicy as AccessPolicyCrd;
+    use serde_json::json;
+
+    pub(crate) fn pod(
+        ns: &str,
+        name: &str,
+        node: &str,
+        ip: &str,
+        labels: serde_json::Value,
+    ) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": { "name": name, "namespace": ns, "labels": labels },
+                "spec": { "nodeName": node, "serviceAccountName": name, "containers": [] },
+                "status": { "phase": "Running", "podIPs": [{ "ip": ip }] }
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn namespace(name: &str, mesh: Option<&str>) -> Arc<Namespace> {
+        let labels = mesh.map_or(json!({}), |m| json!({ MESH_LABEL: m }));
+        Arc::new(
+            serde_json::from_value(json!({ "metadata": { "name": name, "labels": labels } }))
+                .unwrap(),
+        )
+    }
+
+    fn policy(ns: &str, name: &str, spec: serde_json::Value) -> Arc<DynamicObject> {
+        let ar = ApiResource::erase::<AccessPolicyCrd>(&());
+        let mut obj = DynamicObject::new(name, &ar)
+            .within(ns)
+            .data(json!({ "spec": spec }));
+        obj.metadata.generation = Some(3);
+        Arc::new(obj)
+    }
+
+    fn keys(c: &Config) -> Vec<String> {
+        c.workloads.keys().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn pods_join_by_namespace_or_their_own_label() {
+        let objects = Objects {
+            namespaces: vec![namespace("shop", Some("enabled")), namespace("ops", None)],
+            pods: vec![
+                pod(
+                    "shop",
+                    "order-1",
+                    "n1",
+                    "10.1.0.2",
+                    json!({ "app": "order" }),
+                ),
+                pod(
+                    "shop",
+                    "legacy",
+                    "n1",
+                    "10.1.0.3",
+                    json!({ MESH_LABEL: "disabled" }),
+                ),
+                pod("ops", "tool", "n2", "10.1.0.4", json!({})),
+                pod(
+                    "ops",
+                    "agent",
+                    "n2",
+                    "10.1.0.5",
+                    json!({ MESH_LABEL: "enabled" }),
+                ),
+            ],
+            ..Objects::default()
+        };
+        let t = translate(&objects, &MeshConfig::default());
+        assert_eq!(keys(&t.config), ["ops/agent", "shop/order-1"]);
+        let order = &t.config.workloads[&ObjectKey::new("shop", "order-1")];
+        assert_eq!(order.node, "n1");
+        assert_eq!(order.service_account, "order-1");
+        assert_eq!(order.addresses, ["10.1.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(order.labels["app"], "order");
+    }
+
+    #[test]
+    fn pods_that_cannot_be_captured_are_left_out() {
+        let mut host = (*pod("shop", "host", "n1", "10.0.0.1", json!({}))).clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let mut done = (*pod("shop", "done", "n1", "10.1.0.9", json!({}))).clone();
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        let mut unscheduled = (*pod("shop", "pending", "", "10.1.0.8", json!({}))).clone();
+        unscheduled.spec.as_mut().unwrap().node_name = None;
+        let mut no_ip = (*pod("shop", "starting", "n1", "10.1.0.7", json!({}))).clone();
+        no_ip.status.as_mut().unwrap().pod_ips = None;
+        let objects = Objects {
+            namespaces: vec![namespace("shop", Some("enabled"))],
+            pods: [host, done, unscheduled, no_ip]
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
+            ..Objects::default()
+        };
+        let t = translate(&objects, &MeshConfig::default());
+        assert!(t.config.workloads.is_empty(), "{:?}", keys(&t.config));
+        // A clash of addresses leaves the second pod out and says so.
+        let objects = Objects {
+            namespaces: vec![namespace("shop", Some("enabled"))],
+            pods: vec![
+                pod("shop", "a", "n1", "10.1.0.2", json!({})),
+                pod("shop", "b", "n1", "10.1.0.2", json!({})),
+            ],
+            ..Objects::default()
+        };
+        let t = translate(&objects, &MeshConfig::default());
+        assert_eq!(keys(&t.config), ["shop/a"]);
+        assert!(t.problems[0].contains("shop/b"), "{:?}", t.problems);
+    }
+
+    fn service_and_slice(ready: &[(&str, bool)]) -> (Arc<KubeService>, Arc<EndpointSlice>) {
+        let svc = serde_json::from_value(json!({
+            "metadata": { "name": "payment", "namespace": "shop" },
+            "spec": {
+                "clusterIPs": ["10.96.0.10"],
+                "selector": { "app": "payment" },
+                "ports": [
+                    { "name": "http", "port": 80, "targetPort": "http" },
+                    { "name": "admin", "port": 9000, "targetPort": 9001 },
+                    { "name": "dns", "port": 53, "protocol": "UDP" }
+                ]
+            }
+        }))
+        .unwrap();
+        let endpoints: Vec<_> = ready
+            .iter()
+            .map(|(pod, ready)| {
+                json!({
+                    "addresses": ["10.1.0.9"],
+                    "conditions": { "ready": ready },
+                    "targetRef": { "kind": "Pod", "namespace": "shop", "name": pod }
+                })
+            })
+            .collect();
+        let slice = serde_json::from_value(json!({
+            "metadata": { "name": "payment-abc", "namespace": "shop",
+                          "labels": { SERVICE_NAME_LABEL: "payment" } },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{ "name": "http", "port": 8080 }, { "name": "admin", "port": 9001 }]
+        }))
+        .unwrap();
+        (Arc::new(svc), Arc::new(slice))
+    }
+
+    #[test]
+    fn services_take_their_ready_mesh_endpoints_and_resolve_named_ports() {
+        let (svc, slice) =
+            service_and_slice(&[("payment-1", true), ("payment-2", false), ("outside", true)]);
+        let objects = Objects {
+            namespaces: vec![namespace("shop", Some("enabled"))],
+            pods: vec![
+                pod(
+                    "shop",
+                    "payment-1",
+                    "n1",
+                    "10.1.0.2",
+                    json!({ "app": "payment" }),
+                ),
+                pod(
+                    "shop",
+                    "payment-2",
+                    "n2",
+                    "10.1.0.3",
+                    json!({ "app": "payment" }),
+                ),
+            ],
+            services: vec![svc],
+            slices: vec![slice],
+            ..Objects::default()
+        };
+        let t = translate(&objects, &MeshConfig::default());
+        let s = &t.config.services[&ObjectKey::new("shop", "payment")];
+        assert_eq!(s.vips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        let ports: Vec<_> = s.ports.iter().map(|p| (p.port, p.target_port)).collect();
+        assert_eq!(ports, [(80, 8080), (9000, 9001)], "UDP left out");
+        let eps: Vec<_> = t.config.endpoints(s).map(|w| w.key.to_string()).collect();
+        assert_eq!(eps, ["shop/payment-1"], "ready and in the mesh only");
+
+        // No endpoint in the mesh: not a mesh service (its clients reach it as before).
+        let (svc, slice) = service_and_slice(&[("payment-1", false)]);
+        let objects = Objects {
+            services: vec![svc],
+            slices: vec![slice],
+            ..objects
+        };
+        let t = translate(&objects, &MeshConfig::default());
+        assert!(t.config.services.is_empty());
+    }
+
+    #[test]
+    fn a_bad_policy_is_left_out_with_its_reason_and_the_others_stay() {
+        let objects = Objects {
+            namespaces: vec![namespace("shop", Some("enabled"))],
+            pods: vec![pod(
+                "shop",
+                "payment-1",
+                "n1",
+                "10.1.0.2",
+                json!({ "app": "payment" }),
+            )],
+            policies: vec![
+                policy(
+                    "shop",
+                    "good",
+                    json!({ "selector": { "matchLabels": { "app": "payment" } }, "action": "Deny",
+                            "rules": [{ "sourceNamespaces": ["ops"] }] }),
+                ),
+                policy(
+                    "shop",
+                    "bad",
+                    json!({ "action": "Deny", "rules": [{ "ports": [70000] }] }),
+                ),
+                policy(
+                    "shop",
+                    "l7",
+                    json!({ "action": "Allow", "rules": [{ "paths": ["/admin"] }] }),
+                ),
+            ],
+            ..Objects::default()
+        };
+        let t = translate(&objects, &MeshConfig::default());
+        let names: Vec<_> = t.config.policies.keys().map(ToString::to_string).collect();
+        assert_eq!(names, ["shop/good"]);
+        let good = &t.policies[&ObjectKey::new("shop", "good")];
+        assert_eq!(good.verdict, Verdict::Accepted { selected: 1 });
+        assert_eq!(good.generation, Some(3));
+        for bad in ["bad", "l7"] {
+            match &t.policies[&ObjectKey::new("shop", bad)].verdict {
+                Verdict::Invalid { reason } => {
+                    assert!(reason.contains("spec.rules[0]"), "{reason}")
+                }
+                v => panic!("{bad}: {v:?}"),
+            }
+        }
+        assert_eq!(t.problems.len(), 2, "{:?}", t.problems);
+    }
+
+    fn mesh(name: &str, spec: serde_json::Value) -> Arc<DynamicObject> {
+        let ar = ApiResource::erase::<mesh_model::crd::MeshConfigResource>(&());
+        Arc::new(DynamicObject::new(name, &ar).data(json!({ "spec": spec })))
+    }
+
+    #[test]
+    fn the_mesh_config_is_read_and_a_bad_one_keeps_the_settings_in_force() {
+        let read = |meshes| {
+            let objects = Objects {
+                meshes,
+                ..Objects::default()
+            };
+            let previous = MeshConfig {
+                trust_domain: "previous.example".into(),
+                ..MeshConfig::default()
+            };
+            let t = translate(&objects, &previous);
+            (t.config.mesh.trust_domain, t.problems)
+        };
+        assert_eq!(read(vec![]).0, "cluster.local", "defaults without one");
+        let (td, problems) = read(vec![mesh("mesh", json!({ "trustDomain": "corp.example" }))]);
+        assert_eq!((td.as_str(), problems.len()), ("corp.example", 0));
+        let (td, problems) = read(vec![mesh("mesh", json!({ "certTtl": "forever" }))]);
+        assert_eq!(td, "previous.example");
+        assert!(problems[0].contains("spec.certTtl"), "{problems:?}");
+        let (td, problems) = read(vec![mesh("a", json!({})), mesh("b", json!({}))]);
+        assert_eq!(td, "previous.example");
+        assert!(problems[0].contains("only one"), "{problems:?}");
+    }
+}
