@@ -1,5 +1,5 @@
 //! The gRPC service nodes talk to: the config stream and certificate signing, both scoped to
-//! the node the caller's join token was issued to.
+//! the node the caller's credential speaks for (`node_auth.rs`).
 
 use std::{
     net::SocketAddr,
@@ -21,11 +21,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     metrics::Refusal,
+    node_auth::AuthError,
     slice::{self, Slice},
     state::Shared,
 };
 
-/// How often an open config stream re-checks that its token has not been revoked.
+/// How often an open config stream re-checks that its credential is still valid (a join
+/// token not revoked, a service-account token not expired).
 const TOKEN_RECHECK: Duration = Duration::from_secs(2);
 
 pub struct NodeApi {
@@ -38,7 +40,7 @@ impl NodeApi {
     }
 
     /// Returns the node name and token of an authenticated caller.
-    fn authenticate<T>(&self, req: &Request<T>) -> Result<(String, String), Status> {
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<(String, String), Status> {
         let peer = req.remote_addr();
         let header = |name: &str| {
             req.metadata()
@@ -49,27 +51,19 @@ impl NodeApi {
         let token = header(metadata::AUTHORIZATION)
             .and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned))
             .ok_or_else(|| {
-                Status::unauthenticated("missing `authorization: Bearer <join token>` metadata")
+                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
             })?;
         let claimed = header(metadata::NODE)
             .ok_or_else(|| Status::unauthenticated("missing `x-mycel-node` metadata"))?;
-        match self.shared.tokens.verify(&token) {
-            Ok(Some(node)) if node == claimed => Ok((node, token)),
-            Ok(Some(node)) => {
-                tracing::warn!(peer = ?peer, claimed, token_node = node, "refused: token belongs to another node");
-                Err(Status::permission_denied(format!(
-                    "this join token was issued to node {node}, not {claimed}"
-                )))
-            }
-            Ok(None) => {
-                tracing::warn!(peer = ?peer, claimed, "refused: unknown or revoked join token");
-                Err(Status::unauthenticated("unknown or revoked join token"))
-            }
+        match self.shared.auth.verify(&token, &claimed).await {
+            Ok(node) => Ok((node, token)),
             Err(e) => {
-                tracing::error!(error = %e, "cannot check join tokens");
-                Err(Status::unavailable(
-                    "the control plane cannot read its token store",
-                ))
+                tracing::warn!(peer = ?peer, claimed, reason = %e, "node refused");
+                Err(match e {
+                    AuthError::Unauthenticated(m) => Status::unauthenticated(m),
+                    AuthError::PermissionDenied(m) => Status::permission_denied(m),
+                    AuthError::Unavailable(m) => Status::unavailable(m),
+                })
             }
         }
     }
@@ -83,7 +77,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<Streaming<ConfigAck>>,
     ) -> Result<Response<Self::StreamConfigStream>, Status> {
-        let (node, token) = self.authenticate(&req)?;
+        let (node, token) = self.authenticate(&req).await?;
         let peer = req.remote_addr();
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(serve_stream(
@@ -101,7 +95,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<SignCertificateRequest>,
     ) -> Result<Response<SignCertificateResponse>, Status> {
-        let (node, _) = self.authenticate(&req)?;
+        let (node, _) = self.authenticate(&req).await?;
         let req = req.into_inner();
         let refuse = |why: Refusal, status: Status| {
             self.shared.metrics.refused(why);
@@ -244,10 +238,13 @@ async fn serve_stream(
                 Err(_) => break "stream broken",
             },
             _ = recheck.tick() => {
-                if !matches!(shared.tokens.verify(&token), Ok(Some(n)) if n == node) {
-                    tracing::warn!(node, "join token revoked; closing the node's stream");
-                    let _ = tx.send(Err(Status::unauthenticated("join token revoked"))).await;
-                    break "token revoked";
+                // Unavailable is not a verdict: the stream stays until the credential is refused.
+                if let Err(e @ (AuthError::Unauthenticated(_) | AuthError::PermissionDenied(_))) =
+                    shared.auth.verify(&token, &node).await
+                {
+                    tracing::warn!(node, reason = %e, "node credential no longer valid; closing the node's stream");
+                    let _ = tx.send(Err(Status::unauthenticated(format!("credential no longer valid: {e}")))).await;
+                    break "credential no longer valid";
                 }
             }
         }

@@ -6,6 +6,7 @@ mod explain;
 mod grpc;
 mod kubernetes;
 mod metrics;
+mod node_auth;
 mod server;
 mod slice;
 mod source;
@@ -111,8 +112,14 @@ struct ServeArgs {
     )]
     config_dir: Option<PathBuf>,
     /// Read the mesh from the Kubernetes API (in-cluster credentials, or the kubeconfig).
+    /// Nodes then authenticate with their service-account token (audience mycel-cp), checked
+    /// with a TokenReview, instead of join tokens.
     #[arg(long)]
     kubernetes: bool,
+    /// With --kubernetes: the node daemon's service account, NAMESPACE/NAME; only its tokens
+    /// are accepted from nodes.
+    #[arg(long, default_value = "mycel-system/mycel-node")]
+    node_service_account: String,
     /// Directory for the CA (ca.crt, ca.key) and join tokens; created if missing.
     #[arg(long)]
     data_dir: PathBuf,
@@ -301,6 +308,27 @@ async fn first_config(args: &ServeArgs) -> anyhow::Result<(mesh_model::Config, O
     }
 }
 
+/// Join tokens from the data dir, or in Kubernetes, TokenReview of the node daemon's token.
+fn node_auth(args: &ServeArgs, origin: &Origin) -> anyhow::Result<node_auth::NodeAuth> {
+    Ok(match origin {
+        Origin::Dir(..) => node_auth::NodeAuth::JoinTokens(tokens::TokenStore::new(&args.data_dir)),
+        Origin::Kubernetes(k) => {
+            let Some((ns, name)) = args.node_service_account.split_once('/') else {
+                bail!(
+                    "--node-service-account {:?} is not NAMESPACE/NAME",
+                    args.node_service_account
+                );
+            };
+            let source = &k.0;
+            node_auth::NodeAuth::Kubernetes(Arc::new(node_auth::TokenReviewer::new(
+                source.client(),
+                (ns, name),
+                source.pods(),
+            )))
+        }
+    })
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ensure_data_dir(&args.data_dir)?;
     let (config, origin) = first_config(&args).await?;
@@ -325,7 +353,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (publish, published) = tokio::sync::watch::channel(state::Published::new(1, config));
     let shared = Arc::new(state::Shared::new(
         published,
-        tokens::TokenStore::new(&args.data_dir),
+        node_auth(&args, &origin)?,
         ca,
         metrics::CpMetrics::new().context("cannot register the metrics")?,
     ));

@@ -11,7 +11,7 @@ use mesh_model::{authz::PolicyIndex, Config};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{ca::Ca, metrics::CpMetrics, tokens::TokenStore};
+use crate::{ca::Ca, metrics::CpMetrics, node_auth::NodeAuth};
 
 /// One accepted configuration. Versions start at 1 with each control-plane process; nodes
 /// take a snapshot at the start of every stream, so versions need not survive a restart.
@@ -89,7 +89,8 @@ pub struct NodeStatus {
 
 pub struct Shared {
     pub config: watch::Receiver<Published>,
-    pub tokens: TokenStore,
+    /// How calling nodes are authenticated: join tokens, or TokenReview in Kubernetes.
+    pub auth: NodeAuth,
     pub ca: Ca,
     pub metrics: CpMetrics,
     /// Set once the gRPC server serves (its certificate issued): the readiness probe.
@@ -101,14 +102,14 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: watch::Receiver<Published>,
-        tokens: TokenStore,
+        auth: NodeAuth,
         ca: Ca,
         metrics: CpMetrics,
     ) -> Self {
         let version = config.borrow().version;
         Self {
             config,
-            tokens,
+            auth,
             ca,
             metrics,
             serving: std::sync::atomic::AtomicBool::new(false),

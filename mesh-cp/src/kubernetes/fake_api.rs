@@ -4,8 +4,8 @@
 //! and can be told to expire old versions (a watch from before gets `410 Gone`) or to go
 //! away (every request gets 503 and open watches end).
 //!
-//! Only what the adapter's requests need: cluster-wide list and watch of each kind, and
-//! `PATCH …/status`.
+//! Only what the adapter's requests need: cluster-wide list and watch of each kind,
+//! `PATCH …/status`, and TokenReviews of the tokens a test issued.
 
 use std::{
     collections::BTreeMap,
@@ -38,6 +38,8 @@ struct State {
     watches: Vec<(String, EventSender)>,
     /// "METHOD path?query" of every request, in order.
     requests: Vec<String>,
+    /// Tokens the API server would accept: token → (audience, user info).
+    tokens: BTreeMap<String, (String, Value)>,
 }
 
 #[derive(Clone, Default)]
@@ -176,6 +178,16 @@ impl FakeApi {
         }
     }
 
+    /// A service-account token for `audience`, of `username`, bound to a pod (name, uid).
+    pub fn issue_token(&self, token: &str, audience: &str, username: &str, pod: (&str, &str)) {
+        let user = json!({ "username": username, "extra": {
+            "authentication.kubernetes.io/pod-name": [pod.0],
+            "authentication.kubernetes.io/pod-uid": [pod.1] } });
+        self.lock()
+            .tokens
+            .insert(token.to_owned(), (audience.to_owned(), user));
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
     }
@@ -235,6 +247,26 @@ impl FakeApi {
                     json!({ "kind": "List", "apiVersion": "v1",
                             "metadata": { "resourceVersion": s.rv.to_string() }, "items": items }),
                 )
+            }
+            ("POST", None) if resource == "tokenreviews" => {
+                let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let token = review["spec"]["token"].as_str().unwrap_or("");
+                let wanted: Vec<&str> = review["spec"]["audiences"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                // As the API server: a token is valid only for the audiences it was issued for.
+                let status = match s.tokens.get(token) {
+                    Some((audience, user)) if wanted.contains(&audience.as_str()) => {
+                        json!({ "authenticated": true, "user": user, "audiences": [audience] })
+                    }
+                    Some(_) => json!({ "authenticated": false,
+                                       "error": "token audiences are invalid for the target audiences" }),
+                    None => json!({ "authenticated": false, "error": "invalid bearer token" }),
+                };
+                let mut answer = review.clone();
+                answer["status"] = status;
+                full(StatusCode::CREATED, answer)
             }
             ("PATCH", Some((ns, name))) if status => {
                 let key = (resource.clone(), ns, name);

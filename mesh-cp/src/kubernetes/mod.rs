@@ -51,6 +51,15 @@ impl Source {
         }
     }
 
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Every pod as last seen: node authentication finds a token's pod here.
+    pub fn pods(&self) -> kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod> {
+        self.stores.pods()
+    }
+
     pub fn translate(&self, previous: &mesh_model::MeshConfig) -> Translated {
         translate::translate(&self.stores.objects(), previous)
     }
@@ -115,6 +124,6 @@ fn report(
 }
 
 #[cfg(test)]
-mod fake_api;
+pub(crate) mod fake_api;
 #[cfg(test)]
 mod tests;

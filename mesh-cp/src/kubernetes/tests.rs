@@ -17,6 +17,7 @@ use super::{fake_api::FakeApi, follow, watch::Retry, Source};
 use crate::{
     ca::Ca,
     metrics::CpMetrics,
+    node_auth::{AuthError, NodeAuth, TokenReviewer, AUDIENCE},
     slice,
     state::{Published, Shared},
     tokens::TokenStore,
@@ -160,7 +161,7 @@ async fn list_watch_gone_and_outage_keep_the_model_right() {
     let (publish, mut published) = channel::channel(Published::new(1, first.config.clone()));
     let shared = Arc::new(Shared::new(
         published.clone(),
-        TokenStore::new(&data.0),
+        NodeAuth::JoinTokens(TokenStore::new(&data.0)),
         ca,
         CpMetrics::new().expect("metrics"),
     ));
@@ -289,4 +290,113 @@ async fn list_watch_gone_and_outage_keep_the_model_right() {
         node_update(&v3, &v4, "n2"),
         (vec!["workload/shop/order-2".into()], vec![])
     );
+}
+
+fn daemon_pod(name: &str, node: &str) -> Value {
+    json!({ "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": "mycel-system" },
+            "spec": { "nodeName": node, "serviceAccountName": "mycel-node", "hostNetwork": true,
+                      "containers": [{ "name": "mesh-node", "image": "mesh-node" }] },
+            "status": { "phase": "Running", "podIPs": [{ "ip": "192.168.0.1" }] } })
+}
+
+/// TokenReview: the node daemon's token, for mesh-cp's audience, speaks for the node its pod
+/// runs on and no other; other tokens are refused with the reason; an unreachable API is
+/// "unavailable", not a verdict, and answers are reused for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_review_authenticates_nodes_and_authorizes_them_by_their_pods_node() {
+    const SA: &str = "system:serviceaccount:mycel-system:mycel-node";
+    let api = FakeApi::default();
+    api.apply("pods", daemon_pod("mycel-node-a", "n1"));
+    api.apply("pods", daemon_pod("mycel-node-b", "n2"));
+    api.issue_token("tok-a", AUDIENCE, SA, ("mycel-node-a", "uid-mycel-node-a"));
+    api.issue_token(
+        "tok-other-audience",
+        "vault",
+        SA,
+        ("mycel-node-a", "uid-mycel-node-a"),
+    );
+    api.issue_token(
+        "tok-app",
+        AUDIENCE,
+        "system:serviceaccount:shop:order",
+        ("order-1", "uid-order-1"),
+    );
+    api.issue_token(
+        "tok-stale",
+        AUDIENCE,
+        SA,
+        ("mycel-node-b", "uid-of-an-older-pod"),
+    );
+    let retry = Retry::new(Duration::from_millis(20), Duration::from_millis(200));
+    let source = tokio::time::timeout(T, Source::start(api.client(), retry))
+        .await
+        .expect("the first list");
+    let auth = NodeAuth::Kubernetes(Arc::new(TokenReviewer::new(
+        source.client(),
+        ("mycel-system", "mycel-node"),
+        source.pods(),
+    )));
+
+    assert_eq!(auth.verify("tok-a", "n1").await, Ok("n1".to_owned()));
+    let refused = |r: Result<String, AuthError>| match r {
+        Err(e) => e,
+        Ok(node) => panic!("accepted as {node}"),
+    };
+    match refused(auth.verify("tok-a", "n2").await) {
+        AuthError::PermissionDenied(m) => assert!(m.contains("runs on node \"n1\""), "{m}"),
+        e => panic!("{e:?}"),
+    }
+    match refused(auth.verify("tok-other-audience", "n1").await) {
+        AuthError::Unauthenticated(m) => assert!(m.contains("audiences"), "{m}"),
+        e => panic!("{e:?}"),
+    }
+    match refused(auth.verify("forged", "n1").await) {
+        AuthError::Unauthenticated(m) => assert!(m.contains("invalid bearer token"), "{m}"),
+        e => panic!("{e:?}"),
+    }
+    match refused(auth.verify("tok-app", "n1").await) {
+        AuthError::PermissionDenied(m) => assert!(m.contains("not the node daemon"), "{m}"),
+        e => panic!("{e:?}"),
+    }
+    match refused(auth.verify("tok-stale", "n2").await) {
+        AuthError::PermissionDenied(m) => assert!(m.contains("replaced"), "{m}"),
+        e => panic!("{e:?}"),
+    }
+
+    // Answers are reused: asking again does not ask the API server again.
+    let reviews = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("POST /apis/authentication.k8s.io/v1/tokenreviews"))
+            .count()
+    };
+    let before = reviews();
+    assert_eq!(auth.verify("tok-a", "n1").await, Ok("n1".to_owned()));
+    assert_eq!(reviews(), before);
+
+    // The API away: a new token cannot be checked, and that is not remembered.
+    api.issue_token("tok-b", AUDIENCE, SA, ("mycel-node-b", "uid-mycel-node-b"));
+    api.set_down(true);
+    assert!(matches!(
+        auth.verify("tok-b", "n2").await,
+        Err(AuthError::Unavailable(_))
+    ));
+    api.set_down(false);
+    assert_eq!(auth.verify("tok-b", "n2").await, Ok("n2".to_owned()));
+
+    // The daemon's pod deleted: its token speaks for no node (once the watch has seen it).
+    api.delete("pods", "mycel-system", "mycel-node-a");
+    eventually("the pod's deletion is seen", || {
+        source
+            .pods()
+            .state()
+            .iter()
+            .all(|p| p.metadata.name.as_deref() != Some("mycel-node-a"))
+    })
+    .await;
+    match refused(auth.verify("tok-a", "n1").await) {
+        AuthError::PermissionDenied(m) => assert!(m.contains("does not exist"), "{m}"),
+        e => panic!("{e:?}"),
+    }
 }

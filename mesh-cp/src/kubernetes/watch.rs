@@ -115,6 +115,10 @@ impl Stores {
         }
     }
 
+    pub fn pods(&self) -> Store<Pod> {
+        self.pods.clone()
+    }
+
     /// Returns once every kind has been listed once.
     pub async fn ready(&self) {
         // A store's writer lives as long as its watch task, which never ends on its own.
