@@ -98,11 +98,22 @@ impl Ca {
             })
         };
         let (cert_pem, key_pem) = (read(cert)?, read(key)?);
-        let key_pair = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadFile {
+        Self::parse(&cert_pem, cert, &key_pem, key)
+    }
+
+    /// The CA from PEM text held elsewhere (a Kubernetes Secret named `origin`).
+    pub fn from_pem(cert_pem: &str, key_pem: &str, origin: &str) -> Result<Self, CaError> {
+        let at = |what: &str| PathBuf::from(format!("{origin} ({what})"));
+        Self::parse(cert_pem, &at("ca.crt"), key_pem, &at("ca.key"))
+    }
+
+    /// `cert` and `key` name where the PEM texts came from, for errors.
+    fn parse(cert_pem: &str, cert: &Path, key_pem: &str, key: &Path) -> Result<Self, CaError> {
+        let key_pair = KeyPair::from_pem(key_pem).map_err(|e| CaError::BadFile {
             path: key.into(),
             reason: format!("not a PEM private key rcgen can sign with: {e}"),
         })?;
-        let root_der = first_pem_cert(&cert_pem).ok_or_else(|| CaError::BadFile {
+        let root_der = first_pem_cert(cert_pem).ok_or_else(|| CaError::BadFile {
             path: cert.into(),
             reason: "no PEM CERTIFICATE block".into(),
         })?;
@@ -134,6 +145,17 @@ impl Ca {
     }
 
     fn create(cert: &Path, key: &Path) -> Result<Self, CaError> {
+        let (ca, cert_pem, key_pem) = Self::generate()?;
+        // The key first, created 0600 from the start; a crash between the two writes leaves a
+        // key without a certificate, which `load_or_create` reports instead of overwriting.
+        write_new(key, key_pem.as_bytes(), 0o600)?;
+        write_new(cert, cert_pem.as_bytes(), 0o644)?;
+        tracing::info!(cert = %cert.display(), key = %key.display(), "created a new root CA");
+        Ok(ca)
+    }
+
+    /// A new root: the CA, its certificate and its private key (PEM), for the caller to keep.
+    pub fn generate() -> Result<(Self, String, String), CaError> {
         let key_pair = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -151,15 +173,17 @@ impl Ca {
         params.not_after = now + ROOT_LIFETIME;
         params.serial_number = Some(random_serial());
         let root = params.self_signed(&key_pair)?;
-        // The key first, created 0600 from the start; a crash between the two writes leaves a
-        // key without a certificate, which `load_or_create` reports instead of overwriting.
-        write_new(key, key_pair.serialize_pem().as_bytes(), 0o600)?;
-        write_new(cert, root.pem().as_bytes(), 0o644)?;
-        tracing::info!(cert = %cert.display(), key = %key.display(), "created a new root CA");
-        Ok(Self {
+        let (cert_pem, key_pem) = (root.pem(), key_pair.serialize_pem());
+        let ca = Self {
             issuer: Issuer::new(params, key_pair),
             root_der: root.der().clone(),
-        })
+        };
+        Ok((ca, cert_pem, key_pem))
+    }
+
+    /// The root certificate as PEM: the trust bundle nodes verify the control plane with.
+    pub fn root_pem(&self) -> String {
+        pem::encode(&pem::Pem::new("CERTIFICATE", self.root_der.to_vec()))
     }
 
     pub fn root_der(&self) -> &CertificateDer<'static> {

@@ -120,6 +120,13 @@ struct ServeArgs {
     /// are accepted from nodes.
     #[arg(long, default_value = "mycel-system/mycel-node")]
     node_service_account: String,
+    /// With --kubernetes: the control plane's namespace, where its CA Secret (mycel-ca), trust
+    /// bundle ConfigMap (mycel-trust-bundle) and leader Lease (mycel-cp-leader) live.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mycel-system")]
+    namespace: String,
+    /// With --kubernetes: this replica's name in the leader election [default: the host name].
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
     /// Directory for the CA (ca.crt, ca.key) and join tokens; created if missing.
     #[arg(long)]
     data_dir: PathBuf,
@@ -136,8 +143,9 @@ struct ServeArgs {
     /// [default: localhost, mesh-cp, the host name and this host's addresses].
     #[arg(long = "server-name")]
     server_names: Vec<String>,
-    /// Use this root certificate (PEM) instead of the one in the data dir.
-    #[arg(long, requires = "ca_key")]
+    /// Use this root certificate (PEM) instead of the one in the data dir. (In Kubernetes, put
+    /// your own root in the mycel-ca Secret, keys ca.crt and ca.key, before the first start.)
+    #[arg(long, requires = "ca_key", conflicts_with = "kubernetes")]
     ca_cert: Option<PathBuf>,
     /// The private key (PEM) of --ca-cert.
     #[arg(long, requires = "ca_cert")]
@@ -276,62 +284,21 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
 /// Where the config comes from, once its first version is read.
 enum Origin {
     Dir(PathBuf, Vec<(PathBuf, String)>),
-    Kubernetes(Box<(kubernetes::Source, kubernetes::translate::Translated)>),
+    Kubernetes(Box<kubernetes::Cluster>),
 }
 
-async fn first_config(args: &ServeArgs) -> anyhow::Result<(mesh_model::Config, Origin)> {
-    match &args.config_dir {
-        Some(dir) => {
-            if !dir.is_dir() {
-                bail!("--config-dir {} is not a directory", dir.display());
-            }
-            let (config, files) = source::initial(dir)
-                .context("the config dir is invalid; fix it before starting the control plane")?;
-            Ok((config, Origin::Dir(dir.clone(), files)))
-        }
-        None => {
-            // kube's error already names each place it looked; its sources only repeat it.
-            let client = ::kube::Client::try_default()
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
-            tracing::info!(
-                "listing pods, services, endpoint slices, namespaces and Mycel resources"
-            );
-            let source =
-                kubernetes::Source::start(client, kubernetes::watch::Retry::default()).await;
-            let first = source.translate(&mesh_model::MeshConfig::default());
-            Ok((
-                first.config.clone(),
-                Origin::Kubernetes(Box::new((source, first))),
-            ))
-        }
+/// The first config, where the rest will come from, the CA and how nodes authenticate.
+async fn prepare(
+    args: &ServeArgs,
+) -> anyhow::Result<(mesh_model::Config, Origin, ca::Ca, node_auth::NodeAuth)> {
+    let Some(dir) = &args.config_dir else {
+        return prepare_cluster(args).await;
+    };
+    if !dir.is_dir() {
+        bail!("--config-dir {} is not a directory", dir.display());
     }
-}
-
-/// Join tokens from the data dir, or in Kubernetes, TokenReview of the node daemon's token.
-fn node_auth(args: &ServeArgs, origin: &Origin) -> anyhow::Result<node_auth::NodeAuth> {
-    Ok(match origin {
-        Origin::Dir(..) => node_auth::NodeAuth::JoinTokens(tokens::TokenStore::new(&args.data_dir)),
-        Origin::Kubernetes(k) => {
-            let Some((ns, name)) = args.node_service_account.split_once('/') else {
-                bail!(
-                    "--node-service-account {:?} is not NAMESPACE/NAME",
-                    args.node_service_account
-                );
-            };
-            let source = &k.0;
-            node_auth::NodeAuth::Kubernetes(Arc::new(node_auth::TokenReviewer::new(
-                source.client(),
-                (ns, name),
-                source.pods(),
-            )))
-        }
-    })
-}
-
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    ensure_data_dir(&args.data_dir)?;
-    let (config, origin) = first_config(&args).await?;
+    let (config, files) = source::initial(dir)
+        .context("the config dir is invalid; fix it before starting the control plane")?;
     let ca = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => ca::Ca::load_or_create(cert, key, false)?,
         _ => ca::Ca::load_or_create(
@@ -340,6 +307,48 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             true,
         )?,
     };
+    let auth = node_auth::NodeAuth::JoinTokens(tokens::TokenStore::new(&args.data_dir));
+    Ok((config, Origin::Dir(dir.clone(), files), ca, auth))
+}
+
+async fn prepare_cluster(
+    args: &ServeArgs,
+) -> anyhow::Result<(mesh_model::Config, Origin, ca::Ca, node_auth::NodeAuth)> {
+    let Some((sa_ns, sa_name)) = args.node_service_account.split_once('/') else {
+        bail!(
+            "--node-service-account {:?} is not NAMESPACE/NAME",
+            args.node_service_account
+        );
+    };
+    let identity = args.pod_name.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "mesh-cp".into())
+    });
+    let options = kubernetes::Options {
+        namespace: args.namespace.clone(),
+        identity,
+        node_service_account: (sa_ns.to_owned(), sa_name.to_owned()),
+        retry: kubernetes::watch::Retry::default(),
+        timing: kubernetes::leader::Timing::default(),
+    };
+    // kube's error already names each place it looked; its sources only repeat it.
+    let client = ::kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?;
+    tracing::info!(
+        namespace = options.namespace,
+        identity = options.identity,
+        "listing pods, services, endpoint slices, namespaces and Mycel resources; loading the CA"
+    );
+    let (cluster, ca, auth) = kubernetes::Cluster::start(client, &options).await?;
+    let config = cluster.first.config.clone();
+    Ok((config, Origin::Kubernetes(Box::new(cluster)), ca, auth))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    ensure_data_dir(&args.data_dir)?;
+    let (config, origin, ca, auth) = prepare(&args).await?;
     let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
         .await
         .with_context(|| format!("cannot listen on --grpc-listen {}", args.grpc_listen))?;
@@ -353,7 +362,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (publish, published) = tokio::sync::watch::channel(state::Published::new(1, config));
     let shared = Arc::new(state::Shared::new(
         published,
-        node_auth(&args, &origin)?,
+        auth,
         ca,
         metrics::CpMetrics::new().context("cannot register the metrics")?,
     ));
@@ -374,9 +383,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             publish,
             shared.clone(),
         )),
-        Origin::Kubernetes(k) => {
-            let (source, first) = *k;
-            tokio::spawn(kubernetes::follow(source, first, publish, shared.clone()))
+        Origin::Kubernetes(cluster) => {
+            tokio::spawn(kubernetes::follow(*cluster, publish, shared.clone()))
         }
     };
     tokio::spawn(status::serve(http, shared.clone()));

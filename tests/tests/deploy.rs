@@ -254,3 +254,36 @@ fn scrape_annotations_point_at_the_metrics_ports() {
         assert!(args.contains(&listen.as_str()), "{name}: {args:?}");
     }
 }
+
+/// The control plane's container arguments are flags mesh-cp has, with values it accepts:
+/// `--help` after them exits 0 only if everything before it parses.
+#[test]
+fn the_control_planes_arguments_parse() {
+    let docs = documents(&kustomize(&deploy("")));
+    let container =
+        &find(&docs, "Deployment", "mycel-cp")["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let bin = mesh_tests::mesh::sibling_bin("mesh-cp", "MESH_CP_BIN");
+    let out = Command::new(&bin)
+        .args(&args)
+        .arg("--help")
+        .output()
+        .expect("mesh-cp (cargo xtask test builds it)");
+    assert!(
+        out.status.success(),
+        "mesh-cp {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And the check can fail: a flag mesh-cp does not have.
+    let out = Command::new(&bin)
+        .args(&args)
+        .args(["--no-such-flag", "--help"])
+        .output()
+        .expect("mesh-cp");
+    assert!(!out.status.success());
+}

@@ -47,34 +47,34 @@ pub struct FakeApi {
     state: Arc<Mutex<State>>,
 }
 
-/// The resource (plural) a request path is about, and the object name if it names one, and
-/// whether it is the status subresource.
-fn parse_path(path: &str) -> (String, Option<(String, String)>, bool) {
+/// What a request path names: a resource (plural), maybe a namespace and an object name,
+/// maybe the status subresource.
+struct Target {
+    resource: String,
+    namespace: String,
+    name: Option<String>,
+    status: bool,
+}
+
+fn parse_path(path: &str) -> Target {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     // /api/v1/... or /apis/GROUP/VERSION/...
-    let rest = if parts.first() == Some(&"api") {
-        &parts[2.min(parts.len())..]
-    } else {
-        &parts[3.min(parts.len())..]
+    let skip = if parts.first() == Some(&"api") { 2 } else { 3 };
+    let rest = &parts[skip.min(parts.len())..];
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, more @ ..] if !more.is_empty() => ((*ns).to_owned(), more),
+        _ => (String::new(), rest),
+    };
+    let target = |name: Option<&str>, status| Target {
+        resource: rest.first().copied().unwrap_or_default().to_owned(),
+        namespace: namespace.clone(),
+        name: name.map(str::to_owned),
+        status,
     };
     match rest {
-        ["namespaces", ns, resource, name, "status"] => (
-            (*resource).into(),
-            Some(((*ns).into(), (*name).into())),
-            true,
-        ),
-        ["namespaces", ns, resource, name] => (
-            (*resource).into(),
-            Some(((*ns).into(), (*name).into())),
-            false,
-        ),
-        [resource] => ((*resource).into(), None, false),
-        [resource, name] => (
-            (*resource).into(),
-            Some((String::new(), (*name).into())),
-            false,
-        ),
-        _ => (rest.join("/"), None, false),
+        [_, name, "status"] => target(Some(name), true),
+        [_, name] => target(Some(name), false),
+        _ => target(None, false),
     }
 }
 
@@ -205,14 +205,19 @@ impl FakeApi {
                 failure(503, "ServiceUnavailable", "the fake API is down"),
             );
         }
-        let (resource, named, status) = parse_path(&path);
+        let Target {
+            resource,
+            namespace,
+            name,
+            status,
+        } = parse_path(&path);
         let param = |name: &str| {
             query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
                 .map(str::to_owned)
         };
-        match (parts.method.as_str(), named) {
+        match (parts.method.as_str(), name) {
             ("GET", None) if param("watch").as_deref() == Some("true") => {
                 let from: u64 = param("resourceVersion")
                     .and_then(|v| v.parse().ok())
@@ -268,8 +273,8 @@ impl FakeApi {
                 answer["status"] = status;
                 full(StatusCode::CREATED, answer)
             }
-            ("PATCH", Some((ns, name))) if status => {
-                let key = (resource.clone(), ns, name);
+            ("PATCH", Some(name)) if status => {
+                let key = (resource.clone(), namespace, name);
                 let Some(mut object) = s.objects.get(&key).cloned() else {
                     return full(
                         StatusCode::NOT_FOUND,
@@ -283,6 +288,48 @@ impl FakeApi {
                 object["metadata"]["resourceVersion"] = rv.to_string().into();
                 s.objects.insert(key, object.clone());
                 s.emit(rv, &resource, "MODIFIED", object.clone());
+                full(StatusCode::OK, object)
+            }
+            ("GET", Some(name)) => match s.objects.get(&(resource, namespace, name)) {
+                Some(object) => full(StatusCode::OK, object.clone()),
+                None => full(
+                    StatusCode::NOT_FOUND,
+                    failure(404, "NotFound", "no such object"),
+                ),
+            },
+            ("POST", None) => {
+                let mut object: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                if s.objects
+                    .contains_key(&(resource.clone(), namespace.clone(), name))
+                {
+                    return full(
+                        StatusCode::CONFLICT,
+                        failure(409, "AlreadyExists", "already exists"),
+                    );
+                }
+                object["metadata"]["namespace"] = namespace.into();
+                drop(s);
+                self.apply(&resource, object.clone());
+                full(StatusCode::CREATED, object)
+            }
+            ("PUT", Some(name)) => {
+                let mut object: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let key = (resource.clone(), namespace.clone(), name);
+                let current = s
+                    .objects
+                    .get(&key)
+                    .map(|o| o["metadata"]["resourceVersion"].clone());
+                // Optimistic concurrency, as the API server: the version read must still be it.
+                if current != Some(object["metadata"]["resourceVersion"].clone()) {
+                    return full(
+                        StatusCode::CONFLICT,
+                        failure(409, "Conflict", "the object has been modified"),
+                    );
+                }
+                object["metadata"]["namespace"] = namespace.into();
+                drop(s);
+                self.apply(&resource, object.clone());
                 full(StatusCode::OK, object)
             }
             _ => full(

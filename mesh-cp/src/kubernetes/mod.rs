@@ -6,8 +6,13 @@
 //! - `watch.rs`: one reflector per kind, retried with backoff;
 //! - `translate.rs`: the objects into the model (who is in the mesh, services, policies);
 //! - `policy_status.rs`: each AccessPolicy's `Accepted` condition and selected workloads;
-//! - this file: the first complete snapshot, then a new version on every change.
+//! - `leader.rs`: Lease election; the leader creates the CA Secret, keeps the trust bundle
+//!   and writes policy statuses, while every replica serves nodes;
+//! - `ca_secret.rs`: the CA from its Secret, the trust bundle ConfigMap;
+//! - this file: start-up in a cluster, then a new version on every change.
 
+pub mod ca_secret;
+pub mod leader;
 pub mod policy_status;
 pub mod translate;
 pub mod watch;
@@ -17,7 +22,11 @@ use std::{sync::Arc, time::Duration};
 use kube::Client;
 use tokio::sync::{watch as channel, Notify};
 
-use crate::state::{publish_if_changed, ConfigStatus, Published, Shared};
+use crate::{
+    ca::Ca,
+    node_auth::{NodeAuth, TokenReviewer},
+    state::{publish_if_changed, ConfigStatus, Published, Shared},
+};
 use translate::Translated;
 use watch::{ApiHealth, Retry, Stores};
 
@@ -25,6 +34,71 @@ use watch::{ApiHealth, Retry, Stores};
 const SETTLE: Duration = Duration::from_millis(100);
 /// How often statuses that could not be written are tried again.
 const STATUS_RETRY: Duration = Duration::from_secs(10);
+
+/// The Lease replicas compete for.
+pub const LEASE: &str = "mycel-cp-leader";
+/// How often a CA Secret that is not there yet is looked for, and the trust bundle checked.
+const CA_RETRY: Duration = Duration::from_secs(2);
+const BUNDLE_CHECK: Duration = Duration::from_secs(60);
+
+/// Where this replica runs and whom it trusts.
+pub struct Options {
+    /// The control plane's namespace: its CA Secret, trust bundle and Lease live there.
+    pub namespace: String,
+    /// This replica's name in the election.
+    pub identity: String,
+    /// The node daemon's service account (namespace, name).
+    pub node_service_account: (String, String),
+    pub retry: Retry,
+    pub timing: leader::Timing,
+}
+
+/// A control plane replica in a cluster once it can serve: the first config listed, the
+/// election running; with the CA it loaded and how it authenticates nodes.
+pub struct Cluster {
+    pub source: Source,
+    pub first: Translated,
+    pub leader: channel::Receiver<bool>,
+}
+
+impl Cluster {
+    pub async fn start(
+        client: Client,
+        options: &Options,
+    ) -> Result<(Self, Ca, NodeAuth), ca_secret::CaSecretError> {
+        let (leader_tx, leader) = channel::channel(false);
+        tokio::spawn(leader::run(
+            client.clone(),
+            options.namespace.clone(),
+            LEASE.to_owned(),
+            options.identity.clone(),
+            options.timing,
+            leader_tx,
+        ));
+        let source = Source::start(client.clone(), options.retry).await;
+        let first = source.translate(&mesh_model::MeshConfig::default());
+        let ca = ca_secret::load(&client, &options.namespace, leader.clone(), CA_RETRY).await?;
+        tokio::spawn(ca_secret::keep_bundle(
+            client.clone(),
+            options.namespace.clone(),
+            ca.root_pem(),
+            leader.clone(),
+            BUNDLE_CHECK,
+        ));
+        let (sa_ns, sa_name) = &options.node_service_account;
+        let auth = NodeAuth::Kubernetes(Arc::new(TokenReviewer::new(
+            client,
+            (sa_ns, sa_name),
+            source.pods(),
+        )));
+        let cluster = Self {
+            source,
+            first,
+            leader,
+        };
+        Ok((cluster, ca, auth))
+    }
+}
 
 /// The watches, once every kind has been listed.
 pub struct Source {
@@ -51,10 +125,6 @@ impl Source {
         }
     }
 
-    pub fn client(&self) -> Client {
-        self.client.clone()
-    }
-
     /// Every pod as last seen: node authentication finds a token's pod here.
     pub fn pods(&self) -> kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod> {
         self.stores.pods()
@@ -65,14 +135,14 @@ impl Source {
     }
 }
 
-/// Publishes a new version whenever the watched objects change what the mesh is, and keeps
-/// the AccessPolicies' statuses in step. `first` is what was published at start.
-pub async fn follow(
-    source: Source,
-    first: Translated,
-    publish: channel::Sender<Published>,
-    shared: Arc<Shared>,
-) {
+/// Publishes a new version whenever the watched objects change what the mesh is, and, while
+/// this replica leads, keeps the AccessPolicies' statuses in step.
+pub async fn follow(cluster: Cluster, publish: channel::Sender<Published>, shared: Arc<Shared>) {
+    let Cluster {
+        source,
+        first,
+        leader,
+    } = cluster;
     let statuses = policy_status::Writer::new(source.client.clone());
     let mut last_problems = Vec::new();
     let mut translated = first;
@@ -85,9 +155,11 @@ pub async fn follow(
             api_error,
             &mut last_problems,
         );
-        statuses
-            .write(&source.stores.objects().policies, &translated.policies)
-            .await;
+        if *leader.borrow() {
+            statuses
+                .write(&source.stores.objects().policies, &translated.policies)
+                .await;
+        }
         tokio::select! {
             () = source.changed.notified() => tokio::time::sleep(SETTLE).await,
             () = tokio::time::sleep(STATUS_RETRY) => {}

@@ -4,7 +4,6 @@
 //! exactly what changed.
 
 use std::{
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -13,32 +12,30 @@ use mesh_model::{Config, ObjectKey};
 use serde_json::{json, Value};
 use tokio::sync::watch as channel;
 
-use super::{fake_api::FakeApi, follow, watch::Retry, Source};
+use super::{
+    ca_secret, fake_api::FakeApi, follow, leader, leader::Timing, watch::Retry, Cluster, Options,
+    Source, LEASE,
+};
 use crate::{
-    ca::Ca,
     metrics::CpMetrics,
     node_auth::{AuthError, NodeAuth, TokenReviewer, AUDIENCE},
     slice,
     state::{Published, Shared},
-    tokens::TokenStore,
 };
 
 const T: Duration = Duration::from_secs(10);
 
-/// A data dir for the CA, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("mesh-cp-test-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// A replica named `identity`, with retries and leases short enough for tests.
+fn options(identity: &str) -> Options {
+    Options {
+        namespace: "mycel-system".into(),
+        identity: identity.into(),
+        node_service_account: ("mycel-system".into(), "mycel-node".into()),
+        retry: Retry::new(Duration::from_millis(20), Duration::from_millis(200)),
+        timing: Timing {
+            lease: Duration::from_millis(600),
+            renew: Duration::from_millis(100),
+        },
     }
 }
 
@@ -135,17 +132,13 @@ async fn list_watch_gone_and_outage_keep_the_model_right() {
     api.apply("endpointslices", eps);
     api.apply("accesspolicies", deny_analytics());
 
-    // The first complete list.
-    let source = tokio::time::timeout(
-        T,
-        Source::start(
-            api.client(),
-            Retry::new(Duration::from_millis(20), Duration::from_millis(200)),
-        ),
-    )
-    .await
-    .expect("the first list");
-    let first = source.translate(&mesh_model::MeshConfig::default());
+    // The first complete list, the election won, the CA created.
+    let (cluster, ca, auth) =
+        tokio::time::timeout(T, Cluster::start(api.client(), &options("cp-0")))
+            .await
+            .expect("the first list and the CA")
+            .expect("the CA");
+    let first = &cluster.first;
     assert_eq!(keys(&first.config), ["shop/order-1", "shop/payment-1"]);
     let svc = &first.config.services[&ObjectKey::new("shop", "payment")];
     let eps: Vec<_> = first
@@ -156,17 +149,15 @@ async fn list_watch_gone_and_outage_keep_the_model_right() {
     assert_eq!(eps, ["shop/payment-1"]);
     assert_eq!(first.config.policies.len(), 1);
 
-    let data = TempDir::new("kube");
-    let ca = Ca::load_or_create(&data.0.join("ca.crt"), &data.0.join("ca.key"), true).expect("CA");
     let (publish, mut published) = channel::channel(Published::new(1, first.config.clone()));
     let shared = Arc::new(Shared::new(
         published.clone(),
-        NodeAuth::JoinTokens(TokenStore::new(&data.0)),
+        auth,
         ca,
         CpMetrics::new().expect("metrics"),
     ));
-    let health = source.health.clone();
-    tokio::spawn(follow(source, first, publish, shared.clone()));
+    let health = cluster.source.health.clone();
+    tokio::spawn(follow(cluster, publish, shared.clone()));
     let v1 = published.borrow_and_update().clone();
 
     // The policy's status says it is in force and what it selects.
@@ -333,7 +324,7 @@ async fn token_review_authenticates_nodes_and_authorizes_them_by_their_pods_node
         .await
         .expect("the first list");
     let auth = NodeAuth::Kubernetes(Arc::new(TokenReviewer::new(
-        source.client(),
+        api.client(),
         ("mycel-system", "mycel-node"),
         source.pods(),
     )));
@@ -399,4 +390,90 @@ async fn token_review_authenticates_nodes_and_authorizes_them_by_their_pods_node
         AuthError::PermissionDenied(m) => assert!(m.contains("does not exist"), "{m}"),
         e => panic!("{e:?}"),
     }
+}
+
+/// Two replicas: one leads at a time; the leader creates the CA Secret once and both load the
+/// same root; the trust bundle holds it; when the leader stops, the other takes over; a
+/// replica started later loads the same CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_elect_one_leader_and_share_one_ca() {
+    let api = FakeApi::default();
+    // Leases long enough that a busy test machine does not pass leadership around by itself.
+    let timing = Timing {
+        lease: Duration::from_secs(2),
+        renew: Duration::from_millis(100),
+    };
+    let ns = "mycel-system";
+    let replica = |name: &str| {
+        let (tx, rx) = channel::channel(false);
+        let task = tokio::spawn(leader::run(
+            api.client(),
+            ns.into(),
+            LEASE.into(),
+            name.into(),
+            timing,
+            tx,
+        ));
+        (task, rx)
+    };
+    let (task_a, lead_a) = replica("cp-a");
+    let (task_b, lead_b) = replica("cp-b");
+    let retry = Duration::from_millis(50);
+    let (ca_a, ca_b) = tokio::time::timeout(
+        T,
+        futures::future::join(
+            ca_secret::load(&api.client(), ns, lead_a.clone(), retry),
+            ca_secret::load(&api.client(), ns, lead_b.clone(), retry),
+        ),
+    )
+    .await
+    .expect("both replicas load a CA");
+    let (ca_a, ca_b) = (ca_a.expect("CA a"), ca_b.expect("CA b"));
+    assert_eq!(ca_a.root_der(), ca_b.root_der(), "one CA for the mesh");
+    // The Secret holds that root (a replica that lost a race to create it read the winner's).
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
+        api.get("secrets", ns, ca_secret::SECRET)
+            .expect("the Secret"),
+    )
+    .expect("a Secret");
+    let field =
+        |k: &str| String::from_utf8_lossy(&secret.data.as_ref().expect("data")[k].0).into_owned();
+    let stored = crate::ca::Ca::from_pem(&field("ca.crt"), &field("ca.key"), "the Secret")
+        .expect("a CA in the Secret");
+    assert_eq!(stored.root_der(), ca_a.root_der());
+    assert!(*lead_a.borrow() != *lead_b.borrow(), "exactly one leader");
+
+    for lead in [&lead_a, &lead_b] {
+        tokio::spawn(ca_secret::keep_bundle(
+            api.client(),
+            ns.into(),
+            ca_a.root_pem(),
+            lead.clone(),
+            Duration::from_millis(100),
+        ));
+    }
+    eventually("the trust bundle", || {
+        api.get("configmaps", ns, ca_secret::BUNDLE)
+            .is_some_and(|cm| cm["data"]["ca.crt"] == ca_a.root_pem().as_str())
+    })
+    .await;
+
+    // The leader goes away; the other takes the Lease once it runs out.
+    let (gone, successor, name) = if *lead_a.borrow() {
+        (task_a, lead_b, "cp-b")
+    } else {
+        (task_b, lead_a, "cp-a")
+    };
+    gone.abort();
+    eventually("the other replica leads", || *successor.borrow()).await;
+    let lease = api.get("leases", ns, LEASE).expect("the Lease");
+    assert_eq!(lease["spec"]["holderIdentity"], name, "{lease}");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1, "{lease}");
+
+    // A replica started later, not leading, loads the same CA.
+    let (_, not_leading) = channel::channel(false);
+    let later = ca_secret::load(&api.client(), ns, not_leading, retry)
+        .await
+        .expect("the CA from the Secret");
+    assert_eq!(later.root_der(), ca_a.root_der());
 }
