@@ -121,6 +121,30 @@ fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::CustomResourceExt;
+
+    /// The API server refuses a status its CRD's schema refuses: check ours against it, as
+    /// stored after the merge patch (where `null` removes a field).
+    fn valid_for_the_crd(patch: &Value) {
+        let mut status = patch.clone();
+        if let Some(fields) = status.as_object_mut() {
+            fields.retain(|_, v| !v.is_null());
+        }
+        let status = &status;
+        let crd = serde_json::to_value(mesh_model::crd::AccessPolicy::crd()).expect("CRD");
+        let schema =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert!(schema.is_object(), "the CRD has a status schema: {crd}");
+        let validator = jsonschema::options()
+            .should_validate_formats(true)
+            .build(schema)
+            .expect("a JSON Schema");
+        let errors: Vec<String> = validator
+            .iter_errors(status)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{status}: {errors:?}");
+    }
 
     #[test]
     fn a_status_is_written_once_per_change() {
@@ -152,5 +176,18 @@ mod tests {
         assert_eq!(third["conditions"][0]["reason"], "Invalid");
         assert_eq!(third["observedGeneration"], 3);
         assert_eq!(third["selectedWorkloads"], Value::Null);
+        for status in [&first, &second, &third] {
+            valid_for_the_crd(status);
+        }
+        // The check can fail: a condition without its required reason.
+        let mut broken = first.clone();
+        broken["conditions"][0]
+            .as_object_mut()
+            .expect("condition")
+            .remove("reason");
+        let crd = serde_json::to_value(mesh_model::crd::AccessPolicy::crd()).expect("CRD");
+        let schema =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert!(!jsonschema::is_valid(schema, &broken));
     }
 }
