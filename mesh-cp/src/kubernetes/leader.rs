@@ -19,7 +19,8 @@ use tokio::sync::watch;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
-    /// How long a Lease holds without renewal.
+    /// How long a Lease holds without renewal; whole seconds, as the Lease stores it (rounded
+    /// up, at least one).
     pub lease: Duration,
     /// How often the holder renews, and others look.
     pub renew: Duration,
@@ -55,7 +56,8 @@ pub async fn run(
             }
         }
         // Step down a renewal before the Lease could run out under us.
-        let leading = last_renewed.is_some_and(|at| at.elapsed() + timing.renew < timing.lease);
+        let lease = Duration::from_secs(u64::try_from(lease_seconds(timing.lease)).unwrap_or(1));
+        let leading = last_renewed.is_some_and(|at| at.elapsed() + timing.renew < lease);
         if *leader.borrow() != leading {
             tracing::info!(identity, leading, "leadership changed");
             leader.send_replace(leading);
@@ -72,7 +74,7 @@ async fn attempt(
     timing: Timing,
 ) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
-    let seconds = i32::try_from(timing.lease.as_secs()).unwrap_or(i32::MAX);
+    let seconds = lease_seconds(timing.lease);
     let Some(mut lease) = api.get_opt(name).await? else {
         let lease = Lease {
             metadata: ObjectMeta {
@@ -96,11 +98,8 @@ async fn attempt(
     };
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     let mine = spec.holder_identity.as_deref() == Some(identity);
-    let held_for = i64::from(spec.lease_duration_seconds.unwrap_or(seconds));
-    let expired = spec
-        .renew_time
-        .as_ref()
-        .is_none_or(|t| t.0.as_second() + held_for <= now.as_second());
+    let held_for = spec.lease_duration_seconds.unwrap_or(seconds);
+    let expired = expired(spec.renew_time.as_ref(), held_for, now);
     if !mine && !expired {
         return Ok(false);
     }
@@ -116,5 +115,45 @@ async fn attempt(
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// Whether a Lease renewed at `renewed` and held for `seconds` has run out at `now`. In
+/// milliseconds: whole seconds would let a Lease look expired up to a second early, while its
+/// holder still leads.
+fn expired(renewed: Option<&MicroTime>, seconds: i32, now: Timestamp) -> bool {
+    renewed.is_none_or(|t| t.0.as_millisecond() + i64::from(seconds) * 1000 <= now.as_millisecond())
+}
+
+/// The Lease's duration as it stores it: whole seconds, rounded up, at least one.
+fn lease_seconds(lease: Duration) -> i32 {
+    let ceil = lease.as_secs() + u64::from(lease.subsec_nanos() > 0);
+    i32::try_from(ceil.max(1)).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_millisecond(ms).expect("a time")
+    }
+
+    #[test]
+    fn a_lease_runs_out_after_its_duration_not_at_a_second_boundary() {
+        let renewed = MicroTime(at(10_999));
+        // 1.001 s later, across two second boundaries: still held.
+        assert!(!expired(Some(&renewed), 2, at(12_000)));
+        assert!(!expired(Some(&renewed), 2, at(12_998)));
+        assert!(expired(Some(&renewed), 2, at(12_999)));
+        assert!(expired(None, 2, at(0)), "never renewed");
+    }
+
+    #[test]
+    fn lease_durations_are_whole_seconds_rounded_up() {
+        assert_eq!(lease_seconds(Duration::from_millis(600)), 1);
+        assert_eq!(lease_seconds(Duration::from_secs(15)), 15);
+        assert_eq!(lease_seconds(Duration::from_millis(1_500)), 2);
+        assert_eq!(lease_seconds(Duration::ZERO), 1);
     }
 }

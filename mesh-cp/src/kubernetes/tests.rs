@@ -33,7 +33,7 @@ fn options(identity: &str) -> Options {
         node_service_account: ("mycel-system".into(), "mycel-node".into()),
         retry: Retry::new(Duration::from_millis(20), Duration::from_millis(200)),
         timing: Timing {
-            lease: Duration::from_millis(600),
+            lease: Duration::from_secs(1),
             renew: Duration::from_millis(100),
         },
     }
