@@ -341,8 +341,9 @@ async fn prepare_cluster(
         identity = options.identity,
         "listing pods, services, endpoint slices, namespaces and Mycel resources; loading the CA"
     );
-    let (cluster, ca, auth) = kubernetes::Cluster::start(client, &options).await?;
-    let config = cluster.first.config.clone();
+    let (mut cluster, ca, auth) = kubernetes::Cluster::start(client, &options).await?;
+    // Published by the caller; `follow` reads only the first problems and verdicts.
+    let config = std::mem::take(&mut cluster.first.config);
     Ok((config, Origin::Kubernetes(Box::new(cluster)), ca, auth))
 }
 

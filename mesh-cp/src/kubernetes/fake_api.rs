@@ -117,33 +117,8 @@ impl FakeApi {
 
     /// Creates or replaces `object` (it names its resource's kind and metadata); the spec
     /// changing bumps `metadata.generation`, as the API server does.
-    pub fn apply(&self, resource: &str, mut object: Value) {
-        let mut s = self.lock();
-        s.rv += 1;
-        let rv = s.rv;
-        let ns = object["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned();
-        let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
-        let key = (resource.to_owned(), ns, name.clone());
-        let (kind, generation) = match s.objects.get(&key) {
-            Some(old) => {
-                let bump = old.get("spec") != object.get("spec");
-                let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
-                // Writes of the whole object keep what the status subresource holds.
-                if let Some(status) = old.get("status").filter(|_| object.get("status").is_none()) {
-                    object["status"] = status.clone();
-                }
-                ("MODIFIED", if bump { g + 1 } else { g })
-            }
-            None => ("ADDED", 1),
-        };
-        object["metadata"]["resourceVersion"] = rv.to_string().into();
-        object["metadata"]["generation"] = generation.into();
-        object["metadata"]["uid"] = format!("uid-{name}").into();
-        s.objects.insert(key, object.clone());
-        s.emit(rv, resource, kind, object);
+    pub fn apply(&self, resource: &str, object: Value) {
+        self.lock().store(resource, object);
     }
 
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
@@ -283,12 +258,7 @@ impl FakeApi {
                 };
                 let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 merge(&mut object["status"], &patch["status"]);
-                s.rv += 1;
-                let rv = s.rv;
-                object["metadata"]["resourceVersion"] = rv.to_string().into();
-                s.objects.insert(key, object.clone());
-                s.emit(rv, &resource, "MODIFIED", object.clone());
-                full(StatusCode::OK, object)
+                full(StatusCode::OK, s.store(&resource, object))
             }
             ("GET", Some(name)) => match s.objects.get(&(resource, namespace, name)) {
                 Some(object) => full(StatusCode::OK, object.clone()),
@@ -309,9 +279,7 @@ impl FakeApi {
                     );
                 }
                 object["metadata"]["namespace"] = namespace.into();
-                drop(s);
-                self.apply(&resource, object.clone());
-                full(StatusCode::CREATED, object)
+                full(StatusCode::CREATED, s.store(&resource, object))
             }
             ("PUT", Some(name)) => {
                 let mut object: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -328,9 +296,7 @@ impl FakeApi {
                     );
                 }
                 object["metadata"]["namespace"] = namespace.into();
-                drop(s);
-                self.apply(&resource, object.clone());
-                full(StatusCode::OK, object)
+                full(StatusCode::OK, s.store(&resource, object))
             }
             _ => full(
                 StatusCode::NOT_FOUND,
@@ -345,6 +311,37 @@ impl FakeApi {
 }
 
 impl State {
+    /// Creates or replaces `object` with the next resource version, and tells the watches.
+    /// Returns it as stored.
+    fn store(&mut self, resource: &str, mut object: Value) -> Value {
+        self.rv += 1;
+        let rv = self.rv;
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        let key = (resource.to_owned(), ns, name.clone());
+        let (kind, generation) = match self.objects.get(&key) {
+            Some(old) => {
+                let bump = old.get("spec") != object.get("spec");
+                let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                // Writes of the whole object keep what the status subresource holds.
+                if let Some(status) = old.get("status").filter(|_| object.get("status").is_none()) {
+                    object["status"] = status.clone();
+                }
+                ("MODIFIED", if bump { g + 1 } else { g })
+            }
+            None => ("ADDED", 1),
+        };
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        object["metadata"]["generation"] = generation.into();
+        object["metadata"]["uid"] = format!("uid-{name}").into();
+        self.objects.insert(key, object.clone());
+        self.emit(rv, resource, kind, object.clone());
+        object
+    }
+
     fn emit(&mut self, rv: u64, resource: &str, kind: &'static str, object: Value) {
         self.watches
             .retain(|(r, tx)| r != resource || tx.send(line(kind, &object)).is_ok());

@@ -46,9 +46,12 @@ pub async fn run(
     leader: watch::Sender<bool>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
+    // As the Lease stores it; the step-down below must use the same duration others see.
+    let seconds = lease_seconds(timing.lease);
+    let lease = Duration::from_secs(u64::try_from(seconds).unwrap_or(1));
     let mut last_renewed: Option<Instant> = None;
     loop {
-        match attempt(&api, &name, &identity, timing).await {
+        match attempt(&api, &name, &identity, seconds).await {
             Ok(true) => last_renewed = Some(Instant::now()),
             Ok(false) => last_renewed = None,
             Err(e) => {
@@ -56,7 +59,6 @@ pub async fn run(
             }
         }
         // Step down a renewal before the Lease could run out under us.
-        let lease = Duration::from_secs(u64::try_from(lease_seconds(timing.lease)).unwrap_or(1));
         let leading = last_renewed.is_some_and(|at| at.elapsed() + timing.renew < lease);
         if *leader.borrow() != leading {
             tracing::info!(identity, leading, "leadership changed");
@@ -66,15 +68,15 @@ pub async fn run(
     }
 }
 
-/// One look at the Lease: holds or takes it if it can. `Ok(true)` when this replica holds it.
+/// One look at the Lease (held for `seconds`): holds or takes it if it can. `Ok(true)` when
+/// this replica holds it.
 async fn attempt(
     api: &Api<Lease>,
     name: &str,
     identity: &str,
-    timing: Timing,
+    seconds: i32,
 ) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
-    let seconds = lease_seconds(timing.lease);
     let Some(mut lease) = api.get_opt(name).await? else {
         let lease = Lease {
             metadata: ObjectMeta {

@@ -57,6 +57,8 @@ pub struct Options {
 /// election running; with the CA it loaded and how it authenticates nodes.
 pub struct Cluster {
     pub source: Source,
+    /// The objects first listed, and their model (whose config the caller publishes).
+    pub objects: translate::Objects,
     pub first: Translated,
     pub leader: channel::Receiver<bool>,
 }
@@ -76,7 +78,7 @@ impl Cluster {
             leader_tx,
         ));
         let source = Source::start(client.clone(), options.retry).await;
-        let first = source.translate(&mesh_model::MeshConfig::default());
+        let (objects, first) = source.snapshot(&mesh_model::MeshConfig::default());
         let ca = ca_secret::load(&client, &options.namespace, leader.clone(), CA_RETRY).await?;
         tokio::spawn(ca_secret::keep_bundle(
             client.clone(),
@@ -93,6 +95,7 @@ impl Cluster {
         )));
         let cluster = Self {
             source,
+            objects,
             first,
             leader,
         };
@@ -130,8 +133,11 @@ impl Source {
         self.stores.pods()
     }
 
-    pub fn translate(&self, previous: &mesh_model::MeshConfig) -> Translated {
-        translate::translate(&self.stores.objects(), previous)
+    /// What the stores hold now, and its model (`previous`: the mesh settings in force).
+    pub fn snapshot(&self, previous: &mesh_model::MeshConfig) -> (translate::Objects, Translated) {
+        let objects = self.stores.objects();
+        let translated = translate::translate(&objects, previous);
+        (objects, translated)
     }
 }
 
@@ -140,6 +146,7 @@ impl Source {
 pub async fn follow(cluster: Cluster, publish: channel::Sender<Published>, shared: Arc<Shared>) {
     let Cluster {
         source,
+        mut objects,
         first,
         leader,
     } = cluster;
@@ -155,9 +162,10 @@ pub async fn follow(cluster: Cluster, publish: channel::Sender<Published>, share
             api_error,
             &mut last_problems,
         );
+        // The statuses of the objects the verdicts are about, not of a later list.
         if *leader.borrow() {
             statuses
-                .write(&source.stores.objects().policies, &translated.policies)
+                .write(&objects.policies, &translated.policies)
                 .await;
         }
         tokio::select! {
@@ -165,8 +173,9 @@ pub async fn follow(cluster: Cluster, publish: channel::Sender<Published>, share
             () = tokio::time::sleep(STATUS_RETRY) => {}
         }
         let previous = publish.borrow().config.mesh.clone();
-        translated = source.translate(&previous);
-        publish_if_changed(&publish, translated.config.clone());
+        (objects, translated) = source.snapshot(&previous);
+        // Only its problems and policy verdicts are read after this.
+        publish_if_changed(&publish, std::mem::take(&mut translated.config));
     }
 }
 

@@ -123,6 +123,15 @@ mod tests {
     use super::*;
     use kube::CustomResourceExt;
 
+    /// The status schema of the generated AccessPolicy CRD.
+    fn status_schema() -> Value {
+        let crd = serde_json::to_value(mesh_model::crd::AccessPolicy::crd()).expect("CRD");
+        let schema =
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"].clone();
+        assert!(schema.is_object(), "the CRD has a status schema: {crd}");
+        schema
+    }
+
     /// The API server refuses a status its CRD's schema refuses: check ours against it, as
     /// stored after the merge patch (where `null` removes a field).
     fn valid_for_the_crd(patch: &Value) {
@@ -130,17 +139,12 @@ mod tests {
         if let Some(fields) = status.as_object_mut() {
             fields.retain(|_, v| !v.is_null());
         }
-        let status = &status;
-        let crd = serde_json::to_value(mesh_model::crd::AccessPolicy::crd()).expect("CRD");
-        let schema =
-            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
-        assert!(schema.is_object(), "the CRD has a status schema: {crd}");
         let validator = jsonschema::options()
             .should_validate_formats(true)
-            .build(schema)
+            .build(&status_schema())
             .expect("a JSON Schema");
         let errors: Vec<String> = validator
-            .iter_errors(status)
+            .iter_errors(&status)
             .map(|e| e.to_string())
             .collect();
         assert!(errors.is_empty(), "{status}: {errors:?}");
@@ -185,9 +189,6 @@ mod tests {
             .as_object_mut()
             .expect("condition")
             .remove("reason");
-        let crd = serde_json::to_value(mesh_model::crd::AccessPolicy::crd()).expect("CRD");
-        let schema =
-            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
-        assert!(!jsonschema::is_valid(schema, &broken));
+        assert!(!jsonschema::is_valid(&status_schema(), &broken));
     }
 }

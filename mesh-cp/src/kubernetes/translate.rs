@@ -112,12 +112,12 @@ pub fn translate(objects: &Objects, previous: &MeshConfig) -> Translated {
         }
     }
     let mut outcomes = BTreeMap::new();
-    let mut accepted: Vec<AccessPolicy> = Vec::new();
+    let mut accepted: Vec<(AccessPolicy, Option<i64>)> = Vec::new();
     for obj in &objects.policies {
         let key = ObjectKey::new(&obj.namespace().unwrap_or_default(), &obj.name_any());
         let generation = obj.metadata.generation;
         match mesh_model::parse_document(document(obj)) {
-            Ok(Resource::AccessPolicy(p)) => accepted.push(p),
+            Ok(Resource::AccessPolicy(p)) => accepted.push((p, generation)),
             Ok(_) => {}
             Err(reason) => {
                 problems.push(format!("AccessPolicy {key} left out: {reason}"));
@@ -131,15 +131,9 @@ pub fn translate(objects: &Objects, previous: &MeshConfig) -> Translated {
             }
         }
     }
-    for p in accepted {
+    // Counted once every workload is in: what a policy selects depends on all of them.
+    for (p, generation) in accepted {
         let selected = config.selected_by(&p).count();
-        let generation = objects
-            .policies
-            .iter()
-            .find(|o| {
-                o.name_any() == p.key.name && o.namespace().as_ref() == Some(&p.key.namespace)
-            })
-            .and_then(|o| o.metadata.generation);
         outcomes.insert(
             p.key.clone(),
             PolicyOutcome {

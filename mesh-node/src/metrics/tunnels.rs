@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use mesh_model::Transport;
+
 use super::{MetricsError, PREFIX};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,18 +20,12 @@ pub enum Direction {
     In,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Tls,
-    Quic,
-}
-
 /// Every child of the families, in the order of their index.
-const CHILDREN: [(Direction, Kind); 4] = [
-    (Direction::Out, Kind::Tls),
-    (Direction::Out, Kind::Quic),
-    (Direction::In, Kind::Tls),
-    (Direction::In, Kind::Quic),
+const CHILDREN: [(Direction, Transport); 4] = [
+    (Direction::Out, Transport::Tls),
+    (Direction::Out, Transport::Quic),
+    (Direction::In, Transport::Tls),
+    (Direction::In, Transport::Quic),
 ];
 
 impl Direction {
@@ -37,15 +33,6 @@ impl Direction {
         match self {
             Direction::Out => "out",
             Direction::In => "in",
-        }
-    }
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Tls => "tls",
-            Kind::Quic => "quic",
         }
     }
 }
@@ -80,8 +67,8 @@ impl TunnelMetrics {
         registry.register(Box::new(open.clone()))?;
         registry.register(Box::new(streams.clone()))?;
         let child = |i: usize| {
-            let (direction, kind) = CHILDREN[i];
-            [direction.as_str(), kind.as_str()]
+            let (direction, transport) = CHILDREN[i];
+            [direction.as_str().to_owned(), transport.to_string()]
         };
         Ok(Self {
             open: std::array::from_fn(|i| open.with_label_values(&child(i))),
@@ -90,18 +77,18 @@ impl TunnelMetrics {
     }
 
     /// The position of (`direction`, `kind`) in [`CHILDREN`].
-    fn index(direction: Direction, kind: Kind) -> usize {
-        match (direction, kind) {
-            (Direction::Out, Kind::Tls) => 0,
-            (Direction::Out, Kind::Quic) => 1,
-            (Direction::In, Kind::Tls) => 2,
-            (Direction::In, Kind::Quic) => 3,
+    fn index(direction: Direction, transport: Transport) -> usize {
+        match (direction, transport) {
+            (Direction::Out, Transport::Tls) => 0,
+            (Direction::Out, Transport::Quic) => 1,
+            (Direction::In, Transport::Tls) => 2,
+            (Direction::In, Transport::Quic) => 3,
         }
     }
 
     /// A tunnel that has just been established: open until the returned value drops.
-    pub fn opened(&self, direction: Direction, kind: Kind) -> OpenTunnel {
-        let i = Self::index(direction, kind);
+    pub fn opened(&self, direction: Direction, transport: Transport) -> OpenTunnel {
+        let i = Self::index(direction, transport);
         self.open[i].inc();
         OpenTunnel {
             open: self.open[i].clone(),
@@ -175,8 +162,8 @@ mod tests {
 
     #[test]
     fn each_child_is_at_its_index() {
-        for (i, (direction, kind)) in CHILDREN.into_iter().enumerate() {
-            assert_eq!(TunnelMetrics::index(direction, kind), i);
+        for (i, (direction, transport)) in CHILDREN.into_iter().enumerate() {
+            assert_eq!(TunnelMetrics::index(direction, transport), i);
         }
     }
 
@@ -184,9 +171,9 @@ mod tests {
     fn a_tunnel_is_open_until_dropped_then_observes_its_streams() {
         let registry = Registry::new();
         let m = TunnelMetrics::register(&registry).unwrap();
-        let a = m.opened(Direction::Out, Kind::Tls);
-        let b = m.opened(Direction::Out, Kind::Tls);
-        let c = m.opened(Direction::In, Kind::Quic);
+        let a = m.opened(Direction::Out, Transport::Tls);
+        let b = m.opened(Direction::Out, Transport::Tls);
+        let c = m.opened(Direction::In, Transport::Quic);
         for _ in 0..3 {
             a.stream();
         }

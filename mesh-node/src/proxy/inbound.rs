@@ -325,7 +325,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     stream.track(
         ctx.shared
             .tunnel_metrics
-            .opened(tunnel_metrics::Direction::In, tunnel_metrics::Kind::Tls),
+            .opened(tunnel_metrics::Direction::In, mesh_model::Transport::Tls),
     );
     let client = match peer_identity(Some(&peer_certs)) {
         Ok(id) => id,
@@ -519,7 +519,7 @@ async fn handle_quic(incoming: quinn::Incoming, ctx: Arc<PodContext>, tracker: T
     let tunnel = ctx
         .shared
         .tunnel_metrics
-        .opened(tunnel_metrics::Direction::In, tunnel_metrics::Kind::Quic);
+        .opened(tunnel_metrics::Direction::In, mesh_model::Transport::Quic);
     let certs = quic::peer_certificates(&conn);
     let client = match peer_identity(Some(&certs)) {
         Ok(id) => id,

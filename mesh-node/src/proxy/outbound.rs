@@ -483,7 +483,7 @@ async fn send(
             .await
             .map_err(|source| SendError::Handshake { addr, source })?;
         let tunnels = &ctx.shared.tunnel_metrics;
-        session.track(tunnels.opened(tunnel_metrics::Direction::Out, tunnel_metrics::Kind::Tls));
+        session.track(tunnels.opened(tunnel_metrics::Direction::Out, Transport::Tls));
         exchange(session, &request, addr).await
     };
     let session = tokio::time::timeout(HANDSHAKE_TIMEOUT, open)

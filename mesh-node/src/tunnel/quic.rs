@@ -29,10 +29,7 @@ use quinn::{
 use rustls::pki_types::CertificateDer;
 
 use super::{pool, TUNNEL_PORT};
-use crate::metrics::{
-    tunnels::{Direction, Kind},
-    OpenTunnel, TunnelMetrics,
-};
+use crate::metrics::{tunnels::Direction, OpenTunnel, TunnelMetrics};
 
 /// Streams one connection may have open at once. quinn reserves an entry for each stream
 /// the peer may open, so this is not unbounded; past it, the pool opens another connection.
@@ -304,7 +301,9 @@ impl Connections {
                     .await?;
                 let usage = Arc::new(Usage {
                     opened: Instant::now(),
-                    tunnel: dial.metrics.opened(Direction::Out, Kind::Quic),
+                    tunnel: dial
+                        .metrics
+                        .opened(Direction::Out, mesh_model::Transport::Quic),
                     open: AtomicUsize::new(0),
                     idle_since: AtomicU64::new(0),
                 });
