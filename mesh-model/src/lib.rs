@@ -5,6 +5,7 @@ mod config;
 pub mod crd;
 pub mod duration;
 mod identity;
+pub mod membership;
 pub mod policy;
 mod resource;
 

@@ -112,6 +112,18 @@ impl Enroller {
         self.pods.len()
     }
 
+    pub fn is_enrolled(&self, id: &WorkloadId) -> bool {
+        self.pods.contains_key(id)
+    }
+
+    /// Whether the captured set is `desired` already.
+    pub fn is_current(&self, desired: &BTreeMap<WorkloadId, Workload>) -> bool {
+        desired.len() == self.pods.len()
+            && desired
+                .iter()
+                .all(|(id, w)| self.pods.get(id).is_some_and(|p| p.workload == *w))
+    }
+
     /// Puts the fast-deny entries of the enrolled pods (`namespace/name` → destinations, port 0
     /// for every port) into the kernel, and removes those of pods no longer enrolled.
     pub fn sync_fast_deny(&self, entries: &BTreeMap<String, Vec<(std::net::IpAddr, u16)>>) {

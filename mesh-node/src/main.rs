@@ -3,9 +3,11 @@
 mod access_log;
 mod admin;
 mod capture;
+mod cni;
 mod control;
 mod enroll;
 mod identity;
+mod kubernetes;
 mod metrics;
 mod netns;
 mod proxy;
@@ -54,10 +56,36 @@ enum Command {
     ///
     /// Workloads come from the control plane (--cp, --token-file, --cp-ca), which also signs
     /// their certificates; the node keeps its last config and certificates while the control
-    /// plane is unreachable. Offline mode (--workloads) reads them from a local file of
-    /// `Workload` documents instead, re-read when it changes (a bad file is reported and
-    /// ignored, keeping the last good set); it has no certificates.
-    Run(RunArgs),
+    /// plane is unreachable. In Kubernetes (--kubernetes), the pods to capture are this
+    /// node's pods in the mesh, each captured when the CNI plugin reports its netns. Offline
+    /// mode (--workloads) reads them from a local file of `Workload` documents instead,
+    /// re-read when it changes (a bad file is reported and ignored, keeping the last good
+    /// set); it has no certificates.
+    Run(Box<RunArgs>),
+    /// Put the CNI plugin in place and chain it after the cluster's network plugin (the
+    /// DaemonSet's init container runs this), then exit.
+    ///
+    /// Copies this binary to BIN_DIR/mycel-cni and adds the plugin at the end of the plugin
+    /// list of the first configuration in CONF_DIR (a single-plugin .conf becomes a
+    /// .conflist). Running it again changes nothing.
+    InstallCni(InstallCniArgs),
+}
+
+#[derive(clap::Args)]
+struct InstallCniArgs {
+    /// The node's CNI plugin directory, as mounted in this container.
+    #[arg(long)]
+    bin_dir: PathBuf,
+    /// The node's CNI configuration directory, as mounted in this container.
+    #[arg(long)]
+    conf_dir: PathBuf,
+    /// Where the plugin reaches the daemon: the path of `run --cni-socket` on the host.
+    #[arg(long, default_value = "/run/mycel/cni.sock")]
+    socket: PathBuf,
+    /// Namespaces whose pods start without asking the daemon (so they can start while it
+    /// cannot); their meshed pods are captured once running instead. Repeat for several.
+    #[arg(long = "exclude-namespace", default_values_t = ["kube-system".to_owned(), "mycel-system".to_owned()])]
+    exclude_namespaces: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -76,6 +104,19 @@ struct RunArgs {
     /// data dir's ca.crt).
     #[arg(long, requires = "cp")]
     cp_ca: Option<PathBuf>,
+    /// Kubernetes mode: enroll this node's pods that are in the mesh, learned from the API
+    /// server (in-cluster config, or KUBECONFIG) and captured when the CNI plugin reports
+    /// their netns, before their containers start. Identities, services and policy still come
+    /// from --cp.
+    #[arg(long, requires = "cp")]
+    kubernetes: bool,
+    /// Kubernetes mode: the host's /proc, to find the netns of pods that were running before
+    /// the daemon started.
+    #[arg(long, default_value = "/proc", requires = "kubernetes")]
+    host_proc: PathBuf,
+    /// Kubernetes mode: the Unix socket the CNI plugin reports new pods on.
+    #[arg(long, default_value = "/run/mycel/cni.sock", requires = "kubernetes")]
+    cni_socket: PathBuf,
     /// Offline mode: YAML file of `Workload` documents (apiVersion mycel.dev/v1alpha1).
     #[arg(long, conflicts_with = "cp")]
     workloads: Option<PathBuf>,
@@ -131,6 +172,11 @@ fn main() {
     // for them with sigwait, say): the clean stop depends on them, so take them back.
     let stop = nix::sys::signal::SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT]);
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&stop), None);
+    // Installed as the CNI plugin, the binary speaks CNI, not this command line.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new(cni::install::PLUGIN)) {
+        cni::plugin::main();
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
@@ -138,7 +184,8 @@ fn main() {
             .enable_all()
             .build()
             .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run(args))),
+            .and_then(|rt| rt.block_on(run(*args))),
+        Command::InstallCni(args) => install_cni(&args),
     };
     if let Err(e) = result {
         // One line, the whole cause chain.
@@ -193,6 +240,24 @@ fn init_logging(format: LogFormat) {
     let _ = tracing_log::LogTracer::init();
 }
 
+fn install_cni(args: &InstallCniArgs) -> anyhow::Result<()> {
+    let binary = std::env::current_exe().context("cannot find this binary to copy")?;
+    let done = cni::install::install(
+        &binary,
+        &args.bin_dir,
+        &args.conf_dir,
+        &args.socket,
+        &args.exclude_namespaces,
+    )?;
+    tracing::info!(
+        plugin = %done.binary.display(),
+        config = %done.config.display(),
+        changed = done.config_changed,
+        "CNI plugin installed and chained"
+    );
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     raise_fd_limit();
     let cgroup = match &args.cgroup {
@@ -210,6 +275,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Source::File(file.clone(), initial, text)
         }
         _ => bail!("give either --cp, --token-file and --cp-ca, or --workloads"),
+    };
+    // Kubernetes mode: the pods to capture come from the API and the CNI plugin. Both are set
+    // up before the kernel is touched, so a bad socket path or kubeconfig is a start error.
+    let local = if args.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")?;
+        let cni = cni::server::bind(&args.cni_socket)?;
+        let local = kubernetes::Pods::start(
+            client,
+            &args.node_name,
+            args.host_proc.clone(),
+            mesh_kube::Retry::default(),
+        );
+        Some((local, cni))
+    } else {
+        None
     };
     let admin_listener = admin::bind(args.admin_listen)
         .await
@@ -262,7 +344,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     let authz = shared.authz.clone();
     tokio::spawn(proxy::authz::follow(authz.clone(), directory_rx));
-    let mut enroller = enroll::Enroller::new(shared, connected);
+    let mut enroller = enroll::Enroller::new(shared.clone(), connected);
     let (view_tx, view_rx) = watch::channel(Arc::new(control::MeshView::default()));
     metrics.register(Box::new(metrics::collect::NodeCollector::new(
         capture.clone(),
@@ -278,6 +360,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         authz,
         svids: svids.clone(),
         view: view_rx.clone(),
+        proxy: shared,
     });
     tokio::spawn(admin::serve(
         metrics_listener,
@@ -307,17 +390,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .await;
         }
         Source::ControlPlane(client) => {
+            let local = local.map(|(local, cni)| {
+                tokio::spawn(cni::server::serve(cni, local.pods.clone()));
+                tracing::info!(socket = %args.cni_socket.display(), "answering the CNI plugin");
+                local
+            });
             tracing::info!(node = %args.node_name, admin = %args.admin_listen, cp = args.cp.as_deref().unwrap_or_default(), "mesh-node ready; waiting for the control plane");
-            follow_control_plane(
+            let following = Following {
                 client,
-                (view_tx, view_rx),
+                local,
+                view: (view_tx, view_rx),
                 svids,
-                directory_tx,
-                &mut enroller,
-                &status_tx,
-                &mut signals,
-            )
-            .await;
+                directory: directory_tx,
+            };
+            follow_control_plane(following, &mut enroller, &status_tx, &mut signals).await;
         }
     }
 
@@ -423,18 +509,31 @@ async fn follow_file(
 
 /// Connected mode: the control plane's config stream decides what is enrolled; certificates
 /// are kept current alongside. A set that fails to enroll is retried every few seconds.
-async fn follow_control_plane(
+/// What connected mode follows: the control plane, and in Kubernetes this node's pods.
+struct Following {
     client: control::CpClient,
-    (view_tx, view_rx): (
+    local: Option<kubernetes::Local>,
+    view: (
         watch::Sender<Arc<control::MeshView>>,
         watch::Receiver<Arc<control::MeshView>>,
     ),
     svids: Arc<identity::SvidStore>,
     directory: watch::Sender<Arc<proxy::directory::Directory>>,
+}
+
+async fn follow_control_plane(
+    following: Following,
     enroller: &mut enroll::Enroller,
     status: &watch::Sender<admin::Status>,
     signals: &mut Signals,
 ) {
+    let Following {
+        client,
+        local,
+        view: (view_tx, view_rx),
+        svids,
+        directory,
+    } = following;
     let (apply_tx, mut apply_rx) = tokio::sync::mpsc::channel(1);
     let (connected_tx, mut connected_rx) = watch::channel(false);
     tokio::spawn(control::run_stream(
@@ -451,11 +550,21 @@ async fn follow_control_plane(
     tokio::spawn(identity::run_manager(client, view_rx.clone(), svids));
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     let mut pending: Option<BTreeMap<workloads::WorkloadId, workloads::Workload>> = None;
+    let (pods, mut requests, mut pods_changed) = match local {
+        Some(l) => (Some(l.pods), Some(l.requests), Some(l.changed)),
+        None => (None, None, None),
+    };
     loop {
         tokio::select! {
             _ = signals.recv() => return,
             req = apply_rx.recv() => {
                 let Some(control::ApplyRequest { desired, done }) = req else { return };
+                // In Kubernetes the pods to capture are decided on the node; the control plane
+                // only names them (with no netns).
+                let desired = match &pods {
+                    Some(p) => p.desired(),
+                    None => desired,
+                };
                 let settings = view_rx.borrow().mesh_policy.clone();
                 enroller.set_inbound(settings.mtls, &settings.plaintext_ports);
                 let outcome = enroll_or_keep_pending(enroller, status, &mut pending, desired).await;
@@ -472,6 +581,24 @@ async fn follow_control_plane(
                 }
                 let _ = done.send(outcome);
             }
+            request = next_enroll_request(&mut requests) => {
+                let Some(kubernetes::EnrollRequest { pod, done }) = request else { return };
+                let Some(p) = &pods else { continue };
+                let outcome = enroll_or_keep_pending(enroller, status, &mut pending, p.desired()).await;
+                enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
+                let _ = done.send(outcome.map(|()| enroller.is_enrolled(&pod)));
+            }
+            _ = local_change(&mut pods_changed) => {
+                let Some(p) = &pods else { continue };
+                let desired = p.desired();
+                if !enroller.is_current(&desired) {
+                    match enroll_or_keep_pending(enroller, status, &mut pending, desired).await {
+                        Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "this node's pods applied"),
+                        Err(e) => tracing::error!("cannot enroll this node's pods, retrying: {e}"),
+                    }
+                    enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
+                }
+            }
             _ = retry.tick(), if pending.is_some() => {
                 if let Some(desired) = pending.take() {
                     if enroll_or_keep_pending(enroller, status, &mut pending, desired).await.is_ok() {
@@ -487,6 +614,28 @@ async fn follow_control_plane(
                 }
             }
         }
+    }
+}
+
+/// The next request of the CNI socket; never, outside Kubernetes mode.
+async fn next_enroll_request(
+    requests: &mut Option<tokio::sync::mpsc::Receiver<kubernetes::EnrollRequest>>,
+) -> Option<kubernetes::EnrollRequest> {
+    match requests {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns when this node's pods (or their netns) changed; never, outside Kubernetes mode.
+async fn local_change(changed: &mut Option<watch::Receiver<u64>>) {
+    match changed {
+        Some(c) => {
+            if c.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

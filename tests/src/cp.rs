@@ -26,12 +26,29 @@ pub struct ControlPlane {
     pub metrics: SocketAddr,
     pub config_dir: PathBuf,
     pub data_dir: PathBuf,
+    /// Kubernetes mode: the kubeconfig of the (fake) API server it reads the mesh from,
+    /// instead of the config dir.
+    kubeconfig: Option<PathBuf>,
 }
 
 impl ControlPlane {
     /// Starts mesh-cp with `files` (name, YAML) in a fresh config dir under a scratch directory
     /// named after `prefix`, and waits for `/healthz`.
     pub fn start(prefix: &str, files: &[(&str, &str)]) -> io::Result<Self> {
+        Self::launch(prefix, files, None)
+    }
+
+    /// Starts `mesh-cp serve --kubernetes` against the API server of `kubeconfig` (namespace
+    /// mycel-system, replica mycel-cp-0), and waits for `/healthz`.
+    pub fn start_kubernetes(prefix: &str, kubeconfig: &Path) -> io::Result<Self> {
+        Self::launch(prefix, &[], Some(kubeconfig.to_path_buf()))
+    }
+
+    fn launch(
+        prefix: &str,
+        files: &[(&str, &str)],
+        kubeconfig: Option<PathBuf>,
+    ) -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("{prefix}-mesh-cp-{}", free_port()));
         let config_dir = dir.join("config");
         let data_dir = dir.join("data");
@@ -50,6 +67,7 @@ impl ControlPlane {
             metrics,
             config_dir,
             data_dir,
+            kubeconfig,
         };
         cp.daemon.replace(cp.spawn()?);
         cp.wait_healthy()?;
@@ -61,11 +79,16 @@ impl ControlPlane {
             .create(true)
             .append(true)
             .open(&self.daemon.log_file)?;
-        Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"))
-            .arg("serve")
-            .arg("--config-dir")
-            .arg(&self.config_dir)
-            .arg("--data-dir")
+        let mut cmd = Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"));
+        cmd.arg("serve");
+        match &self.kubeconfig {
+            Some(kubeconfig) => cmd
+                .args(["--kubernetes", "--namespace", "mycel-system"])
+                .args(["--pod-name", "mycel-cp-0"])
+                .env("KUBECONFIG", kubeconfig),
+            None => cmd.arg("--config-dir").arg(&self.config_dir),
+        };
+        cmd.arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--grpc-listen")
             .arg(self.grpc.to_string())

@@ -6,6 +6,7 @@ pub mod app;
 pub mod bench;
 pub mod cp;
 pub mod daemon;
+pub mod kube;
 pub mod mesh;
 pub mod prom;
 pub mod topology;

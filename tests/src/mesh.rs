@@ -96,6 +96,14 @@ pub fn mesh_config_yaml(transport: &str, spec: &str) -> String {
     format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport}{sep}{spec} }}\n")
 }
 
+/// What a mesh-node in Kubernetes mode is given.
+pub struct KubeNode {
+    pub kubeconfig: PathBuf,
+    pub token_file: PathBuf,
+    pub cp_ca: PathBuf,
+    pub cni_socket: PathBuf,
+}
+
 pub struct MeshNode {
     daemon: Daemon,
     pub admin: SocketAddr,
@@ -115,7 +123,7 @@ impl MeshNode {
         daemon_cgroup: Option<&Path>,
         extra: &[&str],
     ) -> io::Result<Self> {
-        Self::launch(node, daemon_cgroup, extra, |workloads_file| {
+        Self::launch(node, daemon_cgroup, extra, &[], |workloads_file| {
             fs::write(workloads_file, workloads)?;
             Ok(vec!["--workloads".into(), workloads_file.into()])
         })
@@ -169,7 +177,7 @@ impl MeshNode {
         extra: &[&str],
     ) -> io::Result<Self> {
         let token_file = cp.token_file(&node.name)?;
-        Self::launch(node, daemon_cgroup, extra, |_| {
+        Self::launch(node, daemon_cgroup, extra, &[], |_| {
             Ok(vec![
                 "--cp".into(),
                 cp.grpc.to_string().into(),
@@ -181,10 +189,43 @@ impl MeshNode {
         })
     }
 
+    /// Starts `mesh-node run --kubernetes` on `node`: pods to capture from the API server of
+    /// `kubeconfig` and the CNI plugin on `cni_socket`, identities and policy from `cp` (whose
+    /// root is `cp_ca`, read from the trust-bundle ConfigMap), authenticated by the
+    /// service-account token in `token_file`. The daemon runs in its own cgroup below the
+    /// node's.
+    pub fn kubernetes(
+        topo: &mut Topology,
+        node: &str,
+        cp: &ControlPlane,
+        kube: &KubeNode,
+        extra: &[&str],
+    ) -> io::Result<Self> {
+        let parent = topo.node(node).cgroup.clone();
+        let cg = topo
+            .add_cgroup_below(&parent, "mesh-node")
+            .map_err(io::Error::other)?;
+        let env = [("KUBECONFIG", kube.kubeconfig.as_path())];
+        Self::launch(topo.node(node), Some(&cg), extra, &env, |_| {
+            Ok(vec![
+                "--kubernetes".into(),
+                "--cp".into(),
+                cp.grpc.to_string().into(),
+                "--token-file".into(),
+                kube.token_file.clone().into(),
+                "--cp-ca".into(),
+                kube.cp_ca.clone().into(),
+                "--cni-socket".into(),
+                kube.cni_socket.clone().into(),
+            ])
+        })
+    }
+
     fn launch(
         node: &Node,
         daemon_cgroup: Option<&Path>,
         extra: &[&str],
+        env: &[(&str, &Path)],
         source: impl FnOnce(&Path) -> io::Result<Vec<std::ffi::OsString>>,
     ) -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-mesh-node-{}", node.netns, free_port()));
@@ -208,6 +249,7 @@ impl MeshNode {
             .arg("--reload-interval")
             .arg("0.1")
             .args(extra)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("MESH_NODE_LOG").unwrap_or_else(|_| "info".into()),

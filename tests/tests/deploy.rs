@@ -255,35 +255,39 @@ fn scrape_annotations_point_at_the_metrics_ports() {
     }
 }
 
-/// The control plane's container arguments are flags mesh-cp has, with values it accepts:
-/// `--help` after them exits 0 only if everything before it parses.
-#[test]
-fn the_control_planes_arguments_parse() {
-    let docs = documents(&kustomize(&deploy("")));
-    let container =
-        &find(&docs, "Deployment", "mycel-cp")["spec"]["template"]["spec"]["containers"][0];
+/// A container's arguments are flags its binary has, with values it accepts: `--help` after
+/// them exits 0 only if everything before it parses. And the check can fail: an unknown flag.
+fn assert_arguments_parse(binary: (&str, &str), container: &Value) {
     let args: Vec<&str> = container["args"]
         .as_array()
         .expect("args")
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    let bin = mesh_tests::mesh::sibling_bin("mesh-cp", "MESH_CP_BIN");
-    let out = Command::new(&bin)
-        .args(&args)
-        .arg("--help")
-        .output()
-        .expect("mesh-cp (cargo xtask test builds it)");
+    let bin = mesh_tests::mesh::sibling_bin(binary.0, binary.1);
+    let run = |extra: &[&str]| {
+        Command::new(&bin)
+            .args(&args)
+            .args(extra)
+            .output()
+            .unwrap_or_else(|e| panic!("{} (cargo xtask test builds it): {e}", binary.0))
+    };
+    let out = run(&["--help"]);
     assert!(
         out.status.success(),
-        "mesh-cp {args:?}: {}",
+        "{} {args:?}: {}",
+        binary.0,
         String::from_utf8_lossy(&out.stderr)
     );
-    // And the check can fail: a flag mesh-cp does not have.
-    let out = Command::new(&bin)
-        .args(&args)
-        .args(["--no-such-flag", "--help"])
-        .output()
-        .expect("mesh-cp");
-    assert!(!out.status.success());
+    assert!(!run(&["--no-such-flag", "--help"]).status.success());
+}
+
+#[test]
+fn the_containers_arguments_parse() {
+    let docs = documents(&kustomize(&deploy("")));
+    let cp = &find(&docs, "Deployment", "mycel-cp")["spec"]["template"]["spec"];
+    assert_arguments_parse(("mesh-cp", "MESH_CP_BIN"), &cp["containers"][0]);
+    let node = &find(&docs, "DaemonSet", "mycel-node")["spec"]["template"]["spec"];
+    assert_arguments_parse(("mesh-node", "MESH_NODE_BIN"), &node["containers"][0]);
+    assert_arguments_parse(("mesh-node", "MESH_NODE_BIN"), &node["initContainers"][0]);
 }

@@ -205,6 +205,4 @@ fn report(
 }
 
 #[cfg(test)]
-pub(crate) mod fake_api;
-#[cfg(test)]
 mod tests;

@@ -12,9 +12,10 @@ use mesh_model::{Config, ObjectKey};
 use serde_json::{json, Value};
 use tokio::sync::watch as channel;
 
+use mesh_kube::fake::FakeApi;
+
 use super::{
-    ca_secret, fake_api::FakeApi, follow, leader, leader::Timing, watch::Retry, Cluster, Options,
-    Source, LEASE,
+    ca_secret, follow, leader, leader::Timing, watch::Retry, Cluster, Options, Source, LEASE,
 };
 use crate::{
     metrics::CpMetrics,

@@ -30,9 +30,7 @@ use mesh_model::{
     policy::AccessPolicy, Config, MeshConfig, ObjectKey, Resource, Service, ServicePort, Workload,
 };
 
-/// The label, on a namespace or a pod, that puts pods in the mesh (`enabled`) or keeps one
-/// out (`disabled`).
-pub const MESH_LABEL: &str = "mycel.dev/mesh";
+pub use mesh_model::membership::MESH_LABEL;
 /// The label an EndpointSlice names its Service with.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -204,16 +202,11 @@ fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<
 
 /// Whether `pod` asks to be in the mesh, by its own label or its namespace's.
 fn in_mesh(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> bool {
-    match label(&pod.metadata.labels, MESH_LABEL) {
-        Some("enabled") => true,
-        Some(_) => false,
-        None => {
-            pod.namespace()
-                .and_then(|ns| namespaces.get(&ns))
-                .and_then(|ns| label(&ns.metadata.labels, MESH_LABEL))
-                == Some("enabled")
-        }
-    }
+    let namespace = pod.namespace().and_then(|ns| namespaces.get(&ns).copied());
+    mesh_model::membership::in_mesh(
+        label(&pod.metadata.labels, MESH_LABEL),
+        namespace.and_then(|ns| label(&ns.metadata.labels, MESH_LABEL)),
+    )
 }
 
 /// The workload of a pod in the mesh that a node can capture now.

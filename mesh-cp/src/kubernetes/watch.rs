@@ -1,16 +1,10 @@
-//! One reflector per kind the adapter reads, each a kube-runtime watcher (list, then watch;
-//! on `410 Gone` or a broken stream, list again) retried with backoff while the API is away.
-//! Every change wakes the translation loop in `mod.rs`; the stores keep the last state seen,
-//! so an API outage changes nothing in the mesh.
+//! One reflector per kind the adapter reads (`mesh_kube::reflect`: list, then watch, list
+//! again after `410 Gone`, retried with backoff while the API is away). Every change wakes the
+//! translation loop in `mod.rs`; the stores keep the last state seen, so an API outage changes
+//! nothing in the mesh.
 
-use std::{
-    fmt::Debug,
-    hash::Hash,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -18,78 +12,17 @@ use k8s_openapi::api::{
 use kube::{
     api::{ApiResource, DynamicObject},
     runtime::{
-        reflector::{self, store::Writer, Lookup, Store},
-        utils::Backoff,
-        watcher, WatchStreamExt,
+        reflector::{store::Writer, Store},
+        watcher,
     },
-    Api, Client, Resource,
+    Api, Client,
 };
-use serde::de::DeserializeOwned;
+use mesh_kube::Reflectors;
+pub use mesh_kube::{ApiHealth, Retry};
 use tokio::sync::Notify;
 
 use super::translate::Objects;
 use mesh_model::crd::{AccessPolicy, MeshConfigResource};
-
-/// Exponential retry delays, from `first` doubling up to `max`; reset once a watch works.
-#[derive(Clone, Copy, Debug)]
-pub struct Retry {
-    pub first: Duration,
-    pub max: Duration,
-    next: Duration,
-}
-
-impl Retry {
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Self {
-            first,
-            max,
-            next: first,
-        }
-    }
-}
-
-impl Default for Retry {
-    /// What a control plane uses against a real API server.
-    fn default() -> Self {
-        Self::new(Duration::from_millis(500), Duration::from_secs(30))
-    }
-}
-
-impl Iterator for Retry {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let now = self.next;
-        self.next = (self.next * 2).min(self.max);
-        Some(now)
-    }
-}
-
-impl Backoff for Retry {
-    fn reset(&mut self) {
-        self.next = self.first;
-    }
-}
-
-/// The state of the API as the watchers see it, for logs, `/status` and `/readyz`.
-#[derive(Debug, Default)]
-pub struct ApiHealth {
-    /// The last watch error, while watches are failing.
-    last_error: Mutex<Option<String>>,
-}
-
-impl ApiHealth {
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn set(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
-    }
-}
 
 /// The stores of every watched kind.
 #[derive(Clone)]
@@ -148,7 +81,7 @@ pub fn start(
     changed: Arc<Notify>,
     health: Arc<ApiHealth>,
 ) -> Stores {
-    let w = Watch {
+    let w = Reflectors {
         retry,
         changed,
         health,
@@ -158,105 +91,44 @@ pub fn start(
         pods: w.spawn(
             "Pod",
             Api::all(client.clone()),
+            watcher::Config::default(),
             Writer::default(),
-            strip_pod,
+            mesh_kube::reflect::strip_pod,
         ),
         services: w.spawn(
             "Service",
             Api::all(client.clone()),
+            watcher::Config::default(),
             Writer::default(),
             |_| {},
         ),
         slices: w.spawn(
             "EndpointSlice",
             Api::all(client.clone()),
+            watcher::Config::default(),
             Writer::default(),
             |_| {},
         ),
         namespaces: w.spawn(
             "Namespace",
             Api::all(client.clone()),
+            watcher::Config::default(),
             Writer::default(),
             |_| {},
         ),
         policies: w.spawn(
             "AccessPolicy",
             Api::all_with(client.clone(), &policies_ar),
+            watcher::Config::default(),
             Writer::new(policies_ar.clone()),
             |_| {},
         ),
         meshes: w.spawn(
             "MeshConfig",
             Api::all_with(client.clone(), &meshes_ar),
+            watcher::Config::default(),
             Writer::new(meshes_ar.clone()),
             |_| {},
         ),
-    }
-}
-
-struct Watch {
-    retry: Retry,
-    changed: Arc<Notify>,
-    health: Arc<ApiHealth>,
-}
-
-impl Watch {
-    fn spawn<K>(
-        &self,
-        kind: &'static str,
-        api: Api<K>,
-        writer: Writer<K>,
-        strip: fn(&mut K),
-    ) -> Store<K>
-    where
-        K: Resource + Lookup + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-        <K as Lookup>::DynamicType: Eq + Hash + Clone + Send + Sync,
-    {
-        let store = writer.as_reader();
-        let stream = watcher(api, watcher::Config::default())
-            .modify(strip)
-            .backoff(self.retry);
-        let stream = reflector::reflector(writer, stream);
-        let (changed, health) = (self.changed.clone(), self.health.clone());
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            let mut failing = false;
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(_) => {
-                        if failing {
-                            tracing::info!(kind, "watch of the Kubernetes API works again");
-                            failing = false;
-                            health.set(None);
-                        }
-                        changed.notify_one();
-                    }
-                    Err(e) => {
-                        if !failing {
-                            tracing::warn!(kind, error = %e, "watch of the Kubernetes API failed; retrying, the mesh keeps its last state");
-                            failing = true;
-                        }
-                        health.set(Some(format!("{kind}: {e}")));
-                    }
-                }
-            }
-        });
-        store
-    }
-}
-
-/// Keeps only what translation reads of a pod: pods are the most numerous objects watched.
-fn strip_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
-    if let Some(spec) = pod.spec.as_mut() {
-        spec.containers.clear();
-        spec.init_containers = None;
-        spec.volumes = None;
-    }
-    if let Some(status) = pod.status.as_mut() {
-        status.container_statuses = None;
-        status.init_container_statuses = None;
-        status.conditions = None;
     }
 }

@@ -22,7 +22,9 @@ pub fn config(parts: &Parts, status: &Status) -> String {
             json!({
                 "key": key,
                 "node": w.node,
-                "on_this_node": !w.netns.is_empty(),
+                // Enrolled here: in Kubernetes the control plane sends no netns, the node
+                // finds it.
+                "on_this_node": parts.proxy.local_pod(&crate::workloads::WorkloadId::new(&w.namespace, &w.name)).is_some(),
                 "netns": w.netns,
                 "identity": w.identity,
                 "addresses": w.addresses.iter().filter_map(|a| ip(a)).collect::<Vec<_>>(),

@@ -53,6 +53,8 @@ pub struct Parts {
     pub svids: Arc<SvidStore>,
     /// The control plane's config as this node holds it (empty offline).
     pub view: watch::Receiver<Arc<MeshView>>,
+    /// Which pods are enrolled here.
+    pub proxy: Arc<crate::proxy::Shared>,
 }
 
 impl Admin {

@@ -130,6 +130,37 @@ impl Shared {
         self.directory.borrow().clone()
     }
 
+    /// The directory once it knows `pod` and this node holds its certificate, waiting up
+    /// to the connect timeout (then the current one, whatever it knows).
+    pub async fn directory_for(&self, pod: &WorkloadId) -> Arc<Directory> {
+        let ready = |d: &Arc<Directory>| {
+            d.peer(pod).is_some_and(|me| {
+                d.tls()
+                    .is_some_and(|t| t.svid_serial(&me.identity.to_string()).is_some())
+            })
+        };
+        let deadline = Instant::now() + self.connect_timeout;
+        let mut rx = self.directory.clone();
+        let mut logged = false;
+        loop {
+            let current = rx.borrow_and_update().clone();
+            if ready(&current) || Instant::now() >= deadline {
+                return current;
+            }
+            if !logged {
+                tracing::debug!(workload = %pod, "waiting for this pod's identity before connecting");
+                logged = true;
+            }
+            // A certificate that arrives does not change the directory (the TLS configs read
+            // the store), so this also polls, briefly.
+            let tick = Duration::from_millis(20);
+            if let Ok(Err(_)) = tokio::time::timeout(tick, rx.changed()).await {
+                // The directory's owner is gone (shutdown): no change will wake us.
+                tokio::time::sleep(tick).await;
+            }
+        }
+    }
+
     pub fn local_pod(&self, key: &WorkloadId) -> Option<Arc<PodContext>> {
         self.local
             .read()

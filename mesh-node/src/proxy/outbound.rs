@@ -149,7 +149,18 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let metrics = &ctx.shared.metrics;
     let started = Instant::now();
     stats.accepted.fetch_add(1, Ordering::Relaxed);
-    let dir = ctx.shared.directory();
+    let mut dir = ctx.shared.directory();
+    let original = ctx
+        .shared
+        .capture
+        .original_destination(ctx.netns_cookie, peer);
+    if let Some(dst) = original {
+        // A pod captured as it starts (Kubernetes) may connect before this node knows its
+        // identity: a mesh destination then waits for it rather than fail at once.
+        if !matches!(dir.route(dst), Route::Passthrough) {
+            dir = ctx.shared.directory_for(&ctx.workload).await;
+        }
+    }
     let me = dir.peer(&ctx.workload);
     // Boxed: they live across the connect, and a connection's task stays small.
     let mut pair = Box::new(
@@ -161,11 +172,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         transport: "passthrough",
         ..Details::default()
     });
-    let Some(dst) = ctx
-        .shared
-        .capture
-        .original_destination(ctx.netns_cookie, peer)
-    else {
+    let Some(dst) = original else {
         stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
         metrics.failed(
             Reporter::Source,

@@ -4,8 +4,11 @@
 //! and can be told to expire old versions (a watch from before gets `410 Gone`) or to go
 //! away (every request gets 503 and open watches end).
 //!
-//! Only what the adapter's requests need: cluster-wide list and watch of each kind,
-//! `PATCH …/status`, and TokenReviews of the tokens a test issued.
+//! Only what the daemons' requests need: cluster-wide list and watch of each kind (with a
+//! `spec.nodeName` field selector), GET, create, replace, `PATCH …/status`, and TokenReviews
+//! of the tokens a test issued. [`FakeApi::client`] answers in-process through kube's mock
+//! service; [`FakeApi::serve`] answers plain HTTP on a loopback listener, for daemons run as
+//! processes (point them at it with [`FakeApi::kubeconfig`]).
 
 use std::{
     collections::BTreeMap,
@@ -35,11 +38,34 @@ struct State {
     /// Watches from a version below this get `410 Gone`.
     expired_below: u64,
     down: bool,
-    watches: Vec<(String, EventSender)>,
+    watches: Vec<Watcher>,
     /// "METHOD path?query" of every request, in order.
     requests: Vec<String>,
     /// Tokens the API server would accept: token → (audience, user info).
     tokens: BTreeMap<String, (String, Value)>,
+}
+
+struct Watcher {
+    resource: String,
+    filter: Selector,
+    events: EventSender,
+}
+
+/// A field selector of the one form the daemons use, `spec.nodeName=NAME`; any other
+/// selects everything.
+struct Selector(Option<String>);
+
+impl Selector {
+    fn parse(query_value: Option<String>) -> Self {
+        let decoded = query_value.map(|v| v.replace("%3D", "=").replace("%3d", "="));
+        Self(decoded.and_then(|v| v.strip_prefix("spec.nodeName=").map(str::to_owned)))
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.0
+            .as_deref()
+            .is_none_or(|node| object["spec"]["nodeName"].as_str() == Some(node))
+    }
 }
 
 #[derive(Clone, Default)]
@@ -169,9 +195,55 @@ impl FakeApi {
 
     async fn answer(&self, request: Request<Body>) -> Response<FakeBody> {
         let (parts, body) = request.into_parts();
+        let body = body.collect_bytes().await.unwrap_or_default();
+        self.respond(&parts, &body)
+    }
+
+    /// Answers plain HTTP/1.1 on `listener` (a loopback port) until the returned task is
+    /// aborted or the runtime ends.
+    pub fn serve(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        let api = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let api = api.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: Request<hyper::body::Incoming>| {
+                            let api = api.clone();
+                            async move {
+                                let (parts, body) = request.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                Ok::<_, Infallible>(api.respond(&parts, &body))
+                            }
+                        },
+                    );
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    // A client that goes away mid-watch ends its connection; nothing to report.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        })
+    }
+
+    /// A kubeconfig that points kube's `Client::try_default` (through `KUBECONFIG`) at the
+    /// fake served on `addr`.
+    pub fn kubeconfig(addr: std::net::SocketAddr) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             current-context: fake\nusers:\n- name: fake\n  user:\n    token: fake\n"
+        )
+    }
+
+    fn respond(&self, parts: &http::request::Parts, body: &Bytes) -> Response<FakeBody> {
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().unwrap_or("").to_owned();
-        let body = body.collect_bytes().await.unwrap_or_default();
         let mut s = self.lock();
         s.requests.push(format!("{} {path}?{query}", parts.method));
         if s.down {
@@ -202,12 +274,17 @@ impl FakeApi {
                     let gone = failure(410, "Expired", "too old resource version");
                     let _ = tx.send(line("ERROR", &gone));
                 } else {
+                    let filter = Selector::parse(param("fieldSelector"));
                     for (rv, r, kind, object) in &s.events {
-                        if *rv > from && *r == resource {
+                        if *rv > from && *r == resource && filter.matches(object) {
                             let _ = tx.send(line(kind, object));
                         }
                     }
-                    s.watches.push((resource, tx));
+                    s.watches.push(Watcher {
+                        resource,
+                        filter,
+                        events: tx,
+                    });
                 }
                 Response::builder()
                     .status(StatusCode::OK)
@@ -216,10 +293,11 @@ impl FakeApi {
                     .unwrap_or_default()
             }
             ("GET", None) => {
+                let filter = Selector::parse(param("fieldSelector"));
                 let items: Vec<Value> = s
                     .objects
                     .iter()
-                    .filter(|((r, _, _), _)| *r == resource)
+                    .filter(|((r, _, _), o)| *r == resource && filter.matches(o))
                     .map(|(_, o)| o.clone())
                     .collect();
                 full(
@@ -229,7 +307,7 @@ impl FakeApi {
                 )
             }
             ("POST", None) if resource == "tokenreviews" => {
-                let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let review: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
                 let token = review["spec"]["token"].as_str().unwrap_or("");
                 let wanted: Vec<&str> = review["spec"]["audiences"]
                     .as_array()
@@ -256,7 +334,7 @@ impl FakeApi {
                         failure(404, "NotFound", "no such object"),
                     );
                 };
-                let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
                 merge(&mut object["status"], &patch["status"]);
                 full(StatusCode::OK, s.store(&resource, object))
             }
@@ -268,7 +346,7 @@ impl FakeApi {
                 ),
             },
             ("POST", None) => {
-                let mut object: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let mut object: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
                 let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
                 if s.objects
                     .contains_key(&(resource.clone(), namespace.clone(), name))
@@ -282,7 +360,7 @@ impl FakeApi {
                 full(StatusCode::CREATED, s.store(&resource, object))
             }
             ("PUT", Some(name)) => {
-                let mut object: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let mut object: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
                 let key = (resource.clone(), namespace.clone(), name);
                 let current = s
                     .objects
@@ -322,6 +400,13 @@ impl State {
             .to_owned();
         let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
         let key = (resource.to_owned(), ns, name.clone());
+        let uid = match self.objects.get(&key) {
+            Some(old) => old["metadata"]["uid"].clone(),
+            None => object["metadata"]["uid"].clone(),
+        };
+        let uid = uid
+            .as_str()
+            .map_or_else(|| format!("uid-{name}"), str::to_owned);
         let (kind, generation) = match self.objects.get(&key) {
             Some(old) => {
                 let bump = old.get("spec") != object.get("spec");
@@ -336,15 +421,18 @@ impl State {
         };
         object["metadata"]["resourceVersion"] = rv.to_string().into();
         object["metadata"]["generation"] = generation.into();
-        object["metadata"]["uid"] = format!("uid-{name}").into();
+        object["metadata"]["uid"] = uid.into();
         self.objects.insert(key, object.clone());
         self.emit(rv, resource, kind, object.clone());
         object
     }
 
     fn emit(&mut self, rv: u64, resource: &str, kind: &'static str, object: Value) {
-        self.watches
-            .retain(|(r, tx)| r != resource || tx.send(line(kind, &object)).is_ok());
+        self.watches.retain(|w| {
+            w.resource != resource
+                || !w.filter.matches(&object)
+                || w.events.send(line(kind, &object)).is_ok()
+        });
         self.events.push((rv, resource.to_owned(), kind, object));
     }
 }

@@ -1,0 +1,86 @@
+//! The daemon's end of the plugin's socket: one request line, one reply line per connection.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use super::protocol::{Reply, Request};
+use crate::kubernetes::Pods;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on --cni-socket {path}: {source}")]
+pub struct BindError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+/// Listens on `path`, replacing a socket a previous daemon left; only root may connect (the
+/// runtime runs the plugin as root).
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    let err = |source| BindError {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Answers the plugin until the process ends.
+pub async fn serve(listener: UnixListener, pods: Arc<Pods>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(stream, pods.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CNI socket: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, pods: Arc<Pods>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    // One short request line; anything longer is not the plugin.
+    let read = BufReader::new(read.take(64 * 1024))
+        .read_line(&mut line)
+        .await;
+    let reply = match read.map_err(|e| e.to_string()).and_then(|_| {
+        serde_json::from_str::<Request>(&line).map_err(|e| format!("bad request: {e}"))
+    }) {
+        Ok(Request::Add {
+            pod,
+            container_id,
+            netns,
+        }) => pods.add(&pod, &container_id, &netns).await,
+        Ok(Request::Del { pod, container_id }) => pods.del(&pod, &container_id),
+        Err(message) => {
+            tracing::warn!(error = %message, "CNI socket: unreadable request");
+            Reply::Error { message }
+        }
+    };
+    if let Reply::Error { message } = &reply {
+        tracing::warn!(error = %message, "CNI ADD refused; the runtime will retry the pod");
+    }
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+}

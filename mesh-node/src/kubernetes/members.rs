@@ -1,0 +1,119 @@
+//! Which of this node's pods to capture: in the mesh by `mesh_model::membership` (the rule
+//! mesh-cp applies too), and running in a network of their own.
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use mesh_model::membership::{in_mesh, MESH_LABEL};
+
+use crate::workloads::WorkloadId;
+
+/// A pod this node must capture once it knows the pod's netns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: WorkloadId,
+    pub uid: String,
+}
+
+fn label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&str> {
+    meta.labels.as_ref()?.get(MESH_LABEL).map(String::as_str)
+}
+
+/// The pod as a member, or `None` when it stays uncaptured: out of the mesh, on the host's
+/// network (there is no pod netns to capture), or finished.
+pub fn member(pod: &Pod, namespace: Option<&Namespace>) -> Option<Member> {
+    if !in_mesh(
+        label(&pod.metadata),
+        namespace.and_then(|ns| label(&ns.metadata)),
+    ) {
+        return None;
+    }
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return None;
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    Some(Member {
+        id: WorkloadId::new(
+            pod.metadata.namespace.as_deref()?,
+            pod.metadata.name.as_deref()?,
+        ),
+        uid: pod.metadata.uid.clone()?,
+    })
+}
+
+/// Every member among `pods`.
+pub fn members<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    namespaces: &[std::sync::Arc<Namespace>],
+) -> Vec<Member> {
+    pods.into_iter()
+        .filter_map(|pod| {
+            let ns = namespaces
+                .iter()
+                .find(|n| n.metadata.name == pod.metadata.namespace);
+            member(pod, ns.map(|n| &**n))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn pod(ns: &str, name: &str, extra: serde_json::Value) -> Pod {
+        let mut v = json!({
+            "metadata": { "namespace": ns, "name": name, "uid": format!("u-{name}") },
+            "spec": { "nodeName": "n1", "containers": [] },
+            "status": { "phase": "Running" },
+        });
+        for (k, e) in extra.as_object().unwrap() {
+            for (f, x) in e.as_object().unwrap() {
+                v[k][f] = x.clone();
+            }
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn namespace(name: &str, mesh: Option<&str>) -> Arc<Namespace> {
+        let labels = mesh.map_or(json!({}), |m| json!({ MESH_LABEL: m }));
+        Arc::new(
+            serde_json::from_value(json!({ "metadata": { "name": name, "labels": labels } }))
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn members_are_meshed_pods_with_a_network_of_their_own_still_running() {
+        let namespaces = [namespace("shop", Some("enabled")), namespace("ops", None)];
+        let pods = [
+            pod("shop", "order", json!({})),
+            pod(
+                "shop",
+                "opted-out",
+                json!({ "metadata": { "labels": { MESH_LABEL: "disabled" } } }),
+            ),
+            pod("shop", "host", json!({ "spec": { "hostNetwork": true } })),
+            pod(
+                "shop",
+                "done",
+                json!({ "status": { "phase": "Succeeded" } }),
+            ),
+            pod("ops", "tool", json!({})),
+            pod(
+                "ops",
+                "agent",
+                json!({ "metadata": { "labels": { MESH_LABEL: "enabled" } } }),
+            ),
+            // Its namespace is not known (yet): only its own label counts.
+            pod("new", "x", json!({})),
+        ];
+        let got: Vec<String> = members(&pods, &namespaces)
+            .into_iter()
+            .map(|m| format!("{} {}", m.id, m.uid))
+            .collect();
+        assert_eq!(got, ["shop/order u-order", "ops/agent u-agent"]);
+    }
+}
