@@ -283,13 +283,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
             .context("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")?;
         let cni = cni::server::bind(&args.cni_socket)?;
+        let pod_metrics = kubernetes::PodMetrics::new().context("cannot create the CNI metrics")?;
         let local = kubernetes::Pods::start(
             client,
             &args.node_name,
             args.host_proc.clone(),
             mesh_kube::Retry::default(),
+            pod_metrics.clone(),
         );
-        Some((local, cni))
+        Some((local, cni, pod_metrics))
     } else {
         None
     };
@@ -321,6 +323,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(access_log),
         args.metrics_pod_labels,
     )?);
+
+    if let Some((_, _, pod_metrics)) = &local {
+        for c in pod_metrics.collectors() {
+            metrics.register(c)?;
+        }
+    }
 
     let capture = Arc::new(capture::Capture::attach(&capture::Options {
         cgroup: cgroup.clone(),
@@ -390,7 +398,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .await;
         }
         Source::ControlPlane(client) => {
-            let local = local.map(|(local, cni)| {
+            let local = local.map(|(local, cni, _)| {
                 tokio::spawn(cni::server::serve(cni, local.pods.clone()));
                 tracing::info!(socket = %args.cni_socket.display(), "answering the CNI plugin");
                 local

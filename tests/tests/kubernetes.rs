@@ -294,6 +294,51 @@ fn pods_are_captured_before_they_start_and_access_policies_apply() {
     assert_eq!(status["selectedWorkloads"], 1, "{status}");
     assert_eq!(status["conditions"][0]["status"], "True", "{status}");
 
+    // A broken AccessPolicy is left out alone: its status says why, and the deny stays.
+    c.kube.apply(
+        "accesspolicies",
+        json!({ "apiVersion": "mycel.dev/v1alpha1", "kind": "AccessPolicy",
+                "metadata": { "name": "broken", "namespace": "shop" },
+                "spec": { "selector": { "matchLabels": { "app.kubernetes.io/name": "payment" } },
+                          "action": "Block", "rules": [] } }),
+    );
+    let broken = || {
+        c.kube
+            .api
+            .get("accesspolicies", "shop", "broken")
+            .unwrap_or_default()
+    };
+    eventually("the broken policy's status", &c, || {
+        broken()["status"]["conditions"][0]["reason"] == "Invalid"
+    });
+    assert_eq!(broken()["status"]["conditions"][0]["status"], "False");
+    let probe = app::run(c.topo.pod("analytics"), &["probe", &payment, "8080"], T);
+    assert_eq!(probe["outcome"], "eperm", "after a broken policy: {probe}");
+
+    // What the CNI socket answered, on the nodes' metrics.
+    let n1_metrics = c.n1.metrics_text().expect("n1 metrics");
+    let n2_metrics = c.n2.metrics_text().expect("n2 metrics");
+    for (text, line) in [
+        (
+            &n1_metrics,
+            r#"mycel_cni_requests_total{command="add",outcome="enrolled"} 2"#,
+        ),
+        (
+            &n2_metrics,
+            r#"mycel_cni_requests_total{command="add",outcome="enrolled"} 1"#,
+        ),
+        (
+            &n2_metrics,
+            r#"mycel_cni_requests_total{command="add",outcome="not_in_mesh"} 1"#,
+        ),
+        (&n2_metrics, "mycel_pods_found_in_proc_total 1"),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
+    }
+
     // Deleting the object lifts the deny.
     c.kube
         .api

@@ -13,6 +13,8 @@
 mod members;
 mod procfs;
 
+pub use metrics::PodMetrics;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
@@ -72,6 +74,7 @@ pub struct Pods {
     host_proc: PathBuf,
     enroll: mpsc::Sender<EnrollRequest>,
     pub health: Arc<ApiHealth>,
+    metrics: PodMetrics,
 }
 
 /// What the enroll loop holds: the shared pods, the requests of the CNI socket, and the
@@ -84,7 +87,13 @@ pub struct Local {
 
 impl Pods {
     /// Starts watching the pods of `node` and every namespace.
-    pub fn start(client: Client, node: &str, host_proc: PathBuf, retry: Retry) -> Local {
+    pub fn start(
+        client: Client,
+        node: &str,
+        host_proc: PathBuf,
+        retry: Retry,
+        metrics: PodMetrics,
+    ) -> Local {
         let reflectors = Reflectors {
             retry,
             changed: Arc::new(Notify::new()),
@@ -116,6 +125,7 @@ impl Pods {
             host_proc,
             enroll,
             health: reflectors.health.clone(),
+            metrics,
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -172,6 +182,7 @@ impl Pods {
         if !missing.is_empty() {
             for (uid, path) in procfs::find_netns(&self.host_proc, &missing) {
                 tracing::info!(uid, netns = %path.display(), "found the netns of a running pod in /proc");
+                self.metrics.found_in_proc.inc();
                 table.insert(uid, (path, Origin::Scan));
             }
         }
@@ -191,6 +202,12 @@ impl Pods {
     /// The CNI plugin's ADD: once the pod is in this node's watch, record its netns and, if
     /// it is in the mesh, have it enrolled before answering.
     pub async fn add(&self, pod: &PodRef, container_id: &str, netns: &Path) -> Reply {
+        let reply = self.try_add(pod, container_id, netns).await;
+        self.metrics.count("add", &reply);
+        reply
+    }
+
+    async fn try_add(&self, pod: &PodRef, container_id: &str, netns: &Path) -> Reply {
         let mut changed = self.generation.subscribe();
         let decided = tokio::time::timeout(POD_WAIT, async {
             loop {
@@ -275,6 +292,7 @@ impl Pods {
             tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod sandbox removed");
             self.bump();
         }
+        self.metrics.count("del", &Reply::Removed);
         Reply::Removed
     }
 
@@ -290,6 +308,16 @@ impl Pods {
             return None;
         }
         let namespace = self.namespaces.get(&ObjectRef::new(&pod.namespace));
+        // The namespace's watch may lag behind the pod's: without a label of its own, the
+        // pod waits for its namespace rather than be judged without it.
+        let own_label = found
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(mesh_model::membership::MESH_LABEL));
+        if namespace.is_none() && !own_label {
+            return None;
+        }
         Some(members::member(&found, namespace.as_deref()))
     }
 
@@ -308,3 +336,55 @@ impl Pods {
         netns.to_path_buf()
     }
 }
+
+mod metrics {
+    use prometheus::{IntCounter, IntCounterVec, Opts};
+
+    use crate::cni::protocol::Reply;
+
+    /// What the CNI socket answered, and the pods found in /proc; registered with the node's
+    /// other metrics.
+    #[derive(Clone)]
+    pub struct PodMetrics {
+        requests: IntCounterVec,
+        pub found_in_proc: IntCounter,
+    }
+
+    impl PodMetrics {
+        pub fn new() -> Result<Self, prometheus::Error> {
+            Ok(Self {
+                requests: IntCounterVec::new(
+                    Opts::new(
+                        "mycel_cni_requests_total",
+                        "Requests of the CNI plugin by command and answer: enrolled, not_in_mesh, refused (the pod's sandbox fails and is retried), removed",
+                    ),
+                    &["command", "outcome"],
+                )?,
+                found_in_proc: IntCounter::new(
+                    "mycel_pods_found_in_proc_total",
+                    "Pods whose network namespace was found through their processes in /proc (running before the daemon, or in a namespace the CNI plugin skips)",
+                )?,
+            })
+        }
+
+        pub fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 2] {
+            [
+                Box::new(self.requests.clone()),
+                Box::new(self.found_in_proc.clone()),
+            ]
+        }
+
+        pub fn count(&self, command: &str, reply: &Reply) {
+            let outcome = match reply {
+                Reply::Enrolled { .. } => "enrolled",
+                Reply::NotInMesh => "not_in_mesh",
+                Reply::Removed => "removed",
+                Reply::Error { .. } => "refused",
+            };
+            self.requests.with_label_values(&[command, outcome]).inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
