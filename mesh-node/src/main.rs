@@ -188,10 +188,26 @@ fn main() {
         Command::InstallCni(args) => install_cni(&args),
     };
     if let Err(e) = result {
-        // One line, the whole cause chain.
-        eprintln!("mesh-node: error: {e:#}");
+        eprintln!("mesh-node: error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, each once: many errors here already end with their
+/// source's text, which `{:#}` would print again.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Every proxied connection holds two sockets (three with its tunnel's peer on the other
@@ -279,9 +295,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Kubernetes mode: the pods to capture come from the API and the CNI plugin. Both are set
     // up before the kernel is touched, so a bad socket path or kubeconfig is a start error.
     let local = if args.kubernetes {
-        let client = kube::Client::try_default()
-            .await
-            .context("cannot configure the Kubernetes client (in-cluster config or KUBECONFIG)")?;
+        // kube's error already names each place it looked; its sources only repeat it.
+        let client = kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot configure the Kubernetes client (in-cluster or KUBECONFIG): {e}"
+            )
+        })?;
         let cni = cni::server::bind(&args.cni_socket)?;
         let pod_metrics = kubernetes::PodMetrics::new().context("cannot create the CNI metrics")?;
         let local = kubernetes::Pods::start(
@@ -562,17 +581,18 @@ async fn follow_control_plane(
         Some(l) => (Some(l.pods), Some(l.requests), Some(l.changed)),
         None => (None, None, None),
     };
+    // In Kubernetes the pods to capture are decided on the node; the control plane only names
+    // them (with no netns).
+    let wanted = |from_cp| match &pods {
+        Some(p) => p.desired(),
+        None => from_cp,
+    };
     loop {
         tokio::select! {
             _ = signals.recv() => return,
             req = apply_rx.recv() => {
                 let Some(control::ApplyRequest { desired, done }) = req else { return };
-                // In Kubernetes the pods to capture are decided on the node; the control plane
-                // only names them (with no netns).
-                let desired = match &pods {
-                    Some(p) => p.desired(),
-                    None => desired,
-                };
+                let desired = wanted(desired);
                 let settings = view_rx.borrow().mesh_policy.clone();
                 enroller.set_inbound(settings.mtls, &settings.plaintext_ports);
                 let outcome = enroll_or_keep_pending(enroller, status, &mut pending, desired).await;
@@ -609,6 +629,8 @@ async fn follow_control_plane(
             }
             _ = retry.tick(), if pending.is_some() => {
                 if let Some(desired) = pending.take() {
+                    // In Kubernetes the pods may have changed since: retry what is wanted now.
+                    let desired = wanted(desired);
                     if enroll_or_keep_pending(enroller, status, &mut pending, desired).await.is_ok() {
                         enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
                         tracing::info!(enrolled = enroller.enrolled(), "workloads applied on retry");
@@ -720,6 +742,17 @@ mod tests {
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("NaN").is_err());
         assert!(parse_seconds("soon").is_err());
+    }
+
+    #[test]
+    fn errors_print_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = io.to_string();
+        let inner = anyhow::Error::new(io).context(format!("cannot read /x: {text}"));
+        assert_eq!(
+            one_line(&inner.context("cannot start")),
+            format!("cannot start: cannot read /x: {text}")
+        );
     }
 
     #[test]

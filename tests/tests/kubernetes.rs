@@ -376,3 +376,70 @@ fn pods_are_captured_before_they_start_and_access_policies_apply() {
         .unwrap_or_default();
     assert_eq!(order["on_this_node"], true, "{config}");
 }
+
+/// `mesh-node install-cni` as the init container runs it: the copy it makes is the CNI plugin
+/// (the binary answers CNI when named `mycel-cni`), chained last in the runtime's config.
+#[test]
+fn install_cni_puts_a_working_plugin_in_the_chain() {
+    let dir = std::env::temp_dir().join(format!("mycel-t-install-cni-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    std::fs::create_dir_all(&conf).expect("conf dir");
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    std::fs::write(
+        conf.join("10-net.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"net","plugins":[{"type":"bridge"}]}"#,
+    )
+    .expect("conflist");
+    let out = Command::new(mesh_tests::mesh::mesh_node_bin())
+        .arg("install-cni")
+        .arg("--bin-dir")
+        .arg(&bin)
+        .arg("--conf-dir")
+        .arg(&conf)
+        .output()
+        .expect("mesh-node install-cni");
+    assert!(out.status.success(), "{out:?}");
+    let chained: Value =
+        serde_json::from_str(&std::fs::read_to_string(conf.join("10-net.conflist")).unwrap())
+            .expect("json");
+    assert_eq!(chained["plugins"][1]["type"], "mycel-cni", "{chained}");
+    assert_eq!(chained["plugins"][1]["socket"], "/run/mycel/cni.sock");
+    assert_eq!(
+        chained["plugins"][1]["excludeNamespaces"],
+        json!(["kube-system", "mycel-system"])
+    );
+    let version = Command::new(bin.join("mycel-cni"))
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the installed plugin");
+    assert!(version.status.success(), "{version:?}");
+    let answer: Value = serde_json::from_slice(&version.stdout).expect("CNI JSON");
+    assert!(answer["supportedVersions"]
+        .as_array()
+        .is_some_and(|v| v.contains(&json!("1.0.0"))));
+
+    // Without a network plugin's configuration: a clear one-line error, exit 1.
+    std::fs::remove_file(conf.join("10-net.conflist")).expect("rm");
+    let out = Command::new(mesh_tests::mesh::mesh_node_bin())
+        .args(["install-cni", "--bin-dir"])
+        .arg(&bin)
+        .arg("--conf-dir")
+        .arg(&conf)
+        .output()
+        .expect("mesh-node install-cni");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no CNI configuration") && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+}
