@@ -534,8 +534,6 @@ async fn follow_file(
     }
 }
 
-/// Connected mode: the control plane's config stream decides what is enrolled; certificates
-/// are kept current alongside. A set that fails to enroll is retried every few seconds.
 /// What connected mode follows: the control plane, and in Kubernetes this node's pods.
 struct Following {
     client: control::CpClient,
@@ -548,6 +546,9 @@ struct Following {
     directory: watch::Sender<Arc<proxy::directory::Directory>>,
 }
 
+/// Connected mode: the control plane's config stream decides what is enrolled (in
+/// Kubernetes, this node's pods do); certificates are kept current alongside. A set that fails
+/// to enroll is retried every few seconds.
 async fn follow_control_plane(
     following: Following,
     enroller: &mut enroll::Enroller,

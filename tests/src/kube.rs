@@ -45,9 +45,10 @@ impl FakeCluster {
         let api = FakeApi::default();
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
-        let _enter = runtime.enter();
-        api.serve(listener);
-        drop(_enter);
+        {
+            let _in_runtime = runtime.enter();
+            api.serve(listener);
+        }
         let kubeconfig = dir.join("kubeconfig");
         fs::write(&kubeconfig, FakeApi::kubeconfig(addr))?;
         Ok(Self {

@@ -13,7 +13,10 @@ pub struct Member {
     pub uid: String,
 }
 
-fn label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&str> {
+/// The object's own [`MESH_LABEL`] value, if it has one.
+pub fn mesh_label(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<&str> {
     meta.labels.as_ref()?.get(MESH_LABEL).map(String::as_str)
 }
 
@@ -21,8 +24,8 @@ fn label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> O
 /// network (there is no pod netns to capture), or finished.
 pub fn member(pod: &Pod, namespace: Option<&Namespace>) -> Option<Member> {
     if !in_mesh(
-        label(&pod.metadata),
-        namespace.and_then(|ns| label(&ns.metadata)),
+        mesh_label(&pod.metadata),
+        namespace.and_then(|ns| mesh_label(&ns.metadata)),
     ) {
         return None;
     }
@@ -47,12 +50,14 @@ pub fn members<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     namespaces: &[std::sync::Arc<Namespace>],
 ) -> Vec<Member> {
+    let by_name: std::collections::HashMap<&str, &Namespace> = namespaces
+        .iter()
+        .filter_map(|n| Some((n.metadata.name.as_deref()?, &**n)))
+        .collect();
     pods.into_iter()
         .filter_map(|pod| {
-            let ns = namespaces
-                .iter()
-                .find(|n| n.metadata.name == pod.metadata.namespace);
-            member(pod, ns.map(|n| &**n))
+            let ns = pod.metadata.namespace.as_deref();
+            member(pod, ns.and_then(|ns| by_name.get(ns).copied()))
         })
         .collect()
 }

@@ -310,12 +310,7 @@ impl Pods {
         let namespace = self.namespaces.get(&ObjectRef::new(&pod.namespace));
         // The namespace's watch may lag behind the pod's: without a label of its own, the
         // pod waits for its namespace rather than be judged without it.
-        let own_label = found
-            .metadata
-            .labels
-            .as_ref()
-            .is_some_and(|l| l.contains_key(mesh_model::membership::MESH_LABEL));
-        if namespace.is_none() && !own_label {
+        if namespace.is_none() && members::mesh_label(&found.metadata).is_none() {
             return None;
         }
         Some(members::member(&found, namespace.as_deref()))

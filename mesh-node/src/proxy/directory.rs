@@ -169,6 +169,12 @@ impl Directory {
         }
     }
 
+    /// Whether [`Directory::route`] would send `dst` to the mesh (a workload or a service),
+    /// without taking a turn of a service's round-robin.
+    pub fn is_mesh_destination(&self, dst: SocketAddr) -> bool {
+        self.by_addr.contains_key(&dst.ip()) || self.by_vip.contains_key(&dst)
+    }
+
     pub fn route(&self, dst: SocketAddr) -> Route {
         if let Some(peer) = self.by_addr.get(&dst.ip()) {
             return Route::Workload(Target {
@@ -317,8 +323,14 @@ mod tests {
             dir.route(addr("10.96.0.1:81")),
             Route::Passthrough
         ));
+        // The mesh-destination check agrees with the routes and takes no round-robin turn.
+        assert!(dir.is_mesh_destination(addr("10.0.0.2:9000")));
+        assert!(dir.is_mesh_destination(addr("10.96.0.1:80")));
+        assert!(!dir.is_mesh_destination(addr("10.96.0.1:81")));
+        assert!(!dir.is_mesh_destination(addr("10.0.0.9:9000")));
         let mut firsts = Vec::new();
         for _ in 0..4 {
+            assert!(dir.is_mesh_destination(addr("10.96.0.1:80")));
             match dir.route(addr("10.96.0.1:80")) {
                 Route::Service {
                     service,

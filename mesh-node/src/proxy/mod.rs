@@ -130,26 +130,26 @@ impl Shared {
         self.directory.borrow().clone()
     }
 
-    /// The directory once it knows `pod` and this node holds its certificate, waiting up
-    /// to the connect timeout (then the current one, whatever it knows).
-    pub async fn directory_for(&self, pod: &WorkloadId) -> Arc<Directory> {
-        let ready = |d: &Arc<Directory>| {
+    /// `current`, or once it is not ready for `pod` (the pod unknown, or no certificate for
+    /// it yet) the first directory that is, waiting up to the connect timeout (then the
+    /// directory as it is, whatever it knows).
+    pub async fn directory_for(&self, pod: &WorkloadId, current: Arc<Directory>) -> Arc<Directory> {
+        let ready = |d: &Directory| {
             d.peer(pod).is_some_and(|me| {
                 d.tls()
-                    .is_some_and(|t| t.svid_serial(&me.identity.to_string()).is_some())
+                    .is_some_and(|t| t.has_svid(&me.identity.to_string()))
             })
         };
+        if ready(&current) {
+            return current;
+        }
+        tracing::debug!(workload = %pod, "waiting for this pod's identity before connecting");
         let deadline = Instant::now() + self.connect_timeout;
         let mut rx = self.directory.clone();
-        let mut logged = false;
         loop {
-            let current = rx.borrow_and_update().clone();
-            if ready(&current) || Instant::now() >= deadline {
-                return current;
-            }
-            if !logged {
-                tracing::debug!(workload = %pod, "waiting for this pod's identity before connecting");
-                logged = true;
+            let latest = rx.borrow_and_update().clone();
+            if ready(&latest) || Instant::now() >= deadline {
+                return latest;
             }
             // A certificate that arrives does not change the directory (the TLS configs read
             // the store), so this also polls, briefly.

@@ -154,12 +154,10 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         .shared
         .capture
         .original_destination(ctx.netns_cookie, peer);
-    if let Some(dst) = original {
-        // A pod captured as it starts (Kubernetes) may connect before this node knows its
-        // identity: a mesh destination then waits for it rather than fail at once.
-        if !matches!(dir.route(dst), Route::Passthrough) {
-            dir = ctx.shared.directory_for(&ctx.workload).await;
-        }
+    // A pod captured as it starts (Kubernetes) may connect before this node knows its
+    // identity: a mesh destination then waits for it rather than fail at once.
+    if original.is_some_and(|dst| dir.is_mesh_destination(dst)) {
+        dir = ctx.shared.directory_for(&ctx.workload, dir).await;
     }
     let me = dir.peer(&ctx.workload);
     // Boxed: they live across the connect, and a connection's task stays small.
