@@ -16,6 +16,12 @@
   app.py linger HOST PORT SECS    one connection kept open SECS seconds, a line echoed every 0.5 s
                                   (server side: a connection that starts with "echo\n");
                                   prints {rounds, failed, error}
+  app.py greet PORT LOG           server that speaks first, as SMTP does: on each connection,
+                                  appends the peer to LOG, sends GREETING and closes at once
+  app.py read HOST PORT N         N sequential connections, each read to its end; prints
+                                  {connections, complete, outcomes} (complete: got all of GREETING)
+  app.py stall HOST PORT HEX N SECS  N connections, each sends the bytes HEX and then nothing for
+                                  SECS seconds; prints {opened, closed_by_peer, refused}
   app.py blob-sha256 N            the sha256 of the N bytes GET /blob/N answers (no network)
 """
 import hashlib
@@ -93,6 +99,64 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
                     return
                 request.sendall(data)
         super().finish_request(request, client_address)
+
+
+# What `greet` sends: a line, then enough bytes that they are more than one small segment.
+GREETING = b"220 greeter ESMTP ready\r\n" + blob(3000)
+
+
+def greet(port, accept_log):
+    with socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                              backlog=128) as srv:
+        print("listening", flush=True)
+        while True:
+            conn, peer = srv.accept()
+            with conn:
+                with open(accept_log, "a") as f:
+                    f.write(peer[0] + "\n")
+                conn.sendall(GREETING)
+
+
+def read(host, port, n):
+    outcomes = []
+    for _ in range(n):
+        got = bytearray()
+        try:
+            with socket.create_connection((host, port), timeout=10) as s:
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+            outcomes.append("complete" if bytes(got) == GREETING else "short %d" % len(got))
+        except OSError as e:
+            outcomes.append("%s after %d bytes" % (type(e).__name__, len(got)))
+    print(json.dumps({"connections": n, "complete": outcomes.count("complete"),
+                      "outcomes": outcomes}))
+
+
+def stall(host, port, data, n, seconds):
+    socks, refused = [], 0
+    for _ in range(n):
+        try:
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(data)
+            s.setblocking(False)
+            socks.append(s)
+        except OSError:
+            refused += 1
+    time.sleep(seconds)
+    closed = 0
+    for s in socks:
+        try:
+            if s.recv(65536) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+        s.close()
+    print(json.dumps({"opened": len(socks), "closed_by_peer": closed, "refused": refused}))
 
 
 def serve(port, accept_log=None):
@@ -229,6 +293,13 @@ if __name__ == "__main__":
         loop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "linger":
         linger(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    elif mode == "greet":
+        greet(int(sys.argv[2]), sys.argv[3])
+    elif mode == "read":
+        read(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "stall":
+        stall(sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4]), int(sys.argv[5]),
+              float(sys.argv[6]))
     elif mode == "blob-sha256":
         print(json.dumps({"sha256": hashlib.sha256(blob(int(sys.argv[2]))).hexdigest()}))
     else:

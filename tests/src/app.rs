@@ -33,6 +33,12 @@ impl Server {
         Self::launch(pod, &["serve", &port.to_string(), &log])
     }
 
+    /// A server that speaks first and closes at once (`app.py greet`), logging each peer.
+    pub fn start_greeter(pod: &Pod, port: u16, log: &Path) -> io::Result<Self> {
+        let log = log.to_string_lossy();
+        Self::launch(pod, &["greet", &port.to_string(), &log])
+    }
+
     fn launch(pod: &Pod, args: &[&str]) -> io::Result<Self> {
         Self::spawn(pod, &mut python(args))
     }

@@ -39,6 +39,7 @@ mesh_tests::on_both_transports!(
     the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why,
     certificates_rotate_under_a_long_lived_connection,
     tunnels_keep_working_while_the_control_plane_is_away,
+    a_server_that_answers_and_closes_at_once_loses_nothing,
 );
 
 /// n1 runs `client`; n2 runs `server` and `outside` (not in the mesh). Servers listen on
@@ -240,6 +241,46 @@ fn half_close_and_resets_cross_the_tunnel(transport: &str) {
     assert_eq!(out["outcome"], "reset", "{out}");
     assert!(m.n1.stat("tunnels_out") >= 2);
     assert!(m.n2.stat("proxy_upstream_failed") >= 1);
+}
+
+/// Regression (issue 19): a server that speaks first and closes at once (SMTP's greeting, an
+/// error page) has its answer, its bytes and its end of stream reach the source node in one
+/// read. That read was taken for a closed session: the client got a reset instead of the
+/// bytes, and on a reused session the source retried, so the server saw the connection twice.
+fn a_server_that_answers_and_closes_at_once_loses_nothing(transport: &str) {
+    const GREETER: u16 = 2525;
+    const CONNECTIONS: u64 = 20;
+    let m = mesh("greet", transport, "");
+    let log = std::env::temp_dir().join(format!("{}-greeter-accepts", m.topo.prefix));
+    std::fs::write(&log, "").expect("accept log");
+    let greeter = Server::start_greeter(m.topo.pod("server"), GREETER, &log).expect("greeter");
+    let server = m.topo.pod("server").ipv4.to_string();
+    let out = app::run(
+        m.topo.pod("client"),
+        &[
+            "read",
+            &server,
+            &GREETER.to_string(),
+            &CONNECTIONS.to_string(),
+        ],
+        T,
+    );
+    drop(greeter);
+    let accepted = std::fs::read_to_string(&log).expect("accept log");
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(
+        out["complete"],
+        CONNECTIONS,
+        "{out}\nn1 log:\n{}",
+        m.n1.log()
+    );
+    assert_eq!(
+        accepted.lines().count() as u64,
+        CONNECTIONS,
+        "the server saw each connection once: {accepted}"
+    );
+    // Some went over a reused session or QUIC connection.
+    assert!(m.n1.stat("tunnels_reused") >= 1, "{}", m.n1.log());
 }
 
 fn the_destination_refuses_tunnel_clients_it_cannot_verify_and_says_why(transport: &str) {

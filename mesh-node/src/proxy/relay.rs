@@ -244,6 +244,11 @@ async fn open(
         counted.add(early.len());
     }
     drop(early);
+    if std::mem::take(&mut rx.ended) {
+        // The end of stream came with the header; what follows it stays for the next one.
+        shutdown_write(dst)?;
+        return Ok(total);
+    }
     let pending = std::mem::take(&mut rx.pending);
     let mut held: Option<pool::Buf> = None;
     let mut filled = 0;

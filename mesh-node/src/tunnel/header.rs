@@ -32,8 +32,8 @@ pub async fn write<M: Message>(session: &mut Session, msg: &M) -> Result<(), Ses
     session.send(&msg.encode_length_delimited_to_vec()).await
 }
 
-/// Reads exactly one message; application bytes that came after it stay in the session for
-/// the relay.
+/// Reads exactly one message; application bytes that came after it, and the end of the
+/// peer's stream if it came too, stay in the session for the relay.
 pub async fn read<M: Message + Default>(session: &mut Session) -> Result<M, HeaderError> {
     loop {
         if let Some((msg, used)) = decode(session.received())? {
@@ -41,7 +41,10 @@ pub async fn read<M: Message + Default>(session: &mut Session) -> Result<M, Head
             return Ok(msg);
         }
         if !session.receive().await? {
-            return Err(HeaderError::Closed);
+            // The header may have come in the same read as the end of stream.
+            let (msg, used) = decode(session.received())?.ok_or(HeaderError::Closed)?;
+            session.consume(used);
+            return Ok(msg);
         }
     }
 }

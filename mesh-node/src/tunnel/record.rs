@@ -90,12 +90,17 @@ fn header(len: usize) -> [u8; HEADER] {
 }
 
 /// The length of the complete record of any type at the start of `buf`, if it is all there.
-pub fn complete_any(buf: &[u8]) -> Option<usize> {
+/// A length over the protocol's limit is an error as soon as the header is in, so a peer
+/// cannot make this side buffer it first.
+pub fn complete_any(buf: &[u8]) -> Result<Option<usize>, RecordError> {
     let [_, _, _, hi, lo, ..] = *buf else {
-        return None;
+        return Ok(None);
     };
-    let len = HEADER + usize::from(u16::from_be_bytes([hi, lo]));
-    (buf.len() >= len).then_some(len)
+    let len = usize::from(u16::from_be_bytes([hi, lo]));
+    if len > MAX_CIPHERTEXT {
+        return Err(RecordError::TooLong(len));
+    }
+    Ok((buf.len() >= HEADER + len).then_some(HEADER + len))
 }
 
 /// Protects records this side sends.

@@ -1,11 +1,12 @@
 //! One TLS 1.3 tunnel connection: rustls's unbuffered state machine for the handshake, then
 //! records sealed and opened here (`record.rs`) with the secrets rustls hands over.
 //!
-//! rustls is fed the handshake one whole record at a time, so it never consumes bytes past
-//! its last handshake record: whatever the peer sent after that (the tunnel header, early
-//! application bytes) stays here for the record layer. rustls keeps computing key updates
-//! (`rustls::kernel::KernelConnection`): a peer's KeyUpdate is followed, and this side updates
-//! its own key before the cipher suite's confidentiality limit. Session tickets are not used.
+//! rustls is fed the handshake one whole record at a time, and only when it has done all it
+//! can with the records it holds, so it never consumes bytes past its last handshake record:
+//! whatever the peer sent after that (the tunnel header, early application bytes) stays here
+//! for the record layer. rustls keeps computing key updates (`rustls::kernel`): a peer's
+//! KeyUpdate is followed, and this side updates its own key before the cipher suite's
+//! confidentiality limit. Session tickets are not used.
 //!
 //! One session carries one application connection at a time, and then the next (see
 //! `pool.rs`): each direction of a connection ends with an empty application-data record
@@ -170,6 +171,10 @@ pub struct Rx {
     pub plaintext: Vec<u8>,
     /// The peer sent close_notify: the session carries nothing more.
     pub closed: bool,
+    /// The peer ended its direction of the current connection in the records read with the
+    /// header (a server that answers and closes at once): the relay passes the end on
+    /// after `plaintext` instead of waiting for records that will not come.
+    pub ended: bool,
 }
 
 impl Rx {
@@ -286,52 +291,63 @@ impl Session {
         let mut incoming = Vec::with_capacity(4096);
         let mut outgoing = Vec::new();
         let mut encoded = 0;
+        // The front of `incoming` that rustls has been given and not discarded yet. rustls
+        // keeps a handshake message that spans records there (joined in place, so only rustls
+        // can read that part again) and continues from it when given one more record.
+        let mut given = 0;
         loop {
-            // One whole record at a time (or the partial first one): see the module comment.
-            let end = record::complete_any(&incoming).unwrap_or(incoming.len());
-            let status = conn.process(&mut incoming[..end]);
+            let status = conn.process(&mut incoming[..given]);
             let discard = status.discard;
-            let step = match status.state? {
+            let state = match status.state {
+                Ok(state) => state,
+                Err(e) => {
+                    send_alert(&mut conn, &mut incoming[..given], &mut tcp).await;
+                    return Err(e.into());
+                }
+            };
+            let wants_input = match state {
                 ConnectionState::EncodeTlsData(mut e) => {
-                    loop {
-                        match e.encode(&mut outgoing[encoded..]) {
-                            Ok(n) => break encoded += n,
-                            Err(EncodeError::InsufficientSize(InsufficientSizeError {
-                                required_size,
-                            })) => outgoing.resize(encoded + required_size, 0),
-                            Err(e) => return Err(SessionError::Encode(e.to_string())),
-                        }
-                    }
-                    Step::Again
+                    encode(&mut e, &mut outgoing, &mut encoded)?;
+                    false
                 }
                 ConnectionState::TransmitTlsData(t) => {
                     tcp.write_all(&outgoing[..encoded]).await?;
                     encoded = 0;
                     t.done();
-                    Step::Again
+                    false
                 }
-                ConnectionState::BlockedHandshake => Step::Wait,
+                ConnectionState::BlockedHandshake => true,
                 // A server may send before the client's Finished arrives; the handshake is
-                // over only when rustls says so.
-                ConnectionState::WriteTraffic(_) => Step::Ready,
+                // over only when rustls says so (below).
+                ConnectionState::WriteTraffic(_) => true,
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
                     return Err(SessionError::ClosedInHandshake)
                 }
                 _ => return Err(SessionError::DataInHandshake),
             };
             incoming.drain(..discard);
-            let step = match step {
-                Step::Ready if !conn.handshaking() => break,
-                Step::Ready | Step::Wait => {
-                    if record::complete_any(&incoming).is_some() {
-                        Step::Again
-                    } else {
-                        Step::Wait
-                    }
+            given -= discard;
+            if !wants_input {
+                continue;
+            }
+            if !conn.handshaking() {
+                // Everything rustls was given belonged to the handshake.
+                if given != 0 {
+                    return Err(SessionError::DataInHandshake);
                 }
-                other => other,
-            };
-            if let Step::Wait = step {
+                break;
+            }
+            // rustls has done all it can with what it holds: give it exactly one more record,
+            // never more, so that it stops at its last handshake record and what follows (the
+            // tunnel header, early application bytes) stays here for the record layer. With
+            // no whole record here, wait for the peer: every turn of this loop either hands
+            // rustls a new record, lets it write, or awaits the socket, so a peer cannot make
+            // it spin.
+            loop {
+                if let Some(len) = record::complete_any(&incoming[given..])? {
+                    given += len;
+                    break;
+                }
                 if incoming.len() >= MAX_HANDSHAKE_BUFFER {
                     return Err(SessionError::HandshakeTooLarge);
                 }
@@ -360,6 +376,7 @@ impl Session {
                 pending: incoming,
                 plaintext: Vec::new(),
                 closed: false,
+                ended: false,
             },
             rekey: Rekey {
                 keys: Mutex::new(keys),
@@ -424,8 +441,12 @@ impl Session {
     }
 
     /// Reads at least one more record, adding its application bytes to `rx.plaintext`.
-    /// Returns false once the peer has ended its stream or closed the session.
+    /// Returns false once the peer has ended its stream or closed the session; the bytes
+    /// that came before the end are in `rx.plaintext` all the same.
     pub async fn receive(&mut self) -> Result<bool, SessionError> {
+        if self.rx.ended {
+            return Ok(false);
+        }
         loop {
             // Opening works in place, so the pending bytes are taken out while it runs.
             let mut pending = std::mem::take(&mut self.rx.pending);
@@ -440,6 +461,7 @@ impl Session {
             self.rx.pending = pending;
             let opened = opened?;
             if opened.ended {
+                self.rx.ended = true;
                 return Ok(false);
             }
             if opened.consumed > 0 {
@@ -462,11 +484,49 @@ impl Session {
     }
 }
 
-/// What the handshake loop does next.
-enum Step {
-    Again,
-    Wait,
-    Ready,
+/// Appends the handshake data rustls has ready to `outgoing[..*encoded]`.
+fn encode<D>(
+    e: &mut rustls::unbuffered::EncodeTlsData<'_, D>,
+    outgoing: &mut Vec<u8>,
+    encoded: &mut usize,
+) -> Result<(), SessionError> {
+    loop {
+        match e.encode(&mut outgoing[*encoded..]) {
+            Ok(n) => {
+                *encoded += n;
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                outgoing.resize(*encoded + required_size, 0)
+            }
+            Err(e) => return Err(SessionError::Encode(e.to_string())),
+        }
+    }
+}
+
+/// Sends the fatal alert rustls queues when it refuses the peer's handshake, so the peer
+/// learns why (a bad certificate, an unknown CA) instead of seeing a bare close. Best effort:
+/// the alert is one small record, and the caller's timeout bounds the write.
+async fn send_alert<C: Handshake>(conn: &mut C, incoming: &mut [u8], tcp: &mut TcpStream) {
+    let (mut outgoing, mut encoded) = (Vec::new(), 0);
+    // Encode, then transmit: two turns, a few more in case rustls splits the alert.
+    for _ in 0..4 {
+        match conn.process(incoming).state {
+            Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                if encode(&mut e, &mut outgoing, &mut encoded).is_err() {
+                    return;
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                t.done();
+                break;
+            }
+            _ => break,
+        }
+    }
+    if encoded > 0 {
+        let _ = tcp.write_all(&outgoing[..encoded]).await;
+    }
 }
 
 /// The parts of rustls's unbuffered client and server connections the handshake uses.
@@ -550,6 +610,178 @@ mod tests {
 
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// Runs `test` on a runtime of its own in another thread and fails if it has not finished
+    /// within a minute: a handshake driver that spins never yields, so a test of one would
+    /// otherwise hang instead of failing.
+    fn without_stalling<F>(test: impl FnOnce() -> F + Send + 'static)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(test());
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the test failed"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the runtime stalled: a handshake driver stopped yielding")
+            }
+        }
+    }
+
+    /// Awaits `handshake` for a while, checking that other tasks still run meanwhile (the
+    /// runtime has one thread), and that the handshake is still waiting for its peer.
+    async fn stays_waiting<T>(handshake: &mut tokio::task::JoinHandle<T>) {
+        for _ in 0..5 {
+            tokio::select! {
+                _ = &mut *handshake => panic!("the handshake ended on a partial message"),
+                () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    /// Regression (issue 19): nine bytes, a record that holds the start of a ClientHello
+    /// spanning records, made the server's driver hand rustls the same record forever.
+    #[test]
+    fn a_client_hello_cut_short_does_not_stall_the_server() {
+        without_stalling(|| async {
+            let (_, server_config) = configs();
+            let (mut client_tcp, server_tcp) = pair().await;
+            let mut server = tokio::spawn(Session::accept(server_config, server_tcp));
+            client_tcp
+                .write_all(&[0x16, 3, 1, 0, 4, 1, 0, 1, 0])
+                .await
+                .unwrap();
+            stays_waiting(&mut server).await;
+            drop(client_tcp);
+            let Err(err) = server.await.unwrap() else {
+                panic!("a handshake completed on nine bytes");
+            };
+            assert!(
+                matches!(err, SessionError::ClosedInHandshake),
+                "{err}: the peer's close should end the handshake"
+            );
+        });
+    }
+
+    /// Regression (issue 19): the client's driver had the same loop; a ServerHello that
+    /// spans records stalled it too.
+    #[test]
+    fn a_server_hello_cut_short_does_not_stall_the_client() {
+        without_stalling(|| async {
+            let (client_config, _) = configs();
+            let (client_tcp, mut server_tcp) = pair().await;
+            let name = ServerName::try_from("tunnel.mycel").unwrap();
+            let mut client = tokio::spawn(Session::connect(client_config, name, client_tcp));
+            // The ClientHello, then a record with the first four bytes of a ServerHello.
+            let mut hello = [0u8; 5];
+            server_tcp.read_exact(&mut hello).await.unwrap();
+            let mut rest = vec![0u8; usize::from(u16::from_be_bytes([hello[3], hello[4]]))];
+            server_tcp.read_exact(&mut rest).await.unwrap();
+            server_tcp
+                .write_all(&[0x16, 3, 3, 0, 4, 2, 0, 1, 0])
+                .await
+                .unwrap();
+            stays_waiting(&mut client).await;
+            drop(server_tcp);
+            assert!(client.await.unwrap().is_err(), "a handshake on four bytes");
+        });
+    }
+
+    /// Regression (issue 19): stock rustls peers that cut every record to 64 bytes (a
+    /// handshake message spans many records, both ways) complete their handshake with a
+    /// session and exchange data.
+    #[test]
+    fn handshakes_in_64_byte_records_complete_both_ways() {
+        without_stalling(|| async {
+            let (client_config, server_config) = configs();
+            let name = ServerName::try_from("tunnel.mycel").unwrap();
+
+            // A stock client against the session's server side.
+            let mut small = (*client_config).clone();
+            small.max_fragment_size = Some(64);
+            let (client_tcp, server_tcp) = pair().await;
+            let server = tokio::spawn(async move {
+                let (mut session, _) = Session::accept(server_config.clone(), server_tcp)
+                    .await
+                    .unwrap();
+                while session.received().len() < 5 {
+                    assert!(session.receive().await.unwrap());
+                }
+                session.send(b"pong!").await.unwrap();
+                (session.received().to_vec(), server_config)
+            });
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(small));
+            let mut tls = connector.connect(name.clone(), client_tcp).await.unwrap();
+            tls.write_all(b"ping!").await.unwrap();
+            let mut back = [0u8; 5];
+            tls.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"pong!");
+            let (got, server_config) = server.await.unwrap();
+            assert_eq!(got, b"ping!");
+
+            // The session's client side against a stock server.
+            let mut small = (*server_config).clone();
+            small.max_fragment_size = Some(64);
+            let (client_tcp, server_tcp) = pair().await;
+            let server = tokio::spawn(async move {
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(small));
+                let mut tls = acceptor.accept(server_tcp).await.unwrap();
+                let mut buf = [0u8; 5];
+                tls.read_exact(&mut buf).await.unwrap();
+                tls.write_all(b"pong!").await.unwrap();
+                tls.flush().await.unwrap();
+                buf
+            });
+            let mut session = Session::connect(client_config, name, client_tcp)
+                .await
+                .unwrap();
+            session.send(b"ping!").await.unwrap();
+            while session.received().len() < 5 {
+                assert!(session.receive().await.unwrap());
+            }
+            assert_eq!(session.received(), b"pong!");
+            assert_eq!(&server.await.unwrap(), b"ping!");
+        });
+    }
+
+    /// A refused handshake tells the peer why: rustls's fatal alert reaches a stock client.
+    #[test]
+    fn a_refused_handshake_sends_its_alert() {
+        without_stalling(|| async {
+            let mesh = ca();
+            let server_config = server_config(svid(&mesh, B, -60, 3600), &trust(&mesh)).unwrap();
+            // The client trusts the server, but presents a certificate of another CA.
+            let other = ca();
+            let client = client_config(
+                svid(&other, A, -60, 3600),
+                &trust(&mesh),
+                B.parse().unwrap(),
+            )
+            .unwrap();
+            let (client_tcp, server_tcp) = pair().await;
+            let server = tokio::spawn(Session::accept(Arc::new(server_config), server_tcp));
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+            let name = ServerName::try_from("tunnel.mycel").unwrap();
+            // TLS 1.3: the client is done once it has sent its Finished; the server's verdict
+            // on its certificate arrives after.
+            let mut tls = connector.connect(name, client_tcp).await.unwrap();
+            let mut buf = [0u8; 1];
+            let err = tls.read(&mut buf).await.unwrap_err();
+            assert!(
+                err.to_string().contains("received fatal alert"),
+                "the client saw {err}, not the server's alert"
+            );
+            assert!(server.await.unwrap().is_err());
+        });
     }
 
     /// A stock rustls client talks to a session relaying to an echo application: bytes in
@@ -744,6 +976,75 @@ mod tests {
                 (done.sent, done.received),
                 (data.len() as u64, data.len() as u64)
             );
+            session = done.session.expect("the session comes back");
+        }
+        server.await.unwrap();
+    }
+
+    /// Regression (issue 19): a server that answers and closes at once (a greeting, an error
+    /// page) has its answer header, its bytes and its end of stream arrive in one read. The
+    /// header reader took that for a close and the client got a reset instead of the bytes;
+    /// now the client gets every byte and the session carries the next connection.
+    #[tokio::test]
+    async fn an_answer_with_its_data_and_end_in_one_read_is_delivered() {
+        use mesh_api::v1::{TunnelRequest, TunnelResponse};
+        use prost::Message as _;
+
+        use crate::tunnel::header;
+
+        let (client_config, server_config) = configs();
+        let (client_tcp, server_tcp) = pair().await;
+        let greeting = b"220 mail.example ESMTP ready\r\n";
+        let server = tokio::spawn(async move {
+            let (mut session, _) = Session::accept(server_config, server_tcp).await.unwrap();
+            for _ in 0..2 {
+                let _: TunnelRequest = header::read(&mut session).await.unwrap();
+                // Answer, greeting and end of stream as one write.
+                let mut out = Vec::new();
+                let answer = TunnelResponse::default().encode_length_delimited_to_vec();
+                session
+                    .tx
+                    .seal_to(&answer, ContentType::ApplicationData, &mut out);
+                session
+                    .tx
+                    .seal_to(greeting, ContentType::ApplicationData, &mut out);
+                session.tx.end_of_stream(&mut out);
+                session.tcp.write_all(&out).await.unwrap();
+                // The client's end of its direction.
+                assert!(!session.receive().await.unwrap());
+                assert!(session.received().is_empty());
+                session.rx.ended = false;
+            }
+        });
+        let name = ServerName::try_from("tunnel.mycel").unwrap();
+        let mut session = Session::connect(client_config, name, client_tcp)
+            .await
+            .unwrap();
+        for round in 0..2 {
+            header::write(&mut session, &TunnelRequest::default())
+                .await
+                .unwrap();
+            // Let the whole answer arrive before reading any of it.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let _: TunnelResponse = header::read(&mut session)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let (proxy_side, mut app) = pair().await;
+            let app_side = tokio::spawn(async move {
+                let mut got = Vec::new();
+                app.read_to_end(&mut got).await.unwrap();
+                app.shutdown().await.unwrap();
+                got
+            });
+            let done = relay(
+                proxy_side,
+                Stream::Tunnel(session),
+                None,
+                &Traffic::default(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(app_side.await.unwrap(), greeting, "round {round}");
             session = done.session.expect("the session comes back");
         }
         server.await.unwrap();
