@@ -388,6 +388,7 @@ impl Enroller {
             netns: worker,
             netns_cookie,
             quic: quic.clone(),
+            load: Arc::default(),
             shared: self.shared.clone(),
         });
         Ok(Prepared {

@@ -146,6 +146,20 @@ struct RunArgs {
     /// Seconds to wait for an upstream connect before resetting the client.
     #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
     connect_timeout: f64,
+    /// Connections to one pod (tunnelled and plaintext) open at once; also the most
+    /// connections one pod's application may have open through the proxy. More are refused
+    /// (reset), counted in mycel_connections_limited_total and logged every 10 s.
+    #[arg(long, default_value_t = proxy::limits::Config::default().connections_per_pod, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_pod: u32,
+    /// Connections from one source address to this node's pods open at once.
+    #[arg(long, default_value_t = proxy::limits::Config::default().connections_per_source, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_source: u32,
+    /// Tunnel handshakes (until the first header arrives) in progress for one pod.
+    #[arg(long, default_value_t = proxy::limits::Config::default().handshakes_per_pod, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes_per_pod: u32,
+    /// Tunnel handshakes in progress from one source address.
+    #[arg(long, default_value_t = proxy::limits::Config::default().handshakes_per_source, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes_per_source: u32,
     /// Seconds to let open connections finish on SIGTERM before exiting.
     #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     drain_timeout: f64,
@@ -361,6 +375,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Offline mode keeps the empty directory: every destination is passed through unchanged.
     let (directory_tx, directory_rx) =
         watch::channel(Arc::new(proxy::directory::Directory::default()));
+    let limited = proxy::limits::Limits::counter()?;
+    metrics.register(Box::new(limited.clone()))?;
+    let limits = proxy::limits::Config {
+        connections_per_pod: args.max_connections_per_pod,
+        connections_per_source: args.max_connections_per_source,
+        handshakes_per_pod: args.max_handshakes_per_pod,
+        handshakes_per_source: args.max_handshakes_per_source,
+    };
     let shared = Arc::new(proxy::Shared::new(
         capture.clone(),
         stats.clone(),
@@ -368,6 +390,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.tunnels.clone(),
         Duration::from_secs_f64(args.connect_timeout),
         directory_rx.clone(),
+        Arc::new(proxy::limits::Limits::new(limits, limited)),
     ));
     let authz = shared.authz.clone();
     tokio::spawn(proxy::authz::follow(authz.clone(), directory_rx));

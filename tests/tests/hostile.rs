@@ -1,24 +1,26 @@
-//! Hostile input against a node's open ports: whatever a stranger sends must not stop the
-//! node's mesh. Each attack runs while a meshed client keeps calling across the nodes and
-//! the attacked node's admin endpoint keeps being probed.
+//! Hostile input against a node's open ports: whatever others send must not stop the node's
+//! mesh. Each attack runs while a meshed client keeps calling across the nodes and the
+//! attacked node's admin endpoint keeps being probed.
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
+use std::{thread, time::Duration};
 
+use mesh_api::v1::tunnel_response::Status;
 use mesh_tests::{
     app::{self, Server},
     mesh::{mesh_config_yaml, workloads_yaml},
+    tunnel::dial_as,
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
 const PORT: u16 = 8080;
 const TUNNEL: u16 = 15008;
 const T: Duration = Duration::from_secs(60);
+/// The ports of the node proxy's own listeners in every pod.
+const MESH_PORTS: [u16; 3] = [15006, 15008, 15001];
+const INTRUDER_ID: &str = "spiffe://cluster.local/ns/default/sa/intruder";
 
 struct Mesh {
-    _cp: ControlPlane,
+    cp: ControlPlane,
     n1: MeshNode,
     n2: MeshNode,
     _server: Server,
@@ -26,26 +28,28 @@ struct Mesh {
     topo: Topology,
 }
 
-/// n1 runs the meshed `client` and `outsider` (not in the mesh); n2 runs the meshed `server`,
-/// the target of every attack.
+/// n1 runs the meshed `client` and `intruder` and the `outsider` (not in the mesh); n2 runs
+/// the meshed `server`, the target of every attack. `client` is the honest caller whose
+/// calls must keep working; the other two attack. PERMISSIVE, so plaintext reaches n2's
+/// plaintext listener.
 fn mesh(test: &str) -> Mesh {
     let mut topo = Topology::new(&[
-        NodeSpec::new("n1", &["client", "outsider"]),
+        NodeSpec::new("n1", &["client", "intruder", "outsider"]),
         NodeSpec::new("n2", &["server"]),
     ])
     .expect("topology");
     let server = Server::start(topo.pod("server"), PORT).expect("server app");
     let yaml = format!(
         "{}---\n{}",
-        workloads_yaml(&[topo.pod("client"), topo.pod("server")]),
+        workloads_yaml(&[topo.pod("client"), topo.pod("intruder"), topo.pod("server")]),
         mesh_config_yaml("tls", ""),
     );
     let cp = ControlPlane::start(&format!("{}-{test}", topo.prefix), &[("mesh.yaml", &yaml)])
         .expect("mesh-cp");
-    let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
     let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
     Mesh {
-        _cp: cp,
+        cp,
         n1,
         n2,
         _server: server,
@@ -53,18 +57,62 @@ fn mesh(test: &str) -> Mesh {
     }
 }
 
-/// Probes `/healthz` of `node` every 50 ms until `until`; returns the failures.
-fn probe_health(node: &MeshNode, until: Instant) -> Vec<String> {
-    let mut failures = Vec::new();
-    while Instant::now() < until {
-        match node.admin_get("/healthz") {
-            Ok((200, _)) => {}
-            Ok((code, body)) => failures.push(format!("{code} {body}")),
-            Err(e) => failures.push(e.to_string()),
-        }
-        thread::sleep(Duration::from_millis(50));
+impl Mesh {
+    fn server(&self) -> String {
+        self.topo.pod("server").ipv4.to_string()
     }
-    failures
+
+    /// Runs `attack` while `client` makes `calls` ping/pong calls to the server and n2's
+    /// `/healthz` is probed every 50 ms; fails on any failed call or probe.
+    fn under_attack(&self, calls: u32, attack: impl FnOnce()) {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (out, health) = thread::scope(|s| {
+            let health = s.spawn(|| {
+                let mut failures = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    match self.n2.admin_get("/healthz") {
+                        Ok((200, _)) => {}
+                        Ok((code, body)) => failures.push(format!("{code} {body}")),
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                failures
+            });
+            let caller = s.spawn(|| {
+                app::run(
+                    self.topo.pod("client"),
+                    &[
+                        "loop",
+                        &self.server(),
+                        &PORT.to_string(),
+                        &calls.to_string(),
+                    ],
+                    T,
+                )
+            });
+            attack();
+            let out = caller.join().expect("caller");
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            (out, health.join().expect("health prober"))
+        });
+        assert_eq!(out["failures"], 0, "{out}\nn2 log:\n{}", self.n2.log());
+        assert!(health.is_empty(), "n2's /healthz failed: {health:?}");
+    }
+}
+
+/// `app.py stall`: `n` connections from `pod` to the server's `port`, each sending `hex` and
+/// then nothing for `secs`.
+fn stall(m: &Mesh, pod: &str, port: u16, hex: &str, n: u32, secs: u32) -> std::process::Child {
+    let args = [
+        "stall",
+        &m.server(),
+        &port.to_string(),
+        hex,
+        &n.to_string(),
+        &secs.to_string(),
+    ];
+    app::start(m.topo.pod(pod), &args).expect("attacker")
 }
 
 /// Regression (issue 19): three connections to a mesh pod's tunnel port, each sending nine
@@ -75,34 +123,129 @@ fn probe_health(node: &MeshNode, until: Instant) -> Vec<String> {
 #[test]
 fn split_client_hellos_do_not_stop_the_node() {
     let mut m = mesh("hello");
-    let server = m.topo.pod("server").ipv4.to_string();
     let nine_bytes = "160301000401000100";
-    let attack = |pod: &str| {
-        app::start(
-            m.topo.pod(pod),
-            &["stall", &server, &TUNNEL.to_string(), nine_bytes, "3", "4"],
-        )
-        .expect("attacker")
-    };
-    let attackers = [attack("outsider"), attack("client")];
-    let until = Instant::now() + Duration::from_secs(4);
-    let (calls, health) = thread::scope(|s| {
-        let health = s.spawn(|| probe_health(&m.n2, until));
-        let calls = app::run(
-            m.topo.pod("client"),
-            &["loop", &server, &PORT.to_string(), "40"],
-            T,
-        );
-        (calls, health.join().expect("health prober"))
+    let mut attackers = Vec::new();
+    m.under_attack(40, || {
+        attackers.push(stall(&m, "outsider", TUNNEL, nine_bytes, 3, 4));
+        attackers.push(stall(&m, "intruder", TUNNEL, nine_bytes, 3, 4));
     });
     for attacker in attackers {
         let out = app::finish(attacker, T);
         assert_eq!(out["opened"], 3, "{out}");
     }
-    assert_eq!(calls["failures"], 0, "{calls}\nn2 log:\n{}", m.n2.log());
-    assert!(health.is_empty(), "n2's /healthz failed: {health:?}");
     // The handshakes ended when their peers closed, each counted as a refused tunnel.
-    m.n2.wait_for(Duration::from_secs(10), |s| s["tunnels_in_refused"] >= 6)
-        .unwrap_or_else(|e| panic!("{e}\nn2 log:\n{}", m.n2.log()));
+    m.n2.wait_for(Duration::from_secs(10), |s| {
+        s["tunnels_in_refused"] >= 6 && s["inbound_handshakes"] == 0
+    })
+    .unwrap_or_else(|e| panic!("{e}\nn2 log:\n{}", m.n2.log()));
     assert!(m.n1.stat("tunnels_out") >= 40);
+}
+
+/// Regression (issue 19): a tunnel header or a plaintext connection addressed to a pod's own
+/// mesh ports made its node connect to its own listener, again and again, until it ran out of
+/// ports. Now each is refused at once, with the reason.
+#[test]
+fn the_mesh_ports_are_never_a_destination() {
+    let m = mesh("ports");
+    let (intruder, server) = (m.topo.pod("intruder"), m.topo.pod("server"));
+    // A mesh pod with a valid certificate (its own identity) names each port in its header.
+    for port in MESH_PORTS {
+        let out = dial_as(&m.cp.data_dir, intruder, server, port, INTRUDER_ID).expect("dial");
+        let response = out.response.expect("an answer");
+        assert_eq!(
+            response.status(),
+            Status::BadRequest,
+            "port {port}: {response:?}"
+        );
+        assert!(
+            response.reason.contains("the mesh's own listener"),
+            "port {port}: {}",
+            response.reason
+        );
+    }
+    // Plaintext from outside the mesh, and a mesh pod's application, to the same ports.
+    for pod in ["outsider", "client"] {
+        for port in MESH_PORTS {
+            let out = app::run(
+                m.topo.pod(pod),
+                &["probe", &m.server(), &port.to_string()],
+                T,
+            );
+            assert!(
+                ["reset", "eof", "refused", "timeout"]
+                    .contains(&out["outcome"].as_str().unwrap_or("")),
+                "{pod} -> :{port}: {out}"
+            );
+        }
+    }
+    // Each attempt cost the node one connection, not a loop of them.
+    let plaintext = m.n2.stat("plaintext_in");
+    assert!(
+        plaintext <= 4,
+        "{plaintext} plaintext connections for 2 attempts"
+    );
+    assert!(m.n2.log().contains("the mesh's own listener"));
+    // The honest path still works.
+    let out = app::run(
+        m.topo.pod("client"),
+        &["loop", &m.server(), &PORT.to_string(), "3"],
+        T,
+    );
+    assert_eq!(out["failures"], 0, "{out}");
+}
+
+/// 500 half-open connections to the tunnel port from one address outside the mesh: the node
+/// keeps at most its per-source handshake limit (128 by default) of them, resets the rest at
+/// once, says so in one log line and a metric, and the honest client's calls go on.
+#[test]
+fn half_open_handshakes_are_limited_per_source() {
+    let mut m = mesh("halfopen");
+    let mut attacker = None;
+    m.under_attack(40, || {
+        attacker = Some(stall(&m, "outsider", TUNNEL, "", 500, 4));
+    });
+    let out = app::finish(attacker.expect("attacker"), T);
+    assert!(
+        out["closed_by_peer"].as_u64().unwrap_or(0) + out["refused"].as_u64().unwrap_or(0)
+            >= 500 - 128,
+        "{out}"
+    );
+    let metrics = m.n2.metrics_text().expect("/metrics");
+    let limited = metrics
+        .lines()
+        .find(|l| l.starts_with("mycel_connections_limited_total{limit=\"source_handshakes\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(limited >= 372.0, "{limited} refused:\n{metrics}");
+    let log = m.n2.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("connection limit reached"))
+        .count();
+    assert!((1..=2).contains(&lines), "{lines} limit lines:\n{log}");
+    m.n2.wait_for(Duration::from_secs(15), |s| s["inbound_handshakes"] == 0)
+        .unwrap_or_else(|e| panic!("{e}\nn2 log:\n{}", m.n2.log()));
+}
+
+/// The limits are for strangers: an honest burst of 300 new connections from one pod to
+/// another (each a new TLS session) waits at its own node for handshakes in flight instead of
+/// meeting the destination's per-source limit.
+#[test]
+fn an_honest_burst_stays_within_the_destination_limits() {
+    let m = mesh("burst");
+    let out = app::run(
+        m.topo.pod("client"),
+        &["hold", &m.server(), &PORT.to_string(), "300"],
+        T,
+    );
+    assert_eq!(out["ok"], 300, "{out}\nn2 log:\n{}", m.n2.log());
+    let metrics = m.n2.metrics_text().expect("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("mycel_connections_limited_total{"))
+            .all(|l| l.ends_with(" 0")),
+        "{metrics}"
+    );
 }

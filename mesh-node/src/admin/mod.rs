@@ -191,6 +191,9 @@ fn render_stats(admin: &Parts, status: &Status) -> Result<String, crate::capture
     ] {
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
     }
+    let (open, handshakes) = admin.proxy.limits.totals();
+    let _ = writeln!(out, "inbound_open {open}");
+    let _ = writeln!(out, "inbound_handshakes {handshakes}");
     admin.authz.render(&mut out);
     let _ = writeln!(out, "enrolled_workloads {}", status.enrolled);
     let _ = writeln!(out, "config_applied {}", status.config_applied);

@@ -163,6 +163,8 @@ pub enum FailReason {
     Reset,
     /// Established, then closed because a policy change denies it.
     ClosedByPolicy,
+    /// A limit on connections or handshakes refused it, at either end.
+    Overloaded,
 }
 
 impl FailReason {
@@ -177,6 +179,7 @@ impl FailReason {
             FailReason::NoOriginalDestination => "no_original_destination",
             FailReason::Reset => "reset",
             FailReason::ClosedByPolicy => "closed_by_policy",
+            FailReason::Overloaded => "overloaded",
         }
     }
 }

@@ -133,6 +133,7 @@ pub fn refusal_reason(status: Status) -> FailReason {
     match status {
         Status::Denied => FailReason::Denied,
         Status::UpstreamFailed => FailReason::UpstreamConnect,
+        Status::Overloaded => FailReason::Overloaded,
         _ => FailReason::Refused,
     }
 }
@@ -246,6 +247,15 @@ fn check_destination(
             format!("{destination} is not an address of {key}"),
         ));
     }
+    if super::RESERVED_PORTS.contains(&destination.port()) {
+        return Err(Refusal::new(
+            Status::BadRequest,
+            format!(
+                "port {} of {key} is the mesh's own listener, not the application's",
+                destination.port()
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -293,6 +303,12 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let refused = |reason: &dyn std::fmt::Display| {
         stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(workload = %ctx.workload, %peer, %reason, "tunnel refused");
+    };
+    // Before anything else: the limits log their own refusals, once in a while.
+    let limits = &ctx.shared.limits;
+    let Ok(mut permit) = limits.handshake(&ctx.load, &ctx.workload, peer.ip()) else {
+        stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+        return reset(tcp);
     };
     let _ = tcp.set_nodelay(true);
     let dir = ctx.shared.directory();
@@ -360,6 +376,15 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                     return reset(stream);
                 }
             };
+        if first {
+            if let Err(limit) = permit.opened(&ctx.workload) {
+                stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("this node is at its {limit} limit");
+                let _ = header::write(&mut stream, &response(Status::Overloaded, &reason)).await;
+                let _ = stream.close().await;
+                return;
+            }
+        }
         first = false;
         stream.carry();
         // Boxed, like the handshake: the connection's task keeps only the relay's state while
@@ -506,6 +531,11 @@ async fn handle_quic(incoming: quinn::Incoming, ctx: Arc<PodContext>, tracker: T
         stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(workload = %ctx.workload, %peer, %reason, "QUIC tunnel refused");
     };
+    let limits = &ctx.shared.limits;
+    let Ok(mut permit) = limits.handshake(&ctx.load, &ctx.workload, peer_ip) else {
+        stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+        return incoming.refuse();
+    };
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => return refused(&format!("QUIC handshake failed: {e}")),
@@ -515,6 +545,12 @@ async fn handle_quic(incoming: quinn::Incoming, ctx: Arc<PodContext>, tracker: T
         Ok(Err(e)) => return refused(&format!("QUIC handshake failed: {e}")),
         Err(_) => return refused(&format!("no QUIC handshake within {HANDSHAKE_TIMEOUT:?}")),
     };
+    // The connection counts as open while it lives, and each of its streams too.
+    if permit.opened(&ctx.workload).is_err() {
+        conn.close(quic::code::DONE, b"overloaded");
+        stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     // Held until the connection ends: `accept_bi` fails then.
     let tunnel = ctx
         .shared
@@ -541,6 +577,7 @@ async fn handle_quic(incoming: quinn::Incoming, ctx: Arc<PodContext>, tracker: T
         let stream = quic::TunnelStream::new(send, recv);
         tracker.spawn(handle_quic_stream(stream, from.clone(), ctx.clone()));
     }
+    drop(permit);
 }
 
 /// The verified source of a QUIC connection.
@@ -559,6 +596,23 @@ async fn handle_quic_stream(
     let ctx = &*ctx;
     let stats = &ctx.shared.stats;
     let peer = from.addr;
+    let limits = &ctx.shared.limits;
+    let _permit = match limits.open(&ctx.load, &ctx.workload, peer.ip()) {
+        Ok(permit) => permit,
+        Err(limit) => {
+            stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
+            let reason = format!("this node is at its {limit} limit");
+            let answer = async {
+                let _ =
+                    header::write_stream(&mut stream.send, &response(Status::Overloaded, &reason))
+                        .await;
+                let _ = stream.send.finish();
+                let _ = stream.send.stopped().await;
+            };
+            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await;
+            return;
+        }
+    };
     let header = header::read_stream::<TunnelRequest>(&mut stream.recv);
     let (request, early) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, header).await {
         Ok(Ok(got)) => got,
@@ -628,6 +682,10 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     let ctx = &*ctx;
     let stats = &ctx.shared.stats;
     stats.plaintext_in.fetch_add(1, Ordering::Relaxed);
+    let limits = &ctx.shared.limits;
+    let Ok(_permit) = limits.open(&ctx.load, &ctx.workload, peer.ip()) else {
+        return reset(client);
+    };
     let _ = client.set_nodelay(true);
     let destination = match client.local_addr() {
         Ok(a) => a,

@@ -9,10 +9,12 @@
 //!   open connections that a policy change denies.
 //! - `relay.rs`: copying bytes with half-close and resets passed on, sealing and opening
 //!   tunnel records in place in pooled buffers.
+//! - `limits.rs`: how many connections and handshakes each pod and each source may have.
 
 pub mod authz;
 pub mod directory;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod relay;
 
@@ -24,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_ebpf_common::PROXY_MARK;
+use mesh_ebpf_common::{OUTBOUND_PORT, PLAINTEXT_PORT, PROXY_MARK};
 use std::future::Future;
 
 use tokio::{
@@ -35,6 +37,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{capture::Capture, netns::NetnsWorker, workloads::WorkloadId};
 use directory::Directory;
+
+/// The pod ports the node proxy's own listeners take. A connection is never delivered to
+/// them: the proxy would connect to itself, again and again.
+pub const RESERVED_PORTS: [u16; 3] = [OUTBOUND_PORT, PLAINTEXT_PORT, crate::tunnel::TUNNEL_PORT];
 
 /// Totals over all pods, shown on the admin endpoint.
 #[derive(Debug, Default)]
@@ -96,6 +102,8 @@ pub struct Shared {
     pub tunnels: crate::tunnel::pool::Pool,
     /// QUIC connections to other nodes' pods.
     pub quic: crate::tunnel::quic::Connections,
+    /// What each pod and each source may have open or in progress.
+    pub limits: Arc<limits::Limits>,
     health: EndpointHealth,
     next_connection_id: AtomicU64,
 }
@@ -108,6 +116,7 @@ impl Shared {
         tunnel_metrics: Arc<crate::metrics::TunnelMetrics>,
         connect_timeout: Duration,
         directory: watch::Receiver<Arc<Directory>>,
+        limits: Arc<limits::Limits>,
     ) -> Self {
         Self {
             capture,
@@ -120,6 +129,7 @@ impl Shared {
             authz: Arc::default(),
             tunnels: crate::tunnel::pool::Pool::default(),
             quic: crate::tunnel::quic::Connections::default(),
+            limits,
             health: EndpointHealth::default(),
             // Unique per daemon run; the pid keeps ids from two runs apart in the logs.
             next_connection_id: AtomicU64::new(u64::from(std::process::id()) << 32),
@@ -182,6 +192,8 @@ pub struct PodContext {
     pub netns_cookie: u64,
     /// The pod's UDP endpoint on :15008 for QUIC tunnels both ways (connected mode only).
     pub quic: Option<quinn::Endpoint>,
+    /// The pod's connections and handshakes, counted against the limits.
+    pub load: Arc<limits::PodLoad>,
     pub shared: Arc<Shared>,
 }
 

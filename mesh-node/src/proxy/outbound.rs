@@ -136,7 +136,9 @@ impl SendError {
             | SendError::Quic { .. }
             | SendError::Header { .. }
             | SendError::Timeout { .. } => true,
-            SendError::Refused { status, .. } => *status == Status::UpstreamFailed,
+            SendError::Refused { status, .. } => {
+                matches!(status, Status::UpstreamFailed | Status::Overloaded)
+            }
             _ => false,
         }
     }
@@ -149,6 +151,10 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let metrics = &ctx.shared.metrics;
     let started = Instant::now();
     stats.accepted.fetch_add(1, Ordering::Relaxed);
+    // The limit logs and counts its own refusals.
+    let Ok(_permit) = ctx.shared.limits.outbound(&ctx.load, &ctx.workload) else {
+        return reset(client);
+    };
     let mut dir = ctx.shared.directory();
     let original = ctx
         .shared
@@ -457,25 +463,35 @@ async fn send(
         tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "QUIC stream open");
         return Ok(Upstream::Quic { stream, reused });
     }
-    if let Some(session) = ctx.shared.tunnels.take(&key) {
-        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange(session, &request, addr));
-        match answer.await.unwrap_or(Err(SendError::Timeout { addr })) {
-            Ok(session) => {
-                stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
-                stats.tunnels_reused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel session reused");
-                return Ok(Upstream::Tunnel {
-                    session,
-                    key,
-                    reused: true,
-                });
-            }
-            Err(e @ SendError::Refused { .. }) => return Err(e),
-            // The destination closed the idle session first: make a new one.
-            Err(e) => {
-                tracing::debug!(workload = %me, %addr, error = %e, "an idle tunnel session is gone; opening a new one")
+    // A pooled session first; else a place among the handshakes in flight to the pod, and
+    // the pool again (a session may have come back meanwhile); else a new session.
+    let mut gate = None;
+    loop {
+        if let Some(session) = ctx.shared.tunnels.take(&key) {
+            let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange(session, &request, addr));
+            match answer.await.unwrap_or(Err(SendError::Timeout { addr })) {
+                Ok(session) => {
+                    stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
+                    stats.tunnels_reused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel session reused");
+                    return Ok(Upstream::Tunnel {
+                        session,
+                        key,
+                        reused: true,
+                    });
+                }
+                Err(e @ SendError::Refused { .. }) => return Err(e),
+                // The destination closed the idle session first: make a new one.
+                Err(e) => {
+                    tracing::debug!(workload = %me, %addr, error = %e, "an idle tunnel session is gone; opening a new one")
+                }
             }
         }
+        if gate.is_some() {
+            break;
+        }
+        let wait = tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.shared.tunnels.gate(&key));
+        gate = Some(wait.await.map_err(|_| SendError::Timeout { addr })?);
     }
     let config = tls.client(&source_id, target.peer.identity.clone())?;
     let tcp = ctx

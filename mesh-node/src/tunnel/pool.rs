@@ -11,13 +11,20 @@
 //! renewed source certificate is used by the next connection. Sessions are kept for at most
 //! [`IDLE`] unused and [`MAX_AGE`] in all, so a destination's renewed certificate is in use
 //! within a minute; the destination closes sessions idle for longer than [`IDLE`] does here.
+//!
+//! New handshakes between two pods are gated ([`Pool::gate`]): at most
+//! [`HANDSHAKES_IN_FLIGHT`] at once, the others wait for one of them or for a session to come
+//! back. A burst of new connections then never meets the destination's limit on handshakes
+//! from one source, which is there for strangers.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use mesh_model::SpiffeId;
 
@@ -32,6 +39,11 @@ pub const SERVER_IDLE: Duration = Duration::from_secs(60);
 pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// Idle sessions kept per key: enough for a burst of concurrent connections.
 const PER_KEY: usize = 16;
+/// New handshakes one source pod has in flight to one destination address: half the
+/// destination's default per-source handshake limit.
+pub const HANDSHAKES_IN_FLIGHT: usize = 64;
+/// Handshake gates kept before the unused ones are looked for and dropped.
+const GATES_KEPT: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
@@ -57,6 +69,9 @@ impl Idle {
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    /// Handshake gates by source pod and destination address; an entry goes once nobody
+    /// holds or waits for it.
+    gates: Mutex<HashMap<(WorkloadId, SocketAddr), Arc<Semaphore>>>,
 }
 
 impl Pool {
@@ -77,6 +92,26 @@ impl Pool {
         found
     }
 
+    /// A place among the handshakes in flight from `key`'s source to its destination; waits
+    /// while [`HANDSHAKES_IN_FLIGHT`] are. The caller bounds the wait. (`None` cannot happen:
+    /// gates are never closed.)
+    pub async fn gate(&self, key: &Key) -> Option<OwnedSemaphorePermit> {
+        let gate = {
+            let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+            if gates.len() >= GATES_KEPT {
+                // Forget the gates nobody uses (held only by the map, every permit back).
+                gates.retain(|_, g| {
+                    Arc::strong_count(g) > 1 || g.available_permits() < HANDSHAKES_IN_FLIGHT
+                });
+            }
+            gates
+                .entry((key.source.clone(), key.destination))
+                .or_insert_with(|| Arc::new(Semaphore::new(HANDSHAKES_IN_FLIGHT)))
+                .clone()
+        };
+        gate.acquire_owned().await.ok()
+    }
+
     /// Keeps `session` for `key`, and drops every stale session of the pool.
     pub fn put(&self, key: Key, session: Box<Session>) {
         if session.age() >= MAX_AGE || !session.reusable() {
@@ -94,5 +129,42 @@ impl Pool {
                 since: Instant::now(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(source: &str, destination: &str) -> Key {
+        Key {
+            source: WorkloadId::new("default", source),
+            source_serial: "1".into(),
+            destination: destination.parse().unwrap(),
+            identity: "spiffe://td/ns/default/sa/b".parse().unwrap(),
+            trust: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn handshakes_in_flight_are_gated_per_pod_pair() {
+        let pool = Pool::default();
+        let ab = key("a", "10.0.0.2:15008");
+        let mut held = Vec::new();
+        for _ in 0..HANDSHAKES_IN_FLIGHT {
+            held.push(pool.gate(&ab).await);
+        }
+        let next = pool.gate(&ab);
+        tokio::pin!(next);
+        let waited = tokio::time::timeout(Duration::from_millis(50), &mut next).await;
+        assert!(waited.is_err(), "a handshake over the gate went ahead");
+        // Another destination, or another source, has its own gate.
+        assert!(pool.gate(&key("a", "10.0.0.3:15008")).await.is_some());
+        assert!(pool.gate(&key("c", "10.0.0.2:15008")).await.is_some());
+        held.pop();
+        assert!(
+            next.await.is_some(),
+            "a handshake that ended lets the next one go"
+        );
     }
 }
