@@ -359,23 +359,40 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         } else {
             pool::SERVER_IDLE
         };
-        let request: TunnelRequest =
-            match tokio::time::timeout(wait, header::read(&mut stream)).await {
-                Ok(Ok(request)) => request,
-                Ok(Err(e)) if first => return refused(&format!("no valid tunnel header: {e}")),
-                Err(_) if first => {
-                    return refused(&format!("no tunnel header within {HANDSHAKE_TIMEOUT:?}"))
+        let read = tokio::time::timeout(wait, header::read(&mut stream)).await;
+        let request: TunnelRequest = match read {
+            Ok(Ok(request)) => request,
+            Ok(Err(e)) => {
+                match no_header(&e, first) {
+                    NoHeader::Closed => {
+                        let _ = stream.close().await;
+                    }
+                    NoHeader::Gone => {
+                        tracing::debug!(workload = %ctx.workload, %peer, error = %e, "an idle tunnel session ended");
+                        reset(stream);
+                    }
+                    NoHeader::Tampered => {
+                        refused(&format!(
+                            "a record from {client} failed authentication (tampered with or corrupted on the way): {e}"
+                        ));
+                        stream.abort(header::session_error(&e));
+                    }
+                    NoHeader::Invalid => {
+                        refused(&format!("no valid tunnel header: {e}"));
+                        stream.abort(header::session_error(&e));
+                    }
                 }
-                // The client closed the idle session, or it stayed idle too long.
-                Ok(Err(HeaderError::Closed | HeaderError::Session(_))) | Err(_) => {
-                    let _ = stream.close().await;
-                    return;
-                }
-                Ok(Err(e)) => {
-                    refused(&format!("no valid tunnel header on a reused session: {e}"));
-                    return reset(stream);
-                }
-            };
+                return;
+            }
+            Err(_) if first => {
+                return refused(&format!("no tunnel header within {HANDSHAKE_TIMEOUT:?}"))
+            }
+            // The idle session stayed idle too long.
+            Err(_) => {
+                let _ = stream.close().await;
+                return;
+            }
+        };
         if first {
             if let Err(limit) = permit.opened(&ctx.workload) {
                 stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
@@ -411,7 +428,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                     destination = %d.destination, id = d.connection_id, transport = "tls",
                     "tunnel accepted"
                 );
-                match relay_tunnel(ctx, stream, upstream, &guard, &mut conn).await {
+                match relay_tunnel(ctx, peer, stream, upstream, &guard, &mut conn).await {
                     Some(session) => stream = session,
                     None => return,
                 }
@@ -657,7 +674,7 @@ async fn handle_quic_stream(
             if let Err(e) = relayed {
                 stats.reset.fetch_add(1, Ordering::Relaxed);
                 conn.fail(ended_by(&guard));
-                tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
+                relay::log_failure(&ctx.workload, Some(peer), &e);
             }
         }
         Err(refusal) => {
@@ -748,9 +765,32 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     }
 }
 
+/// Why no header came on a session, as far as the answer goes.
+#[derive(Debug, PartialEq, Eq)]
+enum NoHeader {
+    /// The client ended the session in order (close_notify).
+    Closed,
+    /// An idle session's client went without close_notify: nothing to answer.
+    Gone,
+    /// A record failed authentication: never an orderly end, whatever the session's age.
+    Tampered,
+    /// Anything else the client sent wrong, answered with an alert where TLS has one.
+    Invalid,
+}
+
+fn no_header(e: &HeaderError, first: bool) -> NoHeader {
+    match e {
+        HeaderError::Closed if !first => NoHeader::Closed,
+        HeaderError::Session(s) if s.is_tampering() => NoHeader::Tampered,
+        HeaderError::Session(s) if !first && s.alert().is_none() => NoHeader::Gone,
+        _ => NoHeader::Invalid,
+    }
+}
+
 /// Relays one connection; returns the session when it can carry another.
 async fn relay_tunnel(
     ctx: &PodContext,
+    peer: SocketAddr,
     stream: Box<Session>,
     upstream: TcpStream,
     guard: &OpenGuard,
@@ -762,7 +802,7 @@ async fn relay_tunnel(
         Err(e) => {
             ctx.shared.stats.reset.fetch_add(1, Ordering::Relaxed);
             conn.fail(ended_by(guard));
-            tracing::debug!(workload = %ctx.workload, error = %e, "inbound relay ended with an error; both sides reset");
+            relay::log_failure(&ctx.workload, Some(peer), &e);
             None
         }
     }
@@ -862,6 +902,23 @@ mod tests {
         assert_eq!(d.source, "10.0.0.1:40000".parse().unwrap());
         assert_eq!(d.destination, "10.0.0.2:8080".parse().unwrap());
         assert_eq!(d.connection_id, 9);
+    }
+
+    /// Regression (issue 19): a record that failed authentication on a reused session was
+    /// taken for the client closing it; a client that closes in order is still quiet.
+    #[test]
+    fn a_forged_record_is_tampering_even_on_a_reused_session() {
+        use crate::tunnel::{record::RecordError, session::SessionError};
+        let forged = || HeaderError::Session(SessionError::Record(RecordError::Decrypt));
+        for first in [true, false] {
+            assert_eq!(no_header(&forged(), first), NoHeader::Tampered);
+        }
+        assert_eq!(no_header(&HeaderError::Closed, false), NoHeader::Closed);
+        assert_eq!(no_header(&HeaderError::Closed, true), NoHeader::Invalid);
+        let truncated = HeaderError::Session(SessionError::Truncated);
+        assert_eq!(no_header(&truncated, false), NoHeader::Gone);
+        let bad = HeaderError::Session(SessionError::BadPostHandshake);
+        assert_eq!(no_header(&bad, false), NoHeader::Invalid);
     }
 
     #[test]

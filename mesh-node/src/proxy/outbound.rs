@@ -128,6 +128,16 @@ impl SendError {
         }
     }
 
+    /// A tunnel record from the destination failed authentication.
+    fn is_tampering(&self) -> bool {
+        match self {
+            SendError::Header { source, .. } => {
+                header::session_error(source).is_some_and(SessionError::is_tampering)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether another endpoint of the same service might work.
     fn try_next(&self) -> bool {
         match self {
@@ -338,7 +348,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             if let Some((dest, _)) = local.as_mut() {
                 dest.fail(reason);
             }
-            tracing::debug!(workload = %ctx.workload, %dst, error = %e, "relay ended with an error; both sides reset");
+            relay::log_failure(&ctx.workload, Some(dst), &e);
         }
     }
 }
@@ -481,6 +491,9 @@ async fn send(
                     });
                 }
                 Err(e @ SendError::Refused { .. }) => return Err(e),
+                Err(e) if e.is_tampering() => {
+                    tracing::warn!(workload = %me, %addr, error = %e, "a record on a reused tunnel session failed authentication (tampered with or corrupted on the way); opening a new one")
+                }
                 // The destination closed the idle session first: make a new one.
                 Err(e) => {
                     tracing::debug!(workload = %me, %addr, error = %e, "an idle tunnel session is gone; opening a new one")

@@ -9,7 +9,7 @@
 
 use std::{
     io::{self, IoSlice, IoSliceMut},
-    net::Shutdown,
+    net::{Shutdown, SocketAddr},
     ops::Range,
     time::Duration,
 };
@@ -34,11 +34,12 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Ends the stream as a failure: a TCP reset, or a QUIC stream reset.
-    fn abort(self) {
+    /// Ends the stream as a failure: a TCP reset (after the TLS alert the error calls for),
+    /// or a QUIC stream reset.
+    fn abort(self, error: &io::Error) {
         match self {
             Stream::Plain(s) => reset(s),
-            Stream::Tunnel(s) => reset(s),
+            Stream::Tunnel(s) => s.abort(SessionError::within(error)),
             Stream::Quic(s) => s.reset(),
         }
     }
@@ -145,9 +146,27 @@ pub async fn relay(
         }
         Err(e) => {
             reset(app);
-            other.abort();
+            other.abort(&e);
             Err(e)
         }
+    }
+}
+
+/// Logs how a relay that failed ended: a tunnel record that failed authentication is a
+/// warning (something on the way tampered with it), anything else a debug line (resets are
+/// ordinary).
+pub fn log_failure(
+    workload: &crate::workloads::WorkloadId,
+    peer: Option<SocketAddr>,
+    e: &io::Error,
+) {
+    if SessionError::within(e).is_some_and(SessionError::is_tampering) {
+        tracing::warn!(
+            %workload, peer = ?peer, error = %e,
+            "a tunnel record failed authentication (tampered with or corrupted on the way); both sides reset"
+        );
+    } else {
+        tracing::debug!(%workload, peer = ?peer, error = %e, "relay ended with an error; both sides reset");
     }
 }
 

@@ -27,6 +27,14 @@ pub enum HeaderError {
     StreamWrite(#[from] quinn::WriteError),
 }
 
+/// The TLS session's error behind `e`, if that is what it is.
+pub fn session_error(e: &HeaderError) -> Option<&SessionError> {
+    match e {
+        HeaderError::Session(s) => Some(s),
+        _ => None,
+    }
+}
+
 /// Sends one message as one record.
 pub async fn write<M: Message>(session: &mut Session, msg: &M) -> Result<(), SessionError> {
     session.send(&msg.encode_length_delimited_to_vec()).await

@@ -45,6 +45,23 @@ pub enum RecordError {
     NoContentType,
     #[error("a TLS record carries unknown content type {0}")]
     UnknownContentType(u8),
+    #[error("a TLS record's inner plaintext is {0} bytes, over the protocol's limit")]
+    PlaintextTooLong(usize),
+}
+
+impl RecordError {
+    /// The fatal alert that tells the peer why (RFC 8446 §6.2).
+    pub fn alert(&self) -> rustls::AlertDescription {
+        use rustls::AlertDescription as A;
+        match self {
+            RecordError::Decrypt => A::BadRecordMac,
+            RecordError::TooLong(_) | RecordError::PlaintextTooLong(_) => A::RecordOverflow,
+            RecordError::UnexpectedOuterType(_)
+            | RecordError::NoContentType
+            | RecordError::UnknownContentType(_) => A::UnexpectedMessage,
+            RecordError::UnsupportedSuite => A::InternalError,
+        }
+    }
 }
 
 /// An AEAD key with its per-record nonce base.
@@ -196,6 +213,10 @@ impl Opener {
             .open_in_place(nonce, Aad::from(hdr), body)
             .map_err(|_| RecordError::Decrypt)?;
         self.seq += 1;
+        // Content, its type and padding: at most 2^14 + 1 bytes (RFC 8446 §5.4).
+        if plain.len() > MAX_PLAINTEXT + 1 {
+            return Err(RecordError::PlaintextTooLong(plain.len()));
+        }
         // The inner type is the last non-zero byte; zeros after it are padding.
         let end = plain
             .iter()
@@ -274,5 +295,49 @@ mod tests {
             Opener::new(0, &secrets()).unwrap().open(&mut wire),
             Err(RecordError::Decrypt)
         ));
+    }
+
+    /// Regression (issue 19): a record may carry 255 bytes of expansion in its ciphertext, but
+    /// its inner plaintext (content, type, padding) at most 2^14 + 1 bytes; a peer's padding
+    /// took the opener past that.
+    #[test]
+    fn inner_plaintext_over_the_limit_is_refused() {
+        for (padding, ok) in [(0, true), (1, false), (200, false)] {
+            let mut sealer = Sealer::new(0, &secrets()).unwrap();
+            // A full record, then `padding` zeros after its content type.
+            let len = MAX_PLAINTEXT + 1 + padding;
+            let mut record = vec![0u8; HEADER + len + TAG];
+            record[HEADER + MAX_PLAINTEXT] = ContentType::ApplicationData as u8;
+            let hdr = header(len + TAG);
+            record[..HEADER].copy_from_slice(&hdr);
+            let nonce = sealer.keys.nonce(0);
+            let tag = sealer
+                .keys
+                .key
+                .seal_in_place_separate_tag(
+                    nonce,
+                    Aad::from(hdr),
+                    &mut record[HEADER..HEADER + len],
+                )
+                .unwrap();
+            record[HEADER + len..].copy_from_slice(tag.as_ref());
+            sealer.seq += 1;
+            assert_eq!(Opener::complete(&record).unwrap(), Some(record.len()));
+            let opened = Opener::new(0, &secrets()).unwrap().open(&mut record);
+            match opened {
+                Ok((ty, range)) => {
+                    assert!(ok, "padding {padding}: accepted");
+                    assert_eq!(
+                        (ty, range.len()),
+                        (ContentType::ApplicationData, MAX_PLAINTEXT)
+                    );
+                }
+                Err(e) => {
+                    assert!(!ok, "padding {padding}: {e}");
+                    assert!(matches!(e, RecordError::PlaintextTooLong(_)), "{e}");
+                    assert_eq!(e.alert(), rustls::AlertDescription::RecordOverflow);
+                }
+            }
+        }
     }
 }

@@ -63,8 +63,35 @@ pub enum SessionError {
     Alert(String),
     #[error("the peer sent a malformed or unexpected post-handshake message")]
     BadPostHandshake,
+    #[error("the peer sent a {0} record with nothing in it")]
+    EmptyRecord(&'static str),
     #[error("the peer closed the connection without a TLS close_notify")]
     Truncated,
+}
+
+impl SessionError {
+    /// The fatal alert this side sends for the error, when it is the peer's fault and the
+    /// record layer is this side's (after the handshake; rustls sends its own before).
+    pub fn alert(&self) -> Option<rustls::AlertDescription> {
+        match self {
+            SessionError::Record(e) => Some(e.alert()),
+            SessionError::BadPostHandshake | SessionError::EmptyRecord(_) => {
+                Some(rustls::AlertDescription::UnexpectedMessage)
+            }
+            _ => None,
+        }
+    }
+
+    /// A record that failed authentication: corrupted or forged on the way, never an
+    /// orderly close.
+    pub fn is_tampering(&self) -> bool {
+        matches!(self, SessionError::Record(RecordError::Decrypt))
+    }
+
+    /// The session error inside an I/O error from the relay, if that is what it is.
+    pub fn within(e: &io::Error) -> Option<&SessionError> {
+        e.get_ref()?.downcast_ref::<SessionError>()
+    }
 }
 
 impl From<SessionError> for io::Error {
@@ -175,6 +202,8 @@ pub struct Rx {
     /// header (a server that answers and closes at once): the relay passes the end on
     /// after `plaintext` instead of waiting for records that will not come.
     pub ended: bool,
+    /// This side is the server: the peer may not send session tickets.
+    server: bool,
 }
 
 impl Rx {
@@ -213,16 +242,23 @@ impl Rx {
                             rustls::AlertDescription::from(desc)
                         )))
                     }
+                    [] => return Err(SessionError::EmptyRecord("alert")),
                     _ => return Err(SessionError::BadPostHandshake),
                 },
+                // Zero-length handshake records are forbidden (RFC 8446 §5.1).
+                ContentType::Handshake if range.is_empty() => {
+                    return Err(SessionError::EmptyRecord("handshake"))
+                }
                 ContentType::Handshake => self.post_handshake(rekey, &record[range])?,
             }
         }
         Ok(out)
     }
 
-    /// KeyUpdate moves to the peer's next key; session tickets are ignored (this node does
-    /// not resume sessions). Each message must lie within one record, as rustls sends them.
+    /// KeyUpdate moves to the peer's next key; a server's session tickets are ignored (this
+    /// node does not resume sessions), a client's are refused. Each message must lie within
+    /// one record, as rustls sends them, and a KeyUpdate must end its record: what follows it
+    /// was sealed under the key it retires (RFC 8446 §5.1), and so at most one per record.
     fn post_handshake(&mut self, rekey: &Rekey, mut msgs: &[u8]) -> Result<(), SessionError> {
         while let [ty, a, b, c, ref rest @ ..] = *msgs {
             let len = u32::from_be_bytes([0, a, b, c]) as usize;
@@ -230,14 +266,14 @@ impl Rx {
                 .split_at_checked(len)
                 .ok_or(SessionError::BadPostHandshake)?;
             match (ty, body) {
-                (KEY_UPDATE, [asked @ (0 | 1)]) => {
+                (KEY_UPDATE, [asked @ (0 | 1)]) if next.is_empty() => {
                     let (seq, secrets) = rekey.next(false)?;
                     self.opener = Opener::new(seq, &secrets)?;
                     if *asked == 1 {
                         rekey.peer_asked.store(true, Ordering::Release);
                     }
                 }
-                (NEW_SESSION_TICKET, _) => {}
+                (NEW_SESSION_TICKET, _) if !self.server => {}
                 _ => return Err(SessionError::BadPostHandshake),
             }
             msgs = next;
@@ -377,6 +413,7 @@ impl Session {
                 plaintext: Vec::new(),
                 closed: false,
                 ended: false,
+                server: C::SERVER,
             },
             rekey: Rekey {
                 keys: Mutex::new(keys),
@@ -474,6 +511,18 @@ impl Session {
         }
     }
 
+    /// Ends the session on `error`: the fatal alert it calls for, if any (best effort: only
+    /// what the socket takes at once), then a TCP reset.
+    pub fn abort(mut self: Box<Self>, error: Option<&SessionError>) {
+        if let Some(alert) = error.and_then(SessionError::alert) {
+            let mut out = Vec::new();
+            self.tx
+                .seal_to(&[2, u8::from(alert)], ContentType::Alert, &mut out);
+            let _ = self.tcp.try_write(&out);
+        }
+        crate::proxy::relay::reset(self);
+    }
+
     /// Sends close_notify, then FIN: the session ends in order.
     pub async fn close(&mut self) -> Result<(), SessionError> {
         let mut out = Vec::new();
@@ -532,6 +581,7 @@ async fn send_alert<C: Handshake>(conn: &mut C, incoming: &mut [u8], tcp: &mut T
 /// The parts of rustls's unbuffered client and server connections the handshake uses.
 trait Handshake: Send {
     type Data: Send + 'static;
+    const SERVER: bool;
     fn process<'c, 'i>(
         &'c mut self,
         incoming: &'i mut [u8],
@@ -543,9 +593,10 @@ trait Handshake: Send {
 }
 
 macro_rules! handshake_impl {
-    ($conn:ty, $data:ty) => {
+    ($conn:ty, $data:ty, $server:expr) => {
         impl Handshake for $conn {
             type Data = $data;
+            const SERVER: bool = $server;
             fn process<'c, 'i>(
                 &'c mut self,
                 incoming: &'i mut [u8],
@@ -574,8 +625,8 @@ macro_rules! handshake_impl {
     };
 }
 
-handshake_impl!(UnbufferedClientConnection, ClientConnectionData);
-handshake_impl!(UnbufferedServerConnection, ServerConnectionData);
+handshake_impl!(UnbufferedClientConnection, ClientConnectionData, false);
+handshake_impl!(UnbufferedServerConnection, ServerConnectionData, true);
 
 #[cfg(test)]
 mod tests {
@@ -979,6 +1030,111 @@ mod tests {
             session = done.session.expect("the session comes back");
         }
         server.await.unwrap();
+    }
+
+    /// A connected client and server session.
+    async fn sessions() -> (Box<Session>, Box<Session>) {
+        let (client_config, server_config) = configs();
+        let (client_tcp, server_tcp) = pair().await;
+        let name = ServerName::try_from("tunnel.mycel").unwrap();
+        let (client, server) = tokio::join!(
+            Session::connect(client_config, name, client_tcp),
+            Session::accept(server_config, server_tcp)
+        );
+        (client.unwrap(), server.unwrap().0)
+    }
+
+    /// Seals `payload` as one record of type `ty` from `from` and sends it raw.
+    async fn send_record(from: &mut Session, ty: ContentType, payload: &[u8]) {
+        let mut out = Vec::new();
+        from.tx.seal_to(payload, ty, &mut out);
+        from.tcp.write_all(&out).await.unwrap();
+    }
+
+    /// Regression (issue 19): what rustls refuses and the record layer let through. Each
+    /// case ends the receiving session with the error, and the peer gets the alert.
+    #[tokio::test]
+    async fn post_handshake_messages_are_held_to_the_protocol() {
+        const NST: &[u8] = &[NEW_SESSION_TICKET, 0, 0, 0];
+        let key_update = [KEY_UPDATE, 0, 0, 1, 0];
+        let cases: [(&str, ContentType, Vec<u8>); 5] = [
+            (
+                "a KeyUpdate that is not last in its record",
+                ContentType::Handshake,
+                [&key_update[..], NST].concat(),
+            ),
+            (
+                "two KeyUpdates in one record",
+                ContentType::Handshake,
+                [key_update, key_update].concat(),
+            ),
+            (
+                "an empty handshake record",
+                ContentType::Handshake,
+                Vec::new(),
+            ),
+            ("an empty alert record", ContentType::Alert, Vec::new()),
+            (
+                "a session ticket from the client",
+                ContentType::Handshake,
+                NST.to_vec(),
+            ),
+        ];
+        for (what, ty, payload) in cases {
+            let (mut client, mut server) = sessions().await;
+            send_record(&mut client, ty, &payload).await;
+            let err = server.receive().await.expect_err(what);
+            let alert = err
+                .alert()
+                .unwrap_or_else(|| panic!("{what}: {err} has no alert"));
+            assert_eq!(
+                alert,
+                rustls::AlertDescription::UnexpectedMessage,
+                "{what}: {err}"
+            );
+            server.abort(Some(&err));
+            let seen = client.receive().await.expect_err("the peer's alert");
+            assert!(
+                matches!(&seen, SessionError::Alert(a) if a == "UnexpectedMessage"),
+                "{what}: the peer saw {seen}"
+            );
+        }
+        // A server's session ticket is ignored, and a KeyUpdate alone in its record followed.
+        let (mut client, mut server) = sessions().await;
+        send_record(&mut server, ContentType::Handshake, NST).await;
+        send_record(&mut server, ContentType::Handshake, &key_update).await;
+        server.tx.sealer = {
+            let (seq, secrets) = server.rekey.next(true).unwrap();
+            Sealer::new(seq, &secrets).unwrap()
+        };
+        server.send(b"after").await.unwrap();
+        while client.received().len() < 5 {
+            assert!(client.receive().await.unwrap());
+        }
+        assert_eq!(client.received(), b"after");
+    }
+
+    /// Regression (issue 19): a record that fails authentication is an error that says so
+    /// (the caller logs it as tampering), and the peer gets bad_record_mac.
+    #[tokio::test]
+    async fn a_forged_record_is_tampering_and_answered_with_an_alert() {
+        let (mut client, server) = sessions().await;
+        let mut out = Vec::new();
+        client
+            .tx
+            .seal_to(b"hello", ContentType::ApplicationData, &mut out);
+        let last = out.len() - 1;
+        out[last] ^= 0x40;
+        client.tcp.write_all(&out).await.unwrap();
+        let mut server = server;
+        let err = server.receive().await.expect_err("a forged record");
+        assert!(err.is_tampering(), "{err}");
+        server.abort(Some(&err));
+        let seen = client.receive().await.expect_err("the alert");
+        assert!(
+            matches!(&seen, SessionError::Alert(a) if a == "BadRecordMac"),
+            "{seen}"
+        );
     }
 
     /// Regression (issue 19): a server that answers and closes at once (a greeting, an error
