@@ -404,6 +404,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         status_rx.clone(),
         view_rx.clone(),
     )?))?;
+    let anchors = shared.anchors.clone();
     admin.attached(admin::Parts {
         capture: capture.clone(),
         stats,
@@ -451,6 +452,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 local,
                 view: (view_tx, view_rx),
                 svids,
+                anchors,
                 directory: directory_tx,
             };
             follow_control_plane(following, &mut enroller, &status_tx, &mut signals).await;
@@ -566,6 +568,7 @@ struct Following {
         watch::Receiver<Arc<control::MeshView>>,
     ),
     svids: Arc<identity::SvidStore>,
+    anchors: Arc<tunnel::anchors::Anchors>,
     directory: watch::Sender<Arc<proxy::directory::Directory>>,
 }
 
@@ -583,6 +586,7 @@ async fn follow_control_plane(
         local,
         view: (view_tx, view_rx),
         svids,
+        anchors,
         directory,
     } = following;
     let (apply_tx, mut apply_rx) = tokio::sync::mpsc::channel(1);
@@ -596,6 +600,7 @@ async fn follow_control_plane(
     tokio::spawn(proxy::directory::follow(
         view_rx.clone(),
         svids.clone(),
+        anchors,
         directory,
     ));
     tokio::spawn(identity::run_manager(client, view_rx.clone(), svids));

@@ -165,6 +165,9 @@ pub enum FailReason {
     ClosedByPolicy,
     /// A limit on connections or handshakes refused it, at either end.
     Overloaded,
+    /// Established, then closed because the trust root its tunnel's peer chains to was
+    /// withdrawn from the bundle.
+    TrustWithdrawn,
 }
 
 impl FailReason {
@@ -180,6 +183,7 @@ impl FailReason {
             FailReason::Reset => "reset",
             FailReason::ClosedByPolicy => "closed_by_policy",
             FailReason::Overloaded => "overloaded",
+            FailReason::TrustWithdrawn => "trust_withdrawn",
         }
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::{
     control::MeshView,
     identity::SvidStore,
-    tunnel::{TlsConfigs, Trust},
+    tunnel::{tls, TlsConfigs, Trust},
     workloads::WorkloadId,
 };
 
@@ -230,13 +230,20 @@ impl Directory {
 }
 
 /// Rebuilds the directory each time the mesh view changes, until the view's sender is gone.
+/// Tunnels whose root left the bundle are told first (see `tunnel/anchors.rs`).
 pub async fn follow(
     mut view: watch::Receiver<Arc<MeshView>>,
     svids: Arc<SvidStore>,
+    anchors: Arc<crate::tunnel::anchors::Anchors>,
     directory: watch::Sender<Arc<Directory>>,
 ) {
     loop {
-        let next = Directory::new(&view.borrow_and_update(), svids.clone());
+        let next = {
+            let view = view.borrow_and_update();
+            let roots = view.trust_roots.iter().map(|r| tls::anchor_id(r));
+            anchors.keep_only(roots.collect());
+            Directory::new(&view, svids.clone())
+        };
         directory.send_replace(Arc::new(next));
         if view.changed().await.is_err() {
             return;

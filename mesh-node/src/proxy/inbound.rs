@@ -6,7 +6,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{atomic::Ordering, Arc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
@@ -25,6 +25,7 @@ use crate::metrics::{
     tunnels as tunnel_metrics, Connection, ConnectionMetrics, Details, FailReason, Pair, Reporter,
 };
 use crate::tunnel::{
+    anchors::Credentials,
     header::{self, HeaderError},
     pool, quic,
     tls::{peer_identity, serial},
@@ -349,17 +350,28 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         Err(e) => return refused(&format!("no client identity: {e}")),
     };
     let client_serial = peer_certs.first().and_then(serial).unwrap_or_default();
+    let credentials = Credentials::of(&peer_certs, tls, &ctx.shared.anchors);
     drop(peer_certs);
     // One connection after another on the same session (see tunnel/pool.rs); each header is
-    // checked as a new tunnel's would be.
+    // checked as a new tunnel's would be, and the session takes none once its handshake is
+    // too old, its client's certificate has expired or its root was withdrawn.
     let mut first = true;
     loop {
         let wait = if first {
             HANDSHAKE_TIMEOUT
         } else {
-            pool::SERVER_IDLE
+            let left = credentials
+                .usable_until
+                .saturating_duration_since(Instant::now());
+            pool::SERVER_IDLE.min(left)
         };
-        let read = tokio::time::timeout(wait, header::read(&mut stream)).await;
+        let read = tokio::select! {
+            read = tokio::time::timeout(wait, header::read(&mut stream)) => read,
+            () = credentials.withdrawn.cancelled() => {
+                tracing::warn!(workload = %ctx.workload, %peer, %client, "closing a tunnel session: {}", relay::BY_TRUST);
+                return reset(stream);
+            }
+        };
         let request: TunnelRequest = match read {
             Ok(Ok(request)) => request,
             Ok(Err(e)) => {
@@ -387,12 +399,18 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             Err(_) if first => {
                 return refused(&format!("no tunnel header within {HANDSHAKE_TIMEOUT:?}"))
             }
-            // The idle session stayed idle too long.
+            // The idle session stayed idle too long, or reached the end of its use.
             Err(_) => {
                 let _ = stream.close().await;
                 return;
             }
         };
+        if !credentials.usable() {
+            // The client retries on a new session when a reused one closes unanswered.
+            tracing::debug!(workload = %ctx.workload, %peer, %client, "a header on a session past its use; closing it");
+            let _ = stream.close().await;
+            return;
+        }
         if first {
             if let Err(limit) = permit.opened(&ctx.workload) {
                 stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
@@ -428,7 +446,15 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                     destination = %d.destination, id = d.connection_id, transport = "tls",
                     "tunnel accepted"
                 );
-                match relay_tunnel(ctx, peer, stream, upstream, &guard, &mut conn).await {
+                let relayed = relay_tunnel(
+                    ctx,
+                    peer,
+                    stream,
+                    upstream,
+                    (&guard, &credentials),
+                    &mut conn,
+                );
+                match relayed.await {
                     Some(session) => stream = session,
                     None => return,
                 }
@@ -582,16 +608,44 @@ async fn handle_quic(incoming: quinn::Incoming, ctx: Arc<PodContext>, tracker: T
         }
     };
     let client_serial = certs.first().and_then(serial).unwrap_or_default();
+    let Some(credentials) = ctx
+        .shared
+        .directory()
+        .tls()
+        .map(|tls| Credentials::of(&certs, tls, &ctx.shared.anchors))
+    else {
+        conn.close(quic::code::DONE, b"no trust bundle");
+        return refused(&"this node has no trust bundle any more");
+    };
+    drop(certs);
     stats.quic_connections_in.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(workload = %ctx.workload, %peer, %client, "QUIC connection accepted");
     let from = Arc::new(QuicPeer {
         client,
         client_serial,
         addr: SocketAddr::new(peer_ip, peer.port()),
+        credentials,
     });
-    while let Ok((send, recv)) = conn.accept_bi().await {
+    loop {
+        let (send, recv) = tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok(stream) => stream,
+                Err(_) => break,
+            },
+            () = from.credentials.withdrawn.cancelled() => {
+                tracing::warn!(workload = %ctx.workload, %peer, client = %from.client, "closing a QUIC tunnel: {}", relay::BY_TRUST);
+                conn.close(quic::code::DONE, b"trust root withdrawn");
+                break;
+            }
+        };
         tunnel.stream();
-        let stream = quic::TunnelStream::new(send, recv);
+        let mut stream = quic::TunnelStream::new(send, recv);
+        if !from.credentials.usable() {
+            // The source replaces a connection whose stream fails before the answer.
+            tracing::debug!(workload = %ctx.workload, %peer, client = %from.client, "a stream on a QUIC connection past its use; refusing it");
+            let _ = stream.send.reset(quic::code::DONE);
+            continue;
+        }
         tracker.spawn(handle_quic_stream(stream, from.clone(), ctx.clone()));
     }
     drop(permit);
@@ -602,6 +656,7 @@ struct QuicPeer {
     client: SpiffeId,
     client_serial: String,
     addr: SocketAddr,
+    credentials: Credentials,
 }
 
 /// One stream of a QUIC tunnel: its header, the checks, then the relay.
@@ -670,10 +725,14 @@ async fn handle_quic_stream(
                 transport = "quic", "tunnel accepted"
             );
             let stream = relay::Stream::Quic(Box::new(stream));
-            let relayed = relay::relay(upstream, stream, Some(guard.closed()), &conn.traffic).await;
+            let closed = [
+                (guard.closed(), relay::BY_POLICY),
+                (&from.credentials.withdrawn, relay::BY_TRUST),
+            ];
+            let relayed = relay::relay(upstream, stream, &closed, &conn.traffic).await;
             if let Err(e) = relayed {
                 stats.reset.fetch_add(1, Ordering::Relaxed);
-                conn.fail(ended_by(&guard));
+                conn.fail(ended_by(&guard, Some(&from.credentials)));
                 relay::log_failure(&ctx.workload, Some(peer), &e);
             }
         }
@@ -758,9 +817,16 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     let mut conn = opened(&ctx.shared.metrics, report);
     // The relay holds the client here, not the application.
     let traffic = conn.traffic.swapped();
-    if let Err(e) = relay::relay(client, upstream, Some(guard.closed()), &traffic).await {
+    if let Err(e) = relay::relay(
+        client,
+        upstream,
+        &[(guard.closed(), relay::BY_POLICY)],
+        &traffic,
+    )
+    .await
+    {
         stats.reset.fetch_add(1, Ordering::Relaxed);
-        conn.fail(ended_by(&guard));
+        conn.fail(ended_by(&guard, None));
         tracing::debug!(workload = %ctx.workload, error = %e, "plaintext relay ended with an error; both sides reset");
     }
 }
@@ -793,25 +859,32 @@ async fn relay_tunnel(
     peer: SocketAddr,
     stream: Box<Session>,
     upstream: TcpStream,
-    guard: &OpenGuard,
+    (guard, credentials): (&OpenGuard, &Credentials),
     conn: &mut Connection,
 ) -> Option<Box<Session>> {
     let stream = relay::Stream::Tunnel(stream);
-    match relay::relay(upstream, stream, Some(guard.closed()), &conn.traffic).await {
+    let closed = [
+        (guard.closed(), relay::BY_POLICY),
+        (&credentials.withdrawn, relay::BY_TRUST),
+    ];
+    match relay::relay(upstream, stream, &closed, &conn.traffic).await {
         Ok(done) => done.session,
         Err(e) => {
             ctx.shared.stats.reset.fetch_add(1, Ordering::Relaxed);
-            conn.fail(ended_by(guard));
+            conn.fail(ended_by(guard, Some(credentials)));
             relay::log_failure(&ctx.workload, Some(peer), &e);
             None
         }
     }
 }
 
-/// Why an admitted connection's relay failed: a policy change closed it, or an error.
-fn ended_by(guard: &OpenGuard) -> FailReason {
+/// Why an admitted connection's relay failed: a policy change closed it, its tunnel's root
+/// was withdrawn, or an error.
+fn ended_by(guard: &OpenGuard, credentials: Option<&Credentials>) -> FailReason {
     if guard.closed().is_cancelled() {
         FailReason::ClosedByPolicy
+    } else if credentials.is_some_and(|c| c.withdrawn.is_cancelled()) {
+        FailReason::TrustWithdrawn
     } else {
         FailReason::Reset
     }

@@ -104,6 +104,8 @@ pub struct Shared {
     pub quic: crate::tunnel::quic::Connections,
     /// What each pod and each source may have open or in progress.
     pub limits: Arc<limits::Limits>,
+    /// The trust roots in force, which tunnels watch.
+    pub anchors: Arc<crate::tunnel::anchors::Anchors>,
     health: EndpointHealth,
     next_connection_id: AtomicU64,
 }
@@ -130,6 +132,7 @@ impl Shared {
             tunnels: crate::tunnel::pool::Pool::default(),
             quic: crate::tunnel::quic::Connections::default(),
             limits,
+            anchors: Arc::default(),
             health: EndpointHealth::default(),
             // Unique per daemon run; the pid keeps ids from two runs apart in the logs.
             next_connection_id: AtomicU64::new(u64::from(std::process::id()) << 32),

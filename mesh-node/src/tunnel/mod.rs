@@ -5,11 +5,13 @@
 //! - `tls.rs`: rustls configurations and the SPIFFE identity checks;
 //! - `session.rs`: one connection: rustls's handshake, then this node's record layer
 //!   (`record.rs`), which the relay drives without copies;
-//! - `pool.rs`: idle sessions, reused by the next connection between the same two pods.
+//! - `pool.rs`: idle sessions, reused by the next connection between the same two pods;
+//! - `anchors.rs`: the trust roots in force, and the end of tunnels whose root was withdrawn.
 //!
 //! TLS session resumption is not used: a pooled session saves more (no handshake at all) and
 //! its lifetime is bounded by the pool.
 
+pub mod anchors;
 pub mod header;
 pub mod pool;
 pub mod quic;
@@ -54,6 +56,11 @@ impl TlsConfigs {
     /// Tells trust bundles apart; see [`Trust::fingerprint`].
     pub fn trust_fingerprint(&self) -> u64 {
         self.trust.fingerprint()
+    }
+
+    /// The trust root `chain` (verified under this bundle, leaf first) ends at.
+    pub fn anchor_of(&self, chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<u64> {
+        self.trust.anchor_of(chain)
     }
 
     /// Whether this node holds a certificate for `identity` right now.

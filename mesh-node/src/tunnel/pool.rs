@@ -37,6 +37,9 @@ pub const IDLE: Duration = Duration::from_secs(15);
 pub const SERVER_IDLE: Duration = Duration::from_secs(60);
 /// How long after its handshake a session may still be handed out.
 pub const MAX_AGE: Duration = Duration::from_secs(60);
+/// How long after its handshake the destination still takes a new connection on a session
+/// or QUIC connection: the source's [`MAX_AGE`], plus the time its header may take to come.
+pub const SERVER_MAX_AGE: Duration = Duration::from_secs(70);
 /// Idle sessions kept per key: enough for a burst of concurrent connections.
 const PER_KEY: usize = 16;
 /// New handshakes one source pod has in flight to one destination address: half the

@@ -77,6 +77,21 @@ pub fn serial(cert: &CertificateDer<'_>) -> Option<String> {
         .map(|(_, c)| c.raw_serial_as_string())
 }
 
+/// When a certificate stops being valid.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = u64::try_from(c.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// Names a trust root: the first 8 bytes of its DER's SHA-256.
+pub fn anchor_id(root_der: &[u8]) -> u64 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, root_der);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_be_bytes(id)
+}
+
 /// The verified peer's identity of an established connection.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, IdentityError> {
     certs
@@ -91,6 +106,9 @@ pub struct Trust {
     roots: Arc<RootCertStore>,
     trust_domain: String,
     fingerprint: u64,
+    /// Each root's [`anchor_id`], with a verifier that trusts only it when there are several
+    /// (during a CA rotation), to tell which one a peer's chain ends at.
+    anchors: Vec<(u64, Option<Arc<dyn ClientCertVerifier>>)>,
 }
 
 impl Trust {
@@ -98,21 +116,49 @@ impl Trust {
         use std::hash::{Hash as _, Hasher as _};
         let mut roots = RootCertStore::empty();
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let mut anchors = Vec::new();
         for der in roots_der {
             roots.add(CertificateDer::from(der.clone()))?;
             der.hash(&mut hasher);
+            let alone = if roots_der.len() > 1 {
+                let mut one = RootCertStore::empty();
+                one.add(CertificateDer::from(der.clone()))?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(one), provider())
+                        .build()
+                        .map_err(|e| Error::General(e.to_string()))?;
+                Some(verifier)
+            } else {
+                None
+            };
+            anchors.push((anchor_id(der), alone));
         }
         trust_domain.hash(&mut hasher);
         Ok(Self {
             roots: Arc::new(roots),
             trust_domain: trust_domain.to_owned(),
             fingerprint: hasher.finish(),
+            anchors,
         })
     }
 
     /// Tells bundles apart (sessions made under one are not reused under another).
     pub fn fingerprint(&self) -> u64 {
         self.fingerprint
+    }
+
+    /// The [`anchor_id`] of the root that `chain` (leaf first, verified under this trust)
+    /// ends at. With one root that is the root; with several, each is tried alone.
+    pub fn anchor_of(&self, chain: &[CertificateDer<'_>]) -> Option<u64> {
+        let (leaf, intermediates) = chain.split_first()?;
+        let now = UnixTime::now();
+        self.anchors.iter().find_map(|(id, alone)| match alone {
+            None => Some(*id),
+            Some(v) => v
+                .verify_client_cert(leaf, intermediates, now)
+                .is_ok()
+                .then_some(*id),
+        })
     }
 }
 
@@ -345,7 +391,7 @@ pub(crate) mod tests {
 
     pub(crate) struct Ca {
         issuer: Issuer<'static, KeyPair>,
-        root: Vec<u8>,
+        pub(crate) root: Vec<u8>,
     }
 
     pub(crate) fn ca() -> Ca {
@@ -430,6 +476,25 @@ pub(crate) mod tests {
 
     pub(crate) fn trust(ca: &Ca) -> Trust {
         Trust::new(std::slice::from_ref(&ca.root), "td").unwrap()
+    }
+
+    /// The certificate an SVID presents.
+    pub(crate) fn leaf(svid: &CurrentSvid) -> CertificateDer<'static> {
+        (svid.0)().unwrap().cert[0].clone()
+    }
+
+    #[test]
+    fn the_anchor_of_a_chain_is_the_root_that_signed_it() {
+        let (old, new, foreign) = (ca(), ca(), ca());
+        let both = Trust::new(&[old.root.clone(), new.root.clone()], "td").unwrap();
+        for ca in [&old, &new] {
+            let chain = [leaf(&svid(ca, A, -60, 3600))];
+            assert_eq!(both.anchor_of(&chain), Some(anchor_id(&ca.root)));
+            assert_eq!(trust(ca).anchor_of(&chain), Some(anchor_id(&ca.root)));
+        }
+        let stranger = [leaf(&svid(&foreign, A, -60, 3600))];
+        assert_eq!(both.anchor_of(&stranger), None);
+        assert_ne!(anchor_id(&old.root), anchor_id(&new.root));
     }
 
     #[tokio::test]
