@@ -2,7 +2,8 @@
 //!
 //! For each pod: a thread in its netns, outbound listeners on loopback there, the tunnel
 //! listener on :15008 and the plaintext listener on :15006 with the inbound program on the
-//! pod's interfaces (connected mode), and its netns cookie in the `ENROLLED` map.
+//! pod's interfaces, also those added later (connected mode), and its netns cookie in the
+//! `ENROLLED` map.
 //! [`Enroller::apply`] prepares everything a new set needs before changing anything, so a bad
 //! set (a missing netns, a port already taken) leaves the current one untouched.
 
@@ -12,14 +13,13 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::tc::SchedClassifierLink;
 use mesh_ebpf_common::{INBOUND_PERMISSIVE, INBOUND_STRICT};
 use mesh_model::MtlsMode;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    capture::CaptureError,
+    capture::{interfaces, CaptureError, Inbound},
     netns::{self, NetnsError, NetnsWorker},
     proxy::{self, inbound, outbound, PodContext, Shared},
     workloads::{Workload, WorkloadId},
@@ -60,7 +60,7 @@ struct Pod {
     netns_cookie: u64,
     shutdown: CancellationToken,
     /// The inbound program on each of the pod's interfaces; dropping detaches it.
-    _inbound: Vec<(String, SchedClassifierLink)>,
+    _inbound: interfaces::Links,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,7 @@ struct Prepared {
     quic: Option<quinn::Endpoint>,
     workload: Workload,
     listeners: Vec<(Role, std::net::TcpListener)>,
-    inbound: Vec<(String, SchedClassifierLink)>,
+    inbound: Vec<Inbound>,
 }
 
 pub struct Enroller {
@@ -273,6 +273,16 @@ impl Enroller {
                     self.connections.clone(),
                 ));
             }
+            let inbound = interfaces::links(p.inbound);
+            if self.tunnels {
+                tokio::spawn(interfaces::watch(
+                    p.workload.id.clone(),
+                    p.ctx.netns.clone(),
+                    self.shared.capture.clone(),
+                    inbound.clone(),
+                    shutdown.clone(),
+                ));
+            }
             tracing::info!(workload = %p.workload.id, netns = %p.workload.netns.display(), cookie = p.ctx.netns_cookie, "enrolled");
             self.local_pods()
                 .insert(p.workload.id.clone(), p.ctx.clone());
@@ -282,7 +292,7 @@ impl Enroller {
                     netns_cookie: p.ctx.netns_cookie,
                     workload: p.workload,
                     shutdown,
-                    _inbound: p.inbound,
+                    _inbound: inbound,
                 },
             );
         }
@@ -364,7 +374,7 @@ impl Enroller {
         let inbound = if self.tunnels {
             let capture = self.shared.capture.clone();
             worker
-                .run(move || capture.attach_inbound())
+                .run(move || capture.attach_inbound(&HashSet::new()))
                 .await
                 .map_err(|source| EnrollError::Netns {
                     workload: id.clone(),
@@ -377,7 +387,7 @@ impl Enroller {
         } else {
             Vec::new()
         };
-        tracing::debug!(workload = %id, interfaces = ?inbound.iter().map(|(i, _)| i).collect::<Vec<_>>(), "inbound program attached");
+        tracing::debug!(workload = %id, interfaces = ?inbound.iter().map(|i| &i.name).collect::<Vec<_>>(), "inbound program attached");
         let quic = if self.tunnels {
             Some(self.quic_endpoint(&worker, &workload, netns_cookie).await?)
         } else {

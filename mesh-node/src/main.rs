@@ -363,8 +363,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
+    // The connect hooks leave this daemon's own connects alone by its cgroup.
+    let own = capture::OwnCgroup::find()?;
+    let others = own.others();
+    if !others.is_empty() {
+        tracing::warn!(
+            cgroup = %own.dir.display(), pids = ?others,
+            "other processes share mesh-node's cgroup; their connects are not captured: run mesh-node in a cgroup of its own"
+        );
+    }
     let capture = Arc::new(capture::Capture::attach(&capture::Options {
         cgroup: cgroup.clone(),
+        proxy_cgroup: own.id,
         orig_dst_capacity: args.orig_dst_capacity,
         ebpf_log: args.ebpf_log,
     })?);

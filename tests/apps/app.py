@@ -6,8 +6,10 @@
                                   any other connection that sends "ping\n" gets "pong\n".
                                   With LOG, appends each accepted connection's peer to that file.
   app.py get URL                  HTTP GET with http.client; prints JSON {peer, status, len, sha256}
-  app.py probe HOST PORT [kill]   connect (and with "kill", ask the server to reset the
-                                  connection), wait for data; prints JSON {outcome, seconds}
+  app.py probe HOST PORT [kill] [mark=N]
+                                  connect (and with "kill", ask the server to reset the
+                                  connection; with mark=N, with SO_MARK N on the socket), wait
+                                  for data; prints JSON {outcome, seconds}
                                   (outcome: reset | eof | data | timeout | refused | eperm)
   app.py halfclose HOST PORT N    send N bytes to the echo server, shut down writing, read the
                                   echo until EOF; prints {sent, received, same}
@@ -22,12 +24,21 @@
                                   {connections, complete, outcomes} (complete: got all of GREETING)
   app.py stall HOST PORT HEX N SECS  N connections, each sends the bytes HEX and then nothing for
                                   SECS seconds; prints {opened, closed_by_peer, refused}
+  app.py rawsyn V4 V6 PORT OPEN   hand-made TCP SYNs (raw sockets) to V4/V6: whole, in tiny or
+                                  overlapping IPv4 fragments, behind IPv6 extension headers or
+                                  in IPv6 fragments; to PORT, and as controls whole or behind a
+                                  hop-by-hop header to OPEN. Prints {answered, silent}: the
+                                  cases that got a SYN-ACK back and those that did not
+  app.py tunsyn PORT OPEN         makes a tun interface in this netns (as an application with
+                                  CAP_NET_ADMIN could), then injects SYNs to PORT and OPEN
+                                  through it; prints {answered, silent}
   app.py blob-sha256 N            the sha256 of the N bytes GET /blob/N answers (no network)
 """
 import hashlib
 import http.client
 import http.server
 import json
+import os
 import socket
 import socketserver
 import struct
@@ -159,6 +170,157 @@ def stall(host, port, data, n, seconds):
     print(json.dumps({"opened": len(socks), "closed_by_peer": closed, "refused": refused}))
 
 
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def tcp_syn(src, dst, sport, dport, v6):
+    """A 20-byte TCP SYN header with its checksum for the src/dst addresses (bytes)."""
+    header = struct.pack("!HHIIBBHHH", sport, dport, 12345, 0, 5 << 4, 0x02, 65535, 0, 0)
+    if v6:
+        pseudo = src + dst + struct.pack("!IxxxB", len(header), 6)
+    else:
+        pseudo = src + dst + struct.pack("!xBH", 6, len(header))
+    return header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+
+
+def ipv4_packet(src, dst, ident, frag, payload):
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, frag, 64, 6, 0,
+                         src, dst)
+    return header[:10] + struct.pack("!H", checksum(header)) + header[12:] + payload
+
+
+def ipv6_packet(src, dst, next_header, payload):
+    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, 64, src, dst) + payload
+
+
+def local_address(host, family):
+    with socket.socket(family, socket.SOCK_DGRAM) as u:
+        u.connect((host, 9))
+        return u.getsockname()[0]
+
+
+def rawsyn(v4, v6, port, open_port):
+    """Sends each case from its own source port and listens for SYN-ACKs back."""
+    src4 = socket.inet_pton(socket.AF_INET, local_address(v4, socket.AF_INET))
+    dst4 = socket.inet_pton(socket.AF_INET, v4)
+    src6 = socket.inet_pton(socket.AF_INET6, local_address(v6, socket.AF_INET6))
+    dst6 = socket.inet_pton(socket.AF_INET6, v6)
+    send4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    send6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    recv4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    recv6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    cases = {}
+    packets = []
+
+    def v4_case(name, dport, fragments):
+        sport = 41000 + len(cases)
+        cases[sport] = name
+        segment = tcp_syn(src4, dst4, sport, dport, False)
+        for offset, more, size in fragments:
+            part = segment[offset * 8: offset * 8 + size] if size else segment[offset * 8:]
+            frag = (0x2000 if more else 0) | offset
+            packets.append((send4, ipv4_packet(src4, dst4, sport, frag, part), v4))
+
+    def v6_case(name, dport, wrap):
+        sport = 41000 + len(cases)
+        cases[sport] = name
+        segment = tcp_syn(src6, dst6, sport, dport, True)
+        for next_header, payload in wrap(segment, sport):
+            packets.append((send6, ipv6_packet(src6, dst6, next_header, payload), v6))
+
+    def hop_by_hop(segment, _):
+        return [(0, bytes([6, 0, 1, 4, 0, 0, 0, 0]) + segment)]
+
+    def dest_options(segment, _):
+        return [(60, bytes([6, 0, 1, 4, 0, 0, 0, 0]) + segment)]
+
+    def fragments(segment, ident):
+        first, rest = segment[:16], segment[16:]
+        return [(44, struct.pack("!BBHI", 6, 0, 0 | 1, ident) + first),
+                (44, struct.pack("!BBHI", 6, 0, 2 << 3, ident) + rest)]
+
+    v4_case("v4 whole SYN to the open port (control)", open_port, [(0, False, 0)])
+    v4_case("v4 whole SYN", port, [(0, False, 0)])
+    # RFC 1858: the first fragment holds 8 bytes of TCP (no flags), the second the rest.
+    v4_case("v4 tiny fragments", port, [(0, True, 8), (1, False, 0)])
+    v4_case("v4 two fragments to the open port", open_port, [(0, True, 8), (1, False, 0)])
+    v6_case("v6 whole SYN to the open port (control)", open_port, lambda s, _: [(6, s)])
+    v6_case("v6 hop-by-hop to the open port (control)", open_port, hop_by_hop)
+    v6_case("v6 whole SYN", port, lambda s, _: [(6, s)])
+    v6_case("v6 hop-by-hop", port, hop_by_hop)
+    v6_case("v6 destination options", port, dest_options)
+    v6_case("v6 fragments", port, fragments)
+
+    for sock in (recv4, recv6):
+        sock.setblocking(False)
+    controls = {n for n in cases.values() if "(control)" in n}
+    answered = set()
+    # A path just made may lose the first packets while neighbours are resolved: send again
+    # (the same SYNs: retransmissions) until the controls are answered, three rounds at most.
+    for _ in range(3):
+        for sock, packet, host in packets:
+            sock.sendto(packet, (host, 0))
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            for sock, v6_sock in [(recv4, False), (recv6, True)]:
+                try:
+                    data = sock.recv(65535)
+                except BlockingIOError:
+                    continue
+                tcp = data if v6_sock else data[(data[0] & 0x0F) * 4:]
+                if len(tcp) < 14:
+                    continue
+                dport = struct.unpack("!H", tcp[2:4])[0]
+                if dport in cases and tcp[13] & 0x12 == 0x12:
+                    answered.add(cases[dport])
+            time.sleep(0.01)
+        if controls <= answered:
+            break
+    print(json.dumps({"answered": sorted(answered),
+                      "silent": sorted(set(cases.values()) - answered)}))
+
+
+def tunsyn(port, open_port):
+    import fcntl
+    import subprocess
+    TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
+    tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", b"mtun0", IFF_TUN | IFF_NO_PI))
+    for cmd in (["ip", "addr", "add", "192.168.77.1/30", "dev", "mtun0"],
+                ["ip", "link", "set", "mtun0", "up"]):
+        subprocess.run(cmd, check=True)
+    # Time for the node to notice the new interface.
+    time.sleep(1.5)
+    local = socket.inet_pton(socket.AF_INET, "192.168.77.1")
+    peer = socket.inet_pton(socket.AF_INET, "192.168.77.2")
+    cases = {42001: "open port", 42002: "application port"}
+    for sport, dport in [(42001, open_port), (42002, port)]:
+        os.write(tun, ipv4_packet(peer, local, sport, 0, tcp_syn(peer, local, sport, dport, False)))
+    answered = set()
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        try:
+            data = os.read(tun, 65535)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        if len(data) < 40 or data[0] >> 4 != 4 or data[9] != 6:
+            continue
+        tcp = data[(data[0] & 0x0F) * 4:]
+        dport = struct.unpack("!H", tcp[2:4])[0]
+        if dport in cases and tcp[13] & 0x12 == 0x12:
+            answered.add(cases[dport])
+    os.close(tun)
+    print(json.dumps({"answered": sorted(answered),
+                      "silent": sorted(set(cases.values()) - answered)}))
+
+
 def serve(port, accept_log=None):
     with Server(("::", port), Handler) as srv:
         srv.accept_log = accept_log
@@ -186,10 +348,12 @@ def get(url):
     }))
 
 
-def probe(host, port, kill=False):
+def probe(host, port, kill=False, mark=None):
     start = time.monotonic()
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     s.settimeout(5)
+    if mark is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
     try:
         s.connect((host, port))
         if kill:
@@ -284,7 +448,8 @@ if __name__ == "__main__":
     elif mode == "get":
         get(sys.argv[2])
     elif mode == "probe":
-        probe(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["kill"])
+        marks = [int(a[5:], 0) for a in sys.argv[4:] if a.startswith("mark=")]
+        probe(sys.argv[2], int(sys.argv[3]), "kill" in sys.argv[4:], marks[0] if marks else None)
     elif mode == "halfclose":
         halfclose(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "hold":
@@ -300,6 +465,10 @@ if __name__ == "__main__":
     elif mode == "stall":
         stall(sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4]), int(sys.argv[5]),
               float(sys.argv[6]))
+    elif mode == "rawsyn":
+        rawsyn(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif mode == "tunsyn":
+        tunsyn(int(sys.argv[2]), int(sys.argv[3]))
     elif mode == "blob-sha256":
         print(json.dumps({"sha256": hashlib.sha256(blob(int(sys.argv[2]))).hexdigest()}))
     else:

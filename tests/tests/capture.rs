@@ -61,7 +61,7 @@ fn client_reaches_server_through_proxy_with_original_peer_and_intact_payload() {
         assert_eq!(d("ebpf_redirected"), 1, "exactly one redirect: {after:?}");
         assert_eq!(d("proxy_forwarded"), 1, "{after:?}");
         // The proxy's own upstream connect went through the hook and was let through by mark.
-        assert_eq!(d("ebpf_skipped_proxy_mark"), 1, "no loop: {after:?}");
+        assert_eq!(d("ebpf_skipped_proxy"), 1, "no loop: {after:?}");
         assert!(d("proxy_bytes_received") >= size as u64, "{after:?}");
     }
 

@@ -33,6 +33,11 @@ struct Mesh {
 /// calls must keep working; the other two attack. PERMISSIVE, so plaintext reaches n2's
 /// plaintext listener.
 fn mesh(test: &str) -> Mesh {
+    mesh_with(test, "", "")
+}
+
+/// [`mesh`] with `spec` in the MeshConfig and `extra` documents.
+fn mesh_with(test: &str, spec: &str, extra: &str) -> Mesh {
     let mut topo = Topology::new(&[
         NodeSpec::new("n1", &["client", "intruder", "outsider"]),
         NodeSpec::new("n2", &["server"]),
@@ -40,9 +45,9 @@ fn mesh(test: &str) -> Mesh {
     .expect("topology");
     let server = Server::start(topo.pod("server"), PORT).expect("server app");
     let yaml = format!(
-        "{}---\n{}",
+        "{}---\n{}{extra}",
         workloads_yaml(&[topo.pod("client"), topo.pod("intruder"), topo.pod("server")]),
-        mesh_config_yaml("tls", ""),
+        mesh_config_yaml("tls", spec),
     );
     let cp = ControlPlane::start(&format!("{}-{test}", topo.prefix), &[("mesh.yaml", &yaml)])
         .expect("mesh-cp");
@@ -248,4 +253,105 @@ fn an_honest_burst_stays_within_the_destination_limits() {
             .all(|l| l.ends_with(" 0")),
         "{metrics}"
     );
+}
+
+/// A STRICT mesh, where plaintext may reach the server only on the tunnel port.
+const STRICT: &str = "mtls: { mode: Strict }";
+
+fn cases(out: &serde_json::Value, key: &str) -> Vec<String> {
+    out[key]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Regression (issue 19): the inbound program let a plaintext SYN to a STRICT pod through
+/// when it came in tiny IPv4 fragments, behind an IPv6 extension header or in IPv6
+/// fragments. From outside the mesh, with raw sockets: only the controls (whole, or behind a
+/// hop-by-hop header, to the open tunnel port) are answered.
+#[test]
+fn fragmented_and_disguised_syns_do_not_reach_a_strict_pod() {
+    let m = mesh_with("frag", STRICT, "");
+    let server = m.topo.pod("server");
+    let out = app::run(
+        m.topo.pod("outsider"),
+        &[
+            "rawsyn",
+            &server.ipv4.to_string(),
+            &server.ipv6.to_string(),
+            &PORT.to_string(),
+            &TUNNEL.to_string(),
+        ],
+        T,
+    );
+    let answered = cases(&out, "answered");
+    assert_eq!(
+        answered,
+        [
+            "v4 whole SYN to the open port (control)",
+            "v6 hop-by-hop to the open port (control)",
+            "v6 whole SYN to the open port (control)",
+        ],
+        "{out}"
+    );
+    let stats = m.n2.stats().expect("/stats");
+    assert!(stats["ebpf_inbound_fragment"] >= 3, "{stats:?}");
+    assert!(stats["ebpf_inbound_dropped"] >= 4, "{stats:?}");
+}
+
+/// Regression (issue 19): an interface made in a pod after its enrollment (here a tun
+/// device, as an application with CAP_NET_ADMIN could make) had no inbound program, so
+/// plaintext to a STRICT pod went through it. The node now attaches to it within moments,
+/// with the program for interfaces without an Ethernet header.
+#[test]
+fn interfaces_added_after_enrollment_are_policed() {
+    let mut m = mesh_with("iface", STRICT, "");
+    let out = app::run(
+        m.topo.pod("server"),
+        &["tunsyn", &PORT.to_string(), &TUNNEL.to_string()],
+        T,
+    );
+    assert_eq!(
+        cases(&out, "answered"),
+        ["open port"],
+        "{out}\nn2 log:\n{}",
+        m.n2.log()
+    );
+    assert_eq!(cases(&out, "silent"), ["application port"], "{out}");
+    m.n2.wait_log(
+        Duration::from_secs(5),
+        "inbound program attached to a new interface of the pod",
+    )
+    .expect("the attach is logged");
+}
+
+/// Regression (issue 19): the connect hooks skipped any socket carrying the proxy's mark,
+/// which an application with CAP_NET_ADMIN (or CAP_NET_RAW) can set: its connects left the
+/// pod unredirected, in plaintext and past the kernel's fast deny. Now only the daemon's own
+/// tasks are skipped; the marked connect is refused like any other denied one.
+#[test]
+fn a_socket_mark_does_not_skip_capture() {
+    let deny = "---\napiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: no-intruder, namespace: default }\nspec:\n  selector: { matchLabels: { app: server } }\n  action: Deny\n  mode: Enforce\n  rules: [{ sourceIdentities: ['spiffe://cluster.local/ns/default/sa/intruder'] }]\n";
+    let m = mesh_with("mark", "", deny);
+    let server = m.server();
+    let plain = app::run(
+        m.topo.pod("intruder"),
+        &["probe", &server, &PORT.to_string()],
+        T,
+    );
+    assert_eq!(plain["outcome"], "eperm", "{plain}");
+    let marked = app::run(
+        m.topo.pod("intruder"),
+        &["probe", &server, &PORT.to_string(), "mark=0x4d590001"],
+        T,
+    );
+    assert_eq!(
+        marked["outcome"], "eperm",
+        "the mark skipped capture: {marked}"
+    );
+    assert!(m.n1.stat("ebpf_fast_denied") >= 2, "{:?}", m.n1.stats());
 }

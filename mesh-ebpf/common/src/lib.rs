@@ -21,8 +21,11 @@ pub const INBOUND_PERMISSIVE: u32 = 2;
 /// Capacity of the open-ports map (ports that take plaintext untouched).
 pub const OPEN_PORTS_CAPACITY: u32 = 256;
 
-/// `SO_MARK` carried by the proxy's own sockets; the connect hooks never redirect them.
-pub const PROXY_MARK: u32 = 0x4d59_0001;
+/// Name of the object's global that holds the node daemon's cgroup id, set at load: connects
+/// made by a task of that cgroup are the proxy's own and are not redirected. A pod cannot put
+/// a task in another cgroup, unlike a socket mark, which any task with CAP_NET_ADMIN or
+/// CAP_NET_RAW can set.
+pub const PROXY_CGROUP_GLOBAL: &str = "PROXY_CGROUP";
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -44,6 +47,8 @@ pub mod names {
     pub const OPEN_PORTS: &str = "OPEN_PORTS";
     pub const INBOUND_MODE: &str = "INBOUND_MODE";
     pub const INBOUND: &str = "mycel_inbound";
+    /// The inbound program for interfaces without an Ethernet header (tunnels, tun, ...).
+    pub const INBOUND_L3: &str = "mycel_inbound_l3";
     pub const CONNECT4: &str = "mycel_connect4";
     pub const CONNECT6: &str = "mycel_connect6";
     pub const GETPEERNAME4: &str = "mycel_getpeer4";
@@ -108,11 +113,12 @@ pub enum Counter {
     Redirected = 0,
     /// A TCP connect from a namespace that is not enrolled.
     SkippedNotEnrolled = 1,
-    /// A connect by the proxy itself (its sockets carry `PROXY_MARK`).
-    SkippedProxyMark = 2,
+    /// A connect by the proxy itself (a task of the daemon's cgroup).
+    SkippedProxy = 2,
     /// A connect from an enrolled pod to loopback, or not TCP.
     SkippedOther = 3,
-    /// An original-destination entry could not be stored: the map is full.
+    /// An original-destination entry could not be stored: the map is full. A connect that
+    /// could not be recorded is refused (EPERM), never sent out unredirected.
     MapFull = 4,
     /// `sock_ops` could not arm the close callback, so the record was dropped (fail closed).
     OrigDstLost = 5,
@@ -124,13 +130,18 @@ pub enum Counter {
     InboundSteered = 8,
     /// A plaintext connection dropped because the plaintext listener was missing (PERMISSIVE).
     InboundNoListener = 9,
+    /// A packet to a pod dropped because the hook could not classify it: truncated or
+    /// malformed headers, too many IPv6 extension headers or VLAN tags, IPsec.
+    InboundMalformed = 10,
+    /// A fragment of a TCP packet to a pod, dropped: its flags and ports cannot be checked.
+    InboundFragment = 11,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Redirected,
         Counter::SkippedNotEnrolled,
-        Counter::SkippedProxyMark,
+        Counter::SkippedProxy,
         Counter::SkippedOther,
         Counter::MapFull,
         Counter::OrigDstLost,
@@ -138,6 +149,8 @@ impl Counter {
         Counter::InboundDropped,
         Counter::InboundSteered,
         Counter::InboundNoListener,
+        Counter::InboundMalformed,
+        Counter::InboundFragment,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -145,7 +158,7 @@ impl Counter {
         match self {
             Counter::Redirected => "redirected",
             Counter::SkippedNotEnrolled => "skipped_not_enrolled",
-            Counter::SkippedProxyMark => "skipped_proxy_mark",
+            Counter::SkippedProxy => "skipped_proxy",
             Counter::SkippedOther => "skipped_other",
             Counter::MapFull => "map_full",
             Counter::OrigDstLost => "orig_dst_lost",
@@ -153,6 +166,8 @@ impl Counter {
             Counter::InboundDropped => "inbound_dropped",
             Counter::InboundSteered => "inbound_steered",
             Counter::InboundNoListener => "inbound_no_listener",
+            Counter::InboundMalformed => "inbound_malformed",
+            Counter::InboundFragment => "inbound_fragment",
         }
     }
 }

@@ -11,11 +11,17 @@
 //! (the application's `connect()` fails with EPERM): user space puts there only what the
 //! destination's policy denies anyway, so the attempt never leaves the pod.
 //!
-//! `mycel_inbound` (tcx ingress on every enrolled pod's interfaces) keeps plaintext honest: a TCP
-//! SYN to the pod on a port that is not open (the tunnel port, configured exemptions) is dropped
-//! (STRICT) or handed to the node proxy's plaintext listener with `bpf_sk_assign` (PERMISSIVE),
-//! where policy applies. The node proxy itself reaches the pod's application over the pod's
-//! loopback, so it never crosses this hook.
+//! `mycel_inbound` (tcx ingress on every enrolled pod's interfaces; `mycel_inbound_l3` on those
+//! without an Ethernet header) keeps plaintext honest: a TCP SYN to the pod on a port that is
+//! not open (the tunnel port, configured exemptions) is dropped (STRICT) or handed to the node
+//! proxy's plaintext listener with `bpf_sk_assign` (PERMISSIVE), where policy applies. It fails
+//! closed: what it cannot classify as "not a TCP connection attempt" or "one to an open port"
+//! (a truncated or malformed header, a TCP fragment, IPsec, a chain of IPv6 extension headers
+//! or VLAN tags past its bound) is dropped. The node proxy itself reaches the pod's application
+//! over the pod's loopback, so it never crosses this hook.
+//!
+//! The connect hooks leave alone the connects of the node daemon's own tasks, recognised by
+//! their cgroup (`PROXY_CGROUP`, set at load), which a pod cannot join.
 //!
 //! Every decision bumps a per-CPU counter; user space sums them.
 #![no_std]
@@ -28,8 +34,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
     helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_assign, bpf_sk_lookup_tcp,
-        bpf_sk_release,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_assign,
+        bpf_sk_lookup_tcp, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -41,7 +47,7 @@ use core::ptr::read_volatile;
 use mesh_ebpf_common::{
     Counter, Enrollment, FastDenyKey, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
     ENROLLED_CAPACITY, FAST_DENY_CAPACITY, INBOUND_PERMISSIVE, INBOUND_STRICT,
-    OPEN_PORTS_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT, PLAINTEXT_PORT, PROXY_MARK,
+    OPEN_PORTS_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT, PLAINTEXT_PORT,
 };
 
 /// Let the syscall proceed (with whatever the program wrote into the context).
@@ -50,6 +56,12 @@ const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const SOCK_STREAM: u32 = 1;
+
+/// The node daemon's cgroup id, set by the loader (`PROXY_CGROUP_GLOBAL`). Zero exempts
+/// nothing: a daemon that could not set it has its own connects redirected and fails, in the
+/// open, rather than letting anything else through.
+#[no_mangle]
+static PROXY_CGROUP: u64 = 0;
 
 /// Netns cookies of the pods this node captures.
 #[map]
@@ -102,10 +114,12 @@ fn should_redirect(ctx: &SockAddrContext) -> Option<u64> {
         count(Counter::SkippedOther);
         return None;
     }
-    // SAFETY: `sk` is always a valid socket pointer for sock_addr programs.
-    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-    if mark == PROXY_MARK {
-        count(Counter::SkippedProxyMark);
+    // SAFETY: a read of a global the loader set; volatile so it is not folded to its
+    // initial value at compile time.
+    let proxy = unsafe { read_volatile(&PROXY_CGROUP) };
+    // SAFETY: helper is allowed for cgroup sock_addr programs.
+    if proxy != 0 && unsafe { bpf_get_current_cgroup_id() } == proxy {
+        count(Counter::SkippedProxy);
         return None;
     }
     // SAFETY: helper is allowed for cgroup sock_addr programs.
@@ -169,9 +183,10 @@ pub fn mycel_connect4(ctx: SockAddrContext) -> i32 {
         return REFUSE;
     }
     if !remember(&ctx, dst) {
-        // Without a record the proxy could not recover the destination; fail open to the
-        // original destination rather than break the connect, and the counter says so.
-        return ALLOW;
+        // Without a record the proxy could not recover the destination, and letting the
+        // connect go to it unredirected would send it around the mesh: refuse it (EPERM);
+        // the counter says why.
+        return REFUSE;
     }
     sa.user_ip4 = u32::to_be(0x7f00_0001);
     sa.user_port = u32::from(OUTBOUND_PORT.to_be());
@@ -217,7 +232,7 @@ pub fn mycel_connect6(ctx: SockAddrContext) -> i32 {
         return REFUSE;
     }
     if !remember(&ctx, dst) {
-        return ALLOW;
+        return REFUSE;
     }
     sa.user_ip6[0] = 0;
     sa.user_ip6[1] = 0;
@@ -350,31 +365,185 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// VLAN tags (802.1ad, then 802.1Q) walked before the IP header; more are unclassifiable.
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked before the upper-layer header; more are unclassifiable.
+const MAX_IPV6_HEADERS: usize = 8;
+const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_TCP_U8: u8 = 6;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_ESP: u8 = 50;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
+/// For interfaces with an Ethernet header (veth, macvlan, ipvlan, ...).
 #[classifier]
 pub fn mycel_inbound(ctx: TcContext) -> i32 {
-    // A packet too short to parse is not a TCP SYN we police: let the stack judge it.
-    inbound(&ctx).unwrap_or(TCX_NEXT)
+    police(&ctx, ethernet(&ctx))
 }
 
-/// Where a TCP packet's header starts and its addresses, for the packets this hook polices.
+/// For interfaces whose packets start at the IP header (ipip, GRE, WireGuard, tun, ...);
+/// the kernel's `skb->protocol` says which IP.
+#[classifier]
+pub fn mycel_inbound_l3(ctx: TcContext) -> i32 {
+    let proto = u16::from_be(ctx.skb.protocol() as u16);
+    police(&ctx, ip(&ctx, proto, 0))
+}
+
+/// What the inbound hook makes of a packet.
+enum Packet {
+    /// Not a TCP connection attempt: another protocol, or TCP that is not an opening SYN.
+    Other,
+    /// A TCP SYN without ACK.
+    Syn(Syn),
+    /// Cannot be classified; dropped and counted under this counter.
+    Unclassifiable(Counter),
+}
+
+/// Where an opening SYN's headers are.
 struct Syn {
+    l3: usize,
     l4: usize,
     v6: bool,
 }
 
+/// The verdict for a classified packet: `Err` is a load past the end of the packet (a
+/// truncated header), which is unclassifiable too.
 #[inline(always)]
-fn inbound(ctx: &TcContext) -> Result<i32, i64> {
+fn police(ctx: &TcContext, packet: Result<Packet, i64>) -> i32 {
     let flags = INBOUND_MODE.get(0).copied().unwrap_or(0);
     if flags != INBOUND_STRICT && flags != INBOUND_PERMISSIVE {
-        return Ok(TCX_NEXT);
+        return TCX_NEXT;
     }
-    let Some(syn) = first_syn(ctx)? else {
-        return Ok(TCX_NEXT);
-    };
+    match packet {
+        Ok(Packet::Other) => TCX_NEXT,
+        Ok(Packet::Syn(syn)) => match syn_verdict(ctx, &syn, flags) {
+            Ok(verdict) => verdict,
+            Err(_) => {
+                count(Counter::InboundMalformed);
+                TCX_DROP
+            }
+        },
+        Ok(Packet::Unclassifiable(counter)) => {
+            count(counter);
+            TCX_DROP
+        }
+        Err(_) => {
+            count(Counter::InboundMalformed);
+            TCX_DROP
+        }
+    }
+}
+
+/// A frame from its Ethernet header, through up to [`MAX_VLAN_TAGS`] VLAN tags.
+#[inline(always)]
+fn ethernet(ctx: &TcContext) -> Result<Packet, i64> {
+    let mut proto = u16::from_be(ctx.load::<u16>(12)?);
+    let mut l3 = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        proto = u16::from_be(ctx.load::<u16>(l3 + 2)?);
+        l3 += 4;
+    }
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        return Ok(Packet::Unclassifiable(Counter::InboundMalformed));
+    }
+    ip(ctx, proto, l3)
+}
+
+#[inline(always)]
+fn ip(ctx: &TcContext, proto: u16, l3: usize) -> Result<Packet, i64> {
+    match proto {
+        ETH_P_IP => ipv4(ctx, l3),
+        ETH_P_IPV6 => ipv6(ctx, l3),
+        // ARP and the rest are not TCP.
+        _ => Ok(Packet::Other),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, i64> {
+    let version_ihl = ctx.load::<u8>(l3)?;
+    let ihl = usize::from(version_ihl & 0x0f);
+    if version_ihl >> 4 != 4 || ihl < 5 {
+        return Ok(Packet::Unclassifiable(Counter::InboundMalformed));
+    }
+    let proto = ctx.load::<u8>(l3 + 9)?;
+    // More fragments, or a fragment offset: part of a larger packet.
+    let fragment = u16::from_be(ctx.load::<u16>(l3 + 6)?) & 0x3fff != 0;
+    match proto {
+        // Its ports and flags may lie in another fragment (RFC 1858); reassembly happens
+        // after this hook.
+        IPPROTO_TCP_U8 if fragment => Ok(Packet::Unclassifiable(Counter::InboundFragment)),
+        IPPROTO_TCP_U8 => tcp(ctx, l3, l3 + ihl * 4, false),
+        // What IPsec carries is out of sight here.
+        IPPROTO_ESP | IPPROTO_AH => Ok(Packet::Unclassifiable(Counter::InboundMalformed)),
+        _ => Ok(Packet::Other),
+    }
+}
+
+#[inline(always)]
+fn ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, i64> {
+    if ctx.load::<u8>(l3)? >> 4 != 6 {
+        return Ok(Packet::Unclassifiable(Counter::InboundMalformed));
+    }
+    let mut next = ctx.load::<u8>(l3 + 6)?;
+    let mut off = l3 + 40;
+    for _ in 0..MAX_IPV6_HEADERS {
+        match next {
+            IPPROTO_TCP_U8 => return tcp(ctx, l3, off, true),
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                // Length in 8-octet units, not counting the first 8.
+                let len = (usize::from(ctx.load::<u8>(off + 1)?) + 1) * 8;
+                next = ctx.load::<u8>(off)?;
+                off += len;
+            }
+            IPPROTO_FRAGMENT => {
+                // Every fragment's header names what the fragmented part starts with.
+                let inner = ctx.load::<u8>(off)?;
+                return Ok(match inner {
+                    IPPROTO_TCP_U8
+                    | IPPROTO_HOPOPTS
+                    | IPPROTO_ROUTING
+                    | IPPROTO_DSTOPTS
+                    | IPPROTO_FRAGMENT
+                    | IPPROTO_ESP
+                    | IPPROTO_AH => Packet::Unclassifiable(Counter::InboundFragment),
+                    _ => Packet::Other,
+                });
+            }
+            IPPROTO_ESP | IPPROTO_AH => {
+                return Ok(Packet::Unclassifiable(Counter::InboundMalformed))
+            }
+            // UDP, ICMPv6, no next header, ...: not TCP.
+            _ => return Ok(Packet::Other),
+        }
+    }
+    Ok(Packet::Unclassifiable(Counter::InboundMalformed))
+}
+
+/// The TCP header at `l4`: an opening SYN (SYN without ACK; data or other flags with it do
+/// not matter), or something else.
+#[inline(always)]
+fn tcp(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Result<Packet, i64> {
+    let tcp_flags = ctx.load::<u8>(l4 + 13)?;
+    if tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0 {
+        return Ok(Packet::Other);
+    }
+    Ok(Packet::Syn(Syn { l3, l4, v6 }))
+}
+
+/// An opening SYN: through to an open port; else dropped (STRICT) or handed to the
+/// plaintext listener (PERMISSIVE).
+#[inline(always)]
+fn syn_verdict(ctx: &TcContext, syn: &Syn, flags: u32) -> Result<i32, i64> {
     let dport = u16::from_be(ctx.load::<u16>(syn.l4 + 2)?);
     // SAFETY: read-only lookup of a plain value.
     if unsafe { OPEN_PORTS.get(&dport) }.is_some() {
@@ -391,16 +560,16 @@ fn inbound(ctx: &TcContext) -> Result<i32, i64> {
     let size = if syn.v6 {
         // SAFETY: writing plain integers into the union's IPv6 member.
         let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
-        t.saddr = ctx.load::<[u32; 4]>(ETH_HLEN + 8)?;
-        t.daddr = ctx.load::<[u32; 4]>(ETH_HLEN + 24)?;
+        t.saddr = ctx.load::<[u32; 4]>(syn.l3 + 8)?;
+        t.daddr = ctx.load::<[u32; 4]>(syn.l3 + 24)?;
         t.sport = ctx.load::<u16>(syn.l4)?;
         t.dport = PLAINTEXT_PORT.to_be();
         core::mem::size_of_val(t)
     } else {
         // SAFETY: writing plain integers into the union's IPv4 member.
         let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
-        t.saddr = ctx.load::<u32>(ETH_HLEN + 12)?;
-        t.daddr = ctx.load::<u32>(ETH_HLEN + 16)?;
+        t.saddr = ctx.load::<u32>(syn.l3 + 12)?;
+        t.daddr = ctx.load::<u32>(syn.l3 + 16)?;
         t.sport = ctx.load::<u16>(syn.l4)?;
         t.dport = PLAINTEXT_PORT.to_be();
         core::mem::size_of_val(t)
@@ -432,42 +601,4 @@ fn inbound(ctx: &TcContext) -> Result<i32, i64> {
     }
     count(Counter::InboundSteered);
     Ok(TCX_PASS)
-}
-
-/// The packet when it opens a TCP connection (SYN without ACK); None for anything else.
-/// IPv6 packets with extension headers before TCP are not parsed (and so not policed).
-#[inline(always)]
-fn first_syn(ctx: &TcContext) -> Result<Option<Syn>, i64> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
-    let syn = match ethertype {
-        ETH_P_IP => {
-            let version_ihl = ctx.load::<u8>(ETH_HLEN)?;
-            let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6)?);
-            if version_ihl >> 4 != 4
-                || ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP_U8
-                || frag & 0x1fff != 0
-            {
-                return Ok(None);
-            }
-            Syn {
-                l4: ETH_HLEN + usize::from(version_ihl & 0x0f) * 4,
-                v6: false,
-            }
-        }
-        ETH_P_IPV6 => {
-            if ctx.load::<u8>(ETH_HLEN + 6)? != IPPROTO_TCP_U8 {
-                return Ok(None);
-            }
-            Syn {
-                l4: ETH_HLEN + 40,
-                v6: true,
-            }
-        }
-        _ => return Ok(None),
-    };
-    let tcp_flags = ctx.load::<u8>(syn.l4 + 13)?;
-    if tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0 {
-        return Ok(None);
-    }
-    Ok(Some(syn))
 }

@@ -199,7 +199,7 @@ fn detach(
 
 /// A zeroed `union bpf_attr`, written field by field at the kernel ABI's offsets.
 #[repr(C, align(8))]
-struct Attr([u8; 128]);
+pub(super) struct Attr([u8; 128]);
 
 impl Default for Attr {
     fn default() -> Self {
@@ -208,18 +208,18 @@ impl Default for Attr {
 }
 
 impl Attr {
-    fn put_u32(&mut self, off: usize, v: u32) {
+    pub(super) fn put_u32(&mut self, off: usize, v: u32) {
         self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
     }
-    fn put_u64(&mut self, off: usize, v: u64) {
+    pub(super) fn put_u64(&mut self, off: usize, v: u64) {
         self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
     }
-    fn get_u32(&self, off: usize) -> u32 {
+    pub(super) fn get_u32(&self, off: usize) -> u32 {
         let mut b = [0u8; 4];
         b.copy_from_slice(&self.0[off..off + 4]);
         u32::from_ne_bytes(b)
     }
-    fn sys(&mut self, cmd: libc::c_long) -> io::Result<i32> {
+    pub(super) fn sys(&mut self, cmd: libc::c_long) -> io::Result<i32> {
         // SAFETY: `self` is a properly aligned, large-enough bpf_attr for every command used.
         let r = unsafe {
             libc::syscall(

@@ -5,7 +5,11 @@
 //! so even a crash cannot leave them behind.
 
 mod attach;
+pub mod interfaces;
 mod map_set;
+mod own_cgroup;
+#[cfg(test)]
+mod test_run;
 
 use std::{
     collections::HashSet,
@@ -30,6 +34,7 @@ use mesh_ebpf_common::{
 pub use attach::CgroupLock;
 use map_set::MapSet;
 pub use map_set::SetUpdate;
+pub use own_cgroup::OwnCgroup;
 
 /// The object built from `mesh-ebpf/programs` by the build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -75,10 +80,63 @@ impl Counters {
 
 pub struct Options {
     pub cgroup: PathBuf,
+    /// The daemon's own cgroup id: connects from it are the proxy's and are not redirected.
+    pub proxy_cgroup: u64,
     pub orig_dst_capacity: u32,
     /// Enables the programs' aya-log output at debug level (off by default: the level check
     /// runs in the kernel, so disabled logging costs one load per call).
     pub ebpf_log: bool,
+}
+
+/// The inbound program on one of a pod's interfaces; dropping it detaches.
+pub struct Inbound {
+    pub ifindex: u32,
+    pub name: String,
+    /// Held for its drop.
+    _link: SchedClassifierLink,
+}
+
+/// What kind of link an interface of the calling thread's netns is.
+mod link_type {
+    use std::os::fd::AsRawFd as _;
+
+    const ARPHRD_ETHER: u16 = 1;
+
+    fn ifreq(name: &str) -> Option<libc::ifreq> {
+        // SAFETY: all-zero is a valid ifreq.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        let bytes = name.as_bytes();
+        if bytes.len() >= req.ifr_name.len() {
+            return None;
+        }
+        for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        Some(req)
+    }
+
+    /// Whether the interface's packets start with an Ethernet header. Unknown (an error, a
+    /// name too long) counts as not: the L3 program then judges them from the IP header the
+    /// kernel found, and drops what does not parse.
+    pub fn is_ethernet(name: &str) -> bool {
+        let Some(mut req) = ifreq(name) else {
+            return false;
+        };
+        // Any socket of the netns will do for the ioctl; none is bound.
+        let dgram = |d| socket2::Socket::new(d, socket2::Type::DGRAM, None);
+        let Ok(sock) = dgram(socket2::Domain::IPV4).or_else(|_| dgram(socket2::Domain::IPV6))
+        else {
+            return false;
+        };
+        // SAFETY: SIOCGIFHWADDR reads the name and writes the hardware address into `req`.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+        // SAFETY: the kernel filled the union's hwaddr member on success.
+        r == 0 && unsafe { req.ifr_ifru.ifru_hwaddr.sa_family } == ARPHRD_ETHER
+    }
+
+    pub fn exists(name: &str) -> bool {
+        nix::net::if_::if_nametoindex(name).is_ok()
+    }
 }
 
 /// Loaded and attached programs plus their maps.
@@ -112,6 +170,11 @@ impl Capture {
             .map_max_entries(names::ORIG_BY_COOKIE, opts.orig_dst_capacity)
             .map_max_entries(names::ORIG_BY_TUPLE, opts.orig_dst_capacity)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .override_global(
+                mesh_ebpf_common::PROXY_CGROUP_GLOBAL,
+                &opts.proxy_cgroup,
+                true,
+            )
             .load(OBJECT)?;
         if opts.ebpf_log {
             match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -147,15 +210,16 @@ impl Capture {
             .map_err(|source| CaptureError::Program { name, source })?;
         prog.attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(|source| CaptureError::Program { name, source })?;
-        let name = names::INBOUND;
-        let inbound: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(CaptureError::Missing(name))?
-            .try_into()
-            .map_err(|source| CaptureError::Program { name, source })?;
-        inbound
-            .load()
-            .map_err(|source| CaptureError::Program { name, source })?;
+        for name in [names::INBOUND, names::INBOUND_L3] {
+            let inbound: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Missing(name))?
+                .try_into()
+                .map_err(|source| CaptureError::Program { name, source })?;
+            inbound
+                .load()
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
 
         let enrolled = take_map(&mut ebpf, names::ENROLLED, HashMap::try_from)?;
         let fast_deny = take_map(&mut ebpf, names::FAST_DENY, HashMap::try_from)?;
@@ -200,37 +264,48 @@ impl Capture {
             })
     }
 
-    /// Attaches the inbound program (tcx ingress) to every interface but loopback of the
-    /// calling thread's netns. Call it on the pod's netns thread; dropping the links detaches.
-    pub fn attach_inbound(&self) -> Result<Vec<(String, SchedClassifierLink)>, CaptureError> {
-        let name = names::INBOUND;
+    /// Attaches the inbound program (tcx ingress) to every interface of the calling thread's
+    /// netns but loopback and those in `attached` (by index): `mycel_inbound` where packets
+    /// start with an Ethernet header, `mycel_inbound_l3` elsewhere. Call it on the pod's netns
+    /// thread; dropping the links detaches.
+    pub fn attach_inbound(&self, attached: &HashSet<u32>) -> Result<Vec<Inbound>, CaptureError> {
         let interfaces =
             nix::net::if_::if_nameindex().map_err(|e| CaptureError::Interfaces(e.into()))?;
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-        let prog: &mut SchedClassifier = ebpf
-            .as_mut()
-            .ok_or(CaptureError::Released)?
-            .program_mut(name)
-            .ok_or(CaptureError::Missing(name))?
-            .try_into()
-            .map_err(|source| CaptureError::Program { name, source })?;
+        let ebpf = ebpf.as_mut().ok_or(CaptureError::Released)?;
         let mut links = Vec::new();
         for iface in interfaces.iter() {
             let ifname = iface.name().to_string_lossy().into_owned();
-            if ifname == "lo" {
+            if ifname == "lo" || attached.contains(&iface.index()) {
                 continue;
             }
-            let id = prog
+            let name = if link_type::is_ethernet(&ifname) {
+                names::INBOUND
+            } else {
+                names::INBOUND_L3
+            };
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Missing(name))?
+                .try_into()
+                .map_err(|source| CaptureError::Program { name, source })?;
+            let attach = prog
                 .attach_with_options(
                     &ifname,
                     TcAttachType::Ingress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .map_err(|source| CaptureError::Program { name, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| CaptureError::Program { name, source })?;
-            links.push((ifname, link));
+                .and_then(|id| prog.take_link(id));
+            match attach {
+                Ok(link) => links.push(Inbound {
+                    ifindex: iface.index(),
+                    name: ifname,
+                    _link: link,
+                }),
+                // Gone between the listing and the attach: nothing arrives on it any more.
+                Err(_) if !link_type::exists(&ifname) => {}
+                Err(source) => return Err(CaptureError::Program { name, source }),
+            }
         }
         Ok(links)
     }

@@ -280,7 +280,7 @@ async fn authorize_and_connect(
         return Err(refusal);
     }
     let destination = request.destination_addr;
-    let upstream = pod.connect_marked(destination).await.map_err(|e| {
+    let upstream = pod.connect_in_pod(destination).await.map_err(|e| {
         pod.shared
             .stats
             .upstream_failed

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_ebpf_common::{OUTBOUND_PORT, PLAINTEXT_PORT, PROXY_MARK};
+use mesh_ebpf_common::{OUTBOUND_PORT, PLAINTEXT_PORT};
 use std::future::Future;
 
 use tokio::{
@@ -201,16 +201,12 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    /// Connects to `dst` from inside this pod's netns with a socket the connect hooks let
-    /// through (SO_MARK), giving up after the connect timeout.
-    pub async fn connect_marked(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+    /// Connects to `dst` from inside this pod's netns, giving up after the connect timeout.
+    /// The connect hooks let it through: it is made by a task of the daemon's cgroup.
+    pub async fn connect_in_pod(&self, dst: SocketAddr) -> io::Result<TcpStream> {
         let std_stream = self
             .netns
-            .run(move || -> io::Result<std::net::TcpStream> {
-                let s = tcp_socket(dst)?;
-                s.set_mark(PROXY_MARK)?;
-                Ok(s.into())
-            })
+            .run(move || -> io::Result<std::net::TcpStream> { Ok(tcp_socket(dst)?.into()) })
             .await
             .map_err(io::Error::other)??;
         let socket = TcpSocket::from_std_stream(std_stream);

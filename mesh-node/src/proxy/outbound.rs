@@ -214,7 +214,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         _ => "tls",
     };
     let upstream = match dir.route(dst) {
-        Route::Passthrough => match ctx.connect_marked(dst).await {
+        Route::Passthrough => match ctx.connect_in_pod(dst).await {
             Ok(s) => {
                 stats.passthrough.fetch_add(1, Ordering::Relaxed);
                 Upstream::Plain(s)
@@ -508,7 +508,7 @@ async fn send(
     }
     let config = tls.client(&source_id, target.peer.identity.clone())?;
     let tcp = ctx
-        .connect_marked(addr)
+        .connect_in_pod(addr)
         .await
         .map_err(|source| SendError::Connect { addr, source })?;
     let name = ServerName::IpAddress(target.addr.ip().into());

@@ -1,0 +1,149 @@
+//! The inbound program on every interface of a pod, including those that appear after it
+//! was enrolled: a CNI adding a second network, or an application with CAP_NET_ADMIN making
+//! a veth, a macvlan or a tunnel to receive on. Without the program such an interface would
+//! take plaintext that STRICT forbids.
+//!
+//! The watcher learns of new interfaces from the pod netns's link notifications
+//! (`RTMGRP_LINK`) and also looks again every [`RESCAN`], in case a notification was lost
+//! (a full socket buffer). An interface is unprotected from its creation until the watcher
+//! has attached to it, typically well under a millisecond; it cannot take packets before it
+//! is up, which is a second step for whoever makes it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::{AsRawFd as _, OwnedFd},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+
+use super::{Capture, Inbound};
+use crate::{netns::NetnsWorker, workloads::WorkloadId};
+
+/// How often the watcher looks at the interfaces without a notification.
+pub const RESCAN: Duration = Duration::from_secs(5);
+
+/// The inbound program on each of a pod's interfaces, by interface index. Dropping the last
+/// handle detaches them all.
+pub type Links = Arc<Mutex<HashMap<u32, Inbound>>>;
+
+pub fn links(initial: Vec<Inbound>) -> Links {
+    Arc::new(Mutex::new(
+        initial.into_iter().map(|l| (l.ifindex, l)).collect(),
+    ))
+}
+
+/// Attaches the inbound program to interfaces that appear in `worker`'s netns until
+/// `shutdown` fires.
+pub async fn watch(
+    workload: WorkloadId,
+    worker: NetnsWorker,
+    capture: Arc<Capture>,
+    links: Links,
+    shutdown: CancellationToken,
+) {
+    let notifications = match worker.run(link_notifications).await {
+        // SAFETY: the AsyncFd owns the fd, so the fd outlives the registration.
+        Ok(Ok(fd)) => {
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%workload, error = %e, "cannot follow the pod's interfaces; looking every {RESCAN:?} instead");
+            None
+        }
+        Err(_) => return,
+    };
+    let mut rescan = tokio::time::interval(RESCAN);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let notified = async {
+            match &notifications {
+                Some(fd) => match fd.readable().await {
+                    Ok(mut ready) => {
+                        drain(fd.get_ref());
+                        ready.clear_ready();
+                    }
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = notified => {}
+            _ = rescan.tick() => {}
+        }
+        let attached: HashSet<u32> = lock(&links).keys().copied().collect();
+        let capture = capture.clone();
+        let found = worker
+            .run(move || {
+                let present = present_interfaces();
+                capture.attach_inbound(&attached).map(|new| (new, present))
+            })
+            .await;
+        match found {
+            Ok(Ok((new, present))) => {
+                let mut links = lock(&links);
+                // Interfaces that went take their attachment with them.
+                links.retain(|index, _| present.contains(index));
+                for l in new {
+                    tracing::info!(%workload, interface = %l.name, "inbound program attached to a new interface of the pod");
+                    links.insert(l.ifindex, l);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(%workload, error = %e, "cannot attach the inbound program to a new interface of the pod; plaintext to it is not policed");
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+fn lock(links: &Links) -> std::sync::MutexGuard<'_, HashMap<u32, Inbound>> {
+    links.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Interface indexes of the calling thread's netns.
+fn present_interfaces() -> HashSet<u32> {
+    nix::net::if_::if_nameindex()
+        .map(|list| list.iter().map(|i| i.index()).collect())
+        .unwrap_or_default()
+}
+
+/// A non-blocking rtnetlink socket of the calling thread's netns, subscribed to link changes.
+fn link_notifications() -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{
+        bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
+    const RTMGRP_LINK: u32 = 1;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
+    Ok(fd)
+}
+
+/// Reads every pending notification; what they say does not matter, only that something
+/// changed (the interfaces are listed again).
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 8192];
+    // Bounded: a flood of notifications cannot keep this loop here.
+    for _ in 0..64 {
+        match nix::sys::socket::recv(
+            fd.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        ) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            // ENOBUFS: notifications were lost; the caller lists the interfaces anyway.
+            Err(nix::errno::Errno::ENOBUFS) => continue,
+            Err(_) => return,
+        }
+    }
+}
