@@ -3,7 +3,9 @@
 //!
 //! - A pod is a [`Workload`] when it is in the mesh: its own `mycel.dev/mesh` label says
 //!   `enabled` (or `disabled`), else its namespace's does. Only pods with a node and an
-//!   address, not on the host's network and not finished, can be captured.
+//!   address, not on the host's network and not finished, can be captured. A mirror pod
+//!   (static pod) or a pod without a service account is left out, with the reason:
+//!   `mesh_model::membership::no_identity`.
 //! - A Service is a mesh [`Service`] when its ready endpoints (from its EndpointSlices) include
 //!   pods of the mesh; traffic from the mesh goes to those pods only. Headless services need
 //!   nothing: their clients connect to pod addresses.
@@ -85,6 +87,14 @@ pub fn translate(objects: &Objects, previous: &MeshConfig) -> Translated {
         .collect();
     let mut claimed: BTreeMap<IpAddr, ObjectKey> = BTreeMap::new();
     for pod in &objects.pods {
+        if let Some(reason) = refused(pod, &namespaces) {
+            problems.push(format!(
+                "pod {}/{} left out: {reason}",
+                pod.namespace().unwrap_or_default(),
+                pod.name_any()
+            ));
+            continue;
+        }
         let Some(workload) = workload(pod, &namespaces) else {
             continue;
         };
@@ -209,6 +219,19 @@ fn in_mesh(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> bool {
     )
 }
 
+/// Why a pod that asks for the mesh can have no identity, if it cannot.
+fn refused(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<&'static str> {
+    if !in_mesh(pod, namespaces) {
+        return None;
+    }
+    mesh_model::membership::no_identity(
+        pod.metadata.annotations.as_ref(),
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref()),
+    )
+}
+
 /// The workload of a pod in the mesh that a node can capture now.
 fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Workload> {
     if !in_mesh(pod, namespaces) {
@@ -238,11 +261,7 @@ fn workload(pod: &Pod, namespaces: &BTreeMap<String, &Namespace>) -> Option<Work
         // The node finds the pod's network namespace itself (the CNI plugin hands it over).
         netns: PathBuf::new(),
         addresses,
-        service_account: spec
-            .service_account_name
-            .clone()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into()),
+        service_account: spec.service_account_name.clone()?,
     })
 }
 
@@ -414,6 +433,43 @@ mod tests {
         assert_eq!(order.service_account, "order-1");
         assert_eq!(order.addresses, ["10.1.0.2".parse::<IpAddr>().unwrap()]);
         assert_eq!(order.labels["app"], "order");
+    }
+
+    /// Regression (issue 19): a mirror (static) pod in a meshed namespace was given the
+    /// identity of whatever service account its manifest named, and a pod without one the
+    /// namespace's `default`.
+    #[test]
+    fn pods_without_a_trustworthy_identity_are_left_out_with_the_reason() {
+        let mut mirror = (*pod("shop", "static", "n1", "10.1.0.2", json!({}))).clone();
+        mirror.metadata.annotations =
+            Some([("kubernetes.io/config.mirror".to_owned(), "x".to_owned())].into());
+        let mut nameless = (*pod("shop", "anon", "n1", "10.1.0.3", json!({}))).clone();
+        nameless.spec.as_mut().unwrap().service_account_name = None;
+        let objects = Objects {
+            namespaces: vec![namespace("shop", Some("enabled"))],
+            pods: vec![
+                Arc::new(mirror),
+                Arc::new(nameless),
+                pod("shop", "web", "n1", "10.1.0.4", json!({})),
+            ],
+            ..Objects::default()
+        };
+        let t = translate(&objects, &MeshConfig::default());
+        assert_eq!(keys(&t.config), ["shop/web"]);
+        assert!(
+            t.problems
+                .iter()
+                .any(|p| p.starts_with("pod shop/static left out: it mirrors a static pod")),
+            "{:?}",
+            t.problems
+        );
+        assert!(
+            t.problems
+                .iter()
+                .any(|p| p.starts_with("pod shop/anon left out: it names no service account")),
+            "{:?}",
+            t.problems
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Which of this node's pods to capture: in the mesh by `mesh_model::membership` (the rule
-//! mesh-cp applies too), and running in a network of their own.
+//! mesh-cp applies too), with an identity it can be given, and running in a network of their
+//! own.
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use mesh_model::membership::{in_mesh, MESH_LABEL};
+use mesh_model::membership::{in_mesh, no_identity, MESH_LABEL};
 
 use crate::workloads::WorkloadId;
 
@@ -20,13 +21,15 @@ pub fn mesh_label(
     meta.labels.as_ref()?.get(MESH_LABEL).map(String::as_str)
 }
 
-/// The pod as a member, or `None` when it stays uncaptured: out of the mesh, on the host's
-/// network (there is no pod netns to capture), or finished.
+/// The pod as a member, or `None` when it stays uncaptured: out of the mesh, without an
+/// identity it can be given ([`refused`]), on the host's network (there is no pod netns to
+/// capture), or finished.
 pub fn member(pod: &Pod, namespace: Option<&Namespace>) -> Option<Member> {
     if !in_mesh(
         mesh_label(&pod.metadata),
         namespace.and_then(|ns| mesh_label(&ns.metadata)),
-    ) {
+    ) || refused(pod, namespace).is_some()
+    {
         return None;
     }
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
@@ -45,21 +48,50 @@ pub fn member(pod: &Pod, namespace: Option<&Namespace>) -> Option<Member> {
     })
 }
 
-/// Every member among `pods`.
+/// Why a pod that asks for the mesh is not captured: it can have no identity (see
+/// `mesh_model::membership::no_identity`). `None` for every other pod.
+pub fn refused(pod: &Pod, namespace: Option<&Namespace>) -> Option<&'static str> {
+    let asks = in_mesh(
+        mesh_label(&pod.metadata),
+        namespace.and_then(|ns| mesh_label(&ns.metadata)),
+    );
+    if !asks {
+        return None;
+    }
+    no_identity(
+        pod.metadata.annotations.as_ref(),
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref()),
+    )
+}
+
+/// Every member among `pods`, and the pods that asked for the mesh but were refused, with
+/// their uid and the reason.
 pub fn members<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     namespaces: &[std::sync::Arc<Namespace>],
-) -> Vec<Member> {
+) -> (Vec<Member>, Vec<(WorkloadId, String, &'static str)>) {
     let by_name: std::collections::HashMap<&str, &Namespace> = namespaces
         .iter()
         .filter_map(|n| Some((n.metadata.name.as_deref()?, &**n)))
         .collect();
-    pods.into_iter()
-        .filter_map(|pod| {
-            let ns = pod.metadata.namespace.as_deref();
-            member(pod, ns.and_then(|ns| by_name.get(ns).copied()))
-        })
-        .collect()
+    let (mut found, mut refusals) = (Vec::new(), Vec::new());
+    for pod in pods {
+        let ns = pod.metadata.namespace.as_deref();
+        let namespace = ns.and_then(|ns| by_name.get(ns).copied());
+        if let Some(m) = member(pod, namespace) {
+            found.push(m);
+        } else if let (Some(reason), Some(ns), Some(name), Some(uid)) = (
+            refused(pod, namespace),
+            ns,
+            pod.metadata.name.as_deref(),
+            pod.metadata.uid.clone(),
+        ) {
+            refusals.push((WorkloadId::new(ns, name), uid, reason));
+        }
+    }
+    (found, refusals)
 }
 
 #[cfg(test)]
@@ -71,7 +103,7 @@ mod tests {
     fn pod(ns: &str, name: &str, extra: serde_json::Value) -> Pod {
         let mut v = json!({
             "metadata": { "namespace": ns, "name": name, "uid": format!("u-{name}") },
-            "spec": { "nodeName": "n1", "containers": [] },
+            "spec": { "nodeName": "n1", "serviceAccountName": "default", "containers": [] },
             "status": { "phase": "Running" },
         });
         for (k, e) in extra.as_object().unwrap() {
@@ -114,11 +146,24 @@ mod tests {
             ),
             // Its namespace is not known (yet): only its own label counts.
             pod("new", "x", json!({})),
+            pod(
+                "shop",
+                "static",
+                json!({ "metadata": { "annotations": { "kubernetes.io/config.mirror": "h" } } }),
+            ),
+            pod(
+                "shop",
+                "anon",
+                json!({ "spec": { "serviceAccountName": "" } }),
+            ),
         ];
-        let got: Vec<String> = members(&pods, &namespaces)
+        let (found, refused) = members(&pods, &namespaces);
+        let got: Vec<String> = found
             .into_iter()
             .map(|m| format!("{} {}", m.id, m.uid))
             .collect();
         assert_eq!(got, ["shop/order u-order", "ops/agent u-agent"]);
+        let refused: Vec<String> = refused.iter().map(|(id, _, _)| id.to_string()).collect();
+        assert_eq!(refused, ["shop/static", "shop/anon"]);
     }
 }

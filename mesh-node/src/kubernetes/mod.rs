@@ -71,6 +71,8 @@ pub struct Pods {
     generation: watch::Sender<u64>,
     /// Pod uid → its netns and where that came from.
     netns: Mutex<HashMap<String, (PathBuf, Origin)>>,
+    /// Pods refused an identity whose refusal was logged, by uid.
+    told: Mutex<HashSet<String>>,
     host_proc: PathBuf,
     enroll: mpsc::Sender<EnrollRequest>,
     pub health: Arc<ApiHealth>,
@@ -122,6 +124,7 @@ impl Pods {
             listed: AtomicBool::new(false),
             generation,
             netns: Mutex::new(HashMap::new()),
+            told: Mutex::default(),
             host_proc,
             enroll,
             health: reflectors.health.clone(),
@@ -165,7 +168,8 @@ impl Pods {
     pub fn desired(&self) -> BTreeMap<WorkloadId, Workload> {
         let pods = self.pods.state();
         let namespaces = self.namespaces.state();
-        let members = members::members(pods.iter().map(|p| &**p), &namespaces);
+        let (members, refused) = members::members(pods.iter().map(|p| &**p), &namespaces);
+        self.tell_refused(refused);
         let mut table = self.table();
         if self.listed.load(Ordering::Acquire) {
             let live: HashSet<&str> = pods
@@ -294,6 +298,18 @@ impl Pods {
         }
         self.metrics.count("del", &Reply::Removed);
         Reply::Removed
+    }
+
+    /// Logs, once per pod, why a pod that asked for the mesh is not captured.
+    fn tell_refused(&self, refused: Vec<(WorkloadId, String, &'static str)>) {
+        let mut told = self.told.lock().unwrap_or_else(|p| p.into_inner());
+        let now: HashSet<String> = refused.iter().map(|(_, uid, _)| uid.clone()).collect();
+        for (pod, uid, reason) in refused {
+            if !told.contains(&uid) {
+                tracing::warn!(%pod, %uid, "pod not captured and given no identity: {reason}");
+            }
+        }
+        *told = now;
     }
 
     /// `Some(member or not)` once the pod (this incarnation of it) is in the watch.

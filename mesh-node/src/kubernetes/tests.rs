@@ -16,7 +16,7 @@ fn namespace(name: &str, mesh: Option<&str>) -> Value {
 fn pod(ns: &str, name: &str, node: &str) -> Value {
     json!({ "apiVersion": "v1", "kind": "Pod",
             "metadata": { "name": name, "namespace": ns, "uid": format!("u-{name}") },
-            "spec": { "nodeName": node, "containers": [] },
+            "spec": { "nodeName": node, "serviceAccountName": "default", "containers": [] },
             "status": { "phase": "Running" } })
 }
 
