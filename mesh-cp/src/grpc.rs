@@ -42,6 +42,19 @@ impl NodeApi {
     /// Returns the node name and token of an authenticated caller.
     async fn authenticate<T>(&self, req: &Request<T>) -> Result<(String, String), Status> {
         let peer = req.remote_addr();
+        let refused = |e: AuthError| {
+            self.shared.metrics.node_refused(e.label());
+            // A throttled address is not worth a line per attempt.
+            if matches!(e, AuthError::Throttled(_)) {
+                tracing::debug!(peer = ?peer, reason = %e, "node refused");
+            }
+            match e {
+                AuthError::Unauthenticated(m) => Status::unauthenticated(m),
+                AuthError::PermissionDenied(m) => Status::permission_denied(m),
+                AuthError::Unavailable(m) => Status::unavailable(m),
+                AuthError::Throttled(m) => Status::resource_exhausted(m),
+            }
+        };
         let header = |name: &str| {
             req.metadata()
                 .get(name)
@@ -55,15 +68,14 @@ impl NodeApi {
             })?;
         let claimed = header(metadata::NODE)
             .ok_or_else(|| Status::unauthenticated("missing `x-mycel-node` metadata"))?;
-        match self.shared.auth.verify(&token, &claimed).await {
+        let ip = peer.map(|p| p.ip().to_canonical());
+        match self.shared.auth.verify(&token, &claimed, ip).await {
             Ok(node) => Ok((node, token)),
             Err(e) => {
-                tracing::warn!(peer = ?peer, claimed, reason = %e, "node refused");
-                Err(match e {
-                    AuthError::Unauthenticated(m) => Status::unauthenticated(m),
-                    AuthError::PermissionDenied(m) => Status::permission_denied(m),
-                    AuthError::Unavailable(m) => Status::unavailable(m),
-                })
+                if !matches!(e, AuthError::Throttled(_)) {
+                    tracing::warn!(peer = ?peer, claimed, reason = %e, "node refused");
+                }
+                Err(refused(e))
             }
         }
     }
@@ -79,6 +91,20 @@ impl NodeService for NodeApi {
     ) -> Result<Response<Self::StreamConfigStream>, Status> {
         let (node, token) = self.authenticate(&req).await?;
         let peer = req.remote_addr();
+        let slot = match peer {
+            Some(p) => match self.shared.auth.peers.stream(p.ip().to_canonical()) {
+                Some(slot) => Some(slot),
+                None => {
+                    self.shared.metrics.node_refused("too_many_streams");
+                    tracing::warn!(node, peer = %p, "node refused: this address has {} config streams open already", crate::peer_limits::STREAMS_PER_PEER);
+                    return Err(Status::resource_exhausted(format!(
+                        "this address has {} config streams open already",
+                        crate::peer_limits::STREAMS_PER_PEER
+                    )));
+                }
+            },
+            None => None,
+        };
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(serve_stream(
             self.shared.clone(),
@@ -87,6 +113,7 @@ impl NodeService for NodeApi {
             peer,
             req.into_inner(),
             tx,
+            slot,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -164,6 +191,8 @@ async fn serve_stream(
     peer: Option<SocketAddr>,
     mut acks: Streaming<ConfigAck>,
     tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
+    // Held for the stream's life: the peer's place among its streams.
+    _slot: Option<crate::peer_limits::StreamSlot>,
 ) {
     shared.update_node(&node, |n| n.streams += 1);
     tracing::info!(node, peer = ?peer, "node connected");
@@ -239,8 +268,9 @@ async fn serve_stream(
             },
             _ = recheck.tick() => {
                 // Unavailable is not a verdict: the stream stays until the credential is refused.
+                let ip = peer.map(|p| p.ip().to_canonical());
                 if let Err(e @ (AuthError::Unauthenticated(_) | AuthError::PermissionDenied(_))) =
-                    shared.auth.verify(&token, &node).await
+                    shared.auth.verify(&token, &node, ip).await
                 {
                     tracing::warn!(node, reason = %e, "node credential no longer valid; closing the node's stream");
                     let _ = tx.send(Err(Status::unauthenticated(format!("credential no longer valid: {e}")))).await;

@@ -7,6 +7,7 @@ mod grpc;
 mod kubernetes;
 mod metrics;
 mod node_auth;
+mod peer_limits;
 mod server;
 mod slice;
 mod source;
@@ -163,6 +164,10 @@ enum TokenCommand {
         node: String,
         #[arg(long)]
         data_dir: PathBuf,
+        /// How long the token is accepted (45s, 20m, 24h, 30d, ...). The node re-reads its
+        /// token file on every connect: write a new token there before this runs out.
+        #[arg(long, default_value = "30d", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
     },
     /// Revoke a token by id; nodes using it are disconnected within seconds.
     Revoke {
@@ -170,7 +175,7 @@ enum TokenCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// List tokens: id, node, creation time.
+    /// List tokens: id, node, creation and expiry times (UTC).
     List {
         #[arg(long)]
         data_dir: PathBuf,
@@ -256,14 +261,38 @@ fn ensure_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = mesh_model::duration::parse(s)?;
+    if d.is_zero() {
+        return Err("a token that expires at once is of no use".into());
+    }
+    Ok(d)
+}
+
+/// A unix time as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc(secs: u64) -> String {
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_else(|| secs.to_string())
+}
+
 fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create { node, data_dir } => {
+        TokenCommand::Create {
+            node,
+            data_dir,
+            ttl,
+        } => {
             ensure_data_dir(&data_dir)?;
-            let (record, token) = tokens::create(&data_dir, &node)?;
+            let (record, token) = tokens::create(&data_dir, &node, ttl)?;
             eprintln!(
-                "token {} for node {} created; it is not shown again",
-                record.id, record.node
+                "token {} for node {} created, valid until {}; it is not shown again",
+                record.id,
+                record.node,
+                record.expires.map_or_else(|| "-".into(), utc)
             );
             println!("{token}");
         }
@@ -272,9 +301,17 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
             eprintln!("token {} of node {} revoked", record.id, record.node);
         }
         TokenCommand::List { data_dir } => {
-            println!("{:<14} {:<24} CREATED (unix seconds)", "ID", "NODE");
+            println!("{:<14} {:<24} {:<21} EXPIRES", "ID", "NODE", "CREATED");
             for t in tokens::list(&data_dir)? {
-                println!("{:<14} {:<24} {}", t.id, t.node, t.created);
+                let expires = t
+                    .expires
+                    .map_or_else(|| "never (made before tokens expired)".into(), utc);
+                println!(
+                    "{:<14} {:<24} {:<21} {expires}",
+                    t.id,
+                    t.node,
+                    utc(t.created)
+                );
             }
         }
     }
@@ -307,7 +344,7 @@ async fn prepare(
             true,
         )?,
     };
-    let auth = node_auth::NodeAuth::JoinTokens(tokens::TokenStore::new(&args.data_dir));
+    let auth = node_auth::NodeAuth::join_tokens(tokens::TokenStore::new(&args.data_dir));
     Ok((config, Origin::Dir(dir.clone(), files), ca, auth))
 }
 

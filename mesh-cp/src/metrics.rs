@@ -50,6 +50,7 @@ pub struct CpMetrics {
     issued: IntCounter,
     refused: IntCounterVec,
     config_errors: IntCounter,
+    node_refusals: IntCounterVec,
 }
 
 impl CpMetrics {
@@ -95,6 +96,24 @@ impl CpMetrics {
             name("config_errors_total"),
             "Config dir changes rejected (the last good config stays in force).",
         )?;
+        let node_refusals = IntCounterVec::new(
+            Opts::new(
+                name("node_requests_refused_total"),
+                "Node requests refused before any work: unauthenticated, permission_denied, \
+                 unavailable (cannot check now), throttled (too many attempts from the \
+                 address), too_many_streams.",
+            ),
+            &["reason"],
+        )?;
+        for r in [
+            "unauthenticated",
+            "permission_denied",
+            "unavailable",
+            "throttled",
+            "too_many_streams",
+        ] {
+            node_refusals.with_label_values(&[r]);
+        }
         for c in [
             Box::new(pushes.clone()) as Box<dyn Collector>,
             Box::new(acks.clone()),
@@ -102,6 +121,7 @@ impl CpMetrics {
             Box::new(issued.clone()),
             Box::new(refused.clone()),
             Box::new(config_errors.clone()),
+            Box::new(node_refusals.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(c)?;
@@ -114,7 +134,13 @@ impl CpMetrics {
             issued,
             refused,
             config_errors,
+            node_refusals,
         })
+    }
+
+    /// A node request refused before any work; `reason` is one of the family's labels.
+    pub fn node_refused(&self, reason: &str) {
+        self.node_refusals.with_label_values(&[reason]).inc();
     }
 
     /// Adds the figures read from `shared` when scraped.

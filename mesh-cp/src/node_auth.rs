@@ -2,12 +2,22 @@
 //! one node. Kubernetes: the node daemon's service-account token for the audience `mycel-cp`,
 //! checked with a TokenReview; the token is bound to the daemon's pod, and the node is that
 //! pod's `spec.nodeName` (so a token taken from one node's daemon never speaks for another).
+//!
+//! Anyone who reaches the gRPC port can present a token, so what a stranger can make this
+//! cost is bounded: a service-account token must look right before the API server is asked
+//! (a JWT for our audience, of the daemon's service account, not expired: checked locally,
+//! without its signature, which the TokenReview then checks); each address gets a few
+//! TokenReviews and failed join tokens, then one every two seconds (`peer_limits.rs`); the
+//! answers kept are bounded in number.
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use base64::Engine as _;
 
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
@@ -20,12 +30,19 @@ use kube::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::tokens::TokenStore;
+use crate::{
+    peer_limits::PeerLimits,
+    tokens::{TokenStore, Verified},
+};
 
 /// The audience the node daemon's projected token is issued for (see deploy/).
 pub const AUDIENCE: &str = "mycel-cp";
 /// How long a TokenReview's answer is reused: open streams re-check every few seconds.
 const REVIEW_TTL: Duration = Duration::from_secs(60);
+/// TokenReview answers kept at most (one per token a node presents; a node has one).
+const REVIEWS_KEPT: usize = 4096;
+/// The longest bearer token read; Kubernetes' are about 1 KiB.
+const MAX_TOKEN: usize = 16 * 1024;
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
@@ -51,33 +68,110 @@ pub enum AuthError {
     /// Cannot tell right now.
     #[error("{0}")]
     Unavailable(String),
+    /// This address has made too many attempts; it may try again shortly.
+    #[error("{0}")]
+    Throttled(String),
 }
 
-pub enum NodeAuth {
+impl AuthError {
+    /// The bounded label the metrics give it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthError::Unauthenticated(_) => "unauthenticated",
+            AuthError::PermissionDenied(_) => "permission_denied",
+            AuthError::Unavailable(_) => "unavailable",
+            AuthError::Throttled(_) => "throttled",
+        }
+    }
+}
+
+enum Method {
     JoinTokens(TokenStore),
     Kubernetes(Arc<TokenReviewer>),
 }
 
+pub struct NodeAuth {
+    method: Method,
+    /// What each address may still try, and how many streams it holds.
+    pub peers: Arc<PeerLimits>,
+}
+
 impl NodeAuth {
-    /// The node `token` speaks for, if it is `claimed`.
-    pub async fn verify(&self, token: &str, claimed: &str) -> Result<String, AuthError> {
-        match self {
-            NodeAuth::JoinTokens(store) => match store.verify(token) {
-                Ok(Some(node)) if node == claimed => Ok(node),
-                Ok(Some(node)) => Err(AuthError::PermissionDenied(format!(
-                    "this join token was issued to node {node}, not {claimed}"
-                ))),
-                Ok(None) => Err(AuthError::Unauthenticated(
-                    "unknown or revoked join token".into(),
-                )),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot check join tokens");
-                    Err(AuthError::Unavailable(
-                        "the control plane cannot read its token store".into(),
-                    ))
+    pub fn join_tokens(store: TokenStore) -> Self {
+        Self {
+            method: Method::JoinTokens(store),
+            peers: Arc::default(),
+        }
+    }
+
+    pub fn kubernetes(reviewer: Arc<TokenReviewer>) -> Self {
+        Self {
+            method: Method::Kubernetes(reviewer),
+            peers: Arc::default(),
+        }
+    }
+
+    /// The node `token` speaks for, if it is `claimed`; `peer` is the caller's address,
+    /// which the attempts that cost or fail are counted against.
+    pub async fn verify(
+        &self,
+        token: &str,
+        claimed: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<String, AuthError> {
+        if token.len() > MAX_TOKEN {
+            return Err(AuthError::Unauthenticated(format!(
+                "the token is over {MAX_TOKEN} bytes"
+            )));
+        }
+        match &self.method {
+            Method::JoinTokens(store) => {
+                // A failed guess costs an attempt; an address out of attempts is not heard.
+                if peer.is_some_and(|p| !self.peers.allows(p)) {
+                    return Err(throttled());
                 }
-            },
-            NodeAuth::Kubernetes(reviewer) => reviewer.verify(token, claimed).await,
+                let verdict = join_token(store, token, claimed);
+                if matches!(
+                    verdict,
+                    Err(AuthError::Unauthenticated(_) | AuthError::PermissionDenied(_))
+                ) {
+                    if let Some(p) = peer {
+                        self.peers.attempt(p);
+                    }
+                }
+                verdict
+            }
+            Method::Kubernetes(reviewer) => {
+                reviewer.verify(token, claimed, peer, &self.peers).await
+            }
+        }
+    }
+}
+
+fn throttled() -> AuthError {
+    AuthError::Throttled(
+        "too many authentication attempts from this address; try again in a few seconds".into(),
+    )
+}
+
+fn join_token(store: &TokenStore, token: &str, claimed: &str) -> Result<String, AuthError> {
+    match store.verify(token) {
+        Ok(Verified::Valid(node)) if node == claimed => Ok(node),
+        Ok(Verified::Valid(node)) => Err(AuthError::PermissionDenied(format!(
+            "this join token was issued to node {node}, not {claimed}"
+        ))),
+        Ok(Verified::Expired { node, at }) => Err(AuthError::Unauthenticated(format!(
+            "the join token of node {node} expired at {} (unix seconds); issue a new one with `mesh-cp token create`",
+            at
+        ))),
+        Ok(Verified::Unknown) => Err(AuthError::Unauthenticated(
+            "unknown or revoked join token".into(),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot check join tokens");
+            Err(AuthError::Unavailable(
+                "the control plane cannot read its token store".into(),
+            ))
         }
     }
 }
@@ -105,12 +199,18 @@ impl TokenReviewer {
         }
     }
 
-    pub async fn verify(&self, token: &str, claimed: &str) -> Result<String, AuthError> {
+    pub async fn verify(
+        &self,
+        token: &str,
+        claimed: &str,
+        peer: Option<IpAddr>,
+        peers: &PeerLimits,
+    ) -> Result<String, AuthError> {
         let BoundPod {
             namespace: ns,
             name: pod_name,
             uid: pod_uid,
-        } = self.review(token).await?;
+        } = self.review(token, peer, peers).await?;
         let pod = self
             .pods
             .get(&ObjectRef::new(&pod_name).within(&ns))
@@ -138,12 +238,23 @@ impl TokenReviewer {
     }
 
     /// The pod a valid token is bound to, from the API server (or a recent answer).
-    async fn review(&self, token: &str) -> Result<BoundPod, AuthError> {
+    async fn review(
+        &self,
+        token: &str,
+        peer: Option<IpAddr>,
+        peers: &PeerLimits,
+    ) -> Result<BoundPod, AuthError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some((at, answer)) = self.lock().get(&digest) {
             if at.elapsed() < REVIEW_TTL {
                 return answer.clone();
             }
+        }
+        // Only what could be the daemon's token reaches the API server, and only so often
+        // from one address.
+        self.looks_right(token, std::time::SystemTime::now())?;
+        if peer.is_some_and(|p| !peers.attempt(p)) {
+            return Err(throttled());
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -166,8 +277,68 @@ impl TokenReviewer {
         let answer = self.judge(&status);
         let mut cache = self.lock();
         cache.retain(|_, (at, _)| at.elapsed() < REVIEW_TTL);
+        if cache.len() >= REVIEWS_KEPT {
+            // Keep the newest: drop the oldest tenth.
+            let mut ages: Vec<Instant> = cache.values().map(|(at, _)| *at).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 10];
+            cache.retain(|_, (at, _)| *at > cut);
+        }
         cache.insert(digest, (Instant::now(), answer.clone()));
         answer
+    }
+
+    /// What can be told of a projected service-account token without the API server: it is
+    /// a JWT for [`AUDIENCE`], of the node daemon's service account, and not expired. Its
+    /// signature is not checked here; the TokenReview does that.
+    fn looks_right(&self, token: &str, now: std::time::SystemTime) -> Result<(), AuthError> {
+        let not_jwt = || {
+            AuthError::Unauthenticated(
+                "not a Kubernetes service-account token (a JWT of three base64url parts)".into(),
+            )
+        };
+        let mut parts = token.split('.');
+        let (Some(_header), Some(payload), Some(_signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(not_jwt());
+        };
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .map_err(|_| not_jwt())?;
+        let claims: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| not_jwt())?;
+        let audiences: Vec<&str> = match &claims["aud"] {
+            serde_json::Value::String(a) => vec![a.as_str()],
+            serde_json::Value::Array(list) => list.iter().filter_map(|a| a.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        if !audiences.contains(&AUDIENCE) {
+            return Err(AuthError::Unauthenticated(format!(
+                "the token is not for the audience {AUDIENCE} (its audiences: {audiences:?})"
+            )));
+        }
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match claims["exp"].as_u64() {
+            Some(exp) if exp > now => {}
+            Some(exp) => {
+                return Err(AuthError::Unauthenticated(format!(
+                    "the token expired at {exp} (unix seconds)"
+                )))
+            }
+            None => return Err(not_jwt()),
+        }
+        if let Some(sub) = claims["sub"].as_str() {
+            if sub != self.username {
+                return Err(AuthError::PermissionDenied(format!(
+                    "{sub} is not the node daemon's service account ({})",
+                    self.username
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// What a TokenReview's status says of the token.

@@ -48,6 +48,28 @@ pub struct TokenRecord {
     pub secret_sha256: String,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// When it stops being accepted, seconds since the Unix epoch. Tokens made before
+    /// expiry existed have none (`token list` says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+}
+
+/// What a presented join token is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// Issued to this node and in force.
+    Valid(String),
+    /// Issued to this node, but expired at this time (unix seconds).
+    Expired { node: String, at: u64 },
+    /// Unknown, revoked, or malformed.
+    Unknown,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -71,17 +93,26 @@ impl TokenStore {
         }
     }
 
-    /// The node a token was issued to, or `None` for an unknown, revoked or malformed token.
-    pub fn verify(&self, token: &str) -> Result<Option<String>, TokenError> {
+    /// What `token` is: valid for a node, expired, or unknown (revoked, malformed).
+    pub fn verify(&self, token: &str) -> Result<Verified, TokenError> {
         let Some((id, secret)) = token.split_once('.') else {
-            return Ok(None);
+            return Ok(Verified::Unknown);
         };
         let digest = hex::encode(Sha256::digest(secret.as_bytes()));
         let records = self.records()?;
-        Ok(records
-            .iter()
-            .find(|r| r.id == id && constant_time_eq(r.secret_sha256.as_bytes(), digest.as_bytes()))
-            .map(|r| r.node.clone()))
+        let found = records.iter().find(|r| {
+            r.id == id && constant_time_eq(r.secret_sha256.as_bytes(), digest.as_bytes())
+        });
+        Ok(match found {
+            None => Verified::Unknown,
+            Some(r) => match r.expires {
+                Some(at) if at <= now_secs() => Verified::Expired {
+                    node: r.node.clone(),
+                    at,
+                },
+                _ => Verified::Valid(r.node.clone()),
+            },
+        })
     }
 
     fn records(&self) -> Result<Vec<TokenRecord>, TokenError> {
@@ -170,8 +201,12 @@ fn modify<T>(
     Ok(out)
 }
 
-/// Issues a token for `node` and returns it; only its hash is kept.
-pub fn create(data_dir: &Path, node: &str) -> Result<(TokenRecord, String), TokenError> {
+/// Issues a token for `node`, valid for `ttl`, and returns it; only its hash is kept.
+pub fn create(
+    data_dir: &Path,
+    node: &str,
+    ttl: std::time::Duration,
+) -> Result<(TokenRecord, String), TokenError> {
     if !mesh_model::is_dns_label(node) {
         return Err(TokenError::BadNode(node.into()));
     }
@@ -182,14 +217,13 @@ pub fn create(data_dir: &Path, node: &str) -> Result<(TokenRecord, String), Toke
         .and_then(|()| rng.fill(&mut secret_bytes))
         .expect("the kernel's random source is available");
     let (id, secret) = (hex::encode(id_bytes), hex::encode(secret_bytes));
+    let created = now_secs();
     let record = TokenRecord {
         id: id.clone(),
         node: node.into(),
         secret_sha256: hex::encode(Sha256::digest(secret.as_bytes())),
-        created: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created,
+        expires: Some(created.saturating_add(ttl.as_secs())),
     };
     let stored = record.clone();
     modify(data_dir, move |f| {
@@ -223,31 +257,51 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    const DEFAULT_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
     #[test]
     fn create_verify_revoke() {
         let d = std::env::temp_dir().join(format!("mesh-cp-tokens-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         let store = TokenStore::new(&d);
-        let (rec, token) = create(&d, "node-1").unwrap();
-        assert_eq!(store.verify(&token).unwrap().as_deref(), Some("node-1"));
+        let (rec, token) = create(&d, "node-1", DEFAULT_TTL).unwrap();
+        assert_eq!(
+            store.verify(&token).unwrap(),
+            Verified::Valid("node-1".into())
+        );
         let text = std::fs::read_to_string(d.join(FILE_NAME)).unwrap();
         let secret = token.split_once('.').unwrap().1;
         assert!(!text.contains(secret), "the secret is stored in clear");
 
-        let (_, other) = create(&d, "node-2").unwrap();
+        let (_, other) = create(&d, "node-2", DEFAULT_TTL).unwrap();
         assert_eq!(list(&d).unwrap().len(), 2);
         let forged = format!("{}.{}", rec.id, other.split_once('.').unwrap().1);
-        assert_eq!(store.verify(&forged).unwrap(), None);
-        assert_eq!(store.verify("garbage").unwrap(), None);
+        assert_eq!(store.verify(&forged).unwrap(), Verified::Unknown);
+        assert_eq!(store.verify("garbage").unwrap(), Verified::Unknown);
 
         revoke(&d, &rec.id).unwrap();
-        assert_eq!(store.verify(&token).unwrap(), None);
+        assert_eq!(store.verify(&token).unwrap(), Verified::Unknown);
         assert!(matches!(revoke(&d, &rec.id), Err(TokenError::NotFound(_))));
         assert!(matches!(
-            create(&d, "Bad_Node"),
+            create(&d, "Bad_Node", DEFAULT_TTL),
             Err(TokenError::BadNode(_))
         ));
+
+        // Regression (issue 19): join tokens never expired.
+        let (expiring, token) = create(&d, "node-3", std::time::Duration::ZERO).unwrap();
+        assert_eq!(
+            store.verify(&token).unwrap(),
+            Verified::Expired {
+                node: "node-3".into(),
+                at: expiring.expires.unwrap()
+            }
+        );
+        // A record from before expiry existed reads, and never expires.
+        let old: TokenRecord =
+            serde_json::from_str(r#"{"id":"a","node":"n","secret_sha256":"00","created":1}"#)
+                .unwrap();
+        assert_eq!(old.expires, None);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

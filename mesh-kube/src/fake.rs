@@ -180,6 +180,30 @@ impl FakeApi {
     }
 
     /// A service-account token for `audience`, of `username`, bound to a pod (name, uid).
+    /// A token shaped as a projected service-account token (a JWT) of `username` for
+    /// `audience`, expiring `ttl_secs` from now (negative: already expired); `nonce` tells
+    /// tokens apart. The signature is not real: this API answers TokenReviews by the token's
+    /// text (see [`FakeApi::issue_token`]).
+    pub fn jwt(audience: &str, username: &str, ttl_secs: i64, nonce: &str) -> String {
+        use base64::Engine as _;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let part = |v: Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+        };
+        format!(
+            "{}.{}.{}",
+            part(serde_json::json!({ "alg": "RS256", "kid": "fake" })),
+            part(serde_json::json!({
+                "aud": [audience], "sub": username, "exp": now + ttl_secs,
+                "iat": now, "jti": nonce, "iss": "https://kubernetes.default.svc",
+            })),
+            part(serde_json::json!("not a signature")),
+        )
+    }
+
     pub fn issue_token(&self, token: &str, audience: &str, username: &str, pod: (&str, &str)) {
         let user = json!({ "username": username, "extra": {
             "authentication.kubernetes.io/pod-name": [pod.0],

@@ -78,7 +78,8 @@ impl FakeCluster {
                               "serviceAccountName": "mycel-node", "containers": [] },
                     "status": { "phase": "Running" } }),
         );
-        let token = format!("token-{node}-{}", free_port());
+        let nonce = format!("{node}-{}", free_port());
+        let token = mesh_kube::fake::FakeApi::jwt(AUDIENCE, NODE_SA, 3600, &nonce);
         self.api
             .issue_token(&token, AUDIENCE, NODE_SA, (&name, &uid));
         let path = self.dir.join(format!("{node}.token"));

@@ -256,3 +256,114 @@ async fn wait(mut cond: impl FnMut() -> bool) {
     }
     panic!("condition not met within 10 s");
 }
+
+/// Regression (issue 19): anyone reaching the port could make mesh-cp check tokens without
+/// end, and hold any number of config streams. Failed attempts from one address now come in
+/// a burst, then one every two seconds; streams per address are capped; join tokens expire
+/// and `token list` says when.
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_are_throttled_streams_capped_and_join_tokens_expire() {
+    let cp = start("flood");
+    let (token, _) = cp.create_token("n1").unwrap();
+    let mut codes = Vec::new();
+    for i in 0..16 {
+        let mut stranger = cp.client("n1", &format!("{i:04x}.ffff")).await.unwrap();
+        codes.push(
+            sign(
+                &mut stranger,
+                "spiffe://x/ns/a/sa/b",
+                "spiffe://x/ns/a/sa/b",
+            )
+            .await
+            .unwrap_err()
+            .code(),
+        );
+    }
+    let unauthenticated = codes
+        .iter()
+        .filter(|c| **c == Code::Unauthenticated)
+        .count();
+    let throttled = codes
+        .iter()
+        .filter(|c| **c == Code::ResourceExhausted)
+        .count();
+    assert_eq!((unauthenticated, throttled), (10, 6), "{codes:?}");
+    // The address gets an attempt back every two seconds, for the valid token too.
+    let mut n1 = cp.client("n1", &token).await.unwrap();
+    let e = open_stream(&mut n1).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(open_stream(&mut n1).await.expect("a node's streams"));
+    }
+    let e = open_stream(&mut n1).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "a fifth stream: {e:?}");
+    assert!(e.message().contains("config streams open"), "{e:?}");
+    drop(held);
+    let metrics = mesh_tests::mesh::http_get(cp.metrics, "/metrics").unwrap();
+    for (reason, at_least) in [
+        ("throttled", 6),
+        ("too_many_streams", 1),
+        ("unauthenticated", 10),
+    ] {
+        let line = format!("mycel_cp_node_requests_refused_total{{reason=\"{reason}\"}}");
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(value >= f64::from(at_least), "{reason}: {value}\n{metrics}");
+    }
+
+    // Expiry: a token issued for one second stops working; `token list` shows when.
+    let out = std::process::Command::new(mesh_tests::mesh::sibling_bin("mesh-cp", "MESH_CP_BIN"))
+        .args([
+            "token",
+            "create",
+            "--node",
+            "n2",
+            "--ttl",
+            "1s",
+            "--data-dir",
+        ])
+        .arg(&cp.data_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let short = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut n2 = cp.client("n2", &short).await.unwrap();
+    let e = open_stream(&mut n2).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("expired"), "{e:?}");
+    let list = std::process::Command::new(mesh_tests::mesh::sibling_bin("mesh-cp", "MESH_CP_BIN"))
+        .args(["token", "list", "--data-dir"])
+        .arg(&cp.data_dir)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.lines().next().unwrap_or("").contains("EXPIRES"),
+        "{list}"
+    );
+    assert_eq!(list.lines().count(), 3, "{list}");
+    let bad = std::process::Command::new(mesh_tests::mesh::sibling_bin("mesh-cp", "MESH_CP_BIN"))
+        .args([
+            "token",
+            "create",
+            "--node",
+            "n3",
+            "--ttl",
+            "soon",
+            "--data-dir",
+        ])
+        .arg(&cp.data_dir)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not a duration"),
+        "{bad:?}"
+    );
+}

@@ -88,7 +88,7 @@ impl Cluster {
             BUNDLE_CHECK,
         ));
         let (sa_ns, sa_name) = &options.node_service_account;
-        let auth = NodeAuth::Kubernetes(Arc::new(TokenReviewer::new(
+        let auth = NodeAuth::kubernetes(Arc::new(TokenReviewer::new(
             client,
             (sa_ns, sa_name),
             source.pods(),

@@ -4,6 +4,7 @@
 //! exactly what changed.
 
 use std::{
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -298,24 +299,29 @@ fn daemon_pod(name: &str, node: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_review_authenticates_nodes_and_authorizes_them_by_their_pods_node() {
     const SA: &str = "system:serviceaccount:mycel-system:mycel-node";
+    let jwt = |aud: &str, user: &str, nonce: &str| FakeApi::jwt(aud, user, 3600, nonce);
+    let (tok_a, tok_b) = (jwt(AUDIENCE, SA, "a"), jwt(AUDIENCE, SA, "b"));
+    let other_audience = jwt("vault", SA, "c");
+    let app = jwt(AUDIENCE, "system:serviceaccount:shop:order", "d");
+    let (stale, unknown) = (jwt(AUDIENCE, SA, "e"), jwt(AUDIENCE, SA, "never-issued"));
     let api = FakeApi::default();
     api.apply("pods", daemon_pod("mycel-node-a", "n1"));
     api.apply("pods", daemon_pod("mycel-node-b", "n2"));
-    api.issue_token("tok-a", AUDIENCE, SA, ("mycel-node-a", "uid-mycel-node-a"));
+    api.issue_token(&tok_a, AUDIENCE, SA, ("mycel-node-a", "uid-mycel-node-a"));
     api.issue_token(
-        "tok-other-audience",
+        &other_audience,
         "vault",
         SA,
         ("mycel-node-a", "uid-mycel-node-a"),
     );
     api.issue_token(
-        "tok-app",
+        &app,
         AUDIENCE,
         "system:serviceaccount:shop:order",
         ("order-1", "uid-order-1"),
     );
     api.issue_token(
-        "tok-stale",
+        &stale,
         AUDIENCE,
         SA,
         ("mycel-node-b", "uid-of-an-older-pod"),
@@ -324,49 +330,101 @@ async fn token_review_authenticates_nodes_and_authorizes_them_by_their_pods_node
     let source = tokio::time::timeout(T, Source::start(api.client(), retry))
         .await
         .expect("the first list");
-    let auth = NodeAuth::Kubernetes(Arc::new(TokenReviewer::new(
+    let auth = NodeAuth::kubernetes(Arc::new(TokenReviewer::new(
         api.client(),
         ("mycel-system", "mycel-node"),
         source.pods(),
     )));
-
-    assert_eq!(auth.verify("tok-a", "n1").await, Ok("n1".to_owned()));
-    // Each refusal: (token, node claimed, permission denied (a genuine token the node may not
-    // use) rather than unauthenticated, what the reason names).
-    for (token, node, denied, reason) in [
-        ("tok-a", "n2", true, "runs on node \"n1\""),
-        ("tok-other-audience", "n1", false, "audiences"),
-        ("forged", "n1", false, "invalid bearer token"),
-        ("tok-app", "n1", true, "not the node daemon"),
-        ("tok-stale", "n2", true, "replaced"),
-    ] {
-        match auth.verify(token, node).await {
-            Err(AuthError::PermissionDenied(m)) if denied => assert!(m.contains(reason), "{m}"),
-            Err(AuthError::Unauthenticated(m)) if !denied => assert!(m.contains(reason), "{m}"),
-            other => panic!("{token} as {node}: {other:?}"),
-        }
-    }
-
-    // Answers are reused: asking again does not ask the API server again.
     let reviews = || {
         api.requests()
             .iter()
             .filter(|r| r.starts_with("POST /apis/authentication.k8s.io/v1/tokenreviews"))
             .count()
     };
+    // Each caller its own address: the throttle is tested on its own below.
+    let mut next_peer = 0u32;
+    let mut peer = || {
+        next_peer += 1;
+        Some(IpAddr::from(std::net::Ipv4Addr::from(
+            0x0a00_0000 + next_peer,
+        )))
+    };
+
+    assert_eq!(auth.verify(&tok_a, "n1", peer()).await, Ok("n1".to_owned()));
+    // Each refusal: (token, node claimed, permission denied (a genuine token the node may not
+    // use) rather than unauthenticated, what the reason names, whether the API was asked).
+    let expired = FakeApi::jwt(AUDIENCE, SA, -10, "old");
+    for (token, node, denied, reason, asks_api) in [
+        (tok_a.as_str(), "n2", true, "runs on node \"n1\"", false),
+        (
+            &other_audience,
+            "n1",
+            false,
+            "not for the audience mycel-cp",
+            false,
+        ),
+        (
+            "forged",
+            "n1",
+            false,
+            "not a Kubernetes service-account token",
+            false,
+        ),
+        (&app, "n1", true, "not the node daemon", false),
+        (&expired, "n1", false, "expired", false),
+        (&unknown, "n1", false, "invalid bearer token", true),
+        (&stale, "n2", true, "replaced", true),
+    ] {
+        let before = reviews();
+        match auth.verify(token, node, peer()).await {
+            Err(AuthError::PermissionDenied(m)) if denied => assert!(m.contains(reason), "{m}"),
+            Err(AuthError::Unauthenticated(m)) if !denied => assert!(m.contains(reason), "{m}"),
+            other => panic!("{token} as {node}: {other:?}"),
+        }
+        assert_eq!(
+            reviews() - before,
+            usize::from(asks_api),
+            "{reason}: TokenReviews"
+        );
+    }
+
+    // Answers are reused: asking again does not ask the API server again.
     let before = reviews();
-    assert_eq!(auth.verify("tok-a", "n1").await, Ok("n1".to_owned()));
+    assert_eq!(auth.verify(&tok_a, "n1", peer()).await, Ok("n1".to_owned()));
     assert_eq!(reviews(), before);
 
+    // Regression (issue 19): each new token cost a TokenReview, from any address, without
+    // end. One address now gets a burst, then is throttled without asking the API.
+    let flooder = peer();
+    let before = reviews();
+    let mut throttled = 0;
+    for i in 0..30 {
+        let token = jwt(AUDIENCE, SA, &format!("flood-{i}"));
+        match auth.verify(&token, "n1", flooder).await {
+            Err(AuthError::Throttled(_)) => throttled += 1,
+            Err(AuthError::Unauthenticated(_)) => {}
+            other => panic!("flood token {i}: {other:?}"),
+        }
+    }
+    let asked = reviews() - before;
+    assert_eq!(
+        asked,
+        crate::peer_limits::ATTEMPT_BURST as usize,
+        "TokenReviews for the flood"
+    );
+    assert_eq!(throttled, 30 - asked);
+    // A node at another address is not held up by it.
+    assert_eq!(auth.verify(&tok_a, "n1", peer()).await, Ok("n1".to_owned()));
+
     // The API away: a new token cannot be checked, and that is not remembered.
-    api.issue_token("tok-b", AUDIENCE, SA, ("mycel-node-b", "uid-mycel-node-b"));
+    api.issue_token(&tok_b, AUDIENCE, SA, ("mycel-node-b", "uid-mycel-node-b"));
     api.set_down(true);
     assert!(matches!(
-        auth.verify("tok-b", "n2").await,
+        auth.verify(&tok_b, "n2", peer()).await,
         Err(AuthError::Unavailable(_))
     ));
     api.set_down(false);
-    assert_eq!(auth.verify("tok-b", "n2").await, Ok("n2".to_owned()));
+    assert_eq!(auth.verify(&tok_b, "n2", peer()).await, Ok("n2".to_owned()));
 
     // The daemon's pod deleted: its token speaks for no node (once the watch has seen it).
     api.delete("pods", "mycel-system", "mycel-node-a");
@@ -378,7 +436,7 @@ async fn token_review_authenticates_nodes_and_authorizes_them_by_their_pods_node
             .all(|p| p.metadata.name.as_deref() != Some("mycel-node-a"))
     })
     .await;
-    match auth.verify("tok-a", "n1").await {
+    match auth.verify(&tok_a, "n1", peer()).await {
         Err(AuthError::PermissionDenied(m)) => assert!(m.contains("does not exist"), "{m}"),
         other => panic!("{other:?}"),
     }
