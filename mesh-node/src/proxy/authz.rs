@@ -99,8 +99,14 @@ impl Authz {
     }
 
     /// Registers an admitted connection for re-checks on policy changes.
-    pub fn admit(self: &Arc<Self>, request: Request) -> OpenGuard {
-        let cancel = CancellationToken::new();
+    /// Registers an admitted connection. Its token is a child of `within` (a tunnel's trust
+    /// token) when given, so that the connection ends with that too.
+    pub fn admit(
+        self: &Arc<Self>,
+        request: Request,
+        within: Option<&CancellationToken>,
+    ) -> OpenGuard {
+        let cancel = within.map_or_else(CancellationToken::new, CancellationToken::child_token);
         let id = request.connection_id;
         self.lock_open().insert(
             id,

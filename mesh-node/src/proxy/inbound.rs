@@ -64,6 +64,9 @@ pub struct Delivery {
     pub connection_id: u64,
     /// How it arrived: `tls`, `quic`, or `local` (from a pod of this node).
     pub transport: &'static str,
+    /// For a tunnelled connection: its tunnel's token, cancelled when the trust root of the
+    /// tunnel's peer is withdrawn; the connection ends with it.
+    pub tunnel_trust: Option<CancellationToken>,
 }
 
 impl Delivery {
@@ -226,7 +229,7 @@ async fn checked_delivery(
         source_identity: Some(d.source_identity.clone()),
         connection_id: d.connection_id,
     };
-    authorize_and_connect(pod, request, pair, d.details()).await
+    authorize_and_connect(pod, request, d.tunnel_trust.as_ref(), pair, d.details()).await
 }
 
 /// The destination must be an address (and a port) of this pod.
@@ -260,17 +263,19 @@ fn check_destination(
     Ok(())
 }
 
-/// The policy check every delivery ends with, then the connection to the application.
+/// The policy check every delivery ends with, then the connection to the application. The
+/// connection's token (see [`OpenGuard`]) is a child of `within`, when given.
 async fn authorize_and_connect(
     pod: &PodContext,
     request: authz::Request,
+    within: Option<&CancellationToken>,
     pair: Pair,
     mut details: Details,
 ) -> Result<Admitted, Refusal> {
     // Registered before the check, which reads the newest policies: a change that lands after
     // the check finds the registration and re-checks it.
     let authz = &pod.shared.authz;
-    let guard = authz.admit(request.clone());
+    let guard = authz.admit(request.clone(), within);
     let decision = authz.check(&pod.shared.directory(), &request);
     details.policy = decision.policy_name();
     details.rule = decision.rule_name();
@@ -307,10 +312,12 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     // Before anything else: the limits log their own refusals, once in a while.
     let limits = &ctx.shared.limits;
-    let Ok(mut permit) = limits.handshake(&ctx.load, &ctx.workload, peer.ip()) else {
+    let Ok(permit) = limits.handshake(&ctx.load, &ctx.workload, peer.ip()) else {
         stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
         return reset(tcp);
     };
+    // Boxed, as the credentials below.
+    let mut permit = Box::new(permit);
     let _ = tcp.set_nodelay(true);
     let dir = ctx.shared.directory();
     let (Some(me), Some(tls)) = (dir.peer(&ctx.workload), dir.tls()) else {
@@ -350,7 +357,8 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         Err(e) => return refused(&format!("no client identity: {e}")),
     };
     let client_serial = peer_certs.first().and_then(serial).unwrap_or_default();
-    let credentials = Credentials::of(&peer_certs, tls, &ctx.shared.anchors);
+    // Boxed: the session's task keeps only a pointer to what it holds for its life.
+    let credentials = Box::new(Credentials::of(&peer_certs, tls, &ctx.shared.anchors));
     drop(peer_certs);
     // One connection after another on the same session (see tunnel/pool.rs); each header is
     // checked as a new tunnel's would be, and the session takes none once its handshake is
@@ -365,12 +373,17 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 .saturating_duration_since(Instant::now());
             pool::SERVER_IDLE.min(left)
         };
-        let read = tokio::select! {
-            read = tokio::time::timeout(wait, header::read(&mut stream)) => read,
-            () = credentials.withdrawn.cancelled() => {
-                tracing::warn!(workload = %ctx.workload, %peer, %client, "closing a tunnel session: {}", relay::BY_TRUST);
-                return reset(stream);
+        // Boxed: only the relay's state stays in the connection's task for its life.
+        let read = Box::pin(async {
+            tokio::select! {
+                read = tokio::time::timeout(wait, header::read(&mut stream)) => Some(read),
+                () = credentials.withdrawn.cancelled() => None,
             }
+        })
+        .await;
+        let Some(read) = read else {
+            tracing::warn!(workload = %ctx.workload, %peer, %client, "closing a tunnel session: {}", relay::BY_TRUST);
+            return reset(stream);
         };
         let request: TunnelRequest = match read {
             Ok(Ok(request)) => request,
@@ -424,7 +437,17 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         stream.carry();
         // Boxed, like the handshake: the connection's task keeps only the relay's state while
         // it lives.
-        match Box::pin(admit_tunnel(ctx, &dir, &request, &client, peer.ip(), "tls")).await {
+        match Box::pin(admit_tunnel(
+            ctx,
+            &dir,
+            &request,
+            &client,
+            peer.ip(),
+            "tls",
+            &credentials.withdrawn,
+        ))
+        .await
+        {
             Ok((
                 d,
                 Admitted {
@@ -448,7 +471,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 );
                 let relayed = relay_tunnel(
                     ctx,
-                    peer,
+                    &peer,
                     stream,
                     upstream,
                     (&guard, &credentials),
@@ -483,9 +506,11 @@ async fn admit_tunnel(
     client: &SpiffeId,
     peer: IpAddr,
     transport: &'static str,
+    trust: &CancellationToken,
 ) -> Result<(Delivery, Admitted), Refusal> {
-    let checked = parse(request, client.clone(), transport).and_then(|d| {
+    let checked = parse(request, client.clone(), transport).and_then(|mut d| {
         check_tunnel_source(dir, peer, &d)?;
+        d.tunnel_trust = Some(trust.clone());
         Ok(d)
     });
     let d = match checked {
@@ -700,7 +725,8 @@ async fn handle_quic_stream(
     };
     stream.early = early;
     let dir = ctx.shared.directory();
-    let admitted = admit_tunnel(ctx, &dir, &request, &from.client, peer.ip(), "quic");
+    let trust = &from.credentials.withdrawn;
+    let admitted = admit_tunnel(ctx, &dir, &request, &from.client, peer.ip(), "quic", trust);
     match Box::pin(admitted).await {
         Ok((
             d,
@@ -725,11 +751,7 @@ async fn handle_quic_stream(
                 transport = "quic", "tunnel accepted"
             );
             let stream = relay::Stream::Quic(Box::new(stream));
-            let closed = [
-                (guard.closed(), relay::BY_POLICY),
-                (&from.credentials.withdrawn, relay::BY_TRUST),
-            ];
-            let relayed = relay::relay(upstream, stream, &closed, &conn.traffic).await;
+            let relayed = relay::relay(upstream, stream, Some(guard.closed()), &conn.traffic).await;
             if let Err(e) = relayed {
                 stats.reset.fetch_add(1, Ordering::Relaxed);
                 conn.fail(ended_by(&guard, Some(&from.credentials)));
@@ -793,7 +815,7 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
         transport: "plaintext",
         ..Details::default()
     };
-    let admitted = authorize_and_connect(ctx, request, pair.clone(), details.clone()).await;
+    let admitted = authorize_and_connect(ctx, request, None, pair.clone(), details.clone()).await;
     let Admitted {
         upstream,
         report,
@@ -817,14 +839,7 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     let mut conn = opened(&ctx.shared.metrics, report);
     // The relay holds the client here, not the application.
     let traffic = conn.traffic.swapped();
-    if let Err(e) = relay::relay(
-        client,
-        upstream,
-        &[(guard.closed(), relay::BY_POLICY)],
-        &traffic,
-    )
-    .await
-    {
+    if let Err(e) = relay::relay(client, upstream, Some(guard.closed()), &traffic).await {
         stats.reset.fetch_add(1, Ordering::Relaxed);
         conn.fail(ended_by(&guard, None));
         tracing::debug!(workload = %ctx.workload, error = %e, "plaintext relay ended with an error; both sides reset");
@@ -856,23 +871,19 @@ fn no_header(e: &HeaderError, first: bool) -> NoHeader {
 /// Relays one connection; returns the session when it can carry another.
 async fn relay_tunnel(
     ctx: &PodContext,
-    peer: SocketAddr,
+    peer: &SocketAddr,
     stream: Box<Session>,
     upstream: TcpStream,
     (guard, credentials): (&OpenGuard, &Credentials),
     conn: &mut Connection,
 ) -> Option<Box<Session>> {
     let stream = relay::Stream::Tunnel(stream);
-    let closed = [
-        (guard.closed(), relay::BY_POLICY),
-        (&credentials.withdrawn, relay::BY_TRUST),
-    ];
-    match relay::relay(upstream, stream, &closed, &conn.traffic).await {
+    match relay::relay(upstream, stream, Some(guard.closed()), &conn.traffic).await {
         Ok(done) => done.session,
         Err(e) => {
             ctx.shared.stats.reset.fetch_add(1, Ordering::Relaxed);
             conn.fail(ended_by(guard, Some(credentials)));
-            relay::log_failure(&ctx.workload, Some(peer), &e);
+            relay::log_failure(&ctx.workload, Some(*peer), &e);
             None
         }
     }
@@ -930,6 +941,7 @@ fn parse(
         ),
         connection_id: req.connection_id,
         transport,
+        tunnel_trust: None,
     })
 }
 

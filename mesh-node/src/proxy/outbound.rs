@@ -302,25 +302,25 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let mut local = None;
     let (result, pooled) = match upstream {
         Upstream::Plain(s) => (
-            relay::relay(client, Stream::Plain(s), &[], &conn.traffic).await,
+            relay::relay(client, Stream::Plain(s), None, &conn.traffic).await,
             None,
         ),
         Upstream::Local(s, guard, admitted) => {
             let dest = local.insert((inbound::opened(metrics, admitted), guard));
             // The relay holds the client, not the destination's application.
             let traffic = conn.traffic.clone().and(&dest.0.traffic.swapped());
-            let closed = [(dest.1.closed(), relay::BY_POLICY)];
+            let closed = Some(dest.1.closed());
             (
-                relay::relay(client, Stream::Plain(s), &closed, &traffic).await,
+                relay::relay(client, Stream::Plain(s), closed, &traffic).await,
                 None,
             )
         }
         Upstream::Tunnel { session, key, .. } => (
-            relay::relay(client, Stream::Tunnel(session), &[], &conn.traffic).await,
+            relay::relay(client, Stream::Tunnel(session), None, &conn.traffic).await,
             Some(key),
         ),
         Upstream::Quic { stream, .. } => (
-            relay::relay(client, Stream::Quic(stream), &[], &conn.traffic).await,
+            relay::relay(client, Stream::Quic(stream), None, &conn.traffic).await,
             None,
         ),
     };
@@ -430,6 +430,7 @@ async fn send(
         destination: target.addr,
         connection_id: id,
         transport: "local",
+        tunnel_trust: None,
     };
     if let Some(local) = ctx.shared.local_pod(&target.peer.key) {
         let Admitted {

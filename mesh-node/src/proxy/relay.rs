@@ -79,37 +79,25 @@ pub struct Relayed {
     pub session: Option<Box<Session>>,
 }
 
-/// Why a connection may be closed from outside its relay: a token, and what its firing
-/// means (the error the relay ends with).
-pub type Closer<'a> = (&'a CancellationToken, &'static str);
-
-/// A policy change denies the connection (see `authz.rs`).
-pub const BY_POLICY: &str = "a policy change denies this connection";
-/// The trust root its tunnel's peer chains to was withdrawn (see `tunnel/anchors.rs`).
+/// The trust root a tunnel's peer chains to was withdrawn (see `tunnel/anchors.rs`).
 pub const BY_TRUST: &str = "the trust root of its tunnel's peer was withdrawn";
 
 /// Copies both ways until both sides have ended. A FIN is passed on as a FIN (through a
 /// tunnel: as an end-of-stream record), so half-closed connections keep working; a reset or
-/// error on either side resets both, and so does any of `closed` firing (at most two are
-/// watched). Returns the error after resetting.
+/// error on either side resets both, and so does `closed` firing (a policy change denied the
+/// connection, or the trust root of its tunnel was withdrawn). Returns the error after
+/// resetting.
 pub async fn relay(
     app: TcpStream,
     mut other: Stream,
-    closed: &[Closer<'_>],
+    closed: Option<&CancellationToken>,
     traffic: &Traffic,
 ) -> Result<Relayed, io::Error> {
     let (out, back) = (&traffic.from_app, &traffic.to_app);
     let closed = async {
         match closed {
-            [] => std::future::pending().await,
-            [(a, why)] => {
-                a.cancelled().await;
-                *why
-            }
-            [(a, why_a), (b, why_b), ..] => tokio::select! {
-                () = a.cancelled() => *why_a,
-                () = b.cancelled() => *why_b,
-            },
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
         }
     };
     let copy = async {
@@ -138,9 +126,9 @@ pub async fn relay(
     };
     let copied = tokio::select! {
         copied = copy => copied,
-        why = closed => Err(io::Error::new(
+        () = closed => Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
-            format!("closed: {why}"),
+            "closed: a policy change denies this connection, or its tunnel's trust root was withdrawn",
         )),
     };
     match copied {

@@ -871,7 +871,7 @@ mod tests {
             relay(
                 app_proxy_side,
                 Stream::Tunnel(session),
-                &[],
+                None,
                 &Traffic::default(),
             )
             .await
@@ -942,7 +942,7 @@ mod tests {
         let (app_proxy_side, mut app) = pair().await;
         let relayed = tokio::spawn(async move {
             let traffic = Traffic::default();
-            relay(app_proxy_side, Stream::Tunnel(session), &[], &traffic).await
+            relay(app_proxy_side, Stream::Tunnel(session), None, &traffic).await
         });
         let mut got = Vec::new();
         let _ = app.read_to_end(&mut got).await;
@@ -981,7 +981,7 @@ mod tests {
                 let done = relay(
                     proxy_side,
                     Stream::Tunnel(session),
-                    &[],
+                    None,
                     &Traffic::default(),
                 )
                 .await
@@ -1014,7 +1014,7 @@ mod tests {
             let done = relay(
                 proxy_side,
                 Stream::Tunnel(session),
-                &[],
+                None,
                 &Traffic::default(),
             )
             .await
@@ -1195,7 +1195,7 @@ mod tests {
             let done = relay(
                 proxy_side,
                 Stream::Tunnel(session),
-                &[],
+                None,
                 &Traffic::default(),
             )
             .await
