@@ -1,19 +1,7 @@
 //! mesh-cp: Mycel's control plane. The CA and the source of truth: it reads the mesh's
 //! configuration, signs workload certificates, and streams each node its slice of the config.
 
-mod ca;
-mod explain;
-mod grpc;
-mod kubernetes;
-mod metrics;
-mod node_auth;
-mod peer_limits;
-mod server;
-mod slice;
-mod source;
-mod state;
-mod status;
-mod tokens;
+use mesh_cp::{ca, explain, kubernetes, metrics, node_auth, server, source, state, status, tokens};
 
 use nix::sys::signal::{SigmaskHow, Signal};
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};

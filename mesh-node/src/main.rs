@@ -1,18 +1,9 @@
 //! mesh-node: Mycel's per-node daemon.
 
-mod access_log;
-mod admin;
-mod capture;
-mod cni;
-mod control;
-mod enroll;
-mod identity;
-mod kubernetes;
-mod metrics;
-mod netns;
-mod proxy;
-mod tunnel;
-mod workloads;
+use mesh_node::{
+    access_log, admin, capture, cni, control, enroll, identity, kubernetes, metrics, proxy, tunnel,
+    workloads,
+};
 
 use nix::sys::signal::{SigmaskHow, Signal};
 use std::{

@@ -53,6 +53,10 @@ impl SvidStore {
         self.read().len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
     /// Every certificate held, in identity order.
     pub fn all(&self) -> Vec<Arc<Svid>> {
         self.read().values().cloned().collect()

@@ -1,0 +1,16 @@
+//! mesh-cp's parts, as a library: the control plane (`main.rs`) is built from them, and the
+//! fuzz targets (`fuzz/`) reach the CA and the node authentication through them.
+
+pub mod ca;
+pub mod explain;
+pub mod grpc;
+pub mod kubernetes;
+pub mod metrics;
+pub mod node_auth;
+pub mod peer_limits;
+pub mod server;
+pub mod slice;
+pub mod source;
+pub mod state;
+pub mod status;
+pub mod tokens;
