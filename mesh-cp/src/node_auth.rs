@@ -252,7 +252,7 @@ impl TokenReviewer {
         }
         // Only what could be the daemon's token reaches the API server, and only so often
         // from one address.
-        self.looks_right(token, std::time::SystemTime::now())?;
+        looks_right(token, &self.username, std::time::SystemTime::now())?;
         if peer.is_some_and(|p| !peers.attempt(p)) {
             return Err(throttled());
         }
@@ -286,59 +286,6 @@ impl TokenReviewer {
         }
         cache.insert(digest, (Instant::now(), answer.clone()));
         answer
-    }
-
-    /// What can be told of a projected service-account token without the API server: it is
-    /// a JWT for [`AUDIENCE`], of the node daemon's service account, and not expired. Its
-    /// signature is not checked here; the TokenReview does that.
-    fn looks_right(&self, token: &str, now: std::time::SystemTime) -> Result<(), AuthError> {
-        let not_jwt = || {
-            AuthError::Unauthenticated(
-                "not a Kubernetes service-account token (a JWT of three base64url parts)".into(),
-            )
-        };
-        let mut parts = token.split('.');
-        let (Some(_header), Some(payload), Some(_signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(not_jwt());
-        };
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload.trim_end_matches('='))
-            .map_err(|_| not_jwt())?;
-        let claims: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| not_jwt())?;
-        let audiences: Vec<&str> = match &claims["aud"] {
-            serde_json::Value::String(a) => vec![a.as_str()],
-            serde_json::Value::Array(list) => list.iter().filter_map(|a| a.as_str()).collect(),
-            _ => Vec::new(),
-        };
-        if !audiences.contains(&AUDIENCE) {
-            return Err(AuthError::Unauthenticated(format!(
-                "the token is not for the audience {AUDIENCE} (its audiences: {audiences:?})"
-            )));
-        }
-        let now = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        match claims["exp"].as_u64() {
-            Some(exp) if exp > now => {}
-            Some(exp) => {
-                return Err(AuthError::Unauthenticated(format!(
-                    "the token expired at {exp} (unix seconds)"
-                )))
-            }
-            None => return Err(not_jwt()),
-        }
-        if let Some(sub) = claims["sub"].as_str() {
-            if sub != self.username {
-                return Err(AuthError::PermissionDenied(format!(
-                    "{sub} is not the node daemon's service account ({})",
-                    self.username
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// What a TokenReview's status says of the token.
@@ -387,4 +334,60 @@ impl TokenReviewer {
     fn lock(&self) -> std::sync::MutexGuard<'_, Reviews> {
         self.reviewed.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// What can be told of a projected service-account token without the API server: it is
+/// a JWT for [`AUDIENCE`], of the node daemon's service account, and not expired. Its
+/// signature is not checked here; the TokenReview does that.
+pub fn looks_right(
+    token: &str,
+    username: &str,
+    now: std::time::SystemTime,
+) -> Result<(), AuthError> {
+    let not_jwt = || {
+        AuthError::Unauthenticated(
+            "not a Kubernetes service-account token (a JWT of three base64url parts)".into(),
+        )
+    };
+    let mut parts = token.split('.');
+    let (Some(_header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(not_jwt());
+    };
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| not_jwt())?;
+    let claims: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| not_jwt())?;
+    let audiences: Vec<&str> = match &claims["aud"] {
+        serde_json::Value::String(a) => vec![a.as_str()],
+        serde_json::Value::Array(list) => list.iter().filter_map(|a| a.as_str()).collect(),
+        _ => Vec::new(),
+    };
+    if !audiences.contains(&AUDIENCE) {
+        return Err(AuthError::Unauthenticated(format!(
+            "the token is not for the audience {AUDIENCE} (its audiences: {audiences:?})"
+        )));
+    }
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match claims["exp"].as_u64() {
+        Some(exp) if exp > now => {}
+        Some(exp) => {
+            return Err(AuthError::Unauthenticated(format!(
+                "the token expired at {exp} (unix seconds)"
+            )))
+        }
+        None => return Err(not_jwt()),
+    }
+    if let Some(sub) = claims["sub"].as_str() {
+        if sub != username {
+            return Err(AuthError::PermissionDenied(format!(
+                "{sub} is not the node daemon's service account ({username})"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own commands. See `cargo xtask --help`.
 
+mod fuzz;
 mod prereqs;
 mod up;
 
@@ -39,6 +40,17 @@ enum Cmd {
     Clean,
     /// Regenerate the CRDs under deploy/crds/ from the Rust types in mesh-model.
     Crds,
+    /// Fuzz what reaches Mycel from outside (fuzz/: the tunnel handshake and records, the
+    /// tunnel header, certificates, CSRs, the admin and CNI requests, config documents,
+    /// node tokens) with cargo-fuzz on nightly; installs cargo-fuzz if missing. Fails when a
+    /// target finds a fault; the input is kept under target/fuzz/artifacts/.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        time: u64,
+        /// One target only (default: all of them, one after the other).
+        target: Option<String>,
+    },
     /// Measure what the mesh costs against baselines in the same run (release build, two-node
     /// sandbox): a table on stdout, JSON under target/bench/.
     Bench {
@@ -66,6 +78,7 @@ fn main() {
             }),
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
         Cmd::Up { duration } => up::run(duration),
+        Cmd::Fuzz { time, target } => prereqs::ensure_fuzz().and_then(|()| fuzz::run(time, target.as_deref())),
         Cmd::Clean => clean(),
         Cmd::Bench {
             quick,
@@ -129,6 +142,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     println!("xtask: eBPF object at {}", object.display());
     cargo("format check", &["fmt", "--all", "--", "--check"])?;
     cargo(
+        "format check of fuzz/",
+        &["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"],
+    )?;
+    cargo(
         "lint",
         &[
             "clippy",
@@ -144,6 +161,12 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     let result = cargo("tests", &args);
+    // Every fuzz target over its seeds (a filtered run of the tests skips it).
+    let result = if extra.is_empty() {
+        result.and_then(|()| fuzz::smoke())
+    } else {
+        result
+    };
     // Every test tears its topology down in Drop; anything left here is a bug worth failing on.
     let left = mesh_tests::topology::clean_prefix(mesh_tests::topology::TEST_PREFIX)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -175,7 +198,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))

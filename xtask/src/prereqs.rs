@@ -136,9 +136,28 @@ pub fn ensure_build() -> anyhow::Result<()> {
     Ok(())
 }
 
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// For `fuzz` (and `test`, which runs the fuzz targets over their seeds): cargo-fuzz.
+pub fn ensure_fuzz() -> anyhow::Result<()> {
+    ensure_build()?;
+    if !output(Command::new("cargo").args(["fuzz", "--version"])).contains(CARGO_FUZZ_VERSION) {
+        println!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install, about a minute, once)");
+        run(
+            "cargo install cargo-fuzz",
+            Command::new("cargo").args([
+                "install",
+                "--locked",
+                &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            ]),
+        )?;
+    }
+    Ok(())
+}
+
 /// For `test` and `up`: the build prerequisites plus the tools the tests drive.
 pub fn ensure_all() -> anyhow::Result<()> {
-    ensure_build()?;
+    ensure_fuzz()?;
     install_debs(TEST_PACKAGES, "used by the end-to-end tests")?;
     ensure_manifest_tools()?;
     // SAFETY: geteuid has no preconditions.
@@ -146,7 +165,7 @@ pub fn ensure_all() -> anyhow::Result<()> {
         bail!("the tests and the sandbox create network namespaces, cgroups and eBPF programs: run as root");
     }
     println!(
-        "xtask: prerequisites present (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, {}, kubectl, {KUBERNETES_VALIDATE})",
+        "xtask: prerequisites present (nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, cargo-fuzz {CARGO_FUZZ_VERSION}, {}, kubectl, {KUBERNETES_VALIDATE})",
         TEST_PACKAGES.join(", ")
     );
     Ok(())

@@ -5,8 +5,8 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpListener,
 };
 
 /// An HTTP/1.1 endpoint's answers to `GET`s.
@@ -75,7 +75,12 @@ pub async fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) {
     }
 }
 
-async fn answer<R: Routes>(mut stream: TcpStream, routes: &R) -> std::io::Result<()> {
+/// Reads one request from `stream` (its head at most 4 KiB) and writes `routes`' answer.
+pub async fn answer<S, R>(mut stream: S, routes: &R) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: Routes,
+{
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -107,7 +112,7 @@ async fn answer<R: Routes>(mut stream: TcpStream, routes: &R) -> std::io::Result
     respond(&mut stream, reply).await
 }
 
-async fn respond(stream: &mut TcpStream, reply: Reply) -> std::io::Result<()> {
+async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, reply: Reply) -> std::io::Result<()> {
     let msg = format!(
         "HTTP/1.1 {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
         reply.status,

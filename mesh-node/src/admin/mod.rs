@@ -4,7 +4,7 @@
 //! `/debug/certs`, `/debug/connections` (JSON). Metrics (`--metrics-listen`): `/metrics`.
 
 mod debug;
-mod http;
+pub mod http;
 
 use std::{
     fmt::Write as _,

@@ -11,7 +11,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use super::protocol::{Reply, Request};
+use super::protocol::{self, Reply, Request};
 use crate::kubernetes::Pods;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +59,17 @@ pub async fn serve(listener: UnixListener, pods: Arc<Pods>) {
 async fn answer(stream: UnixStream, pods: Arc<Pods>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    // One short request line; anything longer is not the plugin.
-    let read = BufReader::new(read.take(64 * 1024))
-        .read_line(&mut line)
-        .await;
-    let reply = match read.map_err(|e| e.to_string()).and_then(|_| {
-        serde_json::from_str::<Request>(&line).map_err(|e| format!("bad request: {e}"))
-    }) {
+    // One short request line, soon; anything longer or slower is not the plugin.
+    let mut reader = BufReader::new(read.take(protocol::MAX_REQUEST));
+    let read = reader.read_line(&mut line);
+    let read = match tokio::time::timeout(protocol::REQUEST_TIMEOUT, read).await {
+        Ok(read) => read.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "no request line within {:?}",
+            protocol::REQUEST_TIMEOUT
+        )),
+    };
+    let reply = match read.and_then(|_| protocol::parse_request(&line)) {
         Ok(Request::Add {
             pod,
             container_id,

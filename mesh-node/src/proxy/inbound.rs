@@ -908,7 +908,9 @@ fn response(status: Status, reason: &str) -> TunnelResponse {
     }
 }
 
-fn parse(
+/// The delivery a tunnel header asks for, from `client`; a malformed field is a bad request
+/// that names it.
+pub fn parse(
     req: &TunnelRequest,
     client: SpiffeId,
     transport: &'static str,

@@ -83,7 +83,7 @@ pub async fn read_stream<M: Message + Default>(
 }
 
 /// The message at the start of `buf` and the bytes it took, or `None` if it is not all there.
-fn decode<M: Message + Default>(buf: &[u8]) -> Result<Option<(M, usize)>, HeaderError> {
+pub fn decode<M: Message + Default>(buf: &[u8]) -> Result<Option<(M, usize)>, HeaderError> {
     let mut len = 0u64;
     // The limit is 1 KiB, so two varint bytes are enough; a third is already out of range.
     for i in 0..3 {

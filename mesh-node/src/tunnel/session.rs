@@ -31,7 +31,7 @@ use rustls::{
     ClientConfig, ConnectionTrafficSecrets, ServerConfig, SupportedCipherSuite,
 };
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
 };
 
@@ -104,8 +104,8 @@ impl From<SessionError> for io::Error {
     }
 }
 
-/// Next traffic secrets, computed by rustls.
-trait NextKeys: Send {
+/// Next traffic secrets, computed by rustls's key schedule (`rustls::kernel`).
+pub trait NextKeys: Send {
     fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>;
     fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>;
 }
@@ -127,6 +127,13 @@ pub struct Rekey {
 }
 
 impl Rekey {
+    pub fn new(keys: Box<dyn NextKeys>) -> Self {
+        Self {
+            keys: Mutex::new(keys),
+            peer_asked: AtomicBool::new(false),
+        }
+    }
+
     fn next(&self, tx: bool) -> Result<(u64, ConnectionTrafficSecrets), SessionError> {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         Ok(if tx { keys.next_tx()? } else { keys.next_rx()? })
@@ -207,6 +214,18 @@ pub struct Rx {
 }
 
 impl Rx {
+    /// A receiving direction that opens with `opener`; `server` when this side is the server.
+    pub fn new(opener: Opener, server: bool) -> Self {
+        Self {
+            opener,
+            pending: Vec::new(),
+            plaintext: Vec::new(),
+            closed: false,
+            ended: false,
+            server,
+        }
+    }
+
     /// Opens every complete record at the start of `buf` in place and records where the
     /// application bytes are in `data`. Stops after the end of stream or close_notify.
     pub fn open(
@@ -324,75 +343,7 @@ impl Session {
         mut conn: C,
         mut tcp: TcpStream,
     ) -> Result<(Box<Self>, Vec<CertificateDer<'static>>), SessionError> {
-        let mut incoming = Vec::with_capacity(4096);
-        let mut outgoing = Vec::new();
-        let mut encoded = 0;
-        // The front of `incoming` that rustls has been given and not discarded yet. rustls
-        // keeps a handshake message that spans records there (joined in place, so only rustls
-        // can read that part again) and continues from it when given one more record.
-        let mut given = 0;
-        loop {
-            let status = conn.process(&mut incoming[..given]);
-            let discard = status.discard;
-            let state = match status.state {
-                Ok(state) => state,
-                Err(e) => {
-                    send_alert(&mut conn, &mut incoming[..given], &mut tcp).await;
-                    return Err(e.into());
-                }
-            };
-            let wants_input = match state {
-                ConnectionState::EncodeTlsData(mut e) => {
-                    encode(&mut e, &mut outgoing, &mut encoded)?;
-                    false
-                }
-                ConnectionState::TransmitTlsData(t) => {
-                    tcp.write_all(&outgoing[..encoded]).await?;
-                    encoded = 0;
-                    t.done();
-                    false
-                }
-                ConnectionState::BlockedHandshake => true,
-                // A server may send before the client's Finished arrives; the handshake is
-                // over only when rustls says so (below).
-                ConnectionState::WriteTraffic(_) => true,
-                ConnectionState::PeerClosed | ConnectionState::Closed => {
-                    return Err(SessionError::ClosedInHandshake)
-                }
-                _ => return Err(SessionError::DataInHandshake),
-            };
-            incoming.drain(..discard);
-            given -= discard;
-            if !wants_input {
-                continue;
-            }
-            if !conn.handshaking() {
-                // Everything rustls was given belonged to the handshake.
-                if given != 0 {
-                    return Err(SessionError::DataInHandshake);
-                }
-                break;
-            }
-            // rustls has done all it can with what it holds: give it exactly one more record,
-            // never more, so that it stops at its last handshake record and what follows (the
-            // tunnel header, early application bytes) stays here for the record layer. With
-            // no whole record here, wait for the peer: every turn of this loop either hands
-            // rustls a new record, lets it write, or awaits the socket, so a peer cannot make
-            // it spin.
-            loop {
-                if let Some(len) = record::complete_any(&incoming[given..])? {
-                    given += len;
-                    break;
-                }
-                if incoming.len() >= MAX_HANDSHAKE_BUFFER {
-                    return Err(SessionError::HandshakeTooLarge);
-                }
-                incoming.reserve(4096);
-                if tcp.read_buf(&mut incoming).await? == 0 {
-                    return Err(SessionError::ClosedInHandshake);
-                }
-            }
-        }
+        let incoming = drive(&mut conn, &mut tcp).await?;
         let peer_certificates = conn.peer_certificates();
         let rekey_at = match conn.suite() {
             Some(SupportedCipherSuite::Tls13(s)) => s.common.confidentiality_limit,
@@ -415,16 +366,115 @@ impl Session {
                 ended: false,
                 server: C::SERVER,
             },
-            rekey: Rekey {
-                keys: Mutex::new(keys),
-                peer_asked: AtomicBool::new(false),
-            },
+            rekey: Rekey::new(keys),
             established: std::time::Instant::now(),
             tunnel: None,
         });
         Ok((session, peer_certificates))
     }
+}
 
+/// The handshake alone, as the server, over any transport (the fuzz targets drive it in
+/// memory): the client's verified chain and the bytes read past the handshake.
+pub async fn accept_over<T: AsyncRead + AsyncWrite + Unpin>(
+    config: Arc<ServerConfig>,
+    io: &mut T,
+) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>), SessionError> {
+    let mut conn = UnbufferedServerConnection::new(config)?;
+    let rest = drive(&mut conn, io).await?;
+    Ok((Handshake::peer_certificates(&conn), rest))
+}
+
+/// The handshake alone, as the client of `name`, over any transport: the server's verified
+/// chain and the bytes read past the handshake.
+pub async fn connect_over<T: AsyncRead + AsyncWrite + Unpin>(
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    io: &mut T,
+) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>), SessionError> {
+    let mut conn = UnbufferedClientConnection::new(config, name)?;
+    let rest = drive(&mut conn, io).await?;
+    Ok((Handshake::peer_certificates(&conn), rest))
+}
+
+/// Runs `conn`'s handshake over `tcp` to its end; returns the bytes read past it.
+async fn drive<C: Handshake, T: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut C,
+    tcp: &mut T,
+) -> Result<Vec<u8>, SessionError> {
+    let mut incoming = Vec::with_capacity(4096);
+    let mut outgoing = Vec::new();
+    let mut encoded = 0;
+    // The front of `incoming` that rustls has been given and not discarded yet. rustls
+    // keeps a handshake message that spans records there (joined in place, so only rustls
+    // can read that part again) and continues from it when given one more record.
+    let mut given = 0;
+    loop {
+        let status = conn.process(&mut incoming[..given]);
+        let discard = status.discard;
+        let state = match status.state {
+            Ok(state) => state,
+            Err(e) => {
+                send_alert(conn, &mut incoming[..given], tcp).await;
+                return Err(e.into());
+            }
+        };
+        let wants_input = match state {
+            ConnectionState::EncodeTlsData(mut e) => {
+                encode(&mut e, &mut outgoing, &mut encoded)?;
+                false
+            }
+            ConnectionState::TransmitTlsData(t) => {
+                tcp.write_all(&outgoing[..encoded]).await?;
+                encoded = 0;
+                t.done();
+                false
+            }
+            ConnectionState::BlockedHandshake => true,
+            // A server may send before the client's Finished arrives; the handshake is
+            // over only when rustls says so (below).
+            ConnectionState::WriteTraffic(_) => true,
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(SessionError::ClosedInHandshake)
+            }
+            _ => return Err(SessionError::DataInHandshake),
+        };
+        incoming.drain(..discard);
+        given -= discard;
+        if !wants_input {
+            continue;
+        }
+        if !conn.handshaking() {
+            // Everything rustls was given belonged to the handshake.
+            if given != 0 {
+                return Err(SessionError::DataInHandshake);
+            }
+            break;
+        }
+        // rustls has done all it can with what it holds: give it exactly one more record,
+        // never more, so that it stops at its last handshake record and what follows (the
+        // tunnel header, early application bytes) stays here for the record layer. With
+        // no whole record here, wait for the peer: every turn of this loop either hands
+        // rustls a new record, lets it write, or awaits the socket, so a peer cannot make
+        // it spin.
+        loop {
+            if let Some(len) = record::complete_any(&incoming[given..])? {
+                given += len;
+                break;
+            }
+            if incoming.len() >= MAX_HANDSHAKE_BUFFER {
+                return Err(SessionError::HandshakeTooLarge);
+            }
+            incoming.reserve(4096);
+            if tcp.read_buf(&mut incoming).await? == 0 {
+                return Err(SessionError::ClosedInHandshake);
+            }
+        }
+    }
+    Ok(incoming)
+}
+
+impl Session {
     /// Time since the handshake.
     pub fn age(&self) -> std::time::Duration {
         self.established.elapsed()
@@ -556,25 +606,21 @@ fn encode<D>(
 /// Sends the fatal alert rustls queues when it refuses the peer's handshake, so the peer
 /// learns why (a bad certificate, an unknown CA) instead of seeing a bare close. Best effort:
 /// the alert is one small record, and the caller's timeout bounds the write.
-async fn send_alert<C: Handshake>(conn: &mut C, incoming: &mut [u8], tcp: &mut TcpStream) {
+///
+/// rustls hands a queued message out before it looks at its input again, so one call
+/// yields the alert. It is written here rather than after a second call: that call would
+/// parse the input that failed once more (found by the `handshake` fuzz target: rustls then
+/// asserts that it never sends two fatal alerts). The connection is abandoned anyway.
+async fn send_alert<C: Handshake, T: AsyncWrite + Unpin>(
+    conn: &mut C,
+    incoming: &mut [u8],
+    tcp: &mut T,
+) {
     let (mut outgoing, mut encoded) = (Vec::new(), 0);
-    // Encode, then transmit: two turns, a few more in case rustls splits the alert.
-    for _ in 0..4 {
-        match conn.process(incoming).state {
-            Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                if encode(&mut e, &mut outgoing, &mut encoded).is_err() {
-                    return;
-                }
-            }
-            Ok(ConnectionState::TransmitTlsData(t)) => {
-                t.done();
-                break;
-            }
-            _ => break,
+    if let Ok(ConnectionState::EncodeTlsData(mut e)) = conn.process(incoming).state {
+        if encode(&mut e, &mut outgoing, &mut encoded).is_ok() {
+            let _ = tcp.write_all(&outgoing[..encoded]).await;
         }
-    }
-    if encoded > 0 {
-        let _ = tcp.write_all(&outgoing[..encoded]).await;
     }
 }
 
