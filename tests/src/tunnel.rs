@@ -179,7 +179,7 @@ pub fn dial(
 }
 
 /// TLS 1.3 presenting `cert` (or nothing), trusting any server.
-fn client_config(cert: Option<&Issued>) -> io::Result<ClientConfig> {
+pub fn client_config(cert: Option<&Issued>) -> io::Result<ClientConfig> {
     let provider = Arc::new(ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -85,9 +85,7 @@ fn build() -> anyhow::Result<PathBuf> {
 fn copy_seeds(name: &str, corpus: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(corpus).with_context(|| format!("cannot create {}", corpus.display()))?;
     let seeds = fuzz_dir().join("seeds").join(name);
-    for entry in
-        fs::read_dir(&seeds).with_context(|| format!("cannot read {}", seeds.display()))?
-    {
+    for entry in fs::read_dir(&seeds).with_context(|| format!("cannot read {}", seeds.display()))? {
         let entry = entry?;
         fs::copy(entry.path(), corpus.join(entry.file_name()))
             .with_context(|| format!("cannot copy {}", entry.path().display()))?;
@@ -176,7 +174,9 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
             let why = stderr
                 .lines()
                 .filter(|l| {
-                    l.contains("panicked at") || l.contains("ERROR:") || l.contains("Test unit written")
+                    l.contains("panicked at")
+                        || l.contains("ERROR:")
+                        || l.contains("Test unit written")
                 })
                 .collect::<Vec<_>>()
                 .join("\n  ");
@@ -200,7 +200,9 @@ mod tests {
 
     #[test]
     fn reads_libfuzzers_final_stats() {
-        let s = stats("INFO: x\nstat::number_of_executed_units: 1234\nstat::average_exec_per_sec:     56\n");
+        let s = stats(
+            "INFO: x\nstat::number_of_executed_units: 1234\nstat::average_exec_per_sec:     56\n",
+        );
         assert_eq!((s.runs, s.per_second), (1234, 56));
     }
 
@@ -216,7 +218,9 @@ mod tests {
             .collect();
         assert_eq!(named, TARGETS);
         for t in TARGETS {
-            let seeds = fs::read_dir(fuzz_dir().join("seeds").join(t)).unwrap().count();
+            let seeds = fs::read_dir(fuzz_dir().join("seeds").join(t))
+                .unwrap()
+                .count();
             assert!(seeds > 0, "{t} has no seeds");
         }
     }

@@ -78,7 +78,9 @@ fn main() {
             }),
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
         Cmd::Up { duration } => up::run(duration),
-        Cmd::Fuzz { time, target } => prereqs::ensure_fuzz().and_then(|()| fuzz::run(time, target.as_deref())),
+        Cmd::Fuzz { time, target } => {
+            prereqs::ensure_fuzz().and_then(|()| fuzz::run(time, target.as_deref()))
+        }
         Cmd::Clean => clean(),
         Cmd::Bench {
             quick,

@@ -79,9 +79,14 @@ mod tests {
         let reason = parse_request("[\"c\\n/[\"cn\\/").unwrap_err();
         assert!(!reason.contains('\n'), "{reason}");
         let reason = parse_request("{\"command\":\"a\\nb\"}").unwrap_err();
-        assert!(!reason.contains('\n') && reason.contains("a\\nb"), "{reason}");
+        assert!(
+            !reason.contains('\n') && reason.contains("a\\nb"),
+            "{reason}"
+        );
         assert!(matches!(
-            parse_request(r#"{"command":"del","pod":{"namespace":"a","name":"b","uid":"c"},"container_id":"x"}"#),
+            parse_request(
+                r#"{"command":"del","pod":{"namespace":"a","name":"b","uid":"c"},"container_id":"x"}"#
+            ),
             Ok(Request::Del { .. })
         ));
     }
