@@ -70,6 +70,10 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     })
 }
 
+/// How long the plugin waits for the daemon's answer: long enough for the daemon to see a
+/// new pod in its watch and enroll it, short of the runtime's own request timeout.
+pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,7 +95,3 @@ mod tests {
         ));
     }
 }
-
-/// How long the plugin waits for the daemon's answer: long enough for the daemon to see a
-/// new pod in its watch and enroll it, short of the runtime's own request timeout.
-pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
