@@ -92,15 +92,17 @@ impl NodeService for NodeApi {
         let (node, token) = self.authenticate(&req).await?;
         let peer = req.remote_addr();
         let slot = match peer {
-            Some(p) => match self.shared.auth.peers.stream(p.ip().to_canonical()) {
+            Some(p) => match self.shared.auth.peers.stream(&node, p.ip().to_canonical()) {
                 Some(slot) => Some(slot),
                 None => {
                     self.shared.metrics.node_refused("too_many_streams");
-                    tracing::warn!(node, peer = %p, "node refused: this address has {} config streams open already", crate::peer_limits::STREAMS_PER_PEER);
-                    return Err(Status::resource_exhausted(format!(
-                        "this address has {} config streams open already",
-                        crate::peer_limits::STREAMS_PER_PEER
-                    )));
+                    let why = format!(
+                        "node {node} has {} config streams open already (or its address {})",
+                        crate::peer_limits::STREAMS_PER_NODE,
+                        crate::peer_limits::STREAMS_PER_ADDRESS
+                    );
+                    tracing::warn!(node, peer = %p, "node refused: {why}");
+                    return Err(Status::resource_exhausted(why));
                 }
             },
             None => None,

@@ -126,18 +126,16 @@ impl NodeAuth {
         }
         match &self.method {
             Method::JoinTokens(store) => {
-                // A failed guess costs an attempt; an address out of attempts is not heard.
-                if peer.is_some_and(|p| !self.peers.allows(p)) {
-                    return Err(throttled());
-                }
+                // Checking a join token costs a hash: a valid one is always taken (nodes
+                // behind one NAT with a broken neighbour still join), and a failure costs the
+                // address an attempt; out of them, its failures are only counted, not logged.
                 let verdict = join_token(store, token, claimed);
                 if matches!(
                     verdict,
                     Err(AuthError::Unauthenticated(_) | AuthError::PermissionDenied(_))
-                ) {
-                    if let Some(p) = peer {
-                        self.peers.attempt(p);
-                    }
+                ) && peer.is_some_and(|p| !self.peers.attempt(p))
+                {
+                    return Err(throttled());
                 }
                 verdict
             }
@@ -251,10 +249,17 @@ impl TokenReviewer {
             }
         }
         // Only what could be the daemon's token reaches the API server, and only so often
-        // from one address.
-        looks_right(token, &self.username, std::time::SystemTime::now())?;
+        // from one address and from all of them; a token that does not look right costs an
+        // attempt too (and, once they are out, no log line).
+        let first_look = looks_right(token, &self.username, std::time::SystemTime::now());
         if peer.is_some_and(|p| !peers.attempt(p)) {
             return Err(throttled());
+        }
+        first_look?;
+        if !peers.review() {
+            return Err(AuthError::Unavailable(
+                "too many token checks with the Kubernetes API right now; try again shortly".into(),
+            ));
         }
         let review = TokenReview {
             spec: TokenReviewSpec {

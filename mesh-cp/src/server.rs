@@ -117,7 +117,9 @@ pub async fn serve_grpc(
     let acceptor = TlsAcceptor::from(Arc::new(config));
 
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
+    let accepting = shared.clone();
     tokio::spawn(async move {
+        let shared = accepting;
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(a) => a,
@@ -127,10 +129,17 @@ pub async fn serve_grpc(
                     continue;
                 }
             };
+            // Before any work for it: a place among the handshakes in progress.
+            let Some(slot) = shared.auth.peers.handshake(peer.ip().to_canonical()) else {
+                shared.metrics.node_refused("throttled");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, conn_tx) = (acceptor.clone(), conn_tx.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(slot);
+                match handshake {
                     Ok(Ok(tls)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
                     }

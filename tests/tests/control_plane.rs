@@ -287,12 +287,13 @@ async fn strangers_are_throttled_streams_capped_and_join_tokens_expire() {
         .iter()
         .filter(|c| **c == Code::ResourceExhausted)
         .count();
-    assert_eq!((unauthenticated, throttled), (10, 6), "{codes:?}");
-    // The address gets an attempt back every two seconds, for the valid token too.
+    // Ten at once, then one every two seconds (a slow machine may have earned one back).
+    assert!(
+        (10..=12).contains(&unauthenticated) && unauthenticated + throttled == 16,
+        "{codes:?}"
+    );
+    // A valid token is taken from the same address all the same (nodes behind one NAT).
     let mut n1 = cp.client("n1", &token).await.unwrap();
-    let e = open_stream(&mut n1).await.unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(open_stream(&mut n1).await.expect("a node's streams"));
@@ -303,7 +304,7 @@ async fn strangers_are_throttled_streams_capped_and_join_tokens_expire() {
     drop(held);
     let metrics = mesh_tests::mesh::http_get(cp.metrics, "/metrics").unwrap();
     for (reason, at_least) in [
-        ("throttled", 6),
+        ("throttled", 4),
         ("too_many_streams", 1),
         ("unauthenticated", 10),
     ] {
