@@ -53,6 +53,12 @@ pub enum EnrollError {
         workload: WorkloadId,
         source: CaptureError,
     },
+    #[error("workload {workload}: cannot attach the inbound program to interface {interface:?}: {reason}")]
+    Inbound {
+        workload: WorkloadId,
+        interface: String,
+        reason: String,
+    },
 }
 
 struct Pod {
@@ -373,8 +379,8 @@ impl Enroller {
         let netns_cookie = cookie.expect("the IPv4 listener is always bound or an error returned");
         let inbound = if self.tunnels {
             let capture = self.shared.capture.clone();
-            worker
-                .run(move || capture.attach_inbound(&HashSet::new()))
+            let attached = worker
+                .run(move || capture.attach_inbound())
                 .await
                 .map_err(|source| EnrollError::Netns {
                     workload: id.clone(),
@@ -383,7 +389,16 @@ impl Enroller {
                 .map_err(|source| EnrollError::Capture {
                     workload: id.clone(),
                     source,
-                })?
+                })?;
+            // A pod whose every interface cannot be policed is not enrolled.
+            if let Some((name, why)) = attached.failed.first() {
+                return Err(EnrollError::Inbound {
+                    workload: id,
+                    interface: String::from_utf8_lossy(name).into_owned(),
+                    reason: why.clone(),
+                });
+            }
+            attached.links
         } else {
             Vec::new()
         };

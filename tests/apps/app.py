@@ -29,9 +29,10 @@
                                   in IPv6 fragments; to PORT, and as controls whole or behind a
                                   hop-by-hop header to OPEN. Prints {answered, silent}: the
                                   cases that got a SYN-ACK back and those that did not
-  app.py tunsyn PORT OPEN         makes a tun interface in this netns (as an application with
-                                  CAP_NET_ADMIN could), then injects SYNs to PORT and OPEN
-                                  through it; prints {answered, silent}
+  app.py tunsyn PORT OPEN [NAME]  makes a tun interface NAME (hex; default "mtun0") in this
+                                  netns (as an application with CAP_NET_ADMIN could), brings it
+                                  up, then injects SYNs to PORT and OPEN through it; prints
+                                  {answered, silent, up} (up: whether it was still up then)
   app.py blob-sha256 N            the sha256 of the N bytes GET /blob/N answers (no network)
 """
 import hashlib
@@ -286,22 +287,32 @@ def rawsyn(v4, v6, port, open_port):
                       "silent": sorted(set(cases.values()) - answered)}))
 
 
-def tunsyn(port, open_port):
+def tunsyn(port, open_port, name=b"mtun0"):
     import fcntl
-    import subprocess
     TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
+    SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK = 0x8913, 0x8914, 0x8916, 0x891C
     tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-    fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", b"mtun0", IFF_TUN | IFF_NO_PI))
-    for cmd in (["ip", "addr", "add", "192.168.77.1/30", "dev", "mtun0"],
-                ["ip", "link", "set", "mtun0", "up"]):
-        subprocess.run(cmd, check=True)
+    fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", name, IFF_TUN | IFF_NO_PI))
+    # Address and up with ioctls: `ip` cannot take every name a device can have.
+    ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def sockaddr(ip):
+        return struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(ip))
+    fcntl.ioctl(ctl, SIOCSIFADDR, struct.pack("16s16s", name, sockaddr("192.168.77.1")))
+    fcntl.ioctl(ctl, SIOCSIFNETMASK, struct.pack("16s16s", name, sockaddr("255.255.255.252")))
+    flags = struct.unpack("16sH", fcntl.ioctl(ctl, SIOCGIFFLAGS, struct.pack("16sH", name, 0)))[1]
+    fcntl.ioctl(ctl, SIOCSIFFLAGS, struct.pack("16sH", name, flags | 1))
     # Time for the node to notice the new interface.
     time.sleep(1.5)
+    flags = struct.unpack("16sH", fcntl.ioctl(ctl, SIOCGIFFLAGS, struct.pack("16sH", name, 0)))[1]
+    up = bool(flags & 1)
     local = socket.inet_pton(socket.AF_INET, "192.168.77.1")
     peer = socket.inet_pton(socket.AF_INET, "192.168.77.2")
     cases = {42001: "open port", 42002: "application port"}
     for sport, dport in [(42001, open_port), (42002, port)]:
-        os.write(tun, ipv4_packet(peer, local, sport, 0, tcp_syn(peer, local, sport, dport, False)))
+        try:
+            os.write(tun, ipv4_packet(peer, local, sport, 0, tcp_syn(peer, local, sport, dport, False)))
+        except OSError:
+            pass  # a device set down takes nothing
     answered = set()
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
@@ -318,7 +329,7 @@ def tunsyn(port, open_port):
             answered.add(cases[dport])
     os.close(tun)
     print(json.dumps({"answered": sorted(answered),
-                      "silent": sorted(set(cases.values()) - answered)}))
+                      "silent": sorted(set(cases.values()) - answered), "up": up}))
 
 
 def serve(port, accept_log=None):
@@ -468,7 +479,8 @@ if __name__ == "__main__":
     elif mode == "rawsyn":
         rawsyn(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif mode == "tunsyn":
-        tunsyn(int(sys.argv[2]), int(sys.argv[3]))
+        name = bytes.fromhex(sys.argv[4]) if len(sys.argv) > 4 else b"mtun0"
+        tunsyn(int(sys.argv[2]), int(sys.argv[3]), name)
     elif mode == "blob-sha256":
         print(json.dumps({"sha256": hashlib.sha256(blob(int(sys.argv[2]))).hexdigest()}))
     else:

@@ -152,6 +152,23 @@ fn program_info(id: u32) -> Option<aya::programs::ProgramInfo> {
         .find(|p| p.id() == id)
 }
 
+/// `BPF_TCX_INGRESS` in the kernel's attach types.
+const BPF_TCX_INGRESS: u32 = 46;
+
+/// Ids of the programs running at tcx ingress of interface `ifindex` of the calling thread's
+/// netns.
+pub fn tcx_ingress_programs(ifindex: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = Attr::default();
+    attr.put_u32(0, ifindex);
+    attr.put_u32(4, BPF_TCX_INGRESS);
+    attr.put_u64(16, ids.as_mut_ptr() as u64);
+    attr.put_u32(24, ids.len() as u32);
+    attr.sys(BPF_PROG_QUERY)?;
+    ids.truncate(attr.get_u32(24) as usize);
+    Ok(ids)
+}
+
 /// Programs attached to the cgroup itself (not inherited) for one attach type.
 fn query(cgroup_dir: &File, attach_type: u32) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];

@@ -5,9 +5,12 @@
 //!
 //! The watcher learns of new interfaces from the pod netns's link notifications
 //! (`RTMGRP_LINK`) and also looks again every [`RESCAN`], in case a notification was lost
-//! (a full socket buffer). An interface is unprotected from its creation until the watcher
-//! has attached to it, typically well under a millisecond; it cannot take packets before it
-//! is up, which is a second step for whoever makes it.
+//! (a full socket buffer). Each look asks the kernel which interfaces run the program (so a
+//! device deleted and made again under the same index is seen), and an interface the program
+//! cannot be attached to (a name the loader cannot take, an error) is set down. An interface
+//! is unprotected from its creation until the watcher has attached to it, typically well
+//! under a millisecond; it cannot take packets before it is up, which is a second step for
+//! whoever makes it.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -75,21 +78,48 @@ pub async fn watch(
             () = notified => {}
             _ = rescan.tick() => {}
         }
-        let attached: HashSet<u32> = lock(&links).keys().copied().collect();
         let capture = capture.clone();
         let found = worker
             .run(move || {
                 let present = present_interfaces();
-                capture.attach_inbound(&attached).map(|new| (new, present))
+                let attached = capture.attach_inbound();
+                // What cannot be policed takes no traffic.
+                let failed: Vec<(String, String, bool)> = attached
+                    .as_ref()
+                    .map(|a| {
+                        a.failed
+                            .iter()
+                            .map(|(name, why)| {
+                                let down = super::set_down(name);
+                                (
+                                    String::from_utf8_lossy(name).into_owned(),
+                                    why.clone(),
+                                    down,
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                attached.map(|a| (a.links, failed, present))
             })
             .await;
         match found {
-            Ok(Ok((new, present))) => {
+            Ok(Ok((new, failed, present))) => {
+                for (interface, reason, down) in failed {
+                    tracing::error!(
+                        %workload, %interface, %reason, set_down = down,
+                        "cannot attach the inbound program to an interface of the pod; it is set down so that nothing reaches the pod through it unpoliced"
+                    );
+                }
                 let mut links = lock(&links);
-                // Interfaces that went take their attachment with them.
-                links.retain(|index, _| present.contains(index));
+                // Interfaces that went take their attachment with them; when the list cannot
+                // be read, nothing is let go.
+                if let Some(present) = present {
+                    links.retain(|index, _| present.contains(index));
+                }
                 for l in new {
                     tracing::info!(%workload, interface = %l.name, "inbound program attached to a new interface of the pod");
+                    // A new device under a reused index replaces the old one's attachment.
                     links.insert(l.ifindex, l);
                 }
             }
@@ -105,11 +135,11 @@ fn lock(links: &Links) -> std::sync::MutexGuard<'_, HashMap<u32, Inbound>> {
     links.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Interface indexes of the calling thread's netns.
-fn present_interfaces() -> HashSet<u32> {
+/// Interface indexes of the calling thread's netns, if they can be listed.
+fn present_interfaces() -> Option<HashSet<u32>> {
     nix::net::if_::if_nameindex()
+        .ok()
         .map(|list| list.iter().map(|i| i.index()).collect())
-        .unwrap_or_default()
 }
 
 /// A non-blocking rtnetlink socket of the calling thread's netns, subscribed to link changes.

@@ -88,6 +88,20 @@ pub struct Options {
     pub ebpf_log: bool,
 }
 
+/// What one pass of [`Capture::attach_inbound`] did.
+#[derive(Default)]
+pub struct Attached {
+    pub links: Vec<Inbound>,
+    /// Interfaces it could not attach to (their names, as bytes), with why.
+    pub failed: Vec<(Vec<u8>, String)>,
+}
+
+/// Sets the interface `name` of the calling thread's netns down, so that it takes no
+/// traffic unpoliced; whether it could.
+pub fn set_down(name: &[u8]) -> bool {
+    link_type::set_down(name)
+}
+
 /// The inbound program on one of a pod's interfaces; dropping it detaches.
 pub struct Inbound {
     pub ifindex: u32,
@@ -96,46 +110,73 @@ pub struct Inbound {
     _link: SchedClassifierLink,
 }
 
-/// What kind of link an interface of the calling thread's netns is.
+/// What kind of link an interface of the calling thread's netns is, and setting one down.
 mod link_type {
     use std::os::fd::AsRawFd as _;
 
     const ARPHRD_ETHER: u16 = 1;
+    const ARPHRD_LOOPBACK: u16 = 772;
 
-    fn ifreq(name: &str) -> Option<libc::ifreq> {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        Ethernet,
+        Loopback,
+        /// Packets start at the IP header (tunnels, tun), or a kind this does not know.
+        Other,
+    }
+
+    fn ifreq(name: &[u8]) -> Option<libc::ifreq> {
         // SAFETY: all-zero is a valid ifreq.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        let bytes = name.as_bytes();
-        if bytes.len() >= req.ifr_name.len() {
+        if name.len() >= req.ifr_name.len() {
             return None;
         }
-        for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        for (d, s) in req.ifr_name.iter_mut().zip(name) {
             *d = *s as libc::c_char;
         }
         Some(req)
     }
 
-    /// Whether the interface's packets start with an Ethernet header. Unknown (an error, a
-    /// name too long) counts as not: the L3 program then judges them from the IP header the
-    /// kernel found, and drops what does not parse.
-    pub fn is_ethernet(name: &str) -> bool {
-        let Some(mut req) = ifreq(name) else {
-            return false;
-        };
-        // Any socket of the netns will do for the ioctl; none is bound.
+    /// Any socket of the netns will do for the ioctls; none is bound.
+    fn socket() -> Option<socket2::Socket> {
         let dgram = |d| socket2::Socket::new(d, socket2::Type::DGRAM, None);
-        let Ok(sock) = dgram(socket2::Domain::IPV4).or_else(|_| dgram(socket2::Domain::IPV6))
-        else {
-            return false;
-        };
+        dgram(socket2::Domain::IPV4)
+            .or_else(|_| dgram(socket2::Domain::IPV6))
+            .ok()
+    }
+
+    /// The interface's hardware type, or `None` when it cannot be read (treated as `Other`:
+    /// the L3 program judges from the IP header the kernel found, and drops what does not
+    /// parse).
+    pub fn of(name: &[u8]) -> Option<Kind> {
+        let mut req = ifreq(name)?;
+        let sock = socket()?;
         // SAFETY: SIOCGIFHWADDR reads the name and writes the hardware address into `req`.
-        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+            return None;
+        }
         // SAFETY: the kernel filled the union's hwaddr member on success.
-        r == 0 && unsafe { req.ifr_ifru.ifru_hwaddr.sa_family } == ARPHRD_ETHER
+        Some(match unsafe { req.ifr_ifru.ifru_hwaddr.sa_family } {
+            ARPHRD_ETHER => Kind::Ethernet,
+            ARPHRD_LOOPBACK => Kind::Loopback,
+            _ => Kind::Other,
+        })
     }
 
     pub fn exists(name: &str) -> bool {
         nix::net::if_::if_nametoindex(name).is_ok()
+    }
+
+    pub fn set_down(name: &[u8]) -> bool {
+        ifreq(name).zip(socket()).is_some_and(|(mut req, sock)| {
+            // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the flags member of `req`.
+            unsafe {
+                libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) == 0 && {
+                    req.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short);
+                    libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) == 0
+                }
+            }
+        })
     }
 }
 
@@ -265,21 +306,41 @@ impl Capture {
     }
 
     /// Attaches the inbound program (tcx ingress) to every interface of the calling thread's
-    /// netns but loopback and those in `attached` (by index): `mycel_inbound` where packets
-    /// start with an Ethernet header, `mycel_inbound_l3` elsewhere. Call it on the pod's netns
-    /// thread; dropping the links detaches.
-    pub fn attach_inbound(&self, attached: &HashSet<u32>) -> Result<Vec<Inbound>, CaptureError> {
+    /// netns but loopback that does not run it already: `mycel_inbound` where packets start
+    /// with an Ethernet header, `mycel_inbound_l3` elsewhere. Whether an interface runs it is
+    /// asked of the kernel, not of a list kept here, so an interface deleted and made again
+    /// under the same index gets it again. An interface it cannot be attached to is named
+    /// among the failures, for the caller to refuse the pod or set it down
+    /// ([`set_down`]). Call it on the pod's netns thread; dropping the links detaches.
+    pub fn attach_inbound(&self) -> Result<Attached, CaptureError> {
         let interfaces =
             nix::net::if_::if_nameindex().map_err(|e| CaptureError::Interfaces(e.into()))?;
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
         let ebpf = ebpf.as_mut().ok_or(CaptureError::Released)?;
-        let mut links = Vec::new();
+        let ours = [names::INBOUND, names::INBOUND_L3].map(|name| {
+            let prog: Option<&SchedClassifier> = ebpf.program(name).and_then(|p| p.try_into().ok());
+            prog.and_then(|p| p.info().ok()).map(|i| i.id())
+        });
+        let mut out = Attached::default();
         for iface in interfaces.iter() {
-            let ifname = iface.name().to_string_lossy().into_owned();
-            if ifname == "lo" || attached.contains(&iface.index()) {
+            let raw = iface.name().to_bytes();
+            let kind = link_type::of(raw);
+            if kind == Some(link_type::Kind::Loopback) {
                 continue;
             }
-            let name = if link_type::is_ethernet(&ifname) {
+            let running = attach::tcx_ingress_programs(iface.index());
+            if running
+                .as_ref()
+                .is_ok_and(|ids| ids.iter().any(|id| ours.contains(&Some(*id))))
+            {
+                continue;
+            }
+            let Ok(ifname) = std::str::from_utf8(raw) else {
+                let why = "its name is not UTF-8, which the loader cannot attach by";
+                out.failed.push((raw.to_vec(), why.into()));
+                continue;
+            };
+            let name = if kind == Some(link_type::Kind::Ethernet) {
                 names::INBOUND
             } else {
                 names::INBOUND_L3
@@ -291,23 +352,23 @@ impl Capture {
                 .map_err(|source| CaptureError::Program { name, source })?;
             let attach = prog
                 .attach_with_options(
-                    &ifname,
+                    ifname,
                     TcAttachType::Ingress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
                 .and_then(|id| prog.take_link(id));
             match attach {
-                Ok(link) => links.push(Inbound {
+                Ok(link) => out.links.push(Inbound {
                     ifindex: iface.index(),
-                    name: ifname,
+                    name: ifname.to_owned(),
                     _link: link,
                 }),
                 // Gone between the listing and the attach: nothing arrives on it any more.
-                Err(_) if !link_type::exists(&ifname) => {}
-                Err(source) => return Err(CaptureError::Program { name, source }),
+                Err(_) if !link_type::exists(ifname) => {}
+                Err(e) => out.failed.push((raw.to_vec(), e.to_string())),
             }
         }
-        Ok(links)
+        Ok(out)
     }
 
     /// What the inbound program does with plaintext to enrolled pods: `INBOUND_STRICT` or
