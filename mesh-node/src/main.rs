@@ -148,9 +148,13 @@ struct RunArgs {
     /// Tunnel handshakes (until the first header arrives) in progress for one pod.
     #[arg(long, default_value_t = proxy::limits::Config::default().handshakes_per_pod, value_parser = clap::value_parser!(u32).range(1..))]
     max_handshakes_per_pod: u32,
-    /// Tunnel handshakes in progress from one source address.
+    /// Tunnel handshakes in progress from one source address (an IPv6 source outside the
+    /// mesh counts by its /64). Sources outside the mesh share half of --max-handshakes-per-pod.
     #[arg(long, default_value_t = proxy::limits::Config::default().handshakes_per_source, value_parser = clap::value_parser!(u32).range(1..))]
     max_handshakes_per_source: u32,
+    /// Tunnel handshakes in progress on the whole node.
+    #[arg(long, default_value_t = proxy::limits::Config::default().handshakes_per_node, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes_per_node: u32,
     /// Seconds to let open connections finish on SIGTERM before exiting.
     #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     drain_timeout: f64,
@@ -354,13 +358,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
-    // The connect hooks leave this daemon's own connects alone by its cgroup.
+    // The connect hooks leave this daemon's own connects alone by its cgroup, so whatever
+    // else ran in it would escape capture: refuse to share it.
     let own = capture::OwnCgroup::find()?;
     let others = own.others();
     if !others.is_empty() {
-        tracing::warn!(
-            cgroup = %own.dir.display(), pids = ?others,
-            "other processes share mesh-node's cgroup; their connects are not captured: run mesh-node in a cgroup of its own"
+        bail!(
+            "other processes share mesh-node's cgroup {} (pids {others:?}); their connects would not be captured: run mesh-node in a cgroup of its own (its container, a systemd service, or `systemd-run --scope`)",
+            own.dir.display()
         );
     }
     let capture = Arc::new(capture::Capture::attach(&capture::Options {
@@ -383,6 +388,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         connections_per_source: args.max_connections_per_source,
         handshakes_per_pod: args.max_handshakes_per_pod,
         handshakes_per_source: args.max_handshakes_per_source,
+        handshakes_per_node: args.max_handshakes_per_node,
     };
     let shared = Arc::new(proxy::Shared::new(
         capture.clone(),

@@ -106,6 +106,8 @@ pub struct KubeNode {
 
 pub struct MeshNode {
     daemon: Daemon,
+    /// A cgroup made for the daemon alone (when the caller named none), removed on drop.
+    own_cgroup: Option<PathBuf>,
     pub admin: SocketAddr,
     /// The Prometheus endpoint (`/metrics`), on loopback.
     pub metrics: SocketAddr,
@@ -116,7 +118,8 @@ pub struct MeshNode {
 
 impl MeshNode {
     /// Starts mesh-node in offline mode for `node`, attached to the node's cgroup, with the
-    /// daemon process itself in `daemon_cgroup` (or the caller's cgroup when `None`).
+    /// daemon process itself in `daemon_cgroup` (or, when `None`, in a cgroup of its own made
+    /// next to the topology's: mesh-node refuses to share one).
     pub fn start(
         node: &Node,
         workloads: &str,
@@ -233,6 +236,17 @@ impl MeshNode {
         let workloads_file = dir.join("workloads.yaml");
         let source_args = source(&workloads_file)?;
         let log_file = dir.join("mesh-node.log");
+        // mesh-node refuses a cgroup with other processes in it (they would escape capture).
+        let own_cgroup = match daemon_cgroup {
+            Some(_) => None,
+            None => {
+                let root = crate::topology::cgroup2_mount().map_err(io::Error::other)?;
+                let cg = root.join(format!("{}-mesh-node-{}", node.netns, free_port()));
+                fs::create_dir(&cg)?;
+                Some(cg)
+            }
+        };
+        let daemon_cgroup = daemon_cgroup.or(own_cgroup.as_deref());
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let mut cmd = Command::new(mesh_node_bin());
@@ -257,9 +271,19 @@ impl MeshNode {
             .stdin(Stdio::null())
             .stdout(fs::File::create(dir.join("stdout"))?)
             .stderr(fs::File::create(&log_file)?);
-        let child = crate::topology::spawn_in(None, daemon_cgroup, &mut cmd)?;
+        let child = crate::topology::spawn_in(None, daemon_cgroup, &mut cmd);
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(cg) = &own_cgroup {
+                    let _ = fs::remove_dir(cg);
+                }
+                return Err(e);
+            }
+        };
         Ok(Self {
             daemon: Daemon::new("mesh-node", child, dir, log_file.clone()),
+            own_cgroup,
             admin,
             metrics,
             workloads_file,
@@ -367,6 +391,24 @@ impl MeshNode {
     }
 }
 
+impl Drop for MeshNode {
+    fn drop(&mut self) {
+        let Some(cg) = self.own_cgroup.take() else {
+            return;
+        };
+        if !self.daemon.is_stopped() {
+            let _ = self.daemon.stop_with(libc::SIGTERM);
+        }
+        // The cgroup empties as the process is reaped; a moment later it can go.
+        for _ in 0..100 {
+            if fs::remove_dir(&cg).is_ok() || !cg.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 fn stats_of(admin: SocketAddr) -> io::Result<BTreeMap<String, u64>> {
     let body = http_get(admin, "/stats")?;
     Ok(body
@@ -376,6 +418,27 @@ fn stats_of(admin: SocketAddr) -> io::Result<BTreeMap<String, u64>> {
             Some((k.to_string(), v.trim().parse().ok()?))
         })
         .collect())
+}
+
+/// Runs `cmd` to its end in a cgroup of its own, named for `node` (mesh-node refuses a
+/// cgroup it shares), and removes the cgroup after.
+pub fn run_alone(node: &Node, cmd: &mut Command) -> io::Result<std::process::Output> {
+    let root = crate::topology::cgroup2_mount().map_err(io::Error::other)?;
+    let cg = root.join(format!("{}-once-{}", node.netns, free_port()));
+    fs::create_dir(&cg)?;
+    let out = crate::topology::spawn_in(
+        None,
+        Some(&cg),
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()),
+    )
+    .and_then(|c| c.wait_with_output());
+    for _ in 0..100 {
+        if fs::remove_dir(&cg).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out
 }
 
 /// A minimal HTTP/1.1 GET (loopback only): status code and body.

@@ -206,6 +206,7 @@ fn the_mesh_ports_are_never_a_destination() {
 fn half_open_handshakes_are_limited_per_source() {
     let mut m = mesh("halfopen");
     let mut attacker = None;
+    let started = std::time::Instant::now();
     m.under_attack(40, || {
         attacker = Some(stall(&m, "outsider", TUNNEL, "", 500, 4));
     });
@@ -228,7 +229,12 @@ fn half_open_handshakes_are_limited_per_source() {
         .lines()
         .filter(|l| l.contains("connection limit reached"))
         .count();
-    assert!((1..=2).contains(&lines), "{lines} limit lines:\n{log}");
+    // One line per 10 s interval while it refuses.
+    let intervals = started.elapsed().as_secs() / 10 + 1;
+    assert!(
+        (1..=intervals as usize).contains(&lines),
+        "{lines} limit lines in {intervals} intervals:\n{log}"
+    );
     m.n2.wait_for(Duration::from_secs(15), |s| s["inbound_handshakes"] == 0)
         .unwrap_or_else(|e| panic!("{e}\nn2 log:\n{}", m.n2.log()));
 }
@@ -327,6 +333,17 @@ fn interfaces_added_after_enrollment_are_policed() {
         "inbound program attached to a new interface of the pod",
     )
     .expect("the attach is logged");
+    // Regression (issue 19 review): a device whose name the loader cannot take (not UTF-8)
+    // was skipped for good, unpoliced. Now it is set down.
+    let out = app::run(
+        m.topo.pod("server"),
+        &["tunsyn", &PORT.to_string(), &TUNNEL.to_string(), "6d74ff"],
+        T,
+    );
+    assert_eq!(out["up"], false, "{out}\nn2 log:\n{}", m.n2.log());
+    assert!(cases(&out, "answered").is_empty(), "{out}");
+    m.n2.wait_log(Duration::from_secs(5), "it is set down")
+        .expect("the refusal is logged");
 }
 
 /// Regression (issue 19): the connect hooks skipped any socket carrying the proxy's mark,
@@ -391,22 +408,25 @@ fn a_node_under_every_attack_at_once_keeps_its_mesh() {
     )
     .expect("loadgen server");
     let client = m.topo.pod("client").clone();
-    // New connections, each one 1 KiB request and answer, on two threads.
-    let honest = |secs: u64| {
+    // New connections, each one 1 KiB request and answer, on `threads` threads.
+    let honest = |secs: u64, threads: u32| {
         client.spawn(
             std::process::Command::new(&loadgen)
                 .args(["connrate", "--addr"])
                 .arg(format!("{}:{LOADGEN_PORT}", server.ipv4))
-                .args(["--secs", &secs.to_string(), "--concurrency", "2"])
+                .args(["--secs", &secs.to_string()])
+                .args(["--concurrency", &threads.to_string()])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped()),
         )
     };
-    // Warm up (pooled sessions, the allocator), then the baseline.
-    let warm = app::finish(honest(3).expect("warm-up"), T);
+    // Warm up (pooled sessions, the relay's buffer pool, the allocator) with more at once
+    // than the siege's honest client makes, then the baseline.
+    let warm = app::finish(honest(3, 40).expect("warm-up"), T);
     assert_eq!(warm["failed"], 0, "{warm}");
     let pid = m.n2.pid().expect("n2's pid");
     let (fds_before, rss_before) = (open_fds(pid), rss_kib(pid));
+    assert!(fds_before > 0 && rss_before > 0, "cannot read /proc/{pid}");
 
     let stop = AtomicBool::new(false);
     let tunnel = std::net::SocketAddr::new(server.ipv4.into(), TUNNEL);
@@ -454,6 +474,15 @@ fn a_node_under_every_attack_at_once_keeps_its_mesh() {
             attacks.fetch_add(held.len() as u64, Ordering::Relaxed);
             while until(SIEGE) {
                 thread::sleep(Duration::from_millis(100));
+            }
+        });
+        // Plaintext connects to the application's port (STRICT drops their SYNs); one that
+        // got through would show in the application's accept log.
+        s.spawn(|| {
+            let app_port = std::net::SocketAddr::new(server.ipv4.into(), 8081);
+            while until(SIEGE) {
+                let _ = mesh_tests::tunnel::connect_in(&outsider.netns_path(), app_port);
+                attacks.fetch_add(1, Ordering::Relaxed);
             }
         });
         // Random bytes.
@@ -534,7 +563,7 @@ fn a_node_under_every_attack_at_once_keeps_its_mesh() {
             }
             times
         });
-        let calls = app::finish(honest(SIEGE.as_secs()).expect("honest client"), T);
+        let calls = app::finish(honest(SIEGE.as_secs(), 2).expect("honest client"), T);
         stop.store(true, Ordering::Relaxed);
         (
             calls,
@@ -567,15 +596,15 @@ fn a_node_under_every_attack_at_once_keeps_its_mesh() {
         at(1.0),
         at(0.99)
     );
-    // Only the controls got a SYN-ACK, in every round.
+    // Only the controls got a SYN-ACK, and all of them, in every round.
     assert!(!rawsyn_rounds.is_empty());
     for round in &rawsyn_rounds {
-        for case in cases(round, "answered") {
-            assert!(
-                case.contains("(control)"),
-                "{case} reached the pod: {round}"
-            );
-        }
+        let answered = cases(round, "answered");
+        assert!(
+            answered.iter().all(|case| case.contains("(control)")),
+            "reached the pod: {round}"
+        );
+        assert_eq!(answered.len(), 3, "the controls: {round}");
     }
     // The attacked daemon lets go of what the attacks made it hold.
     let settled = Instant::now();

@@ -45,15 +45,14 @@ fn attached(cgroup: &std::path::Path) -> Vec<(String, String)> {
 
 /// Runs `mesh-node run` for node n0 in the foreground and collects its exit and output; for
 /// starts that are expected to fail.
-fn run_once(workloads: &Path, cgroup: &Path) -> std::process::Output {
-    Command::new(mesh_node_bin())
-        .args(["run", "--node-name", "n0", "--admin-listen", "127.0.0.1:0"])
+fn run_once(node: &mesh_tests::topology::Node, workloads: &Path) -> std::process::Output {
+    let mut cmd = Command::new(mesh_node_bin());
+    cmd.args(["run", "--node-name", "n0", "--admin-listen", "127.0.0.1:0"])
         .arg("--workloads")
         .arg(workloads)
         .arg("--cgroup")
-        .arg(cgroup)
-        .output()
-        .expect("run mesh-node")
+        .arg(&node.cgroup);
+    mesh_tests::mesh::run_alone(node, &mut cmd).expect("run mesh-node")
 }
 
 #[test]
@@ -134,7 +133,7 @@ fn bad_input_at_start_is_one_line_and_non_zero_exit() {
     ];
     for (text, needle) in cases {
         std::fs::write(&file, text).unwrap();
-        let out = run_once(&file, &topo.node("n0").cgroup);
+        let out = run_once(topo.node("n0"), &file);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
@@ -173,7 +172,7 @@ fn restart_after_crash_leaves_no_duplicate_attachments_and_sigterm_detaches() {
     first.wait_enrolled(2).unwrap();
     assert_eq!(attached(&cg), expected);
     // A second daemon on the same cgroup is refused rather than doubling the redirects.
-    let second = run_once(&first.workloads_file, &cg);
+    let second = run_once(topo.node("n0"), &first.workloads_file);
     assert_eq!(second.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&second.stderr).contains("another mesh-node already owns cgroup")

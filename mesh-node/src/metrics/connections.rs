@@ -670,6 +670,7 @@ mod tests {
             identity_uri: identity.to_string(),
             identity,
             addresses: Vec::new(),
+            node: "n1".into(),
             labels: labels
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -41,7 +41,10 @@ pub type DecisionKey = (String, String, Action, Mode);
 
 #[derive(Default)]
 pub struct Authz {
+    /// Admitted connections by an id of this registry's own: a tunnelled connection's id
+    /// comes from its peer, which could reuse one to push another out of the re-checks.
     open: Mutex<HashMap<u64, Open>>,
+    next_id: AtomicU64,
     decisions: Mutex<BTreeMap<DecisionKey, u64>>,
     denied: AtomicU64,
     closed_by_policy: AtomicU64,
@@ -98,16 +101,16 @@ impl Authz {
         decision
     }
 
-    /// Registers an admitted connection for re-checks on policy changes.
-    /// Registers an admitted connection. Its token is a child of `within` (a tunnel's trust
-    /// token) when given, so that the connection ends with that too.
+    /// Registers an admitted connection for re-checks on policy changes. Its token is a child
+    /// of `within` (a tunnel's trust token) when given, so that the connection ends with that
+    /// too.
     pub fn admit(
         self: &Arc<Self>,
         request: Request,
         within: Option<&CancellationToken>,
     ) -> OpenGuard {
         let cancel = within.map_or_else(CancellationToken::new, CancellationToken::child_token);
-        let id = request.connection_id;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.lock_open().insert(
             id,
             Open {
@@ -242,5 +245,31 @@ pub async fn follow(authz: Arc<Authz>, mut directory: watch::Receiver<Arc<Direct
     while directory.changed().await.is_ok() {
         let dir = directory.borrow_and_update().clone();
         authz.recheck(&dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (issue 19 review): admitted connections were keyed by the connection id a
+    /// tunnel's peer chose; a second connection with the same id, once closed, took the first
+    /// out of the policy re-checks.
+    #[test]
+    fn connections_with_the_same_peer_id_are_both_registered() {
+        let authz = Arc::new(Authz::default());
+        let request = Request {
+            destination: WorkloadId::new("default", "server"),
+            destination_addr: "10.0.0.2:8080".parse().unwrap(),
+            source_addr: "10.0.0.1:40000".parse().unwrap(),
+            source_identity: None,
+            connection_id: 7,
+        };
+        let first = authz.admit(request.clone(), None);
+        let second = authz.admit(request, None);
+        drop(second);
+        assert_eq!(authz.lock_open().len(), 1, "the first is still re-checked");
+        drop(first);
+        assert!(authz.lock_open().is_empty());
     }
 }

@@ -34,6 +34,8 @@ pub struct Peer {
     pub identity_uri: String,
     pub addresses: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
+    /// The node it is placed on.
+    pub node: String,
 }
 
 impl Peer {
@@ -117,6 +119,7 @@ impl Directory {
                     .iter()
                     .filter_map(|a| mesh_api::ip_from_bytes(a))
                     .collect(),
+                node: w.node.clone(),
             });
             for a in &peer.addresses {
                 by_addr.insert(*a, peer.clone());

@@ -312,7 +312,8 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     // Before anything else: the limits log their own refusals, once in a while.
     let limits = &ctx.shared.limits;
-    let Ok(permit) = limits.handshake(&ctx.load, &ctx.workload, peer.ip()) else {
+    let stranger = ctx.shared.directory().peer_by_addr(peer.ip()).is_none();
+    let Ok(permit) = limits.handshake(&ctx.load, &ctx.workload, peer.ip(), stranger) else {
         stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
         return reset(tcp);
     };
@@ -339,13 +340,14 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             return;
         }
     };
+    // One bound for the handshake and the first header together.
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let accept = Session::accept(config, tcp);
-    let (mut stream, peer_certs) =
-        match Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)).await {
-            Ok(Ok(accepted)) => accepted,
-            Ok(Err(e)) => return refused(&format!("TLS handshake failed: {e}")),
-            Err(_) => return refused(&format!("no handshake within {HANDSHAKE_TIMEOUT:?}")),
-        };
+    let (mut stream, peer_certs) = match Box::pin(tokio::time::timeout_at(deadline, accept)).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => return refused(&format!("TLS handshake failed: {e}")),
+        Err(_) => return refused(&format!("no handshake within {HANDSHAKE_TIMEOUT:?}")),
+    };
     stream.track(
         ctx.shared
             .tunnel_metrics
@@ -366,7 +368,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let mut first = true;
     loop {
         let wait = if first {
-            HANDSHAKE_TIMEOUT
+            deadline.saturating_duration_since(tokio::time::Instant::now())
         } else {
             let left = credentials
                 .usable_until
@@ -600,7 +602,17 @@ async fn handle_quic(incoming: quinn::Incoming, ctx: Arc<PodContext>, tracker: T
         tracing::warn!(workload = %ctx.workload, %peer, %reason, "QUIC tunnel refused");
     };
     let limits = &ctx.shared.limits;
-    let Ok(mut permit) = limits.handshake(&ctx.load, &ctx.workload, peer_ip) else {
+    let stranger = ctx.shared.directory().peer_by_addr(peer_ip).is_none();
+    // A QUIC Initial's source address can be forged: before it counts against anyone's
+    // allowance, a stranger (or anyone while the pod is busy) proves it with a Retry.
+    if !incoming.remote_address_validated()
+        && incoming.may_retry()
+        && (stranger || limits.under_pressure(&ctx.load))
+    {
+        let _ = incoming.retry();
+        return;
+    }
+    let Ok(mut permit) = limits.handshake(&ctx.load, &ctx.workload, peer_ip, stranger) else {
         stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
         return incoming.refuse();
     };
@@ -694,7 +706,7 @@ async fn handle_quic_stream(
     let stats = &ctx.shared.stats;
     let peer = from.addr;
     let limits = &ctx.shared.limits;
-    let _permit = match limits.open(&ctx.load, &ctx.workload, peer.ip()) {
+    let _permit = match limits.open(&ctx.load, &ctx.workload, peer.ip(), false) {
         Ok(permit) => permit,
         Err(limit) => {
             stats.tunnels_in_refused.fetch_add(1, Ordering::Relaxed);
@@ -781,7 +793,8 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
     let stats = &ctx.shared.stats;
     stats.plaintext_in.fetch_add(1, Ordering::Relaxed);
     let limits = &ctx.shared.limits;
-    let Ok(_permit) = limits.open(&ctx.load, &ctx.workload, peer.ip()) else {
+    // Plaintext comes from outside the mesh.
+    let Ok(_permit) = limits.open(&ctx.load, &ctx.workload, peer.ip(), true) else {
         return reset(client);
     };
     let _ = client.set_nodelay(true);

@@ -9,7 +9,10 @@
 //! tunnel is up), counted in `mycel_connections_limited_total{limit}`, and logged once per
 //! [`LOG_INTERVAL`] for each limit with the number refused since the last line. The per-source
 //! limits keep one noisy or hostile peer from taking a pod's whole allowance; the per-pod ones
-//! bound what all of them together can take. A pod's own application is held to a limit on
+//! bound what all of them together can take, and the node-wide one what all pods can. Sources
+//! that are not mesh workloads (strangers) share half of a pod's handshakes, so that no crowd
+//! of them can keep the mesh's own peers out, and an IPv6 stranger counts by its /64 (one
+//! host can hold many addresses of its prefix). A pod's own application is held to a limit on
 //! its outbound connections, so one pod cannot take the node's descriptors either.
 
 use std::{
@@ -41,6 +44,8 @@ pub struct Config {
     pub handshakes_per_pod: u32,
     /// Handshakes in progress from one source address.
     pub handshakes_per_source: u32,
+    /// Handshakes in progress on the whole node.
+    pub handshakes_per_node: u32,
 }
 
 impl Default for Config {
@@ -50,6 +55,7 @@ impl Default for Config {
             connections_per_source: 4_096,
             handshakes_per_pod: 1_024,
             handshakes_per_source: 128,
+            handshakes_per_node: 2_048,
         }
     }
 }
@@ -63,15 +69,21 @@ pub enum Limit {
     SourceHandshakes,
     /// A pod's own application has too many outbound connections open.
     PodOutbound,
+    /// Sources outside the mesh hold their share of a pod's handshakes.
+    StrangerHandshakes,
+    /// The node holds as many handshakes as it takes.
+    NodeHandshakes,
 }
 
 impl Limit {
-    const ALL: [Limit; 5] = [
+    const ALL: [Limit; 7] = [
         Limit::PodConnections,
         Limit::SourceConnections,
         Limit::PodHandshakes,
         Limit::SourceHandshakes,
         Limit::PodOutbound,
+        Limit::StrangerHandshakes,
+        Limit::NodeHandshakes,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +93,8 @@ impl Limit {
             Limit::PodHandshakes => "pod_handshakes",
             Limit::SourceHandshakes => "source_handshakes",
             Limit::PodOutbound => "pod_outbound_connections",
+            Limit::StrangerHandshakes => "stranger_handshakes",
+            Limit::NodeHandshakes => "node_handshakes",
         }
     }
 
@@ -88,8 +102,9 @@ impl Limit {
         match self {
             Limit::PodConnections | Limit::PodOutbound => "--max-connections-per-pod",
             Limit::SourceConnections => "--max-connections-per-source",
-            Limit::PodHandshakes => "--max-handshakes-per-pod",
+            Limit::PodHandshakes | Limit::StrangerHandshakes => "--max-handshakes-per-pod",
             Limit::SourceHandshakes => "--max-handshakes-per-source",
+            Limit::NodeHandshakes => "--max-handshakes-per-node",
         }
     }
 }
@@ -105,6 +120,8 @@ impl fmt::Display for Limit {
 pub struct PodLoad {
     open: AtomicU32,
     handshakes: AtomicU32,
+    /// Of `handshakes`, those from strangers.
+    stranger_handshakes: AtomicU32,
     outbound: AtomicU32,
 }
 
@@ -132,6 +149,7 @@ pub struct Limits {
     /// Sources with anything in progress; an entry goes when its counts reach zero, so the
     /// map is never larger than the connections it counts.
     sources: Mutex<HashMap<IpAddr, SourceLoad>>,
+    node_handshakes: AtomicU32,
     refused: IntCounterVec,
     logs: [ThrottledLog; Limit::ALL.len()],
 }
@@ -142,6 +160,7 @@ impl Limits {
         Self {
             config,
             sources: Mutex::default(),
+            node_handshakes: AtomicU32::new(0),
             refused,
             logs: Default::default(),
         }
@@ -170,17 +189,29 @@ impl Limits {
         })
     }
 
-    /// A handshake from `source` to the pod whose counts are `pod`.
+    /// A handshake from `source` to the pod whose counts are `pod`; a `stranger` is a source
+    /// that is not a mesh workload.
     pub fn handshake(
         self: &Arc<Self>,
         pod: &Arc<PodLoad>,
         workload: &WorkloadId,
         source: IpAddr,
+        stranger: bool,
     ) -> Result<Permit, Limit> {
         let c = self.config;
-        self.take(
+        let key = source_key(source, stranger);
+        if !take_atomic(&self.node_handshakes, c.handshakes_per_node) {
+            self.refuse(Limit::NodeHandshakes, workload, Some(source));
+            return Err(Limit::NodeHandshakes);
+        }
+        if stranger && !take_atomic(&pod.stranger_handshakes, c.handshakes_per_pod / 2) {
+            self.node_handshakes.fetch_sub(1, Ordering::AcqRel);
+            self.refuse(Limit::StrangerHandshakes, workload, Some(source));
+            return Err(Limit::StrangerHandshakes);
+        }
+        let taken = self.take(
             workload,
-            source,
+            key,
             (&pod.handshakes, c.handshakes_per_pod, Limit::PodHandshakes),
             |s| {
                 (
@@ -189,24 +220,41 @@ impl Limits {
                     Limit::SourceHandshakes,
                 )
             },
-        )?;
+        );
+        if let Err(limit) = taken {
+            self.node_handshakes.fetch_sub(1, Ordering::AcqRel);
+            if stranger {
+                pod.stranger_handshakes.fetch_sub(1, Ordering::AcqRel);
+            }
+            return Err(limit);
+        }
         Ok(Permit {
             limits: self.clone(),
             pod: pod.clone(),
-            source,
+            source: key,
             stage: Stage::Handshake,
+            stranger,
         })
     }
 
+    /// Whether the pod holds more than half of its handshakes: a QUIC connection then has to
+    /// prove its address first.
+    pub fn under_pressure(&self, pod: &PodLoad) -> bool {
+        pod.handshakes.load(Ordering::Relaxed) > self.config.handshakes_per_pod / 2
+            || self.node_handshakes.load(Ordering::Relaxed) > self.config.handshakes_per_node / 2
+    }
+
     /// An open connection from `source` to the pod whose counts are `pod`, without a
-    /// handshake (plaintext, a QUIC stream).
+    /// handshake (plaintext, a QUIC stream); `stranger` as for [`Limits::handshake`].
     pub fn open(
         self: &Arc<Self>,
         pod: &Arc<PodLoad>,
         workload: &WorkloadId,
         source: IpAddr,
+        stranger: bool,
     ) -> Result<Permit, Limit> {
         let c = self.config;
+        let source = source_key(source, stranger);
         self.take(
             workload,
             source,
@@ -224,6 +272,7 @@ impl Limits {
             pod: pod.clone(),
             source,
             stage: Stage::Open,
+            stranger,
         })
     }
 
@@ -296,7 +345,9 @@ impl Limits {
             Limit::PodConnections | Limit::PodOutbound => self.config.connections_per_pod,
             Limit::SourceConnections => self.config.connections_per_source,
             Limit::PodHandshakes => self.config.handshakes_per_pod,
+            Limit::StrangerHandshakes => self.config.handshakes_per_pod / 2,
             Limit::SourceHandshakes => self.config.handshakes_per_source,
+            Limit::NodeHandshakes => self.config.handshakes_per_node,
         };
         if let Some(suppressed) = self.logs[limit as usize].should_log() {
             tracing::warn!(
@@ -312,6 +363,17 @@ impl Limits {
     #[cfg(test)]
     fn sources(&self) -> usize {
         self.sources.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// What a source is counted under: its address, or for an IPv6 stranger its /64.
+fn source_key(source: IpAddr, stranger: bool) -> IpAddr {
+    match source.to_canonical() {
+        IpAddr::V6(v6) if stranger => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        other => other,
     }
 }
 
@@ -334,8 +396,10 @@ enum Stage {
 pub struct Permit {
     limits: Arc<Limits>,
     pod: Arc<PodLoad>,
+    /// What the source is counted under ([`source_key`]).
     source: IpAddr,
     stage: Stage,
+    stranger: bool,
 }
 
 impl Permit {
@@ -358,21 +422,30 @@ impl Permit {
                 )
             },
         )?;
-        self.pod.handshakes.fetch_sub(1, Ordering::AcqRel);
-        self.limits.give_back(self.source, Stage::Handshake);
+        self.end_handshake();
         self.stage = Stage::Open;
         Ok(())
+    }
+
+    fn end_handshake(&self) {
+        self.pod.handshakes.fetch_sub(1, Ordering::AcqRel);
+        self.limits.node_handshakes.fetch_sub(1, Ordering::AcqRel);
+        if self.stranger {
+            self.pod.stranger_handshakes.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.limits.give_back(self.source, Stage::Handshake);
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let count = match self.stage {
-            Stage::Handshake => &self.pod.handshakes,
-            Stage::Open => &self.pod.open,
-        };
-        count.fetch_sub(1, Ordering::AcqRel);
-        self.limits.give_back(self.source, self.stage);
+        match self.stage {
+            Stage::Handshake => self.end_handshake(),
+            Stage::Open => {
+                self.pod.open.fetch_sub(1, Ordering::AcqRel);
+                self.limits.give_back(self.source, Stage::Open);
+            }
+        }
     }
 }
 
@@ -448,6 +521,7 @@ mod tests {
             connections_per_source: 2,
             handshakes_per_pod: 3,
             handshakes_per_source: 2,
+            handshakes_per_node: 5,
         }
     }
 
@@ -461,16 +535,19 @@ mod tests {
         let pod = Arc::new(PodLoad::default());
         let w = WorkloadId::new("default", "a");
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let a1 = l.handshake(&pod, &w, a).unwrap();
-        let a2 = l.handshake(&pod, &w, a).unwrap();
+        let a1 = l.handshake(&pod, &w, a, false).unwrap();
+        let a2 = l.handshake(&pod, &w, a, false).unwrap();
         assert_eq!(
-            l.handshake(&pod, &w, a).unwrap_err(),
+            l.handshake(&pod, &w, a, false).unwrap_err(),
             Limit::SourceHandshakes
         );
-        let b1 = l.handshake(&pod, &w, b).unwrap();
+        let b1 = l.handshake(&pod, &w, b, false).unwrap();
         // The pod is full: another source is refused too, and nothing is left taken.
         let c: IpAddr = "10.0.0.3".parse().unwrap();
-        assert_eq!(l.handshake(&pod, &w, c).unwrap_err(), Limit::PodHandshakes);
+        assert_eq!(
+            l.handshake(&pod, &w, c, false).unwrap_err(),
+            Limit::PodHandshakes
+        );
         assert_eq!(pod.counts(), (0, 3, 0));
         assert_eq!(l.sources(), 2);
         drop((a1, a2, b1));
@@ -490,12 +567,12 @@ mod tests {
         let pod = Arc::new(PodLoad::default());
         let w = WorkloadId::new("default", "a");
         let a: IpAddr = "fd00::1".parse().unwrap();
-        let mut p1 = l.handshake(&pod, &w, a).unwrap();
+        let mut p1 = l.handshake(&pod, &w, a, false).unwrap();
         p1.opened(&w).unwrap();
         p1.opened(&w).unwrap();
         assert_eq!(pod.counts(), (1, 0, 0));
-        let _p2 = l.open(&pod, &w, a).unwrap();
-        let mut p3 = l.handshake(&pod, &w, a).unwrap();
+        let _p2 = l.open(&pod, &w, a, false).unwrap();
+        let mut p3 = l.handshake(&pod, &w, a, false).unwrap();
         // The source's connections are at their limit: the handshake stays a handshake.
         assert_eq!(p3.opened(&w).unwrap_err(), Limit::SourceConnections);
         assert_eq!(pod.counts(), (2, 1, 0));
@@ -503,6 +580,67 @@ mod tests {
         drop(p1);
         assert_eq!(pod.counts(), (1, 0, 0));
         assert_eq!(l.sources(), 1);
+    }
+
+    /// Regression (issue 19 review): eight sources outside the mesh could hold all of a
+    /// pod's handshakes, and an IPv6 one had an allowance per address of its /64.
+    #[test]
+    fn strangers_share_half_a_pod_and_count_by_their_64() {
+        let l = limits(Config {
+            handshakes_per_pod: 8,
+            handshakes_per_source: 8,
+            handshakes_per_node: 100,
+            ..small()
+        });
+        let pod = Arc::new(PodLoad::default());
+        let w = WorkloadId::new("default", "a");
+        let stranger = |i: u16| -> IpAddr { format!("2001:db8::{i:x}").parse().unwrap() };
+        let held: Vec<_> = (1..=4)
+            .map(|i| l.handshake(&pod, &w, stranger(i), true).unwrap())
+            .collect();
+        assert_eq!(
+            l.handshake(&pod, &w, stranger(9), true).unwrap_err(),
+            Limit::StrangerHandshakes
+        );
+        assert_eq!(l.sources(), 1, "one /64");
+        // The mesh's own peers still have the other half.
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        let mesh: Vec<_> = (0..4)
+            .map(|_| l.handshake(&pod, &w, peer, false).unwrap())
+            .collect();
+        drop((held, mesh));
+        assert_eq!(pod.counts(), (0, 0, 0));
+        assert_eq!(pod.stranger_handshakes.load(Ordering::Relaxed), 0);
+        assert_eq!(l.sources(), 0);
+        // A mesh peer's IPv6 address counts alone.
+        assert_eq!(source_key(stranger(1), false), stranger(1));
+    }
+
+    #[test]
+    fn the_node_caps_handshakes_across_its_pods() {
+        let l = limits(small());
+        let w = WorkloadId::new("default", "a");
+        let pods: Vec<Arc<PodLoad>> = (0..3).map(|_| Arc::default()).collect();
+        let mut held = Vec::new();
+        for (i, pod) in pods.iter().enumerate() {
+            for j in 0..2u8 {
+                let ip: IpAddr = format!("10.0.{i}.{j}").parse().unwrap();
+                if let Ok(p) = l.handshake(pod, &w, ip, false) {
+                    held.push(p);
+                }
+            }
+        }
+        assert_eq!(held.len(), 5);
+        assert_eq!(refused(&l, Limit::NodeHandshakes), 1);
+        let mut opened = held.pop().unwrap();
+        opened.opened(&w).unwrap();
+        let ip: IpAddr = "10.9.9.9".parse().unwrap();
+        assert!(
+            l.handshake(&pods[2], &w, ip, false).is_ok(),
+            "an opened handshake frees a place"
+        );
+        drop((held, opened));
+        assert_eq!(l.node_handshakes.load(Ordering::Relaxed), 0);
     }
 
     #[test]

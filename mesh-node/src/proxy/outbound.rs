@@ -128,6 +128,22 @@ impl SendError {
         }
     }
 
+    /// A reused session that was gone before the destination read the header: it closed it
+    /// while idle (close_notify, or a reset). Only then is the connection sent again on a
+    /// new session; after a timeout or a bad record the destination may have acted on it.
+    fn stale_session(&self) -> bool {
+        match self {
+            SendError::Header { source, .. } => match source {
+                header::HeaderError::Closed => true,
+                header::HeaderError::Session(s) => {
+                    matches!(s, SessionError::Truncated | SessionError::Io(_))
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// A tunnel record from the destination failed authentication.
     fn is_tampering(&self) -> bool {
         match self {
@@ -474,9 +490,11 @@ async fn send(
         tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "QUIC stream open");
         return Ok(Upstream::Quic { stream, reused });
     }
-    // A pooled session first; else a place among the handshakes in flight to the pod, and
-    // the pool again (a session may have come back meanwhile); else a new session.
+    // A pooled session first; else a place among the handshakes in flight to the node, and
+    // the pool again (a session may have come back meanwhile); else a new session; all of it
+    // within one handshake timeout after the pool.
     let mut gate = None;
+    let mut deadline = tokio::time::Instant::now();
     loop {
         if let Some(session) = ctx.shared.tunnels.take(&key) {
             let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange(session, &request, addr));
@@ -491,20 +509,23 @@ async fn send(
                         reused: true,
                     });
                 }
-                Err(e @ SendError::Refused { .. }) => return Err(e),
-                Err(e) if e.is_tampering() => {
-                    tracing::warn!(workload = %me, %addr, error = %e, "a record on a reused tunnel session failed authentication (tampered with or corrupted on the way); opening a new one")
-                }
                 // The destination closed the idle session first: make a new one.
-                Err(e) => {
+                Err(e) if e.stale_session() => {
                     tracing::debug!(workload = %me, %addr, error = %e, "an idle tunnel session is gone; opening a new one")
                 }
+                Err(e) if e.is_tampering() => {
+                    tracing::warn!(workload = %me, %addr, error = %e, "a record on a reused tunnel session failed authentication (tampered with or corrupted on the way)");
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
             }
         }
         if gate.is_some() {
             break;
         }
-        let wait = tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.shared.tunnels.gate(&key));
+        deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let gated = ctx.shared.tunnels.gate(&key, &target.peer.node);
+        let wait = tokio::time::timeout_at(deadline, gated);
         gate = Some(wait.await.map_err(|_| SendError::Timeout { addr })?);
     }
     let config = tls.client(&source_id, target.peer.identity.clone())?;
@@ -521,7 +542,7 @@ async fn send(
         session.track(tunnels.opened(tunnel_metrics::Direction::Out, Transport::Tls));
         exchange(session, &request, addr).await
     };
-    let session = tokio::time::timeout(HANDSHAKE_TIMEOUT, open)
+    let session = tokio::time::timeout_at(deadline, open)
         .await
         .map_err(|_| SendError::Timeout { addr })??;
     stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
@@ -593,7 +614,9 @@ async fn send_quic(
                 }
                 return Ok((Box::new(stream), !made));
             }
-            Err(e @ SendError::Refused { .. }) => return Err(e),
+            Err(e @ (SendError::Refused { .. } | SendError::Timeout { .. })) => return Err(e),
+            // The pooled connection failed before the destination answered (it closed it, or
+            // refused the stream): one more try on a new one.
             Err(e) if !fresh => {
                 tracing::debug!(%addr, error = %e, "a pooled QUIC connection failed; opening a new one");
                 fresh = true;

@@ -12,10 +12,10 @@
 //! [`IDLE`] unused and [`MAX_AGE`] in all, so a destination's renewed certificate is in use
 //! within a minute; the destination closes sessions idle for longer than [`IDLE`] does here.
 //!
-//! New handshakes between two pods are gated ([`Pool::gate`]): at most
+//! New handshakes from a pod to the pods of one node are gated ([`Pool::gate`]): at most
 //! [`HANDSHAKES_IN_FLIGHT`] at once, the others wait for one of them or for a session to come
-//! back. A burst of new connections then never meets the destination's limit on handshakes
-//! from one source, which is there for strangers.
+//! back. A burst of new connections then never meets the destination node's limit on
+//! handshakes from one source (across its pods), which is there for strangers.
 
 use std::{
     collections::HashMap,
@@ -42,8 +42,8 @@ pub const MAX_AGE: Duration = Duration::from_secs(60);
 pub const SERVER_MAX_AGE: Duration = Duration::from_secs(70);
 /// Idle sessions kept per key: enough for a burst of concurrent connections.
 const PER_KEY: usize = 16;
-/// New handshakes one source pod has in flight to one destination address: half the
-/// destination's default per-source handshake limit.
+/// New handshakes one source pod has in flight to the pods of one node: half the destination
+/// node's default per-source handshake limit.
 pub const HANDSHAKES_IN_FLIGHT: usize = 64;
 /// Handshake gates kept before the unused ones are looked for and dropped.
 const GATES_KEPT: usize = 256;
@@ -72,9 +72,9 @@ impl Idle {
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
-    /// Handshake gates by source pod and destination address; an entry goes once nobody
-    /// holds or waits for it.
-    gates: Mutex<HashMap<(WorkloadId, SocketAddr), Arc<Semaphore>>>,
+    /// Handshake gates by source pod and destination node; an entry goes once nobody holds or
+    /// waits for it.
+    gates: Mutex<HashMap<(WorkloadId, String), Arc<Semaphore>>>,
 }
 
 impl Pool {
@@ -95,10 +95,10 @@ impl Pool {
         found
     }
 
-    /// A place among the handshakes in flight from `key`'s source to its destination; waits
-    /// while [`HANDSHAKES_IN_FLIGHT`] are. The caller bounds the wait. (`None` cannot happen:
-    /// gates are never closed.)
-    pub async fn gate(&self, key: &Key) -> Option<OwnedSemaphorePermit> {
+    /// A place among the handshakes in flight from `key`'s source to the pods of `node`
+    /// (where `key`'s destination runs); waits while [`HANDSHAKES_IN_FLIGHT`] are. The caller
+    /// bounds the wait. (`None` cannot happen: gates are never closed.)
+    pub async fn gate(&self, key: &Key, node: &str) -> Option<OwnedSemaphorePermit> {
         let gate = {
             let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
             if gates.len() >= GATES_KEPT {
@@ -108,7 +108,7 @@ impl Pool {
                 });
             }
             gates
-                .entry((key.source.clone(), key.destination))
+                .entry((key.source.clone(), node.to_owned()))
                 .or_insert_with(|| Arc::new(Semaphore::new(HANDSHAKES_IN_FLIGHT)))
                 .clone()
         };
@@ -150,20 +150,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn handshakes_in_flight_are_gated_per_pod_pair() {
+    async fn handshakes_in_flight_are_gated_per_pod_and_node() {
         let pool = Pool::default();
         let ab = key("a", "10.0.0.2:15008");
         let mut held = Vec::new();
         for _ in 0..HANDSHAKES_IN_FLIGHT {
-            held.push(pool.gate(&ab).await);
+            held.push(pool.gate(&ab, "n2").await);
         }
-        let next = pool.gate(&ab);
+        let next = pool.gate(&ab, "n2");
         tokio::pin!(next);
         let waited = tokio::time::timeout(Duration::from_millis(50), &mut next).await;
         assert!(waited.is_err(), "a handshake over the gate went ahead");
-        // Another destination, or another source, has its own gate.
-        assert!(pool.gate(&key("a", "10.0.0.3:15008")).await.is_some());
-        assert!(pool.gate(&key("c", "10.0.0.2:15008")).await.is_some());
+        // Another pod of the same node shares the gate; another node, or another source, has
+        // its own.
+        let same_node = key("a", "10.0.0.3:15008");
+        let other_pod =
+            tokio::time::timeout(Duration::from_millis(50), pool.gate(&same_node, "n2"));
+        assert!(
+            other_pod.await.is_err(),
+            "the node's gate is shared by its pods"
+        );
+        assert!(pool.gate(&key("a", "10.0.1.3:15008"), "n3").await.is_some());
+        assert!(pool.gate(&key("c", "10.0.0.2:15008"), "n2").await.is_some());
         held.pop();
         assert!(
             next.await.is_some(),

@@ -37,8 +37,9 @@ use tokio::{
 
 use super::record::{self, ContentType, Opener, RecordError, Sealer, MAX_PLAINTEXT};
 
-/// Far more than any handshake flight of the mesh (two short certificate chains).
-const MAX_HANDSHAKE_BUFFER: usize = 64 * 1024;
+/// Far more than any handshake flight of the mesh (two short certificate chains), and what a
+/// stranger can make one handshake hold.
+const MAX_HANDSHAKE_BUFFER: usize = 32 * 1024;
 /// TLS handshake message types that may follow the handshake (RFC 8446 §4).
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
@@ -465,7 +466,8 @@ async fn drive<C: Handshake, T: AsyncRead + AsyncWrite + Unpin>(
             if incoming.len() >= MAX_HANDSHAKE_BUFFER {
                 return Err(SessionError::HandshakeTooLarge);
             }
-            incoming.reserve(4096);
+            // Exactly: doubling would let a handshake hold twice the limit.
+            incoming.reserve_exact(4096);
             if tcp.read_buf(&mut incoming).await? == 0 {
                 return Err(SessionError::ClosedInHandshake);
             }

@@ -106,9 +106,9 @@ pub struct Trust {
     roots: Arc<RootCertStore>,
     trust_domain: String,
     fingerprint: u64,
-    /// Each root's [`anchor_id`], with a verifier that trusts only it when there are several
-    /// (during a CA rotation), to tell which one a peer's chain ends at.
-    anchors: Vec<(u64, Option<Arc<dyn ClientCertVerifier>>)>,
+    /// Each root's [`anchor_id`], with a verifier that trusts only it, to tell which one a
+    /// peer's chain ends at.
+    anchors: Vec<(u64, Arc<dyn ClientCertVerifier>)>,
 }
 
 impl Trust {
@@ -120,17 +120,11 @@ impl Trust {
         for der in roots_der {
             roots.add(CertificateDer::from(der.clone()))?;
             der.hash(&mut hasher);
-            let alone = if roots_der.len() > 1 {
-                let mut one = RootCertStore::empty();
-                one.add(CertificateDer::from(der.clone()))?;
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(one), provider())
-                        .build()
-                        .map_err(|e| Error::General(e.to_string()))?;
-                Some(verifier)
-            } else {
-                None
-            };
+            let mut one = RootCertStore::empty();
+            one.add(CertificateDer::from(der.clone()))?;
+            let alone = WebPkiClientVerifier::builder_with_provider(Arc::new(one), provider())
+                .build()
+                .map_err(|e| Error::General(e.to_string()))?;
             anchors.push((anchor_id(der), alone));
         }
         trust_domain.hash(&mut hasher);
@@ -147,17 +141,18 @@ impl Trust {
         self.fingerprint
     }
 
-    /// The [`anchor_id`] of the root that `chain` (leaf first, verified under this trust)
-    /// ends at. With one root that is the root; with several, each is tried alone.
+    /// The [`anchor_id`] of the root of this bundle that `chain` (leaf first) verifies
+    /// under, each root tried alone; `None` when none does. Always verified, also with one
+    /// root: the chain may have been checked under an earlier bundle (a QUIC endpoint's
+    /// server configuration follows the directory a moment late).
     pub fn anchor_of(&self, chain: &[CertificateDer<'_>]) -> Option<u64> {
         let (leaf, intermediates) = chain.split_first()?;
         let now = UnixTime::now();
-        self.anchors.iter().find_map(|(id, alone)| match alone {
-            None => Some(*id),
-            Some(v) => v
+        self.anchors.iter().find_map(|(id, alone)| {
+            alone
                 .verify_client_cert(leaf, intermediates, now)
                 .is_ok()
-                .then_some(*id),
+                .then_some(*id)
         })
     }
 }
@@ -494,6 +489,11 @@ pub(crate) mod tests {
         }
         let stranger = [leaf(&svid(&foreign, A, -60, 3600))];
         assert_eq!(both.anchor_of(&stranger), None);
+        // One root is checked too: a chain verified under an earlier bundle finds none.
+        assert_eq!(
+            trust(&new).anchor_of(&[leaf(&svid(&old, A, -60, 3600))]),
+            None
+        );
         assert_ne!(anchor_id(&old.root), anchor_id(&new.root));
     }
 
