@@ -28,7 +28,7 @@ use crate::tunnel::{
     header, pool,
     quic::{self, TunnelStream},
     session::SessionError,
-    Session, TUNNEL_PORT,
+    Session, TlsConfigs, TUNNEL_PORT,
 };
 
 /// Limit for the TLS handshake plus the header exchange, after the TCP connect.
@@ -316,6 +316,13 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     drop(pair);
     // A delivery on this node is also reported by its destination, in the same relay.
     let mut local = None;
+    // A tunnel ends with its destination's root (see tunnel/anchors.rs).
+    let trust = match &upstream {
+        Upstream::Tunnel { session, .. } => session.withdrawn().cloned(),
+        Upstream::Quic { stream, .. } => stream.withdrawn.clone(),
+        _ => None,
+    };
+    let withdrawn = trust.as_ref();
     let (result, pooled) = match upstream {
         Upstream::Plain(s) => (
             relay::relay(client, Stream::Plain(s), None, &conn.traffic).await,
@@ -332,11 +339,11 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             )
         }
         Upstream::Tunnel { session, key, .. } => (
-            relay::relay(client, Stream::Tunnel(session), None, &conn.traffic).await,
+            relay::relay(client, Stream::Tunnel(session), withdrawn, &conn.traffic).await,
             Some(key),
         ),
         Upstream::Quic { stream, .. } => (
-            relay::relay(client, Stream::Quic(stream), None, &conn.traffic).await,
+            relay::relay(client, Stream::Quic(stream), withdrawn, &conn.traffic).await,
             None,
         ),
     };
@@ -357,6 +364,9 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 .is_some_and(|(_, g)| g.closed().is_cancelled());
             let reason = if by_policy {
                 FailReason::ClosedByPolicy
+            } else if withdrawn.is_some_and(|w| w.is_cancelled()) {
+                tracing::warn!(workload = %ctx.workload, %dst, "closing a connection: {}", relay::BY_TRUST);
+                FailReason::TrustWithdrawn
             } else {
                 FailReason::Reset
             };
@@ -486,7 +496,7 @@ async fn send(
     let stats = &ctx.shared.stats;
     if dir.transport() == Transport::Quic {
         let config = tls.client(&source_id, target.peer.identity.clone())?;
-        let (stream, reused) = send_quic(ctx, &key, config, &request).await?;
+        let (stream, reused) = send_quic(ctx, &key, (config, tls), &request).await?;
         tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "QUIC stream open");
         return Ok(Upstream::Quic { stream, reused });
     }
@@ -535,9 +545,13 @@ async fn send(
         .map_err(|source| SendError::Connect { addr, source })?;
     let name = ServerName::IpAddress(target.addr.ip().into());
     let open = async {
-        let mut session = Session::connect(config, name, tcp)
+        let (mut session, chain) = Session::connect(config, name, tcp)
             .await
             .map_err(|source| SendError::Handshake { addr, source })?;
+        // A destination whose root is withdrawn loses the connections it carries, as a
+        // source does at the destination (inbound.rs): the mesh no longer vouches for it.
+        session.watch(ctx.shared.anchors.watch_chain(&chain, tls));
+        drop(chain);
         let tunnels = &ctx.shared.tunnel_metrics;
         session.track(tunnels.opened(tunnel_metrics::Direction::Out, Transport::Tls));
         exchange(session, &request, addr).await
@@ -556,11 +570,12 @@ async fn send(
 
 /// Opens a stream for one connection on the pod pair's QUIC connection (making one if
 /// needed) and exchanges the header on it. A pooled connection that fails before the
-/// destination answered is replaced by a new one, once.
+/// destination answered is replaced by a new one, once. `tls` is the client configuration
+/// and the bundle it was made from.
 async fn send_quic(
     ctx: &PodContext,
     key: &pool::Key,
-    tls: Arc<rustls::ClientConfig>,
+    (tls, trust): (Arc<rustls::ClientConfig>, &TlsConfigs),
     request: &TunnelRequest,
 ) -> Result<(Box<TunnelStream>, bool), SendError> {
     let addr = key.destination;
@@ -576,6 +591,8 @@ async fn send_quic(
             addr,
             tls: tls.clone(),
             metrics: &ctx.shared.tunnel_metrics,
+            trust,
+            anchors: &ctx.shared.anchors,
         };
         let attempt = async {
             let (mut stream, made) = ctx

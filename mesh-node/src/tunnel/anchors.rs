@@ -2,8 +2,9 @@
 //! control plane withdrew is closed, whatever it carries: a withdrawn root is one the mesh no
 //! longer vouches for (a CA rotated away or compromised).
 //!
-//! Every tunnel asks, once its handshake is done, for the token of its peer's root
-//! ([`Anchors::watch`], through [`Credentials`]) and ends when it is cancelled. The directory's follower calls
+//! Every tunnel asks, once its handshake is done, for the token of its peer's root and ends
+//! when it is cancelled: the destination through [`Credentials`] (proxy/inbound.rs), the source
+//! through [`Anchors::watch_chain`] (the session's `watch`, the QUIC pool's sweep). The directory's follower calls
 //! [`Anchors::keep_only`] with each new bundle before it publishes it, so a handshake made
 //! under the old bundle that completes after the change finds its root already withdrawn.
 
@@ -40,18 +41,9 @@ impl Credentials {
                 .unwrap_or(Duration::ZERO);
             usable_until = usable_until.min(now + left);
         }
-        let withdrawn = match tls.anchor_of(chain) {
-            Some(anchor) => anchors.watch(anchor),
-            // Verified, yet chaining to no root of the bundle: the bundle changed meanwhile.
-            None => {
-                let t = CancellationToken::new();
-                t.cancel();
-                t
-            }
-        };
         Self {
             usable_until,
-            withdrawn,
+            withdrawn: anchors.watch_chain(chain, tls),
         }
     }
 
@@ -84,6 +76,19 @@ impl Anchors {
             return withdrawn;
         }
         inner.tokens.entry(anchor).or_default().clone()
+    }
+
+    /// Cancelled once the root `chain` (verified under `tls`, leaf first) ends at is withdrawn.
+    pub fn watch_chain(&self, chain: &[CertificateDer<'_>], tls: &TlsConfigs) -> CancellationToken {
+        match tls.anchor_of(chain) {
+            Some(anchor) => self.watch(anchor),
+            // Verified, yet chaining to no root of the bundle: the bundle changed meanwhile.
+            None => {
+                let withdrawn = CancellationToken::new();
+                withdrawn.cancel();
+                withdrawn
+            }
+        }
     }
 
     /// Makes `current` the roots in force; tunnels that chain to any other root end.

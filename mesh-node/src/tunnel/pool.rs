@@ -65,7 +65,7 @@ struct Idle {
 
 impl Idle {
     fn fresh(&self) -> bool {
-        self.since.elapsed() < IDLE && self.session.age() < MAX_AGE
+        self.since.elapsed() < IDLE && self.session.age() < MAX_AGE && self.session.reusable()
     }
 }
 

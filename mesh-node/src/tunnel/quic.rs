@@ -28,7 +28,9 @@ use quinn::{
 };
 use rustls::pki_types::CertificateDer;
 
-use super::{pool, TUNNEL_PORT};
+use tokio_util::sync::CancellationToken;
+
+use super::{anchors::Anchors, pool, TlsConfigs, TUNNEL_PORT};
 use crate::metrics::{tunnels::Direction, OpenTunnel, TunnelMetrics};
 
 /// Streams one connection may have open at once. quinn reserves an entry for each stream
@@ -188,6 +190,9 @@ pub struct TunnelStream {
     pub recv: RecvStream,
     /// Application bytes that arrived with the header; they go first.
     pub early: Vec<u8>,
+    /// On the source side: cancelled when the root the destination's chain ends at is
+    /// withdrawn, which ends the relay (see [`crate::tunnel::anchors`]).
+    pub withdrawn: Option<CancellationToken>,
     _use: Option<StreamUse>,
 }
 
@@ -197,6 +202,7 @@ impl TunnelStream {
             send,
             recv,
             early: Vec::new(),
+            withdrawn: None,
             _use: None,
         }
     }
@@ -246,6 +252,8 @@ impl Usage {
 struct Live {
     conn: Connection,
     usage: Arc<Usage>,
+    /// Cancelled when the destination's root is withdrawn: no new stream goes on it.
+    withdrawn: CancellationToken,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Live>>>;
@@ -256,6 +264,9 @@ pub struct Dial<'a> {
     pub addr: SocketAddr,
     pub tls: Arc<rustls::ClientConfig>,
     pub metrics: &'a TunnelMetrics,
+    /// The bundle `tls` was made from and the roots in force, to watch the destination's.
+    pub trust: &'a TlsConfigs,
+    pub anchors: &'a Anchors,
 }
 
 /// The source side's connections, shared by every pod of the node.
@@ -287,11 +298,12 @@ impl Connections {
         let pooled = live.as_ref().filter(|l| {
             !fresh
                 && l.conn.close_reason().is_none()
+                && !l.withdrawn.is_cancelled()
                 && l.usage.opened.elapsed() < pool::MAX_AGE
                 && l.usage.open.load(Ordering::Relaxed) < MAX_STREAMS as usize
         });
-        let (conn, usage, made) = match pooled {
-            Some(l) => (l.conn.clone(), l.usage.clone(), false),
+        let (conn, usage, withdrawn, made) = match pooled {
+            Some(l) => (l.conn.clone(), l.usage.clone(), l.withdrawn.clone(), false),
             None => {
                 let config = client_config(dial.tls)?;
                 let name = dial.addr.ip().to_string();
@@ -307,12 +319,21 @@ impl Connections {
                     open: AtomicUsize::new(0),
                     idle_since: AtomicU64::new(0),
                 });
-                self.watch(key.clone(), conn.stable_id(), usage.clone());
+                let chain = peer_certificates(&conn);
+                let withdrawn = dial.anchors.watch_chain(&chain, dial.trust);
+                drop(chain);
+                self.watch(
+                    key.clone(),
+                    conn.stable_id(),
+                    usage.clone(),
+                    withdrawn.clone(),
+                );
                 *live = Some(Live {
                     conn: conn.clone(),
                     usage: usage.clone(),
+                    withdrawn: withdrawn.clone(),
                 });
-                (conn, usage, true)
+                (conn, usage, withdrawn, true)
             }
         };
         usage.open.fetch_add(1, Ordering::Relaxed);
@@ -322,15 +343,20 @@ impl Connections {
         guard.0.tunnel.stream();
         let mut stream = TunnelStream::new(send, recv);
         stream._use = Some(guard);
+        stream.withdrawn = Some(withdrawn);
         Ok((stream, made))
     }
 
-    /// Lets go of the connection `id` under `key` once it is idle, too old or closed.
-    fn watch(&self, key: pool::Key, id: usize, usage: Arc<Usage>) {
+    /// Lets go of the connection `id` under `key` once it is idle, too old or closed, and
+    /// closes it (with every stream on it) once its destination's root is `withdrawn`.
+    fn watch(&self, key: pool::Key, id: usize, usage: Arc<Usage>, withdrawn: CancellationToken) {
         let slots = Arc::downgrade(&self.slots);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(SWEEP).await;
+                tokio::select! {
+                    () = tokio::time::sleep(SWEEP) => {}
+                    () = withdrawn.cancelled() => {}
+                }
                 let Some(slots) = slots.upgrade() else { return };
                 let Some(slot) = slots
                     .lock()
@@ -345,7 +371,9 @@ impl Connections {
                     // Replaced: the old connection closes with its last stream.
                     return;
                 };
-                if l.conn.close_reason().is_none() && !usage.expired() {
+                if withdrawn.is_cancelled() {
+                    l.conn.close(code::DONE, b"trust root withdrawn");
+                } else if l.conn.close_reason().is_none() && !usage.expired() {
                     continue;
                 }
                 // Dropping the pool's handle closes the connection once no stream holds it.
@@ -359,5 +387,103 @@ impl Connections {
                 return;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::tls::{
+        self, anchor_id,
+        tests::{ca, svid, trust, A, B},
+    };
+
+    /// The source's end of the trust watch over QUIC: the pooled connection to a destination
+    /// whose root is withdrawn is closed with the streams it carries, and the next stream goes
+    /// on a new connection.
+    #[tokio::test]
+    async fn a_connection_to_a_withdrawn_root_is_closed() {
+        let ca = ca();
+        let t = trust(&ca);
+        let server_tls = Arc::new(tls::server_config(svid(&ca, B, -60, 3600), &t).unwrap());
+        let client_tls =
+            Arc::new(tls::client_config(svid(&ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap());
+        let bundle = TlsConfigs::new(t, Arc::new(crate::identity::SvidStore::default()));
+        let anchors = Anchors::default();
+        anchors.keep_only([anchor_id(&ca.root)].into());
+
+        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let server = endpoint(bind()).unwrap();
+        server.set_server_config(Some(server_config(server_tls).unwrap()));
+        let addr = server.local_addr().unwrap();
+        // Answers every stream's first bytes, and reports how each connection closed.
+        let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+        let accepting = server.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let mut buf = [0u8; 4];
+                        if recv.read_exact(&mut buf).await.is_ok() {
+                            let _ = send.write_all(&buf).await;
+                        }
+                        tokio::spawn(async move {
+                            let _keep = (send, recv);
+                            std::future::pending::<()>().await;
+                        });
+                    }
+                    let _ = closed_tx.send(conn.close_reason());
+                });
+            }
+        });
+
+        let client = endpoint(bind()).unwrap();
+        let registry = prometheus::Registry::new();
+        let metrics = TunnelMetrics::register(&registry).unwrap();
+        let key = pool::Key {
+            source: crate::workloads::WorkloadId::new("default", "a"),
+            source_serial: "1".into(),
+            destination: addr,
+            identity: B.parse().unwrap(),
+            trust: bundle.trust_fingerprint(),
+        };
+        let connections = Connections::default();
+        let open = || {
+            let dial = Dial {
+                endpoint: &client,
+                addr,
+                tls: client_tls.clone(),
+                metrics: &metrics,
+                trust: &bundle,
+                anchors: &anchors,
+            };
+            connections.open(&key, dial, false)
+        };
+        let (mut first, made) = open().await.unwrap();
+        assert!(made);
+        first.send.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        first.recv.read_exact(&mut echo).await.unwrap();
+        let (_second, made) = open().await.unwrap();
+        assert!(!made, "the second stream shares the connection");
+
+        anchors.keep_only(std::collections::HashSet::new());
+        assert!(first.withdrawn.as_ref().is_some_and(|w| w.is_cancelled()));
+        let reason = tokio::time::timeout(Duration::from_secs(5), closed.recv())
+            .await
+            .expect("the connection outlived its root")
+            .expect("a close reason");
+        assert!(
+            matches!(&reason, Some(quinn::ConnectionError::ApplicationClosed(c)) if &c.reason[..] == b"trust root withdrawn"),
+            "{reason:?}"
+        );
+        assert!(
+            first.recv.read_exact(&mut echo).await.is_err(),
+            "a stream of the closed connection still reads"
+        );
+        let (_late, made) = open().await.unwrap();
+        assert!(made, "a stream went on the withdrawn connection");
     }
 }

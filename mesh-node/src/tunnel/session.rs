@@ -315,18 +315,22 @@ pub struct Session {
     established: std::time::Instant,
     /// Counts the session among the open tunnels while it lives (see [`Session::track`]).
     tunnel: Option<crate::metrics::OpenTunnel>,
+    /// Cancelled when the root the peer's chain ends at is withdrawn (see [`Session::watch`]).
+    withdrawn: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Session {
-    /// Handshakes as the client of `name` (the verifier has checked the server's identity).
-    /// Sessions are boxed: they are moved between the pool, the header exchange and the relay.
+    /// Handshakes as the client of `name` (the verifier has checked the server's identity);
+    /// returns the session and the server's verified chain, leaf first, from which the caller
+    /// learns the root to watch ([`Session::watch`]). Sessions are boxed: they are moved
+    /// between the pool, the header exchange and the relay.
     pub async fn connect(
         config: Arc<ClientConfig>,
         name: ServerName<'static>,
         tcp: TcpStream,
-    ) -> Result<Box<Self>, SessionError> {
+    ) -> Result<(Box<Self>, Vec<CertificateDer<'static>>), SessionError> {
         let conn = UnbufferedClientConnection::new(config, name)?;
-        Ok(Self::handshake(conn, tcp).await?.0)
+        Self::handshake(conn, tcp).await
     }
 
     /// Handshakes as the server; returns the session and the client's verified certificate
@@ -370,6 +374,7 @@ impl Session {
             rekey: Rekey::new(keys),
             established: std::time::Instant::now(),
             tunnel: None,
+            withdrawn: None,
         });
         Ok((session, peer_certificates))
     }
@@ -495,9 +500,21 @@ impl Session {
         }
     }
 
-    /// Whether the session can carry another connection: the peer has not closed it.
+    /// Ends the session's use when `withdrawn` is cancelled: it takes no more connections,
+    /// and the relay carrying one resets it (see [`crate::tunnel::anchors`]).
+    pub fn watch(&mut self, withdrawn: tokio_util::sync::CancellationToken) {
+        self.withdrawn = Some(withdrawn);
+    }
+
+    /// The token set by [`Session::watch`].
+    pub fn withdrawn(&self) -> Option<&tokio_util::sync::CancellationToken> {
+        self.withdrawn.as_ref()
+    }
+
+    /// Whether the session can carry another connection: the peer has not closed it and its
+    /// root is still in force.
     pub fn reusable(&self) -> bool {
-        !self.rx.closed
+        !self.rx.closed && !self.withdrawn.as_ref().is_some_and(|w| w.is_cancelled())
     }
 
     pub fn tcp(&self) -> &TcpStream {
@@ -840,7 +857,7 @@ mod tests {
                 tls.flush().await.unwrap();
                 buf
             });
-            let mut session = Session::connect(client_config, name, client_tcp)
+            let (mut session, _) = Session::connect(client_config, name, client_tcp)
                 .await
                 .unwrap();
             session.send(b"ping!").await.unwrap();
@@ -978,7 +995,7 @@ mod tests {
             drop(tls);
         });
         let name = ServerName::try_from("tunnel.mycel").unwrap();
-        let mut session = Session::connect(client_config, name, client_tcp)
+        let (mut session, _) = Session::connect(client_config, name, client_tcp)
             .await
             .unwrap();
         session.send(b"ping").await.unwrap();
@@ -1039,7 +1056,7 @@ mod tests {
             }
         });
         let name = ServerName::try_from("tunnel.mycel").unwrap();
-        let mut session = Session::connect(client_config, name, client_tcp)
+        let (mut session, _) = Session::connect(client_config, name, client_tcp)
             .await
             .unwrap();
         for round in 0..2u64 {
@@ -1080,6 +1097,77 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// The source's end of the trust watch (the destination's is in proxy/inbound.rs): a
+    /// session whose server chains to a root the bundle no longer holds leaves the pool and
+    /// resets the connection it carries.
+    #[tokio::test]
+    async fn a_session_to_a_withdrawn_root_carries_nothing_more() {
+        use crate::tunnel::{anchors::Anchors, pool, tls::anchor_id, TlsConfigs};
+        let ca = ca();
+        let t = trust(&ca);
+        let client_config =
+            Arc::new(client_config(svid(&ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap());
+        let server_config = Arc::new(server_config(svid(&ca, B, -60, 3600), &t).unwrap());
+        let tls = TlsConfigs::new(t, Arc::new(crate::identity::SvidStore::default()));
+        let anchors = Anchors::default();
+        anchors.keep_only([anchor_id(&ca.root)].into());
+        let connect = || async {
+            let (client_tcp, server_tcp) = pair().await;
+            let name = ServerName::try_from("tunnel.mycel").unwrap();
+            let (client, server) = tokio::join!(
+                Session::connect(client_config.clone(), name, client_tcp),
+                Session::accept(server_config.clone(), server_tcp)
+            );
+            let (mut session, chain) = client.unwrap();
+            session.watch(anchors.watch_chain(&chain, &tls));
+            (session, server.unwrap().0)
+        };
+        let key = pool::Key {
+            source: crate::workloads::WorkloadId::new("default", "a"),
+            source_serial: "1".into(),
+            destination: "127.0.0.1:15008".parse().unwrap(),
+            identity: B.parse().unwrap(),
+            trust: tls.trust_fingerprint(),
+        };
+        let pool = pool::Pool::default();
+
+        let (idle, _idle_server) = connect().await;
+        assert!(idle.reusable());
+        pool.put(key.clone(), idle);
+        let (busy, mut server) = connect().await;
+        let withdrawn = busy.withdrawn().cloned().expect("watched");
+        let (proxy_side, mut app) = pair().await;
+        let relayed = tokio::spawn(async move {
+            relay(
+                proxy_side,
+                Stream::Tunnel(busy),
+                Some(&withdrawn),
+                &Traffic::default(),
+            )
+            .await
+        });
+        app.write_all(b"before").await.unwrap();
+        while server.received().len() < 6 {
+            assert!(server.receive().await.unwrap());
+        }
+
+        anchors.keep_only(std::collections::HashSet::new());
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), relayed).await;
+        assert!(
+            ended
+                .expect("the relay outlived its root")
+                .unwrap()
+                .is_err(),
+            "a relay whose root was withdrawn ends as a failure"
+        );
+        assert!(pool.take(&key).is_none(), "a pooled session was reused");
+        let (late, _late_server) = connect().await;
+        assert!(
+            !late.reusable(),
+            "a handshake that completes after the withdrawal"
+        );
+    }
+
     /// A connected client and server session.
     async fn sessions() -> (Box<Session>, Box<Session>) {
         let (client_config, server_config) = configs();
@@ -1089,7 +1177,7 @@ mod tests {
             Session::connect(client_config, name, client_tcp),
             Session::accept(server_config, server_tcp)
         );
-        (client.unwrap(), server.unwrap().0)
+        (client.unwrap().0, server.unwrap().0)
     }
 
     /// Seals `payload` as one record of type `ty` from `from` and sends it raw.
@@ -1221,7 +1309,7 @@ mod tests {
             }
         });
         let name = ServerName::try_from("tunnel.mycel").unwrap();
-        let mut session = Session::connect(client_config, name, client_tcp)
+        let (mut session, _) = Session::connect(client_config, name, client_tcp)
             .await
             .unwrap();
         for round in 0..2 {
