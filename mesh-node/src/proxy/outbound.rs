@@ -108,6 +108,8 @@ enum SendError {
     NoSourceAddress(&'static str),
     #[error("cannot build the TLS client: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("the destination at {addr} chains to a trust root that was withdrawn")]
+    TrustWithdrawn { addr: SocketAddr },
 }
 
 impl SendError {
@@ -120,6 +122,7 @@ impl SendError {
             | SendError::Quic { .. }
             | SendError::Timeout { .. } => FailReason::Tunnel,
             SendError::Refused { status, .. } => inbound::refusal_reason(*status),
+            SendError::TrustWithdrawn { .. } => FailReason::TrustWithdrawn,
             SendError::NoSvid(_)
             | SendError::NoTrust
             | SendError::UnknownSource(_)
@@ -161,7 +164,8 @@ impl SendError {
             | SendError::Handshake { .. }
             | SendError::Quic { .. }
             | SendError::Header { .. }
-            | SendError::Timeout { .. } => true,
+            | SendError::Timeout { .. }
+            | SendError::TrustWithdrawn { .. } => true,
             SendError::Refused { status, .. } => {
                 matches!(status, Status::UpstreamFailed | Status::Overloaded)
             }
@@ -365,7 +369,9 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             let reason = if by_policy {
                 FailReason::ClosedByPolicy
             } else if withdrawn.is_some_and(|w| w.is_cancelled()) {
-                tracing::warn!(workload = %ctx.workload, %dst, "closing a connection: {}", relay::BY_TRUST);
+                // Anchors::keep_only warned once for the root; a QUIC connection may carry
+                // thousands of these.
+                tracing::debug!(workload = %ctx.workload, %dst, "closing a connection: {}", relay::BY_TRUST);
                 FailReason::TrustWithdrawn
             } else {
                 FailReason::Reset
@@ -550,8 +556,12 @@ async fn send(
             .map_err(|source| SendError::Handshake { addr, source })?;
         // A destination whose root is withdrawn loses the connections it carries, as a
         // source does at the destination (inbound.rs): the mesh no longer vouches for it.
-        session.watch(ctx.shared.anchors.watch_chain(&chain, tls));
+        let withdrawn = ctx.shared.anchors.watch_chain(&chain, tls);
         drop(chain);
+        if withdrawn.is_cancelled() {
+            return Err(SendError::TrustWithdrawn { addr });
+        }
+        session.watch(withdrawn);
         let tunnels = &ctx.shared.tunnel_metrics;
         session.track(tunnels.opened(tunnel_metrics::Direction::Out, Transport::Tls));
         exchange(session, &request, addr).await
@@ -594,29 +604,30 @@ async fn send_quic(
             trust,
             anchors: &ctx.shared.anchors,
         };
-        let attempt = async {
-            let (mut stream, made) = ctx
-                .shared
-                .quic
-                .open(key, dial, fresh)
-                .await
-                .map_err(|source| SendError::Quic { addr, source })?;
-            let header = async {
-                header::write_stream(&mut stream.send, request).await?;
-                header::read_stream::<TunnelResponse>(&mut stream.recv).await
+        let attempt =
+            async {
+                let (mut stream, made) = ctx.shared.quic.open(key, dial, fresh).await.map_err(
+                    |source| match source {
+                        quic::QuicError::TrustWithdrawn => SendError::TrustWithdrawn { addr },
+                        source => SendError::Quic { addr, source },
+                    },
+                )?;
+                let header = async {
+                    header::write_stream(&mut stream.send, request).await?;
+                    header::read_stream::<TunnelResponse>(&mut stream.recv).await
+                };
+                let (response, early) = header
+                    .await
+                    .map_err(|source| SendError::Header { addr, source })?;
+                stream.early = early;
+                match response.status() {
+                    Status::Ok => Ok((stream, made)),
+                    status => Err(SendError::Refused {
+                        status,
+                        reason: response.reason,
+                    }),
+                }
             };
-            let (response, early) = header
-                .await
-                .map_err(|source| SendError::Header { addr, source })?;
-            stream.early = early;
-            match response.status() {
-                Status::Ok => Ok((stream, made)),
-                status => Err(SendError::Refused {
-                    status,
-                    reason: response.reason,
-                }),
-            }
-        };
         let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
             .await
             .unwrap_or(Err(SendError::Timeout { addr }));
@@ -631,7 +642,11 @@ async fn send_quic(
                 }
                 return Ok((Box::new(stream), !made));
             }
-            Err(e @ (SendError::Refused { .. } | SendError::Timeout { .. })) => return Err(e),
+            Err(
+                e @ (SendError::Refused { .. }
+                | SendError::Timeout { .. }
+                | SendError::TrustWithdrawn { .. }),
+            ) => return Err(e),
             // The pooled connection failed before the destination answered (it closed it, or
             // refused the stream): one more try on a new one.
             Err(e) if !fresh => {

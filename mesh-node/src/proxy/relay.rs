@@ -124,12 +124,14 @@ pub async fn relay(
             }
         }
     };
+    // Closed first: a connection closed before its relay began sends nothing.
     let copied = tokio::select! {
-        copied = copy => copied,
+        biased;
         () = closed => Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "closed: a policy change denies this connection, or its tunnel's trust root was withdrawn",
         )),
+        copied = copy => copied,
     };
     match copied {
         Ok((sent, received)) => {

@@ -50,6 +50,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the pool looks at each connection's use.
 const SWEEP: Duration = Duration::from_secs(5);
+/// The reason a source gives when it closes a connection whose destination's root was withdrawn.
+const WITHDRAWN: &[u8] = b"trust root withdrawn";
 
 /// Stream and connection error codes on the wire.
 pub mod code {
@@ -70,6 +72,8 @@ pub enum QuicError {
     Connect(#[from] quinn::ConnectError),
     #[error("{0}")]
     Connection(#[from] quinn::ConnectionError),
+    #[error("the destination chains to a trust root that was withdrawn")]
+    TrustWithdrawn,
 }
 
 /// The transport settings both sides use.
@@ -305,6 +309,10 @@ impl Connections {
         let (conn, usage, withdrawn, made) = match pooled {
             Some(l) => (l.conn.clone(), l.usage.clone(), l.withdrawn.clone(), false),
             None => {
+                // A connection to a withdrawn root goes now, not at the sweep, with its streams.
+                if let Some(old) = live.as_ref().filter(|l| l.withdrawn.is_cancelled()) {
+                    old.conn.close(code::DONE, WITHDRAWN);
+                }
                 let config = client_config(dial.tls)?;
                 let name = dial.addr.ip().to_string();
                 let conn = dial
@@ -322,6 +330,10 @@ impl Connections {
                 let chain = peer_certificates(&conn);
                 let withdrawn = dial.anchors.watch_chain(&chain, dial.trust);
                 drop(chain);
+                if withdrawn.is_cancelled() {
+                    conn.close(code::DONE, WITHDRAWN);
+                    return Err(QuicError::TrustWithdrawn);
+                }
                 self.watch(
                     key.clone(),
                     conn.stable_id(),
@@ -372,7 +384,7 @@ impl Connections {
                     return;
                 };
                 if withdrawn.is_cancelled() {
-                    l.conn.close(code::DONE, b"trust root withdrawn");
+                    l.conn.close(code::DONE, WITHDRAWN);
                 } else if l.conn.close_reason().is_none() && !usage.expired() {
                     continue;
                 }
@@ -483,7 +495,10 @@ mod tests {
             first.recv.read_exact(&mut echo).await.is_err(),
             "a stream of the closed connection still reads"
         );
-        let (_late, made) = open().await.unwrap();
-        assert!(made, "a stream went on the withdrawn connection");
+        // A handshake to the withdrawn root that completes now is closed before any stream.
+        assert!(
+            matches!(open().await, Err(QuicError::TrustWithdrawn)),
+            "a stream went to the withdrawn root"
+        );
     }
 }

@@ -106,9 +106,16 @@ pub struct Trust {
     roots: Arc<RootCertStore>,
     trust_domain: String,
     fingerprint: u64,
-    /// Each root's [`anchor_id`], with a verifier that trusts only it, to tell which one a
-    /// peer's chain ends at.
-    anchors: Vec<(u64, Arc<dyn ClientCertVerifier>)>,
+    /// Each root's [`anchor_id`], with the root alone (as a store and as a client verifier),
+    /// to tell which one a peer's chain ends at.
+    anchors: Vec<Anchor>,
+}
+
+#[derive(Debug, Clone)]
+struct Anchor {
+    id: u64,
+    alone: Arc<RootCertStore>,
+    clients: Arc<dyn ClientCertVerifier>,
 }
 
 impl Trust {
@@ -122,10 +129,15 @@ impl Trust {
             der.hash(&mut hasher);
             let mut one = RootCertStore::empty();
             one.add(CertificateDer::from(der.clone()))?;
-            let alone = WebPkiClientVerifier::builder_with_provider(Arc::new(one), provider())
+            let alone = Arc::new(one);
+            let clients = WebPkiClientVerifier::builder_with_provider(alone.clone(), provider())
                 .build()
                 .map_err(|e| Error::General(e.to_string()))?;
-            anchors.push((anchor_id(der), alone));
+            anchors.push(Anchor {
+                id: anchor_id(der),
+                alone,
+                clients,
+            });
         }
         trust_domain.hash(&mut hasher);
         Ok(Self {
@@ -144,15 +156,26 @@ impl Trust {
     /// The [`anchor_id`] of the root of this bundle that `chain` (leaf first) verifies
     /// under, each root tried alone; `None` when none does. Always verified, also with one
     /// root: the chain may have been checked under an earlier bundle (a QUIC endpoint's
-    /// server configuration follows the directory a moment late).
+    /// server configuration follows the directory a moment late). A client's chain or a
+    /// server's: the handshake checked its use; this only names its root, so a certificate
+    /// issued for one use alone is placed as well as one issued for both.
     pub fn anchor_of(&self, chain: &[CertificateDer<'_>]) -> Option<u64> {
         let (leaf, intermediates) = chain.split_first()?;
         let now = UnixTime::now();
-        self.anchors.iter().find_map(|(id, alone)| {
-            alone
-                .verify_client_cert(leaf, intermediates, now)
-                .is_ok()
-                .then_some(*id)
+        let parsed = ParsedCertificate::try_from(leaf).ok()?;
+        let algorithms = provider().signature_verification_algorithms.all;
+        self.anchors.iter().find_map(|anchor| {
+            let as_client = anchor.clients.verify_client_cert(leaf, intermediates, now);
+            let signed = as_client.is_ok()
+                || rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &parsed,
+                    &anchor.alone,
+                    intermediates,
+                    now,
+                    algorithms,
+                )
+                .is_ok();
+            signed.then_some(anchor.id)
         })
     }
 }
@@ -406,14 +429,25 @@ pub(crate) mod tests {
 
     /// An SVID for `uri` signed by `ca`, valid from `from` to `to` seconds relative to now.
     pub(crate) fn svid(ca: &Ca, uri: &str, from: i64, to: i64) -> CurrentSvid {
+        let both = [
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        svid_for(ca, uri, (from, to), &both)
+    }
+
+    /// An SVID for `uri` signed by `ca`, valid over `(from, to)` relative to now, for `uses`.
+    fn svid_for(
+        ca: &Ca,
+        uri: &str,
+        (from, to): (i64, i64),
+        uses: &[ExtendedKeyUsagePurpose],
+    ) -> CurrentSvid {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::default();
         p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
         p.is_ca = IsCa::ExplicitNoCa;
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = uses.to_vec();
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now + time::Duration::seconds(from);
         p.not_after = now + time::Duration::seconds(to);
@@ -489,6 +523,23 @@ pub(crate) mod tests {
         }
         let stranger = [leaf(&svid(&foreign, A, -60, 3600))];
         assert_eq!(both.anchor_of(&stranger), None);
+        // A server's chain is placed as well as a client's, whatever use it was issued for.
+        for uses in [
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ] {
+            let chain = [leaf(&svid_for(
+                &new,
+                B,
+                (-60, 3600),
+                std::slice::from_ref(&uses),
+            ))];
+            assert_eq!(
+                both.anchor_of(&chain),
+                Some(anchor_id(&new.root)),
+                "{uses:?}"
+            );
+        }
         // One root is checked too: a chain verified under an earlier bundle finds none.
         assert_eq!(
             trust(&new).anchor_of(&[leaf(&svid(&old, A, -60, 3600))]),
