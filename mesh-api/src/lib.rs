@@ -87,6 +87,36 @@ pub mod keys {
     pub fn fast_deny(namespace: &str, name: &str) -> String {
         format!("fast-deny/{namespace}/{name}")
     }
+
+    /// The namespaced kinds of the config stream's keys.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        Workload,
+        Service,
+        Policy,
+        FastDeny,
+    }
+
+    /// The kind and object of a namespaced key (`workload/ns/name`, …); `None` for the
+    /// singletons and for anything malformed.
+    pub fn parse(key: &str) -> Option<(Kind, mesh_model::ObjectKey)> {
+        let (kind, rest) = key.split_once('/')?;
+        let kind = match kind {
+            "workload" => Kind::Workload,
+            "service" => Kind::Service,
+            "policy" => Kind::Policy,
+            "fast-deny" => Kind::FastDeny,
+            _ => return None,
+        };
+        Some((kind, object_key(rest)?))
+    }
+
+    /// `namespace/name`, as services name their endpoints on the wire.
+    pub fn object_key(text: &str) -> Option<mesh_model::ObjectKey> {
+        let (namespace, name) = text.split_once('/')?;
+        (!namespace.is_empty() && !name.is_empty() && !name.contains('/'))
+            .then(|| mesh_model::ObjectKey::new(namespace, name))
+    }
 }
 
 #[cfg(test)]
@@ -100,5 +130,23 @@ mod tests {
             assert_eq!(ip_from_bytes(&ip_to_bytes(ip)), Some(ip));
         }
         assert_eq!(ip_from_bytes(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn keys_round_trip_and_malformed_ones_are_none() {
+        let (kind, key) = keys::parse(&keys::fast_deny("shop", "web")).unwrap();
+        assert_eq!(kind, keys::Kind::FastDeny);
+        assert_eq!(key, mesh_model::ObjectKey::new("shop", "web"));
+        for bad in [
+            "mesh",
+            "trust-bundle",
+            "workload/",
+            "workload/a",
+            "workload//b",
+            "workload/a/b/c",
+            "node/a/b",
+        ] {
+            assert_eq!(keys::parse(bad), None, "{bad}");
+        }
     }
 }

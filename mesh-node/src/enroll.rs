@@ -13,8 +13,6 @@ use std::{
     time::Duration,
 };
 
-use mesh_ebpf_common::{INBOUND_PERMISSIVE, INBOUND_STRICT};
-use mesh_model::MtlsMode;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -91,8 +89,6 @@ pub struct Enroller {
     /// Whether pods get tunnel and plaintext listeners and the inbound program (connected mode;
     /// offline mode has no certificates and no policy).
     tunnels: bool,
-    /// The inbound program's mode in force (the mesh's mTLS mode); 0 until the first config.
-    inbound_mode: u32,
     pods: BTreeMap<WorkloadId, Pod>,
     /// Each enrolled netns's QUIC endpoint, by netns cookie. It outlives a pod that is
     /// enrolled again with changed settings (its UDP port stays bound by open connections, and
@@ -107,7 +103,6 @@ impl Enroller {
         Self {
             shared,
             tunnels,
-            inbound_mode: 0,
             pods: BTreeMap::new(),
             quic: HashMap::new(),
             connections: TaskTracker::new(),
@@ -130,64 +125,9 @@ impl Enroller {
                 .all(|(id, w)| self.pods.get(id).is_some_and(|p| p.workload == *w))
     }
 
-    /// Puts the fast-deny entries of the enrolled pods (`namespace/name` → destinations, port 0
-    /// for every port) into the kernel, and removes those of pods no longer enrolled.
-    pub fn sync_fast_deny(&self, entries: &BTreeMap<String, Vec<(std::net::IpAddr, u16)>>) {
-        let desired = self
-            .pods
-            .iter()
-            .filter_map(|(id, pod)| Some((pod.netns_cookie, entries.get(&id.to_string())?)))
-            .flat_map(|(cookie, list)| {
-                list.iter()
-                    .map(move |(ip, port)| crate::capture::fast_deny_key(cookie, *ip, *port))
-            })
-            .collect();
-        let update = self.shared.capture.set_fast_deny(&desired);
-        if update.failed > 0 {
-            tracing::warn!(
-                failed = update.failed, held = update.held,
-                "fast-deny entries did not fit the kernel map; those connects are refused by the destination instead"
-            );
-        } else if update.added + update.removed > 0 {
-            tracing::info!(
-                added = update.added,
-                removed = update.removed,
-                held = update.held,
-                "fast-deny entries updated"
-            );
-        }
-    }
-
-    /// Applies the mesh's mTLS mode to plaintext to the pods and opens the tunnel port plus
-    /// `plaintext_ports` to it. Errors are logged; the previous settings then stay in force.
-    pub fn set_inbound(&mut self, mode: MtlsMode, plaintext_ports: &[u16]) {
-        let flags = match mode {
-            MtlsMode::Strict => INBOUND_STRICT,
-            MtlsMode::Permissive => INBOUND_PERMISSIVE,
-        };
-        let open: HashSet<u16> = plaintext_ports
-            .iter()
-            .copied()
-            .chain([crate::tunnel::TUNNEL_PORT])
-            .collect();
-        let update = self.shared.capture.set_open_ports(&open);
-        if update.failed > 0 {
-            tracing::error!(
-                failed = update.failed,
-                "cannot update the open plaintext ports in the kernel"
-            );
-        }
-        if flags == self.inbound_mode {
-            return;
-        }
-        if let Err(e) = self.shared.capture.set_inbound_mode(flags) {
-            tracing::error!(error = %e, "cannot apply the mTLS mode");
-            return;
-        }
-        self.inbound_mode = flags;
-        let mut open: Vec<u16> = open.into_iter().collect();
-        open.sort_unstable();
-        tracing::info!(mode = %mode, open_ports = ?open, "plaintext to mesh pods: mTLS mode applied");
+    /// Each enrolled pod with its netns cookie (the key of its entries in the kernel maps).
+    pub fn pods(&self) -> impl Iterator<Item = (&WorkloadId, u64)> {
+        self.pods.iter().map(|(id, pod)| (id, pod.netns_cookie))
     }
 
     /// Makes the captured set equal to `desired`, or changes nothing and returns why not.

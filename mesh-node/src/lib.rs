@@ -12,6 +12,7 @@ pub mod identity;
 pub mod kubernetes;
 pub mod metrics;
 pub mod netns;
+pub mod node;
 pub mod proxy;
 pub mod tunnel;
 pub mod workloads;

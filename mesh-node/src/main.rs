@@ -1,7 +1,7 @@
 //! mesh-node: Mycel's per-node daemon.
 
 use mesh_node::{
-    access_log, admin, capture, cni, control, enroll, identity, kubernetes, metrics, proxy, tunnel,
+    access_log, admin, capture, cni, control, enroll, identity, kubernetes, metrics, node, proxy,
     workloads,
 };
 
@@ -396,56 +396,50 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.connections.clone(),
         metrics.tunnels.clone(),
         Duration::from_secs_f64(args.connect_timeout),
-        directory_rx.clone(),
+        directory_rx,
         Arc::new(proxy::limits::Limits::new(limits, limited)),
     ));
-    let authz = shared.authz.clone();
-    tokio::spawn(proxy::authz::follow(authz.clone(), directory_rx));
-    let mut enroller = enroll::Enroller::new(shared.clone(), connected);
     let (view_tx, view_rx) = watch::channel(Arc::new(control::MeshView::default()));
     metrics.register(Box::new(metrics::collect::NodeCollector::new(
         capture.clone(),
-        authz.clone(),
+        shared.authz.clone(),
         svids.clone(),
         stats.clone(),
         status_rx.clone(),
         view_rx.clone(),
     )?))?;
-    let anchors = shared.anchors.clone();
     admin.attached(admin::Parts {
         capture: capture.clone(),
         stats,
-        authz,
+        authz: shared.authz.clone(),
         svids: svids.clone(),
-        view: view_rx.clone(),
-        proxy: shared,
+        view: view_rx,
+        proxy: shared.clone(),
     });
     tokio::spawn(admin::serve(
         metrics_listener,
         Arc::new(admin::MetricsEndpoint(metrics)),
     ));
+    let node = node::Node::new(
+        &args.node_name,
+        enroll::Enroller::new(shared.clone(), connected),
+        &shared,
+        svids,
+        node::Outputs {
+            view: view_tx,
+            directory: directory_tx,
+            status: status_tx,
+        },
+    );
 
     let mut signals = Signals::new()?;
-    match source {
+    let node = match source {
         Source::File(file, initial, text) => {
-            enroller.apply(initial).await?;
-            status_tx.send_modify(|s| {
-                s.enrolled = enroller.enrolled();
-                s.config_applied = 1;
-                s.config_updated_at = Some(std::time::SystemTime::now());
-            });
-            tracing::info!(node = %args.node_name, admin = %args.admin_listen, enrolled = enroller.enrolled(), "mesh-node ready (offline mode)");
+            let mut node = node;
+            node.apply_workloads(initial).await?;
+            tracing::info!(node = %args.node_name, admin = %args.admin_listen, enrolled = node.enrolled(), "mesh-node ready (offline mode)");
             let interval = Duration::from_secs_f64(args.reload_interval);
-            follow_file(
-                &file,
-                text,
-                &args.node_name,
-                interval,
-                &mut enroller,
-                &status_tx,
-                &mut signals,
-            )
-            .await;
+            node::follow_file(node, &file, text, &args.node_name, interval, signals.recv()).await
         }
         Source::ControlPlane(client) => {
             let local = local.map(|(local, cni, _)| {
@@ -454,23 +448,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 local
             });
             tracing::info!(node = %args.node_name, admin = %args.admin_listen, cp = args.cp.as_deref().unwrap_or_default(), "mesh-node ready; waiting for the control plane");
-            let following = Following {
-                client,
-                local,
-                view: (view_tx, view_rx),
-                svids,
-                anchors,
-                directory: directory_tx,
-            };
-            follow_control_plane(following, &mut enroller, &status_tx, &mut signals).await;
+            node::follow_control_plane(node, client, local, signals.recv()).await
         }
-    }
+    };
 
     tracing::info!("shutting down: no new redirects, draining connections");
-    enroller
-        .shutdown(Duration::from_secs_f64(args.drain_timeout))
+    node.shutdown(Duration::from_secs_f64(args.drain_timeout))
         .await;
-    drop(enroller);
     // Connections that outlived the drain still hold the capture; its programs and the cgroup
     // lock are let go here all the same.
     capture.release();
@@ -507,232 +491,6 @@ impl Signals {
             _ = self.int.recv() => {}
         }
     }
-}
-
-/// Offline mode: re-applies the workloads file whenever its contents change.
-async fn follow_file(
-    file: &Path,
-    // What was applied: compared with the file, never re-read, so a change made while the
-    // daemon was starting is not taken for the applied text.
-    mut last_text: String,
-    node: &str,
-    interval: Duration,
-    enroller: &mut enroll::Enroller,
-    status: &watch::Sender<admin::Status>,
-    signals: &mut Signals,
-) {
-    let mut tick = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            _ = signals.recv() => return,
-            _ = tick.tick() => {}
-        }
-        let read = std::fs::read_to_string(file);
-        // An unreadable file counts as a change once, not on every tick; the text is copied
-        // only when it changed.
-        let seen = match &read {
-            Ok(text) => std::borrow::Cow::Borrowed(text.as_str()),
-            Err(e) => std::borrow::Cow::Owned(format!("unreadable: {e}")),
-        };
-        if seen == last_text.as_str() {
-            continue;
-        }
-        last_text = seen.into_owned();
-        let outcome = match read {
-            Ok(text) => workloads::parse(file, &text, node),
-            Err(source) => Err(mesh_model::ConfigError::Read {
-                path: file.to_path_buf(),
-                source,
-            }),
-        };
-        let outcome = match outcome {
-            Ok(desired) => enroller.apply(desired).await.map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        };
-        record(
-            status,
-            enroller,
-            outcome.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
-        );
-        if outcome.is_ok() {
-            status.send_modify(|s| s.config_updated_at = Some(std::time::SystemTime::now()));
-        }
-        match outcome {
-            Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads file applied"),
-            Err(e) => {
-                tracing::error!("workloads file rejected, keeping the previous workloads: {e:#}")
-            }
-        }
-    }
-}
-
-/// What connected mode follows: the control plane, and in Kubernetes this node's pods.
-struct Following {
-    client: control::CpClient,
-    local: Option<kubernetes::Local>,
-    view: (
-        watch::Sender<Arc<control::MeshView>>,
-        watch::Receiver<Arc<control::MeshView>>,
-    ),
-    svids: Arc<identity::SvidStore>,
-    anchors: Arc<tunnel::anchors::Anchors>,
-    directory: watch::Sender<Arc<proxy::directory::Directory>>,
-}
-
-/// Connected mode: the control plane's config stream decides what is enrolled (in
-/// Kubernetes, this node's pods do); certificates are kept current alongside. A set that fails
-/// to enroll is retried every few seconds.
-async fn follow_control_plane(
-    following: Following,
-    enroller: &mut enroll::Enroller,
-    status: &watch::Sender<admin::Status>,
-    signals: &mut Signals,
-) {
-    let Following {
-        client,
-        local,
-        view: (view_tx, view_rx),
-        svids,
-        anchors,
-        directory,
-    } = following;
-    let (apply_tx, mut apply_rx) = tokio::sync::mpsc::channel(1);
-    let (connected_tx, mut connected_rx) = watch::channel(false);
-    tokio::spawn(control::run_stream(
-        client.clone(),
-        view_tx,
-        apply_tx,
-        connected_tx,
-    ));
-    tokio::spawn(proxy::directory::follow(
-        view_rx.clone(),
-        svids.clone(),
-        anchors,
-        directory,
-    ));
-    tokio::spawn(identity::run_manager(client, view_rx.clone(), svids));
-    let mut retry = tokio::time::interval(Duration::from_secs(2));
-    let mut pending: Option<BTreeMap<workloads::WorkloadId, workloads::Workload>> = None;
-    let (pods, mut requests, mut pods_changed) = match local {
-        Some(l) => (Some(l.pods), Some(l.requests), Some(l.changed)),
-        None => (None, None, None),
-    };
-    // In Kubernetes the pods to capture are decided on the node; the control plane only names
-    // them (with no netns).
-    let wanted = |from_cp| match &pods {
-        Some(p) => p.desired(),
-        None => from_cp,
-    };
-    loop {
-        tokio::select! {
-            _ = signals.recv() => return,
-            req = apply_rx.recv() => {
-                let Some(control::ApplyRequest { desired, done }) = req else { return };
-                let desired = wanted(desired);
-                let settings = view_rx.borrow().mesh_policy.clone();
-                enroller.set_inbound(settings.mtls, &settings.plaintext_ports);
-                let outcome = enroll_or_keep_pending(enroller, status, &mut pending, desired).await;
-                // Before the ack: once the control plane sees this version acked, the kernel
-                // refuses what it denies.
-                enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
-                status.send_modify(|s| {
-                    s.config_version = view_rx.borrow().version;
-                    s.config_updated_at = Some(std::time::SystemTime::now());
-                });
-                match &outcome {
-                    Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "workloads applied"),
-                    Err(e) => tracing::error!("cannot enroll the workloads, keeping the previous set and retrying: {e}"),
-                }
-                let _ = done.send(outcome);
-            }
-            request = next_enroll_request(&mut requests) => {
-                let Some(kubernetes::EnrollRequest { pod, done }) = request else { return };
-                let Some(p) = &pods else { continue };
-                let outcome = enroll_or_keep_pending(enroller, status, &mut pending, p.desired()).await;
-                enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
-                let _ = done.send(outcome.map(|()| enroller.is_enrolled(&pod)));
-            }
-            _ = local_change(&mut pods_changed) => {
-                let Some(p) = &pods else { continue };
-                let desired = p.desired();
-                if !enroller.is_current(&desired) {
-                    match enroll_or_keep_pending(enroller, status, &mut pending, desired).await {
-                        Ok(()) => tracing::info!(enrolled = enroller.enrolled(), "this node's pods applied"),
-                        Err(e) => tracing::error!("cannot enroll this node's pods, retrying: {e}"),
-                    }
-                    enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
-                }
-            }
-            _ = retry.tick(), if pending.is_some() => {
-                if let Some(desired) = pending.take() {
-                    // In Kubernetes the pods may have changed since: retry what is wanted now.
-                    let desired = wanted(desired);
-                    if enroll_or_keep_pending(enroller, status, &mut pending, desired).await.is_ok() {
-                        enroller.sync_fast_deny(&view_rx.borrow().fast_deny);
-                        tracing::info!(enrolled = enroller.enrolled(), "workloads applied on retry");
-                    }
-                }
-            }
-            changed = connected_rx.changed() => {
-                if changed.is_ok() {
-                    let up = *connected_rx.borrow_and_update();
-                    status.send_modify(|s| s.cp_connected = up);
-                }
-            }
-        }
-    }
-}
-
-/// The next request of the CNI socket; never, outside Kubernetes mode.
-async fn next_enroll_request(
-    requests: &mut Option<tokio::sync::mpsc::Receiver<kubernetes::EnrollRequest>>,
-) -> Option<kubernetes::EnrollRequest> {
-    match requests {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Returns when this node's pods (or their netns) changed; never, outside Kubernetes mode.
-async fn local_change(changed: &mut Option<watch::Receiver<u64>>) {
-    match changed {
-        Some(c) => {
-            if c.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// Applies `desired`; on failure leaves it in `pending` for the retry tick.
-async fn enroll_or_keep_pending(
-    enroller: &mut enroll::Enroller,
-    status: &watch::Sender<admin::Status>,
-    pending: &mut Option<BTreeMap<workloads::WorkloadId, workloads::Workload>>,
-    desired: BTreeMap<workloads::WorkloadId, workloads::Workload>,
-) -> Result<(), String> {
-    let outcome = enroller
-        .apply(desired.clone())
-        .await
-        .map_err(|e| e.to_string());
-    *pending = outcome.is_err().then_some(desired);
-    record(status, enroller, outcome.clone());
-    outcome
-}
-
-fn record(
-    status: &watch::Sender<admin::Status>,
-    enroller: &enroll::Enroller,
-    outcome: Result<(), String>,
-) {
-    status.send_modify(|s| {
-        s.enrolled = enroller.enrolled();
-        match outcome {
-            Ok(()) => s.config_applied += 1,
-            Err(_) => s.config_errors += 1,
-        }
-    });
 }
 
 /// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup/unified` on hybrid hosts).

@@ -24,7 +24,7 @@ pub fn config(parts: &Parts, status: &Status) -> String {
                 "node": w.node,
                 // Enrolled here: in Kubernetes the control plane sends no netns, the node
                 // finds it.
-                "on_this_node": parts.proxy.local_pod(&crate::workloads::WorkloadId::new(&w.namespace, &w.name)).is_some(),
+                "on_this_node": parts.proxy.local_pod(key).is_some(),
                 "netns": w.netns,
                 "identity": w.identity,
                 "addresses": w.addresses.iter().filter_map(|a| ip(a)).collect::<Vec<_>>(),
@@ -62,7 +62,7 @@ pub fn config(parts: &Parts, status: &Status) -> String {
                     p => format!("{ip}:{p}"),
                 })
                 .collect();
-            (workload.clone(), json!(entries))
+            (workload.to_string(), json!(entries))
         })
         .collect();
     let body = json!({

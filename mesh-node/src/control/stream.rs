@@ -1,33 +1,32 @@
 //! The config stream session loop: connect, take the snapshot, apply each update, acknowledge,
 //! and reconnect with backoff when the stream breaks.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use mesh_api::v1::ConfigAck;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Backoff, CpClient, MeshView};
-use crate::workloads::{Workload, WorkloadId};
 
-/// A request to make the captured set equal to `desired`; the answer is `Err(reason)` when it
-/// could not be applied (the enroller keeps the previous set and retries).
+/// A request to apply one version of the config (`node/`); the answer is `Err(reason)` when
+/// it could not be applied whole (the node keeps the previous set of pods and retries), and
+/// is what the acknowledgement carries.
 pub struct ApplyRequest {
-    pub desired: BTreeMap<WorkloadId, Workload>,
+    pub view: Arc<MeshView>,
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
-/// Runs until the process ends. Publishes every view it builds on `view` and asks the enroller
-/// to apply the local workloads of each through `apply`.
+/// Runs until the process ends. Each view it builds
+/// goes to the node through `apply`, and is acknowledged once the node has applied it.
 pub async fn run(
     client: CpClient,
-    view: watch::Sender<Arc<MeshView>>,
     apply: mpsc::Sender<ApplyRequest>,
     connected: watch::Sender<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
-        let outcome = session(&client, &view, &apply, &connected, &mut backoff).await;
+        let outcome = session(&client, &apply, &connected, &mut backoff).await;
         connected.send_replace(false);
         let delay = backoff.step();
         match outcome {
@@ -44,7 +43,6 @@ pub async fn run(
 
 async fn session(
     client: &CpClient,
-    view: &watch::Sender<Arc<MeshView>>,
     apply: &mpsc::Sender<ApplyRequest>,
     connected: &watch::Sender<bool>,
     backoff: &mut Backoff,
@@ -69,8 +67,6 @@ async fn session(
         let error = match base.apply(update) {
             Ok(next) => {
                 base = next;
-                let published = Arc::new(base.clone());
-                view.send_replace(published);
                 if snapshot {
                     connected.send_replace(true);
                     backoff.reset();
@@ -83,7 +79,7 @@ async fn session(
                 } else {
                     tracing::info!(version, "config update received");
                 }
-                enroll(apply, base.local_workloads(client.node())).await
+                enroll(apply, Arc::new(base.clone())).await
             }
             Err(e) => {
                 tracing::error!(version, "config update rejected: {e}");
@@ -101,12 +97,9 @@ async fn session(
     }
 }
 
-async fn enroll(
-    apply: &mpsc::Sender<ApplyRequest>,
-    desired: BTreeMap<WorkloadId, Workload>,
-) -> String {
+async fn enroll(apply: &mpsc::Sender<ApplyRequest>, view: Arc<MeshView>) -> String {
     let (done, answer) = oneshot::channel();
-    if apply.send(ApplyRequest { desired, done }).await.is_err() {
+    if apply.send(ApplyRequest { view, done }).await.is_err() {
         return "the node is shutting down".into();
     }
     match answer.await {

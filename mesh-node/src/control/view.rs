@@ -13,7 +13,7 @@ use mesh_api::{
     v1::{self, resource::Kind, ConfigUpdate},
 };
 
-use mesh_model::{authz::Selection, Action, MtlsMode, Transport};
+use mesh_model::{authz::Selection, Action, MtlsMode, ObjectKey, Transport};
 
 use crate::workloads::{Workload, WorkloadId};
 
@@ -25,14 +25,13 @@ pub struct MeshView {
     /// The policy part of `mesh`, decoded once when it arrives.
     pub mesh_policy: MeshPolicy,
     pub trust_roots: Vec<Vec<u8>>,
-    /// Keyed `namespace/name`.
-    pub workloads: BTreeMap<String, v1::Workload>,
-    pub services: BTreeMap<String, v1::Service>,
-    /// Access policies that select workloads of this node, decoded; keyed `namespace/name`.
-    pub policies: BTreeMap<String, Selection>,
-    /// Connects to refuse in the kernel, by local workload `namespace/name`: destination
-    /// address and port (0: every port).
-    pub fast_deny: BTreeMap<String, Vec<(IpAddr, u16)>>,
+    pub workloads: BTreeMap<WorkloadId, v1::Workload>,
+    pub services: BTreeMap<ObjectKey, v1::Service>,
+    /// Access policies that select workloads of this node, decoded.
+    pub policies: BTreeMap<ObjectKey, Selection>,
+    /// Connects to refuse in the kernel, by local workload: destination address and port
+    /// (0: every port).
+    pub fast_deny: BTreeMap<WorkloadId, Vec<(IpAddr, u16)>>,
 }
 
 /// Mesh-wide settings of enforcement and of the data path. The default (no settings yet, or
@@ -102,17 +101,17 @@ impl MeshView {
                 Some(Kind::Workload(w)) if key == keys::workload(&w.namespace, &w.name) => {
                     check_addresses(&key, &w.addresses)?;
                     next.workloads
-                        .insert(format!("{}/{}", w.namespace, w.name), w);
+                        .insert(WorkloadId::new(&w.namespace, &w.name), w);
                 }
                 Some(Kind::Service(s)) if key == keys::service(&s.namespace, &s.name) => {
                     check_addresses(&key, &s.vips)?;
                     next.services
-                        .insert(format!("{}/{}", s.namespace, s.name), s);
+                        .insert(ObjectKey::new(&s.namespace, &s.name), s);
                 }
                 Some(Kind::Policy(p)) if key == keys::policy(&p.namespace, &p.name) => {
                     let decoded = mesh_api::policy::from_proto(&p)?;
                     next.policies
-                        .insert(format!("{}/{}", p.namespace, p.name), decoded);
+                        .insert(ObjectKey::new(&p.namespace, &p.name), decoded);
                 }
                 Some(Kind::FastDeny(f)) if key == keys::fast_deny(&f.namespace, &f.name) => {
                     let entries = f
@@ -127,7 +126,7 @@ impl MeshView {
                         })
                         .collect::<Result<_, _>>()?;
                     next.fast_deny
-                        .insert(format!("{}/{}", f.namespace, f.name), entries);
+                        .insert(WorkloadId::new(&f.namespace, &f.name), entries);
                 }
                 other => {
                     return Err(format!(
@@ -138,15 +137,14 @@ impl MeshView {
             }
         }
         for key in update.removals {
-            if let Some(k) = key.strip_prefix("workload/") {
-                next.workloads.remove(k);
-            } else if let Some(k) = key.strip_prefix("service/") {
-                next.services.remove(k);
-            } else if let Some(k) = key.strip_prefix("policy/") {
-                next.policies.remove(k);
-            } else if let Some(k) = key.strip_prefix("fast-deny/") {
-                next.fast_deny.remove(k);
-            }
+            // A removal of something this node never held changes nothing, whatever its key.
+            match keys::parse(&key) {
+                Some((keys::Kind::Workload, k)) => next.workloads.remove(&k).map(drop),
+                Some((keys::Kind::Service, k)) => next.services.remove(&k).map(drop),
+                Some((keys::Kind::Policy, k)) => next.policies.remove(&k).map(drop),
+                Some((keys::Kind::FastDeny, k)) => next.fast_deny.remove(&k).map(drop),
+                None => None,
+            };
         }
         if next.trust_roots.is_empty() {
             return Err("the config has no trust bundle".into());
@@ -157,15 +155,14 @@ impl MeshView {
     /// The workloads to capture on `node`.
     pub fn local_workloads(&self, node: &str) -> BTreeMap<WorkloadId, Workload> {
         self.workloads
-            .values()
-            .filter(|w| w.node == node && !w.netns.is_empty())
-            .map(|w| {
-                let id = WorkloadId::new(&w.namespace, &w.name);
+            .iter()
+            .filter(|(_, w)| w.node == node && !w.netns.is_empty())
+            .map(|(id, w)| {
                 let workload = Workload {
                     id: id.clone(),
                     netns: PathBuf::from(&w.netns),
                 };
-                (id, workload)
+                (id.clone(), workload)
             })
             .collect()
     }

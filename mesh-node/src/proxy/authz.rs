@@ -18,7 +18,6 @@ use mesh_model::{
     authz::{Decision, Source},
     Action, Mode, SpiffeId,
 };
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::directory::Directory;
@@ -238,14 +237,6 @@ fn display_identity(req: &Request) -> String {
     req.source_identity
         .as_ref()
         .map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string)
-}
-
-/// Re-checks open connections each time the directory (and with it the policy set) changes.
-pub async fn follow(authz: Arc<Authz>, mut directory: watch::Receiver<Arc<Directory>>) {
-    while directory.changed().await.is_ok() {
-        let dir = directory.borrow_and_update().clone();
-        authz.recheck(&dir);
-    }
 }
 
 #[cfg(test)]

@@ -16,12 +16,11 @@ use mesh_model::{
     authz::{PolicyIndex, SourceWorkload},
     SpiffeId, Transport,
 };
-use tokio::sync::watch;
 
 use crate::{
     control::MeshView,
     identity::SvidStore,
-    tunnel::{tls, TlsConfigs, Trust},
+    tunnel::{TlsConfigs, Trust},
     workloads::WorkloadId,
 };
 
@@ -108,9 +107,8 @@ impl Directory {
                     continue;
                 }
             };
-            let id = WorkloadId::new(&w.namespace, &w.name);
             let peer = Arc::new(Peer {
-                key: id.clone(),
+                key: key.clone(),
                 identity_uri: identity.to_string(),
                 identity,
                 labels: w.labels.clone().into_iter().collect(),
@@ -124,7 +122,7 @@ impl Directory {
             for a in &peer.addresses {
                 by_addr.insert(*a, peer.clone());
             }
-            peers.insert(id, peer);
+            peers.insert(key.clone(), peer);
         }
         let mut by_vip = HashMap::new();
         for (key, s) in &view.services {
@@ -138,7 +136,7 @@ impl Directory {
                     by_vip.insert(
                         SocketAddr::new(vip, port),
                         ServiceEntry {
-                            name: key.clone(),
+                            name: key.to_string(),
                             target_port,
                             endpoints: endpoints(s, &peers),
                             next: AtomicUsize::new(0),
@@ -232,37 +230,12 @@ impl Directory {
     }
 }
 
-/// Rebuilds the directory each time the mesh view changes, until the view's sender is gone.
-/// Tunnels whose root left the bundle are told first (see `tunnel/anchors.rs`).
-pub async fn follow(
-    mut view: watch::Receiver<Arc<MeshView>>,
-    svids: Arc<SvidStore>,
-    anchors: Arc<crate::tunnel::anchors::Anchors>,
-    directory: watch::Sender<Arc<Directory>>,
-) {
-    loop {
-        let next = {
-            let view = view.borrow_and_update();
-            let roots = view.trust_roots.iter().map(|r| tls::anchor_id(r));
-            anchors.keep_only(roots.collect());
-            Directory::new(&view, svids.clone())
-        };
-        directory.send_replace(Arc::new(next));
-        if view.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 /// The service's endpoints (`namespace/name` keys on the wire) that the view knows.
 fn endpoints(service: &v1::Service, peers: &HashMap<WorkloadId, Arc<Peer>>) -> Vec<Arc<Peer>> {
     service
         .endpoints
         .iter()
-        .filter_map(|key| {
-            let (ns, name) = key.split_once('/')?;
-            peers.get(&WorkloadId::new(ns, name)).cloned()
-        })
+        .filter_map(|key| peers.get(&mesh_api::keys::object_key(key)?).cloned())
         .collect()
 }
 
@@ -287,10 +260,10 @@ mod tests {
         let mut view = MeshView::default();
         for (name, node, last) in [("a", "n1", 1), ("b", "n2", 2), ("c", "n2", 3)] {
             view.workloads
-                .insert(format!("default/{name}"), workload(name, node, last));
+                .insert(WorkloadId::new("default", name), workload(name, node, last));
         }
         view.services.insert(
-            "default/web".into(),
+            WorkloadId::new("default", "web"),
             v1::Service {
                 namespace: "default".into(),
                 name: "web".into(),

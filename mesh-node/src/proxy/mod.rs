@@ -10,10 +10,13 @@
 //! - `relay.rs`: copying bytes with half-close and resets passed on, sealing and opening
 //!   tunnel records in place in pooled buffers.
 //! - `limits.rs`: how many connections and handshakes each pod and each source may have.
+//! - `kernel_policy.rs`: what the kernel refuses before the proxy sees it (fast deny, the
+//!   inbound mTLS mode).
 
 pub mod authz;
 pub mod directory;
 pub mod inbound;
+pub mod kernel_policy;
 pub mod limits;
 pub mod outbound;
 pub mod relay;
