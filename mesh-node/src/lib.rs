@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod netns;
 pub mod node;
 pub mod proxy;
+pub mod socket;
 pub mod tunnel;
 pub mod workloads;

@@ -4,7 +4,7 @@
 //!
 //! - `tls.rs`: rustls configurations and the SPIFFE identity checks;
 //! - `session.rs`: one connection: rustls's handshake, then this node's record layer
-//!   (`record.rs`), which the relay drives without copies;
+//!   (`record.rs`); `copy.rs` moves the application's bytes through it without copies;
 //! - `pool.rs`: idle sessions, reused by the next connection between the same two pods;
 //! - `anchors.rs`: the trust roots in force, and the end of tunnels whose root was withdrawn.
 //!
@@ -12,6 +12,7 @@
 //! its lifetime is bounded by the pool.
 
 pub mod anchors;
+mod copy;
 pub mod header;
 pub mod pool;
 pub mod quic;

@@ -521,8 +521,8 @@ impl Session {
         &self.tcp
     }
 
-    /// The parts the relay drives; each direction is used by one side only.
-    pub fn parts(&mut self) -> (&TcpStream, &mut Tx, &mut Rx, &Rekey) {
+    /// The parts the copy loops (`copy.rs`) drive; each direction is used by one side only.
+    pub(super) fn parts(&mut self) -> (&TcpStream, &mut Tx, &mut Rx, &Rekey) {
         (&self.tcp, &mut self.tx, &mut self.rx, &self.rekey)
     }
 
@@ -589,7 +589,7 @@ impl Session {
                 .seal_to(&[2, u8::from(alert)], ContentType::Alert, &mut out);
             let _ = self.tcp.try_write(&out);
         }
-        crate::proxy::relay::reset(self);
+        crate::socket::reset(self);
     }
 
     /// Sends close_notify, then FIN: the session ends in order.
@@ -692,6 +692,12 @@ macro_rules! handshake_impl {
 
 handshake_impl!(UnbufferedClientConnection, ClientConnectionData, false);
 handshake_impl!(UnbufferedServerConnection, ServerConnectionData, true);
+
+impl crate::socket::Resettable for Box<Session> {
+    fn tcp(&self) -> &TcpStream {
+        Session::tcp(self)
+    }
+}
 
 #[cfg(test)]
 mod tests {
