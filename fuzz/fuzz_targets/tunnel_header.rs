@@ -6,13 +6,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use mesh_api::v1::{TunnelRequest, TunnelResponse};
-use mesh_node::{proxy::inbound, tunnel::header};
+use mesh_node::{proxy::inbound, transport::Transport, tunnel::header};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some((req, used))) = header::decode::<TunnelRequest>(data) {
         assert!(used <= data.len() && used <= header::MAX_HEADER + 3);
         let client = mesh_fuzz::CLIENT_ID.parse().expect("an id");
-        if let Ok(d) = inbound::parse(&req, client, "tls") {
+        if let Ok(d) = inbound::parse(&req, client, Transport::Tls) {
             assert_eq!(u32::from(d.destination.port()), req.destination_port);
         }
     }

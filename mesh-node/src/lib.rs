@@ -15,5 +15,6 @@ pub mod netns;
 pub mod node;
 pub mod proxy;
 pub mod socket;
+pub mod transport;
 pub mod tunnel;
 pub mod workloads;

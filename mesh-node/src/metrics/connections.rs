@@ -24,6 +24,7 @@ use prometheus::{
 use super::{MetricsError, PREFIX};
 use crate::access_log::{self, AccessLog, Entry};
 use crate::proxy::directory::Peer;
+use crate::transport::Transport;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reporter {
@@ -116,8 +117,7 @@ pub struct Details {
     pub connection_id: u64,
     pub source_address: Option<SocketAddr>,
     pub destination_address: Option<SocketAddr>,
-    /// `tls`, `quic`, `local`, `plaintext`, `passthrough`.
-    pub transport: &'static str,
+    pub transport: Transport,
     /// The deciding policy and rule, where this node decided.
     pub policy: String,
     pub rule: String,
@@ -184,36 +184,6 @@ impl FailReason {
             FailReason::ClosedByPolicy => "closed_by_policy",
             FailReason::Overloaded => "overloaded",
             FailReason::TrustWithdrawn => "trust_withdrawn",
-        }
-    }
-}
-
-/// How an outbound connection reached its destination, for the connect latency.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Path {
-    /// A pod of this node, without a tunnel.
-    Local,
-    /// A new TLS tunnel session (TCP connect, handshake, header exchange).
-    TlsNew,
-    /// An idle TLS session reused (header exchange only).
-    TlsReused,
-    /// A stream on a new QUIC connection.
-    QuicNew,
-    /// A stream on an existing QUIC connection.
-    QuicReused,
-    /// Outside the mesh: a plain TCP connect.
-    Passthrough,
-}
-
-impl Path {
-    fn labels(self) -> [&'static str; 2] {
-        match self {
-            Path::Local => ["local", "none"],
-            Path::TlsNew => ["tls", "new"],
-            Path::TlsReused => ["tls", "reused"],
-            Path::QuicNew => ["quic", "new"],
-            Path::QuicReused => ["quic", "reused"],
-            Path::Passthrough => ["passthrough", "none"],
         }
     }
 }
@@ -408,10 +378,16 @@ impl ConnectionMetrics {
         }
     }
 
-    /// Time an outbound connection took to reach its destination.
-    pub fn connected(&self, path: Path, took: Duration) {
+    /// Time an outbound connection took to reach its destination by `transport`, on a
+    /// tunnel session or QUIC connection that was `reused` or new.
+    pub fn connected(&self, transport: Transport, reused: bool, took: Duration) {
+        let session = match (transport, reused) {
+            (Transport::Tls | Transport::Quic, true) => "reused",
+            (Transport::Tls | Transport::Quic, false) => "new",
+            _ => "none",
+        };
         self.connect
-            .with_label_values(&path.labels())
+            .with_label_values(&[transport.as_str(), session])
             .observe(took.as_secs_f64());
     }
 }
@@ -447,7 +423,7 @@ fn entry<'a>(
         destination_address: d.destination_address,
         destination_service: &pair.destination_service,
         destination_port: pair.destination_port,
-        transport: d.transport,
+        transport: d.transport.as_str(),
         bytes_sent: sent,
         bytes_received: received,
         duration_seconds: access_log::seconds(took),

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use prometheus::{Encoder, Registry, TextEncoder};
 
 pub use connections::{
-    Connection, ConnectionMetrics, Details, FailReason, Flow, Pair, Path, Reporter, Traffic,
+    Connection, ConnectionMetrics, Details, FailReason, Flow, Pair, Reporter, Traffic,
 };
 pub use tunnels::{OpenTunnel, TunnelMetrics};
 

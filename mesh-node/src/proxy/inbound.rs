@@ -24,6 +24,7 @@ use super::{
 use crate::metrics::{
     tunnels as tunnel_metrics, Connection, ConnectionMetrics, Details, FailReason, Pair, Reporter,
 };
+use crate::transport::Transport;
 use crate::tunnel::{
     anchors::Credentials,
     header::{self, HeaderError},
@@ -62,8 +63,8 @@ pub struct Delivery {
     /// Address and port in the destination pod.
     pub destination: SocketAddr,
     pub connection_id: u64,
-    /// How it arrived: `tls`, `quic`, or `local` (from a pod of this node).
-    pub transport: &'static str,
+    /// How it arrived: through a tunnel, or from a pod of this node.
+    pub transport: Transport,
     /// For a tunnelled connection: its tunnel's token, cancelled when the trust root of the
     /// tunnel's peer is withdrawn; the connection ends with it.
     pub tunnel_trust: Option<CancellationToken>,
@@ -445,7 +446,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             &request,
             &client,
             peer.ip(),
-            "tls",
+            Transport::Tls,
             &credentials.withdrawn,
         ))
         .await
@@ -468,7 +469,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 stats.tunnels_in.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     workload = %ctx.workload, client = %client, %client_serial, source = %d.source,
-                    destination = %d.destination, id = d.connection_id, transport = "tls",
+                    destination = %d.destination, id = d.connection_id, transport = %Transport::Tls,
                     "tunnel accepted"
                 );
                 let relayed = relay_tunnel(
@@ -507,7 +508,7 @@ async fn admit_tunnel(
     request: &TunnelRequest,
     client: &SpiffeId,
     peer: IpAddr,
-    transport: &'static str,
+    transport: Transport,
     trust: &CancellationToken,
 ) -> Result<(Delivery, Admitted), Refusal> {
     let checked = parse(request, client.clone(), transport).and_then(|mut d| {
@@ -738,7 +739,15 @@ async fn handle_quic_stream(
     stream.early = early;
     let dir = ctx.shared.directory();
     let trust = &from.credentials.withdrawn;
-    let admitted = admit_tunnel(ctx, &dir, &request, &from.client, peer.ip(), "quic", trust);
+    let admitted = admit_tunnel(
+        ctx,
+        &dir,
+        &request,
+        &from.client,
+        peer.ip(),
+        Transport::Quic,
+        trust,
+    );
     match Box::pin(admitted).await {
         Ok((
             d,
@@ -760,7 +769,7 @@ async fn handle_quic_stream(
             tracing::info!(
                 workload = %ctx.workload, client = %from.client, client_serial = %from.client_serial,
                 source = %d.source, destination = %d.destination, id = d.connection_id,
-                transport = "quic", "tunnel accepted"
+                transport = %Transport::Quic, "tunnel accepted"
             );
             let stream = relay::Stream::Quic(Box::new(stream));
             let relayed = relay::relay(upstream, stream, Some(guard.closed()), &conn.traffic).await;
@@ -825,7 +834,7 @@ pub async fn handle_plaintext(client: TcpStream, peer: SocketAddr, ctx: Arc<PodC
         connection_id: id,
         source_address: Some(peer),
         destination_address: Some(destination),
-        transport: "plaintext",
+        transport: Transport::Plaintext,
         ..Details::default()
     };
     let admitted = authorize_and_connect(ctx, request, None, pair.clone(), details.clone()).await;
@@ -926,7 +935,7 @@ fn response(status: Status, reason: &str) -> TunnelResponse {
 pub fn parse(
     req: &TunnelRequest,
     client: SpiffeId,
-    transport: &'static str,
+    transport: Transport,
 ) -> Result<Delivery, Refusal> {
     let ip = |bytes: &[u8], what: &str| {
         mesh_api::ip_from_bytes(bytes).ok_or_else(|| {
@@ -998,7 +1007,7 @@ mod tests {
 
     #[test]
     fn parses_a_well_formed_header() {
-        let d = parse(&request(), client(), "tls").unwrap();
+        let d = parse(&request(), client(), Transport::Tls).unwrap();
         assert_eq!(d.source, "10.0.0.1:40000".parse().unwrap());
         assert_eq!(d.destination, "10.0.0.2:8080".parse().unwrap());
         assert_eq!(d.connection_id, 9);
@@ -1028,7 +1037,7 @@ mod tests {
         let mut big_port = request();
         big_port.destination_port = 70_000;
         for (req, field) in [(short, "source address"), (big_port, "destination port")] {
-            let r = parse(&req, client(), "tls").unwrap_err();
+            let r = parse(&req, client(), Transport::Tls).unwrap_err();
             assert_eq!(r.status, Status::BadRequest);
             assert!(r.reason.contains(field), "{}", r.reason);
         }

@@ -12,7 +12,6 @@ use std::{
 
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
 use mesh_ebpf_common::OUTBOUND_PORT;
-use mesh_model::Transport;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -23,7 +22,8 @@ use super::{
     relay::{self, reset, Stream},
     PodContext,
 };
-use crate::metrics::{tunnels as tunnel_metrics, Details, FailReason, Pair, Path, Reporter};
+use crate::metrics::{tunnels as tunnel_metrics, Details, FailReason, Pair, Reporter};
+use crate::transport::Transport;
 use crate::tunnel::{
     header, pool,
     quic::{self, TunnelStream},
@@ -63,14 +63,13 @@ enum Upstream {
 }
 
 impl Upstream {
-    fn path(&self) -> Path {
+    /// How the connection travels, and whether on a tunnel that was there already.
+    fn transport(&self) -> (Transport, bool) {
         match self {
-            Upstream::Plain(_) => Path::Passthrough,
-            Upstream::Local(..) => Path::Local,
-            Upstream::Tunnel { reused: false, .. } => Path::TlsNew,
-            Upstream::Tunnel { reused: true, .. } => Path::TlsReused,
-            Upstream::Quic { reused: false, .. } => Path::QuicNew,
-            Upstream::Quic { reused: true, .. } => Path::QuicReused,
+            Upstream::Plain(_) => (Transport::Passthrough, false),
+            Upstream::Local(..) => (Transport::Local, false),
+            Upstream::Tunnel { reused, .. } => (Transport::Tls, *reused),
+            Upstream::Quic { reused, .. } => (Transport::Quic, *reused),
         }
     }
 }
@@ -203,7 +202,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     );
     let mut details = Box::new(Details {
         connection_id: ctx.shared.connection_id(),
-        transport: "passthrough",
+        transport: Transport::Passthrough,
         ..Details::default()
     });
     let Some(dst) = original else {
@@ -229,10 +228,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         .and_then(|me| me.address_like(dst.ip()))
         .map(|ip| SocketAddr::new(ip, peer.port()));
     details.destination_address = Some(dst);
-    let tunnel = match dir.transport() {
-        Transport::Quic => "quic",
-        _ => "tls",
-    };
+    let tunnel = Transport::from(dir.transport());
     let upstream = match dir.route(dst) {
         Route::Passthrough => match ctx.connect_in_pod(dst).await {
             Ok(s) => {
@@ -260,7 +256,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             to_target(&mut pair, &target);
             details.destination_address = Some(target.addr);
             details.transport = if ctx.shared.local_pod(&target.peer.key).is_some() {
-                "local"
+                Transport::Local
             } else {
                 tunnel
             };
@@ -291,7 +287,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                     to_target(&mut pair, &target);
                     details.destination_address = Some(target.addr);
                     if matches!(up, Upstream::Local(..)) {
-                        details.transport = "local";
+                        details.transport = Transport::Local;
                     }
                     up
                 }
@@ -314,7 +310,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             }
         }
     };
-    metrics.connected(upstream.path(), started.elapsed());
+    let (transport, reused) = upstream.transport();
+    metrics.connected(transport, reused, started.elapsed());
     stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let mut conn = metrics.opened(Reporter::Source, &pair, *details);
     drop(pair);
@@ -461,7 +458,7 @@ async fn send(
         source: SocketAddr::new(source_ip, app_peer.port()),
         destination: target.addr,
         connection_id: id,
-        transport: "local",
+        transport: Transport::Local,
         tunnel_trust: None,
     };
     if let Some(local) = ctx.shared.local_pod(&target.peer.key) {
@@ -500,7 +497,7 @@ async fn send(
         connection_id: delivery.connection_id,
     };
     let stats = &ctx.shared.stats;
-    if dir.transport() == Transport::Quic {
+    if dir.transport() == mesh_model::Transport::Quic {
         let config = tls.client(&source_id, target.peer.identity.clone())?;
         let (stream, reused) = send_quic(ctx, &key, (config, tls), &request).await?;
         tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "QUIC stream open");
@@ -563,7 +560,7 @@ async fn send(
         }
         session.watch(withdrawn);
         let tunnels = &ctx.shared.tunnel_metrics;
-        session.track(tunnels.opened(tunnel_metrics::Direction::Out, Transport::Tls));
+        session.track(tunnels.opened(tunnel_metrics::Direction::Out, mesh_model::Transport::Tls));
         exchange(session, &request, addr).await
     };
     let session = tokio::time::timeout_at(deadline, open)
