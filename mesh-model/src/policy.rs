@@ -12,8 +12,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    crd::{AccessPolicySpec, CidrSpec, PortSpec, RuleSpec},
     resource::{check_label, check_labels},
+    spec::{AccessPolicySpec, CidrSpec, PortSpec, RuleSpec},
     Action, Mode, ObjectKey, SpiffeId,
 };
 

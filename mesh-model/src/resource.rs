@@ -9,9 +9,9 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, time::Duration
 use serde::Deserialize;
 
 use crate::{
-    crd::{AccessPolicySpec, Action, MeshConfigSpec, MtlsMode, Transport},
     duration, identity, is_dns_label,
     policy::{self, AccessPolicy},
+    spec::{AccessPolicySpec, Action, MeshConfigSpec, MtlsMode, Transport},
     SpiffeId,
 };
 

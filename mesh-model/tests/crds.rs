@@ -10,7 +10,7 @@ fn committed_crds_match_the_types() {
         let have = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
         assert!(
             have == want,
-            "deploy/crds/{file} is out of date with mesh-model/src/crd.rs; run `cargo xtask crds` and commit the result"
+            "deploy/crds/{file} is out of date with mesh-model/src/spec.rs; run `cargo xtask crds` and commit the result"
         );
     }
 }

@@ -94,6 +94,8 @@ fn main() {
                 "-q",
                 "-p",
                 "mesh-model",
+                "--features",
+                "crd",
                 "--example",
                 "crds",
                 "--",

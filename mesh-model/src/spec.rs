@@ -1,0 +1,292 @@
+//! The `spec` of `AccessPolicy` and `MeshConfig` exactly as operators write it: one set of types
+//! is both the universal-mode YAML and, with the `crd` feature, the Kubernetes CRD schema
+//! (kube-derive and schemars derive it here; `crd.rs` holds the rest, and `deploy/crds/` the
+//! generated files). Values here are unvalidated; `policy.rs` and `resource.rs` turn them into
+//! the validated model.
+
+use std::{collections::BTreeMap, fmt};
+
+#[cfg(feature = "crd")]
+use kube::CustomResource;
+#[cfg(feature = "crd")]
+use schemars::JsonSchema;
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+/// Allow or deny connections to the selected workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Action {
+    /// The variant's name, as written in YAML.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// `Enforce` decides connections; `DryRun` is evaluated, logged and counted, never enforced.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize,
+)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+pub enum Mode {
+    #[default]
+    Enforce,
+    DryRun,
+}
+
+impl fmt::Display for Mode {
+    /// The variant's name, as written in YAML.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// L4 authorization for the workloads it selects. Rules are ORed; the clauses of a rule are
+/// ANDed; each list clause matches when any of its entries does, and its `not…` form when none
+/// does.
+// Clippy reads the repeated `printcolumn(type_ = …)` arguments of kube's attribute as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(
+    feature = "crd",
+    derive(CustomResource, JsonSchema),
+    kube(
+        group = "mycel.dev",
+        version = "v1alpha1",
+        kind = "AccessPolicy",
+        namespaced,
+        shortname = "ap",
+        doc = "L4 allow/deny rules for the workloads a selector picks",
+        status = "AccessPolicyStatus",
+        printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+        printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+        printcolumn(
+            name = "Accepted",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+        ),
+        printcolumn(
+            name = "Selected",
+            type_ = "integer",
+            json_path = ".status.selectedWorkloads"
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessPolicySpec {
+    /// Destination workloads. Absent or empty: every workload of the policy's namespace (of the
+    /// whole mesh when that is the mesh's root namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    pub action: Action,
+    #[serde(default)]
+    pub mode: Mode,
+    /// At least one; a connection matches the policy when it matches any rule.
+    pub rules: Vec<RuleSpec>,
+}
+
+/// What the control plane made of an AccessPolicy (Kubernetes only; written by mesh-cp).
+#[cfg(feature = "crd")]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicyStatus {
+    /// The `metadata.generation` the status is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Workloads the policy selects while it is in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected_workloads: Option<u64>,
+    /// `Accepted`: `True` when in force, `False` with reason `Invalid` and why not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    /// Labels a workload must all carry.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// One rule: every clause present must match. A rule needs at least one clause.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleSpec {
+    /// SPIFFE IDs of the client, exact or ending in `*` for a prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_identities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_source_identities: Option<Vec<String>>,
+    /// Namespaces of the client's (verified) identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_source_namespaces: Option<Vec<String>>,
+    /// Labels the client workload must all carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_source_labels: Option<BTreeMap<String, String>>,
+    /// The client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_cidrs: Option<Vec<CidrSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_source_cidrs: Option<Vec<CidrSpec>>,
+    /// Destination ports (on the workload, after any service port mapping): `8080` or
+    /// `"9000-9100"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ports: Option<Vec<PortSpec>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CidrSpec {
+    /// `10.0.0.0/8`, `fd00::/64`, or a single address.
+    pub cidr: String,
+    /// Blocks inside `cidr` that do not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+}
+
+/// A port (`8080`) or an inclusive range (`"9000-9100"`), as written; validated later so that
+/// the error can name the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortSpec {
+    Number(u64),
+    Text(String),
+}
+
+impl Serialize for PortSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PortSpec::Number(n) => s.serialize_u64(*n),
+            PortSpec::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = PortSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number or a \"first-last\" range")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<PortSpec, E> {
+                Ok(PortSpec::Number(n))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<PortSpec, E> {
+                u64::try_from(n)
+                    .map(PortSpec::Number)
+                    .map_err(|_| E::custom(format!("{n} is not a port")))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<PortSpec, E> {
+                Ok(PortSpec::Text(s.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Mesh-wide settings; at most one per mesh (cluster-scoped in Kubernetes).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(
+    feature = "crd",
+    derive(CustomResource, JsonSchema),
+    kube(
+        group = "mycel.dev",
+        version = "v1alpha1",
+        kind = "MeshConfig",
+        root = "MeshConfigResource",
+        doc = "Mesh-wide settings of Mycel: trust domain, certificate lifetime, default policy action"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfigSpec {
+    /// SPIFFE trust domain of workload identities [default: cluster.local].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    /// Lifetime of workload certificates, e.g. `24h`; nodes renew at half of it [default: 24h].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_ttl: Option<String>,
+    /// What happens to a connection no enforced policy decides [default: Allow].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_action: Option<Action>,
+    /// Namespace whose AccessPolicies apply to the whole mesh [default: mycel-system].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_namespace: Option<String>,
+    /// Plaintext (non-mesh) TCP to mesh workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsSpec>,
+    /// How node proxies carry connections between nodes: `tls` (TLS 1.3 over one TCP
+    /// connection per application connection) or `quic` (one QUIC connection per pair of
+    /// pods, one stream per application connection) [default: tls].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsSpec {
+    /// `Strict`: plaintext connections to a mesh workload are dropped before they reach it.
+    /// `Permissive`: they are accepted by the node proxy and subject to AccessPolicy, which
+    /// knows only their source address [default: Permissive].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MtlsMode>,
+    /// Workload ports that take plaintext untouched in either mode, e.g. for health checks
+    /// from the node. The tunnel port (15008) is always open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext_ports: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+pub enum MtlsMode {
+    Strict,
+    #[default]
+    Permissive,
+}
+
+impl fmt::Display for MtlsMode {
+    /// The variant's name, as written in YAML.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The protocol of node-to-node tunnels. Every node accepts both; this picks what sources use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Tls,
+    Quic,
+}
+
+impl fmt::Display for Transport {
+    /// As written in YAML.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Tls => "tls",
+            Transport::Quic => "quic",
+        })
+    }
+}
