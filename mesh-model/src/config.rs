@@ -13,8 +13,10 @@ use serde::Deserialize;
 
 use crate::{
     authz::Selection,
+    object_key::ObjectKey,
     policy::AccessPolicy,
-    resource::{self, MeshConfig, ObjectKey, Resource, Service, Workload},
+    resource::{self, MeshConfig, Resource, Service, Workload},
+    validate,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -164,7 +166,7 @@ pub fn parse(files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
                 message,
             };
             let value =
-                serde_yaml::Value::deserialize(de).map_err(|e| invalid(resource::one_line(&e)))?;
+                serde_yaml::Value::deserialize(de).map_err(|e| invalid(validate::one_line(&e)))?;
             if value.is_null() {
                 continue; // an empty document, e.g. after a trailing `---`
             }

@@ -12,9 +12,10 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    resource::{check_label, check_labels},
+    object_key::ObjectKey,
     spec::{AccessPolicySpec, CidrSpec, PortSpec, RuleSpec},
-    Action, Mode, ObjectKey, SpiffeId,
+    validate::{check_label, check_labels},
+    Action, Mode, SpiffeId,
 };
 
 /// A validated access policy.

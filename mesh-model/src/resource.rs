@@ -4,46 +4,20 @@
 //! holds only validated values. Validation here is per document; checks that span documents
 //! live in `config.rs`.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
 use crate::{
-    duration, identity, is_dns_label,
+    duration, identity,
+    object_key::ObjectKey,
     policy::{self, AccessPolicy},
     spec::{AccessPolicySpec, Action, MeshConfigSpec, MtlsMode, Transport},
+    validate::{check_label, check_labels, one_line},
     SpiffeId,
 };
 
 pub const API_VERSION: &str = "mycel.dev/v1alpha1";
-
-/// `namespace/name` of a namespaced resource.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ObjectKey {
-    pub fn new(namespace: &str, name: &str) -> Self {
-        Self {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        }
-    }
-}
-
-impl serde::Serialize for ObjectKey {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// Mesh-wide settings. At most one per configuration; defaults apply when there is none.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -397,36 +371,6 @@ fn parse_ips(field: &str, values: &[String]) -> Result<Vec<IpAddr>, String> {
         out.push(ip);
     }
     Ok(out)
-}
-
-pub(crate) fn check_label(field: &str, value: &str) -> Result<(), String> {
-    if is_dns_label(value) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{field}: {value:?} is not a DNS label (a-z, 0-9, '-', at most 63)"
-        ))
-    }
-}
-
-pub(crate) fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
-    let ok = |s: &str, allow_empty: bool| {
-        (allow_empty || !s.is_empty())
-            && s.len() <= 253
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
-    };
-    for (k, v) in labels {
-        if !ok(k, false) || !ok(v, true) {
-            return Err(format!("{field}: {k:?}: {v:?} is not a valid label"));
-        }
-    }
-    Ok(())
-}
-
-/// serde_yaml errors can span lines; the operator gets one.
-pub(crate) fn one_line(e: &impl fmt::Display) -> String {
-    e.to_string().lines().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
