@@ -393,8 +393,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics::CpMetrics::new().context("cannot register the metrics")?,
     ));
     shared
-        .metrics
-        .watch(Arc::downgrade(&shared))
+        .watch_metrics()
         .context("cannot register the metrics")?;
     let names = if args.server_names.is_empty() {
         server::default_server_names(args.grpc_listen)

@@ -5,7 +5,7 @@
 //! bounded reason), config reloads rejected. Read when scraped: nodes connected, the config
 //! version in force, whether the files on disk are in force, the CA's expiry.
 
-use std::sync::{Mutex, Weak};
+use std::sync::Mutex;
 
 use prometheus::{
     core::{Collector, Desc},
@@ -13,8 +13,6 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
-
-use crate::state::Shared;
 
 const PREFIX: &str = "mycel_cp";
 
@@ -143,10 +141,13 @@ impl CpMetrics {
         self.node_refusals.with_label_values(&[reason]).inc();
     }
 
-    /// Adds the figures read from `shared` when scraped.
-    pub fn watch(&self, shared: Weak<Shared>) -> Result<(), prometheus::Error> {
+    /// Adds the figures `read` returns when scraped; `None` (the state is gone) reports none.
+    pub fn watch(
+        &self,
+        read: impl Fn() -> Option<Figures> + Send + Sync + 'static,
+    ) -> Result<(), prometheus::Error> {
         self.registry
-            .register(Box::new(StateCollector::new(shared)?))
+            .register(Box::new(StateCollector::new(Box::new(read))?))
     }
 
     pub fn pushed(&self, snapshot: bool) {
@@ -184,10 +185,23 @@ impl CpMetrics {
     }
 }
 
-/// Figures read from the shared state at scrape time. Holds it weakly: the state owns the
-/// metrics, not the other way round.
+/// What the state says at scrape time. Plain numbers, so that this module needs no state
+/// type: the state owns the metrics and hands them a reader (`Shared::watch_metrics`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Figures {
+    /// Nodes with a config stream open.
+    pub nodes_connected: usize,
+    pub config_version: u64,
+    /// Whether the config source as it is now is in force (no rejected change).
+    pub config_in_force: bool,
+    /// When the CA's root certificate expires, in Unix seconds (0 when unreadable).
+    pub ca_expiry: f64,
+}
+
+type Reader = Box<dyn Fn() -> Option<Figures> + Send + Sync>;
+
 struct StateCollector {
-    shared: Weak<Shared>,
+    read: Reader,
     nodes: IntGauge,
     version: IntGauge,
     config_in_force: IntGauge,
@@ -196,10 +210,10 @@ struct StateCollector {
 }
 
 impl StateCollector {
-    fn new(shared: Weak<Shared>) -> Result<Self, prometheus::Error> {
+    fn new(read: Reader) -> Result<Self, prometheus::Error> {
         let name = |n: &str| format!("{PREFIX}_{n}");
         Ok(Self {
-            shared,
+            read,
             nodes: IntGauge::new(name("nodes_connected"), "Nodes with a config stream open.")?,
             version: IntGauge::new(name("config_version"), "The config version in force.")?,
             config_in_force: IntGauge::new(
@@ -234,22 +248,48 @@ impl Collector for StateCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(shared) = self.shared.upgrade() else {
+        let Some(figures) = (self.read)() else {
             return Vec::new();
         };
-        let connected = shared.nodes().values().filter(|n| n.streams > 0).count();
-        self.nodes.set(i64::try_from(connected).unwrap_or(i64::MAX));
-        let status = shared.config_status();
+        self.nodes
+            .set(i64::try_from(figures.nodes_connected).unwrap_or(i64::MAX));
         self.version
-            .set(i64::try_from(status.version).unwrap_or(i64::MAX));
-        self.config_in_force.set(i64::from(status.error.is_none()));
-        let expiry = x509_parser::parse_x509_certificate(shared.ca.root_der())
-            .map(|(_, c)| c.validity().not_after.timestamp() as f64)
-            .unwrap_or(0.0);
-        self.ca_expiry.set(expiry);
+            .set(i64::try_from(figures.config_version).unwrap_or(i64::MAX));
+        self.config_in_force.set(i64::from(figures.config_in_force));
+        self.ca_expiry.set(figures.ca_expiry);
         self.families()
             .into_iter()
             .flat_map(|f| f.collect())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrapes_show_the_figures_read_and_none_once_the_state_is_gone() {
+        let metrics = CpMetrics::new().unwrap();
+        let figures = Figures {
+            nodes_connected: 2,
+            config_version: 7,
+            config_in_force: false,
+            ca_expiry: 1.5e9,
+        };
+        metrics.watch(move || Some(figures)).unwrap();
+        let text = metrics.render().unwrap();
+        for line in [
+            "mycel_cp_nodes_connected 2",
+            "mycel_cp_config_version 7",
+            "mycel_cp_config_dir_in_force 0",
+            "mycel_cp_ca_expiry_timestamp_seconds 1500000000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+
+        let gone = CpMetrics::new().unwrap();
+        gone.watch(|| None).unwrap();
+        assert!(!gone.render().unwrap().contains("mycel_cp_nodes_connected"));
     }
 }

@@ -11,7 +11,11 @@ use mesh_model::{authz::PolicyIndex, Config};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{ca::Ca, metrics::CpMetrics, node_auth::NodeAuth};
+use crate::{
+    ca::Ca,
+    metrics::{CpMetrics, Figures},
+    node_auth::NodeAuth,
+};
 
 /// One accepted configuration. Versions start at 1 with each control-plane process; nodes
 /// take a snapshot at the start of every stream, so versions need not survive a restart.
@@ -136,6 +140,26 @@ impl Shared {
 
     pub fn nodes(&self) -> BTreeMap<String, NodeStatus> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Lets the metrics read this state when scraped. Weakly: the state owns the metrics, not
+    /// the other way round.
+    pub fn watch_metrics(self: &Arc<Self>) -> Result<(), prometheus::Error> {
+        let state = Arc::downgrade(self);
+        self.metrics
+            .watch(move || state.upgrade().map(|s| s.figures()))
+    }
+
+    fn figures(&self) -> Figures {
+        let status = self.config_status();
+        Figures {
+            nodes_connected: self.nodes().values().filter(|n| n.streams > 0).count(),
+            config_version: status.version,
+            config_in_force: status.error.is_none(),
+            ca_expiry: x509_parser::parse_x509_certificate(self.ca.root_der())
+                .map(|(_, c)| c.validity().not_after.timestamp() as f64)
+                .unwrap_or(0.0),
+        }
     }
 }
 
