@@ -1,10 +1,11 @@
-//! Generated protobuf types and gRPC stubs, plus the few helpers every user of them needs.
+//! Generated protobuf types and gRPC stubs, their conversions from and to the model
+//! (`convert`), plus the few helpers every user of them needs.
 
 pub mod v1 {
     tonic::include_proto!("mycel.v1");
 }
 
-pub mod policy;
+pub mod convert;
 
 use std::net::IpAddr;
 

@@ -37,19 +37,7 @@ pub fn node_slice(
     };
     put(
         keys::MESH.into(),
-        v1::resource::Kind::Mesh(v1::MeshSettings {
-            trust_domain: config.mesh.trust_domain.clone(),
-            cert_ttl_seconds: config.mesh.cert_ttl.as_secs(),
-            default_action: mesh_api::policy::action_to_proto(config.mesh.default_action).into(),
-            mtls_mode: mesh_api::policy::mtls_to_proto(config.mesh.mtls).into(),
-            plaintext_ports: config
-                .mesh
-                .plaintext_ports
-                .iter()
-                .map(|p| u32::from(*p))
-                .collect(),
-            transport: mesh_api::policy::transport_to_proto(config.mesh.transport).into(),
-        }),
+        v1::resource::Kind::Mesh((&config.mesh).into()),
     );
     put(
         keys::TRUST_BUNDLE.into(),
@@ -62,21 +50,13 @@ pub fn node_slice(
         put(
             keys::workload(&w.key.namespace, &w.key.name),
             v1::resource::Kind::Workload(v1::Workload {
-                namespace: w.key.namespace.clone(),
-                name: w.key.name.clone(),
-                node: w.node.clone(),
                 netns: if local {
                     w.netns.to_string_lossy().into_owned()
                 } else {
                     String::new()
                 },
-                addresses: w
-                    .addresses
-                    .iter()
-                    .map(|a| mesh_api::ip_to_bytes(*a))
-                    .collect(),
                 identity: w.identity(&config.mesh.trust_domain).to_string(),
-                labels: w.labels.clone().into_iter().collect(),
+                ..w.into()
             }),
         );
     }
@@ -84,19 +64,8 @@ pub fn node_slice(
         put(
             keys::service(&s.key.namespace, &s.key.name),
             v1::resource::Kind::Service(v1::Service {
-                namespace: s.key.namespace.clone(),
-                name: s.key.name.clone(),
-                vips: s.vips.iter().map(|a| mesh_api::ip_to_bytes(*a)).collect(),
-                ports: s
-                    .ports
-                    .iter()
-                    .map(|p| v1::ServicePort {
-                        port: p.port.into(),
-                        target_port: p.target_port.into(),
-                        name: p.name.clone().unwrap_or_default(),
-                    })
-                    .collect(),
                 endpoints: config.endpoints(s).map(|w| w.key.to_string()).collect(),
+                ..s.into()
             }),
         );
     }
@@ -104,10 +73,7 @@ pub fn node_slice(
     for w in config.workloads_on(node) {
         let entries: Vec<v1::FastDenyEntry> = fast_deny(config, index, w)
             .into_iter()
-            .map(|(address, port)| v1::FastDenyEntry {
-                address: mesh_api::ip_to_bytes(address),
-                port: port.into(),
-            })
+            .map(v1::FastDenyEntry::from)
             .collect();
         if !entries.is_empty() {
             put(
@@ -129,7 +95,10 @@ pub fn node_slice(
         if !selected.is_empty() {
             put(
                 keys::policy(&p.key.namespace, &p.key.name),
-                v1::resource::Kind::Policy(mesh_api::policy::to_proto(p, selected)),
+                v1::resource::Kind::Policy(v1::AccessPolicy {
+                    selected,
+                    ..p.into()
+                }),
             );
         }
     }

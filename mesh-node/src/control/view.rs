@@ -9,6 +9,7 @@ use std::{
 };
 
 use mesh_api::{
+    convert::decode_enum,
     keys,
     v1::{self, resource::Kind, ConfigUpdate},
 };
@@ -61,9 +62,9 @@ impl Default for MeshPolicy {
 impl MeshPolicy {
     fn decode(m: &v1::MeshSettings) -> Result<Self, String> {
         Ok(Self {
-            default_action: mesh_api::policy::action_from_proto(m.default_action)
+            default_action: decode_enum::<v1::PolicyAction, _>(m.default_action)
                 .map_err(|e| format!("default action: {e}"))?,
-            mtls: mesh_api::policy::mtls_from_proto(m.mtls_mode)?,
+            mtls: decode_enum::<v1::MtlsMode, _>(m.mtls_mode).map_err(|e| e.to_string())?,
             plaintext_ports: m
                 .plaintext_ports
                 .iter()
@@ -71,7 +72,7 @@ impl MeshPolicy {
                     u16::try_from(*p).map_err(|_| format!("plaintext port {p} is out of range"))
                 })
                 .collect::<Result<_, _>>()?,
-            transport: mesh_api::policy::transport_from_proto(m.transport)?,
+            transport: decode_enum::<v1::Transport, _>(m.transport).map_err(|e| e.to_string())?,
         })
     }
 }
@@ -109,7 +110,7 @@ impl MeshView {
                         .insert(ObjectKey::new(&s.namespace, &s.name), s);
                 }
                 Some(Kind::Policy(p)) if key == keys::policy(&p.namespace, &p.name) => {
-                    let decoded = mesh_api::policy::from_proto(&p)?;
+                    let decoded = Selection::try_from(&p).map_err(|e| e.to_string())?;
                     next.policies
                         .insert(ObjectKey::new(&p.namespace, &p.name), decoded);
                 }
