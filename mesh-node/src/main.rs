@@ -115,7 +115,7 @@ struct RunArgs {
     /// in /proc/mounts].
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// Address of the admin endpoint (/healthz, /readyz, /stats, /debug/*); keep it on loopback.
+    /// Address of the admin endpoint (/healthz, /readyz, /debug/*); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_listen: SocketAddr,
     /// Address of the Prometheus endpoint (/metrics), for the node's scraper.
@@ -376,7 +376,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     })?);
     tracing::info!(cgroup = %capture.cgroup().display(), "capture programs attached");
 
-    let stats = Arc::new(proxy::ProxyStats::default());
     let svids = Arc::new(identity::SvidStore::default());
     // Offline mode keeps the empty directory: every destination is passed through unchanged.
     let (directory_tx, directory_rx) =
@@ -392,7 +391,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let shared = Arc::new(proxy::Shared::new(
         capture.clone(),
-        stats.clone(),
         metrics.connections.clone(),
         metrics.tunnels.clone(),
         Duration::from_secs_f64(args.connect_timeout),
@@ -400,22 +398,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(proxy::limits::Limits::new(limits, limited)),
     ));
     let (view_tx, view_rx) = watch::channel(Arc::new(control::MeshView::default()));
-    metrics.register(Box::new(metrics::collect::NodeCollector::new(
-        capture.clone(),
-        shared.authz.clone(),
-        svids.clone(),
-        stats.clone(),
-        status_rx.clone(),
-        view_rx.clone(),
-    )?))?;
-    admin.attached(admin::Parts {
+    let parts = admin::Parts {
         capture: capture.clone(),
-        stats,
         authz: shared.authz.clone(),
         svids: svids.clone(),
         view: view_rx,
         proxy: shared.clone(),
-    });
+    };
+    // The metrics read the same state the admin endpoint shows, when scraped.
+    let (figures, status) = (parts.clone(), status_rx.clone());
+    metrics.register(Box::new(metrics::collect::NodeCollector::new(move || {
+        figures.figures(&status.borrow())
+    })?))?;
+    admin.attached(parts);
     tokio::spawn(admin::serve(
         metrics_listener,
         Arc::new(admin::MetricsEndpoint(metrics)),

@@ -298,24 +298,25 @@ impl MeshNode {
         })
     }
 
-    /// Polls `/stats` until `cond` holds, failing with the daemon's log if it exits or times out.
+    /// Polls the node's figures ([`MeshNode::stats`]) until `cond` holds, failing with the
+    /// daemon's log if it exits or times out.
     pub fn wait_for(
         &mut self,
         timeout: Duration,
         cond: impl Fn(&BTreeMap<String, u64>) -> bool,
     ) -> io::Result<()> {
-        let admin = self.admin;
+        let metrics = self.metrics;
         self.daemon
             .wait_until(timeout, "stats condition", || {
-                let stats = stats_of(admin).ok()?;
+                let stats = stats_of(metrics).ok()?;
                 cond(&stats).then_some(())
             })
             .map_err(|e| io::Error::new(e.kind(), format!("{e}\nstats: {:?}", self.stats().ok())))
     }
 
-    /// `GET /stats` parsed into `name → value`.
+    /// The node's figures by the names the tests use, read from `/metrics` (see [`FIGURES`]).
     pub fn stats(&self) -> io::Result<BTreeMap<String, u64>> {
-        stats_of(self.admin)
+        stats_of(self.metrics)
     }
 
     pub fn stat(&self, name: &str) -> u64 {
@@ -409,15 +410,157 @@ impl Drop for MeshNode {
     }
 }
 
-fn stats_of(admin: SocketAddr) -> io::Result<BTreeMap<String, u64>> {
-    let body = http_get(admin, "/stats")?;
-    Ok(body
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_string(), v.trim().parse().ok()?))
+/// A figure the tests read, and the series of `/metrics` it sums.
+struct Figure {
+    name: &'static str,
+    /// Summed: each a metric and the labels its samples must have.
+    sums: &'static [(&'static str, &'static [(&'static str, &'static str)])],
+}
+
+const fn figure(
+    name: &'static str,
+    sums: &'static [(&'static str, &'static [(&'static str, &'static str)])],
+) -> Figure {
+    Figure { name, sums }
+}
+
+const CONNECT: &str = "mycel_tcp_connect_duration_seconds_count";
+const FAILED: &str = "mycel_tcp_connections_failed_total";
+const TUNNELS: &str = "mycel_tunnels_total";
+
+/// The figures the tests read by name. Every one is a sum of series of the node's
+/// Prometheus exposition: the node has no other counters.
+const FIGURES: &[Figure] = &[
+    figure("enrolled_workloads", &[("mycel_enrolled_workloads", &[])]),
+    figure("cp_connected", &[("mycel_control_plane_connected", &[])]),
+    figure(
+        "config_errors",
+        &[("mycel_config_applies_total", &[("result", "error")])],
+    ),
+    figure(
+        "fast_deny_entries",
+        &[("mycel_ebpf_map_entries", &[("map", "fast_deny")])],
+    ),
+    figure(
+        "orig_dst_entries_by_cookie",
+        &[("mycel_ebpf_map_entries", &[("map", "orig_dst_by_cookie")])],
+    ),
+    figure(
+        "orig_dst_entries_by_tuple",
+        &[("mycel_ebpf_map_entries", &[("map", "orig_dst_by_tuple")])],
+    ),
+    // Outbound connections sent on: each one's connect is timed, whatever the transport.
+    figure("proxy_forwarded", &[(CONNECT, &[])]),
+    figure("proxy_same_node", &[(CONNECT, &[("transport", "local")])]),
+    figure(
+        "proxy_passthrough",
+        &[(CONNECT, &[("transport", "passthrough")])],
+    ),
+    figure("tunnels_quic", &[(CONNECT, &[("transport", "quic")])]),
+    // Outbound connections the proxy took on: sent on, or failed at the source.
+    figure(
+        "proxy_accepted",
+        &[(CONNECT, &[]), (FAILED, &[("reporter", "source")])],
+    ),
+    figure(
+        "proxy_upstream_failed",
+        &[(FAILED, &[("reason", "upstream_connect")])],
+    ),
+    figure(
+        "proxy_no_orig_dst",
+        &[(FAILED, &[("reason", "no_original_destination")])],
+    ),
+    figure(
+        "proxy_bytes_received",
+        &[("mycel_tcp_received_bytes_total", &[])],
+    ),
+    figure(
+        "policy_denied",
+        &[(FAILED, &[("reporter", "destination"), ("reason", "denied")])],
+    ),
+    figure(
+        "policy_closed_open_connections",
+        &[("mycel_policy_closed_connections_total", &[])],
+    ),
+    // Connections admitted at this node's destinations and open.
+    figure(
+        "policy_open_connections",
+        &[("mycel_tcp_connections_open", &[("reporter", "destination")])],
+    ),
+    figure(
+        "tunnels_out",
+        &[(TUNNELS, &[("direction", "out"), ("outcome", "opened")])],
+    ),
+    figure(
+        "tunnels_reused",
+        &[(TUNNELS, &[("direction", "out"), ("outcome", "reused")])],
+    ),
+    figure(
+        "tunnels_in",
+        &[(TUNNELS, &[("direction", "in"), ("outcome", "accepted")])],
+    ),
+    figure(
+        "tunnels_in_refused",
+        &[(TUNNELS, &[("direction", "in"), ("outcome", "refused")])],
+    ),
+    figure(
+        "quic_connections_out",
+        &[(TUNNELS, &[("direction", "quic_out")])],
+    ),
+    figure(
+        "quic_connections_in",
+        &[(TUNNELS, &[("direction", "quic_in")])],
+    ),
+    figure(
+        "plaintext_in",
+        &[("mycel_plaintext_connections_total", &[])],
+    ),
+    figure(
+        "plaintext_denied",
+        &[(
+            "mycel_plaintext_connections_total",
+            &[("outcome", "denied")],
+        )],
+    ),
+    figure("inbound_open", &[("mycel_inbound_connections_open", &[])]),
+    figure("inbound_handshakes", &[("mycel_inbound_handshakes", &[])]),
+];
+
+fn stats_of(metrics: SocketAddr) -> io::Result<BTreeMap<String, u64>> {
+    let text = http_get(metrics, "/metrics")?;
+    let exposition = crate::prom::Exposition::parse(&text).map_err(io::Error::other)?;
+    // Counters and gauges of whole numbers: the casts lose nothing.
+    let sum = |name: &str, want: &[(&str, &str)]| exposition.sum(name, want) as u64;
+    let mut out: BTreeMap<String, u64> = FIGURES
+        .iter()
+        .map(|f| {
+            let total = f.sums.iter().map(|(name, want)| sum(name, want)).sum();
+            (f.name.to_owned(), total)
         })
-        .collect())
+        .collect();
+    // Every eBPF counter by its own name, `ebpf_<event>`.
+    for (labels, value) in exposition.matching("mycel_ebpf_events_total", &[]) {
+        if let Some(event) = labels.get("event") {
+            out.insert(format!("ebpf_{event}"), value as u64);
+        }
+    }
+    // Each decision counter as `policy_decisions{policy="…",rule="…",action="…",mode="…"}`.
+    for (labels, value) in exposition.matching("mycel_policy_decisions_total", &[]) {
+        let label = |k: &str| labels.get(k).map_or("", String::as_str);
+        let key = format!(
+            "policy_decisions{{policy=\"{}\",rule=\"{}\",action=\"{}\",mode=\"{}\"}}",
+            label("policy"),
+            label("rule"),
+            label("action"),
+            label("mode")
+        );
+        out.insert(key, value as u64);
+    }
+    let certificates = exposition
+        .matching("mycel_certificate_expiry_timestamp_seconds", &[])
+        .count();
+    out.insert("svids".into(), certificates as u64);
+    Ok(out)
 }
 
 /// Runs `cmd` to its end in a cgroup of its own, named for `node` (mesh-node refuses a

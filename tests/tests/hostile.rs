@@ -304,7 +304,7 @@ fn fragmented_and_disguised_syns_do_not_reach_a_strict_pod() {
         ],
         "{out}"
     );
-    let stats = m.n2.stats().expect("/stats");
+    let stats = m.n2.stats().expect("/metrics");
     assert!(stats["ebpf_inbound_fragment"] >= 3, "{stats:?}");
     assert!(stats["ebpf_inbound_dropped"] >= 4, "{stats:?}");
 }

@@ -126,10 +126,6 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
             format!("curl -s http://{}/debug/certs", node.admin),
             &format!("{name}: workload certificates (serial, expiry, chain) and roots"),
         );
-        look(
-            format!("curl -s http://{}/stats", node.admin),
-            &format!("{name}: counters (eBPF, proxy, tunnels, policy decisions)"),
-        );
     }
     for (name, node) in [("node1", node1), ("node2", node2)] {
         look(

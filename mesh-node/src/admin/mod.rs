@@ -1,15 +1,14 @@
 //! The daemon's HTTP endpoints. Admin (`--admin-listen`, loopback by default): `/healthz`,
 //! `/readyz` (ready once the eBPF programs are attached and, in connected mode, every enrolled
-//! workload has its certificate), `/stats` (counters as `name value` lines), `/debug/config`,
-//! `/debug/certs`, `/debug/connections` (JSON). Metrics (`--metrics-listen`): `/metrics`.
+//! workload has its certificate), `/debug/config`, `/debug/certs`, `/debug/connections`
+//! (JSON). Metrics (`--metrics-listen`): `/metrics`, the node's one set of counters.
 
 mod debug;
 pub mod http;
 
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc, OnceLock},
+    sync::{Arc, OnceLock},
 };
 
 use mesh_ebpf_common::Counter;
@@ -18,10 +17,8 @@ use tokio::{net::TcpListener, sync::watch};
 pub use http::{serve, Reply, Routes};
 
 use crate::{
-    capture::Capture,
-    control::MeshView,
-    identity::SvidStore,
-    proxy::{authz::Authz, ProxyStats},
+    capture::Capture, control::MeshView, identity::SvidStore, metrics::collect::Figures,
+    proxy::authz::Authz,
 };
 
 /// State the daemon publishes for the admin endpoint.
@@ -46,9 +43,9 @@ pub struct Admin {
     parts: OnceLock<Parts>,
 }
 
+#[derive(Clone)]
 pub struct Parts {
     pub capture: Arc<Capture>,
-    pub stats: Arc<ProxyStats>,
     pub authz: Arc<Authz>,
     pub svids: Arc<SvidStore>,
     /// The control plane's config as this node holds it (empty offline).
@@ -124,10 +121,6 @@ impl Routes for Admin {
             return Reply::unavailable("starting: the eBPF programs are not attached yet\n".into());
         };
         match path {
-            "/stats" => match render_stats(parts, &self.status.borrow().clone()) {
-                Ok(body) => Reply::text(body),
-                Err(e) => Reply::error(e),
-            },
             "/debug/config" => Reply::ok(JSON, debug::config(parts, &self.status.borrow().clone())),
             "/debug/certs" => Reply::ok(JSON, debug::certs(parts)),
             "/debug/connections" => Reply::ok(JSON, debug::connections(parts)),
@@ -152,57 +145,49 @@ impl Routes for MetricsEndpoint {
     }
 }
 
-fn render_stats(admin: &Parts, status: &Status) -> Result<String, crate::capture::CaptureError> {
-    let mut out = String::new();
-    let counters = admin.capture.counters()?;
-    for c in Counter::ALL {
-        let _ = writeln!(out, "ebpf_{} {}", c.name(), counters.get(c));
+impl Parts {
+    /// What the metrics read at a scrape (`metrics/collect.rs`), with `status` as it is.
+    pub fn figures(&self, status: &Status) -> Figures {
+        let ebpf_events = match self.capture.counters() {
+            Ok(counters) => Some(Counter::ALL.map(|c| (c.name(), counters.get(c))).to_vec()),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the eBPF counters");
+                None
+            }
+        };
+        let (by_cookie, by_tuple) = self.capture.orig_dst_entries();
+        let (inbound_open, inbound_handshakes) = self.proxy.limits.totals();
+        Figures {
+            ebpf_events,
+            map_entries: vec![
+                ("orig_dst_by_cookie", by_cookie),
+                ("orig_dst_by_tuple", by_tuple),
+                ("fast_deny", self.capture.fast_deny_entries()),
+            ],
+            decisions: self
+                .authz
+                .decision_counts()
+                .into_iter()
+                .map(|((policy, rule, action, mode), n)| {
+                    ([policy, rule, action.to_string(), mode.to_string()], n)
+                })
+                .collect(),
+            closed_by_policy: self.authz.closed_by_policy(),
+            certificates: self
+                .svids
+                .all()
+                .iter()
+                .map(|s| (s.identity.clone(), s.serial.clone(), s.not_after))
+                .collect(),
+            trust_roots: self.view.borrow().trust_roots.clone(),
+            config_updated_at: status.config_updated_at,
+            config_version: status.config_version,
+            config_applied: status.config_applied,
+            config_errors: status.config_errors,
+            cp_connected: status.cp_connected,
+            enrolled: status.enrolled,
+            inbound_open,
+            inbound_handshakes,
+        }
     }
-    let (by_cookie, by_tuple) = admin.capture.orig_dst_entries();
-    let _ = writeln!(out, "orig_dst_entries_by_cookie {by_cookie}");
-    let _ = writeln!(out, "orig_dst_entries_by_tuple {by_tuple}");
-    let _ = writeln!(
-        out,
-        "fast_deny_entries {}",
-        admin.capture.fast_deny_entries()
-    );
-    let s = &admin.stats;
-    for (name, v) in [
-        ("proxy_accepted", &s.accepted),
-        ("proxy_forwarded", &s.forwarded),
-        ("proxy_no_orig_dst", &s.no_orig_dst),
-        ("proxy_upstream_failed", &s.upstream_failed),
-        ("proxy_reset", &s.reset),
-        ("proxy_bytes_sent", &s.bytes_sent),
-        ("proxy_bytes_received", &s.bytes_received),
-        ("proxy_passthrough", &s.passthrough),
-        ("proxy_same_node", &s.same_node),
-        ("proxy_no_endpoint", &s.no_endpoint),
-        ("tunnels_out", &s.tunnels_out),
-        ("tunnels_reused", &s.tunnels_reused),
-        ("tunnels_quic", &s.tunnels_quic),
-        ("quic_connections_out", &s.quic_connections_out),
-        ("quic_connections_in", &s.quic_connections_in),
-        ("tunnels_out_failed", &s.tunnels_out_failed),
-        ("tunnels_in", &s.tunnels_in),
-        ("tunnels_in_refused", &s.tunnels_in_refused),
-        ("plaintext_in", &s.plaintext_in),
-        ("plaintext_denied", &s.plaintext_denied),
-    ] {
-        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
-    }
-    let (open, handshakes) = admin.proxy.limits.totals();
-    let _ = writeln!(out, "inbound_open {open}");
-    let _ = writeln!(out, "inbound_handshakes {handshakes}");
-    admin.authz.render(&mut out);
-    let _ = writeln!(out, "enrolled_workloads {}", status.enrolled);
-    let _ = writeln!(out, "config_applied {}", status.config_applied);
-    let _ = writeln!(out, "config_errors {}", status.config_errors);
-    let _ = writeln!(out, "config_version {}", status.config_version);
-    let _ = writeln!(out, "cp_connected {}", u8::from(status.cp_connected));
-    let svid = admin.svids.stats();
-    let _ = writeln!(out, "svids {}", admin.svids.len());
-    let _ = writeln!(out, "svids_issued {}", svid.issued);
-    let _ = writeln!(out, "svid_errors {}", svid.errors);
-    Ok(out)
 }

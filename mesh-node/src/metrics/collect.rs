@@ -1,42 +1,60 @@
 //! Figures read when Prometheus scrapes, from the state that owns them: nothing here keeps a
 //! second copy that could drift. Families whose label sets come and go (certificates of
 //! workloads that left, say) are rebuilt on each scrape.
+//!
+//! This module knows the figures, not the types that hold them: the daemon hands the
+//! collector a reader that fills a [`Figures`] (`admin::Parts::figures`).
 
 use std::{
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use mesh_ebpf_common::Counter;
 use prometheus::{
     core::{Collector, Desc},
     proto::MetricFamily,
     GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
-use tokio::sync::watch;
 
 use super::PREFIX;
-use crate::{
-    admin::Status,
-    capture::Capture,
-    control::MeshView,
-    identity::SvidStore,
-    proxy::{authz::Authz, ProxyStats},
-};
+
+/// What the node's state says at one scrape.
+#[derive(Debug, Default)]
+pub struct Figures {
+    /// The eBPF programs' counters by event name, summed over CPUs; `None` when they cannot
+    /// be read.
+    pub ebpf_events: Option<Vec<(&'static str, u64)>>,
+    /// Entries in the eBPF maps that fill up, by map.
+    pub map_entries: Vec<(&'static str, usize)>,
+    /// Policy decisions: (policy, rule, action, mode) and how many.
+    pub decisions: Vec<([String; 4], u64)>,
+    pub closed_by_policy: u64,
+    /// Workload certificates held: identity, serial, expiry.
+    pub certificates: Vec<(String, String, SystemTime)>,
+    /// The trust roots in force, DER.
+    pub trust_roots: Vec<Vec<u8>>,
+    pub config_updated_at: Option<SystemTime>,
+    pub config_version: u64,
+    pub config_applied: u64,
+    pub config_errors: u64,
+    pub cp_connected: bool,
+    pub enrolled: usize,
+    /// Connections open to this node's pods, and tunnel handshakes in progress.
+    pub inbound_open: u64,
+    pub inbound_handshakes: u64,
+}
+
+type Reader = Box<dyn Fn() -> Figures + Send + Sync>;
 
 /// The node's state-backed figures.
 pub struct NodeCollector {
-    capture: Arc<Capture>,
-    authz: Arc<Authz>,
-    svids: Arc<SvidStore>,
-    stats: Arc<ProxyStats>,
-    status: watch::Receiver<Status>,
-    view: watch::Receiver<Arc<MeshView>>,
+    read: Reader,
     ebpf: IntCounterVec,
     ebpf_entries: IntGaugeVec,
     decisions: IntCounterVec,
     closed_by_policy: IntCounter,
-    tunnels: IntCounterVec,
+    inbound_open: IntGauge,
+    inbound_handshakes: IntGauge,
     cert_expiry: GaugeVec,
     root_expiry: GaugeVec,
     config_age: GaugeVec,
@@ -52,21 +70,11 @@ pub struct NodeCollector {
 
 impl NodeCollector {
     pub fn new(
-        capture: Arc<Capture>,
-        authz: Arc<Authz>,
-        svids: Arc<SvidStore>,
-        stats: Arc<ProxyStats>,
-        status: watch::Receiver<Status>,
-        view: watch::Receiver<Arc<MeshView>>,
+        read: impl Fn() -> Figures + Send + Sync + 'static,
     ) -> Result<Self, prometheus::Error> {
         let name = |n: &str| format!("{PREFIX}_{n}");
         Ok(Self {
-            capture,
-            authz,
-            svids,
-            stats,
-            status,
-            view,
+            read: Box::new(read),
             ebpf: IntCounterVec::new(
                 Opts::new(
                     name("ebpf_events_total"),
@@ -95,13 +103,14 @@ impl NodeCollector {
                 name("policy_closed_connections_total"),
                 "Open connections closed because a policy change denies them.",
             )?,
-            tunnels: IntCounterVec::new(
-                Opts::new(
-                    name("tunnels_total"),
-                    "Tunnels by direction and outcome: out (opened, reused, failed), in \
-                     (accepted, refused), QUIC connections (out, in).",
-                ),
-                &["direction", "outcome"],
+            inbound_open: IntGauge::new(
+                name("inbound_connections_open"),
+                "Connections open to this node's pods (tunnelled and plaintext), counted against \
+                 the limits.",
+            )?,
+            inbound_handshakes: IntGauge::new(
+                name("inbound_handshakes"),
+                "Tunnel handshakes to this node's pods in progress (until the first header).",
             )?,
             cert_expiry: GaugeVec::new(
                 Opts::new(
@@ -155,61 +164,41 @@ impl NodeCollector {
     }
 
     fn update(&self) {
-        match self.capture.counters() {
-            Ok(counters) => {
-                for c in Counter::ALL {
-                    set_counter(&self.ebpf, &[c.name()], counters.get(c));
+        let f = (self.read)();
+        match &f.ebpf_events {
+            Some(events) => {
+                for (event, n) in events {
+                    set_counter(&self.ebpf, &[event], *n);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read the eBPF counters for metrics"),
+            None => tracing::warn!("cannot read the eBPF counters for metrics"),
         }
-        let (by_cookie, by_tuple) = self.capture.orig_dst_entries();
-        let entries = [
-            ("orig_dst_by_cookie", by_cookie),
-            ("orig_dst_by_tuple", by_tuple),
-            ("fast_deny", self.capture.fast_deny_entries()),
-        ];
-        for (map, n) in entries {
+        for (map, n) in &f.map_entries {
             self.ebpf_entries
                 .with_label_values(&[map])
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
 
         self.decisions.reset();
-        for ((policy, rule, action, mode), n) in self.authz.decision_counts() {
-            let (action, mode) = (action.to_string(), mode.to_string());
-            set_counter(&self.decisions, &[&policy, &rule, &action, &mode], n);
+        for ([policy, rule, action, mode], n) in &f.decisions {
+            set_counter(&self.decisions, &[policy, rule, action, mode], *n);
         }
         self.closed_by_policy.reset();
-        self.closed_by_policy.inc_by(self.authz.closed_by_policy());
-
-        let s = &self.stats;
-        for (direction, outcome, v) in [
-            ("out", "opened", &s.tunnels_out),
-            ("out", "reused", &s.tunnels_reused),
-            ("out", "failed", &s.tunnels_out_failed),
-            ("in", "accepted", &s.tunnels_in),
-            ("in", "refused", &s.tunnels_in_refused),
-            ("quic_out", "opened", &s.quic_connections_out),
-            ("quic_in", "accepted", &s.quic_connections_in),
-        ] {
-            set_counter(
-                &self.tunnels,
-                &[direction, outcome],
-                v.load(Ordering::Relaxed),
-            );
-        }
+        self.closed_by_policy.inc_by(f.closed_by_policy);
+        self.inbound_open
+            .set(i64::try_from(f.inbound_open).unwrap_or(i64::MAX));
+        self.inbound_handshakes
+            .set(i64::try_from(f.inbound_handshakes).unwrap_or(i64::MAX));
 
         self.cert_expiry.reset();
-        for svid in self.svids.all() {
+        for (identity, serial, not_after) in &f.certificates {
             self.cert_expiry
-                .with_label_values(&[&svid.identity, &svid.serial])
-                .set(unix_seconds(svid.not_after));
+                .with_label_values(&[identity, serial])
+                .set(unix_seconds(*not_after));
         }
 
         self.root_expiry.reset();
-        let view = self.view.borrow().clone();
-        for der in &view.trust_roots {
+        for der in &f.trust_roots {
             if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) {
                 self.root_expiry
                     .with_label_values(&[cert.subject().to_string(), cert.raw_serial_as_string()])
@@ -225,21 +214,20 @@ impl NodeCollector {
                 .set(i64::try_from(m.num_alive_tasks()).unwrap_or(i64::MAX));
         }
 
-        let status = self.status.borrow().clone();
         self.config_age.reset();
-        if let Some(at) = status.config_updated_at {
+        if let Some(at) = f.config_updated_at {
             let age = SystemTime::now()
                 .duration_since(at)
                 .map_or(0.0, |d| d.as_secs_f64());
             self.config_age.with_label_values::<&str>(&[]).set(age);
         }
         self.config_version
-            .set(i64::try_from(status.config_version).unwrap_or(i64::MAX));
-        set_counter(&self.config_results, &["ok"], status.config_applied);
-        set_counter(&self.config_results, &["error"], status.config_errors);
-        self.cp_connected.set(i64::from(status.cp_connected));
+            .set(i64::try_from(f.config_version).unwrap_or(i64::MAX));
+        set_counter(&self.config_results, &["ok"], f.config_applied);
+        set_counter(&self.config_results, &["error"], f.config_errors);
+        self.cp_connected.set(i64::from(f.cp_connected));
         self.enrolled
-            .set(i64::try_from(status.enrolled).unwrap_or(i64::MAX));
+            .set(i64::try_from(f.enrolled).unwrap_or(i64::MAX));
     }
 }
 
@@ -257,13 +245,14 @@ fn unix_seconds(t: SystemTime) -> f64 {
 
 impl NodeCollector {
     /// Every family, in exposition order: what `desc` and `collect` both walk.
-    fn families(&self) -> [&dyn Collector; 14] {
+    fn families(&self) -> [&dyn Collector; 15] {
         [
             &self.ebpf,
             &self.ebpf_entries,
             &self.decisions,
             &self.closed_by_policy,
-            &self.tunnels,
+            &self.inbound_open,
+            &self.inbound_handshakes,
             &self.cert_expiry,
             &self.root_expiry,
             &self.workers,

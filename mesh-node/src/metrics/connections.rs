@@ -23,7 +23,6 @@ use prometheus::{
 
 use super::{MetricsError, PREFIX};
 use crate::access_log::{self, AccessLog, Entry};
-use crate::proxy::directory::Peer;
 use crate::transport::Transport;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,9 +45,10 @@ impl Reporter {
 /// is not a mesh workload.
 ///
 /// A workload, in the labels, is what a pod's `app.kubernetes.io/name` or `app` label names
-/// (the object's own name when it has neither): every replica of an application shares its
-/// series. The pod (`source_pod`, `destination_pod`: the workload object's name) is in the
-/// labels only with `--metrics-pod-labels`, and always in the access log.
+/// (the object's own name when it has neither; `proxy/labels.rs` fills them in): every
+/// replica of an application shares its series. The pod (`source_pod`, `destination_pod`:
+/// the workload object's name) is in the labels only with `--metrics-pod-labels`, and always
+/// in the access log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Pair {
     pub source_workload: String,
@@ -63,34 +63,7 @@ pub struct Pair {
     pub destination_port: u16,
 }
 
-/// Labels that name an application, most specific first.
-const APP_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app"];
-
-/// The application `peer` is a replica of, for the labels.
-fn workload_of(peer: &Peer) -> &str {
-    APP_LABELS
-        .iter()
-        .find_map(|l| peer.labels.get(*l).filter(|v| !v.is_empty()))
-        .unwrap_or(&peer.key.name)
-}
-
 impl Pair {
-    pub fn with_source(mut self, peer: &Peer) -> Self {
-        self.source_workload = workload_of(peer).to_owned();
-        self.source_pod.clone_from(&peer.key.name);
-        self.source_namespace.clone_from(&peer.key.namespace);
-        self.source_identity.clone_from(&peer.identity_uri);
-        self
-    }
-
-    pub fn with_destination(mut self, peer: &Peer) -> Self {
-        self.destination_workload = workload_of(peer).to_owned();
-        self.destination_pod.clone_from(&peer.key.name);
-        self.destination_namespace.clone_from(&peer.key.namespace);
-        self.destination_identity.clone_from(&peer.identity_uri);
-        self
-    }
-
     /// Label values in the order of [`label_names`].
     fn labels(&self, reporter: Reporter, pods: bool) -> Vec<String> {
         let mut labels = vec![
@@ -188,6 +161,29 @@ impl FailReason {
     }
 }
 
+/// What became of a plaintext connection from outside the mesh (PERMISSIVE mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plaintext {
+    Admitted,
+    /// A policy denies it.
+    Denied,
+    /// A limit, a destination that is not the pod's application, or the application's
+    /// connect failing.
+    Refused,
+}
+
+impl Plaintext {
+    const ALL: [Plaintext; 3] = [Plaintext::Admitted, Plaintext::Denied, Plaintext::Refused];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Plaintext::Admitted => "admitted",
+            Plaintext::Denied => "denied",
+            Plaintext::Refused => "refused",
+        }
+    }
+}
+
 /// The connection families. One per daemon, shared by every connection.
 pub struct ConnectionMetrics {
     access_log: Arc<AccessLog>,
@@ -204,6 +200,8 @@ pub struct ConnectionMetrics {
     received: IntCounterVec,
     duration: HistogramVec,
     connect: HistogramVec,
+    /// Indexed as [`Plaintext::ALL`] is.
+    plaintext: [IntCounter; 3],
 }
 
 impl ConnectionMetrics {
@@ -252,6 +250,13 @@ impl ConnectionMetrics {
             &["transport", "session"],
         )?;
         registry.register(Box::new(connect.clone()))?;
+        let plaintext = counter(
+            "plaintext_connections_total",
+            "Plaintext connections to this node's pods from outside the mesh (PERMISSIVE mode), \
+             by outcome: admitted, denied (by policy), refused (a limit, a destination that is \
+             not the application, or its connect failing).",
+            &["outcome"],
+        )?;
         Ok(Arc::new(Self {
             access_log,
             pod_labels,
@@ -285,6 +290,7 @@ impl ConnectionMetrics {
             )?,
             duration,
             connect,
+            plaintext: Plaintext::ALL.map(|o| plaintext.with_label_values(&[o.as_str()])),
         }))
     }
 
@@ -376,6 +382,10 @@ impl ConnectionMetrics {
                 detail,
             ));
         }
+    }
+
+    pub fn plaintext(&self, outcome: Plaintext) {
+        self.plaintext[outcome as usize].inc();
     }
 
     /// Time an outbound connection took to reach its destination by `transport`, on a
@@ -559,7 +569,6 @@ impl Drop for Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workloads::WorkloadId;
 
     fn pair() -> Pair {
         Pair {
@@ -634,79 +643,6 @@ mod tests {
             ),
             0.0
         );
-    }
-
-    fn peer(name: &str, labels: &[(&str, &str)]) -> Peer {
-        let identity = mesh_model::SpiffeId::new("cluster.local", "ns", "sa");
-        Peer {
-            key: WorkloadId {
-                namespace: "ns".into(),
-                name: name.into(),
-            },
-            identity_uri: identity.to_string(),
-            identity,
-            addresses: Vec::new(),
-            node: "n1".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        }
-    }
-
-    /// Replicas of one application share its series; pods are labels only when asked for.
-    #[test]
-    fn workloads_are_applications_and_pods_are_labels_only_on_request() {
-        let web1 = peer("web-1", &[("app", "web")]);
-        let web2 = peer(
-            "web-2",
-            &[("app", "web"), ("app.kubernetes.io/name", "shop")],
-        );
-        let db = peer("db-0", &[("tier", "data")]);
-        let a = Pair::default().with_source(&web1).with_destination(&db);
-        assert_eq!(
-            (a.source_workload.as_str(), a.source_pod.as_str()),
-            ("web", "web-1")
-        );
-        assert_eq!(
-            (a.destination_workload.as_str(), a.destination_pod.as_str()),
-            ("db-0", "db-0"),
-            "no application label: the object's name"
-        );
-        let b = Pair::default().with_source(&web2);
-        assert_eq!(b.source_workload, "shop", "app.kubernetes.io/name first");
-
-        let names = |pods: bool| {
-            let registry = Registry::new();
-            let m =
-                ConnectionMetrics::register(&registry, Arc::new(AccessLog::off()), pods).unwrap();
-            let one = Pair::default().with_source(&web1).with_destination(&db);
-            let two = Pair::default()
-                .with_source(&peer("web-2", &[("app", "web")]))
-                .with_destination(&db);
-            drop(m.opened(Reporter::Source, &one, Details::default()));
-            drop(m.opened(Reporter::Source, &two, Details::default()));
-            let families = registry.gather();
-            let opened = families
-                .iter()
-                .find(|f| f.name() == "mycel_tcp_connections_opened_total")
-                .expect("opened family");
-            let series: Vec<Vec<String>> = opened
-                .get_metric()
-                .iter()
-                .map(|m| m.get_label().iter().map(|l| l.name().to_owned()).collect())
-                .collect();
-            series
-        };
-        let plain = names(false);
-        assert_eq!(plain.len(), 1, "two replicas of web, one series: {plain:?}");
-        assert!(!plain[0].iter().any(|l| l.ends_with("_pod")), "{plain:?}");
-        let with_pods = names(true);
-        assert_eq!(with_pods.len(), 2, "a series per pod: {with_pods:?}");
-        for labels in &with_pods {
-            assert!(labels.contains(&"source_pod".to_owned()), "{labels:?}");
-            assert!(labels.contains(&"destination_pod".to_owned()), "{labels:?}");
-        }
     }
 
     #[test]

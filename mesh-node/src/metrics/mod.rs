@@ -3,9 +3,13 @@
 //! - `connections.rs`: per workload pair and reporter: connections opened, closed, failed (by
 //!   a bounded reason), open, bytes each way (counted as they move, so long connections show
 //!   live), durations; and the node's connect latency.
-//! - `tunnels.rs`: tunnels open, and the connections each one carried.
+//! - `tunnels.rs`: tunnels open, the connections each one carried, and what became of each.
 //! - `collect.rs`: figures read when scraped from the state that already owns them: the eBPF
-//!   counters, policy decisions, certificates, config freshness, proxy totals.
+//!   counters, policy decisions, certificates, config freshness, the limits' counts.
+//!
+//! This is the node's one telemetry sink: an event is counted here once, and the access log
+//! is written from the same calls. Labels come in as values (`Pair`, `Details`, `Outcome`);
+//! the module knows nothing of the proxy's types.
 //!
 //! One [`Metrics`] per daemon owns the registry; a family registered twice is a startup error,
 //! never a silently merged exposition.
@@ -19,9 +23,9 @@ use std::sync::Arc;
 use prometheus::{Encoder, Registry, TextEncoder};
 
 pub use connections::{
-    Connection, ConnectionMetrics, Details, FailReason, Flow, Pair, Reporter, Traffic,
+    Connection, ConnectionMetrics, Details, FailReason, Flow, Pair, Plaintext, Reporter, Traffic,
 };
-pub use tunnels::{OpenTunnel, TunnelMetrics};
+pub use tunnels::{OpenTunnel, Outcome, TunnelMetrics};
 
 /// Every metric name starts with this.
 pub const PREFIX: &str = "mycel";

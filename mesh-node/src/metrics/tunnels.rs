@@ -1,5 +1,5 @@
-//! Tunnels between nodes: how many are open, and how many connections (streams) each one
-//! carried before it closed.
+//! Tunnels between nodes: how many are open, how many connections (streams) each one
+//! carried before it closed, and what became of every tunnel asked for (`mycel_tunnels_total`).
 //!
 //! A tunnel is one TLS session (which carries its connections one after another) or one QUIC
 //! connection (which carries them side by side, a stream each). Both ends count: `out` at the
@@ -8,7 +8,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 use mesh_model::Transport;
 
@@ -37,11 +40,58 @@ impl Direction {
     }
 }
 
-/// The tunnel families, and their four children made once.
+/// What became of a tunnel, or of a connection on one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A connection this node sent through a tunnel, answered OK (on a new or reused one).
+    OutOpened,
+    /// Of those, the ones on a session or QUIC connection that was there already.
+    OutReused,
+    /// A tunnel to an endpoint that could not be made or was refused.
+    OutFailed,
+    /// A tunnelled connection this node's pod admitted.
+    InAccepted,
+    /// A tunnel, or a connection on one, this node's pod refused: limits, handshake, header,
+    /// identity or policy.
+    InRefused,
+    /// A QUIC connection this node opened.
+    QuicOutOpened,
+    /// A QUIC connection another node opened to this node's pods.
+    QuicInAccepted,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 7] = [
+        Outcome::OutOpened,
+        Outcome::OutReused,
+        Outcome::OutFailed,
+        Outcome::InAccepted,
+        Outcome::InRefused,
+        Outcome::QuicOutOpened,
+        Outcome::QuicInAccepted,
+    ];
+
+    /// `direction` and `outcome`.
+    fn labels(self) -> [&'static str; 2] {
+        match self {
+            Outcome::OutOpened => ["out", "opened"],
+            Outcome::OutReused => ["out", "reused"],
+            Outcome::OutFailed => ["out", "failed"],
+            Outcome::InAccepted => ["in", "accepted"],
+            Outcome::InRefused => ["in", "refused"],
+            Outcome::QuicOutOpened => ["quic_out", "opened"],
+            Outcome::QuicInAccepted => ["quic_in", "accepted"],
+        }
+    }
+}
+
+/// The tunnel families, and their children made once.
 pub struct TunnelMetrics {
     /// Indexed as [`CHILDREN`] is.
     open: [IntGauge; 4],
     streams: [Histogram; 4],
+    /// Indexed as [`Outcome::ALL`] is.
+    outcomes: [IntCounter; 7],
 }
 
 impl TunnelMetrics {
@@ -64,8 +114,17 @@ impl TunnelMetrics {
             .buckets(vec![0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 100.0, 1000.0, 10000.0]),
             &labels,
         )?;
+        let outcomes = IntCounterVec::new(
+            Opts::new(
+                format!("{PREFIX}_tunnels_total"),
+                "Tunnels by direction and outcome: out (opened, reused, failed), in \
+                 (accepted, refused), QUIC connections (out, in).",
+            ),
+            &["direction", "outcome"],
+        )?;
         registry.register(Box::new(open.clone()))?;
         registry.register(Box::new(streams.clone()))?;
+        registry.register(Box::new(outcomes.clone()))?;
         let child = |i: usize| {
             let (direction, transport) = CHILDREN[i];
             [direction.as_str().to_owned(), transport.to_string()]
@@ -73,6 +132,7 @@ impl TunnelMetrics {
         Ok(Self {
             open: std::array::from_fn(|i| open.with_label_values(&child(i))),
             streams: std::array::from_fn(|i| streams.with_label_values(&child(i))),
+            outcomes: Outcome::ALL.map(|o| outcomes.with_label_values(&o.labels())),
         })
     }
 
@@ -84,6 +144,10 @@ impl TunnelMetrics {
             (Direction::In, Transport::Tls) => 2,
             (Direction::In, Transport::Quic) => 3,
         }
+    }
+
+    pub fn count(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].inc();
     }
 
     /// A tunnel that has just been established: open until the returned value drops.

@@ -6,7 +6,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt::Write as _,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -45,7 +44,6 @@ pub struct Authz {
     open: Mutex<HashMap<u64, Open>>,
     next_id: AtomicU64,
     decisions: Mutex<BTreeMap<DecisionKey, u64>>,
-    denied: AtomicU64,
     closed_by_policy: AtomicU64,
 }
 
@@ -80,7 +78,6 @@ impl Authz {
         let decision = evaluate(dir, req);
         self.count(&decision);
         if !decision.allowed {
-            self.denied.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 destination = %req.destination, port = req.destination_addr.port(),
                 source_identity = %display_identity(req), source = %req.source_addr,
@@ -146,24 +143,6 @@ impl Authz {
                 "open connection closed: a policy change denies it"
             );
             cancel.cancel();
-        }
-    }
-
-    /// Counter lines for the admin endpoint's `/stats`.
-    pub fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "policy_denied {}", self.denied.load(Ordering::Relaxed));
-        let _ = writeln!(
-            out,
-            "policy_closed_open_connections {}",
-            self.closed_by_policy.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "policy_open_connections {}", self.lock_open().len());
-        let decisions = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
-        for ((policy, rule, action, mode), n) in decisions.iter() {
-            let _ = writeln!(
-                out,
-                "policy_decisions{{policy=\"{policy}\",rule=\"{rule}\",action=\"{action}\",mode=\"{mode}\"}} {n}"
-            );
         }
     }
 

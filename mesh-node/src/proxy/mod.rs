@@ -17,6 +17,7 @@ pub mod authz;
 pub mod directory;
 pub mod inbound;
 pub mod kernel_policy;
+pub mod labels;
 pub mod limits;
 pub mod outbound;
 pub mod relay;
@@ -45,52 +46,9 @@ use directory::Directory;
 /// them: the proxy would connect to itself, again and again.
 pub const RESERVED_PORTS: [u16; 3] = [OUTBOUND_PORT, PLAINTEXT_PORT, crate::tunnel::TUNNEL_PORT];
 
-/// Totals over all pods, shown on the admin endpoint.
-#[derive(Debug, Default)]
-pub struct ProxyStats {
-    pub accepted: AtomicU64,
-    /// Outbound connections sent on (through a tunnel, to a local pod, or out unchanged).
-    pub forwarded: AtomicU64,
-    /// Accepted connections with no original-destination record; reset.
-    pub no_orig_dst: AtomicU64,
-    /// Upstream connect refused, unreachable or timed out; the client was reset.
-    pub upstream_failed: AtomicU64,
-    /// Relays that ended with an error and were reset on both sides.
-    pub reset: AtomicU64,
-    pub bytes_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
-    /// Outbound connections to a destination outside the mesh, sent unchanged.
-    pub passthrough: AtomicU64,
-    /// Outbound tunnels established (TLS done, destination answered OK).
-    pub tunnels_out: AtomicU64,
-    /// Of those, the ones that reused an idle session or a QUIC connection (no handshake).
-    pub tunnels_reused: AtomicU64,
-    /// Of those, the ones carried by a QUIC stream.
-    pub tunnels_quic: AtomicU64,
-    /// QUIC connections this node opened to other nodes.
-    pub quic_connections_out: AtomicU64,
-    /// QUIC connections other nodes opened to this node's pods.
-    pub quic_connections_in: AtomicU64,
-    /// Outbound tunnels that failed: connect, handshake, or a refusal by the destination.
-    pub tunnels_out_failed: AtomicU64,
-    /// Outbound connections delivered to a pod on this node without TLS.
-    pub same_node: AtomicU64,
-    /// Inbound tunnels accepted and connected to the application.
-    pub tunnels_in: AtomicU64,
-    /// Inbound tunnels refused: handshake, bad header, identity mismatch, or no application.
-    pub tunnels_in_refused: AtomicU64,
-    /// Connections to a service VIP that found no reachable endpoint; reset.
-    pub no_endpoint: AtomicU64,
-    /// Plaintext connections to a pod handed over by the inbound program (PERMISSIVE).
-    pub plaintext_in: AtomicU64,
-    /// Of those, the ones policy denied (reset).
-    pub plaintext_denied: AtomicU64,
-}
-
 /// State every pod's listeners share: one per daemon.
 pub struct Shared {
     pub capture: Arc<Capture>,
-    pub stats: Arc<ProxyStats>,
     /// Per workload pair connection metrics (Prometheus).
     pub metrics: Arc<crate::metrics::ConnectionMetrics>,
     /// Tunnels open and the connections each carried (Prometheus).
@@ -116,7 +74,6 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         capture: Arc<Capture>,
-        stats: Arc<ProxyStats>,
         metrics: Arc<crate::metrics::ConnectionMetrics>,
         tunnel_metrics: Arc<crate::metrics::TunnelMetrics>,
         connect_timeout: Duration,
@@ -125,7 +82,6 @@ impl Shared {
     ) -> Self {
         Self {
             capture,
-            stats,
             metrics,
             tunnel_metrics,
             connect_timeout,

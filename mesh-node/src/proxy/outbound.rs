@@ -6,7 +6,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -15,6 +15,7 @@ use mesh_ebpf_common::OUTBOUND_PORT;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::labels::PairOf as _;
 use super::{
     authz::OpenGuard,
     directory::{Directory, Route, Target},
@@ -22,7 +23,7 @@ use super::{
     relay::{self, reset, Stream},
     PodContext,
 };
-use crate::metrics::{tunnels as tunnel_metrics, Details, FailReason, Pair, Reporter};
+use crate::metrics::{tunnels as tunnel_metrics, Details, FailReason, Outcome, Pair, Reporter};
 use crate::transport::Transport;
 use crate::tunnel::{
     header, pool,
@@ -176,10 +177,8 @@ impl SendError {
 /// One connection the pod's application made.
 pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let ctx = &*ctx;
-    let stats = &ctx.shared.stats;
     let metrics = &ctx.shared.metrics;
     let started = Instant::now();
-    stats.accepted.fetch_add(1, Ordering::Relaxed);
     // The limit logs and counts its own refusals.
     let Ok(_permit) = ctx.shared.limits.outbound(&ctx.load, &ctx.workload) else {
         return reset(client);
@@ -206,7 +205,6 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         ..Details::default()
     });
     let Some(dst) = original else {
-        stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
         metrics.failed(
             Reporter::Source,
             &pair,
@@ -231,12 +229,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let tunnel = Transport::from(dir.transport());
     let upstream = match dir.route(dst) {
         Route::Passthrough => match ctx.connect_in_pod(dst).await {
-            Ok(s) => {
-                stats.passthrough.fetch_add(1, Ordering::Relaxed);
-                Upstream::Plain(s)
-            }
+            Ok(s) => Upstream::Plain(s),
             Err(e) => {
-                stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
                 metrics.failed(
                     Reporter::Source,
                     &pair,
@@ -292,7 +286,6 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                     up
                 }
                 None => {
-                    stats.no_endpoint.fetch_add(1, Ordering::Relaxed);
                     metrics.failed(
                         Reporter::Source,
                         &pair,
@@ -312,7 +305,6 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     let (transport, reused) = upstream.transport();
     metrics.connected(transport, reused, started.elapsed());
-    stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let mut conn = metrics.opened(Reporter::Source, &pair, *details);
     drop(pair);
     // A delivery on this node is also reported by its destination, in the same relay.
@@ -350,16 +342,11 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     match result {
         Ok(done) => {
-            stats.bytes_sent.fetch_add(done.sent, Ordering::Relaxed);
-            stats
-                .bytes_received
-                .fetch_add(done.received, Ordering::Relaxed);
             if let (Some(key), Some(session)) = (pooled, done.session) {
                 ctx.shared.tunnels.put(key, session);
             }
         }
         Err(e) => {
-            stats.reset.fetch_add(1, Ordering::Relaxed);
             let by_policy = local
                 .as_ref()
                 .is_some_and(|(_, g)| g.closed().is_cancelled());
@@ -411,10 +398,7 @@ async fn send_to_service(
                     workload = %ctx.workload, %service, endpoint = %target.peer.key,
                     addr = %target.addr, error = %e, "service endpoint failed"
                 );
-                ctx.shared
-                    .stats
-                    .tunnels_out_failed
-                    .fetch_add(1, Ordering::Relaxed);
+                ctx.shared.tunnel_metrics.count(Outcome::OutFailed);
                 if !e.try_next() {
                     return None;
                 }
@@ -426,10 +410,7 @@ async fn send_to_service(
 }
 
 fn fail(ctx: &PodContext, client: TcpStream, dst: SocketAddr, target: &Target, e: &SendError) {
-    ctx.shared
-        .stats
-        .tunnels_out_failed
-        .fetch_add(1, Ordering::Relaxed);
+    ctx.shared.tunnel_metrics.count(Outcome::OutFailed);
     tracing::info!(
         workload = %ctx.workload, %dst, destination = %target.peer.key, error = %e,
         "cannot reach the destination; resetting the client connection"
@@ -472,7 +453,6 @@ async fn send(
                 status: r.status,
                 reason: r.reason,
             })?;
-        ctx.shared.stats.same_node.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(workload = %me, destination = %target.peer.key, addr = %target.addr, id = delivery.connection_id, "delivered on this node");
         return Ok(Upstream::Local(upstream, guard, report));
     }
@@ -496,7 +476,6 @@ async fn send(
         source_port: u32::from(app_peer.port()),
         connection_id: delivery.connection_id,
     };
-    let stats = &ctx.shared.stats;
     if dir.transport() == mesh_model::Transport::Quic {
         let config = tls.client(&source_id, target.peer.identity.clone())?;
         let (stream, reused) = send_quic(ctx, &key, (config, tls), &request).await?;
@@ -513,8 +492,9 @@ async fn send(
             let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange(session, &request, addr));
             match answer.await.unwrap_or(Err(SendError::Timeout { addr })) {
                 Ok(session) => {
-                    stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
-                    stats.tunnels_reused.fetch_add(1, Ordering::Relaxed);
+                    let tunnels = &ctx.shared.tunnel_metrics;
+                    tunnels.count(Outcome::OutOpened);
+                    tunnels.count(Outcome::OutReused);
                     tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel session reused");
                     return Ok(Upstream::Tunnel {
                         session,
@@ -566,7 +546,7 @@ async fn send(
     let session = tokio::time::timeout_at(deadline, open)
         .await
         .map_err(|_| SendError::Timeout { addr })??;
-    stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
+    ctx.shared.tunnel_metrics.count(Outcome::OutOpened);
     tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "tunnel open");
     Ok(Upstream::Tunnel {
         session,
@@ -590,7 +570,6 @@ async fn send_quic(
         addr,
         source: quic::QuicError::NoEndpoint,
     })?;
-    let stats = &ctx.shared.stats;
     let mut fresh = false;
     loop {
         let dial = quic::Dial {
@@ -630,13 +609,13 @@ async fn send_quic(
             .unwrap_or(Err(SendError::Timeout { addr }));
         match outcome {
             Ok((stream, made)) => {
-                stats.tunnels_out.fetch_add(1, Ordering::Relaxed);
-                stats.tunnels_quic.fetch_add(1, Ordering::Relaxed);
-                if made {
-                    stats.quic_connections_out.fetch_add(1, Ordering::Relaxed);
+                let tunnels = &ctx.shared.tunnel_metrics;
+                tunnels.count(Outcome::OutOpened);
+                tunnels.count(if made {
+                    Outcome::QuicOutOpened
                 } else {
-                    stats.tunnels_reused.fetch_add(1, Ordering::Relaxed);
-                }
+                    Outcome::OutReused
+                });
                 return Ok((Box::new(stream), !made));
             }
             Err(
