@@ -1,6 +1,7 @@
 //! The daemon's end of the plugin's socket: one request line, one reply line per connection.
 
 use std::{
+    future::Future,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -11,8 +12,21 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use super::protocol::{self, Reply, Request};
-use crate::kubernetes::Pods;
+use super::protocol::{self, PodRef, Reply, Request};
+
+/// What answers the plugin's requests: in the daemon, this node's pods
+/// (`kubernetes::Pods`). The socket's side knows the protocol, not who decides.
+pub trait Pods: Send + Sync + 'static {
+    /// ADD: answer once the pod is captured, or known not to be in the mesh.
+    fn add(
+        &self,
+        pod: &PodRef,
+        container_id: &str,
+        netns: &Path,
+    ) -> impl Future<Output = Reply> + Send;
+    /// DEL: the pod's sandbox is going away.
+    fn del(&self, pod: &PodRef, container_id: &str) -> Reply;
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on --cni-socket {path}: {source}")]
@@ -42,7 +56,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
 }
 
 /// Answers the plugin until the process ends.
-pub async fn serve(listener: UnixListener, pods: Arc<Pods>) {
+pub async fn serve(listener: UnixListener, pods: Arc<impl Pods>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -56,7 +70,7 @@ pub async fn serve(listener: UnixListener, pods: Arc<Pods>) {
     }
 }
 
-async fn answer(stream: UnixStream, pods: Arc<Pods>) {
+async fn answer(stream: UnixStream, pods: Arc<impl Pods>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // One short request line, soon; anything longer or slower is not the plugin.

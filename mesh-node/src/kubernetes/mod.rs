@@ -203,14 +203,6 @@ impl Pods {
             .collect()
     }
 
-    /// The CNI plugin's ADD: once the pod is in this node's watch, record its netns and, if
-    /// it is in the mesh, have it enrolled before answering.
-    pub async fn add(&self, pod: &PodRef, container_id: &str, netns: &Path) -> Reply {
-        let reply = self.try_add(pod, container_id, netns).await;
-        self.metrics.count("add", &reply);
-        reply
-    }
-
     async fn try_add(&self, pod: &PodRef, container_id: &str, netns: &Path) -> Reply {
         let mut changed = self.generation.subscribe();
         let decided = tokio::time::timeout(POD_WAIT, async {
@@ -281,25 +273,6 @@ impl Pods {
         }
     }
 
-    /// The CNI plugin's DEL: forget the netns that sandbox reported. The pod leaves the
-    /// captured set on the enroll loop's next round.
-    pub fn del(&self, pod: &PodRef, container_id: &str) -> Reply {
-        let removed = {
-            let mut table = self.table();
-            let ours = table.get(&pod.uid).is_some_and(|(_, origin)| match origin {
-                Origin::Cni { container_id: c } => c == container_id,
-                Origin::Scan => true,
-            });
-            ours && table.remove(&pod.uid).is_some()
-        };
-        if removed {
-            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod sandbox removed");
-            self.bump();
-        }
-        self.metrics.count("del", &Reply::Removed);
-        Reply::Removed
-    }
-
     /// Logs, once per pod, why a pod that asked for the mesh is not captured.
     fn tell_refused(&self, refused: Vec<(WorkloadId, String, &'static str)>) {
         let mut told = self.told.lock().unwrap_or_else(|p| p.into_inner());
@@ -345,6 +318,35 @@ impl Pods {
             }
         }
         netns.to_path_buf()
+    }
+}
+
+impl crate::cni::server::Pods for Pods {
+    /// The CNI plugin's ADD: once the pod is in this node's watch, record its netns and, if
+    /// it is in the mesh, have it enrolled before answering.
+    async fn add(&self, pod: &PodRef, container_id: &str, netns: &Path) -> Reply {
+        let reply = self.try_add(pod, container_id, netns).await;
+        self.metrics.count("add", &reply);
+        reply
+    }
+
+    /// The CNI plugin's DEL: forget the netns that sandbox reported. The pod leaves the
+    /// captured set on the enroll loop's next round.
+    fn del(&self, pod: &PodRef, container_id: &str) -> Reply {
+        let removed = {
+            let mut table = self.table();
+            let ours = table.get(&pod.uid).is_some_and(|(_, origin)| match origin {
+                Origin::Cni { container_id: c } => c == container_id,
+                Origin::Scan => true,
+            });
+            ours && table.remove(&pod.uid).is_some()
+        };
+        if removed {
+            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod sandbox removed");
+            self.bump();
+        }
+        self.metrics.count("del", &Reply::Removed);
+        Reply::Removed
     }
 }
 

@@ -7,6 +7,7 @@ use mesh_kube::fake::FakeApi;
 use serde_json::{json, Value};
 
 use super::*;
+use crate::cni::server::Pods as _;
 
 fn namespace(name: &str, mesh: Option<&str>) -> Value {
     let labels = mesh.map_or(json!({}), |m| json!({ "mycel.dev/mesh": m }));
