@@ -3,12 +3,11 @@
 
 use mesh_cp::{ca, explain, kubernetes, metrics, node_auth, server, source, state, status, tokens};
 
-use nix::sys::signal::{SigmaskHow, Signal};
+use mesh_daemon::cli::{seconds, LogArgs, HOUR};
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -17,17 +16,10 @@ use tokio::signal::unix::{signal, SignalKind};
     about = "Mycel control plane: CA, config source, and the gRPC API that node daemons stream from"
 )]
 struct Cli {
-    /// Log format on stderr; the level comes from RUST_LOG (default: info).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -140,7 +132,7 @@ struct ServeArgs {
     #[arg(long, requires = "ca_cert")]
     ca_key: Option<PathBuf>,
     /// How often to check the config dir for changes, in seconds.
-    #[arg(long, default_value_t = 0.5, value_parser = parse_seconds)]
+    #[arg(long, default_value_t = 0.5, value_parser = seconds(HOUR))]
     reload_interval: f64,
 }
 
@@ -170,50 +162,16 @@ enum TokenCommand {
     },
 }
 
-fn parse_seconds(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(v.is_finite() && v > 0.0 && v <= 3600.0) {
-        return Err(format!("{s} must be between 0 and 3600 seconds"));
-    }
-    Ok(v)
-}
-
 fn main() {
-    // A parent may have started us with SIGTERM and SIGINT blocked (a supervisor that waits
-    // for them with sigwait, say): the clean stop depends on them, so take them back.
-    let stop = nix::sys::signal::SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT]);
-    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&stop), None);
+    mesh_daemon::signals::unblock_stop_signals();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    mesh_daemon::logging::init(cli.log.log_format);
     let result = match cli.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(serve(args))),
+        Command::Serve(args) => mesh_daemon::runtime::block_on(serve(args)),
         Command::Token(cmd) => token(cmd),
         Command::Explain(args) => run_explain(args),
     };
-    if let Err(e) = result {
-        eprintln!("mesh-cp: error: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal: logs in files and collectors stay greppable.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    mesh_daemon::exit::on_error("mesh-cp", result);
 }
 
 fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
@@ -415,6 +373,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(status::serve(http, shared.clone()));
     tokio::spawn(status::serve_metrics(metrics_listener, shared.clone()));
     let grpc_task = tokio::spawn(server::serve_grpc(grpc, shared.clone(), names));
+    let mut signals = mesh_daemon::signals::Signals::new()?;
     {
         let c = shared.config.borrow();
         tracing::info!(
@@ -425,11 +384,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     tokio::select! {
-        _ = sigterm.recv() => {}
-        _ = sigint.recv() => {}
+        () = signals.recv() => {}
         r = grpc_task => return r.context("the gRPC server panicked")?,
     }
     // Nodes keep their last config and certificates and reconnect on their own.

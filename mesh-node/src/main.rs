@@ -5,7 +5,7 @@ use mesh_node::{
     workloads,
 };
 
-use nix::sys::signal::{SigmaskHow, Signal};
+use mesh_daemon::cli::{seconds, LogArgs, DAY};
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -15,11 +15,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::watch,
-};
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(
@@ -28,17 +25,10 @@ use tokio::{
     about = "Mycel node daemon: captures pod traffic with eBPF into a node proxy"
 )]
 struct Cli {
-    /// Log format on stderr; the level comes from RUST_LOG (default: info).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -135,7 +125,7 @@ struct RunArgs {
     #[arg(long, default_value_t = mesh_ebpf_common::ORIG_DST_CAPACITY, value_parser = clap::value_parser!(u32).range(1..))]
     orig_dst_capacity: u32,
     /// Seconds to wait for an upstream connect before resetting the client.
-    #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
+    #[arg(long, default_value_t = 10.0, value_parser = seconds(DAY))]
     connect_timeout: f64,
     /// Connections to one pod (tunnelled and plaintext) open at once; also the most
     /// connections one pod's application may have open through the proxy. More are refused
@@ -156,67 +146,32 @@ struct RunArgs {
     #[arg(long, default_value_t = proxy::limits::Config::default().handshakes_per_node, value_parser = clap::value_parser!(u32).range(1..))]
     max_handshakes_per_node: u32,
     /// Seconds to let open connections finish on SIGTERM before exiting.
-    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+    #[arg(long, default_value_t = 5.0, value_parser = seconds(DAY))]
     drain_timeout: f64,
     /// Offline mode: how often to check the workloads file for changes, in seconds.
-    #[arg(long, default_value_t = 0.5, value_parser = parse_seconds)]
+    #[arg(long, default_value_t = 0.5, value_parser = seconds(DAY))]
     reload_interval: f64,
     /// Turn on the eBPF programs' debug log (aya-log); costly, for troubleshooting only.
     #[arg(long)]
     ebpf_log: bool,
 }
 
-fn parse_seconds(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
-        return Err(format!("{s} must be between 0 and 86400 seconds"));
-    }
-    Ok(v)
-}
-
 fn main() {
-    // A parent may have started us with SIGTERM and SIGINT blocked (a supervisor that waits
-    // for them with sigwait, say): the clean stop depends on them, so take them back.
-    let stop = nix::sys::signal::SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT]);
-    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&stop), None);
+    mesh_daemon::signals::unblock_stop_signals();
     // Installed as the CNI plugin, the binary speaks CNI, not this command line.
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new(cni::install::PLUGIN)) {
         cni::plugin::main();
     }
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    mesh_daemon::logging::init(cli.log.log_format);
+    // aya-log forwards the eBPF programs' log records through the `log` facade.
+    let _ = tracing_log::LogTracer::init();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run(*args))),
+        Command::Run(args) => mesh_daemon::runtime::block_on(run(*args)),
         Command::InstallCni(args) => install_cni(&args),
     };
-    if let Err(e) = result {
-        eprintln!("mesh-node: error: {}", one_line(&e));
-        std::process::exit(1);
-    }
-}
-
-/// The error and its causes on one line, each once: many errors here already end with their
-/// source's text, which `{:#}` would print again.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    mesh_daemon::exit::on_error("mesh-node", result);
 }
 
 /// Every proxied connection holds two sockets (three with its tunnel's peer on the other
@@ -247,22 +202,6 @@ fn raise_fd_limit() {
             );
         }
     }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal: logs in files and collectors stay greppable.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    // aya-log forwards the eBPF programs' log records through the `log` facade.
-    let _ = tracing_log::LogTracer::init();
 }
 
 fn install_cni(args: &InstallCniArgs) -> anyhow::Result<()> {
@@ -427,7 +366,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     );
 
-    let mut signals = Signals::new()?;
+    let mut signals = mesh_daemon::signals::Signals::new()?;
     let node = match source {
         Source::File(file, initial, text) => {
             let mut node = node;
@@ -467,27 +406,6 @@ enum Source {
     ControlPlane(control::CpClient),
 }
 
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Self> {
-        Ok(Self {
-            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-        })
-    }
-
-    async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
-        }
-    }
-}
-
 /// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup/unified` on hybrid hosts).
 fn cgroup2_root(mounts: &Path) -> anyhow::Result<PathBuf> {
     let text = std::fs::read_to_string(mounts)
@@ -522,26 +440,6 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
         assert_eq!(find_cgroup2("proc /proc proc rw 0 0\n"), None);
-    }
-
-    #[test]
-    fn seconds_are_validated() {
-        assert_eq!(parse_seconds("0.5"), Ok(0.5));
-        assert!(parse_seconds("0").is_err());
-        assert!(parse_seconds("-1").is_err());
-        assert!(parse_seconds("NaN").is_err());
-        assert!(parse_seconds("soon").is_err());
-    }
-
-    #[test]
-    fn errors_print_each_cause_once() {
-        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
-        let text = io.to_string();
-        let inner = anyhow::Error::new(io).context(format!("cannot read /x: {text}"));
-        assert_eq!(
-            one_line(&inner.context("cannot start")),
-            format!("cannot start: cannot read /x: {text}")
-        );
     }
 
     #[test]

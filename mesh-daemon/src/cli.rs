@@ -1,0 +1,79 @@
+//! Command-line pieces both daemons take.
+
+use clap::ValueEnum;
+
+/// The `--log-format` flag, flattened into each daemon's top-level `Cli`.
+#[derive(clap::Args)]
+pub struct LogArgs {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One day: the most a node's timeouts and intervals may be.
+pub const DAY: u32 = 86_400;
+/// One hour: the most mesh-cp's reload interval may be.
+pub const HOUR: u32 = 3_600;
+
+/// A clap value parser for a positive, finite number of seconds of at most `max`: each flag
+/// names its own bound, so two flags of one meaning cannot drift apart unseen.
+pub fn seconds(max: u32) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+    move |s| parse_seconds(s, max)
+}
+
+fn parse_seconds(s: &str, max: u32) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && v > 0.0 && v <= f64::from(max)) {
+        return Err(format!("{s} must be between 0 and {max} seconds"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_are_positive_finite_and_bounded() {
+        let day = seconds(DAY);
+        assert_eq!(day("0.5"), Ok(0.5));
+        assert_eq!(day("86400"), Ok(86_400.0));
+        for bad in ["0", "-1", "NaN", "inf", "86400.5"] {
+            assert_eq!(
+                day(bad),
+                Err(format!("{bad} must be between 0 and 86400 seconds"))
+            );
+        }
+        assert_eq!(
+            day("soon"),
+            Err("\"soon\" is not a number of seconds".to_owned())
+        );
+        let hour = seconds(HOUR);
+        assert_eq!(hour("3600"), Ok(3_600.0));
+        assert_eq!(
+            hour("3601"),
+            Err("3601 must be between 0 and 3600 seconds".to_owned())
+        );
+    }
+
+    #[test]
+    fn log_args_flatten_into_a_cli() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            log: LogArgs,
+        }
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["x", "--log-format", "json"]).map_err(|e| e.to_string());
+        assert_eq!(cli.map(|c| c.log.log_format), Ok(LogFormat::Json));
+    }
+}
