@@ -1,8 +1,8 @@
 //! The universal-mode config source: a directory of YAML documents, polled for changes.
 //!
 //! Each change is validated as a whole set. A good set is published with the next version; a
-//! bad one is logged once and shown on the status endpoint, and the last good set stays in
-//! force until the files are fixed.
+//! bad one, or a directory that cannot be read, is logged once and shown on the status
+//! endpoint, and the last good set stays in force until the files are fixed.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,6 +10,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use mesh_daemon::follow::Follower;
 use mesh_model::{Config, ConfigError};
 use tokio::sync::watch;
 
@@ -30,31 +31,19 @@ pub fn initial(dir: &Path) -> Result<(Config, Snapshot), ConfigError> {
 pub async fn watch_dir(
     dir: PathBuf,
     interval: Duration,
-    mut last: Snapshot,
+    applied: Snapshot,
     publish: watch::Sender<Published>,
     shared: Arc<Shared>,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut follower = Follower::new(interval, applied, move || mesh_model::read_dir(&dir));
     let mut last_error: Option<String> = None;
     loop {
-        tick.tick().await;
-        let read = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || mesh_model::read_dir(&dir)).await
-        };
-        let outcome = match read {
-            Ok(Ok(files)) if files == last => continue,
-            Ok(Ok(files)) => mesh_model::parse(&files).map(|c| (c, files)),
-            Ok(Err(e)) => Err(e),
-            Err(join) => {
-                tracing::error!(error = %join, "config reader panicked");
-                continue;
-            }
+        let outcome = match follower.changed().await {
+            Ok(files) => mesh_model::parse(files),
+            Err(e) => Err(e),
         };
         match outcome {
-            Ok((config, files)) => {
-                last = files;
+            Ok(config) => {
                 last_error = None;
                 let (version, _) = publish_if_changed(&publish, config);
                 shared.set_config_status(ConfigStatus::ok(version));

@@ -1,6 +1,8 @@
 //! Offline mode: re-applies the workloads file whenever its contents change.
 
-use std::{borrow::Cow, future::Future, path::Path, time::Duration};
+use std::{future::Future, path::Path, time::Duration};
+
+use mesh_daemon::follow::Follower;
 
 use super::Node;
 use crate::workloads;
@@ -11,35 +13,25 @@ use crate::workloads;
 pub async fn follow(
     mut node: Node,
     file: &Path,
-    mut applied: String,
+    applied: String,
     node_name: &str,
     interval: Duration,
     stop: impl Future<Output = ()>,
 ) -> Node {
-    let mut tick = tokio::time::interval(interval);
+    let path = file.to_path_buf();
+    let mut follower = Follower::new(interval, applied, move || std::fs::read_to_string(&path));
     let mut stop = std::pin::pin!(stop);
     loop {
-        tokio::select! {
+        // An unreadable file is one change, rejected like a bad one.
+        let desired = tokio::select! {
             () = &mut stop => return node,
-            _ = tick.tick() => {}
-        }
-        let read = std::fs::read_to_string(file);
-        // An unreadable file counts as a change once, not on every tick; the text is copied
-        // only when it changed.
-        let seen = match &read {
-            Ok(text) => Cow::Borrowed(text.as_str()),
-            Err(e) => Cow::Owned(format!("unreadable: {e}")),
-        };
-        if seen == applied.as_str() {
-            continue;
-        }
-        applied = seen.into_owned();
-        let desired = match read {
-            Ok(text) => workloads::parse(file, &text, node_name),
-            Err(source) => Err(mesh_model::ConfigError::Read {
-                path: file.to_path_buf(),
-                source,
-            }),
+            seen = follower.changed() => match seen {
+                Ok(text) => workloads::parse(file, text, node_name),
+                Err(source) => Err(mesh_model::ConfigError::Read {
+                    path: file.to_path_buf(),
+                    source,
+                }),
+            },
         };
         let outcome = match desired {
             Ok(desired) => node
