@@ -350,10 +350,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         figures.figures(&status.borrow())
     })?))?;
     admin.attached(parts);
-    tokio::spawn(admin::serve(
-        metrics_listener,
-        Arc::new(admin::MetricsEndpoint(metrics)),
-    ));
+    tokio::spawn(admin::serve_metrics(metrics_listener, metrics));
     let node = node::Node::new(
         &args.node_name,
         enroll::Enroller::new(shared.clone(), connected),

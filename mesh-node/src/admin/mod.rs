@@ -2,9 +2,14 @@
 //! `/readyz` (ready once the eBPF programs are attached and, in connected mode, every enrolled
 //! workload has its certificate), `/debug/config`, `/debug/certs`, `/debug/connections`
 //! (JSON). Metrics (`--metrics-listen`): `/metrics`, the node's one set of counters.
+//! Both are axum routers on the server in `server.rs`, which holds a stranger to its limits.
 
 mod debug;
 pub mod http;
+mod routes;
+mod server;
+#[cfg(test)]
+mod tests;
 
 use std::{
     net::SocketAddr,
@@ -13,8 +18,6 @@ use std::{
 
 use mesh_ebpf_common::Counter;
 use tokio::{net::TcpListener, sync::watch};
-
-pub use http::{serve, Reply, Routes};
 
 use crate::{
     capture::Capture, control::MeshView, identity::SvidStore, metrics::collect::Figures,
@@ -103,46 +106,19 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-const JSON: &str = "application/json";
-
-impl Routes for Admin {
-    fn get(&self, path: &str) -> Reply {
-        match path {
-            "/healthz" => return Reply::text("ok\n".into()),
-            "/readyz" => {
-                return match self.readiness() {
-                    Ok(()) => Reply::text("ready\n".into()),
-                    Err(why) => Reply::unavailable(format!("not ready: {why}\n")),
-                }
-            }
-            _ => {}
-        }
-        let Some(parts) = self.parts.get() else {
-            return Reply::unavailable("starting: the eBPF programs are not attached yet\n".into());
-        };
-        match path {
-            "/debug/config" => Reply::ok(JSON, debug::config(parts, &self.status.borrow().clone())),
-            "/debug/certs" => Reply::ok(JSON, debug::certs(parts)),
-            "/debug/connections" => Reply::ok(JSON, debug::connections(parts)),
-            _ => Reply::not_found(),
-        }
-    }
+/// Serves the admin endpoint on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    server::serve(listener, routes::admin(admin), server::Limits::default()).await;
 }
 
-/// The Prometheus endpoint: `/metrics`, and `/healthz` for probes that only reach this port.
-pub struct MetricsEndpoint(pub Arc<crate::metrics::Metrics>);
-
-impl Routes for MetricsEndpoint {
-    fn get(&self, path: &str) -> Reply {
-        match path {
-            "/metrics" => match self.0.render() {
-                Ok(body) => Reply::ok(crate::metrics::CONTENT_TYPE, body),
-                Err(e) => Reply::error(e),
-            },
-            "/healthz" => Reply::text("ok\n".into()),
-            _ => Reply::not_found(),
-        }
-    }
+/// Serves `/metrics`, and `/healthz` for probes that only reach this port, on `listener`.
+pub async fn serve_metrics(listener: TcpListener, metrics: Arc<crate::metrics::Metrics>) {
+    server::serve(
+        listener,
+        routes::metrics(metrics),
+        server::Limits::default(),
+    )
+    .await;
 }
 
 impl Parts {

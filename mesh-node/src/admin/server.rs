@@ -1,0 +1,76 @@
+//! The HTTP/1.1 server under the admin and metrics endpoints: hyper's parser, axum's routing,
+//! and the limits a port open to the network needs.
+//!
+//! `axum::serve` cannot set them: it builds hyper's connection without a timer, so hyper's
+//! header read timeout never fires, and lets a request head grow to hyper's read buffer
+//! (~400 KiB). The connections are served with hyper's http1 builder here instead.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+
+/// What one client may make an endpoint hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// From the connection's start to the end of the request head: a client that dribbles its
+    /// request line is cut off here.
+    pub header_read: Duration,
+    /// From accept to close, the answer included: a client that does not read it does not
+    /// keep its slot.
+    pub connection: Duration,
+    /// The request head, request line included, complete or not; a longer one gets 431.
+    pub head_bytes: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(5),
+            connection: Duration::from_secs(10),
+            head_bytes: 4096,
+            connections: 64,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until the process ends, one request per connection.
+pub async fn serve(listener: TcpListener, app: Router, limits: Limits) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .max_header_size(limits.head_bytes)
+        // Probes and scrapers come every few seconds at most: a kept-alive connection would
+        // only hold a slot between them.
+        .keep_alive(false);
+    let slots = Arc::new(Semaphore::new(limits.connections));
+    let listen = listener.local_addr().ok();
+    loop {
+        // A slot before the accept: past the limit, connections wait in the kernel's backlog
+        // rather than as tasks here.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of descriptors, typically: wait for some to be given back.
+                tracing::warn!(?listen, error = %e, "HTTP endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(limits.connection, conn).await;
+            drop(slot);
+        });
+    }
+}
