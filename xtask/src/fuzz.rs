@@ -21,7 +21,6 @@ pub const TARGETS: &[&str] = &[
     "tunnel_header",
     "certificate",
     "csr",
-    "admin_request",
     "cni_request",
     "config_document",
     "node_token",

@@ -41,8 +41,8 @@ enum Cmd {
     /// Regenerate the CRDs under deploy/crds/ from the Rust types in mesh-model.
     Crds,
     /// Fuzz what reaches Mycel from outside (fuzz/: the tunnel handshake and records, the
-    /// tunnel header, certificates, CSRs, the admin and CNI requests, config documents,
-    /// node tokens) with cargo-fuzz on nightly; installs cargo-fuzz if missing. Fails when a
+    /// tunnel header, certificates, CSRs, the CNI request, config documents, node tokens)
+    /// with cargo-fuzz on nightly; installs cargo-fuzz if missing. Fails when a
     /// target finds a fault; the input is kept under target/fuzz/artifacts/.
     Fuzz {
         /// Seconds per target.

@@ -5,7 +5,6 @@
 //! Both are axum routers on the server in `server.rs`, which holds a stranger to its limits.
 
 mod debug;
-pub mod http;
 mod routes;
 mod server;
 #[cfg(test)]
