@@ -174,137 +174,30 @@ impl SendError {
     }
 }
 
-/// One connection the pod's application made.
+/// One connection the pod's application made: where it goes ([`Outgoing::accepted`]), a
+/// connection there ([`Outgoing::connect`]), then the relay, each reported once.
 pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let ctx = &*ctx;
-    let metrics = &ctx.shared.metrics;
     let started = Instant::now();
     // The limit logs and counts its own refusals.
     let Ok(_permit) = ctx.shared.limits.outbound(&ctx.load, &ctx.workload) else {
         return reset(client);
     };
-    let mut dir = ctx.shared.directory();
-    let original = ctx
-        .shared
-        .capture
-        .original_destination(ctx.netns_cookie, peer);
-    // A pod captured as it starts (Kubernetes) may connect before this node knows its
-    // identity: a mesh destination then waits for it rather than fail at once.
-    if original.is_some_and(|dst| dir.is_mesh_destination(dst)) {
-        dir = ctx.shared.directory_for(&ctx.workload, dir).await;
-    }
-    let me = dir.peer(&ctx.workload);
-    // Boxed: they live across the connect, and a connection's task stays small.
-    let mut pair = Box::new(
-        me.map(|me| Pair::default().with_source(me))
-            .unwrap_or_default(),
-    );
-    let mut details = Box::new(Details {
-        connection_id: ctx.shared.connection_id(),
-        transport: Transport::Passthrough,
-        ..Details::default()
-    });
-    let Some(dst) = original else {
-        metrics.failed(
-            Reporter::Source,
-            &pair,
-            FailReason::NoOriginalDestination,
-            &details,
-            "no original destination recorded",
-        );
-        tracing::warn!(
-            workload = %ctx.workload, %peer,
-            "no original destination recorded for this connection (original-destination map full?); resetting it"
-        );
-        reset(client);
-        return;
+    let Some(mut out) = Outgoing::accepted(ctx, peer).await else {
+        return reset(client);
     };
     let _ = client.set_nodelay(true);
-    pair.destination_port = dst.port();
-    // The application's address as the destination sees it: the pod's, with its port.
-    details.source_address = me
-        .and_then(|me| me.address_like(dst.ip()))
-        .map(|ip| SocketAddr::new(ip, peer.port()));
-    details.destination_address = Some(dst);
-    let tunnel = Transport::from(dir.transport());
-    let upstream = match dir.route(dst) {
-        Route::Passthrough => match ctx.connect_in_pod(dst).await {
-            Ok(s) => Upstream::Plain(s),
-            Err(e) => {
-                metrics.failed(
-                    Reporter::Source,
-                    &pair,
-                    FailReason::UpstreamConnect,
-                    &details,
-                    &e.to_string(),
-                );
-                tracing::info!(
-                    workload = %ctx.workload, %peer, %dst, error = %e,
-                    "upstream connect failed; resetting the client connection"
-                );
-                reset(client);
-                return;
-            }
-        },
-        Route::Workload(target) => {
-            to_target(&mut pair, &target);
-            details.destination_address = Some(target.addr);
-            details.transport = if ctx.shared.local_pod(&target.peer.key).is_some() {
-                Transport::Local
-            } else {
-                tunnel
-            };
-            match Box::pin(send(ctx, &dir, &target, peer, details.connection_id)).await {
-                Ok(up) => up,
-                Err(e) => {
-                    metrics.failed(
-                        Reporter::Source,
-                        &pair,
-                        e.reason(),
-                        &details,
-                        &e.to_string(),
-                    );
-                    fail(ctx, client, dst, &target, &e);
-                    return;
-                }
-            }
-        }
-        Route::Service {
-            service,
-            candidates,
-        } => {
-            pair.destination_service.clone_from(&service);
-            details.transport = tunnel;
-            let id = details.connection_id;
-            match Box::pin(send_to_service(ctx, &dir, &service, candidates, peer, id)).await {
-                Some((up, target)) => {
-                    to_target(&mut pair, &target);
-                    details.destination_address = Some(target.addr);
-                    if matches!(up, Upstream::Local(..)) {
-                        details.transport = Transport::Local;
-                    }
-                    up
-                }
-                None => {
-                    metrics.failed(
-                        Reporter::Source,
-                        &pair,
-                        FailReason::NoEndpoint,
-                        &details,
-                        "no endpoint of the service could be reached",
-                    );
-                    tracing::info!(
-                        workload = %ctx.workload, %dst, %service,
-                        "no endpoint of the service could be reached; resetting the client connection"
-                    );
-                    reset(client);
-                    return;
-                }
-            }
-        }
+    let Some(upstream) = out.connect(ctx, peer).await else {
+        return reset(client);
     };
+    let metrics = &ctx.shared.metrics;
     let (transport, reused) = upstream.transport();
     metrics.connected(transport, reused, started.elapsed());
+    // The relay, inline rather than an `async fn` of its own: a function's arguments would
+    // stay in every connection's task beside the copies it moves them into.
+    let Outgoing {
+        dst, pair, details, ..
+    } = out;
     let mut conn = metrics.opened(Reporter::Source, &pair, *details);
     drop(pair);
     // A delivery on this node is also reported by its destination, in the same relay.
@@ -369,6 +262,144 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     }
 }
 
+/// An outbound connection as it is routed: where the application asked to go, and who talks
+/// to whom for the metrics and the access log.
+struct Outgoing {
+    dir: Arc<Directory>,
+    /// The original destination.
+    dst: SocketAddr,
+    // Boxed: they live across the connect, and a connection's task stays small.
+    pair: Box<Pair>,
+    details: Box<Details>,
+}
+
+impl Outgoing {
+    /// The connection's original destination and what the directory says of its source;
+    /// `None` (reported) when the kernel kept no original destination.
+    async fn accepted(ctx: &PodContext, peer: SocketAddr) -> Option<Self> {
+        let mut dir = ctx.shared.directory();
+        let original = ctx
+            .shared
+            .capture
+            .original_destination(ctx.netns_cookie, peer);
+        // A pod captured as it starts (Kubernetes) may connect before this node knows its
+        // identity: a mesh destination then waits for it rather than fail at once.
+        if original.is_some_and(|dst| dir.is_mesh_destination(dst)) {
+            dir = ctx.shared.directory_for(&ctx.workload, dir).await;
+        }
+        let me = dir.peer(&ctx.workload);
+        let mut pair = Box::new(
+            me.map(|me| Pair::default().with_source(me))
+                .unwrap_or_default(),
+        );
+        let mut details = Box::new(Details {
+            connection_id: ctx.shared.connection_id(),
+            transport: Transport::Passthrough,
+            ..Details::default()
+        });
+        let Some(dst) = original else {
+            ctx.shared.metrics.failed(
+                Reporter::Source,
+                &pair,
+                FailReason::NoOriginalDestination,
+                &details,
+                "no original destination recorded",
+            );
+            tracing::warn!(
+                workload = %ctx.workload, %peer,
+                "no original destination recorded for this connection (original-destination map full?); resetting it"
+            );
+            return None;
+        };
+        pair.destination_port = dst.port();
+        // The application's address as the destination sees it: the pod's, with its port.
+        details.source_address = me
+            .and_then(|me| me.address_like(dst.ip()))
+            .map(|ip| SocketAddr::new(ip, peer.port()));
+        details.destination_address = Some(dst);
+        Some(Self {
+            dir,
+            dst,
+            pair,
+            details,
+        })
+    }
+
+    /// A connection to where the directory routes the destination; `None` (reported and
+    /// logged) when there is none to be had.
+    async fn connect(&mut self, ctx: &PodContext, peer: SocketAddr) -> Option<Upstream> {
+        let (dir, dst) = (&*self.dir, self.dst);
+        let tunnel = Transport::from(dir.transport());
+        let failed = |this: &Self, reason: FailReason, detail: &str| {
+            ctx.shared
+                .metrics
+                .failed(Reporter::Source, &this.pair, reason, &this.details, detail);
+        };
+        match dir.route(dst) {
+            Route::Passthrough => match ctx.connect_in_pod(dst).await {
+                Ok(s) => Some(Upstream::Plain(s)),
+                Err(e) => {
+                    failed(self, FailReason::UpstreamConnect, &e.to_string());
+                    tracing::info!(
+                        workload = %ctx.workload, %peer, %dst, error = %e,
+                        "upstream connect failed; resetting the client connection"
+                    );
+                    None
+                }
+            },
+            Route::Workload(target) => {
+                to_target(&mut self.pair, &target);
+                self.details.destination_address = Some(target.addr);
+                self.details.transport = if ctx.shared.local_pod(&target.peer.key).is_some() {
+                    Transport::Local
+                } else {
+                    tunnel
+                };
+                let id = self.details.connection_id;
+                match Box::pin(send(ctx, dir, &target, peer, id)).await {
+                    Ok(up) => Some(up),
+                    Err(e) => {
+                        failed(self, e.reason(), &e.to_string());
+                        ctx.shared.tunnel_metrics.count(Outcome::OutFailed);
+                        tracing::info!(
+                            workload = %ctx.workload, %dst, destination = %target.peer.key, error = %e,
+                            "cannot reach the destination; resetting the client connection"
+                        );
+                        None
+                    }
+                }
+            }
+            Route::Service {
+                service,
+                candidates,
+            } => {
+                self.pair.destination_service.clone_from(&service);
+                self.details.transport = tunnel;
+                let id = self.details.connection_id;
+                match Box::pin(send_to_service(ctx, dir, &service, candidates, peer, id)).await {
+                    Some((up, target)) => {
+                        to_target(&mut self.pair, &target);
+                        self.details.destination_address = Some(target.addr);
+                        if matches!(up, Upstream::Local(..)) {
+                            self.details.transport = Transport::Local;
+                        }
+                        Some(up)
+                    }
+                    None => {
+                        let detail = "no endpoint of the service could be reached";
+                        failed(self, FailReason::NoEndpoint, detail);
+                        tracing::info!(
+                            workload = %ctx.workload, %dst, %service,
+                            "no endpoint of the service could be reached; resetting the client connection"
+                        );
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The pair's destination is `target`'s workload, on the port it listens on.
 fn to_target(pair: &mut Pair, target: &Target) {
     pair.destination_port = target.addr.port();
@@ -407,15 +438,6 @@ async fn send_to_service(
         }
     }
     None
-}
-
-fn fail(ctx: &PodContext, client: TcpStream, dst: SocketAddr, target: &Target, e: &SendError) {
-    ctx.shared.tunnel_metrics.count(Outcome::OutFailed);
-    tracing::info!(
-        workload = %ctx.workload, %dst, destination = %target.peer.key, error = %e,
-        "cannot reach the destination; resetting the client connection"
-    );
-    reset(client);
 }
 
 /// Sends one connection to a mesh workload: directly when it is a pod on this node, through a
