@@ -3,24 +3,19 @@
 
 use mesh_cp::{ca, explain, kubernetes, metrics, node_auth, server, source, state, status, tokens};
 
-use mesh_daemon::cli::{seconds, LogArgs, HOUR};
+use mesh_daemon::cli::{seconds, Binary, HOUR};
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Subcommand, ValueEnum};
 
-#[derive(Parser)]
-#[command(
-    name = "mesh-cp",
-    version,
-    about = "Mycel control plane: CA, config source, and the gRPC API that node daemons stream from"
-)]
-struct Cli {
-    #[command(flatten)]
-    log: LogArgs,
-    #[command(subcommand)]
-    command: Command,
-}
+const BINARY: Binary = Binary {
+    name: "mesh-cp",
+    version: env!("CARGO_PKG_VERSION"),
+    about: "Mycel control plane: CA, config source, and the gRPC API that node daemons stream from",
+};
+
+type Cli = mesh_daemon::cli::Cli<Command>;
 
 #[derive(Subcommand)]
 enum Command {
@@ -164,7 +159,7 @@ enum TokenCommand {
 
 fn main() {
     mesh_daemon::signals::unblock_stop_signals();
-    let cli = Cli::parse();
+    let cli = Cli::parse_for(BINARY);
     mesh_daemon::logging::init(cli.log.log_format);
     let result = match cli.command {
         Command::Serve(args) => mesh_daemon::runtime::block_on(serve(args)),
@@ -397,7 +392,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 mod tests {
     #[test]
     fn cli_is_well_formed() {
-        use clap::CommandFactory;
-        super::Cli::command().debug_assert();
+        super::Cli::command_for(super::BINARY).debug_assert();
     }
 }

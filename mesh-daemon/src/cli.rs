@@ -1,6 +1,42 @@
 //! Command-line pieces both daemons take.
 
-use clap::ValueEnum;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+/// A daemon's command line: what every daemon takes (`--log-format`), and its own
+/// subcommands `C`.
+#[derive(Parser)]
+pub struct Cli<C: Subcommand> {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: C,
+}
+
+/// Who a binary is, for its `--help` and `--version`.
+#[derive(Clone, Copy)]
+pub struct Binary {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub about: &'static str,
+}
+
+impl<C: Subcommand> Cli<C> {
+    /// The command line of `binary`, as `--help` shows it.
+    pub fn command_for(binary: Binary) -> clap::Command {
+        <Self as CommandFactory>::command()
+            .name(binary.name)
+            .bin_name(binary.name)
+            .version(binary.version)
+            .about(binary.about)
+    }
+
+    /// Parses this process's arguments; a bad command line exits with clap's message and
+    /// status, as `Parser::parse` does.
+    pub fn parse_for(binary: Binary) -> Self {
+        let mut matches = Self::command_for(binary).get_matches();
+        Self::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
+    }
+}
 
 /// The `--log-format` flag, flattened into each daemon's top-level `Cli`.
 #[derive(clap::Args)]

@@ -5,7 +5,7 @@ use mesh_node::{
     workloads,
 };
 
-use mesh_daemon::cli::{seconds, LogArgs, DAY};
+use mesh_daemon::cli::{seconds, Binary, DAY};
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -15,21 +15,16 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use tokio::sync::watch;
 
-#[derive(Parser)]
-#[command(
-    name = "mesh-node",
-    version,
-    about = "Mycel node daemon: captures pod traffic with eBPF into a node proxy"
-)]
-struct Cli {
-    #[command(flatten)]
-    log: LogArgs,
-    #[command(subcommand)]
-    command: Command,
-}
+const BINARY: Binary = Binary {
+    name: "mesh-node",
+    version: env!("CARGO_PKG_VERSION"),
+    about: "Mycel node daemon: captures pod traffic with eBPF into a node proxy",
+};
+
+type Cli = mesh_daemon::cli::Cli<Command>;
 
 #[derive(Subcommand)]
 enum Command {
@@ -163,7 +158,7 @@ fn main() {
     if Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new(cni::install::PLUGIN)) {
         cni::plugin::main();
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_for(BINARY);
     mesh_daemon::logging::init(cli.log.log_format);
     // aya-log forwards the eBPF programs' log records through the `log` facade.
     let _ = tracing_log::LogTracer::init();
@@ -441,7 +436,6 @@ mod tests {
 
     #[test]
     fn cli_is_well_formed() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
+        Cli::command_for(BINARY).debug_assert();
     }
 }
