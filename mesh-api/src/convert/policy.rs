@@ -300,9 +300,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn malformed_policies_are_refused() {
-        let good = || v1::AccessPolicy {
+    /// A well-formed policy: Allow, one rule, ports 1-2.
+    fn allows_ports_1_to_2() -> v1::AccessPolicy {
+        v1::AccessPolicy {
             namespace: "a".into(),
             name: "p".into(),
             action: v1::PolicyAction::Allow.into(),
@@ -316,7 +316,12 @@ mod tests {
                 }],
             }],
             selected: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn malformed_policies_are_refused() {
+        let good = allows_ports_1_to_2;
         assert!(Selection::try_from(&good()).is_ok());
         let mut no_action = good();
         no_action.action = 0;
@@ -351,21 +356,7 @@ mod tests {
     #[test]
     fn refusals_name_the_policy_rule_and_value() {
         let changed = |f: fn(&mut v1::AccessPolicy)| {
-            let mut p = v1::AccessPolicy {
-                namespace: "a".into(),
-                name: "p".into(),
-                action: v1::PolicyAction::Allow.into(),
-                mode: 0,
-                rules: vec![v1::PolicyRule {
-                    clauses: vec![v1::PolicyClause {
-                        negated: false,
-                        matcher: Some(v1::policy_clause::Matcher::Ports(v1::PortRangeList {
-                            ranges: vec![v1::PortRange { first: 1, last: 2 }],
-                        })),
-                    }],
-                }],
-                selected: vec![],
-            };
+            let mut p = allows_ports_1_to_2();
             f(&mut p);
             p
         };
