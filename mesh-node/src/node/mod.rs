@@ -2,12 +2,14 @@
 //! which a version is applied, whichever source it comes from (the control plane's stream in
 //! `control_plane.rs`, or offline the workloads file in `file.rs`):
 //!
-//! 1. inbound mode: the mTLS mode and the open plaintext ports in the kernel, before any pod
-//!    the version brings is enrolled (`proxy/kernel_policy.rs`);
-//! 2. pods: the captured set made equal to what the version places here (`enroll.rs`);
-//! 3. directory: routes, peers, TLS and the policy index rebuilt from the view, then the open
+//! 1. inbound mode: the mTLS mode and the open plaintext ports in the kernel
+//!    (`proxy/kernel_policy.rs`);
+//! 2. directory: routes, peers, TLS and the policy index rebuilt from the view, then the open
 //!    connections re-checked against it (`proxy/directory.rs`, `proxy/authz.rs`);
-//! 4. fast deny: the enrolled pods' entries in the kernel (`proxy/kernel_policy.rs`);
+//! 3. pods: the captured set made equal to what the version places here (`enroll.rs`), so a
+//!    new pod is captured under the version's mode and directory, never an older one's;
+//! 4. fast deny: the enrolled pods' entries in the kernel (`proxy/kernel_policy.rs`), keyed
+//!    by the cookies enrollment gives them;
 //! 5. the outcome, which the stream sends to mesh-cp as its acknowledgement.
 //!
 //! So once mesh-cp sees a version acknowledged, every part of the node enforces it.
@@ -91,14 +93,16 @@ impl Node {
     /// set could not be enrolled; the previous one stays and is retried) is what the
     /// acknowledgement carries.
     pub async fn apply_version(&mut self, view: Arc<MeshView>) -> Result<(), String> {
-        // The mode first: a pod enrolled below is policed from its first packet by the mode of
-        // the version that brought it, not by the previous one (nothing, on the first config).
+        // Mode and directory before the pods: a pod this version brings is policed from its
+        // first packet under the version's mode, and its first connects are routed by the
+        // version's directory, not by the previous one (on a restart, an empty one that would
+        // send them out unchanged).
         let settings = &view.mesh_policy;
         self.kernel
             .set_inbound(settings.mtls, &settings.plaintext_ports);
+        self.publish(view.clone());
         let desired = self.wanted(view.local_workloads(&self.name));
         let outcome = self.enroll(desired).await;
-        self.publish(view.clone());
         self.sync_fast_deny();
         self.out.status.send_modify(|s| {
             s.config_version = view.version;

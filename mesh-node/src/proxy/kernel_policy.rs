@@ -2,8 +2,9 @@
 //! fast-deny entries that refuse a connect in the pod's own connect hook, and the inbound
 //! program's mTLS mode with the ports it lets plaintext through to.
 //!
-//! The node reconciler (`node/`) calls this after the directory is rebuilt and before it
-//! acknowledges a version; the proxy's own check on every delivery is `authz.rs`.
+//! The node reconciler (`node/`) sets the mode before it enrolls a version's pods and the
+//! fast-deny entries after, both before it acknowledges the version; the proxy's own check on
+//! every delivery is `authz.rs`.
 
 use std::{
     collections::{BTreeMap, HashSet},
