@@ -19,7 +19,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     capture::{interfaces, CaptureError, Inbound},
     netns::{self, NetnsError, NetnsWorker},
-    proxy::{self, inbound, outbound, PodContext, Shared},
+    proxy::{self, inbound, local::LocalPodsOwner, outbound, PodContext, Shared},
     workloads::{Workload, WorkloadId},
 };
 
@@ -86,6 +86,8 @@ struct Prepared {
 
 pub struct Enroller {
     shared: Arc<Shared>,
+    /// The enrolled pods as the proxy finds them; written here only.
+    local: LocalPodsOwner,
     /// Whether pods get tunnel and plaintext listeners and the inbound program (connected mode;
     /// offline mode has no certificates and no policy).
     tunnels: bool,
@@ -99,9 +101,10 @@ pub struct Enroller {
 }
 
 impl Enroller {
-    pub fn new(shared: Arc<Shared>, tunnels: bool) -> Self {
+    pub fn new(shared: Arc<Shared>, local: LocalPodsOwner, tunnels: bool) -> Self {
         Self {
             shared,
+            local,
             tunnels,
             pods: BTreeMap::new(),
             quic: HashMap::new(),
@@ -230,8 +233,7 @@ impl Enroller {
                 ));
             }
             tracing::info!(workload = %p.workload.id, netns = %p.workload.netns.display(), cookie = p.ctx.netns_cookie, "enrolled");
-            self.local_pods()
-                .insert(p.workload.id.clone(), p.ctx.clone());
+            self.local.insert(p.ctx.clone());
             self.pods.insert(
                 p.workload.id.clone(),
                 Pod {
@@ -396,15 +398,8 @@ impl Enroller {
         if let Err(e) = self.shared.capture.unenroll(pod.netns_cookie) {
             tracing::error!(workload = %pod.workload.id, error = %e, "cannot remove enrollment");
         }
-        self.local_pods().remove(&pod.workload.id);
+        self.local.remove(&pod.workload.id);
         pod.shutdown.cancel();
-    }
-
-    fn local_pods(
-        &self,
-    ) -> std::sync::RwLockWriteGuard<'_, std::collections::HashMap<WorkloadId, Arc<PodContext>>>
-    {
-        self.shared.local.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops redirecting, closes the listeners, then waits up to `drain` for open connections.

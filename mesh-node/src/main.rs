@@ -323,12 +323,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         handshakes_per_source: args.max_handshakes_per_source,
         handshakes_per_node: args.max_handshakes_per_node,
     };
+    let (local_owner, local_pods) = proxy::local::local_pods();
     let shared = Arc::new(proxy::Shared::new(
         capture.clone(),
         metrics.connections.clone(),
         metrics.tunnels.clone(),
         Duration::from_secs_f64(args.connect_timeout),
         directory_rx,
+        local_pods,
         Arc::new(proxy::limits::Limits::new(limits, limited)),
     ));
     let (view_tx, view_rx) = watch::channel(Arc::new(control::MeshView::default()));
@@ -348,7 +350,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(admin::serve_metrics(metrics_listener, metrics));
     let node = node::Node::new(
         &args.node_name,
-        enroll::Enroller::new(shared.clone(), connected),
+        enroll::Enroller::new(shared.clone(), local_owner, connected),
         &shared,
         svids,
         node::Outputs {

@@ -24,7 +24,7 @@ pub fn config(parts: &Parts, status: &Status) -> String {
                 "node": w.node,
                 // Enrolled here: in Kubernetes the control plane sends no netns, the node
                 // finds it.
-                "on_this_node": parts.proxy.local_pod(key).is_some(),
+                "on_this_node": parts.proxy.local.get(key).is_some(),
                 "netns": w.netns,
                 "identity": w.identity,
                 "addresses": w.addresses.iter().filter_map(|a| ip(a)).collect::<Vec<_>>(),

@@ -2,13 +2,15 @@
 //!
 //! - `outbound.rs`: connections a pod's application made (redirected by the connect hooks);
 //!   routed by `directory.rs` to a tunnel, to a pod on this node, or out unchanged.
-//! - `inbound.rs`: the pod's tunnel listener on :15008, and the checks every delivery to a
-//!   local pod passes, whether it came through a tunnel or from a pod on this node; and the
-//!   plaintext listener on :15006 (PERMISSIVE mode).
+//! - `inbound/`: the pod's tunnel listeners on :15008 (`tls.rs`, `quic.rs`) and its plaintext
+//!   listener on :15006 (`plaintext.rs`, PERMISSIVE mode), around the checks every delivery to
+//!   a local pod passes, whether it came through a tunnel or from a pod on this node (`mod.rs`).
+//! - `local.rs`: the pods enrolled on this node, for deliveries between two of them.
 //! - `authz.rs`: the policy check on every delivery, its logs and counters, and the closing of
 //!   open connections that a policy change denies.
-//! - `relay.rs`: copying bytes with half-close and resets passed on, sealing and opening
-//!   tunnel records in place in pooled buffers.
+//! - `relay.rs`: copying between the two halves of a connection, with half-close and resets
+//!   passed on; the tunnel's side of it (records sealed and opened in place) is
+//!   `tunnel/copy.rs`.
 //! - `limits.rs`: how many connections and handshakes each pod and each source may have.
 //! - `kernel_policy.rs`: what the kernel refuses before the proxy sees it (fast deny, the
 //!   inbound mTLS mode).
@@ -19,6 +21,7 @@ pub mod inbound;
 pub mod kernel_policy;
 pub mod labels;
 pub mod limits;
+pub mod local;
 pub mod outbound;
 pub mod relay;
 
@@ -56,8 +59,9 @@ pub struct Shared {
     pub connect_timeout: Duration,
     /// The current routing view; replaced whole when the mesh view changes.
     pub directory: watch::Receiver<Arc<Directory>>,
-    /// Enrolled pods by workload, for deliveries between pods of this node.
-    pub local: RwLock<HashMap<WorkloadId, Arc<PodContext>>>,
+    /// Enrolled pods by workload, for deliveries between pods of this node (the enroller
+    /// owns the set).
+    pub local: local::LocalPods,
     pub authz: Arc<authz::Authz>,
     /// Idle tunnel sessions to reuse.
     pub tunnels: crate::tunnel::pool::Pool,
@@ -78,6 +82,7 @@ impl Shared {
         tunnel_metrics: Arc<crate::metrics::TunnelMetrics>,
         connect_timeout: Duration,
         directory: watch::Receiver<Arc<Directory>>,
+        local: local::LocalPods,
         limits: Arc<limits::Limits>,
     ) -> Self {
         Self {
@@ -86,7 +91,7 @@ impl Shared {
             tunnel_metrics,
             connect_timeout,
             directory,
-            local: RwLock::default(),
+            local,
             authz: Arc::default(),
             tunnels: crate::tunnel::pool::Pool::default(),
             quic: crate::tunnel::quic::Connections::default(),
@@ -131,14 +136,6 @@ impl Shared {
                 tokio::time::sleep(tick).await;
             }
         }
-    }
-
-    pub fn local_pod(&self, key: &WorkloadId) -> Option<Arc<PodContext>> {
-        self.local
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
     }
 
     pub fn connection_id(&self) -> u64 {

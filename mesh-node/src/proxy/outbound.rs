@@ -350,7 +350,7 @@ impl Outgoing {
             Route::Workload(target) => {
                 to_target(&mut self.pair, &target);
                 self.details.destination_address = Some(target.addr);
-                self.details.transport = if ctx.shared.local_pod(&target.peer.key).is_some() {
+                self.details.transport = if ctx.shared.local.get(&target.peer.key).is_some() {
                     Transport::Local
                 } else {
                     tunnel
@@ -464,7 +464,7 @@ async fn send(
         transport: Transport::Local,
         tunnel_trust: None,
     };
-    if let Some(local) = ctx.shared.local_pod(&target.peer.key) {
+    if let Some(local) = ctx.shared.local.get(&target.peer.key) {
         let Admitted {
             upstream,
             guard,
