@@ -5,7 +5,12 @@
 //! header read timeout never fires, and lets a request head grow to hyper's read buffer
 //! (~400 KiB). The connections are served with hyper's http1 builder here instead.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::Router;
 use hyper::server::conn::http1;
@@ -28,6 +33,9 @@ pub struct Limits {
     pub head_bytes: usize,
     /// Connections served at once; more wait in the listen backlog.
     pub connections: usize,
+    /// Connections served at once from one address (an IPv6 one counts by its /64); more are
+    /// closed at once, so that one pod cannot hold every slot and keep the scraper out.
+    pub per_source: usize,
 }
 
 impl Default for Limits {
@@ -36,7 +44,8 @@ impl Default for Limits {
             header_read: Duration::from_secs(5),
             connection: Duration::from_secs(10),
             head_bytes: 4096,
-            connections: 64,
+            connections: 128,
+            per_source: 8,
         }
     }
 }
@@ -51,6 +60,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits) {
         // only hold a slot between them.
         .keep_alive(false);
     let slots = Arc::new(Semaphore::new(limits.connections));
+    let sources = Arc::new(Sources::default());
     let listen = listener.local_addr().ok();
     loop {
         // A slot before the accept: past the limit, connections wait in the kernel's backlog
@@ -58,8 +68,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors, typically: wait for some to be given back.
                 tracing::warn!(?listen, error = %e, "HTTP endpoint: accept failed");
@@ -67,10 +77,60 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits) {
                 continue;
             }
         };
+        let Some(source) = sources.take(peer.ip(), limits.per_source) else {
+            // Not logged: the one who can cause it could flood the log with it.
+            drop(tcp);
+            continue;
+        };
         let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
         tokio::spawn(async move {
             let _ = tokio::time::timeout(limits.connection, conn).await;
-            drop(slot);
+            drop((source, slot));
         });
+    }
+}
+
+/// Connections open per source address. An entry lives while its source has one open, so
+/// there are at most as many as there are slots.
+#[derive(Default)]
+struct Sources(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection counted against its source; given back on drop.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    key: IpAddr,
+}
+
+impl Sources {
+    fn take(self: &Arc<Self>, peer: IpAddr, max: usize) -> Option<SourceSlot> {
+        let key = match peer.to_canonical() {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            v4 => v4,
+        };
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(key).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.sources.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
     }
 }

@@ -230,3 +230,44 @@ async fn garbage_is_400_and_the_server_goes_on() {
     }
     assert_eq!(get(addr, "/healthz").await.code, 200);
 }
+
+#[tokio::test]
+async fn one_source_cannot_take_every_slot() {
+    let addr = start(Limits {
+        per_source: 2,
+        ..Limits::default()
+    })
+    .await;
+    let holders = [send(addr, b"").await, send(addr, b"").await];
+    // The holders' connections are accepted before the third arrives.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = send(addr, b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n").await;
+    assert_eq!(
+        until_closed(&mut third, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some(""),
+        "a third connection from the holders' address was served"
+    );
+    // Another address (the scraper's) is still answered.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let mut other = socket.connect(addr).await.expect("connect");
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = until_closed(&mut other, Duration::from_secs(2)).await;
+    assert!(
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 200")),
+        "{answer:?}"
+    );
+    // Once the holders are gone, their address is served again.
+    drop(holders);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(addr, "/healthz").await.code, 200);
+}
