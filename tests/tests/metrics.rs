@@ -365,6 +365,15 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
         );
         assert!(expiry > now + 3600.0, "{id} expires at {expiry}, now {now}");
     }
+    // Every local workload's certificate was issued at least once, and none failed.
+    for (e, local) in [(&e1, 2.0), (&e2, 1.0)] {
+        let issued = e.sum("mycel_certificate_requests_total", &[("result", "issued")]);
+        assert!(issued >= local, "certificates issued: {issued}");
+        assert_eq!(
+            e.sum("mycel_certificate_requests_total", &[("result", "error")]),
+            0.0
+        );
+    }
     for e in [&e1, &e2] {
         let age = e.sum("mycel_config_age_seconds", &[]);
         assert!((0.0..600.0).contains(&age), "config age {age}");

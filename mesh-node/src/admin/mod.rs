@@ -132,6 +132,7 @@ impl Parts {
         };
         let (by_cookie, by_tuple) = self.capture.orig_dst_entries();
         let (inbound_open, inbound_handshakes) = self.proxy.limits.totals();
+        let svid_stats = self.svids.stats();
         Figures {
             ebpf_events,
             map_entries: vec![
@@ -154,6 +155,8 @@ impl Parts {
                 .iter()
                 .map(|s| (s.identity.clone(), s.serial.clone(), s.not_after))
                 .collect(),
+            certificates_issued: svid_stats.issued,
+            certificate_errors: svid_stats.errors,
             trust_roots: self.view.borrow().trust_roots.clone(),
             config_updated_at: status.config_updated_at,
             config_version: status.config_version,

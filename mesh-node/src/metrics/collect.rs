@@ -31,6 +31,9 @@ pub struct Figures {
     pub closed_by_policy: u64,
     /// Workload certificates held: identity, serial, expiry.
     pub certificates: Vec<(String, String, SystemTime)>,
+    /// Certificates the control plane issued to this node, and requests that failed.
+    pub certificates_issued: u64,
+    pub certificate_errors: u64,
     /// The trust roots in force, DER.
     pub trust_roots: Vec<Vec<u8>>,
     pub config_updated_at: Option<SystemTime>,
@@ -56,6 +59,7 @@ pub struct NodeCollector {
     inbound_open: IntGauge,
     inbound_handshakes: IntGauge,
     cert_expiry: GaugeVec,
+    cert_requests: IntCounterVec,
     root_expiry: GaugeVec,
     config_age: GaugeVec,
     config_version: IntGauge,
@@ -118,6 +122,14 @@ impl NodeCollector {
                     "When each workload certificate this node holds expires (Unix seconds).",
                 ),
                 &["identity", "serial"],
+            )?,
+            cert_requests: IntCounterVec::new(
+                Opts::new(
+                    name("certificate_requests_total"),
+                    "Workload certificate requests to the control plane, by result (issued, \
+                     error); an error is retried, and logged with its cause.",
+                ),
+                &["result"],
             )?,
             root_expiry: GaugeVec::new(
                 Opts::new(
@@ -196,6 +208,8 @@ impl NodeCollector {
                 .with_label_values(&[identity, serial])
                 .set(unix_seconds(*not_after));
         }
+        set_counter(&self.cert_requests, &["issued"], f.certificates_issued);
+        set_counter(&self.cert_requests, &["error"], f.certificate_errors);
 
         self.root_expiry.reset();
         for der in &f.trust_roots {
@@ -245,7 +259,7 @@ fn unix_seconds(t: SystemTime) -> f64 {
 
 impl NodeCollector {
     /// Every family, in exposition order: what `desc` and `collect` both walk.
-    fn families(&self) -> [&dyn Collector; 15] {
+    fn families(&self) -> [&dyn Collector; 16] {
         [
             &self.ebpf,
             &self.ebpf_entries,
@@ -254,6 +268,7 @@ impl NodeCollector {
             &self.inbound_open,
             &self.inbound_handshakes,
             &self.cert_expiry,
+            &self.cert_requests,
             &self.root_expiry,
             &self.workers,
             &self.tasks,
