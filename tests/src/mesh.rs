@@ -457,11 +457,15 @@ const FIGURES: &[Figure] = &[
         &[(CONNECT, &[("transport", "passthrough")])],
     ),
     figure("tunnels_quic", &[(CONNECT, &[("transport", "quic")])]),
-    // Outbound connections the proxy took on: sent on, or failed at the source.
+    // Outbound connections that left a trace at the source: connected, or failed there (one
+    // that failed after it connected counts twice). The tests compare it before and after an
+    // action, to see that the proxy took nothing on.
     figure(
         "proxy_accepted",
         &[(CONNECT, &[]), (FAILED, &[("reporter", "source")])],
     ),
+    // Connects to an application or a passthrough destination that failed, at either end;
+    // a source also counts a destination's refusal because its application did not answer.
     figure(
         "proxy_upstream_failed",
         &[(FAILED, &[("reason", "upstream_connect")])],
@@ -470,13 +474,10 @@ const FIGURES: &[Figure] = &[
         "proxy_no_orig_dst",
         &[(FAILED, &[("reason", "no_original_destination")])],
     ),
+    // Bytes from destinations to this node's applications, as their source proxies count them.
     figure(
         "proxy_bytes_received",
-        &[("mycel_tcp_received_bytes_total", &[])],
-    ),
-    figure(
-        "policy_denied",
-        &[(FAILED, &[("reporter", "destination"), ("reason", "denied")])],
+        &[("mycel_tcp_received_bytes_total", &[("reporter", "source")])],
     ),
     figure(
         "policy_closed_open_connections",
