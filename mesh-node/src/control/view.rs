@@ -91,6 +91,13 @@ impl MeshView {
         next.version = update.version;
         for resource in update.upserts {
             let key = resource.key;
+            // What a removal could not name, an upsert may not add: it would stay for good.
+            let singleton = matches!(resource.kind, Some(Kind::Mesh(_) | Kind::TrustBundle(_)));
+            if !singleton && keys::parse(&key).is_none() {
+                return Err(format!(
+                    "resource {key:?}: the key is not kind/namespace/name"
+                ));
+            }
             match resource.kind {
                 Some(Kind::Mesh(m)) if key == keys::MESH => {
                     next.mesh_policy = MeshPolicy::decode(&m).map_err(|e| format!("{key}: {e}"))?;
@@ -283,6 +290,18 @@ mod tests {
         assert!(MeshView::default()
             .apply(update(1, true, vec![bundle(), wrong_key], &[]))
             .is_err());
+        // A key a removal could not name: a name with a '/' or no namespace.
+        for (namespace, name) in [("default", "a/b"), ("", "a")] {
+            let mut unnamed = workload("a", "n1", "/a");
+            if let Some(Kind::Workload(w)) = &mut unnamed.kind {
+                (w.namespace, w.name) = (namespace.into(), name.into());
+            }
+            unnamed.key = keys::workload(namespace, name);
+            let err = MeshView::default()
+                .apply(update(1, true, vec![bundle(), unnamed], &[]))
+                .expect_err("a key no removal can name");
+            assert!(err.contains("not kind/namespace/name"), "{err}");
+        }
         let mut bad_addr = workload("a", "n1", "/a");
         if let Some(Kind::Workload(w)) = &mut bad_addr.kind {
             w.addresses = vec![vec![1, 2, 3]];
