@@ -1,10 +1,11 @@
 //! Command-line pieces both daemons take.
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{Args, FromArgMatches, Subcommand, ValueEnum};
 
 /// A daemon's command line: what every daemon takes (`--log-format`), and its own
-/// subcommands `C`.
-#[derive(Parser)]
+/// subcommands `C`. Not a `clap::Parser`: a command line is always a binary's, so the only
+/// way in is [`Cli::parse_for`] (or [`Cli::command_for`]), which names it.
+#[derive(Args)]
 pub struct Cli<C: Subcommand> {
     #[command(flatten)]
     pub log: LogArgs,
@@ -23,11 +24,12 @@ pub struct Binary {
 impl<C: Subcommand> Cli<C> {
     /// The command line of `binary`, as `--help` shows it.
     pub fn command_for(binary: Binary) -> clap::Command {
-        <Self as CommandFactory>::command()
-            .name(binary.name)
+        // After augment_args, which would set this struct's doc comment as the about text.
+        <Self as Args>::augment_args(clap::Command::new(binary.name))
             .bin_name(binary.name)
             .version(binary.version)
             .about(binary.about)
+            .long_about(None)
     }
 
     /// Parses this process's arguments; a bad command line exits with clap's message and
