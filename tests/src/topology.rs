@@ -190,6 +190,12 @@ impl Topology {
     fn add_netns(&mut self, name: &str) -> Result<()> {
         ip(&["netns", "add", name])?;
         self.namespaces.push(name.to_string());
+        // No duplicate address detection on the interfaces made here, their link-local
+        // addresses included: while a link-local address is tentative the kernel sends no
+        // neighbour solicitation from it, so the first IPv6 packets between two nodes could
+        // find their next hop unresolved and be dropped for seconds.
+        sysctl(name, "net.ipv6.conf.default.accept_dad", "0")?;
+        sysctl(name, "net.ipv6.conf.all.accept_dad", "0")?;
         ip(&["-n", name, "link", "set", "lo", "up"])
     }
 
