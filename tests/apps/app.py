@@ -206,8 +206,15 @@ def local_address(host, family):
         return u.getsockname()[0]
 
 
+# Source ports of the raw SYN cases: below the kernel's ephemeral range, so that no
+# connection the pod's own kernel makes (other attacks, in the siege) can use one of them and
+# have its SYN-ACK taken for a case's answer.
+RAWSYN_FIRST_PORT = 19000
+
+
 def rawsyn(v4, v6, port, open_port):
-    """Sends each case from its own source port and listens for SYN-ACKs back."""
+    """Sends each case from its own source port and listens for SYN-ACKs back: from the
+    case's destination address and port, to its source port."""
     src4 = socket.inet_pton(socket.AF_INET, local_address(v4, socket.AF_INET))
     dst4 = socket.inet_pton(socket.AF_INET, v4)
     src6 = socket.inet_pton(socket.AF_INET6, local_address(v6, socket.AF_INET6))
@@ -220,8 +227,8 @@ def rawsyn(v4, v6, port, open_port):
     packets = []
 
     def v4_case(name, dport, fragments):
-        sport = 41000 + len(cases)
-        cases[sport] = name
+        sport = RAWSYN_FIRST_PORT + len(cases)
+        cases[sport] = (name, dst4, dport)
         segment = tcp_syn(src4, dst4, sport, dport, False)
         for offset, more, size in fragments:
             part = segment[offset * 8: offset * 8 + size] if size else segment[offset * 8:]
@@ -229,8 +236,8 @@ def rawsyn(v4, v6, port, open_port):
             packets.append((send4, ipv4_packet(src4, dst4, sport, frag, part), v4))
 
     def v6_case(name, dport, wrap):
-        sport = 41000 + len(cases)
-        cases[sport] = name
+        sport = RAWSYN_FIRST_PORT + len(cases)
+        cases[sport] = (name, dst6, dport)
         segment = tcp_syn(src6, dst6, sport, dport, True)
         for next_header, payload in wrap(segment, sport):
             packets.append((send6, ipv6_packet(src6, dst6, next_header, payload), v6))
@@ -260,7 +267,8 @@ def rawsyn(v4, v6, port, open_port):
 
     for sock in (recv4, recv6):
         sock.setblocking(False)
-    controls = {n for n in cases.values() if "(control)" in n}
+    names = {name for name, _, _ in cases.values()}
+    controls = {n for n in names if "(control)" in n}
     answered = set()
     # A path just made may lose the first packets while neighbours are resolved: send again
     # (the same SYNs: retransmissions) until the controls are answered, three rounds at most.
@@ -269,22 +277,28 @@ def rawsyn(v4, v6, port, open_port):
             sock.sendto(packet, (host, 0))
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
-            for sock, v6_sock in [(recv4, False), (recv6, True)]:
-                try:
-                    data = sock.recv(65535)
-                except BlockingIOError:
-                    continue
-                tcp = data if v6_sock else data[(data[0] & 0x0F) * 4:]
-                if len(tcp) < 14:
-                    continue
-                dport = struct.unpack("!H", tcp[2:4])[0]
-                if dport in cases and tcp[13] & 0x12 == 0x12:
-                    answered.add(cases[dport])
+            # Everything queued: a raw socket sees all of the pod's TCP, which in the siege
+            # is a lot, and what is not read in time is dropped.
+            for sock, v6_sock, family in [(recv4, False, socket.AF_INET),
+                                          (recv6, True, socket.AF_INET6)]:
+                while True:
+                    try:
+                        data, (source, *_) = sock.recvfrom(65535)
+                    except BlockingIOError:
+                        break
+                    tcp = data if v6_sock else data[(data[0] & 0x0F) * 4:]
+                    if len(tcp) < 14:
+                        continue
+                    sport, dport = struct.unpack("!HH", tcp[0:4])
+                    case = cases.get(dport)
+                    source = socket.inet_pton(family, source)
+                    if case and (source, sport) == case[1:] and tcp[13] & 0x12 == 0x12:
+                        answered.add(case[0])
             time.sleep(0.01)
         if controls <= answered:
             break
     print(json.dumps({"answered": sorted(answered),
-                      "silent": sorted(set(cases.values()) - answered)}))
+                      "silent": sorted(names - answered)}))
 
 
 def tunsyn(port, open_port, name=b"mtun0"):
