@@ -33,8 +33,10 @@ pub struct Limits {
     pub head_bytes: usize,
     /// Connections served at once; more wait in the listen backlog.
     pub connections: usize,
-    /// Connections served at once from one address (an IPv6 one counts by its /64); more are
-    /// closed at once, so that one pod cannot hold every slot and keep the scraper out.
+    /// Connections served at once from one address (an IPv6 one counts by its /64) while more
+    /// than half of `connections` are taken; more are closed at once. So a few pods cannot
+    /// hold every slot and keep the scraper out, and without that pressure, clients that share
+    /// an address (behind a NAT, or pods of one node's IPv6 range) are never refused.
     pub per_source: usize,
 }
 
@@ -77,7 +79,9 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits) {
                 continue;
             }
         };
-        let Some(source) = sources.take(peer.ip(), limits.per_source) else {
+        let taken = limits.connections - slots.available_permits();
+        let pressed = taken > limits.connections / 2;
+        let Some(source) = sources.take(peer.ip(), limits.per_source, pressed) else {
             // Not logged: the one who can cause it could flood the log with it.
             drop(tcp);
             continue;
@@ -102,7 +106,8 @@ struct SourceSlot {
 }
 
 impl Sources {
-    fn take(self: &Arc<Self>, peer: IpAddr, max: usize) -> Option<SourceSlot> {
+    /// Counts a connection from `peer`, or refuses it when `pressed` and the peer holds `max`.
+    fn take(self: &Arc<Self>, peer: IpAddr, max: usize, pressed: bool) -> Option<SourceSlot> {
         let key = match peer.to_canonical() {
             IpAddr::V6(v6) => {
                 let s = v6.segments();
@@ -111,11 +116,10 @@ impl Sources {
             v4 => v4,
         };
         let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(key).or_default();
-        if *n >= max {
+        if pressed && open.get(&key).is_some_and(|n| *n >= max) {
             return None;
         }
-        *n += 1;
+        *open.entry(key).or_default() += 1;
         Some(SourceSlot {
             sources: self.clone(),
             key,

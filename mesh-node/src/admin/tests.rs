@@ -233,7 +233,9 @@ async fn garbage_is_400_and_the_server_goes_on() {
 
 #[tokio::test]
 async fn one_source_cannot_take_every_slot() {
+    // Two of four slots held by one address: more than half are taken once a third comes.
     let addr = start(Limits {
+        connections: 4,
         per_source: 2,
         ..Limits::default()
     })
@@ -269,5 +271,19 @@ async fn one_source_cannot_take_every_slot() {
     // Once the holders are gone, their address is served again.
     drop(holders);
     tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(addr, "/healthz").await.code, 200);
+}
+
+#[tokio::test]
+async fn a_source_may_take_more_while_most_slots_are_free() {
+    let addr = start(Limits {
+        connections: 8,
+        per_source: 2,
+        ..Limits::default()
+    })
+    .await;
+    let _holders = [send(addr, b"").await, send(addr, b"").await];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Three of eight taken with this one: no pressure, so the shared address is served.
     assert_eq!(get(addr, "/healthz").await.code, 200);
 }
