@@ -96,7 +96,9 @@ impl Node {
         // Mode and directory before the pods: a pod this version brings is policed from its
         // first packet under the version's mode, and its first connects are routed by the
         // version's directory, not by the previous one (on a restart, an empty one that would
-        // send them out unchanged).
+        // send them out unchanged). In Kubernetes the node's own watch can bring pods before
+        // the first version (`pods_changed`); until then they are captured with no mode and an
+        // empty directory, as a restarted daemon's pods are (issue 21 closes that window).
         let settings = &view.mesh_policy;
         self.kernel
             .set_inbound(settings.mtls, &settings.plaintext_ports);
