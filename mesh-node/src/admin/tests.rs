@@ -231,18 +231,24 @@ async fn garbage_is_400_and_the_server_goes_on() {
     assert_eq!(get(addr, "/healthz").await.code, 200);
 }
 
-#[tokio::test]
-async fn one_source_cannot_take_every_slot() {
-    // Two of four slots held by one address: more than half are taken once a third comes.
+/// An endpoint of `connections` slots, 2 per source under pressure, with two idle
+/// connections from 127.0.0.1 accepted and held.
+async fn two_held(connections: usize) -> (SocketAddr, [TcpStream; 2]) {
     let addr = start(Limits {
-        connections: 4,
+        connections,
         per_source: 2,
         ..Limits::default()
     })
     .await;
     let holders = [send(addr, b"").await, send(addr, b"").await];
-    // The holders' connections are accepted before the third arrives.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    (addr, holders)
+}
+
+#[tokio::test]
+async fn one_source_cannot_take_every_slot() {
+    // Two of four slots held by one address: more than half are taken once a third comes.
+    let (addr, holders) = two_held(4).await;
     let mut third = send(addr, b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n").await;
     assert_eq!(
         until_closed(&mut third, Duration::from_secs(2))
@@ -276,14 +282,7 @@ async fn one_source_cannot_take_every_slot() {
 
 #[tokio::test]
 async fn a_source_may_take_more_while_most_slots_are_free() {
-    let addr = start(Limits {
-        connections: 8,
-        per_source: 2,
-        ..Limits::default()
-    })
-    .await;
-    let _holders = [send(addr, b"").await, send(addr, b"").await];
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Three of eight taken with this one: no pressure, so the shared address is served.
+    // Three of eight taken with the request: no pressure, so the shared address is served.
+    let (addr, _holders) = two_held(8).await;
     assert_eq!(get(addr, "/healthz").await.code, 200);
 }
