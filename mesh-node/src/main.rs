@@ -335,8 +335,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     let (view_tx, view_rx) = watch::channel(Arc::new(control::MeshView::default()));
     let parts = admin::Parts {
-        capture: capture.clone(),
-        authz: shared.authz.clone(),
         svids: svids.clone(),
         view: view_rx,
         proxy: shared.clone(),

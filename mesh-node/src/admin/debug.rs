@@ -115,6 +115,7 @@ pub fn certs(parts: &Parts) -> String {
 /// `/debug/connections`: the connections open to this node's pods, as admitted by policy.
 pub fn connections(parts: &Parts) -> String {
     let open: Vec<Value> = parts
+        .proxy
         .authz
         .open_connections()
         .into_iter()

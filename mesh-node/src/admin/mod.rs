@@ -18,10 +18,7 @@ use std::{
 use mesh_ebpf_common::Counter;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{
-    capture::Capture, control::MeshView, identity::SvidStore, metrics::collect::Figures,
-    proxy::authz::Authz,
-};
+use crate::{control::MeshView, identity::SvidStore, metrics::collect::Figures};
 
 /// State the daemon publishes for the admin endpoint.
 #[derive(Debug, Clone, Default)]
@@ -47,12 +44,11 @@ pub struct Admin {
 
 #[derive(Clone)]
 pub struct Parts {
-    pub capture: Arc<Capture>,
-    pub authz: Arc<Authz>,
     pub svids: Arc<SvidStore>,
     /// The control plane's config as this node holds it (empty offline).
     pub view: watch::Receiver<Arc<MeshView>>,
-    /// Which pods are enrolled here.
+    /// The proxy's shared state: the capture's maps, policy decisions and open connections,
+    /// which pods are enrolled here, the limits' counts.
     pub proxy: Arc<crate::proxy::Shared>,
 }
 
@@ -123,14 +119,14 @@ pub async fn serve_metrics(listener: TcpListener, metrics: Arc<crate::metrics::M
 impl Parts {
     /// What the metrics read at a scrape (`metrics/collect.rs`), with `status` as it is.
     pub fn figures(&self, status: &Status) -> Figures {
-        let ebpf_events = match self.capture.counters() {
+        let ebpf_events = match self.proxy.capture.counters() {
             Ok(counters) => Some(Counter::ALL.map(|c| (c.name(), counters.get(c))).to_vec()),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the eBPF counters");
                 None
             }
         };
-        let (by_cookie, by_tuple) = self.capture.orig_dst_entries();
+        let (by_cookie, by_tuple) = self.proxy.capture.orig_dst_entries();
         let (inbound_open, inbound_handshakes) = self.proxy.limits.totals();
         let svid_stats = self.svids.stats();
         Figures {
@@ -138,9 +134,10 @@ impl Parts {
             map_entries: vec![
                 ("orig_dst_by_cookie", by_cookie),
                 ("orig_dst_by_tuple", by_tuple),
-                ("fast_deny", self.capture.fast_deny_entries()),
+                ("fast_deny", self.proxy.capture.fast_deny_entries()),
             ],
             decisions: self
+                .proxy
                 .authz
                 .decision_counts()
                 .into_iter()
@@ -148,7 +145,7 @@ impl Parts {
                     ([policy, rule, action.to_string(), mode.to_string()], n)
                 })
                 .collect(),
-            closed_by_policy: self.authz.closed_by_policy(),
+            closed_by_policy: self.proxy.authz.closed_by_policy(),
             certificates: self
                 .svids
                 .all()
