@@ -113,6 +113,10 @@ impl Refusal {
         }
     }
 
+    fn reason(&self) -> FailReason {
+        refusal_reason(self.status)
+    }
+
     /// Counts and logs the refusal of a connection with `pair` and `details`.
     fn report(&self, pod: &PodContext, pair: &Pair, mut details: Details) {
         if let Some(decided) = &self.decided {
@@ -137,12 +141,6 @@ pub struct Admitted {
     /// Who talks to whom and how, for the metrics and the access log (boxed: connection
     /// tasks stay small).
     pub report: Box<(Pair, Details)>,
-}
-
-impl Refusal {
-    fn reason(&self) -> FailReason {
-        refusal_reason(self.status)
-    }
 }
 
 /// The bounded reason the metrics give for a refusal with `status`, at either end.

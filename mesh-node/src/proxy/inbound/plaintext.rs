@@ -41,7 +41,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             return;
         }
     };
-    if let Err(r) = check_destination(ctx, &ctx.shared.directory(), destination) {
+    let dir = ctx.shared.directory();
+    if let Err(r) = check_destination(ctx, &dir, destination) {
         tracing::warn!(workload = %ctx.workload, %peer, reason = %r.reason, "plaintext connection refused; resetting it");
         count(Plaintext::Refused);
         reset(client);
@@ -55,7 +56,6 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         connection_id: ctx.shared.connection_id(),
     };
     let id = request.connection_id;
-    let dir = ctx.shared.directory();
     let pair = pair_at_destination(ctx, &dir, None, peer.ip(), destination.port());
     let details = Details {
         connection_id: id,

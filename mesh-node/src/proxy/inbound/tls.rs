@@ -49,7 +49,8 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let refused = |reason: &dyn std::fmt::Display| refused(ctx, peer, Transport::Tls, reason);
     // Before anything else: the limits log their own refusals, once in a while.
     let limits = &ctx.shared.limits;
-    let stranger = ctx.shared.directory().peer_by_addr(peer.ip()).is_none();
+    let dir = ctx.shared.directory();
+    let stranger = dir.peer_by_addr(peer.ip()).is_none();
     let Ok(permit) = limits.handshake(&ctx.load, &ctx.workload, peer.ip(), stranger) else {
         tunnel_refused(ctx);
         return reset(tcp);
@@ -57,7 +58,6 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     // Boxed, as the credentials below.
     let mut permit = Box::new(permit);
     let _ = tcp.set_nodelay(true);
-    let dir = ctx.shared.directory();
     let (Some(me), Some(tls)) = (dir.peer(&ctx.workload), dir.tls()) else {
         refused(&"this node has no mesh view or trust bundle for the pod yet");
         reset(tcp);
