@@ -4,7 +4,8 @@
 //!
 //! An encoding leaves empty the fields the model value alone cannot fill, which its sender
 //! fills from the whole config for the node it sends to: a workload's `identity` (from the
-//! trust domain), a service's `endpoints`, a policy's `selected` workloads. Access policies are
+//! trust domain) and `netns` (only for the workloads placed on that node), a service's
+//! `endpoints`, a policy's `selected` workloads. Access policies are
 //! in `convert/policy.rs`.
 
 mod policy;
@@ -173,14 +174,15 @@ impl From<&MeshConfig> for v1::MeshSettings {
     }
 }
 
-/// Leaves `identity` empty: it depends on the trust domain (see the module's comment).
+/// Leaves `identity` and `netns` empty: they depend on the trust domain and on the node the
+/// workload is sent to (see the module's comment).
 impl From<&Workload> for v1::Workload {
     fn from(w: &Workload) -> Self {
         v1::Workload {
             namespace: w.key.namespace.clone(),
             name: w.key.name.clone(),
             node: w.node.clone(),
-            netns: w.netns.to_string_lossy().into_owned(),
+            netns: String::new(),
             addresses: w.addresses.iter().map(|a| ip_to_bytes(*a)).collect(),
             identity: String::new(),
             labels: w.labels.clone().into_iter().collect(),
