@@ -166,7 +166,7 @@ fn main() {
         Command::Token(cmd) => token(cmd),
         Command::Explain(args) => run_explain(args),
     };
-    mesh_daemon::exit::on_error("mesh-cp", result);
+    mesh_daemon::exit::on_error(BINARY.name, result);
 }
 
 fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {

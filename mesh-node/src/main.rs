@@ -166,7 +166,7 @@ fn main() {
         Command::Run(args) => mesh_daemon::runtime::block_on(run(*args)),
         Command::InstallCni(args) => install_cni(&args),
     };
-    mesh_daemon::exit::on_error("mesh-node", result);
+    mesh_daemon::exit::on_error(BINARY.name, result);
 }
 
 /// Every proxied connection holds two sockets (three with its tunnel's peer on the other
