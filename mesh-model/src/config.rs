@@ -129,13 +129,19 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 /// The `(file, contents)` of every YAML file of `dir`, ready for [`parse`]; callers that watch
 /// the directory compare these to see whether anything changed.
 pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, ConfigError> {
+    read_files(config_files(dir)?)
+}
+
+/// The contents of `files`. One removed after it was listed is left out, as it would have been
+/// had the directory been listed a moment later: a removal is not an error.
+fn read_files(files: Vec<PathBuf>) -> Result<Vec<(PathBuf, String)>, ConfigError> {
     let mut texts = Vec::new();
-    for file in config_files(dir)? {
-        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
-            path: file.clone(),
-            source,
-        })?;
-        texts.push((file, text));
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => texts.push((file, text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ConfigError::Read { path: file, source }),
+        }
     }
     Ok(texts)
 }
@@ -252,6 +258,19 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: mesh-cp rejected the whole config ("cannot read case.yaml: No such file")
+    /// when a file was removed between the directory's listing and its reading.
+    #[test]
+    fn a_file_removed_after_the_listing_is_left_out() {
+        let dir = std::env::temp_dir().join(format!("mycel-model-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kept = dir.join("a.yaml");
+        std::fs::write(&kept, "x: 1\n").unwrap();
+        let read = read_files(vec![kept.clone(), dir.join("removed.yaml")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(read.unwrap(), vec![(kept, "x: 1\n".to_owned())]);
+    }
 
     fn files(docs: &[(&str, &str)]) -> Vec<(PathBuf, String)> {
         docs.iter()
