@@ -3,7 +3,8 @@
 //! For each pod: a thread in its netns, outbound listeners on loopback there, the tunnel
 //! listener on :15008 and the plaintext listener on :15006 with the inbound program on the
 //! pod's interfaces, also those added later (connected mode), and its netns cookie in the
-//! `ENROLLED` map.
+//! `ENROLLED` map. The kernel side is pinned and outlives the daemon; a pod leaves it only
+//! when it leaves the set (or, after a restart, when the first complete set lacks it).
 //! [`Enroller::apply`] prepares everything a new set needs before changing anything, so a bad
 //! set (a missing netns, a port already taken) leaves the current one untouched.
 
@@ -63,8 +64,6 @@ struct Pod {
     workload: Workload,
     netns_cookie: u64,
     shutdown: CancellationToken,
-    /// The inbound program on each of the pod's interfaces; dropping detaches it.
-    _inbound: interfaces::Links,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +160,13 @@ impl Enroller {
         for (id, workload) in &desired {
             let unchanged = self.pods.get(id).is_some_and(|p| p.workload == *workload);
             if !unchanged {
-                prepared.push(self.prepare(workload.clone()).await?);
+                match self.prepare(workload.clone()).await {
+                    Ok(p) => prepared.push(p),
+                    Err(e) => {
+                        self.discard(&prepared);
+                        return Err(e);
+                    }
+                }
             }
         }
         let mut added: Vec<u64> = Vec::new();
@@ -170,6 +175,7 @@ impl Enroller {
                 for cookie in added {
                     let _ = self.shared.capture.unenroll(cookie);
                 }
+                self.discard(&prepared);
                 return Err(EnrollError::Capture {
                     workload: p.workload.id.clone(),
                     source,
@@ -222,13 +228,12 @@ impl Enroller {
                     self.connections.clone(),
                 ));
             }
-            let inbound = interfaces::links(p.inbound);
             if self.tunnels {
                 tokio::spawn(interfaces::watch(
                     p.workload.id.clone(),
                     p.ctx.netns.clone(),
                     self.shared.capture.clone(),
-                    inbound.clone(),
+                    p.ctx.netns_cookie,
                     shutdown.clone(),
                 ));
             }
@@ -240,12 +245,21 @@ impl Enroller {
                     netns_cookie: p.ctx.netns_cookie,
                     workload: p.workload,
                     shutdown,
-                    _inbound: inbound,
                 },
             );
         }
         self.close_unused_endpoints();
         Ok(())
+    }
+
+    /// Undoes what preparing attached: the pinned links would outlive the `Prepared`.
+    fn discard(&self, prepared: &[Prepared]) {
+        for p in prepared {
+            let attached: Vec<u32> = p.inbound.iter().map(|i| i.ifindex).collect();
+            self.shared
+                .capture
+                .detach_inbound(p.ctx.netns_cookie, &attached);
+        }
     }
 
     /// Closes the QUIC endpoints of netns where no pod is enrolled any more; their open
@@ -322,7 +336,7 @@ impl Enroller {
         let inbound = if self.tunnels {
             let capture = self.shared.capture.clone();
             let attached = worker
-                .run(move || capture.attach_inbound())
+                .run(move || capture.attach_inbound(netns_cookie))
                 .await
                 .map_err(|source| EnrollError::Netns {
                     workload: id.clone(),
@@ -334,6 +348,8 @@ impl Enroller {
                 })?;
             // A pod whose every interface cannot be policed is not enrolled.
             if let Some((name, why)) = attached.failed.first() {
+                let done: Vec<u32> = attached.links.iter().map(|l| l.ifindex).collect();
+                self.shared.capture.detach_inbound(netns_cookie, &done);
                 return Err(EnrollError::Inbound {
                     workload: id,
                     interface: String::from_utf8_lossy(name).into_owned(),
@@ -346,7 +362,14 @@ impl Enroller {
         };
         tracing::debug!(workload = %id, interfaces = ?inbound.iter().map(|i| &i.name).collect::<Vec<_>>(), "inbound program attached");
         let quic = if self.tunnels {
-            Some(self.quic_endpoint(&worker, &workload, netns_cookie).await?)
+            match self.quic_endpoint(&worker, &workload, netns_cookie).await {
+                Ok(q) => Some(q),
+                Err(e) => {
+                    let done: Vec<u32> = inbound.iter().map(|l| l.ifindex).collect();
+                    self.shared.capture.detach_inbound(netns_cookie, &done);
+                    return Err(e);
+                }
+            }
         } else {
             None
         };
@@ -394,18 +417,27 @@ impl Enroller {
         crate::tunnel::quic::endpoint(socket).map_err(listen_error)
     }
 
+    /// Takes the pod out of the mesh: its connects are no longer redirected, its interfaces
+    /// no longer policed, its listeners close.
     fn stop(&self, pod: &Pod) {
         if let Err(e) = self.shared.capture.unenroll(pod.netns_cookie) {
             tracing::error!(workload = %pod.workload.id, error = %e, "cannot remove enrollment");
         }
+        self.close(pod);
+    }
+
+    /// Closes the pod's listeners and stops its tasks; the kernel keeps capturing it.
+    fn close(&self, pod: &Pod) {
         self.local.remove(&pod.workload.id);
         pod.shutdown.cancel();
     }
 
-    /// Stops redirecting, closes the listeners, then waits up to `drain` for open connections.
+    /// Closes the listeners, then waits up to `drain` for open connections. The pods stay
+    /// enrolled in the kernel: until the next daemon takes over, their connects are refused
+    /// rather than sent around the mesh.
     pub async fn shutdown(&mut self, drain: Duration) {
         for pod in std::mem::take(&mut self.pods).into_values() {
-            self.stop(&pod);
+            self.close(&pod);
         }
         self.connections.close();
         let open = self.connections.len();

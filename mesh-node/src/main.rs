@@ -38,6 +38,13 @@ enum Command {
     /// re-read when it changes (a bad file is reported and ignored, keeping the last good
     /// set); it has no certificates.
     Run(Box<RunArgs>),
+    /// Take Mycel's capture off this node: remove the pinned eBPF maps and links (which keep
+    /// pods captured while no daemon runs), and any Mycel program left on the cgroup.
+    ///
+    /// Refused while a mesh-node runs on the cgroup. Afterwards the node's pods connect
+    /// directly, outside the mesh, and nothing polices plaintext to them. Running it again
+    /// changes nothing.
+    Uninstall(UninstallArgs),
     /// Put the CNI plugin in place and chain it after the cluster's network plugin (the
     /// DaemonSet's init container runs this), then exit.
     ///
@@ -45,6 +52,20 @@ enum Command {
     /// list of the first configuration in CONF_DIR (a single-plugin .conf becomes a
     /// .conflist). Running it again changes nothing.
     InstallCni(InstallCniArgs),
+}
+
+#[derive(clap::Args)]
+struct UninstallArgs {
+    /// The node whose pins to remove (`run --node-name`).
+    #[arg(long)]
+    node_name: String,
+    /// The cgroup the daemon attached to (`run --cgroup`) [default: the root of the cgroup2
+    /// mount in /proc/mounts].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// The bpffs the pins are in (`run --bpffs`).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -100,6 +121,13 @@ struct RunArgs {
     /// in /proc/mounts].
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// bpffs to pin the capture's maps and links in, under mycel/<node name>/ (a bpffs is
+    /// mounted there if there is none, except with --kubernetes: it must be the host's). The
+    /// pins keep the node's pods captured while no
+    /// daemon runs (their connects are refused, STRICT keeps dropping plaintext) and let the
+    /// next daemon take over without a gap; `mesh-node uninstall` removes them.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
     /// Address of the admin endpoint (/healthz, /readyz, /debug/*); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_listen: SocketAddr,
@@ -140,7 +168,8 @@ struct RunArgs {
     /// Tunnel handshakes in progress on the whole node.
     #[arg(long, default_value_t = proxy::limits::Config::default().handshakes_per_node, value_parser = clap::value_parser!(u32).range(1..))]
     max_handshakes_per_node: u32,
-    /// Seconds to let open connections finish on SIGTERM before exiting.
+    /// Seconds to let open connections finish on SIGTERM before exiting. The node's pods stay
+    /// captured after the exit (new connects refused) until the next daemon takes over.
     #[arg(long, default_value_t = 5.0, value_parser = seconds(DAY))]
     drain_timeout: f64,
     /// Offline mode: how often to check the workloads file for changes, in seconds.
@@ -165,6 +194,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => mesh_daemon::runtime::block_on(run(*args)),
         Command::InstallCni(args) => install_cni(&args),
+        Command::Uninstall(args) => uninstall(&args),
     };
     mesh_daemon::exit::on_error(BINARY.name, result);
 }
@@ -197,6 +227,21 @@ fn raise_fd_limit() {
             );
         }
     }
+}
+
+fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => cgroup2_root(Path::new("/proc/mounts"))?,
+    };
+    let removed = capture::uninstall(&cgroup, &args.bpffs, &args.node_name)?;
+    tracing::info!(
+        node = %args.node_name,
+        maps = removed.maps,
+        links = removed.links,
+        "capture removed from this node; its pods now connect outside the mesh"
+    );
+    Ok(())
 }
 
 fn install_cni(args: &InstallCniArgs) -> anyhow::Result<()> {
@@ -304,11 +349,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let capture = Arc::new(capture::Capture::attach(&capture::Options {
         cgroup: cgroup.clone(),
+        bpffs: args.bpffs.clone(),
+        // In Kubernetes the daemon is in a pod: a bpffs mounted there would go with it.
+        mount_bpffs: !args.kubernetes,
+        node: args.node_name.clone(),
         proxy_cgroup: own.id,
         orig_dst_capacity: args.orig_dst_capacity,
         ebpf_log: args.ebpf_log,
     })?);
-    tracing::info!(cgroup = %capture.cgroup().display(), "capture programs attached");
+    let mut start_guard = StartGuard(Some(capture.clone()));
+    let t = capture.takeover();
+    tracing::info!(
+        cgroup = %capture.cgroup().display(),
+        pins = %capture.pin_dir().display(),
+        adopted_maps = t.adopted_maps,
+        carried_over = ?t.carried_over,
+        links_taken_over = t.links_updated,
+        links_attached = t.links_attached,
+        inbound_taken_over = t.inbound_updated,
+        pods_gone = t.pods_gone,
+        "capture programs attached"
+    );
 
     let svids = Arc::new(identity::SvidStore::default());
     // Offline mode keeps the empty directory: every destination is passed through unchanged.
@@ -363,11 +424,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Source::File(file, initial, text) => {
             let mut node = node;
             node.apply_workloads(initial).await?;
+            start_guard.disarm();
             tracing::info!(node = %args.node_name, admin = %args.admin_listen, enrolled = node.enrolled(), "mesh-node ready (offline mode)");
             let interval = Duration::from_secs_f64(args.reload_interval);
             node::follow_file(node, &file, text, &args.node_name, interval, signals.recv()).await
         }
         Source::ControlPlane(client) => {
+            start_guard.disarm();
             let local = local.map(|(local, cni, _)| {
                 tokio::spawn(cni::server::serve(cni, local.pods.clone()));
                 tracing::info!(socket = %args.cni_socket.display(), "answering the CNI plugin");
@@ -381,11 +444,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down: no new redirects, draining connections");
     node.shutdown(Duration::from_secs_f64(args.drain_timeout))
         .await;
-    // Connections that outlived the drain still hold the capture; its programs and the cgroup
-    // lock are let go here all the same.
+    // Connections that outlived the drain still hold the capture; the programs and the cgroup
+    // lock are let go here all the same. The pinned links stay: fail closed until the next
+    // daemon takes over.
     capture.release();
-    tracing::info!("detached; bye");
+    tracing::info!(pins = %capture.pin_dir().display(), "stopped; the node's pods stay captured (new connects refused) until a daemon starts again or `mesh-node uninstall` runs");
     Ok(())
+}
+
+/// Until the daemon is up, a failed start takes back the capture it attached (see
+/// `Capture::abandon`); dropped armed on the way out of a failed start.
+struct StartGuard(Option<Arc<capture::Capture>>);
+
+impl StartGuard {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(capture) = self.0.take() {
+            capture.abandon();
+        }
+    }
 }
 
 enum Source {

@@ -256,6 +256,8 @@ impl MeshNode {
             .args(source_args)
             .arg("--cgroup")
             .arg(&node.cgroup)
+            .arg("--bpffs")
+            .arg(&node.bpffs)
             .arg("--admin-listen")
             .arg(admin.to_string())
             .arg("--metrics-listen")

@@ -71,12 +71,17 @@ pub struct Node {
     pub name: String,
     pub netns: String,
     pub cgroup: PathBuf,
+    /// The bpffs mesh-node pins in (`--bpffs`): the topology's own, so that tests running at
+    /// once never share pins and whatever a test leaves pinned goes when it is unmounted.
+    pub bpffs: PathBuf,
     pub pods: Vec<Pod>,
 }
 
 pub struct Topology {
     pub prefix: String,
     pub cgroup_root: PathBuf,
+    /// A bpffs mounted for this topology alone, unmounted on drop.
+    pub bpffs: PathBuf,
     pub nodes: Vec<Node>,
     /// Namespaces created so far, deleted in reverse order on drop.
     namespaces: Vec<String>,
@@ -127,18 +132,39 @@ fn unique_prefix(base: &str) -> String {
 
 /// Runs `ip` (iproute2) with the given arguments and fails with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
+    run("ip", args)
+}
+
+/// Runs `program` with `args` and fails with its stderr.
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| err(format!("cannot run ip: {e}")))?;
+        .map_err(|e| err(format!("cannot run {program}: {e}")))?;
     if !out.status.success() {
         return Err(err(format!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
     Ok(())
+}
+
+/// Unmounts the bpffs at `path` (its pins go with it) and removes the directory.
+fn remove_bpffs(path: &Path) -> Result<()> {
+    let mounted = fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*path.to_string_lossy()));
+    if mounted {
+        run("umount", &[&path.to_string_lossy()])?;
+    }
+    match fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(format!("rmdir {}: {e}", path.display()))),
+    }
 }
 
 /// Sets a sysctl inside a netns (a short-lived `ip netns exec`, which is fine for /proc/sys).
@@ -176,14 +202,22 @@ impl Topology {
         }
         let prefix = unique_prefix(base);
         let cgroup_root = cgroup2_mount()?.join(&prefix);
+        let bpffs = std::env::temp_dir().join(format!("{prefix}-bpffs"));
+        fs::create_dir(&bpffs).map_err(|e| err(format!("mkdir {}: {e}", bpffs.display())))?;
         let mut topo = Topology {
             prefix,
             cgroup_root,
+            bpffs,
             nodes: Vec::new(),
             namespaces: Vec::new(),
             cgroups: Vec::new(),
         };
-        topo.build(nodes)?; // on error, `topo` is dropped and tears down what exists
+        // On error, `topo` is dropped and tears down what exists.
+        run(
+            "mount",
+            &["-t", "bpf", "bpf", &topo.bpffs.to_string_lossy()],
+        )?;
+        topo.build(nodes)?;
         Ok(topo)
     }
 
@@ -279,6 +313,7 @@ impl Topology {
                 name: spec.name.clone(),
                 netns: node_ns.clone(),
                 cgroup: node_cg.clone(),
+                bpffs: self.bpffs.clone(),
                 pods: Vec::new(),
             };
             for (p, pod) in spec.pods.iter().enumerate() {
@@ -479,6 +514,10 @@ impl Drop for Topology {
         if let Err(e) = remove_cgroup_tree(&self.cgroup_root) {
             problems.push(format!("cgroup {}: {e}", self.cgroup_root.display()));
         }
+        // After the processes: the pins in it detach the programs from the pods.
+        if let Err(e) = remove_bpffs(&self.bpffs) {
+            problems.push(e.0);
+        }
         for ns in self.namespaces.iter().rev() {
             if let Err(e) = ip(&["netns", "del", ns]) {
                 problems.push(e.0);
@@ -500,6 +539,7 @@ impl Drop for Topology {
 pub struct Cleaned {
     pub namespaces: Vec<String>,
     pub cgroups: Vec<PathBuf>,
+    pub bpffs: Vec<PathBuf>,
 }
 
 /// Removes every namespace and cgroup whose name starts with `prefix` (leftovers of runs that
@@ -516,6 +556,23 @@ pub fn clean_prefix(prefix: &str) -> Result<Cleaned> {
                     cleaned.cgroups.push(e.path());
                 }
             }
+        }
+    }
+    let tmp = std::env::temp_dir();
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(dir), Some(fstype)) = (f.get(1), f.get(2)) else {
+            continue;
+        };
+        let path = Path::new(dir);
+        let ours = path.parent() == Some(tmp.as_path())
+            && path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix));
+        if *fstype == "bpf" && ours {
+            remove_bpffs(path)?;
+            cleaned.bpffs.push(path.to_path_buf());
         }
     }
     if let Ok(entries) = fs::read_dir("/run/netns") {

@@ -51,7 +51,9 @@ fn run_once(node: &mesh_tests::topology::Node, workloads: &Path) -> std::process
         .arg("--workloads")
         .arg(workloads)
         .arg("--cgroup")
-        .arg(&node.cgroup);
+        .arg(&node.cgroup)
+        .arg("--bpffs")
+        .arg(&node.bpffs);
     mesh_tests::mesh::run_alone(node, &mut cmd).expect("run mesh-node")
 }
 
@@ -146,11 +148,28 @@ fn bad_input_at_start_is_one_line_and_non_zero_exit() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `mesh-node uninstall` for node n0 of `node`'s topology, run to its end.
+fn uninstall(node: &mesh_tests::topology::Node) -> std::process::Output {
+    let mut cmd = Command::new(mesh_node_bin());
+    cmd.args(["uninstall", "--node-name", "n0", "--cgroup"])
+        .arg(&node.cgroup)
+        .arg("--bpffs")
+        .arg(&node.bpffs);
+    mesh_tests::mesh::run_alone(node, &mut cmd).expect("run mesh-node uninstall")
+}
+
+/// What a connect from `from` to `to:PORT` comes to (`app.py probe`).
+fn probe(from: &mesh_tests::topology::Pod, to: &mesh_tests::topology::Pod) -> String {
+    let out = app::run(from, &["probe", &to.ipv4.to_string(), &PORT.to_string()], T);
+    out["outcome"].as_str().unwrap_or_default().to_owned()
+}
+
 #[test]
-fn restart_after_crash_leaves_no_duplicate_attachments_and_sigterm_detaches() {
+fn pods_stay_captured_without_a_daemon_and_the_next_one_takes_the_links_over() {
     let topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
     let (a, b) = (topo.pod("a"), topo.pod("b"));
-    let cg = topo.node("n0").cgroup.clone();
+    let node = topo.node("n0");
+    let cg = node.cgroup.clone();
     let _server = Server::start(b, PORT).unwrap();
     let yaml = workloads_yaml(&[a, b]);
     let expected: Vec<(String, String)> = {
@@ -168,19 +187,34 @@ fn restart_after_crash_leaves_no_duplicate_attachments_and_sigterm_detaches() {
         v
     };
 
-    let mut first = MeshNode::start(topo.node("n0"), &yaml, None, &[]).unwrap();
+    let mut first = MeshNode::start(node, &yaml, None, &[]).unwrap();
     first.wait_enrolled(2).unwrap();
     assert_eq!(attached(&cg), expected);
-    // A second daemon on the same cgroup is refused rather than doubling the redirects.
-    let second = run_once(topo.node("n0"), &first.workloads_file);
+    assert!(first.log().contains("links_attached=5"), "{}", first.log());
+    // A second daemon on the same cgroup is refused rather than doubling the redirects, and
+    // so is an uninstall under a running daemon.
+    let second = run_once(node, &first.workloads_file);
     assert_eq!(second.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&second.stderr).contains("another mesh-node already owns cgroup")
     );
+    let refused = uninstall(node);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("another mesh-node already owns"));
 
+    // A crash: the pinned links keep the programs on the cgroup, and a's connects are refused
+    // (nothing listens on the proxy's port) rather than sent around the mesh.
     first.stop_with(libc::SIGKILL).unwrap();
-    let mut again = MeshNode::start(topo.node("n0"), &yaml, None, &[]).unwrap();
+    assert_eq!(attached(&cg), expected, "a crash detaches nothing");
+    assert_eq!(probe(a, b), "refused");
+
+    let mut again = MeshNode::start(node, &yaml, None, &[]).unwrap();
     again.wait_enrolled(2).unwrap();
+    let log = again.log();
+    assert!(
+        log.contains("adopted_maps=true") && log.contains("links_taken_over=5"),
+        "{log}"
+    );
     // The daemon's claim on the cgroup: a crash leaves it (the flock dies with the process),
     // a clean stop removes it.
     let lock = {
@@ -198,13 +232,30 @@ fn restart_after_crash_leaves_no_duplicate_attachments_and_sigterm_detaches() {
         expected,
         "exactly one attachment of each program"
     );
+    let before = again.stat("ebpf_redirected");
     let out = app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
     assert_eq!(out["body"], a.ipv4.to_string());
-    assert_eq!(again.stat("ebpf_redirected"), 1);
+    assert_eq!(again.stat("ebpf_redirected"), before + 1);
 
+    // A clean stop leaves the pods captured too.
     let status = again.stop_with(libc::SIGTERM).unwrap();
     assert!(status.success(), "{status}: {}", again.log());
-    assert!(again.log().contains("detached"), "{}", again.log());
-    assert!(attached(&cg).is_empty(), "SIGTERM detaches everything");
+    assert!(again.log().contains("stay captured"), "{}", again.log());
     assert!(!lock.exists(), "{} is left behind", lock.display());
+    assert_eq!(attached(&cg), expected, "SIGTERM detaches nothing");
+    assert_eq!(probe(a, b), "refused");
+
+    // Uninstall takes it all off: a reaches b directly, outside the mesh.
+    let out = uninstall(node);
+    assert!(out.status.success(), "{out:?}");
+    assert!(attached(&cg).is_empty(), "uninstall detaches everything");
+    assert!(!node.bpffs.join("mycel").exists(), "no pins left");
+    let out = app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
+    assert_eq!(out["body"], a.ipv4.to_string());
+    let again = uninstall(node);
+    assert!(
+        again.status.success(),
+        "a second uninstall changes nothing: {again:?}"
+    );
+    assert!(!lock.exists(), "uninstall leaves no lock behind");
 }

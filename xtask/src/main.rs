@@ -162,6 +162,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     )?;
     build_bins()?;
     let locks_before = cgroup_locks();
+    let pins_before = host_pins();
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     let result = cargo("tests", &args);
@@ -175,12 +176,18 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let left = mesh_tests::topology::clean_prefix(mesh_tests::topology::TEST_PREFIX)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     result?;
-    if !left.namespaces.is_empty() || !left.cgroups.is_empty() {
+    if !left.namespaces.is_empty() || !left.cgroups.is_empty() || !left.bpffs.is_empty() {
         bail!(
-            "tests left namespaces {:?} and cgroups {:?} behind (now removed)",
+            "tests left namespaces {:?}, cgroups {:?} and bpffs mounts {:?} behind (now removed)",
             left.namespaces,
-            left.cgroups
+            left.cgroups,
+            left.bpffs
         );
+    }
+    // Tests pin in bpffs mounts of their own, never in the host's.
+    let host_pins: Vec<_> = host_pins().difference(&pins_before).cloned().collect();
+    if !host_pins.is_empty() {
+        bail!("tests pinned in the host's bpffs: {host_pins:?} under {HOST_PINS}");
     }
     // Failing tests keep their daemons' logs on purpose; passing ones must leave nothing.
     let files = remove_temp_entries(mesh_tests::topology::TEST_PREFIX)?;
@@ -197,7 +204,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         bail!("tests left cgroup lock files in {CGROUP_LOCK_DIR} (now removed): {locks:?}");
     }
     println!(
-        "xtask: all checks passed; no namespaces, cgroups, lock files or temp files left behind"
+        "xtask: all checks passed; no namespaces, cgroups, bpffs pins, lock files or temp files left behind"
     );
     Ok(())
 }
@@ -249,11 +256,26 @@ fn clean() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let files = remove_temp_entries(mesh_tests::topology::PREFIX)?.len();
     println!(
-        "xtask: removed {} namespaces, {} cgroups, {files} temp files and dirs",
+        "xtask: removed {} namespaces, {} cgroups, {} bpffs mounts, {files} temp files and dirs",
         cleaned.namespaces.len(),
-        cleaned.cgroups.len()
+        cleaned.cgroups.len(),
+        cleaned.bpffs.len()
     );
     Ok(())
+}
+
+/// Where mesh-node pins its maps and links on the host, one directory per node.
+const HOST_PINS: &str = "/sys/fs/bpf/mycel";
+
+fn host_pins() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(HOST_PINS)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Where mesh-node keeps its per-cgroup lock files.

@@ -21,11 +21,17 @@ pub const INBOUND_PERMISSIVE: u32 = 2;
 /// Capacity of the open-ports map (ports that take plaintext untouched).
 pub const OPEN_PORTS_CAPACITY: u32 = 256;
 
-/// Name of the object's global that holds the node daemon's cgroup id, set at load: connects
-/// made by a task of that cgroup are the proxy's own and are not redirected. A pod cannot put
-/// a task in another cgroup, unlike a socket mark, which any task with CAP_NET_ADMIN or
-/// CAP_NET_RAW can set.
-pub const PROXY_CGROUP_GLOBAL: &str = "PROXY_CGROUP";
+/// Capacity of the proxy-cgroup map: the cgroup ids of the node daemons running now (two
+/// during an upgrade). Connects made by a task of one of these cgroups are the proxy's own and
+/// are not redirected. A pod cannot put a task in another cgroup, unlike a socket mark, which
+/// any task with CAP_NET_ADMIN or CAP_NET_RAW can set.
+pub const PROXY_CGROUPS_CAPACITY: u32 = 8;
+
+/// Version of the pinned maps' layout: the meaning of every map's key and value. The maps
+/// outlive the daemon (pinned in bpffs, see `mesh-node/src/capture/pins.rs`), and a new
+/// daemon adopts them only under the same version. Bump it whenever a map's key, value or
+/// meaning changes; sizes and capacities are checked on adoption as well.
+pub const LAYOUT_VERSION: u32 = 1;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -46,6 +52,7 @@ pub mod names {
     pub const FAST_DENY: &str = "FAST_DENY";
     pub const OPEN_PORTS: &str = "OPEN_PORTS";
     pub const INBOUND_MODE: &str = "INBOUND_MODE";
+    pub const PROXY_CGROUPS: &str = "PROXY_CGROUPS";
     pub const INBOUND: &str = "mycel_inbound";
     /// The inbound program for interfaces without an Ethernet header (tunnels, tun, ...).
     pub const INBOUND_L3: &str = "mycel_inbound_l3";

@@ -21,7 +21,9 @@
 //! over the pod's loopback, so it never crosses this hook.
 //!
 //! The connect hooks leave alone the connects of the node daemon's own tasks, recognised by
-//! their cgroup (`PROXY_CGROUP`, set at load), which a pod cannot join.
+//! their cgroup (`PROXY_CGROUPS`, written by the daemon), which a pod cannot join. It is a map
+//! rather than a load-time constant because the maps outlive the daemon (they are pinned):
+//! during an upgrade the old and the new daemon, each in its own cgroup, both proxy.
 //!
 //! Every decision bumps a per-CPU counter; user space sums them.
 #![no_std]
@@ -47,7 +49,7 @@ use core::ptr::read_volatile;
 use mesh_ebpf_common::{
     Counter, Enrollment, FastDenyKey, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
     ENROLLED_CAPACITY, FAST_DENY_CAPACITY, INBOUND_PERMISSIVE, INBOUND_STRICT,
-    OPEN_PORTS_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT, PLAINTEXT_PORT,
+    OPEN_PORTS_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT, PLAINTEXT_PORT, PROXY_CGROUPS_CAPACITY,
 };
 
 /// Let the syscall proceed (with whatever the program wrote into the context).
@@ -57,11 +59,11 @@ const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const SOCK_STREAM: u32 = 1;
 
-/// The node daemon's cgroup id, set by the loader (`PROXY_CGROUP_GLOBAL`). Zero exempts
-/// nothing: a daemon that could not set it has its own connects redirected and fails, in the
-/// open, rather than letting anything else through.
-#[no_mangle]
-static PROXY_CGROUP: u64 = 0;
+/// Cgroup ids of the node daemons' tasks, whose connects are the proxy's own. Empty exempts
+/// nothing: a daemon that could not write itself here has its own connects redirected and
+/// fails, in the open, rather than letting anything else through.
+#[map]
+static PROXY_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(PROXY_CGROUPS_CAPACITY, 0);
 
 /// Netns cookies of the pods this node captures.
 #[map]
@@ -114,11 +116,10 @@ fn should_redirect(ctx: &SockAddrContext) -> Option<u64> {
         count(Counter::SkippedOther);
         return None;
     }
-    // SAFETY: a read of a global the loader set; volatile so it is not folded to its
-    // initial value at compile time.
-    let proxy = unsafe { read_volatile(&PROXY_CGROUP) };
     // SAFETY: helper is allowed for cgroup sock_addr programs.
-    if proxy != 0 && unsafe { bpf_get_current_cgroup_id() } == proxy {
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { PROXY_CGROUPS.get(&cgroup) }.is_some() {
         count(Counter::SkippedProxy);
         return None;
     }

@@ -1,10 +1,10 @@
-//! One mesh-node per cgroup, and no leftovers from a previous one.
+//! One mesh-node per cgroup, and no Mycel attachments but those of its pins.
 //!
-//! Attachments are bpf_links owned by the daemon's file descriptors, so a crashed daemon's
-//! programs detach when the kernel closes its fds. What can still be found on a cgroup is an
-//! attachment made some other way (a legacy `BPF_PROG_ATTACH`, or a link pinned by hand); those
-//! are removed before attaching. A second live daemon on the same cgroup is refused instead,
-//! because both would redirect the same connects.
+//! The daemon's links are pinned and taken over by the next daemon (`links.rs`). What else can
+//! be found on a cgroup is an attachment made some other way (a legacy `BPF_PROG_ATTACH`, a
+//! link pinned in another bpffs or by hand); those are removed once the daemon's own links are
+//! in place. A second live daemon on the same cgroup is refused, because both would redirect
+//! the same connects.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -15,6 +15,8 @@ use std::{
 };
 
 use mesh_ebpf_common::names;
+
+use super::sys::Attr;
 
 const LOCK_DIR: &str = "/run/mycel";
 
@@ -70,7 +72,7 @@ impl Drop for CgroupLock {
     }
 }
 
-/// Takes ownership of `cgroup` for this process and removes stale Mycel attachments from it.
+/// Takes ownership of `cgroup` for this process.
 pub fn claim(cgroup: &Path, cgroup_dir: &File) -> Result<CgroupLock, AttachError> {
     let meta = cgroup_dir.metadata().map_err(|source| AttachError::Lock {
         lock: cgroup.to_path_buf(),
@@ -108,20 +110,23 @@ pub fn claim(cgroup: &Path, cgroup_dir: &File) -> Result<CgroupLock, AttachError
             _ => continue,
         }
     };
-    remove_stale(cgroup, cgroup_dir)?;
     Ok(CgroupLock {
         path: lock,
         _file: file,
     })
 }
 
-fn remove_stale(cgroup: &Path, cgroup_dir: &File) -> Result<(), AttachError> {
+/// Detaches from `cgroup` every Mycel program but those with an id in `keep`.
+pub fn remove_stale(cgroup: &Path, cgroup_dir: &File, keep: &[u32]) -> Result<(), AttachError> {
     for (attach_type, type_name) in ATTACH_TYPES {
         let ids = query(cgroup_dir, attach_type).map_err(|source| AttachError::Query {
             cgroup: cgroup.to_path_buf(),
             source,
         })?;
         for id in ids {
+            if keep.contains(&id) {
+                continue;
+            }
             let Some(info) = program_info(id) else {
                 continue;
             };
@@ -135,15 +140,38 @@ fn remove_stale(cgroup: &Path, cgroup_dir: &File) -> Result<(), AttachError> {
                 cgroup = %cgroup.display(), program = %name, id, attach = type_name,
                 "removing a stale Mycel attachment left by an earlier run"
             );
-            detach(cgroup_dir, attach_type, id, &info).map_err(|source| AttachError::Detach {
-                cgroup: cgroup.to_path_buf(),
-                name,
-                id,
-                source,
-            })?;
+            match detach(cgroup_dir, attach_type, id, &info) {
+                Ok(()) => {}
+                // Gone meanwhile: an unpinned link is released a moment after its last
+                // reference goes.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(AttachError::Detach {
+                        cgroup: cgroup.to_path_buf(),
+                        name,
+                        id,
+                        source,
+                    })
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Whether a Mycel program is attached to `cgroup` itself.
+pub fn any_attached(cgroup_dir: &File) -> io::Result<bool> {
+    for (attach_type, _) in ATTACH_TYPES {
+        for id in query(cgroup_dir, attach_type)? {
+            let ours = program_info(id)
+                .and_then(|i| i.name_as_str().map(|n| OUR_PROGRAMS.contains(&n)))
+                .unwrap_or(false);
+            if ours {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 fn program_info(id: u32) -> Option<aya::programs::ProgramInfo> {
@@ -212,44 +240,4 @@ fn detach(
     attr.put_u32(8, attach_type);
     attr.sys(BPF_PROG_DETACH)?;
     Ok(())
-}
-
-/// A zeroed `union bpf_attr`, written field by field at the kernel ABI's offsets.
-#[repr(C, align(8))]
-pub(super) struct Attr([u8; 128]);
-
-impl Default for Attr {
-    fn default() -> Self {
-        Self([0; 128])
-    }
-}
-
-impl Attr {
-    pub(super) fn put_u32(&mut self, off: usize, v: u32) {
-        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-    }
-    pub(super) fn put_u64(&mut self, off: usize, v: u64) {
-        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
-    }
-    pub(super) fn get_u32(&self, off: usize) -> u32 {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(&self.0[off..off + 4]);
-        u32::from_ne_bytes(b)
-    }
-    pub(super) fn sys(&mut self, cmd: libc::c_long) -> io::Result<i32> {
-        // SAFETY: `self` is a properly aligned, large-enough bpf_attr for every command used.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                self.0.as_mut_ptr(),
-                self.0.len() as libc::c_uint,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as i32)
-        }
-    }
 }

@@ -7,44 +7,35 @@
 //! (`RTMGRP_LINK`) and also looks again every [`RESCAN`], in case a notification was lost
 //! (a full socket buffer). Each look asks the kernel which interfaces run the program (so a
 //! device deleted and made again under the same index is seen), and an interface the program
-//! cannot be attached to (a name the loader cannot take, an error) is set down. An interface
+//! cannot be attached to (an error) is set down. The links are pinned; the pins of interfaces
+//! that went are removed as they are noticed. An interface
 //! is unprotected from its creation until the watcher has attached to it, typically well
 //! under a millisecond; it cannot take packets before it is up, which is a second step for
 //! whoever makes it.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     os::fd::{AsRawFd as _, OwnedFd},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
-use super::{Capture, Inbound};
+use super::Capture;
 use crate::{netns::NetnsWorker, workloads::WorkloadId};
 
 /// How often the watcher looks at the interfaces without a notification.
 pub const RESCAN: Duration = Duration::from_secs(5);
 
-/// The inbound program on each of a pod's interfaces, by interface index. Dropping the last
-/// handle detaches them all.
-pub type Links = Arc<Mutex<HashMap<u32, Inbound>>>;
-
-pub fn links(initial: Vec<Inbound>) -> Links {
-    Arc::new(Mutex::new(
-        initial.into_iter().map(|l| (l.ifindex, l)).collect(),
-    ))
-}
-
-/// Attaches the inbound program to interfaces that appear in `worker`'s netns until
-/// `shutdown` fires.
+/// Attaches the inbound program to interfaces that appear in `worker`'s netns (that of the
+/// pod `netns_cookie`) until `shutdown` fires.
 pub async fn watch(
     workload: WorkloadId,
     worker: NetnsWorker,
     capture: Arc<Capture>,
-    links: Links,
+    netns_cookie: u64,
     shutdown: CancellationToken,
 ) {
     let notifications = match worker.run(link_notifications).await {
@@ -78,11 +69,11 @@ pub async fn watch(
             () = notified => {}
             _ = rescan.tick() => {}
         }
-        let capture = capture.clone();
+        let on_thread = capture.clone();
         let found = worker
             .run(move || {
                 let present = present_interfaces();
-                let attached = capture.attach_inbound();
+                let attached = on_thread.attach_inbound(netns_cookie);
                 // What cannot be policed takes no traffic.
                 let failed: Vec<(String, String, bool)> = attached
                     .as_ref()
@@ -111,16 +102,13 @@ pub async fn watch(
                         "cannot attach the inbound program to an interface of the pod; it is set down so that nothing reaches the pod through it unpoliced"
                     );
                 }
-                let mut links = lock(&links);
-                // Interfaces that went take their attachment with them; when the list cannot
-                // be read, nothing is let go.
+                // Interfaces that went took their attachment with them; their pins go too. When
+                // the list cannot be read, nothing is let go.
                 if let Some(present) = present {
-                    links.retain(|index, _| present.contains(index));
+                    capture.forget_interfaces(netns_cookie, &present);
                 }
                 for l in new {
                     tracing::info!(%workload, interface = %l.name, "inbound program attached to a new interface of the pod");
-                    // A new device under a reused index replaces the old one's attachment.
-                    links.insert(l.ifindex, l);
                 }
             }
             Ok(Err(e)) => {
@@ -129,10 +117,6 @@ pub async fn watch(
             Err(_) => return,
         }
     }
-}
-
-fn lock(links: &Links) -> std::sync::MutexGuard<'_, HashMap<u32, Inbound>> {
-    links.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Interface indexes of the calling thread's netns, if they can be listed.

@@ -1,6 +1,7 @@
 //! A kernel hash map used as a set (the value is unused), with this process as its only
 //! writer: what it holds is mirrored here, so making it equal to a desired set touches only
-//! the difference.
+//! the difference. The map may come pinned from an earlier daemon; its entries are read once
+//! when it is adopted.
 
 use std::{collections::HashSet, hash::Hash};
 
@@ -26,11 +27,10 @@ pub struct SetUpdate {
 }
 
 impl<K: Pod + Hash + Eq> MapSet<K> {
-    pub fn new(map: HashMap<MapData, K, u32>) -> Self {
-        Self {
-            map,
-            held: HashSet::new(),
-        }
+    /// Takes over `map` with whatever it holds.
+    pub fn adopt(map: HashMap<MapData, K, u32>) -> Self {
+        let held = map.keys().filter_map(Result::ok).collect();
+        Self { map, held }
     }
 
     /// Makes the map hold exactly `desired`: new entries first, then stale ones removed. An

@@ -1,13 +1,19 @@
 //! The kernel side of traffic capture, seen from user space: loads the embedded eBPF object,
-//! attaches it once to a cgroup, and owns its maps.
+//! attaches it to a cgroup and to the pods' interfaces, and owns its maps.
 //!
-//! Dropping [`Capture`] detaches everything: the attachments are bpf_links held by this process,
-//! so even a crash cannot leave them behind.
+//! Maps and links are pinned (`pins.rs`) and outlive the process: a daemon that stops or
+//! crashes leaves its pods captured and policed, fail closed, and the next one takes the
+//! links over in place (`links.rs`) with the maps as they are, or carried over from an older
+//! layout (`layout.rs`). `mesh-node uninstall` removes them.
 
 mod attach;
 pub mod interfaces;
+mod layout;
+mod links;
 mod map_set;
 mod own_cgroup;
+pub mod pins;
+mod sys;
 #[cfg(test)]
 mod test_run;
 
@@ -15,16 +21,14 @@ use std::{
     collections::HashSet,
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{
-        tc::{SchedClassifierLink, TcAttachOptions},
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SockOps, TcAttachType,
-    },
+    programs::{CgroupSockAddr, Program, SchedClassifier, SockOps},
     Ebpf, EbpfLoader,
 };
 use mesh_ebpf_common::{
@@ -32,9 +36,12 @@ use mesh_ebpf_common::{
 };
 
 pub use attach::CgroupLock;
+use layout::Layout;
+pub use layout::LayoutError;
 use map_set::MapSet;
 pub use map_set::SetUpdate;
 pub use own_cgroup::OwnCgroup;
+use pins::{PinError, Pins, TcxKind};
 
 /// The object built from `mesh-ebpf/programs` by the build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -66,6 +73,16 @@ pub enum CaptureError {
     Interfaces(std::io::Error),
     #[error("the capture programs were released (the daemon is shutting down)")]
     Released,
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("cannot take over or attach the link of {program} at {path}: {source}")]
+    Link {
+        program: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Sums of the per-CPU counters, in [`Counter::ALL`] order.
@@ -80,6 +97,12 @@ impl Counters {
 
 pub struct Options {
     pub cgroup: PathBuf,
+    /// The bpffs the maps and links are pinned in.
+    pub bpffs: PathBuf,
+    /// Whether to mount a bpffs at `bpffs` when there is none (not in a container).
+    pub mount_bpffs: bool,
+    /// This node's name: its pins are under `<bpffs>/mycel/<node>/`.
+    pub node: String,
     /// The daemon's own cgroup id: connects from it are the proxy's and are not redirected.
     pub proxy_cgroup: u64,
     pub orig_dst_capacity: u32,
@@ -102,13 +125,37 @@ pub fn set_down(name: &[u8]) -> bool {
     link_type::set_down(name)
 }
 
-/// The inbound program on one of a pod's interfaces; dropping it detaches.
+/// An interface of a pod the inbound program was attached to (its link is pinned).
 pub struct Inbound {
     pub ifindex: u32,
     pub name: String,
-    /// Held for its drop.
-    _link: SchedClassifierLink,
 }
+
+/// What [`Capture::attach`] found and did, for the start-up log.
+#[derive(Debug, Default)]
+pub struct Takeover {
+    /// The maps were pinned by an earlier daemon of this build's layout and kept as they are.
+    pub adopted_maps: bool,
+    /// Maps carried over from an older layout, with their entry counts.
+    pub carried_over: Vec<(&'static str, u32)>,
+    /// Cgroup links taken over in place (never detached).
+    pub links_updated: usize,
+    /// Cgroup links made (first start) or made again (a defunct one, or another cgroup).
+    pub links_attached: usize,
+    /// Pods' inbound links taken over in place.
+    pub inbound_updated: usize,
+    /// Pods whose netns went while no daemon ran: their pins and enrollment removed.
+    pub pods_gone: usize,
+}
+
+/// The cgroup programs with their attach types (the kernel's numbering).
+const CGROUP_PROGRAMS: [(&str, u32); 5] = [
+    (names::CONNECT4, 10),
+    (names::CONNECT6, 11),
+    (names::GETPEERNAME4, 29),
+    (names::GETPEERNAME6, 30),
+    (names::SOCK_OPS, 3),
+];
 
 /// What kind of link an interface of the calling thread's netns is, and setting one down.
 mod link_type {
@@ -163,7 +210,7 @@ mod link_type {
         })
     }
 
-    pub fn exists(name: &str) -> bool {
+    pub fn exists(name: &[u8]) -> bool {
         nix::net::if_::if_nametoindex(name).is_ok()
     }
 
@@ -182,7 +229,6 @@ mod link_type {
 
 /// Loaded and attached programs plus their maps.
 pub struct Capture {
-    // Field order matters on drop: maps first, then the programs (which detach their links).
     enrolled: Mutex<HashMap<MapData, u64, Enrollment>>,
     fast_deny: Mutex<MapSet<FastDenyKey>>,
     open_ports: Mutex<MapSet<u16>>,
@@ -190,106 +236,200 @@ pub struct Capture {
     by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
-    /// Held for the inbound program, which is attached per pod interface as pods enroll;
-    /// `None` once released. Dropping it detaches the cgroup programs.
+    /// The loaded programs, for the inbound program's attachments as pods enroll; `None` once
+    /// released. The links hold the programs they run, so dropping this detaches nothing.
     ebpf: Mutex<Option<Ebpf>>,
-    /// The claim on the cgroup, after the programs in drop order; `None` once released.
+    /// The claim on the cgroup; `None` once released.
     lock: Mutex<Option<CgroupLock>>,
+    pins: Pins,
     cgroup: PathBuf,
+    takeover: Takeover,
 }
 
 impl Capture {
+    /// Loads the programs, then makes the pinned links run them: taken over in place from an
+    /// earlier daemon (never detached), or attached and pinned on a first start.
     pub fn attach(opts: &Options) -> Result<Self, CaptureError> {
         let cgroup_dir = File::open(&opts.cgroup).map_err(|source| CaptureError::Cgroup {
             path: opts.cgroup.clone(),
             source,
         })?;
+        let cgroup_id = cgroup_dir
+            .metadata()
+            .map_err(|source| CaptureError::Cgroup {
+                path: opts.cgroup.clone(),
+                source,
+            })?
+            .ino();
         let lock = attach::claim(&opts.cgroup, &cgroup_dir)?;
+        let pins = Pins::open(&opts.bpffs, &opts.node, opts.mount_bpffs)?;
+        let layout = Layout::of(OBJECT, opts.orig_dst_capacity)?;
+        let maps_dir = pins.maps_dir(&layout.name);
+        let mut takeover = Takeover {
+            adopted_maps: maps_dir.is_dir(),
+            ..Takeover::default()
+        };
+        if takeover.adopted_maps {
+            layout.check(&maps_dir)?;
+        }
+        std::fs::create_dir_all(&maps_dir).map_err(|source| PinError::Create {
+            path: maps_dir.clone(),
+            source,
+        })?;
 
         let log_level: u8 = if opts.ebpf_log { 4 } else { 0 };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::ORIG_BY_COOKIE, opts.orig_dst_capacity)
             .map_max_entries(names::ORIG_BY_TUPLE, opts.orig_dst_capacity)
-            .override_global("AYA_LOG_LEVEL", &log_level, false)
-            .override_global(
-                mesh_ebpf_common::PROXY_CGROUP_GLOBAL,
-                &opts.proxy_cgroup,
-                true,
-            )
-            .load(OBJECT)?;
+            .override_global("AYA_LOG_LEVEL", &log_level, false);
+        for name in layout::PINNED {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         if opts.ebpf_log {
             match aya_log::EbpfLogger::init(&mut ebpf) {
                 Ok(logger) => spawn_log_pump(logger),
                 Err(e) => tracing::warn!(error = %e, "eBPF logging requested but unavailable"),
             }
         }
+        load_programs(&mut ebpf)?;
 
-        for name in [
-            names::CONNECT4,
-            names::CONNECT6,
-            names::GETPEERNAME4,
-            names::GETPEERNAME6,
-        ] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Missing(name))?
-                .try_into()
-                .map_err(|source| CaptureError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| CaptureError::Program { name, source })?;
-            // bpf_links on a cgroup are always multi-attach; the kernel rejects any flag here.
-            prog.attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(|source| CaptureError::Program { name, source })?;
+        let older = pins.other_map_dirs(&layout.name)?;
+        for dir in &older {
+            takeover
+                .carried_over
+                .extend(layout.carry_over(dir, &maps_dir));
         }
-        let name = names::SOCK_OPS;
-        let prog: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or(CaptureError::Missing(name))?
-            .try_into()
-            .map_err(|source| CaptureError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| CaptureError::Program { name, source })?;
-        prog.attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| CaptureError::Program { name, source })?;
-        for name in [names::INBOUND, names::INBOUND_L3] {
-            let inbound: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Missing(name))?
-                .try_into()
-                .map_err(|source| CaptureError::Program { name, source })?;
-            inbound
-                .load()
-                .map_err(|source| CaptureError::Program { name, source })?;
+        let mut proxy_cgroups: HashMap<MapData, u64, u32> =
+            take_map(&mut ebpf, names::PROXY_CGROUPS, HashMap::try_from)?;
+        let map_err = |name| move |source| CaptureError::Map { name, source };
+        let stale: Vec<u64> = proxy_cgroups
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| *id != opts.proxy_cgroup)
+            .collect();
+        proxy_cgroups
+            .insert(opts.proxy_cgroup, 1, 0)
+            .map_err(map_err(names::PROXY_CGROUPS))?;
+        // No other daemon runs (the cgroup lock says so): the cgroups of earlier ones are
+        // exempt no more.
+        for id in stale {
+            let _ = proxy_cgroups.remove(&id);
         }
 
-        let enrolled = take_map(&mut ebpf, names::ENROLLED, HashMap::try_from)?;
+        let mut ours = Vec::new();
+        for (name, attach_type) in CGROUP_PROGRAMS {
+            let prog = ebpf.program(name).ok_or(CaptureError::Missing(name))?;
+            let fd = program_fd(prog, name)?;
+            let taken = links::take_cgroup_link(
+                &pins,
+                name,
+                fd.as_fd(),
+                &cgroup_dir,
+                cgroup_id,
+                attach_type,
+            )
+            .map_err(|source| CaptureError::Link {
+                program: name,
+                path: pins.cgroup_link(name),
+                source,
+            })?;
+            match taken {
+                links::Taken::Updated => takeover.links_updated += 1,
+                links::Taken::Attached | links::Taken::Replaced => takeover.links_attached += 1,
+            }
+            if let Ok(info) = prog.info() {
+                ours.push(info.id());
+            }
+        }
+        let inbound = {
+            let eth = ebpf
+                .program(names::INBOUND)
+                .ok_or(CaptureError::Missing(names::INBOUND))?;
+            let l3 = ebpf
+                .program(names::INBOUND_L3)
+                .ok_or(CaptureError::Missing(names::INBOUND_L3))?;
+            let (eth, l3) = (
+                program_fd(eth, names::INBOUND)?,
+                program_fd(l3, names::INBOUND_L3)?,
+            );
+            links::take_inbound_links(&pins, eth.as_fd(), l3.as_fd())?
+        };
+        takeover.inbound_updated = inbound.updated;
+        // Attachments of Mycel programs that are not these (made outside these pins).
+        attach::remove_stale(&opts.cgroup, &cgroup_dir, &ours)?;
+        for dir in &older {
+            pins.remove_maps(dir)?;
+        }
+
+        let mut enrolled: HashMap<MapData, u64, Enrollment> =
+            take_map(&mut ebpf, names::ENROLLED, HashMap::try_from)?;
+        for cookie in &inbound.pods_gone {
+            if enrolled.remove(cookie).is_ok() {
+                takeover.pods_gone += 1;
+            }
+        }
         let fast_deny = take_map(&mut ebpf, names::FAST_DENY, HashMap::try_from)?;
         let open_ports = take_map(&mut ebpf, names::OPEN_PORTS, HashMap::try_from)?;
         let inbound_mode = take_map(&mut ebpf, names::INBOUND_MODE, Array::try_from)?;
         let by_tuple = take_map(&mut ebpf, names::ORIG_BY_TUPLE, HashMap::try_from)?;
         let by_cookie = take_map(&mut ebpf, names::ORIG_BY_COOKIE, HashMap::try_from)?;
         let counters = take_map(&mut ebpf, names::COUNTERS, PerCpuArray::try_from)?;
+        // Held for its fd: the map is written at start only.
+        drop(proxy_cgroups);
 
         Ok(Self {
             enrolled: Mutex::new(enrolled),
-            fast_deny: Mutex::new(MapSet::new(fast_deny)),
-            open_ports: Mutex::new(MapSet::new(open_ports)),
+            fast_deny: Mutex::new(MapSet::adopt(fast_deny)),
+            open_ports: Mutex::new(MapSet::adopt(open_ports)),
             inbound_mode: Mutex::new(inbound_mode),
             by_tuple,
             by_cookie,
             counters,
             ebpf: Mutex::new(Some(ebpf)),
             lock: Mutex::new(Some(lock)),
+            pins,
             cgroup: opts.cgroup.clone(),
+            takeover,
         })
+    }
+
+    /// For a start that fails: when this start made the pins (there were none to take over),
+    /// removes them, so a daemon that never came up leaves nothing attached. Pins taken over
+    /// from an earlier daemon stay, as they are, capturing.
+    pub fn abandon(&self) {
+        let t = &self.takeover;
+        if t.adopted_maps || t.links_updated > 0 || t.inbound_updated > 0 {
+            return;
+        }
+        let pins = self.pins.clone();
+        if let Err(e) = pins.remove_all() {
+            tracing::warn!(error = %e, "cannot remove the pins of a failed start");
+        }
+        if let Ok(dir) = File::open(&self.cgroup) {
+            let _ = detach_all(&self.cgroup, &dir);
+        }
+        self.release();
+    }
+
+    /// What the start found pinned and did with it.
+    pub fn takeover(&self) -> &Takeover {
+        &self.takeover
+    }
+
+    /// Where this node's maps and links are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        self.pins.path()
     }
 
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
     }
 
-    /// Detaches the cgroup programs, then removes the claim on the cgroup. For shutdown: tasks
-    /// that still hold the capture keep working maps but redirect nothing new.
+    /// Lets go of the programs and the claim on the cgroup, for shutdown. The pinned links
+    /// keep capturing: until the next daemon takes them over, enrolled pods' connects are
+    /// refused (nothing listens on the proxy's port) and STRICT keeps dropping plaintext.
     pub fn release(&self) {
         drop(self.ebpf.lock().unwrap_or_else(|p| p.into_inner()).take());
         drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
@@ -306,21 +446,25 @@ impl Capture {
     }
 
     /// Attaches the inbound program (tcx ingress) to every interface of the calling thread's
-    /// netns but loopback that does not run it already: `mycel_inbound` where packets start
-    /// with an Ethernet header, `mycel_inbound_l3` elsewhere. Whether an interface runs it is
-    /// asked of the kernel, not of a list kept here, so an interface deleted and made again
-    /// under the same index gets it again. An interface it cannot be attached to is named
-    /// among the failures, for the caller to refuse the pod or set it down
-    /// ([`set_down`]). Call it on the pod's netns thread; dropping the links detaches.
-    pub fn attach_inbound(&self) -> Result<Attached, CaptureError> {
+    /// netns (that of the pod `netns_cookie`) but loopback that does not run it already:
+    /// `mycel_inbound` where packets start with an Ethernet header, `mycel_inbound_l3`
+    /// elsewhere, each link pinned. Whether an interface runs it is asked of the kernel, not
+    /// of a list kept here, so an interface deleted and made again under the same index gets
+    /// it again, and one whose link an earlier daemon pinned is left as it is. An interface it
+    /// cannot be attached to is named among the failures, for the caller to refuse the pod or
+    /// set it down ([`set_down`]). Call it on the pod's netns thread.
+    pub fn attach_inbound(&self, netns_cookie: u64) -> Result<Attached, CaptureError> {
         let interfaces =
             nix::net::if_::if_nameindex().map_err(|e| CaptureError::Interfaces(e.into()))?;
-        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-        let ebpf = ebpf.as_mut().ok_or(CaptureError::Released)?;
-        let ours = [names::INBOUND, names::INBOUND_L3].map(|name| {
-            let prog: Option<&SchedClassifier> = ebpf.program(name).and_then(|p| p.try_into().ok());
-            prog.and_then(|p| p.info().ok()).map(|i| i.id())
-        });
+        let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let ebpf = ebpf.as_ref().ok_or(CaptureError::Released)?;
+        let program = |name| ebpf.program(name).ok_or(CaptureError::Missing(name));
+        let (eth, l3) = (program(names::INBOUND)?, program(names::INBOUND_L3)?);
+        let ours = [eth, l3].map(|p| p.info().ok().map(|i| i.id()));
+        let (eth, l3) = (
+            program_fd(eth, names::INBOUND)?,
+            program_fd(l3, names::INBOUND_L3)?,
+        );
         let mut out = Attached::default();
         for iface in interfaces.iter() {
             let raw = iface.name().to_bytes();
@@ -335,36 +479,19 @@ impl Capture {
             {
                 continue;
             }
-            let Ok(ifname) = std::str::from_utf8(raw) else {
-                let why = "its name is not UTF-8, which the loader cannot attach by";
-                out.failed.push((raw.to_vec(), why.into()));
-                continue;
-            };
-            let name = if kind == Some(link_type::Kind::Ethernet) {
-                names::INBOUND
+            let name = String::from_utf8_lossy(raw).into_owned();
+            let (kind, prog) = if kind == Some(link_type::Kind::Ethernet) {
+                (TcxKind::Ethernet, eth.as_fd())
             } else {
-                names::INBOUND_L3
+                (TcxKind::L3, l3.as_fd())
             };
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Missing(name))?
-                .try_into()
-                .map_err(|source| CaptureError::Program { name, source })?;
-            let attach = prog
-                .attach_with_options(
-                    ifname,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .and_then(|id| prog.take_link(id));
-            match attach {
-                Ok(link) => out.links.push(Inbound {
+            match links::attach_inbound(&self.pins, netns_cookie, iface.index(), kind, prog) {
+                Ok(()) => out.links.push(Inbound {
                     ifindex: iface.index(),
-                    name: ifname.to_owned(),
-                    _link: link,
+                    name,
                 }),
                 // Gone between the listing and the attach: nothing arrives on it any more.
-                Err(_) if !link_type::exists(ifname) => {}
+                Err(_) if !link_type::exists(raw) => {}
                 Err(e) => out.failed.push((raw.to_vec(), e.to_string())),
             }
         }
@@ -392,15 +519,54 @@ impl Capture {
             .sync(ports)
     }
 
-    /// Stops redirecting new connects from this netns; open connections are not touched.
+    /// Stops redirecting new connects from this netns and detaches the inbound program from
+    /// its interfaces; open connections are not touched.
     pub fn unenroll(&self, netns_cookie: u64) -> Result<(), CaptureError> {
         match self.enrolled_map().remove(&netns_cookie) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(CaptureError::Map {
-                name: names::ENROLLED,
-                source,
-            }),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(CaptureError::Map {
+                    name: names::ENROLLED,
+                    source,
+                })
+            }
         }
+        self.pins.remove_tcx_pod(netns_cookie)?;
+        Ok(())
+    }
+
+    /// Unenrolls every pod the kernel holds but `keep`: those an earlier daemon enrolled that
+    /// this one's first complete set no longer has (they left the mesh, or their netns went,
+    /// while no daemon ran). Returns how many.
+    pub fn keep_only_enrolled(&self, keep: &HashSet<u64>) -> usize {
+        let held: Vec<u64> = self.enrolled_map().keys().filter_map(Result::ok).collect();
+        let pinned = self.pins.tcx_pods().unwrap_or_default();
+        let all: std::collections::BTreeSet<u64> = held.into_iter().chain(pinned).collect();
+        let mut removed = 0;
+        for cookie in all {
+            if keep.contains(&cookie) {
+                continue;
+            }
+            match self.unenroll(cookie) {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!(cookie, error = %e, "cannot remove a stale enrollment"),
+            }
+        }
+        removed
+    }
+
+    /// Detaches the inbound program from the pod's interfaces `ifindexes` (unpins their links).
+    pub fn detach_inbound(&self, netns_cookie: u64, ifindexes: &[u32]) {
+        for l in self.pins.tcx_links().unwrap_or_default() {
+            if l.netns_cookie == netns_cookie && ifindexes.contains(&l.ifindex) {
+                let _ = std::fs::remove_file(&l.path);
+            }
+        }
+    }
+
+    /// Unpins the inbound links of the pod's interfaces that are not in `present` (gone).
+    pub fn forget_interfaces(&self, netns_cookie: u64, present: &HashSet<u32>) -> usize {
+        links::forget_inbound(&self.pins, netns_cookie, present)
     }
 
     fn enrolled_map(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, u64, Enrollment>> {
@@ -459,6 +625,42 @@ impl Capture {
     }
 }
 
+/// Removes the capture of node `node` from `cgroup`: its pins under `bpffs` (the links detach
+/// with them) and any other Mycel attachment on the cgroup. Refused while a daemon owns the
+/// cgroup.
+pub fn uninstall(cgroup: &Path, bpffs: &Path, node: &str) -> Result<pins::Removed, CaptureError> {
+    let cgroup_dir = File::open(cgroup).map_err(|source| CaptureError::Cgroup {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    let _lock = attach::claim(cgroup, &cgroup_dir)?;
+    let removed = match Pins::existing(bpffs, node)? {
+        Some(pins) => pins.remove_all()?,
+        None => pins::Removed::default(),
+    };
+    detach_all(cgroup, &cgroup_dir)?;
+    Ok(removed)
+}
+
+/// Detaches every Mycel program from the cgroup, waiting (up to a second) for the kernel to
+/// release links whose pins were just removed, so that the caller returns to a cgroup with
+/// nothing of Mycel on it.
+fn detach_all(cgroup: &Path, cgroup_dir: &File) -> Result<(), CaptureError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        attach::remove_stale(cgroup, cgroup_dir, &[])?;
+        let left =
+            attach::any_attached(cgroup_dir).map_err(|source| attach::AttachError::Query {
+                cgroup: cgroup.to_path_buf(),
+                source,
+            })?;
+        if !left || std::time::Instant::now() > deadline {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// The fast-deny key for a connect from the netns `netns_cookie` to `ip:port` (0: any port).
 pub fn fast_deny_key(netns_cookie: u64, ip: IpAddr, port: u16) -> FastDenyKey {
     FastDenyKey {
@@ -488,6 +690,45 @@ fn spawn_log_pump(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             ready.clear_ready();
         }
     });
+}
+
+/// Loads (without attaching) every program of the object.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    fn program<'a>(
+        ebpf: &'a mut Ebpf,
+        name: &'static str,
+    ) -> Result<&'a mut Program, CaptureError> {
+        ebpf.program_mut(name).ok_or(CaptureError::Missing(name))
+    }
+    let err = |name| move |source| CaptureError::Program { name, source };
+    for name in [
+        names::CONNECT4,
+        names::CONNECT6,
+        names::GETPEERNAME4,
+        names::GETPEERNAME6,
+    ] {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(err(name))?;
+        prog.load().map_err(err(name))?;
+    }
+    let name = names::SOCK_OPS;
+    let prog: &mut SockOps = program(ebpf, name)?.try_into().map_err(err(name))?;
+    prog.load().map_err(err(name))?;
+    for name in [names::INBOUND, names::INBOUND_L3] {
+        let prog: &mut SchedClassifier = program(ebpf, name)?.try_into().map_err(err(name))?;
+        prog.load().map_err(err(name))?;
+    }
+    Ok(())
+}
+
+/// A loaded program's fd, duplicated so that it can be used while the object is borrowed.
+fn program_fd(prog: &Program, name: &'static str) -> Result<std::os::fd::OwnedFd, CaptureError> {
+    prog.fd()
+        .and_then(|fd| {
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(aya::programs::ProgramError::IOError)
+        })
+        .map_err(|source| CaptureError::Program { name, source })
 }
 
 fn take_map<T>(

@@ -11,7 +11,7 @@ use aya::{
 };
 use mesh_ebpf_common::{names, INBOUND_STRICT, PLAINTEXT_PORT};
 
-use super::{attach::Attr, OBJECT};
+use super::{sys::Attr, OBJECT};
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const NEXT: i32 = -1;

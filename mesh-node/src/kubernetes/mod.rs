@@ -155,6 +155,11 @@ impl Pods {
         }
     }
 
+    /// Whether this node's pods were listed once, so [`Pods::desired`] is complete.
+    pub fn listed(&self) -> bool {
+        self.listed.load(Ordering::Acquire)
+    }
+
     fn bump(&self) {
         self.generation.send_modify(|g| *g += 1);
     }

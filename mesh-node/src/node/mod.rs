@@ -62,6 +62,10 @@ pub struct Node {
     pods: Option<Arc<kubernetes::Pods>>,
     /// A set that failed to enroll, retried on the next tick.
     pending: Option<Desired>,
+    /// Whether the pods an earlier daemon left enrolled in the kernel were checked against
+    /// this daemon's first complete set.
+    pruned: bool,
+    capture: Arc<crate::capture::Capture>,
 }
 
 impl Node {
@@ -82,6 +86,8 @@ impl Node {
             out,
             pods: None,
             pending: None,
+            pruned: false,
+            capture: shared.capture.clone(),
         }
     }
 
@@ -95,10 +101,10 @@ impl Node {
     pub async fn apply_version(&mut self, view: Arc<MeshView>) -> Result<(), String> {
         // Mode and directory before the pods: a pod this version brings is policed from its
         // first packet under the version's mode, and its first connects are routed by the
-        // version's directory, not by the previous one (on a restart, an empty one that would
-        // send them out unchanged). In Kubernetes the node's own watch can bring pods before
-        // the first version (`pods_changed`); until then they are captured with no mode and an
-        // empty directory, as a restarted daemon's pods are (issue 21 closes that window).
+        // version's directory, not by the previous one. In Kubernetes the node's own watch can
+        // bring pods before the first version (`pods_changed`): they are policed under the
+        // mode the pinned map keeps from the previous daemon (none on a node's first start)
+        // and wait for the directory before connecting to a mesh destination (outbound.rs).
         let settings = &view.mesh_policy;
         self.kernel
             .set_inbound(settings.mtls, &settings.plaintext_ports);
@@ -124,6 +130,7 @@ impl Node {
         let outcome = self.enroller.apply(desired).await;
         self.record(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         if outcome.is_ok() {
+            self.prune_once();
             self.out
                 .status
                 .send_modify(|s| s.config_updated_at = Some(SystemTime::now()));
@@ -185,7 +192,8 @@ impl Node {
         self.out.status.send_modify(|s| s.cp_connected = up);
     }
 
-    /// Stops redirecting, closes the listeners, then waits up to `drain` for open connections.
+    /// Closes the listeners, then waits up to `drain` for open connections; the kernel keeps
+    /// capturing the pods (fail closed) until the next daemon takes over.
     pub async fn shutdown(mut self, drain: std::time::Duration) {
         self.enroller.shutdown(drain).await;
     }
@@ -215,7 +223,29 @@ impl Node {
             .map_err(|e| e.to_string());
         self.pending = outcome.is_err().then_some(desired);
         self.record(outcome.clone());
+        if outcome.is_ok() {
+            self.prune_once();
+        }
         outcome
+    }
+
+    /// After the first complete set is applied: pods an earlier daemon enrolled that the set
+    /// lacks left the mesh (or their netns went) while no daemon ran, and are let go. In
+    /// Kubernetes the set is complete once this node's pods were listed.
+    fn prune_once(&mut self) {
+        let complete = self.pods.as_ref().is_none_or(|p| p.listed());
+        if self.pruned || !complete {
+            return;
+        }
+        self.pruned = true;
+        let keep = self.enroller.pods().map(|(_, cookie)| cookie).collect();
+        let removed = self.capture.keep_only_enrolled(&keep);
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "unenrolled pods an earlier daemon left captured that are no longer in the mesh"
+            );
+        }
     }
 
     fn record(&self, outcome: Result<(), String>) {
