@@ -72,6 +72,11 @@ impl Idle {
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    /// Set when the daemon stops taking connections (shutdown, handoff): sessions coming
+    /// back are ended instead of kept.
+    closed: std::sync::atomic::AtomicBool,
+    /// Sessions being ended in order, which shutdown waits for.
+    retiring: tokio_util::task::TaskTracker,
     /// Handshake gates by source pod and destination node; an entry goes once nobody holds or
     /// waits for it.
     gates: Mutex<HashMap<(WorkloadId, String), Arc<Semaphore>>>,
@@ -85,7 +90,7 @@ impl Pool {
         let found = loop {
             match list.pop() {
                 Some(s) if s.fresh() => break Some(s.session),
-                Some(_) => continue,
+                Some(s) => self.retire(s.session),
                 None => break None,
             }
         };
@@ -115,14 +120,17 @@ impl Pool {
         gate.acquire_owned().await.ok()
     }
 
-    /// Keeps `session` for `key`, and drops every stale session of the pool.
+    /// Keeps `session` for `key`, and ends every stale session of the pool.
     pub fn put(&self, key: Key, session: Box<Session>) {
-        if session.age() >= MAX_AGE || !session.reusable() {
-            return;
+        let closed = self.closed.load(std::sync::atomic::Ordering::Acquire);
+        if closed || session.age() >= MAX_AGE || !session.reusable() {
+            return self.retire(session);
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|_, list| {
-            list.retain(Idle::fresh);
+            for stale in list.extract_if(.., |s| !s.fresh()) {
+                self.retire(stale.session);
+            }
             !list.is_empty()
         });
         let list = idle.entry(key).or_default();
@@ -131,9 +139,46 @@ impl Pool {
                 session,
                 since: Instant::now(),
             });
+        } else {
+            self.retire(session);
+        }
+    }
+
+    /// Ends every idle session and every one that comes back from now on: the daemon takes
+    /// no more connections.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        for idle in idle.into_values().flatten() {
+            self.retire(idle.session);
+        }
+    }
+
+    /// Waits for the sessions being ended to be (each takes at most [`RETIRE_TIMEOUT`]): a
+    /// process that exits first resets them.
+    pub async fn retired(&self) {
+        self.retiring.close();
+        self.retiring.wait().await;
+    }
+
+    /// Ends a session the pool does not keep with close_notify, so that the destination
+    /// closes its side in order too (a session dropped without one looks cut short there, and
+    /// is reset). One that can carry nothing more is dropped.
+    fn retire(&self, mut session: Box<Session>) {
+        if !session.reusable() {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.retiring.spawn(async move {
+                let _ = tokio::time::timeout(RETIRE_TIMEOUT, session.close_and_drain()).await;
+            });
         }
     }
 }
+
+/// How long ending a session in order may take before it is simply dropped.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

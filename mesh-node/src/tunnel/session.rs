@@ -600,6 +600,16 @@ impl Session {
         self.tcp.shutdown().await?;
         Ok(())
     }
+
+    /// Ends the session in order and waits for the peer to end its side too, discarding what
+    /// it sends meanwhile (its close_notify): a socket closed with bytes unread is reset, which
+    /// the peer would see as the session cut short.
+    pub async fn close_and_drain(&mut self) -> Result<(), SessionError> {
+        self.close().await?;
+        let mut buf = [0u8; 4096];
+        while self.tcp.read(&mut buf).await? > 0 {}
+        Ok(())
+    }
 }
 
 /// Appends the handshake data rustls has ready to `outgoing[..*encoded]`.
