@@ -14,11 +14,14 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::TcpListener;
+use std::os::fd::AsFd as _;
+
+use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     capture::{interfaces, CaptureError, Inbound},
+    handoff::{protocol::Item, sockets::Sockets},
     netns::{self, NetnsError, NetnsWorker},
     proxy::{self, inbound, local::LocalPodsOwner, outbound, PodContext, Shared},
     workloads::{Workload, WorkloadId},
@@ -79,8 +82,11 @@ struct Prepared {
     /// The pod's QUIC endpoint (connected mode).
     quic: Option<quinn::Endpoint>,
     workload: Workload,
-    listeners: Vec<(Role, std::net::TcpListener)>,
+    /// With whether each was handed over by the old daemon.
+    listeners: Vec<(Role, std::net::TcpListener, bool)>,
     inbound: Vec<Inbound>,
+    /// The pod's QUIC socket the old daemon handed over, for its endpoint at takeover.
+    pending_quic: Option<std::net::UdpSocket>,
 }
 
 pub struct Enroller {
@@ -97,10 +103,22 @@ pub struct Enroller {
     quic: HashMap<u64, quinn::Endpoint>,
     /// Every accepted connection, so shutdown can wait for them to finish.
     connections: TaskTracker,
+    /// The sockets handed over by the daemon this one took over from, and this daemon's own,
+    /// to hand over in turn.
+    sockets: Arc<Sockets>,
+    /// Whether the pods' listeners accept yet: a daemon taking over starts accepting on the
+    /// handed-over sockets only once it is up.
+    accepting: watch::Receiver<bool>,
 }
 
 impl Enroller {
-    pub fn new(shared: Arc<Shared>, local: LocalPodsOwner, tunnels: bool) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        local: LocalPodsOwner,
+        tunnels: bool,
+        sockets: Arc<Sockets>,
+        accepting: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             shared,
             local,
@@ -108,6 +126,8 @@ impl Enroller {
             pods: BTreeMap::new(),
             quic: HashMap::new(),
             connections: TaskTracker::new(),
+            sockets,
+            accepting,
         }
     }
 
@@ -163,61 +183,77 @@ impl Enroller {
                 match self.prepare(workload.clone()).await {
                     Ok(p) => prepared.push(p),
                     Err(e) => {
-                        self.discard(&prepared);
+                        self.discard(prepared);
                         return Err(e);
                     }
                 }
             }
         }
+        // Pods the kernel did not hold yet; on failure only they are taken out again (one an
+        // earlier daemon enrolled stays captured).
         let mut added: Vec<u64> = Vec::new();
+        let mut failed = None;
         for p in &prepared {
-            if let Err(source) = self.shared.capture.enroll(p.ctx.netns_cookie) {
-                for cookie in added {
-                    let _ = self.shared.capture.unenroll(cookie);
+            match self.shared.capture.enroll(p.ctx.netns_cookie) {
+                Ok(true) => added.push(p.ctx.netns_cookie),
+                Ok(false) => {}
+                Err(source) => {
+                    failed = Some((p.workload.id.clone(), source));
+                    break;
                 }
-                self.discard(&prepared);
-                return Err(EnrollError::Capture {
-                    workload: p.workload.id.clone(),
-                    source,
-                });
             }
-            added.push(p.ctx.netns_cookie);
         }
+        if let Some((workload, source)) = failed {
+            for cookie in added {
+                let _ = self.shared.capture.unenroll(cookie);
+            }
+            self.discard(prepared);
+            return Err(EnrollError::Capture { workload, source });
+        }
+        // A departed pod whose netns the new set enrolls again (under another id, or another
+        // path to the same netns) keeps its kernel side: only its tasks stop.
+        let fresh: HashSet<u64> = prepared.iter().map(|p| p.ctx.netns_cookie).collect();
         for id in departed {
             if let Some(pod) = self.pods.remove(&id) {
-                self.stop(&pod);
+                if fresh.contains(&pod.netns_cookie) {
+                    self.close(&pod);
+                } else {
+                    self.stop(&pod);
+                }
                 tracing::info!(workload = %id, "unenrolled");
             }
         }
         for p in prepared {
             let shutdown = CancellationToken::new();
-            for (role, listener) in p.listeners {
+            for (role, listener, _) in p.listeners {
                 // Registering with the reactor needs the runtime, so it happens here rather
                 // than on the netns thread.
                 match TcpListener::from_std(listener) {
                     Ok(l) => {
-                        let (ctx, stop, tracker) =
-                            (p.ctx.clone(), shutdown.clone(), self.connections.clone());
+                        let serving = proxy::Serving {
+                            ctx: p.ctx.clone(),
+                            shutdown: shutdown.clone(),
+                            tracker: self.connections.clone(),
+                            accepting: self.accepting.clone(),
+                        };
                         match role {
                             Role::Outbound => {
-                                tokio::spawn(proxy::serve(l, ctx, stop, tracker, outbound::handle))
+                                tokio::spawn(proxy::serve(l, serving, outbound::handle))
                             }
-                            Role::Tunnel => {
-                                tokio::spawn(proxy::serve(l, ctx, stop, tracker, inbound::handle))
+                            Role::Tunnel => tokio::spawn(proxy::serve(l, serving, inbound::handle)),
+                            Role::Plaintext => {
+                                tokio::spawn(proxy::serve(l, serving, inbound::handle_plaintext))
                             }
-                            Role::Plaintext => tokio::spawn(proxy::serve(
-                                l,
-                                ctx,
-                                stop,
-                                tracker,
-                                inbound::handle_plaintext,
-                            )),
                         };
                     }
                     Err(e) => {
                         tracing::error!(workload = %p.workload.id, error = %e, "cannot register listener")
                     }
                 }
+            }
+            if let (Some(socket), Some(endpoint)) = (p.pending_quic, &p.quic) {
+                self.sockets
+                    .defer_quic(p.ctx.netns_cookie, endpoint.clone(), socket);
             }
             if let Some(endpoint) = p.quic {
                 self.quic.insert(p.ctx.netns_cookie, endpoint.clone());
@@ -252,13 +288,28 @@ impl Enroller {
         Ok(())
     }
 
-    /// Undoes what preparing attached: the pinned links would outlive the `Prepared`.
-    fn discard(&self, prepared: &[Prepared]) {
+    /// Undoes what preparing attached (the pinned links would outlive the `Prepared`), and
+    /// keeps its sockets for the next try: one handed over by the old daemon carries that
+    /// daemon's accept queue, which a new bind could not have (nor could it bind while the
+    /// old one holds the port).
+    fn discard(&self, prepared: Vec<Prepared>) {
         for p in prepared {
             let attached: Vec<u32> = p.inbound.iter().map(|i| i.ifindex).collect();
-            self.shared
-                .capture
-                .detach_inbound(p.ctx.netns_cookie, &attached);
+            let cookie = p.ctx.netns_cookie;
+            self.shared.capture.detach_inbound(cookie, &attached);
+            self.give_back(cookie, p.listeners);
+            if let Some(socket) = p.pending_quic {
+                let item = Item::Udp {
+                    netns_cookie: cookie,
+                };
+                self.sockets.give_back(item, socket.into());
+            }
+            if let Some(endpoint) = p.quic {
+                if !self.quic.contains_key(&cookie) {
+                    self.sockets.release_udp(cookie);
+                    endpoint.close(crate::tunnel::quic::code::DONE, b"not enrolled");
+                }
+            }
         }
     }
 
@@ -266,10 +317,13 @@ impl Enroller {
     /// tunnels end with them.
     fn close_unused_endpoints(&mut self) {
         let enrolled: HashSet<u64> = self.pods.values().map(|p| p.netns_cookie).collect();
+        let sockets = &self.sockets;
         self.quic.retain(|cookie, endpoint| {
             let keep = enrolled.contains(cookie);
             if !keep {
                 endpoint.close(crate::tunnel::quic::code::DONE, b"the pod left the mesh");
+                sockets.release_udp(*cookie);
+                sockets.forget_quic(*cookie);
             }
             keep
         });
@@ -281,8 +335,22 @@ impl Enroller {
             workload: id.clone(),
             source,
         })?;
+        let netns_err = |source| EnrollError::Netns {
+            workload: id.clone(),
+            source,
+        };
+        let listen_err = |addr, source| EnrollError::Listen {
+            workload: id.clone(),
+            addr,
+            netns: workload.netns.display().to_string(),
+            source,
+        };
+        let netns_cookie = worker
+            .run(netns::current_netns_cookie)
+            .await
+            .map_err(netns_err)?
+            .map_err(|e| listen_err(outbound::listen_addrs()[0], e))?;
         let mut listeners = Vec::new();
-        let mut cookie = None;
         let (tunnel_addrs, plaintext_addrs) = if self.tunnels {
             (
                 inbound::listen_addrs().to_vec(),
@@ -297,42 +365,95 @@ impl Enroller {
             .chain(tunnel_addrs.into_iter().map(|a| (Role::Tunnel, a)))
             .chain(plaintext_addrs.into_iter().map(|a| (Role::Plaintext, a)));
         for (role, addr) in addrs {
-            let bound = worker
-                .run(move || proxy::bind_in_netns(addr))
-                .await
-                .map_err(|source| EnrollError::Netns {
-                    workload: id.clone(),
-                    source,
-                })?;
+            // The old daemon's listener if it handed one over (its accept queue with it).
+            let (bound, handed) = match self.sockets.take_tcp(netns_cookie, addr) {
+                Some(l) => (Ok(l), true),
+                None => (
+                    worker
+                        .run(move || proxy::bind_in_netns(addr))
+                        .await
+                        .map_err(netns_err)?,
+                    false,
+                ),
+            };
             match bound {
                 Ok(l) => {
-                    if cookie.is_none() {
-                        cookie = Some(netns::socket_netns_cookie(&l).map_err(|source| {
-                            EnrollError::Listen {
-                                workload: id.clone(),
-                                addr,
-                                netns: workload.netns.display().to_string(),
-                                source,
-                            }
-                        })?);
+                    let item = Item::Tcp { netns_cookie, addr };
+                    let held = self.sockets.hold(item, l.as_fd());
+                    listeners.push((role, l, handed));
+                    if let Err(e) = held {
+                        self.give_back(netns_cookie, listeners);
+                        return Err(listen_err(addr, e));
                     }
-                    listeners.push((role, l));
                 }
                 // A pod without IPv6 still gets IPv4 capture and tunnels.
                 Err(e) if addr.is_ipv6() && no_ipv6(&e) => {
                     tracing::warn!(workload = %id, %addr, "no IPv6 in the pod's netns; not listening on IPv6");
                 }
                 Err(source) => {
-                    return Err(EnrollError::Listen {
-                        workload: id,
-                        addr,
-                        netns: workload.netns.display().to_string(),
-                        source,
-                    })
+                    self.give_back(netns_cookie, listeners);
+                    return Err(listen_err(addr, source));
                 }
             }
         }
-        let netns_cookie = cookie.expect("the IPv4 listener is always bound or an error returned");
+        match self.attach(&worker, &workload, netns_cookie).await {
+            Ok((inbound, quic, pending_quic)) => {
+                let ctx = Arc::new(PodContext {
+                    workload: id,
+                    netns: worker,
+                    netns_cookie,
+                    quic: quic.clone(),
+                    load: Arc::default(),
+                    shared: self.shared.clone(),
+                });
+                Ok(Prepared {
+                    ctx,
+                    quic,
+                    workload,
+                    listeners,
+                    inbound,
+                    pending_quic,
+                })
+            }
+            Err(e) => {
+                self.give_back(netns_cookie, listeners);
+                Err(e)
+            }
+        }
+    }
+
+    /// Files a pod's handed-over listeners back among the handed-over sockets, for the next
+    /// try.
+    fn give_back(&self, netns_cookie: u64, listeners: Vec<(Role, std::net::TcpListener, bool)>) {
+        self.sockets.release_tcp(netns_cookie);
+        for (_, listener, handed) in listeners {
+            // One this daemon bound is closed: nothing else would ever take it.
+            if !handed {
+                continue;
+            }
+            if let Ok(addr) = listener.local_addr() {
+                let item = Item::Tcp { netns_cookie, addr };
+                self.sockets.give_back(item, listener.into());
+            }
+        }
+    }
+
+    /// The inbound program on the pod's interfaces and its QUIC endpoint (with the handed-over
+    /// socket it moves to at takeover, if any).
+    async fn attach(
+        &self,
+        worker: &NetnsWorker,
+        workload: &Workload,
+        netns_cookie: u64,
+    ) -> Result<
+        (
+            Vec<Inbound>,
+            Option<quinn::Endpoint>,
+            Option<std::net::UdpSocket>,
+        ),
+        EnrollError,
+    > {
+        let id = workload.id.clone();
         let inbound = if self.tunnels {
             let capture = self.shared.capture.clone();
             let attached = worker
@@ -361,44 +482,31 @@ impl Enroller {
             Vec::new()
         };
         tracing::debug!(workload = %id, interfaces = ?inbound.iter().map(|i| &i.name).collect::<Vec<_>>(), "inbound program attached");
-        let quic = if self.tunnels {
-            match self.quic_endpoint(&worker, &workload, netns_cookie).await {
-                Ok(q) => Some(q),
-                Err(e) => {
-                    let done: Vec<u32> = inbound.iter().map(|l| l.ifindex).collect();
-                    self.shared.capture.detach_inbound(netns_cookie, &done);
-                    return Err(e);
-                }
+        if !self.tunnels {
+            return Ok((inbound, None, None));
+        }
+        match self.quic_endpoint(worker, workload, netns_cookie).await {
+            Ok((endpoint, pending)) => Ok((inbound, Some(endpoint), pending)),
+            Err(e) => {
+                let done: Vec<u32> = inbound.iter().map(|l| l.ifindex).collect();
+                self.shared.capture.detach_inbound(netns_cookie, &done);
+                Err(e)
             }
-        } else {
-            None
-        };
-        let ctx = Arc::new(PodContext {
-            workload: id,
-            netns: worker,
-            netns_cookie,
-            quic: quic.clone(),
-            load: Arc::default(),
-            shared: self.shared.clone(),
-        });
-        Ok(Prepared {
-            ctx,
-            quic,
-            workload,
-            listeners,
-            inbound,
-        })
+        }
     }
 
-    /// The netns's endpoint: the one it already has, or one on a new UDP socket.
+    /// The netns's endpoint: the one it already has, or one on a new UDP socket. Where the
+    /// old daemon handed the pod's QUIC socket over, the endpoint starts on an ephemeral
+    /// port and that socket comes back with it, to move to at takeover (the old daemon reads
+    /// it until then).
     async fn quic_endpoint(
         &self,
         worker: &NetnsWorker,
         workload: &Workload,
         cookie: u64,
-    ) -> Result<quinn::Endpoint, EnrollError> {
+    ) -> Result<(quinn::Endpoint, Option<std::net::UdpSocket>), EnrollError> {
         if let Some(e) = self.quic.get(&cookie) {
-            return Ok(e.clone());
+            return Ok((e.clone(), None));
         }
         let listen_error = |source| EnrollError::ListenUdp {
             workload: workload.id.clone(),
@@ -406,15 +514,37 @@ impl Enroller {
             netns: workload.netns.display().to_string(),
             source,
         };
+        let handed = self.sockets.take_udp(cookie);
+        let bind = if handed.is_some() {
+            crate::tunnel::quic::bind_ephemeral_in_netns
+        } else {
+            crate::tunnel::quic::bind_in_netns
+        };
         let socket = worker
-            .run(crate::tunnel::quic::bind_in_netns)
+            .run(bind)
             .await
             .map_err(|source| EnrollError::Netns {
                 workload: workload.id.clone(),
                 source,
             })?
             .map_err(listen_error)?;
-        crate::tunnel::quic::endpoint(socket).map_err(listen_error)
+        let item = Item::Udp {
+            netns_cookie: cookie,
+        };
+        let tunnel_socket = handed.as_ref().map_or(socket.as_fd(), |h| h.as_fd());
+        self.sockets
+            .hold(item, tunnel_socket)
+            .map_err(listen_error)?;
+        match crate::tunnel::quic::endpoint(socket) {
+            Ok(endpoint) => Ok((endpoint, handed)),
+            Err(e) => {
+                self.sockets.release_udp(cookie);
+                if let Some(socket) = handed {
+                    self.sockets.give_back(item, socket.into());
+                }
+                Err(listen_error(e))
+            }
+        }
     }
 
     /// Takes the pod out of the mesh: its connects are no longer redirected, its interfaces
@@ -423,6 +553,7 @@ impl Enroller {
         if let Err(e) = self.shared.capture.unenroll(pod.netns_cookie) {
             tracing::error!(workload = %pod.workload.id, error = %e, "cannot remove enrollment");
         }
+        self.sockets.release_tcp(pod.netns_cookie);
         self.close(pod);
     }
 
@@ -436,9 +567,7 @@ impl Enroller {
     /// enrolled in the kernel: until the next daemon takes over, their connects are refused
     /// rather than sent around the mesh.
     pub async fn shutdown(&mut self, drain: Duration) {
-        for pod in std::mem::take(&mut self.pods).into_values() {
-            self.close(&pod);
-        }
+        self.stop_accepting();
         self.connections.close();
         let open = self.connections.len();
         if open > 0 {
@@ -453,6 +582,8 @@ impl Enroller {
                 "drain timeout reached; closing remaining connections"
             );
         }
+        // Idle tunnel sessions being ended in order finish first (each within seconds).
+        self.shared.tunnels.retired().await;
         // Peers learn at once that the QUIC connections are gone, instead of after their
         // idle timeout: the close frames must leave before the process does.
         let closing: Vec<_> = self.quic.values().cloned().collect();
@@ -464,6 +595,52 @@ impl Enroller {
         {
             tracing::debug!("QUIC endpoints still closing; exiting anyway");
         }
+    }
+}
+
+impl Enroller {
+    /// Stops accepting on every pod's listeners (still open in a daemon that took over, with
+    /// their queues); the kernel keeps capturing the pods and open connections carry on.
+    pub fn stop_accepting(&mut self) {
+        for pod in std::mem::take(&mut self.pods).into_values() {
+            self.close(&pod);
+        }
+        // Idle tunnel sessions end in order now, and those that come back later too: their
+        // destinations see them closed rather than cut when this daemon exits.
+        self.shared.tunnels.close();
+    }
+
+    /// For a handoff: closes every QUIC connection (peers open new ones, to the new daemon),
+    /// waits up to a second for the close frames to leave, then stops reading the pods' QUIC
+    /// sockets, which the new daemon reads from now on. How many connections were open.
+    pub async fn close_quic_for_handoff(&mut self) -> u64 {
+        let endpoints: Vec<quinn::Endpoint> = self.quic.drain().map(|(_, e)| e).collect();
+        let open = endpoints.iter().map(|e| e.open_connections() as u64).sum();
+        for e in &endpoints {
+            e.close(
+                crate::tunnel::quic::code::RESTART,
+                b"the node's daemon is being replaced",
+            );
+        }
+        let _ = tokio::time::timeout(QUIC_CLOSE_WAIT, wait_idle(endpoints.clone())).await;
+        // The endpoints live on in the pods' contexts, which open connections hold, and an
+        // endpoint reads its socket for as long as it lives (its previous one too, until a
+        // packet arrives on the current one). Moving each twice to a socket of its own
+        // leaves it no reference to the pod's socket.
+        for e in &endpoints {
+            for _ in 0..2 {
+                match std::net::UdpSocket::bind(("127.0.0.1", 0)).and_then(|s| {
+                    s.set_nonblocking(true)?;
+                    e.rebind(s)
+                }) {
+                    Ok(()) => {}
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot move a closed QUIC endpoint off its pod's socket")
+                    }
+                }
+            }
+        }
+        open
     }
 }
 

@@ -8,6 +8,7 @@ pub mod capture;
 pub mod cni;
 pub mod control;
 pub mod enroll;
+pub mod handoff;
 pub mod identity;
 pub mod kubernetes;
 pub mod metrics;

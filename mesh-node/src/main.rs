@@ -1,8 +1,9 @@
 //! mesh-node: Mycel's per-node daemon.
 
 use mesh_node::{
-    access_log, admin, capture, cni, control, enroll, identity, kubernetes, metrics, node, proxy,
-    workloads,
+    access_log, admin, capture, cni, control, enroll,
+    handoff::{self, gate::Gate, gate::Phase, protocol::Item, sockets::Sockets},
+    identity, kubernetes, metrics, node, proxy, workloads,
 };
 
 use mesh_daemon::cli::{seconds, Binary, DAY};
@@ -168,8 +169,10 @@ struct RunArgs {
     /// Tunnel handshakes in progress on the whole node.
     #[arg(long, default_value_t = proxy::limits::Config::default().handshakes_per_node, value_parser = clap::value_parser!(u32).range(1..))]
     max_handshakes_per_node: u32,
-    /// Seconds to let open connections finish on SIGTERM before exiting. The node's pods stay
-    /// captured after the exit (new connects refused) until the next daemon takes over.
+    /// Seconds to let open connections finish before exiting: on SIGTERM, or once a new
+    /// daemon has taken over (then a first SIGTERM does not cut the drain short, a second
+    /// does). The node's pods stay captured after the exit (new connects refused) until the
+    /// next daemon takes over.
     #[arg(long, default_value_t = 5.0, value_parser = seconds(DAY))]
     drain_timeout: f64,
     /// Offline mode: how often to check the workloads file for changes, in seconds.
@@ -282,14 +285,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Kubernetes mode: the pods to capture come from the API and the CNI plugin. Both are set
     // up before the kernel is touched, so a bad socket path or kubeconfig is a start error.
-    let local = if args.kubernetes {
+    let client = if args.kubernetes {
         // kube's error already names each place it looked; its sources only repeat it.
-        let client = kube::Client::try_default().await.map_err(|e| {
+        Some(kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot configure the Kubernetes client (in-cluster or KUBECONFIG): {e}"
             )
-        })?;
-        let cni = cni::server::bind(&args.cni_socket)?;
+        })?)
+    } else {
+        None
+    };
+    // A daemon running on this node hands its sockets over (listener handoff); one that
+    // crashed left nothing to take but the pins.
+    let sockets = Arc::new(Sockets::default());
+    let handoff_path = capture::handoff_path(&cgroup)?;
+    let layout = capture::layout_name(args.orig_dst_capacity)?;
+    let takeover = handoff::new::ask(&handoff_path, &sockets, &args.node_name, &layout)
+        .await
+        .context("cannot take over from the mesh-node running on this node")?;
+    if let Some(t) = &takeover {
+        tracing::info!(
+            old_cgroup = t.old_cgroup,
+            "taking over from the mesh-node running on this node"
+        );
+        for why in &t.refused {
+            tracing::warn!(refused = %why, "a socket handed over is not what it was said to be; not using it");
+        }
+    }
+    let local = if let Some(client) = client {
         let pod_metrics = kubernetes::PodMetrics::new().context("cannot create the CNI metrics")?;
         let local = kubernetes::Pods::start(
             client,
@@ -298,22 +321,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             mesh_kube::Retry::default(),
             pod_metrics.clone(),
         );
-        Some((local, cni, pod_metrics))
+        Some((local, pod_metrics))
     } else {
         None
     };
-    let admin_listener = admin::bind(args.admin_listen)
+    let admin_listener = listen(&sockets, Item::Admin, args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on --admin-listen {}", args.admin_listen))?;
     // Answering from the start: /readyz says what the daemon is still waiting for.
     let connected = matches!(source, Source::ControlPlane(_));
     let (status_tx, status_rx) = watch::channel(admin::Status {
         connected_mode: connected,
+        handoff: if takeover.is_some() {
+            admin::HandoffState::TakingOver
+        } else {
+            admin::HandoffState::None
+        },
         ..admin::Status::default()
     });
     let admin = Arc::new(admin::Admin::new(status_rx.clone()));
-    tokio::spawn(admin::serve(admin_listener, admin.clone()));
-    let metrics_listener = admin::bind(args.metrics_listen)
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin.clone()));
+    let metrics_listener = listen(&sockets, Item::Metrics, args.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
     let access_log = access_log::AccessLog::open(args.access_log, args.access_log_file.as_deref())
@@ -331,7 +359,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.metrics_pod_labels,
     )?);
 
-    if let Some((_, _, pod_metrics)) = &local {
+    if let Some((_, pod_metrics)) = &local {
         for c in pod_metrics.collectors() {
             metrics.register(c)?;
         }
@@ -355,8 +383,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node: args.node_name.clone(),
         proxy_cgroup: own.id,
         orig_dst_capacity: args.orig_dst_capacity,
+        handed_lock: sockets.take(&Item::Lock).map(std::fs::File::from),
+        draining_daemon: takeover.as_ref().map(|t| t.old_cgroup),
         ebpf_log: args.ebpf_log,
     })?);
+    if let Some(lock) = capture.lock_file() {
+        sockets.hold(Item::Lock, std::os::fd::AsFd::as_fd(&lock))?;
+    }
+    // The CNI socket is replaced only now that this daemon owns the node (a daemon that could
+    // not take over or claim the cgroup must not take the plugin's socket from the one that
+    // runs).
+    let local = match local {
+        Some((local, pod_metrics)) => {
+            let handed = sockets
+                .take(&Item::Cni)
+                .map(std::os::unix::net::UnixListener::from)
+                .and_then(|l| cni::server::adopt(l, &args.cni_socket));
+            let cni = match handed {
+                Some(l) => l,
+                None => cni::server::bind(&args.cni_socket)?,
+            };
+            sockets.hold(Item::Cni, std::os::fd::AsFd::as_fd(&cni))?;
+            Some((local, cni, pod_metrics))
+        }
+        None => None,
+    };
     let mut start_guard = StartGuard(Some(capture.clone()));
     let t = capture.takeover();
     tracing::info!(
@@ -406,50 +457,299 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         figures.figures(&status.borrow())
     })?))?;
     admin.attached(parts);
-    tokio::spawn(admin::serve_metrics(metrics_listener, metrics));
-    let node = node::Node::new(
+    let metrics_task = tokio::spawn(admin::serve_metrics(metrics_listener, metrics));
+    // A daemon taking over accepts on the handed-over listeners only once it is up; the old
+    // one accepts on them until then.
+    let (accepting_tx, accepting_rx) = watch::channel(takeover.is_none());
+    let mut node = node::Node::new(
         &args.node_name,
-        enroll::Enroller::new(shared.clone(), local_owner, connected),
+        enroll::Enroller::new(
+            shared.clone(),
+            local_owner,
+            connected,
+            sockets.clone(),
+            accepting_rx,
+        ),
         &shared,
         svids,
         node::Outputs {
             view: view_tx,
             directory: directory_tx,
-            status: status_tx,
+            status: status_tx.clone(),
         },
     );
 
+    // Where this daemon is in handing over to the next one.
+    let gate = Gate::default();
+    node.set_gate(gate.clone());
+    tokio::spawn(report_handoff(
+        gate.clone(),
+        status_tx.clone(),
+        capture.clone(),
+    ));
+    let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
+    let handoff = Handoff {
+        path: handoff_path.clone(),
+        sockets: sockets.clone(),
+        gate: gate.clone(),
+        me: handoff::old::Identity {
+            node: args.node_name.clone(),
+            layout: capture.layout().to_owned(),
+            proxy_cgroup: own.id,
+        },
+        done: handed_tx,
+        bound: Arc::default(),
+    };
+    let bound = handoff.bound.clone();
+    let taking_over = match takeover {
+        // Answer the next daemon once this one has taken over.
+        Some(takeover) => Some(tokio::spawn(take_over(
+            takeover,
+            shared.clone(),
+            admin.clone(),
+            accepting_tx,
+            capture.clone(),
+            status_tx.clone(),
+            handoff,
+        ))),
+        None => {
+            handoff.listen();
+            None
+        }
+    };
+
     let mut signals = mesh_daemon::signals::Signals::new()?;
-    let node = match source {
+    let taken_over = gate.reached(Phase::TakenOver);
+    let stop = async {
+        tokio::select! {
+            () = signals.recv() => {}
+            () = taken_over => {}
+        }
+    };
+    let mut node = match source {
         Source::File(file, initial, text) => {
             let mut node = node;
             node.apply_workloads(initial).await?;
             start_guard.disarm();
             tracing::info!(node = %args.node_name, admin = %args.admin_listen, enrolled = node.enrolled(), "mesh-node ready (offline mode)");
             let interval = Duration::from_secs_f64(args.reload_interval);
-            node::follow_file(node, &file, text, &args.node_name, interval, signals.recv()).await
+            node::follow_file(node, &file, text, &args.node_name, interval, stop).await
         }
         Source::ControlPlane(client) => {
             start_guard.disarm();
             let local = local.map(|(local, cni, _)| {
-                tokio::spawn(cni::server::serve(cni, local.pods.clone()));
+                tokio::spawn(cni::server::serve(cni, local.pods.clone(), gate.clone()));
                 tracing::info!(socket = %args.cni_socket.display(), "answering the CNI plugin");
                 local
             });
             tracing::info!(node = %args.node_name, admin = %args.admin_listen, cp = args.cp.as_deref().unwrap_or_default(), "mesh-node ready; waiting for the control plane");
-            node::follow_control_plane(node, client, local, signals.recv()).await
+            node::follow_control_plane(node, client, local, stop).await
         }
     };
 
+    let drain = Duration::from_secs_f64(args.drain_timeout);
+    // Signalled while a new daemon starts up on this one's sockets: its handoff decides how
+    // this one ends (it takes over, or this one stops as usual).
+    if gate.pausing() {
+        // Idle now: the handoff may go on.
+        if gate.phase() == Phase::Pausing {
+            gate.set(Phase::Paused);
+        }
+        tracing::info!("signalled during a handoff; waiting for it to end");
+        let _ = tokio::time::timeout(handoff::old::READY_TIMEOUT, gate.resumed()).await;
+    }
+    if gate.phase() == Phase::TakenOver {
+        // The new daemon accepts on the sockets: stop accepting, close the QUIC connections
+        // (the new daemon reads the QUIC sockets next), tell it, then drain.
+        let quic_closed = node.hand_over().await;
+        admin_task.abort();
+        metrics_task.abort();
+        capture.set_lock_handed_over(true);
+        // The new daemon has its own descriptors of the listeners; with these gone, a
+        // listener it lets go of (it stopped, or crashed) is closed rather than left with a
+        // queue nobody accepts from.
+        sockets.clear_held();
+        let handed = handed_rx.await.ok();
+        if let Some(h) = &handed {
+            if let Err(e) = h.released(quic_closed).await {
+                tracing::warn!(error = %e, "cannot tell the new mesh-node that the sockets are its");
+            }
+        }
+        tracing::info!(quic_closed, "handed over; draining connections");
+        // The old pod's deletion (Kubernetes deletes it once the new one is ready) does not
+        // cut the drain short; a second signal does.
+        let signalled_twice = async {
+            signals.recv().await;
+            tracing::info!(
+                ?drain,
+                "handed over and draining; a second signal ends the drain now"
+            );
+            signals.recv().await;
+        };
+        tokio::select! {
+            () = node.shutdown(drain) => {}
+            () = signalled_twice => tracing::info!("signalled again while draining; exiting now"),
+        }
+        capture.release();
+        tracing::info!("drained; bye");
+        // The new daemon learns of the exit when this connection closes.
+        drop(handed);
+        return Ok(());
+    }
     tracing::info!("shutting down: no new redirects, draining connections");
-    node.shutdown(Duration::from_secs_f64(args.drain_timeout))
-        .await;
+    if let Some(task) = taking_over {
+        // Not up yet: the old daemon stays in charge (it sees this one go).
+        task.abort();
+    }
+    // No daemon answers there any more (only this one's socket: one that was still taking
+    // over would remove the old daemon's).
+    if bound.load(std::sync::atomic::Ordering::Acquire) {
+        let _ = std::fs::remove_file(&handoff_path);
+    }
+    node.shutdown(drain).await;
     // Connections that outlived the drain still hold the capture; the programs and the cgroup
     // lock are let go here all the same. The pinned links stay: fail closed until the next
     // daemon takes over.
     capture.release();
     tracing::info!(pins = %capture.pin_dir().display(), "stopped; the node's pods stay captured (new connects refused) until a daemon starts again or `mesh-node uninstall` runs");
     Ok(())
+}
+
+/// A listener for `item` on `addr`: the one a daemon that handed over passed on, or a new one.
+/// Either is held to hand over in turn.
+async fn listen(
+    sockets: &Sockets,
+    item: Item,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = match sockets.take_listener(item, addr) {
+        Some(handed) => {
+            handed.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(handed)?
+        }
+        None => admin::bind(addr).await?,
+    };
+    sockets.hold(item, std::os::fd::AsFd::as_fd(&listener))?;
+    Ok(listener)
+}
+
+/// This daemon's side of the next handoff.
+struct Handoff {
+    path: PathBuf,
+    sockets: Arc<Sockets>,
+    gate: Gate,
+    me: handoff::old::Identity,
+    done: tokio::sync::oneshot::Sender<handoff::old::TakenOver>,
+    /// Whether this daemon listens at `path` (then it is its to remove).
+    bound: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Handoff {
+    /// Answers a new daemon that wants to take over, from now on.
+    fn listen(self) {
+        match handoff::channel::Listener::bind(&self.path) {
+            Ok(listener) => {
+                self.bound.store(true, std::sync::atomic::Ordering::Release);
+                tokio::spawn(handoff::old::serve(
+                    listener,
+                    self.sockets,
+                    self.gate,
+                    self.me,
+                    self.done,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for a new mesh-node to hand over to; an upgrade will refuse connections while it starts")
+            }
+        }
+    }
+}
+
+/// Shows a handoff to the next daemon in /readyz; while one runs, the cgroup lock's file is
+/// the new daemon's to remove (this one offered the lock).
+async fn report_handoff(
+    gate: Gate,
+    status: watch::Sender<admin::Status>,
+    capture: Arc<capture::Capture>,
+) {
+    loop {
+        gate.reached(Phase::Pausing).await;
+        capture.set_lock_handed_over(true);
+        status.send_modify(|s| s.handoff = admin::HandoffState::HandingOver);
+        gate.resumed().await;
+        if gate.phase() == Phase::TakenOver {
+            return;
+        }
+        capture.set_lock_handed_over(false);
+        status.send_modify(|s| s.handoff = admin::HandoffState::None);
+    }
+}
+
+/// Once this daemon is up on the handed-over sockets: accept on them, tell the old daemon,
+/// move the QUIC endpoints to the sockets it let go of, then answer the next daemon. A daemon
+/// not up within `READY_WITHIN` gives up and exits, leaving the old one running.
+async fn take_over(
+    takeover: handoff::new::Takeover,
+    shared: Arc<proxy::Shared>,
+    admin: Arc<admin::Admin>,
+    accepting: watch::Sender<bool>,
+    capture: Arc<capture::Capture>,
+    status: watch::Sender<admin::Status>,
+    next: Handoff,
+) {
+    let started = takeover.asked_at;
+    while let Err(why) = admin.up_for_takeover() {
+        if started.elapsed() > handoff::new::READY_WITHIN {
+            eprintln!(
+                "mesh-node: error: not up within {:?} on the sockets of the running mesh-node ({why}); leaving it running",
+                handoff::new::READY_WITHIN
+            );
+            std::process::exit(1);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = accepting.send(true);
+    let old_cgroup = takeover.old_cgroup;
+    let old_pid = takeover.old_pid;
+    let old_alive = || {
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        old_pid.is_some_and(|pid| unsafe { libc::kill(pid as libc::pid_t, 0) } == 0)
+    };
+    let released = match takeover.complete().await {
+        Ok(r) => Some(r),
+        // Still running, the old daemon is in charge: two would both apply config.
+        Err(e) if old_alive() => {
+            eprintln!(
+                "mesh-node: error: the running mesh-node did not let go ({e}); leaving it running"
+            );
+            std::process::exit(1);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the old mesh-node exited during the handoff; taking over");
+            None
+        }
+    };
+    // The lock is this daemon's now, its file too.
+    capture.set_lock_handed_over(false);
+    let quic_moved = next.sockets.rebind_quic();
+    // Connections dialled from the ephemeral ports would not follow the endpoints.
+    let quic_redialled = shared.quic.close_all(b"the endpoint moved").await;
+    let unused = next.sockets.close_untaken();
+    status.send_modify(|s| s.handoff = admin::HandoffState::None);
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        quic_moved,
+        quic_redialled,
+        unused,
+        quic_closed_by_old = released.as_ref().map_or(0, |r| r.quic_closed),
+        "took over from the previous mesh-node; ready"
+    );
+    next.listen();
+    if let Some(released) = released {
+        released.exited().await;
+    }
+    capture.forget_daemon(old_cgroup);
+    tracing::info!("the previous mesh-node has exited");
 }
 
 /// Until the daemon is up, a failed start takes back the capture it attached (see

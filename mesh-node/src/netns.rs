@@ -104,6 +104,12 @@ impl NetnsWorker {
 
 /// The kernel's cookie for the netns a socket lives in (`SO_NETNS_COOKIE`, Linux 5.14+); the
 /// eBPF programs see the same value from `bpf_get_netns_cookie`.
+/// The cookie of the calling thread's netns (read from a socket made there for the purpose).
+pub fn current_netns_cookie() -> io::Result<u64> {
+    let probe = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?;
+    socket_netns_cookie(&probe)
+}
+
 pub fn socket_netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let mut cookie: u64 = 0;

@@ -191,12 +191,20 @@ fn pods_stay_captured_without_a_daemon_and_the_next_one_takes_the_links_over() {
     first.wait_enrolled(2).unwrap();
     assert_eq!(attached(&cg), expected);
     assert!(first.log().contains("links_attached=5"), "{}", first.log());
-    // A second daemon on the same cgroup is refused rather than doubling the redirects, and
-    // so is an uninstall under a running daemon.
+    // A second daemon on the same cgroup takes over from the first (restart.rs); one that
+    // cannot, because the first does not answer (hung), is refused rather than doubling the
+    // redirects. So is an uninstall under a running daemon.
+    let pid = first.pid().expect("running") as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
     let second = run_once(node, &first.workloads_file);
-    assert_eq!(second.status.code(), Some(1));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert!(
-        String::from_utf8_lossy(&second.stderr).contains("another mesh-node already owns cgroup")
+        stderr.contains("cannot take over from the mesh-node running on this node"),
+        "{stderr}"
     );
     let refused = uninstall(node);
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
@@ -244,6 +252,29 @@ fn pods_stay_captured_without_a_daemon_and_the_next_one_takes_the_links_over() {
     assert!(!lock.exists(), "{} is left behind", lock.display());
     assert_eq!(attached(&cg), expected, "SIGTERM detaches nothing");
     assert_eq!(probe(a, b), "refused");
+
+    // A layout change (here the original-destination maps' capacity): the next daemon makes
+    // new maps, carries over what the old ones held, and unpins them.
+    let maps_dirs = || {
+        std::fs::read_dir(node.bpffs.join("mycel/n0"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("maps-"))
+            .count()
+    };
+    let mut third = MeshNode::start(node, &yaml, None, &["--orig-dst-capacity", "4096"]).unwrap();
+    third.wait_enrolled(2).unwrap();
+    let log = third.log();
+    assert!(
+        log.contains("adopted_maps=false") && log.contains("(\"ENROLLED\", 2)"),
+        "{log}"
+    );
+    assert_eq!(maps_dirs(), 1, "the old layout's maps are unpinned");
+    let before = third.stat("ebpf_redirected");
+    let out = app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
+    assert_eq!(out["body"], a.ipv4.to_string());
+    assert_eq!(third.stat("ebpf_redirected"), before + 1);
+    assert!(third.stop_with(libc::SIGTERM).unwrap().success());
 
     // Uninstall takes it all off: a reaches b directly, outside the mesh.
     let out = uninstall(node);

@@ -33,6 +33,21 @@ pub struct Status {
     pub config_updated_at: Option<std::time::SystemTime>,
     /// Following a control plane (certificates needed), not a workloads file.
     pub connected_mode: bool,
+    /// Where the daemon is in a handoff; ready only when in none.
+    pub handoff: HandoffState,
+    /// The last set of workloads applied was applied whole, and is complete (in Kubernetes,
+    /// this node's pods were listed).
+    pub set_complete: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HandoffState {
+    #[default]
+    None,
+    /// Starting up on the sockets of the daemon it takes over from.
+    TakingOver,
+    /// A new daemon is starting up on this one's sockets, or has taken over.
+    HandingOver,
 }
 
 /// What the admin endpoint reads. It answers from the daemon's start; the parts that exist
@@ -67,6 +82,28 @@ impl Admin {
 
     /// Ok when ready, else why not.
     fn readiness(&self) -> Result<(), String> {
+        match self.status.borrow().handoff {
+            HandoffState::None => {}
+            HandoffState::TakingOver => return Err("taking over from the running mesh-node".into()),
+            HandoffState::HandingOver => return Err("handing over to a new mesh-node".into()),
+        }
+        self.up()
+    }
+
+    /// Whether a daemon taking over is up enough to tell the old one to stop: up, and every
+    /// pod it should capture captured (the old daemon stops accepting for all of them).
+    pub fn up_for_takeover(&self) -> Result<(), String> {
+        self.up()?;
+        if self.status.borrow().set_complete {
+            Ok(())
+        } else {
+            Err("the workloads are not all enrolled yet".into())
+        }
+    }
+
+    /// Whether the daemon is up: its programs attached, its config applied, a certificate for
+    /// each of its workloads.
+    pub fn up(&self) -> Result<(), String> {
         let Some(parts) = self.parts.get() else {
             return Err("the eBPF programs are not attached yet".into());
         };

@@ -60,25 +60,85 @@ pub enum AttachError {
 }
 
 /// Held for the daemon's lifetime. On drop the lock file is removed while still locked; a
-/// crash leaves the file, and the kernel releases the flock with the process.
+/// crash leaves the file, and the kernel releases the flock with the process. Handed over
+/// (its open file passed to the next daemon, which then holds the flock), it is left alone.
 pub struct CgroupLock {
     path: PathBuf,
-    _file: File,
+    file: File,
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for CgroupLock {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if !self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
-/// Takes ownership of `cgroup` for this process.
-pub fn claim(cgroup: &Path, cgroup_dir: &File) -> Result<CgroupLock, AttachError> {
+impl CgroupLock {
+    /// The open lock file, to hand over.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether the lock file is another daemon's to remove: this one handed the lock over
+    /// (or offered it), or has not finished taking it over.
+    pub fn set_handed_over(&self, handed: bool) {
+        self.handed_over
+            .store(handed, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The lock an earlier daemon handed over, if `file` is the lock file of `cgroup_dir`
+    /// and holds its `flock`. Until the takeover completes ([`CgroupLock::set_handed_over`]
+    /// with `false`), the file stays the old daemon's to remove.
+    pub fn adopt(cgroup: &Path, cgroup_dir: &File, file: File) -> Result<Self, AttachError> {
+        let path = lock_path(cgroup, cgroup_dir)?;
+        let lock_err = |source| AttachError::Lock {
+            lock: path.clone(),
+            source,
+        };
+        let handed = file.metadata().map_err(lock_err)?;
+        let current = fs::metadata(&path).map_err(lock_err)?;
+        if (handed.dev(), handed.ino()) != (current.dev(), current.ino()) {
+            return Err(lock_err(io::Error::other(
+                "the lock file handed over is not this cgroup's",
+            )));
+        }
+        // The same open file as the old daemon's holds its lock, so this succeeds; another
+        // open of the same file would not.
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(lock_err(io::Error::other(
+                "the lock file handed over does not hold the lock",
+            )));
+        }
+        Ok(Self {
+            path,
+            file,
+            handed_over: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+}
+
+/// Where the daemon that owns `cgroup` keeps its lock: named by the cgroup directory's device
+/// and inode, so that two paths to one cgroup meet.
+pub fn lock_path(cgroup: &Path, cgroup_dir: &File) -> Result<PathBuf, AttachError> {
     let meta = cgroup_dir.metadata().map_err(|source| AttachError::Lock {
         lock: cgroup.to_path_buf(),
         source,
     })?;
-    let lock = PathBuf::from(LOCK_DIR).join(format!("cgroup-{}-{}.lock", meta.dev(), meta.ino()));
+    Ok(PathBuf::from(LOCK_DIR).join(format!("cgroup-{}-{}.lock", meta.dev(), meta.ino())))
+}
+
+/// Where the daemon that owns `cgroup` answers a new one that wants to take over.
+pub fn handoff_path(cgroup: &Path, cgroup_dir: &File) -> Result<PathBuf, AttachError> {
+    Ok(lock_path(cgroup, cgroup_dir)?.with_extension("handoff"))
+}
+
+/// Takes ownership of `cgroup` for this process.
+pub fn claim(cgroup: &Path, cgroup_dir: &File) -> Result<CgroupLock, AttachError> {
+    let lock = lock_path(cgroup, cgroup_dir)?;
     let lock_err = |source| AttachError::Lock {
         lock: lock.clone(),
         source,
@@ -112,7 +172,8 @@ pub fn claim(cgroup: &Path, cgroup_dir: &File) -> Result<CgroupLock, AttachError
     };
     Ok(CgroupLock {
         path: lock,
-        _file: file,
+        file,
+        handed_over: Default::default(),
     })
 }
 

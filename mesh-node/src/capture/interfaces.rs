@@ -72,8 +72,10 @@ pub async fn watch(
         let on_thread = capture.clone();
         let found = worker
             .run(move || {
-                let present = present_interfaces();
                 let attached = on_thread.attach_inbound(netns_cookie);
+                // Listed after the attach: an interface made in between has its new pin kept
+                // (listed before, it would have been taken for gone and unpinned).
+                let present = present_interfaces();
                 // What cannot be policed takes no traffic.
                 let failed: Vec<(String, String, bool)> = attached
                     .as_ref()
@@ -106,6 +108,12 @@ pub async fn watch(
                 // the list cannot be read, nothing is let go.
                 if let Some(present) = present {
                     capture.forget_interfaces(netns_cookie, &present);
+                }
+                // The pod left while this pass ran: what it attached goes with it.
+                if shutdown.is_cancelled() {
+                    let attached: Vec<u32> = new.iter().map(|l| l.ifindex).collect();
+                    capture.detach_inbound(netns_cookie, &attached);
+                    return;
                 }
                 for l in new {
                     tracing::info!(%workload, interface = %l.name, "inbound program attached to a new interface of the pod");

@@ -135,6 +135,16 @@ impl Layout {
     /// maps carried over with their entry counts.
     pub fn carry_over(&self, from: &Path, to: &Path) -> Vec<(&'static str, u32)> {
         let mut carried = Vec::new();
+        // Another version may mean other things by the same bytes (a mode renumbered, say):
+        // only an explicit conversion could carry its maps over, and there is none yet.
+        let same_version = from
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("maps-v{LAYOUT_VERSION}-")));
+        if !same_version {
+            tracing::warn!(from = %from.display(), "maps of another layout version; they are not carried over, and the pods are enrolled again as the config is applied");
+            return carried;
+        }
         for (name, expected) in &self.maps {
             let (Ok(old), Ok(new)) = (sys::obj_get(&from.join(name)), sys::obj_get(&to.join(name)))
             else {

@@ -77,6 +77,8 @@ pub enum CaptureError {
     Pins(#[from] PinError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    #[error("Mycel programs are still attached to {0} a second after their pins went; run uninstall again")]
+    StillAttached(PathBuf),
     #[error("cannot take over or attach the link of {program} at {path}: {source}")]
     Link {
         program: &'static str,
@@ -106,6 +108,10 @@ pub struct Options {
     /// The daemon's own cgroup id: connects from it are the proxy's and are not redirected.
     pub proxy_cgroup: u64,
     pub orig_dst_capacity: u32,
+    /// The cgroup lock handed over by the daemon this one takes over from (else it is taken).
+    pub handed_lock: Option<File>,
+    /// That daemon's cgroup id: its connects stay exempt while it drains.
+    pub draining_daemon: Option<u64>,
     /// Enables the programs' aya-log output at debug level (off by default: the level check
     /// runs in the kernel, so disabled logging costs one load per call).
     pub ebpf_log: bool,
@@ -142,6 +148,8 @@ pub struct Takeover {
     pub links_updated: usize,
     /// Cgroup links made (first start) or made again (a defunct one, or another cgroup).
     pub links_attached: usize,
+    /// Of those, links made in place of an earlier daemon's.
+    pub links_replaced: usize,
     /// Pods' inbound links taken over in place.
     pub inbound_updated: usize,
     /// Pods whose netns went while no daemon ran: their pins and enrollment removed.
@@ -241,9 +249,12 @@ pub struct Capture {
     ebpf: Mutex<Option<Ebpf>>,
     /// The claim on the cgroup; `None` once released.
     lock: Mutex<Option<CgroupLock>>,
+    /// The cgroup ids whose connects are the proxy's own.
+    proxy_cgroups: Mutex<HashMap<MapData, u64, u32>>,
     pins: Pins,
     cgroup: PathBuf,
     takeover: Takeover,
+    layout: String,
 }
 
 impl Capture {
@@ -261,7 +272,16 @@ impl Capture {
                 source,
             })?
             .ino();
-        let lock = attach::claim(&opts.cgroup, &cgroup_dir)?;
+        let lock = match &opts.handed_lock {
+            Some(file) => {
+                let file = file.try_clone().map_err(|source| CaptureError::Cgroup {
+                    path: opts.cgroup.clone(),
+                    source,
+                })?;
+                CgroupLock::adopt(&opts.cgroup, &cgroup_dir, file)?
+            }
+            None => attach::claim(&opts.cgroup, &cgroup_dir)?,
+        };
         let pins = Pins::open(&opts.bpffs, &opts.node, opts.mount_bpffs)?;
         let layout = Layout::of(OBJECT, opts.orig_dst_capacity)?;
         let maps_dir = pins.maps_dir(&layout.name);
@@ -307,13 +327,18 @@ impl Capture {
         let stale: Vec<u64> = proxy_cgroups
             .keys()
             .filter_map(Result::ok)
-            .filter(|id| *id != opts.proxy_cgroup)
+            .filter(|id| *id != opts.proxy_cgroup && Some(*id) != opts.draining_daemon)
             .collect();
         proxy_cgroups
             .insert(opts.proxy_cgroup, 1, 0)
             .map_err(map_err(names::PROXY_CGROUPS))?;
-        // No other daemon runs (the cgroup lock says so): the cgroups of earlier ones are
-        // exempt no more.
+        if let Some(draining) = opts.draining_daemon {
+            proxy_cgroups
+                .insert(draining, 1, 0)
+                .map_err(map_err(names::PROXY_CGROUPS))?;
+        }
+        // No other daemon runs (the cgroup lock says so; one that handed over drains): the
+        // cgroups of earlier ones are exempt no more.
         for id in stale {
             let _ = proxy_cgroups.remove(&id);
         }
@@ -337,11 +362,18 @@ impl Capture {
             })?;
             match taken {
                 links::Taken::Updated => takeover.links_updated += 1,
-                links::Taken::Attached | links::Taken::Replaced => takeover.links_attached += 1,
+                links::Taken::Attached => takeover.links_attached += 1,
+                links::Taken::Replaced => {
+                    takeover.links_attached += 1;
+                    takeover.links_replaced += 1;
+                }
             }
-            if let Ok(info) = prog.info() {
-                ours.push(info.id());
-            }
+            // Without its id, the attachment just taken over would be taken for a stale one
+            // and detached.
+            let info = prog
+                .info()
+                .map_err(|source| CaptureError::Program { name, source })?;
+            ours.push(info.id());
         }
         let inbound = {
             let eth = ebpf
@@ -363,21 +395,18 @@ impl Capture {
             pins.remove_maps(dir)?;
         }
 
-        let mut enrolled: HashMap<MapData, u64, Enrollment> =
+        // A pod whose interfaces all went keeps its ENROLLED entry: its netns is most likely
+        // gone too (and a cookie is never reused), but if it is not, its connects must stay
+        // captured. The first complete set lets it go (`keep_only_enrolled`).
+        takeover.pods_gone = inbound.pods_gone.len();
+        let enrolled: HashMap<MapData, u64, Enrollment> =
             take_map(&mut ebpf, names::ENROLLED, HashMap::try_from)?;
-        for cookie in &inbound.pods_gone {
-            if enrolled.remove(cookie).is_ok() {
-                takeover.pods_gone += 1;
-            }
-        }
         let fast_deny = take_map(&mut ebpf, names::FAST_DENY, HashMap::try_from)?;
         let open_ports = take_map(&mut ebpf, names::OPEN_PORTS, HashMap::try_from)?;
         let inbound_mode = take_map(&mut ebpf, names::INBOUND_MODE, Array::try_from)?;
         let by_tuple = take_map(&mut ebpf, names::ORIG_BY_TUPLE, HashMap::try_from)?;
         let by_cookie = take_map(&mut ebpf, names::ORIG_BY_COOKIE, HashMap::try_from)?;
         let counters = take_map(&mut ebpf, names::COUNTERS, PerCpuArray::try_from)?;
-        // Held for its fd: the map is written at start only.
-        drop(proxy_cgroups);
 
         Ok(Self {
             enrolled: Mutex::new(enrolled),
@@ -389,9 +418,11 @@ impl Capture {
             counters,
             ebpf: Mutex::new(Some(ebpf)),
             lock: Mutex::new(Some(lock)),
+            proxy_cgroups: Mutex::new(proxy_cgroups),
             pins,
             cgroup: opts.cgroup.clone(),
             takeover,
+            layout: layout.name,
         })
     }
 
@@ -400,7 +431,12 @@ impl Capture {
     /// from an earlier daemon stay, as they are, capturing.
     pub fn abandon(&self) {
         let t = &self.takeover;
-        if t.adopted_maps || t.links_updated > 0 || t.inbound_updated > 0 {
+        let found_some = t.adopted_maps
+            || !t.carried_over.is_empty()
+            || t.links_updated > 0
+            || t.links_replaced > 0
+            || t.inbound_updated > 0;
+        if found_some {
             return;
         }
         let pins = self.pins.clone();
@@ -411,6 +447,34 @@ impl Capture {
             let _ = detach_all(&self.cgroup, &dir);
         }
         self.release();
+    }
+
+    /// A duplicate of the open cgroup lock file, to hand over.
+    pub fn lock_file(&self) -> Option<std::os::fd::OwnedFd> {
+        let lock = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        lock.as_ref()
+            .and_then(|l| l.file().try_clone().ok())
+            .map(Into::into)
+    }
+
+    /// Whether another daemon owns the cgroup lock's file: this one offered the lock in a
+    /// handoff (or handed it over), or has not finished taking it over. A stop then leaves the
+    /// file alone.
+    pub fn set_lock_handed_over(&self, handed: bool) {
+        if let Some(lock) = self.lock.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            lock.set_handed_over(handed);
+        }
+    }
+
+    /// The name of this daemon's maps layout.
+    pub fn layout(&self) -> &str {
+        &self.layout
+    }
+
+    /// The daemon that handed over to this one has exited: its cgroup is exempt no more.
+    pub fn forget_daemon(&self, cgroup_id: u64) {
+        let mut map = self.proxy_cgroups.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = map.remove(&cgroup_id);
     }
 
     /// What the start found pinned and did with it.
@@ -435,14 +499,25 @@ impl Capture {
         drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
-    /// Starts redirecting connects made in the netns with this cookie.
-    pub fn enroll(&self, netns_cookie: u64) -> Result<(), CaptureError> {
-        self.enrolled_map()
-            .insert(netns_cookie, Enrollment::default(), 0)
-            .map_err(|source| CaptureError::Map {
+    /// Starts redirecting connects made in the netns with this cookie; whether it was not
+    /// enrolled yet (an earlier daemon's enrollment is kept as it is).
+    pub fn enroll(&self, netns_cookie: u64) -> Result<bool, CaptureError> {
+        const BPF_NOEXIST: u64 = 1;
+        match self
+            .enrolled_map()
+            .insert(netns_cookie, Enrollment::default(), BPF_NOEXIST)
+        {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(source) => Err(CaptureError::Map {
                 name: names::ENROLLED,
                 source,
-            })
+            }),
+        }
     }
 
     /// Attaches the inbound program (tcx ingress) to every interface of the calling thread's
@@ -472,10 +547,16 @@ impl Capture {
             if kind == Some(link_type::Kind::Loopback) {
                 continue;
             }
+            // Covered only while the link is pinned too: an unpinned one detaches a moment
+            // later (the kernel releases it asynchronously), whatever runs now.
             let running = attach::tcx_ingress_programs(iface.index());
-            if running
-                .as_ref()
-                .is_ok_and(|ids| ids.iter().any(|id| ours.contains(&Some(*id))))
+            let pinned = [TcxKind::Ethernet, TcxKind::L3]
+                .iter()
+                .any(|k| self.pins.tcx_link(netns_cookie, iface.index(), *k).exists());
+            if pinned
+                && running
+                    .as_ref()
+                    .is_ok_and(|ids| ids.iter().any(|id| ours.contains(&Some(*id))))
             {
                 continue;
             }
@@ -625,6 +706,20 @@ impl Capture {
     }
 }
 
+/// The name of the maps layout a daemon with `orig_dst_capacity` uses.
+pub fn layout_name(orig_dst_capacity: u32) -> Result<String, CaptureError> {
+    Ok(Layout::of(OBJECT, orig_dst_capacity)?.name)
+}
+
+/// Where the daemon that owns `cgroup` answers a new daemon that wants to take over.
+pub fn handoff_path(cgroup: &Path) -> Result<PathBuf, CaptureError> {
+    let dir = File::open(cgroup).map_err(|source| CaptureError::Cgroup {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    Ok(attach::handoff_path(cgroup, &dir)?)
+}
+
 /// Removes the capture of node `node` from `cgroup`: its pins under `bpffs` (the links detach
 /// with them) and any other Mycel attachment on the cgroup. Refused while a daemon owns the
 /// cgroup.
@@ -654,8 +749,11 @@ fn detach_all(cgroup: &Path, cgroup_dir: &File) -> Result<(), CaptureError> {
                 cgroup: cgroup.to_path_buf(),
                 source,
             })?;
-        if !left || std::time::Instant::now() > deadline {
+        if !left {
             return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(CaptureError::StillAttached(cgroup.to_path_buf()));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

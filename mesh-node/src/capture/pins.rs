@@ -186,6 +186,11 @@ impl Pins {
                 continue;
             };
             for link in self.entries(&pod)? {
+                // A pin staged for a rename that a crash interrupted.
+                if file_name(&link).is_some_and(|n| n.ends_with("_new")) {
+                    let _ = fs::remove_file(&link);
+                    continue;
+                }
                 let parsed = file_name(&link).and_then(|n| {
                     let (index, kind) = n.split_once('-')?;
                     let kind = match kind {

@@ -13,6 +13,7 @@ use tokio::{
 };
 
 use super::protocol::{self, PodRef, Reply, Request};
+use crate::handoff::gate::{Gate, Phase};
 
 /// What answers the plugin's requests: in the daemon, this node's pods
 /// (`kubernetes::Pods`). The socket's side knows the protocol, not who decides.
@@ -55,10 +56,36 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
-/// Answers the plugin until the process ends.
-pub async fn serve(listener: UnixListener, pods: Arc<impl Pods>) {
+/// The listener a daemon that handed over passed on, if it listens on `path`.
+pub fn adopt(listener: std::os::unix::net::UnixListener, path: &Path) -> Option<UnixListener> {
+    let same = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        .is_some_and(|p| p == path);
+    if !same {
+        return None;
+    }
+    listener.set_nonblocking(true).ok()?;
+    UnixListener::from_std(listener).ok()
+}
+
+/// Answers the plugin until the daemon is taken over. While a new daemon starts up on this
+/// one's sockets (and this one applies nothing), it leaves the requests to the new one.
+pub async fn serve(listener: UnixListener, pods: Arc<impl Pods>, gate: Gate) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            () = gate.reached(Phase::Pausing) => {
+                gate.resumed().await;
+                if gate.phase() == Phase::TakenOver {
+                    return;
+                }
+                continue;
+            }
+            () = gate.reached(Phase::TakenOver) => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((stream, _)) => {
                 tokio::spawn(answer(stream, pods.clone()));
             }

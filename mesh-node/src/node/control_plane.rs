@@ -7,7 +7,7 @@ use std::{future::Future, time::Duration};
 use tokio::sync::{mpsc, watch};
 
 use super::Node;
-use crate::{control, identity, kubernetes};
+use crate::{control, handoff::gate::Phase, identity, kubernetes};
 
 /// Runs until `stop` completes or the stream's task is gone; returns the node for its
 /// shutdown.
@@ -30,9 +30,20 @@ pub async fn follow(
     };
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     let mut stop = std::pin::pin!(stop);
+    let gate = node.gate();
     loop {
         tokio::select! {
             () = &mut stop => return node,
+            // A new daemon starts up on this one's sockets: nothing is applied meanwhile
+            // (config versions and pod changes wait; the kernel maps have one writer).
+            () = gate.reached(Phase::Pausing) => {
+                // Idle now (nothing half applied): the old daemon may offer its sockets.
+                gate.set(Phase::Paused);
+                tokio::select! {
+                    () = &mut stop => return node,
+                    () = gate.resumed() => {}
+                }
+            },
             req = apply_rx.recv() => {
                 let Some(control::ApplyRequest { view, done }) = req else { return node };
                 let _ = done.send(node.apply_version(view).await);

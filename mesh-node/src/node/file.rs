@@ -5,7 +5,7 @@ use std::{future::Future, path::Path, time::Duration};
 use mesh_daemon::follow::Follower;
 
 use super::Node;
-use crate::workloads;
+use crate::{handoff::gate::Phase, workloads};
 
 /// Runs until `stop` completes; returns the node for its shutdown. `applied` is the text in
 /// force: compared with the file, never re-read, so a change made while the daemon was
@@ -21,10 +21,20 @@ pub async fn follow(
     let path = file.to_path_buf();
     let mut follower = Follower::new(interval, applied, move || std::fs::read_to_string(&path));
     let mut stop = std::pin::pin!(stop);
+    let gate = node.gate();
     loop {
         // An unreadable file is one change, rejected like a bad one.
         let desired = tokio::select! {
             () = &mut stop => return node,
+            // A new daemon starts up on this one's sockets: nothing is applied meanwhile.
+            () = gate.reached(Phase::Pausing) => {
+                // Idle now (nothing half applied): the old daemon may offer its sockets.
+                gate.set(Phase::Paused);
+                tokio::select! {
+                    () = &mut stop => return node,
+                    () = gate.resumed() => continue,
+                }
+            },
             seen = follower.changed() => match seen {
                 Ok(text) => workloads::parse(file, text, node_name),
                 Err(source) => Err(mesh_model::ConfigError::Read {

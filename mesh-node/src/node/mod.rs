@@ -28,6 +28,7 @@ use crate::{
     admin,
     control::MeshView,
     enroll::{EnrollError, Enroller},
+    handoff::gate::Gate,
     identity::SvidStore,
     kubernetes,
     proxy::{authz::Authz, directory::Directory, kernel_policy::KernelPolicy, Shared},
@@ -66,6 +67,8 @@ pub struct Node {
     /// this daemon's first complete set.
     pruned: bool,
     capture: Arc<crate::capture::Capture>,
+    /// Where this daemon is in handing over to a new one.
+    gate: Gate,
 }
 
 impl Node {
@@ -88,11 +91,28 @@ impl Node {
             pending: None,
             pruned: false,
             capture: shared.capture.clone(),
+            gate: Gate::default(),
         }
     }
 
     pub fn enrolled(&self) -> usize {
         self.enroller.enrolled()
+    }
+
+    /// The handoff gate the follow loops pause on.
+    pub fn gate(&self) -> Gate {
+        self.gate.clone()
+    }
+
+    pub fn set_gate(&mut self, gate: Gate) {
+        self.gate = gate;
+    }
+
+    /// Taken over: stops accepting, closes the QUIC connections (the new daemon reads the
+    /// QUIC sockets next); how many QUIC connections were open.
+    pub async fn hand_over(&mut self) -> u64 {
+        self.enroller.stop_accepting();
+        self.enroller.close_quic_for_handoff().await
     }
 
     /// Applies one version of the control plane's config in the order above; the error (the
@@ -194,7 +214,7 @@ impl Node {
 
     /// Closes the listeners, then waits up to `drain` for open connections; the kernel keeps
     /// capturing the pods (fail closed) until the next daemon takes over.
-    pub async fn shutdown(mut self, drain: std::time::Duration) {
+    pub async fn shutdown(&mut self, drain: std::time::Duration) {
         self.enroller.shutdown(drain).await;
     }
 
@@ -230,11 +250,13 @@ impl Node {
     }
 
     /// After the first complete set is applied: pods an earlier daemon enrolled that the set
-    /// lacks left the mesh (or their netns went) while no daemon ran, and are let go. In
-    /// Kubernetes the set is complete once this node's pods were listed.
+    /// lacks left the mesh (or their netns went) while no daemon ran, and are let go. Not in
+    /// Kubernetes, where the set is never known to be complete (a running pod whose netns the
+    /// /proc scan misses, a namespace not listed yet): there a pod's pins go with its netns
+    /// (`Capture::attach`), and a pod that left the mesh while no daemon ran stays captured,
+    /// its connects refused, until it is restarted.
     fn prune_once(&mut self) {
-        let complete = self.pods.as_ref().is_none_or(|p| p.listed());
-        if self.pruned || !complete {
+        if self.pruned || self.pods.is_some() {
             return;
         }
         self.pruned = true;
@@ -250,8 +272,11 @@ impl Node {
 
     fn record(&self, outcome: Result<(), String>) {
         let enrolled = self.enrolled();
+        // In Kubernetes the set is complete once this node's pods were listed.
+        let complete = outcome.is_ok() && self.pods.as_ref().is_none_or(|p| p.listed());
         self.out.status.send_modify(|s| {
             s.enrolled = enrolled;
+            s.set_complete = complete;
             match outcome {
                 Ok(()) => s.config_applied += 1,
                 Err(_) => s.config_errors += 1,

@@ -205,18 +205,39 @@ pub fn bind_in_netns(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// What a pod's accept loop runs with.
+pub struct Serving {
+    pub ctx: Arc<PodContext>,
+    /// Stops the loop (the listener closes with it, unless another daemon holds it too).
+    pub shutdown: CancellationToken,
+    /// Every accepted connection is spawned on it, so shutdown can drain them.
+    pub tracker: TaskTracker,
+    /// Accepting starts once this is true: a daemon taking over starts on the handed-over
+    /// listeners only once it is up, while the old daemon still accepts on them.
+    pub accepting: tokio::sync::watch::Receiver<bool>,
+}
+
 /// Accepts on one of a pod's listeners until `shutdown` fires; each connection runs `handle`
-/// on `tracker`, so shutdown can drain them.
-pub async fn serve<F, Fut>(
-    listener: TcpListener,
-    ctx: Arc<PodContext>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-    handle: F,
-) where
+/// on the tracker, so shutdown can drain them.
+pub async fn serve<F, Fut>(listener: TcpListener, serving: Serving, handle: F)
+where
     F: Fn(TcpStream, SocketAddr, Arc<PodContext>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let Serving {
+        ctx,
+        shutdown,
+        tracker,
+        mut accepting,
+    } = serving;
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        started = accepting.wait_for(|go| *go) => {
+            if started.is_err() {
+                return;
+            }
+        }
+    }
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -60,6 +60,8 @@ pub mod code {
     pub const DONE: VarInt = VarInt::from_u32(0);
     /// The other side of the relay failed or was reset: passed on as a reset.
     pub const RESET: VarInt = VarInt::from_u32(1);
+    /// The node's daemon is being replaced; a new connection goes to the new one.
+    pub const RESTART: VarInt = VarInt::from_u32(2);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +118,18 @@ pub fn server_config(tls: Arc<rustls::ServerConfig>) -> Result<quinn::ServerConf
 /// The pod's UDP socket on :15008, dual-stack where the netns has IPv6. Call on the pod's
 /// netns thread.
 pub fn bind_in_netns() -> io::Result<std::net::UdpSocket> {
-    let dual = SocketAddr::from((Ipv6Addr::UNSPECIFIED, TUNNEL_PORT));
+    bind_port_in_netns(TUNNEL_PORT)
+}
+
+/// A QUIC socket on an ephemeral port of the calling thread's netns: where a daemon that is
+/// taking over runs a pod's QUIC endpoint until the old daemon lets go of the pod's
+/// [`TUNNEL_PORT`] socket (then the endpoint moves there, `Endpoint::rebind`).
+pub fn bind_ephemeral_in_netns() -> io::Result<std::net::UdpSocket> {
+    bind_port_in_netns(0)
+}
+
+fn bind_port_in_netns(port: u16) -> io::Result<std::net::UdpSocket> {
+    let dual = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     let socket = match udp_socket(dual, true) {
         Ok(s) => s,
         Err(e)
@@ -125,7 +138,7 @@ pub fn bind_in_netns() -> io::Result<std::net::UdpSocket> {
                 Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
             ) =>
         {
-            udp_socket(SocketAddr::from(([0, 0, 0, 0], TUNNEL_PORT)), false)?
+            udp_socket(SocketAddr::from(([0, 0, 0, 0], port)), false)?
         }
         Err(e) => return Err(e),
     };
@@ -280,6 +293,25 @@ pub struct Connections {
 }
 
 impl Connections {
+    /// Closes every pooled connection: they were made from sockets the endpoints no longer
+    /// use (a daemon taking over dials from an ephemeral port until the old one lets go of the
+    /// tunnel port, and destinations do not follow a client that moves). The next stream to
+    /// each destination opens a new one.
+    pub async fn close_all(&self, reason: &'static [u8]) -> usize {
+        let slots: Vec<Slot> = {
+            let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            map.drain().map(|(_, slot)| slot).collect()
+        };
+        let mut closed = 0;
+        for slot in slots {
+            if let Some(live) = slot.lock().await.take() {
+                live.conn.close(code::DONE, reason);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// A new stream to `key`'s destination, on the pooled connection when there is a usable
     /// one and `fresh` is false, else on a new connection that the pool keeps from then on.
     /// Returns whether it made a new one. The caller bounds the time.
@@ -409,6 +441,126 @@ mod tests {
         self, anchor_id,
         tests::{ca, svid, trust, A, B},
     };
+
+    /// The handoff moves QUIC sockets between endpoints (`enroll.rs`): the old daemon's
+    /// endpoints close and move off their sockets twice, then the new daemon's endpoints move
+    /// onto them. Both ends of a connection must work afterwards: a server endpoint moved onto
+    /// the old server's socket accepts, a client endpoint moved onto the old client's socket
+    /// connects.
+    #[tokio::test]
+    async fn endpoints_moved_onto_a_closed_endpoints_socket_work() {
+        let ca = ca();
+        let t = trust(&ca);
+        let server_tls = Arc::new(tls::server_config(svid(&ca, B, -60, 3600), &t).unwrap());
+        let client_tls =
+            Arc::new(tls::client_config(svid(&ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap());
+        let bind = || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        };
+        let serve = |e: &Endpoint| {
+            e.set_server_config(Some(server_config(server_tls.clone()).unwrap()));
+            let accepting = e.clone();
+            tokio::spawn(async move {
+                while let Some(incoming) = accepting.accept().await {
+                    tokio::spawn(async move {
+                        let Ok(conn) = incoming.await else { return };
+                        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                            let mut buf = [0u8; 4];
+                            if recv.read_exact(&mut buf).await.is_ok() {
+                                let _ = send.write_all(&buf).await;
+                                let _ = send.finish();
+                            }
+                        }
+                    });
+                }
+            });
+        };
+        let ping = |client: Endpoint, addr| {
+            let cfg = client_config(client_tls.clone()).unwrap();
+            async move {
+                let conn = tokio::time::timeout(Duration::from_secs(5), async {
+                    client
+                        .connect_with(cfg, addr, "server")
+                        .map_err(io::Error::other)?
+                        .await
+                        .map_err(io::Error::other)
+                })
+                .await
+                .map_err(|_| io::Error::other("no handshake within 5 s"))??;
+                let (mut send, mut recv) = conn.open_bi().await.map_err(io::Error::other)?;
+                send.write_all(b"ping").await.map_err(io::Error::other)?;
+                let mut buf = [0u8; 4];
+                tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut buf))
+                    .await
+                    .map_err(|_| io::Error::other("no echo within 5 s"))?
+                    .map_err(io::Error::other)?;
+                conn.close(code::DONE, b"");
+                Ok::<_, io::Error>(buf)
+            }
+        };
+        let retire = |e: &Endpoint| {
+            e.close(code::RESTART, b"restart");
+            for _ in 0..2 {
+                e.rebind(bind()).unwrap();
+            }
+        };
+
+        let (server_socket, client_socket) = (bind(), bind());
+        let addr = server_socket.local_addr().unwrap();
+        let old_server = endpoint(server_socket.try_clone().unwrap()).unwrap();
+        serve(&old_server);
+        let old_client = endpoint(client_socket.try_clone().unwrap()).unwrap();
+        assert_eq!(&ping(old_client.clone(), addr).await.unwrap(), b"ping");
+
+        // The new daemon's endpoints, on ephemeral ports until the old ones let go; its
+        // client has a connection open to the old server meanwhile.
+        let new_server = endpoint(bind()).unwrap();
+        serve(&new_server);
+        let new_client = endpoint(bind()).unwrap();
+        // Another node's server, which stays.
+        let other = endpoint(bind()).unwrap();
+        serve(&other);
+        let other_addr = other.local_addr().unwrap();
+        let cfg = client_config(client_tls.clone()).unwrap();
+        let early = new_client
+            .connect_with(cfg, other_addr, "server")
+            .unwrap()
+            .await
+            .unwrap();
+        retire(&old_server);
+        retire(&old_client);
+        new_server.rebind(server_socket).unwrap();
+        new_client.rebind(client_socket).unwrap();
+        // A connection made before the move does not follow it (destinations do not take a
+        // client that moves): it times out, which is why the pool is closed at takeover
+        // (`Connections::close_all`). One made after it works.
+        let stream = async {
+            let (mut send, mut recv) = early.open_bi().await.map_err(io::Error::other)?;
+            send.write_all(b"pong").await.map_err(io::Error::other)?;
+            let mut buf = [0u8; 4];
+            recv.read_exact(&mut buf).await.map_err(io::Error::other)?;
+            Ok::<_, io::Error>(buf)
+        };
+        let echoed = tokio::time::timeout(Duration::from_millis(500), stream).await;
+        assert!(
+            echoed.is_err(),
+            "migration is off at the server: {echoed:?}"
+        );
+        early.close(code::DONE, b"");
+        assert_eq!(
+            &ping(new_client.clone(), other_addr).await.unwrap(),
+            b"ping"
+        );
+        assert_eq!(&ping(new_client.clone(), addr).await.unwrap(), b"ping");
+        // And a client elsewhere reaches the moved server.
+        assert_eq!(
+            &ping(endpoint(bind()).unwrap(), addr).await.unwrap(),
+            b"ping"
+        );
+        drop((old_server, old_client));
+    }
 
     /// The source's end of the trust watch over QUIC: the pooled connection to a destination
     /// whose root is withdrawn is closed with the streams it carries, and the next stream goes

@@ -8,13 +8,14 @@
 //! mesh-loadgen rpc --addr A --secs S --rate R [--tls DIR]
 //! mesh-loadgen connrate --addr A --secs S --concurrency C [--tls DIR]
 //! mesh-loadgen hold --addr A --count N                opens N connections, each answered end to
-//!                                                     end, prints "held N", then holds them
-//!                                                     until stdin closes
+//!                                                     end, prints "held N", holds them until
+//!                                                     stdin closes, then sends 1 KiB on each
+//!                                                     and counts those that echo it back
 //! ```
 //!
 //! Each client prints one JSON line. The first byte a client sends picks the server's
 //! behaviour: `B` count bytes until EOF and answer the count, `R` echo 1 KiB messages, `C` echo
-//! one 1 KiB message and close, `H` answer one byte, then read until EOF (an idle connection).
+//! one 1 KiB message and close, `H` answer one byte, then echo until EOF (an idle connection).
 
 use std::{
     io::{self, Read, Write},
@@ -261,9 +262,17 @@ fn answer(mut s: Box<dyn Stream>) -> io::Result<()> {
             // is established), so what it then measures is idle connections, not handshakes.
             s.write_all(b"h")?;
             s.flush()?;
-            let mut buf = [0u8; 64];
-            while s.read(&mut buf)? > 0 {}
-            Ok(())
+            // Then an echo, so that the client can check the connection still carries bytes
+            // both ways after a long idle time.
+            let mut buf = [0u8; MSG];
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                s.write_all(&buf[..n])?;
+                s.flush()?;
+            }
         }
         _ => Ok(()),
     }
@@ -337,7 +346,19 @@ fn hold(client: &Client, count: usize) -> Result<serde_json::Value> {
     io::stdout().flush()?;
     let mut sink = Vec::new();
     io::stdin().read_to_end(&mut sink)?;
-    Ok(serde_json::json!({ "held": conns.len() }))
+    // Every connection must still carry 1 KiB there and back.
+    let msg = [0x48u8; MSG];
+    let mut answered = 0;
+    for c in &mut conns {
+        let mut back = [0u8; MSG];
+        let ok = c.write_all(&msg).and_then(|()| c.flush()).is_ok()
+            && matches!(read_full(c, &mut back), Ok(false))
+            && back == msg;
+        if ok {
+            answered += 1;
+        }
+    }
+    Ok(serde_json::json!({ "held": conns.len(), "answered": answered }))
 }
 
 /// Many connections need many descriptors: use what the hard limit allows.
@@ -385,6 +406,7 @@ fn rpc(client: &Client, secs: Duration, rate: f64) -> Result<serde_json::Value> 
         "p50_us": q(0.50),
         "p99_us": q(0.99),
         "p999_us": q(0.999),
+        "max_us": latencies.last().copied().unwrap_or(0),
     }))
 }
 
