@@ -21,6 +21,7 @@ pub const TARGETS: &[&str] = &[
     "tunnel_header",
     "certificate",
     "csr",
+    "handoff_message",
     "cni_request",
     "config_document",
     "node_token",
