@@ -237,13 +237,23 @@ fn scrape_annotations_point_at_the_metrics_ports() {
         );
         assert_eq!(annotations["prometheus.io/path"], "/metrics", "{name}");
         let container = &template["spec"]["containers"][0];
-        let ports: Vec<_> = container["ports"]
-            .as_array()
-            .expect("ports")
-            .iter()
-            .map(|p| p["containerPort"].as_u64())
-            .collect();
-        assert!(ports.contains(&Some(port)), "{name}: {ports:?}");
+        if kind == "DaemonSet" {
+            // On the host's network a container port is a host port, which would keep the
+            // upgrade's second pod off the node.
+            assert!(
+                container["ports"].is_null(),
+                "{name}: {}",
+                container["ports"]
+            );
+        } else {
+            let ports: Vec<_> = container["ports"]
+                .as_array()
+                .expect("ports")
+                .iter()
+                .map(|p| p["containerPort"].as_u64())
+                .collect();
+            assert!(ports.contains(&Some(port)), "{name}: {ports:?}");
+        }
         let args: Vec<_> = container["args"]
             .as_array()
             .expect("args")
@@ -253,6 +263,53 @@ fn scrape_annotations_point_at_the_metrics_ports() {
         let listen = format!("--metrics-listen=0.0.0.0:{port}");
         assert!(args.contains(&listen.as_str()), "{name}: {args:?}");
     }
+}
+
+/// The node daemon upgrades by handoff (issue 21): the new pod starts beside the old one
+/// (surge, nothing unavailable), the old one has the grace to drain, and the capture is pinned
+/// in the host's bpffs, mounted from the host.
+#[test]
+fn the_node_daemon_upgrades_beside_the_old_one_and_pins_on_the_host() {
+    let docs = documents(&kustomize(&deploy("")));
+    let ds = find(&docs, "DaemonSet", "mycel-node");
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"], 1, "{rolling}");
+    assert_eq!(rolling["maxUnavailable"], 0, "{rolling}");
+    let pod = &ds["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let drain: f64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--drain-timeout="))
+        .expect("--drain-timeout")
+        .parse()
+        .expect("seconds");
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_f64()
+        .expect("grace");
+    assert!(
+        grace > drain,
+        "grace {grace} s must cover the drain {drain} s"
+    );
+    assert!(args.contains(&"--bpffs=/sys/fs/bpf"), "{args:?}");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == "/sys/fs/bpf")
+        .expect("a mount at /sys/fs/bpf");
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("its volume");
+    assert_eq!(volume["hostPath"]["path"], "/sys/fs/bpf", "{volume}");
 }
 
 /// A container's arguments are flags its binary has, with values it accepts: `--help` after
