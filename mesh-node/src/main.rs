@@ -489,7 +489,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
     let handoff = Handoff {
-        path: handoff_path.clone(),
+        path: handoff_path,
         sockets: sockets.clone(),
         gate: gate.clone(),
         me: handoff::old::Identity {
@@ -498,9 +498,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             proxy_cgroup: own.id,
         },
         done: handed_tx,
-        bound: Arc::default(),
     };
-    let bound = handoff.bound.clone();
     let taking_over = match takeover {
         // Answer the next daemon once this one has taken over.
         Some(takeover) => Some(tokio::spawn(take_over(
@@ -601,11 +599,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // Not up yet: the old daemon stays in charge (it sees this one go).
         task.abort();
     }
-    // No daemon answers there any more (only this one's socket: one that was still taking
-    // over would remove the old daemon's).
-    if bound.load(std::sync::atomic::Ordering::Acquire) {
-        let _ = std::fs::remove_file(&handoff_path);
-    }
+    // The handoff socket goes with the cgroup lock (`CgroupLock`), when the lock is this
+    // daemon's: one still taking over leaves the old daemon's alone.
     node.shutdown(drain).await;
     // Connections that outlived the drain still hold the capture; the programs and the cgroup
     // lock are let go here all the same. The pinned links stay: fail closed until the next
@@ -640,8 +635,6 @@ struct Handoff {
     gate: Gate,
     me: handoff::old::Identity,
     done: tokio::sync::oneshot::Sender<handoff::old::TakenOver>,
-    /// Whether this daemon listens at `path` (then it is its to remove).
-    bound: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Handoff {
@@ -649,7 +642,6 @@ impl Handoff {
     fn listen(self) {
         match handoff::channel::Listener::bind(&self.path) {
             Ok(listener) => {
-                self.bound.store(true, std::sync::atomic::Ordering::Release);
                 tokio::spawn(handoff::old::serve(
                     listener,
                     self.sockets,

@@ -70,7 +70,10 @@ pub struct CgroupLock {
 
 impl Drop for CgroupLock {
     fn drop(&mut self) {
+        // The handoff socket beside the lock is the lock holder's too: only the daemon that
+        // owns the cgroup listens there.
         if !self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = fs::remove_file(self.path.with_extension("handoff"));
             let _ = fs::remove_file(&self.path);
         }
     }

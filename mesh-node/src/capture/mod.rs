@@ -77,7 +77,7 @@ pub enum CaptureError {
     Pins(#[from] PinError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
-    #[error("Mycel programs are still attached to {0} a second after their pins went; run uninstall again")]
+    #[error("Mycel programs are still attached to {0} five seconds after their pins went; run uninstall again")]
     StillAttached(PathBuf),
     #[error("cannot take over or attach the link of {program} at {path}: {source}")]
     Link {
@@ -737,11 +737,11 @@ pub fn uninstall(cgroup: &Path, bpffs: &Path, node: &str) -> Result<pins::Remove
     Ok(removed)
 }
 
-/// Detaches every Mycel program from the cgroup, waiting (up to a second) for the kernel to
-/// release links whose pins were just removed, so that the caller returns to a cgroup with
-/// nothing of Mycel on it.
+/// Detaches every Mycel program from the cgroup, waiting (up to five seconds: the kernel
+/// releases a link after an RCU grace period, which a busy machine stretches) for links whose
+/// pins were just removed, so that the caller returns to a cgroup with nothing of Mycel on it.
 fn detach_all(cgroup: &Path, cgroup_dir: &File) -> Result<(), CaptureError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         attach::remove_stale(cgroup, cgroup_dir, &[])?;
         let left =
