@@ -499,17 +499,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         done: handed_tx,
     };
+    let committed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let taking_over = match takeover {
         // Answer the next daemon once this one has taken over.
-        Some(takeover) => Some(tokio::spawn(take_over(
+        Some(takeover) => Some(tokio::spawn(take_over(TakingOver {
             takeover,
-            shared.clone(),
-            admin.clone(),
-            accepting_tx,
-            capture.clone(),
-            status_tx.clone(),
-            handoff,
-        ))),
+            committed: committed.clone(),
+            shared: shared.clone(),
+            admin: admin.clone(),
+            accepting: accepting_tx,
+            capture: capture.clone(),
+            status: status_tx.clone(),
+            next: handoff,
+        }))),
         None => {
             handoff.listen();
             None
@@ -556,13 +558,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("signalled during a handoff; waiting for it to end");
         let _ = tokio::time::timeout(handoff::old::READY_TIMEOUT, gate.resumed()).await;
     }
+    if gate.phase() != Phase::TakenOver {
+        // A new daemon that says hello from now on is refused.
+        gate.set(Phase::Stopping);
+    }
     if gate.phase() == Phase::TakenOver {
         // The new daemon accepts on the sockets: stop accepting, close the QUIC connections
         // (the new daemon reads the QUIC sockets next), tell it, then drain.
         let quic_closed = node.hand_over().await;
         admin_task.abort();
         metrics_task.abort();
-        capture.set_lock_handed_over(true);
+        // The new daemon owns the cgroup now: if it stops or crashes while this one drains, a
+        // daemon started after it must be able to claim the cgroup.
+        capture.hand_over_lock();
         // The new daemon has its own descriptors of the listeners; with these gone, a
         // listener it lets go of (it stopped, or crashed) is closed rather than left with a
         // queue nobody accepts from.
@@ -596,8 +604,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down: no new redirects, draining connections");
     if let Some(task) = taking_over {
-        // Not up yet: the old daemon stays in charge (it sees this one go).
-        task.abort();
+        if committed.load(std::sync::atomic::Ordering::Acquire) {
+            // The old daemon was told to stop accepting: finish taking over (briefly), then
+            // stop as the owner.
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        } else {
+            // Not up yet: the old daemon stays in charge (it sees this one go).
+            task.abort();
+        }
     }
     // The handoff socket goes with the cgroup lock (`CgroupLock`), when the lock is this
     // daemon's: one still taking over leaves the old daemon's alone.
@@ -665,30 +679,53 @@ async fn report_handoff(
     capture: Arc<capture::Capture>,
 ) {
     loop {
-        gate.reached(Phase::Pausing).await;
+        gate.left_running().await;
+        if gate.phase() == Phase::Stopping {
+            return;
+        }
         capture.set_lock_handed_over(true);
         status.send_modify(|s| s.handoff = admin::HandoffState::HandingOver);
         gate.resumed().await;
-        if gate.phase() == Phase::TakenOver {
-            return;
+        match gate.phase() {
+            Phase::TakenOver => return,
+            Phase::Stopping => {
+                capture.set_lock_handed_over(false);
+                return;
+            }
+            _ => {}
         }
         capture.set_lock_handed_over(false);
         status.send_modify(|s| s.handoff = admin::HandoffState::None);
     }
 }
 
-/// Once this daemon is up on the handed-over sockets: accept on them, tell the old daemon,
-/// move the QUIC endpoints to the sockets it let go of, then answer the next daemon. A daemon
-/// not up within `READY_WITHIN` gives up and exits, leaving the old one running.
-async fn take_over(
+/// What the takeover task works with.
+struct TakingOver {
     takeover: handoff::new::Takeover,
+    /// Set once `ready` is about to go: from then on a stop waits for the task.
+    committed: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<proxy::Shared>,
     admin: Arc<admin::Admin>,
     accepting: watch::Sender<bool>,
     capture: Arc<capture::Capture>,
     status: watch::Sender<admin::Status>,
     next: Handoff,
-) {
+}
+
+/// Once this daemon is up on the handed-over sockets: tell the old daemon, move the QUIC
+/// endpoints to the sockets it let go of, accept on them, then answer the next daemon. A
+/// daemon not up within `READY_WITHIN` gives up and exits, leaving the old one running.
+async fn take_over(parts: TakingOver) {
+    let TakingOver {
+        takeover,
+        committed,
+        shared,
+        admin,
+        accepting,
+        capture,
+        status,
+        next,
+    } = parts;
     let started = takeover.asked_at;
     while let Err(why) = admin.up_for_takeover() {
         if started.elapsed() > handoff::new::READY_WITHIN {
@@ -700,16 +737,25 @@ async fn take_over(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = accepting.send(true);
     let old_cgroup = takeover.old_cgroup;
     let old_pid = takeover.old_pid;
     let old_alive = || {
         // SAFETY: kill with signal 0 only checks that the process exists.
         old_pid.is_some_and(|pid| unsafe { libc::kill(pid as libc::pid_t, 0) } == 0)
     };
+    // From here a signal waits for this task: the old daemon stops accepting on `ready`.
+    committed.store(true, std::sync::atomic::Ordering::Release);
     let released = match takeover.complete().await {
         Ok(r) => Some(r),
-        // Still running, the old daemon is in charge: two would both apply config.
+        // The old daemon carries on: two would both apply config.
+        Err(e @ handoff::new::TakeoverError::Refused(_)) => {
+            eprintln!(
+                "mesh-node: error: the running mesh-node did not let go ({e}); leaving it running"
+            );
+            std::process::exit(1);
+        }
+        // No answer from one that still runs (its pid is known only on the host's pid
+        // namespace): it may carry on too.
         Err(e) if old_alive() => {
             eprintln!(
                 "mesh-node: error: the running mesh-node did not let go ({e}); leaving it running"
@@ -727,6 +773,9 @@ async fn take_over(
     // Connections dialled from the ephemeral ports would not follow the endpoints.
     let quic_redialled = shared.quic.close_all(b"the endpoint moved").await;
     let unused = next.sockets.close_untaken();
+    // Accepting only now: every relay starts on this daemon's endpoints as they stay. The
+    // old daemon stopped accepting a moment ago; the listeners' queues kept what came since.
+    let _ = accepting.send(true);
     status.send_modify(|s| s.handoff = admin::HandoffState::None);
     tracing::info!(
         took_ms = started.elapsed().as_millis() as u64,

@@ -94,10 +94,30 @@ impl Admin {
     /// pod it should capture captured (the old daemon stops accepting for all of them).
     pub fn up_for_takeover(&self) -> Result<(), String> {
         self.up()?;
-        if self.status.borrow().set_complete {
+        if !self.status.borrow().set_complete {
+            return Err("the workloads are not all enrolled yet".into());
+        }
+        // `up` checks the workloads the control plane gives a netns; in Kubernetes it gives
+        // none (the node finds them), so check every enrolled pod here: the old daemon stops
+        // accepting for all of them.
+        let Some(parts) = self.parts.get() else {
+            return Err("the eBPF programs are not attached yet".into());
+        };
+        let view = parts.view.borrow().clone();
+        if !self.status.borrow().connected_mode {
+            return Ok(());
+        }
+        let missing: Vec<&str> = view
+            .workloads
+            .iter()
+            .filter(|(id, _)| parts.proxy.local.get(id).is_some())
+            .map(|(_, w)| w.identity.as_str())
+            .filter(|id| parts.svids.get(id).is_none())
+            .collect();
+        if missing.is_empty() {
             Ok(())
         } else {
-            Err("the workloads are not all enrolled yet".into())
+            Err(format!("no certificate yet for {}", missing.join(", ")))
         }
     }
 

@@ -466,6 +466,14 @@ impl Capture {
         }
     }
 
+    /// Lets go of the cgroup lock, which a new daemon holds now (its file is that daemon's).
+    pub fn hand_over_lock(&self) {
+        let lock = self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(lock) = lock {
+            lock.set_handed_over(true);
+        }
+    }
+
     /// The name of this daemon's maps layout.
     pub fn layout(&self) -> &str {
         &self.layout

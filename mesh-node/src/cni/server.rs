@@ -75,14 +75,13 @@ pub fn adopt(listener: std::os::unix::net::UnixListener, path: &Path) -> Option<
 pub async fn serve(listener: UnixListener, pods: Arc<impl Pods>, gate: Gate) {
     loop {
         let accepted = tokio::select! {
-            () = gate.reached(Phase::Pausing) => {
+            () = gate.left_running() => {
                 gate.resumed().await;
-                if gate.phase() == Phase::TakenOver {
+                if matches!(gate.phase(), Phase::TakenOver | Phase::Stopping) {
                     return;
                 }
                 continue;
             }
-            () = gate.reached(Phase::TakenOver) => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {

@@ -16,6 +16,8 @@ pub enum Phase {
     Paused,
     /// The new daemon runs; this one stops accepting and drains.
     TakenOver,
+    /// This daemon is stopping: it hands over to nobody any more.
+    Stopping,
 }
 
 #[derive(Clone)]
@@ -48,6 +50,14 @@ impl Gate {
         let _ = rx
             .wait_for(|p| !matches!(p, Phase::Pausing | Phase::Paused))
             .await;
+    }
+
+    /// Returns once a handoff is asked for (or this daemon is past handing over). Any phase
+    /// but `Running` counts: the reconciler may turn `Pausing` into `Paused` before a waiter
+    /// looks.
+    pub async fn left_running(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|p| *p != Phase::Running).await;
     }
 
     /// Whether a handoff is under way (asked for, or paused for).

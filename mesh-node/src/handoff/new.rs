@@ -87,11 +87,15 @@ pub async fn ask(
         layout: layout.to_owned(),
     };
     let asked_at = std::time::Instant::now();
-    let old_pid = channel.peer_pid();
+    // 0 when the old daemon is in another pid namespace (another pod without hostPID).
+    let old_pid = channel.peer_pid().filter(|pid| *pid != 0);
     channel.send(&hello, &[]).await?;
     let mut refused = Vec::new();
+    // The first offer waits for the old daemon's reconciler to pause too.
+    let mut wait = super::old::PAUSE_TIMEOUT + OFFER_TIMEOUT;
     loop {
-        let (msg, fds) = channel.recv(OFFER_TIMEOUT).await?;
+        let (msg, fds) = channel.recv(wait).await?;
+        wait = OFFER_TIMEOUT;
         match msg {
             Message::Offer {
                 proxy_cgroup,
@@ -209,7 +213,9 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
-    #[tokio::test]
+    /// Paused clock: the silent daemon's wait (its reconciler's pause plus an offer's time)
+    /// passes at once.
+    #[tokio::test(start_paused = true)]
     async fn no_daemon_means_no_handoff_and_a_silent_one_times_out() {
         let path =
             std::env::temp_dir().join(format!("mycel-takeover-none-{}.sock", std::process::id()));
@@ -218,7 +224,7 @@ mod tests {
         // A listener that never answers (a hung daemon): the hello goes unanswered.
         let _listener = Listener::bind(&path).unwrap();
         let outcome =
-            tokio::time::timeout(Duration::from_secs(30), ask(&path, &ours, "n", "l")).await;
+            tokio::time::timeout(Duration::from_secs(60), ask(&path, &ours, "n", "l")).await;
         assert!(
             matches!(
                 outcome,

@@ -19,7 +19,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// the old one also says so when it gives up.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the reconciler may take to finish what it is applying before it pauses.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an offer may wait for room in the socket (the new daemon reads them).
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The connection to the daemon that took over, for the rest of the handoff.
 pub struct TakenOver {
@@ -108,6 +110,10 @@ enum Refusal {
     Busy,
     #[error("the new daemon was not up within {READY_TIMEOUT:?} of its hello")]
     NotReady,
+    #[error("this daemon is stopping")]
+    Stopping,
+    #[error("the new daemon does not read the offers")]
+    Stalled,
 }
 
 impl From<std::io::Error> for Refusal {
@@ -157,6 +163,9 @@ async fn hand_over(
             })
         }
     };
+    if gate.phase() != Phase::Running {
+        return Err(Refusal::Stopping);
+    }
     tracing::info!(
         pid,
         "a new mesh-node asks to take over; pausing config, then handing over the sockets"
@@ -188,16 +197,14 @@ async fn hand_over(
             .map(|(_, fd)| std::os::fd::AsFd::as_fd(fd))
             .collect();
         let more = chunks.peek().is_some();
-        channel
-            .send(
-                &Message::Offer {
-                    proxy_cgroup,
-                    items,
-                    more,
-                },
-                &fds,
-            )
-            .await?;
+        let offer = Message::Offer {
+            proxy_cgroup,
+            items,
+            more,
+        };
+        tokio::time::timeout(SEND_TIMEOUT, channel.send(&offer, &fds))
+            .await
+            .map_err(|_| Refusal::Stalled)??;
     }
     drop(held);
     let left = READY_TIMEOUT.saturating_sub(hello_at.elapsed());

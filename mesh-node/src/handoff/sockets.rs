@@ -20,6 +20,9 @@ pub struct Sockets {
     /// Pods' QUIC endpoints running on an ephemeral port until the old daemon lets go of
     /// their handed-over sockets, by netns cookie.
     deferred_quic: Mutex<HashMap<u64, (quinn::Endpoint, std::net::UdpSocket)>>,
+    /// Set once the old daemon let go of the QUIC sockets: one handed over and taken after
+    /// that (a pod enrolled late) is moved to at once.
+    quic_released: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -115,7 +118,17 @@ impl Sockets {
         endpoint: quinn::Endpoint,
         socket: std::net::UdpSocket,
     ) {
-        lock(&self.deferred_quic).insert(netns_cookie, (endpoint, socket));
+        let mut deferred = lock(&self.deferred_quic);
+        if self
+            .quic_released
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            if let Err(e) = endpoint.rebind(socket) {
+                tracing::error!(cookie = netns_cookie, error = %e, "cannot move a pod's QUIC endpoint to its tunnel port");
+            }
+            return;
+        }
+        deferred.insert(netns_cookie, (endpoint, socket));
     }
 
     /// The pod's endpoint closed: its socket is not moved to.
@@ -127,7 +140,10 @@ impl Sockets {
     /// how many did.
     pub fn rebind_quic(&self) -> usize {
         let mut moved = 0;
-        for (cookie, (endpoint, socket)) in lock(&self.deferred_quic).drain() {
+        let mut deferred = lock(&self.deferred_quic);
+        self.quic_released
+            .store(true, std::sync::atomic::Ordering::Release);
+        for (cookie, (endpoint, socket)) in deferred.drain() {
             match endpoint.rebind(socket) {
                 Ok(()) => moved += 1,
                 Err(e) => {

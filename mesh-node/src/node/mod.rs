@@ -173,6 +173,9 @@ impl Node {
         let Some(pods) = &self.pods else { return };
         let desired = pods.desired();
         if self.enroller.is_current(&desired) {
+            // Nothing to change, but the set may have become complete (the pods listed).
+            let complete = self.pending.is_none() && pods.listed();
+            self.out.status.send_modify(|s| s.set_complete = complete);
             return;
         }
         match self.enroll(desired).await {
