@@ -237,7 +237,8 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => cgroup2_root(Path::new("/proc/mounts"))?,
     };
-    let removed = capture::uninstall(&cgroup, &args.bpffs, &args.node_name)?;
+    let cgroup_root = cgroup2_root(Path::new("/proc/mounts"))?;
+    let removed = capture::uninstall(&cgroup, &cgroup_root, &args.bpffs, &args.node_name)?;
     tracing::info!(
         node = %args.node_name,
         maps = removed.maps,

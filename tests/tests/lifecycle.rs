@@ -150,9 +150,14 @@ fn bad_input_at_start_is_one_line_and_non_zero_exit() {
 
 /// `mesh-node uninstall` for node n0 of `node`'s topology, run to its end.
 fn uninstall(node: &mesh_tests::topology::Node) -> std::process::Output {
+    uninstall_on(node, &node.cgroup)
+}
+
+/// `mesh-node uninstall` for node n0 with `--cgroup cgroup`.
+fn uninstall_on(node: &mesh_tests::topology::Node, cgroup: &Path) -> std::process::Output {
     let mut cmd = Command::new(mesh_node_bin());
     cmd.args(["uninstall", "--node-name", "n0", "--cgroup"])
-        .arg(&node.cgroup)
+        .arg(cgroup)
         .arg("--bpffs")
         .arg(&node.bpffs);
     mesh_tests::mesh::run_alone(node, &mut cmd).expect("run mesh-node uninstall")
@@ -209,6 +214,17 @@ fn pods_stay_captured_without_a_daemon_and_the_next_one_takes_the_links_over() {
     let refused = uninstall(node);
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("another mesh-node already owns"));
+    // Regression (issue 21 review): the lock is per cgroup, the pins per node, so an
+    // uninstall given another cgroup (the default is the cgroup2 root) removed a running
+    // daemon's pins. The daemons the pins name are looked for now.
+    let elsewhere = uninstall_on(node, &topo.cgroup_root);
+    let stderr = String::from_utf8_lossy(&elsewhere.stderr);
+    assert_eq!(elsewhere.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("a mesh-node for node n0 runs in cgroup"),
+        "{stderr}"
+    );
+    assert_eq!(attached(&cg), expected, "nothing was removed");
 
     // A crash: the pinned links keep the programs on the cgroup, and a's connects are refused
     // (nothing listens on the proxy's port) rather than sent around the mesh.

@@ -77,6 +77,10 @@ pub enum CaptureError {
     Pins(#[from] PinError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    #[error(
+        "a mesh-node for node {node} runs in cgroup {cgroup} (it uses these pins); stop it first"
+    )]
+    DaemonRuns { node: String, cgroup: PathBuf },
     #[error("Mycel programs are still attached to {0} five seconds after their pins went; run uninstall again")]
     StillAttached(PathBuf),
     #[error("cannot take over or attach the link of {program} at {path}: {source}")]
@@ -731,14 +735,30 @@ pub fn handoff_path(cgroup: &Path) -> Result<PathBuf, CaptureError> {
 /// Removes the capture of node `node` from `cgroup`: its pins under `bpffs` (the links detach
 /// with them) and any other Mycel attachment on the cgroup. Refused while a daemon owns the
 /// cgroup.
-pub fn uninstall(cgroup: &Path, bpffs: &Path, node: &str) -> Result<pins::Removed, CaptureError> {
+/// `cgroup_root` is the cgroup2 mount, where the daemons that use the pins are looked for:
+/// one that runs (on any cgroup: the lock is per cgroup, the pins per node) refuses it.
+pub fn uninstall(
+    cgroup: &Path,
+    cgroup_root: &Path,
+    bpffs: &Path,
+    node: &str,
+) -> Result<pins::Removed, CaptureError> {
     let cgroup_dir = File::open(cgroup).map_err(|source| CaptureError::Cgroup {
         path: cgroup.to_path_buf(),
         source,
     })?;
     let _lock = attach::claim(cgroup, &cgroup_dir)?;
     let removed = match Pins::existing(bpffs, node)? {
-        Some(pins) => pins.remove_all()?,
+        Some(pins) => {
+            let running = own_cgroup::with_processes(cgroup_root, &pins.daemon_cgroups());
+            if let Some(dir) = running.first() {
+                return Err(CaptureError::DaemonRuns {
+                    node: node.to_owned(),
+                    cgroup: dir.clone(),
+                });
+            }
+            pins.remove_all()?
+        }
         None => pins::Removed::default(),
     };
     detach_all(cgroup, &cgroup_dir)?;

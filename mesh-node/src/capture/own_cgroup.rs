@@ -121,6 +121,43 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The cgroups below `root` (the cgroup2 mount) whose id (their directory's inode) is in
+/// `ids` and that have processes.
+pub fn with_processes(root: &Path, ids: &std::collections::HashSet<u64>) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    fn walk(
+        dir: &Path,
+        ids: &std::collections::HashSet<u64>,
+        depth: usize,
+        out: &mut Vec<PathBuf>,
+    ) {
+        if depth > 16 {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = e.path();
+            if e.metadata().is_ok_and(|m| ids.contains(&m.ino())) {
+                let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+                if !procs.trim().is_empty() {
+                    out.push(path.clone());
+                }
+            }
+            walk(&path, ids, depth + 1, out);
+        }
+    }
+    let mut out = Vec::new();
+    if !ids.is_empty() {
+        walk(root, ids, 0, &mut out);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

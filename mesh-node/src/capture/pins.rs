@@ -228,6 +228,29 @@ impl Pins {
         remove_tree(&self.tcx_pod(netns_cookie))
     }
 
+    /// The cgroup ids the pinned `PROXY_CGROUPS` maps list: those of the daemons that used
+    /// these pins (the running one among them, if one runs).
+    pub fn daemon_cgroups(&self) -> std::collections::HashSet<u64> {
+        let mut ids = std::collections::HashSet::new();
+        let dirs = self.entries(&self.dir).unwrap_or_default();
+        for dir in dirs
+            .iter()
+            .filter(|d| file_name(d).is_some_and(|n| n.starts_with("maps-")))
+        {
+            let path = dir.join(mesh_ebpf_common::names::PROXY_CGROUPS);
+            let Ok(data) = aya::maps::MapData::from_pin(&path) else {
+                continue;
+            };
+            let Ok(map) = aya::maps::Map::from_map_data(data) else {
+                continue;
+            };
+            if let Ok(map) = aya::maps::HashMap::<_, u64, u32>::try_from(map) {
+                ids.extend(map.keys().filter_map(Result::ok));
+            }
+        }
+        ids
+    }
+
     /// Unpins the maps of another layout, once nothing runs with them.
     pub fn remove_maps(&self, dir: &Path) -> Result<usize, PinError> {
         remove_tree(dir)
