@@ -42,7 +42,7 @@ enum Command {
     /// Take Mycel's capture off this node: remove the pinned eBPF maps and links (which keep
     /// pods captured while no daemon runs), and any Mycel program left on the cgroup.
     ///
-    /// Refused while a mesh-node runs on the cgroup. Afterwards the node's pods connect
+    /// Refused while a mesh-node of this node runs. Afterwards the node's pods connect
     /// directly, outside the mesh, and nothing polices plaintext to them. Running it again
     /// changes nothing.
     Uninstall(UninstallArgs),
