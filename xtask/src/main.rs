@@ -268,21 +268,19 @@ fn clean() -> anyhow::Result<()> {
 const HOST_PINS: &str = "/sys/fs/bpf/mycel";
 
 fn host_pins() -> std::collections::BTreeSet<String> {
-    std::fs::read_dir(HOST_PINS)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    entry_names(HOST_PINS)
 }
 
 /// Where mesh-node keeps its per-cgroup lock files.
 const CGROUP_LOCK_DIR: &str = "/run/mycel";
 
 fn cgroup_locks() -> std::collections::BTreeSet<String> {
-    std::fs::read_dir(CGROUP_LOCK_DIR)
+    entry_names(CGROUP_LOCK_DIR)
+}
+
+/// The names in `dir`; none when it cannot be read.
+fn entry_names(dir: &str) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()

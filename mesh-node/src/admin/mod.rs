@@ -103,22 +103,16 @@ impl Admin {
         let Some(parts) = self.parts.get() else {
             return Err("the eBPF programs are not attached yet".into());
         };
-        let view = parts.view.borrow().clone();
         if !self.status.borrow().connected_mode {
             return Ok(());
         }
-        let missing: Vec<&str> = view
+        let view = parts.view.borrow().clone();
+        let enrolled = view
             .workloads
             .iter()
             .filter(|(id, _)| parts.proxy.local.get(id).is_some())
-            .map(|(_, w)| w.identity.as_str())
-            .filter(|id| parts.svids.get(id).is_none())
-            .collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("no certificate yet for {}", missing.join(", ")))
-        }
+            .map(|(_, w)| w);
+        certificates_for(parts, enrolled)
     }
 
     /// Whether the daemon is up: its programs attached, its config applied, a certificate for
@@ -139,18 +133,24 @@ impl Admin {
             return Err("no config from the control plane yet".into());
         }
         let view = parts.view.borrow().clone();
-        let missing: Vec<&str> = view
-            .workloads
-            .values()
-            .filter(|w| !w.netns.is_empty())
-            .map(|w| w.identity.as_str())
-            .filter(|id| parts.svids.get(id).is_none())
-            .collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("no certificate yet for {}", missing.join(", ")))
-        }
+        let placed_here = view.workloads.values().filter(|w| !w.netns.is_empty());
+        certificates_for(parts, placed_here)
+    }
+}
+
+/// Whether each of `workloads` has its certificate; else which do not, by identity.
+fn certificates_for<'a>(
+    parts: &Parts,
+    workloads: impl Iterator<Item = &'a mesh_api::v1::Workload>,
+) -> Result<(), String> {
+    let missing: Vec<&str> = workloads
+        .map(|w| w.identity.as_str())
+        .filter(|id| parts.svids.get(id).is_none())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("no certificate yet for {}", missing.join(", ")))
     }
 }
 

@@ -196,14 +196,7 @@ impl Listener {
             path: path.to_path_buf(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e)),
-        }
+        crate::socket::clear_unix_path(path).map_err(err)?;
         let fd = seqpacket().map_err(err)?;
         let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
         socket::bind(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;

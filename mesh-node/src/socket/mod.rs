@@ -12,6 +12,18 @@ use std::{
 
 use tokio::net::TcpStream;
 
+/// Makes `path` ready for a Unix listener to bind: its directory made, and the socket file a
+/// previous daemon left there (nobody answers on it) removed.
+pub fn clear_unix_path(path: &std::path::Path) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// A stream that can be closed with a TCP reset.
 pub trait Resettable {
     fn tcp(&self) -> &TcpStream;
