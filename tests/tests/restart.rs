@@ -3,6 +3,7 @@
 //! keeps dropping plaintext to its pods; the next daemon takes the pins over.
 
 use std::{
+    collections::HashMap,
     io::{BufRead as _, BufReader},
     path::Path,
     process::{Child, Command, Stdio},
@@ -183,6 +184,33 @@ fn loadgen(args: &[&str]) -> Command {
     cmd
 }
 
+/// The load generator's server in the server pod, on SINK.
+fn start_sink(topo: &Topology) -> Server {
+    Server::spawn(
+        topo.pod("server"),
+        &mut loadgen(&["serve", "--port", &SINK.to_string()]),
+    )
+    .expect("the load generator's server")
+}
+
+/// mesh-cp named `name` with the config `yaml`, and a daemon on n1 and n2 that drains for
+/// DRAIN seconds once taken over (the connections it relays live on).
+fn start_mesh(
+    topo: &mut Topology,
+    name: &str,
+    yaml: &str,
+) -> (ControlPlane, HashMap<&'static str, MeshNode>) {
+    let cp = ControlPlane::start(name, &[("mesh.yaml", yaml)]).expect("mesh-cp");
+    let extra = ["--drain-timeout", DRAIN];
+    let mut daemons = HashMap::new();
+    for node in ["n1", "n2"] {
+        let daemon = MeshNode::join_with(topo, node, &cp, 1, &extra)
+            .unwrap_or_else(|e| panic!("mesh-node {node}: {e}"));
+        daemons.insert(node, daemon);
+    }
+    (cp, daemons)
+}
+
 /// Starts `mesh-loadgen ARGS` in the client pod.
 fn start_load(topo: &Topology, args: &[&str]) -> Child {
     topo.pod("client")
@@ -254,13 +282,8 @@ fn upgrades_under_load_refuse_nothing_and_cut_nothing() {
         NodeSpec::new("n2", &["server", "outside"]),
     ])
     .expect("topology");
-    let sink = Server::spawn(
-        topo.pod("server"),
-        &mut loadgen(&["serve", "--port", &SINK.to_string()]),
-    )
-    .expect("the load generator's server");
     let _servers = [
-        sink,
+        start_sink(&topo),
         Server::start(topo.pod("server"), PORT).expect("server app"),
     ];
     let yaml = format!(
@@ -271,18 +294,7 @@ fn upgrades_under_load_refuse_nothing_and_cut_nothing() {
         mesh_config_yaml("tls", "mtls: { mode: Strict }"),
     );
     let name = format!("{}-upgrade", topo.prefix);
-    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
-    let extra = ["--drain-timeout", DRAIN];
-    let mut current = std::collections::HashMap::from([
-        (
-            "n1",
-            MeshNode::join_with(&mut topo, "n1", &cp, 1, &extra).expect("mesh-node n1"),
-        ),
-        (
-            "n2",
-            MeshNode::join_with(&mut topo, "n2", &cp, 1, &extra).expect("mesh-node n2"),
-        ),
-    ]);
+    let (cp, mut current) = start_mesh(&mut topo, &name, &yaml);
     // Daemons taken over, still draining what they relay.
     let mut draining = Vec::new();
     let server_v4 = topo.pod("server").ipv4.to_string();
@@ -455,7 +467,8 @@ fn upgrades_under_load_refuse_nothing_and_cut_nothing() {
     let mut n1 = current.remove("n1").expect("n1's daemon");
     n1.stop_with(libc::SIGKILL).expect("kill n1");
     std::thread::sleep(Duration::from_secs(1));
-    let after = MeshNode::join_with(&mut topo, "n1", &cp, 1, &extra).expect("mesh-node n1 again");
+    let after = MeshNode::join_with(&mut topo, "n1", &cp, 1, &["--drain-timeout", DRAIN])
+        .expect("mesh-node n1 again");
     let control = finish_load(control, "control");
     println!("control (kill -9 and start, no handoff): {control}");
     assert!(control["failed"].as_u64().unwrap_or(0) > 0, "{control}");
@@ -476,11 +489,7 @@ fn quic_upgrades_close_the_old_daemons_connections_and_count_them() {
         NodeSpec::new("n2", &["server"]),
     ])
     .expect("topology");
-    let _sink = Server::spawn(
-        topo.pod("server"),
-        &mut loadgen(&["serve", "--port", &SINK.to_string()]),
-    )
-    .expect("the load generator's server");
+    let _sink = start_sink(&topo);
     let yaml = format!(
         "{}---\n{}---\n{}",
         workloads_yaml(&[topo.pod("client"), topo.pod("server")]),
@@ -488,18 +497,7 @@ fn quic_upgrades_close_the_old_daemons_connections_and_count_them() {
         mesh_config_yaml("quic", ""),
     );
     let name = format!("{}-quic-upgrade", topo.prefix);
-    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
-    let extra = ["--drain-timeout", DRAIN];
-    let mut current = std::collections::HashMap::from([
-        (
-            "n1",
-            MeshNode::join_with(&mut topo, "n1", &cp, 1, &extra).expect("mesh-node n1"),
-        ),
-        (
-            "n2",
-            MeshNode::join_with(&mut topo, "n2", &cp, 1, &extra).expect("mesh-node n2"),
-        ),
-    ]);
+    let (cp, mut current) = start_mesh(&mut topo, &name, &yaml);
     let by_vip = format!("{SINK_VIP}:{SINK}");
     let load = start_load(
         &topo,

@@ -442,6 +442,22 @@ mod tests {
         tests::{ca, svid, trust, A, B},
     };
 
+    /// B's server and A's client configuration (A dials B), and the trust they were made
+    /// with.
+    fn configs(
+        ca: &tls::tests::Ca,
+    ) -> (
+        tls::Trust,
+        Arc<rustls::ServerConfig>,
+        Arc<rustls::ClientConfig>,
+    ) {
+        let t = trust(ca);
+        let server = Arc::new(tls::server_config(svid(ca, B, -60, 3600), &t).unwrap());
+        let client =
+            Arc::new(tls::client_config(svid(ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap());
+        (t, server, client)
+    }
+
     /// The handoff moves QUIC sockets between endpoints (`enroll.rs`): the old daemon's
     /// endpoints close and move off their sockets twice, then the new daemon's endpoints move
     /// onto them. Both ends of a connection must work afterwards: a server endpoint moved onto
@@ -450,10 +466,7 @@ mod tests {
     #[tokio::test]
     async fn endpoints_moved_onto_a_closed_endpoints_socket_work() {
         let ca = ca();
-        let t = trust(&ca);
-        let server_tls = Arc::new(tls::server_config(svid(&ca, B, -60, 3600), &t).unwrap());
-        let client_tls =
-            Arc::new(tls::client_config(svid(&ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap());
+        let (_, server_tls, client_tls) = configs(&ca);
         let bind = || {
             let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             s.set_nonblocking(true).unwrap();
@@ -568,10 +581,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_to_a_withdrawn_root_is_closed() {
         let ca = ca();
-        let t = trust(&ca);
-        let server_tls = Arc::new(tls::server_config(svid(&ca, B, -60, 3600), &t).unwrap());
-        let client_tls =
-            Arc::new(tls::client_config(svid(&ca, A, -60, 3600), &t, B.parse().unwrap()).unwrap());
+        let (t, server_tls, client_tls) = configs(&ca);
         let bundle = TlsConfigs::new(t, Arc::new(crate::identity::SvidStore::default()));
         let anchors = Anchors::default();
         anchors.keep_only([anchor_id(&ca.root)].into());
