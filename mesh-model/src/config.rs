@@ -16,6 +16,7 @@ use crate::{
     object_key::ObjectKey,
     policy::AccessPolicy,
     resource::{self, MeshConfig, Resource, Service, Workload},
+    traffic::{ServiceRoute, TrafficPolicy},
     validate,
 };
 
@@ -25,6 +26,8 @@ pub struct Config {
     pub workloads: BTreeMap<ObjectKey, Workload>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub policies: BTreeMap<ObjectKey, AccessPolicy>,
+    pub traffic_policies: BTreeMap<ObjectKey, TrafficPolicy>,
+    pub routes: BTreeMap<ObjectKey, ServiceRoute>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +234,30 @@ impl Builder {
                 }
                 self.config.policies.insert(p.key.clone(), p);
             }
+            Resource::TrafficPolicy(p) => {
+                if self.config.traffic_policies.contains_key(&p.key) {
+                    return Err(format!("TrafficPolicy {} is defined twice", p.key));
+                }
+                self.config.traffic_policies.insert(p.key.clone(), p);
+            }
+            Resource::ServiceRoute(r) => {
+                if self.config.routes.contains_key(&r.key) {
+                    return Err(format!("ServiceRoute {} is defined twice", r.key));
+                }
+                if let Some(other) = self.config.routes.values().find(|o| {
+                    o.key.namespace == r.key.namespace && o.service == r.service && o.port == r.port
+                }) {
+                    let port = r
+                        .port
+                        .map_or("every port".to_owned(), |p| format!("port {p}"));
+                    return Err(format!(
+                        "spec.service: {} ({port}) is already routed by ServiceRoute {}",
+                        r.routed(),
+                        other.key
+                    ));
+                }
+                self.config.routes.insert(r.key.clone(), r);
+            }
             Resource::Service(s) => {
                 if self.config.services.contains_key(&s.key) {
                     return Err(format!("Service {} is defined twice", s.key));
@@ -359,5 +386,58 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let c = c.unwrap();
         assert_eq!((c.workloads.len(), c.services.len()), (1, 1));
+    }
+}
+
+#[cfg(test)]
+mod traffic_tests {
+    use super::*;
+
+    fn parse_one(text: &str) -> Result<Config, String> {
+        parse(&[(PathBuf::from("t.yaml"), text.to_owned())]).map_err(|e| e.to_string())
+    }
+
+    const HEAD: &str = "apiVersion: mycel.dev/v1alpha1\n";
+
+    #[test]
+    fn traffic_kinds_load_and_routes_do_not_clash() {
+        let policy = format!("{HEAD}kind: TrafficPolicy\nmetadata: {{name: tp, namespace: shop}}\nspec: {{services: [payment], connect: {{timeout: 500ms}}, loadBalancer: LeastConnections}}\n");
+        let route = |name: &str| {
+            format!("{HEAD}kind: ServiceRoute\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{service: payment, backends: [{{service: payment, weight: 90}}, {{service: payment-v2, weight: 10}}]}}\n")
+        };
+        let c = parse_one(&format!("{policy}---\n{}", route("canary"))).unwrap();
+        let tp = &c.traffic_policies[&ObjectKey::new("shop", "tp")];
+        assert_eq!(
+            tp.connect.map(|c| c.timeout),
+            Some(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            c.routes[&ObjectKey::new("shop", "canary")].backends.len(),
+            2
+        );
+
+        let e = parse_one(&format!("{}---\n{}", route("a"), route("b"))).unwrap_err();
+        assert!(
+            e.starts_with("t.yaml: document 2: spec.service: shop/payment (every port) is already routed by ServiceRoute shop/a"),
+            "{e}"
+        );
+        let e = parse_one(&format!(
+            "{HEAD}kind: TrafficPolicy\nmetadata: {{name: tp}}\nspec: {{outlierDetection: {{consecutiveFailures: -1}}}}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with("t.yaml: document 1: spec.outlierDetection.consecutiveFailures:"),
+            "{e}"
+        );
+        let e = parse_one(&format!(
+            "{HEAD}kind: ServiceRoute\nmetadata: {{name: r}}\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("spec: missing"), "{e}");
+        // A TrafficPolicy without a spec is valid: it sets nothing.
+        assert!(parse_one(&format!(
+            "{HEAD}kind: TrafficPolicy\nmetadata: {{name: tp}}\n"
+        ))
+        .is_ok());
     }
 }

@@ -11,7 +11,10 @@ use kube::CustomResourceExt;
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 
 use crate::spec::PortSpec;
-pub use crate::spec::{AccessPolicy, AccessPolicyStatus, MeshConfigResource};
+pub use crate::spec::{
+    AccessPolicy, AccessPolicyStatus, MeshConfigResource, ServiceRoute, TrafficPolicy,
+    TrafficStatus,
+};
 
 impl JsonSchema for PortSpec {
     fn schema_name() -> Cow<'static, str> {
@@ -39,6 +42,8 @@ pub fn definitions() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("accesspolicies.mycel.dev.yaml", AccessPolicy::crd()),
         ("meshconfigs.mycel.dev.yaml", MeshConfigResource::crd()),
+        ("trafficpolicies.mycel.dev.yaml", TrafficPolicy::crd()),
+        ("serviceroutes.mycel.dev.yaml", ServiceRoute::crd()),
     ]
 }
 

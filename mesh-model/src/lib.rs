@@ -11,6 +11,7 @@ mod object_key;
 pub mod policy;
 mod resource;
 pub mod spec;
+pub mod traffic;
 mod validate;
 
 pub use config::{config_files, load_dir, load_file, parse, read_dir, Config, ConfigError};

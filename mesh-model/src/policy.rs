@@ -284,7 +284,7 @@ pub fn validate(key: ObjectKey, spec: AccessPolicySpec) -> Result<AccessPolicy, 
     })
 }
 
-fn rule(at: &str, r: RuleSpec) -> Result<Rule, String> {
+pub(crate) fn rule(at: &str, r: RuleSpec) -> Result<Rule, String> {
     let mut clauses = Vec::new();
     let mut add = |negated: bool, field: &str, m: Option<Result<Matcher, String>>| {
         if let Some(m) = m {
@@ -381,12 +381,16 @@ fn cidrs(list: Vec<CidrSpec>) -> Result<Matcher, String> {
 }
 
 fn ports(list: Vec<PortSpec>) -> Result<Matcher, String> {
+    port_ranges(list).map(Matcher::Ports)
+}
+
+/// A non-empty list of ports and ranges; errors start right after the field name.
+pub(crate) fn port_ranges(list: Vec<PortSpec>) -> Result<Vec<PortRange>, String> {
     non_empty(&list)?;
     list.iter()
         .enumerate()
         .map(|(i, p)| port_range(p).map_err(|e| format!("[{i}]: {e}")))
-        .collect::<Result<_, _>>()
-        .map(Matcher::Ports)
+        .collect()
 }
 
 fn port_range(p: &PortSpec) -> Result<PortRange, String> {

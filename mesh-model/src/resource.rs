@@ -13,6 +13,7 @@ use crate::{
     object_key::ObjectKey,
     policy::{self, AccessPolicy},
     spec::{AccessPolicySpec, Action, MeshConfigSpec, MtlsMode, Transport},
+    traffic::{self, ServiceRoute, TrafficPolicy},
     validate::{check_label, check_labels, one_line},
     SpiffeId,
 };
@@ -106,6 +107,8 @@ pub enum Resource {
     Workload(Workload),
     Service(Service),
     AccessPolicy(AccessPolicy),
+    TrafficPolicy(TrafficPolicy),
+    ServiceRoute(ServiceRoute),
 }
 
 #[derive(Deserialize)]
@@ -184,8 +187,14 @@ pub fn parse_document(value: serde_yaml::Value) -> Result<Resource, String> {
         "Workload" => workload(key, meta.labels, spec).map(Resource::Workload),
         "Service" => service(key, spec).map(Resource::Service),
         "AccessPolicy" => access_policy(key, spec).map(Resource::AccessPolicy),
+        "TrafficPolicy" => {
+            traffic::validate_policy(key, spec_of(spec)?).map(Resource::TrafficPolicy)
+        }
+        "ServiceRoute" => {
+            traffic::validate_route(key, required_spec(spec)?).map(Resource::ServiceRoute)
+        }
         other => Err(format!(
-            "kind: {other:?} is not one of MeshConfig, Workload, Service, AccessPolicy"
+            "kind: {other:?} is not one of MeshConfig, Workload, Service, AccessPolicy, TrafficPolicy, ServiceRoute"
         )),
     }
 }

@@ -290,3 +290,217 @@ impl fmt::Display for Transport {
         })
     }
 }
+
+/// How the node proxy of a source connects to the Services it selects: timeouts, connect
+/// attempts, endpoint choice, limits, outlier ejection, and a rate limit at the destination.
+/// Each section left out keeps its default, or the value of a less specific policy that sets
+/// it (see `traffic.rs`).
+#[allow(clippy::duplicated_attributes)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(
+    feature = "crd",
+    derive(CustomResource, JsonSchema),
+    kube(
+        group = "mycel.dev",
+        version = "v1alpha1",
+        kind = "TrafficPolicy",
+        namespaced,
+        shortname = "tp",
+        doc = "Timeouts, connect retries, load balancing, limits and outlier ejection for connections to Services",
+        status = "TrafficStatus",
+        printcolumn(
+            name = "Accepted",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+        ),
+        printcolumn(name = "Services", type_ = "string", json_path = ".status.services"),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicySpec {
+    /// Names of Services of the policy's namespace. Absent: every Service of the namespace
+    /// (of the whole mesh when that is the mesh's root namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<String>>,
+    /// Service ports (the port clients connect to, not the target port). Absent: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortSpec>>,
+    /// Sources it applies to, written as AccessPolicy rules without ports: it applies when any
+    /// entry matches the client. Absent: every source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Vec<RuleSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect: Option<ConnectSpec>,
+    /// Close a connection after this long with no byte either way, e.g. `1h` [default: never].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// Close a connection this long after it was established [default: never].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration: Option<String>,
+    /// How an endpoint is picked for a new connection [default: RoundRobin].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_limits: Option<ConnectionLimitsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// New connections each endpoint of the selected Services accepts per interval, counted by
+    /// the endpoint's node; the ones over it are refused [default: no limit].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectSpec {
+    /// Time one attempt may take until the destination accepted the connection: TCP connect,
+    /// tunnel handshake and the destination's answer [default: 10s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Attempts per connection, each on another endpoint when there is one [default: 3].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Wait before the second attempt, doubled for each one after [default: 0s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+pub enum LoadBalancer {
+    /// Each endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// Of two endpoints picked at random, the one with fewer open connections from this node;
+    /// on a tie, the one that answered connects faster lately.
+    LeastConnections,
+}
+
+impl fmt::Display for LoadBalancer {
+    /// The variant's name, as written in YAML.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Limits per node proxy: each source node counts its own connections to the Service.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionLimitsSpec {
+    /// Open connections to the Service from one node [default: no limit].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Connects in progress to the Service from one node [default: no limit].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_connects: Option<u32>,
+}
+
+/// Endpoints that keep failing connects are left out for a while.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    /// Connect failures in a row that eject an endpoint; 0 turns ejection off [default: 5].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    /// A streak of failures is forgotten after this long without one, and an endpoint's
+    /// ejection count goes down by one for each such interval [default: 10s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// How long the first ejection lasts; each ejection in a row adds as much [default: 30s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    /// The longest an ejection lasts [default: 300s].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_time: Option<String>,
+    /// Most endpoints of the Service out at once, rounded up to at least one when there are
+    /// two or more; the last endpoint is never ejected [default: 50].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+    /// When fewer than this percent of the endpoints are left, ejections are ignored and
+    /// every endpoint takes connections again; 0 turns it off [default: 0].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_threshold_percent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// New connections per interval and endpoint, also the burst.
+    pub connections: u32,
+    /// e.g. `1s`.
+    pub interval: String,
+}
+
+/// A Service port's new connections split over backend Services by weight: a canary.
+#[allow(clippy::duplicated_attributes)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(
+    feature = "crd",
+    derive(CustomResource, JsonSchema),
+    kube(
+        group = "mycel.dev",
+        version = "v1alpha1",
+        kind = "ServiceRoute",
+        namespaced,
+        shortname = "sr",
+        doc = "Splits the new connections to a Service port over backend Services by weight",
+        status = "TrafficStatus",
+        printcolumn(name = "Service", type_ = "string", json_path = ".spec.service"),
+        printcolumn(
+            name = "Accepted",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRouteSpec {
+    /// The Service (of the route's namespace) whose clients are routed.
+    pub service: String,
+    /// The Service port routed. Absent: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    /// Services of the route's namespace that take the connections, with their weights.
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendSpec {
+    pub service: String,
+    /// The backend Service's port [default: the routed port's number].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    /// Relative share of new connections; 0 sends none.
+    pub weight: u32,
+}
+
+/// What the control plane made of a TrafficPolicy or ServiceRoute (Kubernetes only).
+#[cfg(feature = "crd")]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The Services it binds, `namespace/name`, comma-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<String>,
+    /// `Accepted`: `True` when in force, `False` with reason `Invalid` and why not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
