@@ -6,11 +6,13 @@
 //! fills from the whole config for the node it sends to: a workload's `identity` (from the
 //! trust domain) and `netns` (only for the workloads placed on that node), a service's
 //! `endpoints`, a policy's `selected` workloads. Access policies are
-//! in `convert/policy.rs`.
+//! in `convert/policy.rs`, traffic policies and routes in `convert/traffic.rs`.
 
 mod policy;
+mod traffic;
 
 pub use policy::{PolicyError, RuleError};
+pub use traffic::TrafficError;
 
 use std::net::IpAddr;
 
@@ -170,6 +172,7 @@ impl From<&MeshConfig> for v1::MeshSettings {
             mtls_mode: v1::MtlsMode::from(m.mtls).into(),
             plaintext_ports: m.plaintext_ports.iter().map(|p| u32::from(*p)).collect(),
             transport: v1::Transport::from(m.transport).into(),
+            root_namespace: m.root_namespace.clone(),
         }
     }
 }

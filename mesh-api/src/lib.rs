@@ -89,6 +89,14 @@ pub mod keys {
         format!("fast-deny/{namespace}/{name}")
     }
 
+    pub fn traffic_policy(namespace: &str, name: &str) -> String {
+        format!("traffic-policy/{namespace}/{name}")
+    }
+
+    pub fn route(namespace: &str, name: &str) -> String {
+        format!("route/{namespace}/{name}")
+    }
+
     /// The namespaced kinds of the config stream's keys.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Kind {
@@ -96,6 +104,8 @@ pub mod keys {
         Service,
         Policy,
         FastDeny,
+        TrafficPolicy,
+        Route,
     }
 
     /// The kind and object of a namespaced key (`workload/ns/name`, …); `None` for the
@@ -107,6 +117,8 @@ pub mod keys {
             "service" => Kind::Service,
             "policy" => Kind::Policy,
             "fast-deny" => Kind::FastDeny,
+            "traffic-policy" => Kind::TrafficPolicy,
+            "route" => Kind::Route,
             _ => return None,
         };
         Some((kind, object_key(rest)?))

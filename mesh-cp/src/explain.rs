@@ -13,7 +13,7 @@ use std::{
 
 use mesh_model::{
     authz::{PolicyIndex, Source, SourceWorkload},
-    Config, MtlsMode, ObjectKey,
+    traffic, Config, MtlsMode, ObjectKey, Service,
 };
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,33 @@ pub struct Explanation {
     pub verdicts: Vec<Verdict>,
     /// Policies that select the destination, with action and mode.
     pub selecting: Vec<String>,
+    /// When the destination is a Service: its route and the traffic settings of each backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<Traffic>,
+}
+
+/// How the source's node proxy treats a new connection to a Service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub service: String,
+    pub port: u16,
+    /// The ServiceRoute that splits it, if any.
+    pub route: Option<String>,
+    /// Without a route, the Service itself with weight 1.
+    pub backends: Vec<BackendTraffic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendTraffic {
+    pub service: String,
+    pub port: u16,
+    pub weight: u32,
+    /// Endpoints with an address, from the config.
+    pub endpoints: usize,
+    /// Why it takes no connection, when it takes none.
+    pub problem: Option<String>,
+    /// `(section, value, policy or "default")`.
+    pub settings: Vec<(String, String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +78,10 @@ pub enum ExplainError {
     Unknown(ObjectKey),
     #[error("port 0 is not a port")]
     BadPort,
+    #[error("{service} has no port {port}")]
+    NoSuchPort { service: ObjectKey, port: u16 },
+    #[error("traffic settings apply to connections of mesh workloads; name one with --from")]
+    PlaintextToService,
 }
 
 pub fn parse_key(s: &str) -> Result<ObjectKey, ExplainError> {
@@ -79,7 +110,11 @@ pub fn explain(
     if port == 0 {
         return Err(ExplainError::BadPort);
     }
+    let service = config.services.get(to);
     if !config.workloads.contains_key(to) {
+        if let Some(service) = service {
+            return explain_service(config, from, service, port);
+        }
         return Err(ExplainError::Unknown(to.clone()));
     }
     let selections = config.selections();
@@ -143,6 +178,10 @@ pub fn explain(
             (key.to_string(), identity_uri.clone(), verdicts)
         }
     };
+    let traffic = match (service, from) {
+        (Some(service), Client::Workload(key)) => traffic(config, key, service, port).ok(),
+        _ => None,
+    };
     Ok(Explanation {
         from: from_name,
         to: to.to_string(),
@@ -150,6 +189,122 @@ pub fn explain(
         source_identity,
         verdicts,
         selecting,
+        traffic,
+    })
+}
+
+/// A Service as the destination: its route and traffic settings, no verdict (each endpoint
+/// decides for itself; explain one by its workload name).
+fn explain_service(
+    config: &Config,
+    from: &Client,
+    service: &Service,
+    port: u16,
+) -> Result<Explanation, ExplainError> {
+    let Client::Workload(key) = from else {
+        return Err(ExplainError::PlaintextToService);
+    };
+    let source = config
+        .workloads
+        .get(key)
+        .ok_or_else(|| ExplainError::Unknown(key.clone()))?;
+    Ok(Explanation {
+        from: key.to_string(),
+        to: service.key.to_string(),
+        port,
+        source_identity: source.identity(&config.mesh.trust_domain).to_string(),
+        verdicts: Vec::new(),
+        selecting: Vec::new(),
+        traffic: Some(traffic(config, key, service, port)?),
+    })
+}
+
+/// What the source's node does with a new connection to `port` of `service`: the same
+/// resolution the node runs (`mesh_model::traffic`).
+fn traffic(
+    config: &Config,
+    from: &ObjectKey,
+    service: &Service,
+    port: u16,
+) -> Result<Traffic, ExplainError> {
+    if !service.ports.iter().any(|p| p.port == port) {
+        return Err(ExplainError::NoSuchPort {
+            service: service.key.clone(),
+            port,
+        });
+    }
+    let source = config
+        .workloads
+        .get(from)
+        .ok_or_else(|| ExplainError::Unknown(from.clone()))?;
+    let identity = source.identity(&config.mesh.trust_domain);
+    let identity_uri = identity.to_string();
+    let src = Source {
+        address: source
+            .addresses
+            .first()
+            .copied()
+            .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        workload: Some(SourceWorkload {
+            identity: &identity_uri,
+            namespace: &identity.namespace,
+            labels: &source.labels,
+        }),
+    };
+    let route = traffic::route_for(config.routes.values(), &service.key, port);
+    let backends: Vec<(ObjectKey, u16, u32)> = match route {
+        Some(r) => r
+            .backends
+            .iter()
+            .map(|b| (r.backend_key(b), b.port_for(port), b.weight))
+            .collect(),
+        None => vec![(service.key.clone(), port, 1)],
+    };
+    let root = &config.mesh.root_namespace;
+    let backends = backends
+        .into_iter()
+        .map(|(key, port, weight)| {
+            let found = config.services.get(&key);
+            let endpoints = found.map_or(0, |s| {
+                config
+                    .endpoints(s)
+                    .filter(|w| !w.addresses.is_empty())
+                    .count()
+            });
+            let problem = match found {
+                None => Some(format!("no Service {key}")),
+                Some(s) if !s.ports.iter().any(|p| p.port == port) => {
+                    Some(format!("{key} has no port {port}"))
+                }
+                Some(_) if endpoints == 0 => Some(format!("{key} has no endpoints")),
+                Some(_) => None,
+            };
+            let candidates =
+                traffic::candidates(config.traffic_policies.values(), root, &key, port);
+            let effective = traffic::resolve(candidates, &src);
+            let settings = effective
+                .sections()
+                .into_iter()
+                .map(|(name, value, from)| {
+                    let from = from.map_or("default".to_owned(), ToString::to_string);
+                    (name.to_owned(), value, from)
+                })
+                .collect();
+            BackendTraffic {
+                service: key.to_string(),
+                port,
+                weight,
+                endpoints,
+                problem,
+                settings,
+            }
+        })
+        .collect();
+    Ok(Traffic {
+        service: service.key.to_string(),
+        port,
+        route: route.map(|r| r.key.to_string()),
+        backends,
     })
 }
 
@@ -194,10 +349,16 @@ pub fn render(e: &Explanation) -> String {
         .windows(2)
         .all(|w| (w[0].allowed, &w[0].reason) == (w[1].allowed, &w[1].reason));
     let shown = if same {
-        &e.verdicts[..1]
+        &e.verdicts[..e.verdicts.len().min(1)]
     } else {
         &e.verdicts[..]
     };
+    if let Some(t) = &e.traffic {
+        out += &render_traffic(&e.from, t);
+        if e.verdicts.is_empty() {
+            return out;
+        }
+    }
     for v in shown {
         let verdict = if v.allowed { "ALLOW" } else { "DENY" };
         let from = match (same, v.source_address) {
@@ -229,6 +390,56 @@ pub fn render(e: &Explanation) -> String {
             e.to,
             e.selecting.join(", ")
         );
+    }
+    out
+}
+
+fn render_traffic(from: &str, t: &Traffic) -> String {
+    let mut out = format!(
+        "TRAFFIC {from} -> service {} port {}
+",
+        t.service, t.port
+    );
+    let total: u64 = t
+        .backends
+        .iter()
+        .filter(|b| b.problem.is_none())
+        .map(|b| u64::from(b.weight))
+        .sum();
+    match &t.route {
+        Some(r) => {
+            out += &format!(
+                "  route: {r}
+"
+            )
+        }
+        None => {
+            out += "  route: none (the Service's own endpoints)
+"
+        }
+    }
+    for b in &t.backends {
+        let share = match (&b.problem, total) {
+            (None, 1..) => format!("{:.1} %", 100.0 * f64::from(b.weight) / total as f64),
+            _ => "0 %".to_owned(),
+        };
+        out += &format!(
+            "  backend {} port {}: weight {} ({share} of new connections), {} endpoints
+",
+            b.service, b.port, b.weight, b.endpoints
+        );
+        if let Some(p) = &b.problem {
+            out += &format!(
+                "    takes no connection: {p}
+"
+            );
+        }
+        for (name, value, from) in &b.settings {
+            out += &format!(
+                "    {name}: {value}  [{from}]
+"
+            );
+        }
     }
     out
 }
@@ -316,5 +527,55 @@ mod tests {
         assert!(render(&e).starts_with("DENY 192.168.1.1 (plaintext) -> shop/payment"));
         assert!(parse_key("shop").is_err());
         assert!(parse_key("Shop/a").is_err());
+    }
+
+    #[test]
+    fn explains_a_services_route_and_traffic_settings() {
+        let extra = "---\napiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {name: pay, namespace: shop}\nspec: {vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: payment}}\n---\napiVersion: mycel.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: canary, namespace: shop}\nspec: {service: pay, backends: [{service: pay, weight: 90}, {service: pay-v2, weight: 10}]}\n---\napiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: fast, namespace: shop}\nspec: {services: [pay], connect: {timeout: 500ms}}\n";
+        let mut files = vec![(PathBuf::from("c.yaml"), String::new())];
+        let w = |name: &str, ip: &str| {
+            format!("apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}\nspec: {{node: n1, netns: /run/netns/{name}, addresses: ['{ip}'], serviceAccount: {name}}}\n---\n")
+        };
+        files[0].1 = format!(
+            "{}{}{extra}",
+            w("order", "10.0.1.2"),
+            w("payment", "10.0.2.2")
+        );
+        let c = mesh_model::parse(&files).unwrap();
+        let from = Client::Workload(parse_key("shop/order").unwrap());
+        let e = explain(&c, &from, &parse_key("shop/pay").unwrap(), 80).unwrap();
+        let t = e.traffic.as_ref().unwrap();
+        assert_eq!(t.route.as_deref(), Some("shop/canary"));
+        assert_eq!(t.backends[0].endpoints, 1);
+        assert_eq!(
+            t.backends[1].problem.as_deref(),
+            Some("no Service shop/pay-v2")
+        );
+        let connect = &t.backends[0].settings[0];
+        assert_eq!(connect.0, "connect");
+        assert!(
+            connect.1.starts_with("timeout 500ms, maxAttempts 3"),
+            "{connect:?}"
+        );
+        assert_eq!(connect.2, "shop/fast");
+        assert_eq!(
+            t.backends[0].settings[3],
+            ("loadBalancer".into(), "RoundRobin".into(), "default".into())
+        );
+        let text = render(&e);
+        assert!(text.starts_with("TRAFFIC shop/order -> service shop/pay port 80\n  route: shop/canary\n  backend shop/pay port 80: weight 90 (100.0 % of new connections), 1 endpoints\n"), "{text}");
+        assert!(
+            text.contains("takes no connection: no Service shop/pay-v2"),
+            "{text}"
+        );
+        assert!(matches!(
+            explain(&c, &from, &parse_key("shop/pay").unwrap(), 81),
+            Err(ExplainError::NoSuchPort { .. })
+        ));
+        let plain = Client::Address("192.168.1.1".parse().unwrap());
+        assert!(matches!(
+            explain(&c, &plain, &parse_key("shop/pay").unwrap(), 80),
+            Err(ExplainError::PlaintextToService)
+        ));
     }
 }

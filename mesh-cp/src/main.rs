@@ -55,10 +55,12 @@ struct ExplainArgs {
     /// `not…` clauses can match it).
     #[arg(long)]
     from_address: Option<std::net::IpAddr>,
-    /// The destination workload, NAMESPACE/NAME.
+    /// The destination, NAMESPACE/NAME: a workload (the policy verdict), or a Service (its
+    /// route and the traffic settings of each backend; both when the names clash).
     #[arg(long)]
     to: String,
-    /// Destination port on the workload (after any service port mapping).
+    /// Destination port: on the workload (after any service port mapping), or the Service's
+    /// port.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
     /// Evaluate this config dir instead of asking a control plane.

@@ -102,6 +102,19 @@ pub fn node_slice(
             );
         }
     }
+    // Traffic policies and routes go to every node: sources and endpoints are everywhere.
+    for p in config.traffic_policies.values() {
+        put(
+            keys::traffic_policy(&p.key.namespace, &p.key.name),
+            v1::resource::Kind::TrafficPolicy(p.into()),
+        );
+    }
+    for r in config.routes.values() {
+        put(
+            keys::route(&r.key.namespace, &r.key.name),
+            v1::resource::Kind::Route(r.into()),
+        );
+    }
     out
 }
 
@@ -157,6 +170,23 @@ mod tests {
         match &s["service/default/b"].kind {
             Some(v1::resource::Kind::Service(svc)) => assert_eq!(svc.endpoints, ["default/b"]),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn traffic_policies_and_routes_go_to_every_node() {
+        let extra = "---\napiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: tp}\nspec: {services: [b], loadBalancer: LeastConnections}\n---\napiVersion: mycel.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: r}\nspec: {service: b, backends: [{service: b, weight: 1}]}\n";
+        let c = config(extra);
+        for node in ["n1", "n2", "n3"] {
+            let s = slice_of(&c, node);
+            assert!(matches!(
+                &s["traffic-policy/default/tp"].kind,
+                Some(v1::resource::Kind::TrafficPolicy(p)) if p.load_balancer == v1::LoadBalancer::LeastConnections as i32
+            ));
+            assert!(matches!(
+                &s["route/default/r"].kind,
+                Some(v1::resource::Kind::Route(_))
+            ));
         }
     }
 

@@ -218,6 +218,84 @@ pub struct Effective {
     pub rate_limit: Setting<Option<RateLimit>>,
 }
 
+impl Effective {
+    /// Each section as operators write it, its value in words, and the policy it came from
+    /// (`None`: the default), for explain and the docs.
+    pub fn sections(&self) -> Vec<(&'static str, String, Option<&ObjectKey>)> {
+        let never = |d: Duration| {
+            if d.is_zero() {
+                "never".to_owned()
+            } else {
+                duration::format(d)
+            }
+        };
+        let limit = |n: Option<u32>| n.map_or("no limit".to_owned(), |n| n.to_string());
+        let c = &self.connect.value;
+        let l = &self.connection_limits.value;
+        let o = &self.outlier_detection.value;
+        vec![
+            (
+                "connect",
+                format!(
+                    "timeout {}, maxAttempts {}, backoff {}",
+                    duration::format(c.timeout),
+                    c.max_attempts,
+                    duration::format(c.backoff)
+                ),
+                self.connect.from.as_ref(),
+            ),
+            (
+                "idleTimeout",
+                never(self.idle_timeout.value),
+                self.idle_timeout.from.as_ref(),
+            ),
+            (
+                "maxConnectionDuration",
+                never(self.max_connection_duration.value),
+                self.max_connection_duration.from.as_ref(),
+            ),
+            (
+                "loadBalancer",
+                self.load_balancer.value.to_string(),
+                self.load_balancer.from.as_ref(),
+            ),
+            (
+                "connectionLimits",
+                format!(
+                    "maxConnections {}, maxPendingConnects {} (per source node)",
+                    limit(l.max_connections),
+                    limit(l.max_pending_connects)
+                ),
+                self.connection_limits.from.as_ref(),
+            ),
+            (
+                "outlierDetection",
+                format!(
+                    "consecutiveFailures {}, interval {}, baseEjectionTime {}, maxEjectionTime {}, maxEjectionPercent {}, panicThresholdPercent {}",
+                    o.consecutive_failures,
+                    duration::format(o.interval),
+                    duration::format(o.base_ejection_time),
+                    duration::format(o.max_ejection_time),
+                    o.max_ejection_percent,
+                    o.panic_threshold_percent
+                ),
+                self.outlier_detection.from.as_ref(),
+            ),
+            (
+                "rateLimit",
+                self.rate_limit.value.map_or("no limit".to_owned(), |r| {
+                    format!(
+                        "{} connections per {} per endpoint",
+                        r.connections,
+                        duration::format(r.interval)
+                    )
+                }),
+                self.rate_limit.from.as_ref(),
+            ),
+        ]
+    }
+}
+
 /// The settings for a connection from `src`, given the [`candidates`] of its Service port in
 /// order.
 pub fn resolve<'a>(
@@ -275,6 +353,13 @@ pub struct Backend {
     /// `None`: the routed port's number.
     pub port: Option<u16>,
     pub weight: u32,
+}
+
+impl Backend {
+    /// The backend Service's port for a connection to `routed_port`.
+    pub fn port_for(&self, routed_port: u16) -> u16 {
+        self.port.unwrap_or(routed_port)
+    }
 }
 
 impl ServiceRoute {

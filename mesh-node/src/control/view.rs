@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
+    sync::Arc,
 };
 
 use mesh_api::{
@@ -14,7 +15,11 @@ use mesh_api::{
     v1::{self, resource::Kind, ConfigUpdate},
 };
 
-use mesh_model::{authz::Selection, Action, MtlsMode, ObjectKey, Transport};
+use mesh_model::{
+    authz::Selection,
+    traffic::{ServiceRoute, TrafficPolicy},
+    Action, MtlsMode, ObjectKey, Transport,
+};
 
 use crate::workloads::{Workload, WorkloadId};
 
@@ -33,6 +38,10 @@ pub struct MeshView {
     /// Connects to refuse in the kernel, by local workload: destination address and port
     /// (0: every port).
     pub fast_deny: BTreeMap<WorkloadId, Vec<(IpAddr, u16)>>,
+    /// Every traffic policy of the mesh, decoded.
+    pub traffic_policies: BTreeMap<ObjectKey, Arc<TrafficPolicy>>,
+    /// Every service route of the mesh, decoded.
+    pub routes: BTreeMap<ObjectKey, ServiceRoute>,
 }
 
 /// Mesh-wide settings of enforcement and of the data path. The default (no settings yet, or
@@ -46,6 +55,8 @@ pub struct MeshPolicy {
     pub plaintext_ports: Vec<u16>,
     /// What this node's pods use for tunnels to other nodes.
     pub transport: Transport,
+    /// Whose traffic policies apply to every Service.
+    pub root_namespace: String,
 }
 
 impl Default for MeshPolicy {
@@ -55,6 +66,7 @@ impl Default for MeshPolicy {
             mtls: MtlsMode::default(),
             plaintext_ports: Vec::new(),
             transport: Transport::default(),
+            root_namespace: mesh_model::DEFAULT_ROOT_NAMESPACE.into(),
         }
     }
 }
@@ -73,6 +85,12 @@ impl MeshPolicy {
                 })
                 .collect::<Result<_, _>>()?,
             transport: decode_enum::<v1::Transport, _>(m.transport).map_err(|e| e.to_string())?,
+            // An older control plane sends none: the default root namespace.
+            root_namespace: if m.root_namespace.is_empty() {
+                mesh_model::DEFAULT_ROOT_NAMESPACE.into()
+            } else {
+                m.root_namespace.clone()
+            },
         })
     }
 }
@@ -136,6 +154,17 @@ impl MeshView {
                     next.fast_deny
                         .insert(WorkloadId::new(&f.namespace, &f.name), entries);
                 }
+                Some(Kind::TrafficPolicy(p))
+                    if key == keys::traffic_policy(&p.namespace, &p.name) =>
+                {
+                    let decoded = TrafficPolicy::try_from(&p).map_err(|e| e.to_string())?;
+                    next.traffic_policies
+                        .insert(decoded.key.clone(), Arc::new(decoded));
+                }
+                Some(Kind::Route(r)) if key == keys::route(&r.namespace, &r.name) => {
+                    let decoded = ServiceRoute::try_from(&r).map_err(|e| e.to_string())?;
+                    next.routes.insert(decoded.key.clone(), decoded);
+                }
                 other => {
                     return Err(format!(
                         "resource {key:?} does not match its contents ({})",
@@ -151,6 +180,8 @@ impl MeshView {
                 Some((keys::Kind::Service, k)) => next.services.remove(&k).map(drop),
                 Some((keys::Kind::Policy, k)) => next.policies.remove(&k).map(drop),
                 Some((keys::Kind::FastDeny, k)) => next.fast_deny.remove(&k).map(drop),
+                Some((keys::Kind::TrafficPolicy, k)) => next.traffic_policies.remove(&k).map(drop),
+                Some((keys::Kind::Route, k)) => next.routes.remove(&k).map(drop),
                 None => None,
             };
         }
@@ -200,6 +231,8 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Service(_) => "a service",
         Kind::Policy(_) => "an access policy",
         Kind::FastDeny(_) => "fast-deny entries",
+        Kind::TrafficPolicy(_) => "a traffic policy",
+        Kind::Route(_) => "a service route",
     }
 }
 
@@ -309,5 +342,78 @@ mod tests {
         assert!(MeshView::default()
             .apply(update(1, true, vec![bundle(), bad_addr], &[]))
             .is_err());
+    }
+
+    #[test]
+    fn traffic_policies_and_routes_come_and_go() {
+        let policy = v1::TrafficPolicy {
+            namespace: "shop".into(),
+            name: "tp".into(),
+            connect: Some(v1::ConnectSettings {
+                timeout_ms: 500,
+                max_attempts: 2,
+                backoff_ms: 0,
+            }),
+            ..Default::default()
+        };
+        let route = v1::ServiceRoute {
+            namespace: "shop".into(),
+            name: "r".into(),
+            service: "pay".into(),
+            port: 0,
+            backends: vec![v1::RouteBackend {
+                service: "pay-v2".into(),
+                port: 0,
+                weight: 1,
+            }],
+        };
+        let resources = vec![
+            bundle(),
+            v1::Resource {
+                key: keys::traffic_policy("shop", "tp"),
+                kind: Some(Kind::TrafficPolicy(policy.clone())),
+            },
+            v1::Resource {
+                key: keys::route("shop", "r"),
+                kind: Some(Kind::Route(route)),
+            },
+        ];
+        let v = MeshView::default()
+            .apply(update(1, true, resources, &[]))
+            .unwrap();
+        let tp = &v.traffic_policies[&ObjectKey::new("shop", "tp")];
+        assert_eq!(tp.connect.map(|c| c.max_attempts), Some(2));
+        assert_eq!(v.routes.len(), 1);
+        let v = v
+            .apply(update(
+                2,
+                false,
+                vec![],
+                &["traffic-policy/shop/tp", "route/shop/r"],
+            ))
+            .unwrap();
+        assert!(v.traffic_policies.is_empty() && v.routes.is_empty());
+        // A value mesh-cp could not have sent is refused, naming the object.
+        let mut bad = policy;
+        bad.connect = Some(v1::ConnectSettings {
+            timeout_ms: 0,
+            max_attempts: 2,
+            backoff_ms: 0,
+        });
+        let err = v
+            .apply(update(
+                3,
+                false,
+                vec![v1::Resource {
+                    key: keys::traffic_policy("shop", "tp"),
+                    kind: Some(Kind::TrafficPolicy(bad)),
+                }],
+                &[],
+            ))
+            .unwrap_err();
+        assert!(
+            err.contains("traffic policy shop/tp: spec.connect.timeout"),
+            "{err}"
+        );
     }
 }
