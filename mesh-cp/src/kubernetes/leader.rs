@@ -1,6 +1,7 @@
 //! Leader election among the control plane's replicas, by a coordination.k8s.io Lease. Every
 //! replica serves nodes and signs CSRs; only the leader creates the CA Secret when there is
-//! none, keeps the trust-bundle ConfigMap, and writes AccessPolicy statuses.
+//! none, keeps the trust-bundle ConfigMap, and writes the statuses of AccessPolicies,
+//! TrafficPolicies and ServiceRoutes.
 //!
 //! The holder renews the Lease every [`Timing::renew`]; another replica takes it over once it
 //! has not been renewed for [`Timing::lease`]. Updates carry the Lease's resourceVersion, so

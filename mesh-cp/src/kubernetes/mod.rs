@@ -4,16 +4,18 @@
 //! universal mode runs.
 //!
 //! - `watch.rs`: one reflector per kind, retried with backoff;
-//! - `translate.rs`: the objects into the model (who is in the mesh, services, policies);
-//! - `policy_status.rs`: each AccessPolicy's `Accepted` condition and selected workloads;
+//! - `translate.rs`: the objects into the model (who is in the mesh, services, policies,
+//!   routes);
+//! - `status.rs`: the `Accepted` condition of each AccessPolicy, TrafficPolicy and
+//!   ServiceRoute, with the workloads or Services it applies to;
 //! - `leader.rs`: Lease election; the leader creates the CA Secret, keeps the trust bundle
-//!   and writes policy statuses, while every replica serves nodes;
+//!   and writes those statuses, while every replica serves nodes;
 //! - `ca_secret.rs`: the CA from its Secret, the trust bundle ConfigMap;
 //! - this file: start-up in a cluster, then a new version on every change.
 
 pub mod ca_secret;
 pub mod leader;
-pub mod policy_status;
+pub mod status;
 pub mod translate;
 pub mod watch;
 
@@ -142,7 +144,8 @@ impl Source {
 }
 
 /// Publishes a new version whenever the watched objects change what the mesh is, and, while
-/// this replica leads, keeps the AccessPolicies' statuses in step.
+/// this replica leads, keeps the statuses of the AccessPolicies, TrafficPolicies and
+/// ServiceRoutes in step.
 pub async fn follow(cluster: Cluster, publish: channel::Sender<Published>, shared: Arc<Shared>) {
     let Cluster {
         source,
@@ -150,7 +153,7 @@ pub async fn follow(cluster: Cluster, publish: channel::Sender<Published>, share
         first,
         leader,
     } = cluster;
-    let statuses = policy_status::Writer::new(source.client.clone());
+    let statuses = status::Writer::new(source.client.clone());
     let mut last_problems = Vec::new();
     let mut translated = first;
     loop {
@@ -164,9 +167,21 @@ pub async fn follow(cluster: Cluster, publish: channel::Sender<Published>, share
         );
         // The statuses of the objects the verdicts are about, not of a later list.
         if *leader.borrow() {
-            statuses
-                .write(&objects.policies, &translated.policies)
-                .await;
+            for (kind, objects, outcomes) in [
+                (
+                    &status::ACCESS_POLICY,
+                    &objects.policies,
+                    &translated.policies,
+                ),
+                (
+                    &status::TRAFFIC_POLICY,
+                    &objects.traffic_policies,
+                    &translated.traffic_policies,
+                ),
+                (&status::SERVICE_ROUTE, &objects.routes, &translated.routes),
+            ] {
+                statuses.write(kind, objects, outcomes).await;
+            }
         }
         tokio::select! {
             () = source.changed.notified() => tokio::time::sleep(SETTLE).await,
@@ -174,7 +189,7 @@ pub async fn follow(cluster: Cluster, publish: channel::Sender<Published>, share
         }
         let previous = publish.borrow().config.mesh.clone();
         (objects, translated) = source.snapshot(&previous);
-        // Only its problems and policy verdicts are read after this.
+        // Only its problems and verdicts are read after this.
         publish_if_changed(&publish, std::mem::take(&mut translated.config));
     }
 }

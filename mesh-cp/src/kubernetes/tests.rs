@@ -16,7 +16,11 @@ use tokio::sync::watch as channel;
 use mesh_kube::fake::FakeApi;
 
 use super::{
-    ca_secret, follow, leader, leader::Timing, watch::Retry, Cluster, Options, Source, LEASE,
+    ca_secret, follow, leader,
+    leader::Timing,
+    translate::Translated,
+    watch::{ApiHealth, Retry},
+    Cluster, Options, Source, LEASE,
 };
 use crate::{
     metrics::CpMetrics,
@@ -67,20 +71,73 @@ fn deny_analytics() -> Value {
     )
 }
 
-fn payment_service() -> [Value; 2] {
+/// Service `name` of shop at `vip`, port 80 to 8080 of its one ready pod `pod` at `ip`, and
+/// its EndpointSlice.
+fn mesh_service(name: &str, vip: &str, pod: &str, ip: &str) -> [Value; 2] {
     [
         json!({ "apiVersion": "v1", "kind": "Service",
-                "metadata": { "name": "payment", "namespace": "shop" },
-                "spec": { "clusterIPs": ["10.96.0.10"], "selector": { "app": "payment" },
+                "metadata": { "name": name, "namespace": "shop" },
+                "spec": { "clusterIPs": [vip], "selector": { "app": name },
                           "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] } }),
         json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": { "name": "payment-x", "namespace": "shop",
-                              "labels": { "kubernetes.io/service-name": "payment" } },
+                "metadata": { "name": format!("{name}-x"), "namespace": "shop",
+                              "labels": { "kubernetes.io/service-name": name } },
                 "addressType": "IPv4",
-                "endpoints": [{ "addresses": ["10.1.2.2"], "conditions": { "ready": true },
-                                "targetRef": { "kind": "Pod", "namespace": "shop", "name": "payment-1" } }],
+                "endpoints": [{ "addresses": [ip], "conditions": { "ready": true },
+                                "targetRef": { "kind": "Pod", "namespace": "shop", "name": pod } }],
                 "ports": [{ "name": "http", "port": 8080 }] }),
     ]
+}
+
+/// The fake API with namespace shop in the mesh and its Service payment, whose one pod is
+/// payment-1 on n2.
+fn shop_with_payment() -> FakeApi {
+    let api = FakeApi::default();
+    api.apply("namespaces", namespace("shop", "enabled"));
+    api.apply("pods", pod("payment-1", "n2", "10.1.2.2", "payment"));
+    apply_service(
+        &api,
+        mesh_service("payment", "10.96.0.10", "payment-1", "10.1.2.2"),
+    );
+    api
+}
+
+fn apply_service(api: &FakeApi, [svc, eps]: [Value; 2]) {
+    api.apply("services", svc);
+    api.apply("endpointslices", eps);
+}
+
+/// A replica that has listed `api` and won the election, following it.
+struct Following {
+    /// The first list's model.
+    first: Translated,
+    published: channel::Receiver<Published>,
+    shared: Arc<Shared>,
+    health: Arc<ApiHealth>,
+}
+
+async fn follow_cluster(api: &FakeApi) -> Following {
+    let (cluster, ca, auth) =
+        tokio::time::timeout(T, Cluster::start(api.client(), &options("cp-0")))
+            .await
+            .expect("the first list and the CA")
+            .expect("the CA");
+    let first = cluster.first.clone();
+    let (publish, published) = channel::channel(Published::new(1, first.config.clone()));
+    let shared = Arc::new(Shared::new(
+        published.clone(),
+        auth,
+        ca,
+        CpMetrics::new().expect("metrics"),
+    ));
+    let health = cluster.source.health.clone();
+    tokio::spawn(follow(cluster, publish, shared.clone()));
+    Following {
+        first,
+        published,
+        shared,
+        health,
+    }
 }
 
 fn keys(c: &Config) -> Vec<String> {
@@ -125,22 +182,17 @@ fn node_update(old: &Published, new: &Published, node: &str) -> (Vec<String>, Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_watch_gone_and_outage_keep_the_model_right() {
-    let api = FakeApi::default();
-    api.apply("namespaces", namespace("shop", "enabled"));
+    let api = shop_with_payment();
     api.apply("pods", pod("order-1", "n1", "10.1.1.2", "order"));
-    api.apply("pods", pod("payment-1", "n2", "10.1.2.2", "payment"));
-    let [svc, eps] = payment_service();
-    api.apply("services", svc);
-    api.apply("endpointslices", eps);
     api.apply("accesspolicies", deny_analytics());
 
     // The first complete list, the election won, the CA created.
-    let (cluster, ca, auth) =
-        tokio::time::timeout(T, Cluster::start(api.client(), &options("cp-0")))
-            .await
-            .expect("the first list and the CA")
-            .expect("the CA");
-    let first = &cluster.first;
+    let Following {
+        first,
+        mut published,
+        shared,
+        health,
+    } = follow_cluster(&api).await;
     assert_eq!(keys(&first.config), ["shop/order-1", "shop/payment-1"]);
     let svc = &first.config.services[&ObjectKey::new("shop", "payment")];
     let eps: Vec<_> = first
@@ -150,16 +202,6 @@ async fn list_watch_gone_and_outage_keep_the_model_right() {
         .collect();
     assert_eq!(eps, ["shop/payment-1"]);
     assert_eq!(first.config.policies.len(), 1);
-
-    let (publish, mut published) = channel::channel(Published::new(1, first.config.clone()));
-    let shared = Arc::new(Shared::new(
-        published.clone(),
-        auth,
-        ca,
-        CpMetrics::new().expect("metrics"),
-    ));
-    let health = cluster.source.health.clone();
-    tokio::spawn(follow(cluster, publish, shared.clone()));
     let v1 = published.borrow_and_update().clone();
 
     // The policy's status says it is in force and what it selects.
@@ -242,6 +284,8 @@ async fn list_watch_gone_and_outage_keep_the_model_right() {
         "/api/v1/pods",
         "/api/v1/namespaces",
         "/apis/mycel.dev/v1alpha1/accesspolicies",
+        "/apis/mycel.dev/v1alpha1/trafficpolicies",
+        "/apis/mycel.dev/v1alpha1/serviceroutes",
     ] {
         assert!(relisted(path), "{path} not listed again: {after:#?}");
     }
@@ -283,6 +327,139 @@ async fn list_watch_gone_and_outage_keep_the_model_right() {
         node_update(&v3, &v4, "n2"),
         (vec!["workload/shop/order-2".into()], vec![])
     );
+}
+
+fn traffic_policy(name: &str, spec: Value) -> Value {
+    json!({ "apiVersion": "mycel.dev/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": { "name": name, "namespace": "shop" }, "spec": spec })
+}
+
+/// The `Accepted` condition and `services` of a TrafficPolicy or ServiceRoute's status, once
+/// it says something.
+fn traffic_status(api: &FakeApi, resource: &str, name: &str) -> Option<(Value, Value)> {
+    let status = api.get(resource, "shop", name)?["status"].clone();
+    let accepted = status["conditions"][0].clone();
+    (!accepted.is_null()).then(|| (accepted, status["services"].clone()))
+}
+
+/// TrafficPolicies and ServiceRoutes in a cluster: in the published config, and each says in
+/// its status whether it is in force and which Services it binds. A bad policy is left out
+/// alone and says why, naming the field, while a good one beside it stays; deleting either
+/// takes it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_policies_and_routes_are_served_and_say_what_they_bind() {
+    let api = shop_with_payment();
+    api.apply("pods", pod("payment-v2-1", "n2", "10.1.2.3", "payment-v2"));
+    apply_service(
+        &api,
+        mesh_service("payment-v2", "10.96.0.11", "payment-v2-1", "10.1.2.3"),
+    );
+    api.apply(
+        "trafficpolicies",
+        traffic_policy(
+            "payment-timeouts",
+            json!({ "services": ["payment"], "connect": { "timeout": "250ms", "maxAttempts": 2 } }),
+        ),
+    );
+    api.apply(
+        "serviceroutes",
+        json!({ "apiVersion": "mycel.dev/v1alpha1", "kind": "ServiceRoute",
+                "metadata": { "name": "canary", "namespace": "shop" },
+                "spec": { "service": "payment", "backends": [
+                    { "service": "payment", "weight": 90 },
+                    { "service": "payment-v2", "weight": 10 }] } }),
+    );
+
+    let Following {
+        first,
+        mut published,
+        shared,
+        ..
+    } = follow_cluster(&api).await;
+    let (good, canary) = (
+        ObjectKey::new("shop", "payment-timeouts"),
+        ObjectKey::new("shop", "canary"),
+    );
+    let connect = first.config.traffic_policies[&good].connect;
+    assert_eq!(connect.map(|c| c.max_attempts), Some(2));
+    let backends: Vec<_> = first.config.routes[&canary]
+        .backends
+        .iter()
+        .map(|b| (b.service.as_str(), b.weight))
+        .collect();
+    assert_eq!(backends, [("payment", 90), ("payment-v2", 10)]);
+    assert!(first.problems.is_empty(), "{:?}", first.problems);
+
+    let accepted = |resource: &'static str, name: &'static str, services: &'static str| {
+        let api = api.clone();
+        move || {
+            traffic_status(&api, resource, name).is_some_and(|(accepted, bound)| {
+                accepted["status"] == "True"
+                    && accepted["observedGeneration"] == 1
+                    && bound == services
+            })
+        }
+    };
+    eventually(
+        "the policy's status",
+        accepted("trafficpolicies", "payment-timeouts", "shop/payment"),
+    )
+    .await;
+    eventually(
+        "the route's status",
+        accepted("serviceroutes", "canary", "shop/payment,shop/payment-v2"),
+    )
+    .await;
+
+    // A bad policy is left out with the field it gets wrong; the good one stays in force.
+    api.apply(
+        "trafficpolicies",
+        traffic_policy("bad", json!({ "connect": { "maxAttempts": 0 } })),
+    );
+    eventually("the bad policy's status", || {
+        traffic_status(&api, "trafficpolicies", "bad").is_some_and(|(accepted, bound)| {
+            accepted["status"] == "False"
+                && accepted["reason"] == "Invalid"
+                && accepted["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("spec.connect.maxAttempts: "))
+                && bound.is_null()
+        })
+    })
+    .await;
+    let status = shared.config_status();
+    assert!(
+        status.error.as_deref().is_some_and(
+            |e| e.contains("TrafficPolicy shop/bad left out: spec.connect.maxAttempts")
+        ),
+        "{status:?}"
+    );
+    let config = published.borrow().config.clone();
+    let in_force: Vec<_> = config
+        .traffic_policies
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(in_force, ["shop/payment-timeouts"]);
+    assert!(config.routes.contains_key(&canary));
+    assert!(accepted(
+        "trafficpolicies",
+        "payment-timeouts",
+        "shop/payment"
+    )());
+
+    // Deleted, the bad one's reason goes; deleted, the good ones go from the mesh.
+    api.delete("trafficpolicies", "shop", "bad");
+    eventually("the bad policy's reason gone", || {
+        shared.config_status().error.is_none()
+    })
+    .await;
+    api.delete("trafficpolicies", "shop", "payment-timeouts");
+    api.delete("serviceroutes", "shop", "canary");
+    published_until(&mut published, "the policy and the route deleted", |p| {
+        p.config.traffic_policies.is_empty() && p.config.routes.is_empty()
+    })
+    .await;
 }
 
 fn daemon_pod(name: &str, node: &str) -> Value {

@@ -9,9 +9,11 @@
 //! - A Service is a mesh [`Service`] when its ready endpoints (from its EndpointSlices) include
 //!   pods of the mesh; traffic from the mesh goes to those pods only. Headless services need
 //!   nothing: their clients connect to pod addresses.
-//! - AccessPolicies and the MeshConfig are read by the universal mode's own parser. Unlike a
-//!   config dir, where one bad file rejects the set, one bad policy here is left out and says
-//!   why in its status: the others, and the cluster's pods, do not wait for it.
+//! - AccessPolicies, TrafficPolicies, ServiceRoutes and the MeshConfig are read by the
+//!   universal mode's own parser. Unlike a config dir, where one bad file rejects the set, one
+//!   bad object here is left out and says why in its status: the others, and the cluster's
+//!   pods, do not wait for it. Of two ServiceRoutes for one Service port, the first by
+//!   `namespace/name` is kept, as a config dir keeps the first it reads.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -29,7 +31,9 @@ use k8s_openapi::{
 };
 use kube::{api::DynamicObject, ResourceExt};
 use mesh_model::{
-    policy::AccessPolicy, Config, MeshConfig, ObjectKey, Resource, Service, ServicePort, Workload,
+    policy::AccessPolicy,
+    traffic::{ServiceRoute, TrafficPolicy},
+    Config, MeshConfig, ObjectKey, Resource, Service, ServicePort, Workload,
 };
 
 pub use mesh_model::membership::MESH_LABEL;
@@ -45,27 +49,43 @@ pub struct Objects {
     pub namespaces: Vec<Arc<Namespace>>,
     pub policies: Vec<Arc<DynamicObject>>,
     pub meshes: Vec<Arc<DynamicObject>>,
+    pub traffic_policies: Vec<Arc<DynamicObject>>,
+    pub routes: Vec<Arc<DynamicObject>>,
 }
 
-/// What became of one AccessPolicy, for its status.
+/// What became of one AccessPolicy, TrafficPolicy or ServiceRoute, for its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// In force; it selects this many workloads.
-    Accepted { selected: usize },
+    /// In force, applying to this.
+    Accepted(Applies),
     /// Left out, with the parser's one-line reason.
     Invalid { reason: String },
 }
 
+/// What an object in force applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyOutcome {
+pub enum Applies {
+    /// An AccessPolicy: the number of workloads it selects.
+    Workloads(usize),
+    /// A TrafficPolicy or ServiceRoute: the Services it binds, in key order.
+    Services(Vec<ObjectKey>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
     /// The `metadata.generation` this verdict is about.
     pub generation: Option<i64>,
     pub verdict: Verdict,
 }
 
+pub type Outcomes = BTreeMap<ObjectKey, Outcome>;
+
+#[derive(Clone)]
 pub struct Translated {
     pub config: Config,
-    pub policies: BTreeMap<ObjectKey, PolicyOutcome>,
+    pub policies: Outcomes,
+    pub traffic_policies: Outcomes,
+    pub routes: Outcomes,
     /// What was left out and why, one line each, for the log and `/status`.
     pub problems: Vec<String>,
 }
@@ -119,43 +139,142 @@ pub fn translate(objects: &Objects, previous: &MeshConfig) -> Translated {
             config.services.insert(s.key.clone(), s);
         }
     }
-    let mut outcomes = BTreeMap::new();
-    let mut accepted: Vec<(AccessPolicy, Option<i64>)> = Vec::new();
-    for obj in &objects.policies {
-        let key = ObjectKey::new(&obj.namespace().unwrap_or_default(), &obj.name_any());
-        let generation = obj.metadata.generation;
-        match mesh_model::parse_document(document(obj)) {
-            Ok(Resource::AccessPolicy(p)) => accepted.push((p, generation)),
-            Ok(_) => {}
-            Err(reason) => {
-                problems.push(format!("AccessPolicy {key} left out: {reason}"));
-                outcomes.insert(
-                    key,
-                    PolicyOutcome {
-                        generation,
-                        verdict: Verdict::Invalid { reason },
-                    },
-                );
-            }
-        }
+    let (mut policies, mut traffic_policies, mut routes) =
+        (Outcomes::new(), Outcomes::new(), Outcomes::new());
+    let mut accepted = Accepted::default();
+    for (kind, list, outcomes) in [
+        ("AccessPolicy", &objects.policies, &mut policies),
+        (
+            "TrafficPolicy",
+            &objects.traffic_policies,
+            &mut traffic_policies,
+        ),
+        ("ServiceRoute", &objects.routes, &mut routes),
+    ] {
+        parse_each(kind, list, &mut accepted, outcomes, &mut problems);
     }
     // Counted once every workload is in: what a policy selects depends on all of them.
-    for (p, generation) in accepted {
-        let selected = config.selected_by(&p).count();
-        outcomes.insert(
-            p.key.clone(),
-            PolicyOutcome {
-                generation,
-                verdict: Verdict::Accepted { selected },
-            },
-        );
+    for (p, generation) in accepted.policies {
+        let selected = Applies::Workloads(config.selected_by(&p).count());
+        accept(&mut policies, &p.key, generation, selected);
         config.policies.insert(p.key.clone(), p);
+    }
+    let root = config.mesh.root_namespace.clone();
+    for (p, generation) in accepted.traffic_policies {
+        let binds = config.services.keys().filter(|s| p.binds(&root, s));
+        let binds = Applies::Services(binds.cloned().collect());
+        accept(&mut traffic_policies, &p.key, generation, binds);
+        config.traffic_policies.insert(p.key.clone(), p);
+    }
+    // The reflector's order is no order at all: which of two clashing routes wins must not
+    // change from one list to the next.
+    accepted.routes.sort_by(|(a, _), (b, _)| a.key.cmp(&b.key));
+    for (r, generation) in accepted.routes {
+        if let Some(reason) = route_clash(&config, &r) {
+            left_out(
+                "ServiceRoute",
+                r.key,
+                generation,
+                reason,
+                &mut routes,
+                &mut problems,
+            );
+            continue;
+        }
+        // Only mesh Services: a route moves no connection to or from any other.
+        let binds: BTreeSet<ObjectKey> = std::iter::once(r.routed())
+            .chain(r.backends.iter().map(|b| r.backend_key(b)))
+            .filter(|s| config.services.contains_key(s))
+            .collect();
+        let binds = Applies::Services(binds.into_iter().collect());
+        accept(&mut routes, &r.key, generation, binds);
+        config.routes.insert(r.key.clone(), r);
     }
     Translated {
         config,
-        policies: outcomes,
+        policies,
+        traffic_policies,
+        routes,
         problems,
     }
+}
+
+/// What the model accepted, by kind, with each object's generation.
+#[derive(Default)]
+struct Accepted {
+    policies: Vec<(AccessPolicy, Option<i64>)>,
+    traffic_policies: Vec<(TrafficPolicy, Option<i64>)>,
+    routes: Vec<(ServiceRoute, Option<i64>)>,
+}
+
+/// Reads each object of one kind: what the model accepts goes to `accepted`, what it refuses
+/// is left out with its reason.
+fn parse_each(
+    kind: &str,
+    objects: &[Arc<DynamicObject>],
+    accepted: &mut Accepted,
+    outcomes: &mut Outcomes,
+    problems: &mut Vec<String>,
+) {
+    for obj in objects {
+        let key = ObjectKey::new(&obj.namespace().unwrap_or_default(), &obj.name_any());
+        let generation = obj.metadata.generation;
+        match mesh_model::parse_document(document(obj)) {
+            Ok(Resource::AccessPolicy(p)) => accepted.policies.push((p, generation)),
+            Ok(Resource::TrafficPolicy(p)) => accepted.traffic_policies.push((p, generation)),
+            Ok(Resource::ServiceRoute(r)) => accepted.routes.push((r, generation)),
+            // The document's kind is the watched resource's, none of these.
+            Ok(Resource::MeshConfig(_) | Resource::Workload(_) | Resource::Service(_)) => {}
+            Err(reason) => left_out(kind, key, generation, reason, outcomes, problems),
+        }
+    }
+}
+
+fn left_out(
+    kind: &str,
+    key: ObjectKey,
+    generation: Option<i64>,
+    reason: String,
+    outcomes: &mut Outcomes,
+    problems: &mut Vec<String>,
+) {
+    problems.push(format!("{kind} {key} left out: {reason}"));
+    let verdict = Verdict::Invalid { reason };
+    outcomes.insert(
+        key,
+        Outcome {
+            generation,
+            verdict,
+        },
+    );
+}
+
+fn accept(outcomes: &mut Outcomes, key: &ObjectKey, generation: Option<i64>, applies: Applies) {
+    let verdict = Verdict::Accepted(applies);
+    outcomes.insert(
+        key.clone(),
+        Outcome {
+            generation,
+            verdict,
+        },
+    );
+}
+
+/// Why `route` cannot be in force beside the routes of `config`: one of them routes the same
+/// Service port. Worded as a config dir's refusal (`mesh_model::config`), so that both modes
+/// say the same.
+fn route_clash(config: &Config, route: &ServiceRoute) -> Option<String> {
+    let other = config.routes.values().find(|o| {
+        o.key.namespace == route.key.namespace && o.service == route.service && o.port == route.port
+    })?;
+    let port = route
+        .port
+        .map_or("every port".to_owned(), |p| format!("port {p}"));
+    Some(format!(
+        "spec.service: {} ({port}) is already routed by ServiceRoute {}",
+        route.routed(),
+        other.key
+    ))
 }
 
 /// The one MeshConfig, defaults without one, `previous` when it cannot be read.
@@ -355,7 +474,10 @@ fn service(
 mod tests {
     use super::*;
     use kube::api::ApiResource;
-    use mesh_model::crd::AccessPolicy as AccessPolicyCrd;
+    use mesh_model::crd::{
+        AccessPolicy as AccessPolicyCrd, ServiceRoute as ServiceRouteCrd,
+        TrafficPolicy as TrafficPolicyCrd,
+    };
     use serde_json::json;
 
     pub(crate) fn pod(
@@ -383,13 +505,22 @@ mod tests {
         )
     }
 
-    fn policy(ns: &str, name: &str, spec: serde_json::Value) -> Arc<DynamicObject> {
-        let ar = ApiResource::erase::<AccessPolicyCrd>(&());
-        let mut obj = DynamicObject::new(name, &ar)
+    /// An object of a namespaced kind of Mycel's, at generation 3.
+    fn custom(
+        ar: &ApiResource,
+        ns: &str,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Arc<DynamicObject> {
+        let mut obj = DynamicObject::new(name, ar)
             .within(ns)
             .data(json!({ "spec": spec }));
         obj.metadata.generation = Some(3);
         Arc::new(obj)
+    }
+
+    fn policy(ns: &str, name: &str, spec: serde_json::Value) -> Arc<DynamicObject> {
+        custom(&ApiResource::erase::<AccessPolicyCrd>(&()), ns, name, spec)
     }
 
     fn keys(c: &Config) -> Vec<String> {
@@ -621,7 +752,7 @@ mod tests {
         let names: Vec<_> = t.config.policies.keys().map(ToString::to_string).collect();
         assert_eq!(names, ["shop/good"]);
         let good = &t.policies[&ObjectKey::new("shop", "good")];
-        assert_eq!(good.verdict, Verdict::Accepted { selected: 1 });
+        assert_eq!(good.verdict, Verdict::Accepted(Applies::Workloads(1)));
         assert_eq!(good.generation, Some(3));
         for bad in ["bad", "l7"] {
             match &t.policies[&ObjectKey::new("shop", bad)].verdict {
@@ -632,6 +763,127 @@ mod tests {
             }
         }
         assert_eq!(t.problems.len(), 2, "{:?}", t.problems);
+    }
+
+    fn invalid_reason(outcomes: &Outcomes, ns: &str, name: &str) -> String {
+        match &outcomes[&ObjectKey::new(ns, name)].verdict {
+            Verdict::Invalid { reason } => reason.clone(),
+            v => panic!("{ns}/{name}: {v:?}"),
+        }
+    }
+
+    fn binds(outcomes: &Outcomes, ns: &str, name: &str) -> Vec<String> {
+        match &outcomes[&ObjectKey::new(ns, name)].verdict {
+            Verdict::Accepted(Applies::Services(keys)) => {
+                keys.iter().map(ToString::to_string).collect()
+            }
+            v => panic!("{ns}/{name}: {v:?}"),
+        }
+    }
+
+    /// TrafficPolicies and ServiceRoutes as a config dir reads them: a bad one is left out
+    /// alone, with the field the model names; of two routes of one Service port the first by
+    /// name stays, whatever order the API lists them in.
+    #[test]
+    fn traffic_policies_and_routes_are_judged_one_by_one() {
+        let tp = |ns: &str, name: &str, spec| {
+            custom(&ApiResource::erase::<TrafficPolicyCrd>(&()), ns, name, spec)
+        };
+        let route = |name: &str, spec| {
+            custom(
+                &ApiResource::erase::<ServiceRouteCrd>(&()),
+                "shop",
+                name,
+                spec,
+            )
+        };
+        let canary = json!({ "service": "payment", "port": 80, "backends": [
+            { "service": "payment", "weight": 90 },
+            { "service": "payment-v2", "weight": 10 }] });
+        let (svc, slice) = service_and_slice(&[("payment-1", true)]);
+        let objects = Objects {
+            namespaces: vec![namespace("shop", Some("enabled"))],
+            pods: vec![pod("shop", "payment-1", "n1", "10.1.0.2", json!({}))],
+            services: vec![svc],
+            slices: vec![slice],
+            traffic_policies: vec![
+                tp("shop", "bad", json!({ "connect": { "maxAttempts": 0 } })),
+                tp(
+                    "shop",
+                    "payment",
+                    json!({ "services": ["payment"], "connect": { "timeout": "250ms" } }),
+                ),
+                tp("mycel-system", "mesh-wide", json!({ "idleTimeout": "1h" })),
+                tp("other", "elsewhere", json!({})),
+                tp("shop", "unknown-field", json!({ "retries": 3 })),
+            ],
+            // Listed out of order: the clash must still be decided by name.
+            routes: vec![
+                route("z-late", canary.clone()),
+                route("a-canary", canary),
+                route(
+                    "no-backends",
+                    json!({ "service": "payment", "backends": [] }),
+                ),
+            ],
+            ..Objects::default()
+        };
+        let t = translate(&objects, &MeshConfig::default());
+
+        let in_force: Vec<_> = t
+            .config
+            .traffic_policies
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            in_force,
+            ["mycel-system/mesh-wide", "other/elsewhere", "shop/payment"]
+        );
+        let timeout = t.config.traffic_policies[&ObjectKey::new("shop", "payment")].connect;
+        assert_eq!(timeout.map(|c| c.timeout.as_millis()), Some(250));
+        let reason = invalid_reason(&t.traffic_policies, "shop", "bad");
+        assert!(reason.starts_with("spec.connect.maxAttempts: "), "{reason}");
+        assert!(invalid_reason(&t.traffic_policies, "shop", "unknown-field").contains("retries"));
+        assert_eq!(
+            binds(&t.traffic_policies, "shop", "payment"),
+            ["shop/payment"]
+        );
+        assert_eq!(
+            binds(&t.traffic_policies, "mycel-system", "mesh-wide"),
+            ["shop/payment"]
+        );
+        assert!(binds(&t.traffic_policies, "other", "elsewhere").is_empty());
+        assert_eq!(
+            t.traffic_policies[&ObjectKey::new("shop", "payment")].generation,
+            Some(3)
+        );
+
+        let routes: Vec<_> = t.config.routes.keys().map(ToString::to_string).collect();
+        assert_eq!(routes, ["shop/a-canary"]);
+        // payment-v2 is no mesh Service (yet): it binds only what exists.
+        assert_eq!(binds(&t.routes, "shop", "a-canary"), ["shop/payment"]);
+        assert_eq!(
+            invalid_reason(&t.routes, "shop", "z-late"),
+            "spec.service: shop/payment (port 80) is already routed by ServiceRoute shop/a-canary"
+        );
+        assert!(invalid_reason(&t.routes, "shop", "no-backends").starts_with("spec.backends: "));
+
+        let mut problems = t.problems.clone();
+        problems.sort();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(
+            problems[0].starts_with("ServiceRoute shop/no-backends left out: spec.backends"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("ServiceRoute shop/z-late left out: spec.service"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].starts_with("TrafficPolicy shop/bad left out: spec.connect.maxAttempts"),
+            "{problems:?}"
+        );
     }
 
     fn mesh(name: &str, spec: serde_json::Value) -> Arc<DynamicObject> {

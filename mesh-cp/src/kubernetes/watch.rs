@@ -22,7 +22,7 @@ pub use mesh_kube::{ApiHealth, Retry};
 use tokio::sync::Notify;
 
 use super::translate::Objects;
-use mesh_model::crd::{AccessPolicy, MeshConfigResource};
+use mesh_model::crd::{AccessPolicy, MeshConfigResource, ServiceRoute, TrafficPolicy};
 
 /// The stores of every watched kind.
 #[derive(Clone)]
@@ -33,6 +33,8 @@ pub struct Stores {
     namespaces: Store<Namespace>,
     policies: Store<DynamicObject>,
     meshes: Store<DynamicObject>,
+    traffic_policies: Store<DynamicObject>,
+    routes: Store<DynamicObject>,
 }
 
 impl Stores {
@@ -45,6 +47,8 @@ impl Stores {
             namespaces: self.namespaces.state(),
             policies: self.policies.state(),
             meshes: self.meshes.state(),
+            traffic_policies: self.traffic_policies.state(),
+            routes: self.routes.state(),
         }
     }
 
@@ -61,17 +65,44 @@ impl Stores {
         let _ = self.namespaces.wait_until_ready().await;
         let _ = self.policies.wait_until_ready().await;
         let _ = self.meshes.wait_until_ready().await;
+        let _ = self.traffic_policies.wait_until_ready().await;
+        let _ = self.routes.wait_until_ready().await;
     }
 }
 
 /// The resource of AccessPolicy, for the dynamic API (a policy that does not parse must not
-/// break the watch: it is read as JSON and judged by the model).
+/// break the watch: it is read as JSON and judged by the model). Likewise for Mycel's other
+/// kinds below.
 pub fn access_policies() -> ApiResource {
     ApiResource::erase::<AccessPolicy>(&())
 }
 
 pub fn mesh_configs() -> ApiResource {
     ApiResource::erase::<MeshConfigResource>(&())
+}
+
+pub fn traffic_policies() -> ApiResource {
+    ApiResource::erase::<TrafficPolicy>(&())
+}
+
+pub fn service_routes() -> ApiResource {
+    ApiResource::erase::<ServiceRoute>(&())
+}
+
+/// Watches every object of one of Mycel's kinds, cluster-wide, as JSON.
+fn custom(
+    w: &Reflectors,
+    client: &Client,
+    kind: &'static str,
+    ar: ApiResource,
+) -> Store<DynamicObject> {
+    w.spawn(
+        kind,
+        Api::all_with(client.clone(), &ar),
+        watcher::Config::default(),
+        Writer::new(ar),
+        |_| {},
+    )
 }
 
 /// Starts the watches; `changed` is notified on every change of any kind.
@@ -86,7 +117,6 @@ pub fn start(
         changed,
         health,
     };
-    let (policies_ar, meshes_ar) = (access_policies(), mesh_configs());
     Stores {
         pods: w.spawn(
             "Pod",
@@ -116,19 +146,9 @@ pub fn start(
             Writer::default(),
             |_| {},
         ),
-        policies: w.spawn(
-            "AccessPolicy",
-            Api::all_with(client.clone(), &policies_ar),
-            watcher::Config::default(),
-            Writer::new(policies_ar.clone()),
-            |_| {},
-        ),
-        meshes: w.spawn(
-            "MeshConfig",
-            Api::all_with(client.clone(), &meshes_ar),
-            watcher::Config::default(),
-            Writer::new(meshes_ar.clone()),
-            |_| {},
-        ),
+        policies: custom(&w, client, "AccessPolicy", access_policies()),
+        meshes: custom(&w, client, "MeshConfig", mesh_configs()),
+        traffic_policies: custom(&w, client, "TrafficPolicy", traffic_policies()),
+        routes: custom(&w, client, "ServiceRoute", service_routes()),
     }
 }
