@@ -104,7 +104,12 @@ pub struct Entry<'a> {
     /// The deciding policy and rule, where this node decided.
     pub policy: &'a str,
     pub rule: &'a str,
-    /// `closed` (ended normally), `reset`, `closed_by_policy`, or why it was not made.
+    /// Connect attempts the source made (0 in a destination's line).
+    pub attempts: u32,
+    /// The backend Service a ServiceRoute picked; empty without a route.
+    pub backend: &'a str,
+    /// `closed` (ended normally), `reset`, `closed_by_policy`, `idle_timeout`,
+    /// `max_duration`, or why it was not made (e.g. `connection_limit`, `rate_limited`).
     pub close_reason: &'a str,
     /// What the failure said, for people: the refusal or the error.
     pub detail: &'a str,

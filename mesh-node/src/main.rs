@@ -148,7 +148,9 @@ struct RunArgs {
     /// Capacity of each original-destination map (concurrent redirected connections).
     #[arg(long, default_value_t = mesh_ebpf_common::ORIG_DST_CAPACITY, value_parser = clap::value_parser!(u32).range(1..))]
     orig_dst_capacity: u32,
-    /// Seconds to wait for an upstream connect before resetting the client.
+    /// Seconds to wait for a TCP connect to a destination outside the mesh, or (at the
+    /// destination) to a pod's application. Connections to mesh Services take the timeout of
+    /// their TrafficPolicy (`connect.timeout`, 10 s by default).
     #[arg(long, default_value_t = 10.0, value_parser = seconds(DAY))]
     connect_timeout: f64,
     /// Connections to one pod (tunnelled and plaintext) open at once; also the most
@@ -439,8 +441,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (local_owner, local_pods) = proxy::local::local_pods();
     let shared = Arc::new(proxy::Shared::new(
         capture.clone(),
-        metrics.connections.clone(),
-        metrics.tunnels.clone(),
+        &metrics,
         Duration::from_secs_f64(args.connect_timeout),
         directory_rx,
         local_pods,

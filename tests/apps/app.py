@@ -33,6 +33,12 @@
                                   netns (as an application with CAP_NET_ADMIN could), brings it
                                   up, then injects SYNs to PORT and OPEN through it; prints
                                   {answered, silent, up} (up: whether it was still up then)
+  app.py ident PORT NAME SECS     server that sends "NAME\n" on each connection, then holds it
+                                  SECS seconds (or until the client closes) and closes it
+  app.py tally HOST PORT N C TIMEOUT SLOW
+                                  N connections, C at a time, each reads the server's name and
+                                  waits for its close; prints {counts (by name), failures,
+                                  errors (by kind), slow (seconds to the name, those over SLOW)}
   app.py blob-sha256 N            the sha256 of the N bytes GET /blob/N answers (no network)
 """
 import hashlib
@@ -466,6 +472,77 @@ def linger(host, port, seconds):
     print(json.dumps({"rounds": rounds, "failed": failed, "error": error}))
 
 
+def ident(port, name, hold_seconds):
+    """Says its name to each client, then holds the connection `hold_seconds` (or until the
+    client closes) and closes it: a server whose connections last as long as it decides."""
+    import threading
+
+    def one(conn):
+        with conn:
+            try:
+                conn.sendall(name.encode() + b"\n")
+                conn.settimeout(hold_seconds)
+                while conn.recv(4096):
+                    pass
+            except OSError:
+                pass
+
+    with socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                              backlog=1024) as srv:
+        print("listening", flush=True)
+        while True:
+            conn, _ = srv.accept()
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+
+def tally(host, port, n, concurrency, timeout, slow_above):
+    """Opens `n` connections, `concurrency` at a time; each reads the server's name and waits
+    for its close. Counts connections by name, failures by error, and lists how long the
+    connections that took over `slow_above` seconds to get their name took."""
+    import collections
+    import threading
+    counts, errors, slow = collections.Counter(), collections.Counter(), []
+    lock = threading.Lock()
+    left = [n]
+
+    def one():
+        start = time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                got = b""
+                while not got.endswith(b"\n"):
+                    chunk = s.recv(64)
+                    if not chunk:
+                        raise ConnectionError("closed before the name")
+                    got += chunk
+                took = time.monotonic() - start
+                while s.recv(4096):
+                    pass
+            with lock:
+                counts[got.decode().strip()] += 1
+                if took > slow_above and len(slow) < 1000:
+                    slow.append(round(took, 4))
+        except OSError as e:
+            with lock:
+                errors[type(e).__name__] += 1
+
+    def worker():
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            one()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"counts": counts, "failures": sum(errors.values()), "errors": errors,
+                      "slow": sorted(slow)}))
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "serve":
@@ -495,6 +572,11 @@ if __name__ == "__main__":
     elif mode == "tunsyn":
         name = bytes.fromhex(sys.argv[4]) if len(sys.argv) > 4 else b"mtun0"
         tunsyn(int(sys.argv[2]), int(sys.argv[3]), name)
+    elif mode == "ident":
+        ident(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]))
+    elif mode == "tally":
+        tally(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+              float(sys.argv[6]), float(sys.argv[7]))
     elif mode == "blob-sha256":
         print(json.dumps({"sha256": hashlib.sha256(blob(int(sys.argv[2]))).hexdigest()}))
     else:

@@ -94,6 +94,10 @@ pub struct Details {
     /// The deciding policy and rule, where this node decided.
     pub policy: String,
     pub rule: String,
+    /// Connect attempts it took (0 where this node made none: the destination's report).
+    pub attempts: u32,
+    /// The backend Service a ServiceRoute picked, `namespace/name`.
+    pub backend: String,
 }
 
 /// The labels of the per-pair families, with the pod labels when `pods`.
@@ -141,6 +145,16 @@ pub enum FailReason {
     /// Established, then closed because the trust root its tunnel's peer chains to was
     /// withdrawn from the bundle.
     TrustWithdrawn,
+    /// The source node's `connectionLimits.maxConnections` for the Service refused it.
+    ConnectionLimit,
+    /// The source node's `connectionLimits.maxPendingConnects` for the Service refused it.
+    PendingLimit,
+    /// The destination's `rateLimit` refused it.
+    RateLimited,
+    /// Established, then closed after `idleTimeout` without a byte either way.
+    IdleTimeout,
+    /// Established, then closed at its `maxConnectionDuration`.
+    MaxDuration,
 }
 
 impl FailReason {
@@ -157,6 +171,11 @@ impl FailReason {
             FailReason::ClosedByPolicy => "closed_by_policy",
             FailReason::Overloaded => "overloaded",
             FailReason::TrustWithdrawn => "trust_withdrawn",
+            FailReason::ConnectionLimit => "connection_limit",
+            FailReason::PendingLimit => "pending_limit",
+            FailReason::RateLimited => "rate_limited",
+            FailReason::IdleTimeout => "idle_timeout",
+            FailReason::MaxDuration => "max_duration",
         }
     }
 }
@@ -440,6 +459,8 @@ fn entry<'a>(
         verdict,
         policy: &d.policy,
         rule: &d.rule,
+        attempts: d.attempts,
+        backend: &d.backend,
         close_reason,
         detail,
     }
@@ -530,6 +551,11 @@ impl Connection {
     /// Marks the connection as ended by `reason` (it still counts as closed).
     pub fn fail(&mut self, reason: FailReason) {
         self.failure = Some(reason);
+    }
+
+    /// This connection's byte counts (source to destination, and back), as they move.
+    pub fn totals(&self) -> Arc<[AtomicU64; 2]> {
+        self.totals.clone()
     }
 }
 

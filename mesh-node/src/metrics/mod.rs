@@ -4,6 +4,7 @@
 //!   a bounded reason), open, bytes each way (counted as they move, so long connections show
 //!   live), durations; and the node's connect latency.
 //! - `tunnels.rs`: tunnels open, the connections each one carried, and what became of each.
+//! - `traffic.rs`: connect attempts and retries, outlier ejections, route decisions.
 //! - `collect.rs`: figures read when scraped from the state that already owns them: the eBPF
 //!   counters, policy decisions, certificates, config freshness, the limits' counts.
 //!
@@ -16,6 +17,7 @@
 
 pub mod collect;
 pub mod connections;
+pub mod traffic;
 pub mod tunnels;
 
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use prometheus::{Encoder, Registry, TextEncoder};
 pub use connections::{
     Connection, ConnectionMetrics, Details, FailReason, Flow, Pair, Plaintext, Reporter, Traffic,
 };
+pub use traffic::TrafficMetrics;
 pub use tunnels::{OpenTunnel, Outcome, TunnelMetrics};
 
 /// Every metric name starts with this.
@@ -42,6 +45,7 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Arc<ConnectionMetrics>,
     pub tunnels: Arc<TunnelMetrics>,
+    pub traffic: Arc<TrafficMetrics>,
 }
 
 impl Metrics {
@@ -54,6 +58,7 @@ impl Metrics {
         let registry = Registry::new();
         let connections = ConnectionMetrics::register(&registry, access_log, pod_labels)?;
         let tunnels = Arc::new(TunnelMetrics::register(&registry)?);
+        let traffic = Arc::new(TrafficMetrics::register(&registry)?);
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -61,6 +66,7 @@ impl Metrics {
             registry,
             connections,
             tunnels,
+            traffic,
         })
     }
 

@@ -186,6 +186,14 @@ impl Authz {
 }
 
 fn evaluate(dir: &Directory, req: &Request) -> Decision {
+    with_source(dir, req, |src| {
+        dir.policies()
+            .evaluate(&req.destination, req.destination_addr.port(), src)
+    })
+}
+
+/// Runs `f` with the request's client as policies see it.
+pub fn with_source<R>(dir: &Directory, req: &Request, f: impl FnOnce(&Source<'_>) -> R) -> R {
     // The client workload is the one at the source address, and only if it holds the verified
     // identity (deliveries check this before asking; a re-check may find the address reused).
     let peer = req.source_identity.as_ref().and_then(|id| {
@@ -204,12 +212,10 @@ fn evaluate(dir: &Directory, req: &Request) -> Decision {
         }),
         _ => None,
     };
-    let src = Source {
+    f(&Source {
         address: req.source_addr.ip(),
         workload,
-    };
-    dir.policies()
-        .evaluate(&req.destination, req.destination_addr.port(), &src)
+    })
 }
 
 fn display_identity(req: &Request) -> String {

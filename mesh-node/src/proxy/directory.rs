@@ -1,6 +1,8 @@
 //! Where a captured connection goes. Built from the mesh view each time it changes, so a
 //! lookup is a hash probe: a workload address goes to that workload, a service VIP and port to
-//! one of its endpoints (round-robin), anything else leaves the pod unchanged.
+//! its backends (the Service's own endpoints, or a ServiceRoute's backend Services, each with
+//! the traffic policies that may apply), anything else leaves the pod unchanged. Which
+//! endpoint takes a connection is `proxy/traffic/`'s business.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,8 +15,9 @@ use std::{
 
 use mesh_api::v1;
 use mesh_model::{
-    authz::{PolicyIndex, SourceWorkload},
-    SpiffeId, Transport,
+    authz::{PolicyIndex, Source, SourceWorkload},
+    traffic::{self, Effective, TrafficPolicy},
+    ObjectKey, SpiffeId, Transport,
 };
 
 use crate::{
@@ -68,25 +71,110 @@ pub enum Route {
     /// Not a mesh destination: connect to it as the application asked.
     Passthrough,
     Workload(Target),
-    /// A service VIP: endpoints in the order to try them.
-    Service {
-        service: String,
-        candidates: Vec<Target>,
-    },
+    /// A service VIP and port: its backends (the Service itself, or a route's).
+    Service(Arc<ServicePort>),
 }
 
-struct ServiceEntry {
-    name: String,
-    target_port: u16,
-    endpoints: Vec<Arc<Peer>>,
+/// What a service VIP and port lead to: the Service's own endpoints, or the backends of the
+/// ServiceRoute that splits it.
+#[derive(Debug)]
+pub struct ServicePort {
+    /// The Service the application asked for, `namespace/name`.
+    pub service: String,
+    /// The ServiceRoute that splits it, `namespace/name`.
+    pub route: Option<String>,
+    /// With their weights; backends that do not exist or lack the port are left out.
+    pub backends: Vec<(Arc<Backend>, u32)>,
+}
+
+impl ServicePort {
+    /// A backend for a new connection whose original destination is `like`'s family: by
+    /// weight among those with an endpoint in that family (`roll` is a random number);
+    /// `None` when none has one.
+    pub fn pick(&self, like: IpAddr, roll: u64) -> Option<&Arc<Backend>> {
+        let usable = || {
+            self.backends
+                .iter()
+                .filter(move |(b, w)| *w > 0 && b.has_endpoint_like(like))
+        };
+        let total: u64 = usable().map(|(_, w)| u64::from(*w)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut at = roll % total;
+        for (b, w) in usable() {
+            if at < u64::from(*w) {
+                return Some(b);
+            }
+            at -= u64::from(*w);
+        }
+        None
+    }
+}
+
+/// A Service port that takes connections: its endpoints, the port they listen on, and the
+/// traffic policies that may apply (most specific first; their sources are checked per
+/// connection).
+#[derive(Debug)]
+pub struct Backend {
+    pub key: ObjectKey,
+    /// `namespace/name`, for labels and logs.
+    pub name: String,
+    pub port: u16,
+    pub target_port: u16,
+    pub endpoints: Vec<Arc<Peer>>,
+    pub policies: Vec<Arc<TrafficPolicy>>,
     next: AtomicUsize,
 }
+
+impl Backend {
+    fn has_endpoint_like(&self, like: IpAddr) -> bool {
+        self.endpoints
+            .iter()
+            .any(|p| p.address_like(like).is_some())
+    }
+
+    /// Its endpoints with an address in `like`'s family, as targets.
+    pub fn targets(&self, like: IpAddr) -> Vec<Target> {
+        self.endpoints
+            .iter()
+            .filter_map(|peer| {
+                peer.address_like(like).map(|ip| Target {
+                    peer: peer.clone(),
+                    addr: SocketAddr::new(ip, self.target_port),
+                })
+            })
+            .collect()
+    }
+
+    /// The next turn of its round-robin.
+    pub fn turn(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The settings for a connection from `src`.
+    pub fn settings(&self, src: &Source<'_>) -> Effective {
+        traffic::resolve(self.policies.iter().map(|p| &**p), src)
+    }
+}
+
+/// Rate limits on one workload port: per Service that leads to it, its policies with a
+/// `rateLimit`, most specific first.
+pub type RateLimited = Vec<Vec<Arc<TrafficPolicy>>>;
+
+/// The directory's Service parts: by VIP and port, and rate limits by workload and port.
+type Services = (
+    HashMap<SocketAddr, Arc<ServicePort>>,
+    HashMap<(WorkloadId, u16), RateLimited>,
+);
 
 #[derive(Default)]
 pub struct Directory {
     peers: HashMap<WorkloadId, Arc<Peer>>,
     by_addr: HashMap<IpAddr, Arc<Peer>>,
-    by_vip: HashMap<SocketAddr, ServiceEntry>,
+    by_vip: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// Rate limits by workload and port (destination side).
+    rate_limits: HashMap<(WorkloadId, u16), RateLimited>,
     /// None until a view with a usable trust bundle arrives (always None in offline mode).
     tls: Option<TlsConfigs>,
     /// Policies for this node's workloads; empty in offline mode.
@@ -124,27 +212,7 @@ impl Directory {
             }
             peers.insert(key.clone(), peer);
         }
-        let mut by_vip = HashMap::new();
-        for (key, s) in &view.services {
-            for vip in s.vips.iter().filter_map(|v| mesh_api::ip_from_bytes(v)) {
-                for p in &s.ports {
-                    let (Ok(port), Ok(target_port)) =
-                        (u16::try_from(p.port), u16::try_from(p.target_port))
-                    else {
-                        continue;
-                    };
-                    by_vip.insert(
-                        SocketAddr::new(vip, port),
-                        ServiceEntry {
-                            name: key.to_string(),
-                            target_port,
-                            endpoints: endpoints(s, &peers),
-                            next: AtomicUsize::new(0),
-                        },
-                    );
-                }
-            }
-        }
+        let (by_vip, rate_limits) = services(view, &peers);
         let tls = if view.trust_roots.is_empty() {
             None
         } else {
@@ -164,6 +232,7 @@ impl Directory {
             peers,
             by_addr,
             by_vip,
+            rate_limits,
             tls,
             policies,
             transport: view.mesh_policy.transport,
@@ -183,30 +252,15 @@ impl Directory {
                 addr: dst,
             });
         }
-        let Some(svc) = self.by_vip.get(&dst) else {
-            return Route::Passthrough;
-        };
-        // Endpoints with an address in the family the application used, starting at the next
-        // one in turn.
-        let reachable: Vec<Target> = svc
-            .endpoints
-            .iter()
-            .filter_map(|peer| {
-                peer.address_like(dst.ip()).map(|ip| Target {
-                    peer: peer.clone(),
-                    addr: SocketAddr::new(ip, svc.target_port),
-                })
-            })
-            .collect();
-        let mut candidates = reachable;
-        if !candidates.is_empty() {
-            let start = svc.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
-            candidates.rotate_left(start);
+        match self.by_vip.get(&dst) {
+            Some(port) => Route::Service(port.clone()),
+            None => Route::Passthrough,
         }
-        Route::Service {
-            service: svc.name.clone(),
-            candidates,
-        }
+    }
+
+    /// The rate limits that protect `port` of `workload`, if any.
+    pub fn rate_limits(&self, workload: &WorkloadId, port: u16) -> Option<&RateLimited> {
+        self.rate_limits.get(&(workload.clone(), port))
     }
 
     pub fn peer(&self, key: &WorkloadId) -> Option<&Arc<Peer>> {
@@ -228,6 +282,94 @@ impl Directory {
     pub fn transport(&self) -> Transport {
         self.transport
     }
+}
+
+/// Every service VIP and port with what it leads to, and the rate limits of each workload port
+/// that a Service leads to.
+fn services(view: &MeshView, peers: &HashMap<WorkloadId, Arc<Peer>>) -> Services {
+    let root = &view.mesh_policy.root_namespace;
+    let policies = |key: &ObjectKey, port: u16| -> Vec<Arc<TrafficPolicy>> {
+        traffic::candidates(
+            view.traffic_policies.values().map(|p| &**p),
+            root,
+            key,
+            port,
+        )
+        .into_iter()
+        .filter_map(|p| view.traffic_policies.get(&p.key).cloned())
+        .collect()
+    };
+    // One per Service port, shared by every VIP and route that leads to it.
+    let mut backends: HashMap<(ObjectKey, u16), Arc<Backend>> = HashMap::new();
+    let mut backend = |key: &ObjectKey, port: u16| -> Option<Arc<Backend>> {
+        if let Some(b) = backends.get(&(key.clone(), port)) {
+            return Some(b.clone());
+        }
+        let s = view.services.get(key)?;
+        let p = s.ports.iter().find(|p| p.port == u32::from(port))?;
+        let target_port = u16::try_from(p.target_port).ok()?;
+        let b = Arc::new(Backend {
+            key: key.clone(),
+            name: key.to_string(),
+            port,
+            target_port,
+            endpoints: endpoints(s, peers),
+            policies: policies(key, port),
+            next: AtomicUsize::new(0),
+        });
+        backends.insert((key.clone(), port), b.clone());
+        Some(b)
+    };
+    let mut by_vip = HashMap::new();
+    let mut rate_limits: HashMap<(WorkloadId, u16), RateLimited> = HashMap::new();
+    for (key, s) in &view.services {
+        for p in &s.ports {
+            let Ok(port) = u16::try_from(p.port) else {
+                continue;
+            };
+            let Some(own) = backend(key, port) else {
+                continue;
+            };
+            let limited: Vec<Arc<TrafficPolicy>> = own
+                .policies
+                .iter()
+                .filter(|p| p.rate_limit.is_some())
+                .cloned()
+                .collect();
+            if !limited.is_empty() {
+                for peer in &own.endpoints {
+                    rate_limits
+                        .entry((peer.key.clone(), own.target_port))
+                        .or_default()
+                        .push(limited.clone());
+                }
+            }
+            let route = traffic::route_for(view.routes.values(), key, port);
+            let split = match route {
+                None => vec![(own, 1)],
+                Some(r) => r
+                    .backends
+                    .iter()
+                    .filter_map(|b| {
+                        let found = backend(&r.backend_key(b), b.port_for(port));
+                        if found.is_none() {
+                            tracing::debug!(route = %r.key, backend = %b.service, port = b.port_for(port), "a route's backend is not a Service with that port; its share goes to the others");
+                        }
+                        found.map(|found| (found, b.weight))
+                    })
+                    .collect(),
+            };
+            let entry = Arc::new(ServicePort {
+                service: key.to_string(),
+                route: route.map(|r| r.key.to_string()),
+                backends: split,
+            });
+            for vip in s.vips.iter().filter_map(|v| mesh_api::ip_from_bytes(v)) {
+                by_vip.insert(SocketAddr::new(vip, port), entry.clone());
+            }
+        }
+    }
+    (by_vip, rate_limits)
 }
 
 /// The service's endpoints (`namespace/name` keys on the wire) that the view knows.
@@ -311,32 +453,70 @@ mod tests {
         assert!(dir.is_mesh_destination(addr("10.96.0.1:80")));
         assert!(!dir.is_mesh_destination(addr("10.96.0.1:81")));
         assert!(!dir.is_mesh_destination(addr("10.0.0.9:9000")));
-        let mut firsts = Vec::new();
-        for _ in 0..4 {
-            assert!(dir.is_mesh_destination(addr("10.96.0.1:80")));
-            match dir.route(addr("10.96.0.1:80")) {
-                Route::Service {
-                    service,
-                    candidates,
-                } => {
-                    assert_eq!(service, "default/web");
-                    // The endpoint that is not in the view is skipped.
-                    assert_eq!(candidates.len(), 2);
-                    assert!(candidates.iter().all(|t| t.addr.port() == 8080));
-                    firsts.push(candidates[0].addr);
-                }
-                other => panic!("{other:?}"),
-            }
-        }
+        let Route::Service(port) = dir.route(addr("10.96.0.1:80")) else {
+            panic!("not the service")
+        };
+        assert_eq!(port.service, "default/web");
+        assert_eq!(port.route, None);
+        let backend = port.pick(addr("10.96.0.1:80").ip(), 7).unwrap();
+        // The endpoint that is not in the view is skipped.
+        let targets: Vec<_> = backend.targets(addr("10.96.0.1:80").ip());
         assert_eq!(
-            firsts,
-            [
-                addr("10.0.0.2:8080"),
-                addr("10.0.0.3:8080"),
-                addr("10.0.0.2:8080"),
-                addr("10.0.0.3:8080")
-            ]
+            targets.iter().map(|t| t.addr).collect::<Vec<_>>(),
+            [addr("10.0.0.2:8080"), addr("10.0.0.3:8080")]
         );
+        assert_eq!((backend.turn(), backend.turn()), (0, 1));
+    }
+
+    #[test]
+    fn routes_split_by_weight_over_backends_that_exist() {
+        let mut view = view();
+        let mut v2 = view.services[&WorkloadId::new("default", "web")].clone();
+        v2.name = "web-v2".into();
+        v2.vips = vec![vec![10, 96, 0, 2]];
+        v2.endpoints = vec!["default/c".into()];
+        view.services
+            .insert(WorkloadId::new("default", "web-v2"), v2);
+        let route = |backends: &[(&str, u32)]| mesh_model::traffic::ServiceRoute {
+            key: WorkloadId::new("default", "canary"),
+            service: "web".into(),
+            port: None,
+            backends: backends
+                .iter()
+                .map(|(s, w)| mesh_model::traffic::Backend {
+                    service: s.to_string(),
+                    port: None,
+                    weight: *w,
+                })
+                .collect(),
+        };
+        view.routes.insert(
+            WorkloadId::new("default", "canary"),
+            route(&[("web", 90), ("web-v2", 10), ("missing", 50)]),
+        );
+        let dir = Directory::new(&view, Arc::default());
+        let Route::Service(port) = dir.route(addr("10.96.0.1:80")) else {
+            panic!("not the service")
+        };
+        assert_eq!(port.route.as_deref(), Some("default/canary"));
+        // The missing backend is left out: its share goes to the others.
+        assert_eq!(port.backends.len(), 2);
+        let ip = addr("10.96.0.1:80").ip();
+        let picks: Vec<String> = (0..100u64)
+            .map(|roll| port.pick(ip, roll).unwrap().name.clone())
+            .collect();
+        assert_eq!(picks.iter().filter(|n| *n == "default/web-v2").count(), 10);
+        // A backend with no endpoint in the family takes nothing.
+        assert!(port.pick("fd00::1".parse().unwrap(), 0).is_some());
+        view.routes.insert(
+            WorkloadId::new("default", "canary"),
+            route(&[("web", 0), ("web-v2", 100)]),
+        );
+        let dir = Directory::new(&view, Arc::default());
+        let Route::Service(port) = dir.route(addr("10.96.0.1:80")) else {
+            panic!("not the service")
+        };
+        assert!((0..50u64).all(|roll| port.pick(ip, roll).unwrap().name == "default/web-v2"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::metrics::Pair;
 const APP_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app"];
 
 /// The application `peer` is a replica of, for the labels.
-fn workload_of(peer: &Peer) -> &str {
+pub fn workload_of(peer: &Peer) -> &str {
     APP_LABELS
         .iter()
         .find_map(|l| peer.labels.get(*l).filter(|v| !v.is_empty()))

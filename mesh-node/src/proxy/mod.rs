@@ -12,6 +12,9 @@
 //!   passed on; the tunnel's side of it (records sealed and opened in place) is
 //!   `tunnel/copy.rs`.
 //! - `limits.rs`: how many connections and handshakes each pod and each source may have.
+//! - `traffic/`: endpoint choice, connect attempts, per-Service limits, outlier ejection,
+//!   rate limits and connection expiry (TrafficPolicy), with the state that outlives a
+//!   directory rebuild.
 //! - `kernel_policy.rs`: what the kernel refuses before the proxy sees it (fast deny, the
 //!   inbound mTLS mode).
 
@@ -24,12 +27,12 @@ pub mod limits;
 pub mod local;
 pub mod outbound;
 pub mod relay;
+pub mod traffic;
 
 use std::{
-    collections::HashMap,
     io,
     net::SocketAddr,
-    sync::{atomic::AtomicU64, Arc, RwLock},
+    sync::{atomic::AtomicU64, Arc},
     time::{Duration, Instant},
 };
 
@@ -71,15 +74,15 @@ pub struct Shared {
     pub limits: Arc<limits::Limits>,
     /// The trust roots in force, which tunnels watch.
     pub anchors: Arc<crate::tunnel::anchors::Anchors>,
-    health: EndpointHealth,
+    /// Per-Service state: endpoints' load and health, limits (TrafficPolicy).
+    pub traffic: traffic::Traffic,
     next_connection_id: AtomicU64,
 }
 
 impl Shared {
     pub fn new(
         capture: Arc<Capture>,
-        metrics: Arc<crate::metrics::ConnectionMetrics>,
-        tunnel_metrics: Arc<crate::metrics::TunnelMetrics>,
+        metrics: &crate::metrics::Metrics,
         connect_timeout: Duration,
         directory: watch::Receiver<Arc<Directory>>,
         local: local::LocalPods,
@@ -87,8 +90,8 @@ impl Shared {
     ) -> Self {
         Self {
             capture,
-            metrics,
-            tunnel_metrics,
+            metrics: metrics.connections.clone(),
+            tunnel_metrics: metrics.tunnels.clone(),
             connect_timeout,
             directory,
             local,
@@ -97,7 +100,7 @@ impl Shared {
             quic: crate::tunnel::quic::Connections::default(),
             limits,
             anchors: Arc::default(),
-            health: EndpointHealth::default(),
+            traffic: traffic::Traffic::new(metrics.traffic.clone()),
             // Unique per daemon run; the pid keeps ids from two runs apart in the logs.
             next_connection_id: AtomicU64::new(u64::from(std::process::id()) << 32),
         }
@@ -257,36 +260,6 @@ where
     }
 }
 
-/// Service endpoints that failed recently are tried last for a while (passive health).
-#[derive(Default)]
-struct EndpointHealth {
-    failed_until: RwLock<HashMap<WorkloadId, Instant>>,
-}
-
-impl EndpointHealth {
-    const HOLD_DOWN: Duration = Duration::from_secs(5);
-
-    fn is_healthy(&self, key: &WorkloadId) -> bool {
-        let failed = self.failed_until.read().unwrap_or_else(|p| p.into_inner());
-        failed.get(key).is_none_or(|until| *until <= Instant::now())
-    }
-
-    fn failed(&self, key: &WorkloadId) {
-        let mut failed = self.failed_until.write().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        failed.retain(|_, until| *until > now);
-        failed.insert(key.clone(), now + Self::HOLD_DOWN);
-    }
-
-    fn succeeded(&self, key: &WorkloadId) {
-        if !self.is_healthy(key) {
-            self.failed_until
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(key);
-        }
-    }
-}
 #[cfg(test)]
 mod tests {
     use super::{inbound, outbound};

@@ -12,18 +12,22 @@ use std::{
 
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
 use mesh_ebpf_common::OUTBOUND_PORT;
+use mesh_model::{authz::Source, traffic::Connect};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::labels::PairOf as _;
 use super::{
     authz::OpenGuard,
-    directory::{Directory, Route, Target},
+    directory::{Directory, Route, ServicePort, Target},
     inbound::{self, Admitted, Delivery},
     relay::{self, reset, Stream},
+    traffic::{expiry::Expiry, Limited, Slot},
     PodContext,
 };
-use crate::metrics::{tunnels as tunnel_metrics, Details, FailReason, Outcome, Pair, Reporter};
+use crate::metrics::{
+    traffic::Attempt, tunnels as tunnel_metrics, Details, FailReason, Outcome, Pair, Reporter,
+};
 use crate::transport::Transport;
 use crate::tunnel::{
     header, pool,
@@ -32,10 +36,8 @@ use crate::tunnel::{
     Session, TlsConfigs, TUNNEL_PORT,
 };
 
-/// Limit for the TLS handshake plus the header exchange, after the TCP connect.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Service endpoints tried per connection before giving up.
-const MAX_ENDPOINT_ATTEMPTS: usize = 3;
+/// Longest wait before a retry, however many attempts came before.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Listener addresses inside every pod: the connect hooks rewrite to exactly these.
 pub fn listen_addrs() -> [SocketAddr; 2] {
@@ -94,7 +96,7 @@ enum SendError {
         addr: SocketAddr,
         source: quic::QuicError,
     },
-    #[error("no answer from {addr} within {HANDSHAKE_TIMEOUT:?}")]
+    #[error("no answer from {addr} within the connect timeout")]
     Timeout { addr: SocketAddr },
     #[error("the destination refused ({status:?}): {reason}")]
     Refused { status: Status, reason: String },
@@ -157,7 +159,25 @@ impl SendError {
         }
     }
 
-    /// Whether another endpoint of the same service might work.
+    /// Whether it says the endpoint is unwell (outlier detection counts it): it could not be
+    /// reached, or its application refused. A deny, a rate limit or this node not being
+    /// ready says nothing about it.
+    fn endpoint_failed(&self) -> bool {
+        match self {
+            SendError::Connect { .. }
+            | SendError::Handshake { .. }
+            | SendError::Quic { .. }
+            | SendError::Header { .. }
+            | SendError::Timeout { .. } => true,
+            SendError::Refused { status, .. } => {
+                matches!(status, Status::UpstreamFailed | Status::Overloaded)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether another endpoint of the same service might work: only failures before the
+    /// destination accepted the connection are retried, and never a deny or a rate limit.
     fn try_next(&self) -> bool {
         match self {
             SendError::Connect { .. }
@@ -196,10 +216,22 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     // The relay, inline rather than an `async fn` of its own: a function's arguments would
     // stay in every connection's task beside the copies it moves them into.
     let Outgoing {
-        dst, pair, details, ..
+        dst,
+        pair,
+        details,
+        held,
+        ..
     } = out;
     let mut conn = metrics.opened(Reporter::Source, &pair, *details);
     drop(pair);
+    // A Service connection's idle timeout and maximum duration watch it beside the token the
+    // relay waits on anyway (a policy change, a withdrawn root).
+    let (idle, max) = held
+        .as_ref()
+        .map_or((Duration::ZERO, Duration::ZERO), |h| (h.idle, h.max));
+    let totals = conn.totals();
+    let expire = |within| Expiry::start(idle, max, totals.clone(), within);
+    let expiry: Option<Expiry>;
     // A delivery on this node is also reported by its destination, in the same relay.
     let mut local = None;
     // A tunnel ends with its destination's root (see tunnel/anchors.rs).
@@ -210,29 +242,44 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     let withdrawn = trust.as_ref();
     let (result, pooled) = match upstream {
-        Upstream::Plain(s) => (
-            relay::relay(client, Stream::Plain(s), None, &conn.traffic).await,
-            None,
-        ),
+        Upstream::Plain(s) => {
+            expiry = expire(None);
+            let closed = expiry.as_ref().map(Expiry::token);
+            (
+                relay::relay(client, Stream::Plain(s), closed, &conn.traffic).await,
+                None,
+            )
+        }
         Upstream::Local(s, guard, admitted) => {
             let dest = local.insert((inbound::opened(metrics, admitted), guard));
             // The relay holds the client, not the destination's application.
             let traffic = conn.traffic.clone().and(&dest.0.traffic.swapped());
-            let closed = Some(dest.1.closed());
+            expiry = expire(Some(dest.1.closed()));
+            let closed = expiry.as_ref().map(Expiry::token).or(Some(dest.1.closed()));
             (
                 relay::relay(client, Stream::Plain(s), closed, &traffic).await,
                 None,
             )
         }
-        Upstream::Tunnel { session, key, .. } => (
-            relay::relay(client, Stream::Tunnel(session), withdrawn, &conn.traffic).await,
-            Some(key),
-        ),
-        Upstream::Quic { stream, .. } => (
-            relay::relay(client, Stream::Quic(stream), withdrawn, &conn.traffic).await,
-            None,
-        ),
+        Upstream::Tunnel { session, key, .. } => {
+            expiry = expire(withdrawn);
+            let closed = expiry.as_ref().map(Expiry::token).or(withdrawn);
+            (
+                relay::relay(client, Stream::Tunnel(session), closed, &conn.traffic).await,
+                Some(key),
+            )
+        }
+        Upstream::Quic { stream, .. } => {
+            expiry = expire(withdrawn);
+            let closed = expiry.as_ref().map(Expiry::token).or(withdrawn);
+            (
+                relay::relay(client, Stream::Quic(stream), closed, &conn.traffic).await,
+                None,
+            )
+        }
     };
+    // The limits and the endpoint's load count the connection until here.
+    drop(held);
     match result {
         Ok(done) => {
             if let (Some(key), Some(session)) = (pooled, done.session) {
@@ -243,7 +290,10 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             let by_policy = local
                 .as_ref()
                 .is_some_and(|(_, g)| g.closed().is_cancelled());
-            let reason = if by_policy {
+            let reason = if let Some(expired) = expiry.as_ref().and_then(Expiry::expired) {
+                tracing::debug!(workload = %ctx.workload, %dst, reason = expired.as_str(), "closing an expired connection");
+                expired
+            } else if by_policy {
                 FailReason::ClosedByPolicy
             } else if withdrawn.is_some_and(|w| w.is_cancelled()) {
                 // Anchors::keep_only warned once for the root; a QUIC connection may carry
@@ -271,6 +321,17 @@ struct Outgoing {
     // Boxed: they live across the connect, and a connection's task stays small.
     pair: Box<Pair>,
     details: Box<Details>,
+    /// What a Service connection holds until it ends: its share of the limits and of its
+    /// endpoint's load, and its expiry settings.
+    held: Option<Box<Held>>,
+}
+
+/// See [`Outgoing::held`].
+struct Held {
+    _open: Slot,
+    _endpoint: Slot,
+    idle: Duration,
+    max: Duration,
 }
 
 impl Outgoing {
@@ -322,6 +383,7 @@ impl Outgoing {
             dst,
             pair,
             details,
+            held: None,
         })
     }
 
@@ -356,7 +418,9 @@ impl Outgoing {
                     tunnel
                 };
                 let id = self.details.connection_id;
-                match Box::pin(send(ctx, dir, &target, peer, id)).await {
+                self.details.attempts = 1;
+                let deadline = tokio::time::Instant::now() + Connect::default().timeout;
+                match Box::pin(send(ctx, dir, &target, peer, id, deadline)).await {
                     Ok(up) => Some(up),
                     Err(e) => {
                         failed(self, e.reason(), &e.to_string());
@@ -369,28 +433,30 @@ impl Outgoing {
                     }
                 }
             }
-            Route::Service {
-                service,
-                candidates,
-            } => {
-                self.pair.destination_service.clone_from(&service);
+            Route::Service(port) => {
+                self.pair.destination_service.clone_from(&port.service);
                 self.details.transport = tunnel;
-                let id = self.details.connection_id;
-                match Box::pin(send_to_service(ctx, dir, &service, candidates, peer, id)).await {
-                    Some((up, target)) => {
+                let sent =
+                    send_to_service(ctx, dir, &port, dst, peer, &self.pair, &mut self.details);
+                match Box::pin(sent).await {
+                    Ok(Sent {
+                        upstream,
+                        target,
+                        held,
+                    }) => {
                         to_target(&mut self.pair, &target);
                         self.details.destination_address = Some(target.addr);
-                        if matches!(up, Upstream::Local(..)) {
+                        if matches!(upstream, Upstream::Local(..)) {
                             self.details.transport = Transport::Local;
                         }
-                        Some(up)
+                        self.held = Some(held);
+                        Some(upstream)
                     }
-                    None => {
-                        let detail = "no endpoint of the service could be reached";
-                        failed(self, FailReason::NoEndpoint, detail);
+                    Err(NotSent { reason, detail }) => {
+                        failed(self, reason, &detail);
                         tracing::info!(
-                            workload = %ctx.workload, %dst, %service,
-                            "no endpoint of the service could be reached; resetting the client connection"
+                            workload = %ctx.workload, %dst, service = %port.service, %detail,
+                            "cannot reach the service; resetting the client connection"
                         );
                         None
                     }
@@ -406,38 +472,153 @@ fn to_target(pair: &mut Pair, target: &Target) {
     *pair = std::mem::take(pair).with_destination(&target.peer);
 }
 
-/// Tries the service's endpoints in the directory's order, those that failed recently last.
+/// A connection made to a Service: where it went, and what it holds until it ends.
+struct Sent {
+    upstream: Upstream,
+    target: Target,
+    held: Box<Held>,
+}
+
+/// Why a connection to a Service was not made, for the metrics and the access log.
+struct NotSent {
+    reason: FailReason,
+    detail: String,
+}
+
+/// Sends a connection to a Service port: a backend by the route's weights, the traffic
+/// settings for this source, the limits, then endpoints in the balancer's order, one attempt
+/// each (round again when there are fewer endpoints than attempts) until one accepts.
 async fn send_to_service(
     ctx: &PodContext,
     dir: &Directory,
-    service: &str,
-    mut candidates: Vec<Target>,
+    port: &ServicePort,
+    dst: SocketAddr,
     peer: SocketAddr,
-    id: u64,
-) -> Option<(Upstream, Target)> {
-    let health = &ctx.shared.health;
-    // Stable: keeps the round-robin order within the healthy and the failed group.
-    candidates.sort_by_key(|t| !health.is_healthy(&t.peer.key));
-    for target in candidates.iter().take(MAX_ENDPOINT_ATTEMPTS) {
-        match send(ctx, dir, target, peer, id).await {
-            Ok(up) => {
-                health.succeeded(&target.peer.key);
-                return Some((up, target.clone()));
+    pair: &Pair,
+    details: &mut Details,
+) -> Result<Sent, NotSent> {
+    let not_sent = |reason, detail: String| NotSent { reason, detail };
+    let traffic = &ctx.shared.traffic;
+    let backend = port.pick(dst.ip(), fastrand::u64(..)).ok_or_else(|| {
+        let detail = format!(
+            "no endpoint of {} takes {} connections",
+            port.service,
+            family(dst.ip())
+        );
+        not_sent(FailReason::NoEndpoint, detail)
+    })?;
+    if let Some(route) = &port.route {
+        details.backend.clone_from(&backend.name);
+        traffic.metrics.routed(route, &port.service, &backend.name);
+    }
+    let me = dir.peer(&ctx.workload);
+    let settings = backend.settings(&Source {
+        address: me
+            .and_then(|me| me.address_like(dst.ip()))
+            .unwrap_or(dst.ip()),
+        workload: me.map(|me| me.as_source()),
+    });
+    let state = traffic.service(backend);
+    let (open, pending) = state
+        .admit(&settings.connection_limits.value)
+        .map_err(|limited| {
+            let (reason, detail) = match limited {
+                Limited::Connections(n) => (
+                    FailReason::ConnectionLimit,
+                    format!("{n} connections to {} open from this node (connectionLimits.maxConnections)", backend.name),
+                ),
+                Limited::Pending(n) => (
+                    FailReason::PendingLimit,
+                    format!("{n} connects to {} in progress from this node (connectionLimits.maxPendingConnects)", backend.name),
+                ),
+            };
+            tracing::warn!(workload = %ctx.workload, service = %backend.name, %detail, "connection refused by a limit");
+            not_sent(reason, detail)
+        })?;
+    let od = &settings.outlier_detection.value;
+    let targets = backend.targets(dst.ip());
+    let endpoints = targets.len();
+    let order = state.order(targets, settings.load_balancer.value, od, backend.turn());
+    let connect = settings.connect.value;
+    let mut last = None;
+    for attempt in 0..connect.max_attempts {
+        let Some(candidate) = order.get(attempt as usize % order.len().max(1)) else {
+            break;
+        };
+        if attempt > 0 {
+            traffic
+                .metrics
+                .retry(&pair.source_workload, &pair.source_namespace, &backend.name);
+            let wait = connect
+                .backoff
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(MAX_BACKOFF);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        details.attempts = attempt + 1;
+        let target = &candidate.target;
+        let endpoint = candidate.hold();
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + connect.timeout;
+        let id = details.connection_id;
+        let result = tokio::time::timeout_at(deadline, send(ctx, dir, target, peer, id, deadline))
+            .await
+            .unwrap_or(Err(SendError::Timeout { addr: target.addr }));
+        let labels = Attempt {
+            source_workload: &pair.source_workload,
+            source_namespace: &pair.source_namespace,
+            service: &backend.name,
+            destination_workload: super::labels::workload_of(&target.peer),
+            destination_namespace: &target.peer.key.namespace,
+        };
+        traffic.metrics.attempt(&labels, result.is_ok());
+        match result {
+            Ok(upstream) => {
+                state.succeeded(&target.peer.key, started.elapsed());
+                drop(pending);
+                return Ok(Sent {
+                    upstream,
+                    target: target.clone(),
+                    held: Box::new(Held {
+                        _open: open,
+                        _endpoint: endpoint,
+                        idle: settings.idle_timeout.value,
+                        max: settings.max_connection_duration.value,
+                    }),
+                });
             }
             Err(e) => {
                 tracing::info!(
-                    workload = %ctx.workload, %service, endpoint = %target.peer.key,
-                    addr = %target.addr, error = %e, "service endpoint failed"
+                    workload = %ctx.workload, service = %backend.name, endpoint = %target.peer.key,
+                    addr = %target.addr, attempt = attempt + 1, error = %e, "service endpoint failed"
                 );
                 ctx.shared.tunnel_metrics.count(Outcome::OutFailed);
-                if !e.try_next() {
-                    return None;
+                if e.endpoint_failed() {
+                    if let Some(out) = state.failed(&target.peer.key, od, endpoints) {
+                        tracing::warn!(
+                            service = %backend.name, endpoint = %target.peer.key,
+                            ejected_for = %mesh_model::duration::format(out),
+                            "endpoint ejected after consecutive connect failures (outlier detection)"
+                        );
+                    }
                 }
-                health.failed(&target.peer.key);
+                if !e.try_next() {
+                    return Err(not_sent(e.reason(), e.to_string()));
+                }
+                last = Some(e);
             }
         }
     }
-    None
+    let detail = match last {
+        Some(e) => format!(
+            "no endpoint of {} could be reached in {} attempts; the last: {e}",
+            backend.name, details.attempts
+        ),
+        None => format!("{} has no endpoint to try", backend.name),
+    };
+    Err(not_sent(FailReason::NoEndpoint, detail))
 }
 
 /// Sends one connection to a mesh workload: directly when it is a pod on this node, through a
@@ -448,6 +629,7 @@ async fn send(
     target: &Target,
     app_peer: SocketAddr,
     id: u64,
+    deadline: tokio::time::Instant,
 ) -> Result<Upstream, SendError> {
     let me = &ctx.workload;
     let source = dir
@@ -500,18 +682,17 @@ async fn send(
     };
     if dir.transport() == mesh_model::Transport::Quic {
         let config = tls.client(&source_id, target.peer.identity.clone())?;
-        let (stream, reused) = send_quic(ctx, &key, (config, tls), &request).await?;
+        let (stream, reused) = send_quic(ctx, &key, (config, tls), &request, deadline).await?;
         tracing::debug!(workload = %me, destination = %target.peer.key, %addr, id = delivery.connection_id, "QUIC stream open");
         return Ok(Upstream::Quic { stream, reused });
     }
     // A pooled session first; else a place among the handshakes in flight to the node, and
     // the pool again (a session may have come back meanwhile); else a new session; all of it
-    // within one handshake timeout after the pool.
+    // before the attempt's deadline.
     let mut gate = None;
-    let mut deadline = tokio::time::Instant::now();
     loop {
         if let Some(session) = ctx.shared.tunnels.take(&key) {
-            let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange(session, &request, addr));
+            let answer = tokio::time::timeout_at(deadline, exchange(session, &request, addr));
             match answer.await.unwrap_or(Err(SendError::Timeout { addr })) {
                 Ok(session) => {
                     let tunnels = &ctx.shared.tunnel_metrics;
@@ -538,15 +719,14 @@ async fn send(
         if gate.is_some() {
             break;
         }
-        deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
         let gated = ctx.shared.tunnels.gate(&key, &target.peer.node);
         let wait = tokio::time::timeout_at(deadline, gated);
         gate = Some(wait.await.map_err(|_| SendError::Timeout { addr })?);
     }
     let config = tls.client(&source_id, target.peer.identity.clone())?;
-    let tcp = ctx
-        .connect_in_pod(addr)
+    let tcp = tokio::time::timeout_at(deadline, ctx.connect_in_pod(addr))
         .await
+        .map_err(|_| SendError::Timeout { addr })?
         .map_err(|source| SendError::Connect { addr, source })?;
     let name = ServerName::IpAddress(target.addr.ip().into());
     let open = async {
@@ -586,6 +766,7 @@ async fn send_quic(
     key: &pool::Key,
     (tls, trust): (Arc<rustls::ClientConfig>, &TlsConfigs),
     request: &TunnelRequest,
+    deadline: tokio::time::Instant,
 ) -> Result<(Box<TunnelStream>, bool), SendError> {
     let addr = key.destination;
     let endpoint = ctx.quic.as_ref().ok_or(SendError::Quic {
@@ -626,7 +807,7 @@ async fn send_quic(
                     }),
                 }
             };
-        let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
+        let outcome = tokio::time::timeout_at(deadline, attempt)
             .await
             .unwrap_or(Err(SendError::Timeout { addr }));
         match outcome {

@@ -53,7 +53,7 @@ pub const BY_TRUST: &str = "the trust root of its tunnel's peer was withdrawn";
 /// Copies both ways until both sides have ended. A FIN is passed on as a FIN (through a
 /// tunnel: as an end-of-stream record), so half-closed connections keep working; a reset or
 /// error on either side resets both, and so does `closed` firing (a policy change denied the
-/// connection, or the trust root of its tunnel was withdrawn). Returns the error after
+/// connection, the trust root of its tunnel was withdrawn, or it expired). Returns the error after
 /// resetting.
 pub async fn relay(
     app: TcpStream,
@@ -85,7 +85,7 @@ pub async fn relay(
         biased;
         () = closed => Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
-            "closed: a policy change denies this connection, or its tunnel's trust root was withdrawn",
+            "closed: a policy change denies this connection, its tunnel's trust root was withdrawn, or it expired (idleTimeout, maxConnectionDuration)",
         )),
         copied = copy => copied,
     };

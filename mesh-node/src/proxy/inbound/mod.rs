@@ -149,6 +149,7 @@ pub fn refusal_reason(status: Status) -> FailReason {
         Status::Denied => FailReason::Denied,
         Status::UpstreamFailed => FailReason::UpstreamConnect,
         Status::Overloaded => FailReason::Overloaded,
+        Status::RateLimited => FailReason::RateLimited,
         _ => FailReason::Refused,
     }
 }
@@ -295,6 +296,9 @@ async fn authorize_and_connect(
         refusal.decided = Some(Box::new((details.policy, details.rule)));
         return Err(refusal);
     }
+    if let Some(refusal) = rate_limited(pod, &request) {
+        return Err(refusal);
+    }
     let destination = request.destination_addr;
     let upstream = pod.connect_in_pod(destination).await.map_err(|e| {
         Refusal::new(
@@ -306,6 +310,40 @@ async fn authorize_and_connect(
         upstream,
         guard,
         report: Box::new((pair, details)),
+    })
+}
+
+/// The refusal of a connection over a rate limit on its destination port, if it is: each
+/// Service that leads there has its own, from its most specific policy that takes the source.
+fn rate_limited(pod: &PodContext, request: &authz::Request) -> Option<Refusal> {
+    let dir = pod.shared.directory();
+    let limited = dir.rate_limits(&request.destination, request.destination_addr.port())?;
+    authz::with_source(&dir, request, |src| {
+        for candidates in limited {
+            let Some(policy) = candidates.iter().find(|p| p.takes_source(src)) else {
+                continue;
+            };
+            let Some(limit) = policy.rate_limit else {
+                continue;
+            };
+            if !pod
+                .shared
+                .traffic
+                .rates
+                .admit(&policy.key, &request.destination, limit)
+            {
+                return Some(Refusal::new(
+                    Status::RateLimited,
+                    format!(
+                        "over the rate limit of TrafficPolicy {} ({} connections per {})",
+                        policy.key,
+                        limit.connections,
+                        mesh_model::duration::format(limit.interval)
+                    ),
+                ));
+            }
+        }
+        None
     })
 }
 

@@ -1,0 +1,111 @@
+//! Traffic management at the source: connect attempts and retries, outlier ejections, route
+//! decisions. Refusals by a connection limit or a rate limit are failed connections and are
+//! counted with their reason in `connections.rs`.
+//!
+//! Labels name workloads and Services, never pods, so the series grow with the pairs and
+//! Services a node carries.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use super::{MetricsError, PREFIX};
+
+pub struct TrafficMetrics {
+    attempts: IntCounterVec,
+    retries: IntCounterVec,
+    ejected: IntGaugeVec,
+    ejections: IntCounterVec,
+    routes: IntCounterVec,
+}
+
+/// One connect attempt's labels: who tried which Service's endpoint.
+pub struct Attempt<'a> {
+    pub source_workload: &'a str,
+    pub source_namespace: &'a str,
+    pub service: &'a str,
+    pub destination_workload: &'a str,
+    pub destination_namespace: &'a str,
+}
+
+impl TrafficMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, MetricsError> {
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<_, MetricsError> {
+            let c = IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let ejected = IntGaugeVec::new(
+            Opts::new(
+                format!("{PREFIX}_service_endpoints_ejected"),
+                "Endpoints of the Service port this node leaves out for now (outlier detection).",
+            ),
+            &["service", "port"],
+        )?;
+        registry.register(Box::new(ejected.clone()))?;
+        Ok(Self {
+            attempts: counter(
+                "connect_attempts_total",
+                "Connect attempts to Service endpoints, by the endpoint's workload and result \
+                 (ok, or failed: refused, timed out or no tunnel, before the destination \
+                 accepted).",
+                &[
+                    "source_workload",
+                    "source_namespace",
+                    "destination_service",
+                    "destination_workload",
+                    "destination_namespace",
+                    "result",
+                ],
+            )?,
+            retries: counter(
+                "connect_retries_total",
+                "Connect attempts after a connection's first (connect.maxAttempts).",
+                &["source_workload", "source_namespace", "destination_service"],
+            )?,
+            ejected,
+            ejections: counter(
+                "service_ejections_total",
+                "Times an endpoint of the Service port was ejected by outlier detection.",
+                &["service", "port"],
+            )?,
+            routes: counter(
+                "route_decisions_total",
+                "New connections a ServiceRoute sent to each backend Service.",
+                &["route", "service", "backend"],
+            )?,
+        })
+    }
+
+    pub fn attempt(&self, a: &Attempt<'_>, ok: bool) {
+        self.attempts
+            .with_label_values(&[
+                a.source_workload,
+                a.source_namespace,
+                a.service,
+                a.destination_workload,
+                a.destination_namespace,
+                if ok { "ok" } else { "failed" },
+            ])
+            .inc();
+    }
+
+    pub fn retry(&self, source_workload: &str, source_namespace: &str, service: &str) {
+        self.retries
+            .with_label_values(&[source_workload, source_namespace, service])
+            .inc();
+    }
+
+    /// The gauge and counter of one Service port's ejections.
+    pub fn ejection_series(&self, service: &str, port: u16) -> (IntGauge, IntCounter) {
+        let port = port.to_string();
+        (
+            self.ejected.with_label_values(&[service, &port]),
+            self.ejections.with_label_values(&[service, &port]),
+        )
+    }
+
+    pub fn routed(&self, route: &str, service: &str, backend: &str) {
+        self.routes
+            .with_label_values(&[route, service, backend])
+            .inc();
+    }
+}
