@@ -1,20 +1,28 @@
 //! `cargo xtask up`: a sandbox mesh until Ctrl-C: mesh-cp, two nodes, and the seeds' scenario:
 //! order calls payment (pod IP and service VIP, through the tunnel) and inventory; analytics is
-//! denied payment by an AccessPolicy, in its own node's kernel. With Prometheus installed, a
-//! server on loopback scrapes both nodes and the control plane.
+//! denied payment by an AccessPolicy, in its own node's kernel; a canary, payment-v2, takes
+//! 10 % of the new connections to payment's VIP by a ServiceRoute, and each round prints the
+//! split it saw. With Prometheus installed, a server on loopback scrapes both nodes and the
+//! control plane.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use mesh_tests::{
     app::{self, Server},
-    mesh::{service_yaml, sibling_bin, workloads_yaml},
+    mesh::{sibling_bin, workloads_yaml},
     prom::{PrometheusServer, CP_JOB, NODE_JOB},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
 const PORT: u16 = 8080;
 const VIP: &str = "10.96.0.10";
+const V2_VIP: &str = "10.96.0.11";
+/// Where payment and payment-v2 also answer their name (`app.py ident`), for the canary's
+/// split; the Services take it on port 90.
+const NAME_PORT: u16 = 9090;
+/// New connections per round to see the canary's split.
+const SPLIT_SAMPLE: u32 = 50;
 
 pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     crate::prereqs::ensure_all()?;
@@ -28,36 +36,52 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         "mycel-up",
         &[
             NodeSpec::new("node1", &["order", "analytics", "db"]),
-            NodeSpec::new("node2", &["payment", "inventory"]),
+            NodeSpec::new("node2", &["payment", "payment-v2", "inventory"]),
         ],
     )
     .map_err(|e| anyhow::anyhow!("creating the sandbox: {e}"))?;
-    let (order, analytics, db, payment, inventory) = (
+    let (order, analytics, db, payment, payment_v2, inventory) = (
         topo.pod("order"),
         topo.pod("analytics"),
         topo.pod("db"),
         topo.pod("payment"),
+        topo.pod("payment-v2"),
         topo.pod("inventory"),
     );
-    let _servers = [
-        Server::start(payment, PORT).context("starting the demo server in pod payment")?,
-        Server::start(inventory, PORT).context("starting the demo server in pod inventory")?,
-    ];
+    let mut servers = Vec::new();
+    for pod in [payment, payment_v2, inventory] {
+        servers.push(
+            Server::start(pod, PORT)
+                .with_context(|| format!("starting the demo server in pod {}", pod.name))?,
+        );
+    }
+    for pod in [payment, payment_v2] {
+        let mut ident = std::process::Command::new("/usr/bin/python3");
+        ident
+            .arg(app::script())
+            .args(["ident", &NAME_PORT.to_string(), &pod.name, "0"]);
+        servers.push(
+            Server::spawn(pod, &mut ident)
+                .with_context(|| format!("starting the name server in pod {}", pod.name))?,
+        );
+    }
     let config = format!(
-        "{}---\n{}",
-        workloads_yaml(&[order, analytics, payment, inventory]),
-        service_yaml("payment", VIP, 80, PORT, "payment")
+        "{}---\n{}---\n{}",
+        workloads_yaml(&[order, analytics, payment, payment_v2, inventory]),
+        payment_service("payment", VIP),
+        payment_service("payment-v2", V2_VIP),
     );
     let cp = ControlPlane::start(
         &topo.prefix,
         &[
             ("mesh.yaml", &config),
             ("block-analytics.yaml", BLOCK_ANALYTICS),
+            ("payment-canary.yaml", CANARY),
         ],
     )
     .context("starting mesh-cp")?;
     let mut nodes = Vec::new();
-    for (name, enrolled) in [("node1", 2), ("node2", 2)] {
+    for (name, enrolled) in [("node1", 2), ("node2", 3)] {
         let mut node = MeshNode::connect(topo.node(name), &cp, None, &[])
             .with_context(|| format!("starting mesh-node on {name}"))?;
         node.wait_for(Duration::from_secs(30), |s| {
@@ -66,6 +90,7 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         .with_context(|| format!("waiting for mesh-node on {name}"))?;
         nodes.push(node);
     }
+    let _servers = servers;
     let (node1, node2) = (&nodes[0], &nodes[1]);
     let prometheus = start_prometheus(&topo.prefix, &cp, node1, node2);
 
@@ -76,10 +101,15 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         order.ipv4, analytics.ipv4, db.ipv4
     );
     println!(
-        "  node2: payment ({}), inventory ({})",
-        payment.ipv4, inventory.ipv4
+        "  node2: payment ({}), payment-v2 ({}), inventory ({})",
+        payment.ipv4, payment_v2.ipv4, inventory.ipv4
     );
-    println!("  service payment: {VIP}:80 -> payment:{PORT}");
+    println!("  service payment: {VIP}:80 -> payment:{PORT}, {VIP}:90 -> payment:{NAME_PORT}");
+    println!("  service payment-v2: {V2_VIP}:80 -> payment-v2:{PORT}, {V2_VIP}:90 -> payment-v2:{NAME_PORT}");
+    println!(
+        "  route default/payment-canary: payment's new connections 90 % to payment, 10 % to payment-v2 ({}/payment-canary.yaml)",
+        cp.config_dir.display()
+    );
     println!(
         "  policy default/block-analytics: Deny analytics -> payment ({}/block-analytics.yaml)",
         cp.config_dir.display()
@@ -105,15 +135,22 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
             "--cp".to_owned(),
             cp.http.to_string(),
         ];
-        println!("  $ {} {}", mesh_cp.display(), args.join(" "));
-        let out = std::process::Command::new(&mesh_cp)
-            .args(&args)
-            .output()
-            .context("running mesh-cp explain")?;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            println!("    {line}");
-        }
+        show_command(&mesh_cp, &args)?;
     }
+    println!();
+    println!("Where do order's connections to the payment Service go, and with what settings?");
+    let args = [
+        "explain".to_owned(),
+        "--from".to_owned(),
+        "default/order".to_owned(),
+        "--to".to_owned(),
+        "default/payment".to_owned(),
+        "--port".to_owned(),
+        "80".to_owned(),
+        "--cp".to_owned(),
+        cp.http.to_string(),
+    ];
+    show_command(&mesh_cp, &args)?;
     println!();
     println!("Look:");
     let look = |cmd: String, what: &str| println!("  {cmd:<44} # {what}");
@@ -164,7 +201,7 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     );
     println!("  cargo xtask clean   # if this process is ever killed");
     println!();
-    println!("Every 2 s: order calls payment (pod IP and VIP, across nodes) and inventory; analytics calls payment. Ctrl-C tears everything down.");
+    println!("Every 2 s: order calls payment (pod IP and VIP, across nodes) and inventory; analytics calls payment; order opens {SPLIT_SAMPLE} connections to payment's VIP and counts who answered (the canary's split). Ctrl-C tears everything down.");
 
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs(s));
     loop {
@@ -191,6 +228,25 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
                 Some("eperm") => "denied (connect refused in node1's kernel)".to_owned(),
                 other => other.unwrap_or("?").to_owned(),
             }
+        ));
+        let split = app::run(
+            order,
+            &[
+                "tally",
+                VIP,
+                "90",
+                &SPLIT_SAMPLE.to_string(),
+                "4",
+                "10",
+                "10",
+            ],
+            Duration::from_secs(30),
+        );
+        let took = |name: &str| split["counts"][name].as_u64().unwrap_or(0);
+        line.push(format!(
+            "canary split: payment {} / payment-v2 {} of {SPLIT_SAMPLE}",
+            took("payment"),
+            took("payment-v2")
         ));
         let (s1, s2) = (
             node1.stats().unwrap_or_default(),
@@ -220,6 +276,37 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     println!("done: no namespaces, cgroups or eBPF programs left");
     Ok(())
 }
+
+/// Prints `$ mesh-cp ARGS` and its output, indented.
+fn show_command(mesh_cp: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
+    println!("  $ {} {}", mesh_cp.display(), args.join(" "));
+    let out = std::process::Command::new(mesh_cp)
+        .args(args)
+        .output()
+        .context("running mesh-cp explain")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("    {line}");
+    }
+    Ok(())
+}
+
+/// A payment Service: its HTTP port (80) and the port where it answers its name (90).
+fn payment_service(name: &str, vip: &str) -> String {
+    format!(
+        "apiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: default }}\nspec: {{ vips: ['{vip}'], ports: [{{ port: 80, targetPort: {PORT} }}, {{ port: 90, targetPort: {NAME_PORT} }}], selector: {{ app: {name} }} }}\n"
+    )
+}
+
+/// The seeds' canary: 10 % of payment's new connections to payment-v2.
+const CANARY: &str = "apiVersion: mycel.dev/v1alpha1
+kind: ServiceRoute
+metadata: { name: payment-canary, namespace: default }
+spec:
+  service: payment
+  backends:
+  - { service: payment, weight: 90 }
+  - { service: payment-v2, weight: 10 }
+";
 
 /// The seeds' scenario: analytics must not call payment.
 const BLOCK_ANALYTICS: &str = "apiVersion: mycel.dev/v1alpha1
