@@ -88,6 +88,9 @@ impl Writer {
     }
 }
 
+/// Services a status names before it only counts them.
+const MAX_NAMED_SERVICES: usize = 10;
+
 /// `n` and `noun`, made plural unless there is one.
 fn count(n: usize, noun: &str) -> String {
     format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
@@ -101,7 +104,16 @@ fn in_force(applies: &Applies) -> (Value, String) {
             format!("in force; selects {}", count(*n, "workload")),
         ),
         Applies::Services(keys) => {
-            let list: Vec<String> = keys.iter().map(ToString::to_string).collect();
+            // A mesh-wide policy binds every Service: the status names a few and counts the
+            // rest, so it stays small however large the mesh.
+            let mut list: Vec<String> = keys
+                .iter()
+                .take(MAX_NAMED_SERVICES)
+                .map(ToString::to_string)
+                .collect();
+            if keys.len() > MAX_NAMED_SERVICES {
+                list.push(format!("and {} more", keys.len() - MAX_NAMED_SERVICES));
+            }
             let message = format!("in force; binds {}", count(keys.len(), "Service"));
             (Value::String(list.join(",")), message)
         }

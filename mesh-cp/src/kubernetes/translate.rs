@@ -134,8 +134,18 @@ pub fn translate(objects: &Objects, previous: &MeshConfig) -> Translated {
         }
         config.workloads.insert(workload.key.clone(), workload);
     }
+    // A Service that a route splits is kept without endpoints of its own: its clients are then
+    // sent to the route's backends (a cut-over to v2 with v1 scaled to zero), not around the mesh.
+    let routed: BTreeSet<ObjectKey> = objects
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let service = r.data["spec"]["service"].as_str()?;
+            Some(ObjectKey::new(&r.namespace()?, service))
+        })
+        .collect();
     for svc in &objects.services {
-        if let Some(s) = service(svc, &objects.slices, &config, &mut problems) {
+        if let Some(s) = service(svc, &objects.slices, &config, &routed, &mut problems) {
             config.services.insert(s.key.clone(), s);
         }
     }
@@ -389,6 +399,7 @@ fn service(
     svc: &KubeService,
     slices: &[Arc<EndpointSlice>],
     config: &Config,
+    routed: &BTreeSet<ObjectKey>,
     problems: &mut Vec<String>,
 ) -> Option<Service> {
     let namespace = svc.namespace()?;
@@ -422,10 +433,19 @@ fn service(
                 r.namespace.as_deref().unwrap_or(&namespace),
                 r.name.as_deref()?,
             );
+            // An EndpointSlice is written by whoever may write the Service's namespace; a pod
+            // of another namespace is not theirs to put behind it (its traffic policies and
+            // rate limits would then reach that pod).
+            if key.namespace != namespace {
+                problems.push(format!(
+                    "service {namespace}/{name}: endpoint {key} left out: a Service's endpoints must be pods of its own namespace"
+                ));
+                return None;
+            }
             config.workloads.contains_key(&key).then_some(key)
         })
         .collect();
-    if endpoints.is_empty() {
+    if endpoints.is_empty() && !routed.contains(&ObjectKey::new(&namespace, &name)) {
         return None;
     }
     let mut ports = Vec::new();
@@ -715,6 +735,54 @@ mod tests {
         };
         let t = translate(&objects, &MeshConfig::default());
         assert!(t.config.services.is_empty());
+
+        // Unless a route splits it: its clients then go to the route's backends.
+        let route = custom(
+            &ApiResource::erase::<ServiceRouteCrd>(&()),
+            "shop",
+            "cut-over",
+            json!({ "service": "payment", "backends": [{ "service": "payment-v2", "weight": 1 }] }),
+        );
+        let routed = Objects {
+            routes: vec![route],
+            ..objects.clone()
+        };
+        let t = translate(&routed, &MeshConfig::default());
+        let s = &t.config.services[&ObjectKey::new("shop", "payment")];
+        assert_eq!(t.config.endpoints(s).count(), 0);
+    }
+
+    /// Regression (review of issue 22): a Service's EndpointSlice naming a pod of another
+    /// namespace put that pod behind the Service, where the Service's namespace's traffic
+    /// policies (a rate limit) reached it.
+    #[test]
+    fn endpoints_in_another_namespace_are_left_out() {
+        let (svc, slice) = service_and_slice(&[("victim", true)]);
+        let mut slice = (*slice).clone();
+        for e in slice.endpoints.iter_mut().flatten() {
+            if let Some(r) = e.target_ref.as_mut() {
+                r.namespace = Some("bank".into());
+            }
+        }
+        let objects = Objects {
+            namespaces: vec![
+                namespace("shop", Some("enabled")),
+                namespace("bank", Some("enabled")),
+            ],
+            pods: vec![pod("bank", "victim", "n1", "10.1.0.2", json!({}))],
+            services: vec![svc],
+            slices: vec![Arc::new(slice)],
+            ..Objects::default()
+        };
+        let t = translate(&objects, &MeshConfig::default());
+        assert!(t.config.services.is_empty());
+        assert!(
+            t.problems
+                .iter()
+                .any(|p| p.contains("endpoint bank/victim left out")),
+            "{:?}",
+            t.problems
+        );
     }
 
     #[test]
