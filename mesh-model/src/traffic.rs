@@ -442,6 +442,15 @@ fn port(field: &str, n: u32) -> Result<u16, String> {
 
 /// Validates a spec into a policy named `key`; the error names the field.
 pub fn validate_policy(key: ObjectKey, spec: TrafficPolicySpec) -> Result<TrafficPolicy, String> {
+    let empty = |field: &str| {
+        format!("{field}: an empty list; remove the field to take every one, or name some")
+    };
+    if spec.services.as_ref().is_some_and(Vec::is_empty) {
+        return Err(empty("spec.services"));
+    }
+    if spec.sources.as_ref().is_some_and(Vec::is_empty) {
+        return Err(empty("spec.sources"));
+    }
     let mut services = Vec::new();
     for (i, s) in spec.services.unwrap_or_default().into_iter().enumerate() {
         check_label(&format!("spec.services[{i}]"), &s)?;
@@ -495,10 +504,11 @@ pub fn validate_policy(key: ObjectKey, spec: TrafficPolicySpec) -> Result<Traffi
 fn connect(c: ConnectSpec) -> Result<Connect, String> {
     let mut out = Connect::default();
     if let Some(t) = c.timeout {
+        // Under 10 ms no tunnel handshake can finish.
         out.timeout = parse_duration(
             "spec.connect.timeout",
             &t,
-            Duration::from_millis(1),
+            Duration::from_millis(10),
             Duration::from_secs(300),
         )?;
     }
@@ -764,6 +774,9 @@ mod tests {
                 "spec.sources[0].sourceCidrs[0].cidr",
             ),
             ("{connect: {timeout: 0s}}", "spec.connect.timeout"),
+            ("{connect: {timeout: 5ms}}", "spec.connect.timeout"),
+            ("{services: []}", "spec.services: an empty list"),
+            ("{sources: []}", "spec.sources: an empty list"),
             ("{connect: {timeout: soon}}", "spec.connect.timeout"),
             ("{connect: {maxAttempts: 0}}", "spec.connect.maxAttempts"),
             ("{connect: {backoff: 1m}}", "spec.connect.backoff"),

@@ -100,7 +100,7 @@ impl TryFrom<&v1::TrafficPolicy> for TrafficPolicy {
             Err(_) => return Err(error(format!("unknown load balancer {}", p.load_balancer))),
         };
         let spec = TrafficPolicySpec {
-            services: Some(p.services.clone()),
+            services: (!p.services.is_empty()).then(|| p.services.clone()),
             ports: None,
             sources: None,
             connect: p.connect.as_ref().map(|c| ConnectSpec {
@@ -144,6 +144,14 @@ impl TryFrom<&v1::TrafficPolicy> for TrafficPolicy {
                 .map_err(|e| error(format!("source {i}: {e}")))?;
             if clauses.is_empty() {
                 return Err(error(format!("source {i}: no clauses")));
+            }
+            if clauses
+                .iter()
+                .any(|c| matches!(c.matcher, mesh_model::policy::Matcher::Ports(_)))
+            {
+                return Err(error(format!(
+                    "source {i}: a port clause (ports are the Service's)"
+                )));
             }
             policy.sources.push(Rule { clauses });
         }
@@ -244,6 +252,16 @@ mod tests {
         wire.load_balancer = 0;
         wire.sources.push(v1::PolicyRule { clauses: vec![] });
         assert!(TrafficPolicy::try_from(&wire).is_err());
+        wire.sources = vec![v1::PolicyRule {
+            clauses: vec![v1::PolicyClause {
+                negated: true,
+                matcher: Some(v1::policy_clause::Matcher::Ports(v1::PortRangeList {
+                    ranges: vec![v1::PortRange { first: 1, last: 2 }],
+                })),
+            }],
+        }];
+        let e = TrafficPolicy::try_from(&wire).unwrap_err().to_string();
+        assert!(e.contains("a port clause"), "{e}");
         wire.sources.clear();
         wire.ports.push(v1::PortRange { first: 9, last: 2 });
         assert!(TrafficPolicy::try_from(&wire).is_err());

@@ -220,6 +220,7 @@ impl Parts {
             enrolled: status.enrolled,
             inbound_open,
             inbound_handshakes,
+            ejected: self.proxy.traffic.ejected(),
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct Figures {
     /// Connections open to this node's pods, and tunnel handshakes in progress.
     pub inbound_open: u64,
     pub inbound_handshakes: u64,
+    /// Endpoints ejected now (outlier detection), by Service and port.
+    pub ejected: Vec<(String, u16, usize)>,
 }
 
 type Reader = Box<dyn Fn() -> Figures + Send + Sync>;
@@ -68,6 +70,7 @@ pub struct NodeCollector {
     enrolled: IntGauge,
     workers: IntGauge,
     tasks: IntGauge,
+    ejected: IntGaugeVec,
     /// Scrapes rebuild the families: one at a time.
     scrape: Mutex<()>,
 }
@@ -162,6 +165,13 @@ impl NodeCollector {
                 "1 while the config stream from the control plane is up.",
             )?,
             enrolled: IntGauge::new(name("enrolled_workloads"), "Workloads this node captures.")?,
+            ejected: IntGaugeVec::new(
+                Opts::new(
+                    name("service_endpoints_ejected"),
+                    "Endpoints of the Service port this node leaves out now (outlier detection).",
+                ),
+                &["service", "port"],
+            )?,
             workers: IntGauge::new(
                 name("runtime_workers"),
                 "Worker threads of the daemon's async runtime.",
@@ -242,6 +252,12 @@ impl NodeCollector {
         self.cp_connected.set(i64::from(f.cp_connected));
         self.enrolled
             .set(i64::try_from(f.enrolled).unwrap_or(i64::MAX));
+        self.ejected.reset();
+        for (service, port, n) in &f.ejected {
+            self.ejected
+                .with_label_values(&[service.as_str(), &port.to_string()])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 }
 
@@ -259,7 +275,7 @@ fn unix_seconds(t: SystemTime) -> f64 {
 
 impl NodeCollector {
     /// Every family, in exposition order: what `desc` and `collect` both walk.
-    fn families(&self) -> [&dyn Collector; 16] {
+    fn families(&self) -> [&dyn Collector; 17] {
         [
             &self.ebpf,
             &self.ebpf_entries,
@@ -277,6 +293,7 @@ impl NodeCollector {
             &self.config_results,
             &self.cp_connected,
             &self.enrolled,
+            &self.ejected,
         ]
     }
 }

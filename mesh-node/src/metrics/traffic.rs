@@ -1,18 +1,17 @@
 //! Traffic management at the source: connect attempts and retries, outlier ejections, route
-//! decisions. Refusals by a connection limit or a rate limit are failed connections and are
+//! decisions (endpoints ejected now are read at scrape time, in `collect.rs`). Refusals by a connection limit or a rate limit are failed connections and are
 //! counted with their reason in `connections.rs`.
 //!
 //! Labels name workloads and Services, never pods, so the series grow with the pairs and
 //! Services a node carries.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
 use super::{MetricsError, PREFIX};
 
 pub struct TrafficMetrics {
     attempts: IntCounterVec,
     retries: IntCounterVec,
-    ejected: IntGaugeVec,
     ejections: IntCounterVec,
     routes: IntCounterVec,
 }
@@ -33,14 +32,6 @@ impl TrafficMetrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let ejected = IntGaugeVec::new(
-            Opts::new(
-                format!("{PREFIX}_service_endpoints_ejected"),
-                "Endpoints of the Service port this node leaves out for now (outlier detection).",
-            ),
-            &["service", "port"],
-        )?;
-        registry.register(Box::new(ejected.clone()))?;
         Ok(Self {
             attempts: counter(
                 "connect_attempts_total",
@@ -61,7 +52,6 @@ impl TrafficMetrics {
                 "Connect attempts after a connection's first (connect.maxAttempts).",
                 &["source_workload", "source_namespace", "destination_service"],
             )?,
-            ejected,
             ejections: counter(
                 "service_ejections_total",
                 "Times an endpoint of the Service port was ejected by outlier detection.",
@@ -94,13 +84,11 @@ impl TrafficMetrics {
             .inc();
     }
 
-    /// The gauge and counter of one Service port's ejections.
-    pub fn ejection_series(&self, service: &str, port: u16) -> (IntGauge, IntCounter) {
-        let port = port.to_string();
-        (
-            self.ejected.with_label_values(&[service, &port]),
-            self.ejections.with_label_values(&[service, &port]),
-        )
+    /// The counter of one Service port's ejections (the gauge of those out now is read at
+    /// scrape time: `collect.rs`).
+    pub fn ejection_series(&self, service: &str, port: u16) -> IntCounter {
+        self.ejections
+            .with_label_values(&[service, &port.to_string()])
     }
 
     pub fn routed(&self, route: &str, service: &str, backend: &str) {

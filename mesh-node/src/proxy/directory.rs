@@ -337,7 +337,13 @@ fn services(view: &MeshView, peers: &HashMap<WorkloadId, Arc<Peer>>) -> Services
                 .cloned()
                 .collect();
             if !limited.is_empty() {
-                for peer in &own.endpoints {
+                // A Service's policies protect only pods of its own namespace (mesh-cp puts no
+                // other behind it; this holds even if an older one did).
+                for peer in own
+                    .endpoints
+                    .iter()
+                    .filter(|p| p.key.namespace == key.namespace)
+                {
                     rate_limits
                         .entry((peer.key.clone(), own.target_port))
                         .or_default()

@@ -98,6 +98,8 @@ enum SendError {
     },
     #[error("no answer from {addr} within the connect timeout")]
     Timeout { addr: SocketAddr },
+    #[error("the connect timeout passed while waiting for a handshake slot to {addr}'s node on this node")]
+    Queued { addr: SocketAddr },
     #[error("the destination refused ({status:?}): {reason}")]
     Refused { status: Status, reason: String },
     #[error("this pod has no certificate yet for {0}")]
@@ -122,7 +124,8 @@ impl SendError {
             | SendError::Handshake { .. }
             | SendError::Header { .. }
             | SendError::Quic { .. }
-            | SendError::Timeout { .. } => FailReason::Tunnel,
+            | SendError::Timeout { .. }
+            | SendError::Queued { .. } => FailReason::Tunnel,
             SendError::Refused { status, .. } => inbound::refusal_reason(*status),
             SendError::TrustWithdrawn { .. } => FailReason::TrustWithdrawn,
             SendError::NoSvid(_)
@@ -160,8 +163,10 @@ impl SendError {
     }
 
     /// Whether it says the endpoint is unwell (outlier detection counts it): it could not be
-    /// reached, or its application refused. A deny, a rate limit or this node not being
-    /// ready says nothing about it.
+    /// reached, or its application refused. A deny, a rate limit, a limit the destination
+    /// keeps for this source (`Overloaded`: one busy pod must not eject an endpoint for every
+    /// pod of its node), time spent queued on this node or this node not being ready say
+    /// nothing about it.
     fn endpoint_failed(&self) -> bool {
         match self {
             SendError::Connect { .. }
@@ -169,9 +174,7 @@ impl SendError {
             | SendError::Quic { .. }
             | SendError::Header { .. }
             | SendError::Timeout { .. } => true,
-            SendError::Refused { status, .. } => {
-                matches!(status, Status::UpstreamFailed | Status::Overloaded)
-            }
+            SendError::Refused { status, .. } => *status == Status::UpstreamFailed,
             _ => false,
         }
     }
@@ -185,6 +188,7 @@ impl SendError {
             | SendError::Quic { .. }
             | SendError::Header { .. }
             | SendError::Timeout { .. }
+            | SendError::Queued { .. }
             | SendError::TrustWithdrawn { .. } => true,
             SendError::Refused { status, .. } => {
                 matches!(status, Status::UpstreamFailed | Status::Overloaded)
@@ -512,10 +516,16 @@ async fn send_to_service(
         traffic.metrics.routed(route, &port.service, &backend.name);
     }
     let me = dir.peer(&ctx.workload);
+    // A pod not in the view yet has no address a source CIDR could match.
+    let unknown = if dst.is_ipv4() {
+        IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+    };
     let settings = backend.settings(&Source {
         address: me
             .and_then(|me| me.address_like(dst.ip()))
-            .unwrap_or(dst.ip()),
+            .unwrap_or(unknown),
         workload: me.map(|me| me.as_source()),
     });
     let state = traffic.service(backend);
@@ -721,7 +731,7 @@ async fn send(
         }
         let gated = ctx.shared.tunnels.gate(&key, &target.peer.node);
         let wait = tokio::time::timeout_at(deadline, gated);
-        gate = Some(wait.await.map_err(|_| SendError::Timeout { addr })?);
+        gate = Some(wait.await.map_err(|_| SendError::Queued { addr })?);
     }
     let config = tls.client(&source_id, target.peer.identity.clone())?;
     let tcp = tokio::time::timeout_at(deadline, ctx.connect_in_pod(addr))

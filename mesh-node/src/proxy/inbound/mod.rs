@@ -314,36 +314,37 @@ async fn authorize_and_connect(
 }
 
 /// The refusal of a connection over a rate limit on its destination port, if it is: each
-/// Service that leads there has its own, from its most specific policy that takes the source.
+/// Service that leads there counts with its most specific policy that takes the source; a
+/// policy counts once, however many Services lead to it.
 fn rate_limited(pod: &PodContext, request: &authz::Request) -> Option<Refusal> {
     let dir = pod.shared.directory();
     let limited = dir.rate_limits(&request.destination, request.destination_addr.port())?;
     authz::with_source(&dir, request, |src| {
+        let mut limits: Vec<(&mesh_model::ObjectKey, mesh_model::traffic::RateLimit)> = Vec::new();
         for candidates in limited {
             let Some(policy) = candidates.iter().find(|p| p.takes_source(src)) else {
                 continue;
             };
-            let Some(limit) = policy.rate_limit else {
-                continue;
-            };
-            if !pod
-                .shared
-                .traffic
-                .rates
-                .admit(&policy.key, &request.destination, limit)
-            {
-                return Some(Refusal::new(
-                    Status::RateLimited,
-                    format!(
-                        "over the rate limit of TrafficPolicy {} ({} connections per {})",
-                        policy.key,
-                        limit.connections,
-                        mesh_model::duration::format(limit.interval)
-                    ),
-                ));
+            if let Some(limit) = policy.rate_limit {
+                if !limits.iter().any(|(k, _)| **k == policy.key) {
+                    limits.push((&policy.key, limit));
+                }
             }
         }
-        None
+        let (key, limit) = pod
+            .shared
+            .traffic
+            .rates
+            .admit(&request.destination, &limits)
+            .err()?;
+        Some(Refusal::new(
+            Status::RateLimited,
+            format!(
+                "over the rate limit of TrafficPolicy {key} ({} connections per {})",
+                limit.connections,
+                mesh_model::duration::format(limit.interval)
+            ),
+        ))
     })
 }
 

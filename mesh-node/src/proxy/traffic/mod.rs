@@ -28,7 +28,7 @@ use mesh_model::{
     spec::LoadBalancer,
     traffic::{ConnectionLimits, OutlierDetection},
 };
-use prometheus::{IntCounter, IntGauge};
+use prometheus::IntCounter;
 
 use super::directory::{Backend, Target};
 use crate::{metrics::TrafficMetrics, workloads::WorkloadId};
@@ -36,6 +36,10 @@ use outlier::Outlier;
 
 /// Weight of a new connect time in the latency average.
 const EWMA_WEIGHT: f64 = 0.3;
+/// Service ports with no connection for this long are forgotten once there are many, so
+/// Services that come and go (test namespaces, say) do not stay for good.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+const PRUNE_ABOVE: usize = 1024;
 
 /// Per-Service state of this node, by Service (`namespace/name`) and port: limits and
 /// ejections are as narrow as the policies that set them, which may name ports.
@@ -60,16 +64,29 @@ impl Traffic {
         if let Some(s) = all.get(&key) {
             return s.clone();
         }
-        let (ejected, ejections) = self.metrics.ejection_series(&backend.name, backend.port);
+        if all.len() >= PRUNE_ABOVE {
+            let now = Instant::now();
+            all.retain(|_, s| s.in_use(now));
+        }
+        let ejections = self.metrics.ejection_series(&backend.name, backend.port);
         let s = Arc::new(ServiceState {
             endpoints: Mutex::default(),
             open: Arc::default(),
             pending: Arc::default(),
-            ejected,
             ejections,
+            used: Mutex::new(Instant::now()),
         });
         all.insert(key, s.clone());
         s
+    }
+
+    /// Endpoints ejected now, by Service and port (read when the metrics are scraped).
+    pub fn ejected(&self) -> Vec<(String, u16, usize)> {
+        let now = Instant::now();
+        let all = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter()
+            .map(|((name, port), s)| (name.clone(), *port, s.ejected_now(now)))
+            .collect()
     }
 }
 
@@ -117,8 +134,9 @@ pub struct ServiceState {
     open: Arc<AtomicU32>,
     /// Connections being made (`maxPendingConnects`).
     pending: Arc<AtomicU32>,
-    ejected: IntGauge,
     ejections: IntCounter,
+    /// When a connection last asked for endpoints.
+    used: Mutex<Instant>,
 }
 
 /// An endpoint to try, and its share of the load while the connection tries or holds it.
@@ -156,17 +174,18 @@ impl ServiceState {
         turn: usize,
     ) -> Vec<Candidate> {
         let now = Instant::now();
+        *self.used.lock().unwrap_or_else(|p| p.into_inner()) = now;
         let mut all = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         // Endpoints that left the Service do not stay for good.
         if all.len() > targets.len() * 2 + 16 {
             all.retain(|k, _| targets.iter().any(|t| &t.peer.key == k));
         }
         let total = targets.len();
-        let mut ejected: usize = 0;
         let mut kept: Vec<(Candidate, u32, f64)> = Vec::with_capacity(total);
         let mut out_now: Vec<(Candidate, u32, f64)> = Vec::new();
         for target in targets {
             let e = all.entry(target.peer.key.clone()).or_default();
+            e.outlier.follow(od);
             let entry = (
                 Candidate {
                     target,
@@ -176,14 +195,12 @@ impl ServiceState {
                 e.ewma_us,
             );
             if e.outlier.is_ejected(now) {
-                ejected += 1;
                 out_now.push(entry);
             } else {
                 kept.push(entry);
             }
         }
         drop(all);
-        self.ejected.set(i64::try_from(ejected).unwrap_or(i64::MAX));
         if kept.is_empty() || od.panics(kept.len(), total) {
             kept.append(&mut out_now);
         }
@@ -228,10 +245,19 @@ impl ServiceState {
         let out = e.outlier.failed(now, od, || ejected < cap);
         if out.is_some() {
             self.ejections.inc();
-            self.ejected
-                .set(i64::try_from(ejected + 1).unwrap_or(i64::MAX));
         }
         out
+    }
+
+    fn ejected_now(&self, now: Instant) -> usize {
+        let all = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        all.values().filter(|e| e.outlier.is_ejected(now)).count()
+    }
+
+    /// Whether a connection used it lately, or one of its endpoints is out.
+    fn in_use(&self, now: Instant) -> bool {
+        let used = *self.used.lock().unwrap_or_else(|p| p.into_inner());
+        now.saturating_duration_since(used) < FORGET_AFTER || self.ejected_now(now) > 0
     }
 }
 
@@ -276,13 +302,13 @@ mod tests {
     fn state() -> ServiceState {
         let registry = prometheus::Registry::new();
         let metrics = TrafficMetrics::register(&registry).unwrap();
-        let (ejected, ejections) = metrics.ejection_series("shop/pay", 80);
+        let ejections = metrics.ejection_series("shop/pay", 80);
         ServiceState {
             endpoints: Mutex::default(),
             open: Arc::default(),
             pending: Arc::default(),
-            ejected,
             ejections,
+            used: Mutex::new(Instant::now()),
         }
     }
 
@@ -307,7 +333,7 @@ mod tests {
         let b = WorkloadId::new("shop", "b");
         assert_eq!(s.failed(&b, &od, 3), None);
         assert_eq!(s.failed(&b, &od, 3), Some(Duration::from_millis(200)));
-        assert_eq!(s.ejected.get(), 1);
+        assert_eq!(s.ejected_now(Instant::now()), 1);
         assert_eq!(s.ejections.get(), 1);
         for turn in 0..4 {
             assert!(!names(&s.order(three(), rr, &od, turn)).contains(&"b"));
@@ -322,7 +348,7 @@ mod tests {
         assert_eq!(names(&s.order(three(), rr, &od, 0)), ["a"]);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(names(&s.order(three(), rr, &od, 0)).len(), 3);
-        assert_eq!(s.ejected.get(), 0);
+        assert_eq!(s.ejected_now(Instant::now()), 0);
     }
 
     #[test]

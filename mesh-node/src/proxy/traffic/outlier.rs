@@ -2,8 +2,8 @@
 //! and how long it stays out.
 //!
 //! Only connect failures count (refused, timed out, a tunnel that could not be made, the
-//! destination's application refusing): a policy deny or a rate limit says nothing about the
-//! endpoint's health and is never recorded here.
+//! destination's application refusing): a policy deny, a rate limit or a limit at the
+//! destination says nothing about the endpoint's health and is never recorded here.
 
 use std::time::{Duration, Instant};
 
@@ -14,15 +14,26 @@ pub struct Outlier {
     /// Failures in a row, none further apart than the interval.
     streak: u32,
     last_failure: Option<Instant>,
-    /// Out until then.
-    ejected_until: Option<Instant>,
+    /// Out from `.0` until `.1`.
+    ejected: Option<(Instant, Instant)>,
     /// Ejections in a row, for the next ejection's length; decays while the endpoint behaves.
     times: u32,
 }
 
 impl Outlier {
     pub fn is_ejected(&self, now: Instant) -> bool {
-        self.ejected_until.is_some_and(|t| t > now)
+        self.ejected.is_some_and(|(_, until)| until > now)
+    }
+
+    /// Brings an ejection in line with the settings in force now: none when ejection is off,
+    /// and none longer than the maximum (a policy change can end a bad ejection early).
+    pub fn follow(&mut self, od: &OutlierDetection) {
+        if od.consecutive_failures == 0 {
+            self.ejected = None;
+            self.streak = 0;
+        } else if let Some((at, until)) = self.ejected {
+            self.ejected = Some((at, until.min(at + od.max_ejection_time)));
+        }
     }
 
     pub fn succeeded(&mut self) {
@@ -30,13 +41,17 @@ impl Outlier {
     }
 
     /// Records a failure; when it completes a streak and `may_eject` agrees (the Service's cap
-    /// on ejections), ejects the endpoint and returns for how long.
+    /// on ejections), ejects the endpoint and returns for how long. Failures while it is
+    /// ejected (it still gets connections in panic mode) do not count towards the next one.
     pub fn failed(
         &mut self,
         now: Instant,
         od: &OutlierDetection,
         may_eject: impl FnOnce() -> bool,
     ) -> Option<Duration> {
+        if od.consecutive_failures == 0 || self.is_ejected(now) {
+            return None;
+        }
         if self
             .last_failure
             .is_some_and(|t| now.saturating_duration_since(t) > od.interval)
@@ -45,16 +60,12 @@ impl Outlier {
         }
         self.streak = self.streak.saturating_add(1);
         self.last_failure = Some(now);
-        if od.consecutive_failures == 0
-            || self.streak < od.consecutive_failures
-            || self.is_ejected(now)
-            || !may_eject()
-        {
+        if self.streak < od.consecutive_failures || !may_eject() {
             return None;
         }
         self.times = self.decayed_times(now, od) + 1;
         let length = od.ejection_time(self.times);
-        self.ejected_until = Some(now + length);
+        self.ejected = Some((now, now + length));
         self.streak = 0;
         Some(length)
     }
@@ -62,7 +73,7 @@ impl Outlier {
     /// Ejections in a row, less one for each interval the endpoint has been back without
     /// being ejected again.
     fn decayed_times(&self, now: Instant, od: &OutlierDetection) -> u32 {
-        let Some(back) = self.ejected_until else {
+        let Some((_, back)) = self.ejected else {
             return 0;
         };
         let since = now.saturating_duration_since(back);
@@ -95,6 +106,8 @@ mod tests {
         assert_eq!(o.failed(t0, &od, || true), None);
         assert_eq!(o.failed(t0, &od, || true), Some(Duration::from_secs(30)));
         assert!(o.is_ejected(t0 + Duration::from_secs(29)));
+        // Failures while out do not count.
+        assert_eq!(o.failed(t0 + Duration::from_secs(29), &od, || true), None);
         assert!(!o.is_ejected(t0 + Duration::from_secs(30)));
         // Back, and failing again at once: the second ejection is twice as long.
         let t1 = t0 + Duration::from_secs(31);
@@ -140,5 +153,31 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(o.failed(late, &off, || true), None);
         }
+    }
+
+    /// Regression (review of issue 22): an ejection outlived the policy that made it.
+    #[test]
+    fn a_policy_change_ends_or_shortens_an_ejection() {
+        let od = od();
+        let t0 = Instant::now();
+        let mut o = Outlier::default();
+        for _ in 0..3 {
+            o.failed(t0, &od, || true);
+        }
+        assert!(o.is_ejected(t0 + Duration::from_secs(20)));
+        o.follow(&OutlierDetection {
+            max_ejection_time: Duration::from_secs(10),
+            ..od
+        });
+        assert!(!o.is_ejected(t0 + Duration::from_secs(11)));
+        for _ in 0..3 {
+            o.failed(t0 + Duration::from_secs(12), &od, || true);
+        }
+        assert!(o.is_ejected(t0 + Duration::from_secs(13)));
+        o.follow(&OutlierDetection {
+            consecutive_failures: 0,
+            ..od
+        });
+        assert!(!o.is_ejected(t0 + Duration::from_secs(13)));
     }
 }

@@ -33,48 +33,65 @@ struct Bucket {
 }
 
 impl RateLimits {
-    /// Takes a token for a new connection to `workload` under `policy`'s `limit`; false when
-    /// there is none left.
-    pub fn admit(&self, policy: &ObjectKey, workload: &WorkloadId, limit: RateLimit) -> bool {
-        self.admit_at(policy, workload, limit, Instant::now())
+    /// Takes a token for a new connection to `workload` from the bucket of each of `limits`
+    /// (a policy and its limit, each once), or from none of them: the first that has none
+    /// left is returned, and the others keep theirs.
+    pub fn admit<'a>(
+        &self,
+        workload: &WorkloadId,
+        limits: &[(&'a ObjectKey, RateLimit)],
+    ) -> Result<(), (&'a ObjectKey, RateLimit)> {
+        self.admit_at(workload, limits, Instant::now())
     }
 
-    fn admit_at(
+    fn admit_at<'a>(
         &self,
-        policy: &ObjectKey,
         workload: &WorkloadId,
-        limit: RateLimit,
+        limits: &[(&'a ObjectKey, RateLimit)],
         now: Instant,
-    ) -> bool {
+    ) -> Result<(), (&'a ObjectKey, RateLimit)> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() > PRUNE_ABOVE {
             buckets.retain(|_, b| now.saturating_duration_since(b.at) < FORGET_AFTER);
         }
+        for (policy, limit) in limits {
+            let bucket = buckets
+                .entry(((*policy).clone(), workload.clone()))
+                .or_insert_with(|| Bucket::full(*limit, now));
+            bucket.refill(*limit, now);
+            if bucket.tokens < 1.0 {
+                return Err((policy, *limit));
+            }
+        }
+        for (policy, _) in limits {
+            if let Some(b) = buckets.get_mut(&((*policy).clone(), workload.clone())) {
+                b.tokens -= 1.0;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Bucket {
+    fn full(limit: RateLimit, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(limit.connections),
+            at: now,
+            limit,
+        }
+    }
+
+    /// The tokens that came back since the last look; a changed limit starts full.
+    fn refill(&mut self, limit: RateLimit, now: Instant) {
+        if self.limit != limit {
+            *self = Self::full(limit, now);
+            return;
+        }
         let full = f64::from(limit.connections);
-        let bucket = buckets
-            .entry((policy.clone(), workload.clone()))
-            .or_insert(Bucket {
-                tokens: full,
-                at: now,
-                limit,
-            });
-        if bucket.limit != limit {
-            *bucket = Bucket {
-                tokens: full,
-                at: now,
-                limit,
-            };
-        }
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         let per_second = full / limit.interval.as_secs_f64().max(0.001);
-        bucket.tokens = (bucket.tokens + elapsed * per_second).min(full);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.tokens = (self.tokens + elapsed * per_second).min(full);
+        self.at = now;
     }
 }
 
@@ -91,24 +108,56 @@ mod tests {
             connections: 5,
             interval: Duration::from_secs(1),
         };
+        let one = [(&policy, limit)];
         let t0 = Instant::now();
         for _ in 0..5 {
-            assert!(limits.admit_at(&policy, &a, limit, t0));
+            assert!(limits.admit_at(&a, &one, t0).is_ok());
         }
-        assert!(!limits.admit_at(&policy, &a, limit, t0));
+        assert!(limits.admit_at(&a, &one, t0).is_err());
         // Another workload has its own bucket.
-        assert!(limits.admit_at(&policy, &b, limit, t0));
+        assert!(limits.admit_at(&b, &one, t0).is_ok());
         // A fifth of the interval later, one more.
         let later = t0 + Duration::from_millis(210);
-        assert!(limits.admit_at(&policy, &a, limit, later));
-        assert!(!limits.admit_at(&policy, &a, limit, later));
+        assert!(limits.admit_at(&a, &one, later).is_ok());
+        assert!(limits.admit_at(&a, &one, later).is_err());
         // A changed limit starts full.
-        let raised = RateLimit {
-            connections: 2,
-            ..limit
+        let raised = [(
+            &policy,
+            RateLimit {
+                connections: 2,
+                ..limit
+            },
+        )];
+        assert!(limits.admit_at(&a, &raised, later).is_ok());
+        assert!(limits.admit_at(&a, &raised, later).is_ok());
+        assert!(limits.admit_at(&a, &raised, later).is_err());
+    }
+
+    /// Regression (review of issue 22): a connection charged one bucket once per Service that
+    /// led to the workload, and a refusal by a second limit still cost the first a token.
+    #[test]
+    fn all_or_nothing_across_limits() {
+        let limits = RateLimits::default();
+        let (wide, tight) = (
+            ObjectKey::new("shop", "wide"),
+            ObjectKey::new("shop", "tight"),
+        );
+        let a = WorkloadId::new("shop", "a");
+        let per = |n| RateLimit {
+            connections: n,
+            interval: Duration::from_secs(60),
         };
-        assert!(limits.admit_at(&policy, &a, raised, later));
-        assert!(limits.admit_at(&policy, &a, raised, later));
-        assert!(!limits.admit_at(&policy, &a, raised, later));
+        let both = [(&wide, per(3)), (&tight, per(1))];
+        let t0 = Instant::now();
+        assert!(limits.admit_at(&a, &both, t0).is_ok());
+        assert_eq!(
+            limits.admit_at(&a, &both, t0).err().map(|(k, _)| k),
+            Some(&tight)
+        );
+        // The refusal took nothing from `wide`: two left there.
+        let only_wide = [(&wide, per(3))];
+        assert!(limits.admit_at(&a, &only_wide, t0).is_ok());
+        assert!(limits.admit_at(&a, &only_wide, t0).is_ok());
+        assert!(limits.admit_at(&a, &only_wide, t0).is_err());
     }
 }
