@@ -276,6 +276,45 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// The dashboard shipped in `deploy/grafana/`, as (panel title, query) pairs, with Grafana's
+/// `$__rate_interval` set to what the tests' one-second scrapes allow.
+pub fn dashboard_queries() -> Vec<(String, String)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/mycel-dashboard.json"
+    );
+    let text = std::fs::read_to_string(path).expect("the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let title = panel["title"].as_str().unwrap_or_default();
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            out.push((title.to_owned(), expr.replace("$__rate_interval", "30s")));
+        }
+    }
+    out
+}
+
+/// Waits until every query of the dashboard panels titled `titles` returns data from a
+/// Prometheus that scrapes `nodes`: the panels' metrics exist and the PromQL is valid.
+pub fn assert_panels_answer(prefix: &str, nodes: &[SocketAddr], titles: &[&str]) {
+    let targets: Vec<(&str, SocketAddr)> = nodes.iter().map(|a| (NODE_JOB, *a)).collect();
+    let mut prom = PrometheusServer::start(prefix, &targets).expect("prometheus");
+    for title in titles {
+        let queries: Vec<String> = dashboard_queries()
+            .into_iter()
+            .filter(|(t, _)| t == title)
+            .map(|(_, q)| q)
+            .collect();
+        assert!(!queries.is_empty(), "no dashboard panel {title:?}");
+        for q in queries {
+            prom.wait_for(&q, |r| !r.is_empty())
+                .unwrap_or_else(|e| panic!("{title}: {e}\n{}", prom.log()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

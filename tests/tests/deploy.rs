@@ -165,7 +165,11 @@ fn example_resources_validate_against_the_crds_and_broken_ones_do_not() {
                 .is_some_and(|v| v.starts_with("mycel.dev/"))
         })
         .collect();
-    assert_eq!(custom.len(), 4, "a MeshConfig and three AccessPolicies");
+    assert_eq!(
+        custom.len(),
+        5,
+        "a MeshConfig, three AccessPolicies and a TrafficPolicy"
+    );
     for doc in custom {
         let name = &doc["metadata"]["name"];
         let errors = schema_errors(doc);
