@@ -20,8 +20,27 @@ impl Tcpdump {
     /// Starts capturing TCP and UDP on `interface` in the netns at `netns`, and waits until it
     /// listens.
     pub fn start(netns: &Path, interface: &str, file: &Path) -> io::Result<Self> {
+        Self::launch(netns, interface, file, None)
+    }
+
+    /// [`Tcpdump::start`], keeping only each packet's first 128 bytes (the headers): for
+    /// captures that look at flags under bulk load, which would otherwise write every byte
+    /// relayed (tens of GB in the upgrade test).
+    pub fn start_headers(netns: &Path, interface: &str, file: &Path) -> io::Result<Self> {
+        Self::launch(netns, interface, file, Some(128))
+    }
+
+    fn launch(
+        netns: &Path,
+        interface: &str,
+        file: &Path,
+        snaplen: Option<u32>,
+    ) -> io::Result<Self> {
         let log = file.with_extension("log");
         let mut cmd = Command::new("tcpdump");
+        if let Some(n) = snaplen {
+            cmd.args(["-s", &n.to_string()]);
+        }
         // Immediate mode: without it packets wait in a ring-buffer block that SIGINT discards.
         // A 128 MiB buffer keeps up with 10 MB bursts of 64 KiB GRO frames.
         cmd.args([

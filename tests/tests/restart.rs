@@ -321,7 +321,8 @@ fn upgrades_under_load_refuse_nothing_and_cut_nothing() {
     // proxy, its eth0 the tunnels).
     let client_netns = topo.pod("client").netns_path();
     let pcap = std::env::temp_dir().join(format!("{}-client.pcap", topo.prefix));
-    let resets = Tcpdump::start(&client_netns, "any", &pcap).expect("tcpdump in the client");
+    let resets =
+        Tcpdump::start_headers(&client_netns, "any", &pcap).expect("tcpdump in the client");
 
     let secs = LOAD_SECS.to_string();
     let loads = [
