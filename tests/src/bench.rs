@@ -22,12 +22,15 @@ use serde_json::{json, Value};
 
 use crate::{
     app::Server,
-    mesh::{mesh_config_yaml, sibling_bin, workloads_yaml},
+    mesh::{mesh_config_yaml, service_yaml, sibling_bin, workloads_yaml},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
 const PORT: u16 = 9000;
 const TLS_PORT: u16 = 9001;
+/// A Service for s1, so that one setup goes through the service path: a backend, its traffic
+/// settings, limits and the endpoint order, as every connection to a VIP does.
+const VIP: &str = "10.96.0.90";
 
 pub struct Options {
     /// Topology name prefix (tests use the test prefix so leftovers are found and removed).
@@ -97,10 +100,12 @@ pub struct Setup {
     tls: bool,
     /// The mesh's transport this setup needs (set in its MeshConfig before it runs).
     transport: Option<&'static str>,
+    /// To the server's Service VIP rather than its pod address.
+    vip: bool,
 }
 
 /// In the order they are interleaved; the first is the baseline for ratios.
-pub const SETUPS: [Setup; 5] = [
+pub const SETUPS: [Setup; 6] = [
     Setup {
         name: "direct",
         client: "c0",
@@ -108,6 +113,7 @@ pub const SETUPS: [Setup; 5] = [
         port: PORT,
         tls: false,
         transport: None,
+        vip: false,
     },
     Setup {
         name: "rustls",
@@ -116,6 +122,7 @@ pub const SETUPS: [Setup; 5] = [
         port: TLS_PORT,
         tls: true,
         transport: None,
+        vip: false,
     },
     Setup {
         name: "mycel-tls",
@@ -124,6 +131,7 @@ pub const SETUPS: [Setup; 5] = [
         port: PORT,
         tls: false,
         transport: Some("tls"),
+        vip: false,
     },
     Setup {
         name: "mycel-quic",
@@ -132,6 +140,16 @@ pub const SETUPS: [Setup; 5] = [
         port: PORT,
         tls: false,
         transport: Some("quic"),
+        vip: false,
+    },
+    Setup {
+        name: "mycel-tls-vip",
+        client: "c1",
+        server: "s1",
+        port: PORT,
+        tls: false,
+        transport: Some("tls"),
+        vip: true,
     },
     Setup {
         name: "mycel-same-node",
@@ -140,6 +158,7 @@ pub const SETUPS: [Setup; 5] = [
         port: PORT,
         tls: false,
         transport: None,
+        vip: false,
     },
 ];
 
@@ -245,6 +264,7 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
         &format!("{}-bench", topo.prefix),
         &[
             ("workloads.yaml", &workloads_yaml(&pods)),
+            ("service.yaml", &service_yaml("s1", VIP, PORT, PORT, "s1")),
             ("mesh.yaml", &mesh_config_yaml(transport, "")),
         ],
     )?;
@@ -262,7 +282,8 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     // runs freed but the allocator kept would otherwise hide what idle connections cost.
     let mut idle = Vec::new();
     if wanted("idle") {
-        for setup in SETUPS {
+        // One measurement per transport: the VIP setup's daemons are the same.
+        for setup in SETUPS.iter().filter(|s| !s.vip) {
             let Some(t) = setup.transport else {
                 continue;
             };
@@ -633,7 +654,11 @@ fn run_client(
     tls_dir: &Path,
 ) -> io::Result<Value> {
     let server = topo.pod(setup.server);
-    let addr = format!("{}:{}", server.ipv4, setup.port);
+    let addr = if setup.vip {
+        format!("{VIP}:{}", setup.port)
+    } else {
+        format!("{}:{}", server.ipv4, setup.port)
+    };
     let mut cmd = Command::new(loadgen());
     cmd.args([
         metric.mode,
