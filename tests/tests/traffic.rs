@@ -189,6 +189,10 @@ fn a_dead_endpoint_is_retried_around_ejected_and_readmitted() {
     let e = metrics(&m.n1);
     let ejections = e.sum("mycel_service_ejections_total", &[("service", SERVICE)]);
     assert!(ejections >= 1.0, "s2 was ejected:\n{}", m.n1.log());
+    eprintln!(
+        "dead endpoint under load: {out}; {ejections} ejections; {} connections s2 had taken",
+        lost
+    );
     let failed_s2 = e.sum(
         "mycel_connect_attempts_total",
         &[("destination_workload", "pay"), ("result", "failed")],
@@ -285,6 +289,7 @@ fn a_black_holed_endpoint_times_out_on_time_and_the_connection_goes_elsewhere() 
         .filter_map(serde_json::Value::as_f64)
         .collect();
     assert!(slow.len() >= 3, "{out}");
+    eprintln!("black hole, 2 s connect timeout: connections that met it took {slow:?} s");
     for s in &slow {
         assert!(
             (2.0..=2.2).contains(s),
@@ -314,6 +319,7 @@ fn a_route_splits_new_connections_by_weight_and_a_change_leaves_open_ones_alone(
     assert_eq!(out["failures"], 0, "{out}");
     let v2 = count(&out, "s3") as f64;
     let share = 100.0 * v2 / 10_000.0;
+    eprintln!("route 90/10 over 10,000 new connections: pay-v2 took {share:.2} %");
     assert!(
         (8.0..=12.0).contains(&share),
         "pay-v2 took {share:.2} % (want 10 ± 2): {out}"
