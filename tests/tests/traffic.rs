@@ -166,8 +166,8 @@ fn a_dead_endpoint_is_retried_around_ejected_and_readmitted() {
     let out = app::finish(client, T);
     // Every connect s2 refused was retried elsewhere. What a dead application cannot give
     // back is a connection it had already taken (accepted, or in its accept queue, when it
-    // was killed): each such failure is one that s2's node delivered and that ended with
-    // nothing from s2, which its access log shows.
+    // was killed): each such failure is one that s2's node delivered (established, not
+    // refused) and that ended with nothing from s2, which its access log shows.
     let lost =
         m.n2.access_log()
             .expect("n2 access log")
@@ -175,6 +175,7 @@ fn a_dead_endpoint_is_retried_around_ejected_and_readmitted() {
             .filter(|l| {
                 l["reporter"] == "destination"
                     && l["destination_pod"] == "default/s2"
+                    && l["verdict"] == "allowed"
                     && l["bytes_received"] == 0
             })
             .count();
