@@ -24,8 +24,8 @@ pub const TARGETS: &[&str] = &[
     "handoff_message",
     "cni_request",
     "config_document",
-    "config_update",
     "node_token",
+    "config_update",
 ];
 
 /// libFuzzer's limits for every run: an input that takes longer is a hang, one that makes
