@@ -295,9 +295,15 @@ fn detach(
         attr.sys(BPF_LINK_DETACH)?;
         return Ok(());
     }
-    let prog_fd = info
-        .fd()
-        .map_err(|e| io::Error::other(format!("cannot open program: {e}")))?;
+    let prog_fd = match info.fd() {
+        Ok(fd) => fd,
+        // Released between the query and now (the exiting daemon's last reference went):
+        // nothing is attached any more, as when the detach itself finds it gone.
+        Err(_) if program_info(prog_id).is_none() => {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT))
+        }
+        Err(e) => return Err(io::Error::other(format!("cannot open program: {e}"))),
+    };
     let mut attr = Attr::default();
     attr.put_u32(0, cgroup_dir.as_raw_fd() as u32);
     attr.put_u32(4, std::os::fd::AsFd::as_fd(&prog_fd).as_raw_fd() as u32);
