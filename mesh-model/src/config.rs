@@ -97,6 +97,24 @@ impl Config {
         })
     }
 
+    /// Why `route` cannot join this config's routes: another already routes the same Service
+    /// and port. Universal mode rejects the set; Kubernetes leaves the later one out.
+    pub fn route_clash(&self, route: &ServiceRoute) -> Option<String> {
+        let other = self.routes.values().find(|o| {
+            o.key.namespace == route.key.namespace
+                && o.service == route.service
+                && o.port == route.port
+        })?;
+        let port = route
+            .port
+            .map_or("every port".to_owned(), |p| format!("port {p}"));
+        Some(format!(
+            "spec.service: {} ({port}) is already routed by ServiceRoute {}",
+            route.routed(),
+            other.key
+        ))
+    }
+
     /// Every policy with the keys of the workloads it selects, for [`crate::authz`].
     pub fn selections(&self) -> Vec<Selection> {
         self.policies
@@ -244,17 +262,8 @@ impl Builder {
                 if self.config.routes.contains_key(&r.key) {
                     return Err(format!("ServiceRoute {} is defined twice", r.key));
                 }
-                if let Some(other) = self.config.routes.values().find(|o| {
-                    o.key.namespace == r.key.namespace && o.service == r.service && o.port == r.port
-                }) {
-                    let port = r
-                        .port
-                        .map_or("every port".to_owned(), |p| format!("port {p}"));
-                    return Err(format!(
-                        "spec.service: {} ({port}) is already routed by ServiceRoute {}",
-                        r.routed(),
-                        other.key
-                    ));
+                if let Some(clash) = self.config.route_clash(&r) {
+                    return Err(clash);
                 }
                 self.config.routes.insert(r.key.clone(), r);
             }

@@ -180,7 +180,7 @@ pub fn translate(objects: &Objects, previous: &MeshConfig) -> Translated {
     // change from one list to the next.
     accepted.routes.sort_by(|(a, _), (b, _)| a.key.cmp(&b.key));
     for (r, generation) in accepted.routes {
-        if let Some(reason) = route_clash(&config, &r) {
+        if let Some(reason) = config.route_clash(&r) {
             left_out(
                 "ServiceRoute",
                 r.key,
@@ -268,23 +268,6 @@ fn accept(outcomes: &mut Outcomes, key: &ObjectKey, generation: Option<i64>, app
             verdict,
         },
     );
-}
-
-/// Why `route` cannot be in force beside the routes of `config`: one of them routes the same
-/// Service port. Worded as a config dir's refusal (`mesh_model::config`), so that both modes
-/// say the same.
-fn route_clash(config: &Config, route: &ServiceRoute) -> Option<String> {
-    let other = config.routes.values().find(|o| {
-        o.key.namespace == route.key.namespace && o.service == route.service && o.port == route.port
-    })?;
-    let port = route
-        .port
-        .map_or("every port".to_owned(), |p| format!("port {p}"));
-    Some(format!(
-        "spec.service: {} ({port}) is already routed by ServiceRoute {}",
-        route.routed(),
-        other.key
-    ))
 }
 
 /// The one MeshConfig, defaults without one, `previous` when it cannot be read.
