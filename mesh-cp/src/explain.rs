@@ -13,7 +13,7 @@ use std::{
 
 use mesh_model::{
     authz::{PolicyIndex, Source, SourceWorkload},
-    traffic, Config, MtlsMode, ObjectKey, Service,
+    traffic, Config, MtlsMode, ObjectKey, Service, SpiffeId, Workload,
 };
 use serde::{Deserialize, Serialize};
 
@@ -150,12 +150,7 @@ pub fn explain(
             vec![plaintext_verdict(config, *ip, port, verdict)],
         ),
         Client::Workload(key) => {
-            let source = config
-                .workloads
-                .get(key)
-                .ok_or_else(|| ExplainError::Unknown(key.clone()))?;
-            let identity = source.identity(&config.mesh.trust_domain);
-            let identity_uri = identity.to_string();
+            let (source, identity, identity_uri) = client(config, key)?;
             let workload = SourceWorkload {
                 identity: &identity_uri,
                 namespace: &identity.namespace,
@@ -204,15 +199,12 @@ fn explain_service(
     let Client::Workload(key) = from else {
         return Err(ExplainError::PlaintextToService);
     };
-    let source = config
-        .workloads
-        .get(key)
-        .ok_or_else(|| ExplainError::Unknown(key.clone()))?;
+    let (_, _, source_identity) = client(config, key)?;
     Ok(Explanation {
         from: key.to_string(),
         to: service.key.to_string(),
         port,
-        source_identity: source.identity(&config.mesh.trust_domain).to_string(),
+        source_identity,
         verdicts: Vec::new(),
         selecting: Vec::new(),
         traffic: Some(traffic(config, key, service, port)?),
@@ -233,12 +225,7 @@ fn traffic(
             port,
         });
     }
-    let source = config
-        .workloads
-        .get(from)
-        .ok_or_else(|| ExplainError::Unknown(from.clone()))?;
-    let identity = source.identity(&config.mesh.trust_domain);
-    let identity_uri = identity.to_string();
+    let (source, identity, identity_uri) = client(config, from)?;
     let src = Source {
         address: source
             .addresses
@@ -306,6 +293,21 @@ fn traffic(
         route: route.map(|r| r.key.to_string()),
         backends,
     })
+}
+
+/// The client workload `key`, its SPIFFE ID and that ID as a URI (what policies match), as
+/// its node's tunnel presents it.
+fn client<'a>(
+    config: &'a Config,
+    key: &ObjectKey,
+) -> Result<(&'a Workload, SpiffeId, String), ExplainError> {
+    let source = config
+        .workloads
+        .get(key)
+        .ok_or_else(|| ExplainError::Unknown(key.clone()))?;
+    let identity = source.identity(&config.mesh.trust_domain);
+    let uri = identity.to_string();
+    Ok((source, identity, uri))
 }
 
 /// Plaintext meets the mTLS mode before any policy: open ports pass untouched, STRICT drops
