@@ -67,18 +67,22 @@ pub fn free_port() -> u16 {
 /// `app: <pod name>` and the service account `<pod name>`.
 pub fn workloads_yaml(pods: &[&Pod]) -> String {
     pods.iter()
-        .map(|p| {
-            format!(
-                "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: default, labels: {{ app: {name} }} }}\nspec: {{ node: {node}, netns: {netns}, addresses: ['{v4}', '{v6}'], serviceAccount: {name} }}\n",
-                name = p.name,
-                node = p.node,
-                netns = p.netns_path().display(),
-                v4 = p.ipv4,
-                v6 = p.ipv6,
-            )
-        })
+        .map(|p| workload_yaml(p, &p.name))
         .collect::<Vec<_>>()
         .join("---\n")
+}
+
+/// The `Workload` document of `pod` on its node, with its addresses, the label `app: <app>`
+/// and the service account `<pod name>`.
+pub fn workload_yaml(pod: &Pod, app: &str) -> String {
+    format!(
+        "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: default, labels: {{ app: {app} }} }}\nspec: {{ node: {node}, netns: {netns}, addresses: ['{v4}', '{v6}'], serviceAccount: {name} }}\n",
+        name = pod.name,
+        node = pod.node,
+        netns = pod.netns_path().display(),
+        v4 = pod.ipv4,
+        v6 = pod.ipv6,
+    )
 }
 
 /// A `Service` document: `vip:port` goes to `target_port` of the workloads labelled

@@ -11,7 +11,7 @@ use std::{
 
 use mesh_tests::{
     app::{self, Server},
-    mesh::mesh_config_yaml,
+    mesh::{mesh_config_yaml, workload_yaml},
     prom::{assert_panels_answer, Exposition},
     topology::Pod,
     ControlPlane, MeshNode, NodeSpec, Topology,
@@ -31,18 +31,6 @@ struct Mesh {
     servers: Vec<(String, Server)>,
     /// Last: the daemons stop before the topology's teardown.
     topo: Topology,
-}
-
-/// A Workload document for `pod` on its node, labelled `app: <app>`.
-fn workload(pod: &Pod, app: &str) -> String {
-    format!(
-        "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: default, labels: {{ app: {app} }} }}\nspec: {{ node: {node}, netns: {netns}, addresses: ['{v4}', '{v6}'], serviceAccount: {name} }}\n",
-        name = pod.name,
-        node = pod.node,
-        netns = pod.netns_path().display(),
-        v4 = pod.ipv4,
-        v6 = pod.ipv6,
-    )
 }
 
 /// A Service `name` on `vip` with ports 80 → PORT and 90 → HELD_PORT, for `app`.
@@ -69,11 +57,11 @@ fn mesh(test: &str, v2: Option<&str>, held: &str, extra: &str) -> Mesh {
         NodeSpec::new("n2", &["s2", "s3"]),
     ])
     .expect("topology");
-    let mut docs = vec![workload(topo.pod("client"), "client")];
+    let mut docs = vec![workload_yaml(topo.pod("client"), "client")];
     let mut servers = Vec::new();
     for name in ["s1", "s2", "s3"] {
         let app = if v2 == Some(name) { "pay-v2" } else { "pay" };
-        docs.push(workload(topo.pod(name), app));
+        docs.push(workload_yaml(topo.pod(name), app));
         servers.push((name.to_owned(), ident(topo.pod(name), PORT, "0")));
         servers.push((
             format!("{name}-held"),
