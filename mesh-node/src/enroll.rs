@@ -224,7 +224,7 @@ impl Enroller {
             }
         }
         for p in prepared {
-            let shutdown = CancellationToken::new();
+            let shutdown = p.ctx.closing.clone();
             for (role, listener, _) in p.listeners {
                 // Registering with the reactor needs the runtime, so it happens here rather
                 // than on the netns thread.
@@ -405,6 +405,7 @@ impl Enroller {
                     quic: quic.clone(),
                     load: Arc::default(),
                     shared: self.shared.clone(),
+                    closing: CancellationToken::new(),
                 });
                 Ok(Prepared {
                     ctx,

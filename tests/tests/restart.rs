@@ -558,3 +558,87 @@ fn quic_upgrades_close_the_old_daemons_connections_and_count_them() {
     }
     drop((current, cp));
 }
+
+/// Sources reuse their pooled tunnel sessions to a node. Once taken over, the old daemon ends
+/// those in order instead of taking new connections on them: else, while its sources stay
+/// busy, it never drains, and its drain timeout (5 s by default) cuts what it relays. Its
+/// sources move to the new daemon without a failed connection or a reset.
+#[test]
+fn under_steady_load_a_taken_over_daemon_hands_its_sessions_back_and_exits() {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["client"]),
+        NodeSpec::new("n2", &["server"]),
+    ])
+    .expect("topology");
+    let _sink = start_sink(&topo);
+    let yaml = format!(
+        "{}---\n{}",
+        workloads_yaml(&[topo.pod("client"), topo.pod("server")]),
+        mesh_config_yaml("tls", "mtls: { mode: Strict }"),
+    );
+    let name = format!("{}-drain", topo.prefix);
+    let (cp, mut current) = start_mesh(&mut topo, &name, &yaml);
+    let by_ip = format!("{}:{SINK}", topo.pod("server").ipv4);
+    let client_netns = topo.pod("client").netns_path();
+    let pcap = std::env::temp_dir().join(format!("{}-drain.pcap", topo.prefix));
+    let resets =
+        Tcpdump::start_headers(&client_netns, "any", &pcap).expect("tcpdump in the client");
+    // Long enough that the exit comes while the load still runs, even after a slow start.
+    const SECS: u64 = 20;
+    let load = start_load(
+        &topo,
+        &[
+            "connrate",
+            "--addr",
+            &by_ip,
+            "--secs",
+            &SECS.to_string(),
+            "--concurrency",
+            "2",
+        ],
+    );
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let (new, _) = upgrade(&mut topo, &cp, "n2");
+    let old = current.insert("n2", new).expect("the old daemon");
+    let log = handed_over(&old);
+    assert!(log.contains("handed over; draining"), "{log}");
+    // Well before the load ends: the old daemon has no connection of its own left, only
+    // sessions the client's node would go on reusing.
+    let handed = Instant::now();
+    let deadline = handed + Duration::from_secs(6);
+    let exited = loop {
+        let log = old.log();
+        if log.contains("drained; bye") {
+            break Some((handed.elapsed(), started.elapsed()));
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The load was still on when the old daemon exited (else it could have just drained).
+    let still_loaded = exited.is_some_and(|(_, at)| at < Duration::from_secs(SECS));
+    let exited = exited.map(|(after, _)| after);
+    let out = finish_load(load, "connections by pod IP");
+    let pcap_done = resets.finish().expect("tcpdump stopped");
+    let rsts = wire::tshark(&pcap_done, &["-Y", "tcp.flags.reset == 1"])
+        .expect("tshark")
+        .lines()
+        .count();
+    println!(
+        "old daemon exited {exited:?} after handing over (load still on: {still_loaded}); \
+         connections: {out}; resets seen by the client: {rsts}"
+    );
+    assert!(
+        exited.is_some() && still_loaded,
+        "the old daemon still ran 6 s after the handoff, its sources busy:\n{}",
+        old.log()
+    );
+    assert_eq!(out["failed"], 0, "{out}");
+    assert!(out["connections"].as_u64().unwrap_or(0) > 0, "{out}");
+    assert_eq!(rsts, 0, "resets in the client pod");
+    let _ = std::fs::remove_file(&pcap_done);
+    let _ = std::fs::remove_file(pcap_done.with_extension("log"));
+    drop((old, current, cp));
+}

@@ -157,6 +157,10 @@ pub struct PodContext {
     /// The pod's connections and handshakes, counted against the limits.
     pub load: Arc<limits::PodLoad>,
     pub shared: Arc<Shared>,
+    /// Cancelled when this daemon stops taking the pod's connections (taken over, shutting
+    /// down, the pod left the mesh): its accept loops end, and its idle tunnel sessions close
+    /// so that their sources open new ones, to whichever daemon accepts now.
+    pub closing: CancellationToken,
 }
 
 impl PodContext {

@@ -85,17 +85,25 @@ pub struct Pool {
 impl Pool {
     /// The most recently used fresh session for `key`; stale ones are dropped (closing them).
     pub fn take(&self, key: &Key) -> Option<Box<Session>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(key)?;
-        let found = loop {
-            match list.pop() {
-                Some(s) if s.fresh() => break Some(s.session),
-                Some(s) => self.retire(s.session),
-                None => break None,
+        let mut stale = Vec::new();
+        let found = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.get_mut(key)?;
+            let found = loop {
+                match list.pop() {
+                    Some(s) if s.fresh() && !s.session.peer_spoke() => break Some(s.session),
+                    Some(s) => stale.push(s.session),
+                    None => break None,
+                }
+            };
+            if list.is_empty() {
+                idle.remove(key);
             }
+            found
         };
-        if list.is_empty() {
-            idle.remove(key);
+        // Outside the lock: ending a session may read from its socket.
+        for session in stale {
+            self.retire(session);
         }
         found
     }
@@ -126,20 +134,31 @@ impl Pool {
         if closed || session.age() >= MAX_AGE || !session.reusable() {
             return self.retire(session);
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|_, list| {
-            for stale in list.extract_if(.., |s| !s.fresh()) {
-                self.retire(stale.session);
-            }
-            !list.is_empty()
-        });
-        let list = idle.entry(key).or_default();
-        if list.len() < PER_KEY {
-            list.push(Idle {
-                session,
-                since: Instant::now(),
+        let mut stale = Vec::new();
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            // For this key also those their destination ended meanwhile (a daemon that was
+            // taken over closes the sessions it kept): dropped now, while its side still
+            // waits for ours. Asking costs a syscall, so only here, not for every key.
+            idle.retain(|k, list| {
+                let this = *k == key;
+                stale.extend(
+                    list.extract_if(.., |s| !s.fresh() || (this && s.session.peer_spoke()))
+                        .map(|s| s.session),
+                );
+                !list.is_empty()
             });
-        } else {
+            let list = idle.entry(key).or_default();
+            if list.len() < PER_KEY {
+                list.push(Idle {
+                    session,
+                    since: Instant::now(),
+                });
+            } else {
+                stale.push(session);
+            }
+        }
+        for session in stale {
             self.retire(session);
         }
     }
@@ -164,10 +183,15 @@ impl Pool {
 
     /// Ends a session the pool does not keep with close_notify, so that the destination
     /// closes its side in order too (a session dropped without one looks cut short there, and
-    /// is reset). One that can carry nothing more is dropped.
+    /// is reset). One that can carry nothing more is dropped, and one the destination ended
+    /// first (a daemon that no longer takes connections closes its idle sessions) is dropped
+    /// without a word.
     fn retire(&self, mut session: Box<Session>) {
         if !session.reusable() {
             return;
+        }
+        if session.peer_spoke() {
+            return session.discard();
         }
         if tokio::runtime::Handle::try_current().is_ok() {
             self.retiring.spawn(async move {

@@ -521,6 +521,33 @@ impl Session {
         &self.tcp
     }
 
+    /// Whether the peer sent anything on this idle session (its close_notify, an alert, its
+    /// FIN) or it broke: such a session takes no more connections. A session at rest has
+    /// nothing to read; this asks the kernel, without reading.
+    pub fn peer_spoke(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        // The socket is non-blocking (tokio's): nothing queued is WouldBlock, not a wait.
+        match socket2::SockRef::from(&self.tcp).peek(&mut byte) {
+            Ok(_) => true,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        }
+    }
+
+    /// Drops a session whose peer already ended it (see [`Session::peer_spoke`]) without
+    /// writing to it: the peer's socket may be gone, and bytes sent to it would be answered
+    /// with a reset. What it sent is read first, since closing with bytes unread resets too.
+    pub fn discard(self: Box<Self>) {
+        let socket = socket2::SockRef::from(&self.tcp);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        // Bounded: a peer that keeps sending is not waited for.
+        for _ in 0..16 {
+            match socket.recv(&mut buf) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+    }
+
     /// The parts the copy loops (`copy.rs`) drive; each direction is used by one side only.
     pub(super) fn parts(&mut self) -> (&TcpStream, &mut Tx, &mut Rx, &Rekey) {
         (&self.tcp, &mut self.tx, &mut self.rx, &self.rekey)
@@ -1194,6 +1221,35 @@ mod tests {
             Session::accept(server_config, server_tcp)
         );
         (client.unwrap().0, server.unwrap().0)
+    }
+
+    /// An idle session the peer ended (close_notify, FIN) says so without a read, and is
+    /// dropped without a reset: what the peer sent is consumed first.
+    #[tokio::test]
+    async fn an_idle_session_the_peer_ended_is_seen_and_dropped_quietly() {
+        let (client, mut server) = sessions().await;
+        assert!(
+            !client.peer_spoke(),
+            "a session at rest has nothing to read"
+        );
+        let server_port = server.tcp.local_addr().unwrap();
+        server.close().await.unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !client.peer_spoke() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "close_notify never seen"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        client.discard();
+        // The server sees an orderly end: EOF, not a reset.
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), server.tcp.read(&mut buf))
+            .await
+            .expect("the client's end")
+            .unwrap_or_else(|e| panic!("{server_port}: {e}"));
+        assert_eq!(n, 0);
     }
 
     /// Seals `payload` as one record of type `ty` from `from` and sends it raw.

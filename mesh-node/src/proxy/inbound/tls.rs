@@ -2,7 +2,11 @@
 //! and verified), then one connection after another on the same session (see
 //! `tunnel/pool.rs`), each header checked as a new tunnel's would be.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
 use tokio::net::TcpStream;
@@ -116,17 +120,30 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 .saturating_duration_since(Instant::now());
             pool::SERVER_IDLE.min(left)
         };
+        // A reused session is not a new connection to this daemon: once it stops taking the
+        // pod's connections (taken over, shutting down), the session ends here, in order, and
+        // its source opens a new one to whichever daemon accepts now. Serving on would keep
+        // this daemon from ever draining while its sources stay busy.
+        if !first && ctx.closing.is_cancelled() {
+            // Boxed, as everything the connection's task only needs once.
+            return Box::pin(close_for_good(ctx, peer, stream)).await;
+        }
         // Boxed: only the relay's state stays in the connection's task for its life.
         let read = Box::pin(async {
             tokio::select! {
-                read = tokio::time::timeout(wait, header::read(&mut stream)) => Some(read),
-                () = credentials.withdrawn.cancelled() => None,
+                read = tokio::time::timeout(wait, header::read(&mut stream)) => Wait::Read(read),
+                () = credentials.withdrawn.cancelled() => Wait::Withdrawn,
+                () = ctx.closing.cancelled(), if !first => Wait::Closing,
             }
         })
         .await;
-        let Some(read) = read else {
-            tracing::warn!(workload = %ctx.workload, %peer, client = %client.id, "closing a tunnel session: {}", relay::BY_TRUST);
-            return reset(stream);
+        let read = match read {
+            Wait::Read(read) => read,
+            Wait::Withdrawn => {
+                tracing::warn!(workload = %ctx.workload, %peer, client = %client.id, "closing a tunnel session: {}", relay::BY_TRUST);
+                return reset(stream);
+            }
+            Wait::Closing => return Box::pin(close_for_good(ctx, peer, stream)).await,
         };
         let request: TunnelRequest = match read {
             Ok(Ok(request)) => request,
@@ -185,6 +202,27 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         }
     }
 }
+
+/// What ended the wait for a session's next header.
+enum Wait<T> {
+    Read(T),
+    /// The root of the client's certificate was withdrawn.
+    Withdrawn,
+    /// This daemon no longer takes the pod's connections.
+    Closing,
+}
+
+/// Ends a reused session in order because this daemon no longer takes the pod's
+/// connections, and waits a little for the source to end its side (a header it sent
+/// meanwhile is dropped unanswered, which it takes as a closed idle session and retries):
+/// a socket closed with bytes unread would reset the source instead.
+async fn close_for_good(ctx: &PodContext, peer: SocketAddr, mut stream: Box<Session>) {
+    tracing::debug!(workload = %ctx.workload, %peer, "closing an idle tunnel session: this daemon no longer takes the pod's connections");
+    let _ = tokio::time::timeout(CLOSE_WAIT, stream.close_and_drain()).await;
+}
+
+/// How long a closing session waits for its source to end its side.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why no header came on a session, as far as the answer goes.
 #[derive(Debug, PartialEq, Eq)]
