@@ -16,7 +16,9 @@ pub use traffic::TrafficError;
 
 use std::net::IpAddr;
 
-use mesh_model::{Action, MeshConfig, Mode, MtlsMode, Service, ServicePort, Transport, Workload};
+use mesh_model::{
+    Action, AppProtocol, MeshConfig, Mode, MtlsMode, Service, ServicePort, Transport, Workload,
+};
 
 use crate::{ip_to_bytes, v1};
 
@@ -213,6 +215,26 @@ impl From<&ServicePort> for v1::ServicePort {
             port: p.port.into(),
             target_port: p.target_port.into(),
             name: p.name.clone().unwrap_or_default(),
+            app_protocol: match p.app_protocol {
+                None => v1::AppProtocol::Unspecified,
+                Some(AppProtocol::Http) => v1::AppProtocol::Http,
+                Some(AppProtocol::H2c) => v1::AppProtocol::H2c,
+                Some(AppProtocol::Grpc) => v1::AppProtocol::Grpc,
+            }
+            .into(),
+        }
+    }
+}
+
+impl v1::ServicePort {
+    /// What the port speaks; `None` (relayed as bytes) also for a value this build does not
+    /// know, as a node did before the field existed.
+    pub fn protocol(&self) -> Option<AppProtocol> {
+        match v1::AppProtocol::try_from(self.app_protocol) {
+            Ok(v1::AppProtocol::Http) => Some(AppProtocol::Http),
+            Ok(v1::AppProtocol::H2c) => Some(AppProtocol::H2c),
+            Ok(v1::AppProtocol::Grpc) => Some(AppProtocol::Grpc),
+            Ok(v1::AppProtocol::Unspecified) | Err(_) => None,
         }
     }
 }
@@ -230,6 +252,31 @@ impl From<(IpAddr, u16)> for v1::FastDenyEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ports_protocol_round_trips_and_an_unknown_one_is_relayed_as_bytes() {
+        for app_protocol in [
+            None,
+            Some(AppProtocol::Http),
+            Some(AppProtocol::H2c),
+            Some(AppProtocol::Grpc),
+        ] {
+            let port = ServicePort {
+                name: None,
+                port: 80,
+                target_port: 8080,
+                app_protocol,
+            };
+            assert_eq!(v1::ServicePort::from(&port).protocol(), app_protocol);
+        }
+        let newer = v1::ServicePort {
+            port: 80,
+            target_port: 80,
+            app_protocol: 42,
+            ..Default::default()
+        };
+        assert_eq!(newer.protocol(), None);
+    }
 
     #[test]
     fn enums_round_trip_and_unknown_numbers_are_refused() {

@@ -12,7 +12,7 @@ use crate::{
     duration, identity,
     object_key::ObjectKey,
     policy::{self, AccessPolicy},
-    spec::{AccessPolicySpec, Action, MeshConfigSpec, MtlsMode, Transport},
+    spec::{AccessPolicySpec, Action, AppProtocol, MeshConfigSpec, MtlsMode, Transport},
     traffic::{self, ServiceRoute, TrafficPolicy},
     validate::{check_label, check_labels, one_line},
     SpiffeId,
@@ -99,6 +99,8 @@ pub struct ServicePort {
     pub name: Option<String>,
     pub port: u16,
     pub target_port: u16,
+    /// What it speaks, as declared; `None`: relayed as bytes.
+    pub app_protocol: Option<AppProtocol>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +161,7 @@ struct RawServicePort {
     name: Option<String>,
     port: u16,
     target_port: Option<u16>,
+    app_protocol: Option<String>,
 }
 
 /// Parses one document. The error names the field and is one line.
@@ -341,10 +344,21 @@ fn service(key: ObjectKey, spec: serde_yaml::Value) -> Result<Service, String> {
         if let Some(name) = &p.name {
             check_label(&format!("spec.ports[{i}].name"), name)?;
         }
+        let app_protocol = p
+            .app_protocol
+            .map(|text| {
+                AppProtocol::parse(&text).ok_or_else(|| {
+                    format!(
+                        "spec.ports[{i}].appProtocol: {text:?} is not one of http, h2c, grpc (leave it out for a port relayed as bytes)"
+                    )
+                })
+            })
+            .transpose()?;
         ports.push(ServicePort {
             name: p.name,
             port: p.port,
             target_port,
+            app_protocol,
         });
     }
     if raw.selector.is_empty() {
@@ -407,6 +421,24 @@ mod tests {
         let Resource::Service(s) = s else { panic!() };
         assert_eq!(s.ports[0].target_port, 8080);
         assert_eq!(s.ports[1].target_port, 443);
+        assert_eq!(s.ports[0].app_protocol, None, "bytes unless declared");
+
+        let s = parse(&format!("{HEAD}kind: Service\nmetadata: {{name: api}}\nspec: {{vips: [10.96.0.2], ports: [{{port: 80, appProtocol: http}}, {{port: 81, appProtocol: h2c}}, {{port: 82, appProtocol: grpc}}], selector: {{app: api}}}}\n")).unwrap();
+        let Resource::Service(s) = s else { panic!() };
+        let protocols: Vec<_> = s.ports.iter().map(|p| p.app_protocol).collect();
+        assert_eq!(
+            protocols,
+            [
+                Some(AppProtocol::Http),
+                Some(AppProtocol::H2c),
+                Some(AppProtocol::Grpc)
+            ]
+        );
+        let e = parse(&format!("{HEAD}kind: Service\nmetadata: {{name: api}}\nspec: {{vips: [10.96.0.2], ports: [{{port: 80}}, {{port: 443, appProtocol: https}}], selector: {{app: api}}}}\n")).unwrap_err();
+        assert!(
+            e.starts_with("spec.ports[1].appProtocol: \"https\" is not one of http, h2c, grpc"),
+            "{e}"
+        );
 
         let m = parse(&format!(
             "{HEAD}kind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{certTtl: 20s, transport: quic}}\n"

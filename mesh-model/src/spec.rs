@@ -353,6 +353,10 @@ pub struct TrafficPolicySpec {
     /// the endpoint's node; the ones over it are refused [default: no limit].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// Per-request settings, for Service ports that declare HTTP (`appProtocol`); other
+    /// ports ignore them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -438,6 +442,114 @@ pub struct RateLimitSpec {
     pub connections: u32,
     /// e.g. `1s`.
     pub interval: String,
+}
+
+/// Per-request settings for Service ports that declare HTTP (`appProtocol: http`, `h2c` or
+/// `grpc`); other ports ignore them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSpec {
+    /// Time from a request's arrival to its response's headers, retries included; when it
+    /// passes, the mesh answers 504 [default: never].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetriesSpec>,
+    /// Response status codes that count as an endpoint failure for outlierDetection, e.g.
+    /// `[502, 503, 504]` [default: none].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_status_codes: Option<Vec<u16>>,
+}
+
+/// Which failed requests are tried again, on another endpoint when there is one.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetriesSpec {
+    /// Tries after the first; 0 turns retries off [default: 2].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Time one try may take until its response's headers [default: only the request
+    /// timeout].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    /// Failures retried: `connect-failure` (no connection to the endpoint, so the request
+    /// never reached it), `reset` (the endpoint's connection ended before the response's
+    /// headers: the request may have been processed), `unavailable` (gRPC status 14)
+    /// [default: [connect-failure]].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<Vec<RetryOn>>,
+    /// Response status codes retried, e.g. `[503]` [default: none].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on_status: Option<Vec<u16>>,
+    /// A request is retried only if its body is at most this many bytes, kept until its
+    /// response comes [default: 65536].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u32>,
+    /// Retries per source node may add at most this percent to the requests of the last
+    /// 10 s, so that retries cannot multiply an outage [default: 20].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_percent: Option<u32>,
+    /// Retries per second allowed whatever the percent, so that a Service with little
+    /// traffic can retry at all [default: 10].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retries_per_second: Option<u32>,
+}
+
+/// A failure that [`RetriesSpec::retry_on`] may retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    ConnectFailure,
+    Reset,
+    Unavailable,
+}
+
+impl fmt::Display for RetryOn {
+    /// As written in YAML.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RetryOn::ConnectFailure => "connect-failure",
+            RetryOn::Reset => "reset",
+            RetryOn::Unavailable => "unavailable",
+        })
+    }
+}
+
+/// What a Service port speaks, as its `appProtocol` declares; a port without one is relayed
+/// as bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum AppProtocol {
+    /// HTTP/1.1, or HTTP/2 with prior knowledge (a client that starts with its preface).
+    Http,
+    /// HTTP/2 without TLS, with prior knowledge.
+    H2c,
+    /// gRPC: HTTP/2 with prior knowledge; a `grpc-status` of 14 is `unavailable`.
+    Grpc,
+}
+
+impl AppProtocol {
+    /// From an `appProtocol` value; `None` for one the mesh relays as bytes.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "http" => Some(Self::Http),
+            "h2c" | "kubernetes.io/h2c" => Some(Self::H2c),
+            "grpc" => Some(Self::Grpc),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for AppProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AppProtocol::Http => "http",
+            AppProtocol::H2c => "h2c",
+            AppProtocol::Grpc => "grpc",
+        })
+    }
 }
 
 /// A Service port's new connections split over backend Services by weight: a canary.

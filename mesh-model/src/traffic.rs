@@ -25,8 +25,8 @@ use crate::{
     object_key::ObjectKey,
     policy::{self, PortRange, Rule},
     spec::{
-        ConnectSpec, ConnectionLimitsSpec, LoadBalancer, OutlierDetectionSpec, RateLimitSpec,
-        ServiceRouteSpec, TrafficPolicySpec,
+        ConnectSpec, ConnectionLimitsSpec, HttpSpec, LoadBalancer, OutlierDetectionSpec,
+        RateLimitSpec, RetriesSpec, RetryOn, ServiceRouteSpec, TrafficPolicySpec,
     },
     validate::check_label,
 };
@@ -51,6 +51,8 @@ pub struct TrafficPolicy {
     pub connection_limits: Option<ConnectionLimits>,
     pub outlier_detection: Option<OutlierDetection>,
     pub rate_limit: Option<RateLimit>,
+    /// Boxed: most policies have none, and it is the largest section.
+    pub http: Option<Box<Http>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -135,6 +137,47 @@ pub struct RateLimit {
     pub interval: Duration,
 }
 
+/// Per-request settings of a Service port that declares HTTP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Http {
+    /// To the response's headers, retries included. Zero: never.
+    pub request_timeout: Duration,
+    pub retries: Retries,
+    /// Response status codes that count as an endpoint failure for outlier detection.
+    pub outlier_status_codes: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Retries {
+    /// Tries after the first.
+    pub attempts: u32,
+    /// Zero: only the request timeout bounds a try.
+    pub per_try_timeout: Duration,
+    /// Sorted, each once.
+    pub retry_on: Vec<RetryOn>,
+    /// Sorted, each once.
+    pub retry_on_status: Vec<u16>,
+    pub max_body_bytes: u32,
+    pub budget_percent: u32,
+    pub min_retries_per_second: u32,
+}
+
+impl Default for Retries {
+    /// Only what is always safe to try again: a request that never reached an endpoint. Two
+    /// retries make three tries, as the connect attempts of a port relayed as bytes.
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout: Duration::ZERO,
+            retry_on: vec![RetryOn::ConnectFailure],
+            retry_on_status: Vec::new(),
+            max_body_bytes: 64 * 1024,
+            budget_percent: 20,
+            min_retries_per_second: 10,
+        }
+    }
+}
+
 impl TrafficPolicy {
     /// Whether it selects `service`: one of its namespace it names (or every one, when it
     /// names none), or any Service when it is a mesh-wide policy of the root namespace that
@@ -216,6 +259,8 @@ pub struct Effective {
     pub connection_limits: Setting<ConnectionLimits>,
     pub outlier_detection: Setting<OutlierDetection>,
     pub rate_limit: Setting<Option<RateLimit>>,
+    /// Only for Service ports that declare HTTP.
+    pub http: Setting<Http>,
 }
 
 impl Effective {
@@ -292,7 +337,42 @@ impl Effective {
                 }),
                 self.rate_limit.from.as_ref(),
             ),
+            ("http", self.http.value.to_string(), self.http.from.as_ref()),
         ]
+    }
+}
+
+impl fmt::Display for Http {
+    /// In the words of the YAML, for explain.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |items: Vec<String>| {
+            if items.is_empty() {
+                "none".to_owned()
+            } else {
+                items.join(" ")
+            }
+        };
+        let r = &self.retries;
+        let timeout = |d: Duration, none: &str| {
+            if d.is_zero() {
+                none.to_owned()
+            } else {
+                duration::format(d)
+            }
+        };
+        write!(
+            f,
+            "requestTimeout {}, retries: attempts {}, perTryTimeout {}, retryOn {}, retryOnStatus {}, maxBodyBytes {}, budget {} % or {}/s; outlierStatusCodes {} (HTTP ports only)",
+            timeout(self.request_timeout, "never"),
+            r.attempts,
+            timeout(r.per_try_timeout, "none"),
+            list(r.retry_on.iter().map(ToString::to_string).collect()),
+            list(r.retry_on_status.iter().map(ToString::to_string).collect()),
+            r.max_body_bytes,
+            r.budget_percent,
+            r.min_retries_per_second,
+            list(self.outlier_status_codes.iter().map(ToString::to_string).collect()),
+        )
     }
 }
 
@@ -332,6 +412,7 @@ pub fn resolve<'a>(
         connection_limits: pick(&taken, |p| p.connection_limits, ConnectionLimits::default()),
         outlier_detection: pick(&taken, |p| p.outlier_detection, OutlierDetection::default()),
         rate_limit: pick(&taken, |p| p.rate_limit.map(Some), None),
+        http: pick(&taken, |p| p.http.as_deref().cloned(), Http::default()),
     }
 }
 
@@ -486,6 +567,7 @@ pub fn validate_policy(key: ObjectKey, spec: TrafficPolicySpec) -> Result<Traffi
     let connection_limits = spec.connection_limits.map(connection_limits).transpose()?;
     let outlier_detection = spec.outlier_detection.map(outlier_detection).transpose()?;
     let rate_limit = spec.rate_limit.map(rate_limit).transpose()?;
+    let http = spec.http.map(http).transpose()?.map(Box::new);
     Ok(TrafficPolicy {
         key,
         services,
@@ -498,6 +580,7 @@ pub fn validate_policy(key: ObjectKey, spec: TrafficPolicySpec) -> Result<Traffi
         connection_limits,
         outlier_detection,
         rate_limit,
+        http,
     })
 }
 
@@ -592,6 +675,92 @@ fn rate_limit(r: RateLimitSpec) -> Result<RateLimit, String> {
             Duration::from_secs(3600),
         )?,
     })
+}
+
+fn http(h: HttpSpec) -> Result<Http, String> {
+    let at = "spec.http";
+    let mut out = Http::default();
+    if let Some(t) = h.request_timeout {
+        out.request_timeout = parse_duration(
+            &format!("{at}.requestTimeout"),
+            &t,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+        )?;
+    }
+    if let Some(r) = h.retries {
+        out.retries = retries(r, out.request_timeout)?;
+    }
+    if let Some(codes) = h.outlier_status_codes {
+        out.outlier_status_codes = status_codes(&format!("{at}.outlierStatusCodes"), codes)?;
+    }
+    Ok(out)
+}
+
+fn retries(r: RetriesSpec, request_timeout: Duration) -> Result<Retries, String> {
+    let at = "spec.http.retries";
+    let mut out = Retries::default();
+    if let Some(n) = r.attempts {
+        out.attempts = bounded(&format!("{at}.attempts"), n, 0, 10)?;
+    }
+    if let Some(t) = r.per_try_timeout {
+        let field = format!("{at}.perTryTimeout");
+        out.per_try_timeout = parse_duration(
+            &field,
+            &t,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+        )?;
+        if !request_timeout.is_zero() && out.per_try_timeout > request_timeout {
+            return Err(format!(
+                "{field}: {} is longer than spec.http.requestTimeout ({}), so no retry could start",
+                duration::format(out.per_try_timeout),
+                duration::format(request_timeout)
+            ));
+        }
+    }
+    if let Some(list) = r.retry_on {
+        let mut seen = Vec::new();
+        for (i, on) in list.into_iter().enumerate() {
+            if seen.contains(&on) {
+                return Err(format!("{at}.retryOn[{i}]: {on} is listed twice"));
+            }
+            seen.push(on);
+        }
+        seen.sort();
+        out.retry_on = seen;
+    }
+    if let Some(codes) = r.retry_on_status {
+        out.retry_on_status = status_codes(&format!("{at}.retryOnStatus"), codes)?;
+    }
+    if let Some(n) = r.max_body_bytes {
+        out.max_body_bytes = bounded(&format!("{at}.maxBodyBytes"), n, 0, 16 * 1024 * 1024)?;
+    }
+    if let Some(n) = r.budget_percent {
+        out.budget_percent = bounded(&format!("{at}.budgetPercent"), n, 0, 100)?;
+    }
+    if let Some(n) = r.min_retries_per_second {
+        out.min_retries_per_second = bounded(&format!("{at}.minRetriesPerSecond"), n, 0, 10_000)?;
+    }
+    Ok(out)
+}
+
+/// Response status codes an operator lists: each an error status (400-599), once; sorted.
+fn status_codes(field: &str, codes: Vec<u16>) -> Result<Vec<u16>, String> {
+    let mut out: Vec<u16> = Vec::with_capacity(codes.len());
+    for (i, code) in codes.into_iter().enumerate() {
+        if !(400..=599).contains(&code) {
+            return Err(format!(
+                "{field}[{i}]: {code} is not an error status (400-599)"
+            ));
+        }
+        if out.contains(&code) {
+            return Err(format!("{field}[{i}]: {code} is listed twice"));
+        }
+        out.push(code);
+    }
+    out.sort_unstable();
+    Ok(out)
 }
 
 /// Validates a spec into a route named `key`; the error names the field.
@@ -758,6 +927,47 @@ mod tests {
     }
 
     #[test]
+    fn the_http_section_fills_its_defaults_and_is_taken_whole() {
+        let p = policy(
+            "shop",
+            "http",
+            "{http: {requestTimeout: 15s, retries: {retryOn: [reset, connect-failure], retryOnStatus: [504, 503]}, outlierStatusCodes: [503]}}",
+        );
+        let h = p.http.clone().unwrap();
+        assert_eq!(h.request_timeout, Duration::from_secs(15));
+        assert_eq!(
+            h.retries.retry_on,
+            [RetryOn::ConnectFailure, RetryOn::Reset],
+            "sorted"
+        );
+        assert_eq!(h.retries.retry_on_status, [503, 504]);
+        // What the section leaves out takes its default.
+        assert_eq!(h.retries.attempts, 2);
+        assert_eq!(h.retries.max_body_bytes, 65536);
+        assert_eq!(h.retries.budget_percent, 20);
+        assert_eq!(h.outlier_status_codes, [503]);
+        // Unknown fields and conditions are refused by the parser.
+        assert!(
+            serde_yaml::from_str::<TrafficPolicySpec>("{http: {retries: {retryOn: [5xx]}}}")
+                .is_err()
+        );
+        assert!(serde_yaml::from_str::<TrafficPolicySpec>("{http: {timeout: 1s}}").is_err());
+        let labels = BTreeMap::new();
+        let e = resolve([&p], &source(&labels));
+        assert_eq!(e.http.from, Some(ObjectKey::new("shop", "http")));
+        let text = e.sections().last().unwrap().1.clone();
+        assert!(
+            text.contains("requestTimeout 15s") && text.contains("retryOn connect-failure reset"),
+            "{text}"
+        );
+        // No policy: only connect failures are retried, and nothing times out.
+        let d = resolve(Vec::<&TrafficPolicy>::new(), &source(&labels));
+        assert_eq!(d.http.value, Http::default());
+        assert_eq!(d.http.value.retries.retry_on, [RetryOn::ConnectFailure]);
+        assert!(d.http.value.request_timeout.is_zero());
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let p = |yaml: &str| {
             let spec: TrafficPolicySpec = serde_yaml::from_str(yaml).unwrap();
@@ -809,6 +1019,39 @@ mod tests {
             (
                 "{rateLimit: {connections: 5, interval: 2h}}",
                 "spec.rateLimit.interval",
+            ),
+            ("{http: {requestTimeout: 2h}}", "spec.http.requestTimeout"),
+            (
+                "{http: {retries: {attempts: 11}}}",
+                "spec.http.retries.attempts",
+            ),
+            (
+                "{http: {requestTimeout: 1s, retries: {perTryTimeout: 2s}}}",
+                "spec.http.retries.perTryTimeout: 2s is longer than spec.http.requestTimeout",
+            ),
+            (
+                "{http: {retries: {retryOn: [reset, reset]}}}",
+                "spec.http.retries.retryOn[1]: reset is listed twice",
+            ),
+            (
+                "{http: {retries: {retryOnStatus: [200]}}}",
+                "spec.http.retries.retryOnStatus[0]: 200 is not an error status",
+            ),
+            (
+                "{http: {retries: {retryOnStatus: [503, 503]}}}",
+                "spec.http.retries.retryOnStatus[1]",
+            ),
+            (
+                "{http: {retries: {maxBodyBytes: 20000000}}}",
+                "spec.http.retries.maxBodyBytes",
+            ),
+            (
+                "{http: {retries: {budgetPercent: 101}}}",
+                "spec.http.retries.budgetPercent",
+            ),
+            (
+                "{http: {outlierStatusCodes: [600]}}",
+                "spec.http.outlierStatusCodes[0]",
             ),
         ] {
             let e = p(yaml);

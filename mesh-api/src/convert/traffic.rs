@@ -8,8 +8,9 @@ use mesh_model::{
     duration,
     policy::{Clause, PortRange, Rule},
     spec::{
-        BackendSpec, ConnectSpec, ConnectionLimitsSpec, LoadBalancer, OutlierDetectionSpec,
-        RateLimitSpec, ServiceRouteSpec, TrafficPolicySpec,
+        BackendSpec, ConnectSpec, ConnectionLimitsSpec, HttpSpec, LoadBalancer,
+        OutlierDetectionSpec, RateLimitSpec, RetriesSpec, RetryOn, ServiceRouteSpec,
+        TrafficPolicySpec,
     },
     traffic::{self, ServiceRoute, TrafficPolicy},
     ObjectKey,
@@ -78,8 +79,71 @@ impl From<&TrafficPolicy> for v1::TrafficPolicy {
                 connections: r.connections,
                 interval_ms: ms(r.interval),
             }),
+            http: p.http.as_ref().map(|h| v1::HttpSettings {
+                request_timeout_ms: ms(h.request_timeout),
+                retry_attempts: h.retries.attempts,
+                per_try_timeout_ms: ms(h.retries.per_try_timeout),
+                retry_on: h
+                    .retries
+                    .retry_on
+                    .iter()
+                    .map(|on| {
+                        match on {
+                            RetryOn::ConnectFailure => v1::RetryOn::ConnectFailure,
+                            RetryOn::Reset => v1::RetryOn::Reset,
+                            RetryOn::Unavailable => v1::RetryOn::Unavailable,
+                        }
+                        .into()
+                    })
+                    .collect(),
+                retry_on_status: h
+                    .retries
+                    .retry_on_status
+                    .iter()
+                    .map(|c| (*c).into())
+                    .collect(),
+                max_body_bytes: h.retries.max_body_bytes,
+                budget_percent: h.retries.budget_percent,
+                min_retries_per_second: h.retries.min_retries_per_second,
+                outlier_status_codes: h.outlier_status_codes.iter().map(|c| (*c).into()).collect(),
+            }),
         }
     }
+}
+
+/// The HTTP section as the model's validation reads it; what could not be a value an
+/// operator wrote is refused here.
+fn http_spec(h: &v1::HttpSettings) -> Result<HttpSpec, String> {
+    let codes = |field: &str, list: &[u32]| -> Result<Vec<u16>, String> {
+        list.iter()
+            .map(|c| u16::try_from(*c).map_err(|_| format!("{field}: {c} is not a status code")))
+            .collect()
+    };
+    let retry_on = h
+        .retry_on
+        .iter()
+        .map(|on| match v1::RetryOn::try_from(*on) {
+            Ok(v1::RetryOn::ConnectFailure) => Ok(RetryOn::ConnectFailure),
+            Ok(v1::RetryOn::Reset) => Ok(RetryOn::Reset),
+            Ok(v1::RetryOn::Unavailable) => Ok(RetryOn::Unavailable),
+            Ok(v1::RetryOn::Unspecified) | Err(_) => {
+                Err(format!("http.retryOn: unknown condition {on}"))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(HttpSpec {
+        request_timeout: (h.request_timeout_ms > 0).then(|| text(h.request_timeout_ms)),
+        retries: Some(RetriesSpec {
+            attempts: Some(h.retry_attempts),
+            per_try_timeout: (h.per_try_timeout_ms > 0).then(|| text(h.per_try_timeout_ms)),
+            retry_on: Some(retry_on),
+            retry_on_status: Some(codes("http.retryOnStatus", &h.retry_on_status)?),
+            max_body_bytes: Some(h.max_body_bytes),
+            budget_percent: Some(h.budget_percent),
+            min_retries_per_second: Some(h.min_retries_per_second),
+        }),
+        outlier_status_codes: Some(codes("http.outlierStatusCodes", &h.outlier_status_codes)?),
+    })
 }
 
 impl TryFrom<&v1::TrafficPolicy> for TrafficPolicy {
@@ -127,6 +191,7 @@ impl TryFrom<&v1::TrafficPolicy> for TrafficPolicy {
                 connections: r.connections,
                 interval: text(r.interval_ms),
             }),
+            http: p.http.as_ref().map(http_spec).transpose().map_err(error)?,
         };
         let mut policy = traffic::validate_policy(key.clone(), spec).map_err(error)?;
         policy.ports = p
@@ -221,6 +286,8 @@ mod tests {
             "{}",
             "{services: [payment], ports: [80, '9000-9100'], sources: [{sourceNamespaces: [web]}, {sourceLabels: {a: b}}], connect: {timeout: 250ms, maxAttempts: 2, backoff: 10ms}, idleTimeout: 0s, maxConnectionDuration: 1h, loadBalancer: LeastConnections, connectionLimits: {maxPendingConnects: 5}, outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 2s}, rateLimit: {connections: 10, interval: 1s}}",
             "{loadBalancer: RoundRobin, connectionLimits: {maxConnections: 7}}",
+            "{http: {}}",
+            "{http: {requestTimeout: 15s, retries: {attempts: 3, perTryTimeout: 250ms, retryOn: [connect-failure, reset, unavailable], retryOnStatus: [502, 503], maxBodyBytes: 0, budgetPercent: 0, minRetriesPerSecond: 1}, outlierStatusCodes: [500, 503]}}",
         ] {
             let p = policy(yaml);
             let back = TrafficPolicy::try_from(&v1::TrafficPolicy::from(&p)).unwrap();
@@ -246,6 +313,20 @@ mod tests {
             e.contains("traffic policy shop/tp: spec.connect.maxAttempts"),
             "{e}"
         );
+        let mut wire = v1::TrafficPolicy::from(&policy("{http: {}}"));
+        let http = wire.http.as_mut().unwrap();
+        http.retry_on.push(7);
+        let e = TrafficPolicy::try_from(&wire).unwrap_err().to_string();
+        assert!(e.contains("unknown condition 7"), "{e}");
+        let http = wire.http.as_mut().unwrap();
+        http.retry_on.clear();
+        http.retry_on_status.push(70_000);
+        let e = TrafficPolicy::try_from(&wire).unwrap_err().to_string();
+        assert!(e.contains("70000 is not a status code"), "{e}");
+        let http = wire.http.as_mut().unwrap();
+        http.retry_on_status = vec![200];
+        let e = TrafficPolicy::try_from(&wire).unwrap_err().to_string();
+        assert!(e.contains("spec.http.retries.retryOnStatus[0]"), "{e}");
         let mut wire = v1::TrafficPolicy::from(&policy("{}"));
         wire.load_balancer = 9;
         assert!(TrafficPolicy::try_from(&wire).is_err());

@@ -33,7 +33,7 @@ use kube::{api::DynamicObject, ResourceExt};
 use mesh_model::{
     policy::AccessPolicy,
     traffic::{ServiceRoute, TrafficPolicy},
-    Config, MeshConfig, ObjectKey, Resource, Service, ServicePort, Workload,
+    AppProtocol, Config, MeshConfig, ObjectKey, Resource, Service, ServicePort, Workload,
 };
 
 pub use mesh_model::membership::MESH_LABEL;
@@ -455,6 +455,9 @@ fn service(
                 name: p.name.clone(),
                 port,
                 target_port,
+                // Values the mesh does not speak (`https`, `kubernetes.io/ws`, …) are common
+                // and not mistakes: such a port is relayed as bytes.
+                app_protocol: p.app_protocol.as_deref().and_then(AppProtocol::parse),
             }),
             None => problems.push(format!(
                 "service {namespace}/{name} port {port} left out: its target port is not resolved yet"
@@ -647,8 +650,8 @@ mod tests {
                 "clusterIPs": ["10.96.0.10"],
                 "selector": { "app": "payment" },
                 "ports": [
-                    { "name": "http", "port": 80, "targetPort": "http" },
-                    { "name": "admin", "port": 9000, "targetPort": 9001 },
+                    { "name": "http", "port": 80, "targetPort": "http", "appProtocol": "http" },
+                    { "name": "admin", "port": 9000, "targetPort": 9001, "appProtocol": "https" },
                     { "name": "dns", "port": 53, "protocol": "UDP" }
                 ]
             }
@@ -706,6 +709,9 @@ mod tests {
         assert_eq!(s.vips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
         let ports: Vec<_> = s.ports.iter().map(|p| (p.port, p.target_port)).collect();
         assert_eq!(ports, [(80, 8080), (9000, 9001)], "UDP left out");
+        // A value the mesh does not speak is not a mistake: relayed as bytes.
+        let protocols: Vec<_> = s.ports.iter().map(|p| p.app_protocol).collect();
+        assert_eq!(protocols, [Some(AppProtocol::Http), None]);
         let eps: Vec<_> = t.config.endpoints(s).map(|w| w.key.to_string()).collect();
         assert_eq!(eps, ["shop/payment-1"], "ready and in the mesh only");
 

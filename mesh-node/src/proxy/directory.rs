@@ -420,6 +420,7 @@ mod tests {
                     port: 80,
                     target_port: 8080,
                     name: "http".into(),
+                    ..Default::default()
                 }],
                 endpoints: vec![
                     "default/b".into(),
