@@ -38,6 +38,9 @@ pub struct Explanation {
 pub struct Traffic {
     pub service: String,
     pub port: u16,
+    /// The port's declared `appProtocol`; `None`: relayed as bytes.
+    #[serde(default)]
+    pub protocol: Option<String>,
     /// The ServiceRoute that splits it, if any.
     pub route: Option<String>,
     /// Without a route, the Service itself with weight 1.
@@ -219,12 +222,12 @@ fn traffic(
     service: &Service,
     port: u16,
 ) -> Result<Traffic, ExplainError> {
-    if !service.ports.iter().any(|p| p.port == port) {
+    let Some(service_port) = service.ports.iter().find(|p| p.port == port) else {
         return Err(ExplainError::NoSuchPort {
             service: service.key.clone(),
             port,
         });
-    }
+    };
     let (source, identity, identity_uri) = client(config, from)?;
     let src = Source {
         address: source
@@ -290,6 +293,7 @@ fn traffic(
     Ok(Traffic {
         service: service.key.to_string(),
         port,
+        protocol: service_port.app_protocol.map(|a| a.to_string()),
         route: route.map(|r| r.key.to_string()),
         backends,
     })
@@ -402,6 +406,10 @@ fn render_traffic(from: &str, t: &Traffic) -> String {
 ",
         t.service, t.port
     );
+    out += &match &t.protocol {
+        Some(p) => format!("  protocol: {p} (appProtocol)\n"),
+        None => "  protocol: bytes (no appProtocol)\n".to_owned(),
+    };
     let total: u64 = t
         .backends
         .iter()
@@ -533,7 +541,7 @@ mod tests {
 
     #[test]
     fn explains_a_services_route_and_traffic_settings() {
-        let extra = "---\napiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {name: pay, namespace: shop}\nspec: {vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], selector: {app: payment}}\n---\napiVersion: mycel.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: canary, namespace: shop}\nspec: {service: pay, backends: [{service: pay, weight: 90}, {service: pay-v2, weight: 10}]}\n---\napiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: fast, namespace: shop}\nspec: {services: [pay], connect: {timeout: 500ms}}\n";
+        let extra = "---\napiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {name: pay, namespace: shop}\nspec: {vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080, appProtocol: http}], selector: {app: payment}}\n---\napiVersion: mycel.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: canary, namespace: shop}\nspec: {service: pay, backends: [{service: pay, weight: 90}, {service: pay-v2, weight: 10}]}\n---\napiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: fast, namespace: shop}\nspec: {services: [pay], connect: {timeout: 500ms}, http: {requestTimeout: 2s}}\n";
         let mut files = vec![(PathBuf::from("c.yaml"), String::new())];
         let w = |name: &str, ip: &str| {
             format!("apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}\nspec: {{node: n1, netns: /run/netns/{name}, addresses: ['{ip}'], serviceAccount: {name}}}\n---\n")
@@ -565,7 +573,15 @@ mod tests {
             ("loadBalancer".into(), "RoundRobin".into(), "default".into())
         );
         let text = render(&e);
-        assert!(text.starts_with("TRAFFIC shop/order -> service shop/pay port 80\n  route: shop/canary\n  backend shop/pay port 80: weight 90 (100.0 % of new connections), 1 endpoints\n"), "{text}");
+        assert_eq!(t.protocol.as_deref(), Some("http"));
+        let http = t.backends[0].settings.last().unwrap();
+        assert_eq!(http.0, "http");
+        assert!(
+            http.1.starts_with("requestTimeout 2s, retries: attempts 2"),
+            "{http:?}"
+        );
+        assert_eq!(http.2, "shop/fast");
+        assert!(text.starts_with("TRAFFIC shop/order -> service shop/pay port 80\n  protocol: http (appProtocol)\n  route: shop/canary\n  backend shop/pay port 80: weight 90 (100.0 % of new connections), 1 endpoints\n"), "{text}");
         assert!(
             text.contains("takes no connection: no Service shop/pay-v2"),
             "{text}"

@@ -105,7 +105,7 @@ async fn debug_config(State(shared): State<Arc<Shared>>) -> Json<serde_json::Val
             let ports: Vec<_> = s
                 .ports
                 .iter()
-                .map(|p| json!({"name": p.name, "port": p.port, "target_port": p.target_port}))
+                .map(|p| json!({"name": p.name, "port": p.port, "target_port": p.target_port, "app_protocol": p.app_protocol.map(|a| a.to_string())}))
                 .collect();
             (
                 key(&s.key),

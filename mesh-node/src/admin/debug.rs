@@ -39,7 +39,7 @@ pub fn config(parts: &Parts, status: &Status) -> String {
             json!({
                 "key": key,
                 "vips": s.vips.iter().filter_map(|a| ip(a)).collect::<Vec<_>>(),
-                "ports": s.ports.iter().map(|p| json!({"port": p.port, "target_port": p.target_port})).collect::<Vec<_>>(),
+                "ports": s.ports.iter().map(|p| json!({"port": p.port, "target_port": p.target_port, "app_protocol": p.protocol().map(|a| a.to_string())})).collect::<Vec<_>>(),
                 "endpoints": s.endpoints,
             })
         })
