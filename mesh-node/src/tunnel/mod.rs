@@ -4,7 +4,8 @@
 //!
 //! - `tls.rs`: rustls configurations and the SPIFFE identity checks;
 //! - `session.rs`: one connection: rustls's handshake, then this node's record layer
-//!   (`record.rs`); `copy.rs` moves the application's bytes through it without copies;
+//!   (`record.rs`); `copy.rs` moves the application's bytes through it without copies, and
+//!   `stream_io.rs` makes it a byte stream for code that speaks a protocol over it;
 //! - `pool.rs`: idle sessions, reused by the next connection between the same two pods;
 //! - `anchors.rs`: the trust roots in force, and the end of tunnels whose root was withdrawn.
 //!
@@ -18,6 +19,7 @@ pub mod pool;
 pub mod quic;
 pub mod record;
 pub mod session;
+pub mod stream_io;
 pub mod tls;
 
 use std::{

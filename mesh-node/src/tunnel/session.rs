@@ -182,7 +182,7 @@ impl Tx {
         self.sealer.seal_to(&[1, 0], ContentType::Alert, out);
     }
 
-    fn seal_to(&mut self, payload: &[u8], ty: ContentType, out: &mut Vec<u8>) {
+    pub(super) fn seal_to(&mut self, payload: &[u8], ty: ContentType, out: &mut Vec<u8>) {
         self.sealer.seal_to(payload, ty, out);
     }
 }
@@ -737,7 +737,7 @@ impl crate::socket::Resettable for Box<Session> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
         net::TcpListener,
@@ -1212,7 +1212,7 @@ mod tests {
     }
 
     /// A connected client and server session.
-    async fn sessions() -> (Box<Session>, Box<Session>) {
+    pub(in crate::tunnel) async fn sessions() -> (Box<Session>, Box<Session>) {
         let (client_config, server_config) = configs();
         let (client_tcp, server_tcp) = pair().await;
         let name = ServerName::try_from("tunnel.mycel").unwrap();

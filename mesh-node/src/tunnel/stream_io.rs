@@ -1,0 +1,246 @@
+//! A tunnel as a byte stream (`AsyncRead` + `AsyncWrite`), for code that speaks a protocol over
+//! it through a library (the HTTP proxy's upstream connections) instead of relaying it with
+//! `copy.rs`. The bytes on the wire are the relay's: application data in records of at most
+//! [`MAX_PLAINTEXT`], and a shutdown ends this direction with the end-of-stream record, which
+//! the destination passes on to its application as a FIN.
+//!
+//! Writes are sealed into a buffer and written from there; each `poll_write` takes at most one
+//! record's worth, so what is buffered stays bounded.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{
+    record::{ContentType, MAX_PLAINTEXT},
+    session::SessionError,
+    Session,
+};
+
+/// A tunnel session's one connection as a stream.
+pub struct SessionIo {
+    session: Box<Session>,
+    /// Sealed records not written to the socket yet, from `written` on.
+    out: Vec<u8>,
+    written: usize,
+    /// The end-of-stream record is in `out` (or gone): nothing more may be written.
+    shut: bool,
+}
+
+impl SessionIo {
+    pub fn new(session: Box<Session>) -> Self {
+        Self {
+            session,
+            out: Vec::new(),
+            written: 0,
+            shut: false,
+        }
+    }
+
+    /// The session, e.g. to see whether its root was withdrawn.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Writes what is sealed; ready once all of it is in the socket.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let tcp = self.session.tcp();
+        while self.written < self.out.len() {
+            ready!(tcp.poll_write_ready(cx))?;
+            match tcp.try_write(&self.out[self.written..]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.out.clear();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for SessionIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            let received = this.session.received();
+            if !received.is_empty() {
+                let n = received.len().min(buf.remaining());
+                buf.put_slice(&received[..n]);
+                this.session.consume(n);
+                return Poll::Ready(Ok(()));
+            }
+            match this.session.open_pending() {
+                // The peer ended its direction: end of file, once what came before is read.
+                Ok(Opening::Ended) => return Poll::Ready(Ok(())),
+                Ok(Opening::Data) => continue,
+                Ok(Opening::NeedMore) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+            let tcp = this.session.tcp();
+            ready!(tcp.poll_read_ready(cx))?;
+            match this.session.read_pending() {
+                Ok(0) => return Poll::Ready(Err(SessionError::Truncated.into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SessionIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.shut {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the stream was shut down",
+            )));
+        }
+        ready!(this.poll_write_out(cx))?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = data.len().min(MAX_PLAINTEXT);
+        this.session
+            .seal_data(&data[..n], &mut this.out)
+            .map_err(io::Error::from)?;
+        // Sent now if the socket takes it; otherwise on the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_write_out(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.shut {
+            ready!(this.poll_write_out(cx))?;
+            this.session.seal_end(&mut this.out);
+            this.shut = true;
+        }
+        this.poll_write_out(cx)
+    }
+}
+
+/// What opening the bytes already read gave.
+pub(super) enum Opening {
+    /// Application bytes to deliver.
+    Data,
+    /// The peer ended its direction (end of stream or close_notify).
+    Ended,
+    /// No complete record: read more.
+    NeedMore,
+}
+
+impl Session {
+    /// Opens the complete records among the bytes read, like [`Session::receive`] but
+    /// without reading: for callers that poll the socket themselves.
+    pub(super) fn open_pending(&mut self) -> Result<Opening, SessionError> {
+        let (_, _, rx, rekey) = self.parts();
+        if rx.ended {
+            return Ok(Opening::Ended);
+        }
+        let mut pending = std::mem::take(&mut rx.pending);
+        let mut data = Vec::new();
+        let opened = rx.open(rekey, &mut pending, &mut data);
+        if let Ok(o) = &opened {
+            for r in &data {
+                rx.plaintext.extend_from_slice(&pending[r.clone()]);
+            }
+            pending.drain(..o.consumed);
+        }
+        rx.pending = pending;
+        let opened = opened?;
+        if opened.ended {
+            rx.ended = true;
+        }
+        Ok(if !rx.plaintext.is_empty() {
+            Opening::Data
+        } else if opened.ended {
+            Opening::Ended
+        } else if opened.consumed > 0 {
+            // Only control records (a KeyUpdate): open on.
+            Opening::Data
+        } else {
+            Opening::NeedMore
+        })
+    }
+
+    /// Reads what the socket has without waiting (`WouldBlock` when nothing).
+    pub(super) fn read_pending(&mut self) -> io::Result<usize> {
+        let (tcp, _, rx, _) = self.parts();
+        rx.pending.reserve(16 * 1024);
+        tcp.try_read_buf(&mut rx.pending)
+    }
+
+    /// Appends `data` sealed as application data (after a KeyUpdate when one is due).
+    pub(super) fn seal_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
+        let (_, tx, _, rekey) = self.parts();
+        tx.maybe_update_key(rekey, out)?;
+        tx.seal_to(data, ContentType::ApplicationData, out);
+        Ok(())
+    }
+
+    /// Appends the end of this direction's stream.
+    pub(super) fn seal_end(&mut self, out: &mut Vec<u8>) {
+        let (_, tx, _, _) = self.parts();
+        tx.end_of_stream(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// Bytes written through the stream arrive as the relay would deliver them, both ways;
+    /// a shutdown is the end of stream, and records larger than one are split.
+    #[tokio::test]
+    async fn a_session_stream_carries_bytes_both_ways_and_ends_in_order() {
+        let (client, server) = super::super::session::tests::sessions().await;
+        let mut a = SessionIo::new(client);
+        let mut b = SessionIo::new(server);
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let send = async {
+            a.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            a.write_all(&big).await.unwrap();
+            a.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            a.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let echo = async {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            b.write_all(&got[..18]).await.unwrap();
+            b.shutdown().await.unwrap();
+            got
+        };
+        let (back, got) = tokio::join!(send, echo);
+        assert_eq!(&got[..18], b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(&got[18..], &big[..]);
+        assert_eq!(back, b"GET / HTTP/1.1\r\n\r\n");
+        // Nothing may follow the end.
+        assert!(a.write_all(b"x").await.is_err());
+    }
+}
