@@ -1,0 +1,349 @@
+//! An HTTP application for the tests of HTTP-aware ports: a server that says who it is, and a
+//! client that sends many requests over one connection. Nothing in it knows about the mesh.
+//!
+//! ```text
+//! mesh-http serve --port P --name NAME     HTTP/1.1 and HTTP/2 (prior knowledge) on [::]:P.
+//!                                          Every answer carries `x-served-by: NAME`:
+//!                                            /delay/MS        200 NAME after MS milliseconds
+//!                                            /fail-every/N    503 to every Nth request it
+//!                                                             gets on this path, else 200
+//!                                            /stall           no answer for an hour
+//!                                            anything else    200 NAME
+//!                                          A request with `Upgrade: echo` gets 101, then
+//!                                          its bytes echoed. Prints "listening" once bound.
+//! mesh-http get --addr A --count N [--path P] [--h2] [--concurrency C]
+//!                                          N requests over one connection (HTTP/1.1
+//!                                          keep-alive, or HTTP/2 with C streams at a time);
+//!                                          prints one JSON line: {requests, by_body,
+//!                                          by_status, by_mesh_error, errors, p50_us, p99_us}
+//! mesh-http upgrade --addr A               asks to switch to `echo`, then sends a line on the
+//!                                          switched connection; prints {status, echoed}
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::{body::Incoming, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The header the mesh puts on answers it makes itself.
+const MESH_ERROR: &str = "x-mycel-proxy-error";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mesh-http: error: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(&args)) {
+        eprintln!("mesh-http: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: &[String]) -> Result<(), Error> {
+    let flag = |name: &str| -> Option<&str> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str)
+    };
+    let number = |name: &str, default: u64| -> Result<u64, Error> {
+        flag(name).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| format!("{name}: {v:?} is not a number").into())
+        })
+    };
+    match args.first().map(String::as_str) {
+        Some("serve") => {
+            let port = u16::try_from(number("--port", 0)?)?;
+            let name = flag("--name").ok_or("--name is required")?.to_owned();
+            serve(port, name).await
+        }
+        Some("upgrade") => {
+            let addr: SocketAddr = flag("--addr")
+                .ok_or("--addr is required")?
+                .parse()
+                .map_err(|_| "--addr is not an address:port")?;
+            println!("{}", upgrade(addr).await?);
+            Ok(())
+        }
+        Some("get") => {
+            let addr: SocketAddr = flag("--addr")
+                .ok_or("--addr is required")?
+                .parse()
+                .map_err(|_| "--addr is not an address:port")?;
+            let out = get(
+                addr,
+                flag("--path").unwrap_or("/"),
+                number("--count", 100)?,
+                args.iter().any(|a| a == "--h2"),
+                number("--concurrency", 1)?.max(1),
+            )
+            .await?;
+            println!("{out}");
+            Ok(())
+        }
+        _ => Err("usage: mesh-http serve --port P --name NAME | get --addr A --count N [--path P] [--h2] [--concurrency C]".into()),
+    }
+}
+
+async fn serve(port: u16, name: String) -> Result<(), Error> {
+    let listener = TcpListener::bind(("::", port)).await?;
+    println!("listening");
+    let name: Arc<str> = name.into();
+    let counts: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let (name, counts) = (name.clone(), counts.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let (name, counts) = (name.clone(), counts.clone());
+                async move {
+                    if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+                        let upgraded = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(up) = upgraded.await {
+                                let mut io = TokioIo::new(up);
+                                let mut buf = [0u8; 1024];
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        });
+                        let mut r = Response::new(Full::new(Bytes::new()));
+                        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        r.headers_mut()
+                            .insert("upgrade", "echo".parse().unwrap_or_else(|_| unreachable!()));
+                        r.headers_mut().insert(
+                            "connection",
+                            "upgrade".parse().unwrap_or_else(|_| unreachable!()),
+                        );
+                        return Ok::<_, Infallible>(r);
+                    }
+                    Ok::<_, Infallible>(answer(&req, &name, &counts).await)
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(
+    req: &Request<Incoming>,
+    name: &str,
+    counts: &Mutex<BTreeMap<String, u64>>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let mut status = StatusCode::OK;
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    } else if let Some(n) = path
+        .strip_prefix("/fail-every/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        let seen = {
+            let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+            let c = counts.entry(path.to_owned()).or_default();
+            *c += 1;
+            *c
+        };
+        if n > 0 && seen % n == 0 {
+            status = StatusCode::SERVICE_UNAVAILABLE;
+        }
+    } else if path == "/stall" {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    let mut response = Response::new(Full::new(Bytes::from(name.to_owned())));
+    *response.status_mut() = status;
+    if let Ok(v) = name.parse() {
+        response.headers_mut().insert("x-served-by", v);
+    }
+    response
+}
+
+/// What the client saw.
+#[derive(Default)]
+struct Tally {
+    by_body: BTreeMap<String, u64>,
+    by_status: BTreeMap<u16, u64>,
+    by_mesh_error: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    latencies_us: Vec<u64>,
+}
+
+/// A GET of `uri` (its authority also the Host header).
+fn request(uri: &hyper::Uri) -> Result<Request<Empty<Bytes>>, hyper::http::Error> {
+    let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+    Request::get(uri.clone())
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+}
+
+type Answer = Result<(u16, String, Option<String>), String>;
+
+fn record(tally: &Mutex<Tally>, started: Instant, result: Answer) {
+    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+    t.latencies_us
+        .push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+    match result {
+        Ok((status, body, mesh)) => {
+            *t.by_status.entry(status).or_default() += 1;
+            *t.by_body.entry(body).or_default() += 1;
+            if let Some(m) = mesh {
+                *t.by_mesh_error.entry(m).or_default() += 1;
+            }
+        }
+        Err(e) => *t.errors.entry(e).or_default() += 1,
+    }
+}
+
+async fn get(
+    addr: SocketAddr,
+    path: &str,
+    count: u64,
+    h2: bool,
+    concurrency: u64,
+) -> Result<serde_json::Value, Error> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let io = TokioIo::new(tcp);
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let uri: hyper::Uri = format!("http://{addr}{path}").parse()?;
+    async fn read(response: Response<Incoming>) -> Answer {
+        let status = response.status().as_u16();
+        let mesh = response
+            .headers()
+            .get(MESH_ERROR)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned(), mesh))
+    }
+    if h2 {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        let next = Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (mut sender, next, tally, uri) =
+                    (sender.clone(), next.clone(), tally.clone(), uri.clone());
+                tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::Relaxed) < count {
+                        let started = Instant::now();
+                        let result = match request(&uri) {
+                            Ok(req) => match sender.send_request(req).await {
+                                Ok(r) => read(r).await,
+                                Err(e) => Err(format!("request: {e}")),
+                            },
+                            Err(e) => Err(format!("request: {e}")),
+                        };
+                        record(&tally, started, result);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await?;
+        }
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        for _ in 0..count {
+            let started = Instant::now();
+            let result = match sender.ready().await {
+                Ok(()) => match sender.send_request(request(&uri)?).await {
+                    Ok(r) => read(r).await,
+                    Err(e) => Err(format!("request: {e}")),
+                },
+                Err(e) => Err(format!("connection: {e}")),
+            };
+            let failed = result.is_err();
+            record(&tally, started, result);
+            if failed {
+                // HTTP/1.1: a broken connection takes no more requests.
+                break;
+            }
+        }
+    }
+    let mut t = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
+    t.latencies_us.sort_unstable();
+    let q = |p: f64| -> u64 {
+        if t.latencies_us.is_empty() {
+            return 0;
+        }
+        t.latencies_us[((t.latencies_us.len() - 1) as f64 * p).round() as usize]
+    };
+    Ok(serde_json::json!({
+        "requests": t.latencies_us.len(),
+        "by_body": t.by_body,
+        "by_status": t.by_status,
+        "by_mesh_error": t.by_mesh_error,
+        "errors": t.errors,
+        "p50_us": q(0.5),
+        "p99_us": q(0.99),
+    }))
+}
+
+async fn upgrade(addr: SocketAddr) -> Result<serde_json::Value, Error> {
+    let tcp = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::get(format!("http://{addr}/"))
+        .header("host", addr.to_string())
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(req).await?;
+    let status = response.status().as_u16();
+    if status != 101 {
+        return Ok(serde_json::json!({ "status": status, "echoed": "" }));
+    }
+    let mut io = TokioIo::new(hyper::upgrade::on(response).await?);
+    io.write_all(b"hello through the upgrade\n").await?;
+    let mut buf = vec![0u8; 64];
+    let mut got = Vec::new();
+    while got.len() < 26 {
+        let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await??;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(serde_json::json!({ "status": status, "echoed": String::from_utf8_lossy(&got) }))
+}
