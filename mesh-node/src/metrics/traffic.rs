@@ -14,6 +14,7 @@ pub struct TrafficMetrics {
     retries: IntCounterVec,
     ejections: IntCounterVec,
     routes: IntCounterVec,
+    not_http: IntCounterVec,
 }
 
 /// One connect attempt's labels: who tried which Service's endpoint.
@@ -59,8 +60,15 @@ impl TrafficMetrics {
             )?,
             routes: counter(
                 "route_decisions_total",
-                "New connections a ServiceRoute sent to each backend Service.",
+                "New connections (requests, on ports that declare HTTP) a ServiceRoute sent to \
+                 each backend Service.",
                 &["route", "service", "backend"],
+            )?,
+            not_http: counter(
+                "http_not_http_total",
+                "Application connections to a port declared HTTP (appProtocol) that did not \
+                 speak it; each was closed.",
+                &["destination_service", "protocol"],
             )?,
         })
     }
@@ -89,6 +97,10 @@ impl TrafficMetrics {
     pub fn ejection_series(&self, service: &str, port: u16) -> IntCounter {
         self.ejections
             .with_label_values(&[service, &port.to_string()])
+    }
+
+    pub fn not_http(&self, service: &str, protocol: &str) {
+        self.not_http.with_label_values(&[service, protocol]).inc();
     }
 
     pub fn routed(&self, route: &str, service: &str, backend: &str) {

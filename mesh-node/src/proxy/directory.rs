@@ -85,6 +85,8 @@ pub struct ServicePort {
     pub route: Option<String>,
     /// With their weights; backends that do not exist or lack the port are left out.
     pub backends: Vec<(Arc<Backend>, u32)>,
+    /// What the Service's port declares it speaks; `None`: relayed as bytes.
+    pub protocol: Option<mesh_model::AppProtocol>,
 }
 
 impl ServicePort {
@@ -369,6 +371,7 @@ fn services(view: &MeshView, peers: &HashMap<WorkloadId, Arc<Peer>>) -> Services
                 service: key.to_string(),
                 route: route.map(|r| r.key.to_string()),
                 backends: split,
+                protocol: p.protocol(),
             });
             for vip in s.vips.iter().filter_map(|v| mesh_api::ip_from_bytes(v)) {
                 by_vip.insert(SocketAddr::new(vip, port), entry.clone());

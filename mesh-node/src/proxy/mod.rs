@@ -12,6 +12,8 @@
 //!   passed on; the tunnel's side of it (records sealed and opened in place) is
 //!   `tunnel/copy.rs`.
 //! - `limits.rs`: how many connections and handshakes each pod and each source may have.
+//! - `http.rs`: ports that declare HTTP, served request by request over upstream connections
+//!   made as `outbound.rs` makes any;
 //! - `traffic/`: endpoint choice, connect attempts, per-Service limits, outlier ejection,
 //!   rate limits and connection expiry (TrafficPolicy), with the state that outlives a
 //!   directory rebuild.
@@ -20,6 +22,7 @@
 
 pub mod authz;
 pub mod directory;
+pub mod http;
 pub mod inbound;
 pub mod kernel_policy;
 pub mod labels;

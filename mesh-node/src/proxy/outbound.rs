@@ -48,7 +48,7 @@ pub fn listen_addrs() -> [SocketAddr; 2] {
 }
 
 /// Where an outbound connection was sent.
-enum Upstream {
+pub(super) enum Upstream {
     Plain(TcpStream),
     /// A pod of this node, admitted by its checks (which also report it, as its destination).
     Local(TcpStream, OpenGuard, Box<(Pair, Details)>),
@@ -67,7 +67,7 @@ enum Upstream {
 
 impl Upstream {
     /// How the connection travels, and whether on a tunnel that was there already.
-    fn transport(&self) -> (Transport, bool) {
+    pub(super) fn transport(&self) -> (Transport, bool) {
         match self {
             Upstream::Plain(_) => (Transport::Passthrough, false),
             Upstream::Local(..) => (Transport::Local, false),
@@ -78,7 +78,7 @@ impl Upstream {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum SendError {
+pub(super) enum SendError {
     #[error("connect to {addr} failed: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
     #[error("TLS handshake with {addr} failed: {source}")]
@@ -96,6 +96,8 @@ enum SendError {
         addr: SocketAddr,
         source: quic::QuicError,
     },
+    #[error("no HTTP connection to {addr}: {detail}")]
+    Http { addr: SocketAddr, detail: String },
     #[error("no answer from {addr} within the connect timeout")]
     Timeout { addr: SocketAddr },
     #[error("the connect timeout passed while waiting for a handshake slot to {addr}'s node on this node")]
@@ -125,6 +127,7 @@ impl SendError {
             | SendError::Header { .. }
             | SendError::Quic { .. }
             | SendError::Timeout { .. }
+            | SendError::Http { .. }
             | SendError::Queued { .. } => FailReason::Tunnel,
             SendError::Refused { status, .. } => inbound::refusal_reason(*status),
             SendError::TrustWithdrawn { .. } => FailReason::TrustWithdrawn,
@@ -167,12 +170,13 @@ impl SendError {
     /// keeps for this source (`Overloaded`: one busy pod must not eject an endpoint for every
     /// pod of its node), time spent queued on this node or this node not being ready say
     /// nothing about it.
-    fn endpoint_failed(&self) -> bool {
+    pub(super) fn endpoint_failed(&self) -> bool {
         match self {
             SendError::Connect { .. }
             | SendError::Handshake { .. }
             | SendError::Quic { .. }
             | SendError::Header { .. }
+            | SendError::Http { .. }
             | SendError::Timeout { .. } => true,
             SendError::Refused { status, .. } => *status == Status::UpstreamFailed,
             _ => false,
@@ -181,13 +185,14 @@ impl SendError {
 
     /// Whether another endpoint of the same service might work: only failures before the
     /// destination accepted the connection are retried, and never a deny or a rate limit.
-    fn try_next(&self) -> bool {
+    pub(super) fn try_next(&self) -> bool {
         match self {
             SendError::Connect { .. }
             | SendError::Handshake { .. }
             | SendError::Quic { .. }
             | SendError::Header { .. }
             | SendError::Timeout { .. }
+            | SendError::Http { .. }
             | SendError::Queued { .. }
             | SendError::TrustWithdrawn { .. } => true,
             SendError::Refused { status, .. } => {
@@ -200,8 +205,8 @@ impl SendError {
 
 /// One connection the pod's application made: where it goes ([`Outgoing::accepted`]), a
 /// connection there ([`Outgoing::connect`]), then the relay, each reported once.
-pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
-    let ctx = &*ctx;
+pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
+    let ctx = &*pod;
     let started = Instant::now();
     // The limit logs and counts its own refusals.
     let Ok(_permit) = ctx.shared.limits.outbound(&ctx.load, &ctx.workload) else {
@@ -210,6 +215,18 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let Some(mut out) = Outgoing::accepted(ctx, peer).await else {
         return reset(client);
     };
+    // A port that declares HTTP is served request by request (boxed: an L4 connection's task
+    // does not carry it).
+    if let Route::Service(port) = out.dir.route(out.dst) {
+        if let Some(protocol) = port.protocol {
+            let (dst, service) = (out.dst, port.service.clone());
+            drop((out, port));
+            return Box::pin(super::http::serve(
+                client, peer, pod, dst, &service, protocol,
+            ))
+            .await;
+        }
+    }
     let _ = client.set_nodelay(true);
     let Some(upstream) = out.connect(ctx, peer).await else {
         return reset(client);
@@ -633,7 +650,7 @@ async fn send_to_service(
 
 /// Sends one connection to a mesh workload: directly when it is a pod on this node, through a
 /// tunnel otherwise.
-async fn send(
+pub(super) async fn send(
     ctx: &PodContext,
     dir: &Directory,
     target: &Target,

@@ -16,6 +16,7 @@ use std::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
+    quic::TunnelStream,
     record::{ContentType, MAX_PLAINTEXT},
     session::SessionError,
     Session,
@@ -204,6 +205,54 @@ impl Session {
     pub(super) fn seal_end(&mut self, out: &mut Vec<u8>) {
         let (_, tx, _, _) = self.parts();
         tx.end_of_stream(out);
+    }
+}
+
+/// A QUIC tunnel stream as a stream: what arrived with the header first.
+pub struct QuicIo {
+    stream: Box<TunnelStream>,
+}
+
+impl QuicIo {
+    pub fn new(stream: Box<TunnelStream>) -> Self {
+        Self { stream }
+    }
+}
+
+impl AsyncRead for QuicIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let early = &mut this.stream.early;
+        if !early.is_empty() {
+            let n = early.len().min(buf.remaining());
+            buf.put_slice(&early[..n]);
+            early.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.get_mut().stream.send), cx, data)
+            .map_err(io::Error::from)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.get_mut().stream.send), cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.get_mut().stream.send), cx)
     }
 }
 

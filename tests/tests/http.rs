@@ -1,0 +1,187 @@
+//! Service ports that declare HTTP (`appProtocol`), on two nodes: requests over one kept-alive
+//! connection are split by a ServiceRoute and balanced over endpoints one by one (HTTP/1.1 and
+//! HTTP/2 with prior knowledge), where the same port without `appProtocol` sends every request
+//! of a connection to one endpoint; the mesh answers 503 itself, saying so, when a Service has
+//! no endpoint; an upgraded connection (`Upgrade:`) carries bytes both ways; a client that
+//! does not speak HTTP to an HTTP port is closed and counted. The servers and clients are
+//! `mesh-http`.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use mesh_tests::{
+    app::{self, Server},
+    mesh::{mesh_config_yaml, sibling_bin, workload_yaml},
+    prom::Exposition,
+    topology::{run_with_timeout, Pod},
+    ControlPlane, MeshNode, NodeSpec, Topology,
+};
+
+const PORT: u16 = 8080;
+const VIP: &str = "10.96.0.30";
+const V2_VIP: &str = "10.96.0.31";
+const EMPTY_VIP: &str = "10.96.0.32";
+const T: Duration = Duration::from_secs(120);
+
+fn http_bin() -> Command {
+    Command::new(sibling_bin("mesh-http", "MESH_HTTP_BIN"))
+}
+
+/// `mesh-http serve` in `pod`, answering with the pod's name.
+fn serve(pod: &Pod) -> Server {
+    Server::spawn(
+        pod,
+        http_bin().args(["serve", "--port", &PORT.to_string(), "--name", &pod.name]),
+    )
+    .expect("mesh-http server")
+}
+
+/// `mesh-http ARGS` in the client pod; its JSON line.
+fn client(topo: &Topology, args: &[&str]) -> serde_json::Value {
+    let child = topo
+        .pod("client")
+        .spawn(
+            http_bin()
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .expect("mesh-http client");
+    let out = run_with_timeout(child, T).expect("mesh-http client finished");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mesh-http {args:?}: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("mesh-http {args:?} printed {stdout:?}: {e}"))
+}
+
+/// Ports 80 (http), 81 (h2c) and 82 (bytes) to PORT, for `app`.
+fn service(name: &str, vip: &str, app: &str) -> String {
+    format!(
+        "apiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: default }}\nspec: {{ vips: ['{vip}'], ports: [{{ port: 80, targetPort: {PORT}, appProtocol: http }}, {{ port: 81, targetPort: {PORT}, appProtocol: h2c }}, {{ port: 82, targetPort: {PORT} }}], selector: {{ app: {app} }} }}\n"
+    )
+}
+
+fn count(out: &serde_json::Value, body: &str) -> u64 {
+    out["by_body"][body].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn over_tls_requests_are_split_and_balanced_one_by_one_and_the_mesh_answers_for_itself() {
+    split_balance_and_answer("tls");
+}
+
+#[test]
+fn over_quic_requests_are_split_and_balanced_one_by_one_and_the_mesh_answers_for_itself() {
+    split_balance_and_answer("quic");
+}
+
+/// The test, with tunnels of `transport` (`tls` or `quic`).
+fn split_balance_and_answer(transport: &str) {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["client", "p1"]),
+        NodeSpec::new("n2", &["p2", "v2"]),
+    ])
+    .expect("topology");
+    let docs = [
+        workload_yaml(topo.pod("client"), "client"),
+        workload_yaml(topo.pod("p1"), "pay"),
+        workload_yaml(topo.pod("p2"), "pay"),
+        workload_yaml(topo.pod("v2"), "pay-v2"),
+        service("pay", VIP, "pay"),
+        service("pay-v2", V2_VIP, "pay-v2"),
+        service("empty", EMPTY_VIP, "nobody"),
+        "apiVersion: mycel.dev/v1alpha1\nkind: ServiceRoute\nmetadata: { name: canary, namespace: default }\nspec: { service: pay, backends: [{ service: pay, weight: 90 }, { service: pay-v2, weight: 10 }] }\n".to_owned(),
+        mesh_config_yaml(transport, ""),
+    ];
+    let yaml = docs.join("---\n");
+    let _servers: Vec<Server> = ["p1", "p2", "v2"]
+        .into_iter()
+        .map(|p| serve(topo.pod(p)))
+        .collect();
+    let name = format!("{}-http-{transport}", topo.prefix);
+    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
+    let n2 = MeshNode::join(&mut topo, "n2", &cp, 2).expect("mesh-node n2");
+
+    // One connection each, thousands of requests: the route's 90/10 holds per request, and
+    // pay's two endpoints (one on each node) share its part.
+    const N: u64 = 3000;
+    let n = N.to_string();
+    let by_h1 = format!("{VIP}:80");
+    let by_h2 = format!("{VIP}:81");
+    let h1 = client(&topo, &["get", "--addr", &by_h1, "--count", &n]);
+    let h2 = client(
+        &topo,
+        &[
+            "get",
+            "--addr",
+            &by_h2,
+            "--count",
+            &n,
+            "--h2",
+            "--concurrency",
+            "4",
+        ],
+    );
+    // The control: the same Service port without appProtocol, one connection.
+    let by_l4 = format!("{VIP}:82");
+    let l4 = client(&topo, &["get", "--addr", &by_l4, "--count", "300"]);
+    println!("{transport}: HTTP/1.1: {h1}\nh2c: {h2}\nbytes (L4): {l4}");
+    for (what, out) in [("HTTP/1.1", &h1), ("h2c", &h2)] {
+        assert_eq!(out["requests"], N, "{what}: {out}");
+        assert_eq!(out["by_status"]["200"], N, "{what}: {out}");
+        let v2 = count(out, "v2") as f64 / N as f64;
+        assert!((0.08..=0.12).contains(&v2), "{what}: v2 took {v2}: {out}");
+        for p in ["p1", "p2"] {
+            let share = count(out, p) as f64 / N as f64;
+            assert!(
+                (0.35..=0.55).contains(&share),
+                "{what}: {p} took {share}: {out}"
+            );
+        }
+    }
+    assert_eq!(
+        l4["by_body"].as_object().map(|o| o.len()),
+        Some(1),
+        "one connection relayed as bytes goes to one endpoint: {l4}"
+    );
+
+    // No endpoint: the mesh answers, and says it did.
+    let empty = format!("{EMPTY_VIP}:80");
+    let out = client(&topo, &["get", "--addr", &empty, "--count", "1"]);
+    assert_eq!(out["by_status"]["503"], 1, "{out}");
+    let why = out["by_mesh_error"]
+        .as_object()
+        .and_then(|o| o.keys().next().cloned())
+        .unwrap_or_default();
+    assert!(why.contains("no endpoint of default/empty"), "{out}");
+
+    // An upgraded connection carries bytes both ways.
+    let out = client(&topo, &["upgrade", "--addr", &by_h1]);
+    assert_eq!(out["status"], 101, "{out}");
+    assert_eq!(out["echoed"], "hello through the upgrade\n", "{out}");
+
+    // Not HTTP on an HTTP port: closed, logged and counted.
+    let out = app::run(topo.pod("client"), &["loop", VIP, "80", "1"], T);
+    assert_eq!(out["failures"], 1, "{out}");
+    let exposition = Exposition::parse(&n1.metrics_text().expect("metrics")).expect("exposition");
+    let not_http = exposition.sum(
+        "mycel_http_not_http_total",
+        &[("destination_service", "default/pay"), ("protocol", "http")],
+    );
+    assert_eq!(not_http, 1.0, "the metric counts it");
+    assert!(
+        n1.log().contains("is not HTTP to a port declared http"),
+        "{}",
+        n1.log()
+    );
+    drop((n1, n2, cp));
+}
