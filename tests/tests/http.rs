@@ -113,7 +113,7 @@ fn split_balance_and_answer(transport: &str) {
 
     // One connection each, thousands of requests: the route's 90/10 holds per request, and
     // pay's two endpoints (one on each node) share its part.
-    const N: u64 = 3000;
+    const N: u64 = 5000;
     let n = N.to_string();
     let by_h1 = format!("{VIP}:80");
     let by_h2 = format!("{VIP}:81");
@@ -183,5 +183,139 @@ fn split_balance_and_answer(transport: &str) {
         "{}",
         n1.log()
     );
+    drop((n1, n2, cp));
+}
+
+/// `mesh-http serve` in `pod` that answers 503 to every `fail_every`th request.
+fn serve_failing(pod: &Pod, fail_every: u32) -> Server {
+    Server::spawn(
+        pod,
+        http_bin().args([
+            "serve",
+            "--port",
+            &PORT.to_string(),
+            "--name",
+            &pod.name,
+            "--fail-every",
+            &fail_every.to_string(),
+        ]),
+    )
+    .expect("mesh-http server")
+}
+
+fn traffic_policy(name: &str, service: &str, http: &str) -> String {
+    format!("apiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{ name: {name}, namespace: default }}\nspec: {{ services: [{service}], http: {http} }}\n")
+}
+
+/// Requests `pod`'s server answered (other than this question), asked by pod address.
+fn answered(topo: &Topology, pod: &str) -> u64 {
+    let addr = format!("{}:{PORT}", topo.pod(pod).ipv4);
+    let out = client(
+        topo,
+        &["get", "--addr", &addr, "--path", "/count", "--count", "1"],
+    );
+    let body = out["by_body"]
+        .as_object()
+        .and_then(|o| o.keys().next().cloned())
+        .unwrap_or_default();
+    body.parse()
+        .unwrap_or_else(|_| panic!("{pod} /count: {out}"))
+}
+
+/// Retries on a status: an endpoint that fails one request in three is retried around and the
+/// client sees no failure. The retry budget: with every endpoint failing, retries add at most
+/// their share of requests, counted by the servers themselves. The request timeout: a stalled
+/// endpoint gets the mesh's 504 on time.
+#[test]
+fn retries_hide_a_flaky_endpoint_the_budget_holds_and_timeouts_answer_504() {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["client", "a"]),
+        NodeSpec::new("n2", &["b", "c", "d", "e"]),
+    ])
+    .expect("topology");
+    let docs = [
+        workload_yaml(topo.pod("client"), "client"),
+        workload_yaml(topo.pod("a"), "pay"),
+        workload_yaml(topo.pod("b"), "pay"),
+        workload_yaml(topo.pod("c"), "pay"),
+        workload_yaml(topo.pod("d"), "down"),
+        workload_yaml(topo.pod("e"), "down"),
+        service("pay", VIP, "pay"),
+        service("down", V2_VIP, "down"),
+        traffic_policy(
+            "pay",
+            "pay",
+            "{ requestTimeout: 1s, retries: { attempts: 2, retryOnStatus: [503] } }",
+        ),
+        traffic_policy(
+            "down",
+            "down",
+            "{ retries: { attempts: 3, retryOnStatus: [503], budgetPercent: 20, minRetriesPerSecond: 0 } }",
+        ),
+        mesh_config_yaml("tls", ""),
+    ];
+    let yaml = docs.join("---\n");
+    let _servers = [
+        serve_failing(topo.pod("a"), 3),
+        serve(topo.pod("b")),
+        serve(topo.pod("c")),
+        serve_failing(topo.pod("d"), 1),
+        serve_failing(topo.pod("e"), 1),
+    ];
+    let name = format!("{}-retry", topo.prefix);
+    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
+    let n2 = MeshNode::join(&mut topo, "n2", &cp, 4).expect("mesh-node n2");
+
+    let by_vip = format!("{VIP}:80");
+    let flaky = client(&topo, &["get", "--addr", &by_vip, "--count", "900"]);
+    let a = answered(&topo, "a");
+    println!("one endpoint failing one request in three, retried on 503: {flaky}; a answered {a}");
+    assert_eq!(flaky["by_status"]["200"], 900, "{flaky}");
+    assert!(a >= 250, "a took its share and failed a third of it: {a}");
+
+    const N: u64 = 500;
+    let down = format!("{V2_VIP}:80");
+    let out = client(&topo, &["get", "--addr", &down, "--count", &N.to_string()]);
+    let served = answered(&topo, "d") + answered(&topo, "e");
+    let exposition = Exposition::parse(&n1.metrics_text().expect("metrics")).expect("exposition");
+    let retried = exposition.sum(
+        "mycel_http_retries_total",
+        &[("destination_service", "default/down")],
+    );
+    let refused = exposition.sum(
+        "mycel_http_retry_budget_exhausted_total",
+        &[("destination_service", "default/down")],
+    );
+    println!(
+        "every endpoint failing: {out}; the servers answered {served} for {N} requests; retries {retried}, over budget {refused}"
+    );
+    assert_eq!(
+        out["by_status"]["503"], N,
+        "the failures reach the client: {out}"
+    );
+    assert!(
+        served > N && served <= N + N / 5 + 1,
+        "retries at most 20 % of the requests: {served} for {N}"
+    );
+    assert_eq!(served as f64, N as f64 + retried);
+    assert!(refused > 0.0);
+
+    let stall = client(
+        &topo,
+        &["get", "--addr", &by_vip, "--path", "/stall", "--count", "1"],
+    );
+    println!("a stalled request, requestTimeout 1s: {stall}");
+    assert_eq!(stall["by_status"]["504"], 1, "{stall}");
+    let took = stall["p50_us"].as_u64().unwrap_or(0);
+    assert!(
+        (1_000_000..=1_100_000).contains(&took),
+        "504 after {took} µs for a 1 s timeout"
+    );
+    let why = stall["by_mesh_error"]
+        .as_object()
+        .and_then(|o| o.keys().next().cloned())
+        .unwrap_or_default();
+    assert!(why.contains("within requestTimeout 1s"), "{stall}");
     drop((n1, n2, cp));
 }

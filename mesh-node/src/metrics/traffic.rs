@@ -15,6 +15,9 @@ pub struct TrafficMetrics {
     ejections: IntCounterVec,
     routes: IntCounterVec,
     not_http: IntCounterVec,
+    http_retries: IntCounterVec,
+    http_budget: IntCounterVec,
+    http_timeouts: IntCounterVec,
 }
 
 /// One connect attempt's labels: who tried which Service's endpoint.
@@ -70,6 +73,23 @@ impl TrafficMetrics {
                  speak it; each was closed.",
                 &["destination_service", "protocol"],
             )?,
+            http_retries: counter(
+                "http_retries_total",
+                "Requests to a Service port that declares HTTP tried again (TrafficPolicy \
+                 http.retries).",
+                &["destination_service"],
+            )?,
+            http_budget: counter(
+                "http_retry_budget_exhausted_total",
+                "Failed requests that would have been tried again but for the retry budget; \
+                 the failure went to the client.",
+                &["destination_service"],
+            )?,
+            http_timeouts: counter(
+                "http_request_timeouts_total",
+                "Requests the mesh answered 504 because requestTimeout passed.",
+                &["destination_service"],
+            )?,
         })
     }
 
@@ -101,6 +121,18 @@ impl TrafficMetrics {
 
     pub fn not_http(&self, service: &str, protocol: &str) {
         self.not_http.with_label_values(&[service, protocol]).inc();
+    }
+
+    pub fn http_retry(&self, service: &str) {
+        self.http_retries.with_label_values(&[service]).inc();
+    }
+
+    pub fn http_budget_exhausted(&self, service: &str) {
+        self.http_budget.with_label_values(&[service]).inc();
+    }
+
+    pub fn http_timed_out(&self, service: &str) {
+        self.http_timeouts.with_label_values(&[service]).inc();
     }
 
     pub fn routed(&self, route: &str, service: &str, backend: &str) {

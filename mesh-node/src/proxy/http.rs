@@ -18,13 +18,17 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     time::Instant,
 };
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
+use hyper::body::Body as _;
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -32,20 +36,22 @@ use hyper::{
     Request, Response, StatusCode, Version,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_model::{authz::Source, AppProtocol};
+use mesh_model::{authz::Source, spec::RetryOn, traffic::Effective, AppProtocol};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    directory::{Route, Target},
+    authz::OpenGuard,
+    directory::{Directory, Route, Target},
     inbound,
     labels::PairOf as _,
     outbound::{self, SendError, Upstream},
-    traffic::Slot,
+    traffic::{ServiceState, Slot},
     PodContext,
 };
-use crate::metrics::{Details, Flow, Pair, Reporter};
-use crate::tunnel::stream_io::SessionIo;
+use crate::metrics::{Connection, Details, FailReason, Flow, Pair, Reporter};
+use crate::tunnel::stream_io::{QuicIo, SessionIo};
 
 /// The header on every answer the mesh made itself, saying why.
 pub const MESH_ERROR: &str = "x-mycel-proxy-error";
@@ -54,6 +60,10 @@ pub const MESH_ERROR: &str = "x-mycel-proxy-error";
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Requests at once on one HTTP/2 connection from the application.
 const MAX_STREAMS: u32 = 256;
+
+/// Upstream connections one client connection may have at once (an HTTP/2 client of an
+/// `http` port needs one per request in flight).
+const MAX_UPSTREAMS: usize = 32;
 
 /// Idle HTTP/1.1 connections kept per endpoint for one application connection (an HTTP/2
 /// client may have several requests to one endpoint at once).
@@ -77,7 +87,10 @@ pub async fn serve(
         dst,
         protocol,
         upstreams: Mutex::default(),
+        live: Arc::default(),
+        spliced: TaskTracker::new(),
     });
+    let downstream = conn.clone();
     let handler = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.forward(req).await) }
@@ -105,6 +118,10 @@ pub async fn serve(
                 .map_err(Into::into)
         }
     };
+    // An upgraded connection outlives hyper's: this one (and the pod's limit on outbound
+    // connections, held by the caller) ends with it.
+    downstream.spliced.close();
+    downstream.spliced.wait().await;
     if let Err(e) = served {
         let parse = e
             .downcast_ref::<hyper::Error>()
@@ -129,6 +146,10 @@ struct Downstream {
     dst: SocketAddr,
     protocol: AppProtocol,
     upstreams: Mutex<HashMap<SocketAddr, Senders>>,
+    /// Upstream connections alive, pooled or not (at most [`MAX_UPSTREAMS`]).
+    live: Arc<AtomicUsize>,
+    /// Upgraded connections being relayed.
+    spliced: TaskTracker,
 }
 
 /// Upstream connections to one endpoint.
@@ -191,31 +212,203 @@ impl Downstream {
                 &format!("no endpoint of {}", backend.name),
             );
         }
+        refuse_h2c_upgrade(&mut req);
+        let connect_method = req.method() == hyper::Method::CONNECT;
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-        let mut req = Some(self.upstream_request(req));
-        let connect = settings.connect.value;
-        let mut last = String::new();
-        for attempt in 0..connect.max_attempts.max(1) {
-            let candidate = &order[attempt as usize % order.len()];
+        let http = &settings.http.value;
+        let retries = &http.retries;
+        let deadline = (!http.request_timeout.is_zero())
+            .then(|| tokio::time::Instant::now() + http.request_timeout);
+        let (parts, body) = self.upstream_request(req, upgrade.is_some()).into_parts();
+        // A body is kept for another try only when one may happen and it is known to be small
+        // enough; any other request is sent once, or tried again only if it was never sent.
+        let replay = retries.attempts > 0
+            && upgrade.is_none()
+            && body
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= u64::from(retries.max_body_bytes));
+        let mut body = Some(body);
+        let kept = if replay {
+            match body.take().map(|b| b.collect()) {
+                Some(collecting) => match collecting.await {
+                    Ok(collected) => Some(collected.to_bytes()),
+                    Err(e) => {
+                        return mesh_error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("the request's body ended early: {e}"),
+                        )
+                    }
+                },
+                None => None,
+            }
+        } else {
+            None
+        };
+        let budget = state.retry_budget();
+        budget.requested();
+        let metrics = &ctx.shared.traffic.metrics;
+        let mut tries: u32 = 0;
+        // Pooled connections that turned out closed before the request went: not tries.
+        let mut stale = 0;
+        loop {
+            let candidate = &order[tries as usize % order.len()];
             let target = &candidate.target;
             let _load = candidate.hold();
-            let sender = match self.pooled(target.addr) {
-                Some(s) => s,
+            let request = match (&kept, body.take()) {
+                (Some(bytes), _) => Request::from_parts(
+                    clone_parts(&parts),
+                    Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
+                ),
+                (None, Some(b)) => Request::from_parts(clone_parts(&parts), b),
+                (None, None) => break,
+            };
+            let keep = upgrade.is_some();
+            let attempt = self.attempt(
+                (&dir, &state, &settings),
+                target,
+                request,
+                (deadline, endpoints, keep),
+            );
+            let failure = match attempt.await {
+                Attempt::Answered(mut response, held) => {
+                    let status = response.status();
+                    let key = &target.peer.key;
+                    if http.outlier_status_codes.contains(&status.as_u16()) {
+                        state.failed(key, od, endpoints);
+                    } else {
+                        state.answered(key);
+                    }
+                    let retry_status = retries.retry_on_status.contains(&status.as_u16())
+                        || (retries.retry_on.contains(&RetryOn::Unavailable)
+                            && response
+                                .headers()
+                                .get("grpc-status")
+                                .is_some_and(|v| v == "14"));
+                    let switched = status == StatusCode::SWITCHING_PROTOCOLS
+                        || (connect_method && status.is_success());
+                    if switched {
+                        // Only what the client asked for: a 101 it did not ask for would
+                        // leave its connection in a state it does not know.
+                        let (Some(client), Some(held)) = (upgrade, held) else {
+                            return mesh_error(
+                                StatusCode::BAD_GATEWAY,
+                                &format!("{} switched protocols unasked", target.peer.key),
+                            );
+                        };
+                        let server = hyper::upgrade::on(&mut response);
+                        self.spliced.spawn(splice(client, server, held));
+                        return response.map(|b| b.boxed());
+                    }
+                    if !retry_status || kept.is_none() {
+                        let mut response = response.map(|b| b.boxed());
+                        strip_hop_by_hop(response.headers_mut());
+                        return response;
+                    }
+                    Failure::Status(response)
+                }
+                Attempt::NotSent(request, why) if stale < order.len() => {
+                    stale += 1;
+                    let (p, b) = (*request).into_parts();
+                    if kept.is_none() {
+                        body = Some(b);
+                    }
+                    drop(p);
+                    tracing::debug!(workload = %ctx.workload, endpoint = %target.peer.key, %why, "a pooled HTTP connection was closing; the request goes on another");
+                    continue;
+                }
+                Attempt::NotSent(_, why) | Attempt::Unreachable(why) => Failure::Connect(why),
+                Attempt::Refused(why) => {
+                    return mesh_error(StatusCode::SERVICE_UNAVAILABLE, &why);
+                }
+                Attempt::Reset(why) => Failure::Reset(why),
+                Attempt::TimedOut if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+                    metrics.http_timed_out(&backend.name);
+                    return mesh_error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "no response from {} within requestTimeout {}",
+                            backend.name,
+                            mesh_model::duration::format(http.request_timeout)
+                        ),
+                    );
+                }
+                Attempt::TimedOut => Failure::Reset(format!(
+                    "no response within perTryTimeout {}",
+                    mesh_model::duration::format(retries.per_try_timeout)
+                )),
+            };
+            // A connect failure never reached the endpoint: it may go elsewhere even with a
+            // body that was not kept (it was not sent).
+            let wanted = match &failure {
+                Failure::Connect(_) => retries.retry_on.contains(&RetryOn::ConnectFailure),
+                Failure::Reset(_) => retries.retry_on.contains(&RetryOn::Reset),
+                Failure::Status(_) => true,
+            };
+            let replayable =
+                kept.is_some() || (matches!(failure, Failure::Connect(_)) && body.is_some());
+            let more = tries < retries.attempts;
+            if wanted && replayable && more {
+                if budget.retry(retries) {
+                    tries += 1;
+                    metrics.http_retry(&backend.name);
+                    continue;
+                }
+                metrics.http_budget_exhausted(&backend.name);
+                tracing::info!(service = %backend.name, "retry budget spent: the failure goes to the client");
+            }
+            return match failure {
+                Failure::Status(response) => response.map(|b| b.boxed()),
+                Failure::Connect(why) => mesh_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "no endpoint of {} could be reached; the last: {why}",
+                        backend.name
+                    ),
+                ),
+                Failure::Reset(why) => mesh_error(StatusCode::BAD_GATEWAY, &why),
+            };
+        }
+        mesh_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no endpoint of {} could be reached", backend.name),
+        )
+    }
+
+    /// One try of a request on `target`: a pooled or new connection, then the request, under
+    /// the per-try timeout and the request's deadline.
+    async fn attempt(
+        &self,
+        (dir, state, settings): (&Directory, &ServiceState, &Effective),
+        target: &Target,
+        request: Request<Body>,
+        (deadline, endpoints, keep): (Option<tokio::time::Instant>, usize, bool),
+    ) -> Attempt {
+        let retries = &settings.http.value.retries;
+        let per_try = (!retries.per_try_timeout.is_zero())
+            .then(|| tokio::time::Instant::now() + retries.per_try_timeout);
+        let until = match (deadline, per_try) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let work = async {
+            // An upgrade takes a connection of its own, which becomes the byte stream.
+            let pooled = if keep { None } else { self.pooled(target.addr) };
+            let (sender, held) = match pooled {
+                Some(s) => (s, None),
                 None => {
                     // A new upstream connection counts against the per-node limits, as an
                     // L4 connection does, for as long as it lives.
                     let limits = &settings.connection_limits.value;
                     let Ok((open, pending)) = state.admit(limits) else {
-                        return mesh_error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            &format!(
-                                "at the connection limit to {} from this node (connectionLimits)",
-                                backend.name
-                            ),
+                        return Attempt::Refused(
+                            "at the connection limit to the Service from this node (connectionLimits)".to_owned(),
                         );
                     };
                     let started = Instant::now();
-                    let made = self.connect(&dir, target, connect.timeout, open).await;
+                    let made = self
+                        .connect(dir, target, settings.connect.value.timeout, open, keep)
+                        .await;
                     drop(pending);
                     match made {
                         Ok(s) => {
@@ -224,58 +417,45 @@ impl Downstream {
                         }
                         Err(e) => {
                             tracing::info!(
-                                workload = %ctx.workload, service = %backend.name, endpoint = %target.peer.key,
-                                addr = %target.addr, attempt = attempt + 1, error = %e,
+                                workload = %self.pod.workload, endpoint = %target.peer.key,
+                                addr = %target.addr, error = %e,
                                 "HTTP endpoint could not be reached"
                             );
                             if e.endpoint_failed() {
+                                let od = &settings.outlier_detection.value;
                                 state.failed(&target.peer.key, od, endpoints);
                             }
-                            if !e.try_next() {
-                                return mesh_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
-                            }
-                            last = e.to_string();
-                            continue;
+                            return if e.try_next() {
+                                Attempt::Unreachable(e.to_string())
+                            } else {
+                                Attempt::Refused(e.to_string())
+                            };
                         }
                     }
                 }
             };
-            let Some(request) = req.take() else { break };
-            match self.send(target.addr, sender, request).await {
-                Ok(mut response) => {
-                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        if let Some(client) = upgrade {
-                            let server = hyper::upgrade::on(&mut response);
-                            tokio::spawn(splice(client, server));
-                        }
-                    }
-                    return response.map(|b| b.boxed());
-                }
-                // Not sent (the connection was closing): another try may send it.
-                Err(Failed::NotSent(request, e)) => {
-                    last = e;
-                    req = Some(*request);
-                }
-                Err(Failed::Sent(e)) => {
-                    return mesh_error(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("{} failed the request: {e}", target.peer.key),
-                    )
+            match self.send(target.addr, sender, request, !keep).await {
+                Ok(response) => Attempt::Answered(response, held),
+                Err(Failed::NotSent(request, why)) => Attempt::NotSent(request, why),
+                Err(Failed::Sent(why)) => {
+                    Attempt::Reset(format!("{} failed the request: {why}", target.peer.key))
                 }
             }
+        };
+        match until {
+            Some(until) => tokio::time::timeout_at(until, work)
+                .await
+                .unwrap_or(Attempt::TimedOut),
+            None => work.await,
         }
-        mesh_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "no endpoint of {} could be reached; the last: {last}",
-                backend.name
-            ),
-        )
     }
 
     /// The request as the endpoint's protocol wants it.
-    fn upstream_request(&self, req: Request<Incoming>) -> Request<Body> {
+    fn upstream_request(&self, req: Request<Incoming>, upgrade: bool) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
+        if !upgrade {
+            strip_hop_by_hop(&mut parts.headers);
+        }
         let h2_upstream = self.protocol != AppProtocol::Http;
         if !h2_upstream {
             // An HTTP/2 client's authority is the HTTP/1.1 Host header.
@@ -302,18 +482,21 @@ impl Downstream {
     fn pooled(&self, addr: SocketAddr) -> Option<Sender> {
         let mut all = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
         let senders = all.get_mut(&addr)?;
-        if let Some(h2) = &senders.h2 {
-            if h2.is_ready() {
-                return Some(Sender::H2(h2.clone()));
-            }
+        if senders.h2.as_ref().is_some_and(|h2| h2.is_closed()) {
             senders.h2 = None;
         }
-        while let Some(h1) = senders.h1.pop() {
-            if h1.is_ready() {
-                return Some(Sender::H1(h1));
-            }
+        // One still reading its last response is busy, not gone: it stays.
+        senders.h1.retain(|h1| !h1.is_closed());
+        let found = if let Some(h2) = senders.h2.as_ref().filter(|h2| h2.is_ready()) {
+            Some(Sender::H2(h2.clone()))
+        } else {
+            let ready = senders.h1.iter().position(|h1| h1.is_ready());
+            ready.map(|i| Sender::H1(senders.h1.swap_remove(i)))
+        };
+        if senders.h2.is_none() && senders.h1.is_empty() {
+            all.remove(&addr);
         }
-        None
+        found
     }
 
     /// Keeps `sender` for the next request to `addr`.
@@ -336,6 +519,7 @@ impl Downstream {
         addr: SocketAddr,
         sender: Sender,
         request: Request<Body>,
+        pool: bool,
     ) -> Result<Response<Incoming>, Failed> {
         match sender {
             Sender::H1(mut s) => {
@@ -344,14 +528,16 @@ impl Downstream {
                     Some(request) => Failed::NotSent(Box::new(request), e.into_error().to_string()),
                     None => Failed::Sent(e.into_error().to_string()),
                 })?;
-                if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                if pool {
                     self.keep(addr, Sender::H1(s));
                 }
                 Ok(response)
             }
             Sender::H2(mut s) => {
                 let sent = s.try_send_request(request).await;
-                self.keep(addr, Sender::H2(s));
+                if pool {
+                    self.keep(addr, Sender::H2(s));
+                }
                 sent.map_err(|mut e| match e.take_message() {
                     Some(request) => Failed::NotSent(Box::new(request), e.into_error().to_string()),
                     None => Failed::Sent(e.into_error().to_string()),
@@ -361,15 +547,28 @@ impl Downstream {
     }
 
     /// A new upstream connection to `target`, as the L4 path makes one, and the HTTP
-    /// handshake on it; its task reports it as a connection of this pod to the endpoint.
+    /// handshake on it. What it holds (its report, its slot of the limits, a same-node
+    /// delivery's guard) lives in its driver task, or, for an upgrade (`keep`), is handed back
+    /// for the byte stream that follows. The driver ends, closing the connection, when the
+    /// endpoint or the client ends it, a policy change denies a same-node delivery, or the
+    /// root of the tunnel's peer is withdrawn.
     async fn connect(
         &self,
-        dir: &super::directory::Directory,
+        dir: &Directory,
         target: &Target,
         timeout: std::time::Duration,
         open: Slot,
-    ) -> Result<Sender, SendError> {
+        keep: bool,
+    ) -> Result<(Sender, Option<Held>), SendError> {
         let ctx = &*self.pod;
+        if self.live.load(Ordering::Relaxed) >= MAX_UPSTREAMS {
+            return Err(SendError::Http {
+                addr: target.addr,
+                detail: format!(
+                    "this client connection has {MAX_UPSTREAMS} upstream connections open already"
+                ),
+            });
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let id = ctx.shared.connection_id();
         let send = outbound::send(ctx, dir, target, self.peer, id, deadline);
@@ -391,66 +590,149 @@ impl Downstream {
         };
         let metrics = &ctx.shared.metrics;
         let conn = metrics.opened(Reporter::Source, &pair, details);
-        let (io, local) = match upstream {
-            Upstream::Tunnel { session, .. } => (Io::Tunnel(SessionIo::new(session)), None),
-            Upstream::Quic { stream, .. } => (
-                Io::Quic(crate::tunnel::stream_io::QuicIo::new(stream)),
-                None,
-            ),
+        let (io, local, withdrawn) = match upstream {
+            Upstream::Tunnel { session, .. } => {
+                let withdrawn = session.withdrawn().cloned();
+                (Io::Tunnel(SessionIo::new(session)), None, withdrawn)
+            }
+            Upstream::Quic { stream, .. } => {
+                let withdrawn = stream.withdrawn.clone();
+                (Io::Quic(QuicIo::new(stream)), None, withdrawn)
+            }
             Upstream::Local(tcp, guard, admitted) => (
                 Io::Local(tcp),
                 Some((inbound::opened(metrics, admitted), guard)),
+                None,
             ),
-            Upstream::Plain(tcp) => (Io::Local(tcp), None),
+            Upstream::Plain(tcp) => (Io::Local(tcp), None, None),
+        };
+        // A delivery on this node is also its destination's connection: both count its bytes.
+        let traffic = match &local {
+            Some((report, _)) => conn.traffic.clone().and(&report.traffic.swapped()),
+            None => conn.traffic.clone(),
         };
         let counted = Counted {
             io,
-            sent: conn.traffic.from_app.clone(),
-            received: conn.traffic.to_app.clone(),
+            sent: traffic.from_app,
+            received: traffic.to_app,
         };
         let io = TokioIo::new(counted);
         let handshake_failed = |e: hyper::Error| SendError::Http {
             addr: target.addr,
             detail: e.to_string(),
         };
-        let (sender, driver): (
-            Sender,
-            Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-        ) = if self.protocol == AppProtocol::Http {
+        type Driver = Pin<Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>>;
+        let (sender, driver): (Sender, Driver) = if self.protocol == AppProtocol::Http {
             let (s, c) = http1::handshake(io).await.map_err(handshake_failed)?;
-            (
-                Sender::H1(s),
-                Box::pin(async move {
-                    let _ = c.with_upgrades().await;
-                }),
-            )
+            (Sender::H1(s), Box::pin(c.with_upgrades()))
         } else {
             let (s, c) = http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(handshake_failed)?;
-            (
-                Sender::H2(s),
-                Box::pin(async move {
-                    let _ = c.await;
-                }),
-            )
+            (Sender::H2(s), Box::pin(c))
         };
-        // The connection lives until the endpoint or the client ends it, or a policy change
-        // closes a same-node delivery; it is reported while it lives.
+        let held = Held {
+            conn,
+            _open: open,
+            local,
+            withdrawn,
+            _live: Live::count(&self.live),
+        };
+        if keep {
+            tokio::spawn(async move {
+                let _ = driver.await;
+            });
+            return Ok((sender, Some(held)));
+        }
         tokio::spawn(async move {
-            let _held = (conn, open);
-            match local {
-                Some((_report, guard)) => {
-                    tokio::select! {
-                        () = driver => {}
-                        () = guard.closed().cancelled() => {}
-                    }
-                }
-                None => driver.await,
+            let mut held = held;
+            let closed = held.closed();
+            let reason = tokio::select! {
+                ended = driver => ended.err().map(|_| FailReason::Reset),
+                reason = closed => Some(reason),
+            };
+            if let Some(reason) = reason {
+                held.conn.fail(reason);
             }
         });
-        Ok(sender)
+        Ok((sender, None))
     }
+}
+
+/// What an upstream connection holds while it lives.
+struct Held {
+    conn: Box<Connection>,
+    _open: Slot,
+    /// A same-node delivery: its destination's report, and the guard a policy change fires.
+    local: Option<(Box<Connection>, OpenGuard)>,
+    /// Fires when the root of the tunnel's peer is withdrawn.
+    withdrawn: Option<CancellationToken>,
+    _live: Live,
+}
+
+impl Held {
+    /// Resolves, with the reason, when the connection must close though both ends want it.
+    fn closed(&self) -> impl std::future::Future<Output = FailReason> + Send + 'static {
+        let guard = self.local.as_ref().map(|(_, g)| g.closed().clone());
+        let withdrawn = self.withdrawn.clone();
+        async move {
+            tokio::select! {
+                () = async { match &guard { Some(g) => g.cancelled().await, None => std::future::pending().await } } => FailReason::ClosedByPolicy,
+                () = async { match &withdrawn { Some(w) => w.cancelled().await, None => std::future::pending().await } } => FailReason::TrustWithdrawn,
+            }
+        }
+    }
+}
+
+/// Counts an upstream connection of one client connection while it lives.
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn count(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        Self(live.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How one try of a request went.
+enum Attempt {
+    /// With what its connection holds when it was made for an upgrade.
+    Answered(Response<Incoming>, Option<Held>),
+    /// A pooled connection could not take it: it was not sent.
+    NotSent(Box<Request<Body>>, String),
+    /// No connection to the endpoint could be made: the request never reached it.
+    Unreachable(String),
+    /// Not to be tried elsewhere: a deny, a limit.
+    Refused(String),
+    /// The endpoint's connection failed after the request went, before the response's
+    /// headers.
+    Reset(String),
+    TimedOut,
+}
+
+/// A try that failed, for the decision to try again.
+enum Failure {
+    Connect(String),
+    Reset(String),
+    /// The endpoint's own answer, a status the policy retries.
+    Status(Response<Incoming>),
+}
+
+/// The parts of a request, for another try (`Parts` is not `Clone`: its extensions are
+/// dropped, which hyper's client does not use).
+fn clone_parts(parts: &hyper::http::request::Parts) -> hyper::http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
 }
 
 /// Why a request did not get the endpoint's answer.
@@ -461,20 +743,81 @@ enum Failed {
     Sent(String),
 }
 
+/// Headers that describe one hop's connection, not the message: a proxy does not pass them on
+/// (an endpoint's `Connection: close` would otherwise close the client's connection). gRPC's
+/// `te: trailers` is the one `te` HTTP/2 allows, and stays.
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| header::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::HeaderName::from_static("keep-alive"),
+        header::HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::TRAILER,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// `Upgrade: h2c` would turn the connection into HTTP/2 that this proxy no longer sees (a
+/// known way around a proxy's per-request rules): the request goes as a plain one.
+fn refuse_h2c_upgrade(req: &mut Request<Incoming>) {
+    let h2c = req.headers().get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("h2c"))
+    });
+    if h2c {
+        let headers = req.headers_mut();
+        headers.remove(header::UPGRADE);
+        headers.remove("http2-settings");
+    }
+}
+
 /// Whether the request asks to switch protocols (WebSocket) or to tunnel (`CONNECT`): its
 /// connection becomes a byte stream once the endpoint agrees.
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.method() == hyper::Method::CONNECT || req.headers().contains_key(header::UPGRADE)
 }
 
-/// Copies between the client's and the endpoint's upgraded connections until both end.
-async fn splice(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+/// Copies between the client's and the endpoint's upgraded connections until both end, or
+/// until the upstream connection must close (a policy change, a withdrawn root); it is
+/// reported, and counts against the limits, until then.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    mut held: Held,
+) {
     let (Ok(client), Ok(server)) = (client.await, server.await) else {
+        held.conn.fail(FailReason::Reset);
         return;
     };
     let mut client = TokioIo::new(client);
     let mut server = TokioIo::new(server);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    let closed = held.closed();
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {
+            if copied.is_err() {
+                held.conn.fail(FailReason::Reset);
+            }
+        }
+        reason = closed => held.conn.fail(reason),
+    }
 }
 
 /// An answer the mesh makes itself.
@@ -506,7 +849,7 @@ fn mesh_error(status: StatusCode, why: &str) -> Response<Body> {
 /// The byte stream an upstream connection runs on.
 enum Io {
     Tunnel(SessionIo),
-    Quic(crate::tunnel::stream_io::QuicIo),
+    Quic(QuicIo),
     Local(TcpStream),
 }
 

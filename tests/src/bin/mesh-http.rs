@@ -2,13 +2,18 @@
 //! client that sends many requests over one connection. Nothing in it knows about the mesh.
 //!
 //! ```text
-//! mesh-http serve --port P --name NAME     HTTP/1.1 and HTTP/2 (prior knowledge) on [::]:P.
+//! mesh-http serve --port P --name NAME [--fail-every N]
+//!                                          HTTP/1.1 and HTTP/2 (prior knowledge) on [::]:P.
 //!                                          Every answer carries `x-served-by: NAME`:
 //!                                            /delay/MS        200 NAME after MS milliseconds
 //!                                            /fail-every/N    503 to every Nth request it
 //!                                                             gets on this path, else 200
 //!                                            /stall           no answer for an hour
+//!                                            /count           200 and the number of other
+//!                                                             requests it answered
 //!                                            anything else    200 NAME
+//!                                          With --fail-every N, every Nth request (but
+//!                                          /count) is answered 503 instead.
 //!                                          A request with `Upgrade: echo` gets 101, then
 //!                                          its bytes echoed. Prints "listening" once bound.
 //! mesh-http get --addr A --count N [--path P] [--h2] [--concurrency C]
@@ -81,7 +86,8 @@ async fn run(args: &[String]) -> Result<(), Error> {
         Some("serve") => {
             let port = u16::try_from(number("--port", 0)?)?;
             let name = flag("--name").ok_or("--name is required")?.to_owned();
-            serve(port, name).await
+            let fail_every = number("--fail-every", 0)?;
+            serve(port, name, fail_every).await
         }
         Some("upgrade") => {
             let addr: SocketAddr = flag("--addr")
@@ -111,18 +117,30 @@ async fn run(args: &[String]) -> Result<(), Error> {
     }
 }
 
-async fn serve(port: u16, name: String) -> Result<(), Error> {
+/// A server's name, what it was told to fail, and what it has answered.
+struct Behaviour {
+    name: String,
+    fail_every: u64,
+    answered: AtomicU64,
+    per_path: Mutex<BTreeMap<String, u64>>,
+}
+
+async fn serve(port: u16, name: String, fail_every: u64) -> Result<(), Error> {
     let listener = TcpListener::bind(("::", port)).await?;
     println!("listening");
-    let name: Arc<str> = name.into();
-    let counts: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let server = Arc::new(Behaviour {
+        name,
+        fail_every,
+        answered: AtomicU64::new(0),
+        per_path: Mutex::default(),
+    });
     loop {
         let (tcp, _) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
-        let (name, counts) = (name.clone(), counts.clone());
+        let server = server.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let (name, counts) = (name.clone(), counts.clone());
+                let server = server.clone();
                 async move {
                     if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
                         let upgraded = hyper::upgrade::on(&mut req);
@@ -147,7 +165,7 @@ async fn serve(port: u16, name: String) -> Result<(), Error> {
                         );
                         return Ok::<_, Infallible>(r);
                     }
-                    Ok::<_, Infallible>(answer(&req, &name, &counts).await)
+                    Ok::<_, Infallible>(answer(&req, &server).await)
                 }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -158,13 +176,18 @@ async fn serve(port: u16, name: String) -> Result<(), Error> {
     }
 }
 
-async fn answer(
-    req: &Request<Incoming>,
-    name: &str,
-    counts: &Mutex<BTreeMap<String, u64>>,
-) -> Response<Full<Bytes>> {
+async fn answer(req: &Request<Incoming>, server: &Behaviour) -> Response<Full<Bytes>> {
+    let (name, counts) = (server.name.as_str(), &server.per_path);
     let path = req.uri().path();
+    if path == "/count" {
+        let n = server.answered.load(Ordering::Relaxed);
+        return Response::new(Full::new(Bytes::from(n.to_string())));
+    }
+    let seen = server.answered.fetch_add(1, Ordering::Relaxed) + 1;
     let mut status = StatusCode::OK;
+    if server.fail_every > 0 && seen.is_multiple_of(server.fail_every) {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+    }
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     } else if let Some(n) = path

@@ -5,12 +5,14 @@
 //!   connect latency and outlier history; connections open and being made), and the order in
 //!   which a connection tries endpoints;
 //! - `outlier.rs`: one endpoint's failure streak and ejection;
+//! - `budget.rs`: how many retries of requests (HTTP ports) a Service port may take;
 //! - `rate.rs`: the destination side's rate limits;
 //! - `expiry.rs`: idle timeout and maximum duration of established connections.
 //!
 //! The settings themselves (`mesh_model::traffic::Effective`) come with the directory; the
 //! state here is keyed by Service and workload, so a config change keeps it.
 
+pub mod budget;
 pub mod expiry;
 pub mod outlier;
 pub mod rate;
@@ -75,6 +77,7 @@ impl Traffic {
             pending: Arc::default(),
             ejections,
             used: Mutex::new(Instant::now()),
+            retry_budget: budget::RetryBudget::default(),
         });
         all.insert(key, s.clone());
         s
@@ -137,6 +140,7 @@ pub struct ServiceState {
     ejections: IntCounter,
     /// When a connection last asked for endpoints.
     used: Mutex<Instant>,
+    retry_budget: budget::RetryBudget,
 }
 
 /// An endpoint to try, and its share of the load while the connection tries or holds it.
@@ -229,6 +233,18 @@ impl ServiceState {
         };
     }
 
+    /// The endpoint answered a request with a status outlier detection does not count: its
+    /// streak of failures ends.
+    pub fn answered(&self, key: &WorkloadId) {
+        let mut all = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(key.clone()).or_default().outlier.succeeded();
+    }
+
+    /// The budget that retries of requests to this Service port draw on.
+    pub fn retry_budget(&self) -> &budget::RetryBudget {
+        &self.retry_budget
+    }
+
     /// A connect to the endpoint failed; ejects it when that completes a streak and the
     /// Service's cap allows (`endpoints`: how many it has now). Returns the ejection's length.
     pub fn failed(
@@ -309,6 +325,7 @@ mod tests {
             pending: Arc::default(),
             ejections,
             used: Mutex::new(Instant::now()),
+            retry_budget: budget::RetryBudget::default(),
         }
     }
 
