@@ -153,6 +153,26 @@ fn split_balance_and_answer(transport: &str) {
         Some(1),
         "one connection relayed as bytes goes to one endpoint: {l4}"
     );
+    // The clients are gone: so are the upstream connections they made (and their slots).
+    let open = |node: &MeshNode| {
+        let e = Exposition::parse(&node.metrics_text().expect("metrics")).expect("exposition");
+        e.sum(
+            "mycel_tcp_connections_open",
+            &[("reporter", "source"), ("source_workload", "client")],
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open(&n1) > 0.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(open(&n1), 0.0, "upstream connections outlived their client");
+    // They were counted under these labels (so the check above could fail).
+    let e = Exposition::parse(&n1.metrics_text().expect("metrics")).expect("exposition");
+    let opened = e.sum(
+        "mycel_tcp_connections_opened_total",
+        &[("reporter", "source"), ("source_workload", "client")],
+    );
+    assert!(opened >= 3.0, "{opened} upstream connections counted");
 
     // No endpoint: the mesh answers, and says it did.
     let empty = format!("{EMPTY_VIP}:80");
@@ -245,7 +265,7 @@ fn retries_hide_a_flaky_endpoint_the_budget_holds_and_timeouts_answer_504() {
         traffic_policy(
             "pay",
             "pay",
-            "{ requestTimeout: 1s, retries: { attempts: 2, retryOnStatus: [503] } }",
+            "{ requestTimeout: 1s, retries: { attempts: 2, retryOnStatus: [503] } }, connect: { backoff: 20ms }",
         ),
         traffic_policy(
             "down",
@@ -273,6 +293,12 @@ fn retries_hide_a_flaky_endpoint_the_budget_holds_and_timeouts_answer_504() {
     println!("one endpoint failing one request in three, retried on 503: {flaky}; a answered {a}");
     assert_eq!(flaky["by_status"]["200"], 900, "{flaky}");
     assert!(a >= 250, "a took its share and failed a third of it: {a}");
+    // A retried request waited connect.backoff (20 ms) first; the others did not.
+    let (p50, p99) = (flaky["p50_us"].as_u64(), flaky["p99_us"].as_u64());
+    assert!(
+        p50 < Some(20_000) && p99 >= Some(20_000),
+        "backoff: p50 {p50:?} µs, p99 {p99:?} µs"
+    );
 
     const N: u64 = 500;
     let down = format!("{V2_VIP}:80");

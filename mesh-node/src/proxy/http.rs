@@ -65,6 +65,9 @@ const MAX_STREAMS: u32 = 256;
 /// `http` port needs one per request in flight).
 const MAX_UPSTREAMS: usize = 32;
 
+/// Longest wait before a retry (as `outbound.rs`'s).
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Idle HTTP/1.1 connections kept per endpoint for one application connection (an HTTP/2
 /// client may have several requests to one endpoint at once).
 const IDLE_PER_ENDPOINT: usize = 4;
@@ -352,6 +355,16 @@ impl Downstream {
                 if budget.retry(retries) {
                     tries += 1;
                     metrics.http_retry(&backend.name);
+                    // connect.backoff, doubled for each try after the second, as at L4; never
+                    // past the request's deadline.
+                    let backoff = settings.connect.value.backoff;
+                    let wait = backoff
+                        .saturating_mul(1 << (tries - 1).min(16))
+                        .min(MAX_BACKOFF);
+                    if !wait.is_zero() {
+                        let until = tokio::time::Instant::now() + wait;
+                        tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+                    }
                     continue;
                 }
                 metrics.http_budget_exhausted(&backend.name);
