@@ -182,7 +182,7 @@ impl Tx {
         self.sealer.seal_to(&[1, 0], ContentType::Alert, out);
     }
 
-    pub(super) fn seal_to(&mut self, payload: &[u8], ty: ContentType, out: &mut Vec<u8>) {
+    fn seal_to(&mut self, payload: &[u8], ty: ContentType, out: &mut Vec<u8>) {
         self.sealer.seal_to(payload, ty, out);
     }
 }
@@ -304,6 +304,17 @@ impl Rx {
             Err(SessionError::BadPostHandshake)
         }
     }
+}
+
+/// What opening the bytes already read gave.
+pub(super) enum Opening {
+    /// At least one record (application bytes, or only a KeyUpdate).
+    Opened,
+    /// The peer ended its direction (end of stream or close_notify); what came before it is
+    /// in the plaintext.
+    Ended,
+    /// No complete record: read more.
+    NeedMore,
 }
 
 /// An established tunnel connection.
@@ -566,39 +577,67 @@ impl Session {
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
         debug_assert!(bytes.len() <= MAX_PLAINTEXT);
         let mut out = Vec::new();
-        self.tx.maybe_update_key(&self.rekey, &mut out)?;
-        self.tx
-            .seal_to(bytes, ContentType::ApplicationData, &mut out);
+        self.seal_data(bytes, &mut out)?;
         self.tcp.write_all(&out).await?;
         Ok(())
+    }
+
+    /// Opens the complete records among the bytes read, without reading: the half of
+    /// [`Session::receive`] that callers who poll the socket themselves (`stream_io.rs`) use.
+    pub(super) fn open_pending(&mut self) -> Result<Opening, SessionError> {
+        let rx = &mut self.rx;
+        if rx.ended {
+            return Ok(Opening::Ended);
+        }
+        // Opening works in place, so the pending bytes are taken out while it runs.
+        let mut pending = std::mem::take(&mut rx.pending);
+        let mut data = Vec::new();
+        let opened = rx.open(&self.rekey, &mut pending, &mut data);
+        if let Ok(o) = &opened {
+            for r in &data {
+                rx.plaintext.extend_from_slice(&pending[r.clone()]);
+            }
+            pending.drain(..o.consumed);
+        }
+        rx.pending = pending;
+        let opened = opened?;
+        Ok(if opened.ended {
+            rx.ended = true;
+            Opening::Ended
+        } else if opened.consumed > 0 {
+            Opening::Opened
+        } else {
+            Opening::NeedMore
+        })
+    }
+
+    /// Reads what the socket has without waiting (`WouldBlock` when nothing).
+    pub(super) fn read_pending(&mut self) -> io::Result<usize> {
+        self.rx.pending.reserve(16 * 1024);
+        self.tcp.try_read_buf(&mut self.rx.pending)
+    }
+
+    /// Appends `data` sealed as application data (after a KeyUpdate when one is due).
+    pub(super) fn seal_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
+        self.tx.maybe_update_key(&self.rekey, out)?;
+        self.tx.seal_to(data, ContentType::ApplicationData, out);
+        Ok(())
+    }
+
+    /// Appends the end of this direction's stream.
+    pub(super) fn seal_end(&mut self, out: &mut Vec<u8>) {
+        self.tx.end_of_stream(out);
     }
 
     /// Reads at least one more record, adding its application bytes to `rx.plaintext`.
     /// Returns false once the peer has ended its stream or closed the session; the bytes
     /// that came before the end are in `rx.plaintext` all the same.
     pub async fn receive(&mut self) -> Result<bool, SessionError> {
-        if self.rx.ended {
-            return Ok(false);
-        }
         loop {
-            // Opening works in place, so the pending bytes are taken out while it runs.
-            let mut pending = std::mem::take(&mut self.rx.pending);
-            let mut data = Vec::new();
-            let opened = self.rx.open(&self.rekey, &mut pending, &mut data);
-            if let Ok(o) = &opened {
-                for r in &data {
-                    self.rx.plaintext.extend_from_slice(&pending[r.clone()]);
-                }
-                pending.drain(..o.consumed);
-            }
-            self.rx.pending = pending;
-            let opened = opened?;
-            if opened.ended {
-                self.rx.ended = true;
-                return Ok(false);
-            }
-            if opened.consumed > 0 {
-                return Ok(true);
+            match self.open_pending()? {
+                Opening::Ended => return Ok(false),
+                Opening::Opened => return Ok(true),
+                Opening::NeedMore => {}
             }
             self.rx.pending.reserve(4096);
             if self.tcp.read_buf(&mut self.rx.pending).await? == 0 {

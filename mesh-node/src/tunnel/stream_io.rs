@@ -17,8 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
     quic::TunnelStream,
-    record::{ContentType, MAX_PLAINTEXT},
-    session::SessionError,
+    record::MAX_PLAINTEXT,
+    session::{Opening, SessionError},
     Session,
 };
 
@@ -82,8 +82,10 @@ impl AsyncRead for SessionIo {
             }
             match this.session.open_pending() {
                 // The peer ended its direction: end of file, once what came before is read.
-                Ok(Opening::Ended) => return Poll::Ready(Ok(())),
-                Ok(Opening::Data) => continue,
+                Ok(Opening::Ended) if this.session.received().is_empty() => {
+                    return Poll::Ready(Ok(()))
+                }
+                Ok(Opening::Ended | Opening::Opened) => continue,
                 Ok(Opening::NeedMore) => {}
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
@@ -139,72 +141,6 @@ impl AsyncWrite for SessionIo {
             this.shut = true;
         }
         this.poll_write_out(cx)
-    }
-}
-
-/// What opening the bytes already read gave.
-pub(super) enum Opening {
-    /// Application bytes to deliver.
-    Data,
-    /// The peer ended its direction (end of stream or close_notify).
-    Ended,
-    /// No complete record: read more.
-    NeedMore,
-}
-
-impl Session {
-    /// Opens the complete records among the bytes read, like [`Session::receive`] but
-    /// without reading: for callers that poll the socket themselves.
-    pub(super) fn open_pending(&mut self) -> Result<Opening, SessionError> {
-        let (_, _, rx, rekey) = self.parts();
-        if rx.ended {
-            return Ok(Opening::Ended);
-        }
-        let mut pending = std::mem::take(&mut rx.pending);
-        let mut data = Vec::new();
-        let opened = rx.open(rekey, &mut pending, &mut data);
-        if let Ok(o) = &opened {
-            for r in &data {
-                rx.plaintext.extend_from_slice(&pending[r.clone()]);
-            }
-            pending.drain(..o.consumed);
-        }
-        rx.pending = pending;
-        let opened = opened?;
-        if opened.ended {
-            rx.ended = true;
-        }
-        Ok(if !rx.plaintext.is_empty() {
-            Opening::Data
-        } else if opened.ended {
-            Opening::Ended
-        } else if opened.consumed > 0 {
-            // Only control records (a KeyUpdate): open on.
-            Opening::Data
-        } else {
-            Opening::NeedMore
-        })
-    }
-
-    /// Reads what the socket has without waiting (`WouldBlock` when nothing).
-    pub(super) fn read_pending(&mut self) -> io::Result<usize> {
-        let (tcp, _, rx, _) = self.parts();
-        rx.pending.reserve(16 * 1024);
-        tcp.try_read_buf(&mut rx.pending)
-    }
-
-    /// Appends `data` sealed as application data (after a KeyUpdate when one is due).
-    pub(super) fn seal_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
-        let (_, tx, _, rekey) = self.parts();
-        tx.maybe_update_key(rekey, out)?;
-        tx.seal_to(data, ContentType::ApplicationData, out);
-        Ok(())
-    }
-
-    /// Appends the end of this direction's stream.
-    pub(super) fn seal_end(&mut self, out: &mut Vec<u8>) {
-        let (_, tx, _, _) = self.parts();
-        tx.end_of_stream(out);
     }
 }
 
