@@ -158,6 +158,21 @@ impl Backend {
     pub fn settings(&self, src: &Source<'_>) -> Effective {
         traffic::resolve(self.policies.iter().map(|p| &**p), src)
     }
+
+    /// The settings for a connection from the pod `me` to an address of `like`'s family. A
+    /// pod not in the view yet has no address a source CIDR could match: it is the unspecified
+    /// address then.
+    pub fn settings_for(&self, me: Option<&Peer>, like: IpAddr) -> Effective {
+        let unknown = if like.is_ipv4() {
+            IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+        };
+        self.settings(&Source {
+            address: me.and_then(|me| me.address_like(like)).unwrap_or(unknown),
+            workload: me.map(|me| me.as_source()),
+        })
+    }
 }
 
 /// Rate limits on one workload port: per Service that leads to it, its policies with a

@@ -16,7 +16,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -36,7 +36,7 @@ use hyper::{
     Request, Response, StatusCode, Version,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_model::{authz::Source, spec::RetryOn, traffic::Effective, AppProtocol};
+use mesh_model::{spec::RetryOn, traffic::Effective, AppProtocol};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -192,18 +192,8 @@ impl Downstream {
                 .metrics
                 .routed(route, &port.service, &backend.name);
         }
-        let me = dir.peer(&ctx.workload);
-        let unknown = if self.dst.is_ipv4() {
-            IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
-        } else {
-            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
-        };
-        let settings = backend.settings(&Source {
-            address: me
-                .and_then(|me| me.address_like(self.dst.ip()))
-                .unwrap_or(unknown),
-            workload: me.map(|me| me.as_source()),
-        });
+        let me = dir.peer(&ctx.workload).map(|p| &**p);
+        let settings = backend.settings_for(me, self.dst.ip());
         let state = ctx.shared.traffic.service(backend);
         let od = &settings.outlier_detection.value;
         let targets = backend.targets(self.dst.ip());
@@ -592,8 +582,7 @@ impl Downstream {
         let mut pair = me
             .map(|me| Pair::default().with_source(me))
             .unwrap_or_default();
-        pair.destination_port = target.addr.port();
-        pair = pair.with_destination(&target.peer);
+        outbound::to_target(&mut pair, target);
         let (transport, _) = upstream.transport();
         let details = Details {
             connection_id: id,
@@ -606,18 +595,26 @@ impl Downstream {
         let (io, local, withdrawn) = match upstream {
             Upstream::Tunnel { session, .. } => {
                 let withdrawn = session.withdrawn().cloned();
-                (Io::Tunnel(SessionIo::new(session)), None, withdrawn)
+                (
+                    Box::new(SessionIo::new(session)) as Box<dyn Stream>,
+                    None,
+                    withdrawn,
+                )
             }
             Upstream::Quic { stream, .. } => {
                 let withdrawn = stream.withdrawn.clone();
-                (Io::Quic(QuicIo::new(stream)), None, withdrawn)
+                (
+                    Box::new(QuicIo::new(stream)) as Box<dyn Stream>,
+                    None,
+                    withdrawn,
+                )
             }
             Upstream::Local(tcp, guard, admitted) => (
-                Io::Local(tcp),
+                Box::new(tcp) as Box<dyn Stream>,
                 Some((inbound::opened(metrics, admitted), guard)),
                 None,
             ),
-            Upstream::Plain(tcp) => (Io::Local(tcp), None, None),
+            Upstream::Plain(tcp) => (Box::new(tcp) as Box<dyn Stream>, None, None),
         };
         // A delivery on this node is also its destination's connection: both count its bytes.
         let traffic = match &local {
@@ -859,17 +856,16 @@ fn mesh_error(status: StatusCode, why: &str) -> Response<Body> {
     response
 }
 
-/// The byte stream an upstream connection runs on.
-enum Io {
-    Tunnel(SessionIo),
-    Quic(QuicIo),
-    Local(TcpStream),
-}
+/// The byte stream an upstream connection runs on: a tunnel session, a QUIC stream or, on
+/// this node, the TCP connection to the pod.
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 /// An upstream connection's bytes, counted into its connection metrics as the relay counts
 /// them: what the application sent, what it received.
 struct Counted {
-    io: Io,
+    io: Box<dyn Stream>,
     sent: Flow,
     received: Flow,
 }
@@ -882,11 +878,7 @@ impl AsyncRead for Counted {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = match &mut this.io {
-            Io::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Quic(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Local(s) => Pin::new(s).poll_read(cx, buf),
-        };
+        let polled = Pin::new(&mut *this.io).poll_read(cx, buf);
         this.received.add(buf.filled().len() - before);
         polled
     }
@@ -899,11 +891,7 @@ impl AsyncWrite for Counted {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let polled = match &mut this.io {
-            Io::Tunnel(s) => Pin::new(s).poll_write(cx, data),
-            Io::Quic(s) => Pin::new(s).poll_write(cx, data),
-            Io::Local(s) => Pin::new(s).poll_write(cx, data),
-        };
+        let polled = Pin::new(&mut *this.io).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = &polled {
             this.sent.add(*n);
         }
@@ -911,18 +899,10 @@ impl AsyncWrite for Counted {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Tunnel(s) => Pin::new(s).poll_flush(cx),
-            Io::Quic(s) => Pin::new(s).poll_flush(cx),
-            Io::Local(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Quic(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Local(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 }

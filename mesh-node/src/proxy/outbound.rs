@@ -12,7 +12,7 @@ use std::{
 
 use mesh_api::v1::{tunnel_response::Status, TunnelRequest, TunnelResponse};
 use mesh_ebpf_common::OUTBOUND_PORT;
-use mesh_model::{authz::Source, traffic::Connect};
+use mesh_model::traffic::Connect;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -488,7 +488,7 @@ impl Outgoing {
 }
 
 /// The pair's destination is `target`'s workload, on the port it listens on.
-fn to_target(pair: &mut Pair, target: &Target) {
+pub(super) fn to_target(pair: &mut Pair, target: &Target) {
     pair.destination_port = target.addr.port();
     *pair = std::mem::take(pair).with_destination(&target.peer);
 }
@@ -532,19 +532,7 @@ async fn send_to_service(
         details.backend.clone_from(&backend.name);
         traffic.metrics.routed(route, &port.service, &backend.name);
     }
-    let me = dir.peer(&ctx.workload);
-    // A pod not in the view yet has no address a source CIDR could match.
-    let unknown = if dst.is_ipv4() {
-        IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
-    } else {
-        IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
-    };
-    let settings = backend.settings(&Source {
-        address: me
-            .and_then(|me| me.address_like(dst.ip()))
-            .unwrap_or(unknown),
-        workload: me.map(|me| me.as_source()),
-    });
+    let settings = backend.settings_for(dir.peer(&ctx.workload).map(|p| &**p), dst.ip());
     let state = traffic.service(backend);
     let (open, pending) = state
         .admit(&settings.connection_limits.value)
