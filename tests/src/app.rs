@@ -93,13 +93,20 @@ pub fn start(pod: &Pod, args: &[&str]) -> io::Result<Child> {
 
 /// Waits for an app started with [`start`] and parses the JSON it printed.
 pub fn finish(child: Child, timeout: Duration) -> serde_json::Value {
-    let out = run_with_timeout(child, timeout).expect("app.py finished");
+    finish_json(child, timeout, "app.py")
+}
+
+/// Waits for a test program (`what`, for the messages) that prints JSON as its last line, and
+/// parses that line; it must succeed.
+pub fn finish_json(child: Child, timeout: Duration, what: &str) -> serde_json::Value {
+    let out = run_with_timeout(child, timeout).unwrap_or_else(|e| panic!("{what}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "app.py failed: {}\nstdout: {stdout}\nstderr: {}",
+        "{what} failed: {}\nstdout: {stdout}\nstderr: {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("app.py printed {stdout:?}: {e}"))
+    let last = stdout.trim().lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{what} printed {stdout:?}: {e}"))
 }

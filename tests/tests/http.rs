@@ -15,7 +15,7 @@ use mesh_tests::{
     app::{self, Server},
     mesh::{mesh_config_yaml, sibling_bin, workload_yaml},
     prom::Exposition,
-    topology::{run_with_timeout, Pod},
+    topology::Pod,
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
@@ -50,16 +50,7 @@ fn client(topo: &Topology, args: &[&str]) -> serde_json::Value {
                 .stderr(Stdio::piped()),
         )
         .expect("mesh-http client");
-    let out = run_with_timeout(child, T).expect("mesh-http client finished");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "mesh-http {args:?}: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("mesh-http {args:?} printed {stdout:?}: {e}"))
+    app::finish_json(child, T, &format!("mesh-http {args:?}"))
 }
 
 /// Ports 80 (http), 81 (h2c) and 82 (bytes) to PORT, for `app`.

@@ -14,7 +14,6 @@ use std::{
 use mesh_tests::{
     app::{self, Server},
     mesh::{mesh_config_yaml, mesh_node_bin, run_alone, service_yaml, sibling_bin, workloads_yaml},
-    topology::run_with_timeout,
     wire::{self, Tcpdump},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
@@ -225,16 +224,7 @@ fn start_load(topo: &Topology, args: &[&str]) -> Child {
 
 /// The JSON a finished load printed.
 fn finish_load(child: Child, what: &str) -> serde_json::Value {
-    let out = run_with_timeout(child, Duration::from_secs(LOAD_SECS + 60)).expect(what);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{what}: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{what} printed {stdout:?}: {e}"))
+    app::finish_json(child, Duration::from_secs(LOAD_SECS + 60), what)
 }
 
 /// The log of a daemon that was taken over, once it says it handed over (or after 10 s). It
