@@ -139,7 +139,8 @@ struct RunArgs {
     /// default: series then grow with the pods, not with the applications.
     #[arg(long)]
     metrics_pod_labels: bool,
-    /// Which connections get a JSON line in the access log.
+    /// What gets a JSON line in the access log: connections (denied ones, or all) and, on
+    /// ports that declare HTTP, requests.
     #[arg(long, value_enum, default_value = "denied")]
     access_log: access_log::Mode,
     /// Append the access log to this file instead of standard output.

@@ -296,6 +296,26 @@ pub fn dashboard_queries() -> Vec<(String, String)> {
     out
 }
 
+/// The `target`th query of the dashboard panel titled `title`.
+pub fn dashboard_query(title: &str, target: usize) -> String {
+    dashboard_queries()
+        .into_iter()
+        .filter(|(t, _)| t == title)
+        .nth(target)
+        .map(|(_, e)| e)
+        .unwrap_or_else(|| panic!("no query {target} in panel {title:?}"))
+}
+
+/// The value of the one series of `result` whose labels include `want`.
+pub fn value_of(result: &[(Labels, f64)], want: &[(&str, &str)]) -> Option<f64> {
+    let mut matching = result.iter().filter(|(labels, _)| {
+        want.iter()
+            .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+    });
+    let (_, v) = matching.next()?;
+    matching.next().is_none().then_some(*v)
+}
+
 /// Waits until every query of the dashboard panels titled `titles` returns data from a
 /// Prometheus that scrapes `nodes`: the panels' metrics exist and the PromQL is valid.
 pub fn assert_panels_answer(prefix: &str, nodes: &[SocketAddr], titles: &[&str]) {

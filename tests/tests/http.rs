@@ -14,7 +14,9 @@ use std::{
 use mesh_tests::{
     app::{self, Server},
     mesh::{mesh_config_yaml, sibling_bin, workload_yaml},
-    prom::Exposition,
+    prom::{
+        assert_panels_answer, dashboard_query, value_of, Exposition, PrometheusServer, NODE_JOB,
+    },
     topology::Pod,
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
@@ -334,5 +336,178 @@ fn retries_hide_a_flaky_endpoint_the_budget_holds_and_timeouts_answer_504() {
         .and_then(|o| o.keys().next().cloned())
         .unwrap_or_default();
     assert!(why.contains("within requestTimeout 1s"), "{stall}");
+    drop((n1, n2, cp));
+}
+
+/// Request metrics per pair, read as the dashboard reads them from a real Prometheus: two
+/// Services a client calls, one answering after 5 ms and failing one request in ten, the
+/// other after 50 ms over HTTP/2. Counts are exact; each pair's quantiles lie between its
+/// server's delay and what the client itself measured (within a bucket's width); the success
+/// rate is 90 % and 100 %. `--access-log requests` logs each request with its figures.
+#[test]
+fn request_metrics_give_each_pair_its_quantiles_and_success_rate_on_the_dashboard() {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["client"]),
+        NodeSpec::new("n2", &["fast", "slow"]),
+    ])
+    .expect("topology");
+    let docs = [
+        workload_yaml(topo.pod("client"), "client"),
+        workload_yaml(topo.pod("fast"), "fast"),
+        workload_yaml(topo.pod("slow"), "slow"),
+        service("fast", VIP, "fast"),
+        service("slow", V2_VIP, "slow"),
+        mesh_config_yaml("tls", ""),
+    ];
+    let yaml = docs.join("---\n");
+    let _servers = [serve_failing(topo.pod("fast"), 10), serve(topo.pod("slow"))];
+    let name = format!("{}-reqm", topo.prefix);
+    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let n1 = MeshNode::join_with(&mut topo, "n1", &cp, 1, &["--access-log", "requests"])
+        .expect("mesh-node n1");
+    let n2 = MeshNode::join(&mut topo, "n2", &cp, 2).expect("mesh-node n2");
+
+    let (fast_addr, slow_addr) = (format!("{VIP}:80"), format!("{V2_VIP}:81"));
+    let fast = client(
+        &topo,
+        &[
+            "get", "--addr", &fast_addr, "--path", "/delay/5", "--count", "200",
+        ],
+    );
+    let slow = client(
+        &topo,
+        &[
+            "get",
+            "--addr",
+            &slow_addr,
+            "--path",
+            "/delay/50",
+            "--count",
+            "100",
+            "--h2",
+            "--concurrency",
+            "4",
+        ],
+    );
+    println!("5 ms, one in ten failing: {fast}\n50 ms over HTTP/2: {slow}");
+    assert_eq!(
+        (
+            fast["by_status"]["200"].as_u64(),
+            fast["by_status"]["503"].as_u64()
+        ),
+        (Some(180), Some(20)),
+        "{fast}"
+    );
+    assert_eq!(slow["by_status"]["200"], 100, "{slow}");
+
+    let e = Exposition::parse(&n1.metrics_text().expect("metrics")).expect("exposition");
+    let requests = |dst: &str, code: &str| {
+        e.sum(
+            "mycel_http_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "client"),
+                ("destination_workload", dst),
+                ("destination_service", &format!("default/{dst}")),
+                ("method", "GET"),
+                ("code", code),
+            ],
+        )
+    };
+    assert_eq!(
+        [
+            requests("fast", "2xx"),
+            requests("fast", "5xx"),
+            requests("slow", "2xx")
+        ],
+        [180.0, 20.0, 100.0]
+    );
+
+    // The dashboard's own queries, from Prometheus.
+    let mut prom =
+        PrometheusServer::start(&topo.prefix, &[(NODE_JOB, n1.metrics)]).expect("prometheus");
+    let pair = |dst: &'static str| [("source_workload", "client"), ("destination_workload", dst)];
+    let success = dashboard_query("HTTP: success rate by service pair (since start)", 0);
+    let rates = prom
+        .wait_for(&success, |r| {
+            value_of(r, &pair("fast")) == Some(0.9) && value_of(r, &pair("slow")) == Some(1.0)
+        })
+        .unwrap_or_else(|e| panic!("success rate: {e}\n{}", prom.log()));
+    println!("success rate by pair: {rates:?}");
+    let latency = "HTTP: request latency p50 / p95 / p99 by service pair (since start)";
+    for (dst, delay, out) in [("fast", 0.005, &fast), ("slow", 0.05, &slow)] {
+        let quantiles: Vec<f64> = (0..3)
+            .map(|i| {
+                let r = prom
+                    .wait_for(&dashboard_query(latency, i), |r| {
+                        value_of(r, &pair(dst)).is_some()
+                    })
+                    .unwrap_or_else(|e| panic!("{latency} {i}: {e}\n{}", prom.log()));
+                value_of(&r, &pair(dst)).unwrap_or_default()
+            })
+            .collect();
+        let client_p50 = out["p50_us"].as_f64().unwrap_or_default() / 1e6;
+        println!(
+            "client → {dst}: p50/p95/p99 {quantiles:?} s; the client measured p50 {client_p50} s"
+        );
+        // The proxy's time is inside the client's; interpolation within a bucket may put the
+        // quantile anywhere in it, and buckets are at most 1.6 wide.
+        let (p50, p95, p99) = (quantiles[0], quantiles[1], quantiles[2]);
+        assert!(
+            p50 >= delay / 1.6 && p50 <= client_p50 * 1.6,
+            "{dst}: p50 {p50}, client {client_p50}"
+        );
+        assert!(p50 <= p95 && p95 <= p99, "{dst}: {quantiles:?}");
+    }
+    assert_panels_answer(
+        &topo.prefix,
+        &[n1.metrics],
+        &[
+            "HTTP: request latency p50 / p95 / p99 by service pair",
+            "HTTP: success rate by service pair",
+            "HTTP: requests per second by service pair and code",
+            "HTTP: time to response headers p50 / p99 by service pair",
+        ],
+    );
+
+    // The access log: a line per request, with where it went and how long it took.
+    let lines = n1.access_log().expect("n1 access log");
+    let requests: Vec<_> = lines.iter().filter(|l| l["kind"] == "request").collect();
+    assert_eq!(requests.len(), 300, "{lines:#?}");
+    let failed = requests.iter().filter(|l| l["status"] == 503).count();
+    assert_eq!(failed, 20);
+    let line = requests
+        .iter()
+        .find(|l| l["destination_workload"] == "default/fast" && l["status"] == 200)
+        .unwrap_or_else(|| panic!("no line for a fast request: {requests:#?}"));
+    let fast_addr = format!("{}:{PORT}", topo.pod("fast").ipv4);
+    for (field, want) in [
+        ("reporter", "source"),
+        ("source_workload", "default/client"),
+        ("destination_service", "default/fast"),
+        ("destination_address", &fast_addr),
+        ("method", "GET"),
+        ("path", "/delay/5"),
+        ("version", "HTTP/1.1"),
+        ("code", "2xx"),
+        ("mesh_error", ""),
+    ] {
+        assert_eq!(line[field], want, "{field} in {line}");
+    }
+    println!("a request's line: {line}");
+    let client_ip = topo.pod("client").ipv4.to_string();
+    let source = line["source_address"].as_str().unwrap_or_default();
+    assert!(source.starts_with(&format!("{client_ip}:")), "{line}");
+    assert_eq!(line["complete"], true, "{line}");
+    assert_eq!(line["attempts"], 1, "{line}");
+    let headers = line["headers_seconds"].as_f64().unwrap_or_default();
+    let total = line["duration_seconds"].as_f64().unwrap_or_default();
+    assert!(headers >= 0.005 && total >= headers, "{line}");
+    assert!(
+        requests
+            .iter()
+            .any(|l| l["version"] == "HTTP/2" && l["destination_workload"] == "default/slow"),
+        "{requests:#?}"
+    );
     drop((n1, n2, cp));
 }

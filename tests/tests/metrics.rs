@@ -12,7 +12,8 @@ use mesh_tests::{
     app::{self, Server},
     mesh::{http_get, mesh_config_yaml, workloads_yaml},
     prom::{
-        dashboard_queries, promtool_check, Exposition, Labels, PrometheusServer, CP_JOB, NODE_JOB,
+        dashboard_queries, dashboard_query, promtool_check, value_of, Exposition, PrometheusServer,
+        CP_JOB, NODE_JOB,
     },
     tunnel::dial_as,
     ControlPlane, MeshNode, NodeSpec, Topology,
@@ -525,10 +526,11 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
         .expect("up");
     assert_eq!(up.iter().map(|(_, v)| v).sum::<f64>(), 2.0, "{up:?}");
     // Rates need two scrapes of a series: wait for data rather than query once.
-    // The traffic-management panels need their own traffic (retries, ejections, limits,
-    // routes): tests/tests/traffic.rs checks them.
+    // The traffic-management and HTTP panels need their own traffic (retries, ejections,
+    // limits, routes; requests): tests/tests/traffic.rs and http.rs check them.
     let queries = dashboard_queries();
-    for (title, expr) in queries.iter().filter(|(t, _)| !t.starts_with("Traffic: ")) {
+    let own_traffic = |t: &str| t.starts_with("Traffic: ") || t.starts_with("HTTP: ");
+    for (title, expr) in queries.iter().filter(|(t, _)| !own_traffic(t)) {
         prom.wait_for(expr, |r| !r.is_empty())
             .unwrap_or_else(|e| panic!("{title}: {e}"));
     }
@@ -634,26 +636,6 @@ fn tunnels_open_and_streams_carried(m: &mut Mesh, transport: &str) {
     // The denied dial was a tunnel of its own, with one connection.
     let one = [("direction", "in"), ("transport", "tls"), ("le", "1")];
     assert!(e2.sum("mycel_tunnel_streams_bucket", &one) >= 1.0);
-}
-
-/// The `target`th query of the dashboard panel titled `title`.
-fn dashboard_query(title: &str, target: usize) -> String {
-    dashboard_queries()
-        .into_iter()
-        .filter(|(t, _)| t == title)
-        .nth(target)
-        .map(|(_, e)| e)
-        .unwrap_or_else(|| panic!("no query {target} in panel {title:?}"))
-}
-
-/// The value of the one series whose labels include `want`.
-fn value_of(result: &[(Labels, f64)], want: &[(&str, &str)]) -> Option<f64> {
-    let mut matching = result.iter().filter(|(labels, _)| {
-        want.iter()
-            .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
-    });
-    let (_, v) = matching.next()?;
-    matching.next().is_none().then_some(*v)
 }
 
 /// The shipped scrape config for plain hosts is valid Prometheus configuration.

@@ -32,7 +32,7 @@ pub enum Reporter {
 }
 
 impl Reporter {
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
@@ -65,7 +65,7 @@ pub struct Pair {
 
 impl Pair {
     /// Label values in the order of [`label_names`].
-    fn labels(&self, reporter: Reporter, pods: bool) -> Vec<String> {
+    pub(super) fn labels(&self, reporter: Reporter, pods: bool) -> Vec<String> {
         let mut labels = vec![
             reporter.as_str().to_owned(),
             self.source_workload.clone(),
@@ -81,6 +81,29 @@ impl Pair {
             labels.extend([self.source_pod.clone(), self.destination_pod.clone()]);
         }
         labels
+    }
+}
+
+impl Pair {
+    /// The pair as the access log names it, with the two ends' addresses.
+    pub(super) fn ends(
+        &self,
+        source_address: Option<SocketAddr>,
+        destination_address: Option<SocketAddr>,
+    ) -> access_log::Ends<'_> {
+        let named = access_log::named;
+        access_log::Ends {
+            source_workload: named(&self.source_namespace, &self.source_workload),
+            source_pod: named(&self.source_namespace, &self.source_pod),
+            source_identity: &self.source_identity,
+            source_address,
+            destination_workload: named(&self.destination_namespace, &self.destination_workload),
+            destination_pod: named(&self.destination_namespace, &self.destination_pod),
+            destination_identity: &self.destination_identity,
+            destination_address,
+            destination_service: &self.destination_service,
+            destination_port: self.destination_port,
+        }
     }
 }
 
@@ -101,7 +124,7 @@ pub struct Details {
 }
 
 /// The labels of the per-pair families, with the pod labels when `pods`.
-fn label_names(pods: bool) -> Vec<&'static str> {
+pub(super) fn label_names(pods: bool) -> Vec<&'static str> {
     let mut names = vec![
         "reporter",
         "source_workload",
@@ -431,27 +454,12 @@ fn entry<'a>(
     close_reason: &'a str,
     detail: &'a str,
 ) -> Entry<'a> {
-    let named = |ns: &str, name: &str| {
-        if name.is_empty() {
-            String::new()
-        } else {
-            format!("{ns}/{name}")
-        }
-    };
     Entry {
         time: access_log::rfc3339(SystemTime::now()),
+        kind: "connection",
         reporter: reporter.as_str(),
         connection_id: d.connection_id,
-        source_workload: named(&pair.source_namespace, &pair.source_workload),
-        source_pod: named(&pair.source_namespace, &pair.source_pod),
-        source_identity: &pair.source_identity,
-        source_address: d.source_address,
-        destination_workload: named(&pair.destination_namespace, &pair.destination_workload),
-        destination_pod: named(&pair.destination_namespace, &pair.destination_pod),
-        destination_identity: &pair.destination_identity,
-        destination_address: d.destination_address,
-        destination_service: &pair.destination_service,
-        destination_port: pair.destination_port,
+        ends: pair.ends(d.source_address, d.destination_address),
         transport: d.transport.as_str(),
         bytes_sent: sent,
         bytes_received: received,

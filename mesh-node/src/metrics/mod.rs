@@ -3,6 +3,8 @@
 //! - `connections.rs`: per workload pair and reporter: connections opened, closed, failed (by
 //!   a bounded reason), open, bytes each way (counted as they move, so long connections show
 //!   live), durations; and the node's connect latency.
+//! - `requests.rs`: per workload pair, on ports that declare HTTP: requests by method and
+//!   code class, time to the response's headers and to its end.
 //! - `tunnels.rs`: tunnels open, the connections each one carried, and what became of each.
 //! - `traffic.rs`: connect attempts and retries, outlier ejections, route decisions.
 //! - `collect.rs`: figures read when scraped from the state that already owns them: the eBPF
@@ -17,6 +19,7 @@
 
 pub mod collect;
 pub mod connections;
+pub mod requests;
 pub mod traffic;
 pub mod tunnels;
 
@@ -27,6 +30,7 @@ use prometheus::{Encoder, Registry, TextEncoder};
 pub use connections::{
     Connection, ConnectionMetrics, Details, FailReason, Flow, Pair, Plaintext, Reporter, Traffic,
 };
+pub use requests::{Request, RequestMetrics};
 pub use traffic::TrafficMetrics;
 pub use tunnels::{OpenTunnel, Outcome, TunnelMetrics};
 
@@ -44,19 +48,22 @@ pub enum MetricsError {
 pub struct Metrics {
     registry: Registry,
     pub connections: Arc<ConnectionMetrics>,
+    pub requests: Arc<RequestMetrics>,
     pub tunnels: Arc<TunnelMetrics>,
     pub traffic: Arc<TrafficMetrics>,
 }
 
 impl Metrics {
-    /// The registry with the connection families, whose connections `access_log` logs (with
-    /// the pods' names as labels when `pod_labels`), and the tunnel families.
+    /// The registry with the connection and request families, whose connections and requests
+    /// `access_log` logs (with the pods' names as labels when `pod_labels`), and the tunnel
+    /// and traffic families.
     pub fn new(
         access_log: Arc<crate::access_log::AccessLog>,
         pod_labels: bool,
     ) -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let connections = ConnectionMetrics::register(&registry, access_log, pod_labels)?;
+        let connections = ConnectionMetrics::register(&registry, access_log.clone(), pod_labels)?;
+        let requests = RequestMetrics::register(&registry, access_log, pod_labels)?;
         let tunnels = Arc::new(TunnelMetrics::register(&registry)?);
         let traffic = Arc::new(TrafficMetrics::register(&registry)?);
         registry.register(Box::new(
@@ -65,6 +72,7 @@ impl Metrics {
         Ok(Self {
             registry,
             connections,
+            requests,
             tunnels,
             traffic,
         })

@@ -50,7 +50,9 @@ use super::{
     traffic::{ServiceState, Slot},
     PodContext,
 };
-use crate::metrics::{Connection, Details, FailReason, Flow, Pair, Reporter};
+use crate::metrics::{
+    Connection, Details, FailReason, Flow, Pair, Reporter, Request as RequestRecord,
+};
 use crate::tunnel::stream_io::{QuicIo, SessionIo};
 
 /// The header on every answer the mesh made itself, saying why.
@@ -84,10 +86,20 @@ pub async fn serve(
     protocol: AppProtocol,
 ) {
     let _ = client.set_nodelay(true);
+    // The application's address as the destination sees it (the pod's, with its port): what
+    // the access log names, as for a connection.
+    let app = pod
+        .shared
+        .directory()
+        .peer(&pod.workload)
+        .and_then(|me| me.address_like(dst.ip()))
+        .map_or(peer, |ip| SocketAddr::new(ip, peer.port()));
     let conn = Arc::new(Downstream {
         pod: pod.clone(),
         peer,
+        app,
         dst,
+        service: service.to_owned(),
         protocol,
         upstreams: Mutex::default(),
         live: Arc::default(),
@@ -96,7 +108,7 @@ pub async fn serve(
     let downstream = conn.clone();
     let handler = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.forward(req).await) }
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
     let io = TokioIo::new(client);
     let served = match protocol {
@@ -146,7 +158,11 @@ pub async fn serve(
 struct Downstream {
     pod: Arc<PodContext>,
     peer: SocketAddr,
+    /// The application's address in the pod's network (`peer` is on loopback).
+    app: SocketAddr,
     dst: SocketAddr,
+    /// The Service the application asked for (by `dst`), as the metrics name it.
+    service: String,
     protocol: AppProtocol,
     upstreams: Mutex<HashMap<SocketAddr, Senders>>,
     /// Upstream connections alive, pooled or not (at most [`MAX_UPSTREAMS`]).
@@ -169,9 +185,43 @@ enum Sender {
 }
 
 impl Downstream {
-    /// Answers one request: a backend and an endpoint for it, then the endpoint's answer, or
-    /// the mesh's own when none could be had.
-    async fn forward(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+    /// Answers one request, and reports it (metrics, access log) when its response ends, or
+    /// when it ends without one (the client went away: this future is dropped).
+    async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Reported> {
+        let ctx = &*self.pod;
+        let mut pair = ctx
+            .shared
+            .directory()
+            .peer(&ctx.workload)
+            .map(|me| Pair::default().with_source(me))
+            .unwrap_or_default();
+        pair.destination_service.clone_from(&self.service);
+        let mut record = ctx.shared.request_metrics.start(
+            pair,
+            self.app,
+            req.method(),
+            req.uri(),
+            req.version(),
+        );
+        let response = self.forward(req, &mut record).await;
+        let why = response
+            .headers()
+            .get(MESH_ERROR)
+            .and_then(|v| v.to_str().ok());
+        record.answered(response.status().as_u16(), why);
+        response.map(|body| Reported {
+            body,
+            record: Some(record),
+        })
+    }
+
+    /// A backend and an endpoint for one request, then the endpoint's answer, or the mesh's
+    /// own when none could be had; `record` learns where it went.
+    async fn forward(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> Response<Body> {
         let ctx = &*self.pod;
         let dir = ctx.shared.directory();
         let Route::Service(port) = dir.route(self.dst) else {
@@ -191,6 +241,7 @@ impl Downstream {
                 .traffic
                 .metrics
                 .routed(route, &port.service, &backend.name);
+            record.routed(&backend.name);
         }
         let me = dir.peer(&ctx.workload).map(|p| &**p);
         let settings = backend.settings_for(me, self.dst.ip());
@@ -248,6 +299,7 @@ impl Downstream {
             let candidate = &order[tries as usize % order.len()];
             let target = &candidate.target;
             let _load = candidate.hold();
+            record.tried(|pair| outbound::to_target(pair, target), target.addr);
             let request = match (&kept, body.take()) {
                 (Some(bytes), _) => Request::from_parts(
                     clone_parts(&parts),
@@ -583,6 +635,7 @@ impl Downstream {
             .map(|me| Pair::default().with_source(me))
             .unwrap_or_default();
         outbound::to_target(&mut pair, target);
+        pair.destination_service.clone_from(&self.service);
         let (transport, _) = upstream.transport();
         let details = Details {
             connection_id: id,
@@ -904,5 +957,66 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// A response's body on its way to the client, reporting to the request's record as it goes;
+/// the record is closed (counted, observed, logged) when the body ends or is dropped.
+pub struct Reported {
+    body: Body,
+    record: Option<RequestRecord>,
+}
+
+impl hyper::body::Body for Reported {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(record)) = (frame.data_ref(), &mut this.record) {
+                    record.body(data.len());
+                }
+                // hyper may not ask again once the body says it has ended.
+                if this.body.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Reported {
+    fn finish(&mut self, complete: bool) {
+        if let Some(mut record) = self.record.take() {
+            if complete {
+                record.complete();
+            }
+        }
+    }
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        // An empty body is never polled: it ended as it began.
+        let ended = self.body.is_end_stream();
+        self.finish(ended);
     }
 }

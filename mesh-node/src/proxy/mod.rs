@@ -60,6 +60,8 @@ pub struct Shared {
     pub capture: Arc<Capture>,
     /// Per workload pair connection metrics (Prometheus).
     pub metrics: Arc<crate::metrics::ConnectionMetrics>,
+    /// Per workload pair request metrics of ports that declare HTTP (Prometheus).
+    pub request_metrics: Arc<crate::metrics::RequestMetrics>,
     /// Tunnels open and the connections each carried (Prometheus).
     pub tunnel_metrics: Arc<crate::metrics::TunnelMetrics>,
     pub connect_timeout: Duration,
@@ -94,6 +96,7 @@ impl Shared {
         Self {
             capture,
             metrics: metrics.connections.clone(),
+            request_metrics: metrics.requests.clone(),
             tunnel_metrics: metrics.tunnels.clone(),
             connect_timeout,
             directory,
