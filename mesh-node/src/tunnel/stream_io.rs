@@ -4,8 +4,11 @@
 //! [`MAX_PLAINTEXT`], and a shutdown ends this direction with the end-of-stream record, which
 //! the destination passes on to its application as a FIN.
 //!
-//! Writes are sealed into a buffer and written from there; each `poll_write` takes at most one
-//! record's worth, so what is buffered stays bounded.
+//! Writes are gathered until a flush (or a full record) and sealed as one record: an HTTP
+//! codec writes a response as several small pieces (a frame's header, its payload, the next
+//! frame) and flushes once, and sealing and sending each piece on its own cost a record, an
+//! AEAD pass and a syscall apiece. What is buffered stays bounded: one record's plaintext, and
+//! the sealed records not yet taken by the socket.
 
 use std::{
     io,
@@ -25,6 +28,8 @@ use super::{
 /// A tunnel session's one connection as a stream.
 pub struct SessionIo {
     session: Box<Session>,
+    /// Written and not sealed yet: at most one record's worth.
+    plain: Vec<u8>,
     /// Sealed records not written to the socket yet, from `written` on.
     out: Vec<u8>,
     written: usize,
@@ -36,6 +41,7 @@ impl SessionIo {
     pub fn new(session: Box<Session>) -> Self {
         Self {
             session,
+            plain: Vec::new(),
             out: Vec::new(),
             written: 0,
             shut: false,
@@ -62,6 +68,18 @@ impl SessionIo {
         self.out.clear();
         self.written = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Seals what was written into one record and writes all that is sealed; ready once it
+    /// is in the socket.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.plain.is_empty() {
+            self.session
+                .seal_data(&self.plain, &mut self.out)
+                .map_err(io::Error::from)?;
+            self.plain.clear();
+        }
+        self.poll_write_out(cx)
     }
 }
 
@@ -114,29 +132,26 @@ impl AsyncWrite for SessionIo {
                 "the stream was shut down",
             )));
         }
-        ready!(this.poll_write_out(cx))?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let n = data.len().min(MAX_PLAINTEXT);
-        this.session
-            .seal_data(&data[..n], &mut this.out)
-            .map_err(io::Error::from)?;
-        // Sent now if the socket takes it; otherwise on the next write or flush.
-        if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
-            return Poll::Ready(Err(e));
+        // A full record goes out before more is taken.
+        if this.plain.len() >= MAX_PLAINTEXT {
+            ready!(this.poll_send(cx))?;
         }
+        let n = data.len().min(MAX_PLAINTEXT - this.plain.len());
+        this.plain.extend_from_slice(&data[..n]);
         Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_write_out(cx)
+        self.get_mut().poll_send(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.shut {
-            ready!(this.poll_write_out(cx))?;
+            ready!(this.poll_send(cx))?;
             this.session.seal_end(&mut this.out);
             this.shut = true;
         }
@@ -194,6 +209,8 @@ impl AsyncWrite for QuicIo {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
@@ -227,5 +244,23 @@ mod tests {
         assert_eq!(back, b"GET / HTTP/1.1\r\n\r\n");
         // Nothing may follow the end.
         assert!(a.write_all(b"x").await.is_err());
+    }
+
+    /// Pieces written before a flush leave as one record: nothing reaches the peer until the
+    /// flush, and then all of it at once.
+    #[tokio::test]
+    async fn small_writes_are_sealed_together_at_the_flush() {
+        let (client, server) = super::super::session::tests::sessions().await;
+        let mut a = SessionIo::new(client);
+        let mut b = SessionIo::new(server);
+        for piece in [&b"HEADERS"[..], b" ", b"DATA"] {
+            a.write_all(piece).await.unwrap();
+        }
+        let mut buf = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(200), b.read(&mut buf)).await;
+        assert!(early.is_err(), "bytes went out before the flush: {early:?}");
+        a.flush().await.unwrap();
+        let n = b.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"HEADERS DATA", "one record, one read");
     }
 }
