@@ -34,9 +34,26 @@ fn the_benchmark_harness_measures_every_setup_and_writes_a_report() {
             );
         }
     }
+    // The HTTP figures run their own setups: direct, the port relayed as bytes, the port
+    // served request by request.
+    for metric in [
+        "http-1.1.p50_us",
+        "http-1.1.p99_us",
+        "http-1.1.per_second",
+        "http-h2.per_second",
+        "http-h2.p50_us",
+    ] {
+        for setup in ["direct", "mycel-l4", "mycel-http"] {
+            let samples = &report.samples[metric][setup];
+            assert!(
+                !samples.is_empty() && samples.iter().all(|v| *v > 0.0),
+                "{metric} {setup}: {samples:?}"
+            );
+        }
+    }
     let written: serde_json::Value = serde_json::from_str(&written.expect("latest.json")).unwrap();
     let ratios = written["ratios"].as_array().expect("ratios");
-    assert_eq!(ratios.len(), 8);
+    assert_eq!(ratios.len(), 12);
     // The bound from kernel work is given for the throughput and CPU targets.
     let bounded = ratios
         .iter()

@@ -57,8 +57,9 @@ enum Cmd {
         /// A short run (seconds) that only checks the harness works; its figures mean little.
         #[arg(long)]
         quick: bool,
-        /// Measure one figure only: bulk-1, bulk-4, rpc, connrate, idle or policy.
-        #[arg(long, value_parser = ["bulk-1", "bulk-4", "rpc", "connrate", "idle", "policy"])]
+        /// Measure one figure only: bulk-1, bulk-4, rpc, connrate, http-1.1, http-h2, idle or
+        /// policy.
+        #[arg(long, value_parser = ["bulk-1", "bulk-4", "rpc", "connrate", "http-1.1", "http-h2", "idle", "policy"])]
         only: Option<String>,
         /// Record a perf profile of both node daemons during each Mycel run and write the top
         /// symbols to target/bench/profile-<figure>-<setup>-<round>.txt (for rpc: the
@@ -228,6 +229,7 @@ fn bench(quick: bool, only: Option<String>, profile: bool) -> anyhow::Result<()>
         ("MESH_NODE_BIN", "mesh-node"),
         ("MESH_CP_BIN", "mesh-cp"),
         ("MESH_LOADGEN_BIN", "mesh-loadgen"),
+        ("MESH_HTTP_BIN", "mesh-http"),
     ] {
         if std::env::var_os(var).is_none() {
             std::env::set_var(var, release.join(bin));

@@ -20,7 +20,8 @@
 //!                                          N requests over one connection (HTTP/1.1
 //!                                          keep-alive, or HTTP/2 with C streams at a time);
 //!                                          prints one JSON line: {requests, by_body,
-//!                                          by_status, by_mesh_error, errors, p50_us, p99_us}
+//!                                          by_status, by_mesh_error, errors, p50_us, p99_us,
+//!                                          per_second}
 //! mesh-http upgrade --addr A               asks to switch to `echo`, then sends a line on the
 //!                                          switched connection; prints {status, echoed}
 //! ```
@@ -260,6 +261,7 @@ async fn get(
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let io = TokioIo::new(tcp);
+    let began = Instant::now();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let uri: hyper::Uri = format!("http://{addr}{path}").parse()?;
     async fn read(response: Response<Incoming>) -> Answer {
@@ -340,6 +342,7 @@ async fn get(
         "errors": t.errors,
         "p50_us": q(0.5),
         "p99_us": q(0.99),
+        "per_second": t.latencies_us.len() as f64 / began.elapsed().as_secs_f64(),
     }))
 }
 

@@ -7,7 +7,10 @@
 //! the other node (Mycel TLS) and on its own node (Mycel same-node). Besides the traffic
 //! figures it measures the node daemons' CPU per GB moved against the AES-GCM floor, their
 //! memory per idle tunnelled connection, and the time from a policy change to both nodes
-//! enforcing it; and draws the ratios as an SVG chart.
+//! enforcing it; and draws the ratios as an SVG chart. `http.rs` adds the request figures of
+//! ports that declare HTTP.
+
+mod http;
 
 use std::{
     collections::BTreeMap,
@@ -49,7 +52,8 @@ pub struct Options {
     pub crypto_bytes: usize,
     /// Where the JSON report and chart go.
     pub out_dir: PathBuf,
-    /// Measure only this figure (`bulk-1`, `bulk-4`, `rpc`, `connrate`, `idle`, `policy`).
+    /// Measure only this figure (`bulk-1`, `bulk-4`, `rpc`, `connrate`, `http-1.1`,
+    /// `http-h2`, `idle`, `policy`).
     pub only: Option<String>,
     /// Record a `perf` profile of both node daemons during each Mycel run (TLS and QUIC) and
     /// write its top symbols next to the report (`profile-<metric>-<setup>-<round>.txt`); for
@@ -258,6 +262,7 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
         start_server(topo, "s1", PORT, None)?,
         start_server(topo, "s2", PORT, None)?,
     ];
+    let _http_servers = http::start_servers(topo)?;
     let pods = ["c1", "s1", "s2"].map(|p| topo.pod(p));
     let mut transport = "tls";
     let mut cp = ControlPlane::start(
@@ -265,6 +270,7 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
         &[
             ("workloads.yaml", &workloads_yaml(&pods)),
             ("service.yaml", &service_yaml("s1", VIP, PORT, PORT, "s1")),
+            ("http-service.yaml", &http::service_yaml()),
             ("mesh.yaml", &mesh_config_yaml(transport, "")),
         ],
     )?;
@@ -376,6 +382,11 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
                 }
             }
         }
+    }
+    let http: Vec<&str> = http::NAMES.into_iter().filter(|n| wanted(n)).collect();
+    if !http.is_empty() {
+        use_transport(&mut cp, &mut transport, "tls")?;
+        http::measure(topo, &daemons, &http, (o.seconds, o.rounds), &mut put)?;
     }
     if wanted("bulk-1") {
         put(
@@ -695,7 +706,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// The ratios the performance targets are stated in: (name, numerator, denominator, target).
-const RATIOS: [(&str, &str, &str, &str, &str); 8] = [
+const RATIOS: [(&str, &str, &str, &str, &str); 12] = [
     (
         "bulk 1 stream ÷ direct",
         "bulk-1.bytes_per_second",
@@ -730,6 +741,34 @@ const RATIOS: [(&str, &str, &str, &str, &str); 8] = [
         "mycel-tls",
         "direct",
         "≤ 3.0",
+    ),
+    (
+        "HTTP/1.1 request p50 ÷ direct",
+        "http-1.1.p50_us",
+        "mycel-http",
+        "direct",
+        "≤ 2.0",
+    ),
+    (
+        "HTTP/1.1 requests/s ÷ direct",
+        "http-1.1.per_second",
+        "mycel-http",
+        "direct",
+        "≥ 0.5",
+    ),
+    (
+        "h2c req/s, 8 at once ÷ direct",
+        "http-h2.per_second",
+        "mycel-http",
+        "direct",
+        "≥ 0.5",
+    ),
+    (
+        "HTTP/1.1 request p50 ÷ L4 port",
+        "http-1.1.p50_us",
+        "mycel-http",
+        "mycel-l4",
+        "—",
     ),
     (
         "QUIC bulk ÷ TLS bulk",
@@ -769,7 +808,10 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
     for (key, by_setup) in &samples {
         let (unit, scale, digits) = if key.ends_with("bytes_per_second") {
             ("MB/s", 1e-6, 0)
-        } else if key.ends_with("_us") || key.ends_with("_us_per_conn") {
+        } else if key.ends_with("_us")
+            || key.ends_with("_us_per_conn")
+            || key.ends_with("_us_per_request")
+        {
             ("µs", 1.0, 0)
         } else if key.ends_with("per_second") {
             ("/s", 1.0, 0)
@@ -781,7 +823,10 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
             ("s", 1.0, 3)
         };
         let _ = write!(table, "{:<40}", format!("{key} ({unit})"));
-        let names: Vec<&str> = if by_setup.keys().any(|k| SETUPS.iter().any(|s| s.name == k)) {
+        // Figures of the main setups go in their columns; any other (the HTTP figures' own
+        // setups, the crypto floor) is listed by name.
+        let in_columns = by_setup.keys().all(|k| SETUPS.iter().any(|s| s.name == k));
+        let names: Vec<&str> = if in_columns {
             SETUPS.iter().map(|s| s.name).collect()
         } else {
             by_setup.keys().map(String::as_str).collect()
@@ -801,11 +846,7 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
                     median(&v) * scale,
                     lo,
                     hi,
-                    if SETUPS.iter().any(|s| s.name == name) {
-                        ""
-                    } else {
-                        name
-                    }
+                    if in_columns { "" } else { name }
                 )
                 .trim_end()
             );
