@@ -124,6 +124,26 @@ fn split_balance_and_answer(transport: &str) {
             "4",
         ],
     );
+    // HTTP/2 with prior knowledge on the `http` port: served as HTTP/2 toward the client,
+    // HTTP/1.1 toward the endpoints.
+    let h2_on_http = client(
+        &topo,
+        &[
+            "get",
+            "--addr",
+            &by_h1,
+            "--count",
+            "200",
+            "--h2",
+            "--concurrency",
+            "4",
+        ],
+    );
+    assert_eq!(h2_on_http["by_status"]["200"], 200, "{h2_on_http}");
+    assert!(
+        count(&h2_on_http, "p1") > 0 && count(&h2_on_http, "p2") > 0,
+        "{h2_on_http}"
+    );
     // The control: the same Service port without appProtocol, one connection.
     let by_l4 = format!("{VIP}:82");
     let l4 = client(&topo, &["get", "--addr", &by_l4, "--count", "300"]);
@@ -220,13 +240,22 @@ fn traffic_policy(name: &str, service: &str, http: &str) -> String {
     format!("apiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{ name: {name}, namespace: default }}\nspec: {{ services: [{service}], http: {http} }}\n")
 }
 
-/// Requests `pod`'s server answered (other than this question), asked by pod address.
+/// Requests `pod`'s server answered (other than this question), asked in the pod over
+/// loopback, which the mesh leaves alone: the answer does not depend on policy.
 fn answered(topo: &Topology, pod: &str) -> u64 {
-    let addr = format!("{}:{PORT}", topo.pod(pod).ipv4);
-    let out = client(
-        topo,
-        &["get", "--addr", &addr, "--path", "/count", "--count", "1"],
-    );
+    let addr = format!("127.0.0.1:{PORT}");
+    let args = ["get", "--addr", &addr, "--path", "/count", "--count", "1"];
+    let child = topo
+        .pod(pod)
+        .spawn(
+            http_bin()
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .expect("mesh-http client");
+    let out = app::finish_json(child, T, &format!("mesh-http {args:?} in {pod}"));
     let body = out["by_body"]
         .as_object()
         .and_then(|o| o.keys().next().cloned())
@@ -447,8 +476,9 @@ fn request_metrics_give_each_pair_its_quantiles_and_success_rate_on_the_dashboar
             })
             .collect();
         let client_p50 = out["p50_us"].as_f64().unwrap_or_default() / 1e6;
+        let client_p99 = out["p99_us"].as_f64().unwrap_or_default() / 1e6;
         println!(
-            "client → {dst}: p50/p95/p99 {quantiles:?} s; the client measured p50 {client_p50} s"
+            "client → {dst}: p50/p95/p99 {quantiles:?} s; the client measured p50 {client_p50} s, p99 {client_p99} s"
         );
         // The proxy's time is inside the client's; interpolation within a bucket may put the
         // quantile anywhere in it, and buckets are at most 1.6 wide.
@@ -458,6 +488,10 @@ fn request_metrics_give_each_pair_its_quantiles_and_success_rate_on_the_dashboar
             "{dst}: p50 {p50}, client {client_p50}"
         );
         assert!(p50 <= p95 && p95 <= p99, "{dst}: {quantiles:?}");
+        assert!(
+            p99 >= delay / 1.6 && p99 <= client_p99 * 1.6,
+            "{dst}: p99 {p99}, client {client_p99}"
+        );
     }
     assert_panels_answer(
         &topo.prefix,
@@ -509,5 +543,168 @@ fn request_metrics_give_each_pair_its_quantiles_and_success_rate_on_the_dashboar
             .any(|l| l["version"] == "HTTP/2" && l["destination_workload"] == "default/slow"),
         "{requests:#?}"
     );
+    drop((n1, n2, cp));
+}
+
+/// A deny reaches what HTTP connections already carry: a kept-alive HTTP/1.1 client and a
+/// WebSocket-style upgraded connection, both open when the policy arrives. The upstream
+/// connections under them are closed by the destination's node (as any connection a policy
+/// change denies), the next request gets the mesh's 503 saying the destination refused, and
+/// not one request after the first refusal is answered by the server.
+#[test]
+fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["client"]),
+        NodeSpec::new("n2", &["p1"]),
+    ])
+    .expect("topology");
+    let docs = [
+        workload_yaml(topo.pod("client"), "client"),
+        workload_yaml(topo.pod("p1"), "pay"),
+        service("pay", VIP, "pay"),
+        mesh_config_yaml("tls", ""),
+    ];
+    let yaml = docs.join("---\n");
+    let _server = serve(topo.pod("p1"));
+    let name = format!("{}-deny", topo.prefix);
+    let mut cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
+    let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+
+    let by_vip = format!("{VIP}:80");
+    let spawn = |args: &[&str]| {
+        topo.pod("client")
+            .spawn(
+                http_bin()
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped()),
+            )
+            .expect("mesh-http client")
+    };
+    // Eight seconds of each, a request or a line every 100 ms.
+    let kept = spawn(&[
+        "get",
+        "--addr",
+        &by_vip,
+        "--count",
+        "80",
+        "--interval-ms",
+        "100",
+    ]);
+    let upgraded = spawn(&[
+        "upgrade",
+        "--addr",
+        &by_vip,
+        "--lines",
+        "80",
+        "--interval-ms",
+        "100",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    let deny = "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: no-client, namespace: default }\nspec: { selector: { matchLabels: { app: pay } }, action: Deny, rules: [{ sourceIdentities: ['spiffe://cluster.local/ns/default/sa/client'] }] }\n";
+    cp.apply("deny.yaml", deny, &["n1", "n2"])
+        .expect("the deny applied");
+    let answered_at_deny = answered(&topo, "p1");
+    let kept = app::finish_json(kept, T, "kept-alive client");
+    let upgraded = app::finish_json(upgraded, T, "upgraded client");
+    let answered_after = answered(&topo, "p1");
+    println!("kept alive: {kept}\nupgraded: {upgraded}\nthe server answered {answered_at_deny} by the deny and {answered_after} in all");
+
+    let ok = kept["by_status"]["200"].as_u64().unwrap_or(0);
+    assert!(ok >= 10, "requests went through before the deny: {kept}");
+    assert_eq!(kept["requests"], 80, "{kept}");
+    let (last_ok, first_not_ok) = (kept["last_ok"].as_u64(), kept["first_not_ok"].as_u64());
+    assert!(
+        first_not_ok.is_some() && last_ok < first_not_ok,
+        "once refused, never answered again: {kept}"
+    );
+    assert_eq!(kept["by_status"]["503"].as_u64(), Some(80 - ok), "{kept}");
+    let why = kept["by_mesh_error"]
+        .as_object()
+        .and_then(|o| o.keys().next().cloned())
+        .unwrap_or_default();
+    assert!(why.contains("refused"), "{kept}");
+    // The server saw nothing after the deny was in force (at most the request on its way).
+    assert!(
+        answered_after <= answered_at_deny + 1,
+        "{answered_at_deny} then {answered_after}"
+    );
+
+    assert_eq!(upgraded["status"], 101, "{upgraded}");
+    let lines = upgraded["lines_echoed"].as_u64().unwrap_or(0);
+    assert!(
+        (10..80).contains(&lines) && upgraded["ended_by"] != "done",
+        "the upgraded connection carried lines, then was closed: {upgraded}"
+    );
+    let e = Exposition::parse(&n2.metrics_text().expect("metrics")).expect("exposition");
+    let closed = e.sum(
+        "mycel_tcp_connections_failed_total",
+        &[("reporter", "destination"), ("reason", "closed_by_policy")],
+    );
+    assert!(
+        closed >= 2.0,
+        "n2 closed both upstream connections: {closed}"
+    );
+    drop((n1, n2, cp));
+}
+
+/// An upgraded connection holds its upstream connection, and so its slot of the Service's
+/// `connectionLimits`, for as long as it lasts: with `maxConnections: 1` a request while it is
+/// open gets the mesh's 503 saying so, and one after it ended is answered.
+#[test]
+fn an_upgraded_connection_counts_against_the_connection_limit() {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["client"]),
+        NodeSpec::new("n2", &["p1"]),
+    ])
+    .expect("topology");
+    let docs = [
+        workload_yaml(topo.pod("client"), "client"),
+        workload_yaml(topo.pod("p1"), "pay"),
+        service("pay", VIP, "pay"),
+        "apiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: one, namespace: default }\nspec: { services: [pay], connectionLimits: { maxConnections: 1 } }\n".to_owned(),
+        mesh_config_yaml("tls", ""),
+    ];
+    let yaml = docs.join("---\n");
+    let _server = serve(topo.pod("p1"));
+    let name = format!("{}-limit", topo.prefix);
+    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
+    let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+
+    let by_vip = format!("{VIP}:80");
+    let upgraded = topo
+        .pod("client")
+        .spawn(
+            http_bin()
+                .args([
+                    "upgrade",
+                    "--addr",
+                    &by_vip,
+                    "--lines",
+                    "30",
+                    "--interval-ms",
+                    "100",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .expect("mesh-http upgrade");
+    std::thread::sleep(Duration::from_secs(1));
+    let during = client(&topo, &["get", "--addr", &by_vip, "--count", "1"]);
+    let upgraded = app::finish_json(upgraded, T, "upgraded client");
+    let after = client(&topo, &["get", "--addr", &by_vip, "--count", "1"]);
+    println!("while upgraded: {during}\nupgraded: {upgraded}\nafter: {after}");
+    assert_eq!(upgraded["lines_echoed"], 30, "{upgraded}");
+    assert_eq!(during["by_status"]["503"], 1, "{during}");
+    let why = during["by_mesh_error"]
+        .as_object()
+        .and_then(|o| o.keys().next().cloned())
+        .unwrap_or_default();
+    assert!(why.contains("connectionLimits"), "{during}");
+    assert_eq!(after["by_status"]["200"], 1, "{after}");
     drop((n1, n2, cp));
 }

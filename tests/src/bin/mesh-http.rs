@@ -16,14 +16,18 @@
 //!                                          /count) is answered 503 instead.
 //!                                          A request with `Upgrade: echo` gets 101, then
 //!                                          its bytes echoed. Prints "listening" once bound.
-//! mesh-http get --addr A --count N [--path P] [--h2] [--concurrency C]
+//! mesh-http get --addr A --count N [--path P] [--h2] [--concurrency C] [--interval-ms M]
 //!                                          N requests over one connection (HTTP/1.1
-//!                                          keep-alive, or HTTP/2 with C streams at a time);
-//!                                          prints one JSON line: {requests, by_body,
-//!                                          by_status, by_mesh_error, errors, p50_us, p99_us,
-//!                                          per_second}
-//! mesh-http upgrade --addr A               asks to switch to `echo`, then sends a line on the
-//!                                          switched connection; prints {status, echoed}
+//!                                          keep-alive, M ms apart, or HTTP/2 with C streams
+//!                                          at a time); prints one JSON line: {requests,
+//!                                          by_body, by_status, by_mesh_error, errors, p50_us,
+//!                                          p99_us, per_second, last_ok, first_not_ok} (the
+//!                                          last two: indexes of HTTP/1.1 requests, or null)
+//! mesh-http upgrade --addr A [--lines N] [--interval-ms M]
+//!                                          asks to switch to `echo`, then sends N lines (1)
+//!                                          M ms apart on the switched connection, each
+//!                                          awaiting its echo; prints {status, echoed (all
+//!                                          that came back), lines_echoed, ended_by}
 //! ```
 
 use std::{
@@ -95,7 +99,9 @@ async fn run(args: &[String]) -> Result<(), Error> {
                 .ok_or("--addr is required")?
                 .parse()
                 .map_err(|_| "--addr is not an address:port")?;
-            println!("{}", upgrade(addr).await?);
+            let lines = number("--lines", 1)?.max(1);
+            let interval = Duration::from_millis(number("--interval-ms", 0)?);
+            println!("{}", upgrade(addr, lines, interval).await?);
             Ok(())
         }
         Some("get") => {
@@ -109,12 +115,13 @@ async fn run(args: &[String]) -> Result<(), Error> {
                 number("--count", 100)?,
                 args.iter().any(|a| a == "--h2"),
                 number("--concurrency", 1)?.max(1),
+                Duration::from_millis(number("--interval-ms", 0)?),
             )
             .await?;
             println!("{out}");
             Ok(())
         }
-        _ => Err("usage: mesh-http serve --port P --name NAME | get --addr A --count N [--path P] [--h2] [--concurrency C]".into()),
+        _ => Err("usage: mesh-http serve --port P --name NAME [--fail-every N] | get --addr A --count N [--path P] [--h2] [--concurrency C] [--interval-ms M] | upgrade --addr A [--lines N] [--interval-ms M]".into()),
     }
 }
 
@@ -223,6 +230,9 @@ struct Tally {
     by_mesh_error: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
     latencies_us: Vec<u64>,
+    /// HTTP/1.1: the index of the last request answered 200, and of the first that was not.
+    last_ok: Option<u64>,
+    first_not_ok: Option<u64>,
 }
 
 /// A GET of `uri` (its authority also the Host header).
@@ -257,6 +267,7 @@ async fn get(
     count: u64,
     h2: bool,
     concurrency: u64,
+    interval: Duration,
 ) -> Result<serde_json::Value, Error> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
@@ -309,7 +320,10 @@ async fn get(
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
         tokio::spawn(conn);
-        for _ in 0..count {
+        for i in 0..count {
+            if i > 0 && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
             let started = Instant::now();
             let result = match sender.ready().await {
                 Ok(()) => match sender.send_request(request(&uri)?).await {
@@ -319,6 +333,15 @@ async fn get(
                 Err(e) => Err(format!("connection: {e}")),
             };
             let failed = result.is_err();
+            let ok = matches!(&result, Ok((200, ..)));
+            {
+                let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                if ok {
+                    t.last_ok = Some(i);
+                } else {
+                    t.first_not_ok.get_or_insert(i);
+                }
+            }
             record(&tally, started, result);
             if failed {
                 // HTTP/1.1: a broken connection takes no more requests.
@@ -343,10 +366,16 @@ async fn get(
         "p50_us": q(0.5),
         "p99_us": q(0.99),
         "per_second": t.latencies_us.len() as f64 / began.elapsed().as_secs_f64(),
+        "last_ok": t.last_ok,
+        "first_not_ok": t.first_not_ok,
     }))
 }
 
-async fn upgrade(addr: SocketAddr) -> Result<serde_json::Value, Error> {
+async fn upgrade(
+    addr: SocketAddr,
+    lines: u64,
+    interval: Duration,
+) -> Result<serde_json::Value, Error> {
     let tcp = TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn.with_upgrades());
@@ -361,15 +390,47 @@ async fn upgrade(addr: SocketAddr) -> Result<serde_json::Value, Error> {
         return Ok(serde_json::json!({ "status": status, "echoed": "" }));
     }
     let mut io = TokioIo::new(hyper::upgrade::on(response).await?);
-    io.write_all(b"hello through the upgrade\n").await?;
     let mut buf = vec![0u8; 64];
     let mut got = Vec::new();
-    while got.len() < 26 {
-        let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await??;
-        if n == 0 {
+    let mut echoed = 0;
+    let mut ended_by = "done".to_owned();
+    'lines: for i in 0..lines {
+        if i > 0 && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        let line = if lines == 1 {
+            "hello through the upgrade\n".to_owned()
+        } else {
+            format!("line {i}\n")
+        };
+        if let Err(e) = io.write_all(line.as_bytes()).await {
+            ended_by = format!("write: {e}");
             break;
         }
-        got.extend_from_slice(&buf[..n]);
+        let want = got.len() + line.len();
+        while got.len() < want {
+            match tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await {
+                Ok(Ok(0)) => {
+                    ended_by = "closed".to_owned();
+                    break 'lines;
+                }
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => {
+                    ended_by = format!("read: {e}");
+                    break 'lines;
+                }
+                Err(_) => {
+                    ended_by = "no echo within 10 s".to_owned();
+                    break 'lines;
+                }
+            }
+        }
+        echoed += 1;
     }
-    Ok(serde_json::json!({ "status": status, "echoed": String::from_utf8_lossy(&got) }))
+    Ok(serde_json::json!({
+        "status": status,
+        "echoed": String::from_utf8_lossy(&got),
+        "lines_echoed": echoed,
+        "ended_by": ended_by,
+    }))
 }
