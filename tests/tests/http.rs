@@ -708,3 +708,89 @@ fn an_upgraded_connection_counts_against_the_connection_limit() {
     assert_eq!(after["by_status"]["200"], 1, "{after}");
     drop((n1, n2, cp));
 }
+
+/// `maxConnectionDuration` and `idleTimeout` apply to the upstream connections an HTTP port's
+/// requests ride on. Past its maximum an upstream connection takes no new request and closes
+/// once the one in flight is answered, so a client sending a request every 100 ms over one
+/// connection sees every one answered while the upstream connections under it are renewed;
+/// one left idle is closed, and counted so, and the next request gets a new one.
+#[test]
+fn upstream_connections_expire_without_failing_a_request() {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["client"]),
+        NodeSpec::new("n2", &["p1"]),
+    ])
+    .expect("topology");
+    let docs = [
+        workload_yaml(topo.pod("client"), "client"),
+        workload_yaml(topo.pod("p1"), "pay"),
+        service("pay", VIP, "pay"),
+        "apiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: expire, namespace: default }\nspec: { services: [pay], idleTimeout: 1s, maxConnectionDuration: 2s }\n".to_owned(),
+        mesh_config_yaml("tls", ""),
+    ];
+    let yaml = docs.join("---\n");
+    let _server = serve(topo.pod("p1"));
+    let name = format!("{}-expire", topo.prefix);
+    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
+    let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+    let counts = || {
+        let e = Exposition::parse(&n1.metrics_text().expect("metrics")).expect("exposition");
+        let client = [("reporter", "source"), ("source_workload", "client")];
+        let failed = |reason: &str| {
+            let mut labels = client.to_vec();
+            labels.push(("reason", reason));
+            e.sum("mycel_tcp_connections_failed_total", &labels)
+        };
+        (
+            e.sum("mycel_tcp_connections_opened_total", &client),
+            failed("max_duration"),
+            failed("idle_timeout"),
+        )
+    };
+
+    let by_vip = format!("{VIP}:80");
+    let busy = client(
+        &topo,
+        &[
+            "get",
+            "--addr",
+            &by_vip,
+            "--count",
+            "40",
+            "--interval-ms",
+            "100",
+        ],
+    );
+    let (opened, max_cut, idle_cut) = counts();
+    println!("a request per 100 ms for 4 s, maxConnectionDuration 2s: {busy}; upstream connections {opened}, cut at their maximum {max_cut}, idle {idle_cut}");
+    assert_eq!(busy["by_status"]["200"], 40, "{busy}");
+    assert!(
+        opened >= 2.0,
+        "the upstream connection was renewed: {opened}"
+    );
+    assert_eq!((max_cut, idle_cut), (0.0, 0.0), "none was cut");
+
+    let sparse = client(
+        &topo,
+        &[
+            "get",
+            "--addr",
+            &by_vip,
+            "--count",
+            "2",
+            "--interval-ms",
+            "2500",
+        ],
+    );
+    let (after, max_cut, idle_cut) = counts();
+    println!("two requests 2.5 s apart, idleTimeout 1s: {sparse}; upstream connections {}, idle {idle_cut}", after - opened);
+    assert_eq!(sparse["by_status"]["200"], 2, "{sparse}");
+    assert_eq!(
+        after - opened,
+        2.0,
+        "a new connection after the idle one was closed"
+    );
+    assert_eq!((max_cut, idle_cut), (0.0, 1.0));
+    drop((n1, n2, cp));
+}

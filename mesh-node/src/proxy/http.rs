@@ -47,7 +47,7 @@ use super::{
     inbound,
     labels::PairOf as _,
     outbound::{self, SendError, Upstream},
-    traffic::{ServiceState, Slot},
+    traffic::{expiry::Expiry, ServiceState, Slot},
     PodContext,
 };
 use crate::metrics::{
@@ -69,6 +69,10 @@ const MAX_UPSTREAMS: usize = 32;
 
 /// Longest wait before a retry (as `outbound.rs`'s).
 const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long requests in flight on an upstream connection past its `maxConnectionDuration` may
+/// take before it is cut.
+const MAX_DURATION_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Idle HTTP/1.1 connections kept per endpoint for one application connection (an HTTP/2
 /// client may have several requests to one endpoint at once).
@@ -174,14 +178,28 @@ struct Downstream {
 /// Upstream connections to one endpoint.
 #[derive(Default)]
 struct Senders {
-    h1: Vec<http1::SendRequest<Body>>,
-    h2: Option<http2::SendRequest<Body>>,
+    h1: Vec<Pooled<http1::SendRequest<Body>>>,
+    h2: Option<Pooled<http2::SendRequest<Body>>>,
 }
 
 /// A connection to an endpoint, ready for a request.
 enum Sender {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+    H1(Pooled<http1::SendRequest<Body>>),
+    H2(Pooled<http2::SendRequest<Body>>),
+}
+
+/// An upstream connection's handle, and when it stops taking new requests.
+struct Pooled<S> {
+    conn: S,
+    /// Its `maxConnectionDuration` from when it was made: past it, the connection gets no new
+    /// request and closes once those in flight are answered (or [`MAX_DURATION_DRAIN`] later).
+    until: Option<Instant>,
+}
+
+impl<S> Pooled<S> {
+    fn expired(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now >= until)
+    }
 }
 
 impl Downstream {
@@ -461,9 +479,7 @@ impl Downstream {
                         );
                     };
                     let started = Instant::now();
-                    let made = self
-                        .connect(dir, target, settings.connect.value.timeout, open, keep)
-                        .await;
+                    let made = self.connect(dir, target, settings, open, keep).await;
                     drop(pending);
                     match made {
                         Ok(s) => {
@@ -533,19 +549,35 @@ impl Downstream {
         Request::from_parts(parts, body.boxed())
     }
 
-    /// A pooled connection to `addr` that can take a request now.
+    /// A pooled connection to `addr` that can take a request now. Connections past their
+    /// `maxConnectionDuration` leave the pool (every endpoint's, so that one no request goes
+    /// to any more is let go too); dropping the handle lets the connection close once what
+    /// is in flight on it is answered.
     fn pooled(&self, addr: SocketAddr) -> Option<Sender> {
+        let now = Instant::now();
         let mut all = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, senders| {
+            if senders
+                .h2
+                .as_ref()
+                .is_some_and(|h2| h2.conn.is_closed() || h2.expired(now))
+            {
+                senders.h2 = None;
+            }
+            // One still reading its last response is busy, not gone: it stays.
+            senders
+                .h1
+                .retain(|h1| !h1.conn.is_closed() && !h1.expired(now));
+            senders.h2.is_some() || !senders.h1.is_empty()
+        });
         let senders = all.get_mut(&addr)?;
-        if senders.h2.as_ref().is_some_and(|h2| h2.is_closed()) {
-            senders.h2 = None;
-        }
-        // One still reading its last response is busy, not gone: it stays.
-        senders.h1.retain(|h1| !h1.is_closed());
-        let found = if let Some(h2) = senders.h2.as_ref().filter(|h2| h2.is_ready()) {
-            Some(Sender::H2(h2.clone()))
+        let found = if let Some(h2) = senders.h2.as_ref().filter(|h2| h2.conn.is_ready()) {
+            Some(Sender::H2(Pooled {
+                conn: h2.conn.clone(),
+                until: h2.until,
+            }))
         } else {
-            let ready = senders.h1.iter().position(|h1| h1.is_ready());
+            let ready = senders.h1.iter().position(|h1| h1.conn.is_ready());
             ready.map(|i| Sender::H1(senders.h1.swap_remove(i)))
         };
         if senders.h2.is_none() && senders.h1.is_empty() {
@@ -554,16 +586,24 @@ impl Downstream {
         found
     }
 
-    /// Keeps `sender` for the next request to `addr`.
+    /// Keeps `sender` for the next request to `addr`, unless it is closed or expired.
     fn keep(&self, addr: SocketAddr, sender: Sender) {
+        let now = Instant::now();
         let mut all = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
         let senders = all.entry(addr).or_default();
         match sender {
-            Sender::H1(s) if senders.h1.len() < IDLE_PER_ENDPOINT && !s.is_closed() => {
+            Sender::H1(s)
+                if senders.h1.len() < IDLE_PER_ENDPOINT
+                    && !s.conn.is_closed()
+                    && !s.expired(now) =>
+            {
                 senders.h1.push(s)
             }
-            Sender::H2(s) if !s.is_closed() => senders.h2 = Some(s),
+            Sender::H2(s) if !s.conn.is_closed() && !s.expired(now) => senders.h2 = Some(s),
             _ => {}
+        }
+        if senders.h2.is_none() && senders.h1.is_empty() {
+            all.remove(&addr);
         }
     }
 
@@ -578,7 +618,7 @@ impl Downstream {
     ) -> Result<Response<Incoming>, Failed> {
         match sender {
             Sender::H1(mut s) => {
-                let sent = s.try_send_request(request).await;
+                let sent = s.conn.try_send_request(request).await;
                 let response = sent.map_err(|mut e| match e.take_message() {
                     Some(request) => Failed::NotSent(Box::new(request), e.into_error().to_string()),
                     None => Failed::Sent(e.into_error().to_string()),
@@ -589,7 +629,7 @@ impl Downstream {
                 Ok(response)
             }
             Sender::H2(mut s) => {
-                let sent = s.try_send_request(request).await;
+                let sent = s.conn.try_send_request(request).await;
                 if pool {
                     self.keep(addr, Sender::H2(s));
                 }
@@ -605,16 +645,19 @@ impl Downstream {
     /// handshake on it. What it holds (its report, its slot of the limits, a same-node
     /// delivery's guard) lives in its driver task, or, for an upgrade (`keep`), is handed back
     /// for the byte stream that follows. The driver ends, closing the connection, when the
-    /// endpoint or the client ends it, a policy change denies a same-node delivery, or the
-    /// root of the tunnel's peer is withdrawn.
+    /// endpoint or the client ends it, a policy change denies a same-node delivery, the
+    /// root of the tunnel's peer is withdrawn, or it expires: `idleTimeout` without a byte,
+    /// or `maxConnectionDuration` (after which it takes no new request, and is cut
+    /// [`MAX_DURATION_DRAIN`] later if those in flight have not ended it; an upgraded
+    /// connection is cut at once, as an L4 one).
     async fn connect(
         &self,
         dir: &Directory,
         target: &Target,
-        timeout: std::time::Duration,
+        settings: &Effective,
         open: Slot,
         keep: bool,
-    ) -> Result<(Sender, Option<Held>), SendError> {
+    ) -> Result<(Sender, Option<Box<Held>>), SendError> {
         let ctx = &*self.pod;
         if self.live.load(Ordering::Relaxed) >= MAX_UPSTREAMS {
             return Err(SendError::Http {
@@ -624,7 +667,7 @@ impl Downstream {
                 ),
             });
         }
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + settings.connect.value.timeout;
         let id = ctx.shared.connection_id();
         let send = outbound::send(ctx, dir, target, self.peer, id, deadline);
         let upstream = tokio::time::timeout_at(deadline, Box::pin(send))
@@ -685,27 +728,38 @@ impl Downstream {
             detail: e.to_string(),
         };
         type Driver = Pin<Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>>;
+        let max = settings.max_connection_duration.value;
+        let until = (!max.is_zero()).then(|| Instant::now() + max);
         let (sender, driver): (Sender, Driver) = if self.protocol == AppProtocol::Http {
             let (s, c) = http1::handshake(io).await.map_err(handshake_failed)?;
+            let s = Pooled { conn: s, until };
             (Sender::H1(s), Box::pin(c.with_upgrades()))
         } else {
             let (s, c) = http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(handshake_failed)?;
-            (Sender::H2(s), Box::pin(c))
+            (Sender::H2(Pooled { conn: s, until }), Box::pin(c))
         };
+        let cut = if max.is_zero() || keep {
+            max
+        } else {
+            max + MAX_DURATION_DRAIN
+        };
+        let idle = settings.idle_timeout.value;
+        let expiry = Expiry::start(idle, cut, conn.totals(), withdrawn.as_ref());
         let held = Held {
             conn,
             _open: open,
             local,
             withdrawn,
+            expiry,
             _live: Live::count(&self.live),
         };
         if keep {
             tokio::spawn(async move {
                 let _ = driver.await;
             });
-            return Ok((sender, Some(held)));
+            return Ok((sender, Some(Box::new(held))));
         }
         tokio::spawn(async move {
             let mut held = held;
@@ -730,6 +784,9 @@ struct Held {
     local: Option<(Box<Connection>, OpenGuard)>,
     /// Fires when the root of the tunnel's peer is withdrawn.
     withdrawn: Option<CancellationToken>,
+    /// `idleTimeout` and `maxConnectionDuration`, when either is set (made under
+    /// `withdrawn`).
+    expiry: Option<Expiry>,
     _live: Live,
 }
 
@@ -738,10 +795,13 @@ impl Held {
     fn closed(&self) -> impl std::future::Future<Output = FailReason> + Send + 'static {
         let guard = self.local.as_ref().map(|(_, g)| g.closed().clone());
         let withdrawn = self.withdrawn.clone();
+        // The expiry's token also fires with `withdrawn`, and then says no reason of its own.
+        let expired = self.expiry.as_ref().map(Expiry::fired);
         async move {
             tokio::select! {
                 () = async { match &guard { Some(g) => g.cancelled().await, None => std::future::pending().await } } => FailReason::ClosedByPolicy,
                 () = async { match &withdrawn { Some(w) => w.cancelled().await, None => std::future::pending().await } } => FailReason::TrustWithdrawn,
+                reason = async { match expired { Some(e) => e.await, None => std::future::pending().await } } => reason.unwrap_or(FailReason::TrustWithdrawn),
             }
         }
     }
@@ -766,7 +826,7 @@ impl Drop for Live {
 /// How one try of a request went.
 enum Attempt {
     /// With what its connection holds when it was made for an upgrade.
-    Answered(Response<Incoming>, Option<Held>),
+    Answered(Response<Incoming>, Option<Box<Held>>),
     /// A pooled connection could not take it: it was not sent.
     NotSent(Box<Request<Body>>, String),
     /// No connection to the endpoint could be made: the request never reached it.
@@ -864,7 +924,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 async fn splice(
     client: hyper::upgrade::OnUpgrade,
     server: hyper::upgrade::OnUpgrade,
-    mut held: Held,
+    mut held: Box<Held>,
 ) {
     let (Ok(client), Ok(server)) = (client.await, server.await) else {
         held.conn.fail(FailReason::Reset);

@@ -73,11 +73,26 @@ impl Expiry {
 
     /// Why the watch closed the connection, if it did.
     pub fn expired(&self) -> Option<FailReason> {
-        match self.reason.load(Ordering::Relaxed) {
-            IDLE => Some(FailReason::IdleTimeout),
-            MAX_DURATION => Some(FailReason::MaxDuration),
-            _ => None,
+        reason_of(&self.reason)
+    }
+
+    /// Resolves when the token fires: with the expiry's reason, or `None` when it was the
+    /// token the watch was made under. Owns what it needs, so a task can hold it apart from
+    /// the watch (which must still be alive for it to fire).
+    pub fn fired(&self) -> impl std::future::Future<Output = Option<FailReason>> + Send + 'static {
+        let (token, reason) = (self.token.clone(), self.reason.clone());
+        async move {
+            token.cancelled().await;
+            reason_of(&reason)
         }
+    }
+}
+
+fn reason_of(reason: &AtomicU8) -> Option<FailReason> {
+    match reason.load(Ordering::Relaxed) {
+        IDLE => Some(FailReason::IdleTimeout),
+        MAX_DURATION => Some(FailReason::MaxDuration),
+        _ => None,
     }
 }
 
