@@ -221,7 +221,8 @@ impl Downstream {
             req.uri(),
             req.version(),
         );
-        let response = self.forward(req, &mut record).await;
+        let mut load = None;
+        let response = self.forward(req, &mut record, &mut load).await;
         let why = response
             .headers()
             .get(MESH_ERROR)
@@ -229,16 +230,20 @@ impl Downstream {
         record.answered(response.status().as_u16(), why);
         response.map(|body| Reported {
             body,
+            _load: load,
             record: Some(record),
         })
     }
 
     /// A backend and an endpoint for one request, then the endpoint's answer, or the mesh's
-    /// own when none could be had; `record` learns where it went.
+    /// own when none could be had; `record` learns where it went. The endpoint that answered
+    /// counts the request in its load (LeastConnections) until `load` drops, at the end of the
+    /// response: a streaming response is load for as long as it streams.
     async fn forward(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         record: &mut RequestRecord,
+        load: &mut Option<Slot>,
     ) -> Response<Body> {
         let ctx = &*self.pod;
         let dir = ctx.shared.directory();
@@ -316,7 +321,7 @@ impl Downstream {
         loop {
             let candidate = &order[tries as usize % order.len()];
             let target = &candidate.target;
-            let _load = candidate.hold();
+            let held_load = candidate.hold();
             record.tried(|pair| outbound::to_target(pair, target), target.addr);
             let request = match (&kept, body.take()) {
                 (Some(bytes), _) => Request::from_parts(
@@ -360,12 +365,13 @@ impl Downstream {
                             );
                         };
                         let server = hyper::upgrade::on(&mut response);
-                        self.spliced.spawn(splice(client, server, held));
+                        self.spliced.spawn(splice(client, server, held, held_load));
                         return response.map(|b| b.boxed());
                     }
                     if !retry_status || kept.is_none() {
                         let mut response = response.map(|b| b.boxed());
                         strip_hop_by_hop(response.headers_mut());
+                        *load = Some(held_load);
                         return response;
                     }
                     Failure::Status(response)
@@ -431,7 +437,12 @@ impl Downstream {
                 tracing::info!(service = %backend.name, "retry budget spent: the failure goes to the client");
             }
             return match failure {
-                Failure::Status(response) => response.map(|b| b.boxed()),
+                Failure::Status(response) => {
+                    let mut response = response.map(|b| b.boxed());
+                    strip_hop_by_hop(response.headers_mut());
+                    *load = Some(held_load);
+                    response
+                }
                 Failure::Connect(why) => mesh_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!(
@@ -925,6 +936,7 @@ async fn splice(
     client: hyper::upgrade::OnUpgrade,
     server: hyper::upgrade::OnUpgrade,
     mut held: Box<Held>,
+    _load: Slot,
 ) {
     let (Ok(client), Ok(server)) = (client.await, server.await) else {
         held.conn.fail(FailReason::Reset);
@@ -1024,6 +1036,8 @@ impl AsyncWrite for Counted {
 /// the record is closed (counted, observed, logged) when the body ends or is dropped.
 pub struct Reported {
     body: Body,
+    /// The endpoint's load slot, until the response ends.
+    _load: Option<Slot>,
     record: Option<RequestRecord>,
 }
 
@@ -1078,5 +1092,62 @@ impl Drop for Reported {
         // An empty body is never polled: it ended as it began.
         let ended = self.body.is_end_stream();
         self.finish(ended);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use prometheus::Registry;
+
+    use super::*;
+    use crate::{access_log::AccessLog, metrics::RequestMetrics};
+
+    /// A response's body holds its request's record and its endpoint's load slot: the request
+    /// is counted when the body ends, and the endpoint is no longer loaded once the body is
+    /// gone, not when the headers went out.
+    #[tokio::test]
+    async fn a_response_body_holds_the_record_and_the_load_until_it_ends() {
+        let registry = Registry::new();
+        let metrics =
+            RequestMetrics::register(&registry, Arc::new(AccessLog::off()), false).unwrap();
+        let counted = || -> u64 {
+            registry
+                .gather()
+                .iter()
+                .filter(|f| f.name() == "mycel_http_requests_total")
+                .flat_map(|f| f.get_metric().iter())
+                .map(|m| m.get_counter().get_value() as u64)
+                .sum()
+        };
+        let load = Arc::new(AtomicU32::new(0));
+        let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let mut record = metrics.start(
+            Pair::default(),
+            client,
+            &hyper::Method::GET,
+            &"/".parse().unwrap(),
+            Version::HTTP_11,
+        );
+        record.answered(200, None);
+        let mut body = Reported {
+            body: Full::new(Bytes::from_static(b"hello"))
+                .map_err(|e| match e {})
+                .boxed(),
+            _load: Slot::take(&load, None),
+            record: Some(record),
+        };
+        assert_eq!((counted(), load.load(Ordering::Relaxed)), (0, 1));
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.data_ref().map(Bytes::len), Some(5));
+        assert_eq!(counted(), 1, "counted when the body ended");
+        assert_eq!(
+            load.load(Ordering::Relaxed),
+            1,
+            "still loaded until it is gone"
+        );
+        drop(body);
+        assert_eq!((counted(), load.load(Ordering::Relaxed)), (1, 0));
     }
 }

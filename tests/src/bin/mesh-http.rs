@@ -2,7 +2,7 @@
 //! client that sends many requests over one connection. Nothing in it knows about the mesh.
 //!
 //! ```text
-//! mesh-http serve --port P --name NAME [--fail-every N]
+//! mesh-http serve --port P --name NAME [--fail-every N [--close-on-fail]]
 //!                                          HTTP/1.1 and HTTP/2 (prior knowledge) on [::]:P.
 //!                                          Every answer carries `x-served-by: NAME`:
 //!                                            /delay/MS        200 NAME after MS milliseconds
@@ -13,7 +13,8 @@
 //!                                                             requests it answered
 //!                                            anything else    200 NAME
 //!                                          With --fail-every N, every Nth request (but
-//!                                          /count) is answered 503 instead.
+//!                                          /count) is answered 503 instead; with
+//!                                          --close-on-fail, with `Connection: close`.
 //!                                          A request with `Upgrade: echo` gets 101, then
 //!                                          its bytes echoed. Prints "listening" once bound.
 //! mesh-http get --addr A --count N [--path P] [--h2] [--concurrency C] [--interval-ms M]
@@ -92,7 +93,8 @@ async fn run(args: &[String]) -> Result<(), Error> {
             let port = u16::try_from(number("--port", 0)?)?;
             let name = flag("--name").ok_or("--name is required")?.to_owned();
             let fail_every = number("--fail-every", 0)?;
-            serve(port, name, fail_every).await
+            let close_on_fail = args.iter().any(|a| a == "--close-on-fail");
+            serve(port, name, fail_every, close_on_fail).await
         }
         Some("upgrade") => {
             let addr: SocketAddr = flag("--addr")
@@ -129,16 +131,18 @@ async fn run(args: &[String]) -> Result<(), Error> {
 struct Behaviour {
     name: String,
     fail_every: u64,
+    close_on_fail: bool,
     answered: AtomicU64,
     per_path: Mutex<BTreeMap<String, u64>>,
 }
 
-async fn serve(port: u16, name: String, fail_every: u64) -> Result<(), Error> {
+async fn serve(port: u16, name: String, fail_every: u64, close_on_fail: bool) -> Result<(), Error> {
     let listener = TcpListener::bind(("::", port)).await?;
     println!("listening");
     let server = Arc::new(Behaviour {
         name,
         fail_every,
+        close_on_fail,
         answered: AtomicU64::new(0),
         per_path: Mutex::default(),
     });
@@ -218,6 +222,12 @@ async fn answer(req: &Request<Incoming>, server: &Behaviour) -> Response<Full<By
     *response.status_mut() = status;
     if let Ok(v) = name.parse() {
         response.headers_mut().insert("x-served-by", v);
+    }
+    if server.close_on_fail && status != StatusCode::OK {
+        response.headers_mut().insert(
+            "connection",
+            hyper::header::HeaderValue::from_static("close"),
+        );
     }
     response
 }

@@ -104,7 +104,7 @@ impl Drop for Slot {
 
 impl Slot {
     /// Takes one of `count` if it is under `limit` (no limit: always).
-    fn take(count: &Arc<AtomicU32>, limit: Option<u32>) -> Option<Self> {
+    pub(crate) fn take(count: &Arc<AtomicU32>, limit: Option<u32>) -> Option<Self> {
         count
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 limit.is_none_or(|l| n < l).then_some(n + 1)
