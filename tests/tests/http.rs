@@ -187,6 +187,48 @@ fn split_balance_and_answer(transport: &str) {
     );
     assert!(opened >= 3.0, "{opened} upstream connections counted");
 
+    // Only the mesh says it answered: an endpoint's forged header does not reach the client.
+    let forged = client(
+        &topo,
+        &["get", "--addr", &by_h1, "--path", "/forge", "--count", "4"],
+    );
+    assert_eq!(forged["by_status"]["200"], 4, "{forged}");
+    assert_eq!(forged["by_mesh_error"], serde_json::json!({}), "{forged}");
+
+    // More requests at once from one HTTP/2 client than it may have upstream connections
+    // (32; HTTP/1.1 toward the endpoints, one request each): the extra ones get the mesh's
+    // 503, and that is the client's doing, not the endpoints' (none ejected).
+    let many = client(
+        &topo,
+        &[
+            "get",
+            "--addr",
+            &by_h1,
+            "--path",
+            "/delay/300",
+            "--count",
+            "60",
+            "--h2",
+            "--concurrency",
+            "60",
+        ],
+    );
+    println!("60 at once over one HTTP/2 connection: {many}");
+    let refused = many["by_status"]["503"].as_u64().unwrap_or(0);
+    assert_eq!(
+        many["by_status"]["200"].as_u64().unwrap_or(0) + refused,
+        60,
+        "{many}"
+    );
+    assert!(refused > 0, "{many}");
+    let capped = many["by_mesh_error"].as_object().is_some_and(|o| {
+        o.keys()
+            .all(|k| k.contains("upstream connections open already"))
+    });
+    assert!(capped, "{many}");
+    let e = Exposition::parse(&n1.metrics_text().expect("metrics")).expect("exposition");
+    assert_eq!(e.sum("mycel_service_ejections_total", &[]), 0.0);
+
     // No endpoint: the mesh answers, and says it did.
     let empty = format!("{EMPTY_VIP}:80");
     let out = client(&topo, &["get", "--addr", &empty, "--count", "1"]);
@@ -345,6 +387,18 @@ fn retries_hide_a_flaky_endpoint_the_budget_holds_and_timeouts_answer_504() {
         p50 < Some(20_000) && p99 >= Some(20_000),
         "backoff: p50 {p50:?} µs, p99 {p99:?} µs"
     );
+
+    // A POST may have been processed before its 503: it is not sent again, and the client
+    // sees what a's third of failures makes of its share.
+    let posts = client(
+        &topo,
+        &[
+            "get", "--addr", &by_vip, "--count", "90", "--method", "POST",
+        ],
+    );
+    println!("90 POSTs, retryOnStatus 503 (not for POST): {posts}");
+    let failed = posts["by_status"]["503"].as_u64().unwrap_or(0);
+    assert!((3..=20).contains(&failed), "{posts}");
 
     const N: u64 = 500;
     let down = format!("{V2_VIP}:80");
@@ -650,6 +704,8 @@ fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
         .and_then(|o| o.keys().next().cloned())
         .unwrap_or_default();
     assert!(why.contains("refused"), "{kept}");
+    // The destination's policy and rule names stay in the nodes' logs.
+    assert!(!why.contains("no-client"), "{kept}");
     // The server saw nothing after the deny was in force (at most the request on its way).
     assert!(
         answered_after <= answered_at_deny + 1,

@@ -5,7 +5,9 @@
 //! response's `code` class:
 //!
 //! - `mycel_http_requests_total`: requests, counted when their response ends (or when they
-//!   end without one: `code="cancelled"`, the client went away first).
+//!   end without one: `code="cancelled"`, the client went away before the response's
+//!   headers; one that leaves during the body counts under the response's code, and its log
+//!   line says `complete: false`).
 //! - `mycel_http_response_headers_seconds`: from the request's headers to the response's.
 //! - `mycel_http_request_duration_seconds`: from the request's headers to the end of the
 //!   response's body.
@@ -95,8 +97,8 @@ impl RequestMetrics {
             Opts::new(
                 format!("{PREFIX}_http_requests_total"),
                 "Requests to Service ports that declare HTTP, by method and response code class \
-                 (cancelled: the client went away before the response ended), counted when the \
-                 response ends.",
+                 (cancelled: the client went away before the response's headers), counted when \
+                 the response ends.",
             ),
             &labels,
         )?;
@@ -128,14 +130,13 @@ impl RequestMetrics {
 
     /// A request whose headers just arrived from the application at `client`, of `pair`
     /// (its source; the destination is filled in as it is tried).
-    pub fn start(
+    pub fn start<B>(
         self: &Arc<Self>,
         pair: Pair,
         client: SocketAddr,
-        method: &hyper::Method,
-        uri: &hyper::Uri,
-        version: hyper::Version,
+        req: &hyper::Request<B>,
     ) -> Request {
+        let (method, uri) = (req.method(), req.uri());
         let method_class = METHODS
             .iter()
             .position(|m| *m == method.as_str())
@@ -145,10 +146,23 @@ impl RequestMetrics {
             Box::new(LogFields {
                 client,
                 method: bounded(method.as_str(), 32),
-                authority: bounded(uri.authority().map_or("", |a| a.as_str()), 256),
+                // HTTP/2's `:authority`, or HTTP/1.1's Host header (its requests name only a
+                // path).
+                authority: bounded(
+                    uri.authority().map_or_else(
+                        || {
+                            req.headers()
+                                .get(hyper::header::HOST)
+                                .and_then(|h| h.to_str().ok())
+                                .unwrap_or("")
+                        },
+                        |a| a.as_str(),
+                    ),
+                    256,
+                ),
                 // The path without its query, which often carries tokens.
                 path: bounded(uri.path(), 1024),
-                version: version_name(version),
+                version: version_name(req.version()),
                 endpoint: None,
                 backend: String::new(),
                 mesh_error: String::new(),
@@ -364,19 +378,19 @@ mod tests {
         let registry = Registry::new();
         let m = RequestMetrics::register(&registry, Arc::new(AccessLog::off()), false).unwrap();
         let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
-        let uri: hyper::Uri = "/x?token=secret".parse().unwrap();
-        let mut r = m.start(
-            pair(),
-            client,
-            &hyper::Method::GET,
-            &uri,
-            hyper::Version::HTTP_11,
-        );
+        let get = hyper::Request::get("/x?token=secret").body(()).unwrap();
+        let mut r = m.start(pair(), client, &get);
         r.tried(|p| p.destination_workload = "pay".into(), client);
         r.answered(503, Some("no endpoint"));
         drop(r);
         let invented = hyper::Method::from_bytes(b"BREW").unwrap();
-        drop(m.start(pair(), client, &invented, &uri, hyper::Version::HTTP_2));
+        let brew = hyper::Request::builder()
+            .method(invented)
+            .uri("/x")
+            .version(hyper::Version::HTTP_2)
+            .body(())
+            .unwrap();
+        drop(m.start(pair(), client, &brew));
         let total = "mycel_http_requests_total";
         assert_eq!(
             sample(

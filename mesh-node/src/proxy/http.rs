@@ -63,6 +63,21 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Requests at once on one HTTP/2 connection from the application.
 const MAX_STREAMS: u32 = 256;
 
+/// HTTP/2 flow control, both ways: what a peer may send before the proxy passes it on, and
+/// what the proxy buffers toward a peer that does not read. hyper's defaults (up to 2 MiB per
+/// stream, 5 MiB per connection) times 256 streams and 32 upstream connections would let one
+/// client that stops reading pin hundreds of MiB; these keep a connection to a few MiB and
+/// still fill a fast link within a cluster.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+const H2_SEND_BUFFER: usize = 256 * 1024;
+/// Header block size, as HTTP/1.1's buffer allows about the same.
+const H2_HEADER_LIST: u32 = 64 * 1024;
+
+/// How long a request's body may take to arrive when it is kept for another try and the
+/// request has no `requestTimeout`.
+const KEEP_BODY_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Upstream connections one client connection may have at once (an HTTP/2 client of an
 /// `http` port needs one per request in flight).
 const MAX_UPSTREAMS: usize = 32;
@@ -125,13 +140,21 @@ pub async fn serve(
             builder
                 .http2()
                 .timer(TokioTimer::new())
-                .max_concurrent_streams(MAX_STREAMS);
+                .max_concurrent_streams(MAX_STREAMS)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .max_send_buf_size(H2_SEND_BUFFER)
+                .max_header_list_size(H2_HEADER_LIST);
             builder.serve_connection_with_upgrades(io, handler).await
         }
         AppProtocol::H2c | AppProtocol::Grpc => {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .max_send_buf_size(H2_SEND_BUFFER)
+                .max_header_list_size(H2_HEADER_LIST)
                 .serve_connection(io, handler)
                 .await
                 .map_err(Into::into)
@@ -214,13 +237,7 @@ impl Downstream {
             .map(|me| Pair::default().with_source(me))
             .unwrap_or_default();
         pair.destination_service.clone_from(&self.service);
-        let mut record = ctx.shared.request_metrics.start(
-            pair,
-            self.app,
-            req.method(),
-            req.uri(),
-            req.version(),
-        );
+        let mut record = ctx.shared.request_metrics.start(pair, self.app, &req);
         let mut load = None;
         let response = self.forward(req, &mut record, &mut load).await;
         let why = response
@@ -281,6 +298,17 @@ impl Downstream {
         }
         refuse_h2c_upgrade(&mut req);
         let connect_method = req.method() == hyper::Method::CONNECT;
+        // A request that may have reached the endpoint goes again only if doing it twice is
+        // the same as once (RFC 9110, 9.2.2); one that never left may go anywhere.
+        let idempotent = matches!(
+            *req.method(),
+            hyper::Method::GET
+                | hyper::Method::HEAD
+                | hyper::Method::OPTIONS
+                | hyper::Method::TRACE
+                | hyper::Method::PUT
+                | hyper::Method::DELETE
+        );
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let http = &settings.http.value;
         let retries = &http.retries;
@@ -289,21 +317,37 @@ impl Downstream {
         let (parts, body) = self.upstream_request(req, upgrade.is_some()).into_parts();
         // A body is kept for another try only when one may happen and it is known to be small
         // enough; any other request is sent once, or tried again only if it was never sent.
-        let replay = retries.attempts > 0
-            && upgrade.is_none()
-            && body
-                .size_hint()
-                .upper()
-                .is_some_and(|n| n <= u64::from(retries.max_body_bytes));
+        let size = body
+            .size_hint()
+            .upper()
+            .filter(|n| *n <= u64::from(retries.max_body_bytes));
+        // Room in the node's budget for kept bodies, held until the request is answered.
+        let room = match size {
+            Some(n) if retries.attempts > 0 && upgrade.is_none() => usize::try_from(n)
+                .ok()
+                .and_then(|n| ctx.shared.traffic.kept_bodies.take(n)),
+            _ => None,
+        };
+        let replay = room.is_some();
         let mut body = Some(body);
         let kept = if replay {
-            match body.take().map(|b| b.collect()) {
+            let until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + KEEP_BODY_TIME);
+            match body
+                .take()
+                .map(|b| tokio::time::timeout_at(until, b.collect()))
+            {
                 Some(collecting) => match collecting.await {
-                    Ok(collected) => Some(collected.to_bytes()),
-                    Err(e) => {
+                    Ok(Ok(collected)) => Some(collected.to_bytes()),
+                    Ok(Err(e)) => {
                         return mesh_error(
                             StatusCode::BAD_REQUEST,
                             &format!("the request's body ended early: {e}"),
+                        )
+                    }
+                    Err(_) => {
+                        return mesh_error(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "the request's body did not arrive in time",
                         )
                     }
                 },
@@ -347,7 +391,10 @@ impl Downstream {
                     } else {
                         state.answered(key);
                     }
-                    let retry_status = retries.retry_on_status.contains(&status.as_u16())
+                    // gRPC's UNAVAILABLE says the call was not processed; a status code says
+                    // nothing of that, so only an idempotent request goes again.
+                    let retry_status = (idempotent
+                        && retries.retry_on_status.contains(&status.as_u16()))
                         || (retries.retry_on.contains(&RetryOn::Unavailable)
                             && response
                                 .headers()
@@ -366,13 +413,15 @@ impl Downstream {
                         };
                         let server = hyper::upgrade::on(&mut response);
                         self.spliced.spawn(splice(client, server, held, held_load));
+                        response.headers_mut().remove(MESH_ERROR);
                         return response.map(|b| b.boxed());
                     }
+                    if let Some(held) = held {
+                        self.spliced.spawn(held.carry_answer());
+                    }
                     if !retry_status || kept.is_none() {
-                        let mut response = response.map(|b| b.boxed());
-                        strip_hop_by_hop(response.headers_mut());
                         *load = Some(held_load);
-                        return response;
+                        return from_endpoint(response);
                     }
                     Failure::Status(response)
                 }
@@ -386,7 +435,14 @@ impl Downstream {
                     tracing::debug!(workload = %ctx.workload, endpoint = %target.peer.key, %why, "a pooled HTTP connection was closing; the request goes on another");
                     continue;
                 }
-                Attempt::NotSent(_, why) | Attempt::Unreachable(why) => Failure::Connect(why),
+                Attempt::NotSent(request, why) | Attempt::Unreachable(why, request) => {
+                    // Never sent: a body that was not kept can still go to another endpoint.
+                    let (_, b) = (*request).into_parts();
+                    if kept.is_none() {
+                        body = Some(b);
+                    }
+                    Failure::Connect(why)
+                }
                 Attempt::Refused(why) => {
                     return mesh_error(StatusCode::SERVICE_UNAVAILABLE, &why);
                 }
@@ -411,7 +467,7 @@ impl Downstream {
             // body that was not kept (it was not sent).
             let wanted = match &failure {
                 Failure::Connect(_) => retries.retry_on.contains(&RetryOn::ConnectFailure),
-                Failure::Reset(_) => retries.retry_on.contains(&RetryOn::Reset),
+                Failure::Reset(_) => idempotent && retries.retry_on.contains(&RetryOn::Reset),
                 Failure::Status(_) => true,
             };
             let replayable =
@@ -438,10 +494,8 @@ impl Downstream {
             }
             return match failure {
                 Failure::Status(response) => {
-                    let mut response = response.map(|b| b.boxed());
-                    strip_hop_by_hop(response.headers_mut());
                     *load = Some(held_load);
-                    response
+                    from_endpoint(response)
                 }
                 Failure::Connect(why) => mesh_error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -483,6 +537,13 @@ impl Downstream {
                 None => {
                     // A new upstream connection counts against the per-node limits, as an
                     // L4 connection does, for as long as it lives.
+                    // The client's own cap is this client's doing: not the endpoint's failure,
+                    // and not tried elsewhere.
+                    let Some(live) = Live::reserve(&self.live) else {
+                        return Attempt::Refused(format!(
+                            "this client connection has {MAX_UPSTREAMS} upstream connections open already"
+                        ));
+                    };
                     let limits = &settings.connection_limits.value;
                     let Ok((open, pending)) = state.admit(limits) else {
                         return Attempt::Refused(
@@ -490,7 +551,9 @@ impl Downstream {
                         );
                     };
                     let started = Instant::now();
-                    let made = self.connect(dir, target, settings, open, keep).await;
+                    let made = self
+                        .connect(dir, target, settings, (open, live), keep)
+                        .await;
                     drop(pending);
                     match made {
                         Ok(s) => {
@@ -507,10 +570,11 @@ impl Downstream {
                                 let od = &settings.outlier_detection.value;
                                 state.failed(&target.peer.key, od, endpoints);
                             }
+                            // Not sent: the request goes back for another endpoint.
                             return if e.try_next() {
-                                Attempt::Unreachable(e.to_string())
+                                Attempt::Unreachable(e.to_string(), Box::new(request))
                             } else {
-                                Attempt::Refused(e.to_string())
+                                Attempt::Refused(e.for_client())
                             };
                         }
                     }
@@ -666,18 +730,10 @@ impl Downstream {
         dir: &Directory,
         target: &Target,
         settings: &Effective,
-        open: Slot,
+        (open, live): (Slot, Live),
         keep: bool,
     ) -> Result<(Sender, Option<Box<Held>>), SendError> {
         let ctx = &*self.pod;
-        if self.live.load(Ordering::Relaxed) >= MAX_UPSTREAMS {
-            return Err(SendError::Http {
-                addr: target.addr,
-                detail: format!(
-                    "this client connection has {MAX_UPSTREAMS} upstream connections open already"
-                ),
-            });
-        }
         let deadline = tokio::time::Instant::now() + settings.connect.value.timeout;
         let id = ctx.shared.connection_id();
         let send = outbound::send(ctx, dir, target, self.peer, id, deadline);
@@ -746,7 +802,12 @@ impl Downstream {
             let s = Pooled { conn: s, until };
             (Sender::H1(s), Box::pin(c.with_upgrades()))
         } else {
-            let (s, c) = http2::handshake(TokioExecutor::new(), io)
+            let (s, c) = http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .max_send_buf_size(H2_SEND_BUFFER)
+                .max_header_list_size(H2_HEADER_LIST)
+                .handshake(io)
                 .await
                 .map_err(handshake_failed)?;
             (Sender::H2(Pooled { conn: s, until }), Box::pin(c))
@@ -764,13 +825,24 @@ impl Downstream {
             local,
             withdrawn,
             expiry,
-            _live: Live::count(&self.live),
+            upgrade: None,
+            _live: live,
         };
         if keep {
+            // The connection is the client's once the endpoint switches protocols; until
+            // then (and if it answers otherwise) it is cut when what holds it goes.
+            let (cut, done) = (CancellationToken::new(), CancellationToken::new());
+            let driven = (cut.clone(), done.clone());
             tokio::spawn(async move {
-                let _ = driver.await;
+                tokio::select! {
+                    _ = driver => {}
+                    () = driven.0.cancelled() => {}
+                }
+                driven.1.cancel();
             });
-            return Ok((sender, Some(Box::new(held))));
+            let mut held = Box::new(held);
+            held.upgrade = Some((cut.drop_guard(), done));
+            return Ok((sender, Some(held)));
         }
         tokio::spawn(async move {
             let mut held = held;
@@ -798,10 +870,28 @@ struct Held {
     /// `idleTimeout` and `maxConnectionDuration`, when either is set (made under
     /// `withdrawn`).
     expiry: Option<Expiry>,
+    /// A connection made for an upgrade: its driver, cut when this drops, and the token
+    /// its end fires.
+    upgrade: Option<(tokio_util::sync::DropGuard, CancellationToken)>,
     _live: Live,
 }
 
 impl Held {
+    /// A connection made for an upgrade that the endpoint answered with an ordinary
+    /// response: it carries that response, and is held, counted and watched as any upstream
+    /// connection until it ends.
+    async fn carry_answer(mut self: Box<Self>) {
+        let Some((_, done)) = &self.upgrade else {
+            return;
+        };
+        let done = done.clone();
+        let closed = self.closed();
+        tokio::select! {
+            reason = closed => self.conn.fail(reason),
+            () = done.cancelled() => {}
+        }
+    }
+
     /// Resolves, with the reason, when the connection must close though both ends want it.
     fn closed(&self) -> impl std::future::Future<Output = FailReason> + Send + 'static {
         let guard = self.local.as_ref().map(|(_, g)| g.closed().clone());
@@ -818,13 +908,18 @@ impl Held {
     }
 }
 
-/// Counts an upstream connection of one client connection while it lives.
+/// Counts an upstream connection of one client connection while it lives (or is being made).
 struct Live(Arc<AtomicUsize>);
 
 impl Live {
-    fn count(live: &Arc<AtomicUsize>) -> Self {
-        live.fetch_add(1, Ordering::Relaxed);
-        Self(live.clone())
+    /// One of [`MAX_UPSTREAMS`], taken before the connect so that requests at once cannot
+    /// all pass the check.
+    fn reserve(live: &Arc<AtomicUsize>) -> Option<Self> {
+        live.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < MAX_UPSTREAMS).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(live.clone()))
     }
 }
 
@@ -840,9 +935,10 @@ enum Attempt {
     Answered(Response<Incoming>, Option<Box<Held>>),
     /// A pooled connection could not take it: it was not sent.
     NotSent(Box<Request<Body>>, String),
-    /// No connection to the endpoint could be made: the request never reached it.
-    Unreachable(String),
-    /// Not to be tried elsewhere: a deny, a limit.
+    /// No connection to the endpoint could be made: the request never reached it, and comes
+    /// back for another.
+    Unreachable(String, Box<Request<Body>>),
+    /// Not to be tried elsewhere: a deny, a limit (the request was not sent).
     Refused(String),
     /// The endpoint's connection failed after the request went, before the response's
     /// headers.
@@ -912,9 +1008,11 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
 /// `Upgrade: h2c` would turn the connection into HTTP/2 that this proxy no longer sees (a
 /// known way around a proxy's per-request rules): the request goes as a plain one.
 fn refuse_h2c_upgrade(req: &mut Request<Incoming>) {
+    // On the raw bytes: a value that is not visible ASCII must not hide the token.
     let h2c = req.headers().get_all(header::UPGRADE).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.to_ascii_lowercase().contains("h2c"))
+        v.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"h2c"))
     });
     if h2c {
         let headers = req.headers_mut();
@@ -926,7 +1024,12 @@ fn refuse_h2c_upgrade(req: &mut Request<Incoming>) {
 /// Whether the request asks to switch protocols (WebSocket) or to tunnel (`CONNECT`): its
 /// connection becomes a byte stream once the endpoint agrees.
 fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.method() == hyper::Method::CONNECT || req.headers().contains_key(header::UPGRADE)
+    let asked = req.headers().get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    req.method() == hyper::Method::CONNECT || (asked && req.headers().contains_key(header::UPGRADE))
 }
 
 /// Copies between the client's and the endpoint's upgraded connections until both end, or
@@ -953,6 +1056,15 @@ async fn splice(
         }
         reason = closed => held.conn.fail(reason),
     }
+}
+
+/// An endpoint's answer as the client gets it: without the headers about the endpoint's
+/// connection, and without the mesh's own error header, which only the mesh may set.
+fn from_endpoint(response: Response<Incoming>) -> Response<Body> {
+    let mut response = response.map(|b| b.boxed());
+    strip_hop_by_hop(response.headers_mut());
+    response.headers_mut().remove(MESH_ERROR);
+    response
 }
 
 /// An answer the mesh makes itself.
@@ -1123,13 +1235,8 @@ mod tests {
         };
         let load = Arc::new(AtomicU32::new(0));
         let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
-        let mut record = metrics.start(
-            Pair::default(),
-            client,
-            &hyper::Method::GET,
-            &"/".parse().unwrap(),
-            Version::HTTP_11,
-        );
+        let get = Request::get("/").body(()).unwrap();
+        let mut record = metrics.start(Pair::default(), client, &get);
         record.answered(200, None);
         let mut body = Reported {
             body: Full::new(Bytes::from_static(b"hello"))

@@ -183,6 +183,16 @@ impl SendError {
         }
     }
 
+    /// What the application may be told (the mesh's answer on an HTTP port): a refusal's
+    /// status, not the destination's reasons, whose policy and rule names stay in the logs of
+    /// the two nodes.
+    pub(super) fn for_client(&self) -> String {
+        match self {
+            SendError::Refused { status, .. } => format!("the destination refused ({status:?})"),
+            e => e.to_string(),
+        }
+    }
+
     /// Whether another endpoint of the same service might work: only failures before the
     /// destination accepted the connection are retried, and never a deny or a rate limit.
     pub(super) fn try_next(&self) -> bool {

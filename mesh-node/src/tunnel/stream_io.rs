@@ -135,7 +135,11 @@ impl AsyncWrite for SessionIo {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        // A full record goes out before more is taken.
+        // Nothing more is taken while sealed records wait for the socket (a slow reader
+        // would otherwise have them pile up here), and a full record goes out first.
+        if this.written < this.out.len() {
+            ready!(this.poll_write_out(cx))?;
+        }
         if this.plain.len() >= MAX_PLAINTEXT {
             ready!(this.poll_send(cx))?;
         }
@@ -262,5 +266,41 @@ mod tests {
         a.flush().await.unwrap();
         let n = b.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"HEADERS DATA", "one record, one read");
+    }
+
+    /// Toward a peer that reads slowly, what is sealed and waiting for the socket stays
+    /// about a record: a write is not taken while records wait.
+    #[tokio::test]
+    async fn a_slow_reader_does_not_make_the_writer_buffer() {
+        let (client, server) = super::super::session::tests::sessions().await;
+        let mut a = SessionIo::new(client);
+        let mut b = SessionIo::new(server);
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1024];
+            loop {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                match b.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+        let chunk = vec![7u8; MAX_PLAINTEXT];
+        let mut most = 0;
+        for _ in 0..400 {
+            // A write that cannot go on is given up after a moment, as a caller's select would.
+            let _ = tokio::time::timeout(Duration::from_millis(5), async {
+                let taken = a.write(&chunk).await?;
+                assert!(taken <= chunk.len());
+                a.flush().await
+            })
+            .await;
+            most = most.max(a.out.len() - a.written);
+        }
+        reader.abort();
+        assert!(
+            most <= 2 * (MAX_PLAINTEXT + 64),
+            "{most} bytes sealed and waiting for the socket"
+        );
     }
 }

@@ -9,6 +9,8 @@
 //!                                            /fail-every/N    503 to every Nth request it
 //!                                                             gets on this path, else 200
 //!                                            /stall           no answer for an hour
+//!                                            /forge           200 with the mesh's own
+//!                                                             error header, forged
 //!                                            /count           200 and the number of other
 //!                                                             requests it answered
 //!                                            anything else    200 NAME
@@ -18,6 +20,7 @@
 //!                                          A request with `Upgrade: echo` gets 101, then
 //!                                          its bytes echoed. Prints "listening" once bound.
 //! mesh-http get --addr A --count N [--path P] [--h2] [--concurrency C] [--interval-ms M]
+//!               [--method M]
 //!                                          N requests over one connection (HTTP/1.1
 //!                                          keep-alive, M ms apart, or HTTP/2 with C streams
 //!                                          at a time); prints one JSON line: {requests,
@@ -118,12 +121,14 @@ async fn run(args: &[String]) -> Result<(), Error> {
                 args.iter().any(|a| a == "--h2"),
                 number("--concurrency", 1)?.max(1),
                 Duration::from_millis(number("--interval-ms", 0)?),
+                hyper::Method::from_bytes(flag("--method").unwrap_or("GET").as_bytes())
+                    .map_err(|_| "--method is not an HTTP method")?,
             )
             .await?;
             println!("{out}");
             Ok(())
         }
-        _ => Err("usage: mesh-http serve --port P --name NAME [--fail-every N] | get --addr A --count N [--path P] [--h2] [--concurrency C] [--interval-ms M] | upgrade --addr A [--lines N] [--interval-ms M]".into()),
+        _ => Err("usage: mesh-http serve --port P --name NAME [--fail-every N] | get --addr A --count N [--path P] [--h2] [--concurrency C] [--interval-ms M] [--method M] | upgrade --addr A [--lines N] [--interval-ms M]".into()),
     }
 }
 
@@ -218,10 +223,17 @@ async fn answer(req: &Request<Incoming>, server: &Behaviour) -> Response<Full<By
     } else if path == "/stall" {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
+    let forge = path == "/forge";
     let mut response = Response::new(Full::new(Bytes::from(name.to_owned())));
     *response.status_mut() = status;
     if let Ok(v) = name.parse() {
         response.headers_mut().insert("x-served-by", v);
+    }
+    if forge {
+        response.headers_mut().insert(
+            MESH_ERROR,
+            hyper::header::HeaderValue::from_static("forged by the endpoint"),
+        );
     }
     if server.close_on_fail && status != StatusCode::OK {
         response.headers_mut().insert(
@@ -246,9 +258,14 @@ struct Tally {
 }
 
 /// A GET of `uri` (its authority also the Host header).
-fn request(uri: &hyper::Uri) -> Result<Request<Empty<Bytes>>, hyper::http::Error> {
+fn request(
+    uri: &hyper::Uri,
+    method: &hyper::Method,
+) -> Result<Request<Empty<Bytes>>, hyper::http::Error> {
     let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
-    Request::get(uri.clone())
+    Request::builder()
+        .method(method.clone())
+        .uri(uri.clone())
         .header("host", host)
         .body(Empty::<Bytes>::new())
 }
@@ -278,6 +295,7 @@ async fn get(
     h2: bool,
     concurrency: u64,
     interval: Duration,
+    method: hyper::Method,
 ) -> Result<serde_json::Value, Error> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
@@ -307,12 +325,17 @@ async fn get(
         let next = Arc::new(AtomicU64::new(0));
         let workers: Vec<_> = (0..concurrency)
             .map(|_| {
-                let (mut sender, next, tally, uri) =
-                    (sender.clone(), next.clone(), tally.clone(), uri.clone());
+                let (mut sender, next, tally, uri, method) = (
+                    sender.clone(),
+                    next.clone(),
+                    tally.clone(),
+                    uri.clone(),
+                    method.clone(),
+                );
                 tokio::spawn(async move {
                     while next.fetch_add(1, Ordering::Relaxed) < count {
                         let started = Instant::now();
-                        let result = match request(&uri) {
+                        let result = match request(&uri, &method) {
                             Ok(req) => match sender.send_request(req).await {
                                 Ok(r) => read(r).await,
                                 Err(e) => Err(format!("request: {e}")),
@@ -336,7 +359,7 @@ async fn get(
             }
             let started = Instant::now();
             let result = match sender.ready().await {
-                Ok(()) => match sender.send_request(request(&uri)?).await {
+                Ok(()) => match sender.send_request(request(&uri, &method)?).await {
                     Ok(r) => read(r).await,
                     Err(e) => Err(format!("request: {e}")),
                 },

@@ -4,15 +4,59 @@
 //!
 //! Requests and retries are counted in two consecutive windows; the previous one is weighted
 //! by how much of it still falls in the last [`WINDOW`] (a sliding window, approximated).
+//!
+//! [`KeptBodies`] is the node's other budget for retries: the memory that request bodies
+//! kept for another try may take, all pods and Services together.
 
 use std::{
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
 use mesh_model::traffic::Retries;
 
 pub const WINDOW: Duration = Duration::from_secs(10);
+
+/// Bytes of request bodies the node keeps for retries at once. A body that would pass it is
+/// sent once, not kept: a stranger's uploads cannot make the node hold more than this.
+pub const KEPT_BODIES_BYTES: usize = 64 * 1024 * 1024;
+
+/// The bytes of request bodies kept for another try, node-wide.
+#[derive(Debug, Default)]
+pub struct KeptBodies {
+    used: Arc<AtomicUsize>,
+}
+
+/// `n` bytes of the budget, given back on drop.
+#[derive(Debug)]
+pub struct Kept {
+    used: Arc<AtomicUsize>,
+    n: usize,
+}
+
+impl KeptBodies {
+    /// Room for a body of `n` bytes, if the node has it.
+    pub fn take(&self, n: usize) -> Option<Kept> {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(n).filter(|t| *t <= KEPT_BODIES_BYTES)
+            })
+            .ok()
+            .map(|_| Kept {
+                used: self.used.clone(),
+                n,
+            })
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
 
 #[derive(Debug)]
 pub struct RetryBudget {
@@ -145,5 +189,17 @@ mod tests {
         // No budget at all: nothing.
         let none = RetryBudget::new(t0);
         assert!(!none.retry_at(&retries(0, 0), t0));
+    }
+
+    #[test]
+    fn kept_bodies_stop_at_the_node_budget_and_come_back() {
+        let kept = KeptBodies::default();
+        let a = kept.take(KEPT_BODIES_BYTES - 10).unwrap();
+        assert!(kept.take(11).is_none());
+        let b = kept.take(10).unwrap();
+        assert!(kept.take(1).is_none());
+        drop((a, b));
+        assert!(kept.take(KEPT_BODIES_BYTES).is_some());
+        assert!(kept.take(usize::MAX).is_none());
     }
 }

@@ -49,6 +49,8 @@ pub struct Traffic {
     services: Mutex<HashMap<(String, u16), Arc<ServiceState>>>,
     pub rates: rate::RateLimits,
     pub metrics: Arc<TrafficMetrics>,
+    /// Request bodies kept for retries (ports that declare HTTP).
+    pub kept_bodies: budget::KeptBodies,
 }
 
 impl Traffic {
@@ -57,6 +59,7 @@ impl Traffic {
             services: Mutex::default(),
             rates: rate::RateLimits::default(),
             metrics,
+            kept_bodies: budget::KeptBodies::default(),
         }
     }
 
