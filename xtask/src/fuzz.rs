@@ -26,6 +26,7 @@ pub const TARGETS: &[&str] = &[
     "config_document",
     "node_token",
     "config_update",
+    "http_message",
 ];
 
 /// libFuzzer's limits for every run: an input that takes longer is a hang, one that makes

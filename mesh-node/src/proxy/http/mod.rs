@@ -33,7 +33,7 @@ use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
     header::{self, HeaderValue},
-    Request, Response, StatusCode, Version,
+    Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_model::{spec::RetryOn, traffic::Effective, AppProtocol};
@@ -54,6 +54,8 @@ use crate::metrics::{
     Connection, Details, FailReason, Flow, Pair, Reporter, Request as RequestRecord,
 };
 use crate::tunnel::stream_io::{QuicIo, SessionIo};
+
+pub mod headers;
 
 /// The header on every answer the mesh made itself, saying why.
 pub const MESH_ERROR: &str = "x-mycel-proxy-error";
@@ -296,7 +298,7 @@ impl Downstream {
                 &format!("no endpoint of {}", backend.name),
             );
         }
-        refuse_h2c_upgrade(&mut req);
+        headers::refuse_h2c_upgrade(&mut req);
         let connect_method = req.method() == hyper::Method::CONNECT;
         // A request that may have reached the endpoint goes again only if doing it twice is
         // the same as once (RFC 9110, 9.2.2); one that never left may go anywhere.
@@ -309,7 +311,7 @@ impl Downstream {
                 | hyper::Method::PUT
                 | hyper::Method::DELETE
         );
-        let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let upgrade = headers::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let http = &settings.http.value;
         let retries = &http.retries;
         let deadline = (!http.request_timeout.is_zero())
@@ -369,10 +371,10 @@ impl Downstream {
             record.tried(|pair| outbound::to_target(pair, target), target.addr);
             let request = match (&kept, body.take()) {
                 (Some(bytes), _) => Request::from_parts(
-                    clone_parts(&parts),
+                    headers::clone_parts(&parts),
                     Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
                 ),
-                (None, Some(b)) => Request::from_parts(clone_parts(&parts), b),
+                (None, Some(b)) => Request::from_parts(headers::clone_parts(&parts), b),
                 (None, None) => break,
             };
             let keep = upgrade.is_some();
@@ -599,28 +601,7 @@ impl Downstream {
     /// The request as the endpoint's protocol wants it.
     fn upstream_request(&self, req: Request<Incoming>, upgrade: bool) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
-        if !upgrade {
-            strip_hop_by_hop(&mut parts.headers);
-        }
-        let h2_upstream = self.protocol != AppProtocol::Http;
-        if !h2_upstream {
-            // An HTTP/2 client's authority is the HTTP/1.1 Host header.
-            if !parts.headers.contains_key(header::HOST) {
-                if let Some(host) = parts
-                    .uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-                {
-                    parts.headers.insert(header::HOST, host);
-                }
-            }
-            if parts.version == Version::HTTP_2 {
-                parts.version = Version::HTTP_11;
-                if let Some(path) = parts.uri.path_and_query().cloned() {
-                    parts.uri = path.as_str().parse().unwrap_or_default();
-                }
-            }
-        }
+        headers::to_upstream(&mut parts, upgrade, self.protocol != AppProtocol::Http);
         Request::from_parts(parts, body.boxed())
     }
 
@@ -954,82 +935,12 @@ enum Failure {
     Status(Response<Incoming>),
 }
 
-/// The parts of a request, for another try (`Parts` is not `Clone`: its extensions are
-/// dropped, which hyper's client does not use).
-fn clone_parts(parts: &hyper::http::request::Parts) -> hyper::http::request::Parts {
-    let mut request = Request::new(());
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = parts.uri.clone();
-    *request.version_mut() = parts.version;
-    *request.headers_mut() = parts.headers.clone();
-    request.into_parts().0
-}
-
 /// Why a request did not get the endpoint's answer.
 enum Failed {
     /// The connection could not take it; it was not sent and may go elsewhere.
     NotSent(Box<Request<Body>>, String),
     /// It was sent (or partly), so it is not tried again.
     Sent(String),
-}
-
-/// Headers that describe one hop's connection, not the message: a proxy does not pass them on
-/// (an endpoint's `Connection: close` would otherwise close the client's connection). gRPC's
-/// `te: trailers` is the one `te` HTTP/2 allows, and stays.
-fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
-    let named: Vec<header::HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| header::HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::TRAILER,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(header::TE);
-    }
-}
-
-/// `Upgrade: h2c` would turn the connection into HTTP/2 that this proxy no longer sees (a
-/// known way around a proxy's per-request rules): the request goes as a plain one.
-fn refuse_h2c_upgrade(req: &mut Request<Incoming>) {
-    // On the raw bytes: a value that is not visible ASCII must not hide the token.
-    let h2c = req.headers().get_all(header::UPGRADE).iter().any(|v| {
-        v.as_bytes()
-            .windows(3)
-            .any(|w| w.eq_ignore_ascii_case(b"h2c"))
-    });
-    if h2c {
-        let headers = req.headers_mut();
-        headers.remove(header::UPGRADE);
-        headers.remove("http2-settings");
-    }
-}
-
-/// Whether the request asks to switch protocols (WebSocket) or to tunnel (`CONNECT`): its
-/// connection becomes a byte stream once the endpoint agrees.
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    let asked = req.headers().get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-    });
-    req.method() == hyper::Method::CONNECT || (asked && req.headers().contains_key(header::UPGRADE))
 }
 
 /// Copies between the client's and the endpoint's upgraded connections until both end, or
@@ -1058,12 +969,10 @@ async fn splice(
     }
 }
 
-/// An endpoint's answer as the client gets it: without the headers about the endpoint's
-/// connection, and without the mesh's own error header, which only the mesh may set.
+/// An endpoint's answer as the client gets it (see [`headers::from_endpoint`]).
 fn from_endpoint(response: Response<Incoming>) -> Response<Body> {
     let mut response = response.map(|b| b.boxed());
-    strip_hop_by_hop(response.headers_mut());
-    response.headers_mut().remove(MESH_ERROR);
+    headers::from_endpoint(response.headers_mut());
     response
 }
 
