@@ -26,9 +26,11 @@ async fn handle(
     let upgrade = headers::is_upgrade(&req);
     let (mut parts, _body) = req.into_parts();
     let answer = headers::clone_parts(&parts).headers;
-    headers::to_upstream(&mut parts, upgrade, h2_upstream);
-    if !h2_upstream {
+    let fit = headers::to_upstream(&mut parts, upgrade, h2_upstream).is_ok();
+    if fit && !h2_upstream {
         assert_ne!(parts.version, Version::HTTP_2);
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        assert!(target.starts_with('/') || target == "*" || parts.method == hyper::Method::CONNECT);
     }
     if !upgrade {
         assert!(!parts.headers.contains_key(header::CONNECTION));

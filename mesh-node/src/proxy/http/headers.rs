@@ -36,9 +36,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+    // Every `te` field, not only the first.
     if headers
-        .get(header::TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        .get_all(header::TE)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         headers.remove(header::TE);
     }
@@ -71,15 +73,24 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.method() == hyper::Method::CONNECT || (asked && req.headers().contains_key(header::UPGRADE))
 }
 
+/// A request the proxy will not pass on as it is, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum Unfit {
+    /// An HTTP/2 `:path` that is not a path (`?a=1`, `evil.com`, `http://other/`): as an
+    /// HTTP/1.1 target it would name another resource or another host.
+    #[error("the request's path {0:?} does not start with '/'")]
+    Path(String),
+}
+
 /// A request as the endpoint's protocol wants it: without the client's hop-by-hop headers
 /// (but an upgrade's, which the endpoint must see), and for an HTTP/1.1 endpoint
-/// (`h2_upstream` false) with a Host header and an origin-form target.
-pub fn to_upstream(parts: &mut Parts, upgrade: bool, h2_upstream: bool) {
+/// (`h2_upstream` false) with a Host header, one Cookie header, and an origin-form target.
+pub fn to_upstream(parts: &mut Parts, upgrade: bool, h2_upstream: bool) -> Result<(), Unfit> {
     if !upgrade {
         strip_hop_by_hop(&mut parts.headers);
     }
     if h2_upstream {
-        return;
+        return Ok(());
     }
     // An HTTP/2 client's authority is the HTTP/1.1 Host header.
     if !parts.headers.contains_key(header::HOST) {
@@ -93,10 +104,36 @@ pub fn to_upstream(parts: &mut Parts, upgrade: bool, h2_upstream: bool) {
     }
     if parts.version == Version::HTTP_2 {
         parts.version = Version::HTTP_11;
-        if let Some(path) = parts.uri.path_and_query().cloned() {
-            parts.uri = path.as_str().parse().unwrap_or_default();
+        // HTTP/2 may split cookies over several fields; HTTP/1.1 servers read one.
+        let cookies: Vec<&[u8]> = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if cookies.len() > 1 {
+            if let Ok(joined) = HeaderValue::from_bytes(&cookies.join(&b"; "[..])) {
+                parts.headers.insert(header::COOKIE, joined);
+            }
+        }
+        let target = parts.uri.path_and_query().cloned();
+        let path = target.as_ref().map_or("/", |p| p.as_str());
+        let fits = path.starts_with('/') || (path == "*" && parts.method == hyper::Method::OPTIONS);
+        if !fits {
+            return Err(Unfit::Path(path.chars().take(64).collect()));
+        }
+        if parts.method != hyper::Method::CONNECT {
+            // A clone of `Bytes`, not of the text.
+            let mut uri = hyper::Uri::builder();
+            if let Some(target) = &target {
+                uri = uri.path_and_query(target.clone());
+            }
+            parts.uri = uri
+                .build()
+                .map_err(|_| Unfit::Path(path.chars().take(64).collect()))?;
         }
     }
+    Ok(())
 }
 
 /// An endpoint's answer's headers as the client gets them: without those about the
@@ -143,7 +180,7 @@ mod tests {
             ("x-app", b"stays"),
         ]);
         let (mut parts, ()) = req.into_parts();
-        to_upstream(&mut parts, false, false);
+        to_upstream(&mut parts, false, false).unwrap();
         let names: Vec<&str> = parts.headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-app", "host"]);
         assert_eq!(parts.headers[header::HOST], "pay.shop");
@@ -164,6 +201,42 @@ mod tests {
         refuse_h2c_upgrade(&mut h2c);
         assert!(!is_upgrade(&h2c));
         assert!(!h2c.headers().contains_key("http2-settings"));
+    }
+
+    /// The `http` crate refuses a path without '/' (`?a=1`, `evil.com`) in any URI, so the
+    /// one left to refuse is `*` beside any method but OPTIONS.
+    #[test]
+    fn an_http2_request_becomes_http1_or_is_refused() {
+        for (method, path, fits) in [
+            (hyper::Method::GET, "/x?y=1", true),
+            (hyper::Method::OPTIONS, "*", true),
+            (hyper::Method::GET, "*", false),
+        ] {
+            let mut req = Request::builder()
+                .method(method)
+                .uri(path)
+                .version(Version::HTTP_2)
+                .body(())
+                .unwrap();
+            let h = req.headers_mut();
+            h.insert(header::HOST, HeaderValue::from_static("pay.shop"));
+            h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+            h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+            h.append(header::TE, HeaderValue::from_static("trailers"));
+            h.append(header::TE, HeaderValue::from_static("gzip"));
+            let (mut parts, ()) = req.into_parts();
+            let done = to_upstream(&mut parts, false, false);
+            assert_eq!(done.is_ok(), fits, "{path}: {done:?}");
+            if fits {
+                assert_eq!(parts.uri, path);
+                assert_eq!(parts.version, Version::HTTP_11);
+                assert_eq!(parts.headers[header::COOKIE], "a=1; b=2");
+                assert!(
+                    !parts.headers.contains_key(header::TE),
+                    "every te looked at"
+                );
+            }
+        }
     }
 
     #[test]

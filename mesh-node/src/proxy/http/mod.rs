@@ -95,6 +95,13 @@ const MAX_DURATION_DRAIN: std::time::Duration = std::time::Duration::from_secs(1
 /// client may have several requests to one endpoint at once).
 const IDLE_PER_ENDPOINT: usize = 4;
 
+/// How long an upgrade may take to complete on both sides once the endpoint agreed.
+const UPGRADE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a request waits for one of its client connection's upstream connections to end
+/// when all [`MAX_UPSTREAMS`] are busy (idle ones are let go at once).
+const ROOM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Serves one application connection to an HTTP port until it ends.
@@ -124,6 +131,7 @@ pub async fn serve(
         protocol,
         upstreams: Mutex::default(),
         live: Arc::default(),
+        connecting: Mutex::default(),
         spliced: TaskTracker::new(),
     });
     let downstream = conn.clone();
@@ -163,7 +171,12 @@ pub async fn serve(
         }
     };
     // An upgraded connection outlives hyper's: this one (and the pod's limit on outbound
-    // connections, held by the caller) ends with it.
+    // connections, held by the caller) ends with it. The pooled connections do not wait.
+    downstream
+        .upstreams
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
     downstream.spliced.close();
     downstream.spliced.wait().await;
     if let Err(e) = served {
@@ -195,7 +208,10 @@ struct Downstream {
     protocol: AppProtocol,
     upstreams: Mutex<HashMap<SocketAddr, Senders>>,
     /// Upstream connections alive, pooled or not (at most [`MAX_UPSTREAMS`]).
-    live: Arc<AtomicUsize>,
+    live: Arc<LiveCount>,
+    /// HTTP/2 upstreams: one connect at a time per endpoint, so that a burst of requests
+    /// shares the connection the first one makes.
+    connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// Upgraded connections being relayed.
     spliced: TaskTracker,
 }
@@ -316,7 +332,10 @@ impl Downstream {
         let retries = &http.retries;
         let deadline = (!http.request_timeout.is_zero())
             .then(|| tokio::time::Instant::now() + http.request_timeout);
-        let (parts, body) = self.upstream_request(req, upgrade.is_some()).into_parts();
+        let (parts, body) = match self.upstream_request(req, upgrade.is_some()) {
+            Ok(request) => request.into_parts(),
+            Err(unfit) => return mesh_error(StatusCode::BAD_REQUEST, &unfit.to_string()),
+        };
         // A body is kept for another try only when one may happen and it is known to be small
         // enough; any other request is sent once, or tried again only if it was never sent.
         let size = body
@@ -402,8 +421,15 @@ impl Downstream {
                                 .headers()
                                 .get("grpc-status")
                                 .is_some_and(|v| v == "14"));
+                    // hyper's HTTP/2 client tunnels a CONNECT on 200 only.
+                    let h2_upstream = self.protocol != AppProtocol::Http;
                     let switched = status == StatusCode::SWITCHING_PROTOCOLS
-                        || (connect_method && status.is_success());
+                        || (connect_method
+                            && if h2_upstream {
+                                status == StatusCode::OK
+                            } else {
+                                status.is_success()
+                            });
                     if switched {
                         // Only what the client asked for: a 101 it did not ask for would
                         // leave its connection in a state it does not know.
@@ -532,6 +558,14 @@ impl Downstream {
             (a, b) => a.or(b),
         };
         let work = async {
+            // A burst of requests to one HTTP/2 endpoint waits for the first one's connect and
+            // shares its connection; the turn is held until this request has a connection.
+            let h2 = self.protocol != AppProtocol::Http && !keep;
+            let gate = h2.then(|| self.connect_gate(target.addr));
+            let _turn = match &gate {
+                Some(gate) => Some(gate.lock().await),
+                None => None,
+            };
             // An upgrade takes a connection of its own, which becomes the byte stream.
             let pooled = if keep { None } else { self.pooled(target.addr) };
             let (sender, held) = match pooled {
@@ -541,9 +575,9 @@ impl Downstream {
                     // L4 connection does, for as long as it lives.
                     // The client's own cap is this client's doing: not the endpoint's failure,
                     // and not tried elsewhere.
-                    let Some(live) = Live::reserve(&self.live) else {
+                    let Some(live) = self.room().await else {
                         return Attempt::Refused(format!(
-                            "this client connection has {MAX_UPSTREAMS} upstream connections open already"
+                            "this client connection has {MAX_UPSTREAMS} upstream connections busy"
                         ));
                     };
                     let limits = &settings.connection_limits.value;
@@ -558,9 +592,17 @@ impl Downstream {
                         .await;
                     drop(pending);
                     match made {
-                        Ok(s) => {
+                        Ok((sender, held)) => {
                             state.succeeded(&target.peer.key, started.elapsed());
-                            s
+                            // In the pool at once, for the requests waiting on the turn.
+                            if let Sender::H2(s) = &sender {
+                                let shared = Pooled {
+                                    conn: s.conn.clone(),
+                                    until: s.until,
+                                };
+                                self.keep(target.addr, Sender::H2(shared));
+                            }
+                            (sender, held)
                         }
                         Err(e) => {
                             tracing::info!(
@@ -599,10 +641,43 @@ impl Downstream {
     }
 
     /// The request as the endpoint's protocol wants it.
-    fn upstream_request(&self, req: Request<Incoming>, upgrade: bool) -> Request<Body> {
+    fn upstream_request(
+        &self,
+        req: Request<Incoming>,
+        upgrade: bool,
+    ) -> Result<Request<Body>, headers::Unfit> {
         let (mut parts, body) = req.into_parts();
-        headers::to_upstream(&mut parts, upgrade, self.protocol != AppProtocol::Http);
-        Request::from_parts(parts, body.boxed())
+        headers::to_upstream(&mut parts, upgrade, self.protocol != AppProtocol::Http)?;
+        Ok(Request::from_parts(parts, body.boxed()))
+    }
+
+    /// The connect turn of the HTTP/2 endpoint at `addr`.
+    fn connect_gate(&self, addr: SocketAddr) -> Arc<tokio::sync::Mutex<()>> {
+        let mut all = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(addr).or_default().clone()
+    }
+
+    /// Room for one more upstream connection: at once if there is; else the idle ones are
+    /// let go (a client that went through many endpoints keeps connections to each) and the
+    /// request waits, at most [`ROOM_WAIT`], for one to end.
+    async fn room(&self) -> Option<Live> {
+        if let Some(live) = Live::reserve(&self.live) {
+            return Some(live);
+        }
+        self.upstreams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let give_up = tokio::time::Instant::now() + ROOM_WAIT;
+        loop {
+            let freed = self.live.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(live) = Live::reserve(&self.live) {
+                return Some(live);
+            }
+            tokio::time::timeout_at(give_up, freed).await.ok()?;
+        }
     }
 
     /// A pooled connection to `addr` that can take a request now. Connections past their
@@ -889,24 +964,34 @@ impl Held {
     }
 }
 
+/// The upstream connections of one client connection alive (or being made), and a wake-up
+/// when one ends.
+#[derive(Default)]
+struct LiveCount {
+    n: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
 /// Counts an upstream connection of one client connection while it lives (or is being made).
-struct Live(Arc<AtomicUsize>);
+struct Live(Arc<LiveCount>);
 
 impl Live {
     /// One of [`MAX_UPSTREAMS`], taken before the connect so that requests at once cannot
     /// all pass the check.
-    fn reserve(live: &Arc<AtomicUsize>) -> Option<Self> {
-        live.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            (n < MAX_UPSTREAMS).then_some(n + 1)
-        })
-        .ok()
-        .map(|_| Self(live.clone()))
+    fn reserve(live: &Arc<LiveCount>) -> Option<Self> {
+        live.n
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_UPSTREAMS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(live.clone()))
     }
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.n.fetch_sub(1, Ordering::Relaxed);
+        self.0.freed.notify_waiters();
     }
 }
 
@@ -952,20 +1037,33 @@ async fn splice(
     mut held: Box<Held>,
     _load: Slot,
 ) {
-    let (Ok(client), Ok(server)) = (client.await, server.await) else {
-        held.conn.fail(FailReason::Reset);
-        return;
+    let closed = held.closed();
+    tokio::pin!(closed);
+    // The switch completes once both sides' messages are done; a policy change, a withdrawn
+    // root or expiry applies while it waits too, and so does a bound.
+    let switched = tokio::time::timeout(UPGRADE_WAIT, async { tokio::join!(client, server) });
+    let (client, server) = tokio::select! {
+        done = switched => match done {
+            Ok((Ok(client), Ok(server))) => (client, server),
+            _ => {
+                held.conn.fail(FailReason::Reset);
+                return;
+            }
+        },
+        reason = &mut closed => {
+            held.conn.fail(reason);
+            return;
+        }
     };
     let mut client = TokioIo::new(client);
     let mut server = TokioIo::new(server);
-    let closed = held.closed();
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {
             if copied.is_err() {
                 held.conn.fail(FailReason::Reset);
             }
         }
-        reason = closed => held.conn.fail(reason),
+        reason = &mut closed => held.conn.fail(reason),
     }
 }
 
