@@ -509,6 +509,10 @@ fn request_metrics_give_each_pair_its_quantiles_and_success_rate_on_the_dashboar
         "{fast}"
     );
     assert_eq!(slow["by_status"]["200"], 100, "{slow}");
+    // Four at a time over one connection were answered together: one at a time, each would
+    // wait for three others (p50 near 4 × 50 ms).
+    let slow_p50 = slow["p50_us"].as_u64().unwrap_or(u64::MAX);
+    assert!(slow_p50 < 150_000, "requests waited for each other: {slow}");
 
     let e = Exposition::parse(&n1.metrics_text().expect("metrics")).expect("exposition");
     let requests = |dst: &str, code: &str| {

@@ -562,7 +562,7 @@ impl Downstream {
             // shares its connection; the turn is held until this request has a connection.
             let h2 = self.protocol != AppProtocol::Http && !keep;
             let gate = h2.then(|| self.connect_gate(target.addr));
-            let _turn = match &gate {
+            let turn = match &gate {
                 Some(gate) => Some(gate.lock().await),
                 None => None,
             };
@@ -624,6 +624,8 @@ impl Downstream {
                     }
                 }
             };
+            // Not while the request is answered: requests share the connection.
+            drop(turn);
             match self.send(target.addr, sender, request, !keep).await {
                 Ok(response) => Attempt::Answered(response, held),
                 Err(Failed::NotSent(request, why)) => Attempt::NotSent(request, why),
