@@ -76,8 +76,16 @@ pub struct RequestMetrics {
     headers: HistogramVec,
     duration: HistogramVec,
     /// The series of each (pair, method, code) seen, looked up once.
-    series: Mutex<HashMap<(Pair, usize, usize), Arc<Series>>>,
+    /// By pair, then by (method, code): a request's lookup borrows its pair rather than
+    /// copying its ten strings into a key.
+    series: Mutex<HashMap<Pair, OfPair>>,
 }
+
+/// A request's (method, code) label indexes.
+type Class = (usize, usize);
+
+/// One pair's series, by class: a handful, so a list.
+type OfPair = Vec<(Class, Arc<Series>)>;
 
 struct Series {
     requests: IntCounter,
@@ -184,7 +192,10 @@ impl RequestMetrics {
 
     fn series(&self, pair: &Pair, method: usize, code: usize) -> Arc<Series> {
         let mut all = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = all.get(&(pair.clone(), method, code)) {
+        let known = all
+            .get(pair)
+            .and_then(|of_pair| of_pair.iter().find(|(k, _)| *k == (method, code)));
+        if let Some((_, s)) = known {
             return s.clone();
         }
         let mut labels = pair.labels(Reporter::Source, self.pod_labels);
@@ -196,7 +207,9 @@ impl RequestMetrics {
             headers: self.headers.with_label_values(&values),
             duration: self.duration.with_label_values(&values),
         });
-        all.insert((pair.clone(), method, code), s.clone());
+        all.entry(pair.clone())
+            .or_default()
+            .push(((method, code), s.clone()));
         s
     }
 }
