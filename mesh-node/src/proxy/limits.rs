@@ -123,6 +123,8 @@ pub struct PodLoad {
     /// Of `handshakes`, those from strangers.
     stranger_handshakes: AtomicU32,
     outbound: AtomicU32,
+    /// Bytes of this pod's request bodies kept for retries (`traffic::budget::KeptBodies`).
+    pub kept_body_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl PodLoad {

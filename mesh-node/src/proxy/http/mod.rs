@@ -342,11 +342,15 @@ impl Downstream {
             .size_hint()
             .upper()
             .filter(|n| *n <= u64::from(retries.max_body_bytes));
-        // Room in the node's budget for kept bodies, held until the request is answered.
+        // Room in the pod's share and the node's budget for kept bodies, held until the
+        // request is answered.
         let room = match size {
-            Some(n) if retries.attempts > 0 && upgrade.is_none() => usize::try_from(n)
-                .ok()
-                .and_then(|n| ctx.shared.traffic.kept_bodies.take(n)),
+            Some(n) if retries.attempts > 0 && upgrade.is_none() => {
+                usize::try_from(n).ok().and_then(|n| {
+                    let pod = &ctx.load.kept_body_bytes;
+                    ctx.shared.traffic.kept_bodies.take(n, pod)
+                })
+            }
             _ => None,
         };
         let replay = room.is_some();

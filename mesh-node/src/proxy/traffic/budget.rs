@@ -24,31 +24,44 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 /// sent once, not kept: a stranger's uploads cannot make the node hold more than this.
 pub const KEPT_BODIES_BYTES: usize = 64 * 1024 * 1024;
 
+/// One pod's share of [`KEPT_BODIES_BYTES`]: a pod that stalls its uploads cannot turn off
+/// retries for the others.
+pub const KEPT_BODIES_PER_POD: usize = 8 * 1024 * 1024;
+
 /// The bytes of request bodies kept for another try, node-wide.
 #[derive(Debug, Default)]
 pub struct KeptBodies {
     used: Arc<AtomicUsize>,
 }
 
-/// `n` bytes of the budget, given back on drop.
+/// `n` bytes of a count, given back on drop.
 #[derive(Debug)]
 pub struct Kept {
     used: Arc<AtomicUsize>,
     n: usize,
 }
 
+impl Kept {
+    /// `n` of `used`, if that stays within `limit`.
+    fn take(used: &Arc<AtomicUsize>, n: usize, limit: usize) -> Option<Self> {
+        used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+            u.checked_add(n).filter(|t| *t <= limit)
+        })
+        .ok()
+        .map(|_| Self {
+            used: used.clone(),
+            n,
+        })
+    }
+}
+
 impl KeptBodies {
-    /// Room for a body of `n` bytes, if the node has it.
-    pub fn take(&self, n: usize) -> Option<Kept> {
-        self.used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                used.checked_add(n).filter(|t| *t <= KEPT_BODIES_BYTES)
-            })
-            .ok()
-            .map(|_| Kept {
-                used: self.used.clone(),
-                n,
-            })
+    /// Room for a body of `n` bytes from the pod whose kept bytes are `pod`, if the pod's
+    /// share and the node have it; both are given back when the pair drops.
+    pub fn take(&self, n: usize, pod: &Arc<AtomicUsize>) -> Option<(Kept, Kept)> {
+        let of_pod = Kept::take(pod, n, KEPT_BODIES_PER_POD)?;
+        let of_node = Kept::take(&self.used, n, KEPT_BODIES_BYTES)?;
+        Some((of_pod, of_node))
     }
 }
 
@@ -192,14 +205,22 @@ mod tests {
     }
 
     #[test]
-    fn kept_bodies_stop_at_the_node_budget_and_come_back() {
+    fn kept_bodies_stop_at_the_pods_share_and_the_node_budget_and_come_back() {
         let kept = KeptBodies::default();
-        let a = kept.take(KEPT_BODIES_BYTES - 10).unwrap();
-        assert!(kept.take(11).is_none());
-        let b = kept.take(10).unwrap();
-        assert!(kept.take(1).is_none());
-        drop((a, b));
-        assert!(kept.take(KEPT_BODIES_BYTES).is_some());
-        assert!(kept.take(usize::MAX).is_none());
+        let pods: Vec<Arc<AtomicUsize>> = (0..9).map(|_| Arc::default()).collect();
+        // One pod alone stops at its share, and leaves the rest to the others.
+        let greedy = kept.take(KEPT_BODIES_PER_POD, &pods[0]).unwrap();
+        assert!(kept.take(1, &pods[0]).is_none());
+        let others: Vec<_> = pods[1..8]
+            .iter()
+            .map(|p| kept.take(KEPT_BODIES_PER_POD, p).unwrap())
+            .collect();
+        // The node is full: a ninth pod gets nothing, and its share is untouched.
+        assert!(kept.take(1, &pods[8]).is_none());
+        assert_eq!(pods[8].load(Ordering::Relaxed), 0);
+        drop((greedy, others));
+        assert!(kept.take(KEPT_BODIES_PER_POD, &pods[8]).is_some());
+        assert!(kept.take(usize::MAX, &pods[8]).is_none());
+        assert_eq!(pods[8].load(Ordering::Relaxed), 0);
     }
 }
