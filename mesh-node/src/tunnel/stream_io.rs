@@ -93,8 +93,7 @@ impl AsyncRead for SessionIo {
         loop {
             let received = this.session.received();
             if !received.is_empty() {
-                let n = received.len().min(buf.remaining());
-                buf.put_slice(&received[..n]);
+                let n = fill(buf, received);
                 this.session.consume(n);
                 return Poll::Ready(Ok(()));
             }
@@ -163,6 +162,13 @@ impl AsyncWrite for SessionIo {
     }
 }
 
+/// Copies as much of `pending` (bytes already in hand) as `buf` has room for; how much.
+fn fill(buf: &mut ReadBuf<'_>, pending: &[u8]) -> usize {
+    let n = pending.len().min(buf.remaining());
+    buf.put_slice(&pending[..n]);
+    n
+}
+
 /// A QUIC tunnel stream as a stream: what arrived with the header first.
 pub struct QuicIo {
     stream: Box<TunnelStream>,
@@ -183,8 +189,7 @@ impl AsyncRead for QuicIo {
         let this = self.get_mut();
         let early = &mut this.stream.early;
         if !early.is_empty() {
-            let n = early.len().min(buf.remaining());
-            buf.put_slice(&early[..n]);
+            let n = fill(buf, early);
             early.drain(..n);
             return Poll::Ready(Ok(()));
         }
