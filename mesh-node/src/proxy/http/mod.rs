@@ -248,16 +248,16 @@ impl Downstream {
     /// when it ends without one (the client went away: this future is dropped).
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Reported> {
         let ctx = &*self.pod;
-        let mut pair = ctx
-            .shared
-            .directory()
+        // One view of the mesh for the whole request: its report and its routing.
+        let dir = ctx.shared.directory();
+        let mut pair = dir
             .peer(&ctx.workload)
             .map(|me| Pair::default().with_source(me))
             .unwrap_or_default();
         pair.destination_service.clone_from(&self.service);
         let mut record = ctx.shared.request_metrics.start(pair, self.app, &req);
         let mut load = None;
-        let response = self.forward(req, &mut record, &mut load).await;
+        let response = self.forward(&dir, req, &mut record, &mut load).await;
         let why = response
             .headers()
             .get(MESH_ERROR)
@@ -276,12 +276,12 @@ impl Downstream {
     /// response: a streaming response is load for as long as it streams.
     async fn forward(
         self: &Arc<Self>,
+        dir: &Arc<Directory>,
         mut req: Request<Incoming>,
         record: &mut RequestRecord,
         load: &mut Option<Slot>,
     ) -> Response<Body> {
         let ctx = &*self.pod;
-        let dir = ctx.shared.directory();
         let Route::Service(port) = dir.route(self.dst) else {
             return mesh_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -402,7 +402,7 @@ impl Downstream {
             };
             let keep = upgrade.is_some();
             let attempt = self.attempt(
-                (&dir, &state, &settings),
+                (dir, &state, &settings),
                 target,
                 request,
                 (deadline, endpoints, keep),
