@@ -616,17 +616,8 @@ mod tests {
     }
 
     fn value(registry: &Registry, name: &str, reporter: &str) -> f64 {
-        registry
-            .gather()
+        crate::metrics::samples(registry, name, &[("reporter", reporter)])
             .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                m.get_label()
-                    .iter()
-                    .any(|l| l.name() == "reporter" && l.value() == reporter)
-            })
-            .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
             .sum()
     }
 

@@ -93,5 +93,29 @@ impl Metrics {
     }
 }
 
+/// For tests: the value of each series of `name` whose labels include `want` (a counter's or
+/// a gauge's; a histogram's count of observations).
+#[cfg(test)]
+pub(crate) fn samples(registry: &Registry, name: &str, want: &[(&str, &str)]) -> Vec<f64> {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            want.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| {
+            m.get_counter().get_value()
+                + m.get_gauge().get_value()
+                + m.get_histogram().get_sample_count() as f64
+        })
+        .collect()
+}
+
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -356,26 +356,6 @@ mod tests {
         }
     }
 
-    fn sample(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
-        registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .map(|m| {
-                let h = m.get_histogram();
-                m.get_counter().get_value() + h.get_sample_count() as f64
-            })
-            .collect()
-    }
-
     #[test]
     fn buckets_span_100us_to_30s_in_steps_of_at_most_1_6() {
         let b = buckets();
@@ -406,7 +386,7 @@ mod tests {
         drop(m.start(pair(), client, &brew));
         let total = "mycel_http_requests_total";
         assert_eq!(
-            sample(
+            crate::metrics::samples(
                 &registry,
                 total,
                 &[
@@ -418,7 +398,7 @@ mod tests {
             [1.0]
         );
         assert_eq!(
-            sample(
+            crate::metrics::samples(
                 &registry,
                 total,
                 &[("method", "other"), ("code", "cancelled")]
@@ -426,7 +406,7 @@ mod tests {
             [1.0]
         );
         assert_eq!(
-            sample(
+            crate::metrics::samples(
                 &registry,
                 "mycel_http_response_headers_seconds",
                 &[("code", "5xx")]
@@ -435,7 +415,7 @@ mod tests {
         );
         // No headers went out for the cancelled one; its duration still counts.
         assert_eq!(
-            sample(
+            crate::metrics::samples(
                 &registry,
                 "mycel_http_response_headers_seconds",
                 &[("code", "cancelled")]
@@ -443,7 +423,7 @@ mod tests {
             [0.0]
         );
         assert_eq!(
-            sample(
+            crate::metrics::samples(
                 &registry,
                 "mycel_http_request_duration_seconds",
                 &[("code", "cancelled")]

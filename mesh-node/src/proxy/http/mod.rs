@@ -1238,13 +1238,8 @@ mod tests {
         let metrics =
             RequestMetrics::register(&registry, Arc::new(AccessLog::off()), false).unwrap();
         let counted = || -> u64 {
-            registry
-                .gather()
-                .iter()
-                .filter(|f| f.name() == "mycel_http_requests_total")
-                .flat_map(|f| f.get_metric().iter())
-                .map(|m| m.get_counter().get_value() as u64)
-                .sum()
+            let all = crate::metrics::samples(&registry, "mycel_http_requests_total", &[]);
+            all.iter().sum::<f64>() as u64
         };
         let load = Arc::new(AtomicU32::new(0));
         let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
