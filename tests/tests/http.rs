@@ -40,10 +40,9 @@ fn serve(pod: &Pod) -> Server {
     .expect("mesh-http server")
 }
 
-/// `mesh-http ARGS` in the client pod; its JSON line.
-fn client(topo: &Topology, args: &[&str]) -> serde_json::Value {
-    let child = topo
-        .pod("client")
+/// `mesh-http ARGS` started in `pod`, its JSON line to come (`app::finish_json`).
+fn start(topo: &Topology, pod: &str, args: &[&str]) -> std::process::Child {
+    topo.pod(pod)
         .spawn(
             http_bin()
                 .args(args)
@@ -51,8 +50,22 @@ fn client(topo: &Topology, args: &[&str]) -> serde_json::Value {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
         )
-        .expect("mesh-http client");
+        .expect("mesh-http client")
+}
+
+/// `mesh-http ARGS` in the client pod; its JSON line.
+fn client(topo: &Topology, args: &[&str]) -> serde_json::Value {
+    let child = start(topo, "client", args);
     app::finish_json(child, T, &format!("mesh-http {args:?}"))
+}
+
+/// The reason of the one kind of answer the mesh gave itself in a client's run (empty if
+/// none).
+fn mesh_error(out: &serde_json::Value) -> String {
+    out["by_mesh_error"]
+        .as_object()
+        .and_then(|o| o.keys().next().cloned())
+        .unwrap_or_default()
 }
 
 /// Ports 80 (http), 81 (h2c) and 82 (bytes) to PORT, for `app`.
@@ -236,10 +249,7 @@ fn split_balance_and_answer(transport: &str) {
     let empty = format!("{EMPTY_VIP}:80");
     let out = client(&topo, &["get", "--addr", &empty, "--count", "1"]);
     assert_eq!(out["by_status"]["503"], 1, "{out}");
-    let why = out["by_mesh_error"]
-        .as_object()
-        .and_then(|o| o.keys().next().cloned())
-        .unwrap_or_default();
+    let why = mesh_error(&out);
     assert!(why.contains("no endpoint of default/empty"), "{out}");
 
     // An upgraded connection carries bytes both ways.
@@ -296,16 +306,7 @@ fn traffic_policy(name: &str, service: &str, http: &str) -> String {
 fn answered(topo: &Topology, pod: &str) -> u64 {
     let addr = format!("127.0.0.1:{PORT}");
     let args = ["get", "--addr", &addr, "--path", "/count", "--count", "1"];
-    let child = topo
-        .pod(pod)
-        .spawn(
-            http_bin()
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )
-        .expect("mesh-http client");
+    let child = start(topo, pod, &args);
     let out = app::finish_json(child, T, &format!("mesh-http {args:?} in {pod}"));
     let body = out["by_body"]
         .as_object()
@@ -441,10 +442,7 @@ fn retries_hide_a_flaky_endpoint_the_budget_holds_and_timeouts_answer_504() {
         (1_000_000..=1_100_000).contains(&took),
         "504 after {took} µs for a 1 s timeout"
     );
-    let why = stall["by_mesh_error"]
-        .as_object()
-        .and_then(|o| o.keys().next().cloned())
-        .unwrap_or_default();
+    let why = mesh_error(&stall);
     assert!(why.contains("within requestTimeout 1s"), "{stall}");
     drop((n1, n2, cp));
 }
@@ -641,6 +639,45 @@ fn request_metrics_give_each_pair_its_quantiles_and_success_rate_on_the_dashboar
     drop((n1, n2, cp));
 }
 
+/// A client (n1) and one `pay` endpoint (p1, serving; n2), with `extra` config documents,
+/// over TLS tunnels. Dropped in field order: the daemons, the control plane, the server,
+/// then the topology.
+struct OneEndpoint {
+    n1: MeshNode,
+    n2: MeshNode,
+    cp: ControlPlane,
+    _server: Server,
+    topo: Topology,
+}
+
+fn one_endpoint(tag: &str, extra: &[&str]) -> OneEndpoint {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["client"]),
+        NodeSpec::new("n2", &["p1"]),
+    ])
+    .expect("topology");
+    let mut docs = vec![
+        workload_yaml(topo.pod("client"), "client"),
+        workload_yaml(topo.pod("p1"), "pay"),
+        service("pay", VIP, "pay"),
+        mesh_config_yaml("tls", ""),
+    ];
+    docs.extend(extra.iter().map(|d| (*d).to_owned()));
+    let yaml = docs.join("---\n");
+    let server = serve(topo.pod("p1"));
+    let name = format!("{}-{tag}", topo.prefix);
+    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
+    let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+    OneEndpoint {
+        n1,
+        n2,
+        cp,
+        _server: server,
+        topo,
+    }
+}
+
 /// A deny reaches what HTTP connections already carry: a kept-alive HTTP/1.1 client and a
 /// WebSocket-style upgraded connection, both open when the policy arrives. The upstream
 /// connections under them are closed by the destination's node (as any connection a policy
@@ -648,36 +685,10 @@ fn request_metrics_give_each_pair_its_quantiles_and_success_rate_on_the_dashboar
 /// not one request after the first refusal is answered by the server.
 #[test]
 fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
-    let mut topo = Topology::new(&[
-        NodeSpec::new("n1", &["client"]),
-        NodeSpec::new("n2", &["p1"]),
-    ])
-    .expect("topology");
-    let docs = [
-        workload_yaml(topo.pod("client"), "client"),
-        workload_yaml(topo.pod("p1"), "pay"),
-        service("pay", VIP, "pay"),
-        mesh_config_yaml("tls", ""),
-    ];
-    let yaml = docs.join("---\n");
-    let _server = serve(topo.pod("p1"));
-    let name = format!("{}-deny", topo.prefix);
-    let mut cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
-    let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
-    let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+    let mut m = one_endpoint("deny", &[]);
 
     let by_vip = format!("{VIP}:80");
-    let spawn = |args: &[&str]| {
-        topo.pod("client")
-            .spawn(
-                http_bin()
-                    .args(args)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped()),
-            )
-            .expect("mesh-http client")
-    };
+    let spawn = |args: &[&str]| start(&m.topo, "client", args);
     // Eight seconds of each, a request or a line every 100 ms.
     let kept = spawn(&[
         "get",
@@ -699,12 +710,12 @@ fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
     ]);
     std::thread::sleep(Duration::from_secs(2));
     let deny = "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: no-client, namespace: default }\nspec: { selector: { matchLabels: { app: pay } }, action: Deny, rules: [{ sourceIdentities: ['spiffe://cluster.local/ns/default/sa/client'] }] }\n";
-    cp.apply("deny.yaml", deny, &["n1", "n2"])
+    m.cp.apply("deny.yaml", deny, &["n1", "n2"])
         .expect("the deny applied");
-    let answered_at_deny = answered(&topo, "p1");
+    let answered_at_deny = answered(&m.topo, "p1");
     let kept = app::finish_json(kept, T, "kept-alive client");
     let upgraded = app::finish_json(upgraded, T, "upgraded client");
-    let answered_after = answered(&topo, "p1");
+    let answered_after = answered(&m.topo, "p1");
     println!("kept alive: {kept}\nupgraded: {upgraded}\nthe server answered {answered_at_deny} by the deny and {answered_after} in all");
 
     let ok = kept["by_status"]["200"].as_u64().unwrap_or(0);
@@ -716,10 +727,7 @@ fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
         "once refused, never answered again: {kept}"
     );
     assert_eq!(kept["by_status"]["503"].as_u64(), Some(80 - ok), "{kept}");
-    let why = kept["by_mesh_error"]
-        .as_object()
-        .and_then(|o| o.keys().next().cloned())
-        .unwrap_or_default();
+    let why = mesh_error(&kept);
     assert!(why.contains("refused"), "{kept}");
     // The destination's policy and rule names stay in the nodes' logs.
     assert!(!why.contains("no-client"), "{kept}");
@@ -735,7 +743,7 @@ fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
         (10..80).contains(&lines) && upgraded["ended_by"] != "done",
         "the upgraded connection carried lines, then was closed: {upgraded}"
     );
-    let e = Exposition::parse(&n2.metrics_text().expect("metrics")).expect("exposition");
+    let e = Exposition::parse(&m.n2.metrics_text().expect("metrics")).expect("exposition");
     let closed = e.sum(
         "mycel_tcp_connections_failed_total",
         &[("reporter", "destination"), ("reason", "closed_by_policy")],
@@ -744,7 +752,6 @@ fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
         closed >= 2.0,
         "n2 closed both upstream connections: {closed}"
     );
-    drop((n1, n2, cp));
 }
 
 /// An upgraded connection holds its upstream connection, and so its slot of the Service's
@@ -752,58 +759,32 @@ fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
 /// open gets the mesh's 503 saying so, and one after it ended is answered.
 #[test]
 fn an_upgraded_connection_counts_against_the_connection_limit() {
-    let mut topo = Topology::new(&[
-        NodeSpec::new("n1", &["client"]),
-        NodeSpec::new("n2", &["p1"]),
-    ])
-    .expect("topology");
-    let docs = [
-        workload_yaml(topo.pod("client"), "client"),
-        workload_yaml(topo.pod("p1"), "pay"),
-        service("pay", VIP, "pay"),
-        "apiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: one, namespace: default }\nspec: { services: [pay], connectionLimits: { maxConnections: 1 } }\n".to_owned(),
-        mesh_config_yaml("tls", ""),
-    ];
-    let yaml = docs.join("---\n");
-    let _server = serve(topo.pod("p1"));
-    let name = format!("{}-limit", topo.prefix);
-    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
-    let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
-    let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+    let m = one_endpoint("limit", &["apiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: one, namespace: default }\nspec: { services: [pay], connectionLimits: { maxConnections: 1 } }\n"]);
 
     let by_vip = format!("{VIP}:80");
-    let upgraded = topo
-        .pod("client")
-        .spawn(
-            http_bin()
-                .args([
-                    "upgrade",
-                    "--addr",
-                    &by_vip,
-                    "--lines",
-                    "30",
-                    "--interval-ms",
-                    "100",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )
-        .expect("mesh-http upgrade");
+    let upgraded = start(
+        &m.topo,
+        "client",
+        &[
+            "upgrade",
+            "--addr",
+            &by_vip,
+            "--lines",
+            "30",
+            "--interval-ms",
+            "100",
+        ],
+    );
     std::thread::sleep(Duration::from_secs(1));
-    let during = client(&topo, &["get", "--addr", &by_vip, "--count", "1"]);
+    let during = client(&m.topo, &["get", "--addr", &by_vip, "--count", "1"]);
     let upgraded = app::finish_json(upgraded, T, "upgraded client");
-    let after = client(&topo, &["get", "--addr", &by_vip, "--count", "1"]);
+    let after = client(&m.topo, &["get", "--addr", &by_vip, "--count", "1"]);
     println!("while upgraded: {during}\nupgraded: {upgraded}\nafter: {after}");
     assert_eq!(upgraded["lines_echoed"], 30, "{upgraded}");
     assert_eq!(during["by_status"]["503"], 1, "{during}");
-    let why = during["by_mesh_error"]
-        .as_object()
-        .and_then(|o| o.keys().next().cloned())
-        .unwrap_or_default();
+    let why = mesh_error(&during);
     assert!(why.contains("connectionLimits"), "{during}");
     assert_eq!(after["by_status"]["200"], 1, "{after}");
-    drop((n1, n2, cp));
 }
 
 /// `maxConnectionDuration` and `idleTimeout` apply to the upstream connections an HTTP port's
@@ -813,26 +794,9 @@ fn an_upgraded_connection_counts_against_the_connection_limit() {
 /// one left idle is closed, and counted so, and the next request gets a new one.
 #[test]
 fn upstream_connections_expire_without_failing_a_request() {
-    let mut topo = Topology::new(&[
-        NodeSpec::new("n1", &["client"]),
-        NodeSpec::new("n2", &["p1"]),
-    ])
-    .expect("topology");
-    let docs = [
-        workload_yaml(topo.pod("client"), "client"),
-        workload_yaml(topo.pod("p1"), "pay"),
-        service("pay", VIP, "pay"),
-        "apiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: expire, namespace: default }\nspec: { services: [pay], idleTimeout: 1s, maxConnectionDuration: 2s }\n".to_owned(),
-        mesh_config_yaml("tls", ""),
-    ];
-    let yaml = docs.join("---\n");
-    let _server = serve(topo.pod("p1"));
-    let name = format!("{}-expire", topo.prefix);
-    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
-    let n1 = MeshNode::join(&mut topo, "n1", &cp, 1).expect("mesh-node n1");
-    let n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+    let m = one_endpoint("expire", &["apiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: expire, namespace: default }\nspec: { services: [pay], idleTimeout: 1s, maxConnectionDuration: 2s }\n"]);
     let counts = || {
-        let e = Exposition::parse(&n1.metrics_text().expect("metrics")).expect("exposition");
+        let e = Exposition::parse(&m.n1.metrics_text().expect("metrics")).expect("exposition");
         let client = [("reporter", "source"), ("source_workload", "client")];
         let failed = |reason: &str| {
             let mut labels = client.to_vec();
@@ -848,7 +812,7 @@ fn upstream_connections_expire_without_failing_a_request() {
 
     let by_vip = format!("{VIP}:80");
     let busy = client(
-        &topo,
+        &m.topo,
         &[
             "get",
             "--addr",
@@ -869,7 +833,7 @@ fn upstream_connections_expire_without_failing_a_request() {
     assert_eq!((max_cut, idle_cut), (0.0, 0.0), "none was cut");
 
     let sparse = client(
-        &topo,
+        &m.topo,
         &[
             "get",
             "--addr",
@@ -889,5 +853,4 @@ fn upstream_connections_expire_without_failing_a_request() {
         "a new connection after the idle one was closed"
     );
     assert_eq!((max_cut, idle_cut), (0.0, 1.0));
-    drop((n1, n2, cp));
 }
