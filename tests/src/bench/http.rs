@@ -134,12 +134,11 @@ fn run(
     }
     // A run far slower than direct's pace still ends; one that hangs does not hold the bench.
     let timeout = Duration::from_secs_f64(seconds * 20.0 + 30.0);
-    let out = topo.pod(client).run(&mut cmd, timeout)?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "mesh-http get {addr}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    serde_json::from_slice(&out.stdout).map_err(io::Error::other)
+    super::json_of(
+        topo,
+        client,
+        &mut cmd,
+        timeout,
+        &format!("mesh-http get {addr}"),
+    )
 }

@@ -683,12 +683,22 @@ fn run_client(
         cmd.arg("--tls").arg(tls_dir);
     }
     let timeout = Duration::from_secs_f64(o.seconds * 4.0 + 30.0);
-    let out = topo.pod(setup.client).run(&mut cmd, timeout)?;
+    let what = format!("{} {}", metric.name, setup.name);
+    json_of(topo, setup.client, &mut cmd, timeout, &what)
+}
+
+/// Runs `cmd` in `pod` within `timeout`; the JSON it printed, or its error named `what`.
+fn json_of(
+    topo: &Topology,
+    pod: &str,
+    cmd: &mut Command,
+    timeout: Duration,
+    what: &str,
+) -> io::Result<Value> {
+    let out = topo.pod(pod).run(cmd, timeout)?;
     if !out.status.success() {
         return Err(io::Error::other(format!(
-            "{} {}: {}",
-            metric.name,
-            setup.name,
+            "{what}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
