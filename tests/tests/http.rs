@@ -754,6 +754,54 @@ fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
     );
 }
 
+/// A deny on the node where both ends live reaches HTTP/2 streams already on their way: the
+/// node closes its upstream connection to the endpoint, with the streams on it (hyper runs an
+/// HTTP/2 connection's I/O in a task of its own, which outlived the request side's driver
+/// before), so no answer that was still to come gets through.
+#[test]
+fn a_same_node_deny_cuts_http2_streams_in_flight() {
+    let mut topo = Topology::new(&[NodeSpec::new("n1", &["client", "p1"])]).expect("topology");
+    let yaml = [
+        workload_yaml(topo.pod("client"), "client"),
+        workload_yaml(topo.pod("p1"), "pay"),
+        service("pay", VIP, "pay"),
+        mesh_config_yaml("tls", ""),
+    ]
+    .join("---\n");
+    let _server = serve(topo.pod("p1"));
+    let name = format!("{}-h2deny", topo.prefix);
+    let mut cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let _n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
+
+    // Two streams answered after 8 s, opened before the deny.
+    let by_vip = format!("{VIP}:81");
+    let args = [
+        "get",
+        "--addr",
+        &by_vip,
+        "--h2",
+        "--path",
+        "/delay/8000",
+        "--count",
+        "2",
+        "--concurrency",
+        "2",
+    ];
+    let streams = start(&topo, "client", &args);
+    std::thread::sleep(Duration::from_secs(2));
+    let deny = "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: no-client, namespace: default }\nspec: { selector: { matchLabels: { app: pay } }, action: Deny, rules: [{ sourceIdentities: ['spiffe://cluster.local/ns/default/sa/client'] }] }\n";
+    cp.apply("deny.yaml", deny, &["n1"])
+        .expect("the deny applied");
+    let out = app::finish_json(streams, T, "h2c client");
+    println!("{out}");
+    assert_eq!(out["requests"], 2, "{out}");
+    assert_eq!(
+        out["by_status"]["200"].as_u64().unwrap_or(0),
+        0,
+        "an answer came through after the deny: {out}"
+    );
+}
+
 /// An upgraded connection holds its upstream connection, and so its slot of the Service's
 /// `connectionLimits`, for as long as it lasts: with `maxConnections: 1` a request while it is
 /// open gets the mesh's 503 saying so, and one after it ended is answered.

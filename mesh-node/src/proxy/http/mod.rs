@@ -39,7 +39,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_model::{spec::RetryOn, traffic::Effective, AppProtocol};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFutureOwned},
+    task::TaskTracker,
+};
 
 use super::{
     authz::OpenGuard,
@@ -846,10 +849,12 @@ impl Downstream {
             Some((report, _)) => conn.traffic.clone().and(&report.traffic.swapped()),
             None => conn.traffic.clone(),
         };
+        let severed = CancellationToken::new();
         let counted = Counted {
             io,
             sent: traffic.from_app,
             received: traffic.to_app,
+            cut: Box::pin(severed.clone().cancelled_owned()),
         };
         let io = TokioIo::new(counted);
         let handshake_failed = |e: hyper::Error| SendError::Http {
@@ -914,6 +919,10 @@ impl Downstream {
                 reason = closed => Some(reason),
             };
             if let Some(reason) = reason {
+                // Requests still on it go with it (an HTTP/2 connection's I/O outlives
+                // `driver`); once its driver ended by itself, responses still streaming
+                // are let finish.
+                severed.cancel();
                 held.conn.fail(reason);
             }
         });
@@ -1118,6 +1127,26 @@ struct Counted {
     io: Box<dyn Stream>,
     sent: Flow,
     received: Flow,
+    /// Fires when the connection is cut (a policy change, a withdrawn root, an expiry): the
+    /// connection's I/O fails from then on, and whoever waits on it is woken. hyper runs an
+    /// HTTP/2 connection's I/O in a task of its own, which dropping the driver does not end.
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Counted {
+    /// An error once the connection was cut; else `polled`, with this task also woken by a
+    /// cut when it is to wait.
+    fn unless_cut<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: impl FnOnce(&mut Self, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let cut = || io::Error::new(io::ErrorKind::ConnectionAborted, "the connection was cut");
+        if std::future::Future::poll(self.cut.as_mut(), cx).is_ready() {
+            return Poll::Ready(Err(cut()));
+        }
+        polled(self, cx)
+    }
 }
 
 impl AsyncRead for Counted {
@@ -1126,11 +1155,12 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut *this.io).poll_read(cx, buf);
-        this.received.add(buf.filled().len() - before);
-        polled
+        self.get_mut().unless_cut(cx, |this, cx| {
+            let before = buf.filled().len();
+            let polled = Pin::new(&mut *this.io).poll_read(cx, buf);
+            this.received.add(buf.filled().len() - before);
+            polled
+        })
     }
 }
 
@@ -1140,16 +1170,18 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut *this.io).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = &polled {
-            this.sent.add(*n);
-        }
-        polled
+        self.get_mut().unless_cut(cx, |this, cx| {
+            let polled = Pin::new(&mut *this.io).poll_write(cx, data);
+            if let Poll::Ready(Ok(n)) = &polled {
+                this.sent.add(*n);
+            }
+            polled
+        })
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+        self.get_mut()
+            .unless_cut(cx, |this, cx| Pin::new(&mut *this.io).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
