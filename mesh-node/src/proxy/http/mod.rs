@@ -46,7 +46,7 @@ use tokio_util::{
 
 use super::{
     authz::OpenGuard,
-    directory::{Directory, Route, Target},
+    directory::{Backend, Directory, Route, Target},
     inbound,
     labels::PairOf as _,
     outbound::{self, SendError, Upstream},
@@ -136,6 +136,7 @@ pub async fn serve(
         live: Arc::default(),
         connecting: Mutex::default(),
         spliced: TaskTracker::new(),
+        settings: Mutex::default(),
     });
     let downstream = conn.clone();
     let handler = hyper::service::service_fn(move |req| {
@@ -217,6 +218,19 @@ struct Downstream {
     connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// Upgraded connections being relayed.
     spliced: TaskTracker,
+    /// Each backend's settings for this client, as resolved in one view of the mesh.
+    settings: Mutex<Resolved>,
+}
+
+/// The settings of the backends a client's requests went to, in the view they were resolved
+/// in: a request resolves them again only when the view changed. The view is held weakly, so
+/// an idle connection does not keep an old view alive, and an address is never reused while a
+/// weak reference holds it.
+#[derive(Default)]
+struct Resolved {
+    view: std::sync::Weak<Directory>,
+    /// By the backend's address in that view.
+    backends: Vec<(usize, Arc<Effective>)>,
 }
 
 /// Upstream connections to one endpoint.
@@ -304,8 +318,7 @@ impl Downstream {
                 .routed(route, &port.service, &backend.name);
             record.routed(&backend.name);
         }
-        let me = dir.peer(&ctx.workload).map(|p| &**p);
-        let settings = backend.settings_for(me, self.dst.ip());
+        let settings = self.settings(dir, backend);
         let state = ctx.shared.traffic.service(backend);
         let od = &settings.outlier_detection.value;
         let targets = backend.targets(self.dst.ip());
@@ -410,7 +423,7 @@ impl Downstream {
                 request,
                 (deadline, endpoints, keep),
             );
-            let failure = match attempt.await {
+            let failure = match Box::pin(attempt).await {
                 Attempt::Answered(mut response, held) => {
                     let status = response.status();
                     let key = &target.peer.key;
@@ -548,6 +561,25 @@ impl Downstream {
         )
     }
 
+    /// `backend`'s settings for requests of this client in the view `dir`.
+    fn settings(&self, dir: &Arc<Directory>, backend: &Backend) -> Arc<Effective> {
+        let mut resolved = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        if !std::ptr::eq(resolved.view.as_ptr(), Arc::as_ptr(dir)) {
+            *resolved = Resolved {
+                view: Arc::downgrade(dir),
+                backends: Vec::new(),
+            };
+        }
+        let key = std::ptr::from_ref(backend).addr();
+        if let Some((_, settings)) = resolved.backends.iter().find(|(b, _)| *b == key) {
+            return settings.clone();
+        }
+        let me = dir.peer(&self.pod.workload).map(|p| &**p);
+        let settings = Arc::new(backend.settings_for(me, self.dst.ip()));
+        resolved.backends.push((key, settings.clone()));
+        settings
+    }
+
     /// One try of a request on `target`: a pooled or new connection, then the request, under
     /// the per-try timeout and the request's deadline.
     async fn attempt(
@@ -594,9 +626,10 @@ impl Downstream {
                         );
                     };
                     let started = Instant::now();
-                    let made = self
-                        .connect(dir, target, settings, (open, live), keep)
-                        .await;
+                    // Boxed: a connect is rare next to the requests that reuse it, and its
+                    // state would otherwise weigh on every request's future.
+                    let made =
+                        Box::pin(self.connect(dir, target, settings, (open, live), keep)).await;
                     drop(pending);
                     match made {
                         Ok((sender, held)) => {
