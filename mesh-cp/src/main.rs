@@ -164,7 +164,7 @@ fn main() {
     let cli = Cli::parse_for(BINARY);
     mesh_daemon::logging::init(cli.log.log_format);
     let result = match cli.command {
-        Command::Serve(args) => mesh_daemon::runtime::block_on(serve(args)),
+        Command::Serve(args) => mesh_daemon::runtime::block_on(None, serve(args)),
         Command::Token(cmd) => token(cmd),
         Command::Explain(args) => run_explain(args),
     };

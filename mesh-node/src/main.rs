@@ -184,6 +184,10 @@ struct RunArgs {
     /// Turn on the eBPF programs' debug log (aya-log); costly, for troubleshooting only.
     #[arg(long)]
     ebpf_log: bool,
+    /// Threads that run the proxy [default: one per CPU]. Fewer threads wake each other less
+    /// (less CPU per request), more serve more connections at once.
+    #[arg(long, value_parser = clap::value_parser!(std::num::NonZeroUsize))]
+    workers: Option<std::num::NonZeroUsize>,
 }
 
 fn main() {
@@ -198,7 +202,7 @@ fn main() {
     // aya-log forwards the eBPF programs' log records through the `log` facade.
     let _ = tracing_log::LogTracer::init();
     let result = match cli.command {
-        Command::Run(args) => mesh_daemon::runtime::block_on(run(*args)),
+        Command::Run(args) => mesh_daemon::runtime::block_on(args.workers, run(*args)),
         Command::InstallCni(args) => install_cni(&args),
         Command::Uninstall(args) => uninstall(&args),
     };
