@@ -59,6 +59,7 @@ use crate::metrics::{
 use crate::tunnel::stream_io::{QuicIo, SessionIo};
 
 pub mod headers;
+mod inline;
 
 /// The header on every answer the mesh made itself, saying why.
 pub const MESH_ERROR: &str = "x-mycel-proxy-error";
@@ -145,6 +146,8 @@ pub async fn serve(
     });
     let io = TokioIo::new(client);
     let served = match protocol {
+        // Mostly HTTP/1.1, which spawns nothing: measured, running it inside `inline`'s
+        // driver cost it more than it saved.
         AppProtocol::Http => {
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -162,16 +165,17 @@ pub async fn serve(
             builder.serve_connection_with_upgrades(io, handler).await
         }
         AppProtocol::H2c | AppProtocol::Grpc => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            // The connection's streams run in this task (see `inline`).
+            let (exec, spawned) = inline::executor();
+            let conn = hyper::server::conn::http2::Builder::new(exec)
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
                 .initial_stream_window_size(H2_STREAM_WINDOW)
                 .initial_connection_window_size(H2_CONNECTION_WINDOW)
                 .max_send_buf_size(H2_SEND_BUFFER)
                 .max_header_list_size(H2_HEADER_LIST)
-                .serve_connection(io, handler)
-                .await
-                .map_err(Into::into)
+                .serve_connection(io, handler);
+            inline::drive(conn, spawned).await.map_err(Into::into)
         }
     };
     // An upgraded connection outlives hyper's: this one (and the pod's limit on outbound
@@ -902,6 +906,9 @@ impl Downstream {
             let s = Pooled { conn: s, until };
             (Sender::H1(s), Box::pin(c.with_upgrades()))
         } else {
+            // hyper's own tasks here, not `inline`'s: run inline, the connection's I/O would
+            // end with `driver` below, cutting a CONNECT's last bytes when its splice ends,
+            // and holding the connection's limits until its last response body ends.
             let (s, c) = http2::Builder::new(TokioExecutor::new())
                 .initial_stream_window_size(H2_STREAM_WINDOW)
                 .initial_connection_window_size(H2_CONNECTION_WINDOW)
