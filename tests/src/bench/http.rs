@@ -13,7 +13,7 @@ use std::{io, process::Command, time::Duration};
 
 use serde_json::Value;
 
-use super::Cpu;
+use super::{Cpu, Profile, ProfileKind};
 use crate::{app::Server, mesh::sibling_bin, Topology};
 
 /// Where `mesh-http serve` listens in s0 and s1.
@@ -64,12 +64,14 @@ fn setups(topo: &Topology, h2: bool) -> [(&'static str, &'static str, String); 3
 
 /// Runs the figures in `names`, interleaving the setups `rounds` times; `put` takes each
 /// sample as (`metric.field`, setup, value). Besides latency and throughput, each run's CPU
-/// per request: the machine's, and for the mesh setups the node daemons' (`daemons`).
+/// per request: the machine's, and for the mesh setups the node daemons' (`daemons`). With
+/// `profile`, each mesh run's perf profile of the daemons goes to `out_dir`.
 pub(super) fn measure(
     topo: &Topology,
     daemons: &[u32],
     names: &[&str],
     (seconds, rounds): (f64, usize),
+    profile: Option<&std::path::Path>,
     put: &mut dyn FnMut(String, &str, f64),
 ) -> io::Result<()> {
     for name in names {
@@ -78,11 +80,18 @@ pub(super) fn measure(
         // here), more when several are in flight.
         let per_second = if h2 { 20_000.0 } else { 5_000.0 };
         let count = ((seconds * per_second) as u64).max(100);
-        for _ in 0..rounds {
+        for round in 0..rounds {
             for (setup, client, addr) in setups(topo, h2) {
+                let recording = profile
+                    .filter(|_| setup != "direct")
+                    .map(|_| Profile::start(ProfileKind::Samples, daemons))
+                    .transpose()?;
                 let before = Cpu::now(daemons)?;
                 let out = run(topo, client, &addr, count, h2, seconds)?;
                 let cpu = Cpu::now(daemons)?.since(&before);
+                if let (Some(recording), Some(dir)) = (recording, profile) {
+                    recording.finish(&dir.join(format!("profile-{name}-{setup}-{round}.txt")))?;
+                }
                 let ok = out["by_status"]["200"].as_u64() == Some(count);
                 if !ok {
                     return Err(io::Error::other(format!(

@@ -274,10 +274,12 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
             ("mesh.yaml", &mesh_config_yaml(transport, "")),
         ],
     )?;
+    // The machine's two cores serve two nodes and their applications: one core per node,
+    // as the targets are set (a second thread per daemon would only wake the first).
     let join = |topo: &mut Topology, cp: &ControlPlane| -> io::Result<[MeshNode; 2]> {
         Ok([
-            MeshNode::join(topo, "n1", cp, 2)?,
-            MeshNode::join(topo, "n2", cp, 1)?,
+            MeshNode::join_with(topo, "n1", cp, 2, &WORKERS)?,
+            MeshNode::join_with(topo, "n2", cp, 1, &WORKERS)?,
         ])
     };
     let pids =
@@ -386,7 +388,15 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     let http: Vec<&str> = http::NAMES.into_iter().filter(|n| wanted(n)).collect();
     if !http.is_empty() {
         use_transport(&mut cp, &mut transport, "tls")?;
-        http::measure(topo, &daemons, &http, (o.seconds, o.rounds), &mut put)?;
+        let profile = o.profile.then_some(o.out_dir.as_path());
+        http::measure(
+            topo,
+            &daemons,
+            &http,
+            (o.seconds, o.rounds),
+            profile,
+            &mut put,
+        )?;
     }
     if wanted("bulk-1") {
         put(
@@ -401,6 +411,17 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
         }
     }
     report(o, samples)
+}
+
+/// The daemons' threads: one core per node.
+const WORKERS: [&str; 2] = ["--workers", "1"];
+
+/// A run that failed leaves no perf recording behind.
+impl Drop for Profile {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.data);
+    }
 }
 
 /// What `--profile` records while one client runs.
@@ -443,11 +464,17 @@ impl Profile {
         Ok(Self { kind, perf, data })
     }
 
+    fn stop(&mut self) {
+        if matches!(self.perf.try_wait(), Ok(None)) {
+            // SAFETY: signalling a child this process spawned and has not reaped.
+            unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
+            let _ = self.perf.wait();
+        }
+    }
+
     /// Stops recording and writes the flat profile (self time by symbol) to `out`.
     fn finish(mut self, out: &Path) -> io::Result<()> {
-        // SAFETY: signalling a child this process spawned and has not reaped.
-        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
-        let _ = self.perf.wait();
+        self.stop();
         let mut report = Command::new("perf");
         match self.kind {
             ProfileKind::Samples => report.args([
