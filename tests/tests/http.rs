@@ -755,9 +755,11 @@ fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
 }
 
 /// A deny on the node where both ends live reaches HTTP/2 streams already on their way: the
-/// node closes its upstream connection to the endpoint, with the streams on it (hyper runs an
-/// HTTP/2 connection's I/O in a task of its own, which outlived the request side's driver
-/// before), so no answer that was still to come gets through.
+/// node closes its upstream connections to the endpoint, with the streams on them. hyper runs
+/// an HTTP/2 connection's I/O in a task of its own, which outlived the request side's driver:
+/// streams still waiting for their answers (`/delay`), and a stream whose answer's headers
+/// came (`/drip`) on a connection already retired from the pool (`maxConnectionDuration`,
+/// then another request), all went on to the end.
 #[test]
 fn a_same_node_deny_cuts_http2_streams_in_flight() {
     let mut topo = Topology::new(&[NodeSpec::new("n1", &["client", "p1"])]).expect("topology");
@@ -766,6 +768,7 @@ fn a_same_node_deny_cuts_http2_streams_in_flight() {
         workload_yaml(topo.pod("p1"), "pay"),
         service("pay", VIP, "pay"),
         mesh_config_yaml("tls", ""),
+        "apiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: short, namespace: default }\nspec: { services: [pay], maxConnectionDuration: 1s }\n".to_owned(),
     ]
     .join("---\n");
     let _server = serve(topo.pod("p1"));
@@ -773,32 +776,47 @@ fn a_same_node_deny_cuts_http2_streams_in_flight() {
     let mut cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
     let _n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
 
-    // Two streams answered after 8 s, opened before the deny.
     let by_vip = format!("{VIP}:81");
-    let args = [
-        "get",
-        "--addr",
-        &by_vip,
-        "--h2",
-        "--path",
-        "/delay/8000",
-        "--count",
-        "2",
-        "--concurrency",
-        "2",
-    ];
-    let streams = start(&topo, "client", &args);
-    std::thread::sleep(Duration::from_secs(2));
+    let h2 = |path: &str, interval: &str| {
+        let args = [
+            "get",
+            "--addr",
+            &by_vip,
+            "--h2",
+            "--path",
+            path,
+            "--count",
+            "2",
+            "--concurrency",
+            "2",
+            "--interval-ms",
+            interval,
+        ];
+        start(&topo, "client", &args)
+    };
+    // Two streams answered after 8 s.
+    let waiting = h2("/delay/8000", "0");
+    // Two streams whose bodies come 8 s after their headers, the second 2 s after the first:
+    // by then the first one's connection is past its 1 s and the second takes a new one.
+    let dripping = h2("/drip/8000", "2000");
+    std::thread::sleep(Duration::from_millis(3500));
     let deny = "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: no-client, namespace: default }\nspec: { selector: { matchLabels: { app: pay } }, action: Deny, rules: [{ sourceIdentities: ['spiffe://cluster.local/ns/default/sa/client'] }] }\n";
     cp.apply("deny.yaml", deny, &["n1"])
         .expect("the deny applied");
-    let out = app::finish_json(streams, T, "h2c client");
-    println!("{out}");
-    assert_eq!(out["requests"], 2, "{out}");
+    let waiting = app::finish_json(waiting, T, "h2c client waiting for answers");
+    let dripping = app::finish_json(dripping, T, "h2c client reading bodies");
+    println!("waiting: {waiting}\ndripping: {dripping}");
+    assert_eq!(waiting["requests"], 2, "{waiting}");
     assert_eq!(
-        out["by_status"]["200"].as_u64().unwrap_or(0),
+        waiting["by_status"]["200"].as_u64().unwrap_or(0),
         0,
-        "an answer came through after the deny: {out}"
+        "an answer came through after the deny: {waiting}"
+    );
+    assert_eq!(dripping["requests"], 2, "{dripping}");
+    assert_eq!(
+        count(&dripping, "p1"),
+        0,
+        "a body came through after the deny: {dripping}"
     );
 }
 

@@ -6,6 +6,8 @@
 //!                                          HTTP/1.1 and HTTP/2 (prior knowledge) on [::]:P.
 //!                                          Every answer carries `x-served-by: NAME`:
 //!                                            /delay/MS        200 NAME after MS milliseconds
+//!                                            /drip/MS         200 at once, its body (NAME)
+//!                                                             MS milliseconds later
 //!                                            /fail-every/N    503 to every Nth request it
 //!                                                             gets on this path, else 200
 //!                                            /stall           no answer for an hour
@@ -23,7 +25,7 @@
 //!               [--method M]
 //!                                          N requests over one connection (HTTP/1.1
 //!                                          keep-alive, M ms apart, or HTTP/2 with C streams
-//!                                          at a time); prints one JSON line: {requests,
+//!                                          at a time, the i-th not before i × M ms); prints one JSON line: {requests,
 //!                                          by_body, by_status, by_mesh_error, errors, p50_us,
 //!                                          p99_us, per_second, last_ok, first_not_ok} (the
 //!                                          last two: indexes of HTTP/1.1 requests, or null)
@@ -172,7 +174,7 @@ async fn serve(port: u16, name: String, fail_every: u64, close_on_fail: bool) ->
                                 }
                             }
                         });
-                        let mut r = Response::new(Full::new(Bytes::new()));
+                        let mut r = Response::new(Full::new(Bytes::new()).boxed());
                         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
                         r.headers_mut()
                             .insert("upgrade", "echo".parse().unwrap_or_else(|_| unreachable!()));
@@ -193,12 +195,43 @@ async fn serve(port: u16, name: String, fail_every: u64, close_on_fail: bool) ->
     }
 }
 
-async fn answer(req: &Request<Incoming>, server: &Behaviour) -> Response<Full<Bytes>> {
+/// A body that comes `after` its response's headers.
+struct Drip {
+    wait: std::pin::Pin<Box<tokio::time::Sleep>>,
+    data: Option<Bytes>,
+}
+
+impl hyper::body::Body for Drip {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if std::future::Future::poll(self.wait.as_mut(), cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(self.data.take().map(|d| Ok(hyper::body::Frame::data(d))))
+    }
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn answer(req: &Request<Incoming>, server: &Behaviour) -> Response<Body> {
     let (name, counts) = (server.name.as_str(), &server.per_path);
     let path = req.uri().path();
     if path == "/count" {
         let n = server.answered.load(Ordering::Relaxed);
-        return Response::new(Full::new(Bytes::from(n.to_string())));
+        return Response::new(Full::new(Bytes::from(n.to_string())).boxed());
+    }
+    if let Some(ms) = path.strip_prefix("/drip/").and_then(|m| m.parse().ok()) {
+        server.answered.fetch_add(1, Ordering::Relaxed);
+        let body = Drip {
+            wait: Box::pin(tokio::time::sleep(Duration::from_millis(ms))),
+            data: Some(Bytes::from(name.to_owned())),
+        };
+        return Response::new(body.boxed());
     }
     let seen = server.answered.fetch_add(1, Ordering::Relaxed) + 1;
     let mut status = StatusCode::OK;
@@ -224,7 +257,7 @@ async fn answer(req: &Request<Incoming>, server: &Behaviour) -> Response<Full<By
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     let forge = path == "/forge";
-    let mut response = Response::new(Full::new(Bytes::from(name.to_owned())));
+    let mut response = Response::new(Full::new(Bytes::from(name.to_owned())).boxed());
     *response.status_mut() = status;
     if let Ok(v) = name.parse() {
         response.headers_mut().insert("x-served-by", v);
@@ -333,7 +366,16 @@ async fn get(
                     method.clone(),
                 );
                 tokio::spawn(async move {
-                    while next.fetch_add(1, Ordering::Relaxed) < count {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            break;
+                        }
+                        if !interval.is_zero() {
+                            let n = u32::try_from(i).unwrap_or(u32::MAX);
+                            tokio::time::sleep_until((began + interval.saturating_mul(n)).into())
+                                .await;
+                        }
                         let started = Instant::now();
                         let result = match request(&uri, &method) {
                             Ok(req) => match sender.send_request(req).await {

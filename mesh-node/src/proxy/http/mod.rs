@@ -886,12 +886,13 @@ impl Downstream {
             Some((report, _)) => conn.traffic.clone().and(&report.traffic.swapped()),
             None => conn.traffic.clone(),
         };
-        let severed = CancellationToken::new();
+        let (severed, io_gone) = (CancellationToken::new(), CancellationToken::new());
         let counted = Counted {
             io,
             sent: traffic.from_app,
             received: traffic.to_app,
             cut: Box::pin(severed.clone().cancelled_owned()),
+            _gone: io_gone.clone().drop_guard(),
         };
         let io = TokioIo::new(counted);
         let handshake_failed = |e: hyper::Error| SendError::Http {
@@ -928,12 +929,12 @@ impl Downstream {
         let expiry = Expiry::start(idle, cut, conn.totals(), withdrawn.as_ref());
         let held = Held {
             conn,
-            _open: open,
+            open: Some((open, live)),
+            severed: severed.clone(),
             local,
             withdrawn,
             expiry,
             upgrade: None,
-            _live: live,
         };
         if keep {
             // The connection is the client's once the endpoint switches protocols; until
@@ -954,16 +955,25 @@ impl Downstream {
         tokio::spawn(async move {
             let mut held = held;
             let closed = held.closed();
+            tokio::pin!(closed);
             let reason = tokio::select! {
-                ended = driver => ended.err().map(|_| FailReason::Reset),
-                reason = closed => Some(reason),
+                ended = driver => match ended {
+                    Err(_) => Some(FailReason::Reset),
+                    // The request side let go of it (its client went, or it was retired
+                    // from the pool). An HTTP/2 connection's I/O may still carry answers,
+                    // in hyper's task: they finish, and are cut as any would be until then.
+                    Ok(()) => {
+                        held.open = None;
+                        tokio::select! {
+                            () = io_gone.cancelled() => None,
+                            reason = &mut closed => Some(reason),
+                        }
+                    }
+                },
+                reason = &mut closed => Some(reason),
             };
             if let Some(reason) = reason {
-                // Requests still on it go with it (an HTTP/2 connection's I/O outlives
-                // `driver`); once its driver ended by itself, responses still streaming
-                // are let finish.
-                severed.cancel();
-                held.conn.fail(reason);
+                held.cut(reason);
             }
         });
         Ok((sender, None))
@@ -973,7 +983,11 @@ impl Downstream {
 /// What an upstream connection holds while it lives.
 struct Held {
     conn: Box<Connection>,
-    _open: Slot,
+    /// Its slot of the Service's connection limits, and of its client's upstream
+    /// connections: let go when the request side is (the I/O may carry HTTP/2 streams on).
+    open: Option<(Slot, Live)>,
+    /// Fails the connection's I/O (see `Counted`).
+    severed: CancellationToken,
     /// A same-node delivery: its destination's report, and the guard a policy change fires.
     local: Option<(Box<Connection>, OpenGuard)>,
     /// Fires when the root of the tunnel's peer is withdrawn.
@@ -984,7 +998,6 @@ struct Held {
     /// A connection made for an upgrade: its driver, cut when this drops, and the token
     /// its end fires.
     upgrade: Option<(tokio_util::sync::DropGuard, CancellationToken)>,
-    _live: Live,
 }
 
 impl Held {
@@ -998,9 +1011,15 @@ impl Held {
         let done = done.clone();
         let closed = self.closed();
         tokio::select! {
-            reason = closed => self.conn.fail(reason),
+            reason = closed => self.cut(reason),
             () = done.cancelled() => {}
         }
+    }
+
+    /// Closes the connection for `reason`, with whatever is still on it.
+    fn cut(&mut self, reason: FailReason) {
+        self.severed.cancel();
+        self.conn.fail(reason);
     }
 
     /// Resolves, with the reason, when the connection must close though both ends want it.
@@ -1101,12 +1120,12 @@ async fn splice(
         done = switched => match done {
             Ok((Ok(client), Ok(server))) => (client, server),
             _ => {
-                held.conn.fail(FailReason::Reset);
+                held.cut(FailReason::Reset);
                 return;
             }
         },
         reason = &mut closed => {
-            held.conn.fail(reason);
+            held.cut(reason);
             return;
         }
     };
@@ -1115,10 +1134,10 @@ async fn splice(
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {
             if copied.is_err() {
-                held.conn.fail(FailReason::Reset);
+                held.cut(FailReason::Reset);
             }
         }
-        reason = &mut closed => held.conn.fail(reason),
+        reason = &mut closed => held.cut(reason),
     }
 }
 
@@ -1171,6 +1190,8 @@ struct Counted {
     /// connection's I/O fails from then on, and whoever waits on it is woken. hyper runs an
     /// HTTP/2 connection's I/O in a task of its own, which dropping the driver does not end.
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Fires when the I/O is dropped: the connection is gone.
+    _gone: tokio_util::sync::DropGuard,
 }
 
 impl Counted {
