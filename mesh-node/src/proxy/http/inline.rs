@@ -86,7 +86,14 @@ impl Spawned {
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        *self.0.tasks.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Dropped outside the lock: a future's drop may give the executor another.
+        let queued = self
+            .0
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(queued);
     }
 }
 
