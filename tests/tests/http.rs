@@ -26,6 +26,8 @@ const VIP: &str = "10.96.0.30";
 const V2_VIP: &str = "10.96.0.31";
 const EMPTY_VIP: &str = "10.96.0.32";
 const T: Duration = Duration::from_secs(120);
+/// Denies the `client` workload's identity everything to `pay`.
+const DENY_CLIENT: &str = "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: no-client, namespace: default }\nspec: { selector: { matchLabels: { app: pay } }, action: Deny, rules: [{ sourceIdentities: ['spiffe://cluster.local/ns/default/sa/client'] }] }\n";
 
 fn http_bin() -> Command {
     Command::new(sibling_bin("mesh-http", "MESH_HTTP_BIN"))
@@ -709,8 +711,7 @@ fn a_deny_reaches_kept_alive_requests_and_upgraded_connections() {
         "100",
     ]);
     std::thread::sleep(Duration::from_secs(2));
-    let deny = "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: no-client, namespace: default }\nspec: { selector: { matchLabels: { app: pay } }, action: Deny, rules: [{ sourceIdentities: ['spiffe://cluster.local/ns/default/sa/client'] }] }\n";
-    m.cp.apply("deny.yaml", deny, &["n1", "n2"])
+    m.cp.apply("deny.yaml", DENY_CLIENT, &["n1", "n2"])
         .expect("the deny applied");
     let answered_at_deny = answered(&m.topo, "p1");
     let kept = app::finish_json(kept, T, "kept-alive client");
@@ -800,8 +801,7 @@ fn a_same_node_deny_cuts_http2_streams_in_flight() {
     // by then the first one's connection is past its 1 s and the second takes a new one.
     let dripping = h2("/drip/8000", "2000");
     std::thread::sleep(Duration::from_millis(3500));
-    let deny = "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: no-client, namespace: default }\nspec: { selector: { matchLabels: { app: pay } }, action: Deny, rules: [{ sourceIdentities: ['spiffe://cluster.local/ns/default/sa/client'] }] }\n";
-    cp.apply("deny.yaml", deny, &["n1"])
+    cp.apply("deny.yaml", DENY_CLIENT, &["n1"])
         .expect("the deny applied");
     let waiting = app::finish_json(waiting, T, "h2c client waiting for answers");
     let dripping = app::finish_json(dripping, T, "h2c client reading bodies");

@@ -489,8 +489,8 @@ impl Profile {
             ]),
             ProfileKind::SchedulerDelays => report.args(["sched", "latency", "-i"]),
         };
+        // The data file goes when `self` does.
         let report = report.arg(&self.data).stderr(Stdio::null()).output();
-        let _ = std::fs::remove_file(&self.data);
         std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
         std::fs::write(out, report?.stdout)
     }

@@ -1202,9 +1202,9 @@ impl Counted {
         cx: &mut Context<'_>,
         polled: impl FnOnce(&mut Self, &mut Context<'_>) -> Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
-        let cut = || io::Error::new(io::ErrorKind::ConnectionAborted, "the connection was cut");
         if std::future::Future::poll(self.cut.as_mut(), cx).is_ready() {
-            return Poll::Ready(Err(cut()));
+            let cut = io::Error::new(io::ErrorKind::ConnectionAborted, "the connection was cut");
+            return Poll::Ready(Err(cut));
         }
         polled(self, cx)
     }
