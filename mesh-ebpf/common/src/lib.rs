@@ -12,6 +12,9 @@ pub const OUTBOUND_PORT: u16 = 15001;
 /// mode the inbound program hands it plaintext connections to the pod (`bpf_sk_assign`).
 pub const PLAINTEXT_PORT: u16 = 15006;
 
+/// Port of every enrolled pod's tunnel listener (TLS over TCP, and QUIC over UDP).
+pub const TUNNEL_PORT: u16 = 15008;
+
 /// `INBOUND_MODE[0]`: drop plaintext TCP connections to enrolled pods (STRICT).
 pub const INBOUND_STRICT: u32 = 1;
 /// `INBOUND_MODE[0]`: steer plaintext TCP connections to enrolled pods to the plaintext
@@ -107,10 +110,19 @@ pub struct FastDenyKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Enrollment {
-    /// Reserved for per-pod flags; zero today.
+    /// Per-pod flags for user space (the programs read none): `ENROLLED_*`.
     pub flags: u32,
     pub _pad: u32,
 }
+
+/// `Enrollment::flags`: which of the pod netns's sysctls the daemon turned on when it set up
+/// the pod's return routing, to turn off again when the pod leaves. Kept here because the
+/// pinned map outlives the daemon that set them. `net.ipv4.tcp_fwmark_accept`:
+pub const ENROLLED_ACCEPT_MARK_SET: u32 = 1;
+/// `net.ipv4.fwmark_reflect`.
+pub const ENROLLED_REFLECT_V4_SET: u32 = 2;
+/// `net.ipv6.fwmark_reflect`.
+pub const ENROLLED_REFLECT_V6_SET: u32 = 4;
 
 /// Index into the per-CPU `COUNTERS` array.
 #[repr(u32)]
@@ -142,10 +154,23 @@ pub enum Counter {
     InboundMalformed = 10,
     /// A fragment of a TCP packet to a pod, dropped: its flags and ports cannot be checked.
     InboundFragment = 11,
+    /// A TCP segment from outside the pod for the application's side of a connection the
+    /// node proxy made from its client's address (a socket with `TRANSPARENT_MARK`), dropped:
+    /// those segments come only from the proxy, over the pod's loopback, so one from an
+    /// interface carries a forged source address.
+    InboundSpoofed = 12,
+    /// An opening SYN whose addresses and ports are those of a connection the pod already
+    /// holds (a plaintext client that picked the port of a connection the proxy made from its
+    /// address), dropped: it would take that connection's packets. The client retries.
+    InboundTupleInUse = 13,
 }
 
+/// The mark on the node proxy's sockets toward a pod's application, which the application's
+/// accepted sockets take (`tcp_fwmark_accept`); user space sets it (`transparent::MARK`).
+pub const TRANSPARENT_MARK: u32 = 0x4d43_0001;
+
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Redirected,
         Counter::SkippedNotEnrolled,
         Counter::SkippedProxy,
@@ -158,6 +183,8 @@ impl Counter {
         Counter::InboundNoListener,
         Counter::InboundMalformed,
         Counter::InboundFragment,
+        Counter::InboundSpoofed,
+        Counter::InboundTupleInUse,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -175,6 +202,8 @@ impl Counter {
             Counter::InboundNoListener => "inbound_no_listener",
             Counter::InboundMalformed => "inbound_malformed",
             Counter::InboundFragment => "inbound_fragment",
+            Counter::InboundSpoofed => "inbound_spoofed",
+            Counter::InboundTupleInUse => "inbound_tuple_in_use",
         }
     }
 }

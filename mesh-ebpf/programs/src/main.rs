@@ -18,7 +18,11 @@
 //! closed: what it cannot classify as "not a TCP connection attempt" or "one to an open port"
 //! (a truncated or malformed header, a TCP fragment, IPsec, a chain of IPv6 extension headers
 //! or VLAN tags past its bound) is dropped. The node proxy itself reaches the pod's application
-//! over the pod's loopback, so it never crosses this hook.
+//! over the pod's loopback, so it never crosses this hook; it does so from the client's
+//! address, on sockets marked `TRANSPARENT_MARK`, which the application's accepted side takes
+//! too. A segment by an interface for such a socket is therefore forged, and dropped; so is a
+//! SYN whose addresses and ports a connection already holds (a second socket on them would
+//! take the first one's packets).
 //!
 //! The connect hooks leave alone the connects of the node daemon's own tasks, recognised by
 //! their cgroup (`PROXY_CGROUPS`, written by the daemon), which a pod cannot join. It is a map
@@ -50,6 +54,7 @@ use mesh_ebpf_common::{
     Counter, Enrollment, FastDenyKey, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
     ENROLLED_CAPACITY, FAST_DENY_CAPACITY, INBOUND_PERMISSIVE, INBOUND_STRICT,
     OPEN_PORTS_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT, PLAINTEXT_PORT, PROXY_CGROUPS_CAPACITY,
+    TRANSPARENT_MARK, TUNNEL_PORT,
 };
 
 /// Let the syscall proceed (with whatever the program wrote into the context).
@@ -398,15 +403,17 @@ pub fn mycel_inbound_l3(ctx: TcContext) -> i32 {
 
 /// What the inbound hook makes of a packet.
 enum Packet {
-    /// Not a TCP connection attempt: another protocol, or TCP that is not an opening SYN.
+    /// Not TCP.
     Other,
     /// A TCP SYN without ACK.
     Syn(Syn),
+    /// Any other TCP segment.
+    Segment(Syn),
     /// Cannot be classified; dropped and counted under this counter.
     Unclassifiable(Counter),
 }
 
-/// Where an opening SYN's headers are.
+/// Where a TCP segment's headers are.
 struct Syn {
     l3: usize,
     l4: usize,
@@ -423,6 +430,13 @@ fn police(ctx: &TcContext, packet: Result<Packet, i64>) -> i32 {
     }
     match packet {
         Ok(Packet::Other) => TCX_NEXT,
+        Ok(Packet::Segment(seg)) => match segment_verdict(ctx, &seg) {
+            Ok(verdict) => verdict,
+            Err(_) => {
+                count(Counter::InboundMalformed);
+                TCX_DROP
+            }
+        },
         Ok(Packet::Syn(syn)) => match syn_verdict(ctx, &syn, flags) {
             Ok(verdict) => verdict,
             Err(_) => {
@@ -531,14 +545,94 @@ fn ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, i64> {
 }
 
 /// The TCP header at `l4`: an opening SYN (SYN without ACK; data or other flags with it do
-/// not matter), or something else.
+/// not matter), or another segment.
 #[inline(always)]
 fn tcp(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Result<Packet, i64> {
     let tcp_flags = ctx.load::<u8>(l4 + 13)?;
     if tcp_flags & TCP_FLAG_SYN == 0 || tcp_flags & TCP_FLAG_ACK != 0 {
-        return Ok(Packet::Other);
+        return Ok(Packet::Segment(Syn { l3, l4, v6 }));
     }
     Ok(Packet::Syn(Syn { l3, l4, v6 }))
+}
+
+/// The segment's addresses and ports as a socket lookup takes them, with `dport` for its
+/// destination port; and the size of the family's part of the tuple.
+#[inline(always)]
+fn tuple_of(ctx: &TcContext, seg: &Syn, dport: u16) -> Result<(bpf_sock_tuple, u32), i64> {
+    // SAFETY: all-zero is a valid bpf_sock_tuple.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if seg.v6 {
+        // SAFETY: writing plain integers into the union's IPv6 member.
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        t.saddr = ctx.load::<[u32; 4]>(seg.l3 + 8)?;
+        t.daddr = ctx.load::<[u32; 4]>(seg.l3 + 24)?;
+        t.sport = ctx.load::<u16>(seg.l4)?;
+        t.dport = dport.to_be();
+        core::mem::size_of_val(t)
+    } else {
+        // SAFETY: writing plain integers into the union's IPv4 member.
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        t.saddr = ctx.load::<u32>(seg.l3 + 12)?;
+        t.daddr = ctx.load::<u32>(seg.l3 + 16)?;
+        t.sport = ctx.load::<u16>(seg.l4)?;
+        t.dport = dport.to_be();
+        core::mem::size_of_val(t)
+    };
+    Ok((tuple, size as u32))
+}
+
+/// What the socket holding `tuple` in this netns is: `None` without one, else its state and
+/// mark.
+#[inline(always)]
+fn holder(ctx: &TcContext, tuple: &mut bpf_sock_tuple, size: u32) -> Option<(u32, u32)> {
+    // SAFETY: the tuple lives on the stack for the call; the returned socket is released
+    // before returning.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is a valid referenced socket until released.
+    let found = unsafe { ((*sk).state, (*sk).mark) };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    Some(found)
+}
+
+/// A segment that is not an opening SYN: dropped when it is addressed to the application's
+/// side of a connection the proxy made from its client's address (those come only over the
+/// pod's loopback, from the proxy; from an interface, the source is forged), else through.
+/// Segments from a tunnel port (the answers on the pod's own tunnels) are none of those.
+#[inline(always)]
+fn segment_verdict(ctx: &TcContext, seg: &Syn) -> Result<i32, i64> {
+    let sport = u16::from_be(ctx.load::<u16>(seg.l4)?);
+    if sport == TUNNEL_PORT {
+        return Ok(TCX_NEXT);
+    }
+    let dport = u16::from_be(ctx.load::<u16>(seg.l4 + 2)?);
+    let (mut tuple, size) = tuple_of(ctx, seg, dport)?;
+    match holder(ctx, &mut tuple, size) {
+        Some((_, mark)) if mark == TRANSPARENT_MARK => {
+            count(Counter::InboundSpoofed);
+            Ok(TCX_DROP)
+        }
+        _ => Ok(TCX_NEXT),
+    }
+}
+
+/// Whether an opening SYN's addresses and ports are held by a connection already (a socket
+/// that is not a listener).
+#[inline(always)]
+fn tuple_in_use(ctx: &TcContext, syn: &Syn, dport: u16) -> Result<bool, i64> {
+    let (mut tuple, size) = tuple_of(ctx, syn, dport)?;
+    Ok(holder(ctx, &mut tuple, size).is_some_and(|(state, _)| state != BPF_TCP_LISTEN))
 }
 
 /// An opening SYN: through to an open port; else dropped (STRICT) or handed to the
@@ -547,7 +641,15 @@ fn tcp(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Result<Packet, i64> {
 fn syn_verdict(ctx: &TcContext, syn: &Syn, flags: u32) -> Result<i32, i64> {
     let dport = u16::from_be(ctx.load::<u16>(syn.l4 + 2)?);
     // SAFETY: read-only lookup of a plain value.
-    if unsafe { OPEN_PORTS.get(&dport) }.is_some() {
+    let open = unsafe { OPEN_PORTS.get(&dport) }.is_some();
+    // A connection the proxy made from this client's address may hold these very addresses
+    // and ports (the proxy never delivers to the tunnel port); a second socket on them would
+    // take its packets.
+    if (open || flags == INBOUND_PERMISSIVE) && dport != TUNNEL_PORT && tuple_in_use(ctx, syn, dport)? {
+        count(Counter::InboundTupleInUse);
+        return Ok(TCX_DROP);
+    }
+    if open {
         return Ok(TCX_NEXT);
     }
     if flags == INBOUND_STRICT {
@@ -556,32 +658,14 @@ fn syn_verdict(ctx: &TcContext, syn: &Syn, flags: u32) -> Result<i32, i64> {
     }
     // PERMISSIVE: the SYN goes to the proxy's plaintext listener in this netns, which sees the
     // original destination as its local address.
-    // SAFETY: all-zero is a valid bpf_sock_tuple.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if syn.v6 {
-        // SAFETY: writing plain integers into the union's IPv6 member.
-        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
-        t.saddr = ctx.load::<[u32; 4]>(syn.l3 + 8)?;
-        t.daddr = ctx.load::<[u32; 4]>(syn.l3 + 24)?;
-        t.sport = ctx.load::<u16>(syn.l4)?;
-        t.dport = PLAINTEXT_PORT.to_be();
-        core::mem::size_of_val(t)
-    } else {
-        // SAFETY: writing plain integers into the union's IPv4 member.
-        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
-        t.saddr = ctx.load::<u32>(syn.l3 + 12)?;
-        t.daddr = ctx.load::<u32>(syn.l3 + 16)?;
-        t.sport = ctx.load::<u16>(syn.l4)?;
-        t.dport = PLAINTEXT_PORT.to_be();
-        core::mem::size_of_val(t)
-    };
+    let (mut tuple, size) = tuple_of(ctx, syn, PLAINTEXT_PORT)?;
     // SAFETY: the tuple lives on the stack for the call; the returned socket is released below
     // on every path.
     let sk = unsafe {
         bpf_sk_lookup_tcp(
             ctx.as_ptr(),
             &mut tuple,
-            size as u32,
+            size,
             BPF_F_CURRENT_NETNS as u64,
             0,
         )

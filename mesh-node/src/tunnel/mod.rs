@@ -35,7 +35,7 @@ pub use session::Session;
 pub use tls::Trust;
 
 /// The port every enrolled pod's tunnel listener binds.
-pub const TUNNEL_PORT: u16 = 15008;
+pub const TUNNEL_PORT: u16 = mesh_ebpf_common::TUNNEL_PORT;
 
 /// rustls configurations for one trust bundle, built on first use and shared by every tunnel
 /// with the same identities. Replaced as a whole when the trust bundle or domain changes.
