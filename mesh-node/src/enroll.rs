@@ -15,6 +15,7 @@ use std::{
 };
 
 use std::os::fd::AsFd as _;
+use std::sync::OnceLock;
 
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -24,6 +25,7 @@ use crate::{
     handoff::{protocol::Item, sockets::Sockets},
     netns::{self, NetnsError, NetnsWorker},
     proxy::{self, inbound, local::LocalPodsOwner, outbound, PodContext, Shared},
+    transparent,
     workloads::{Workload, WorkloadId},
 };
 
@@ -66,6 +68,8 @@ pub enum EnrollError {
 struct Pod {
     workload: Workload,
     netns_cookie: u64,
+    /// Its application sees its clients' addresses (the return routing is in place).
+    routed: bool,
     shutdown: CancellationToken,
 }
 
@@ -109,6 +113,10 @@ pub struct Enroller {
     /// Whether the pods' listeners accept yet: a daemon taking over starts accepting on the
     /// handed-over sockets only once it is up.
     accepting: watch::Receiver<bool>,
+    /// The pods' return routing (connected mode).
+    routes: Arc<transparent::Routes>,
+    /// The cookie of the daemon's own netns, which gets no return routing.
+    own_netns: u64,
 }
 
 impl Enroller {
@@ -118,8 +126,11 @@ impl Enroller {
         tunnels: bool,
         sockets: Arc<Sockets>,
         accepting: watch::Receiver<bool>,
+        sysctl_dir: std::path::PathBuf,
     ) -> Self {
         Self {
+            routes: transparent::Routes::new(sysctl_dir, shared.capture.clone()),
+            own_netns: netns::current_netns_cookie().unwrap_or(0),
             shared,
             local,
             tunnels,
@@ -171,7 +182,7 @@ impl Enroller {
                 .any(|w| w.netns == self.pods[id].workload.netns);
             if netns_reused {
                 if let Some(pod) = self.pods.remove(id) {
-                    self.stop(&pod);
+                    self.stop(&pod).await;
                     tracing::info!(workload = %id, "unenrolled (netns reassigned)");
                 }
             }
@@ -218,12 +229,15 @@ impl Enroller {
                 if fresh.contains(&pod.netns_cookie) {
                     self.close(&pod);
                 } else {
-                    self.stop(&pod);
+                    self.stop(&pod).await;
                 }
                 tracing::info!(workload = %id, "unenrolled");
             }
         }
         for p in prepared {
+            if self.tunnels {
+                self.route_replies(&p).await;
+            }
             let shutdown = p.ctx.closing.clone();
             for (role, listener, _) in p.listeners {
                 // Registering with the reactor needs the runtime, so it happens here rather
@@ -279,6 +293,7 @@ impl Enroller {
                 p.workload.id.clone(),
                 Pod {
                     netns_cookie: p.ctx.netns_cookie,
+                    routed: p.ctx.routes.get().is_some(),
                     workload: p.workload,
                     shutdown,
                 },
@@ -406,6 +421,8 @@ impl Enroller {
                     load: Arc::default(),
                     shared: self.shared.clone(),
                     closing: CancellationToken::new(),
+                    routes: OnceLock::new(),
+                    plaintext_peers: Arc::default(),
                 });
                 Ok(Prepared {
                     ctx,
@@ -548,14 +565,54 @@ impl Enroller {
         }
     }
 
-    /// Takes the pod out of the mesh: its connects are no longer redirected, its interfaces
-    /// no longer policed, its listeners close.
-    fn stop(&self, pod: &Pod) {
-        if let Err(e) = self.shared.capture.unenroll(pod.netns_cookie) {
-            tracing::error!(workload = %pod.workload.id, error = %e, "cannot remove enrollment");
+    /// Sets up the return routing of a pod that is being enrolled (see `transparent`), so that
+    /// its application sees its clients' addresses. Where it cannot, connections come from
+    /// the pod's own address, as the log and `mycel_enrolled_without_client_address` say; the
+    /// pod is enrolled all the same.
+    async fn route_replies(&self, p: &Prepared) {
+        let id = &p.workload.id;
+        if p.ctx.netns_cookie == self.own_netns {
+            tracing::warn!(workload = %id, "the workload is in mesh-node's own netns: its application sees the node's own address, not its clients'");
+            return;
         }
+        match self.routes.enrol(p.ctx.netns_cookie, &p.ctx.netns).await {
+            Ok(routes) => {
+                let families = routes.families();
+                tracing::debug!(workload = %id, ipv4 = families.v4, ipv6 = families.v6, "return routing in place");
+                let _ = p.ctx.routes.set(routes);
+            }
+            Err(e) => {
+                tracing::warn!(workload = %id, error = %e, "the pod's application will see connections from the pod's own address, not from their sources");
+            }
+        }
+    }
+
+    /// Enrolled pods whose applications see connections from their own pod address (their
+    /// return routing could not be made).
+    pub fn without_client_address(&self) -> usize {
+        if !self.tunnels {
+            return 0;
+        }
+        self.pods.values().filter(|p| !p.routed).count()
+    }
+
+    /// Takes the pod out of the mesh: its connects are no longer redirected, its interfaces
+    /// no longer policed, its listeners close, its return routing goes.
+    async fn stop(&self, pod: &Pod) {
+        let flags = match self.shared.capture.unenroll(pod.netns_cookie) {
+            Ok(flags) => flags,
+            Err(e) => {
+                tracing::error!(workload = %pod.workload.id, error = %e, "cannot remove enrollment");
+                0
+            }
+        };
         self.sockets.release_tcp(pod.netns_cookie);
         self.close(pod);
+        if self.tunnels {
+            // Awaited: the same netns may be enrolled again at once (under another name), and
+            // its new routing must not be removed after it was made.
+            self.routes.leave(pod.netns_cookie, flags).await;
+        }
     }
 
     /// Closes the pod's listeners and stops its tasks; the kernel keeps capturing it.

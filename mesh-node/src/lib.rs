@@ -16,6 +16,7 @@ pub mod netns;
 pub mod node;
 pub mod proxy;
 pub mod socket;
+pub mod transparent;
 pub mod transport;
 pub mod tunnel;
 pub mod workloads;

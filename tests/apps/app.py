@@ -29,6 +29,9 @@
                                   in IPv6 fragments; to PORT, and as controls whole or behind a
                                   hop-by-hop header to OPEN. Prints {answered, silent}: the
                                   cases that got a SYN-ACK back and those that did not
+  app.py forge SRC SPORT DST DPORT  hand-made IPv4 TCP segments with a forged source SRC:SPORT
+                                  (raw socket): a SYN, an ACK with data and a RST, each with
+                                  made-up sequence numbers; prints {sent}
   app.py tunsyn PORT OPEN [NAME]  makes a tun interface NAME (hex; default "mtun0") in this
                                   netns (as an application with CAP_NET_ADMIN could), brings it
                                   up, then injects SYNs to PORT and OPEN through it; prints
@@ -204,6 +207,26 @@ def ipv4_packet(src, dst, ident, frag, payload):
 
 def ipv6_packet(src, dst, next_header, payload):
     return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, 64, src, dst) + payload
+
+
+def tcp_segment(src, dst, sport, dport, flags, seq, payload):
+    """An IPv4 TCP segment (20-byte header, then `payload`) with its checksum."""
+    header = struct.pack("!HHIIBBHHH", sport, dport, seq, seq ^ 0x5A5A5A5A, 5 << 4, flags,
+                         65535, 0, 0)
+    pseudo = src + dst + struct.pack("!xBH", 6, len(header) + len(payload))
+    sum_ = checksum(pseudo + header + payload)
+    return header[:16] + struct.pack("!H", sum_) + header[18:] + payload
+
+
+def forge(src, sport, dst, dport):
+    src_b, dst_b = socket.inet_aton(src), socket.inet_aton(dst)
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        for ident, (flags, payload) in enumerate([(0x02, b""), (0x18, b"forged\n"), (0x04, b"")]):
+            segment = tcp_segment(src_b, dst_b, sport, dport, flags, 1000003 * (ident + 1), payload)
+            raw.sendto(ipv4_packet(src_b, dst_b, 0x4d00 + ident, 0, segment), (dst, 0))
+            sent += 1
+    print(json.dumps({"sent": sent}))
 
 
 def local_address(host, family):
@@ -567,6 +590,8 @@ if __name__ == "__main__":
     elif mode == "stall":
         stall(sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4]), int(sys.argv[5]),
               float(sys.argv[6]))
+    elif mode == "forge":
+        forge(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
     elif mode == "rawsyn":
         rawsyn(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif mode == "tunsyn":

@@ -438,6 +438,10 @@ const TUNNELS: &str = "mycel_tunnels_total";
 /// Prometheus exposition: the node has no other counters.
 const FIGURES: &[Figure] = &[
     figure("enrolled_workloads", &[("mycel_enrolled_workloads", &[])]),
+    figure(
+        "without_client_address",
+        &[("mycel_enrolled_without_client_address", &[])],
+    ),
     figure("cp_connected", &[("mycel_control_plane_connected", &[])]),
     figure(
         "config_errors",

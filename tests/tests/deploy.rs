@@ -316,6 +316,36 @@ fn the_node_daemon_upgrades_beside_the_old_one_and_pins_on_the_host() {
     assert_eq!(volume["hostPath"]["path"], "/sys/fs/bpf", "{volume}");
 }
 
+/// A container's /proc/sys is read-only; the pods' return routing writes three sysctls in each
+/// pod's netns, so `--sysctl-dir` must name a writable mount of the host's /proc/sys.
+#[test]
+fn the_node_daemon_writes_pod_sysctls_through_a_writable_mount() {
+    let docs = documents(&kustomize(&deploy("")));
+    let pod = &find(&docs, "DaemonSet", "mycel-node")["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let dir = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|a| a.strip_prefix("--sysctl-dir="))
+        .expect("--sysctl-dir");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == dir)
+        .unwrap_or_else(|| panic!("no mount at {dir}"));
+    assert_ne!(mount["readOnly"], true, "{mount}");
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("its volume");
+    assert_eq!(volume["hostPath"]["path"], "/proc/sys", "{volume}");
+}
+
 /// A container's arguments are flags its binary has, with values it accepts: `--help` after
 /// them exits 0 only if everything before it parses. And the check can fail: an unknown flag.
 fn assert_arguments_parse(binary: (&str, &str), container: &Value) {

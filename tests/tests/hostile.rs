@@ -628,14 +628,14 @@ fn a_node_under_every_attack_at_once_keeps_its_mesh() {
     );
     m.n2.wait_for(Duration::from_secs(30), |s| s["inbound_handshakes"] == 0)
         .expect("no handshake left in progress");
-    // Nothing reached the application but through the node proxy, which connects from the
-    // pod's own address.
+    // Nothing reached the application but the honest client's connections, through the node
+    // proxy, which makes them from the client's address.
     let accepted = std::fs::read_to_string(&accept_log).expect("accept log");
-    let own = [server.ipv4.to_string(), server.ipv6.to_string()];
+    let honest = [client.ipv4.to_string(), client.ipv6.to_string()];
     for peer in accepted.lines() {
         let peer = peer.trim_start_matches("::ffff:");
         assert!(
-            own.iter().any(|a| a == peer),
+            honest.iter().any(|a| a == peer),
             "{peer} reached the application"
         );
     }

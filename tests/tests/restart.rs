@@ -52,6 +52,7 @@ fn after_a_crash_pods_fail_closed_until_the_next_daemon_takes_over() {
     let mut n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
     let server = topo.pod("server").clone();
     let (server_v4, server_v6) = (server.ipv4.to_string(), server.ipv6.to_string());
+    let client_v4 = topo.pod("client").ipv4.to_string();
     let get = |topo: &Topology, url: &str| app::run(topo.pod("client"), &["get", url], T);
     let through_mesh = |topo: &Topology| {
         for url in [
@@ -60,6 +61,8 @@ fn after_a_crash_pods_fail_closed_until_the_next_daemon_takes_over() {
         ] {
             let out = get(topo, &url);
             assert_eq!(out["status"], 200, "{url}: {out}");
+            // The server sees the client's address, also after a daemon took the pod over.
+            assert_eq!(out["body"], client_v4, "{url}: {out}");
         }
     };
     through_mesh(&topo);

@@ -24,6 +24,8 @@ use crate::{control::MeshView, identity::SvidStore, metrics::collect::Figures};
 #[derive(Debug, Clone, Default)]
 pub struct Status {
     pub enrolled: usize,
+    /// Enrolled pods whose applications see their own pod address for every client.
+    pub without_client_address: usize,
     pub config_errors: u64,
     pub config_applied: u64,
     /// Version of the control plane's config in force (0 in offline mode or before the first).
@@ -218,6 +220,7 @@ impl Parts {
             config_errors: status.config_errors,
             cp_connected: status.cp_connected,
             enrolled: status.enrolled,
+            without_client_address: status.without_client_address,
             inbound_open,
             inbound_handshakes,
             ejected: self.proxy.traffic.ejected(),

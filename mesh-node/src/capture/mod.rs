@@ -614,7 +614,11 @@ impl Capture {
 
     /// Stops redirecting new connects from this netns and detaches the inbound program from
     /// its interfaces; open connections are not touched.
-    pub fn unenroll(&self, netns_cookie: u64) -> Result<(), CaptureError> {
+    pub fn unenroll(&self, netns_cookie: u64) -> Result<u32, CaptureError> {
+        let flags = self
+            .enrolled_map()
+            .get(&netns_cookie, 0)
+            .map_or(0, |e| e.flags);
         match self.enrolled_map().remove(&netns_cookie) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => {
@@ -625,7 +629,20 @@ impl Capture {
             }
         }
         self.pins.remove_tcx_pod(netns_cookie)?;
-        Ok(())
+        Ok(flags)
+    }
+
+    /// Adds `flags` (`ENROLLED_*`) to the enrolled pod's entry.
+    pub fn add_enrollment_flags(&self, netns_cookie: u64, flags: u32) -> Result<(), CaptureError> {
+        let map_err = |source| CaptureError::Map {
+            name: names::ENROLLED,
+            source,
+        };
+        let mut map = self.enrolled_map();
+        let mut entry = map.get(&netns_cookie, 0).map_err(map_err)?;
+        entry.flags |= flags;
+        const BPF_EXIST: u64 = 2;
+        map.insert(netns_cookie, entry, BPF_EXIST).map_err(map_err)
     }
 
     /// Unenrolls every pod the kernel holds but `keep`: those an earlier daemon enrolled that
@@ -641,7 +658,7 @@ impl Capture {
                 continue;
             }
             match self.unenroll(cookie) {
-                Ok(()) => removed += 1,
+                Ok(_) => removed += 1,
                 Err(e) => tracing::warn!(cookie, error = %e, "cannot remove a stale enrollment"),
             }
         }

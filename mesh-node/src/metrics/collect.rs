@@ -42,6 +42,7 @@ pub struct Figures {
     pub config_errors: u64,
     pub cp_connected: bool,
     pub enrolled: usize,
+    pub without_client_address: usize,
     /// Connections open to this node's pods, and tunnel handshakes in progress.
     pub inbound_open: u64,
     pub inbound_handshakes: u64,
@@ -68,6 +69,7 @@ pub struct NodeCollector {
     config_results: IntCounterVec,
     cp_connected: IntGauge,
     enrolled: IntGauge,
+    without_client_address: IntGauge,
     workers: IntGauge,
     tasks: IntGauge,
     ejected: IntGaugeVec,
@@ -165,6 +167,10 @@ impl NodeCollector {
                 "1 while the config stream from the control plane is up.",
             )?,
             enrolled: IntGauge::new(name("enrolled_workloads"), "Workloads this node captures.")?,
+            without_client_address: IntGauge::new(
+                name("enrolled_without_client_address"),
+                "Captured workloads whose applications see connections from their own pod address: their return routing could not be set up (the log says why).",
+            )?,
             ejected: IntGaugeVec::new(
                 Opts::new(
                     name("service_endpoints_ejected"),
@@ -252,6 +258,8 @@ impl NodeCollector {
         self.cp_connected.set(i64::from(f.cp_connected));
         self.enrolled
             .set(i64::try_from(f.enrolled).unwrap_or(i64::MAX));
+        self.without_client_address
+            .set(i64::try_from(f.without_client_address).unwrap_or(i64::MAX));
         self.ejected.reset();
         for (service, port, n) in &f.ejected {
             self.ejected
@@ -275,7 +283,7 @@ fn unix_seconds(t: SystemTime) -> f64 {
 
 impl NodeCollector {
     /// Every family, in exposition order: what `desc` and `collect` both walk.
-    fn families(&self) -> [&dyn Collector; 17] {
+    fn families(&self) -> [&dyn Collector; 18] {
         [
             &self.ebpf,
             &self.ebpf_entries,
@@ -293,6 +301,7 @@ impl NodeCollector {
             &self.config_results,
             &self.cp_connected,
             &self.enrolled,
+            &self.without_client_address,
             &self.ejected,
         ]
     }

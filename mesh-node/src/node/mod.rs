@@ -275,10 +275,12 @@ impl Node {
 
     fn record(&self, outcome: Result<(), String>) {
         let enrolled = self.enrolled();
+        let without_client_address = self.enroller.without_client_address();
         // In Kubernetes the set is complete once this node's pods were listed.
         let complete = outcome.is_ok() && self.pods.as_ref().is_none_or(|p| p.listed());
         self.out.status.send_modify(|s| {
             s.enrolled = enrolled;
+            s.without_client_address = without_client_address;
             s.set_complete = complete;
             match outcome {
                 Ok(()) => s.config_applied += 1,

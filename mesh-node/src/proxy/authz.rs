@@ -58,11 +58,19 @@ pub struct OpenGuard {
     authz: Arc<Authz>,
     id: u64,
     cancel: CancellationToken,
+    /// What the delivery needs kept for as long as the connection is open: the destination
+    /// pod's return routing, when the application sees the source's address.
+    routing: Option<crate::transparent::InUse>,
 }
 
 impl OpenGuard {
     pub fn closed(&self) -> &CancellationToken {
         &self.cancel
+    }
+
+    /// Keeps `routing` until the connection ends.
+    pub fn keep(&mut self, routing: Option<crate::transparent::InUse>) {
+        self.routing = routing;
     }
 }
 
@@ -118,6 +126,7 @@ impl Authz {
             authz: self.clone(),
             id,
             cancel,
+            routing: None,
         }
     }
 

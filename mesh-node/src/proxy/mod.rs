@@ -34,8 +34,8 @@ pub mod traffic;
 
 use std::{
     io,
-    net::SocketAddr,
-    sync::{atomic::AtomicU64, Arc},
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::AtomicU64, Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -48,7 +48,12 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{capture::Capture, netns::NetnsWorker, workloads::WorkloadId};
+use crate::{
+    capture::Capture,
+    netns::NetnsWorker,
+    transparent::{self, InUse, NetnsRoutes, PlaintextPeers},
+    workloads::WorkloadId,
+};
 use directory::Directory;
 
 /// The pod ports the node proxy's own listeners take. A connection is never delivered to
@@ -167,18 +172,66 @@ pub struct PodContext {
     /// down, the pod left the mesh): its accept loops end, and its idle tunnel sessions close
     /// so that their sources open new ones, to whichever daemon accepts now.
     pub closing: CancellationToken,
+    /// The pod's return routing, once enrolment has made it: connections to its application
+    /// come from their source's address (see `transparent`).
+    pub routes: OnceLock<Arc<NetnsRoutes>>,
+    /// The plaintext connections the pod holds, whose address pairs transparent connections
+    /// must not repeat.
+    pub plaintext_peers: Arc<PlaintextPeers>,
 }
 
 impl PodContext {
     /// Connects to `dst` from inside this pod's netns, giving up after the connect timeout.
     /// The connect hooks let it through: it is made by a task of the daemon's cgroup.
     pub async fn connect_in_pod(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let std_stream = self
+        let socket = self
             .netns
-            .run(move || -> io::Result<std::net::TcpStream> { Ok(tcp_socket(dst)?.into()) })
+            .run(move || tcp_socket(dst))
             .await
             .map_err(io::Error::other)??;
-        let socket = TcpSocket::from_std_stream(std_stream);
+        self.connect_made(dst, socket).await
+    }
+
+    /// Connects to the application at `dst` in this pod so that it sees the connection come
+    /// from `source`'s address, where the pod's return routing is in place and `source` can
+    /// be used (the connection then counts on the routing until the [`InUse`] is dropped);
+    /// else from the pod's own address (`connect_in_pod`).
+    pub async fn connect_to_app(
+        &self,
+        dst: SocketAddr,
+        source: IpAddr,
+    ) -> io::Result<(TcpStream, Option<InUse>)> {
+        let routed = self.routes.get().filter(|r| r.families().routes(dst));
+        let from = routed.zip(transparent::usable_source(source, dst));
+        let Some((routes, from)) = from else {
+            return Ok((self.connect_in_pod(dst).await?, None));
+        };
+        let in_use = routes.in_use();
+        let peers = self.plaintext_peers.clone();
+        let made = self
+            .netns
+            .run(move || transparent::socket_from(from, dst, &peers))
+            .await
+            .map_err(io::Error::other)?;
+        match made {
+            Ok(socket) => Ok((self.connect_made(dst, socket).await?, Some(in_use))),
+            Err(e) => {
+                // What the socket could not be made from (no free port, an address the kernel
+                // refuses) is not the application's failure: it gets the pod's address instead.
+                tracing::debug!(workload = %self.workload, %from, %dst, error = %e, "cannot connect from the source's address; connecting from the pod's");
+                Ok((self.connect_in_pod(dst).await?, None))
+            }
+        }
+    }
+
+    /// Connects `socket` (made on the pod's netns thread) to `dst`, giving up after the
+    /// connect timeout.
+    async fn connect_made(
+        &self,
+        dst: SocketAddr,
+        socket: socket2::Socket,
+    ) -> io::Result<TcpStream> {
+        let socket = TcpSocket::from_std_stream(socket.into());
         let timeout = self.shared.connect_timeout;
         let stream = match tokio::time::timeout(timeout, socket.connect(dst)).await {
             Ok(result) => result?,

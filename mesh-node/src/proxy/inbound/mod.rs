@@ -241,7 +241,9 @@ async fn checked_delivery(
         source_identity: Some(d.source_identity.clone()),
         connection_id: d.connection_id,
     };
-    authorize_and_connect(pod, request, d.tunnel_trust.as_ref(), pair, d.details()).await
+    let from = Some(d.source.ip());
+    let within = d.tunnel_trust.as_ref();
+    authorize_and_connect(pod, request, within, from, pair, d.details()).await
 }
 
 /// The destination must be an address (and a port) of this pod.
@@ -275,19 +277,21 @@ fn check_destination(
     Ok(())
 }
 
-/// The policy check every delivery ends with, then the connection to the application. The
+/// The policy check every delivery ends with, then the connection to the application, which
+/// sees it come `from` that address where it can (see [`PodContext::connect_to_app`]). The
 /// connection's token (see [`OpenGuard`]) is a child of `within`, when given.
 async fn authorize_and_connect(
     pod: &PodContext,
     request: authz::Request,
     within: Option<&CancellationToken>,
+    from: Option<IpAddr>,
     pair: Pair,
     mut details: Details,
 ) -> Result<Admitted, Refusal> {
     // Registered before the check, which reads the newest policies: a change that lands after
     // the check finds the registration and re-checks it.
     let authz = &pod.shared.authz;
-    let guard = authz.admit(request.clone(), within);
+    let mut guard = authz.admit(request.clone(), within);
     let decision = authz.check(&pod.shared.directory(), &request);
     details.policy = decision.policy_name();
     details.rule = decision.rule_name();
@@ -300,12 +304,17 @@ async fn authorize_and_connect(
         return Err(refusal);
     }
     let destination = request.destination_addr;
-    let upstream = pod.connect_in_pod(destination).await.map_err(|e| {
+    let upstream = match from {
+        Some(source) => pod.connect_to_app(destination, source).await,
+        None => pod.connect_in_pod(destination).await.map(|s| (s, None)),
+    };
+    let (upstream, routing) = upstream.map_err(|e| {
         Refusal::new(
             Status::UpstreamFailed,
             format!("connect to {destination} failed: {e}"),
         )
     })?;
+    guard.keep(routing);
     Ok(Admitted {
         upstream,
         guard,

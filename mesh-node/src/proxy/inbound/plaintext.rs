@@ -41,6 +41,9 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             return;
         }
     };
+    // Held before the connection to the application is made, so that no transparent
+    // connection from this client's address takes the client's port.
+    let _held = ctx.plaintext_peers.hold(peer, destination);
     let dir = ctx.shared.directory();
     if let Err(r) = check_destination(ctx, &dir, destination) {
         tracing::warn!(workload = %ctx.workload, %peer, reason = %r.reason, "plaintext connection refused; resetting it");
@@ -64,7 +67,10 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         transport: Transport::Plaintext,
         ..Details::default()
     };
-    let admitted = authorize_and_connect(ctx, request, None, pair.clone(), details.clone()).await;
+    // The application sees the client's address, as without the mesh.
+    let from = Some(peer.ip());
+    let admitted =
+        authorize_and_connect(ctx, request, None, from, pair.clone(), details.clone()).await;
     let Admitted {
         upstream,
         report,
