@@ -114,10 +114,10 @@ struct RunArgs {
     host_proc: PathBuf,
     /// Where the pods' network sysctls are written (each from a thread in the pod's netns):
     /// the return routing that lets applications see their clients' addresses turns on
-    /// `tcp_fwmark_accept` and `fwmark_reflect` there. In a container, whose /proc/sys is
-    /// read-only, mount the host's /proc/sys writable and name it here.
-    #[arg(long, default_value = "/proc/sys")]
-    sysctl_dir: PathBuf,
+    /// `ipv4/tcp_fwmark_accept` and `ipv{4,6}/fwmark_reflect` there. In a container, whose
+    /// /proc/sys is read-only, mount the host's /proc/sys/net writable and name it here.
+    #[arg(long, default_value = "/proc/sys/net")]
+    net_sysctl_dir: PathBuf,
     /// Kubernetes mode: the Unix socket the CNI plugin reports new pods on.
     #[arg(long, default_value = "/run/mycel/cni.sock", requires = "kubernetes")]
     cni_socket: PathBuf,
@@ -482,7 +482,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             connected,
             sockets.clone(),
             accepting_rx,
-            args.sysctl_dir.clone(),
+            args.net_sysctl_dir.clone(),
         ),
         &shared,
         svids,

@@ -41,7 +41,7 @@ fn without_return_routing_the_application_sees_its_own_address() {
         "n1",
         &cp,
         2,
-        &["--sysctl-dir", &missing.to_string_lossy()],
+        &["--net-sysctl-dir", &missing.to_string_lossy()],
     )
     .expect("mesh-node n1");
     let url = format!("http://{}:{PORT}/whoami", server.ipv4);

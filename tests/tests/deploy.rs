@@ -317,7 +317,8 @@ fn the_node_daemon_upgrades_beside_the_old_one_and_pins_on_the_host() {
 }
 
 /// A container's /proc/sys is read-only; the pods' return routing writes three sysctls in each
-/// pod's netns, so `--sysctl-dir` must name a writable mount of the host's /proc/sys.
+/// pod's netns, so `--net-sysctl-dir` must name a writable mount of the host's /proc/sys/net
+/// (and of nothing more: kernel.* there would be a way out of the container).
 #[test]
 fn the_node_daemon_writes_pod_sysctls_through_a_writable_mount() {
     let docs = documents(&kustomize(&deploy("")));
@@ -328,8 +329,8 @@ fn the_node_daemon_writes_pod_sysctls_through_a_writable_mount() {
         .expect("args")
         .iter()
         .filter_map(Value::as_str)
-        .find_map(|a| a.strip_prefix("--sysctl-dir="))
-        .expect("--sysctl-dir");
+        .find_map(|a| a.strip_prefix("--net-sysctl-dir="))
+        .expect("--net-sysctl-dir");
     let mount = container["volumeMounts"]
         .as_array()
         .expect("volumeMounts")
@@ -343,7 +344,7 @@ fn the_node_daemon_writes_pod_sysctls_through_a_writable_mount() {
         .iter()
         .find(|v| v["name"] == mount["name"])
         .expect("its volume");
-    assert_eq!(volume["hostPath"]["path"], "/proc/sys", "{volume}");
+    assert_eq!(volume["hostPath"]["path"], "/proc/sys/net", "{volume}");
 }
 
 /// A container's arguments are flags its binary has, with values it accepts: `--help` after

@@ -159,9 +159,10 @@ pub enum Counter {
     /// those segments come only from the proxy, over the pod's loopback, so one from an
     /// interface carries a forged source address.
     InboundSpoofed = 12,
-    /// An opening SYN whose addresses and ports are those of a connection the pod already
-    /// holds (a plaintext client that picked the port of a connection the proxy made from its
-    /// address), dropped: it would take that connection's packets. The client retries.
+    /// An opening SYN whose addresses and ports are those of a connection the proxy made from
+    /// its client's address (a plaintext client that picked the very port the proxy uses for
+    /// its address), dropped: it would take that connection's packets. The client's SYN
+    /// retransmits wait until that connection ends.
     InboundTupleInUse = 13,
 }
 

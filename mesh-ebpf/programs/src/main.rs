@@ -21,7 +21,7 @@
 //! over the pod's loopback, so it never crosses this hook; it does so from the client's
 //! address, on sockets marked `TRANSPARENT_MARK`, which the application's accepted side takes
 //! too. A segment by an interface for such a socket is therefore forged, and dropped; so is a
-//! SYN whose addresses and ports a connection already holds (a second socket on them would
+//! SYN whose addresses and ports such a socket already holds (a second socket on them would
 //! take the first one's packets).
 //!
 //! The connect hooks leave alone the connects of the node daemon's own tasks, recognised by
@@ -609,14 +609,16 @@ fn holder(ctx: &TcContext, tuple: &mut bpf_sock_tuple, size: u32) -> Option<(u32
 /// A segment that is not an opening SYN: dropped when it is addressed to the application's
 /// side of a connection the proxy made from its client's address (those come only over the
 /// pod's loopback, from the proxy; from an interface, the source is forged), else through.
-/// Segments from a tunnel port (the answers on the pod's own tunnels) are none of those.
+/// Segments from or to the tunnel port (the pod's tunnels) are none of those.
 #[inline(always)]
 fn segment_verdict(ctx: &TcContext, seg: &Syn) -> Result<i32, i64> {
     let sport = u16::from_be(ctx.load::<u16>(seg.l4)?);
-    if sport == TUNNEL_PORT {
+    let dport = u16::from_be(ctx.load::<u16>(seg.l4 + 2)?);
+    // The pod's tunnels, both ways: the proxy never delivers to the tunnel port, and the
+    // pod's tunnel listener keeps it from being anyone's source port.
+    if sport == TUNNEL_PORT || dport == TUNNEL_PORT {
         return Ok(TCX_NEXT);
     }
-    let dport = u16::from_be(ctx.load::<u16>(seg.l4 + 2)?);
     let (mut tuple, size) = tuple_of(ctx, seg, dport)?;
     match holder(ctx, &mut tuple, size) {
         Some((_, mark)) if mark == TRANSPARENT_MARK => {
@@ -627,12 +629,15 @@ fn segment_verdict(ctx: &TcContext, seg: &Syn) -> Result<i32, i64> {
     }
 }
 
-/// Whether an opening SYN's addresses and ports are held by a connection already (a socket
-/// that is not a listener).
+/// Whether an opening SYN's addresses and ports are held by the application's side of a
+/// connection the proxy made from its client's address. Any other holder (a stale connection
+/// of a client that rebooted) is the kernel's to answer, with the challenge ACK that lets the
+/// client reset it and retry.
 #[inline(always)]
 fn tuple_in_use(ctx: &TcContext, syn: &Syn, dport: u16) -> Result<bool, i64> {
     let (mut tuple, size) = tuple_of(ctx, syn, dport)?;
-    Ok(holder(ctx, &mut tuple, size).is_some_and(|(state, _)| state != BPF_TCP_LISTEN))
+    Ok(holder(ctx, &mut tuple, size)
+        .is_some_and(|(state, mark)| state != BPF_TCP_LISTEN && mark == TRANSPARENT_MARK))
 }
 
 /// An opening SYN: through to an open port; else dropped (STRICT) or handed to the

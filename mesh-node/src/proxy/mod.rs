@@ -203,25 +203,30 @@ impl PodContext {
     ) -> io::Result<(TcpStream, Option<InUse>)> {
         let routed = self.routes.get().filter(|r| r.families().routes(dst));
         let from = routed.zip(transparent::usable_source(source, dst));
-        let Some((routes, from)) = from else {
+        // Counted before the socket is made, so the routing cannot go while it connects.
+        let in_use = from.and_then(|(routes, from)| Some((routes.in_use()?, from)));
+        let Some((in_use, from)) = in_use else {
             return Ok((self.connect_in_pod(dst).await?, None));
         };
-        let in_use = routes.in_use();
         let peers = self.plaintext_peers.clone();
         let made = self
             .netns
             .run(move || transparent::socket_from(from, dst, &peers))
             .await
             .map_err(io::Error::other)?;
-        match made {
-            Ok(socket) => Ok((self.connect_made(dst, socket).await?, Some(in_use))),
-            Err(e) => {
-                // What the socket could not be made from (no free port, an address the kernel
-                // refuses) is not the application's failure: it gets the pod's address instead.
-                tracing::debug!(workload = %self.workload, %from, %dst, error = %e, "cannot connect from the source's address; connecting from the pod's");
-                Ok((self.connect_in_pod(dst).await?, None))
-            }
-        }
+        // A socket that cannot be made from the source's address (no free port, an address
+        // the kernel refuses), or whose connect finds no port left for this source toward
+        // `dst`: not the application's failure, so it gets the pod's address instead.
+        let error = match made {
+            Ok(socket) => match self.connect_made(dst, socket).await {
+                Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => e,
+                other => return other.map(|stream| (stream, Some(in_use))),
+            },
+            Err(e) => e,
+        };
+        tracing::debug!(workload = %self.workload, %from, %dst, %error, "cannot connect from the source's address; connecting from the pod's");
+        drop(in_use);
+        Ok((self.connect_in_pod(dst).await?, None))
     }
 
     /// Connects `socket` (made on the pod's netns thread) to `dst`, giving up after the

@@ -21,7 +21,7 @@ use crate::{capture::Capture, netns::NetnsWorker};
 
 /// The return routing of every netns this daemon enrolled a pod in.
 pub struct Routes {
-    /// Where the pods' sysctls are written (`--sysctl-dir`).
+    /// Where the pods' net sysctls are written (`--net-sysctl-dir`).
     sysctl_dir: PathBuf,
     /// Where the sysctls turned on are recorded (the pod's `ENROLLED` entry).
     capture: Arc<Capture>,
@@ -48,6 +48,8 @@ struct State {
     connections: usize,
     /// The sysctls to turn off again (`ENROLLED_*` flags), known once the pod left.
     turned_on: u32,
+    /// Being torn down (or torn down): new connections do not count on it.
+    retired: bool,
 }
 
 impl Routes {
@@ -81,7 +83,12 @@ impl Routes {
             })
             .clone();
         let op = netns.ops.lock().await;
-        netns.lock().enrolled = true;
+        {
+            // A tear-down that held `ops` before us has finished: this entry is set up again.
+            let mut state = netns.lock();
+            state.enrolled = true;
+            state.retired = false;
+        }
         // A tear-down that held `ops` before us may have taken the entry out.
         self.lock().entry(cookie).or_insert_with(|| netns.clone());
         let (dir, capture) = (self.sysctl_dir.clone(), self.capture.clone());
@@ -126,23 +133,40 @@ impl NetnsRoutes {
         Families::from_bits(self.families.load(Ordering::Acquire))
     }
 
-    /// Counts a transparent connection into this netns until the guard is dropped.
-    pub fn in_use(self: &Arc<Self>) -> InUse {
-        self.lock().connections += 1;
-        InUse(self.clone())
+    /// Counts a transparent connection into this netns until the guard is dropped; `None`
+    /// once the routing is going (the connection is made from the pod's address instead).
+    pub fn in_use(self: &Arc<Self>) -> Option<InUse> {
+        let mut state = self.lock();
+        if state.retired {
+            return None;
+        }
+        state.connections += 1;
+        Some(InUse(self.clone()))
     }
 
     async fn tear_down_if_unused(self: Arc<Self>) {
         let _op = self.ops.lock().await;
+        let Some(routes) = self.routes.upgrade() else {
+            return;
+        };
+        // An entry the registry no longer holds was torn down already; the netns may have
+        // another, whose routing is not this one's to remove.
+        let current = |routes: &Routes| {
+            routes
+                .lock()
+                .get(&self.cookie)
+                .is_some_and(|n| Arc::ptr_eq(n, &self))
+        };
+        if !current(&routes) {
+            return;
+        }
         let turned_on = {
-            let state = self.lock();
+            let mut state = self.lock();
             if state.enrolled || state.connections > 0 {
                 return;
             }
+            state.retired = true;
             state.turned_on
-        };
-        let Some(routes) = self.routes.upgrade() else {
-            return;
         };
         self.families.store(0, Ordering::Release);
         let dir = routes.sysctl_dir.clone();
@@ -153,13 +177,7 @@ impl NetnsRoutes {
         {
             tracing::warn!(cookie = self.cookie, error = %e, "cannot remove a pod's return routing");
         }
-        let mut by_netns = routes.lock();
-        if by_netns
-            .get(&self.cookie)
-            .is_some_and(|n| Arc::ptr_eq(n, &self))
-        {
-            by_netns.remove(&self.cookie);
-        }
+        routes.lock().remove(&self.cookie);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -22,24 +22,26 @@ use super::{Families, MARK, PRIORITY, TABLE};
 /// Packets from anywhere else carry no mark, so nothing changes for them.
 const SYSCTLS: [(&str, u32); 3] = [
     (
-        "net/ipv4/tcp_fwmark_accept",
+        "ipv4/tcp_fwmark_accept",
         mesh_ebpf_common::ENROLLED_ACCEPT_MARK_SET,
     ),
     (
-        "net/ipv4/fwmark_reflect",
+        "ipv4/fwmark_reflect",
         mesh_ebpf_common::ENROLLED_REFLECT_V4_SET,
     ),
     (
-        "net/ipv6/fwmark_reflect",
+        "ipv6/fwmark_reflect",
         mesh_ebpf_common::ENROLLED_REFLECT_V6_SET,
     ),
 ];
+/// The one that a netns without IPv6 lacks.
+const IPV6_ONLY: u32 = mesh_ebpf_common::ENROLLED_REFLECT_V6_SET;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetUpError {
     #[error("cannot add the return rule and route for marked sockets: {0}")]
     Route(io::Error),
-    #[error("cannot turn {path} on: {source} (in a container, pass --sysctl-dir with the host's /proc/sys mounted writable)")]
+    #[error("cannot turn {path} on: {source} (in a container, mount the host's /proc/sys/net writable and name it with --net-sysctl-dir)")]
     Sysctl { path: PathBuf, source: io::Error },
     #[error("cannot record the sysctls turned on: {0}")]
     Record(String),
@@ -49,7 +51,8 @@ pub enum SetUpError {
     Netns(#[from] crate::netns::NetnsError),
 }
 
-/// Adds the rules, routes and sysctls to the calling thread's netns. What is there already (a
+/// Adds the rules, routes and sysctls to the calling thread's netns; `sysctl_dir` is where
+/// its `/proc/sys/net` is. What is there already (a
 /// pod an earlier daemon enrolled) is kept as it is. IPv4 is required; IPv6 is routed where
 /// the netns has it (a failure there leaves IPv6 connections from the pod's own address).
 /// `record` is given the sysctls about to be turned on before they are, so that whoever tears
@@ -62,8 +65,13 @@ pub fn set_up(
     let v4 = add_family(libc::AF_INET as u8, lo).map_err(SetUpError::Route)?;
     let v6 = match add_family(libc::AF_INET6 as u8, lo) {
         Ok(added) => Some(added),
-        Err(e) => {
+        // No IPv6 in the netns (the kernel has none, or `disable_ipv6`).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EACCES)) => {
             tracing::debug!(error = %e, "no return routing for IPv6");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no return routing for IPv6: applications see IPv6 connections from the pod's own address");
             None
         }
     };
@@ -79,7 +87,7 @@ pub fn set_up(
         match std::fs::read_to_string(&path) {
             Ok(value) if value.trim() == "1" => {}
             Ok(_) => off |= flag,
-            Err(e) if v6.is_none() && e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if flag == IPV6_ONLY && v6.is_none() && e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => {
                 undo(v4, v6);
                 return Err(SetUpError::Sysctl { path, source });
