@@ -304,9 +304,12 @@ async fn authorize_and_connect(
         return Err(refusal);
     }
     let destination = request.destination_addr;
+    // Boxed: only the connect needs this much room, not the connection's life after it.
     let upstream = match from {
-        Some(source) => pod.connect_to_app(destination, source).await,
-        None => pod.connect_in_pod(destination).await.map(|s| (s, None)),
+        Some(source) => Box::pin(pod.connect_to_app(destination, source)).await,
+        None => Box::pin(pod.connect_in_pod(destination))
+            .await
+            .map(|s| (s, None)),
     };
     let (upstream, routing) = upstream.map_err(|e| {
         Refusal::new(
