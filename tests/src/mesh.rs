@@ -442,6 +442,10 @@ const FIGURES: &[Figure] = &[
         "without_client_address",
         &[("mycel_enrolled_without_client_address", &[])],
     ),
+    figure(
+        "delivered_from_own_address",
+        &[("mycel_delivered_from_own_address_total", &[])],
+    ),
     figure("cp_connected", &[("mycel_control_plane_connected", &[])]),
     figure(
         "config_errors",

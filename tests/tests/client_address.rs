@@ -351,3 +351,35 @@ fn plaintext_sees_its_client_and_forged_segments_do_not_reach_the_application() 
     assert_eq!(out["failed"], 0, "{out}");
     assert!(out["error"].is_null(), "{out}");
 }
+
+/// A connection that cannot be made from its source's address (here: the server's netns has
+/// two source ports, and three connections from one client are open at once) is made from
+/// the pod's own address instead, and counted; none fails.
+#[test]
+fn without_a_free_source_port_the_pods_address_is_used_and_counted() {
+    let mut topo = Topology::new(&[NodeSpec::new("n1", &["client", "server"])]).expect("topology");
+    let _server = Server::start(topo.pod("server"), PORT).expect("server app");
+    let (client, server) = (topo.pod("client").clone(), topo.pod("server").clone());
+    let yaml = format!(
+        "{}---\n{}",
+        workloads_yaml(&[&client, &server]),
+        mesh_config_yaml("tls", ""),
+    );
+    let name = format!("{}-no-port", topo.prefix);
+    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
+    let narrowed = Command::new("ip")
+        .args(["netns", "exec", &server.netns, "sysctl", "-q", "-w"])
+        .arg("net.ipv4.ip_local_port_range=40000 40001")
+        .status()
+        .expect("sysctl");
+    assert!(narrowed.success());
+    let out = app::run(
+        &client,
+        &["hold", &server.ipv4.to_string(), &PORT.to_string(), "3"],
+        T,
+    );
+    assert_eq!(out["ok"], 3, "{out}\n{}", n1.log());
+    let fell_back = n1.stat("delivered_from_own_address");
+    assert!((1..=2).contains(&fell_back), "{fell_back} of 3");
+}

@@ -244,6 +244,8 @@ pub struct ConnectionMetrics {
     connect: HistogramVec,
     /// Indexed as [`Plaintext::ALL`] is.
     plaintext: [IntCounter; 3],
+    /// Deliveries whose application saw the pod's own address instead of the source's.
+    own_address: IntCounter,
 }
 
 impl ConnectionMetrics {
@@ -292,6 +294,14 @@ impl ConnectionMetrics {
             &["transport", "session"],
         )?;
         registry.register(Box::new(connect.clone()))?;
+        let own_address = IntCounter::new(
+            format!("{PREFIX}_delivered_from_own_address_total"),
+            "Connections delivered to an application from its own pod address because one \
+             from the source's address could not be made (no source port left, an address the \
+             kernel refused); pods without return routing are in \
+             mycel_enrolled_without_client_address instead.",
+        )?;
+        registry.register(Box::new(own_address.clone()))?;
         let plaintext = counter(
             "plaintext_connections_total",
             "Plaintext connections to this node's pods from outside the mesh (PERMISSIVE mode), \
@@ -333,6 +343,7 @@ impl ConnectionMetrics {
             duration,
             connect,
             plaintext: Plaintext::ALL.map(|o| plaintext.with_label_values(&[o.as_str()])),
+            own_address,
         }))
     }
 
@@ -428,6 +439,11 @@ impl ConnectionMetrics {
 
     pub fn plaintext(&self, outcome: Plaintext) {
         self.plaintext[outcome as usize].inc();
+    }
+
+    /// A delivery that could not be made from its source's address and came from the pod's.
+    pub fn delivered_from_own_address(&self) {
+        self.own_address.inc();
     }
 
     /// Time an outbound connection took to reach its destination by `transport`, on a

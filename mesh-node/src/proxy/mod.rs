@@ -225,6 +225,7 @@ impl PodContext {
             Err(e) => e,
         };
         tracing::debug!(workload = %self.workload, %from, %dst, %error, "cannot connect from the source's address; connecting from the pod's");
+        self.shared.metrics.delivered_from_own_address();
         drop(in_use);
         Ok((self.connect_in_pod(dst).await?, None))
     }
