@@ -29,7 +29,7 @@
                                   in IPv6 fragments; to PORT, and as controls whole or behind a
                                   hop-by-hop header to OPEN. Prints {answered, silent}: the
                                   cases that got a SYN-ACK back and those that did not
-  app.py forge SRC SPORT DST DPORT  hand-made IPv4 TCP segments with a forged source SRC:SPORT
+  app.py forge SRC SPORT DST DPORT  hand-made TCP segments (IPv4 or IPv6) with a forged source SRC:SPORT
                                   (raw socket): a SYN, an ACK with data and a RST, each with
                                   made-up sequence numbers; prints {sent}
   app.py tunsyn PORT OPEN [NAME]  makes a tun interface NAME (hex; default "mtun0") in this
@@ -209,22 +209,33 @@ def ipv6_packet(src, dst, next_header, payload):
     return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, 64, src, dst) + payload
 
 
-def tcp_segment(src, dst, sport, dport, flags, seq, payload):
-    """An IPv4 TCP segment (20-byte header, then `payload`) with its checksum."""
+def tcp_segment(src, dst, sport, dport, flags, seq, payload, v6):
+    """A TCP segment (20-byte header, then `payload`) with its checksum for src/dst (bytes)."""
     header = struct.pack("!HHIIBBHHH", sport, dport, seq, seq ^ 0x5A5A5A5A, 5 << 4, flags,
                          65535, 0, 0)
-    pseudo = src + dst + struct.pack("!xBH", 6, len(header) + len(payload))
+    length = len(header) + len(payload)
+    if v6:
+        pseudo = src + dst + struct.pack("!IxxxB", length, 6)
+    else:
+        pseudo = src + dst + struct.pack("!xBH", 6, length)
     sum_ = checksum(pseudo + header + payload)
     return header[:16] + struct.pack("!H", sum_) + header[18:] + payload
 
 
 def forge(src, sport, dst, dport):
-    src_b, dst_b = socket.inet_aton(src), socket.inet_aton(dst)
+    v6 = ":" in dst
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    src_b, dst_b = socket.inet_pton(family, src), socket.inet_pton(family, dst)
     sent = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
         for ident, (flags, payload) in enumerate([(0x02, b""), (0x18, b"forged\n"), (0x04, b"")]):
-            segment = tcp_segment(src_b, dst_b, sport, dport, flags, 1000003 * (ident + 1), payload)
-            raw.sendto(ipv4_packet(src_b, dst_b, 0x4d00 + ident, 0, segment), (dst, 0))
+            segment = tcp_segment(src_b, dst_b, sport, dport, flags, 1000003 * (ident + 1),
+                                  payload, v6)
+            if v6:
+                packet = ipv6_packet(src_b, dst_b, 6, segment)
+            else:
+                packet = ipv4_packet(src_b, dst_b, 0x4d00 + ident, 0, segment)
+            raw.sendto(packet, (dst, 0))
             sent += 1
     print(json.dumps({"sent": sent}))
 

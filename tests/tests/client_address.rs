@@ -282,74 +282,80 @@ fn plaintext_sees_its_client_and_forged_segments_do_not_reach_the_application() 
     }
     assert!(n1.stat("ebpf_inbound_steered") >= 2, "it came as plaintext");
 
-    // A connection from client to server, open for 6 s; the application's side of it has the
-    // client's address and a port of the proxy's.
-    let host = server.ipv4.to_string();
-    let linger = app::start(&client, &["linger", &host, &PORT.to_string(), "6"]).expect("linger");
-    std::thread::sleep(Duration::from_secs(1));
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &server.netns,
-            "ss",
-            "-Htn",
-            "state",
-            "established",
-        ])
-        .arg(format!("( sport = :{PORT} )"))
-        .output()
-        .expect("ss");
-    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
-    let peer_port = listed
-        .lines()
-        .filter_map(|l| l.split_whitespace().last())
-        .find_map(|peer| {
-            // A dual-stack listener shows IPv4 peers as mapped addresses.
-            let peer = peer.strip_prefix("[::ffff:").map_or(peer, |p| p);
-            peer.strip_prefix(&format!("{}", client.ipv4))?
-                .trim_start_matches(']')
-                .strip_prefix(':')
-        })
-        .and_then(|p| p.parse::<u16>().ok())
-        .unwrap_or_else(|| panic!("no connection from the client's address:\n{listed}"));
+    // For each family: a connection from client to server, open for 6 s, whose application
+    // side has the client's address and a port of the proxy's; then someone else sends
+    // segments with that connection's addresses and ports, by the wire.
+    for (host, client_ip) in [
+        (server.ipv4.to_string(), client.ipv4.to_string()),
+        (server.ipv6.to_string(), client.ipv6.to_string()),
+    ] {
+        let linger =
+            app::start(&client, &["linger", &host, &PORT.to_string(), "6"]).expect("linger");
+        std::thread::sleep(Duration::from_secs(1));
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &server.netns,
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+            ])
+            .arg(format!("( sport = :{PORT} )"))
+            .output()
+            .expect("ss");
+        let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+        let peer_port = listed
+            .lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .find_map(|peer| {
+                // A dual-stack listener shows IPv4 peers as mapped addresses.
+                let peer = peer.trim_start_matches('[');
+                let peer = peer.strip_prefix("::ffff:").unwrap_or(peer);
+                peer.strip_prefix(client_ip.as_str())?
+                    .trim_start_matches(']')
+                    .strip_prefix(':')
+            })
+            .and_then(|p| p.parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("no connection from {client_ip}:\n{listed}"));
 
-    // Someone else sends segments with that connection's addresses and ports, by the wire.
-    let before = n1.stats().expect("stats");
-    let forged = app::run(
-        &outside,
-        &[
-            "forge",
-            &client.ipv4.to_string(),
-            &peer_port.to_string(),
-            &host,
-            &PORT.to_string(),
-        ],
-        T,
-    );
-    assert_eq!(forged["sent"], 3, "{forged}");
-    let d = |after: &std::collections::BTreeMap<String, u64>, k: &str| after[k] - before[k];
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let after = loop {
-        let after = n1.stats().expect("stats");
-        if d(&after, "ebpf_inbound_spoofed") >= 2 || std::time::Instant::now() > deadline {
-            break after;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(
-        d(&after, "ebpf_inbound_spoofed"),
-        2,
-        "the ACK and the RST: {after:?}"
-    );
-    assert_eq!(
-        d(&after, "ebpf_inbound_tuple_in_use"),
-        1,
-        "the SYN: {after:?}"
-    );
-    let out = app::finish(linger, T);
-    assert_eq!(out["failed"], 0, "{out}");
-    assert!(out["error"].is_null(), "{out}");
+        let before = n1.stats().expect("stats");
+        let forged = app::run(
+            &outside,
+            &[
+                "forge",
+                &client_ip,
+                &peer_port.to_string(),
+                &host,
+                &PORT.to_string(),
+            ],
+            T,
+        );
+        assert_eq!(forged["sent"], 3, "{forged}");
+        let d = |after: &std::collections::BTreeMap<String, u64>, k: &str| after[k] - before[k];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let after = loop {
+            let after = n1.stats().expect("stats");
+            if d(&after, "ebpf_inbound_spoofed") >= 2 || std::time::Instant::now() > deadline {
+                break after;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(
+            d(&after, "ebpf_inbound_spoofed"),
+            2,
+            "{host}: the ACK and the RST: {after:?}"
+        );
+        assert_eq!(
+            d(&after, "ebpf_inbound_tuple_in_use"),
+            1,
+            "{host}: the SYN: {after:?}"
+        );
+        let out = app::finish(linger, T);
+        assert_eq!(out["failed"], 0, "{host}: {out}");
+        assert!(out["error"].is_null(), "{host}: {out}");
+    }
 }
 
 /// A connection that cannot be made from its source's address (here: the server's netns has
