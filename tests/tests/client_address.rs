@@ -20,32 +20,62 @@ const TABLE: &str = "19779";
 
 mesh_tests::on_both_transports!(the_application_sees_the_source_pod_and_nothing_is_left_after,);
 
+/// One node where `client` and `server` are in the mesh (with `mesh_spec` in its MeshConfig)
+/// and `outside` is not; the server's application listens on PORT. mesh-node runs with `args`.
+struct OneNode {
+    n1: MeshNode,
+    _cp: ControlPlane,
+    _server: Server,
+    client: Pod,
+    server: Pod,
+    outside: Pod,
+    /// Last, so it is dropped last: the daemon stops before the topology goes.
+    _topo: Topology,
+}
+
+fn one_node(test: &str, mesh_spec: &str, args: &[&str]) -> OneNode {
+    let mut topo =
+        Topology::new(&[NodeSpec::new("n1", &["client", "server", "outside"])]).expect("topology");
+    let server_app = Server::start(topo.pod("server"), PORT).expect("server app");
+    let (client, server, outside) = (
+        topo.pod("client").clone(),
+        topo.pod("server").clone(),
+        topo.pod("outside").clone(),
+    );
+    let yaml = format!(
+        "{}---\n{}",
+        workloads_yaml(&[&client, &server]),
+        mesh_config_yaml("tls", mesh_spec),
+    );
+    let name = format!("{}-{test}", topo.prefix);
+    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
+    let n1 = MeshNode::join_with(&mut topo, "n1", &cp, 2, args).expect("mesh-node n1");
+    OneNode {
+        n1,
+        _cp: cp,
+        _server: server_app,
+        client,
+        server,
+        outside,
+        _topo: topo,
+    }
+}
+
 /// Where the return routing cannot be made (here: no sysctls where mesh-node is told to write
 /// them), the pod is enrolled all the same, its application sees the pod's own address as it
 /// did before, the metric says how many pods are in that state, and nothing half-made is left.
 #[test]
 fn without_return_routing_the_application_sees_its_own_address() {
-    let mut topo = Topology::new(&[NodeSpec::new("n1", &["client", "server"])]).expect("topology");
-    let _server = Server::start(topo.pod("server"), PORT).expect("server app");
-    let (client, server) = (topo.pod("client").clone(), topo.pod("server").clone());
-    let yaml = format!(
-        "{}---\n{}",
-        workloads_yaml(&[&client, &server]),
-        mesh_config_yaml("tls", ""),
-    );
-    let name = format!("{}-no-return-routing", topo.prefix);
-    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
-    let missing = std::env::temp_dir().join(format!("{}-no-sysctls", topo.prefix));
-    let n1 = MeshNode::join_with(
-        &mut topo,
-        "n1",
-        &cp,
-        2,
+    // A directory no test makes: the name of one that exists nowhere.
+    let missing = std::env::temp_dir().join(format!("mycel-no-sysctls-{}", std::process::id()));
+    let m = one_node(
+        "no-return-routing",
+        "",
         &["--net-sysctl-dir", &missing.to_string_lossy()],
-    )
-    .expect("mesh-node n1");
+    );
+    let (n1, client, server) = (&m.n1, &m.client, &m.server);
     let url = format!("http://{}:{PORT}/whoami", server.ipv4);
-    let out = app::run(&client, &["get", &url], T);
+    let out = app::run(client, &["get", &url], T);
     assert_eq!(out["status"], 200, "{out}");
     assert_eq!(out["body"], server.ipv4.to_string(), "{out}");
     assert_eq!(n1.stat("without_client_address"), 2);
@@ -55,7 +85,7 @@ fn without_return_routing_the_application_sees_its_own_address() {
         "{}",
         n1.log()
     );
-    for pod in [&client, &server] {
+    for pod in [client, server] {
         let (rules, routes, _) = return_routing(pod);
         assert_eq!((rules.as_str(), routes.as_str()), ("", ""), "{}", pod.name);
     }
@@ -252,22 +282,8 @@ fn the_application_sees_the_source_pod_and_nothing_is_left_after(transport: &str
 /// connection's addresses and ports, so the connection carries on untouched.
 #[test]
 fn plaintext_sees_its_client_and_forged_segments_do_not_reach_the_application() {
-    let mut topo =
-        Topology::new(&[NodeSpec::new("n1", &["client", "server", "outside"])]).expect("topology");
-    let _server = Server::start(topo.pod("server"), PORT).expect("server app");
-    let (client, server, outside) = (
-        topo.pod("client").clone(),
-        topo.pod("server").clone(),
-        topo.pod("outside").clone(),
-    );
-    let yaml = format!(
-        "{}---\n{}",
-        workloads_yaml(&[&client, &server]),
-        mesh_config_yaml("tls", "mtls: { mode: Permissive }"),
-    );
-    let name = format!("{}-forged", topo.prefix);
-    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
-    let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
+    let m = one_node("forged", "mtls: { mode: Permissive }", &[]);
+    let (n1, client, server, outside) = (&m.n1, &m.client, &m.server, &m.outside);
 
     // Plaintext from outside the mesh, both families.
     let v6 = |ip: std::net::Ipv6Addr| format!("[{ip}]");
@@ -276,7 +292,7 @@ fn plaintext_sees_its_client_and_forged_segments_do_not_reach_the_application() 
         (v6(server.ipv6), outside.ipv6.to_string()),
     ] {
         let url = format!("http://{host}:{PORT}/whoami");
-        let out = app::run(&outside, &["get", &url], T);
+        let out = app::run(outside, &["get", &url], T);
         assert_eq!(out["status"], 200, "{url}: {out}");
         assert_eq!(out["body"], seen, "{url}: {out}\n{}", n1.log());
     }
@@ -290,7 +306,7 @@ fn plaintext_sees_its_client_and_forged_segments_do_not_reach_the_application() 
         (server.ipv6.to_string(), client.ipv6.to_string()),
     ] {
         let linger =
-            app::start(&client, &["linger", &host, &PORT.to_string(), "6"]).expect("linger");
+            app::start(client, &["linger", &host, &PORT.to_string(), "6"]).expect("linger");
         std::thread::sleep(Duration::from_secs(1));
         let out = Command::new("ip")
             .args([
@@ -322,7 +338,7 @@ fn plaintext_sees_its_client_and_forged_segments_do_not_reach_the_application() 
 
         let before = n1.stats().expect("stats");
         let forged = app::run(
-            &outside,
+            outside,
             &[
                 "forge",
                 &client_ip,
@@ -363,17 +379,8 @@ fn plaintext_sees_its_client_and_forged_segments_do_not_reach_the_application() 
 /// the pod's own address instead, and counted; none fails.
 #[test]
 fn without_a_free_source_port_the_pods_address_is_used_and_counted() {
-    let mut topo = Topology::new(&[NodeSpec::new("n1", &["client", "server"])]).expect("topology");
-    let _server = Server::start(topo.pod("server"), PORT).expect("server app");
-    let (client, server) = (topo.pod("client").clone(), topo.pod("server").clone());
-    let yaml = format!(
-        "{}---\n{}",
-        workloads_yaml(&[&client, &server]),
-        mesh_config_yaml("tls", ""),
-    );
-    let name = format!("{}-no-port", topo.prefix);
-    let cp = ControlPlane::start(&name, &[("mesh.yaml", &yaml)]).expect("mesh-cp");
-    let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
+    let m = one_node("no-port", "", &[]);
+    let (n1, client, server) = (&m.n1, &m.client, &m.server);
     let narrowed = Command::new("ip")
         .args(["netns", "exec", &server.netns, "sysctl", "-q", "-w"])
         .arg("net.ipv4.ip_local_port_range=40000 40001")
@@ -381,7 +388,7 @@ fn without_a_free_source_port_the_pods_address_is_used_and_counted() {
         .expect("sysctl");
     assert!(narrowed.success());
     let out = app::run(
-        &client,
+        client,
         &["hold", &server.ipv4.to_string(), &PORT.to_string(), "3"],
         T,
     );

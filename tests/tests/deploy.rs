@@ -258,12 +258,7 @@ fn scrape_annotations_point_at_the_metrics_ports() {
                 .collect();
             assert!(ports.contains(&Some(port)), "{name}: {ports:?}");
         }
-        let args: Vec<_> = container["args"]
-            .as_array()
-            .expect("args")
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
+        let args = args_of(container);
         let listen = format!("--metrics-listen=0.0.0.0:{port}");
         assert!(args.contains(&listen.as_str()), "{name}: {args:?}");
     }
@@ -281,12 +276,7 @@ fn the_node_daemon_upgrades_beside_the_old_one_and_pins_on_the_host() {
     assert_eq!(rolling["maxUnavailable"], 0, "{rolling}");
     let pod = &ds["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
-    let args: Vec<&str> = container["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let args = args_of(container);
     let drain: f64 = args
         .iter()
         .find_map(|a| a.strip_prefix("--drain-timeout="))
@@ -301,18 +291,7 @@ fn the_node_daemon_upgrades_beside_the_old_one_and_pins_on_the_host() {
         "grace {grace} s must cover the drain {drain} s"
     );
     assert!(args.contains(&"--bpffs=/sys/fs/bpf"), "{args:?}");
-    let mount = container["volumeMounts"]
-        .as_array()
-        .expect("volumeMounts")
-        .iter()
-        .find(|m| m["mountPath"] == "/sys/fs/bpf")
-        .expect("a mount at /sys/fs/bpf");
-    let volume = pod["volumes"]
-        .as_array()
-        .expect("volumes")
-        .iter()
-        .find(|v| v["name"] == mount["name"])
-        .expect("its volume");
+    let (_, volume) = mount_at(pod, container, "/sys/fs/bpf");
     assert_eq!(volume["hostPath"]["path"], "/sys/fs/bpf", "{volume}");
 }
 
@@ -324,38 +303,46 @@ fn the_node_daemon_writes_pod_sysctls_through_a_writable_mount() {
     let docs = documents(&kustomize(&deploy("")));
     let pod = &find(&docs, "DaemonSet", "mycel-node")["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
-    let dir = container["args"]
+    let dir = args_of(container)
+        .into_iter()
+        .find_map(|a| a.strip_prefix("--net-sysctl-dir="))
+        .expect("--net-sysctl-dir");
+    let (mount, volume) = mount_at(pod, container, dir);
+    assert_ne!(mount["readOnly"], true, "{mount}");
+    assert_eq!(volume["hostPath"]["path"], "/proc/sys/net", "{volume}");
+}
+
+/// A container's arguments.
+fn args_of(container: &Value) -> Vec<&str> {
+    container["args"]
         .as_array()
         .expect("args")
         .iter()
         .filter_map(Value::as_str)
-        .find_map(|a| a.strip_prefix("--net-sysctl-dir="))
-        .expect("--net-sysctl-dir");
+        .collect()
+}
+
+/// The container's volume mount at `path`, and the pod's volume it mounts.
+fn mount_at<'a>(pod: &'a Value, container: &'a Value, path: &str) -> (&'a Value, &'a Value) {
     let mount = container["volumeMounts"]
         .as_array()
         .expect("volumeMounts")
         .iter()
-        .find(|m| m["mountPath"] == dir)
-        .unwrap_or_else(|| panic!("no mount at {dir}"));
-    assert_ne!(mount["readOnly"], true, "{mount}");
+        .find(|m| m["mountPath"] == path)
+        .unwrap_or_else(|| panic!("no mount at {path}"));
     let volume = pod["volumes"]
         .as_array()
         .expect("volumes")
         .iter()
         .find(|v| v["name"] == mount["name"])
         .expect("its volume");
-    assert_eq!(volume["hostPath"]["path"], "/proc/sys/net", "{volume}");
+    (mount, volume)
 }
 
 /// A container's arguments are flags its binary has, with values it accepts: `--help` after
 /// them exits 0 only if everything before it parses. And the check can fail: an unknown flag.
 fn assert_arguments_parse(binary: (&str, &str), container: &Value) {
-    let args: Vec<&str> = container["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let args = args_of(container);
     let bin = mesh_tests::mesh::sibling_bin(binary.0, binary.1);
     let run = |extra: &[&str]| {
         Command::new(&bin)
