@@ -102,6 +102,17 @@ impl NetnsWorker {
     }
 }
 
+/// A non-blocking TCP socket for `addr`'s family, in the calling thread's netns.
+pub fn tcp_socket(addr: std::net::SocketAddr) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
 /// The kernel's cookie for the netns a socket lives in (`SO_NETNS_COOKIE`, Linux 5.14+); the
 /// eBPF programs see the same value from `bpf_get_netns_cookie`.
 /// The cookie of the calling thread's netns (read from a socket made there for the purpose).

@@ -50,7 +50,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     capture::Capture,
-    netns::NetnsWorker,
+    netns::{tcp_socket, NetnsWorker},
     transparent::{self, InUse, NetnsRoutes, PlaintextPeers},
     workloads::WorkloadId,
 };
@@ -251,17 +251,6 @@ impl PodContext {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
-}
-
-/// A non-blocking TCP socket for `addr`'s family, in the calling thread's netns.
-fn tcp_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
 }
 
 /// Binds a listener; call on the pod's netns thread.

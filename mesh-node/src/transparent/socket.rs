@@ -28,12 +28,7 @@ pub fn socket_from(
     /// plaintext connections the pod holds from that address, out of some 28,000.
     const TRIES: usize = 8;
     for _ in 0..TRIES {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(dst),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_nonblocking(true)?;
+        let socket = crate::netns::tcp_socket(dst)?;
         if dst.is_ipv6() {
             socket.set_ip_transparent_v6(true)?;
         } else {
