@@ -17,7 +17,8 @@ pub use traffic::TrafficError;
 use std::net::IpAddr;
 
 use mesh_model::{
-    Action, AppProtocol, MeshConfig, Mode, MtlsMode, Service, ServicePort, Transport, Workload,
+    Action, AppProtocol, LocalHop, MeshConfig, Mode, MtlsMode, Service, ServicePort, Transport,
+    Workload,
 };
 
 use crate::{ip_to_bytes, v1};
@@ -34,6 +35,8 @@ pub enum EnumError {
     MtlsMode(i32),
     #[error("transport {0} is neither TLS nor QUIC")]
     Transport(i32),
+    #[error("local hop {0} is neither SOCKMAP nor TCP")]
+    LocalHop(i32),
 }
 
 /// A protobuf enum as its message carries it, an `i32`, which may be a number this build does
@@ -74,6 +77,34 @@ impl WireEnum for v1::MtlsMode {
 impl WireEnum for v1::Transport {
     fn unknown(raw: i32) -> EnumError {
         EnumError::Transport(raw)
+    }
+}
+
+impl WireEnum for v1::LocalHop {
+    fn unknown(raw: i32) -> EnumError {
+        EnumError::LocalHop(raw)
+    }
+}
+
+impl From<LocalHop> for v1::LocalHop {
+    fn from(h: LocalHop) -> Self {
+        match h {
+            LocalHop::Sockmap => v1::LocalHop::Sockmap,
+            LocalHop::Tcp => v1::LocalHop::Tcp,
+        }
+    }
+}
+
+impl TryFrom<v1::LocalHop> for LocalHop {
+    type Error = EnumError;
+
+    /// UNSPECIFIED comes from a control plane older than the setting: the default (TCP).
+    fn try_from(h: v1::LocalHop) -> Result<Self, EnumError> {
+        Ok(match h {
+            v1::LocalHop::Unspecified => LocalHop::default(),
+            v1::LocalHop::Sockmap => LocalHop::Sockmap,
+            v1::LocalHop::Tcp => LocalHop::Tcp,
+        })
     }
 }
 
@@ -175,6 +206,7 @@ impl From<&MeshConfig> for v1::MeshSettings {
             plaintext_ports: m.plaintext_ports.iter().map(|p| u32::from(*p)).collect(),
             transport: v1::Transport::from(m.transport).into(),
             root_namespace: m.root_namespace.clone(),
+            local_hop: v1::LocalHop::from(m.local_hop).into(),
         }
     }
 }
@@ -300,6 +332,12 @@ mod tests {
             decode_enum::<v1::Transport, Transport>(0),
             Ok(Transport::Tls)
         );
+        for h in [LocalHop::Tcp, LocalHop::Sockmap] {
+            let raw = i32::from(v1::LocalHop::from(h));
+            assert_eq!(decode_enum::<v1::LocalHop, LocalHop>(raw), Ok(h));
+        }
+        // An older control plane sends none: loopback TCP.
+        assert_eq!(decode_enum::<v1::LocalHop, LocalHop>(0), Ok(LocalHop::Tcp));
         let refused = [
             decode_enum::<v1::PolicyAction, Action>(0).map(|_| ()),
             decode_enum::<v1::PolicyAction, Action>(9).map(|_| ()),

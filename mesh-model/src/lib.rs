@@ -22,5 +22,5 @@ pub use resource::{
     DEFAULT_CERT_TTL, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, MAX_CERT_TTL, MIN_CERT_TTL,
     RESERVED_PORTS,
 };
-pub use spec::{Action, AppProtocol, Mode, MtlsMode, Transport};
+pub use spec::{Action, AppProtocol, LocalHop, Mode, MtlsMode, Transport};
 pub use validate::is_dns_label;

@@ -12,7 +12,7 @@ use crate::{
     duration, identity,
     object_key::ObjectKey,
     policy::{self, AccessPolicy},
-    spec::{AccessPolicySpec, Action, AppProtocol, MeshConfigSpec, MtlsMode, Transport},
+    spec::{AccessPolicySpec, Action, AppProtocol, LocalHop, MeshConfigSpec, MtlsMode, Transport},
     traffic::{self, ServiceRoute, TrafficPolicy},
     validate::{check_label, check_labels, one_line},
     SpiffeId,
@@ -36,6 +36,8 @@ pub struct MeshConfig {
     pub plaintext_ports: Vec<u16>,
     /// What sources use for tunnels to other nodes.
     pub transport: Transport,
+    /// How bytes cross the hop between an application and the node proxy in its pod.
+    pub local_hop: LocalHop,
 }
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -57,6 +59,7 @@ impl Default for MeshConfig {
             mtls: MtlsMode::Permissive,
             plaintext_ports: Vec::new(),
             transport: Transport::default(),
+            local_hop: LocalHop::default(),
         }
     }
 }
@@ -289,6 +292,7 @@ fn mesh_config(spec: serde_yaml::Value) -> Result<MeshConfig, String> {
     }
     out.plaintext_ports.sort_unstable();
     out.transport = raw.transport.unwrap_or_default();
+    out.local_hop = raw.local_hop.unwrap_or_default();
     Ok(out)
 }
 
@@ -452,6 +456,18 @@ mod tests {
                 ..MeshConfig::default()
             })
         );
+        assert_eq!(MeshConfig::default().local_hop, crate::LocalHop::Tcp);
+        let m = parse(&format!(
+            "{HEAD}kind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{localHop: sockmap}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            m,
+            Resource::MeshConfig(MeshConfig {
+                local_hop: crate::LocalHop::Sockmap,
+                ..MeshConfig::default()
+            })
+        );
     }
 
     #[test]
@@ -529,6 +545,7 @@ mod tests {
             ("kind: MeshConfig\nmetadata: {name: m}\nspec: {mtls: {plaintextPorts: [15008]}}".into(), "spec.mtls.plaintextPorts[0]"),
             ("kind: MeshConfig\nmetadata: {name: m}\nspec: {mtls: {mode: strict}}".into(), "strict"),
             ("kind: MeshConfig\nmetadata: {name: m}\nspec: {transport: tcp}".into(), "tcp"),
+            ("kind: MeshConfig\nmetadata: {name: m}\nspec: {localHop: splice}".into(), "splice"),
         ];
         for (body, needle) in cases {
             let e = parse(&format!("{HEAD}{body}\n")).unwrap_err();

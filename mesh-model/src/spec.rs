@@ -239,6 +239,13 @@ pub struct MeshConfigSpec {
     /// pods, one stream per application connection) [default: tls].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// How bytes cross the hop between an application and the node proxy inside its pod:
+    /// `tcp` (loopback TCP) or `sockmap` (experimental: from socket to socket in the kernel;
+    /// the kernel applies no backpressure there, so a fast sender can exhaust the node's TCP
+    /// memory and then gets ENOMEM, and a blocking read that waits when its peer resets gets
+    /// EAGAIN). A change applies to new connections [default: tcp].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_hop: Option<LocalHop>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -287,6 +294,26 @@ impl fmt::Display for Transport {
         f.write_str(match self {
             Transport::Tls => "tls",
             Transport::Quic => "quic",
+        })
+    }
+}
+
+/// How bytes cross the pod-local hop (application ↔ node proxy, inside the pod's netns).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[cfg_attr(feature = "crd", derive(JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum LocalHop {
+    #[default]
+    Tcp,
+    Sockmap,
+}
+
+impl fmt::Display for LocalHop {
+    /// As written in YAML.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LocalHop::Sockmap => "sockmap",
+            LocalHop::Tcp => "tcp",
         })
     }
 }
