@@ -56,6 +56,11 @@ pub mod names {
     pub const OPEN_PORTS: &str = "OPEN_PORTS";
     pub const INBOUND_MODE: &str = "INBOUND_MODE";
     pub const PROXY_CGROUPS: &str = "PROXY_CGROUPS";
+    pub const HOP_SOCKS: &str = "HOP_SOCKS";
+    pub const HOP_STATE: &str = "HOP_STATE";
+    pub const LOCAL_HOP: &str = "LOCAL_HOP";
+    /// The `sk_msg` program of the local hop, attached to `HOP_SOCKS`.
+    pub const HOP: &str = "mycel_hop";
     pub const INBOUND: &str = "mycel_inbound";
     /// The inbound program for interfaces without an Ethernet header (tunnels, tun, ...).
     pub const INBOUND_L3: &str = "mycel_inbound_l3";
@@ -105,6 +110,34 @@ pub struct FastDenyKey {
     pub dst: SockAddr,
     pub _pad: u32,
 }
+
+/// Key of `HOP_SOCKS`: a socket of the pod-local hop (an application's socket and the node
+/// proxy's in the pod's netns) by its netns cookie and its own addresses, as its peer sees them
+/// reversed. Ports in host byte order; an IPv4-mapped IPv6 pair in the `AF_INET` form, so that a
+/// dual-stack application socket meets the proxy's IPv4 one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HopKey {
+    pub netns_cookie: u64,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// `LOCAL_HOP[0]`: new hop sockets join `HOP_SOCKS` and their bytes go socket to socket. Any
+/// other value: they stay on loopback TCP (connections already joined keep their path).
+pub const LOCAL_HOP_SOCKMAP: u32 = 1;
+
+/// `HOP_STATE` values, by the socket's own [`HopKey`]: how a hop socket's sends travel. A socket joins
+/// `HOP_SOCKS` only after its entry is written `HOP_UNDECIDED`; its first send decides, and a
+/// socket whose bytes went by TCP never goes direct (redirected bytes are read before the TCP
+/// queue, so that order would reorder the stream). Direct then TCP keeps the order.
+pub const HOP_UNDECIDED: u32 = 0;
+pub const HOP_DIRECT: u32 = 1;
+pub const HOP_TCP: u32 = 2;
 
 /// Value of `ENROLLED`, keyed by netns cookie.
 #[repr(C)]
@@ -164,6 +197,15 @@ pub enum Counter {
     /// its address), dropped: it would take that connection's packets. The client's SYN
     /// retransmits wait until that connection ends.
     InboundTupleInUse = 13,
+    /// A pod-local hop socket's first send went socket to socket (`sk_msg` redirect); so do
+    /// the rest of its sends while its peer is open.
+    HopDirect = 14,
+    /// A pod-local hop socket's first send found no peer socket in the map (it had not joined
+    /// yet), so that direction of the connection stays on loopback TCP.
+    HopTcp = 15,
+    /// A pod-local hop socket could not join the socket map (it or the state map is full):
+    /// its connection stays on loopback TCP.
+    HopFull = 16,
 }
 
 /// The mark on the node proxy's sockets toward a pod's application, which the application's
@@ -171,7 +213,7 @@ pub enum Counter {
 pub const TRANSPARENT_MARK: u32 = 0x4d43_0001;
 
 impl Counter {
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 17] = [
         Counter::Redirected,
         Counter::SkippedNotEnrolled,
         Counter::SkippedProxy,
@@ -186,6 +228,9 @@ impl Counter {
         Counter::InboundFragment,
         Counter::InboundSpoofed,
         Counter::InboundTupleInUse,
+        Counter::HopDirect,
+        Counter::HopTcp,
+        Counter::HopFull,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -205,6 +250,9 @@ impl Counter {
             Counter::InboundFragment => "inbound_fragment",
             Counter::InboundSpoofed => "inbound_spoofed",
             Counter::InboundTupleInUse => "inbound_tuple_in_use",
+            Counter::HopDirect => "hop_direct",
+            Counter::HopTcp => "hop_tcp",
+            Counter::HopFull => "hop_full",
         }
     }
 }
@@ -218,4 +266,5 @@ mod pod {
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::FastDenyKey {}
     unsafe impl aya::Pod for super::Enrollment {}
+    unsafe impl aya::Pod for super::HopKey {}
 }

@@ -29,33 +29,44 @@
 //! rather than a load-time constant because the maps outlive the daemon (they are pinned):
 //! during an upgrade the old and the new daemon, each in its own cgroup, both proxy.
 //!
+//! The pod-local hop (an application's socket and the node proxy's in the pod's netns, both
+//! ways: the app's redirected connect and the proxy's accepted socket on the outbound port; the
+//! proxy's transparent delivery socket and the app's accepted one, both marked) can skip
+//! loopback TCP: `sock_ops` puts those sockets into `HOP_SOCKS` as they become established, and
+//! `mycel_hop` (`sk_msg`, attached to that map) hands each send to the peer socket's receive
+//! queue. A socket's first send decides its direction for good (`HOP_STATE`).
+//!
 //! Every decision bumps a per-CPU counter; user space sums them.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_tuple, tcx_action_base::{TCX_DROP, TCX_NEXT, TCX_PASS}, BPF_F_CURRENT_NETNS,
-        BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        bpf_sock_tuple, sk_action::SK_PASS, tcx_action_base::{TCX_DROP, TCX_NEXT, TCX_PASS},
+        BPF_EXIST, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_assign,
         bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, classifier, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use core::ptr::read_volatile;
 use mesh_ebpf_common::{
-    Counter, Enrollment, FastDenyKey, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
-    ENROLLED_CAPACITY, FAST_DENY_CAPACITY, INBOUND_PERMISSIVE, INBOUND_STRICT,
-    OPEN_PORTS_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT, PLAINTEXT_PORT, PROXY_CGROUPS_CAPACITY,
-    TRANSPARENT_MARK, TUNNEL_PORT,
+    Counter, Enrollment, FastDenyKey, HopKey, OrigDst, SockAddr, TupleKey, AF_INET, AF_INET6,
+    ENROLLED_CAPACITY, FAST_DENY_CAPACITY, HOP_DIRECT, HOP_TCP, HOP_UNDECIDED, INBOUND_PERMISSIVE,
+    INBOUND_STRICT, LOCAL_HOP_SOCKMAP, OPEN_PORTS_CAPACITY, ORIG_DST_CAPACITY, OUTBOUND_PORT,
+    PLAINTEXT_PORT, PROXY_CGROUPS_CAPACITY, TRANSPARENT_MARK, TUNNEL_PORT,
 };
+
+const EBUSY: i32 = -16;
+const EEXIST: i32 = -17;
 
 /// Let the syscall proceed (with whatever the program wrote into the context).
 const ALLOW: i32 = 1;
@@ -99,6 +110,21 @@ static OPEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(OPEN_PORTS_CAPA
 /// The program is only attached to enrolled pods' interfaces, so the mode is all it needs.
 #[map]
 static INBOUND_MODE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The pod-local hop's sockets, by [`HopKey`]. A socket leaves it when it closes.
+#[map]
+static HOP_SOCKS: SockHash<HopKey> = SockHash::with_max_entries(2 * ORIG_DST_CAPACITY, 0);
+
+/// How each hop socket's sends travel (`HOP_*`), by its own key (`sk_msg` cannot read a
+/// socket cookie). LRU: the node proxy's sockets may close after its daemon (whose cgroup
+/// link runs their close callback) is gone. An entry that goes early only moves its socket's
+/// later sends to TCP, which keeps the order.
+#[map]
+static HOP_STATE: LruHashMap<HopKey, u32> = LruHashMap::with_max_entries(2 * ORIG_DST_CAPACITY, 0);
+
+/// `LOCAL_HOP_SOCKMAP` when new hop sockets join `HOP_SOCKS` (the mesh's `localHop`).
+#[map]
+static LOCAL_HOP: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -326,10 +352,207 @@ fn client_key(ctx: &SockOpsContext) -> TupleKey {
 pub fn mycel_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx, true),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, false),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     0
+}
+
+/// A socket's addresses as `sock_ops` or `sk_msg` present them (the same field names).
+struct Tuple {
+    family: u32,
+    local: [u32; 4],
+    remote: [u32; 4],
+    /// Host byte order.
+    local_port: u32,
+    /// As the context has it: the network-order port, shifted into the upper half on
+    /// little-endian kernels.
+    remote_port: u32,
+}
+
+/// Reads a [`Tuple`] from a context pointer; volatile loads at constant offsets, as the
+/// verifier requires (see [`client_key`]).
+macro_rules! tuple_of_ctx {
+    ($ptr:expr) => {{
+        let p = $ptr;
+        // SAFETY: the verifier guarantees `p` points at a valid context of its type.
+        unsafe {
+            let family = read_volatile(&(*p).family);
+            let (local, remote) = if family == u32::from(AF_INET6) {
+                (
+                    [
+                        read_volatile(&(*p).local_ip6[0]),
+                        read_volatile(&(*p).local_ip6[1]),
+                        read_volatile(&(*p).local_ip6[2]),
+                        read_volatile(&(*p).local_ip6[3]),
+                    ],
+                    [
+                        read_volatile(&(*p).remote_ip6[0]),
+                        read_volatile(&(*p).remote_ip6[1]),
+                        read_volatile(&(*p).remote_ip6[2]),
+                        read_volatile(&(*p).remote_ip6[3]),
+                    ],
+                )
+            } else {
+                (
+                    [read_volatile(&(*p).local_ip4), 0, 0, 0],
+                    [read_volatile(&(*p).remote_ip4), 0, 0, 0],
+                )
+            };
+            Tuple {
+                family,
+                local,
+                remote,
+                local_port: read_volatile(&(*p).local_port),
+                remote_port: read_volatile(&(*p).remote_port),
+            }
+        }
+    }};
+}
+
+#[inline(always)]
+fn is_v4_mapped(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == u32::to_be(0xffff)
+}
+
+/// The key of the socket with tuple `t` in netns `netns_cookie`; with `reversed`, of its peer
+/// on the same host (the addresses and ports swapped).
+#[inline(always)]
+fn hop_key(netns_cookie: u64, t: &Tuple, reversed: bool) -> HopKey {
+    let remote_be = if t.remote_port & 0xffff == 0 {
+        (t.remote_port >> 16) as u16
+    } else {
+        t.remote_port as u16
+    };
+    let remote_port = u16::from_be(remote_be);
+    let local_port = t.local_port as u16;
+    let (mut family, mut local, mut remote) = (t.family as u16, t.local, t.remote);
+    if family == AF_INET6 && is_v4_mapped(&local) && is_v4_mapped(&remote) {
+        family = AF_INET;
+        local = [local[3], 0, 0, 0];
+        remote = [remote[3], 0, 0, 0];
+    }
+    let (local, remote, local_port, remote_port) = if reversed {
+        (remote, local, remote_port, local_port)
+    } else {
+        (local, remote, local_port, remote_port)
+    };
+    HopKey {
+        netns_cookie,
+        local,
+        remote,
+        local_port,
+        remote_port,
+        family,
+        _pad: 0,
+    }
+}
+
+/// The socket's mark, 0 when the context has no full socket.
+#[inline(always)]
+fn mark_of(ctx: &SockOpsContext) -> u32 {
+    // SAFETY: the verifier guarantees `ops` points at a valid bpf_sock_ops; its `sk` is
+    // checked for null before use.
+    unsafe {
+        let sk = read_volatile(&(*ctx.ops).__bindgen_anon_2.sk);
+        if sk.is_null() {
+            return 0;
+        }
+        (*sk).mark
+    }
+}
+
+/// Whether an established socket is one of a pod-local hop, whose bytes may go socket to
+/// socket: the application's connect the connect hook redirected (it has a record) and the
+/// proxy's transparent delivery socket (marked) when it connected; the proxy's socket on the
+/// outbound port and the application's accepted delivery (marked, by `tcp_fwmark_accept`)
+/// when it was accepted.
+#[inline(always)]
+fn is_hop_socket(ctx: &SockOpsContext, active: bool, cookie: u64) -> bool {
+    if mark_of(ctx) == TRANSPARENT_MARK {
+        return true;
+    }
+    if active {
+        // SAFETY: read-only lookup of a plain value.
+        unsafe { ORIG_BY_COOKIE.get(&cookie) }.is_some()
+    } else {
+        // SAFETY: the verifier guarantees `ops` points at a valid bpf_sock_ops.
+        let port = unsafe { read_volatile(&(*ctx.ops).local_port) };
+        port == u32::from(OUTBOUND_PORT)
+    }
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext, active: bool) {
+    if LOCAL_HOP.get(0).copied().unwrap_or(0) != LOCAL_HOP_SOCKMAP {
+        return;
+    }
+    // SAFETY: helper is allowed for sock_ops programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { ENROLLED.get(&netns) }.is_none() {
+        return;
+    }
+    // SAFETY: helper is allowed for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if !is_hop_socket(ctx, active, cookie) {
+        return;
+    }
+    let mut key = hop_key(netns, &tuple_of_ctx!(ctx.ops), false);
+    // The state first: a socket in the map without one goes by TCP for good. It replaces
+    // what a closed socket with the same addresses may have left (its close callback did not
+    // run when its daemon's cgroup link was gone).
+    if HOP_STATE.insert(&key, &HOP_UNDECIDED, 0).is_err() {
+        count(Counter::HopFull);
+        return;
+    }
+    // The close callback removes the state early; without it the LRU ages it out.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // SAFETY: the verifier guarantees `ops` points at a valid bpf_sock_ops.
+    match HOP_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        // Joined already (EEXIST, or EBUSY: it has a send hook): the same socket seen by a
+        // second cgroup's link, the daemon's own cgroup below the captured one.
+        Err(EBUSY | EEXIST) => {}
+        Err(_) => {
+            count(Counter::HopFull);
+            let _ = HOP_STATE.remove(&key);
+        }
+    }
+}
+
+/// Every send of a hop socket: to the peer socket's receive queue when this direction went
+/// direct from its first send and the peer is still there, else by TCP. Always `SK_PASS`: the
+/// helper's "no peer" answer would fail the application's send.
+#[sk_msg]
+pub fn mycel_hop(ctx: SkMsgContext) -> u32 {
+    // SAFETY: helper is allowed for sk_msg programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let tuple = tuple_of_ctx!(ctx.msg);
+    let own = hop_key(netns, &tuple, false);
+    // SAFETY: read-only lookup; the value is copied out at once.
+    let Some(decided) = (unsafe { HOP_STATE.get(&own) }).copied() else {
+        return SK_PASS;
+    };
+    if decided == HOP_TCP {
+        return SK_PASS;
+    }
+    let mut peer = hop_key(netns, &tuple, true);
+    let found = HOP_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == SK_PASS as i64;
+    let next = if found { HOP_DIRECT } else { HOP_TCP };
+    if decided == HOP_UNDECIDED {
+        count(if found { Counter::HopDirect } else { Counter::HopTcp });
+    }
+    if next != decided {
+        // An update rather than a write through the value looked up: a full LRU map recycles
+        // an element at once, and it could be another socket's by now. Only an entry still
+        // there is updated; a gone one means TCP from the next send on, which keeps the order.
+        // A socket's sends are serialised by its lock, so nothing else decides for it.
+        let _ = HOP_STATE.insert(&own, &next, u64::from(BPF_EXIST));
+    }
+    SK_PASS
 }
 
 #[inline(always)]
@@ -359,6 +582,9 @@ fn on_close(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = ORIG_BY_COOKIE.remove(&cookie);
     let _ = ORIG_BY_TUPLE.remove(&client_key(ctx));
+    // SAFETY: helper is allowed for sock_ops programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let _ = HOP_STATE.remove(hop_key(netns, &tuple_of_ctx!(ctx.ops), false));
 }
 
 #[cfg(not(test))]
