@@ -8,7 +8,6 @@ use mesh_node::{
 
 use mesh_daemon::cli::{seconds, Binary, DAY};
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -400,6 +399,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         handed_lock: sockets.take(&Item::Lock).map(std::fs::File::from),
         draining_daemon: takeover.as_ref().map(|t| t.old_cgroup),
         ebpf_log: args.ebpf_log,
+        own_cgroup: Some(own.dir.clone()),
     })?);
     if let Some(lock) = capture.lock_file() {
         sockets.hold(Item::Lock, std::os::fd::AsFd::as_fd(&lock))?;
@@ -826,12 +826,8 @@ impl Drop for StartGuard {
 }
 
 enum Source {
-    /// The file, the workloads it places on this node, and the text they were read from.
-    File(
-        PathBuf,
-        BTreeMap<workloads::WorkloadId, workloads::Workload>,
-        String,
-    ),
+    /// The file, what it says for this node, and the text it was read from.
+    File(PathBuf, workloads::FileConfig, String),
     ControlPlane(control::CpClient),
 }
 

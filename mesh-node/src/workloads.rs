@@ -1,6 +1,7 @@
 //! The workloads this node captures, whichever source they come from: the control plane's
 //! config stream, or (offline mode) a local file of `Workload` documents in the same format
-//! the control plane reads. A file is accepted whole or not at all.
+//! the control plane reads. A file is accepted whole or not at all; of its MeshConfig, offline
+//! mode uses `localHop` (it has no tunnels, policies or plaintext delivery to configure).
 
 use std::{
     collections::BTreeMap,
@@ -16,12 +17,18 @@ pub struct Workload {
     pub netns: PathBuf,
 }
 
-/// Reads the file; returns the workloads placed on `node`, keyed by id, and the text they
-/// were read from (what a later change is compared with).
-pub fn load(
-    file: &Path,
-    node: &str,
-) -> Result<(BTreeMap<WorkloadId, Workload>, String), mesh_model::ConfigError> {
+/// What offline mode takes from its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileConfig {
+    /// The workloads placed on this node, by id.
+    pub workloads: BTreeMap<WorkloadId, Workload>,
+    /// The MeshConfig's `localHop` (its default without one).
+    pub local_hop: mesh_model::LocalHop,
+}
+
+/// Reads the file; returns what it says for `node`, and the text it was read from (what a
+/// later change is compared with).
+pub fn load(file: &Path, node: &str) -> Result<(FileConfig, String), mesh_model::ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| mesh_model::ConfigError::Read {
         path: file.to_path_buf(),
         source,
@@ -29,14 +36,10 @@ pub fn load(
     Ok((parse(file, &text, node)?, text))
 }
 
-/// The workloads placed on `node` in `text`, the contents of `file`.
-pub fn parse(
-    file: &Path,
-    text: &str,
-    node: &str,
-) -> Result<BTreeMap<WorkloadId, Workload>, mesh_model::ConfigError> {
+/// What `text`, the contents of `file`, says for `node`.
+pub fn parse(file: &Path, text: &str, node: &str) -> Result<FileConfig, mesh_model::ConfigError> {
     let config = mesh_model::parse(&[(file.to_path_buf(), text.to_owned())])?;
-    Ok(config
+    let workloads = config
         .workloads_on(node)
         .map(|w| {
             (
@@ -47,7 +50,11 @@ pub fn parse(
                 },
             )
         })
-        .collect())
+        .collect();
+    Ok(FileConfig {
+        workloads,
+        local_hop: config.mesh.local_hop,
+    })
 }
 
 #[cfg(test)]
@@ -68,8 +75,10 @@ mod tests {
         std::fs::write(&file, "apiVersion: [unclosed\n").unwrap();
         let bad = load(&file, "n1");
         std::fs::remove_dir_all(&dir).unwrap();
-        let (w, _) = w.unwrap();
+        let (file_config, _) = w.unwrap();
+        let w = file_config.workloads;
         assert_eq!(w.len(), 1);
+        assert_eq!(file_config.local_hop, mesh_model::LocalHop::default());
         let a = w.values().next().unwrap();
         assert_eq!(a.id.to_string(), "shop/a");
         assert_eq!(a.netns, PathBuf::from("/run/netns/a"));

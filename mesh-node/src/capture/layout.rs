@@ -15,7 +15,7 @@ use super::sys::{self, MapInfo};
 
 /// The maps pinned for a node; the others (the programs' read-only data, the log buffer) are
 /// per program instance.
-pub const PINNED: [&str; 8] = [
+pub const PINNED: [&str; 11] = [
     names::ENROLLED,
     names::ORIG_BY_COOKIE,
     names::ORIG_BY_TUPLE,
@@ -24,7 +24,21 @@ pub const PINNED: [&str; 8] = [
     names::INBOUND_MODE,
     names::PROXY_CGROUPS,
     names::COUNTERS,
+    names::HOP_SOCKS,
+    names::HOP_STATE,
+    names::LOCAL_HOP,
 ];
+
+/// Maps that start empty under a new layout: the old layout's hop sockets stay in its own
+/// socket map, with its program and its state map, until they close; and the switch is set
+/// by the daemon's config.
+const NOT_CARRIED: [&str; 3] = [names::HOP_SOCKS, names::HOP_STATE, names::LOCAL_HOP];
+
+/// Capacity of the local hop's maps: each connection from a pod has two hop sockets on its
+/// source side, and one delivered into a pod two more.
+pub fn hop_capacity(orig_dst_capacity: u32) -> u32 {
+    orig_dst_capacity.saturating_mul(2)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -61,18 +75,18 @@ impl Layout {
         let mut maps = Vec::new();
         for name in PINNED {
             let map = parsed.maps.get(name).ok_or(LayoutError::Missing(name))?;
-            let resized = matches!(name, names::ORIG_BY_COOKIE | names::ORIG_BY_TUPLE);
+            let max_entries = match name {
+                names::ORIG_BY_COOKIE | names::ORIG_BY_TUPLE => orig_dst_capacity,
+                names::HOP_SOCKS | names::HOP_STATE => hop_capacity(orig_dst_capacity),
+                _ => map.max_entries(),
+            };
             maps.push((
                 name,
                 MapInfo {
                     map_type: map.map_type(),
                     key_size: map.key_size(),
                     value_size: map.value_size(),
-                    max_entries: if resized {
-                        orig_dst_capacity
-                    } else {
-                        map.max_entries()
-                    },
+                    max_entries,
                     flags: map.map_flags(),
                 },
             ));
@@ -145,7 +159,7 @@ impl Layout {
             tracing::warn!(from = %from.display(), "maps of another layout version; they are not carried over, and the pods are enrolled again as the config is applied");
             return carried;
         }
-        for (name, expected) in &self.maps {
+        for (name, expected) in self.maps.iter().filter(|(n, _)| !NOT_CARRIED.contains(n)) {
             let (Ok(old), Ok(new)) = (sys::obj_get(&from.join(name)), sys::obj_get(&to.join(name)))
             else {
                 continue;

@@ -12,7 +12,7 @@ use std::{
 
 use super::{
     pins::{PinError, Pins, TcxKind},
-    sys::{self, LINK_TYPE_CGROUP, LINK_TYPE_TCX},
+    sys::{self, ATTACH_SK_MSG_VERDICT, LINK_TYPE_CGROUP, LINK_TYPE_SOCKMAP, LINK_TYPE_TCX},
 };
 
 /// `BPF_TCX_INGRESS` in the kernel's attach types.
@@ -39,14 +39,56 @@ pub fn take_cgroup_link(
     cgroup_id: u64,
     attach_type: u32,
 ) -> io::Result<Taken> {
+    let hook = Hook {
+        link_type: LINK_TYPE_CGROUP,
+        target: cgroup.as_fd(),
+        target_id: cgroup_id,
+        attach_type,
+    };
+    take_link(pins, program, prog, hook)
+}
+
+/// Makes the link pinned for `program` run `prog` (an `sk_msg` program) on the socket map
+/// `map` (id `map_id`). A map of another layout's gets a new link; the old map keeps its
+/// sockets, which keep the program they joined with, until they close.
+pub fn take_sockmap_link(
+    pins: &Pins,
+    program: &str,
+    prog: BorrowedFd<'_>,
+    map: BorrowedFd<'_>,
+    map_id: u32,
+) -> io::Result<Taken> {
+    let hook = Hook {
+        link_type: LINK_TYPE_SOCKMAP,
+        target: map,
+        target_id: u64::from(map_id),
+        attach_type: ATTACH_SK_MSG_VERDICT,
+    };
+    take_link(pins, program, prog, hook)
+}
+
+/// Where a pinned link hooks: its kind, the object it is attached to and how.
+struct Hook<'a> {
+    link_type: u32,
+    target: BorrowedFd<'a>,
+    target_id: u64,
+    attach_type: u32,
+}
+
+fn take_link(
+    pins: &Pins,
+    program: &str,
+    prog: BorrowedFd<'_>,
+    hook: Hook<'_>,
+) -> io::Result<Taken> {
     let path = pins.cgroup_link(program);
     let mut taken = Taken::Attached;
     match sys::obj_get(&path) {
         Ok(link) => {
             let same_hook = sys::link_info(link.as_fd()).is_ok_and(|i| {
-                i.link_type == LINK_TYPE_CGROUP
-                    && i.target == cgroup_id
-                    && i.attach_type == attach_type
+                i.link_type == hook.link_type
+                    && i.target == hook.target_id
+                    && i.attach_type == hook.attach_type
             });
             if same_hook {
                 match sys::link_update(link.as_fd(), prog) {
@@ -60,7 +102,7 @@ pub fn take_cgroup_link(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let link = sys::link_create(prog, cgroup.as_raw_fd() as u32, attach_type)?;
+    let link = sys::link_create(prog, hook.target.as_raw_fd() as u32, hook.attach_type)?;
     pin_replacing(link.as_fd(), &path)?;
     Ok(taken)
 }

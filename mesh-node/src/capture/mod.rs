@@ -7,6 +7,7 @@
 //! layout (`layout.rs`). `mesh-node uninstall` removes them.
 
 mod attach;
+mod hop;
 pub mod interfaces;
 mod layout;
 mod links;
@@ -36,6 +37,7 @@ use mesh_ebpf_common::{
 };
 
 pub use attach::CgroupLock;
+pub use hop::HopError;
 use layout::Layout;
 pub use layout::LayoutError;
 use map_set::MapSet;
@@ -119,6 +121,9 @@ pub struct Options {
     /// Enables the programs' aya-log output at debug level (off by default: the level check
     /// runs in the kernel, so disabled logging costs one load per call).
     pub ebpf_log: bool,
+    /// The daemon's own cgroup directory. `sock_ops` runs there too, for the proxy's sockets
+    /// of the pod-local hop, unless it is `cgroup` itself.
+    pub own_cgroup: Option<PathBuf>,
 }
 
 /// What one pass of [`Capture::attach_inbound`] did.
@@ -255,6 +260,8 @@ pub struct Capture {
     lock: Mutex<Option<CgroupLock>>,
     /// The cgroup ids whose connects are the proxy's own.
     proxy_cgroups: Mutex<HashMap<MapData, u64, u32>>,
+    /// The pod-local hop through the socket map.
+    hop: hop::LocalHop,
     pins: Pins,
     cgroup: PathBuf,
     takeover: Takeover,
@@ -303,9 +310,12 @@ impl Capture {
 
         let log_level: u8 = if opts.ebpf_log { 4 } else { 0 };
         let mut loader = EbpfLoader::new();
+        let hop_capacity = layout::hop_capacity(opts.orig_dst_capacity);
         loader
             .map_max_entries(names::ORIG_BY_COOKIE, opts.orig_dst_capacity)
             .map_max_entries(names::ORIG_BY_TUPLE, opts.orig_dst_capacity)
+            .map_max_entries(names::HOP_SOCKS, hop_capacity)
+            .map_max_entries(names::HOP_STATE, hop_capacity)
             .override_global("AYA_LOG_LEVEL", &log_level, false);
         for name in layout::PINNED {
             loader.map_pin_path(name, maps_dir.join(name));
@@ -347,6 +357,9 @@ impl Capture {
             let _ = proxy_cgroups.remove(&id);
         }
 
+        // Before `sock_ops` runs this build's program: a socket takes its send hook from the
+        // map when it joins.
+        let hop_link = hop::take_link(&mut ebpf, &pins);
         let mut ours = Vec::new();
         for (name, attach_type) in CGROUP_PROGRAMS {
             let prog = ebpf.program(name).ok_or(CaptureError::Missing(name))?;
@@ -393,6 +406,7 @@ impl Capture {
             links::take_inbound_links(&pins, eth.as_fd(), l3.as_fd())?
         };
         takeover.inbound_updated = inbound.updated;
+
         // Attachments of Mycel programs that are not these (made outside these pins).
         attach::remove_stale(&opts.cgroup, &cgroup_dir, &ours)?;
         for dir in &older {
@@ -411,6 +425,14 @@ impl Capture {
         let by_tuple = take_map(&mut ebpf, names::ORIG_BY_TUPLE, HashMap::try_from)?;
         let by_cookie = take_map(&mut ebpf, names::ORIG_BY_COOKIE, HashMap::try_from)?;
         let counters = take_map(&mut ebpf, names::COUNTERS, PerCpuArray::try_from)?;
+        let local_hop = take_map(&mut ebpf, names::LOCAL_HOP, Array::try_from)?;
+        let hop = hop::LocalHop::new(
+            local_hop,
+            hop_link,
+            &ebpf,
+            opts.own_cgroup.as_deref(),
+            &opts.cgroup,
+        );
 
         Ok(Self {
             enrolled: Mutex::new(enrolled),
@@ -423,6 +445,7 @@ impl Capture {
             ebpf: Mutex::new(Some(ebpf)),
             lock: Mutex::new(Some(lock)),
             proxy_cgroups: Mutex::new(proxy_cgroups),
+            hop,
             pins,
             cgroup: opts.cgroup.clone(),
             takeover,
@@ -602,6 +625,13 @@ impl Capture {
                 name: names::INBOUND_MODE,
                 source,
             })
+    }
+
+    /// Whether new pod-local hop sockets join the socket map (their bytes then go socket to
+    /// socket). Connections already on a path keep it. `Err` with the reason when asked to
+    /// turn it on where it is unavailable (then it stays off).
+    pub fn set_local_hop(&self, sockmap: bool) -> Result<(), HopError> {
+        self.hop.set(sockmap)
     }
 
     /// Makes the open-ports map hold exactly `ports`.

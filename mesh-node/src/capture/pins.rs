@@ -5,6 +5,7 @@
 //! <bpffs>/mycel/<node>/
 //!   maps-v<LAYOUT_VERSION>-<digest>/<MAP>   the maps; the name says which layout they have
 //!   links/<program>                         the cgroup links (connect4/6, getpeername4/6, sock_ops)
+//!                                           and the sk_msg link on the hop's socket map (mycel_hop)
 //!   tcx/<netns cookie>/<ifindex>-<kind>     the inbound program on each pod interface
 //! ```
 //!
@@ -153,7 +154,8 @@ impl Pins {
             .collect())
     }
 
-    /// Where the cgroup link of program `program` is pinned.
+    /// Where the link of program `program` is pinned (a cgroup link, or `mycel_hop`'s on the
+    /// socket map).
     pub fn cgroup_link(&self, program: &str) -> PathBuf {
         self.dir.join("links").join(program)
     }

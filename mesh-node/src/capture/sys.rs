@@ -19,9 +19,15 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
-/// `BPF_LINK_TYPE_CGROUP` and `BPF_LINK_TYPE_TCX` in the kernel's link types.
+/// `BPF_LINK_TYPE_CGROUP`, `_TCX` and `_SOCKMAP` in the kernel's link types.
 pub const LINK_TYPE_CGROUP: u32 = 3;
 pub const LINK_TYPE_TCX: u32 = 11;
+pub const LINK_TYPE_SOCKMAP: u32 = 14;
+
+/// `BPF_CGROUP_SOCK_OPS` in the kernel's attach types.
+pub const ATTACH_CGROUP_SOCK_OPS: u32 = 3;
+/// `BPF_SK_MSG_VERDICT` in the kernel's attach types.
+pub const ATTACH_SK_MSG_VERDICT: u32 = 7;
 
 /// A zeroed `union bpf_attr`, written field by field at the kernel ABI's offsets.
 #[repr(C, align(8))]
@@ -109,6 +115,11 @@ pub struct MapInfo {
     pub value_size: u32,
     pub max_entries: u32,
     pub flags: u32,
+}
+
+/// The map's id (`struct bpf_map_info`'s second field).
+pub fn map_id(map: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(obj_info(map)?.u32_at(4))
 }
 
 pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
@@ -207,20 +218,20 @@ pub struct LinkInfo {
     pub id: u32,
     pub prog_id: u32,
     /// The cgroup id of a cgroup link; the interface index of a tcx link, 0 once its
-    /// interface (or the interface's netns) is gone.
+    /// interface (or the interface's netns) is gone; the map id of a sockmap link.
     pub target: u64,
     pub attach_type: u32,
 }
 
 /// `struct bpf_link_info`: type, id, prog_id, then a union at offset 16 whose cgroup member is
-/// `{ u64 cgroup_id; u32 attach_type; }` and whose tcx member is `{ u32 ifindex; u32
-/// attach_type; }`.
+/// `{ u64 cgroup_id; u32 attach_type; }`, whose tcx member is `{ u32 ifindex; u32
+/// attach_type; }` and whose sockmap member is `{ u32 map_id; u32 attach_type; }`.
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     let info = obj_info(link)?;
     let link_type = info.u32_at(0);
     let (target, attach_type) = match link_type {
         LINK_TYPE_CGROUP => (info.u64_at(16), info.u32_at(24)),
-        LINK_TYPE_TCX => (u64::from(info.u32_at(16)), info.u32_at(20)),
+        LINK_TYPE_TCX | LINK_TYPE_SOCKMAP => (u64::from(info.u32_at(16)), info.u32_at(20)),
         _ => (0, 0),
     };
     Ok(LinkInfo {

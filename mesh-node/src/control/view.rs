@@ -18,7 +18,7 @@ use mesh_api::{
 use mesh_model::{
     authz::Selection,
     traffic::{ServiceRoute, TrafficPolicy},
-    Action, MtlsMode, ObjectKey, Transport,
+    Action, LocalHop, MtlsMode, ObjectKey, Transport,
 };
 
 use crate::workloads::{Workload, WorkloadId};
@@ -55,6 +55,8 @@ pub struct MeshPolicy {
     pub plaintext_ports: Vec<u16>,
     /// What this node's pods use for tunnels to other nodes.
     pub transport: Transport,
+    /// How bytes cross the hop between this node's pods' applications and the proxy.
+    pub local_hop: LocalHop,
     /// Whose traffic policies apply to every Service.
     pub root_namespace: String,
 }
@@ -66,6 +68,7 @@ impl Default for MeshPolicy {
             mtls: MtlsMode::default(),
             plaintext_ports: Vec::new(),
             transport: Transport::default(),
+            local_hop: LocalHop::default(),
             root_namespace: mesh_model::DEFAULT_ROOT_NAMESPACE.into(),
         }
     }
@@ -85,6 +88,9 @@ impl MeshPolicy {
                 })
                 .collect::<Result<_, _>>()?,
             transport: decode_enum::<v1::Transport, _>(m.transport).map_err(|e| e.to_string())?,
+            // A value this build does not know (a newer control plane's) chooses a data path,
+            // not a policy: the hop stays on TCP rather than the whole config being refused.
+            local_hop: decode_enum::<v1::LocalHop, _>(m.local_hop).unwrap_or(LocalHop::Tcp),
             // An older control plane sends none: the default root namespace.
             root_namespace: if m.root_namespace.is_empty() {
                 mesh_model::DEFAULT_ROOT_NAMESPACE.into()

@@ -128,6 +128,7 @@ impl Node {
         let settings = &view.mesh_policy;
         self.kernel
             .set_inbound(settings.mtls, &settings.plaintext_ports);
+        self.kernel.set_local_hop(settings.local_hop);
         self.publish(view.clone());
         let desired = self.wanted(view.local_workloads(&self.name));
         let outcome = self.enroll(desired).await;
@@ -145,9 +146,14 @@ impl Node {
         outcome
     }
 
-    /// Offline mode: captures exactly `desired`, or changes nothing.
-    pub async fn apply_workloads(&mut self, desired: Desired) -> Result<(), EnrollError> {
-        let outcome = self.enroller.apply(desired).await;
+    /// Offline mode: captures exactly the file's workloads, or changes nothing; its
+    /// `localHop` applies to new connections either way.
+    pub async fn apply_workloads(
+        &mut self,
+        file: crate::workloads::FileConfig,
+    ) -> Result<(), EnrollError> {
+        self.kernel.set_local_hop(file.local_hop);
+        let outcome = self.enroller.apply(file.workloads).await;
         self.record(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         if outcome.is_ok() {
             self.prune_once();

@@ -13,7 +13,7 @@ use std::{
 };
 
 use mesh_ebpf_common::{INBOUND_PERMISSIVE, INBOUND_STRICT};
-use mesh_model::MtlsMode;
+use mesh_model::{LocalHop, MtlsMode};
 
 use crate::{capture::Capture, workloads::WorkloadId};
 
@@ -22,6 +22,9 @@ pub struct KernelPolicy {
     capture: Arc<Capture>,
     /// The inbound program's mode in force (the mesh's mTLS mode); 0 until the first config.
     inbound_mode: u32,
+    /// The local hop last applied; `None` until the first config applies one (the daemon
+    /// starts with the hop's switch off).
+    local_hop: Option<LocalHop>,
 }
 
 impl KernelPolicy {
@@ -29,6 +32,7 @@ impl KernelPolicy {
         Self {
             capture,
             inbound_mode: 0,
+            local_hop: None,
         }
     }
 
@@ -61,6 +65,30 @@ impl KernelPolicy {
                 held = update.held,
                 "fast-deny entries updated"
             );
+        }
+    }
+
+    /// Applies the mesh's `localHop` to connections from now on. Where the socket map cannot
+    /// be used, the hop stays on TCP, with a warning once per change.
+    pub fn set_local_hop(&mut self, hop: LocalHop) {
+        if self.local_hop == Some(hop) {
+            return;
+        }
+        let applied = self.capture.set_local_hop(hop == LocalHop::Sockmap);
+        // Unavailable is for good: said once. Any other failure is tried again next config.
+        if applied
+            .as_ref()
+            .map_or_else(|e| e.is_permanent(), |()| true)
+        {
+            self.local_hop = Some(hop);
+        }
+        match applied {
+            Ok(()) if hop == LocalHop::Sockmap => tracing::warn!(
+                local_hop = %hop,
+                "pod-local hop through the socket map (experimental) for new connections: the kernel applies no backpressure there"
+            ),
+            Ok(()) => tracing::info!(local_hop = %hop, "pod-local hop applied to new connections"),
+            Err(e) => tracing::warn!(error = %e, "the pod-local hop stays on loopback TCP"),
         }
     }
 
