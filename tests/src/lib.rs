@@ -14,15 +14,39 @@ pub mod tunnel;
 pub mod wire;
 
 /// Defines `tls::<test>` and `quic::<test>` for each named `fn <test>(transport: &str)` of the
-/// calling test file, so an end-to-end test runs on both tunnel transports.
+/// calling test file, so an end-to-end test runs on both tunnel transports with the pod-local
+/// hop on loopback TCP (`localHop: tcp`, the default); and the same under `sockmap::`, with the
+/// hop through the socket map (`localHop: sockmap`).
 #[macro_export]
 macro_rules! on_both_transports {
     ($($test:ident),* $(,)?) => {
         mod tls {
-            $(#[test] fn $test() { super::$test("tls") })*
+            $(#[test] fn $test() { $crate::mesh::with_local_hop("tcp", || super::$test("tls")) })*
         }
         mod quic {
-            $(#[test] fn $test() { super::$test("quic") })*
+            $(#[test] fn $test() { $crate::mesh::with_local_hop("tcp", || super::$test("quic")) })*
+        }
+        mod sockmap {
+            mod tls {
+                $(#[test] fn $test() { $crate::mesh::with_local_hop("sockmap", || super::super::$test("tls")) })*
+            }
+            mod quic {
+                $(#[test] fn $test() { $crate::mesh::with_local_hop("sockmap", || super::super::$test("quic")) })*
+            }
+        }
+    };
+}
+
+/// Defines `tcp_hop::<test>` and `sockmap::<test>` for each named `fn <test>()` of the calling
+/// test file, run with the pod-local hop on loopback TCP and through the socket map.
+#[macro_export]
+macro_rules! on_both_local_hops {
+    ($($test:ident),* $(,)?) => {
+        mod tcp_hop {
+            $(#[test] fn $test() { $crate::mesh::with_local_hop("tcp", super::$test) })*
+        }
+        mod sockmap {
+            $(#[test] fn $test() { $crate::mesh::with_local_hop("sockmap", super::$test) })*
         }
     };
 }

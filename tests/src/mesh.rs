@@ -97,7 +97,38 @@ pub fn service_yaml(name: &str, vip: &str, port: u16, target_port: u16, app: &st
 /// nothing).
 pub fn mesh_config_yaml(transport: &str, spec: &str) -> String {
     let sep = if spec.is_empty() { "" } else { ", " };
-    format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport}{sep}{spec} }}\n")
+    let hop = match local_hop() {
+        Some(hop) if !spec.contains("localHop") => format!(", localHop: {hop}"),
+        _ => String::new(),
+    };
+    format!("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ transport: {transport}{sep}{spec}{hop} }}\n")
+}
+
+thread_local! {
+    /// The `localHop` this test thread's meshes use (see [`with_local_hop`]).
+    static LOCAL_HOP: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `test` with every MeshConfig that [`mesh_config_yaml`] writes on this thread (and
+/// every offline workloads file [`MeshNode`] writes) set to `localHop: hop`, unless a test
+/// names its own. Each test runs on its own thread, so tests running at once do not mix.
+pub fn with_local_hop<T>(hop: &'static str, test: impl FnOnce() -> T) -> T {
+    LOCAL_HOP.with(|h| h.set(Some(hop)));
+    test()
+}
+
+/// The `localHop` set by [`with_local_hop`] on this thread.
+pub fn local_hop() -> Option<&'static str> {
+    LOCAL_HOP.with(|h| h.get())
+}
+
+/// An offline-mode workloads file `text` with a MeshConfig that sets the `localHop` of
+/// [`with_local_hop`], unless it has a MeshConfig of its own or no hop is set.
+fn with_offline_mesh_config(text: &str) -> String {
+    match local_hop() {
+        Some(hop) if !text.contains("kind: MeshConfig") => format!("{text}\n---\napiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec: {{ localHop: {hop} }}\n"),
+        _ => text.to_owned(),
+    }
 }
 
 /// What a mesh-node in Kubernetes mode is given.
@@ -131,7 +162,7 @@ impl MeshNode {
         extra: &[&str],
     ) -> io::Result<Self> {
         Self::launch(node, daemon_cgroup, extra, &[], |workloads_file| {
-            fs::write(workloads_file, workloads)?;
+            fs::write(workloads_file, with_offline_mesh_config(workloads))?;
             Ok(vec!["--workloads".into(), workloads_file.into()])
         })
     }
@@ -337,6 +368,26 @@ impl MeshNode {
         self.daemon.log()
     }
 
+    /// Checks that connections crossed the pod-local hop the way this test thread's
+    /// [`with_local_hop`] says: some socket to socket with `sockmap`, none with `tcp` (the
+    /// sockets do not even join the map).
+    pub fn assert_local_hop(&self) {
+        let (direct, tcp) = (self.stat("ebpf_hop_direct"), self.stat("ebpf_hop_tcp"));
+        match local_hop() {
+            Some("sockmap") => assert!(
+                direct > 0,
+                "no hop went socket to socket (hop_tcp={tcp}, hop_full={})",
+                self.stat("ebpf_hop_full")
+            ),
+            Some(_) => assert_eq!(
+                (direct, tcp),
+                (0, 0),
+                "hop sockets joined the map with localHop: tcp"
+            ),
+            None => {}
+        }
+    }
+
     /// `GET /debug/certs`: the serial of each certificate held, by SPIFFE ID.
     pub fn cert_serials(&self) -> io::Result<BTreeMap<String, String>> {
         let body: serde_json::Value = serde_json::from_str(&http_get(self.admin, "/debug/certs")?)
@@ -388,7 +439,7 @@ impl MeshNode {
     /// Replaces the workloads file (atomically, by rename).
     pub fn write_workloads(&self, text: &str) -> io::Result<()> {
         let tmp = self.daemon.dir.join("workloads.yaml.tmp");
-        fs::write(&tmp, text)?;
+        fs::write(&tmp, with_offline_mesh_config(text))?;
         fs::rename(tmp, &self.workloads_file)
     }
 

@@ -12,6 +12,14 @@ use mesh_tests::{
 const PORT: u16 = 8080;
 const T: Duration = Duration::from_secs(60);
 
+mesh_tests::on_both_local_hops!(
+    client_reaches_server_through_proxy_with_original_peer_and_intact_payload,
+    non_enrolled_namespace_or_cgroup_connects_directly,
+    closed_port_resets_client_quickly,
+    ten_thousand_connections_leave_no_original_destination_entries,
+    full_original_destination_map_is_counted_and_connections_are_reset,
+);
+
 /// One node with pods a, b (enrolled) and c (not enrolled); mesh-node runs inside the node's
 /// cgroup, so its own upstream connects pass through the hooks too.
 fn setup() -> (Topology, MeshNode, Server) {
@@ -27,7 +35,6 @@ fn setup() -> (Topology, MeshNode, Server) {
     (topo, node, server)
 }
 
-#[test]
 fn client_reaches_server_through_proxy_with_original_peer_and_intact_payload() {
     let (topo, node, _server) = setup();
     let (a, b) = (topo.pod("a"), topo.pod("b"));
@@ -63,14 +70,23 @@ fn client_reaches_server_through_proxy_with_original_peer_and_intact_payload() {
         // The proxy's own upstream connect went through the hook and was let through by mark.
         assert_eq!(d("ebpf_skipped_proxy"), 1, "no loop: {after:?}");
         assert!(d("proxy_bytes_received") >= size as u64, "{after:?}");
+        // Both directions of the application's connection to the proxy decided their path
+        // once, on their first send.
+        let decided = d("ebpf_hop_direct") + d("ebpf_hop_tcp");
+        let expected = if mesh_tests::mesh::local_hop() == Some("sockmap") {
+            2
+        } else {
+            0
+        };
+        assert_eq!(decided, expected, "{after:?}");
     }
+    node.assert_local_hop();
 
     // B saw the connection coming from A's address (the proxy connects from A's netns).
     let who = app::run(a, &["get", &format!("http://{}:{PORT}/whoami", b.ipv4)], T);
     assert_eq!(who["body"], a.ipv4.to_string(), "{who}");
 }
 
-#[test]
 fn non_enrolled_namespace_or_cgroup_connects_directly() {
     let (topo, node, _server) = setup();
     let (a, b, c) = (topo.pod("a"), topo.pod("b"), topo.pod("c"));
@@ -104,7 +120,6 @@ fn non_enrolled_namespace_or_cgroup_connects_directly() {
     assert_eq!(after["proxy_accepted"], mid["proxy_accepted"], "{after:?}");
 }
 
-#[test]
 fn closed_port_resets_client_quickly() {
     let (topo, node, _server) = setup();
     let (a, b) = (topo.pod("a"), topo.pod("b"));
@@ -119,7 +134,6 @@ fn closed_port_resets_client_quickly() {
     assert_eq!(node.stat("proxy_upstream_failed"), 2);
 }
 
-#[test]
 fn ten_thousand_connections_leave_no_original_destination_entries() {
     let (topo, node, _server) = setup();
     let (a, b) = (topo.pod("a"), topo.pod("b"));
@@ -138,7 +152,6 @@ fn ten_thousand_connections_leave_no_original_destination_entries() {
     .expect("original-destination maps drain once the connections are closed");
 }
 
-#[test]
 fn full_original_destination_map_is_counted_and_connections_are_reset() {
     let topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
     let _server = Server::start(topo.pod("b"), PORT).expect("server");
@@ -167,6 +180,44 @@ fn full_original_destination_map_is_counted_and_connections_are_reset() {
         "{}",
         node.log()
     );
+}
+
+/// With the daemon in a cgroup beside the pods' (not below the captured one), the proxy's
+/// hop sockets still join the socket map as they are established: `sock_ops` runs on the
+/// daemon's own cgroup too, from when the hop is turned on. Both directions of the
+/// application's connection to the proxy then go socket to socket, and the bytes arrive
+/// intact.
+#[test]
+fn a_daemon_beside_the_pods_cgroup_puts_its_hop_sockets_in_the_map() {
+    mesh_tests::mesh::with_local_hop("sockmap", || {
+        let topo = Topology::new(&[NodeSpec::new("n0", &["a", "b"])]).expect("topology");
+        let _server = Server::start(topo.pod("b"), PORT).expect("server");
+        let yaml = workloads_yaml(&[topo.pod("a"), topo.pod("b")]);
+        let mut node = MeshNode::start(topo.node("n0"), &yaml, None, &[]).expect("mesh-node");
+        node.wait_enrolled(2).unwrap();
+        let (a, b) = (topo.pod("a"), topo.pod("b"));
+        let size = 4 * 1024 * 1024;
+        let before = node.stats().unwrap();
+        let out = app::run(
+            a,
+            &["get", &format!("http://{}:{PORT}/blob/{size}", b.ipv4)],
+            T,
+        );
+        assert_eq!(out["status"], 200, "{out}");
+        assert_eq!(out["len"], size, "{out}");
+        let after = node.stats().unwrap();
+        let d = |k: &str| after[k] - before[k];
+        // The proxy's socket decided too (had it not joined, only the application's would
+        // have, by TCP), and its answer went direct. The application's request goes direct
+        // unless it was sent before the proxy's socket joined (then TCP, for good).
+        let (direct, tcp) = (d("ebpf_hop_direct"), d("ebpf_hop_tcp"));
+        assert!(
+            direct >= 1 && direct + tcp == 2,
+            "{after:?}\n{}",
+            node.log()
+        );
+        assert_eq!(d("ebpf_hop_full"), 0, "{after:?}");
+    });
 }
 
 fn sha256_hex(data: &[u8]) -> String {

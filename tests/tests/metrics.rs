@@ -248,6 +248,8 @@ fn metrics_count_known_traffic_by_workload_pair(transport: &str) {
     assert_eq!(echo["same"], true, "{echo}");
     // On one node: 3 pings, reported by n1 as source and as destination.
     m.pings("order", "analytics", 3);
+    m.n1.assert_local_hop();
+    m.n2.assert_local_hop();
 
     let (sent, received) = (7.0 * 5.0 + 100_005.0, 7.0 * 5.0 + 100_000.0);
     for (node, reporter) in [(&m.n1, "source"), (&m.n2, "destination")] {

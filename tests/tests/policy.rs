@@ -194,6 +194,8 @@ fn order_pays_analytics_is_blocked_and_a_bad_policy_changes_nothing(transport: &
 
     s.expect("seeds", "order", "payment", PORT, true);
     s.expect("seeds", "order", "inventory", PORT, true);
+    s.n1.assert_local_hop();
+    s.n2.assert_local_hop();
 
     // analytics' connect fails at once, in its own node's kernel: nothing reaches n2 or payment.
     let seen = s.accepted_by_payment();

@@ -112,6 +112,9 @@ fn pod_to_pod_across_nodes_goes_through_the_tunnel_intact_and_encrypted(transpor
 
     assert!(m.n1.stat("tunnels_out") >= 4, "n1 log:\n{}", m.n1.log());
     assert!(m.n2.stat("tunnels_in") >= 4, "n2 log:\n{}", m.n2.log());
+    // The source's hop (application → proxy) and the destination's (proxy → application).
+    m.n1.assert_local_hop();
+    m.n2.assert_local_hop();
     // Connections to the same pod address after the first reuse its idle session, or its
     // QUIC connection.
     let reused = m.n1.stat("tunnels_reused");
