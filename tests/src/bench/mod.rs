@@ -59,6 +59,10 @@ pub struct Options {
     /// write its top symbols next to the report (`profile-<metric>-<setup>-<round>.txt`); for
     /// `rpc`, the machine's scheduler delays instead (`perf sched latency`), direct included.
     pub profile: bool,
+    /// Whether bulk transfer is measured through the socket map too (last, after every other
+    /// figure). Off in a quick run: it may fill the node's TCP memory (no backpressure there),
+    /// and a quick run shares the machine with the test suite.
+    pub sockmap_bulk: bool,
 }
 
 impl Options {
@@ -74,6 +78,7 @@ impl Options {
             out_dir,
             only: None,
             profile: false,
+            sockmap_bulk: true,
         }
     }
 
@@ -90,6 +95,7 @@ impl Options {
             out_dir,
             only: None,
             profile: false,
+            sockmap_bulk: false,
         }
     }
 }
@@ -104,12 +110,21 @@ pub struct Setup {
     tls: bool,
     /// The mesh's transport this setup needs (set in its MeshConfig before it runs).
     transport: Option<&'static str>,
+    /// The mesh's `localHop` for a mesh setup: `sockmap` or `tcp`.
+    local_hop: &'static str,
     /// To the server's Service VIP rather than its pod address.
     vip: bool,
 }
 
+impl Setup {
+    /// Whether its idle memory is measured: once per transport.
+    fn idle(&self) -> bool {
+        self.transport.is_some() && !self.vip && self.local_hop == "tcp" && self.server != "s2"
+    }
+}
+
 /// In the order they are interleaved; the first is the baseline for ratios.
-pub const SETUPS: [Setup; 6] = [
+pub const SETUPS: [Setup; 9] = [
     Setup {
         name: "direct",
         client: "c0",
@@ -117,6 +132,7 @@ pub const SETUPS: [Setup; 6] = [
         port: PORT,
         tls: false,
         transport: None,
+        local_hop: "tcp",
         vip: false,
     },
     Setup {
@@ -126,6 +142,7 @@ pub const SETUPS: [Setup; 6] = [
         port: TLS_PORT,
         tls: true,
         transport: None,
+        local_hop: "tcp",
         vip: false,
     },
     Setup {
@@ -135,6 +152,7 @@ pub const SETUPS: [Setup; 6] = [
         port: PORT,
         tls: false,
         transport: Some("tls"),
+        local_hop: "tcp",
         vip: false,
     },
     Setup {
@@ -144,6 +162,7 @@ pub const SETUPS: [Setup; 6] = [
         port: PORT,
         tls: false,
         transport: Some("quic"),
+        local_hop: "tcp",
         vip: false,
     },
     Setup {
@@ -153,6 +172,7 @@ pub const SETUPS: [Setup; 6] = [
         port: PORT,
         tls: false,
         transport: Some("tls"),
+        local_hop: "tcp",
         vip: true,
     },
     Setup {
@@ -161,19 +181,66 @@ pub const SETUPS: [Setup; 6] = [
         server: "s2",
         port: PORT,
         tls: false,
-        transport: None,
+        transport: Some("tls"),
+        local_hop: "tcp",
+        vip: false,
+    },
+    // The same with the pod-local hop through the socket map (`localHop: sockmap`,
+    // experimental), in the same run.
+    Setup {
+        name: "mycel-tls-sockmap",
+        client: "c1",
+        server: "s1",
+        port: PORT,
+        tls: false,
+        transport: Some("tls"),
+        local_hop: "sockmap",
+        vip: false,
+    },
+    Setup {
+        name: "mycel-quic-sockmap",
+        client: "c1",
+        server: "s1",
+        port: PORT,
+        tls: false,
+        transport: Some("quic"),
+        local_hop: "sockmap",
+        vip: false,
+    },
+    Setup {
+        name: "mycel-same-node-sockmap",
+        client: "c1",
+        server: "s2",
+        port: PORT,
+        tls: false,
+        transport: Some("tls"),
+        local_hop: "sockmap",
         vip: false,
     },
 ];
 
-/// Sets the mesh's transport, if it is not `current` already, and waits for both nodes.
-fn use_transport(
+/// Whether a run failed because an application's send got ENOMEM.
+fn out_of_memory(e: &io::Error) -> bool {
+    e.to_string().contains("Cannot allocate memory")
+}
+
+/// The mesh's transport and `localHop`.
+type MeshSettings = (&'static str, &'static str);
+
+/// Sets the mesh's transport and local hop, if they are not `current` already, and waits for
+/// both nodes.
+fn use_mesh(
     cp: &mut ControlPlane,
-    current: &mut &'static str,
-    wanted: &'static str,
+    current: &mut MeshSettings,
+    wanted: MeshSettings,
 ) -> io::Result<()> {
     if *current != wanted {
-        cp.apply("mesh.yaml", &mesh_config_yaml(wanted, ""), &["n1", "n2"])?;
+        let spec = format!("localHop: {}", wanted.1);
+        cp.apply(
+            "mesh.yaml",
+            &mesh_config_yaml(wanted.0, &spec),
+            &["n1", "n2"],
+        )?;
         *current = wanted;
     }
     Ok(())
@@ -264,14 +331,17 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     ];
     let _http_servers = http::start_servers(topo)?;
     let pods = ["c1", "s1", "s2"].map(|p| topo.pod(p));
-    let mut transport = "tls";
+    let mut settings: MeshSettings = ("tls", "tcp");
     let mut cp = ControlPlane::start(
         &format!("{}-bench", topo.prefix),
         &[
             ("workloads.yaml", &workloads_yaml(&pods)),
             ("service.yaml", &service_yaml("s1", VIP, PORT, PORT, "s1")),
             ("http-service.yaml", &http::service_yaml()),
-            ("mesh.yaml", &mesh_config_yaml(transport, "")),
+            (
+                "mesh.yaml",
+                &mesh_config_yaml(settings.0, &format!("localHop: {}", settings.1)),
+            ),
         ],
     )?;
     // The machine's two cores serve two nodes and their applications: one core per node,
@@ -291,11 +361,11 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     let mut idle = Vec::new();
     if wanted("idle") {
         // One measurement per transport: the VIP setup's daemons are the same.
-        for setup in SETUPS.iter().filter(|s| !s.vip) {
+        for setup in SETUPS.iter().filter(|s| s.idle()) {
             let Some(t) = setup.transport else {
                 continue;
             };
-            use_transport(&mut cp, &mut transport, t)?;
+            use_mesh(&mut cp, &mut settings, (t, setup.local_hop))?;
             drop(nodes);
             nodes = join(topo, &cp)?;
             idle.push((setup.name, idle_memory(o, topo, &pids(&nodes))?));
@@ -304,6 +374,10 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     let daemons = pids(&nodes);
 
     let mut samples = Samples::new();
+    // Runs of the experimental socket-map hop that failed with the kernel's ENOMEM (a sender
+    // that outruns its peer, with no backpressure there: a finding, not a harness fault):
+    // metric, setup, error.
+    let mut failed: Vec<(String, String, String)> = Vec::new();
     let mut put = |key: String, setup: &str, v: f64| {
         samples
             .entry(key)
@@ -315,88 +389,67 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     for (name, mb) in idle {
         put("idle-1000.rss_mb".into(), name, mb);
     }
+    // Bulk through the socket map goes last, after every other figure: with no backpressure
+    // there, a sender that outruns the proxy fills the node's TCP memory, and whatever ran
+    // after it would measure the kernel's memory pressure.
+    let (mut deferred, mut plan) = (Vec::new(), Vec::new());
     for metric in metrics(o).into_iter().filter(|m| wanted(m.name)) {
         for round in 0..o.rounds {
             for setup in SETUPS {
-                if let Some(wanted) = setup.transport {
-                    use_transport(&mut cp, &mut transport, wanted)?;
-                }
-                // Latency is lost waiting to be scheduled rather than computing, so the
-                // latency figure records scheduler delays, machine-wide, instead of samples.
-                let kind = if metric.mode == "rpc" {
-                    ProfileKind::SchedulerDelays
-                } else {
-                    ProfileKind::Samples
-                };
-                let profile = (o.profile
-                    && (setup.transport.is_some()
-                        || (kind == ProfileKind::SchedulerDelays && setup.name == "direct")))
-                    .then(|| Profile::start(kind, &daemons))
-                    .transpose()?;
-                let cpu_before = Cpu::now(&daemons)?;
-                let wall = std::time::Instant::now();
-                let out = run_client(o, topo, &metric, setup, tls_dir)?;
-                let wall = wall.elapsed().as_secs_f64();
-                let cpu = Cpu::now(&daemons)?.since(&cpu_before);
-                if let Some(profile) = profile {
-                    let file = o.out_dir.join(format!(
-                        "profile-{}-{}-{round}.txt",
-                        metric.name, setup.name
-                    ));
-                    profile.finish(&file)?;
-                }
-                // Work units: GB for bulk, connections (in µs per connection) for connrate.
-                let units = match metric.mode {
-                    "bulk" => out["bytes"].as_f64().map(|b| (b / 1e9, "s_per_gb", 1.0)),
-                    "connrate" => out["connections"].as_f64().map(|c| (c, "us_per_conn", 1e6)),
-                    _ => None,
-                };
-                if let Some((units, unit, scale)) = units.filter(|(u, ..)| *u > 0.0) {
-                    let per = |seconds: f64| seconds * scale / units;
-                    let name = metric.name;
-                    put(
-                        format!("{name}.machine_cpu_{unit}"),
-                        setup.name,
-                        per(cpu.machine),
-                    );
-                    put(format!("{name}.busy_cores"), setup.name, cpu.machine / wall);
-                    if setup.name.starts_with("mycel") {
-                        put(
-                            format!("{name}.cpu_{unit}"),
-                            setup.name,
-                            per(cpu.daemons_user + cpu.daemons_sys),
-                        );
-                        put(
-                            format!("{name}.daemon_sys_{unit}"),
-                            setup.name,
-                            per(cpu.daemons_sys),
-                        );
+                if metric.mode == "bulk" && setup.local_hop == "sockmap" {
+                    if o.sockmap_bulk {
+                        deferred.push((metric.name, round, setup));
                     }
-                }
-                for field in metric.fields {
-                    let v = out[*field].as_f64().ok_or_else(|| {
-                        io::Error::other(format!(
-                            "{} {}: no {field} in {out}",
-                            metric.name, setup.name
-                        ))
-                    })?;
-                    put(format!("{}.{field}", metric.name), setup.name, v);
+                } else {
+                    plan.push((metric.name, round, setup));
                 }
             }
         }
     }
+    let all = metrics(o);
+    let run = Run {
+        o,
+        topo,
+        tls_dir,
+        daemons: &daemons,
+        source: &nodes[0],
+    };
+    for (name, round, setup) in plan {
+        if let Some(wanted) = setup.transport {
+            use_mesh(&mut cp, &mut settings, (wanted, setup.local_hop))?;
+        }
+        let metric = all
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| io::Error::other(name))?;
+        run.once(metric, setup, round, &mut put, &mut failed)?;
+    }
     let http: Vec<&str> = http::NAMES.into_iter().filter(|n| wanted(n)).collect();
     if !http.is_empty() {
-        use_transport(&mut cp, &mut transport, "tls")?;
         let profile = o.profile.then_some(o.out_dir.as_path());
-        http::measure(
-            topo,
-            &daemons,
-            &http,
-            (o.seconds, o.rounds),
-            profile,
-            &mut put,
-        )?;
+        // Each HTTP setup once per local hop; the socket map's under `<setup>-sockmap`.
+        for hop in ["tcp", "sockmap"] {
+            use_mesh(&mut cp, &mut settings, ("tls", hop))?;
+            let mut put_hop = |key: String, setup: &str, v: f64| match hop {
+                "sockmap" => put(key, &format!("{setup}-sockmap"), v),
+                _ => put(key, setup, v),
+            };
+            let measured = http::measure(
+                topo,
+                &daemons,
+                &http,
+                (o.seconds, o.rounds),
+                profile,
+                &mut put_hop,
+            );
+            match measured {
+                Ok(()) => {}
+                Err(e) if hop == "sockmap" && out_of_memory(&e) => {
+                    failed.push((http.join(","), "mycel-http-sockmap".into(), e.to_string()))
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
     if wanted("bulk-1") {
         put(
@@ -410,7 +463,136 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
             put("policy-change.seconds".into(), "mycel-tls", seconds);
         }
     }
-    report(o, samples)
+    for (name, round, setup) in deferred {
+        if let Some(wanted) = setup.transport {
+            use_mesh(&mut cp, &mut settings, (wanted, setup.local_hop))?;
+        }
+        let metric = all
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| io::Error::other(name))?;
+        run.once(metric, setup, round, &mut put, &mut failed)?;
+    }
+    report(o, samples, &failed)
+}
+
+/// What every measured run needs.
+struct Run<'a> {
+    o: &'a Options,
+    topo: &'a Topology,
+    tls_dir: &'a Path,
+    daemons: &'a [u32],
+    /// The node of the clients' pods, whose metrics time each connection's setup.
+    source: &'a MeshNode,
+}
+
+impl Run<'_> {
+    /// One run of `metric` on `setup` (the mesh already set for it): its figures go to `put`;
+    /// a socket-map run that failed with ENOMEM goes to `failed`.
+    fn once(
+        &self,
+        metric: &Metric,
+        setup: Setup,
+        round: usize,
+        put: &mut dyn FnMut(String, &str, f64),
+        failed: &mut Vec<(String, String, String)>,
+    ) -> io::Result<()> {
+        // Latency is lost waiting to be scheduled rather than computing, so the
+        // latency figure records scheduler delays, machine-wide, instead of samples.
+        let kind = if metric.mode == "rpc" {
+            ProfileKind::SchedulerDelays
+        } else {
+            ProfileKind::Samples
+        };
+        let profile = (self.o.profile
+            && (setup.transport.is_some()
+                || (kind == ProfileKind::SchedulerDelays && setup.name == "direct")))
+            .then(|| Profile::start(kind, self.daemons))
+            .transpose()?;
+        // New connections through the mesh: how long each waited, from the proxy's accept to
+        // its destination's answer (connect, header exchange), which is what sending the
+        // header with the first bytes could take off a connection's first byte.
+        let timed = metric.mode == "connrate" && setup.transport.is_some();
+        let setup_before = timed.then(|| connect_time(self.source)).transpose()?;
+        let cpu_before = Cpu::now(self.daemons)?;
+        let wall = std::time::Instant::now();
+        let out = match run_client(self.o, self.topo, metric, setup, self.tls_dir) {
+            Ok(out) => out,
+            Err(e) if setup.local_hop == "sockmap" && out_of_memory(&e) => {
+                drop(profile);
+                failed.push((metric.name.to_owned(), setup.name.to_owned(), e.to_string()));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let wall = wall.elapsed().as_secs_f64();
+        let cpu = Cpu::now(self.daemons)?.since(&cpu_before);
+        if let Some((sum, count)) = setup_before {
+            let (sum_after, count_after) = connect_time(self.source)?;
+            if count_after > count {
+                put(
+                    format!("{}.connect_setup_us", metric.name),
+                    setup.name,
+                    (sum_after - sum) / (count_after - count) * 1e6,
+                );
+            }
+        }
+        if let Some(profile) = profile {
+            let file = self.o.out_dir.join(format!(
+                "profile-{}-{}-{round}.txt",
+                metric.name, setup.name
+            ));
+            profile.finish(&file)?;
+        }
+        // Work units: GB for bulk, connections (in µs per connection) for connrate.
+        let units = match metric.mode {
+            "bulk" => out["bytes"].as_f64().map(|b| (b / 1e9, "s_per_gb", 1.0)),
+            "connrate" => out["connections"].as_f64().map(|c| (c, "us_per_conn", 1e6)),
+            _ => None,
+        };
+        if let Some((units, unit, scale)) = units.filter(|(u, ..)| *u > 0.0) {
+            let per = |seconds: f64| seconds * scale / units;
+            let name = metric.name;
+            put(
+                format!("{name}.machine_cpu_{unit}"),
+                setup.name,
+                per(cpu.machine),
+            );
+            put(format!("{name}.busy_cores"), setup.name, cpu.machine / wall);
+            if setup.name.starts_with("mycel") {
+                put(
+                    format!("{name}.cpu_{unit}"),
+                    setup.name,
+                    per(cpu.daemons_user + cpu.daemons_sys),
+                );
+                put(
+                    format!("{name}.daemon_sys_{unit}"),
+                    setup.name,
+                    per(cpu.daemons_sys),
+                );
+            }
+        }
+        for field in metric.fields {
+            let v = out[*field].as_f64().ok_or_else(|| {
+                io::Error::other(format!(
+                    "{} {}: no {field} in {out}",
+                    metric.name, setup.name
+                ))
+            })?;
+            put(format!("{}.{field}", metric.name), setup.name, v);
+        }
+        Ok(())
+    }
+}
+
+/// `mycel_tcp_connect_duration_seconds` of `node` so far: its sum and count.
+fn connect_time(node: &MeshNode) -> io::Result<(f64, f64)> {
+    let text = node.metrics_text()?;
+    let e = crate::prom::Exposition::parse(&text).map_err(io::Error::other)?;
+    Ok((
+        e.sum("mycel_tcp_connect_duration_seconds_sum", &[]),
+        e.sum("mycel_tcp_connect_duration_seconds_count", &[]),
+    ))
 }
 
 /// The daemons' threads: one core per node.
@@ -743,7 +925,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// The ratios the performance targets are stated in: (name, numerator, denominator, target).
-const RATIOS: [(&str, &str, &str, &str, &str); 12] = [
+const RATIOS: [(&str, &str, &str, &str, &str); 17] = [
     (
         "bulk 1 stream ÷ direct",
         "bulk-1.bytes_per_second",
@@ -822,10 +1004,50 @@ const RATIOS: [(&str, &str, &str, &str, &str); 12] = [
         "—",
     ),
     // Computed from the CPU samples and the crypto floor (see `report`).
-    ("CPU-s per GB ÷ crypto floor", "", "", "", "≤ 1.5"),
+    ("CPU-s per GB ÷ crypto floor", "", "mycel-tls", "", "≤ 1.5"),
+    // The same figures with the hop through the socket map, from the same run.
+    (
+        "bulk 1 stream ÷ direct, sockmap",
+        "bulk-1.bytes_per_second",
+        "mycel-tls-sockmap",
+        "direct",
+        "—",
+    ),
+    (
+        "new connections/s ÷ direct, sockmap",
+        "connrate.per_second",
+        "mycel-tls-sockmap",
+        "direct",
+        "—",
+    ),
+    (
+        "1 KiB RPC p50 ÷ direct, sockmap",
+        "rpc.p50_us",
+        "mycel-tls-sockmap",
+        "direct",
+        "—",
+    ),
+    (
+        "same-node RPC p50 ÷ direct, sockmap",
+        "rpc.p50_us",
+        "mycel-same-node-sockmap",
+        "direct",
+        "—",
+    ),
+    (
+        "CPU-s per GB ÷ crypto floor, sockmap",
+        "",
+        "mycel-tls-sockmap",
+        "",
+        "—",
+    ),
 ];
 
-fn report(o: &Options, samples: Samples) -> io::Result<Report> {
+fn report(
+    o: &Options,
+    samples: Samples,
+    failed: &[(String, String, String)],
+) -> io::Result<Report> {
     let med = |key: &str, setup: &str| {
         samples
             .get(key)
@@ -895,7 +1117,7 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
     let floor = med("crypto-floor.cpu_s_per_gb", "aes-256-gcm");
     for (name, key, num, den, target) in RATIOS {
         let r = if key.is_empty() {
-            med("bulk-1.cpu_s_per_gb", "mycel-tls") / floor
+            med("bulk-1.cpu_s_per_gb", num) / floor
         } else {
             med(key, num) / med(key, den)
         };
@@ -909,6 +1131,10 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
             "name": name, "metric": key, "setup": num, "baseline": den, "ratio": r,
             "target": target, "kernel_work_bound": bound.is_finite().then_some(bound),
         }));
+    }
+    // The error names the metric and the setup.
+    for (_, _, error) in failed {
+        let _ = writeln!(table, "failed run: {error}");
     }
     let policy_change = med("policy-change.seconds", "mycel-tls");
     let _ = writeln!(
@@ -931,6 +1157,9 @@ fn report(o: &Options, samples: Samples) -> io::Result<Report> {
         "setups": SETUPS.iter().map(|s| s.name).collect::<Vec<_>>(),
         "samples": samples,
         "ratios": ratios,
+        "failed_runs": failed.iter().map(|(metric, setup, error)| json!({
+            "metric": metric, "setup": setup, "error": error,
+        })).collect::<Vec<_>>(),
     });
     std::fs::create_dir_all(&o.out_dir)?;
     let stamp = std::time::SystemTime::now()
@@ -974,11 +1203,11 @@ fn kernel_bound(
         machine - (daemons - kernel) + crypto
     };
     match (key, num) {
-        ("", _) => (med("bulk-1.daemon_sys_s_per_gb", "mycel-tls") + floor) / floor,
-        ("bulk-1.bytes_per_second", "mycel-tls") => {
+        ("", _) => (med("bulk-1.daemon_sys_s_per_gb", num) + floor) / floor,
+        ("bulk-1.bytes_per_second", "mycel-tls" | "mycel-tls-sockmap") => {
             med("bulk-1.machine_cpu_s_per_gb", den) / mesh_floor("bulk-1", "s_per_gb", floor)
         }
-        ("connrate.per_second", "mycel-tls") => {
+        ("connrate.per_second", "mycel-tls" | "mycel-tls-sockmap") => {
             med("connrate.machine_cpu_us_per_conn", den)
                 / mesh_floor("connrate", "us_per_conn", 0.0)
         }
