@@ -219,9 +219,12 @@ pub const SETUPS: [Setup; 9] = [
     },
 ];
 
-/// Whether a run failed because an application's send got ENOMEM.
-fn out_of_memory(e: &io::Error) -> bool {
-    e.to_string().contains("Cannot allocate memory")
+/// Whether a run failed the way an application through the socket map can: its send got
+/// `ENOMEM` (no backpressure), or a blocking call `EAGAIN` (the kernel's wait gave up
+/// without data).
+fn sockmap_refused(e: &io::Error) -> bool {
+    let e = e.to_string();
+    e.contains("Cannot allocate memory") || e.contains("Resource temporarily unavailable")
 }
 
 /// The mesh's transport and `localHop`.
@@ -374,9 +377,9 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     let daemons = pids(&nodes);
 
     let mut samples = Samples::new();
-    // Runs of the experimental socket-map hop that failed with the kernel's ENOMEM (a sender
-    // that outruns its peer, with no backpressure there: a finding, not a harness fault):
-    // metric, setup, error.
+    // Runs of the experimental socket-map hop that failed as the kernel fails applications
+    // there (ENOMEM for a sender that outruns its peer, with no backpressure; EAGAIN from a
+    // blocking call): a finding, not a harness fault. Metric, setup, error.
     let mut failed: Vec<(String, String, String)> = Vec::new();
     let mut put = |key: String, setup: &str, v: f64| {
         samples
@@ -444,7 +447,7 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
             );
             match measured {
                 Ok(()) => {}
-                Err(e) if hop == "sockmap" && out_of_memory(&e) => {
+                Err(e) if hop == "sockmap" && sockmap_refused(&e) => {
                     failed.push((http.join(","), "mycel-http-sockmap".into(), e.to_string()))
                 }
                 Err(e) => return Err(e),
@@ -488,7 +491,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// One run of `metric` on `setup` (the mesh already set for it): its figures go to `put`;
-    /// a socket-map run that failed with ENOMEM goes to `failed`.
+    /// a socket-map run that failed as the kernel fails applications there goes to `failed`.
     fn once(
         &self,
         metric: &Metric,
@@ -518,7 +521,7 @@ impl Run<'_> {
         let wall = std::time::Instant::now();
         let out = match run_client(self.o, self.topo, metric, setup, self.tls_dir) {
             Ok(out) => out,
-            Err(e) if setup.local_hop == "sockmap" && out_of_memory(&e) => {
+            Err(e) if setup.local_hop == "sockmap" && sockmap_refused(&e) => {
                 drop(profile);
                 failed.push((metric.name.to_owned(), setup.name.to_owned(), e.to_string()));
                 return Ok(());
