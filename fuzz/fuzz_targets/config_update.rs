@@ -1,13 +1,16 @@
-//! A config update as the node receives it from mesh-cp (`MeshView::apply`), then the routing
-//! directory built from the view it gives: every VIP routed, a backend picked by each route and
-//! the traffic settings resolved for a source. The control plane is trusted, but a node must
+//! A config update as the node receives it from mesh-cp, in parts (`mesh_api::parts`) and
+//! applied (`MeshView::apply`), then the routing directory built from the view it gives: every
+//! VIP routed, a backend picked by each route and the traffic settings resolved for a source. The control plane is trusted, but a node must
 //! refuse what it could not have sent rather than panic or hold a value the model cannot.
 #![no_main]
 
 use std::{net::IpAddr, sync::Arc};
 
 use libfuzzer_sys::fuzz_target;
-use mesh_api::v1::ConfigUpdate;
+use mesh_api::{
+    parts::{self, Assembler},
+    v1::ConfigUpdate,
+};
 use mesh_model::authz::Source;
 use mesh_node::{
     control::MeshView,
@@ -19,6 +22,21 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut update) = ConfigUpdate::decode(data) else {
         return;
     };
+    // A part with any flags is taken or refused, twice in a row too.
+    let mut stream = Assembler::default();
+    let _ = stream.push(update.clone());
+    let _ = stream.push(update.clone());
+    // Split into parts and put back together, the version is what it was.
+    update.more = false;
+    let mut stream = Assembler::default();
+    let mut whole = None;
+    for part in parts::split(update.clone()) {
+        assert!(whole.is_none(), "whole before the last part");
+        whole = stream
+            .push(part)
+            .expect("the parts of one version fit together");
+    }
+    assert_eq!(whole.as_ref(), Some(&update));
     let Ok(view) = MeshView::default().apply(update.clone()) else {
         return;
     };

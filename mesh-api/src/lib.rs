@@ -6,6 +6,7 @@ pub mod v1 {
 }
 
 pub mod convert;
+pub mod parts;
 
 use std::net::IpAddr;
 

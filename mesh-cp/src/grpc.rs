@@ -216,6 +216,7 @@ async fn serve_stream(
                     snapshot: true,
                     upserts: slice.values().cloned().collect(),
                     removals: Vec::new(),
+                    more: false,
                 }),
                 Some(old) => {
                     let (upserts, removals) = slice::diff(old, &slice);
@@ -224,6 +225,7 @@ async fn serve_stream(
                         snapshot: false,
                         upserts,
                         removals,
+                        more: false,
                     })
                 }
             };
@@ -237,7 +239,16 @@ async fn serve_stream(
                     "sending config"
                 );
                 let (version, snapshot) = (update.version, update.snapshot);
-                if tx.send(Ok(update)).await.is_err() {
+                // In parts of bounded size: a first sync grows with the mesh, and gRPC
+                // refuses a message over 4 MiB.
+                let mut closed = false;
+                for part in mesh_api::parts::split(update) {
+                    if tx.send(Ok(part)).await.is_err() {
+                        closed = true;
+                        break;
+                    }
+                }
+                if closed {
                     break "stream closed";
                 }
                 shared.metrics.pushed(snapshot);

@@ -56,11 +56,18 @@ async fn session(
         .into_inner();
     // The base the next diff applies to; a new stream starts from its own snapshot.
     let mut base = MeshView::default();
+    // A version too large for one message comes in parts, applied together.
+    let mut parts = mesh_api::parts::Assembler::default();
     loop {
-        let update = match updates.message().await {
+        let part = match updates.message().await {
             Ok(Some(u)) => u,
             Ok(None) => return Ok(()),
             Err(s) => return Err(describe(&s)),
+        };
+        let update = match parts.push(part) {
+            Ok(Some(whole)) => whole,
+            Ok(None) => continue,
+            Err(e) => return Err(format!("broken config stream: {e}")),
         };
         let version = update.version;
         let snapshot = update.snapshot;

@@ -281,6 +281,7 @@ mod tests {
             snapshot,
             upserts,
             removals: removals.iter().map(|s| s.to_string()).collect(),
+            more: false,
         }
     }
 
