@@ -127,3 +127,52 @@ fn node_keeps_its_config_while_the_control_plane_is_away_and_resyncs_when_it_ret
         .expect("node resyncs with the change made during the outage");
     call_b(&s);
 }
+
+/// A first sync larger than gRPC's 4 MiB message limit (every workload of the mesh goes to
+/// every node) reaches the node in parts and is applied whole: before parts, the node refused
+/// the message and reconnected for ever.
+#[test]
+fn a_first_sync_over_the_grpc_message_limit_is_applied() {
+    // Few enough for a debug build of mesh-cp to load in seconds; labels make them large.
+    const OTHERS: u32 = 10_000;
+    let labels: Vec<(String, String)> = (0..5)
+        .map(|k| (format!("label-{k}"), format!("{}{k}", "v".repeat(60))))
+        .collect();
+    let label_yaml: String = labels.iter().map(|(k, v)| format!(", {k}: {v}")).collect();
+    let mut topo = Topology::new(&[NodeSpec::new("n1", &["a", "b"])]).expect("topology");
+    let mut yaml = workloads_yaml(&[topo.pod("a"), topo.pod("b")]);
+    for i in 0..OTHERS {
+        let (hi, lo) = (i >> 8, i & 0xff);
+        yaml.push_str(&format!(
+            "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: other-{i}, labels: {{app: other-{i}{label_yaml}}}}}\nspec: {{node: elsewhere, netns: /run/netns/other-{i}, addresses: ['172.16.{hi}.{lo}'], serviceAccount: other-workload-{i}}}\n"
+        ));
+    }
+    // What one of them takes on the wire, at the least: together more than the limit.
+    let one = mesh_api::v1::Resource {
+        key: "workload/default/other-00000".into(),
+        kind: Some(mesh_api::v1::resource::Kind::Workload(
+            mesh_api::v1::Workload {
+                namespace: "default".into(),
+                name: "other-00000".into(),
+                node: "elsewhere".into(),
+                addresses: vec![vec![172, 16, 0, 0]],
+                identity: "spiffe://cluster.local/ns/default/sa/other-workload-00000".into(),
+                labels: labels.iter().cloned().collect(),
+                ..Default::default()
+            },
+        )),
+    };
+    let least = prost::Message::encoded_len(&one) * OTHERS as usize;
+    assert!(least > 4 << 20, "the sync must be over the limit: {least}");
+    let cp = ControlPlane::start(
+        &format!("{}-large-sync", topo.prefix),
+        &[("workloads.yaml", &yaml)],
+    )
+    .expect("mesh-cp");
+    let mut node =
+        MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node follows the control plane");
+    let expected = format!("workloads={}", OTHERS + 2);
+    node.wait_log(Duration::from_secs(60), &expected)
+        .expect("the snapshot with every workload was applied");
+    assert!(!node.log().contains("length too large"), "{}", node.log());
+}
