@@ -395,21 +395,21 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
     // Bulk through the socket map goes last, after every other figure: with no backpressure
     // there, a sender that outruns the proxy fills the node's TCP memory, and whatever ran
     // after it would measure the kernel's memory pressure.
+    let all = metrics(o);
     let (mut deferred, mut plan) = (Vec::new(), Vec::new());
-    for metric in metrics(o).into_iter().filter(|m| wanted(m.name)) {
+    for metric in all.iter().filter(|m| wanted(m.name)) {
         for round in 0..o.rounds {
             for setup in SETUPS {
                 if metric.mode == "bulk" && setup.local_hop == "sockmap" {
                     if o.sockmap_bulk {
-                        deferred.push((metric.name, round, setup));
+                        deferred.push((metric, round, setup));
                     }
                 } else {
-                    plan.push((metric.name, round, setup));
+                    plan.push((metric, round, setup));
                 }
             }
         }
     }
-    let all = metrics(o);
     let run = Run {
         o,
         topo,
@@ -417,16 +417,7 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
         daemons: &daemons,
         source: &nodes[0],
     };
-    for (name, round, setup) in plan {
-        if let Some(wanted) = setup.transport {
-            use_mesh(&mut cp, &mut settings, (wanted, setup.local_hop))?;
-        }
-        let metric = all
-            .iter()
-            .find(|m| m.name == name)
-            .ok_or_else(|| io::Error::other(name))?;
-        run.once(metric, setup, round, &mut put, &mut failed)?;
-    }
+    run.each(&plan, &mut cp, &mut settings, &mut put, &mut failed)?;
     let http: Vec<&str> = http::NAMES.into_iter().filter(|n| wanted(n)).collect();
     if !http.is_empty() {
         let profile = o.profile.then_some(o.out_dir.as_path());
@@ -466,16 +457,7 @@ fn measure(o: &Options, topo: &mut Topology, tls_dir: &Path) -> io::Result<Repor
             put("policy-change.seconds".into(), "mycel-tls", seconds);
         }
     }
-    for (name, round, setup) in deferred {
-        if let Some(wanted) = setup.transport {
-            use_mesh(&mut cp, &mut settings, (wanted, setup.local_hop))?;
-        }
-        let metric = all
-            .iter()
-            .find(|m| m.name == name)
-            .ok_or_else(|| io::Error::other(name))?;
-        run.once(metric, setup, round, &mut put, &mut failed)?;
-    }
+    run.each(&deferred, &mut cp, &mut settings, &mut put, &mut failed)?;
     report(o, samples, &failed)
 }
 
@@ -490,6 +472,24 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// The runs of `plan` in order, each with the mesh set for its setup first.
+    fn each(
+        &self,
+        plan: &[(&Metric, usize, Setup)],
+        cp: &mut ControlPlane,
+        settings: &mut MeshSettings,
+        put: &mut dyn FnMut(String, &str, f64),
+        failed: &mut Vec<(String, String, String)>,
+    ) -> io::Result<()> {
+        for &(metric, round, setup) in plan {
+            if let Some(wanted) = setup.transport {
+                use_mesh(cp, settings, (wanted, setup.local_hop))?;
+            }
+            self.once(metric, setup, round, put, failed)?;
+        }
+        Ok(())
+    }
+
     /// One run of `metric` on `setup` (the mesh already set for it): its figures go to `put`;
     /// a socket-map run that failed as the kernel fails applications there goes to `failed`.
     fn once(
