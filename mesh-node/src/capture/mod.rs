@@ -122,7 +122,7 @@ pub struct Options {
     /// runs in the kernel, so disabled logging costs one load per call).
     pub ebpf_log: bool,
     /// The daemon's own cgroup directory. `sock_ops` runs there too, for the proxy's sockets
-    /// of the pod-local hop, unless it is `cgroup` itself.
+    /// of the pod-local hop, when it lies beside `cgroup` (`hop.rs` says when it must not).
     pub own_cgroup: Option<PathBuf>,
 }
 
@@ -406,7 +406,6 @@ impl Capture {
             links::take_inbound_links(&pins, eth.as_fd(), l3.as_fd())?
         };
         takeover.inbound_updated = inbound.updated;
-
         // Attachments of Mycel programs that are not these (made outside these pins).
         attach::remove_stale(&opts.cgroup, &cgroup_dir, &ours)?;
         for dir in &older {
