@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::{
     policy::{AccessPolicy, Matcher, PortRange, Rule},
-    Action, Config, Mode, ObjectKey, Workload,
+    Action, Config, Mode, ObjectKey, Service, Workload,
 };
 
 /// The client of a connection, as the destination knows it.
@@ -396,52 +396,111 @@ pub fn fast_deny(
     index: &PolicyIndex,
     source: &Workload,
 ) -> BTreeSet<(IpAddr, u16)> {
-    let identity = source.identity(&config.mesh.trust_domain);
-    let uri = identity.to_string();
-    let mut out = BTreeSet::new();
-    for v4 in [true, false] {
-        let Some(address) = source.addresses.iter().copied().find(|a| a.is_ipv4() == v4) else {
-            continue;
-        };
-        let src = Source {
-            address,
-            workload: Some(SourceWorkload {
-                identity: &uri,
-                namespace: &identity.namespace,
-                labels: &source.labels,
-            }),
-        };
-        let mut denied: HashMap<&ObjectKey, Vec<PortRange>> = HashMap::new();
-        for w in config.workloads.values() {
-            let ranges = index.denied_ports(&w.key, &src);
-            for a in w.addresses.iter().filter(|a| a.is_ipv4() == v4) {
-                add_ranges(&mut out, *a, &ranges);
-            }
-            denied.insert(&w.key, ranges);
+    DenyTargets::new(config, index).fast_deny(config, index, source)
+}
+
+/// The destinations a fast-deny set can name, found once per config and used for every
+/// source. When the mesh default allows, a workload no policy selects allows everyone, so
+/// only selected workloads (and services with such an endpoint) can deny: a mesh with few
+/// policies costs little per source, however many workloads it has.
+#[derive(Debug)]
+pub struct DenyTargets<'a> {
+    workloads: Vec<&'a Workload>,
+    services: Vec<(&'a Service, Vec<&'a Workload>)>,
+}
+
+impl<'a> DenyTargets<'a> {
+    pub fn new(config: &'a Config, index: &PolicyIndex) -> Self {
+        let every = index.default_action == Action::Deny;
+        let workloads: Vec<&Workload> = config
+            .workloads
+            .values()
+            .filter(|w| every || index.by_workload.contains_key(&w.key))
+            .collect();
+        let grouped = config.by_namespace();
+        let services = config
+            .services
+            .values()
+            .filter_map(|s| {
+                let endpoints = config.endpoints_in(&grouped, s);
+                let can_deny = every
+                    || endpoints
+                        .iter()
+                        .any(|w| index.by_workload.contains_key(&w.key));
+                (can_deny && !endpoints.is_empty()).then_some((s, endpoints))
+            })
+            .collect();
+        Self {
+            workloads,
+            services,
         }
-        for s in config.services.values() {
-            let endpoints: Vec<&Workload> = config
-                .endpoints(s)
-                .filter(|w| w.addresses.iter().any(|a| a.is_ipv4() == v4))
-                .collect();
-            if endpoints.is_empty() {
+    }
+
+    /// Destinations each source is checked against: the work of one source's set.
+    pub fn len(&self) -> usize {
+        self.workloads.len() + self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// [`fast_deny`] for `source`.
+    pub fn fast_deny(
+        &self,
+        config: &Config,
+        index: &PolicyIndex,
+        source: &Workload,
+    ) -> BTreeSet<(IpAddr, u16)> {
+        let identity = source.identity(&config.mesh.trust_domain);
+        let uri = identity.to_string();
+        let mut out = BTreeSet::new();
+        for v4 in [true, false] {
+            let Some(address) = source.addresses.iter().copied().find(|a| a.is_ipv4() == v4) else {
                 continue;
+            };
+            let src = Source {
+                address,
+                workload: Some(SourceWorkload {
+                    identity: &uri,
+                    namespace: &identity.namespace,
+                    labels: &source.labels,
+                }),
+            };
+            // Destinations left out allow everyone (see the type's comment), so a service
+            // with such an endpoint is never denied whole: absent here means allowed.
+            let mut denied: HashMap<&ObjectKey, Vec<PortRange>> = HashMap::new();
+            for w in &self.workloads {
+                let ranges = index.denied_ports(&w.key, &src);
+                for a in w.addresses.iter().filter(|a| a.is_ipv4() == v4) {
+                    add_ranges(&mut out, *a, &ranges);
+                }
+                denied.insert(&w.key, ranges);
             }
-            for p in &s.ports {
-                let all_deny = endpoints.iter().all(|w| {
-                    denied
-                        .get(&w.key)
-                        .is_some_and(|r| r.iter().any(|r| r.contains(p.target_port)))
-                });
-                if all_deny {
-                    for vip in s.vips.iter().filter(|a| a.is_ipv4() == v4) {
-                        out.insert((*vip, p.port));
+            for (s, endpoints) in &self.services {
+                let endpoints: Vec<&&Workload> = endpoints
+                    .iter()
+                    .filter(|w| w.addresses.iter().any(|a| a.is_ipv4() == v4))
+                    .collect();
+                if endpoints.is_empty() {
+                    continue;
+                }
+                for p in &s.ports {
+                    let all_deny = endpoints.iter().all(|w| {
+                        denied
+                            .get(&w.key)
+                            .is_some_and(|r| r.iter().any(|r| r.contains(p.target_port)))
+                    });
+                    if all_deny {
+                        for vip in s.vips.iter().filter(|a| a.is_ipv4() == v4) {
+                            out.insert((*vip, p.port));
+                        }
                     }
                 }
             }
         }
+        out
     }
-    out
 }
 
 fn add_ranges(out: &mut BTreeSet<(IpAddr, u16)>, address: IpAddr, ranges: &[PortRange]) {

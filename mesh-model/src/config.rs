@@ -4,7 +4,7 @@
 //! and field, rejects the set, and the caller keeps whatever it had before.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -117,13 +117,69 @@ impl Config {
 
     /// Every policy with the keys of the workloads it selects, for [`crate::authz`].
     pub fn selections(&self) -> Vec<Selection> {
+        // By namespace first: a policy selects only in its own namespace (or the whole mesh
+        // from the root namespace), so most never look at most workloads.
+        let grouped = self.by_namespace();
         self.policies
             .values()
             .map(|p| {
-                let selected = self.selected_by(p).map(|w| w.key.clone()).collect();
+                let matches =
+                    |w: &&Workload| p.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v));
+                let selected = if p.key.namespace == self.mesh.root_namespace {
+                    self.workloads
+                        .values()
+                        .filter(matches)
+                        .map(|w| w.key.clone())
+                        .collect()
+                } else {
+                    grouped
+                        .get(p.key.namespace.as_str())
+                        .into_iter()
+                        .flatten()
+                        .copied()
+                        .filter(matches)
+                        .map(|w| w.key.clone())
+                        .collect()
+                };
                 (p.clone(), selected)
             })
             .collect()
+    }
+
+    /// The workloads of each namespace, in key order.
+    pub fn by_namespace(&self) -> HashMap<&str, Vec<&Workload>> {
+        let mut out: HashMap<&str, Vec<&Workload>> = HashMap::new();
+        for w in self.workloads.values() {
+            out.entry(w.key.namespace.as_str()).or_default().push(w);
+        }
+        out
+    }
+
+    /// The service's endpoints as [`Config::endpoints`] finds them, from `grouped`
+    /// ([`Config::by_namespace`]) so that a selector looks only at its own namespace.
+    pub fn endpoints_in<'a>(
+        &'a self,
+        grouped: &HashMap<&str, Vec<&'a Workload>>,
+        service: &'a Service,
+    ) -> Vec<&'a Workload> {
+        match &service.endpoints {
+            Some(listed) => listed
+                .iter()
+                .filter_map(|k| self.workloads.get(k))
+                .collect(),
+            None => grouped
+                .get(service.key.namespace.as_str())
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|w| {
+                    service
+                        .selector
+                        .iter()
+                        .all(|(k, v)| w.labels.get(k) == Some(v))
+                })
+                .collect(),
+        }
     }
 }
 
