@@ -31,6 +31,8 @@ pub fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
 pub mod metadata {
     pub const AUTHORIZATION: &str = "authorization";
     pub const NODE: &str = "x-mycel-node";
+    /// On a config stream: the epoch and version the node holds, "<epoch>-<version>".
+    pub const RESUME: &str = "x-mycel-resume";
 }
 
 /// Adds a node's name and join token to every call it makes.

@@ -5,7 +5,7 @@
 
 use prost::Message;
 
-use crate::v1::ConfigUpdate;
+use crate::v1::{ConfigUpdate, Resource};
 
 /// The most a part's resources take, encoded: a quarter of gRPC's default limit, so a part
 /// with one resource over it still fits.
@@ -25,44 +25,83 @@ pub fn split(update: ConfigUpdate) -> Vec<ConfigUpdate> {
         upserts,
         removals,
         more: _,
+        epoch,
     } = update;
-    let part = |first: bool| ConfigUpdate {
-        version,
-        snapshot: snapshot && first,
-        upserts: Vec::new(),
-        removals: Vec::new(),
-        more: true,
-    };
-    let mut parts = vec![part(true)];
-    let mut size = 0;
-    let mut room = |parts: &mut Vec<ConfigUpdate>, len: usize| {
-        let current = parts
-            .last()
-            .is_some_and(|p| !p.upserts.is_empty() || !p.removals.is_empty());
-        if current && size + len > MAX_PART_BYTES {
-            parts.push(part(false));
-            size = 0;
-        }
-        size += len;
-    };
-    // What an entry of a repeated field takes on the wire: its tag, its length, itself.
-    let field = |len: usize| 1 + prost::length_delimiter_len(len) + len;
+    let mut parts = Vec::new();
+    let mut builder = Parts::new(epoch, version, snapshot);
     for resource in upserts {
-        room(&mut parts, field(resource.encoded_len()));
-        if let Some(p) = parts.last_mut() {
-            p.upserts.push(resource);
-        }
+        parts.extend(builder.upsert(resource));
     }
     for key in removals {
-        room(&mut parts, field(key.len()));
-        if let Some(p) = parts.last_mut() {
-            p.removals.push(key);
+        parts.extend(builder.remove(key));
+    }
+    parts.push(builder.finish());
+    parts
+}
+
+/// Builds a version's parts one resource at a time, so that a sender never holds more than
+/// a part of it encoded or cloned: each call returns a part once it is full.
+#[derive(Debug)]
+pub struct Parts {
+    open: ConfigUpdate,
+    size: usize,
+}
+
+impl Parts {
+    pub fn new(epoch: u64, version: u64, snapshot: bool) -> Self {
+        Self {
+            open: ConfigUpdate {
+                version,
+                snapshot,
+                upserts: Vec::new(),
+                removals: Vec::new(),
+                more: true,
+                epoch,
+            },
+            size: 0,
         }
     }
-    if let Some(last) = parts.last_mut() {
-        last.more = false;
+
+    /// What an entry of a repeated field takes on the wire: its tag, its length, itself.
+    fn field(len: usize) -> usize {
+        1 + prost::length_delimiter_len(len) + len
     }
-    parts
+
+    /// Makes room for `len` more bytes: the open part, if it is full.
+    fn room(&mut self, len: usize) -> Option<ConfigUpdate> {
+        let started = !self.open.upserts.is_empty() || !self.open.removals.is_empty();
+        let full = started && self.size + len > MAX_PART_BYTES;
+        let done = full.then(|| {
+            let next = ConfigUpdate {
+                snapshot: false,
+                upserts: Vec::new(),
+                removals: Vec::new(),
+                ..self.open
+            };
+            self.size = 0;
+            std::mem::replace(&mut self.open, next)
+        });
+        self.size += len;
+        done
+    }
+
+    pub fn upsert(&mut self, resource: Resource) -> Option<ConfigUpdate> {
+        let done = self.room(Self::field(resource.encoded_len()));
+        self.open.upserts.push(resource);
+        done
+    }
+
+    pub fn remove(&mut self, key: String) -> Option<ConfigUpdate> {
+        let done = self.room(Self::field(key.len()));
+        self.open.removals.push(key);
+        done
+    }
+
+    /// The last part.
+    pub fn finish(mut self) -> ConfigUpdate {
+        self.open.more = false;
+        self.open
+    }
 }
 
 /// Why a stream's parts cannot be put together.
@@ -146,6 +185,7 @@ mod tests {
             upserts: (0..40_000).map(|i| workload(i, 100)).collect(),
             removals: vec!["service/ns/gone".into()],
             more: false,
+            epoch: 11,
         };
         assert!(
             update.encoded_len() > 4 << 20,
@@ -202,7 +242,7 @@ mod tests {
             snapshot,
             more,
             upserts: vec![workload(1, 10)],
-            removals: Vec::new(),
+            ..Default::default()
         };
         let mut a = Assembler::default();
         assert_eq!(a.push(part(1, true, true)), Ok(None));

@@ -8,9 +8,10 @@ use std::{
 };
 
 use mesh_api::{
-    metadata,
+    keys, metadata,
+    parts::Parts,
     v1::{
-        node_service_server::NodeService, ConfigAck, ConfigUpdate, SignCertificateRequest,
+        self, node_service_server::NodeService, ConfigAck, ConfigUpdate, SignCertificateRequest,
         SignCertificateResponse,
     },
 };
@@ -20,10 +21,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    metrics::Refusal,
+    distribute::Delta,
+    metrics::{Push, Refusal},
     node_auth::AuthError,
-    slice::{self, Slice},
-    state::Shared,
+    state::{Published, Shared},
 };
 
 /// How often an open config stream re-checks that its credential is still valid (a join
@@ -108,11 +109,18 @@ impl NodeService for NodeApi {
             None => None,
         };
         let (tx, rx) = mpsc::channel(8);
+        let resume = resume_from(
+            req.metadata()
+                .get(metadata::RESUME)
+                .and_then(|v| v.to_str().ok()),
+            self.shared.epoch,
+        );
         tokio::spawn(serve_stream(
             self.shared.clone(),
             node,
             token,
             peer,
+            resume,
             req.into_inner(),
             tx,
             slot,
@@ -185,22 +193,93 @@ impl NodeService for NodeApi {
     }
 }
 
+/// `x-mycel-resume` ("<epoch>-<version>") as the version to resume from, if it names this
+/// control plane's epoch. Anything else is a node that takes a snapshot: never an error.
+fn resume_from(value: Option<&str>, epoch: u64) -> Option<u64> {
+    let (e, v) = value?.split_once('-')?;
+    (e.parse::<u64>().ok()? == epoch).then_some(())?;
+    v.parse().ok()
+}
+
+/// Sends `parts` in order; false when the node has gone.
+async fn send_all(
+    tx: &mpsc::Sender<Result<ConfigUpdate, Status>>,
+    parts: impl IntoIterator<Item = ConfigUpdate>,
+) -> bool {
+    for part in parts {
+        if tx.send(Ok(part)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Sends `node` everything it holds at `published`, part by part. Snapshots are the one
+/// thing whose cost grows with the mesh, so only so many are sent at once
+/// ([`Shared::first_syncs`]): a crowd of nodes reconnecting together queues here instead of
+/// holding the control plane's CPU and memory all at once. Returns the resources sent, or
+/// `None` when the node has gone.
+async fn send_snapshot(
+    shared: &Shared,
+    node: &str,
+    published: &Published,
+    tx: &mpsc::Sender<Result<ConfigUpdate, Status>>,
+) -> Option<usize> {
+    let _permit = shared.first_syncs.acquire().await.ok()?;
+    let mut parts = Parts::new(shared.epoch, published.version, true);
+    let mut count = 1;
+    let roots = v1::Resource {
+        key: keys::TRUST_BUNDLE.into(),
+        kind: Some(v1::resource::Kind::TrustBundle(v1::TrustBundle {
+            roots_der: vec![shared.ca.root_der().to_vec()],
+        })),
+    };
+    // Each part goes as soon as it is full: what this stream holds is one part.
+    let mut add = async |resource| match parts.upsert(resource) {
+        Some(full) => tx.send(Ok(full)).await.is_ok(),
+        None => true,
+    };
+    // In key order, with the trust bundle (the same for every version) in its place.
+    let mut roots = Some(roots);
+    for entry in published.distribution.catalog.snapshot(node) {
+        if let Some(r) = roots.take_if(|r| r.key < entry.key) {
+            if !add(r).await {
+                return None;
+            }
+        }
+        count += 1;
+        if !add(v1::Resource::clone(entry)).await {
+            return None;
+        }
+    }
+    if let Some(r) = roots {
+        if !add(r).await {
+            return None;
+        }
+    }
+    send_all(tx, [parts.finish()]).await.then_some(count)
+}
+
 /// Feeds one node's config stream until the node goes away or its token stops being valid.
+#[allow(clippy::too_many_arguments)]
 async fn serve_stream(
     shared: Arc<Shared>,
     node: String,
     token: String,
     peer: Option<SocketAddr>,
+    // The version the node says it holds, in this control plane's epoch.
+    resume: Option<u64>,
     mut acks: Streaming<ConfigAck>,
     tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
     // Held for the stream's life: the peer's place among its streams.
     _slot: Option<crate::peer_limits::StreamSlot>,
 ) {
     shared.update_node(&node, |n| n.streams += 1);
-    tracing::info!(node, peer = ?peer, "node connected");
+    tracing::info!(node, peer = ?peer, resume, "node connected");
     let mut config = shared.config.clone();
-    let roots = [shared.ca.root_der().clone()];
-    let mut sent: Option<Slice> = None;
+    // The version the node holds as far as this stream knows; none until a snapshot is sent.
+    let mut cursor = resume;
+    let mut first = true;
     let mut dirty = true;
     let mut recheck = tokio::time::interval(TOKEN_RECHECK);
     // Versions sent and not yet answered, oldest first, with when they were sent.
@@ -209,52 +288,57 @@ async fn serve_stream(
         if dirty {
             dirty = false;
             let published = config.borrow_and_update().clone();
-            let slice = slice::node_slice(&published.config, &published.policies, &roots, &node);
-            let update = match &sent {
-                None => Some(ConfigUpdate {
-                    version: published.version,
-                    snapshot: true,
-                    upserts: slice.values().cloned().collect(),
-                    removals: Vec::new(),
-                    more: false,
-                }),
-                Some(old) => {
-                    let (upserts, removals) = slice::diff(old, &slice);
-                    (!upserts.is_empty() || !removals.is_empty()).then_some(ConfigUpdate {
-                        version: published.version,
+            let version = published.version;
+            let delta = match cursor {
+                None => Delta::Snapshot,
+                Some(since) => published.distribution.delta(&node, since, version),
+            };
+            let sent = match delta {
+                // A resuming node is told it is current, so that it knows it is synced.
+                Delta::None if !first => None,
+                Delta::None => Some((
+                    Push::Resume,
+                    0,
+                    send_all(&tx, [Parts::new(shared.epoch, version, false).finish()]).await,
+                )),
+                Delta::Changes { upserts, removals } => {
+                    let kind = if first { Push::Resume } else { Push::Update };
+                    let count = upserts.len() + removals.len();
+                    let update = ConfigUpdate {
+                        version,
                         snapshot: false,
                         upserts,
                         removals,
                         more: false,
-                    })
+                        epoch: shared.epoch,
+                    };
+                    Some((
+                        kind,
+                        count,
+                        send_all(&tx, mesh_api::parts::split(update)).await,
+                    ))
                 }
+                Delta::Snapshot => match send_snapshot(&shared, &node, &published, &tx).await {
+                    Some(count) => Some((Push::Snapshot, count, true)),
+                    None => Some((Push::Snapshot, 0, false)),
+                },
             };
-            if let Some(update) = update {
-                tracing::debug!(
-                    node,
-                    version = update.version,
-                    snapshot = update.snapshot,
-                    upserts = update.upserts.len(),
-                    removals = update.removals.len(),
-                    "sending config"
-                );
-                let (version, snapshot) = (update.version, update.snapshot);
-                // In parts of bounded size: a first sync grows with the mesh, and gRPC
-                // refuses a message over 4 MiB.
-                let mut closed = false;
-                for part in mesh_api::parts::split(update) {
-                    if tx.send(Ok(part)).await.is_err() {
-                        closed = true;
-                        break;
-                    }
-                }
-                if closed {
+            first = false;
+            cursor = Some(version);
+            if let Some((kind, count, delivered)) = sent {
+                if !delivered {
                     break "stream closed";
                 }
-                shared.metrics.pushed(snapshot);
+                tracing::debug!(
+                    node,
+                    version,
+                    kind = kind.as_str(),
+                    resources = count,
+                    "config sent"
+                );
+                shared.metrics.pushed(kind, count);
                 in_flight.push((version, Instant::now()));
             }
-            sent = Some(slice);
         }
         tokio::select! {
             changed = config.changed() => {

@@ -40,9 +40,32 @@ impl Refusal {
     }
 }
 
+/// What a config stream sent a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Push {
+    /// Everything it holds: a new stream, or one too far behind to be sent changes.
+    Snapshot,
+    /// The first message to a node that reconnected with a version this control plane
+    /// still knows: what changed since (maybe nothing).
+    Resume,
+    /// What changed since the previous message.
+    Update,
+}
+
+impl Push {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Push::Snapshot => "snapshot",
+            Push::Resume => "resume",
+            Push::Update => "update",
+        }
+    }
+}
+
 pub struct CpMetrics {
     registry: Registry,
     pushes: IntCounterVec,
+    resources_sent: IntCounterVec,
     acks: IntCounterVec,
     push_latency: Histogram,
     issued: IntCounter,
@@ -58,10 +81,23 @@ impl CpMetrics {
         let pushes = IntCounterVec::new(
             Opts::new(
                 name("config_pushes_total"),
-                "Config updates sent to nodes: a snapshot when a stream starts, then changes.",
+                "Config versions sent to nodes: snapshot (everything, when a stream starts), \
+                 resume (what changed since the version a reconnecting node holds), update \
+                 (what changed since the stream's previous message).",
             ),
             &["kind"],
         )?;
+        let resources_sent = IntCounterVec::new(
+            Opts::new(
+                name("config_resources_sent_total"),
+                "Resources and removals sent to nodes, by the kind of message that carried them.",
+            ),
+            &["kind"],
+        )?;
+        for kind in [Push::Snapshot, Push::Resume, Push::Update] {
+            pushes.with_label_values(&[kind.as_str()]);
+            resources_sent.with_label_values(&[kind.as_str()]);
+        }
         let acks = IntCounterVec::new(
             Opts::new(
                 name("config_acks_total"),
@@ -114,6 +150,7 @@ impl CpMetrics {
         }
         for c in [
             Box::new(pushes.clone()) as Box<dyn Collector>,
+            Box::new(resources_sent.clone()),
             Box::new(acks.clone()),
             Box::new(push_latency.clone()),
             Box::new(issued.clone()),
@@ -127,6 +164,7 @@ impl CpMetrics {
         Ok(Self {
             registry,
             pushes,
+            resources_sent,
             acks,
             push_latency,
             issued,
@@ -150,9 +188,12 @@ impl CpMetrics {
             .register(Box::new(StateCollector::new(Box::new(read))?))
     }
 
-    pub fn pushed(&self, snapshot: bool) {
-        let kind = if snapshot { "snapshot" } else { "update" };
-        self.pushes.with_label_values(&[kind]).inc();
+    /// A version sent to a node, carrying `resources` resources and removals.
+    pub fn pushed(&self, kind: Push, resources: usize) {
+        self.pushes.with_label_values(&[kind.as_str()]).inc();
+        self.resources_sent
+            .with_label_values(&[kind.as_str()])
+            .inc_by(resources as u64);
     }
 
     /// A node acknowledged (`ok`) or rejected a version sent `seconds` ago.

@@ -1,4 +1,6 @@
-//! What one node may see of the configuration, and how two such views differ.
+//! What one node may see of the configuration, and how two such views differ, in the plainest
+//! terms: one node at a time, from scratch. Streams are served from [`crate::distribute`],
+//! which builds the same thing once for all nodes and is tested against this.
 //!
 //! A node gets the mesh settings, the trust bundle, every workload (the netns path only for its
 //! own) and every service with its resolved endpoints: enough to capture its pods and to route

@@ -13,12 +13,13 @@ use tokio::sync::watch;
 
 use crate::{
     ca::Ca,
+    distribute::{Catalog, ChangeLog, Distribution, FastDeny},
     metrics::{CpMetrics, Figures},
     node_auth::NodeAuth,
 };
 
-/// One accepted configuration. Versions start at 1 with each control-plane process; nodes
-/// take a snapshot at the start of every stream, so versions need not survive a restart.
+/// One accepted configuration. Versions start at 1 with each control-plane process (`epoch`
+/// tells processes apart, so a node never resumes from another's version).
 #[derive(Debug, Clone)]
 pub struct Published {
     pub version: u64,
@@ -26,15 +27,58 @@ pub struct Published {
     /// The config's policies, indexed once per version: every node's fast-deny set is
     /// computed from it.
     pub policies: Arc<PolicyIndex>,
+    /// What nodes are sent of it, built once for all of them.
+    pub distribution: Distribution,
 }
 
 impl Published {
+    /// The first version.
     pub fn new(version: u64, config: Config) -> Self {
-        let policies = PolicyIndex::new(config.mesh.default_action, config.selections());
+        Self::build(version, config, &Distribution::default())
+    }
+
+    /// `config` as the version after this one.
+    pub fn next(&self, config: Config) -> Self {
+        Self::build(self.version + 1, config, &self.distribution)
+    }
+
+    fn build(version: u64, config: Config, previous: &Distribution) -> Self {
+        let started = std::time::Instant::now();
+        let selections = config.selections();
+        let policies = PolicyIndex::new(config.mesh.default_action, selections.clone());
+        let (catalog, change) =
+            Catalog::build(&config, &selections, &policies, &previous.catalog, version);
+        if let FastDeny::OverBudget { evaluations } = catalog.fast_deny {
+            if previous.catalog.fast_deny == FastDeny::Computed {
+                tracing::warn!(
+                    version,
+                    evaluations,
+                    budget = crate::distribute::catalog::FAST_DENY_BUDGET,
+                    "fast-deny sets not computed: too many sources times destinations that can \
+                     deny; destinations' nodes still refuse what policy denies"
+                );
+            }
+        }
+        tracing::debug!(
+            version,
+            changed = change.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "config catalog built"
+        );
+        // The first version's change is everything: nothing resumes from before it.
+        let log = if version == 1 {
+            ChangeLog::default()
+        } else {
+            previous.log.with(change)
+        };
         Self {
             version,
             config: Arc::new(config),
             policies: Arc::new(policies),
+            distribution: Distribution {
+                catalog: Arc::new(catalog),
+                log,
+            },
         }
     }
 }
@@ -46,15 +90,17 @@ pub fn publish_if_changed(publish: &watch::Sender<Published>, config: Config) ->
     if config == *publish.borrow().config {
         return (current, false);
     }
-    let version = current + 1;
     tracing::info!(
-        version,
+        version = current + 1,
         workloads = config.workloads.len(),
         services = config.services.len(),
         policies = config.policies.len(),
         "config applied"
     );
-    publish.send_replace(Published::new(version, config));
+    // Built outside the channel's lock: streams keep reading the version in force meanwhile.
+    let next = publish.borrow().clone().next(config);
+    let version = next.version;
+    publish.send_replace(next);
     (version, true)
 }
 
@@ -91,8 +137,17 @@ pub struct NodeStatus {
     pub certificates_refused: u64,
 }
 
+/// Snapshots sent at once, at most (see `grpc::send_snapshot`). Each holds about one part
+/// (1 MiB) of memory and a core's worth of encoding while it lasts.
+pub const FIRST_SYNCS: usize = 32;
+
 pub struct Shared {
     pub config: watch::Receiver<Published>,
+    /// This run's epoch: random, so that a node resumes only from versions this process
+    /// published.
+    pub epoch: u64,
+    /// Places for snapshots being sent ([`FIRST_SYNCS`]).
+    pub first_syncs: tokio::sync::Semaphore,
     /// How calling nodes are authenticated: join tokens, or TokenReview in Kubernetes.
     pub auth: NodeAuth,
     pub ca: Ca,
@@ -113,6 +168,8 @@ impl Shared {
         let version = config.borrow().version;
         Self {
             config,
+            epoch: random_epoch(),
+            first_syncs: tokio::sync::Semaphore::new(FIRST_SYNCS),
             auth,
             ca,
             metrics,
@@ -160,6 +217,19 @@ impl Shared {
                 .map(|(_, c)| c.validity().not_after.timestamp() as f64)
                 .unwrap_or(0.0),
         }
+    }
+}
+
+fn random_epoch() -> u64 {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 8];
+    // Without the system's randomness the clock still tells runs apart.
+    match ring::rand::SystemRandom::new().fill(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
     }
 }
 

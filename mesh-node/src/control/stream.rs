@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use mesh_api::v1::ConfigAck;
+use mesh_api::{metadata, v1::ConfigAck};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -17,6 +17,16 @@ pub struct ApplyRequest {
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
+/// What the node holds, kept across streams: a node that reconnects names its version and
+/// the control plane's epoch, and is sent only what changed since when the control plane
+/// still knows (a restart of mesh-cp, or a node too far behind, gets a snapshot).
+#[derive(Default)]
+struct Held {
+    view: MeshView,
+    /// The epoch `view` came from; none when it cannot be resumed from.
+    epoch: Option<u64>,
+}
+
 /// Runs until the process ends. Each view it builds
 /// goes to the node through `apply`, and is acknowledged once the node has applied it.
 pub async fn run(
@@ -25,8 +35,9 @@ pub async fn run(
     connected: watch::Sender<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut held = Held::default();
     loop {
-        let outcome = session(&client, &apply, &connected, &mut backoff).await;
+        let outcome = session(&client, &apply, &connected, &mut backoff, &mut held).await;
         connected.send_replace(false);
         let delay = backoff.step();
         match outcome {
@@ -46,18 +57,26 @@ async fn session(
     apply: &mpsc::Sender<ApplyRequest>,
     connected: &watch::Sender<bool>,
     backoff: &mut Backoff,
+    held: &mut Held,
 ) -> Result<(), String> {
     let mut api = client.api().map_err(|e| e.to_string())?;
     let (ack_tx, ack_rx) = mpsc::channel(4);
+    let mut request = tonic::Request::new(ReceiverStream::new(ack_rx));
+    let resuming = held.epoch.filter(|_| held.view.version > 0);
+    if let Some(epoch) = resuming {
+        let value = format!("{epoch}-{}", held.view.version);
+        if let Ok(value) = value.parse() {
+            request.metadata_mut().insert(metadata::RESUME, value);
+        }
+    }
     let mut updates = api
-        .stream_config(ReceiverStream::new(ack_rx))
+        .stream_config(request)
         .await
         .map_err(|s| describe(&s))?
         .into_inner();
-    // The base the next diff applies to; a new stream starts from its own snapshot.
-    let mut base = MeshView::default();
     // A version too large for one message comes in parts, applied together.
     let mut parts = mesh_api::parts::Assembler::default();
+    let mut first = true;
     loop {
         let part = match updates.message().await {
             Ok(Some(u)) => u,
@@ -69,28 +88,49 @@ async fn session(
             Ok(None) => continue,
             Err(e) => return Err(format!("broken config stream: {e}")),
         };
-        let version = update.version;
-        let snapshot = update.snapshot;
-        let error = match base.apply(update) {
+        let (version, snapshot, epoch) = (update.version, update.snapshot, update.epoch);
+        // Changes apply only to what they were computed against: this stream's snapshot, or
+        // the view this node said it held.
+        if !snapshot && (first && resuming != Some(epoch) || held.epoch != Some(epoch)) {
+            held.epoch = None;
+            return Err(format!(
+                "the control plane sent changes (version {version}, epoch {epoch}) to a view it did not send; starting again from a snapshot"
+            ));
+        }
+        let error = match held.view.apply(update) {
             Ok(next) => {
-                base = next;
-                if snapshot {
+                held.view = next;
+                held.epoch = Some(epoch);
+                if first {
                     connected.send_replace(true);
                     backoff.reset();
+                }
+                let counts = (held.view.workloads.len(), held.view.services.len());
+                if snapshot {
                     tracing::info!(
                         version,
-                        workloads = base.workloads.len(),
-                        services = base.services.len(),
+                        workloads = counts.0,
+                        services = counts.1,
                         "config snapshot received"
+                    );
+                } else if first {
+                    tracing::info!(
+                        version,
+                        workloads = counts.0,
+                        services = counts.1,
+                        "config stream resumed from the version held"
                     );
                 } else {
                     tracing::info!(version, "config update received");
                 }
-                enroll(apply, Arc::new(base.clone())).await
+                first = false;
+                enroll(apply, Arc::new(held.view.clone())).await
             }
             Err(e) => {
                 tracing::error!(version, "config update rejected: {e}");
-                if snapshot {
+                // What is held no longer matches what the control plane thinks it sent.
+                held.epoch = None;
+                if snapshot || first {
                     // Without a usable snapshot there is no base for what follows.
                     return Err(format!("unusable snapshot: {e}"));
                 }

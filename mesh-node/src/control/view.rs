@@ -282,6 +282,7 @@ mod tests {
             upserts,
             removals: removals.iter().map(|s| s.to_string()).collect(),
             more: false,
+            epoch: 1,
         }
     }
 

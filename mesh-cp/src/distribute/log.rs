@@ -1,0 +1,132 @@
+//! The recent versions' changes, by key: what a stream at some version must be sent to reach
+//! the latest. Each stream keeps only its cursor (the version it last sent); a stream that
+//! fell further behind than the log reaches, or a node that comes back from a version the
+//! log no longer holds, gets a snapshot instead.
+
+use std::{
+    collections::{BTreeSet, VecDeque},
+    sync::Arc,
+};
+
+use super::catalog::Change;
+
+/// Versions the log keeps at most.
+pub const MAX_VERSIONS: usize = 1024;
+/// Keys the log keeps at most, over all its versions: a bound on its memory (a key is a few
+/// dozen bytes). A change larger than this is not kept at all: every stream behind it takes
+/// a snapshot, which is about as large.
+pub const MAX_KEYS: usize = 1 << 20;
+
+/// Cheap to clone: each published version carries the log up to itself.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeLog {
+    /// Consecutive versions, oldest first.
+    changes: VecDeque<Arc<Change>>,
+    keys: usize,
+}
+
+impl ChangeLog {
+    /// This log with `change` (the next version) added, and the oldest dropped past the
+    /// bounds.
+    pub fn with(&self, change: Change) -> Self {
+        let mut next = self.clone();
+        let consecutive = next
+            .changes
+            .back()
+            .is_none_or(|last| last.version + 1 == change.version);
+        if !consecutive || change.len() > MAX_KEYS {
+            return Self::default();
+        }
+        next.keys += change.len();
+        next.changes.push_back(Arc::new(change));
+        while next.changes.len() > MAX_VERSIONS || next.keys > MAX_KEYS {
+            if let Some(old) = next.changes.pop_front() {
+                next.keys -= old.len();
+            }
+        }
+        next
+    }
+
+    /// The keys `node` must be sent to go from version `since` to `latest`: `None` when
+    /// the log does not reach back to `since` (or `since` is not a version of this log).
+    pub fn since(&self, since: u64, latest: u64, node: &str) -> Option<BTreeSet<&str>> {
+        if since == latest {
+            return Some(BTreeSet::new());
+        }
+        if since > latest {
+            return None;
+        }
+        let oldest = self.changes.front()?.version;
+        if since + 1 < oldest {
+            return None;
+        }
+        let mut keys = BTreeSet::new();
+        for change in self.changes.iter().filter(|c| c.version > since) {
+            keys.extend(change.shared.iter().map(String::as_str));
+            if let Some(own) = change.nodes.get(node) {
+                keys.extend(own.iter().map(String::as_str));
+            }
+        }
+        Some(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(version: u64, shared: &[&str], node: &[&str]) -> Change {
+        Change {
+            version,
+            shared: shared.iter().map(|s| s.to_string()).collect(),
+            nodes: [(
+                "n1".to_string(),
+                node.iter().map(|s| s.to_string()).collect(),
+            )]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn a_cursor_gets_the_union_of_what_changed_after_it() {
+        let log = ChangeLog::default()
+            .with(change(2, &["a"], &["x"]))
+            .with(change(3, &["b"], &[]))
+            .with(change(4, &["a"], &["y"]));
+        let keys = |since, node| {
+            log.since(since, 4, node)
+                .map(|k| k.into_iter().collect::<Vec<_>>())
+        };
+        assert_eq!(keys(1, "n1"), Some(vec!["a", "b", "x", "y"]));
+        assert_eq!(keys(2, "n1"), Some(vec!["a", "b", "y"]));
+        assert_eq!(keys(3, "n2"), Some(vec!["a"]));
+        assert_eq!(keys(4, "n1"), Some(vec![]));
+        // Before the log's reach, or after the latest: no way to say, so a snapshot.
+        assert_eq!(keys(0, "n1"), None);
+        assert_eq!(log.since(5, 4, "n1"), None);
+    }
+
+    #[test]
+    fn the_log_is_bounded_in_versions_and_keys() {
+        let mut log = ChangeLog::default();
+        for v in 1..=(MAX_VERSIONS as u64 + 10) {
+            log = log.with(change(v, &["k"], &[]));
+        }
+        assert_eq!(log.changes.len(), MAX_VERSIONS);
+        let latest = MAX_VERSIONS as u64 + 10;
+        assert!(log.since(5, latest, "n1").is_none());
+        assert!(log.since(latest - 3, latest, "n1").is_some());
+
+        let big: Vec<String> = (0..MAX_KEYS / 2 + 1).map(|i| format!("k{i}")).collect();
+        let big: Vec<&str> = big.iter().map(String::as_str).collect();
+        let log = ChangeLog::default()
+            .with(change(1, &big, &[]))
+            .with(change(2, &big, &[]));
+        assert_eq!(log.changes.len(), 1, "the older one is dropped");
+        assert!(log.keys <= MAX_KEYS);
+        // A gap in versions starts the log again rather than skip one.
+        let log = log.with(change(9, &["a"], &[]));
+        assert!(log.since(2, 9, "n1").is_none());
+    }
+}

@@ -1,0 +1,188 @@
+//! What each node is sent, built once per config version and shared by every stream.
+//!
+//! - [`catalog`]: every resource of a version, shared where all nodes see the same thing and
+//!   per node where they do not, and what changed since the previous version.
+//! - [`log`]: the recent versions' changes, from which a stream at any recent version is
+//!   brought to the latest with only what changed (and a node that reconnects resumes).
+//!
+//! A stream's work per change is then a lookup per changed key; only a snapshot grows with
+//! the mesh.
+
+pub mod catalog;
+pub mod log;
+
+use std::sync::Arc;
+
+use mesh_api::v1;
+
+pub use catalog::{Catalog, Change, FastDeny};
+pub use log::ChangeLog;
+
+/// A version's catalog and the log of the changes that led to it.
+#[derive(Debug, Clone, Default)]
+pub struct Distribution {
+    pub catalog: Arc<Catalog>,
+    pub log: ChangeLog,
+}
+
+/// What a stream at some version is sent to reach the latest.
+#[derive(Debug, PartialEq)]
+pub enum Delta {
+    /// Nothing changed for this node.
+    None,
+    /// These resources changed or are new, these keys are gone.
+    Changes {
+        upserts: Vec<v1::Resource>,
+        removals: Vec<String>,
+    },
+    /// The log does not reach back far enough: start again from a snapshot.
+    Snapshot,
+}
+
+impl Distribution {
+    /// What `node`, holding version `since`, needs to hold `latest` (this distribution's
+    /// version).
+    pub fn delta(&self, node: &str, since: u64, latest: u64) -> Delta {
+        let Some(keys) = self.log.since(since, latest, node) else {
+            return Delta::Snapshot;
+        };
+        if keys.is_empty() {
+            return Delta::None;
+        }
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for key in keys {
+            match self.catalog.get(node, key) {
+                Some(entry) => upserts.push(v1::Resource::clone(entry)),
+                None => removals.push(key.to_owned()),
+            }
+        }
+        Delta::Changes { upserts, removals }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, path::PathBuf};
+
+    use mesh_model::Config;
+
+    use super::*;
+    use crate::{slice, state::Published};
+
+    const BASE: &str = "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: a, labels: {app: a}}\nspec: {node: n1, netns: /run/netns/a, addresses: [10.0.0.1]}\n---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: b, labels: {app: b}}\nspec: {node: n2, netns: /run/netns/b, addresses: [10.0.0.2]}\n---\napiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {name: b}\nspec: {vips: [10.96.0.1], ports: [{port: 80}], selector: {app: b}}\n";
+    const C_ON_N2: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: c, labels: {app: b}}\nspec: {node: n2, netns: /run/netns/c, addresses: [10.0.0.3]}\n";
+    const C_ON_N1: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: c, labels: {app: b}}\nspec: {node: n1, netns: /run/netns/c1, addresses: [10.0.0.3]}\n";
+    const DENY_B: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: only-b}\nspec: {selector: {matchLabels: {app: b}}, action: Deny, rules: [{ports: [80]}]}\n";
+    const ROUTE: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: r}\nspec: {service: b, backends: [{service: b, weight: 1}]}\n";
+
+    fn config(docs: &[&str]) -> Config {
+        let text = format!("{BASE}{}", docs.concat());
+        mesh_model::parse(&[(PathBuf::from("c.yaml"), text)]).unwrap()
+    }
+
+    fn as_map(resources: impl IntoIterator<Item = v1::Resource>) -> BTreeMap<String, v1::Resource> {
+        resources.into_iter().map(|r| (r.key.clone(), r)).collect()
+    }
+
+    /// The plain definition of what a node holds, without the trust bundle the stream adds.
+    fn reference(c: &Config, node: &str) -> BTreeMap<String, v1::Resource> {
+        let index = mesh_model::authz::PolicyIndex::new(c.mesh.default_action, c.selections());
+        slice::node_slice(c, &index, &[], node)
+            .into_iter()
+            .filter(|(k, _)| k != mesh_api::keys::TRUST_BUNDLE)
+            .collect()
+    }
+
+    #[test]
+    fn snapshots_and_deltas_agree_with_the_plain_definition() {
+        let steps = [
+            config(&[]),
+            config(&[C_ON_N2]),
+            config(&[C_ON_N2, DENY_B]),
+            config(&[C_ON_N1, DENY_B]),
+            config(&[C_ON_N1, DENY_B, ROUTE]),
+            config(&[ROUTE]),
+            config(&[]),
+        ];
+        let mut published = vec![Published::new(1, steps[0].clone())];
+        for c in &steps[1..] {
+            let next = published.last().unwrap().next(c.clone());
+            published.push(next);
+        }
+        for node in ["n1", "n2", "n3"] {
+            let held: Vec<_> = published
+                .iter()
+                .map(|p| {
+                    as_map(
+                        p.distribution
+                            .catalog
+                            .snapshot(node)
+                            .map(|e| v1::Resource::clone(e)),
+                    )
+                })
+                .collect();
+            for (i, p) in published.iter().enumerate() {
+                assert_eq!(
+                    held[i],
+                    reference(&p.config, node),
+                    "{node} at {}",
+                    p.version
+                );
+            }
+            let last = published.last().unwrap();
+            for (i, p) in published.iter().enumerate() {
+                let mut view = held[i].clone();
+                match last.distribution.delta(node, p.version, last.version) {
+                    Delta::None => {}
+                    Delta::Changes { upserts, removals } => {
+                        // A key added and removed again since is removed without being held:
+                        // nodes take that as nothing to do.
+                        for k in removals {
+                            view.remove(&k);
+                        }
+                        view.extend(as_map(upserts));
+                    }
+                    Delta::Snapshot => panic!("the log reaches back to every version here"),
+                }
+                assert_eq!(view, *held.last().unwrap(), "{node} from {}", p.version);
+            }
+        }
+    }
+
+    #[test]
+    fn one_change_is_sent_as_one_change() {
+        let before = Published::new(1, config(&[DENY_B]));
+        let after = before.next(config(&[DENY_B, C_ON_N2]));
+        let keys = |node| match after.distribution.delta(node, 1, 2) {
+            Delta::Changes { upserts, removals } => {
+                assert!(removals.is_empty());
+                upserts.into_iter().map(|r| r.key).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        // n2 holds c with its netns, the policy that now selects it, and their fast-deny.
+        assert_eq!(
+            keys("n2"),
+            [
+                "fast-deny/default/b",
+                "fast-deny/default/c",
+                "policy/default/only-b",
+                "service/default/b",
+                "workload/default/c"
+            ]
+        );
+        // a, on n1, may no longer reach c on the denied port either.
+        assert_eq!(
+            keys("n1"),
+            [
+                "fast-deny/default/a",
+                "service/default/b",
+                "workload/default/c"
+            ]
+        );
+        assert_eq!(keys("n3"), ["service/default/b", "workload/default/c"]);
+        assert_eq!(after.distribution.delta("n1", 2, 2), Delta::None);
+        assert_eq!(after.distribution.delta("n1", 0, 2), Delta::Snapshot);
+    }
+}
