@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod kube;
 pub mod mesh;
 pub mod prom;
+pub mod relay;
 pub mod topology;
 pub mod tunnel;
 pub mod wire;

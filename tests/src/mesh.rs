@@ -186,6 +186,19 @@ impl MeshNode {
         workloads: u64,
         extra: &[&str],
     ) -> io::Result<Self> {
+        Self::join_via(topo, node, cp, cp.grpc, workloads, extra)
+    }
+
+    /// [`MeshNode::join_with`], reaching the control plane at `cp_addr` (a relay in front
+    /// of it).
+    pub fn join_via(
+        topo: &mut Topology,
+        node: &str,
+        cp: &ControlPlane,
+        cp_addr: SocketAddr,
+        workloads: u64,
+        extra: &[&str],
+    ) -> io::Result<Self> {
         // A node joined again (a restarted daemon) gets a new cgroup next to the old one.
         let parent = topo.node(node).cgroup.clone();
         let name = (1..)
@@ -198,7 +211,7 @@ impl MeshNode {
         let cg = topo
             .add_cgroup_below(&parent, &name)
             .map_err(io::Error::other)?;
-        let mut daemon = Self::connect(topo.node(node), cp, Some(&cg), extra)?;
+        let mut daemon = Self::connect_to(topo.node(node), cp, cp_addr, Some(&cg), extra)?;
         daemon.wait_for(Duration::from_secs(30), |s| {
             s["enrolled_workloads"] == workloads
                 && s["svids"] == workloads
@@ -214,11 +227,21 @@ impl MeshNode {
         daemon_cgroup: Option<&Path>,
         extra: &[&str],
     ) -> io::Result<Self> {
+        Self::connect_to(node, cp, cp.grpc, daemon_cgroup, extra)
+    }
+
+    fn connect_to(
+        node: &Node,
+        cp: &ControlPlane,
+        cp_addr: SocketAddr,
+        daemon_cgroup: Option<&Path>,
+        extra: &[&str],
+    ) -> io::Result<Self> {
         let token_file = cp.token_file(&node.name)?;
         Self::launch(node, daemon_cgroup, extra, &[], |_| {
             Ok(vec![
                 "--cp".into(),
-                cp.grpc.to_string().into(),
+                cp_addr.to_string().into(),
                 "--token-file".into(),
                 token_file.into(),
                 "--cp-ca".into(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use mesh_tests::{
     app::{self, Server},
     mesh::workloads_yaml,
+    relay::Relay,
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
@@ -175,4 +176,76 @@ fn a_first_sync_over_the_grpc_message_limit_is_applied() {
     node.wait_log(Duration::from_secs(60), &expected)
         .expect("the snapshot with every workload was applied");
     assert!(!node.log().contains("length too large"), "{}", node.log());
+}
+
+/// A node that loses its stream and comes back names the version it holds, and is sent only
+/// what changed meanwhile: counted on the wire between them, where before the change it took
+/// a whole snapshot again.
+#[test]
+fn a_node_that_reconnects_is_sent_only_what_changed() {
+    const OTHERS: u32 = 2_000;
+    let other = |i: u32| {
+        let (hi, lo) = (i >> 8, i & 0xff);
+        format!("---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: other-{i}, labels: {{app: other-{i}}}}}\nspec: {{node: elsewhere, netns: /run/netns/other-{i}, addresses: ['172.16.{hi}.{lo}']}}\n")
+    };
+    let mut topo = Topology::new(&[NodeSpec::new("n1", &["a", "b"])]).expect("topology");
+    let mut yaml = workloads_yaml(&[topo.pod("a"), topo.pod("b")]);
+    yaml.extend((0..OTHERS).map(other));
+    let cp = ControlPlane::start(
+        &format!("{}-resume", topo.prefix),
+        &[("workloads.yaml", &yaml)],
+    )
+    .expect("mesh-cp");
+    let relay = Relay::start(cp.grpc).expect("relay");
+    let mut node = MeshNode::join_via(&mut topo, "n1", &cp, relay.addr, 2, &[]).expect("mesh-node");
+    let snapshot = relay.received();
+    assert_eq!(snapshot.len(), 1, "one stream so far: {snapshot:?}");
+
+    // Cut off, the node misses one workload being added.
+    relay.hold(true);
+    relay.cut();
+    node.wait_for(T, |s| s["cp_connected"] == 0)
+        .expect("the node sees its stream gone");
+    let before = cp.version().expect("version");
+    cp.write_config("added.yaml", &other(OTHERS))
+        .expect("write");
+    let deadline = std::time::Instant::now() + T;
+    while cp.version().expect("version") == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mesh-cp never took the change"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    relay.hold(false);
+    node.wait_log(T, "config stream resumed")
+        .expect("the node resumed");
+    node.wait_for(T, |s| s["cp_connected"] == 1)
+        .expect("connected again");
+    assert!(
+        node.log().contains(&format!("workloads={}", OTHERS + 3)),
+        "the added workload arrived: {}",
+        node.log()
+    );
+
+    let received = relay.received();
+    let resumed = *received.last().expect("a second stream");
+    assert!(
+        resumed * 20 < snapshot[0],
+        "the resumed stream carried {resumed} bytes, the first {}: {received:?}",
+        snapshot[0]
+    );
+    let metrics = mesh_tests::mesh::http_get(cp.metrics, "/metrics").expect("cp metrics");
+    let metrics = mesh_tests::prom::Exposition::parse(&metrics).expect("parse");
+    let pushes = |kind| metrics.sum("mycel_cp_config_pushes_total", &[("kind", kind)]);
+    assert_eq!(pushes("snapshot"), 1.0, "one snapshot, on the first stream");
+    assert_eq!(pushes("resume"), 1.0);
+    let sent = metrics.sum(
+        "mycel_cp_config_resources_sent_total",
+        &[("kind", "resume")],
+    );
+    assert!(
+        (1.0..=2.0).contains(&sent),
+        "the workload (and nothing else that did not change): {sent}"
+    );
 }
