@@ -137,8 +137,11 @@ struct ServeArgs {
 enum TokenCommand {
     /// Issue a join token for a node and print it (it is shown once; only a hash is kept).
     Create {
-        #[arg(long)]
-        node: String,
+        /// The node the token admits (its --node-name). Repeat it to issue tokens for
+        /// several nodes at once; each line of the output is then `NODE TOKEN`.
+        #[arg(long, required = true)]
+        node: Vec<String>,
+        /// mesh-cp's data dir (its --data-dir): where tokens.json is kept.
         #[arg(long)]
         data_dir: PathBuf,
         /// How long the token is accepted (45s, 20m, 24h, 30d, ...). The node re-reads its
@@ -230,14 +233,21 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
             ttl,
         } => {
             ensure_data_dir(&data_dir)?;
-            let (record, token) = tokens::create(&data_dir, &node, ttl)?;
-            eprintln!(
-                "token {} for node {} created, valid until {}; it is not shown again",
-                record.id,
-                record.node,
-                record.expires.map_or_else(|| "-".into(), utc)
-            );
-            println!("{token}");
+            let made = tokens::create_many(&data_dir, &node, ttl)?;
+            let several = made.len() > 1;
+            for (record, token) in made {
+                eprintln!(
+                    "token {} for node {} created, valid until {}; it is not shown again",
+                    record.id,
+                    record.node,
+                    record.expires.map_or_else(|| "-".into(), utc)
+                );
+                if several {
+                    println!("{} {token}", record.node);
+                } else {
+                    println!("{token}");
+                }
+            }
         }
         TokenCommand::Revoke { id, data_dir } => {
             let record = tokens::revoke(&data_dir, &id)?;

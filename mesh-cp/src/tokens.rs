@@ -6,11 +6,12 @@
 //! when it changes, so a revocation takes effect on the next check without a restart.
 
 use std::{
+    collections::HashMap,
     fs::File,
     io::Write as _,
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
 
@@ -38,6 +39,8 @@ pub enum TokenError {
     NotFound(String),
     #[error("{0:?} is not a node name (a DNS label: a-z, 0-9, '-', at most 63)")]
     BadNode(String),
+    #[error("the system's random source failed; no token was made")]
+    Random,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -80,8 +83,12 @@ struct TokenFile {
 /// Read-only view for the server: re-reads the file when its modification time or size changes.
 pub struct TokenStore {
     path: PathBuf,
-    cache: Mutex<Option<(FileStamp, Vec<TokenRecord>)>>,
+    /// By id: every open stream re-checks its token every few seconds, so a check must not
+    /// copy or scan the whole set (thousands of nodes).
+    cache: Mutex<Option<(FileStamp, Records)>>,
 }
+
+type Records = Arc<HashMap<String, TokenRecord>>;
 
 type FileStamp = (SystemTime, u64, u64);
 
@@ -100,9 +107,9 @@ impl TokenStore {
         };
         let digest = hex::encode(Sha256::digest(secret.as_bytes()));
         let records = self.records()?;
-        let found = records.iter().find(|r| {
-            r.id == id && constant_time_eq(r.secret_sha256.as_bytes(), digest.as_bytes())
-        });
+        let found = records
+            .get(id)
+            .filter(|r| constant_time_eq(r.secret_sha256.as_bytes(), digest.as_bytes()));
         Ok(match found {
             None => Verified::Unknown,
             Some(r) => match r.expires {
@@ -115,7 +122,7 @@ impl TokenStore {
         })
     }
 
-    fn records(&self) -> Result<Vec<TokenRecord>, TokenError> {
+    fn records(&self) -> Result<Records, TokenError> {
         let stamp = match std::fs::metadata(&self.path) {
             Ok(m) => {
                 use std::os::unix::fs::MetadataExt as _;
@@ -125,7 +132,7 @@ impl TokenStore {
                     m.ino(),
                 )
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Records::default()),
             Err(source) => {
                 return Err(TokenError::Read {
                     path: self.path.clone(),
@@ -139,7 +146,13 @@ impl TokenStore {
                 return Ok(records.clone());
             }
         }
-        let records = read_file(&self.path)?.tokens;
+        let records: Records = Arc::new(
+            read_file(&self.path)?
+                .tokens
+                .into_iter()
+                .map(|r| (r.id.clone(), r))
+                .collect(),
+        );
         *cache = Some((stamp, records.clone()));
         Ok(records)
     }
@@ -207,30 +220,45 @@ pub fn create(
     node: &str,
     ttl: std::time::Duration,
 ) -> Result<(TokenRecord, String), TokenError> {
-    if !mesh_model::is_dns_label(node) {
-        return Err(TokenError::BadNode(node.into()));
+    let mut made = create_many(data_dir, &[node.to_owned()], ttl)?;
+    made.pop().ok_or_else(|| TokenError::NotFound(node.into()))
+}
+
+/// Issues a token for each of `nodes` in one change of the file (a fleet joins at once
+/// without rewriting the file per node), in their order.
+pub fn create_many(
+    data_dir: &Path,
+    nodes: &[String],
+    ttl: std::time::Duration,
+) -> Result<Vec<(TokenRecord, String)>, TokenError> {
+    if let Some(bad) = nodes.iter().find(|n| !mesh_model::is_dns_label(n)) {
+        return Err(TokenError::BadNode(bad.clone()));
     }
-    let mut id_bytes = [0u8; 6];
-    let mut secret_bytes = [0u8; 32];
     let rng = ring::rand::SystemRandom::new();
-    rng.fill(&mut id_bytes)
-        .and_then(|()| rng.fill(&mut secret_bytes))
-        .expect("the kernel's random source is available");
-    let (id, secret) = (hex::encode(id_bytes), hex::encode(secret_bytes));
     let created = now_secs();
-    let record = TokenRecord {
-        id: id.clone(),
-        node: node.into(),
-        secret_sha256: hex::encode(Sha256::digest(secret.as_bytes())),
-        created,
-        expires: Some(created.saturating_add(ttl.as_secs())),
-    };
-    let stored = record.clone();
+    let mut made = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let mut id_bytes = [0u8; 6];
+        let mut secret_bytes = [0u8; 32];
+        rng.fill(&mut id_bytes)
+            .and_then(|()| rng.fill(&mut secret_bytes))
+            .map_err(|_| TokenError::Random)?;
+        let (id, secret) = (hex::encode(id_bytes), hex::encode(secret_bytes));
+        let record = TokenRecord {
+            id: id.clone(),
+            node: node.clone(),
+            secret_sha256: hex::encode(Sha256::digest(secret.as_bytes())),
+            created,
+            expires: Some(created.saturating_add(ttl.as_secs())),
+        };
+        made.push((record, format!("{id}.{secret}")));
+    }
+    let stored: Vec<TokenRecord> = made.iter().map(|(r, _)| r.clone()).collect();
     modify(data_dir, move |f| {
-        f.tokens.push(stored);
+        f.tokens.extend(stored);
         Ok(())
     })?;
-    Ok((record, format!("{id}.{secret}")))
+    Ok(made)
 }
 
 /// Removes the token with `id`; connected nodes using it are cut off at their next check.
@@ -258,6 +286,31 @@ mod tests {
     use super::*;
 
     const DEFAULT_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+    #[test]
+    fn a_fleet_gets_its_tokens_in_one_write_or_none() {
+        let d = std::env::temp_dir().join(format!("mesh-cp-tokens-many-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let store = TokenStore::new(&d);
+        let nodes: Vec<String> = (0..3).map(|i| format!("node-{i}")).collect();
+        let made = create_many(&d, &nodes, DEFAULT_TTL).unwrap();
+        for ((record, token), node) in made.iter().zip(&nodes) {
+            assert_eq!(&record.node, node);
+            assert_eq!(store.verify(token).unwrap(), Verified::Valid(node.clone()));
+        }
+        let bad = vec!["node-9".to_string(), "Bad_Node".to_string()];
+        assert!(matches!(
+            create_many(&d, &bad, DEFAULT_TTL),
+            Err(TokenError::BadNode(n)) if n == "Bad_Node"
+        ));
+        assert_eq!(
+            list(&d).unwrap().len(),
+            3,
+            "nothing of the refused set was written"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     #[test]
     fn create_verify_revoke() {
