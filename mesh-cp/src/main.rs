@@ -273,7 +273,7 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
 
 /// Where the config comes from, once its first version is read.
 enum Origin {
-    Dir(PathBuf, Vec<(PathBuf, String)>),
+    Dir(PathBuf, Vec<(PathBuf, String)>, mesh_model::Parser),
     Kubernetes(Box<kubernetes::Cluster>),
 }
 
@@ -287,7 +287,7 @@ async fn prepare(
     if !dir.is_dir() {
         bail!("--config-dir {} is not a directory", dir.display());
     }
-    let (config, files) = source::initial(dir)
+    let (config, files, parser) = source::initial(dir)
         .context("the config dir is invalid; fix it before starting the control plane")?;
     let ca = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => ca::Ca::load_or_create(cert, key, false)?,
@@ -298,7 +298,7 @@ async fn prepare(
         )?,
     };
     let auth = node_auth::NodeAuth::join_tokens(tokens::TokenStore::new(&args.data_dir));
-    Ok((config, Origin::Dir(dir.clone(), files), ca, auth))
+    Ok((config, Origin::Dir(dir.clone(), files, parser), ca, auth))
 }
 
 async fn prepare_cluster(
@@ -366,10 +366,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.server_names.clone()
     };
     match origin {
-        Origin::Dir(dir, files) => tokio::spawn(source::watch_dir(
+        Origin::Dir(dir, files, parser) => tokio::spawn(source::watch_dir(
             dir,
             Duration::from_secs_f64(args.reload_interval),
             files,
+            parser,
             publish,
             shared.clone(),
         )),

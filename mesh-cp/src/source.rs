@@ -11,7 +11,7 @@ use std::{
 };
 
 use mesh_daemon::follow::Follower;
-use mesh_model::{Config, ConfigError};
+use mesh_model::{Config, ConfigError, Parser};
 use tokio::sync::watch;
 
 use crate::state::{publish_if_changed, ConfigStatus, Published, Shared};
@@ -21,10 +21,12 @@ type Snapshot = Vec<(PathBuf, String)>;
 
 /// Loads the directory at start. An invalid directory here is a startup error: with no last
 /// good config to keep, serving an empty one would unenroll every workload in the mesh.
-pub fn initial(dir: &Path) -> Result<(Config, Snapshot), ConfigError> {
+/// The parser keeps what it parsed, so that a change later parses only the files it touched.
+pub fn initial(dir: &Path) -> Result<(Config, Snapshot, Parser), ConfigError> {
     let files = mesh_model::read_dir(dir)?;
-    let config = mesh_model::parse(&files)?;
-    Ok((config, files))
+    let mut parser = Parser::default();
+    let config = parser.parse(&files)?;
+    Ok((config, files, parser))
 }
 
 /// Polls `dir` every `interval` and publishes each valid change.
@@ -32,6 +34,7 @@ pub async fn watch_dir(
     dir: PathBuf,
     interval: Duration,
     applied: Snapshot,
+    mut parser: Parser,
     publish: watch::Sender<Published>,
     shared: Arc<Shared>,
 ) {
@@ -39,7 +42,7 @@ pub async fn watch_dir(
     let mut last_error: Option<String> = None;
     loop {
         let outcome = match follower.changed().await {
-            Ok(files) => mesh_model::parse(files),
+            Ok(files) => parser.parse(files),
             Err(e) => Err(e),
         };
         match outcome {

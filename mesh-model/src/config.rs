@@ -4,7 +4,7 @@
 //! and field, rejects the set, and the caller keeps whatever it had before.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -241,23 +241,79 @@ pub fn load_file(file: &Path) -> Result<Config, ConfigError> {
 pub fn parse(files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
     let mut builder = Builder::default();
     for (file, text) in files {
-        for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let doc = index + 1;
-            let invalid = |message: String| ConfigError::Invalid {
-                file: file.clone(),
-                doc,
-                message,
-            };
-            let value =
-                serde_yaml::Value::deserialize(de).map_err(|e| invalid(validate::one_line(&e)))?;
-            if value.is_null() {
-                continue; // an empty document, e.g. after a trailing `---`
-            }
-            let parsed = resource::parse_document(value).map_err(&invalid)?;
-            builder.add(parsed).map_err(invalid)?;
+        for (doc, resource) in parse_file(file, text)? {
+            builder
+                .add(resource)
+                .map_err(|message| ConfigError::Invalid {
+                    file: file.clone(),
+                    doc,
+                    message,
+                })?;
         }
     }
     Ok(builder.config)
+}
+
+/// One file's documents, each with its number (from 1), checked alone: what holds across
+/// documents and files is checked when they are put together.
+fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, ConfigError> {
+    let mut out = Vec::new();
+    for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc = index + 1;
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            doc,
+            message,
+        };
+        let value =
+            serde_yaml::Value::deserialize(de).map_err(|e| invalid(validate::one_line(&e)))?;
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing `---`
+        }
+        out.push((doc, resource::parse_document(value).map_err(&invalid)?));
+    }
+    Ok(out)
+}
+
+/// [`parse`] for a config dir read again and again: a file whose text has not changed since
+/// the last call is not parsed again. A mesh of 100,000 workloads is tens of MB of YAML, and
+/// one change usually touches one small file.
+#[derive(Debug, Default)]
+pub struct Parser {
+    files: HashMap<PathBuf, (String, Vec<(usize, Resource)>)>,
+}
+
+impl Parser {
+    pub fn parse(&mut self, files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
+        let present: HashSet<&PathBuf> = files.iter().map(|(p, _)| p).collect();
+        self.files.retain(|path, _| present.contains(path));
+        let mut builder = Builder::default();
+        for (file, text) in files {
+            let cached = self.files.get(file).filter(|(t, _)| t == text);
+            let docs = match cached {
+                Some((_, docs)) => docs,
+                None => {
+                    let docs = parse_file(file, text)?;
+                    &self
+                        .files
+                        .entry(file.clone())
+                        .insert_entry((text.clone(), docs))
+                        .into_mut()
+                        .1
+                }
+            };
+            for (doc, resource) in docs {
+                builder
+                    .add(resource.clone())
+                    .map_err(|message| ConfigError::Invalid {
+                        file: file.clone(),
+                        doc: *doc,
+                        message,
+                    })?;
+            }
+        }
+        Ok(builder.config)
+    }
 }
 
 #[derive(Default)]
@@ -266,6 +322,9 @@ struct Builder {
     mesh_seen: bool,
     /// Every address in use, and by what, so a clash names both sides.
     addresses: BTreeMap<IpAddr, String>,
+    /// Every (node, netns) in use, and by which workload: looked up, not searched, since a
+    /// mesh holds up to 100,000 workloads.
+    netns: HashMap<(String, PathBuf), ObjectKey>,
 }
 
 impl Builder {
@@ -282,17 +341,12 @@ impl Builder {
                 if self.config.workloads.contains_key(&w.key) {
                     return Err(format!("Workload {} is defined twice", w.key));
                 }
-                if let Some(other) = self
-                    .config
-                    .workloads
-                    .values()
-                    .find(|o| o.node == w.node && o.netns == w.netns)
-                {
+                let place = (w.node.clone(), w.netns.clone());
+                if let Some(other) = self.netns.get(&place) {
                     return Err(format!(
-                        "spec.netns: {} on node {} is already used by workload {}",
+                        "spec.netns: {} on node {} is already used by workload {other}",
                         w.netns.display(),
                         w.node,
-                        other.key
                     ));
                 }
                 self.claim(
@@ -300,6 +354,7 @@ impl Builder {
                     "spec.addresses",
                     &format!("workload {}", w.key),
                 )?;
+                self.netns.insert(place, w.key.clone());
                 self.config.workloads.insert(w.key.clone(), w);
             }
             Resource::AccessPolicy(p) => {
@@ -401,6 +456,45 @@ mod tests {
         let e = parse(&files(docs)).unwrap_err().to_string();
         assert!(!e.contains('\n'), "{e}");
         e
+    }
+
+    #[test]
+    fn the_parser_reads_again_only_what_changed_and_agrees_with_parse() {
+        let mut parser = Parser::default();
+        let w1 = workload("w1", "n1", "10.0.0.1", "web");
+        let w2 = workload("w2", "n2", "10.0.0.2", "web");
+        let steps = [
+            files(&[("a.yaml", &w1), ("c.yaml", SERVICE)]),
+            files(&[("a.yaml", &w1), ("b.yaml", &w2), ("c.yaml", SERVICE)]),
+            files(&[("b.yaml", &w2), ("c.yaml", SERVICE)]),
+            // b now clashes with a's address: refused as parse refuses it.
+            files(&[
+                ("a.yaml", &w1),
+                ("b.yaml", &w2.replace("10.0.0.2", "10.0.0.1")),
+            ]),
+            files(&[("a.yaml", "kind: Nonsense\n")]),
+            files(&[("a.yaml", &w1)]),
+        ];
+        for step in &steps {
+            let cached = parser.parse(step).map_err(|e| e.to_string());
+            let plain = parse(step).map_err(|e| e.to_string());
+            assert_eq!(cached, plain, "{step:?}");
+        }
+        assert_eq!(parser.files.len(), 1, "files gone are forgotten");
+    }
+
+    #[test]
+    fn two_workloads_in_one_netns_of_a_node_are_refused() {
+        let a = workload("w1", "n1", "10.0.0.1", "web");
+        let b = "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: w2}\nspec: {node: n1, netns: /run/netns/w1, addresses: ['10.0.0.2']}\n";
+        let e = err(&[("a.yaml", &a), ("b.yaml", b)]);
+        assert_eq!(
+            e,
+            "b.yaml: document 1: spec.netns: /run/netns/w1 on node n1 is already used by workload default/w1"
+        );
+        // The same path on another node is another netns.
+        let c = b.replace("node: n1", "node: n2");
+        assert!(parse(&files(&[("a.yaml", &a), ("c.yaml", &c)])).is_ok());
     }
 
     #[test]
