@@ -108,7 +108,8 @@ impl NodeService for NodeApi {
             },
             None => None,
         };
-        let (tx, rx) = mpsc::channel(8);
+        // Two parts queued at most: the rest waits in the catalog, not in memory.
+        let (tx, rx) = mpsc::channel(2);
         let resume = resume_from(
             req.metadata()
                 .get(metadata::RESUME)
@@ -214,18 +215,23 @@ async fn send_all(
     true
 }
 
+/// How long a node that was sent a snapshot keeps its place among the snapshots in progress
+/// without acknowledging it.
+const SNAPSHOT_ACK_WAIT: Duration = Duration::from_secs(30);
+
 /// Sends `node` everything it holds at `published`, part by part. Snapshots are the one
-/// thing whose cost grows with the mesh, so only so many are sent at once
+/// thing whose cost grows with the mesh, so only so many are in progress at once
 /// ([`Shared::first_syncs`]): a crowd of nodes reconnecting together queues here instead of
-/// holding the control plane's CPU and memory all at once. Returns the resources sent, or
-/// `None` when the node has gone.
-async fn send_snapshot(
-    shared: &Shared,
+/// holding the control plane's CPU and memory all at once. Returns the resources sent and
+/// the place, which the stream keeps until the node acknowledges (the bytes are on their way
+/// until then), or `None` when the node has gone.
+async fn send_snapshot<'a>(
+    shared: &'a Shared,
     node: &str,
     published: &Published,
     tx: &mpsc::Sender<Result<ConfigUpdate, Status>>,
-) -> Option<usize> {
-    let _permit = shared.first_syncs.acquire().await.ok()?;
+) -> Option<(usize, tokio::sync::SemaphorePermit<'a>)> {
+    let permit = shared.first_syncs.acquire().await.ok()?;
     let mut parts = Parts::new(shared.epoch, published.version, true);
     let mut count = 1;
     let roots = v1::Resource {
@@ -257,7 +263,9 @@ async fn send_snapshot(
             return None;
         }
     }
-    send_all(tx, [parts.finish()]).await.then_some(count)
+    send_all(tx, [parts.finish()])
+        .await
+        .then_some((count, permit))
 }
 
 /// Feeds one node's config stream until the node goes away or its token stops being valid.
@@ -284,7 +292,19 @@ async fn serve_stream(
     let mut recheck = tokio::time::interval(TOKEN_RECHECK);
     // Versions sent and not yet answered, oldest first, with when they were sent.
     let mut in_flight: Vec<(u64, Instant)> = Vec::new();
+    // The snapshot in progress: its version, when it was sent, and its place.
+    let mut syncing: Option<(u64, Instant, tokio::sync::SemaphorePermit<'_>)> = None;
     let reason = loop {
+        if syncing
+            .as_ref()
+            .is_some_and(|(_, at, _)| at.elapsed() > SNAPSHOT_ACK_WAIT)
+        {
+            tracing::debug!(
+                node,
+                "snapshot not acknowledged in time; its place goes to another"
+            );
+            syncing = None;
+        }
         if dirty {
             dirty = false;
             let published = config.borrow_and_update().clone();
@@ -319,7 +339,10 @@ async fn serve_stream(
                     ))
                 }
                 Delta::Snapshot => match send_snapshot(&shared, &node, &published, &tx).await {
-                    Some(count) => Some((Push::Snapshot, count, true)),
+                    Some((count, permit)) => {
+                        syncing = Some((version, Instant::now(), permit));
+                        Some((Push::Snapshot, count, true))
+                    }
                     None => Some((Push::Snapshot, 0, false)),
                 },
             };
@@ -348,18 +371,12 @@ async fn serve_stream(
                 dirty = true;
             }
             ack = acks.message() => match ack {
-                Ok(Some(ack)) if ack.error.is_empty() => {
-                    tracing::debug!(node, version = ack.version, "config acknowledged");
-                    let took = answered(&mut in_flight, ack.version);
-                    shared.metrics.acked(true, took);
-                    shared.update_node(&node, |n| n.acked_version = Some(ack.version));
+                Ok(Some(ack)) if syncing.as_ref().is_some_and(|(v, _, _)| ack.version >= *v) => {
+                    // Answered (applied or not): the snapshot's place goes to another node.
+                    syncing = None;
+                    answer(&shared, &node, &mut in_flight, ack);
                 }
-                Ok(Some(ack)) => {
-                    tracing::warn!(node, version = ack.version, error = ack.error, "node rejected config");
-                    answered(&mut in_flight, ack.version);
-                    shared.metrics.acked(false, None);
-                    shared.update_node(&node, |n| n.last_nack = Some((ack.version, ack.error)));
-                }
+                Ok(Some(ack)) => answer(&shared, &node, &mut in_flight, ack),
                 Ok(None) => break "node closed the stream",
                 Err(_) => break "stream broken",
             },
@@ -378,6 +395,26 @@ async fn serve_stream(
     };
     shared.update_node(&node, |n| n.streams = n.streams.saturating_sub(1));
     tracing::info!(node, reason, "node disconnected");
+}
+
+/// Records a node's answer to a version.
+fn answer(shared: &Shared, node: &str, in_flight: &mut Vec<(u64, Instant)>, ack: ConfigAck) {
+    if ack.error.is_empty() {
+        tracing::debug!(node, version = ack.version, "config acknowledged");
+        let took = answered(in_flight, ack.version);
+        shared.metrics.acked(true, took);
+        shared.update_node(node, |n| n.acked_version = Some(ack.version));
+    } else {
+        tracing::warn!(
+            node,
+            version = ack.version,
+            error = ack.error,
+            "node rejected config"
+        );
+        answered(in_flight, ack.version);
+        shared.metrics.acked(false, None);
+        shared.update_node(node, |n| n.last_nack = Some((ack.version, ack.error)));
+    }
 }
 
 /// Removes the versions up to `version` from `in_flight`; the seconds since `version` itself
