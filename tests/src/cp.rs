@@ -29,25 +29,37 @@ pub struct ControlPlane {
     /// Kubernetes mode: the kubeconfig of the (fake) API server it reads the mesh from,
     /// instead of the config dir.
     kubeconfig: Option<PathBuf>,
+    /// How long it may take to become ready.
+    ready: Duration,
 }
+
+/// How long mesh-cp may take to become ready, usually.
+const READY: Duration = Duration::from_secs(20);
 
 impl ControlPlane {
     /// Starts mesh-cp with `files` (name, YAML) in a fresh config dir under a scratch directory
     /// named after `prefix`, and waits for `/healthz`.
     pub fn start(prefix: &str, files: &[(&str, &str)]) -> io::Result<Self> {
-        Self::launch(prefix, files, None)
+        Self::launch(prefix, files, None, READY)
+    }
+
+    /// [`ControlPlane::start`] for a config that takes long to load: `/healthz` is waited
+    /// for up to `ready`.
+    pub fn start_slow(prefix: &str, files: &[(&str, &str)], ready: Duration) -> io::Result<Self> {
+        Self::launch(prefix, files, None, ready)
     }
 
     /// Starts `mesh-cp serve --kubernetes` against the API server of `kubeconfig` (namespace
     /// mycel-system, replica mycel-cp-0), and waits for `/healthz`.
     pub fn start_kubernetes(prefix: &str, kubeconfig: &Path) -> io::Result<Self> {
-        Self::launch(prefix, &[], Some(kubeconfig.to_path_buf()))
+        Self::launch(prefix, &[], Some(kubeconfig.to_path_buf()), READY)
     }
 
     fn launch(
         prefix: &str,
         files: &[(&str, &str)],
         kubeconfig: Option<PathBuf>,
+        ready: Duration,
     ) -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("{prefix}-mesh-cp-{}", free_port()));
         let config_dir = dir.join("config");
@@ -68,6 +80,7 @@ impl ControlPlane {
             config_dir,
             data_dir,
             kubeconfig,
+            ready,
         };
         cp.daemon.replace(cp.spawn()?);
         cp.wait_healthy()?;
@@ -111,7 +124,7 @@ impl ControlPlane {
     fn wait_healthy(&mut self) -> io::Result<()> {
         let http = self.http;
         self.daemon
-            .wait_until(Duration::from_secs(20), "mesh-cp /healthz", || {
+            .wait_until(self.ready, "mesh-cp /healthz", || {
                 http_get(http, "/healthz").ok()
             })
             .map(drop)
@@ -279,6 +292,32 @@ impl ControlPlane {
             .map(|(id, _)| id.to_owned())
             .ok_or_else(|| io::Error::other(format!("not a token: {token:?}")))?;
         Ok((token, id))
+    }
+
+    /// `mesh-cp token create --node A --node B …`: each node's token, in order, from one
+    /// call (a fleet's tokens in one write of the token file).
+    pub fn create_tokens(&self, nodes: &[String]) -> io::Result<Vec<(String, String)>> {
+        let mut args = vec!["create"];
+        for n in nodes {
+            args.extend(["--node", n.as_str()]);
+        }
+        let out = self.token_cmd(&args)?;
+        if let [node] = nodes {
+            return Ok(vec![(node.clone(), out.trim().to_owned())]);
+        }
+        let made: Vec<(String, String)> = out
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(n, t)| (n.to_owned(), t.to_owned()))
+            .collect();
+        if made.len() != nodes.len() {
+            return Err(io::Error::other(format!(
+                "{} tokens for {} nodes",
+                made.len(),
+                nodes.len()
+            )));
+        }
+        Ok(made)
     }
 
     pub fn revoke_token(&self, id: &str) -> io::Result<()> {

@@ -698,19 +698,9 @@ impl Cpu {
         let ticks = clock_ticks();
         let (mut daemons_user, mut daemons_sys) = (0.0, 0.0);
         for pid in daemons {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-            // The fields after the command name (which may hold spaces) start with the state;
-            // utime and stime are the 12th and 13th of them.
-            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            let field = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            daemons_user += field(11) / ticks;
-            daemons_sys += field(12) / ticks;
+            let (user, sys) = crate::procfs::cpu_seconds(*pid)?;
+            daemons_user += user;
+            daemons_sys += sys;
         }
         // cpu user nice system idle iowait irq softirq steal …: busy is all but idle, iowait
         // and steal (time the hypervisor gave to other machines).
@@ -742,23 +732,15 @@ impl Cpu {
     }
 }
 
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
-}
+use crate::procfs::clock_ticks;
 
 /// Resident memory of `pids`, in MB.
 fn rss_mb(pids: &[u32]) -> io::Result<f64> {
-    let mut kb = 0.0;
+    let mut mb = 0.0;
     for pid in pids {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        kb += status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        mb += crate::procfs::memory_mb(*pid, "VmRSS")?;
     }
-    Ok(kb / 1024.0)
+    Ok(mb)
 }
 
 /// CPU seconds per GB for AES-256-GCM (the suite rustls picks first) to encrypt and decrypt
