@@ -7,9 +7,11 @@ use prost::Message;
 
 use crate::v1::{ConfigUpdate, Resource};
 
-/// The most a part's resources take, encoded: a quarter of gRPC's default limit, so a part
-/// with one resource over it still fits.
-pub const MAX_PART_BYTES: usize = 1 << 20;
+/// The most a part's resources take, encoded: far below gRPC's 4 MiB limit, so a part with
+/// one resource over it still fits, and small because each stream's encoder keeps a buffer
+/// as large as the largest message it sent (at 1 MiB, a control plane serving 1,000 nodes
+/// held 1.4 GB of them).
+pub const MAX_PART_BYTES: usize = 128 << 10;
 
 /// The most a version's parts may hold together on a node: far above what a mesh of 100,000
 /// workloads sends (about 25 MB), so that a broken or hostile stream cannot make a node

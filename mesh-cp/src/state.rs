@@ -34,20 +34,36 @@ pub struct Published {
 impl Published {
     /// The first version.
     pub fn new(version: u64, config: Config) -> Self {
-        Self::build(version, config, &Distribution::default())
+        Self::build(
+            version,
+            config,
+            &Config::default(),
+            &Distribution::default(),
+        )
     }
 
     /// `config` as the version after this one.
     pub fn next(&self, config: Config) -> Self {
-        Self::build(self.version + 1, config, &self.distribution)
+        Self::build(self.version + 1, config, &self.config, &self.distribution)
     }
 
-    fn build(version: u64, config: Config, previous: &Distribution) -> Self {
+    fn build(
+        version: u64,
+        config: Config,
+        previous_config: &Config,
+        previous: &Distribution,
+    ) -> Self {
         let started = std::time::Instant::now();
         let selections = config.selections();
         let policies = PolicyIndex::new(config.mesh.default_action, selections.clone());
-        let (catalog, change) =
-            Catalog::build(&config, &selections, &policies, &previous.catalog, version);
+        let (catalog, change) = Catalog::build(
+            &config,
+            &selections,
+            &policies,
+            &previous.catalog,
+            previous_config,
+            version,
+        );
         if let FastDeny::OverBudget { evaluations } = catalog.fast_deny {
             if previous.catalog.fast_deny == FastDeny::Computed {
                 tracing::warn!(
@@ -138,7 +154,7 @@ pub struct NodeStatus {
 }
 
 /// Snapshots sent at once, at most (see `grpc::send_snapshot`). Each holds about one part
-/// (1 MiB) of memory and a core's worth of encoding while it lasts.
+/// (128 KiB) of memory and a core's worth of encoding while it lasts.
 pub const FIRST_SYNCS: usize = 32;
 
 pub struct Shared {
