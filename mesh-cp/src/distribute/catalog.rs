@@ -12,24 +12,26 @@
 //! those keys ([`super::log`]), so the work per node per change grows with the change.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
 };
 
 use mesh_api::{keys, v1};
 use mesh_model::{
     authz::{DenyTargets, PolicyIndex, Selection},
-    Config,
+    policy::AccessPolicy,
+    Config, ObjectKey, Workload,
 };
 
 /// One resource as every stream sends it; shared, never changed once built.
 pub type Entry = Arc<v1::Resource>;
 
 /// Most policy evaluations one version may spend on fast-deny sets (every source against
-/// every destination that can deny it). Fast-deny only refuses early what the destination's
-/// node refuses anyway; past this, the control plane sends none rather than spend seconds of
-/// CPU on every change, and says so in its log and on `/debug/config`.
-pub const FAST_DENY_BUDGET: usize = 4_000_000;
+/// every destination that can deny it; about half a second of CPU at this budget, spent again
+/// on every change, since any change may change any set). Fast-deny only refuses early what
+/// the destination's node refuses anyway; past this, the control plane sends none and says
+/// so in its log.
+pub const FAST_DENY_BUDGET: usize = 1_000_000;
 
 /// Whether this version's fast-deny sets were computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -45,15 +47,22 @@ pub enum FastDeny {
 #[derive(Debug)]
 pub struct Catalog {
     shared: BTreeMap<String, Entry>,
-    nodes: HashMap<String, BTreeMap<String, Entry>>,
+    nodes: HashMap<String, Arc<Part>>,
+    /// Each policy and the workloads it selected when this catalog was built: what tells the
+    /// next version whose parts a policy change concerns.
+    selections: HashMap<ObjectKey, Arc<Selection>>,
     pub fast_deny: FastDeny,
 }
+
+/// What only one node gets, by key.
+type Part = BTreeMap<String, Entry>;
 
 impl Default for Catalog {
     fn default() -> Self {
         Self {
             shared: BTreeMap::new(),
             nodes: HashMap::new(),
+            selections: HashMap::new(),
             fast_deny: FastDeny::Computed,
         }
     }
@@ -78,137 +87,321 @@ impl Change {
     }
 }
 
-fn resource(key: String, kind: v1::resource::Kind) -> v1::Resource {
-    v1::Resource {
+fn resource(key: String, kind: v1::resource::Kind) -> Entry {
+    Arc::new(v1::Resource {
         key,
         kind: Some(kind),
+    })
+}
+
+/// Workload `w` as every node sees it, and as its own node does (with its netns).
+fn workload_entries(w: &Workload, trust_domain: &str) -> (Entry, Entry) {
+    let key = keys::workload(&w.key.namespace, &w.key.name);
+    let everyone = v1::Workload {
+        netns: String::new(),
+        identity: w.identity(trust_domain).to_string(),
+        ..w.into()
+    };
+    let own = v1::Workload {
+        netns: w.netns.to_string_lossy().into_owned(),
+        ..everyone.clone()
+    };
+    (
+        resource(key.clone(), v1::resource::Kind::Workload(everyone)),
+        resource(key, v1::resource::Kind::Workload(own)),
+    )
+}
+
+/// Puts `entry` at its key in `map` unless an equal one is there; records the key if not.
+fn put(map: &mut Part, entry: Entry, changed: &mut Vec<String>) {
+    match map.get(&entry.key) {
+        Some(old) if **old == *entry => {}
+        _ => {
+            changed.push(entry.key.clone());
+            map.insert(entry.key.clone(), entry);
+        }
+    }
+}
+
+fn remove(map: &mut Part, key: String, changed: &mut Vec<String>) {
+    if map.remove(&key).is_some() {
+        changed.push(key);
+    }
+}
+
+/// Calls `changed` for each key whose value differs between `old` and `new`, with the new
+/// value (`None`: gone).
+fn diff_maps<'a, K: Ord, V: PartialEq>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+    mut changed: impl FnMut(&'a K, Option<&'a V>),
+) {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            changed(k, Some(v));
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        changed(k, None);
     }
 }
 
 impl Catalog {
-    /// Builds `config`'s catalog (`selections` and `index` are its policies, as
-    /// [`Config::selections`] and [`PolicyIndex`] give them), reusing `previous`'s entries that
-    /// did not change, and what changed since it.
+    /// Builds `config`'s catalog from `previous` (built from `previous_config`): only what
+    /// differs between the two configs is built again, so a change costs mesh-cp in
+    /// proportion to what it touches, plus a comparison of the configs. `selections` and
+    /// `index` are `config`'s policies, as [`Config::selections`] and [`PolicyIndex`] give
+    /// them. Returns the catalog and what changed, by key.
     pub fn build(
         config: &Config,
         selections: &[Selection],
         index: &PolicyIndex,
         previous: &Catalog,
+        previous_config: &Config,
         version: u64,
     ) -> (Catalog, Change) {
-        let mut shared: BTreeMap<String, Entry> = BTreeMap::new();
-        let mut nodes: HashMap<String, BTreeMap<String, Entry>> = HashMap::new();
-        shared.insert(
-            keys::MESH.to_owned(),
-            Arc::new(resource(
-                keys::MESH.into(),
-                v1::resource::Kind::Mesh((&config.mesh).into()),
-            )),
-        );
+        let mut change = Change {
+            version,
+            ..Change::default()
+        };
+        let mut shared = previous.shared.clone();
+        let mesh_same = config.mesh == previous_config.mesh;
+        if !mesh_same || shared.is_empty() {
+            put(
+                &mut shared,
+                resource(
+                    keys::MESH.into(),
+                    v1::resource::Kind::Mesh((&config.mesh).into()),
+                ),
+                &mut change.shared,
+            );
+        }
+        // Nodes whose part must be built again, and namespaces whose services' endpoints may
+        // have changed.
+        let mut touched: HashSet<&str> = HashSet::new();
+        let mut namespaces: HashSet<&str> = HashSet::new();
+        let mut any_workload = false;
         let trust_domain = &config.mesh.trust_domain;
-        for w in config.workloads.values() {
-            let key = keys::workload(&w.key.namespace, &w.key.name);
-            let everyone = v1::Workload {
-                netns: String::new(),
-                identity: w.identity(trust_domain).to_string(),
-                ..w.into()
-            };
-            let own = v1::Workload {
-                netns: w.netns.to_string_lossy().into_owned(),
-                ..everyone.clone()
-            };
-            nodes.entry(w.node.clone()).or_default().insert(
-                key.clone(),
-                Arc::new(resource(key.clone(), v1::resource::Kind::Workload(own))),
-            );
-            shared.insert(
-                key.clone(),
-                Arc::new(resource(key, v1::resource::Kind::Workload(everyone))),
-            );
+        diff_maps(&previous_config.workloads, &config.workloads, |key, now| {
+            any_workload = true;
+            namespaces.insert(key.namespace.as_str());
+            if let Some(old) = previous_config.workloads.get(key) {
+                touched.insert(old.node.as_str());
+            }
+            match now {
+                Some(w) => {
+                    touched.insert(w.node.as_str());
+                    let (everyone, _) = workload_entries(w, trust_domain);
+                    put(&mut shared, everyone, &mut change.shared);
+                }
+                None => remove(
+                    &mut shared,
+                    keys::workload(&key.namespace, &key.name),
+                    &mut change.shared,
+                ),
+            }
+        });
+        if !mesh_same {
+            // The trust domain is in every identity.
+            for w in config.workloads.values() {
+                touched.insert(w.node.as_str());
+                let (everyone, _) = workload_entries(w, trust_domain);
+                put(&mut shared, everyone, &mut change.shared);
+            }
         }
         let grouped = config.by_namespace();
         for s in config.services.values() {
-            let key = keys::service(&s.key.namespace, &s.key.name);
+            let same = previous_config.services.get(&s.key) == Some(s);
+            // Listed endpoints may name any workload; selected ones are in the namespace.
+            let endpoints_same = match &s.endpoints {
+                Some(_) => !any_workload,
+                None => !namespaces.contains(s.key.namespace.as_str()),
+            };
+            if same && endpoints_same {
+                continue;
+            }
             let endpoints = config
                 .endpoints_in(&grouped, s)
                 .into_iter()
                 .map(|w| w.key.to_string())
                 .collect();
-            shared.insert(
-                key.clone(),
-                Arc::new(resource(
-                    key,
-                    v1::resource::Kind::Service(v1::Service {
-                        endpoints,
-                        ..s.into()
-                    }),
-                )),
-            );
+            let kind = v1::resource::Kind::Service(v1::Service {
+                endpoints,
+                ..s.into()
+            });
+            let key = keys::service(&s.key.namespace, &s.key.name);
+            put(&mut shared, resource(key, kind), &mut change.shared);
         }
-        for p in config.traffic_policies.values() {
-            let key = keys::traffic_policy(&p.key.namespace, &p.key.name);
-            shared.insert(
-                key.clone(),
-                Arc::new(resource(key, v1::resource::Kind::TrafficPolicy(p.into()))),
-            );
-        }
-        for r in config.routes.values() {
-            let key = keys::route(&r.key.namespace, &r.key.name);
-            shared.insert(
-                key.clone(),
-                Arc::new(resource(key, v1::resource::Kind::Route(r.into()))),
-            );
-        }
-        // Access policies go only where they select a workload, with those workloads.
-        for (policy, selected) in selections {
-            let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-            for w in selected.iter().filter_map(|k| config.workloads.get(k)) {
-                by_node
-                    .entry(w.node.as_str())
-                    .or_default()
-                    .push(w.key.to_string());
+        for key in previous_config.services.keys() {
+            if !config.services.contains_key(key) {
+                let key = keys::service(&key.namespace, &key.name);
+                remove(&mut shared, key, &mut change.shared);
             }
-            let key = keys::policy(&policy.key.namespace, &policy.key.name);
-            for (node, selected) in by_node {
+        }
+        diff_maps(
+            &previous_config.traffic_policies,
+            &config.traffic_policies,
+            |key, now| {
+                let k = keys::traffic_policy(&key.namespace, &key.name);
+                match now {
+                    Some(p) => put(
+                        &mut shared,
+                        resource(k, v1::resource::Kind::TrafficPolicy(p.into())),
+                        &mut change.shared,
+                    ),
+                    None => remove(&mut shared, k, &mut change.shared),
+                }
+            },
+        );
+        diff_maps(&previous_config.routes, &config.routes, |key, now| {
+            let k = keys::route(&key.namespace, &key.name);
+            match now {
+                Some(r) => put(
+                    &mut shared,
+                    resource(k, v1::resource::Kind::Route(r.into())),
+                    &mut change.shared,
+                ),
+                None => remove(&mut shared, k, &mut change.shared),
+            }
+        });
+
+        // A policy changed, or selecting other workloads, concerns the nodes of the workloads
+        // it selected and selects.
+        let mut policies: HashMap<ObjectKey, Arc<Selection>> = HashMap::new();
+        let node_of = |cfg: &Config, k: &ObjectKey| cfg.workloads.get(k).map(|w| w.node.clone());
+        let mut policy_nodes: HashSet<String> = HashSet::new();
+        for selection in selections {
+            let key = &selection.0.key;
+            let kept = previous
+                .selections
+                .get(key)
+                .filter(|old| ***old == *selection);
+            let entry = match kept {
+                Some(old) => old.clone(),
+                None => {
+                    let old = previous.selections.get(key);
+                    for k in old.iter().flat_map(|o| &o.1) {
+                        policy_nodes.extend(node_of(previous_config, k));
+                    }
+                    for k in &selection.1 {
+                        policy_nodes.extend(node_of(config, k));
+                    }
+                    Arc::new(selection.clone())
+                }
+            };
+            policies.insert(key.clone(), entry);
+        }
+        for (key, old) in &previous.selections {
+            if !policies.contains_key(key) {
+                for k in &old.1 {
+                    policy_nodes.extend(node_of(previous_config, k));
+                }
+            }
+        }
+
+        // Fast-deny sets depend on every destination's policy: any change may change any
+        // node's. Within the budget they are all computed again.
+        let targets = DenyTargets::new(config, index);
+        let evaluations = targets.len().saturating_mul(config.workloads.len());
+        let fast_deny = if evaluations > FAST_DENY_BUDGET {
+            FastDeny::OverBudget { evaluations }
+        } else {
+            FastDeny::Computed
+        };
+        let deny_changed = fast_deny != previous.fast_deny
+            || (fast_deny == FastDeny::Computed
+                && (!change.shared.is_empty() || !policy_nodes.is_empty()));
+
+        let mut by_node: HashMap<&str, Vec<&Workload>> = HashMap::new();
+        for w in config.workloads.values() {
+            by_node.entry(w.node.as_str()).or_default().push(w);
+        }
+        let mut rebuild: HashSet<&str> = touched;
+        rebuild.extend(policy_nodes.iter().map(String::as_str));
+        if deny_changed {
+            rebuild.extend(by_node.keys());
+            rebuild.extend(previous.nodes.keys().map(String::as_str));
+        }
+        let mut selected_here: HashMap<&str, Vec<(&AccessPolicy, Vec<String>)>> = HashMap::new();
+        for (policy, selected) in selections {
+            let mut on: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for w in selected.iter().filter_map(|k| config.workloads.get(k)) {
+                if rebuild.contains(w.node.as_str()) {
+                    on.entry(w.node.as_str())
+                        .or_default()
+                        .push(w.key.to_string());
+                }
+            }
+            for (node, selected) in on {
+                selected_here
+                    .entry(node)
+                    .or_default()
+                    .push((policy, selected));
+            }
+        }
+
+        let mut nodes = previous.nodes.clone();
+        let empty = Part::new();
+        for node in rebuild {
+            let old = previous.nodes.get(node).map_or(&empty, |p| p.as_ref());
+            let mut part = Part::new();
+            for w in by_node.get(node).into_iter().flatten() {
+                let key = keys::workload(&w.key.namespace, &w.key.name);
+                let unchanged = mesh_same && previous_config.workloads.get(&w.key) == Some(*w);
+                let entry = match old.get(&key).filter(|_| unchanged) {
+                    Some(e) => e.clone(),
+                    None => workload_entries(w, trust_domain).1,
+                };
+                part.insert(key, entry);
+            }
+            for (policy, selected) in selected_here.remove(node).unwrap_or_default() {
+                let key = keys::policy(&policy.key.namespace, &policy.key.name);
                 let kind = v1::resource::Kind::Policy(v1::AccessPolicy {
                     selected,
                     ..policy.into()
                 });
-                nodes
-                    .entry(node.to_owned())
-                    .or_default()
-                    .insert(key.clone(), Arc::new(resource(key.clone(), kind)));
+                part.insert(key.clone(), resource(key, kind));
             }
-        }
-        let fast_deny = fast_deny_sets(config, index, &mut nodes);
-
-        let mut change = Change {
-            version,
-            ..Change::default()
-        };
-        let shared = reuse(&previous.shared, shared, &mut change.shared);
-        let empty = BTreeMap::new();
-        let mut built: HashMap<String, BTreeMap<String, Entry>> = HashMap::new();
-        for (node, part) in nodes {
-            let old = previous.nodes.get(&node).unwrap_or(&empty);
+            if fast_deny == FastDeny::Computed && !targets.is_empty() {
+                for w in by_node.get(node).into_iter().flatten() {
+                    let entries: Vec<v1::FastDenyEntry> = targets
+                        .fast_deny(config, index, w)
+                        .into_iter()
+                        .map(v1::FastDenyEntry::from)
+                        .collect();
+                    if entries.is_empty() {
+                        continue;
+                    }
+                    let key = keys::fast_deny(&w.key.namespace, &w.key.name);
+                    let kind = v1::resource::Kind::FastDeny(v1::FastDeny {
+                        namespace: w.key.namespace.clone(),
+                        name: w.key.name.clone(),
+                        entries,
+                    });
+                    part.insert(key.clone(), resource(key, kind));
+                }
+            }
             let mut keys = Vec::new();
-            let part = reuse(old, part, &mut keys);
-            if !keys.is_empty() {
-                change.nodes.insert(node.clone(), keys);
+            let mut kept = Part::new();
+            diff_maps(old, &part, |key, _| keys.push(key.clone()));
+            // Entries equal to the old ones stay the old ones (versions share memory).
+            for (key, entry) in part {
+                let same = old.get(&key).filter(|o| **o == entry).cloned();
+                kept.insert(key, same.unwrap_or(entry));
             }
-            built.insert(node, part);
-        }
-        // Nodes that had a part and have none now lose all of it.
-        for (node, old) in &previous.nodes {
-            if !built.contains_key(node) {
-                change
-                    .nodes
-                    .insert(node.clone(), old.keys().cloned().collect());
+            if !keys.is_empty() {
+                change.nodes.insert(node.to_owned(), keys);
+            }
+            if kept.is_empty() {
+                nodes.remove(node);
+            } else {
+                nodes.insert(node.to_owned(), Arc::new(kept));
             }
         }
         let catalog = Catalog {
             shared,
-            nodes: built,
+            nodes,
+            selections: policies,
             fast_deny,
         };
         (catalog, change)
@@ -226,7 +419,12 @@ impl Catalog {
     /// scale is tens of MB: a stream sends it part by part rather than copy it whole).
     pub fn snapshot<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Entry> + 'a {
         let mut shared = self.shared.iter().peekable();
-        let mut own = self.nodes.get(node).into_iter().flatten().peekable();
+        let mut own = self
+            .nodes
+            .get(node)
+            .into_iter()
+            .flat_map(|part| part.iter())
+            .peekable();
         std::iter::from_fn(move || match (shared.peek(), own.peek()) {
             (Some((s, _)), Some((o, _))) if s == o => {
                 shared.next();
@@ -242,63 +440,4 @@ impl Catalog {
     pub fn shared_len(&self) -> usize {
         self.shared.len()
     }
-}
-
-/// Computes each workload's fast-deny set into its node's part, unless that would cost more
-/// than [`FAST_DENY_BUDGET`] evaluations.
-fn fast_deny_sets(
-    config: &Config,
-    index: &PolicyIndex,
-    nodes: &mut HashMap<String, BTreeMap<String, Entry>>,
-) -> FastDeny {
-    let targets = DenyTargets::new(config, index);
-    let evaluations = targets.len().saturating_mul(config.workloads.len());
-    if evaluations > FAST_DENY_BUDGET {
-        return FastDeny::OverBudget { evaluations };
-    }
-    if targets.is_empty() {
-        return FastDeny::Computed;
-    }
-    for w in config.workloads.values() {
-        let entries: Vec<v1::FastDenyEntry> = targets
-            .fast_deny(config, index, w)
-            .into_iter()
-            .map(v1::FastDenyEntry::from)
-            .collect();
-        if entries.is_empty() {
-            continue;
-        }
-        let key = keys::fast_deny(&w.key.namespace, &w.key.name);
-        let kind = v1::resource::Kind::FastDeny(v1::FastDeny {
-            namespace: w.key.namespace.clone(),
-            name: w.key.name.clone(),
-            entries,
-        });
-        nodes
-            .entry(w.node.clone())
-            .or_default()
-            .insert(key.clone(), Arc::new(resource(key, kind)));
-    }
-    FastDeny::Computed
-}
-
-/// `new`, each entry the old one where equal (so versions share their memory); the keys
-/// that differ go to `changed`.
-fn reuse(
-    old: &BTreeMap<String, Entry>,
-    new: BTreeMap<String, Entry>,
-    changed: &mut Vec<String>,
-) -> BTreeMap<String, Entry> {
-    let out = new
-        .into_iter()
-        .map(|(key, e)| match old.get(&key) {
-            Some(o) if **o == *e => (key, o.clone()),
-            _ => {
-                changed.push(key.clone());
-                (key, e)
-            }
-        })
-        .collect::<BTreeMap<_, _>>();
-    changed.extend(old.keys().filter(|k| !out.contains_key(*k)).cloned());
-    out
 }

@@ -76,8 +76,20 @@ mod tests {
     const DENY_B: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: only-b}\nspec: {selector: {matchLabels: {app: b}}, action: Deny, rules: [{ports: [80]}]}\n";
     const ROUTE: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: r}\nspec: {service: b, backends: [{service: b, weight: 1}]}\n";
 
+    const TRUST: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {trustDomain: other.example}\n";
+    const TP: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: tp}\nspec: {services: [b], loadBalancer: LeastConnections}\n";
+    const D_ON_N3: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: d, labels: {app: d}}\nspec: {node: n3, netns: /run/netns/d, addresses: [10.0.0.4]}\n";
+    const DENY_A: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: only-b}\nspec: {selector: {matchLabels: {app: a}}, action: Deny, rules: [{ports: [80]}]}\n";
+
     fn config(docs: &[&str]) -> Config {
         let text = format!("{BASE}{}", docs.concat());
+        mesh_model::parse(&[(PathBuf::from("c.yaml"), text)]).unwrap()
+    }
+
+    /// [`config`] with b's labels changed: it leaves service b and what selects app=b.
+    fn relabelled(docs: &[&str]) -> Config {
+        let base = BASE.replace("{name: b, labels: {app: b}}", "{name: b, labels: {app: x}}");
+        let text = format!("{base}{}", docs.concat());
         mesh_model::parse(&[(PathBuf::from("c.yaml"), text)]).unwrap()
     }
 
@@ -103,6 +115,13 @@ mod tests {
             config(&[C_ON_N1, DENY_B]),
             config(&[C_ON_N1, DENY_B, ROUTE]),
             config(&[ROUTE]),
+            config(&[ROUTE, TP, DENY_B]),
+            config(&[ROUTE, TP, DENY_B, TRUST]),
+            config(&[TP, DENY_A, TRUST, D_ON_N3]),
+            config(&[TP, DENY_A, D_ON_N3]),
+            relabelled(&[TP, DENY_B, C_ON_N1]),
+            config(&[TP, DENY_B, C_ON_N1]),
+            config(&[D_ON_N3]),
             config(&[]),
         ];
         let mut published = vec![Published::new(1, steps[0].clone())];
@@ -110,7 +129,7 @@ mod tests {
             let next = published.last().unwrap().next(c.clone());
             published.push(next);
         }
-        for node in ["n1", "n2", "n3"] {
+        for node in ["n1", "n2", "n3", "n4"] {
             let held: Vec<_> = published
                 .iter()
                 .map(|p| {
