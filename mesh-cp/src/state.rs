@@ -64,16 +64,16 @@ impl Published {
             previous_config,
             version,
         );
-        if let FastDeny::OverBudget { evaluations } = catalog.fast_deny {
-            if previous.catalog.fast_deny == FastDeny::Computed {
-                tracing::warn!(
-                    version,
-                    evaluations,
-                    budget = crate::distribute::catalog::FAST_DENY_BUDGET,
-                    "fast-deny sets not computed: too many sources times destinations that can \
-                     deny; destinations' nodes still refuse what policy denies"
-                );
-            }
+        // Said once when it starts (the first version included), not on every change.
+        if catalog.fast_deny == FastDeny::OverBudget
+            && previous.catalog.fast_deny == FastDeny::Computed
+        {
+            tracing::warn!(
+                version,
+                budget = crate::distribute::catalog::FAST_DENY_BUDGET,
+                "fast-deny sets not computed: too many sources times destinations that can \
+                 deny; destinations' nodes still refuse what policy denies"
+            );
         }
         tracing::debug!(
             version,

@@ -411,12 +411,24 @@ pub struct DenyTargets<'a> {
 
 impl<'a> DenyTargets<'a> {
     pub fn new(config: &'a Config, index: &PolicyIndex) -> Self {
+        Self::within(config, index, usize::MAX).unwrap_or(Self {
+            workloads: Vec::new(),
+            services: Vec::new(),
+        })
+    }
+
+    /// The targets, unless the workload targets alone, once per source, take more than
+    /// `budget` evaluations: then `None`, before the costlier search for services.
+    pub fn within(config: &'a Config, index: &PolicyIndex, budget: usize) -> Option<Self> {
         let every = index.default_action == Action::Deny;
         let workloads: Vec<&Workload> = config
             .workloads
             .values()
             .filter(|w| every || index.by_workload.contains_key(&w.key))
             .collect();
+        if workloads.len().saturating_mul(config.workloads.len()) > budget {
+            return None;
+        }
         let grouped = config.by_namespace();
         let services = config
             .services
@@ -430,10 +442,10 @@ impl<'a> DenyTargets<'a> {
                 (can_deny && !endpoints.is_empty()).then_some((s, endpoints))
             })
             .collect();
-        Self {
+        Some(Self {
             workloads,
             services,
-        }
+        })
     }
 
     /// Destinations each source is checked against: the work of one source's set.

@@ -35,13 +35,11 @@ pub const FAST_DENY_BUDGET: usize = 1_000_000;
 
 /// Whether this version's fast-deny sets were computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case", tag = "state")]
+#[serde(rename_all = "snake_case")]
 pub enum FastDeny {
     Computed,
     /// Sources × destinations that can deny was over [`FAST_DENY_BUDGET`].
-    OverBudget {
-        evaluations: usize,
-    },
+    OverBudget,
 }
 
 #[derive(Debug)]
@@ -130,19 +128,42 @@ fn remove(map: &mut Part, key: String, changed: &mut Vec<String>) {
 }
 
 /// Calls `changed` for each key whose value differs between `old` and `new`, with the new
-/// value (`None`: gone).
+/// value (`None`: gone), in key order: one walk over both, since both are sorted.
 fn diff_maps<'a, K: Ord, V: PartialEq>(
     old: &'a BTreeMap<K, V>,
     new: &'a BTreeMap<K, V>,
     mut changed: impl FnMut(&'a K, Option<&'a V>),
 ) {
-    for (k, v) in new {
-        if old.get(k) != Some(v) {
-            changed(k, Some(v));
+    use std::cmp::Ordering;
+    let mut old = old.iter().peekable();
+    let mut new = new.iter().peekable();
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((ok, _)), Some((nk, _))) => ok.cmp(nk),
+        };
+        match order {
+            // Only the old map has it.
+            Ordering::Less => {
+                if let Some((k, _)) = old.next() {
+                    changed(k, None);
+                }
+            }
+            Ordering::Greater => {
+                if let Some((k, v)) = new.next() {
+                    changed(k, Some(v));
+                }
+            }
+            Ordering::Equal => {
+                if let (Some((_, ov)), Some((k, nv))) = (old.next(), new.next()) {
+                    if ov != nv {
+                        changed(k, Some(nv));
+                    }
+                }
+            }
         }
-    }
-    for k in old.keys().filter(|k| !new.contains_key(*k)) {
-        changed(k, None);
     }
 }
 
@@ -209,7 +230,8 @@ impl Catalog {
                 put(&mut shared, everyone, &mut change.shared);
             }
         }
-        let grouped = config.by_namespace();
+        // Built on first use: most changes rebuild no service.
+        let mut grouped = None;
         for s in config.services.values() {
             let same = previous_config.services.get(&s.key) == Some(s);
             // Listed endpoints may name any workload; selected ones are in the namespace.
@@ -220,8 +242,9 @@ impl Catalog {
             if same && endpoints_same {
                 continue;
             }
+            let grouped = grouped.get_or_insert_with(|| config.by_namespace());
             let endpoints = config
-                .endpoints_in(&grouped, s)
+                .endpoints_in(grouped, s)
                 .into_iter()
                 .map(|w| w.key.to_string())
                 .collect();
@@ -301,12 +324,12 @@ impl Catalog {
 
         // Fast-deny sets depend on every destination's policy: any change may change any
         // node's. Within the budget they are all computed again.
-        let targets = DenyTargets::new(config, index);
-        let evaluations = targets.len().saturating_mul(config.workloads.len());
-        let fast_deny = if evaluations > FAST_DENY_BUDGET {
-            FastDeny::OverBudget { evaluations }
-        } else {
-            FastDeny::Computed
+        let sources = config.workloads.len();
+        let targets = DenyTargets::within(config, index, FAST_DENY_BUDGET)
+            .filter(|t| t.len().saturating_mul(sources) <= FAST_DENY_BUDGET);
+        let fast_deny = match &targets {
+            Some(_) => FastDeny::Computed,
+            None => FastDeny::OverBudget,
         };
         let deny_changed = fast_deny != previous.fast_deny
             || (fast_deny == FastDeny::Computed
@@ -362,7 +385,7 @@ impl Catalog {
                 });
                 part.insert(key.clone(), resource(key, kind));
             }
-            if fast_deny == FastDeny::Computed && !targets.is_empty() {
+            if let Some(targets) = targets.as_ref().filter(|t| !t.is_empty()) {
                 for w in by_node.get(node).into_iter().flatten() {
                     let entries: Vec<v1::FastDenyEntry> = targets
                         .fast_deny(config, index, w)
