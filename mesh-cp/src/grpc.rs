@@ -16,7 +16,7 @@ use mesh_api::{
     },
 };
 use mesh_model::SpiffeId;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, SemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -202,36 +202,91 @@ fn resume_from(value: Option<&str>, epoch: u64) -> Option<u64> {
     v.parse().ok()
 }
 
-/// Sends `parts` in order; false when the node has gone.
-async fn send_all(
-    tx: &mpsc::Sender<Result<ConfigUpdate, Status>>,
-    parts: impl IntoIterator<Item = ConfigUpdate>,
-) -> bool {
-    for part in parts {
-        if tx.send(Ok(part)).await.is_err() {
-            return false;
-        }
-    }
-    true
-}
+/// How long one part may wait for the node to take it: a node that stops reading (its
+/// HTTP/2 window closed) loses its stream, and with it any place among the snapshots.
+const SEND_WAIT: Duration = Duration::from_secs(30);
 
 /// How long a node that was sent a snapshot keeps its place among the snapshots in progress
 /// without acknowledging it.
 const SNAPSHOT_ACK_WAIT: Duration = Duration::from_secs(30);
 
-/// Sends `node` everything it holds at `published`, part by part. Snapshots are the one
-/// thing whose cost grows with the mesh, so only so many are in progress at once
-/// ([`Shared::first_syncs`]): a crowd of nodes reconnecting together queues here instead of
-/// holding the control plane's CPU and memory all at once. Returns the resources sent and
-/// the place, which the stream keeps until the node acknowledges (the bytes are on their way
-/// until then), or `None` when the node has gone.
-async fn send_snapshot<'a>(
-    shared: &'a Shared,
+type Tx = mpsc::Sender<Result<ConfigUpdate, Status>>;
+
+/// Why a stream stopped sending.
+enum Stop {
+    Gone,
+    NotReading,
+    Refused(AuthError),
+}
+
+/// Sends one part; the node must take it within [`SEND_WAIT`].
+async fn send(tx: &Tx, part: ConfigUpdate) -> Result<(), Stop> {
+    match tokio::time::timeout(SEND_WAIT, tx.send(Ok(part))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Stop::Gone),
+        Err(_) => Err(Stop::NotReading),
+    }
+}
+
+/// Who is at the other end of a stream, to check again that it still may be.
+struct Caller<'a> {
+    node: &'a str,
+    token: &'a str,
+    ip: Option<std::net::IpAddr>,
+}
+
+impl Caller<'_> {
+    /// Unavailable is not a verdict: only a refused credential ends a stream.
+    async fn check(&self, shared: &Shared) -> Result<(), AuthError> {
+        match shared.auth.verify(self.token, self.node, self.ip).await {
+            Err(e @ (AuthError::Unauthenticated(_) | AuthError::PermissionDenied(_))) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Sends `node` what changed for it (`keys`) in `published`, part by part: each resource is
+/// looked up and copied as its part is built, so a stream holds one part at a time.
+async fn send_changes(
+    shared: &Shared,
     node: &str,
     published: &Published,
-    tx: &mpsc::Sender<Result<ConfigUpdate, Status>>,
-) -> Option<(usize, tokio::sync::SemaphorePermit<'a>)> {
-    let permit = shared.first_syncs.acquire().await.ok()?;
+    keys: Vec<&str>,
+    tx: &Tx,
+) -> Result<(), Stop> {
+    let mut parts = Parts::new(shared.epoch, published.version, false);
+    for key in keys {
+        let full = match published.distribution.catalog.get(node, key) {
+            Some(entry) => parts.upsert(v1::Resource::clone(entry)),
+            None => parts.remove(key.to_owned()),
+        };
+        if let Some(part) = full {
+            send(tx, part).await?;
+        }
+    }
+    send(tx, parts.finish()).await
+}
+
+/// Sends `caller` everything it holds at the latest version, part by part. Snapshots are the
+/// one thing whose cost grows with the mesh, so only so many are in progress at once
+/// ([`Shared::first_syncs`]): a crowd of nodes reconnecting together queues here instead of
+/// holding the control plane's CPU and memory all at once. The place is taken before the
+/// config is read (a stream that waited sends the version in force when its turn comes),
+/// the credential is checked again once it is, and the place is returned to the stream,
+/// which keeps it until the node acknowledges (the bytes are on their way until then).
+/// Returns the version sent, the resources and the place.
+async fn send_snapshot<'a>(
+    shared: &'a Shared,
+    caller: &Caller<'_>,
+    config: &mut watch::Receiver<Published>,
+    tx: &Tx,
+) -> Result<(u64, usize, SemaphorePermit<'a>), Stop> {
+    let permit = tokio::select! {
+        permit = shared.first_syncs.acquire() => permit.map_err(|_| Stop::Gone)?,
+        () = tx.closed() => return Err(Stop::Gone),
+    };
+    caller.check(shared).await.map_err(Stop::Refused)?;
+    let published = config.borrow_and_update().clone();
     let mut parts = Parts::new(shared.epoch, published.version, true);
     let mut count = 1;
     let roots = v1::Resource {
@@ -240,32 +295,25 @@ async fn send_snapshot<'a>(
             roots_der: vec![shared.ca.root_der().to_vec()],
         })),
     };
-    // Each part goes as soon as it is full: what this stream holds is one part.
-    let mut add = async |resource| match parts.upsert(resource) {
-        Some(full) => tx.send(Ok(full)).await.is_ok(),
-        None => true,
-    };
-    // In key order, with the trust bundle (the same for every version) in its place.
+    // In key order, with the trust bundle (the same for every version) in its place. Each
+    // part goes as soon as it is full: what this stream holds is one part.
     let mut roots = Some(roots);
-    for entry in published.distribution.catalog.snapshot(node) {
+    for entry in published.distribution.catalog.snapshot(caller.node) {
         if let Some(r) = roots.take_if(|r| r.key < entry.key) {
-            if !add(r).await {
-                return None;
+            if let Some(part) = parts.upsert(r) {
+                send(tx, part).await?;
             }
         }
         count += 1;
-        if !add(v1::Resource::clone(entry)).await {
-            return None;
+        if let Some(part) = parts.upsert(v1::Resource::clone(entry)) {
+            send(tx, part).await?;
         }
     }
-    if let Some(r) = roots {
-        if !add(r).await {
-            return None;
-        }
+    if let Some(part) = roots.and_then(|r| parts.upsert(r)) {
+        send(tx, part).await?;
     }
-    send_all(tx, [parts.finish()])
-        .await
-        .then_some((count, permit))
+    send(tx, parts.finish()).await?;
+    Ok((published.version, count, permit))
 }
 
 /// Feeds one node's config stream until the node goes away or its token stops being valid.
@@ -278,12 +326,17 @@ async fn serve_stream(
     // The version the node says it holds, in this control plane's epoch.
     resume: Option<u64>,
     mut acks: Streaming<ConfigAck>,
-    tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
+    tx: Tx,
     // Held for the stream's life: the peer's place among its streams.
     _slot: Option<crate::peer_limits::StreamSlot>,
 ) {
     shared.update_node(&node, |n| n.streams += 1);
     tracing::info!(node, peer = ?peer, resume, "node connected");
+    let caller = Caller {
+        node: &node,
+        token: &token,
+        ip: peer.map(|p| p.ip().to_canonical()),
+    };
     let mut config = shared.config.clone();
     // The version the node holds as far as this stream knows; none until a snapshot is sent.
     let mut cursor = resume;
@@ -292,76 +345,77 @@ async fn serve_stream(
     let mut recheck = tokio::time::interval(TOKEN_RECHECK);
     // Versions sent and not yet answered, oldest first, with when they were sent.
     let mut in_flight: Vec<(u64, Instant)> = Vec::new();
-    // The snapshot in progress: its version, when it was sent, and its place.
-    let mut syncing: Option<(u64, Instant, tokio::sync::SemaphorePermit<'_>)> = None;
+    // The snapshot in progress: its version, and its place until the node answers or
+    // SNAPSHOT_ACK_WAIT passes.
+    let mut syncing: Option<(u64, SemaphorePermit<'_>)> = None;
+    let mut syncing_until = tokio::time::Instant::now();
     let reason = loop {
-        if syncing
-            .as_ref()
-            .is_some_and(|(_, at, _)| at.elapsed() > SNAPSHOT_ACK_WAIT)
-        {
-            tracing::debug!(
-                node,
-                "snapshot not acknowledged in time; its place goes to another"
-            );
-            syncing = None;
-        }
         if dirty {
             dirty = false;
             let published = config.borrow_and_update().clone();
-            let version = published.version;
             let delta = match cursor {
                 None => Delta::Snapshot,
-                Some(since) => published.distribution.delta(&node, since, version),
+                Some(since) => published
+                    .distribution
+                    .delta(&node, since, published.version),
             };
+            let kind = if first { Push::Resume } else { Push::Update };
             let sent = match delta {
+                Delta::None if !first => Ok(None),
                 // A resuming node is told it is current, so that it knows it is synced.
-                Delta::None if !first => None,
-                Delta::None => Some((
-                    Push::Resume,
-                    0,
-                    send_all(&tx, [Parts::new(shared.epoch, version, false).finish()]).await,
-                )),
-                Delta::Changes { upserts, removals } => {
-                    let kind = if first { Push::Resume } else { Push::Update };
-                    let count = upserts.len() + removals.len();
-                    let update = ConfigUpdate {
-                        version,
-                        snapshot: false,
-                        upserts,
-                        removals,
-                        more: false,
-                        epoch: shared.epoch,
-                    };
-                    Some((
-                        kind,
-                        count,
-                        send_all(&tx, mesh_api::parts::split(update)).await,
-                    ))
+                Delta::None => send(
+                    &tx,
+                    Parts::new(shared.epoch, published.version, false).finish(),
+                )
+                .await
+                .map(|()| Some((kind, published.version, 0))),
+                Delta::Changes(keys) => {
+                    let count = keys.len();
+                    send_changes(&shared, &node, &published, keys, &tx)
+                        .await
+                        .map(|()| Some((kind, published.version, count)))
                 }
-                Delta::Snapshot => match send_snapshot(&shared, &node, &published, &tx).await {
-                    Some((count, permit)) => {
-                        syncing = Some((version, Instant::now(), permit));
-                        Some((Push::Snapshot, count, true))
-                    }
-                    None => Some((Push::Snapshot, 0, false)),
-                },
+                Delta::Snapshot => {
+                    // Its own place first: a stream must not wait for a place while it
+                    // holds one.
+                    syncing = None;
+                    send_snapshot(&shared, &caller, &mut config, &tx).await.map(
+                        |(version, count, permit)| {
+                            syncing = Some((version, permit));
+                            syncing_until = tokio::time::Instant::now() + SNAPSHOT_ACK_WAIT;
+                            Some((Push::Snapshot, version, count))
+                        },
+                    )
+                }
             };
-            first = false;
-            cursor = Some(version);
-            if let Some((kind, count, delivered)) = sent {
-                if !delivered {
-                    break "stream closed";
+            match sent {
+                Ok(Some((kind, version, count))) => {
+                    tracing::debug!(
+                        node,
+                        version,
+                        kind = kind.as_str(),
+                        resources = count,
+                        "config sent"
+                    );
+                    shared.metrics.pushed(kind, count);
+                    in_flight.push((version, Instant::now()));
+                    cursor = Some(version);
                 }
-                tracing::debug!(
-                    node,
-                    version,
-                    kind = kind.as_str(),
-                    resources = count,
-                    "config sent"
-                );
-                shared.metrics.pushed(kind, count);
-                in_flight.push((version, Instant::now()));
+                Ok(None) => cursor = Some(published.version),
+                Err(Stop::Gone) => break "stream closed",
+                Err(Stop::NotReading) => {
+                    tracing::warn!(node, "node stopped reading its config stream; closing it");
+                    break "node stopped reading";
+                }
+                Err(Stop::Refused(e)) => {
+                    tracing::warn!(node, reason = %e, "node credential no longer valid; closing the node's stream");
+                    let _ = tx.try_send(Err(Status::unauthenticated(format!(
+                        "credential no longer valid: {e}"
+                    ))));
+                    break "credential no longer valid";
+                }
             }
+            first = false;
         }
         tokio::select! {
             changed = config.changed() => {
@@ -371,21 +425,22 @@ async fn serve_stream(
                 dirty = true;
             }
             ack = acks.message() => match ack {
-                Ok(Some(ack)) if syncing.as_ref().is_some_and(|(v, _, _)| ack.version >= *v) => {
-                    // Answered (applied or not): the snapshot's place goes to another node.
-                    syncing = None;
+                Ok(Some(ack)) => {
+                    if syncing.as_ref().is_some_and(|(v, _)| ack.version >= *v) {
+                        // Answered (applied or not): the place goes to another node.
+                        syncing = None;
+                    }
                     answer(&shared, &node, &mut in_flight, ack);
                 }
-                Ok(Some(ack)) => answer(&shared, &node, &mut in_flight, ack),
                 Ok(None) => break "node closed the stream",
                 Err(_) => break "stream broken",
             },
+            () = tokio::time::sleep_until(syncing_until), if syncing.is_some() => {
+                tracing::warn!(node, "snapshot not acknowledged within 30 s; its place goes to another node");
+                syncing = None;
+            }
             _ = recheck.tick() => {
-                // Unavailable is not a verdict: the stream stays until the credential is refused.
-                let ip = peer.map(|p| p.ip().to_canonical());
-                if let Err(e @ (AuthError::Unauthenticated(_) | AuthError::PermissionDenied(_))) =
-                    shared.auth.verify(&token, &node, ip).await
-                {
+                if let Err(e) = caller.check(&shared).await {
                     tracing::warn!(node, reason = %e, "node credential no longer valid; closing the node's stream");
                     let _ = tx.send(Err(Status::unauthenticated(format!("credential no longer valid: {e}")))).await;
                     break "credential no longer valid";

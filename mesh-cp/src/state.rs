@@ -114,7 +114,8 @@ pub fn publish_if_changed(publish: &watch::Sender<Published>, config: Config) ->
         "config applied"
     );
     // Built outside the channel's lock: streams keep reading the version in force meanwhile.
-    let next = publish.borrow().clone().next(config);
+    let current = publish.borrow().clone();
+    let next = current.next(config);
     let version = next.version;
     publish.send_replace(next);
     (version, true)

@@ -368,3 +368,71 @@ async fn strangers_are_throttled_streams_capped_and_join_tokens_expire() {
         "{bad:?}"
     );
 }
+
+/// Nodes that open their config stream and never read it, as many as mesh-cp has places for
+/// snapshots in progress (32), cannot keep another node from syncing: a part not taken within
+/// 30 s ends its stream and frees its place. Before, a stream blocked on a full HTTP/2 window
+/// kept its place for as long as it stayed connected, and the next node never got a snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_that_stop_reading_cannot_hold_up_the_others() {
+    const PLACES: usize = 32;
+    // A snapshot of about 2.5 MB: more than every buffer between mesh-cp and a node that
+    // does not read (its HTTP/2 windows, mesh-cp's send buffer, the stream's queue).
+    let yaml: String = (0..20_000u32)
+        .map(|i| {
+            format!(
+                "---\n{}",
+                workload(
+                    &format!("w{i}"),
+                    "elsewhere",
+                    &format!("172.16.{}.{}", i >> 8, i & 0xff)
+                )
+            )
+        })
+        .collect();
+    let cp = ControlPlane::start_slow(
+        "mycel-t-cp-stalled",
+        &[("w.yaml", &yaml)],
+        Duration::from_secs(60),
+    )
+    .expect("start mesh-cp");
+    let names: Vec<String> = (0..=PLACES).map(|i| format!("node-{i}")).collect();
+    let tokens = cp.create_tokens(&names).expect("tokens");
+    let mut stalled = Vec::new();
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(cp.ca_cert()).expect("ca"));
+    for (node, token) in &tokens[..PLACES] {
+        // HTTP/2 windows of 64 KiB, not hyper's 2 MiB: the node takes almost nothing.
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", cp.grpc))
+            .expect("uri")
+            .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca.clone()))
+            .expect("tls")
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .expect("connect");
+        let creds = mesh_api::Credentials::new(node, token).expect("credentials");
+        let mut client =
+            mesh_api::v1::node_service_client::NodeServiceClient::with_interceptor(channel, creds);
+        let (acks, updates) = open_stream(&mut client).await.expect("stream");
+        // Held open, never read.
+        stalled.push((client, acks, updates));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (node, token) = &tokens[PLACES];
+    let mut client = cp.client(node, token).await.expect("client");
+    let (_acks, mut updates) = open_stream(&mut client).await.expect("stream");
+    let first = tokio::time::timeout(Duration::from_secs(90), updates.next())
+        .await
+        .expect("a snapshot within 90 s, once the stalled streams lose their places")
+        .expect("the stream is open")
+        .expect("no error");
+    assert!(first.snapshot, "{:?}", first.version);
+    let log = cp.log();
+    assert!(
+        log.contains("node stopped reading its config stream"),
+        "the stalled streams were closed for it: {log}"
+    );
+    drop(stalled);
+}

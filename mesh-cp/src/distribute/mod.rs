@@ -13,8 +13,6 @@ pub mod log;
 
 use std::sync::Arc;
 
-use mesh_api::v1;
-
 pub use catalog::{Catalog, Change, FastDeny};
 pub use log::ChangeLog;
 
@@ -25,39 +23,33 @@ pub struct Distribution {
     pub log: ChangeLog,
 }
 
+/// Most keys one delta carries. A stream further behind than this takes a snapshot, which
+/// waits for its place among the snapshots in progress: a node cannot make the control plane
+/// do a snapshot's work outside that cap by naming an old version.
+pub const MAX_DELTA_KEYS: usize = 10_000;
+
 /// What a stream at some version is sent to reach the latest.
 #[derive(Debug, PartialEq)]
-pub enum Delta {
+pub enum Delta<'a> {
     /// Nothing changed for this node.
     None,
-    /// These resources changed or are new, these keys are gone.
-    Changes {
-        upserts: Vec<v1::Resource>,
-        removals: Vec<String>,
-    },
-    /// The log does not reach back far enough: start again from a snapshot.
+    /// These keys changed: each is sent as the catalog has it, or as removed.
+    Changes(Vec<&'a str>),
+    /// The log does not reach back far enough, or the change is too large: start again from
+    /// a snapshot.
     Snapshot,
 }
 
 impl Distribution {
     /// What `node`, holding version `since`, needs to hold `latest` (this distribution's
     /// version).
-    pub fn delta(&self, node: &str, since: u64, latest: u64) -> Delta {
-        let Some(keys) = self.log.since(since, latest, node) else {
-            return Delta::Snapshot;
-        };
-        if keys.is_empty() {
-            return Delta::None;
+    pub fn delta(&self, node: &str, since: u64, latest: u64) -> Delta<'_> {
+        match self.log.since(since, latest, node) {
+            None => Delta::Snapshot,
+            Some(keys) if keys.is_empty() => Delta::None,
+            Some(keys) if keys.len() > MAX_DELTA_KEYS => Delta::Snapshot,
+            Some(keys) => Delta::Changes(keys.into_iter().collect()),
         }
-        let mut upserts = Vec::new();
-        let mut removals = Vec::new();
-        for key in keys {
-            match self.catalog.get(node, key) {
-                Some(entry) => upserts.push(v1::Resource::clone(entry)),
-                None => removals.push(key.to_owned()),
-            }
-        }
-        Delta::Changes { upserts, removals }
     }
 }
 
@@ -66,6 +58,8 @@ mod tests {
     use std::{collections::BTreeMap, path::PathBuf};
 
     use mesh_model::Config;
+
+    use mesh_api::v1;
 
     use super::*;
     use crate::{slice, state::Published};
@@ -95,6 +89,19 @@ mod tests {
 
     fn as_map(resources: impl IntoIterator<Item = v1::Resource>) -> BTreeMap<String, v1::Resource> {
         resources.into_iter().map(|r| (r.key.clone(), r)).collect()
+    }
+
+    /// A delta's keys as the stream sends them: resources, and removals.
+    fn resolve(d: &Distribution, node: &str, keys: Vec<&str>) -> (Vec<v1::Resource>, Vec<String>) {
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for key in keys {
+            match d.catalog.get(node, key) {
+                Some(e) => upserts.push(v1::Resource::clone(e)),
+                None => removals.push(key.to_owned()),
+            }
+        }
+        (upserts, removals)
     }
 
     /// The plain definition of what a node holds, without the trust bundle the stream adds.
@@ -154,7 +161,8 @@ mod tests {
                 let mut view = held[i].clone();
                 match last.distribution.delta(node, p.version, last.version) {
                     Delta::None => {}
-                    Delta::Changes { upserts, removals } => {
+                    Delta::Changes(keys) => {
+                        let (upserts, removals) = resolve(&last.distribution, node, keys);
                         // A key added and removed again since is removed without being held:
                         // nodes take that as nothing to do.
                         for k in removals {
@@ -170,11 +178,29 @@ mod tests {
     }
 
     #[test]
+    fn a_change_too_large_for_a_delta_is_a_snapshot() {
+        let many: String = (0..=MAX_DELTA_KEYS)
+            .map(|i| format!("---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{name: m{i}}}\nspec: {{node: n9, netns: /run/netns/m{i}, addresses: ['172.16.{}.{}']}}\n", i >> 8, i & 0xff))
+            .collect();
+        let before = Published::new(1, config(&[]));
+        let after = before.next(config(&[&many]));
+        // A node that names version 1 would otherwise make the control plane copy more
+        // than MAX_DELTA_KEYS resources outside the cap on snapshots in progress.
+        assert_eq!(after.distribution.delta("n1", 1, 2), Delta::Snapshot);
+        let small = after.next(config(&[&many, C_ON_N2]));
+        assert!(matches!(
+            small.distribution.delta("n1", 2, 3),
+            Delta::Changes(k) if k.len() == 2
+        ));
+    }
+
+    #[test]
     fn one_change_is_sent_as_one_change() {
         let before = Published::new(1, config(&[DENY_B]));
         let after = before.next(config(&[DENY_B, C_ON_N2]));
         let keys = |node| match after.distribution.delta(node, 1, 2) {
-            Delta::Changes { upserts, removals } => {
+            Delta::Changes(keys) => {
+                let (upserts, removals) = resolve(&after.distribution, node, keys);
                 assert!(removals.is_empty());
                 upserts.into_iter().map(|r| r.key).collect::<Vec<_>>()
             }

@@ -131,8 +131,13 @@ async fn session(
                 // What is held no longer matches what the control plane thinks it sent.
                 held.epoch = None;
                 if snapshot || first {
-                    // Without a usable snapshot there is no base for what follows.
-                    return Err(format!("unusable snapshot: {e}"));
+                    // Without a usable first message there is no base for what follows.
+                    let what = if snapshot {
+                        "snapshot"
+                    } else {
+                        "resumed stream's first update"
+                    };
+                    return Err(format!("unusable {what}: {e}"));
                 }
                 e
             }
