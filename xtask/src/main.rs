@@ -82,6 +82,10 @@ enum Cmd {
         /// access policy per 40.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         workloads: Option<u32>,
+        /// Seconds any one phase (the cold sync, a change, the storm) may take before the run
+        /// fails (default 600; 120 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: Option<u64>,
     },
 }
 
@@ -108,7 +112,8 @@ fn main() {
             quick,
             nodes,
             workloads,
-        } => scale(quick, nodes, workloads),
+            timeout,
+        } => scale(quick, nodes, workloads, timeout),
         Cmd::Crds => cargo(
             "generate CRDs",
             &[
@@ -274,7 +279,12 @@ fn bench(quick: bool, only: Option<String>, profile: bool) -> anyhow::Result<()>
     Ok(())
 }
 
-fn scale(quick: bool, nodes: Option<u32>, workloads: Option<u32>) -> anyhow::Result<()> {
+fn scale(
+    quick: bool,
+    nodes: Option<u32>,
+    workloads: Option<u32>,
+    timeout: Option<u64>,
+) -> anyhow::Result<()> {
     cargo(
         "release build",
         &["build", "--release", "-p", "mesh-cp", "--bin", "mesh-cp"],
@@ -293,6 +303,9 @@ fn scale(quick: bool, nodes: Option<u32>, workloads: Option<u32>) -> anyhow::Res
             nodes.map_or(options.shape.nodes, |n| n as usize),
             workloads.map_or(options.shape.workloads, |w| w as usize),
         );
+    }
+    if let Some(t) = timeout {
+        options.timeout = std::time::Duration::from_secs(t);
     }
     let s = options.shape;
     println!(
