@@ -135,7 +135,8 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Issue a join token for a node and print it (it is shown once; only a hash is kept).
+    /// Issue a join token for a node, or one for each of several, and print them (each is shown
+    /// once; only a hash is kept).
     Create {
         /// The node the token admits (its --node-name). Repeat it to issue tokens for
         /// several nodes at once; each line of the output is then `NODE TOKEN`.
