@@ -33,6 +33,21 @@ pub mod metadata {
     pub const NODE: &str = "x-mycel-node";
     /// On a config stream: the epoch and version the node holds, "<epoch>-<version>".
     pub const RESUME: &str = "x-mycel-resume";
+
+    /// Names in `request` the version a node holds of the control-plane run `epoch`.
+    pub fn set_resume<T>(request: &mut tonic::Request<T>, epoch: u64, version: u64) {
+        // Digits and a dash: always a valid header value.
+        if let Ok(value) = format!("{epoch}-{version}").parse() {
+            request.metadata_mut().insert(RESUME, value);
+        }
+    }
+
+    /// The epoch and version a request names, if it names them well-formed.
+    pub fn resume<T>(request: &tonic::Request<T>) -> Option<(u64, u64)> {
+        let value = request.metadata().get(RESUME)?.to_str().ok()?;
+        let (epoch, version) = value.split_once('-')?;
+        Some((epoch.parse().ok()?, version.parse().ok()?))
+    }
 }
 
 /// Adds a node's name and join token to every call it makes.
@@ -138,6 +153,29 @@ pub mod keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_point_round_trips_and_a_bad_one_is_none() {
+        let mut request = tonic::Request::new(());
+        metadata::set_resume(&mut request, u64::MAX, 42);
+        assert_eq!(metadata::resume(&request), Some((u64::MAX, 42)));
+        for bad in [
+            "",
+            "7",
+            "7-",
+            "-7",
+            "x-7",
+            "7-x",
+            "7-8-9",
+            "18446744073709551616-1",
+        ] {
+            let mut request = tonic::Request::new(());
+            request
+                .metadata_mut()
+                .insert(metadata::RESUME, bad.parse().unwrap());
+            assert_eq!(metadata::resume(&request), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn addresses_round_trip() {

@@ -110,12 +110,10 @@ impl NodeService for NodeApi {
         };
         // Two parts queued at most: the rest waits in the catalog, not in memory.
         let (tx, rx) = mpsc::channel(2);
-        let resume = resume_from(
-            req.metadata()
-                .get(metadata::RESUME)
-                .and_then(|v| v.to_str().ok()),
-            self.shared.epoch,
-        );
+        // Only a version of this run can be resumed from; anything else takes a snapshot.
+        let resume = metadata::resume(&req)
+            .filter(|(epoch, _)| *epoch == self.shared.epoch)
+            .map(|(_, version)| version);
         tokio::spawn(serve_stream(
             self.shared.clone(),
             node,
@@ -192,14 +190,6 @@ impl NodeService for NodeApi {
             cert_chain_der: vec![issued.der.to_vec()],
         }))
     }
-}
-
-/// `x-mycel-resume` ("<epoch>-<version>") as the version to resume from, if it names this
-/// control plane's epoch. Anything else is a node that takes a snapshot: never an error.
-fn resume_from(value: Option<&str>, epoch: u64) -> Option<u64> {
-    let (e, v) = value?.split_once('-')?;
-    (e.parse::<u64>().ok()? == epoch).then_some(())?;
-    v.parse().ok()
 }
 
 /// How long one part may wait for the node to take it: a node that stops reading (its

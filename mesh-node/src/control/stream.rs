@@ -64,10 +64,7 @@ async fn session(
     let mut request = tonic::Request::new(ReceiverStream::new(ack_rx));
     let resuming = held.epoch.filter(|_| held.view.version > 0);
     if let Some(epoch) = resuming {
-        let value = format!("{epoch}-{}", held.view.version);
-        if let Ok(value) = value.parse() {
-            request.metadata_mut().insert(metadata::RESUME, value);
-        }
+        metadata::set_resume(&mut request, epoch, held.view.version);
     }
     let mut updates = api
         .stream_config(request)

@@ -247,9 +247,7 @@ async fn session(node: &Node, cp: SocketAddr, tls: &ClientTlsConfig) -> Result<(
     let mut request = tonic::Request::new(ReceiverStream::new(ack_rx));
     let held = node.held();
     if let Some(epoch) = held.epoch.filter(|_| held.version > 0) {
-        if let Ok(v) = format!("{epoch}-{}", held.version).parse() {
-            request.metadata_mut().insert(metadata::RESUME, v);
-        }
+        metadata::set_resume(&mut request, epoch, held.version);
     }
     grpc.ready().await.map_err(|e| format!("connect: {e}"))?;
     let codec = tonic_prost::ProstCodec::<ConfigAck, Counted>::default();
