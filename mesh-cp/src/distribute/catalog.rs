@@ -34,8 +34,7 @@ pub type Entry = Arc<v1::Resource>;
 pub const FAST_DENY_BUDGET: usize = 1_000_000;
 
 /// Whether this version's fast-deny sets were computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FastDeny {
     Computed,
     /// Sources × destinations that can deny was over [`FAST_DENY_BUDGET`].
@@ -167,6 +166,25 @@ fn diff_maps<'a, K: Ord, V: PartialEq>(
     }
 }
 
+/// Brings the shared entries of one kind from `old` to `new`: each object that differs is
+/// built again (`kind`) under its key (`key` of its namespace and name), each gone removed.
+fn mirror<T: PartialEq>(
+    shared: &mut Part,
+    old: &BTreeMap<ObjectKey, T>,
+    new: &BTreeMap<ObjectKey, T>,
+    key: fn(&str, &str) -> String,
+    kind: impl Fn(&T) -> v1::resource::Kind,
+    changed: &mut Vec<String>,
+) {
+    diff_maps(old, new, |k, now| {
+        let k = key(&k.namespace, &k.name);
+        match now {
+            Some(object) => put(shared, resource(k, kind(object)), changed),
+            None => remove(shared, k, changed),
+        }
+    });
+}
+
 impl Catalog {
     /// Builds `config`'s catalog from `previous` (built from `previous_config`): only what
     /// differs between the two configs is built again, so a change costs mesh-cp in
@@ -261,32 +279,22 @@ impl Catalog {
                 remove(&mut shared, key, &mut change.shared);
             }
         }
-        diff_maps(
+        mirror(
+            &mut shared,
             &previous_config.traffic_policies,
             &config.traffic_policies,
-            |key, now| {
-                let k = keys::traffic_policy(&key.namespace, &key.name);
-                match now {
-                    Some(p) => put(
-                        &mut shared,
-                        resource(k, v1::resource::Kind::TrafficPolicy(p.into())),
-                        &mut change.shared,
-                    ),
-                    None => remove(&mut shared, k, &mut change.shared),
-                }
-            },
+            keys::traffic_policy,
+            |p| v1::resource::Kind::TrafficPolicy(p.into()),
+            &mut change.shared,
         );
-        diff_maps(&previous_config.routes, &config.routes, |key, now| {
-            let k = keys::route(&key.namespace, &key.name);
-            match now {
-                Some(r) => put(
-                    &mut shared,
-                    resource(k, v1::resource::Kind::Route(r.into())),
-                    &mut change.shared,
-                ),
-                None => remove(&mut shared, k, &mut change.shared),
-            }
-        });
+        mirror(
+            &mut shared,
+            &previous_config.routes,
+            &config.routes,
+            keys::route,
+            |r| v1::resource::Kind::Route(r.into()),
+            &mut change.shared,
+        );
 
         // A policy changed, or selecting other workloads, concerns the nodes of the workloads
         // it selected and selects.
@@ -404,14 +412,20 @@ impl Catalog {
                     part.insert(key.clone(), resource(key, kind));
                 }
             }
+            // Entries equal to the old ones stay the old ones (versions share memory); the
+            // others, and the old keys gone, are the change.
             let mut keys = Vec::new();
-            let mut kept = Part::new();
-            diff_maps(old, &part, |key, _| keys.push(key.clone()));
-            // Entries equal to the old ones stay the old ones (versions share memory).
-            for (key, entry) in part {
-                let same = old.get(&key).filter(|o| **o == entry).cloned();
-                kept.insert(key, same.unwrap_or(entry));
-            }
+            let kept: Part = part
+                .into_iter()
+                .map(|(key, entry)| match old.get(&key) {
+                    Some(o) if **o == *entry => (key, o.clone()),
+                    _ => {
+                        keys.push(key.clone());
+                        (key, entry)
+                    }
+                })
+                .collect();
+            keys.extend(old.keys().filter(|k| !kept.contains_key(*k)).cloned());
             if !keys.is_empty() {
                 change.nodes.insert(node.to_owned(), keys);
             }
@@ -457,10 +471,5 @@ impl Catalog {
             (Some(_), _) => shared.next().map(|(_, e)| e),
             (None, _) => own.next().map(|(_, e)| e),
         })
-    }
-
-    /// Resources shared by every node.
-    pub fn shared_len(&self) -> usize {
-        self.shared.len()
     }
 }
