@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod node_auth;
 pub mod peer_limits;
 pub mod server;
+#[cfg(test)]
 pub mod slice;
 pub mod source;
 pub mod state;
