@@ -274,7 +274,7 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
 
 /// Where the config comes from, once its first version is read.
 enum Origin {
-    Dir(PathBuf, Vec<(PathBuf, String)>, mesh_model::Parser),
+    Dir(PathBuf, Vec<(PathBuf, String)>, Box<mesh_model::Parser>),
     Kubernetes(Box<kubernetes::Cluster>),
 }
 
@@ -299,7 +299,12 @@ async fn prepare(
         )?,
     };
     let auth = node_auth::NodeAuth::join_tokens(tokens::TokenStore::new(&args.data_dir));
-    Ok((config, Origin::Dir(dir.clone(), files, parser), ca, auth))
+    Ok((
+        config,
+        Origin::Dir(dir.clone(), files, Box::new(parser)),
+        ca,
+        auth,
+    ))
 }
 
 async fn prepare_cluster(
@@ -371,7 +376,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             dir,
             Duration::from_secs_f64(args.reload_interval),
             files,
-            parser,
+            *parser,
             publish,
             shared.clone(),
         )),

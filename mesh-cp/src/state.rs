@@ -7,7 +7,7 @@ use std::{
     time::SystemTime,
 };
 
-use mesh_model::{authz::PolicyIndex, Config};
+use mesh_model::Config;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -24,9 +24,6 @@ use crate::{
 pub struct Published {
     pub version: u64,
     pub config: Arc<Config>,
-    /// The config's policies, indexed once per version: every node's fast-deny set is
-    /// computed from it.
-    pub policies: Arc<PolicyIndex>,
     /// What nodes are sent of it, built once for all of them.
     pub distribution: Distribution,
 }
@@ -54,16 +51,8 @@ impl Published {
         previous: &Distribution,
     ) -> Self {
         let started = std::time::Instant::now();
-        let selections = config.selections();
-        let policies = PolicyIndex::new(config.mesh.default_action, selections.clone());
-        let (catalog, change) = Catalog::build(
-            &config,
-            &selections,
-            &policies,
-            &previous.catalog,
-            previous_config,
-            version,
-        );
+        let (catalog, change) =
+            Catalog::build(&config, &previous.catalog, previous_config, version);
         // Said once when it starts (the first version included), not on every change.
         if catalog.fast_deny == FastDeny::OverBudget
             && previous.catalog.fast_deny == FastDeny::Computed
@@ -90,7 +79,6 @@ impl Published {
         Self {
             version,
             config: Arc::new(config),
-            policies: Arc::new(policies),
             distribution: Distribution {
                 catalog: Arc::new(catalog),
                 log,

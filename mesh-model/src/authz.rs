@@ -429,12 +429,11 @@ impl<'a> DenyTargets<'a> {
         if workloads.len().saturating_mul(config.workloads.len()) > budget {
             return None;
         }
-        let grouped = config.by_namespace();
         let services = config
             .services
             .values()
             .filter_map(|s| {
-                let endpoints = config.endpoints_in(&grouped, s);
+                let endpoints: Vec<&Workload> = config.endpoints(s).collect();
                 let can_deny = every
                     || endpoints
                         .iter()

@@ -4,9 +4,10 @@
 //! and field, rejects the set, and the caller keeps whatever it had before.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Deserialize;
@@ -20,14 +21,20 @@ use crate::{
     validate,
 };
 
+/// Objects of one kind by `namespace/name`. A persistent map: a config made from another by
+/// a few changes shares everything else with it, so making it, comparing the two
+/// ([`imbl::OrdMap::diff`] skips what they share) and dropping the old one cost as much as the
+/// change, not the mesh. A namespace's objects are one range of it.
+pub type Objects<T> = imbl::OrdMap<ObjectKey, T>;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub mesh: MeshConfig,
-    pub workloads: BTreeMap<ObjectKey, Workload>,
-    pub services: BTreeMap<ObjectKey, Service>,
-    pub policies: BTreeMap<ObjectKey, AccessPolicy>,
-    pub traffic_policies: BTreeMap<ObjectKey, TrafficPolicy>,
-    pub routes: BTreeMap<ObjectKey, ServiceRoute>,
+    pub workloads: Objects<Workload>,
+    pub services: Objects<Service>,
+    pub policies: Objects<AccessPolicy>,
+    pub traffic_policies: Objects<TrafficPolicy>,
+    pub routes: Objects<ServiceRoute>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,56 +62,79 @@ impl ConfigError {
     }
 }
 
+/// The objects of `namespace`, in key order: one range of the map, found in O(log n).
+pub fn in_namespace<'a, T>(
+    objects: &'a Objects<T>,
+    namespace: &'a str,
+) -> impl Iterator<Item = &'a T> + 'a
+where
+    T: Clone,
+{
+    objects
+        .range(ObjectKey::new(namespace, "")..)
+        .take_while(move |(k, _)| k.namespace == namespace)
+        .map(|(_, v)| v)
+}
+
 impl Config {
     /// Workloads placed on `node`.
     pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
         self.workloads.values().filter(move |w| w.node == node)
     }
 
-    /// The service's endpoints: those it lists, or else the workloads of its namespace whose
-    /// labels include all of its selector.
+    /// The workloads of `namespace`, in key order.
+    pub fn workloads_in<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        in_namespace(&self.workloads, namespace)
+    }
+
+    /// The service's endpoints, in key order: those it lists, or else the workloads whose
+    /// labels include all of its selector. Either way only workloads of its own namespace: a
+    /// Service cannot send its clients into another namespace, and a workload change then
+    /// concerns only the services of its namespace.
     pub fn endpoints<'a>(
         &'a self,
         service: &'a Service,
     ) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads
-            .values()
-            .filter(move |w| match &service.endpoints {
-                Some(listed) => listed.contains(&w.key),
-                None => {
-                    w.key.namespace == service.key.namespace
-                        && service
-                            .selector
-                            .iter()
-                            .all(|(k, v)| w.labels.get(k) == Some(v))
-                }
-            })
+        let namespace = service.key.namespace.as_str();
+        let listed = service.endpoints.as_ref().map(|listed| {
+            listed
+                .iter()
+                .filter(move |k| k.namespace == namespace)
+                .filter_map(|k| self.workloads.get(k))
+        });
+        let selected = match service.endpoints {
+            Some(_) => None,
+            None => Some(self.workloads_in(namespace).filter(|w| service.selects(w))),
+        };
+        listed
+            .into_iter()
+            .flatten()
+            .chain(selected.into_iter().flatten())
     }
 
-    /// Workloads the policy applies to: those of its namespace (of every namespace, for a
-    /// policy in the root namespace) that carry all of its selector's labels.
+    /// Workloads the policy applies to, in key order: those of its namespace (of every
+    /// namespace, for a policy in the root namespace) that carry all of its selector's labels.
     pub fn selected_by<'a>(
         &'a self,
         policy: &'a AccessPolicy,
     ) -> impl Iterator<Item = &'a Workload> + 'a {
         let mesh_wide = policy.key.namespace == self.mesh.root_namespace;
-        self.workloads.values().filter(move |w| {
-            (mesh_wide || w.key.namespace == policy.key.namespace)
-                && policy
-                    .selector
-                    .iter()
-                    .all(|(k, v)| w.labels.get(k) == Some(v))
-        })
+        let all = mesh_wide.then(|| self.workloads.values());
+        let own = (!mesh_wide).then(|| self.workloads_in(&policy.key.namespace));
+        all.into_iter()
+            .flatten()
+            .chain(own.into_iter().flatten())
+            .filter(|w| policy.selects(w))
     }
 
     /// Why `route` cannot join this config's routes: another already routes the same Service
     /// and port. Universal mode rejects the set; Kubernetes leaves the later one out.
     pub fn route_clash(&self, route: &ServiceRoute) -> Option<String> {
-        let other = self.routes.values().find(|o| {
-            o.key.namespace == route.key.namespace
-                && o.service == route.service
-                && o.port == route.port
-        })?;
+        let other = in_namespace(&self.routes, &route.key.namespace)
+            .find(|o| o.service == route.service && o.port == route.port)?;
         let port = route
             .port
             .map_or("every port".to_owned(), |p| format!("port {p}"));
@@ -117,69 +147,15 @@ impl Config {
 
     /// Every policy with the keys of the workloads it selects, for [`crate::authz`].
     pub fn selections(&self) -> Vec<Selection> {
-        // By namespace first: a policy selects only in its own namespace (or the whole mesh
-        // from the root namespace), so most never look at most workloads.
-        let grouped = self.by_namespace();
         self.policies
             .values()
-            .map(|p| {
-                let matches =
-                    |w: &&Workload| p.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v));
-                let selected = if p.key.namespace == self.mesh.root_namespace {
-                    self.workloads
-                        .values()
-                        .filter(matches)
-                        .map(|w| w.key.clone())
-                        .collect()
-                } else {
-                    grouped
-                        .get(p.key.namespace.as_str())
-                        .into_iter()
-                        .flatten()
-                        .copied()
-                        .filter(matches)
-                        .map(|w| w.key.clone())
-                        .collect()
-                };
-                (p.clone(), selected)
-            })
+            .map(|p| (p.clone(), self.selection(p)))
             .collect()
     }
 
-    /// The workloads of each namespace, in key order.
-    pub fn by_namespace(&self) -> HashMap<&str, Vec<&Workload>> {
-        let mut out: HashMap<&str, Vec<&Workload>> = HashMap::new();
-        for w in self.workloads.values() {
-            out.entry(w.key.namespace.as_str()).or_default().push(w);
-        }
-        out
-    }
-
-    /// The service's endpoints as [`Config::endpoints`] finds them, from `grouped`
-    /// ([`Config::by_namespace`]) so that a selector looks only at its own namespace.
-    pub fn endpoints_in<'a>(
-        &'a self,
-        grouped: &HashMap<&str, Vec<&'a Workload>>,
-        service: &'a Service,
-    ) -> Vec<&'a Workload> {
-        match &service.endpoints {
-            Some(listed) => listed
-                .iter()
-                .filter_map(|k| self.workloads.get(k))
-                .collect(),
-            None => grouped
-                .get(service.key.namespace.as_str())
-                .into_iter()
-                .flatten()
-                .copied()
-                .filter(|w| {
-                    service
-                        .selector
-                        .iter()
-                        .all(|(k, v)| w.labels.get(k) == Some(v))
-                })
-                .collect(),
-        }
+    /// The keys of the workloads `policy` selects, in key order.
+    pub fn selection(&self, policy: &AccessPolicy) -> Vec<ObjectKey> {
+        self.selected_by(policy).map(|w| w.key.clone()).collect()
     }
 }
 
@@ -275,34 +251,113 @@ fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, ConfigE
     Ok(out)
 }
 
-/// [`parse`] for a config dir read again and again: a file whose text has not changed since
-/// the last call is not parsed again. A mesh of 100,000 workloads is tens of MB of YAML, and
-/// one change usually touches one small file.
+/// [`parse`] for a config dir read again and again, at a cost that grows with what changed.
+///
+/// A mesh of 100,000 workloads is tens of MB of YAML, and one change usually touches one
+/// small file. A file whose text is unchanged is not parsed again; and the next config is
+/// made from the last accepted one by taking out the documents of the files that changed or
+/// went and putting in those of the files that changed or came. What the config shares with
+/// the last one is then shared in memory ([`Objects`]), which is what lets the control plane
+/// compare the two by what changed.
+///
+/// The checks across documents (a key defined twice, an address, netns or route used
+/// twice, a second MeshConfig) are between pairs, so checking what comes in against what
+/// stays finds a clash exactly when checking the whole set would. When it finds one, or a
+/// file does not parse, the whole set is put together again in file order for the error, so
+/// that the error is the one [`parse`] reports.
 #[derive(Debug, Default)]
 pub struct Parser {
-    files: HashMap<PathBuf, (String, Vec<(usize, Resource)>)>,
+    /// Every file present at the last call that parsed alone, with its text.
+    parsed: HashMap<PathBuf, Arc<Parsed>>,
+    /// The files the last accepted config was built from.
+    accepted: HashMap<PathBuf, Arc<Parsed>>,
+    /// The last accepted config, with the indexes its checks use.
+    state: Builder,
+}
+
+/// One file's text and its documents.
+#[derive(Debug)]
+struct Parsed {
+    text: String,
+    docs: Vec<(usize, Resource)>,
 }
 
 impl Parser {
     pub fn parse(&mut self, files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
         let present: HashSet<&PathBuf> = files.iter().map(|(p, _)| p).collect();
-        self.files.retain(|path, _| present.contains(path));
-        let mut builder = Builder::default();
+        self.parsed.retain(|path, _| present.contains(path));
+        let mut now: HashMap<PathBuf, Arc<Parsed>> = HashMap::with_capacity(files.len());
         for (file, text) in files {
-            let cached = self.files.get(file).filter(|(t, _)| t == text);
-            let docs = match cached {
-                Some((_, docs)) => docs,
-                None => {
-                    let docs = parse_file(file, text)?;
-                    &self
-                        .files
-                        .entry(file.clone())
-                        .insert_entry((text.clone(), docs))
-                        .into_mut()
-                        .1
-                }
+            match self.parsed_file(file, text) {
+                Ok(parsed) => now.insert(file.clone(), parsed),
+                Err(_) => return self.rebuild(files),
             };
-            for (doc, resource) in docs {
+        }
+        let mut next = self.state.clone();
+        // What goes and what comes. A file that changed keeps its documents that did not:
+        // they stay in the config as they were, shared with the last one.
+        let mut going: Vec<&Resource> = Vec::new();
+        let mut coming: Vec<&Resource> = Vec::new();
+        for (file, old) in &self.accepted {
+            match now.get(file) {
+                Some(new) if Arc::ptr_eq(old, new) => {}
+                Some(new) => {
+                    let mut kept: HashMap<(&str, Option<&ObjectKey>), &Resource> =
+                        old.docs.iter().map(|(_, r)| (r.identity(), r)).collect();
+                    let mut came = Vec::new();
+                    for (_, r) in &new.docs {
+                        match kept.get(&r.identity()) {
+                            Some(o) if *o == r => {
+                                kept.remove(&r.identity());
+                            }
+                            _ => came.push(r),
+                        }
+                    }
+                    going.extend(kept.into_values());
+                    coming.extend(came);
+                }
+                None => going.extend(old.docs.iter().map(|(_, r)| r)),
+            }
+        }
+        for (file, _) in files {
+            if let Some(new) = now.get(file).filter(|_| !self.accepted.contains_key(file)) {
+                coming.extend(new.docs.iter().map(|(_, r)| r));
+            }
+        }
+        for resource in going {
+            next.remove(resource);
+        }
+        for resource in coming {
+            if next.add(resource.clone()).is_err() {
+                return self.rebuild(files);
+            }
+        }
+        self.state = next;
+        self.accepted = now;
+        Ok(self.state.config.clone())
+    }
+
+    /// `file`'s documents: as parsed before if its text is the same.
+    fn parsed_file(&mut self, file: &Path, text: &str) -> Result<Arc<Parsed>, ConfigError> {
+        if let Some(parsed) = self.parsed.get(file).filter(|p| p.text == text) {
+            return Ok(parsed.clone());
+        }
+        let parsed = Arc::new(Parsed {
+            text: text.to_owned(),
+            docs: parse_file(file, text)?,
+        });
+        self.parsed.insert(file.to_path_buf(), parsed.clone());
+        Ok(parsed)
+    }
+
+    /// The whole set put together in file order, as [`parse`] does: its first error, or (if
+    /// there is none after all) the config, accepted.
+    fn rebuild(&mut self, files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
+        let mut builder = Builder::default();
+        let mut now = HashMap::with_capacity(files.len());
+        for (file, text) in files {
+            let parsed = self.parsed_file(file, text)?;
+            for (doc, resource) in &parsed.docs {
                 builder
                     .add(resource.clone())
                     .map_err(|message| ConfigError::Invalid {
@@ -311,20 +366,25 @@ impl Parser {
                         message,
                     })?;
             }
+            now.insert(file.clone(), parsed);
         }
-        Ok(builder.config)
+        self.state = builder;
+        self.accepted = now;
+        Ok(self.state.config.clone())
     }
 }
 
-#[derive(Default)]
+/// A config being put together, with what its checks across documents look up. Persistent
+/// maps all, so that a copy to change costs nothing until it is changed.
+#[derive(Debug, Clone, Default)]
 struct Builder {
     config: Config,
     mesh_seen: bool,
     /// Every address in use, and by what, so a clash names both sides.
-    addresses: BTreeMap<IpAddr, String>,
+    addresses: imbl::HashMap<IpAddr, String>,
     /// Every (node, netns) in use, and by which workload: looked up, not searched, since a
     /// mesh holds up to 100,000 workloads.
-    netns: HashMap<(String, PathBuf), ObjectKey>,
+    netns: imbl::HashMap<(String, PathBuf), ObjectKey>,
 }
 
 impl Builder {
@@ -389,6 +449,34 @@ impl Builder {
         Ok(())
     }
 
+    /// Takes out a resource [`Builder::add`] put in, with what it claimed.
+    fn remove(&mut self, resource: &Resource) {
+        match resource {
+            Resource::MeshConfig(_) => {
+                self.mesh_seen = false;
+                self.config.mesh = MeshConfig::default();
+            }
+            Resource::Workload(w) => {
+                self.config.workloads.remove(&w.key);
+                self.netns.remove(&(w.node.clone(), w.netns.clone()));
+                self.release(&w.addresses);
+            }
+            Resource::AccessPolicy(p) => {
+                self.config.policies.remove(&p.key);
+            }
+            Resource::TrafficPolicy(p) => {
+                self.config.traffic_policies.remove(&p.key);
+            }
+            Resource::ServiceRoute(r) => {
+                self.config.routes.remove(&r.key);
+            }
+            Resource::Service(s) => {
+                self.config.services.remove(&s.key);
+                self.release(&s.vips);
+            }
+        }
+    }
+
     fn claim(&mut self, ips: &[IpAddr], field: &str, owner: &str) -> Result<(), String> {
         for (i, ip) in ips.iter().enumerate() {
             if let Some(other) = self.addresses.get(ip) {
@@ -399,6 +487,12 @@ impl Builder {
             self.addresses.insert(*ip, owner.to_owned());
         }
         Ok(())
+    }
+
+    fn release(&mut self, ips: &[IpAddr]) {
+        for ip in ips {
+            self.addresses.remove(ip);
+        }
     }
 }
 
@@ -480,7 +574,106 @@ mod tests {
             let plain = parse(step).map_err(|e| e.to_string());
             assert_eq!(cached, plain, "{step:?}");
         }
-        assert_eq!(parser.files.len(), 1, "files gone are forgotten");
+        assert_eq!(parser.parsed.len(), 1, "files gone are forgotten");
+    }
+
+    /// Random sets of files drawn from documents that clash in every way the checks know:
+    /// the parser, which takes out and puts in only what changed, agrees with `parse` on every
+    /// set, config or error.
+    #[test]
+    fn the_parser_agrees_with_parse_on_random_changes() {
+        let head = "apiVersion: mycel.dev/v1alpha1\n";
+        let mut pool = Vec::new();
+        for i in 0..6 {
+            // Names, addresses and netns repeat across these, so some sets clash.
+            pool.push(workload(
+                &format!("w{}", i % 4),
+                &format!("n{}", i % 2),
+                &format!("10.0.0.{}", i % 5),
+                "web",
+            ));
+        }
+        pool.push(workload("x", "n1", "10.0.0.9", "db").replace("/run/netns/x", "/run/netns/w1"));
+        pool.push(SERVICE.to_owned());
+        pool.push(
+            SERVICE
+                .replace("10.96.0.1", "10.0.0.1")
+                .replace("name: web", "name: web2"),
+        );
+        pool.push(format!("{head}kind: AccessPolicy\nmetadata: {{name: p}}\nspec: {{selector: {{matchLabels: {{app: web}}}}, action: Deny, rules: [{{ports: [80]}}]}}\n"));
+        pool.push(format!(
+            "{head}kind: MeshConfig\nmetadata: {{name: m}}\nspec: {{trustDomain: a.example}}\n"
+        ));
+        pool.push(format!(
+            "{head}kind: MeshConfig\nmetadata: {{name: m}}\nspec: {{trustDomain: b.example}}\n"
+        ));
+        pool.push(format!("{head}kind: ServiceRoute\nmetadata: {{name: r1}}\nspec: {{service: web, backends: [{{service: web, weight: 1}}]}}\n"));
+        pool.push(format!("{head}kind: ServiceRoute\nmetadata: {{name: r2}}\nspec: {{service: web, backends: [{{service: web, weight: 2}}]}}\n"));
+        pool.push(format!(
+            "{head}kind: TrafficPolicy\nmetadata: {{name: tp}}\n"
+        ));
+        pool.push("kind: [unclosed\n".to_owned());
+
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut parser = Parser::default();
+        let (mut oks, mut errs) = (0, 0);
+        for _ in 0..600 {
+            let mut step = Vec::new();
+            for f in 0..(next() % 4) {
+                let docs: Vec<&str> = (0..(next() % 4))
+                    .map(|_| pool[(next() % pool.len() as u64) as usize].as_str())
+                    .collect();
+                step.push((PathBuf::from(format!("f{f}.yaml")), docs.join("---\n")));
+            }
+            let cached = parser.parse(&step).map_err(|e| e.to_string());
+            let plain = parse(&step).map_err(|e| e.to_string());
+            assert_eq!(cached, plain, "{step:?}");
+            if plain.is_ok() {
+                oks += 1
+            } else {
+                errs += 1
+            }
+        }
+        assert!(oks > 100 && errs > 100, "{oks} accepted, {errs} refused");
+    }
+
+    /// What a change does not touch is shared with the last config, not copied: the control
+    /// plane's work per change rests on it.
+    #[test]
+    fn a_change_shares_what_it_does_not_touch() {
+        let mut parser = Parser::default();
+        let w = |i: usize| {
+            workload(
+                &format!("w{i}"),
+                "n1",
+                &format!("10.0.{}.{}", i / 200, i % 200),
+                "web",
+            )
+        };
+        let many: String = (0..500).map(w).collect::<Vec<_>>().join("---\n");
+        let first = parser
+            .parse(&files(&[("a.yaml", &many), ("b.yaml", SERVICE)]))
+            .unwrap();
+        let second = parser
+            .parse(&files(&[
+                ("a.yaml", &many),
+                ("b.yaml", &SERVICE.replace("80", "81")),
+            ]))
+            .unwrap();
+        assert!(first.workloads.ptr_eq(&second.workloads));
+        assert_eq!(second.services.diff(&first.services).count(), 1);
+        let more = format!("{many}---\n{}", w(500));
+        let third = parser
+            .parse(&files(&[("a.yaml", &more), ("b.yaml", SERVICE)]))
+            .unwrap();
+        let changed: Vec<_> = second.workloads.diff(&third.workloads).collect();
+        assert_eq!(changed.len(), 1, "{changed:?}");
     }
 
     #[test]

@@ -14,7 +14,10 @@ pub mod spec;
 pub mod traffic;
 mod validate;
 
-pub use config::{config_files, load_dir, load_file, parse, read_dir, Config, ConfigError, Parser};
+pub use config::{
+    config_files, in_namespace, load_dir, load_file, parse, read_dir, Config, ConfigError, Objects,
+    Parser,
+};
 pub use identity::{is_sa_name, is_trust_domain, ParseSpiffeIdError, SpiffeId};
 pub use object_key::ObjectKey;
 pub use resource::{

@@ -29,6 +29,14 @@ pub struct AccessPolicy {
     pub rules: Vec<Rule>,
 }
 
+impl AccessPolicy {
+    /// Whether `w` carries the selector's labels. Where the policy applies (its namespace, or
+    /// the mesh from the root namespace) is the config's to say: [`crate::Config::selected_by`].
+    pub fn selects(&self, w: &crate::Workload) -> bool {
+        w.has_labels(&self.selector)
+    }
+}
+
 /// Clauses that must all match.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rule {

@@ -82,6 +82,11 @@ impl Workload {
     pub fn identity(&self, trust_domain: &str) -> SpiffeId {
         SpiffeId::new(trust_domain, &self.key.namespace, &self.service_account)
     }
+
+    /// Whether the workload carries every one of `labels`.
+    pub fn has_labels(&self, labels: &BTreeMap<String, String>) -> bool {
+        labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
 }
 
 /// A virtual IP whose connections go to the workloads its selector picks.
@@ -95,6 +100,18 @@ pub struct Service {
     /// The endpoints, when the source lists them rather than the selector picking them: in
     /// Kubernetes, the ready pods of the service's EndpointSlices. `None` in universal mode.
     pub endpoints: Option<std::collections::BTreeSet<ObjectKey>>,
+}
+
+impl Service {
+    /// Whether `w` is one of the service's endpoints, judged by `w` alone (its namespace, its
+    /// labels or its place in the list): what [`crate::Config::endpoints`] finds.
+    pub fn selects(&self, w: &Workload) -> bool {
+        w.key.namespace == self.key.namespace
+            && match &self.endpoints {
+                Some(listed) => listed.contains(&w.key),
+                None => w.has_labels(&self.selector),
+            }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +131,20 @@ pub enum Resource {
     AccessPolicy(AccessPolicy),
     TrafficPolicy(TrafficPolicy),
     ServiceRoute(ServiceRoute),
+}
+
+impl Resource {
+    /// Its kind and key: what one config holds at most one of.
+    pub fn identity(&self) -> (&'static str, Option<&ObjectKey>) {
+        match self {
+            Resource::MeshConfig(_) => ("MeshConfig", None),
+            Resource::Workload(w) => ("Workload", Some(&w.key)),
+            Resource::Service(s) => ("Service", Some(&s.key)),
+            Resource::AccessPolicy(p) => ("AccessPolicy", Some(&p.key)),
+            Resource::TrafficPolicy(p) => ("TrafficPolicy", Some(&p.key)),
+            Resource::ServiceRoute(r) => ("ServiceRoute", Some(&r.key)),
+        }
+    }
 }
 
 #[derive(Deserialize)]

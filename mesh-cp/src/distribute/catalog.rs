@@ -7,24 +7,30 @@
 //! policies that select one of them (with those workloads), and their fast-deny sets. The
 //! per-node part grows with the pods on a node, not with the mesh.
 //!
-//! Building a version compares it with the previous one, resource by resource, which yields
-//! the [`Change`]: the keys that changed, shared or per node. A stream then sends a node only
-//! those keys ([`super::log`]), so the work per node per change grows with the change.
+//! A version is built from the previous one by what changed between their configs, which the
+//! config source keeps in shared structure ([`mesh_model::Objects`]): walking the difference
+//! skips what the two share, so a change costs mesh-cp in proportion to what it touches, not
+//! to the mesh. Building yields the [`Change`]: the keys that changed, shared or per node. A
+//! stream then sends a node only those keys ([`super::log`]), so the work per node per change
+//! grows with the change too.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
+use imbl::ordmap::DiffItem;
 use mesh_api::{keys, v1};
 use mesh_model::{
     authz::{DenyTargets, PolicyIndex, Selection},
-    policy::AccessPolicy,
-    Config, ObjectKey, Workload,
+    in_namespace, Action, Config, ObjectKey, Objects, Workload,
 };
 
 /// One resource as every stream sends it; shared, never changed once built.
 pub type Entry = Arc<v1::Resource>;
+
+/// Entries by key. Persistent, so that a version copies none of the last one's entries.
+pub type Part = imbl::OrdMap<String, Entry>;
 
 /// Most policy evaluations one version may spend on fast-deny sets (every source against
 /// every destination that can deny it; about half a second of CPU at this budget, spent again
@@ -41,26 +47,26 @@ pub enum FastDeny {
     OverBudget,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Catalog {
-    shared: BTreeMap<String, Entry>,
-    nodes: HashMap<String, Arc<Part>>,
-    /// Each policy and the workloads it selected when this catalog was built: what tells the
-    /// next version whose parts a policy change concerns.
-    selections: HashMap<ObjectKey, Arc<Selection>>,
+    shared: Part,
+    nodes: imbl::HashMap<String, Part>,
+    /// Each policy and the workloads it selects at this version: what tells the next version
+    /// whose parts a policy change concerns.
+    selections: imbl::OrdMap<ObjectKey, Arc<Selection>>,
     pub fast_deny: FastDeny,
+    /// Whether some part holds a fast-deny set.
+    deny_sets: bool,
 }
-
-/// What only one node gets, by key.
-type Part = BTreeMap<String, Entry>;
 
 impl Default for Catalog {
     fn default() -> Self {
         Self {
-            shared: BTreeMap::new(),
-            nodes: HashMap::new(),
-            selections: HashMap::new(),
+            shared: Part::new(),
+            nodes: imbl::HashMap::new(),
+            selections: imbl::OrdMap::new(),
             fast_deny: FastDeny::Computed,
+            deny_sets: false,
         }
     }
 }
@@ -91,22 +97,26 @@ fn resource(key: String, kind: v1::resource::Kind) -> Entry {
     })
 }
 
-/// Workload `w` as every node sees it, and as its own node does (with its netns).
-fn workload_entries(w: &Workload, trust_domain: &str) -> (Entry, Entry) {
+/// Workload `w` as every node sees it, without its netns.
+fn shared_workload(w: &Workload, trust_domain: &str) -> Entry {
     let key = keys::workload(&w.key.namespace, &w.key.name);
     let everyone = v1::Workload {
         netns: String::new(),
         identity: w.identity(trust_domain).to_string(),
         ..w.into()
     };
+    resource(key, v1::resource::Kind::Workload(everyone))
+}
+
+/// Workload `w` as its own node sees it, with its netns.
+fn own_workload(w: &Workload, trust_domain: &str) -> Entry {
+    let key = keys::workload(&w.key.namespace, &w.key.name);
     let own = v1::Workload {
         netns: w.netns.to_string_lossy().into_owned(),
-        ..everyone.clone()
+        identity: w.identity(trust_domain).to_string(),
+        ..w.into()
     };
-    (
-        resource(key.clone(), v1::resource::Kind::Workload(everyone)),
-        resource(key, v1::resource::Kind::Workload(own)),
-    )
+    resource(key, v1::resource::Kind::Workload(own))
 }
 
 /// Puts `entry` at its key in `map` unless an equal one is there; records the key if not.
@@ -120,328 +130,84 @@ fn put(map: &mut Part, entry: Entry, changed: &mut Vec<String>) {
     }
 }
 
-fn remove(map: &mut Part, key: String, changed: &mut Vec<String>) {
-    if map.remove(&key).is_some() {
-        changed.push(key);
+fn remove(map: &mut Part, key: &str, changed: &mut Vec<String>) {
+    if map.remove(key).is_some() {
+        changed.push(key.to_owned());
     }
 }
 
-/// Calls `changed` for each key whose value differs between `old` and `new`, with the new
-/// value (`None`: gone), in key order: one walk over both, since both are sorted.
-fn diff_maps<'a, K: Ord, V: PartialEq>(
-    old: &'a BTreeMap<K, V>,
-    new: &'a BTreeMap<K, V>,
-    mut changed: impl FnMut(&'a K, Option<&'a V>),
-) {
-    use std::cmp::Ordering;
-    let mut old = old.iter().peekable();
-    let mut new = new.iter().peekable();
-    loop {
-        let order = match (old.peek(), new.peek()) {
-            (None, None) => break,
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some((ok, _)), Some((nk, _))) => ok.cmp(nk),
-        };
-        match order {
-            // Only the old map has it.
-            Ordering::Less => {
-                if let Some((k, _)) = old.next() {
-                    changed(k, None);
-                }
-            }
-            Ordering::Greater => {
-                if let Some((k, v)) = new.next() {
-                    changed(k, Some(v));
-                }
-            }
-            Ordering::Equal => {
-                if let (Some((_, ov)), Some((k, nv))) = (old.next(), new.next()) {
-                    if ov != nv {
-                        changed(k, Some(nv));
-                    }
-                }
-            }
-        }
+/// The key and the old and new values of one difference.
+fn sides<'a, T>(
+    item: DiffItem<'a, 'a, ObjectKey, T>,
+) -> (&'a ObjectKey, Option<&'a T>, Option<&'a T>) {
+    match item {
+        DiffItem::Add(k, v) => (k, None, Some(v)),
+        DiffItem::Remove(k, v) => (k, Some(v), None),
+        DiffItem::Update { old, new } => (new.0, Some(old.1), Some(new.1)),
     }
 }
 
 /// Brings the shared entries of one kind from `old` to `new`: each object that differs is
 /// built again (`kind`) under its key (`key` of its namespace and name), each gone removed.
-fn mirror<T: PartialEq>(
+fn mirror<T: PartialEq + Clone>(
     shared: &mut Part,
-    old: &BTreeMap<ObjectKey, T>,
-    new: &BTreeMap<ObjectKey, T>,
+    old: &Objects<T>,
+    new: &Objects<T>,
     key: fn(&str, &str) -> String,
     kind: impl Fn(&T) -> v1::resource::Kind,
     changed: &mut Vec<String>,
 ) {
-    diff_maps(old, new, |k, now| {
+    for item in old.diff(new) {
+        let (k, _, now) = sides(item);
         let k = key(&k.namespace, &k.name);
         match now {
             Some(object) => put(shared, resource(k, kind(object)), changed),
-            None => remove(shared, k, changed),
+            None => remove(shared, &k, changed),
         }
-    });
+    }
+}
+
+/// What one node's part must have brought up to date.
+#[derive(Debug, Default)]
+struct NodePatch {
+    /// Workloads placed here before or now: their own entries.
+    workloads: BTreeSet<ObjectKey>,
+    /// Policies whose entry here (the workloads they select here) may have changed.
+    policies: BTreeSet<ObjectKey>,
 }
 
 impl Catalog {
-    /// Builds `config`'s catalog from `previous` (built from `previous_config`): only what
-    /// differs between the two configs is built again, so a change costs mesh-cp in
-    /// proportion to what it touches, plus a comparison of the configs. `selections` and
-    /// `index` are `config`'s policies, as [`Config::selections`] and [`PolicyIndex`] give
-    /// them. Returns the catalog and what changed, by key.
+    /// Builds `config`'s catalog from `previous` (built from `previous_config`), by what
+    /// differs between the two configs. Returns the catalog and what changed, by key.
     pub fn build(
         config: &Config,
-        selections: &[Selection],
-        index: &PolicyIndex,
         previous: &Catalog,
         previous_config: &Config,
         version: u64,
     ) -> (Catalog, Change) {
+        if config.mesh == previous_config.mesh && !previous.shared.is_empty() {
+            return Build::new(config, previous, previous_config, version).run();
+        }
+        // The mesh settings are in every entry (the trust domain in every identity, the root
+        // namespace in what mesh-wide policies select): everything again, compared whole.
+        let empty = Catalog::default();
+        let (fresh, _) = Build::new(config, &empty, &Config::default(), version).run();
         let mut change = Change {
             version,
             ..Change::default()
         };
-        let mut shared = previous.shared.clone();
-        let mesh_same = config.mesh == previous_config.mesh;
-        if !mesh_same || shared.is_empty() {
-            put(
-                &mut shared,
-                resource(
-                    keys::MESH.into(),
-                    v1::resource::Kind::Mesh((&config.mesh).into()),
-                ),
-                &mut change.shared,
-            );
-        }
-        // Nodes whose part must be built again, and namespaces whose services' endpoints may
-        // have changed.
-        let mut touched: HashSet<&str> = HashSet::new();
-        let mut namespaces: HashSet<&str> = HashSet::new();
-        let mut any_workload = false;
-        let trust_domain = &config.mesh.trust_domain;
-        diff_maps(&previous_config.workloads, &config.workloads, |key, now| {
-            any_workload = true;
-            namespaces.insert(key.namespace.as_str());
-            if let Some(old) = previous_config.workloads.get(key) {
-                touched.insert(old.node.as_str());
-            }
-            match now {
-                Some(w) => {
-                    touched.insert(w.node.as_str());
-                    let (everyone, _) = workload_entries(w, trust_domain);
-                    put(&mut shared, everyone, &mut change.shared);
-                }
-                None => remove(
-                    &mut shared,
-                    keys::workload(&key.namespace, &key.name),
-                    &mut change.shared,
-                ),
-            }
-        });
-        if !mesh_same {
-            // The trust domain is in every identity.
-            for w in config.workloads.values() {
-                touched.insert(w.node.as_str());
-                let (everyone, _) = workload_entries(w, trust_domain);
-                put(&mut shared, everyone, &mut change.shared);
-            }
-        }
-        // Built on first use: most changes rebuild no service.
-        let mut grouped = None;
-        for s in config.services.values() {
-            let same = previous_config.services.get(&s.key) == Some(s);
-            // Listed endpoints may name any workload; selected ones are in the namespace.
-            let endpoints_same = match &s.endpoints {
-                Some(_) => !any_workload,
-                None => !namespaces.contains(s.key.namespace.as_str()),
-            };
-            if same && endpoints_same {
-                continue;
-            }
-            let grouped = grouped.get_or_insert_with(|| config.by_namespace());
-            let endpoints = config
-                .endpoints_in(grouped, s)
-                .into_iter()
-                .map(|w| w.key.to_string())
-                .collect();
-            let kind = v1::resource::Kind::Service(v1::Service {
-                endpoints,
-                ..s.into()
-            });
-            let key = keys::service(&s.key.namespace, &s.key.name);
-            put(&mut shared, resource(key, kind), &mut change.shared);
-        }
-        for key in previous_config.services.keys() {
-            if !config.services.contains_key(key) {
-                let key = keys::service(&key.namespace, &key.name);
-                remove(&mut shared, key, &mut change.shared);
-            }
-        }
-        mirror(
-            &mut shared,
-            &previous_config.traffic_policies,
-            &config.traffic_policies,
-            keys::traffic_policy,
-            |p| v1::resource::Kind::TrafficPolicy(p.into()),
-            &mut change.shared,
-        );
-        mirror(
-            &mut shared,
-            &previous_config.routes,
-            &config.routes,
-            keys::route,
-            |r| v1::resource::Kind::Route(r.into()),
-            &mut change.shared,
-        );
-
-        // A policy changed, or selecting other workloads, concerns the nodes of the workloads
-        // it selected and selects.
-        let mut policies: HashMap<ObjectKey, Arc<Selection>> = HashMap::new();
-        let node_of = |cfg: &Config, k: &ObjectKey| cfg.workloads.get(k).map(|w| w.node.clone());
-        let mut policy_nodes: HashSet<String> = HashSet::new();
-        for selection in selections {
-            let key = &selection.0.key;
-            let kept = previous
-                .selections
-                .get(key)
-                .filter(|old| ***old == *selection);
-            let entry = match kept {
-                Some(old) => old.clone(),
-                None => {
-                    let old = previous.selections.get(key);
-                    for k in old.iter().flat_map(|o| &o.1) {
-                        policy_nodes.extend(node_of(previous_config, k));
-                    }
-                    for k in &selection.1 {
-                        policy_nodes.extend(node_of(config, k));
-                    }
-                    Arc::new(selection.clone())
-                }
-            };
-            policies.insert(key.clone(), entry);
-        }
-        for (key, old) in &previous.selections {
-            if !policies.contains_key(key) {
-                for k in &old.1 {
-                    policy_nodes.extend(node_of(previous_config, k));
-                }
-            }
-        }
-
-        // Fast-deny sets depend on every destination's policy: any change may change any
-        // node's. Within the budget they are all computed again.
-        let sources = config.workloads.len();
-        let targets = DenyTargets::within(config, index, FAST_DENY_BUDGET)
-            .filter(|t| t.len().saturating_mul(sources) <= FAST_DENY_BUDGET);
-        let fast_deny = match &targets {
-            Some(_) => FastDeny::Computed,
-            None => FastDeny::OverBudget,
-        };
-        let deny_changed = fast_deny != previous.fast_deny
-            || (fast_deny == FastDeny::Computed
-                && (!change.shared.is_empty() || !policy_nodes.is_empty()));
-
-        let mut by_node: HashMap<&str, Vec<&Workload>> = HashMap::new();
-        for w in config.workloads.values() {
-            by_node.entry(w.node.as_str()).or_default().push(w);
-        }
-        let mut rebuild: HashSet<&str> = touched;
-        rebuild.extend(policy_nodes.iter().map(String::as_str));
-        if deny_changed {
-            rebuild.extend(by_node.keys());
-            rebuild.extend(previous.nodes.keys().map(String::as_str));
-        }
-        let mut selected_here: HashMap<&str, Vec<(&AccessPolicy, Vec<String>)>> = HashMap::new();
-        for (policy, selected) in selections {
-            let mut on: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-            for w in selected.iter().filter_map(|k| config.workloads.get(k)) {
-                if rebuild.contains(w.node.as_str()) {
-                    on.entry(w.node.as_str())
-                        .or_default()
-                        .push(w.key.to_string());
-                }
-            }
-            for (node, selected) in on {
-                selected_here
-                    .entry(node)
-                    .or_default()
-                    .push((policy, selected));
-            }
-        }
-
-        let mut nodes = previous.nodes.clone();
-        let empty = Part::new();
-        for node in rebuild {
-            let old = previous.nodes.get(node).map_or(&empty, |p| p.as_ref());
-            let mut part = Part::new();
-            for w in by_node.get(node).into_iter().flatten() {
-                let key = keys::workload(&w.key.namespace, &w.key.name);
-                let unchanged = mesh_same && previous_config.workloads.get(&w.key) == Some(*w);
-                let entry = match old.get(&key).filter(|_| unchanged) {
-                    Some(e) => e.clone(),
-                    None => workload_entries(w, trust_domain).1,
-                };
-                part.insert(key, entry);
-            }
-            for (policy, selected) in selected_here.remove(node).unwrap_or_default() {
-                let key = keys::policy(&policy.key.namespace, &policy.key.name);
-                let kind = v1::resource::Kind::Policy(v1::AccessPolicy {
-                    selected,
-                    ..policy.into()
-                });
-                part.insert(key.clone(), resource(key, kind));
-            }
-            if let Some(targets) = targets.as_ref().filter(|t| !t.is_empty()) {
-                for w in by_node.get(node).into_iter().flatten() {
-                    let entries: Vec<v1::FastDenyEntry> = targets
-                        .fast_deny(config, index, w)
-                        .into_iter()
-                        .map(v1::FastDenyEntry::from)
-                        .collect();
-                    if entries.is_empty() {
-                        continue;
-                    }
-                    let key = keys::fast_deny(&w.key.namespace, &w.key.name);
-                    let kind = v1::resource::Kind::FastDeny(v1::FastDeny {
-                        namespace: w.key.namespace.clone(),
-                        name: w.key.name.clone(),
-                        entries,
-                    });
-                    part.insert(key.clone(), resource(key, kind));
-                }
-            }
-            // Entries equal to the old ones stay the old ones (versions share memory); the
-            // others, and the old keys gone, are the change.
-            let mut keys = Vec::new();
-            let kept: Part = part
-                .into_iter()
-                .map(|(key, entry)| match old.get(&key) {
-                    Some(o) if **o == *entry => (key, o.clone()),
-                    _ => {
-                        keys.push(key.clone());
-                        (key, entry)
-                    }
-                })
-                .collect();
-            keys.extend(old.keys().filter(|k| !kept.contains_key(*k)).cloned());
+        change.shared = changed_keys(&previous.shared, &fresh.shared);
+        let nodes: HashSet<&String> = previous.nodes.keys().chain(fresh.nodes.keys()).collect();
+        let none = Part::new();
+        for node in nodes {
+            let old = previous.nodes.get(node).unwrap_or(&none);
+            let new = fresh.nodes.get(node).unwrap_or(&none);
+            let keys = changed_keys(old, new);
             if !keys.is_empty() {
-                change.nodes.insert(node.to_owned(), keys);
-            }
-            if kept.is_empty() {
-                nodes.remove(node);
-            } else {
-                nodes.insert(node.to_owned(), Arc::new(kept));
+                change.nodes.insert(node.clone(), keys);
             }
         }
-        let catalog = Catalog {
-            shared,
-            nodes,
-            selections: policies,
-            fast_deny,
-        };
-        (catalog, change)
+        (fresh, change)
     }
 
     /// `key` as `node` is sent it: its own form if it has one, else the shared one.
@@ -471,5 +237,370 @@ impl Catalog {
             (Some(_), _) => shared.next().map(|(_, e)| e),
             (None, _) => own.next().map(|(_, e)| e),
         })
+    }
+
+    /// Each policy with the workloads it selects, in key order.
+    pub fn selections(&self) -> impl Iterator<Item = &Selection> + '_ {
+        self.selections.values().map(|s| s.as_ref())
+    }
+}
+
+fn changed_keys(old: &Part, new: &Part) -> Vec<String> {
+    old.diff(new)
+        .map(|item| match item {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k.clone(),
+            DiffItem::Update { new, .. } => new.0.clone(),
+        })
+        .collect()
+}
+
+/// A workload that changed: its key, before and now.
+type Changed<'a> = (&'a ObjectKey, Option<&'a Workload>, Option<&'a Workload>);
+
+/// One version being built from the last.
+struct Build<'a> {
+    config: &'a Config,
+    old: &'a Config,
+    previous: &'a Catalog,
+    shared: Part,
+    nodes: imbl::HashMap<String, Part>,
+    selections: imbl::OrdMap<ObjectKey, Arc<Selection>>,
+    patches: HashMap<&'a str, NodePatch>,
+    change: Change,
+}
+
+impl<'a> Build<'a> {
+    fn new(config: &'a Config, previous: &'a Catalog, old: &'a Config, version: u64) -> Self {
+        Self {
+            config,
+            old,
+            previous,
+            shared: previous.shared.clone(),
+            nodes: previous.nodes.clone(),
+            selections: previous.selections.clone(),
+            patches: HashMap::new(),
+            change: Change {
+                version,
+                ..Change::default()
+            },
+        }
+    }
+
+    fn run(mut self) -> (Catalog, Change) {
+        let (config, old) = (self.config, self.old);
+        if self.shared.is_empty() || config.mesh != old.mesh {
+            let mesh = resource(
+                keys::MESH.into(),
+                v1::resource::Kind::Mesh((&config.mesh).into()),
+            );
+            put(&mut self.shared, mesh, &mut self.change.shared);
+        }
+        let workloads: Vec<Changed<'a>> =
+            old.workloads.diff(&config.workloads).map(sides).collect();
+        let trust_domain = &config.mesh.trust_domain;
+        for &(key, before, now) in &workloads {
+            match now {
+                Some(w) => put(
+                    &mut self.shared,
+                    shared_workload(w, trust_domain),
+                    &mut self.change.shared,
+                ),
+                None => remove(
+                    &mut self.shared,
+                    &keys::workload(&key.namespace, &key.name),
+                    &mut self.change.shared,
+                ),
+            }
+            for w in before.into_iter().chain(now) {
+                self.patch(&w.node).workloads.insert(key.clone());
+            }
+        }
+        self.services(&workloads);
+        mirror(
+            &mut self.shared,
+            &old.traffic_policies,
+            &config.traffic_policies,
+            keys::traffic_policy,
+            |p| v1::resource::Kind::TrafficPolicy(p.into()),
+            &mut self.change.shared,
+        );
+        mirror(
+            &mut self.shared,
+            &old.routes,
+            &config.routes,
+            keys::route,
+            |r| v1::resource::Kind::Route(r.into()),
+            &mut self.change.shared,
+        );
+        self.policies(&workloads);
+        let patched: Vec<&str> = self.patches.keys().copied().collect();
+        for node in patched {
+            self.apply(node);
+        }
+        let (fast_deny, deny_sets) = self.fast_deny();
+        let catalog = Catalog {
+            shared: self.shared,
+            nodes: self.nodes,
+            selections: self.selections,
+            fast_deny,
+            deny_sets,
+        };
+        (catalog, self.change)
+    }
+
+    fn patch(&mut self, node: &'a str) -> &mut NodePatch {
+        self.patches.entry(node).or_default()
+    }
+
+    /// Services that changed, and those whose endpoints a workload change may have changed:
+    /// only services of the workload's namespace can have it as an endpoint.
+    fn services(&mut self, workloads: &[Changed<'a>]) {
+        let (config, old) = (self.config, self.old);
+        let mut again: BTreeSet<&ObjectKey> = BTreeSet::new();
+        for item in old.services.diff(&config.services) {
+            match sides(item) {
+                (_, _, Some(s)) => {
+                    again.insert(&s.key);
+                }
+                (k, _, None) => remove(
+                    &mut self.shared,
+                    &keys::service(&k.namespace, &k.name),
+                    &mut self.change.shared,
+                ),
+            }
+        }
+        for &(key, before, now) in workloads {
+            for s in in_namespace(&config.services, &key.namespace) {
+                if before.into_iter().chain(now).any(|w| s.selects(w)) {
+                    again.insert(&s.key);
+                }
+            }
+        }
+        for key in again {
+            let Some(s) = config.services.get(key) else {
+                continue;
+            };
+            let endpoints = config.endpoints(s).map(|w| w.key.to_string()).collect();
+            let kind = v1::resource::Kind::Service(v1::Service {
+                endpoints,
+                ..s.into()
+            });
+            let key = keys::service(&key.namespace, &key.name);
+            put(
+                &mut self.shared,
+                resource(key, kind),
+                &mut self.change.shared,
+            );
+        }
+    }
+
+    /// Brings the selections up to date and says which nodes' policy entries to rebuild: a
+    /// changed policy's on every node where it selected or selects a workload; any policy
+    /// that may select a changed workload, on that workload's nodes.
+    fn policies(&mut self, workloads: &[Changed<'a>]) {
+        let (config, old) = (self.config, self.old);
+        let root = config.mesh.root_namespace.as_str();
+        let mut changed: BTreeSet<&ObjectKey> = BTreeSet::new();
+        for item in old.policies.diff(&config.policies) {
+            let (key, _, _) = sides(item);
+            changed.insert(key);
+        }
+        let mut near: BTreeSet<&ObjectKey> = BTreeSet::new();
+        for &(key, before, now) in workloads {
+            let scope = in_namespace(&config.policies, &key.namespace);
+            let mesh_wide = in_namespace(&config.policies, root);
+            for p in scope.chain(mesh_wide) {
+                near.insert(&p.key);
+                for w in before.into_iter().chain(now) {
+                    self.patch(&w.node).policies.insert(p.key.clone());
+                }
+            }
+        }
+        let node_of =
+            |cfg: &'a Config, k: &ObjectKey| cfg.workloads.get(k).map(|w| w.node.as_str());
+        for key in changed.iter().chain(&near) {
+            let before = self.previous.selections.get(*key).cloned();
+            let now = config
+                .policies
+                .get(*key)
+                .map(|p| (p.clone(), config.selection(p)));
+            match now {
+                Some(now) if before.as_deref() != Some(&now) => {
+                    self.selections.insert((*key).clone(), Arc::new(now));
+                }
+                Some(_) => {}
+                None => {
+                    self.selections.remove(*key);
+                }
+            }
+            if !changed.contains(key) {
+                continue;
+            }
+            let mut nodes: BTreeSet<&'a str> = BTreeSet::new();
+            for k in before.iter().flat_map(|s| &s.1) {
+                nodes.extend(node_of(old, k));
+            }
+            if let Some(now) = self
+                .selections
+                .get(*key)
+                .filter(|_| config.policies.contains_key(*key))
+            {
+                for k in &now.1 {
+                    nodes.extend(node_of(config, k));
+                }
+            }
+            for node in nodes {
+                self.patch(node).policies.insert((*key).clone());
+            }
+        }
+    }
+
+    /// Rebuilds the entries of `node`'s part that its patch names.
+    fn apply(&mut self, node: &str) {
+        let Some(patch) = self.patches.get(node) else {
+            return;
+        };
+        let config = self.config;
+        let mut part = self.nodes.get(node).cloned().unwrap_or_default();
+        let mut keys = Vec::new();
+        for key in &patch.workloads {
+            let entry_key = keys::workload(&key.namespace, &key.name);
+            match config.workloads.get(key).filter(|w| w.node == node) {
+                Some(w) => put(
+                    &mut part,
+                    own_workload(w, &config.mesh.trust_domain),
+                    &mut keys,
+                ),
+                None => remove(&mut part, &entry_key, &mut keys),
+            }
+        }
+        for key in &patch.policies {
+            let entry_key = keys::policy(&key.namespace, &key.name);
+            let here = config
+                .policies
+                .get(key)
+                .zip(self.selections.get(key))
+                .map(|(p, s)| {
+                    let selected: Vec<String> =
+                        s.1.iter()
+                            .filter(|k| config.workloads.get(*k).is_some_and(|w| w.node == node))
+                            .map(ToString::to_string)
+                            .collect();
+                    (p, selected)
+                });
+            match here.filter(|(_, selected)| !selected.is_empty()) {
+                Some((p, selected)) => {
+                    let kind = v1::resource::Kind::Policy(v1::AccessPolicy {
+                        selected,
+                        ..p.into()
+                    });
+                    put(&mut part, resource(entry_key, kind), &mut keys);
+                }
+                None => remove(&mut part, &entry_key, &mut keys),
+            }
+        }
+        self.store(node, part, keys);
+    }
+
+    fn store(&mut self, node: &str, part: Part, keys: Vec<String>) {
+        if !keys.is_empty() {
+            self.change
+                .nodes
+                .entry(node.to_owned())
+                .or_default()
+                .extend(keys);
+        }
+        if part.is_empty() {
+            self.nodes.remove(node);
+        } else {
+            self.nodes.insert(node.to_owned(), part);
+        }
+    }
+
+    /// Fast-deny sets depend on every destination's policy: any change may change any node's.
+    /// Within the budget they are all computed again; past it, none is sent.
+    fn fast_deny(&mut self) -> (FastDeny, bool) {
+        let config = self.config;
+        let sources = config.workloads.len();
+        // What can deny is at most every selected workload (every workload, with a mesh that
+        // denies by default): checked before anything is built for it.
+        let most = match config.mesh.default_action {
+            Action::Deny => sources,
+            Action::Allow => self.selections.values().map(|s| s.1.len()).sum(),
+        };
+        // Nothing can deny: no set to compute, and no need to look for one.
+        let within = most > 0 && most.saturating_mul(sources) <= FAST_DENY_BUDGET;
+        let selections: Vec<Selection> = match within {
+            true => self
+                .selections
+                .values()
+                .map(|s| Selection::clone(s))
+                .collect(),
+            false => Vec::new(),
+        };
+        let index = PolicyIndex::new(config.mesh.default_action, selections);
+        let targets = within
+            .then(|| DenyTargets::within(config, &index, FAST_DENY_BUDGET))
+            .flatten()
+            .filter(|t| t.len().saturating_mul(sources) <= FAST_DENY_BUDGET);
+        let state = match &targets {
+            Some(_) => FastDeny::Computed,
+            None if most == 0 => FastDeny::Computed,
+            None => FastDeny::OverBudget,
+        };
+        let targets = targets.filter(|t| !t.is_empty());
+        let anything = !self.change.is_empty();
+        let again =
+            (targets.is_some() && anything) || (self.previous.deny_sets && targets.is_none());
+        if !again {
+            return (state, self.previous.deny_sets);
+        }
+        let mut sets: HashMap<&str, Vec<Entry>> = HashMap::new();
+        if let Some(targets) = &targets {
+            for w in config.workloads.values() {
+                let entries: Vec<v1::FastDenyEntry> = targets
+                    .fast_deny(config, &index, w)
+                    .into_iter()
+                    .map(v1::FastDenyEntry::from)
+                    .collect();
+                if entries.is_empty() {
+                    continue;
+                }
+                let key = keys::fast_deny(&w.key.namespace, &w.key.name);
+                let kind = v1::resource::Kind::FastDeny(v1::FastDeny {
+                    namespace: w.key.namespace.clone(),
+                    name: w.key.name.clone(),
+                    entries,
+                });
+                sets.entry(w.node.as_str())
+                    .or_default()
+                    .push(resource(key, kind));
+            }
+        }
+        let any = !sets.is_empty();
+        let mut nodes: BTreeSet<String> = self.nodes.keys().cloned().collect();
+        nodes.extend(sets.keys().map(|n| n.to_string()));
+        for node in nodes {
+            let mut part = self.nodes.get(&node).cloned().unwrap_or_default();
+            let mut keys = Vec::new();
+            let new = sets.remove(node.as_str()).unwrap_or_default();
+            // `fast-deny/`: the kind's keys are one range of the part.
+            let prefix = keys::fast_deny("", "");
+            let prefix = &prefix[..prefix.len() - 1];
+            let gone: Vec<String> = part
+                .range(prefix.to_owned()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, _)| k.clone())
+                .filter(|k| !new.iter().any(|e| e.key == *k))
+                .collect();
+            for k in gone {
+                remove(&mut part, &k, &mut keys);
+            }
+            for entry in new {
+                put(&mut part, entry, &mut keys);
+            }
+            self.store(&node, part, keys);
+        }
+        (state, any)
     }
 }

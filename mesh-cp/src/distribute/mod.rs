@@ -73,6 +73,7 @@ mod tests {
     const TRUST: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {trustDomain: other.example}\n";
     const TP: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: tp}\nspec: {services: [b], loadBalancer: LeastConnections}\n";
     const D_ON_N3: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: d, labels: {app: d}}\nspec: {node: n3, netns: /run/netns/d, addresses: [10.0.0.4]}\n";
+    const MESH_WIDE: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: everyone, namespace: mycel-system}\nspec: {action: Deny, rules: [{ports: [443]}]}\n";
     const DENY_A: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: only-b}\nspec: {selector: {matchLabels: {app: a}}, action: Deny, rules: [{ports: [80]}]}\n";
 
     fn config(docs: &[&str]) -> Config {
@@ -113,24 +114,9 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn snapshots_and_deltas_agree_with_the_plain_definition() {
-        let steps = [
-            config(&[]),
-            config(&[C_ON_N2]),
-            config(&[C_ON_N2, DENY_B]),
-            config(&[C_ON_N1, DENY_B]),
-            config(&[C_ON_N1, DENY_B, ROUTE]),
-            config(&[ROUTE]),
-            config(&[ROUTE, TP, DENY_B]),
-            config(&[ROUTE, TP, DENY_B, TRUST]),
-            config(&[TP, DENY_A, TRUST, D_ON_N3]),
-            config(&[TP, DENY_A, D_ON_N3]),
-            relabelled(&[TP, DENY_B, C_ON_N1]),
-            config(&[TP, DENY_B, C_ON_N1]),
-            config(&[D_ON_N3]),
-            config(&[]),
-        ];
+    /// Each version's snapshot is the plain definition, and the delta from every version to
+    /// the last brings a node from that version's snapshot to the last one's.
+    fn check_against_reference(steps: &[Config]) {
         let mut published = vec![Published::new(1, steps[0].clone())];
         for c in &steps[1..] {
             let next = published.last().unwrap().next(c.clone());
@@ -174,6 +160,95 @@ mod tests {
                 }
                 assert_eq!(view, *held.last().unwrap(), "{node} from {}", p.version);
             }
+        }
+    }
+
+    const DOCS: [&str; 9] = [
+        C_ON_N2, C_ON_N1, DENY_B, ROUTE, TRUST, TP, D_ON_N3, DENY_A, MESH_WIDE,
+    ];
+
+    /// `docs` on top of the base (or the relabelled base), each document in its own file, read
+    /// by one parser: as the config dir gives them, sharing what did not change.
+    fn through(parser: &mut mesh_model::Parser, relabel: bool, docs: &[&str]) -> Config {
+        let base = match relabel {
+            true => BASE.replace("{name: b, labels: {app: b}}", "{name: b, labels: {app: x}}"),
+            false => BASE.to_owned(),
+        };
+        let mut files = vec![(PathBuf::from("base.yaml"), base)];
+        for doc in docs {
+            let i = DOCS.iter().position(|d| d == doc).unwrap();
+            files.push((PathBuf::from(format!("{i}.yaml")), doc.to_string()));
+        }
+        parser.parse(&files).unwrap()
+    }
+
+    #[test]
+    fn snapshots_and_deltas_agree_with_the_plain_definition() {
+        let steps: [(bool, &[&str]); 14] = [
+            (false, &[]),
+            (false, &[C_ON_N2]),
+            (false, &[C_ON_N2, DENY_B]),
+            (false, &[C_ON_N1, DENY_B]),
+            (false, &[C_ON_N1, DENY_B, ROUTE]),
+            (false, &[ROUTE]),
+            (false, &[ROUTE, TP, DENY_B]),
+            (false, &[ROUTE, TP, DENY_B, TRUST]),
+            (false, &[TP, DENY_A, TRUST, D_ON_N3]),
+            (false, &[TP, DENY_A, D_ON_N3]),
+            (true, &[TP, DENY_B, C_ON_N1]),
+            (false, &[TP, DENY_B, C_ON_N1, MESH_WIDE]),
+            (false, &[D_ON_N3, MESH_WIDE]),
+            (false, &[]),
+        ];
+        // Each config parsed afresh: nothing shared, every difference found by comparing.
+        let fresh: Vec<Config> = steps
+            .iter()
+            .map(|(relabel, docs)| match relabel {
+                true => relabelled(docs),
+                false => config(docs),
+            })
+            .collect();
+        check_against_reference(&fresh);
+        // As the config dir gives them: what did not change is shared and skipped.
+        let mut parser = mesh_model::Parser::default();
+        let shared: Vec<Config> = steps
+            .iter()
+            .map(|(relabel, docs)| through(&mut parser, *relabel, docs))
+            .collect();
+        assert_eq!(shared, fresh);
+        check_against_reference(&shared);
+    }
+
+    /// Random walks over the same documents, as the config dir would give them.
+    #[test]
+    fn random_changes_agree_with_the_plain_definition() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..8 {
+            let mut parser = mesh_model::Parser::default();
+            let steps: Vec<Config> = (0..12)
+                .map(|_| {
+                    let docs: Vec<&str> =
+                        DOCS.iter().copied().filter(|_| next() % 3 == 0).collect();
+                    // c is on one node or the other.
+                    let docs: Vec<&str> = match docs.contains(&C_ON_N1) {
+                        true => docs.into_iter().filter(|d| *d != C_ON_N2).collect(),
+                        false => docs,
+                    };
+                    // DENY_A and DENY_B are one policy's two versions.
+                    let docs: Vec<&str> = match docs.contains(&DENY_A) {
+                        true => docs.into_iter().filter(|d| *d != DENY_B).collect(),
+                        false => docs,
+                    };
+                    through(&mut parser, next() % 4 == 0, &docs)
+                })
+                .collect();
+            check_against_reference(&steps);
         }
     }
 

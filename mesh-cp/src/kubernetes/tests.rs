@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_model::{Config, ObjectKey};
+use mesh_model::{authz::PolicyIndex, Config, ObjectKey};
 use serde_json::{json, Value};
 use tokio::sync::watch as channel;
 
@@ -175,7 +175,10 @@ async fn eventually(what: &str, done: impl Fn() -> bool) {
 
 /// What node `node`'s stream is sent between two versions: (upserted keys, removed keys).
 fn node_update(old: &Published, new: &Published, node: &str) -> (Vec<String>, Vec<String>) {
-    let slice = |p: &Published| slice::node_slice(&p.config, &p.policies, &[], node);
+    let slice = |p: &Published| {
+        let index = PolicyIndex::new(p.config.mesh.default_action, p.config.selections());
+        slice::node_slice(&p.config, &index, &[], node)
+    };
     let (upserts, removals) = slice::diff(&slice(old), &slice(new));
     (upserts.into_iter().map(|r| r.key).collect(), removals)
 }
