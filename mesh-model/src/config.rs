@@ -10,15 +10,13 @@ use std::{
     sync::Arc,
 };
 
-use serde::Deserialize;
-
 use crate::{
     authz::Selection,
+    documents::{parse_whole, Documents},
     object_key::ObjectKey,
     policy::AccessPolicy,
-    resource::{self, MeshConfig, Resource, Service, Workload},
+    resource::{MeshConfig, Resource, Service, Workload},
     traffic::{ServiceRoute, TrafficPolicy},
-    validate,
 };
 
 /// Objects of one kind by `namespace/name`. A persistent map: a config made from another by
@@ -217,7 +215,7 @@ pub fn load_file(file: &Path) -> Result<Config, ConfigError> {
 pub fn parse(files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
     let mut builder = Builder::default();
     for (file, text) in files {
-        for (doc, resource) in parse_file(file, text)? {
+        for (doc, resource) in parse_whole(file, text)? {
             builder
                 .add(resource)
                 .map_err(|message| ConfigError::Invalid {
@@ -228,27 +226,6 @@ pub fn parse(files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
         }
     }
     Ok(builder.config)
-}
-
-/// One file's documents, each with its number (from 1), checked alone: what holds across
-/// documents and files is checked when they are put together.
-fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, ConfigError> {
-    let mut out = Vec::new();
-    for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let doc = index + 1;
-        let invalid = |message: String| ConfigError::Invalid {
-            file: file.to_path_buf(),
-            doc,
-            message,
-        };
-        let value =
-            serde_yaml::Value::deserialize(de).map_err(|e| invalid(validate::one_line(&e)))?;
-        if value.is_null() {
-            continue; // an empty document, e.g. after a trailing `---`
-        }
-        out.push((doc, resource::parse_document(value).map_err(&invalid)?));
-    }
-    Ok(out)
 }
 
 /// [`parse`] for a config dir read again and again, at a cost that grows with what changed.
@@ -268,25 +245,18 @@ fn parse_file(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, ConfigE
 #[derive(Debug, Default)]
 pub struct Parser {
     /// Every file present at the last call that parsed alone, with its text.
-    parsed: HashMap<PathBuf, Arc<Parsed>>,
+    parsed: HashMap<PathBuf, Arc<Documents>>,
     /// The files the last accepted config was built from.
-    accepted: HashMap<PathBuf, Arc<Parsed>>,
+    accepted: HashMap<PathBuf, Arc<Documents>>,
     /// The last accepted config, with the indexes its checks use.
     state: Builder,
-}
-
-/// One file's text and its documents.
-#[derive(Debug)]
-struct Parsed {
-    text: String,
-    docs: Vec<(usize, Resource)>,
 }
 
 impl Parser {
     pub fn parse(&mut self, files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
         let present: HashSet<&PathBuf> = files.iter().map(|(p, _)| p).collect();
         self.parsed.retain(|path, _| present.contains(path));
-        let mut now: HashMap<PathBuf, Arc<Parsed>> = HashMap::with_capacity(files.len());
+        let mut now: HashMap<PathBuf, Arc<Documents>> = HashMap::with_capacity(files.len());
         for (file, text) in files {
             match self.parsed_file(file, text) {
                 Ok(parsed) => now.insert(file.clone(), parsed),
@@ -302,26 +272,15 @@ impl Parser {
             match now.get(file) {
                 Some(new) if Arc::ptr_eq(old, new) => {}
                 Some(new) => {
-                    let mut kept: HashMap<(&str, Option<&ObjectKey>), &Resource> =
-                        old.docs.iter().map(|(_, r)| (r.identity(), r)).collect();
-                    let mut came = Vec::new();
-                    for (_, r) in &new.docs {
-                        match kept.get(&r.identity()) {
-                            Some(o) if *o == r => {
-                                kept.remove(&r.identity());
-                            }
-                            _ => came.push(r),
-                        }
-                    }
-                    going.extend(kept.into_values());
-                    coming.extend(came);
+                    going.extend(old.not_in(new));
+                    coming.extend(new.not_in(old));
                 }
-                None => going.extend(old.docs.iter().map(|(_, r)| r)),
+                None => going.extend(old.docs().map(|(_, r)| r)),
             }
         }
         for (file, _) in files {
             if let Some(new) = now.get(file).filter(|_| !self.accepted.contains_key(file)) {
-                coming.extend(new.docs.iter().map(|(_, r)| r));
+                coming.extend(new.docs().map(|(_, r)| r));
             }
         }
         for resource in going {
@@ -337,15 +296,14 @@ impl Parser {
         Ok(self.state.config.clone())
     }
 
-    /// `file`'s documents: as parsed before if its text is the same.
-    fn parsed_file(&mut self, file: &Path, text: &str) -> Result<Arc<Parsed>, ConfigError> {
-        if let Some(parsed) = self.parsed.get(file).filter(|p| p.text == text) {
+    /// `file`'s documents: as parsed before if its text is the same, and parsed again only
+    /// where it changed if it is not.
+    fn parsed_file(&mut self, file: &Path, text: &str) -> Result<Arc<Documents>, ConfigError> {
+        let last = self.parsed.get(file);
+        if let Some(parsed) = last.filter(|p| p.text == text) {
             return Ok(parsed.clone());
         }
-        let parsed = Arc::new(Parsed {
-            text: text.to_owned(),
-            docs: parse_file(file, text)?,
-        });
+        let parsed = Arc::new(Documents::parse(file, text, last.map(|l| l.as_ref()))?);
         self.parsed.insert(file.to_path_buf(), parsed.clone());
         Ok(parsed)
     }
@@ -357,12 +315,12 @@ impl Parser {
         let mut now = HashMap::with_capacity(files.len());
         for (file, text) in files {
             let parsed = self.parsed_file(file, text)?;
-            for (doc, resource) in &parsed.docs {
+            for (doc, resource) in parsed.docs() {
                 builder
                     .add(resource.clone())
                     .map_err(|message| ConfigError::Invalid {
                         file: file.clone(),
-                        doc: *doc,
+                        doc,
                         message,
                     })?;
             }
@@ -641,6 +599,18 @@ mod tests {
             }
         }
         assert!(oks > 100 && errs > 100, "{oks} accepted, {errs} refused");
+    }
+
+    /// Regression: a file that repeats one of its documents shares that piece twice with its
+    /// last text, and was taken to have changed nothing.
+    #[test]
+    fn a_document_repeated_in_its_file_is_refused() {
+        let mut parser = Parser::default();
+        let w1 = format!("---\n{}", workload("w1", "n1", "10.0.0.1", "web"));
+        parser.parse(&files(&[("a.yaml", &w1)])).unwrap();
+        let twice = format!("{w1}{w1}");
+        let e = parser.parse(&files(&[("a.yaml", &twice)])).unwrap_err();
+        assert!(e.to_string().contains("defined twice"), "{e}");
     }
 
     /// What a change does not touch is shared with the last config, not copied: the control

@@ -4,6 +4,7 @@ pub mod authz;
 mod config;
 #[cfg(feature = "crd")]
 pub mod crd;
+mod documents;
 pub mod duration;
 mod identity;
 pub mod membership;
