@@ -40,6 +40,9 @@ pub(crate) struct Documents {
     pieces: HashMap<u64, Vec<(usize, Range<usize>)>>,
 }
 
+/// Below this many bytes per piece on average, a file is parsed whole.
+const MIN_AVERAGE_PIECE: usize = 32;
+
 /// What one piece yielded, document by document (`None`: an empty one).
 type Yielded = Arc<[Option<Resource>]>;
 
@@ -93,17 +96,25 @@ impl Documents {
             .flat_map(|(_, y)| y.iter().flatten())
     }
 
-    /// `None` if some piece does not parse.
+    /// `None` where parsing by piece could differ from parsing whole: a piece that does not
+    /// parse, a header whose emptiness only libyaml could judge, or pieces too small to be
+    /// worth keeping.
     fn by_piece(text: &str, last: Option<&Documents>) -> Option<Self> {
         let ranges = pieces(text);
+        // A real document is longer than this on average; a file of bare markers (millions
+        // of empty documents) would cost far more kept piece by piece than parsed whole.
+        if ranges.len() > 1 && ranges.len() > text.len() / MIN_AVERAGE_PIECE {
+            return None;
+        }
         let mut order = Vec::with_capacity(ranges.len());
         let mut index: HashMap<u64, Vec<(usize, Range<usize>)>> =
             HashMap::with_capacity(ranges.len());
         let mut number = 0;
         for (i, range) in ranges.iter().enumerate() {
             let piece = &text[range.clone()];
-            if i == 0 && ranges.len() > 1 && is_blank(piece) {
-                continue;
+            let header = i == 0 && ranges.len() > 1 && !piece.starts_with("---");
+            if header && is_blank(piece) {
+                continue; // no document before the first marker
             }
             let hash = hash_of(piece);
             let known = last.and_then(|l| l.known(hash, piece));
@@ -111,6 +122,11 @@ impl Documents {
                 Some(y) => y,
                 None => parse_piece(piece)?,
             };
+            // Alone, a header libyaml reads as nothing is an empty document; in the whole
+            // text it may be none. Only the whole text tells.
+            if header && yielded.len() == 1 && yielded[0].is_none() {
+                return None;
+            }
             index
                 .entry(hash)
                 .or_default()
@@ -154,11 +170,21 @@ fn pieces(text: &str) -> Vec<Range<usize>> {
     ranges
 }
 
-/// Only comments and blank lines.
+/// Only blank lines and comments of plain printable ASCII, after an optional byte-order mark,
+/// with `\n` or `\r\n` line ends: text that is no document to libyaml before a marker. Judged
+/// narrowly on purpose: libyaml ends a comment at a lone `\r` (or NEL, LS, PS), refuses
+/// control characters and reads a no-break space as text, so anything else is left for the
+/// parse to judge.
 fn is_blank(piece: &str) -> bool {
-    piece.lines().all(|l| {
-        let l = l.trim_start();
-        l.is_empty() || l.starts_with('#')
+    let piece = piece.strip_prefix('\u{feff}').unwrap_or(piece);
+    piece.split('\n').all(|line| {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        match line.strip_prefix('#') {
+            Some(comment) => comment
+                .bytes()
+                .all(|b| b == b'\t' || (0x20..0x7f).contains(&b)),
+            None => line.bytes().all(|b| b == b' '),
+        }
     })
 }
 
@@ -227,6 +253,13 @@ mod tests {
             "kind: Nonsense\n".into(),
             "a: |\n  ---x\n".into(),
             "----\n".into(),
+            "# header\r{apiVersion: mycel.dev/v1alpha1, kind: AccessPolicy, metadata: {name: hidden}, spec: {action: Deny}}\n".into(),
+            "\u{feff}# bom\n".into(),
+            "\t# tab\n".into(),
+            "# \u{7}bell\n".into(),
+            "\u{a0}# nbsp\n".into(),
+            "   \n".into(),
+            "# crlf\r\n".into(),
         ];
         let mut seed = 0x853c_49e6_748f_ea9bu64;
         let mut next = move || {
