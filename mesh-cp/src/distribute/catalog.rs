@@ -15,7 +15,7 @@
 //! grows with the change too.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -23,7 +23,7 @@ use imbl::ordmap::DiffItem;
 use mesh_api::{keys, v1};
 use mesh_model::{
     authz::{DenyTargets, PolicyIndex, Selection},
-    in_namespace, Action, Config, ObjectKey, Objects, Workload,
+    in_namespace, Action, Config, ObjectKey, Objects, Service, Workload,
 };
 
 /// One resource as every stream sends it; shared, never changed once built.
@@ -31,6 +31,9 @@ pub type Entry = Arc<v1::Resource>;
 
 /// Entries by key. Persistent, so that a version copies none of the last one's entries.
 pub type Part = imbl::OrdMap<String, Entry>;
+
+/// Workloads by key.
+type Keys = imbl::OrdSet<ObjectKey>;
 
 /// Most policy evaluations one version may spend on fast-deny sets (every source against
 /// every destination that can deny it; about half a second of CPU at this budget, spent again
@@ -51,9 +54,10 @@ pub enum FastDeny {
 pub struct Catalog {
     shared: Part,
     nodes: imbl::HashMap<String, Part>,
-    /// Each policy and the workloads it selects at this version: what tells the next version
-    /// whose parts a policy change concerns.
-    selections: imbl::OrdMap<ObjectKey, Arc<Selection>>,
+    /// Each policy's selection at this version: what tells the next version whose parts a
+    /// policy change concerns. Persistent sets, so that a workload joining or leaving a
+    /// selection of the whole mesh costs a set insert, not a copy.
+    selections: imbl::OrdMap<ObjectKey, Keys>,
     pub fast_deny: FastDeny,
     /// Whether some part holds a fast-deny set.
     deny_sets: bool,
@@ -238,11 +242,6 @@ impl Catalog {
             (None, _) => own.next().map(|(_, e)| e),
         })
     }
-
-    /// Each policy with the workloads it selects, in key order.
-    pub fn selections(&self) -> impl Iterator<Item = &Selection> + '_ {
-        self.selections.values().map(|s| s.as_ref())
-    }
 }
 
 fn changed_keys(old: &Part, new: &Part) -> Vec<String> {
@@ -264,7 +263,7 @@ struct Build<'a> {
     previous: &'a Catalog,
     shared: Part,
     nodes: imbl::HashMap<String, Part>,
-    selections: imbl::OrdMap<ObjectKey, Arc<Selection>>,
+    selections: imbl::OrdMap<ObjectKey, Keys>,
     patches: HashMap<&'a str, NodePatch>,
     change: Change,
 }
@@ -352,8 +351,9 @@ impl<'a> Build<'a> {
         self.patches.entry(node).or_default()
     }
 
-    /// Services that changed, and those whose endpoints a workload change may have changed:
-    /// only services of the workload's namespace can have it as an endpoint.
+    /// Services that changed (their endpoints found again), and those a changed workload was
+    /// or is an endpoint of (their last endpoint list patched): only services of the
+    /// workload's namespace can have it as an endpoint.
     fn services(&mut self, workloads: &[Changed<'a>]) {
         let (config, old) = (self.config, self.old);
         let mut again: BTreeSet<&ObjectKey> = BTreeSet::new();
@@ -369,10 +369,13 @@ impl<'a> Build<'a> {
                 ),
             }
         }
-        for &(key, before, now) in workloads {
-            for s in in_namespace(&config.services, &key.namespace) {
-                if before.into_iter().chain(now).any(|w| s.selects(w)) {
-                    again.insert(&s.key);
+        let mut endpoints_of: BTreeMap<&ObjectKey, Vec<&Changed<'a>>> = BTreeMap::new();
+        for changed in workloads {
+            for s in in_namespace(&config.services, &changed.0.namespace) {
+                if !again.contains(&s.key)
+                    && changed.1.into_iter().chain(changed.2).any(|w| s.selects(w))
+                {
+                    endpoints_of.entry(&s.key).or_default().push(changed);
                 }
             }
         }
@@ -381,76 +384,107 @@ impl<'a> Build<'a> {
                 continue;
             };
             let endpoints = config.endpoints(s).map(|w| w.key.to_string()).collect();
-            let kind = v1::resource::Kind::Service(v1::Service {
-                endpoints,
-                ..s.into()
-            });
-            let key = keys::service(&key.namespace, &key.name);
-            put(
-                &mut self.shared,
-                resource(key, kind),
-                &mut self.change.shared,
-            );
+            self.put_service(s, endpoints);
+        }
+        for (key, changes) in endpoints_of {
+            let Some(s) = config.services.get(key) else {
+                continue;
+            };
+            let last = self.shared.get(&keys::service(&key.namespace, &key.name));
+            let Some(v1::resource::Kind::Service(last)) = last.and_then(|e| e.kind.as_ref()) else {
+                let endpoints = config.endpoints(s).map(|w| w.key.to_string()).collect();
+                self.put_service(s, endpoints);
+                continue;
+            };
+            // All of one namespace: `ns/name` sorts as the keys do.
+            let mut endpoints = last.endpoints.clone();
+            for (k, _, now) in changes {
+                let name = k.to_string();
+                let at = endpoints.binary_search(&name);
+                match (at, now.is_some_and(|w| s.selects(w))) {
+                    (Ok(i), false) => {
+                        endpoints.remove(i);
+                    }
+                    (Err(i), true) => endpoints.insert(i, name),
+                    _ => {}
+                }
+            }
+            self.put_service(s, endpoints);
         }
     }
 
+    fn put_service(&mut self, s: &Service, endpoints: Vec<String>) {
+        let kind = v1::resource::Kind::Service(v1::Service {
+            endpoints,
+            ..s.into()
+        });
+        let key = keys::service(&s.key.namespace, &s.key.name);
+        put(
+            &mut self.shared,
+            resource(key, kind),
+            &mut self.change.shared,
+        );
+    }
+
     /// Brings the selections up to date and says which nodes' policy entries to rebuild: a
-    /// changed policy's on every node where it selected or selects a workload; any policy
-    /// that may select a changed workload, on that workload's nodes.
+    /// changed policy is selected again, on every node where it selected or selects a
+    /// workload; a changed workload joins or leaves the selections of the policies in its
+    /// scope (its namespace's and the root namespace's), on its nodes before and now.
     fn policies(&mut self, workloads: &[Changed<'a>]) {
         let (config, old) = (self.config, self.old);
         let root = config.mesh.root_namespace.as_str();
-        let mut changed: BTreeSet<&ObjectKey> = BTreeSet::new();
-        for item in old.policies.diff(&config.policies) {
-            let (key, _, _) = sides(item);
-            changed.insert(key);
-        }
-        let mut near: BTreeSet<&ObjectKey> = BTreeSet::new();
-        for &(key, before, now) in workloads {
-            let scope = in_namespace(&config.policies, &key.namespace);
-            let mesh_wide = in_namespace(&config.policies, root);
-            for p in scope.chain(mesh_wide) {
-                near.insert(&p.key);
-                for w in before.into_iter().chain(now) {
-                    self.patch(&w.node).policies.insert(p.key.clone());
-                }
-            }
-        }
         let node_of =
             |cfg: &'a Config, k: &ObjectKey| cfg.workloads.get(k).map(|w| w.node.as_str());
-        for key in changed.iter().chain(&near) {
-            let before = self.previous.selections.get(*key).cloned();
-            let now = config
-                .policies
-                .get(*key)
-                .map(|p| (p.clone(), config.selection(p)));
-            match now {
-                Some(now) if before.as_deref() != Some(&now) => {
-                    self.selections.insert((*key).clone(), Arc::new(now));
-                }
-                Some(_) => {}
-                None => {
-                    self.selections.remove(*key);
-                }
-            }
-            if !changed.contains(key) {
-                continue;
-            }
+        let mut changed: BTreeSet<&ObjectKey> = BTreeSet::new();
+        for item in old.policies.diff(&config.policies) {
+            let (key, _, now) = sides(item);
+            changed.insert(key);
+            let before = self.previous.selections.get(key);
             let mut nodes: BTreeSet<&'a str> = BTreeSet::new();
-            for k in before.iter().flat_map(|s| &s.1) {
+            for k in before.into_iter().flatten() {
                 nodes.extend(node_of(old, k));
             }
-            if let Some(now) = self
-                .selections
-                .get(*key)
-                .filter(|_| config.policies.contains_key(*key))
-            {
-                for k in &now.1 {
-                    nodes.extend(node_of(config, k));
+            match now {
+                Some(p) => {
+                    let keys: Keys = config.selected_by(p).map(|w| w.key.clone()).collect();
+                    for k in &keys {
+                        nodes.extend(node_of(config, k));
+                    }
+                    self.selections.insert(key.clone(), keys);
+                }
+                None => {
+                    self.selections.remove(key);
                 }
             }
             for node in nodes {
-                self.patch(node).policies.insert((*key).clone());
+                self.patch(node).policies.insert(key.clone());
+            }
+        }
+        for &(key, before, now) in workloads {
+            let own = in_namespace(&config.policies, &key.namespace);
+            let mesh_wide = (key.namespace != root).then(|| in_namespace(&config.policies, root));
+            for p in own.chain(mesh_wide.into_iter().flatten()) {
+                if changed.contains(&p.key) {
+                    continue;
+                }
+                let Some(selection) = self.selections.get_mut(&p.key) else {
+                    continue;
+                };
+                let was = selection.contains(key);
+                let is = now.is_some_and(|w| p.selects(w));
+                match (was, is) {
+                    (false, false) => continue,
+                    (false, true) => {
+                        selection.insert(key.clone());
+                    }
+                    (true, false) => {
+                        selection.remove(key);
+                    }
+                    (true, true) => {}
+                }
+                for w in before.into_iter().chain(now) {
+                    self.patch(&w.node).policies.insert(p.key.clone());
+                }
             }
         }
     }
@@ -474,24 +508,30 @@ impl<'a> Build<'a> {
                 None => remove(&mut part, &entry_key, &mut keys),
             }
         }
+        // The workloads placed here now: the part's own entries, one range of it.
+        let here: Vec<ObjectKey> = match patch.policies.is_empty() {
+            true => Vec::new(),
+            false => {
+                let prefix = keys::workload("", "");
+                let prefix = &prefix[..prefix.len() - 1];
+                part.range(prefix.to_owned()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .filter_map(|(k, _)| keys::parse(k).map(|(_, key)| key))
+                    .collect()
+            }
+        };
         for key in &patch.policies {
             let entry_key = keys::policy(&key.namespace, &key.name);
-            let here = config
-                .policies
-                .get(key)
-                .zip(self.selections.get(key))
-                .map(|(p, s)| {
-                    let selected: Vec<String> =
-                        s.1.iter()
-                            .filter(|k| config.workloads.get(*k).is_some_and(|w| w.node == node))
-                            .map(ToString::to_string)
-                            .collect();
-                    (p, selected)
-                });
-            match here.filter(|(_, selected)| !selected.is_empty()) {
-                Some((p, selected)) => {
+            let policy = config.policies.get(key).zip(self.selections.get(key));
+            let mut selected: Vec<&ObjectKey> = match policy {
+                Some((_, keys)) => here.iter().filter(|k| keys.contains(*k)).collect(),
+                None => Vec::new(),
+            };
+            selected.sort();
+            match policy.filter(|_| !selected.is_empty()) {
+                Some((p, _)) => {
                     let kind = v1::resource::Kind::Policy(v1::AccessPolicy {
-                        selected,
+                        selected: selected.iter().map(ToString::to_string).collect(),
                         ..p.into()
                     });
                     put(&mut part, resource(entry_key, kind), &mut keys);
@@ -526,15 +566,18 @@ impl<'a> Build<'a> {
         // denies by default): checked before anything is built for it.
         let most = match config.mesh.default_action {
             Action::Deny => sources,
-            Action::Allow => self.selections.values().map(|s| s.1.len()).sum(),
+            Action::Allow => self.selections.values().map(|s| s.len()).sum(),
         };
         // Nothing can deny: no set to compute, and no need to look for one.
         let within = most > 0 && most.saturating_mul(sources) <= FAST_DENY_BUDGET;
         let selections: Vec<Selection> = match within {
             true => self
                 .selections
-                .values()
-                .map(|s| Selection::clone(s))
+                .iter()
+                .filter_map(|(k, keys)| {
+                    let p = config.policies.get(k)?;
+                    Some((p.clone(), keys.iter().cloned().collect()))
+                })
                 .collect(),
             false => Vec::new(),
         };

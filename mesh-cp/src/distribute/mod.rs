@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn snapshots_and_deltas_agree_with_the_plain_definition() {
-        let steps: [(bool, &[&str]); 14] = [
+        let steps: [(bool, &[&str]); 17] = [
             (false, &[]),
             (false, &[C_ON_N2]),
             (false, &[C_ON_N2, DENY_B]),
@@ -198,6 +198,10 @@ mod tests {
             (true, &[TP, DENY_B, C_ON_N1]),
             (false, &[TP, DENY_B, C_ON_N1, MESH_WIDE]),
             (false, &[D_ON_N3, MESH_WIDE]),
+            // b leaves and joins again a policy that does not change.
+            (false, &[DENY_B, C_ON_N2]),
+            (true, &[DENY_B, C_ON_N2]),
+            (false, &[DENY_B, C_ON_N2]),
             (false, &[]),
         ];
         // Each config parsed afresh: nothing shared, every difference found by comparing.
@@ -229,7 +233,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        for _ in 0..8 {
+        for _ in 0..20 {
             let mut parser = mesh_model::Parser::default();
             let steps: Vec<Config> = (0..12)
                 .map(|_| {
