@@ -170,22 +170,28 @@ fn pieces(text: &str) -> Vec<Range<usize>> {
     ranges
 }
 
-/// Only blank lines and comments of plain printable ASCII, after an optional byte-order mark,
-/// with `\n` or `\r\n` line ends: text that is no document to libyaml before a marker. Judged
-/// narrowly on purpose: libyaml ends a comment at a lone `\r` (or NEL, LS, PS), refuses
-/// control characters and reads a no-break space as text, so anything else is left for the
-/// parse to judge.
+/// Only blank lines and comments, after an optional byte-order mark, with `\n` or `\r\n` line
+/// ends: text that is no document to libyaml before a marker. Judged narrowly on purpose:
+/// libyaml ends a comment at a lone `\r` (or NEL, LS, PS) and refuses control characters,
+/// so a header holding any of those is left for the parse to judge.
 fn is_blank(piece: &str) -> bool {
     let piece = piece.strip_prefix('\u{feff}').unwrap_or(piece);
     piece.split('\n').all(|line| {
         let line = line.strip_suffix('\r').unwrap_or(line);
+        let line = line.trim_start_matches(' ');
         match line.strip_prefix('#') {
-            Some(comment) => comment
-                .bytes()
-                .all(|b| b == b'\t' || (0x20..0x7f).contains(&b)),
-            None => line.bytes().all(|b| b == b' '),
+            Some(comment) => comment.chars().all(in_comment),
+            None => line.is_empty(),
         }
     })
+}
+
+/// YAML's printable characters, less the line breaks and the byte-order mark.
+fn in_comment(c: char) -> bool {
+    matches!(c,
+        '\t' | '\u{20}'..='\u{7e}' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}'
+        | '\u{10000}'..='\u{10ffff}')
+        && !matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}')
 }
 
 fn hash_of(piece: &str) -> u64 {
@@ -260,6 +266,10 @@ mod tests {
             "\u{a0}# nbsp\n".into(),
             "   \n".into(),
             "# crlf\r\n".into(),
+            "# Généré — ne pas éditer ©\n".into(),
+            "  # indented\n".into(),
+            "# line\u{2028}{apiVersion: mycel.dev/v1alpha1, kind: AccessPolicy, metadata: {name: ls}, spec: {action: Deny}}\n".into(),
+            "# next\u{85}line\n".into(),
         ];
         let mut seed = 0x853c_49e6_748f_ea9bu64;
         let mut next = move || {
@@ -295,6 +305,21 @@ mod tests {
             }
         }
         assert!(oks > 500 && errs > 500, "{oks} parsed, {errs} refused");
+    }
+
+    /// Headers people write (not plain ASCII, indented) keep a file parsed by piece.
+    #[test]
+    fn a_commented_header_is_no_document() {
+        for header in [
+            "# Généré — ne pas éditer © 2026\n",
+            "  # indented\n\n",
+            "\u{feff}# bom\r\n",
+        ] {
+            let text = format!("{header}---\n{}", W.replace("NAME", "a"));
+            let d = Documents::parse(Path::new("f"), &text, None).unwrap();
+            assert_eq!(d.order.len(), 1, "{header:?} parsed by piece");
+            assert_eq!(d.docs().next().map(|(n, _)| n), Some(1));
+        }
     }
 
     #[test]

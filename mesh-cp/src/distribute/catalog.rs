@@ -357,8 +357,16 @@ impl<'a> Build<'a> {
     fn services(&mut self, workloads: &[Changed<'a>]) {
         let (config, old) = (self.config, self.old);
         let mut again: BTreeSet<&ObjectKey> = BTreeSet::new();
+        let mut endpoints_of: BTreeMap<&ObjectKey, Vec<&Changed<'a>>> = BTreeMap::new();
         for item in old.services.diff(&config.services) {
             match sides(item) {
+                // Its ports or addresses changed, not what picks its endpoints: the last list
+                // stands, patched below for the workloads that changed.
+                (_, Some(was), Some(s))
+                    if was.selector == s.selector && was.endpoints == s.endpoints =>
+                {
+                    endpoints_of.entry(&s.key).or_default();
+                }
                 (_, _, Some(s)) => {
                     again.insert(&s.key);
                 }
@@ -369,7 +377,6 @@ impl<'a> Build<'a> {
                 ),
             }
         }
-        let mut endpoints_of: BTreeMap<&ObjectKey, Vec<&Changed<'a>>> = BTreeMap::new();
         for changed in workloads {
             for s in in_namespace(&config.services, &changed.0.namespace) {
                 if !again.contains(&s.key)
@@ -435,56 +442,63 @@ impl<'a> Build<'a> {
         let root = config.mesh.root_namespace.as_str();
         let node_of =
             |cfg: &'a Config, k: &ObjectKey| cfg.workloads.get(k).map(|w| w.node.as_str());
-        let mut changed: BTreeSet<&ObjectKey> = BTreeSet::new();
+        // Policies selected afresh: new ones, and those whose selector changed. One whose
+        // rules alone changed keeps its set, brought up to date below like any other.
+        let mut fresh: BTreeSet<&ObjectKey> = BTreeSet::new();
+        let mut edited: Vec<(&ObjectKey, Option<Keys>)> = Vec::new();
         for item in old.policies.diff(&config.policies) {
-            let (key, _, now) = sides(item);
-            changed.insert(key);
-            let before = self.previous.selections.get(key);
-            let mut nodes: BTreeSet<&'a str> = BTreeSet::new();
-            for k in before.into_iter().flatten() {
-                nodes.extend(node_of(old, k));
-            }
+            let (key, was, now) = sides(item);
+            let before = self.previous.selections.get(key).cloned();
             match now {
+                Some(p) if before.is_some() && was.is_some_and(|w| w.selector == p.selector) => {}
                 Some(p) => {
+                    fresh.insert(key);
                     let keys: Keys = config.selected_by(p).map(|w| w.key.clone()).collect();
-                    for k in &keys {
-                        nodes.extend(node_of(config, k));
-                    }
                     self.selections.insert(key.clone(), keys);
                 }
                 None => {
                     self.selections.remove(key);
                 }
             }
-            for node in nodes {
-                self.patch(node).policies.insert(key.clone());
-            }
+            edited.push((key, before));
         }
         for &(key, before, now) in workloads {
             let own = in_namespace(&config.policies, &key.namespace);
             let mesh_wide = (key.namespace != root).then(|| in_namespace(&config.policies, root));
             for p in own.chain(mesh_wide.into_iter().flatten()) {
-                if changed.contains(&p.key) {
+                if fresh.contains(&p.key) {
                     continue;
                 }
-                let Some(selection) = self.selections.get_mut(&p.key) else {
-                    continue;
-                };
-                let was = selection.contains(key);
                 let is = now.is_some_and(|w| p.selects(w));
-                match (was, is) {
-                    (false, false) => continue,
-                    (false, true) => {
-                        selection.insert(key.clone());
+                let was = match self.selections.get_mut(&p.key) {
+                    Some(selection) if is => selection.insert(key.clone()).is_some(),
+                    Some(selection) => selection.remove(key).is_some(),
+                    // Every policy of the last config has its set; should one not, it is
+                    // selected afresh rather than left wrong.
+                    None => {
+                        let keys: Keys = config.selected_by(p).map(|w| w.key.clone()).collect();
+                        self.selections.insert(p.key.clone(), keys);
+                        true
                     }
-                    (true, false) => {
-                        selection.remove(key);
+                };
+                if was || is {
+                    for w in before.into_iter().chain(now) {
+                        self.patch(&w.node).policies.insert(p.key.clone());
                     }
-                    (true, true) => {}
                 }
-                for w in before.into_iter().chain(now) {
-                    self.patch(&w.node).policies.insert(p.key.clone());
-                }
+            }
+        }
+        // An edited policy's entry changes wherever it selected or selects a workload.
+        for (key, before) in edited {
+            let mut nodes: BTreeSet<&'a str> = BTreeSet::new();
+            for k in before.iter().flatten() {
+                nodes.extend(node_of(old, k));
+            }
+            for k in self.selections.get(key).into_iter().flatten() {
+                nodes.extend(node_of(config, k));
+            }
+            for node in nodes {
+                self.patch(node).policies.insert(key.clone());
             }
         }
     }

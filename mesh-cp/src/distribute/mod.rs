@@ -57,7 +57,7 @@ impl Distribution {
 mod tests {
     use std::{collections::BTreeMap, path::PathBuf};
 
-    use mesh_model::Config;
+    use mesh_model::{Config, ObjectKey};
 
     use mesh_api::v1;
 
@@ -163,8 +163,27 @@ mod tests {
         }
     }
 
-    const DOCS: [&str; 9] = [
-        C_ON_N2, C_ON_N1, DENY_B, ROUTE, TRUST, TP, D_ON_N3, DENY_A, MESH_WIDE,
+    // Namespaces `a` and `a-b` on one node: `workload/a-b/…` sorts before `workload/a/…` as a
+    // string, after it as a key.
+    const IN_A: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: y, namespace: a, labels: {app: b}}\nspec: {node: n1, netns: /run/netns/ay, addresses: [10.0.1.1]}\n";
+    const IN_A_B: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: x, namespace: a-b, labels: {app: b}}\nspec: {node: n1, netns: /run/netns/abx, addresses: [10.0.1.2]}\n";
+    const IN_ROOT: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: r, namespace: mycel-system, labels: {app: b}}\nspec: {node: n2, netns: /run/netns/r, addresses: [10.0.1.3]}\n";
+    /// DENY_B with other rules: the same selector.
+    const DENY_B_81: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: only-b}\nspec: {selector: {matchLabels: {app: b}}, action: Deny, rules: [{ports: [81]}]}\n";
+    const SVC_C: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {name: c}\nspec: {vips: [10.96.0.3], ports: [{port: 80}], selector: {app: b}}\n";
+    /// SVC_C with other ports: the same selector.
+    const SVC_C_81: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {name: c}\nspec: {vips: [10.96.0.3], ports: [{port: 81}], selector: {app: b}}\n";
+
+    const DOCS: [&str; 15] = [
+        C_ON_N2, C_ON_N1, DENY_B, ROUTE, TRUST, TP, D_ON_N3, DENY_A, MESH_WIDE, IN_A, IN_A_B,
+        IN_ROOT, DENY_B_81, SVC_C, SVC_C_81,
+    ];
+
+    /// Documents that define one object: at most one of each group is in a config.
+    const SAME_OBJECT: [&[&str]; 3] = [
+        &[C_ON_N1, C_ON_N2],
+        &[DENY_A, DENY_B, DENY_B_81],
+        &[SVC_C, SVC_C_81],
     ];
 
     /// `docs` on top of the base (or the relabelled base), each document in its own file, read
@@ -184,7 +203,7 @@ mod tests {
 
     #[test]
     fn snapshots_and_deltas_agree_with_the_plain_definition() {
-        let steps: [(bool, &[&str]); 17] = [
+        let steps: [(bool, &[&str]); 21] = [
             (false, &[]),
             (false, &[C_ON_N2]),
             (false, &[C_ON_N2, DENY_B]),
@@ -202,6 +221,12 @@ mod tests {
             (false, &[DENY_B, C_ON_N2]),
             (true, &[DENY_B, C_ON_N2]),
             (false, &[DENY_B, C_ON_N2]),
+            // The policy's rules change, not its selector; then a service's ports.
+            (false, &[DENY_B_81, C_ON_N2, SVC_C]),
+            (false, &[DENY_B_81, C_ON_N1, SVC_C_81]),
+            // Namespaces whose keys sort unlike their strings, and the root namespace.
+            (false, &[MESH_WIDE, IN_A, IN_A_B, IN_ROOT, DENY_B]),
+            (false, &[MESH_WIDE, IN_A_B, IN_ROOT, DENY_B_81]),
             (false, &[]),
         ];
         // Each config parsed afresh: nothing shared, every difference found by comparing.
@@ -237,23 +262,41 @@ mod tests {
             let mut parser = mesh_model::Parser::default();
             let steps: Vec<Config> = (0..12)
                 .map(|_| {
-                    let docs: Vec<&str> =
-                        DOCS.iter().copied().filter(|_| next() % 3 == 0).collect();
-                    // c is on one node or the other.
-                    let docs: Vec<&str> = match docs.contains(&C_ON_N1) {
-                        true => docs.into_iter().filter(|d| *d != C_ON_N2).collect(),
-                        false => docs,
-                    };
-                    // DENY_A and DENY_B are one policy's two versions.
-                    let docs: Vec<&str> = match docs.contains(&DENY_A) {
-                        true => docs.into_iter().filter(|d| *d != DENY_B).collect(),
-                        false => docs,
-                    };
+                    let mut docs: Vec<&str> = Vec::new();
+                    for d in DOCS.iter().copied().filter(|_| next() % 3 == 0) {
+                        let group = SAME_OBJECT.iter().find(|g| g.contains(&d));
+                        if !group.is_some_and(|g| docs.iter().any(|x| g.contains(x))) {
+                            docs.push(d);
+                        }
+                    }
                     through(&mut parser, next() % 4 == 0, &docs)
                 })
                 .collect();
             check_against_reference(&steps);
         }
+    }
+
+    /// Services whose endpoints are listed (as Kubernetes gives them): patched as workloads
+    /// come and go, a listed workload missing from the config included.
+    #[test]
+    fn listed_endpoints_agree_with_the_plain_definition() {
+        let listing = |c: Config, names: &[&str]| {
+            let mut c = c;
+            let key = ObjectKey::new("default", "b");
+            let mut s = c.services.get(&key).unwrap().clone();
+            s.endpoints = Some(names.iter().map(|n| ObjectKey::new("default", n)).collect());
+            c.services.insert(key, s);
+            c
+        };
+        let steps = [
+            listing(config(&[]), &["b"]),
+            listing(config(&[C_ON_N2]), &["b", "c"]),
+            listing(config(&[C_ON_N1]), &["b", "c"]),
+            listing(config(&[]), &["b", "c"]),
+            listing(config(&[C_ON_N2]), &["b", "c"]),
+            listing(config(&[C_ON_N2]), &["c"]),
+        ];
+        check_against_reference(&steps);
     }
 
     #[test]
