@@ -24,6 +24,7 @@ pub const TARGETS: &[&str] = &[
     "handoff_message",
     "cni_request",
     "config_document",
+    "config_files",
     "node_token",
     "config_update",
     "http_message",
