@@ -215,15 +215,7 @@ pub fn load_file(file: &Path) -> Result<Config, ConfigError> {
 pub fn parse(files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
     let mut builder = Builder::default();
     for (file, text) in files {
-        for (doc, resource) in parse_whole(file, text)? {
-            builder
-                .add(resource)
-                .map_err(|message| ConfigError::Invalid {
-                    file: file.clone(),
-                    doc,
-                    message,
-                })?;
-        }
+        builder.add_file(file, parse_whole(file, text)?)?;
     }
     Ok(builder.config)
 }
@@ -315,15 +307,7 @@ impl Parser {
         let mut now = HashMap::with_capacity(files.len());
         for (file, text) in files {
             let parsed = self.parsed_file(file, text)?;
-            for (doc, resource) in parsed.docs() {
-                builder
-                    .add(resource.clone())
-                    .map_err(|message| ConfigError::Invalid {
-                        file: file.clone(),
-                        doc,
-                        message,
-                    })?;
-            }
+            builder.add_file(file, parsed.docs().map(|(n, r)| (n, r.clone())))?;
             now.insert(file.clone(), parsed);
         }
         self.state = builder;
@@ -346,6 +330,23 @@ struct Builder {
 }
 
 impl Builder {
+    /// Adds one file's documents in order: the first that does not fit is the error, with
+    /// its file and document number.
+    fn add_file(
+        &mut self,
+        file: &Path,
+        docs: impl IntoIterator<Item = (usize, Resource)>,
+    ) -> Result<(), ConfigError> {
+        for (doc, resource) in docs {
+            self.add(resource).map_err(|message| ConfigError::Invalid {
+                file: file.to_path_buf(),
+                doc,
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
     fn add(&mut self, resource: Resource) -> Result<(), String> {
         match resource {
             Resource::MeshConfig(m) => {
