@@ -287,7 +287,9 @@ impl<'a> Build<'a> {
 
     fn run(mut self) -> (Catalog, Change) {
         let (config, old) = (self.config, self.old);
-        if self.shared.is_empty() || config.mesh != old.mesh {
+        // Only a catalog built afresh lacks the mesh entry: `Catalog::build` builds afresh
+        // whenever the mesh settings change.
+        if self.shared.is_empty() {
             let mesh = resource(
                 keys::MESH.into(),
                 v1::resource::Kind::Mesh((&config.mesh).into()),
