@@ -573,13 +573,8 @@ mod tests {
         ));
         pool.push("kind: [unclosed\n".to_owned());
 
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15u64);
+        let mut next = move || rng.u64(..);
         let mut parser = Parser::default();
         let (mut oks, mut errs) = (0, 0);
         for _ in 0..600 {

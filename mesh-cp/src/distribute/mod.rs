@@ -251,13 +251,8 @@ mod tests {
     /// Random walks over the same documents, as the config dir would give them.
     #[test]
     fn random_changes_agree_with_the_plain_definition() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = fastrand::Rng::with_seed(0x2545_f491_4f6c_dd1du64);
+        let mut next = move || rng.u64(..);
         for _ in 0..20 {
             let mut parser = mesh_model::Parser::default();
             let steps: Vec<Config> = (0..12)
