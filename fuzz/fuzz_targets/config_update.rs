@@ -26,12 +26,16 @@ fuzz_target!(|data: &[u8]| {
     let mut stream = Assembler::default();
     let _ = stream.push(update.clone());
     let _ = stream.push(update.clone());
-    // Split into parts and put back together, the version is what it was.
+    // Split into parts as the control plane sends them and put back together, the version is
+    // what it was.
     update.more = false;
     let mut stream = Assembler::default();
     let mut whole = None;
     for part in parts::split(update.clone()) {
         assert!(whole.is_none(), "whole before the last part");
+        // What the control plane sends reads as what the node takes.
+        let part = ConfigUpdate::decode(part.encode_to_vec().as_slice())
+            .expect("an encoded part reads as a ConfigUpdate");
         whole = stream
             .push(part)
             .expect("the parts of one version fit together");

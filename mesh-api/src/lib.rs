@@ -5,7 +5,13 @@ pub mod v1 {
     tonic::include_proto!("mycel.v1");
 }
 
+/// The node service as the control plane serves it (`build.rs`).
+pub mod server {
+    include!(concat!(env!("OUT_DIR"), "/mycel.v1.NodeService.rs"));
+}
+
 pub mod convert;
+pub mod encoded;
 pub mod parts;
 
 use std::net::IpAddr;

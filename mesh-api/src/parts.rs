@@ -1,11 +1,14 @@
 //! A config version too large for one message goes as several (`ConfigUpdate.more`): the
-//! control plane splits it into parts of bounded size ([`split`]) and the node puts them back
+//! control plane splits it into parts of bounded size ([`Parts`]) and the node puts them back
 //! together before applying any ([`Assembler`]). gRPC refuses messages over 4 MiB by default,
 //! and a first sync grows with the mesh (about 250 bytes per workload).
 
-use prost::Message;
+use prost::{bytes::Bytes, Message};
 
-use crate::v1::{ConfigUpdate, Resource};
+use crate::{
+    encoded::{EncodedResource, EncodedUpdate},
+    v1::ConfigUpdate,
+};
 
 /// The most a part's resources take, encoded: far below gRPC's 4 MiB limit, so a part with
 /// one resource over it still fits, and small because each stream's encoder keeps a buffer
@@ -19,8 +22,9 @@ pub const MAX_PART_BYTES: usize = 128 << 10;
 pub const MAX_VERSION_BYTES: usize = 512 << 20;
 
 /// `update` as parts of at most [`MAX_PART_BYTES`] of resources each (one resource larger
-/// than that goes alone). Only the first keeps `snapshot`; all but the last have `more`.
-pub fn split(update: ConfigUpdate) -> Vec<ConfigUpdate> {
+/// than that goes alone), as the control plane sends them. Only the first keeps `snapshot`;
+/// all but the last have `more`.
+pub fn split(update: ConfigUpdate) -> Vec<EncodedUpdate> {
     let ConfigUpdate {
         version,
         snapshot,
@@ -32,7 +36,7 @@ pub fn split(update: ConfigUpdate) -> Vec<ConfigUpdate> {
     let mut parts = Vec::new();
     let mut builder = Parts::new(epoch, version, snapshot);
     for resource in upserts {
-        parts.extend(builder.upsert(resource));
+        parts.extend(builder.upsert(EncodedResource::new(resource).wire().clone()));
     }
     for key in removals {
         parts.extend(builder.remove(key));
@@ -41,18 +45,18 @@ pub fn split(update: ConfigUpdate) -> Vec<ConfigUpdate> {
     parts
 }
 
-/// Builds a version's parts one resource at a time, so that a sender never holds more than
-/// a part of it encoded or cloned: each call returns a part once it is full.
+/// Builds a version's parts one resource at a time, from resources encoded once for every
+/// stream: each call returns a part once it is full, so a sender holds one part at a time.
 #[derive(Debug)]
 pub struct Parts {
-    open: ConfigUpdate,
+    open: EncodedUpdate,
     size: usize,
 }
 
 impl Parts {
     pub fn new(epoch: u64, version: u64, snapshot: bool) -> Self {
         Self {
-            open: ConfigUpdate {
+            open: EncodedUpdate {
                 version,
                 snapshot,
                 upserts: Vec::new(),
@@ -70,11 +74,11 @@ impl Parts {
     }
 
     /// Makes room for `len` more bytes: the open part, if it is full.
-    fn room(&mut self, len: usize) -> Option<ConfigUpdate> {
+    fn room(&mut self, len: usize) -> Option<EncodedUpdate> {
         let started = !self.open.upserts.is_empty() || !self.open.removals.is_empty();
         let full = started && self.size + len > MAX_PART_BYTES;
         let done = full.then(|| {
-            let next = ConfigUpdate {
+            let next = EncodedUpdate {
                 snapshot: false,
                 upserts: Vec::new(),
                 removals: Vec::new(),
@@ -87,20 +91,21 @@ impl Parts {
         done
     }
 
-    pub fn upsert(&mut self, resource: Resource) -> Option<ConfigUpdate> {
-        let done = self.room(Self::field(resource.encoded_len()));
+    /// Adds an encoded `Resource` (shared: no bytes are copied).
+    pub fn upsert(&mut self, resource: Bytes) -> Option<EncodedUpdate> {
+        let done = self.room(Self::field(resource.len()));
         self.open.upserts.push(resource);
         done
     }
 
-    pub fn remove(&mut self, key: String) -> Option<ConfigUpdate> {
+    pub fn remove(&mut self, key: String) -> Option<EncodedUpdate> {
         let done = self.room(Self::field(key.len()));
         self.open.removals.push(key);
         done
     }
 
     /// The last part.
-    pub fn finish(mut self) -> ConfigUpdate {
+    pub fn finish(mut self) -> EncodedUpdate {
         self.open.more = false;
         self.open
     }
@@ -167,6 +172,14 @@ mod tests {
     use super::*;
     use crate::v1::{resource::Kind, Resource, Workload};
 
+    /// Parts as the node reads them.
+    fn decoded(parts: Vec<EncodedUpdate>) -> Vec<ConfigUpdate> {
+        parts
+            .iter()
+            .map(|p| ConfigUpdate::decode(p.encode_to_vec().as_slice()).unwrap())
+            .collect()
+    }
+
     fn workload(i: usize, pad: usize) -> Resource {
         Resource {
             key: format!("workload/ns/w{i}"),
@@ -193,7 +206,7 @@ mod tests {
             update.encoded_len() > 4 << 20,
             "bigger than gRPC's default limit"
         );
-        let parts = split(update.clone());
+        let parts = decoded(split(update.clone()));
         assert!(parts.len() > 4, "{}", parts.len());
         for (i, p) in parts.iter().enumerate() {
             // The version and flags aside.
@@ -218,19 +231,19 @@ mod tests {
             upserts: vec![workload(1, 10)],
             ..Default::default()
         };
-        assert_eq!(split(small.clone()), vec![small.clone()]);
+        assert_eq!(decoded(split(small.clone())), vec![small.clone()]);
         assert_eq!(Assembler::default().push(small.clone()), Ok(Some(small)));
         let empty = ConfigUpdate {
             version: 4,
             ..Default::default()
         };
-        assert_eq!(split(empty.clone()), vec![empty]);
+        assert_eq!(decoded(split(empty.clone())), vec![empty]);
         let big = ConfigUpdate {
             version: 5,
             upserts: vec![workload(1, 10), workload(2, 2 << 20), workload(3, 10)],
             ..Default::default()
         };
-        let parts = split(big);
+        let parts = decoded(split(big));
         assert_eq!(
             parts.iter().map(|p| p.upserts.len()).collect::<Vec<_>>(),
             [1, 1, 1]

@@ -8,12 +8,11 @@ use std::{
 };
 
 use mesh_api::{
+    encoded::{EncodedResource, EncodedUpdate},
     keys, metadata,
     parts::Parts,
-    v1::{
-        self, node_service_server::NodeService, ConfigAck, ConfigUpdate, SignCertificateRequest,
-        SignCertificateResponse,
-    },
+    server::node_service_server::NodeService,
+    v1::{self, ConfigAck, SignCertificateRequest, SignCertificateResponse},
 };
 use mesh_model::SpiffeId;
 use tokio::sync::{mpsc, watch, SemaphorePermit};
@@ -84,7 +83,7 @@ impl NodeApi {
 
 #[tonic::async_trait]
 impl NodeService for NodeApi {
-    type StreamConfigStream = ReceiverStream<Result<ConfigUpdate, Status>>;
+    type StreamConfigStream = ReceiverStream<Result<EncodedUpdate, Status>>;
 
     async fn stream_config(
         &self,
@@ -200,7 +199,7 @@ const SEND_WAIT: Duration = Duration::from_secs(30);
 /// without acknowledging it.
 const SNAPSHOT_ACK_WAIT: Duration = Duration::from_secs(30);
 
-type Tx = mpsc::Sender<Result<ConfigUpdate, Status>>;
+type Tx = mpsc::Sender<Result<EncodedUpdate, Status>>;
 
 /// Why a stream stopped sending.
 enum Stop {
@@ -210,7 +209,7 @@ enum Stop {
 }
 
 /// Sends one part; the node must take it within [`SEND_WAIT`].
-async fn send(tx: &Tx, part: ConfigUpdate) -> Result<(), Stop> {
+async fn send(tx: &Tx, part: EncodedUpdate) -> Result<(), Stop> {
     match tokio::time::timeout(SEND_WAIT, tx.send(Ok(part))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Stop::Gone),
@@ -247,7 +246,7 @@ async fn send_changes(
     let mut parts = Parts::new(shared.epoch, published.version, false);
     for key in keys {
         let full = match published.distribution.catalog.get(node, key) {
-            Some(entry) => parts.upsert(v1::Resource::clone(entry)),
+            Some(entry) => parts.upsert(entry.wire().clone()),
             None => parts.remove(key.to_owned()),
         };
         if let Some(part) = full {
@@ -279,27 +278,27 @@ async fn send_snapshot<'a>(
     let published = config.borrow_and_update().clone();
     let mut parts = Parts::new(shared.epoch, published.version, true);
     let mut count = 1;
-    let roots = v1::Resource {
+    let roots = EncodedResource::new(v1::Resource {
         key: keys::TRUST_BUNDLE.into(),
         kind: Some(v1::resource::Kind::TrustBundle(v1::TrustBundle {
             roots_der: vec![shared.ca.root_der().to_vec()],
         })),
-    };
+    });
     // In key order, with the trust bundle (the same for every version) in its place. Each
     // part goes as soon as it is full: what this stream holds is one part.
     let mut roots = Some(roots);
     for entry in published.distribution.catalog.snapshot(caller.node) {
-        if let Some(r) = roots.take_if(|r| r.key < entry.key) {
-            if let Some(part) = parts.upsert(r) {
+        if let Some(r) = roots.take_if(|r| r.key() < entry.key()) {
+            if let Some(part) = parts.upsert(r.wire().clone()) {
                 send(tx, part).await?;
             }
         }
         count += 1;
-        if let Some(part) = parts.upsert(v1::Resource::clone(entry)) {
+        if let Some(part) = parts.upsert(entry.wire().clone()) {
             send(tx, part).await?;
         }
     }
-    if let Some(part) = roots.and_then(|r| parts.upsert(r)) {
+    if let Some(part) = roots.and_then(|r| parts.upsert(r.wire().clone())) {
         send(tx, part).await?;
     }
     send(tx, parts.finish()).await?;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use mesh_api::v1::node_service_server::NodeServiceServer;
+use mesh_api::server::node_service_server::NodeServiceServer;
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,

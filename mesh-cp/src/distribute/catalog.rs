@@ -20,14 +20,14 @@ use std::{
 };
 
 use imbl::ordmap::DiffItem;
-use mesh_api::{keys, v1};
+use mesh_api::{encoded::EncodedResource, keys, v1};
 use mesh_model::{
     authz::{DenyTargets, PolicyIndex, Selection},
     in_namespace, Action, Config, ObjectKey, Objects, Service, Workload,
 };
 
-/// One resource as every stream sends it; shared, never changed once built.
-pub type Entry = Arc<v1::Resource>;
+/// One resource as every stream sends it, encoded once; shared, never changed once built.
+pub type Entry = Arc<EncodedResource>;
 
 /// Entries by key. Persistent, so that a version copies none of the last one's entries.
 pub type Part = imbl::OrdMap<String, Entry>;
@@ -95,10 +95,10 @@ impl Change {
 }
 
 fn resource(key: String, kind: v1::resource::Kind) -> Entry {
-    Arc::new(v1::Resource {
+    Arc::new(EncodedResource::new(v1::Resource {
         key,
         kind: Some(kind),
-    })
+    }))
 }
 
 /// Workload `w` as every node sees it, without its netns.
@@ -125,11 +125,11 @@ fn own_workload(w: &Workload, trust_domain: &str) -> Entry {
 
 /// Puts `entry` at its key in `map` unless an equal one is there; records the key if not.
 fn put(map: &mut Part, entry: Entry, changed: &mut Vec<String>) {
-    match map.get(&entry.key) {
+    match map.get(entry.key()) {
         Some(old) if **old == *entry => {}
         _ => {
-            changed.push(entry.key.clone());
-            map.insert(entry.key.clone(), entry);
+            changed.push(entry.key().to_owned());
+            map.insert(entry.key().to_owned(), entry);
         }
     }
 }
@@ -400,7 +400,9 @@ impl<'a> Build<'a> {
                 continue;
             };
             let last = self.shared.get(&keys::service(&key.namespace, &key.name));
-            let Some(v1::resource::Kind::Service(last)) = last.and_then(|e| e.kind.as_ref()) else {
+            let Some(v1::resource::Kind::Service(last)) =
+                last.and_then(|e| e.resource().kind.as_ref())
+            else {
                 let endpoints = config.endpoints(s).map(|w| w.key.to_string()).collect();
                 self.put_service(s, endpoints);
                 continue;
@@ -650,7 +652,7 @@ impl<'a> Build<'a> {
                 .range(prefix.to_owned()..)
                 .take_while(|(k, _)| k.starts_with(prefix))
                 .map(|(k, _)| k.clone())
-                .filter(|k| !new.iter().any(|e| e.key == *k))
+                .filter(|k| !new.iter().any(|e| e.key() == k))
                 .collect();
             for k in gone {
                 remove(&mut part, &k, &mut keys);

@@ -98,7 +98,7 @@ mod tests {
         let mut removals = Vec::new();
         for key in keys {
             match d.catalog.get(node, key) {
-                Some(e) => upserts.push(v1::Resource::clone(e)),
+                Some(e) => upserts.push(e.resource().clone()),
                 None => removals.push(key.to_owned()),
             }
         }
@@ -130,7 +130,7 @@ mod tests {
                         p.distribution
                             .catalog
                             .snapshot(node)
-                            .map(|e| v1::Resource::clone(e)),
+                            .map(|e| e.resource().clone()),
                     )
                 })
                 .collect();
