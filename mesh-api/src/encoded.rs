@@ -26,6 +26,8 @@ pub struct EncodedUpdate {
     pub more: bool,
     #[prost(uint64, tag = "6")]
     pub epoch: u64,
+    #[prost(bytes = "vec", repeated, tag = "7")]
+    pub absent: Vec<Vec<u8>>,
 }
 
 /// A resource and its encoding, made together so that they cannot disagree. Two are equal when
@@ -91,6 +93,7 @@ mod tests {
             removals: vec!["service/ns/gone".into()],
             more: true,
             epoch: 4,
+            absent: vec![vec![10, 9, 9, 9]],
         };
         let decoded = ConfigUpdate::decode(encoded.encode_to_vec().as_slice()).unwrap();
         assert_eq!(
@@ -102,6 +105,7 @@ mod tests {
                 removals: vec!["service/ns/gone".into()],
                 more: true,
                 epoch: 4,
+                absent: vec![vec![10, 9, 9, 9]],
             }
         );
     }

@@ -40,6 +40,32 @@ pub mod metadata {
     /// On a config stream: the epoch and version the node holds, "<epoch>-<version>".
     pub const RESUME: &str = "x-mycel-resume";
 
+    /// On a config stream: "workloads" asks for other nodes' workloads on demand only.
+    pub const ON_DEMAND: &str = "x-mycel-on-demand";
+    pub const ON_DEMAND_WORKLOADS: &str = "workloads";
+
+    /// Asks in `request` for other nodes' workloads on demand (see `node.proto`).
+    pub fn set_on_demand<T>(request: &mut tonic::Request<T>) {
+        request.metadata_mut().insert(
+            ON_DEMAND,
+            tonic::metadata::MetadataValue::from_static(ON_DEMAND_WORKLOADS),
+        );
+    }
+
+    /// Whether `request` asks for workloads on demand. Any other value is an error: a node
+    /// that asks for something this control plane does not know must not be sent the whole
+    /// mesh as if it had not asked.
+    pub fn on_demand<T>(request: &tonic::Request<T>) -> Result<bool, String> {
+        match request.metadata().get(ON_DEMAND).map(|v| v.to_str()) {
+            None => Ok(false),
+            Some(Ok(ON_DEMAND_WORKLOADS)) => Ok(true),
+            Some(Ok(other)) => Err(format!(
+                "`{ON_DEMAND}: {other}` is not known: the value is `{ON_DEMAND_WORKLOADS}`"
+            )),
+            Some(Err(_)) => Err(format!("`{ON_DEMAND}` is not ASCII")),
+        }
+    }
+
     /// Names in `request` the version a node holds of the control-plane run `epoch`.
     pub fn set_resume<T>(request: &mut tonic::Request<T>, epoch: u64, version: u64) {
         // Digits and a dash: always a valid header value.

@@ -32,6 +32,7 @@ pub fn split(update: ConfigUpdate) -> Vec<EncodedUpdate> {
         removals,
         more: _,
         epoch,
+        absent,
     } = update;
     let mut parts = Vec::new();
     let mut builder = Parts::new(epoch, version, snapshot);
@@ -40,6 +41,9 @@ pub fn split(update: ConfigUpdate) -> Vec<EncodedUpdate> {
     }
     for key in removals {
         parts.extend(builder.remove(key));
+    }
+    for address in absent {
+        parts.extend(builder.absent(address));
     }
     parts.push(builder.finish());
     parts
@@ -63,6 +67,7 @@ impl Parts {
                 removals: Vec::new(),
                 more: true,
                 epoch,
+                absent: Vec::new(),
             },
             size: 0,
         }
@@ -75,13 +80,16 @@ impl Parts {
 
     /// Makes room for `len` more bytes: the open part, if it is full.
     fn room(&mut self, len: usize) -> Option<EncodedUpdate> {
-        let started = !self.open.upserts.is_empty() || !self.open.removals.is_empty();
+        let started = !self.open.upserts.is_empty()
+            || !self.open.removals.is_empty()
+            || !self.open.absent.is_empty();
         let full = started && self.size + len > MAX_PART_BYTES;
         let done = full.then(|| {
             let next = EncodedUpdate {
                 snapshot: false,
                 upserts: Vec::new(),
                 removals: Vec::new(),
+                absent: Vec::new(),
                 ..self.open
             };
             self.size = 0;
@@ -101,6 +109,13 @@ impl Parts {
     pub fn remove(&mut self, key: String) -> Option<EncodedUpdate> {
         let done = self.room(Self::field(key.len()));
         self.open.removals.push(key);
+        done
+    }
+
+    /// Names an address no workload has (an answer to a node that asked).
+    pub fn absent(&mut self, address: Vec<u8>) -> Option<EncodedUpdate> {
+        let done = self.room(Self::field(address.len()));
+        self.open.absent.push(address);
         done
     }
 
@@ -147,6 +162,7 @@ impl Assembler {
                 }
                 open.upserts.extend(part.upserts);
                 open.removals.extend(part.removals);
+                open.absent.extend(part.absent);
                 open.more = part.more;
                 open
             }
@@ -201,6 +217,7 @@ mod tests {
             removals: vec!["service/ns/gone".into()],
             more: false,
             epoch: 11,
+            absent: vec![vec![10, 0, 0, 9]],
         };
         assert!(
             update.encoded_len() > 4 << 20,

@@ -2,6 +2,7 @@
 //! the node the caller's credential speaks for (`node_auth.rs`).
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -20,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    distribute::Delta,
+    distribute::{Answers, Delta, WatchError, Watches},
     metrics::{Push, Refusal},
     node_auth::AuthError,
     state::{Published, Shared},
@@ -109,6 +110,7 @@ impl NodeService for NodeApi {
         };
         // Two parts queued at most: the rest waits in the catalog, not in memory.
         let (tx, rx) = mpsc::channel(2);
+        let on_demand = metadata::on_demand(&req).map_err(Status::invalid_argument)?;
         // Only a version of this run can be resumed from; anything else takes a snapshot.
         let resume = metadata::resume(&req)
             .filter(|(epoch, _)| *epoch == self.shared.epoch)
@@ -119,6 +121,7 @@ impl NodeService for NodeApi {
             token,
             peer,
             resume,
+            on_demand,
             req.into_inner(),
             tx,
             slot,
@@ -234,18 +237,35 @@ impl Caller<'_> {
     }
 }
 
-/// Sends `node` what changed for it (`keys`) in `published`, part by part: each resource is
-/// looked up and copied as its part is built, so a stream holds one part at a time.
+/// Sends `node` what changed for it (`keys`) in `published`, and the answers to what it asked
+/// for on demand, part by part: each resource is looked up as its part is built, so a stream
+/// holds one part at a time. Returns the resources and removals sent.
 async fn send_changes(
     shared: &Shared,
     node: &str,
     published: &Published,
     keys: Vec<&str>,
+    demand: Option<(&Watches, Answers)>,
     tx: &Tx,
-) -> Result<(), Stop> {
+) -> Result<usize, Stop> {
+    let catalog = &published.distribution.catalog;
     let mut parts = Parts::new(shared.epoch, published.version, false);
+    let (watches, answers) = match demand {
+        Some((w, a)) => (Some(w), a),
+        None => (None, Answers::default()),
+    };
+    // A key that changed and was asked for goes once.
+    let keys: BTreeSet<&str> = keys
+        .into_iter()
+        .chain(answers.keys.iter().map(String::as_str))
+        .collect();
+    let count = keys.len() + answers.absent.len();
     for key in keys {
-        let full = match published.distribution.catalog.get(node, key) {
+        let entry = match watches {
+            Some(w) => w.entry(catalog, node, key),
+            None => catalog.get(node, key),
+        };
+        let full = match entry {
             Some(entry) => parts.upsert(entry.wire().clone()),
             None => parts.remove(key.to_owned()),
         };
@@ -253,7 +273,13 @@ async fn send_changes(
             send(tx, part).await?;
         }
     }
-    send(tx, parts.finish()).await
+    for ip in answers.absent {
+        if let Some(part) = parts.absent(mesh_api::ip_to_bytes(ip)) {
+            send(tx, part).await?;
+        }
+    }
+    send(tx, parts.finish()).await?;
+    Ok(count)
 }
 
 /// Sends `caller` everything it holds at the latest version, part by part. Snapshots are the
@@ -268,6 +294,7 @@ async fn send_snapshot<'a>(
     shared: &'a Shared,
     caller: &Caller<'_>,
     config: &mut watch::Receiver<Published>,
+    watches: Option<&mut Watches>,
     tx: &Tx,
 ) -> Result<(u64, usize, SemaphorePermit<'a>), Stop> {
     let permit = tokio::select! {
@@ -284,6 +311,29 @@ async fn send_snapshot<'a>(
             roots_der: vec![shared.ca.root_der().to_vec()],
         })),
     });
+    if let Some(watches) = watches {
+        let catalog = &published.distribution.catalog;
+        let answers = watches.answer(catalog);
+        shared
+            .metrics
+            .on_demand(answers.keys.len(), answers.absent.len());
+        if let Some(part) = parts.upsert(roots.wire().clone()) {
+            send(tx, part).await?;
+        }
+        for entry in watches.snapshot(catalog, caller.node) {
+            count += 1;
+            if let Some(part) = parts.upsert(entry.wire().clone()) {
+                send(tx, part).await?;
+            }
+        }
+        for ip in answers.absent {
+            if let Some(part) = parts.absent(mesh_api::ip_to_bytes(ip)) {
+                send(tx, part).await?;
+            }
+        }
+        send(tx, parts.finish()).await?;
+        return Ok((published.version, count, permit));
+    }
     // In key order, with the trust bundle (the same for every version) in its place. Each
     // part goes as soon as it is full: what this stream holds is one part.
     let mut roots = Some(roots);
@@ -305,6 +355,10 @@ async fn send_snapshot<'a>(
     Ok((published.version, count, permit))
 }
 
+/// How long a node that resumes on demand has to name what it watches before it is sent a
+/// snapshot instead.
+const RESUME_WATCHES_WAIT: Duration = Duration::from_secs(10);
+
 /// Feeds one node's config stream until the node goes away or its token stops being valid.
 #[allow(clippy::too_many_arguments)]
 async fn serve_stream(
@@ -314,13 +368,15 @@ async fn serve_stream(
     peer: Option<SocketAddr>,
     // The version the node says it holds, in this control plane's epoch.
     resume: Option<u64>,
+    // Whether the node takes other nodes' workloads on demand.
+    on_demand: bool,
     mut acks: Streaming<ConfigAck>,
     tx: Tx,
     // Held for the stream's life: the peer's place among its streams.
     _slot: Option<crate::peer_limits::StreamSlot>,
 ) {
     shared.update_node(&node, |n| n.streams += 1);
-    tracing::info!(node, peer = ?peer, resume, "node connected");
+    tracing::info!(node, peer = ?peer, resume, on_demand, "node connected");
     let caller = Caller {
         node: &node,
         token: &token,
@@ -329,6 +385,30 @@ async fn serve_stream(
     let mut config = shared.config.clone();
     // The version the node holds as far as this stream knows; none until a snapshot is sent.
     let mut cursor = resume;
+    let mut watches = on_demand.then(Watches::default);
+    // A node that resumes on demand holds workloads it watches: what changed since its
+    // version is filtered by them, so they come first.
+    if let (Some(w), Some(_)) = (watches.as_mut(), cursor) {
+        match tokio::time::timeout(RESUME_WATCHES_WAIT, acks.message()).await {
+            Ok(Ok(Some(first))) => {
+                if let Err(e) = w.resume(&first) {
+                    refuse_watches(&shared, &node, &tx, &e);
+                    shared.update_node(&node, |n| n.streams = n.streams.saturating_sub(1));
+                    return;
+                }
+            }
+            Ok(_) => {
+                shared.update_node(&node, |n| n.streams = n.streams.saturating_sub(1));
+                tracing::info!(node, "node disconnected before naming its watches");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(node, "node resumed on demand without naming its watches within 10 s; sending a snapshot");
+                cursor = None;
+            }
+        }
+    }
+    let mut watched = 0;
     let mut first = true;
     let mut dirty = true;
     let mut recheck = tokio::time::interval(TOKEN_RECHECK);
@@ -342,39 +422,56 @@ async fn serve_stream(
         if dirty {
             dirty = false;
             let published = config.borrow_and_update().clone();
-            let delta = match cursor {
-                None => Delta::Snapshot,
-                Some(since) => published
-                    .distribution
-                    .delta(&node, since, published.version),
+            let delta = match (cursor, watches.as_mut()) {
+                (None, _) => Delta::Snapshot,
+                (Some(since), None) => {
+                    published
+                        .distribution
+                        .delta(&node, since, published.version)
+                }
+                (Some(since), Some(w)) => {
+                    published
+                        .distribution
+                        .delta_watched(&node, since, published.version, w)
+                }
+            };
+            // What the node asked for goes with the changes, at the same version.
+            let demand = match (&delta, watches.as_mut()) {
+                (Delta::Snapshot, _) | (_, None) => None,
+                (_, Some(w)) => {
+                    let answers = w.answer(&published.distribution.catalog);
+                    shared
+                        .metrics
+                        .on_demand(answers.keys.len(), answers.absent.len());
+                    let any = !answers.keys.is_empty() || !answers.absent.is_empty();
+                    Some((&*w, answers)).filter(|_| any)
+                }
             };
             let kind = if first { Push::Resume } else { Push::Update };
-            let sent = match delta {
-                Delta::None if !first => Ok(None),
+            let sent = match (delta, demand) {
+                (Delta::None, None) if !first => Ok(None),
                 // A resuming node is told it is current, so that it knows it is synced.
-                Delta::None => send(
-                    &tx,
-                    Parts::new(shared.epoch, published.version, false).finish(),
-                )
-                .await
-                .map(|()| Some((kind, published.version, 0))),
-                Delta::Changes(keys) => {
-                    let count = keys.len();
-                    send_changes(&shared, &node, &published, keys, &tx)
+                (Delta::None, demand) => {
+                    send_changes(&shared, &node, &published, Vec::new(), demand, &tx)
                         .await
-                        .map(|()| Some((kind, published.version, count)))
+                        .map(|count| Some((kind, published.version, count)))
                 }
-                Delta::Snapshot => {
+                (Delta::Changes(keys), demand) => {
+                    send_changes(&shared, &node, &published, keys, demand, &tx)
+                        .await
+                        .map(|count| Some((kind, published.version, count)))
+                }
+                (Delta::Snapshot, _) => {
                     // Its own place first: a stream must not wait for a place while it
                     // holds one.
                     syncing = None;
-                    send_snapshot(&shared, &caller, &mut config, &tx).await.map(
-                        |(version, count, permit)| {
+                    send_snapshot(&shared, &caller, &mut config, watches.as_mut(), &tx)
+                        .await
+                        .map(|(version, count, permit)| {
                             syncing = Some((version, permit));
                             syncing_until = tokio::time::Instant::now() + SNAPSHOT_ACK_WAIT;
                             Some((Push::Snapshot, version, count))
-                        },
-                    )
+                        })
                 }
             };
             match sent {
@@ -405,6 +502,15 @@ async fn serve_stream(
                 }
             }
             first = false;
+            if let Some(w) = &watches {
+                let now = w.len();
+                if now != watched {
+                    shared.update_node(&node, |n| {
+                        n.watches = n.watches.saturating_sub(watched) + now
+                    });
+                    watched = now;
+                }
+            }
         }
         tokio::select! {
             changed = config.changed() => {
@@ -415,6 +521,20 @@ async fn serve_stream(
             }
             ack = acks.message() => match ack {
                 Ok(Some(ack)) => {
+                    if !ack.watch.is_empty() || !ack.watch_addresses.is_empty() {
+                        let taken = match watches.as_mut() {
+                            Some(w) => w.request(&ack),
+                            None => Err(WatchError::NotOnDemand),
+                        };
+                        if let Err(e) = taken {
+                            refuse_watches(&shared, &node, &tx, &e);
+                            break "watches refused";
+                        }
+                        dirty = true;
+                    }
+                    if ack.version == 0 {
+                        continue;
+                    }
                     if syncing.as_ref().is_some_and(|(v, _)| ack.version >= *v) {
                         // Answered (applied or not): the place goes to another node.
                         syncing = None;
@@ -437,8 +557,25 @@ async fn serve_stream(
             }
         }
     };
-    shared.update_node(&node, |n| n.streams = n.streams.saturating_sub(1));
+    shared.update_node(&node, |n| {
+        n.streams = n.streams.saturating_sub(1);
+        n.watches = n.watches.saturating_sub(watched);
+    });
     tracing::info!(node, reason, "node disconnected");
+}
+
+/// Ends a stream whose node asked for what it may not: the node is told why.
+fn refuse_watches(shared: &Shared, node: &str, tx: &Tx, e: &WatchError) {
+    shared.metrics.on_demand_refused();
+    tracing::warn!(node, reason = %e, "node's watches refused; closing its stream");
+    let status = match e {
+        WatchError::TooMany => Status::resource_exhausted(e.to_string()),
+        WatchError::NotOnDemand => Status::failed_precondition(e.to_string()),
+        WatchError::NotAWorkload(_) | WatchError::BadAddress(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+    };
+    let _ = tx.try_send(Err(status));
 }
 
 /// Records a node's answer to a version.

@@ -72,6 +72,7 @@ pub struct CpMetrics {
     refused: IntCounterVec,
     config_errors: IntCounter,
     node_refusals: IntCounterVec,
+    on_demand: IntCounterVec,
 }
 
 impl CpMetrics {
@@ -148,8 +149,21 @@ impl CpMetrics {
         ] {
             node_refusals.with_label_values(&[r]);
         }
+        let on_demand = IntCounterVec::new(
+            Opts::new(
+                name("on_demand_lookups_total"),
+                "What nodes that take workloads on demand asked for: found (a workload key or an \
+                 address a workload has; sent), absent (an address no workload has), refused \
+                 (a malformed or over-limit request, which ends the node's stream).",
+            ),
+            &["answer"],
+        )?;
+        for a in ["found", "absent", "refused"] {
+            on_demand.with_label_values(&[a]);
+        }
         for c in [
             Box::new(pushes.clone()) as Box<dyn Collector>,
+            Box::new(on_demand.clone()),
             Box::new(resources_sent.clone()),
             Box::new(acks.clone()),
             Box::new(push_latency.clone()),
@@ -171,7 +185,23 @@ impl CpMetrics {
             refused,
             config_errors,
             node_refusals,
+            on_demand,
         })
+    }
+
+    /// Answers to on-demand requests: `found` keys and addresses sent, `absent` addresses.
+    pub fn on_demand(&self, found: usize, absent: usize) {
+        self.on_demand
+            .with_label_values(&["found"])
+            .inc_by(found as u64);
+        self.on_demand
+            .with_label_values(&["absent"])
+            .inc_by(absent as u64);
+    }
+
+    /// An on-demand request refused (its stream ends).
+    pub fn on_demand_refused(&self) {
+        self.on_demand.with_label_values(&["refused"]).inc();
     }
 
     /// A node request refused before any work; `reason` is one of the family's labels.

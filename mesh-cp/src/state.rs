@@ -140,6 +140,8 @@ pub struct NodeStatus {
     pub last_nack: Option<(u64, String)>,
     pub certificates_issued: u64,
     pub certificates_refused: u64,
+    /// Other nodes' workloads and addresses its on-demand streams watch.
+    pub watches: usize,
 }
 
 /// Snapshots sent at once, at most (see `grpc::send_snapshot`). Each holds about one part

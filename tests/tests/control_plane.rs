@@ -168,6 +168,7 @@ async fn config_stream_is_node_scoped_incremental_and_keeps_the_last_good_config
     acks.send(ConfigAck {
         version: first.version,
         error: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -214,6 +215,165 @@ async fn config_stream_is_node_scoped_incremental_and_keeps_the_last_good_config
     let removed = next(&mut updates).await.unwrap();
     assert!(removed.upserts.is_empty());
     assert_eq!(removed.removals, ["workload/default/c"]);
+}
+
+/// Opens the config stream on demand, resuming from `(epoch, version)` if given.
+async fn open_on_demand(
+    client: &mut NodeClient,
+    resume: Option<(u64, u64)>,
+) -> (mpsc::Sender<ConfigAck>, Streaming<ConfigUpdate>) {
+    let (tx, rx) = mpsc::channel(4);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    mesh_api::metadata::set_on_demand(&mut request);
+    if let Some((epoch, version)) = resume {
+        mesh_api::metadata::set_resume(&mut request, epoch, version);
+    }
+    let updates = client
+        .stream_config(request)
+        .await
+        .expect("an on-demand stream opens")
+        .into_inner();
+    (tx, updates)
+}
+
+fn watch(keys: &[&str], addresses: &[[u8; 4]]) -> ConfigAck {
+    ConfigAck {
+        watch: keys.iter().map(|k| k.to_string()).collect(),
+        watch_addresses: addresses.iter().map(|a| a.to_vec()).collect(),
+        ..Default::default()
+    }
+}
+
+fn sorted_keys(update: &ConfigUpdate) -> Vec<&str> {
+    let mut k = keys(update);
+    k.sort();
+    k
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_on_demand_holds_its_own_workloads_and_those_it_watches() {
+    let cp = start("demand");
+    let (token, _) = cp.create_token("n1").unwrap();
+    let mut n1 = cp.client("n1", &token).await.unwrap();
+    let (acks, mut updates) = open_on_demand(&mut n1, None).await;
+
+    // Its own workload and no other.
+    let first = next(&mut updates).await.unwrap();
+    assert!(first.snapshot);
+    assert_eq!(
+        sorted_keys(&first),
+        ["mesh", "trust-bundle", "workload/default/a"]
+    );
+    let ack = |u: &ConfigUpdate| ConfigAck {
+        version: u.version,
+        ..Default::default()
+    };
+    acks.send(ack(&first)).await.unwrap();
+
+    // By key: b is sent without its netns; a key no workload has is sent as removed.
+    acks.send(watch(&["workload/default/b", "workload/default/nope"], &[]))
+        .await
+        .unwrap();
+    let got = next(&mut updates).await.unwrap();
+    assert!(!got.snapshot);
+    assert_eq!(
+        got.version, first.version,
+        "answers come at the version held"
+    );
+    assert_eq!(keys(&got), ["workload/default/b"]);
+    assert_eq!(workload_of(&got, "workload/default/b").netns, "");
+    assert_eq!(got.removals, ["workload/default/nope"]);
+    acks.send(ack(&got)).await.unwrap();
+
+    // By address: one no workload has is answered absent.
+    acks.send(watch(&[], &[[10, 0, 0, 9]])).await.unwrap();
+    let got = next(&mut updates).await.unwrap();
+    assert!(got.upserts.is_empty() && got.removals.is_empty());
+    assert_eq!(got.absent, [vec![10, 0, 0, 9]]);
+    acks.send(ack(&got)).await.unwrap();
+
+    // A workload that takes the watched address is sent; one nobody watches is not.
+    let c_and_d = format!(
+        "{}---\n{}",
+        workload("c", "n3", "10.0.0.9"),
+        workload("d", "n3", "10.0.0.4")
+    );
+    cp.write_config("cd.yaml", &c_and_d).unwrap();
+    let got = next(&mut updates).await.unwrap();
+    assert_eq!(keys(&got), ["workload/default/c"]);
+    acks.send(ack(&got)).await.unwrap();
+    let (epoch, held) = (got.epoch, got.version);
+    wait(|| {
+        cp.status()
+            .ok()
+            .and_then(|s| s["nodes"]["n1"]["watches"].as_u64())
+            == Some(4)
+    })
+    .await;
+
+    // A node that resumes names its watches and gets what changed of them only: b moved
+    // and d changed while it was away.
+    drop((acks, updates));
+    cp.write_config("b.yaml", &workload("b", "n2", "10.0.0.22"))
+        .unwrap();
+    wait(|| cp.version().is_ok_and(|v| v > held)).await;
+    cp.write_config(
+        "cd.yaml",
+        &format!(
+            "{}---\n{}",
+            workload("c", "n3", "10.0.0.9"),
+            workload("d", "n3", "10.0.0.44")
+        ),
+    )
+    .unwrap();
+    wait(|| cp.version().is_ok_and(|v| v >= held + 2)).await;
+    let (acks, mut updates) = open_on_demand(&mut n1, Some((epoch, held))).await;
+    acks.send(watch(
+        &["workload/default/b", "workload/default/c"],
+        &[[10, 0, 0, 9]],
+    ))
+    .await
+    .unwrap();
+    let got = next(&mut updates).await.unwrap();
+    assert!(!got.snapshot, "resumed, not sent everything again");
+    assert_eq!(keys(&got), ["workload/default/b"]);
+    assert_eq!(
+        workload_of(&got, "workload/default/b").addresses,
+        [vec![10, 0, 0, 22]]
+    );
+
+    // A watch that is not of a workload ends the stream with the reason.
+    acks.send(watch(&["service/default/x"], &[])).await.unwrap();
+    let refused = next(&mut updates).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("not a workload key"),
+        "{refused:?}"
+    );
+
+    // A stream that did not ask for workloads on demand gets them all, and may not watch.
+    let (acks, mut updates) = open_stream(&mut n1).await.unwrap();
+    let all = next(&mut updates).await.unwrap();
+    assert!(keys(&all).contains(&"workload/default/d"));
+    acks.send(watch(&["workload/default/b"], &[]))
+        .await
+        .unwrap();
+    let refused = next(&mut updates).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+
+    // An on-demand value this control plane does not know is refused, not ignored.
+    let (_tx, rx) = mpsc::channel::<ConfigAck>(1);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert(mesh_api::metadata::ON_DEMAND, "services".parse().unwrap());
+    let e = n1.stream_config(request).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let metrics = mesh_tests::mesh::http_get(cp.metrics, "/metrics").unwrap();
+    assert!(
+        metrics.contains("mycel_cp_on_demand_lookups_total{answer=\"absent\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -27,6 +27,7 @@ pub const TARGETS: &[&str] = &[
     "config_files",
     "node_token",
     "config_update",
+    "config_watch",
     "http_message",
 ];
 

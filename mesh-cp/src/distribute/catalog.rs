@@ -16,6 +16,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -61,6 +62,9 @@ pub struct Catalog {
     pub fast_deny: FastDeny,
     /// Whether some part holds a fast-deny set.
     deny_sets: bool,
+    /// The workload that has each address: what a node that takes workloads on demand asks
+    /// by. Persistent, like the rest.
+    addresses: imbl::HashMap<IpAddr, ObjectKey>,
 }
 
 impl Default for Catalog {
@@ -71,6 +75,7 @@ impl Default for Catalog {
             selections: imbl::OrdMap::new(),
             fast_deny: FastDeny::Computed,
             deny_sets: false,
+            addresses: imbl::HashMap::new(),
         }
     }
 }
@@ -222,6 +227,43 @@ impl Catalog {
             .or_else(|| self.shared.get(key))
     }
 
+    /// `key` as every node that has no own form of it is sent it.
+    pub fn get_shared(&self, key: &str) -> Option<&Entry> {
+        self.shared.get(key)
+    }
+
+    /// Whether `key` is in `node`'s own part (one of its workloads, policies, fast-deny sets).
+    pub fn is_own(&self, node: &str, key: &str) -> bool {
+        self.nodes
+            .get(node)
+            .is_some_and(|part| part.contains_key(key))
+    }
+
+    /// The key of the workload that has `address`.
+    pub fn workload_at(&self, address: IpAddr) -> Option<String> {
+        self.addresses
+            .get(&address)
+            .map(|k| keys::workload(&k.namespace, &k.name))
+    }
+
+    /// What a node that takes other nodes' workloads on demand holds before it watches any:
+    /// every shared entry but the workloads, then its own part. Shared workloads are one range
+    /// of the map, skipped without a step through it.
+    pub fn snapshot_without_workloads<'a>(
+        &'a self,
+        node: &str,
+    ) -> impl Iterator<Item = &'a Entry> + 'a {
+        let (start, end) = workload_range();
+        let before = self.shared.range(..start);
+        let after = self.shared.range(end..);
+        let own = self
+            .nodes
+            .get(node)
+            .into_iter()
+            .flat_map(|part| part.values());
+        before.chain(after).map(|(_, e)| e).chain(own)
+    }
+
     /// Everything `node` holds at this version, in key order, one at a time (a snapshot at
     /// scale is tens of MB: a stream sends it part by part rather than copy it whole).
     pub fn snapshot<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Entry> + 'a {
@@ -244,6 +286,17 @@ impl Catalog {
     }
 }
 
+/// The bounds of the workload keys: `workload/` and the string just past every key it starts.
+fn workload_range() -> (String, String) {
+    let prefix = keys::workload("", "");
+    let prefix = prefix[..prefix.len() - 1].to_owned();
+    let mut end = prefix.clone();
+    // `/` + 1 is `0`: nothing that starts with the prefix sorts at or after this.
+    end.pop();
+    end.push('0');
+    (prefix, end)
+}
+
 fn changed_keys(old: &Part, new: &Part) -> Vec<String> {
     old.diff(new)
         .map(|item| match item {
@@ -264,6 +317,7 @@ struct Build<'a> {
     shared: Part,
     nodes: imbl::HashMap<String, Part>,
     selections: imbl::OrdMap<ObjectKey, Keys>,
+    addresses: imbl::HashMap<IpAddr, ObjectKey>,
     patches: HashMap<&'a str, NodePatch>,
     change: Change,
 }
@@ -277,6 +331,7 @@ impl<'a> Build<'a> {
             shared: previous.shared.clone(),
             nodes: previous.nodes.clone(),
             selections: previous.selections.clone(),
+            addresses: previous.addresses.clone(),
             patches: HashMap::new(),
             change: Change {
                 version,
@@ -315,6 +370,16 @@ impl<'a> Build<'a> {
             for w in before.into_iter().chain(now) {
                 self.patch(&w.node).workloads.insert(key.clone());
             }
+            // An address passes from one workload to another in one change in either order
+            // of their keys: it is given up only where this workload still has it.
+            for a in before.iter().flat_map(|w| &w.addresses) {
+                if self.addresses.get(a) == Some(key) {
+                    self.addresses.remove(a);
+                }
+            }
+            for a in now.iter().flat_map(|w| &w.addresses) {
+                self.addresses.insert(*a, key.clone());
+            }
         }
         self.services(&workloads);
         mirror(
@@ -345,6 +410,7 @@ impl<'a> Build<'a> {
             selections: self.selections,
             fast_deny,
             deny_sets,
+            addresses: self.addresses,
         };
         (catalog, self.change)
     }

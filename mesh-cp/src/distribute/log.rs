@@ -49,7 +49,15 @@ impl ChangeLog {
 
     /// The keys `node` must be sent to go from version `since` to `latest`: `None` when
     /// the log does not reach back to `since` (or `since` is not a version of this log).
-    pub fn since(&self, since: u64, latest: u64, node: &str) -> Option<BTreeSet<&str>> {
+    /// Shared keys are those `keep` keeps (a node that takes workloads on demand is not sent
+    /// every workload); the node's own keys all are.
+    pub fn since(
+        &self,
+        since: u64,
+        latest: u64,
+        node: &str,
+        mut keep: impl FnMut(&str) -> bool,
+    ) -> Option<BTreeSet<&str>> {
         if since == latest {
             return Some(BTreeSet::new());
         }
@@ -60,13 +68,16 @@ impl ChangeLog {
         if since + 1 < oldest {
             return None;
         }
+        let mut shared = BTreeSet::new();
         let mut keys = BTreeSet::new();
         for change in self.changes.iter().filter(|c| c.version > since) {
-            keys.extend(change.shared.iter().map(String::as_str));
+            shared.extend(change.shared.iter().map(String::as_str));
             if let Some(own) = change.nodes.get(node) {
                 keys.extend(own.iter().map(String::as_str));
             }
         }
+        // Each key asked once, however many versions changed it.
+        keys.extend(shared.into_iter().filter(|k| keep(k)));
         Some(keys)
     }
 }
@@ -95,7 +106,7 @@ mod tests {
             .with(change(3, &["b"], &[]))
             .with(change(4, &["a"], &["y"]));
         let keys = |since, node| {
-            log.since(since, 4, node)
+            log.since(since, 4, node, |_| true)
                 .map(|k| k.into_iter().collect::<Vec<_>>())
         };
         assert_eq!(keys(1, "n1"), Some(vec!["a", "b", "x", "y"]));
@@ -104,7 +115,10 @@ mod tests {
         assert_eq!(keys(4, "n1"), Some(vec![]));
         // Before the log's reach, or after the latest: no way to say, so a snapshot.
         assert_eq!(keys(0, "n1"), None);
-        assert_eq!(log.since(5, 4, "n1"), None);
+        assert_eq!(log.since(5, 4, "n1", |_| true), None);
+        // Shared keys as a filter keeps them; the node's own all.
+        let kept = log.since(1, 4, "n1", |k| k != "a").unwrap();
+        assert_eq!(kept.into_iter().collect::<Vec<_>>(), ["b", "x", "y"]);
     }
 
     #[test]
@@ -115,8 +129,8 @@ mod tests {
         }
         assert_eq!(log.changes.len(), MAX_VERSIONS);
         let latest = MAX_VERSIONS as u64 + 10;
-        assert!(log.since(5, latest, "n1").is_none());
-        assert!(log.since(latest - 3, latest, "n1").is_some());
+        assert!(log.since(5, latest, "n1", |_| true).is_none());
+        assert!(log.since(latest - 3, latest, "n1", |_| true).is_some());
 
         let big: Vec<String> = (0..MAX_KEYS / 2 + 1).map(|i| format!("k{i}")).collect();
         let big: Vec<&str> = big.iter().map(String::as_str).collect();
@@ -127,6 +141,6 @@ mod tests {
         assert!(log.keys <= MAX_KEYS);
         // A gap in versions starts the log again rather than skip one.
         let log = log.with(change(9, &["a"], &[]));
-        assert!(log.since(2, 9, "n1").is_none());
+        assert!(log.since(2, 9, "n1", |_| true).is_none());
     }
 }

@@ -4,16 +4,20 @@
 //!   per node where they do not, and what changed since the previous version.
 //! - [`log`]: the recent versions' changes, from which a stream at any recent version is
 //!   brought to the latest with only what changed (and a node that reconnects resumes).
+//! - [`demand`]: what a node that takes other nodes' workloads on demand watches, and what
+//!   it is sent for it.
 //!
 //! A stream's work per change is then a lookup per changed key; only a snapshot grows with
 //! the mesh.
 
 pub mod catalog;
+pub mod demand;
 pub mod log;
 
 use std::sync::Arc;
 
 pub use catalog::{Catalog, Change, FastDeny};
+pub use demand::{Answers, WatchError, Watches};
 pub use log::ChangeLog;
 
 /// A version's catalog and the log of the changes that led to it.
@@ -44,7 +48,29 @@ impl Distribution {
     /// What `node`, holding version `since`, needs to hold `latest` (this distribution's
     /// version).
     pub fn delta(&self, node: &str, since: u64, latest: u64) -> Delta<'_> {
-        match self.log.since(since, latest, node) {
+        self.delta_kept(node, since, latest, |_| true)
+    }
+
+    /// [`Distribution::delta`] for a node that takes workloads on demand: of the shared
+    /// workloads, only those it watches.
+    pub fn delta_watched(
+        &self,
+        node: &str,
+        since: u64,
+        latest: u64,
+        watches: &mut Watches,
+    ) -> Delta<'_> {
+        self.delta_kept(node, since, latest, |key| watches.keeps(&self.catalog, key))
+    }
+
+    fn delta_kept(
+        &self,
+        node: &str,
+        since: u64,
+        latest: u64,
+        keep: impl FnMut(&str) -> bool,
+    ) -> Delta<'_> {
+        match self.log.since(since, latest, node, keep) {
             None => Delta::Snapshot,
             Some(keys) if keys.is_empty() => Delta::None,
             Some(keys) if keys.len() > MAX_DELTA_KEYS => Delta::Snapshot,
@@ -163,6 +189,85 @@ mod tests {
         }
     }
 
+    /// What a node that takes workloads on demand and watches `watched` holds: the plain
+    /// definition less the other nodes' workloads it does not watch.
+    fn on_demand_reference(
+        c: &Config,
+        node: &str,
+        watched: &[&str],
+    ) -> BTreeMap<String, v1::Resource> {
+        reference(c, node)
+            .into_iter()
+            .filter(|(k, r)| match &r.kind {
+                // Its own workloads come with their netns.
+                Some(v1::resource::Kind::Workload(w)) => {
+                    !w.netns.is_empty() || watched.contains(&k.as_str())
+                }
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// [`check_against_reference`] for nodes that take workloads on demand, each watching
+    /// the same keys at every version (as a node that resumes names them).
+    fn check_on_demand(steps: &[Config], watched: &[&str]) {
+        let mut published = vec![Published::new(1, steps[0].clone())];
+        for c in &steps[1..] {
+            let next = published.last().unwrap().next(c.clone());
+            published.push(next);
+        }
+        let watching = || {
+            let mut w = Watches::default();
+            let ask = v1::ConfigAck {
+                watch: watched.iter().map(|k| k.to_string()).collect(),
+                ..Default::default()
+            };
+            w.resume(&ask).unwrap();
+            w
+        };
+        for node in ["n1", "n2", "n3", "n4"] {
+            let held: Vec<_> = published
+                .iter()
+                .map(|p| {
+                    let w = watching();
+                    as_map(
+                        w.snapshot(&p.distribution.catalog, node)
+                            .map(|e| e.resource().clone()),
+                    )
+                })
+                .collect();
+            for (i, p) in published.iter().enumerate() {
+                let expected = on_demand_reference(&p.config, node, watched);
+                assert_eq!(held[i], expected, "{node} at {}", p.version);
+            }
+            let last = published.last().unwrap();
+            for (i, p) in published.iter().enumerate() {
+                let mut view = held[i].clone();
+                let mut w = watching();
+                let delta = last
+                    .distribution
+                    .delta_watched(node, p.version, last.version, &mut w);
+                match delta {
+                    Delta::None => {}
+                    Delta::Changes(keys) => {
+                        for key in keys {
+                            match w.entry(&last.distribution.catalog, node, key) {
+                                Some(e) => {
+                                    view.insert(key.to_owned(), e.resource().clone());
+                                }
+                                None => {
+                                    view.remove(key);
+                                }
+                            }
+                        }
+                    }
+                    Delta::Snapshot => panic!("the log reaches back to every version here"),
+                }
+                assert_eq!(view, *held.last().unwrap(), "{node} from {}", p.version);
+            }
+        }
+    }
+
     // Namespaces `a` and `a-b` on one node: `workload/a-b/…` sorts before `workload/a/…` as a
     // string, after it as a key.
     const IN_A: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {name: y, namespace: a, labels: {app: b}}\nspec: {node: n1, netns: /run/netns/ay, addresses: [10.0.1.1]}\n";
@@ -173,6 +278,16 @@ mod tests {
     const SVC_C: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {name: c}\nspec: {vips: [10.96.0.3], ports: [{port: 80}], selector: {app: b}}\n";
     /// SVC_C with other ports: the same selector.
     const SVC_C_81: &str = "---\napiVersion: mycel.dev/v1alpha1\nkind: Service\nmetadata: {name: c}\nspec: {vips: [10.96.0.3], ports: [{port: 81}], selector: {app: b}}\n";
+
+    /// What on-demand nodes watch in the walks: a workload that comes and goes and moves
+    /// between nodes (c), one always there (b), one of another namespace (a/y), and a key
+    /// nothing has.
+    const WATCHED: &[&str] = &[
+        "workload/default/b",
+        "workload/default/c",
+        "workload/a/y",
+        "workload/default/nothing",
+    ];
 
     const DOCS: [&str; 15] = [
         C_ON_N2, C_ON_N1, DENY_B, ROUTE, TRUST, TP, D_ON_N3, DENY_A, MESH_WIDE, IN_A, IN_A_B,
@@ -238,6 +353,7 @@ mod tests {
             })
             .collect();
         check_against_reference(&fresh);
+        check_on_demand(&fresh, WATCHED);
         // As the config dir gives them: what did not change is shared and skipped.
         let mut parser = mesh_model::Parser::default();
         let shared: Vec<Config> = steps
@@ -268,6 +384,7 @@ mod tests {
                 })
                 .collect();
             check_against_reference(&steps);
+            check_on_demand(&steps, WATCHED);
         }
     }
 

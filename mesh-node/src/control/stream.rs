@@ -139,7 +139,11 @@ async fn session(
                 e
             }
         };
-        let ack = ConfigAck { version, error };
+        let ack = ConfigAck {
+            version,
+            error,
+            ..Default::default()
+        };
         if ack_tx.send(ack).await.is_err() {
             return Err("the stream's send side closed".into());
         }

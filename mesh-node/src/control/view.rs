@@ -283,6 +283,7 @@ mod tests {
             removals: removals.iter().map(|s| s.to_string()).collect(),
             more: false,
             epoch: 1,
+            absent: Vec::new(),
         }
     }
 

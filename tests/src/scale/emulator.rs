@@ -308,6 +308,7 @@ async fn session(node: &Node, cp: SocketAddr, tls: &ClientTlsConfig) -> Result<(
         let ack = ConfigAck {
             version,
             error: String::new(),
+            ..Default::default()
         };
         if ack_tx.send(ack).await.is_err() {
             return Err("the ack stream closed".into());
