@@ -9,9 +9,45 @@ use mesh_tests::{
 
 #[test]
 fn the_scale_harness_serves_every_emulated_node() {
+    let everything = quick(false);
+    let shape = everything.0.shape;
+    // Every workload, every service, the mesh settings and the trust bundle, and what is
+    // node 0's alone (its policies, fast-deny sets).
+    assert!(
+        everything.1.snapshot_resources >= shape.workloads + shape.services + 2,
+        "{:?}",
+        everything.1
+    );
+
+    // On demand: a node's snapshot has its own workloads and no other, and each node is
+    // answered what it watches (the endpoints it asked for, its address outside the mesh).
+    let (options, report) = quick(true);
+    let own = shape.workloads / shape.nodes;
+    assert!(
+        report.snapshot_resources >= shape.services + 2
+            && report.snapshot_resources < shape.services + 2 + 4 * own + report.watched_per_node,
+        "{report:?}"
+    );
+    let demand = shape.demand(0);
+    assert_eq!(report.watched_per_node, demand.keys.len() + 1);
+    assert!(
+        report.answered >= shape.nodes * demand.keys.len(),
+        "{report:?}"
+    );
+    assert_eq!(report.absent, shape.nodes, "{report:?}");
+    assert!(
+        report.snapshot_mb * 4.0 < everything.1.snapshot_mb,
+        "{report:?}"
+    );
+    assert_eq!(report.changes.len(), options.changes);
+}
+
+/// A quick run, on demand or not, with the checks that hold for both.
+fn quick(on_demand: bool) -> (Options, scale::Report) {
     let out =
         std::env::temp_dir().join(format!("{TEST_PREFIX}scale-report-{}", std::process::id()));
-    let options = Options::quick(TEST_PREFIX, out.clone());
+    let mut options = Options::quick(TEST_PREFIX, out.clone());
+    options.on_demand = on_demand;
     let report = scale::run(&options);
     let written = std::fs::read_to_string(out.join("latest.json"));
     let _ = std::fs::remove_dir_all(&out);
@@ -19,12 +55,6 @@ fn the_scale_harness_serves_every_emulated_node() {
     println!("{}", report.table);
     assert!(written.is_ok_and(|j| j.contains("cold_sync_s")));
     let shape = options.shape;
-    // Every workload, every service, the mesh settings and the trust bundle, and what is
-    // node 0's alone (its policies, fast-deny sets).
-    assert!(
-        report.snapshot_resources >= shape.workloads + shape.services + 2,
-        "{report:?}"
-    );
     assert_eq!(report.changes.len(), options.changes);
     for c in &report.changes {
         assert!(c.nodes > 0 && c.p99_ms.is_finite(), "{c:?}");
@@ -40,4 +70,5 @@ fn the_scale_harness_serves_every_emulated_node() {
         report.storm_mb * 20.0 < report.snapshot_mb * shape.nodes as f64,
         "{report:?}"
     );
+    (options, report)
 }

@@ -75,6 +75,10 @@ enum Cmd {
         /// A smoke run: 100 nodes, 2,000 workloads.
         #[arg(long)]
         quick: bool,
+        /// The emulated nodes take other nodes' workloads on demand (each watches one
+        /// Service's endpoints and an address outside the mesh) instead of every workload.
+        #[arg(long)]
+        on_demand: bool,
         /// Emulated nodes (default 1,000).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=60_000))]
         nodes: Option<u32>,
@@ -110,10 +114,11 @@ fn main() {
         } => bench(quick, only, profile),
         Cmd::Scale {
             quick,
+            on_demand,
             nodes,
             workloads,
             timeout,
-        } => scale(quick, nodes, workloads, timeout),
+        } => scale(quick, on_demand, nodes, workloads, timeout),
         Cmd::Crds => cargo(
             "generate CRDs",
             &[
@@ -281,6 +286,7 @@ fn bench(quick: bool, only: Option<String>, profile: bool) -> anyhow::Result<()>
 
 fn scale(
     quick: bool,
+    on_demand: bool,
     nodes: Option<u32>,
     workloads: Option<u32>,
     timeout: Option<u64>,
@@ -307,10 +313,19 @@ fn scale(
     if let Some(t) = timeout {
         options.timeout = std::time::Duration::from_secs(t);
     }
+    options.on_demand = on_demand;
     let s = options.shape;
     println!(
-        "xtask: scale: {} nodes, {} workloads, {} services, {} policies",
-        s.nodes, s.workloads, s.services, s.policies
+        "xtask: scale: {} nodes, {} workloads, {} services, {} policies{}",
+        s.nodes,
+        s.workloads,
+        s.services,
+        s.policies,
+        if on_demand {
+            ", workloads on demand"
+        } else {
+            ""
+        }
     );
     let report = mesh_tests::scale::run(&options).context("the scale run failed")?;
     // Its files go; the report stays.

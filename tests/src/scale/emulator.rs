@@ -36,6 +36,8 @@ struct Counted {
     removals: usize,
     more: bool,
     epoch: u64,
+    /// Addresses answered as no workload's.
+    absent: usize,
     /// Bytes of the fields read.
     len: usize,
 }
@@ -67,6 +69,10 @@ impl prost::Message for Counted {
             }
             5 => bool::merge(wire_type, &mut self.more, buf, ctx),
             6 => uint64::merge(wire_type, &mut self.epoch, buf, ctx),
+            7 => {
+                self.absent += 1;
+                skip_field(wire_type, tag, buf, ctx)
+            }
             _ => skip_field(wire_type, tag, buf, ctx),
         }?;
         self.len += before - buf.remaining();
@@ -98,6 +104,9 @@ pub struct Held {
     pub arrivals: Vec<(u64, Instant)>,
     pub errors: u32,
     pub last_error: Option<String>,
+    /// On demand: resources and absent addresses received in answer to its watches.
+    pub answered: usize,
+    pub absent: usize,
 }
 
 /// Recent arrivals kept per node.
@@ -107,7 +116,31 @@ pub struct Node {
     pub name: String,
     token: String,
     address: IpAddr,
+    /// What it asks for when it takes workloads on demand; `None`: it takes every workload.
+    demand: Option<Demand>,
     pub held: Mutex<Held>,
+}
+
+/// What an emulated node that takes workloads on demand watches: as a real node would, the
+/// endpoints of a Service its pods call, and a destination outside the mesh.
+#[derive(Debug, Clone, Default)]
+pub struct Demand {
+    pub keys: Vec<String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Demand {
+    fn message(&self) -> ConfigAck {
+        ConfigAck {
+            watch: self.keys.clone(),
+            watch_addresses: self
+                .addresses
+                .iter()
+                .map(|a| mesh_api::ip_to_bytes(*a))
+                .collect(),
+            ..Default::default()
+        }
+    }
 }
 
 impl Node {
@@ -135,10 +168,17 @@ fn address(i: usize) -> IpAddr {
 }
 
 impl Fleet {
-    /// Starts a stream for each `(node, token)` to `cp`, all at once.
-    pub fn start(cp: SocketAddr, ca_pem: &[u8], tokens: Vec<(String, String)>) -> Self {
+    /// Starts a stream for each `(node, token)` to `cp`, all at once; each node that has a
+    /// [`Demand`] takes workloads on demand and asks for those.
+    pub fn start(
+        cp: SocketAddr,
+        ca_pem: &[u8],
+        tokens: Vec<(String, String)>,
+        demands: Vec<Option<Demand>>,
+    ) -> Self {
         let (generation, _) = watch::channel(0);
         let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+        let mut demands = demands.into_iter();
         let nodes: Vec<Arc<Node>> = tokens
             .into_iter()
             .enumerate()
@@ -147,6 +187,7 @@ impl Fleet {
                     name,
                     token,
                     address: address(i),
+                    demand: demands.next().flatten(),
                     held: Mutex::default(),
                 })
             })
@@ -246,9 +287,21 @@ async fn session(node: &Node, cp: SocketAddr, tls: &ClientTlsConfig) -> Result<(
     let (ack_tx, ack_rx) = mpsc::channel(4);
     let mut request = tonic::Request::new(ReceiverStream::new(ack_rx));
     let held = node.held();
-    if let Some(epoch) = held.epoch.filter(|_| held.version > 0) {
+    let resuming = held.epoch.filter(|_| held.version > 0);
+    if let Some(epoch) = resuming {
         metadata::set_resume(&mut request, epoch, held.version);
     }
+    if let Some(demand) = &node.demand {
+        metadata::set_on_demand(&mut request);
+        // A node that resumes names what it watches first; one that starts afresh asks
+        // once its snapshot is in, as a node does when its pods first connect.
+        if resuming.is_some() {
+            let _ = ack_tx.send(demand.message()).await;
+        }
+    }
+    // Whether the watches are still to be asked on this stream, and then answered.
+    let mut ask = node.demand.is_some() && resuming.is_none();
+    let mut asked = false;
     grpc.ready().await.map_err(|e| format!("connect: {e}"))?;
     let codec = tonic_prost::ProstCodec::<ConfigAck, Counted>::default();
     let path = PathAndQuery::from_static("/mycel.v1.NodeService/StreamConfig");
@@ -279,6 +332,7 @@ async fn session(node: &Node, cp: SocketAddr, tls: &ClientTlsConfig) -> Result<(
                 }
                 o.upserts += part.upserts;
                 o.removals += part.removals;
+                o.absent += part.absent;
                 o.more = part.more;
                 o
             }
@@ -288,7 +342,13 @@ async fn session(node: &Node, cp: SocketAddr, tls: &ClientTlsConfig) -> Result<(
             continue;
         }
         let (version, count) = (whole.version, whole.upserts);
+        // The first message after the watches were asked answers them.
+        let answer = std::mem::take(&mut asked);
         node.update(|h| {
+            if answer {
+                h.answered += whole.upserts + whole.removals;
+                h.absent += whole.absent;
+            }
             if whole.snapshot {
                 h.snapshots += 1;
                 h.snapshot_resources = count;
@@ -312,6 +372,13 @@ async fn session(node: &Node, cp: SocketAddr, tls: &ClientTlsConfig) -> Result<(
         };
         if ack_tx.send(ack).await.is_err() {
             return Err("the ack stream closed".into());
+        }
+        if let Some(demand) = node.demand.as_ref().filter(|_| ask) {
+            ask = false;
+            asked = true;
+            if ack_tx.send(demand.message()).await.is_err() {
+                return Err("the ack stream closed".into());
+            }
         }
     }
 }

@@ -46,6 +46,25 @@ impl Shape {
         format!("ns-{}", i % self.namespaces)
     }
 
+    /// Workload `i`'s key on the config stream.
+    pub fn workload_key(&self, i: usize) -> String {
+        mesh_api::keys::workload(&self.namespace(i), &format!("w-{i}"))
+    }
+
+    /// What node `n` asks for when it takes workloads on demand: the endpoints of the
+    /// Service of its first pod's next Service (the one its policy lets it call), and an
+    /// address outside the mesh.
+    pub fn demand(&self, n: usize) -> super::emulator::Demand {
+        let service = (n + 1) % self.services;
+        super::emulator::Demand {
+            keys: self
+                .members(service)
+                .map(|w| self.workload_key(w))
+                .collect(),
+            addresses: vec![std::net::IpAddr::from([10, 200, (n >> 8) as u8, n as u8])],
+        }
+    }
+
     /// The workloads of service `s` (and those policy `s` selects).
     pub fn members(&self, s: usize) -> impl Iterator<Item = usize> + '_ {
         (s..self.workloads).step_by(self.services)

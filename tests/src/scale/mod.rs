@@ -27,6 +27,9 @@ pub struct Options {
     /// How long any one phase may take before the run fails.
     pub timeout: Duration,
     pub out_dir: PathBuf,
+    /// The nodes take other nodes' workloads on demand, each watching a Service's endpoints
+    /// and an address outside the mesh ([`Shape::demand`]).
+    pub on_demand: bool,
 }
 
 impl Options {
@@ -38,6 +41,7 @@ impl Options {
             changes: 10,
             timeout: Duration::from_secs(600),
             out_dir,
+            on_demand: false,
         }
     }
 
@@ -49,6 +53,7 @@ impl Options {
             changes: 4,
             timeout: Duration::from_secs(120),
             out_dir,
+            on_demand: false,
         }
     }
 }
@@ -70,6 +75,12 @@ pub struct ChangeFigures {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub shape: Shape,
+    pub on_demand: bool,
+    /// On demand: what one node watches, and what all were answered (resources sent,
+    /// addresses answered as absent).
+    pub watched_per_node: usize,
+    pub answered: usize,
+    pub absent: usize,
     /// mesh-cp from start to ready (loading and validating the config dir, first catalog).
     pub cp_start_s: f64,
     /// From starting every stream at once to every node holding a snapshot.
@@ -141,13 +152,26 @@ pub fn run(o: &Options) -> io::Result<Report> {
         let version = cp.version()?;
         let cpu0 = cpu(pid)?;
         let t0 = Instant::now();
-        let fleet = emulator::Fleet::start(cp.grpc, &ca, tokens);
-        let synced = |h: &emulator::Held| h.snapshots >= 1 && h.version >= version;
+        let demands: Vec<Option<emulator::Demand>> = (0..shape.nodes)
+            .map(|n| o.on_demand.then(|| shape.demand(n)))
+            .collect();
+        let watched_per_node = demands
+            .first()
+            .and_then(|d| d.as_ref())
+            .map_or(0, |d| d.keys.len() + d.addresses.len());
+        let fleet = emulator::Fleet::start(cp.grpc, &ca, tokens, demands);
+        // Synced: the snapshot in, and on demand the answer to its watches too (the one
+        // address outside the mesh answered absent).
+        let synced = |h: &emulator::Held| {
+            h.snapshots >= 1 && h.version >= version && (!o.on_demand || h.absent >= 1)
+        };
         if !fleet.wait_all(o.timeout, synced).await {
             return Err(fail("cold sync", fleet.lagging(synced)));
         }
         let cold_sync_s = t0.elapsed().as_secs_f64();
         let cold_sync_cp_cpu_s = cpu(pid)? - cpu0;
+        let answered = fleet.nodes.iter().map(|n| n.held().answered).sum();
+        let absent = fleet.nodes.iter().map(|n| n.held().absent).sum();
         let first = fleet.nodes[0].held();
         let snapshot_resources = first.snapshot_resources;
         let snapshot_mb = first.bytes as f64 / 1e6;
@@ -274,6 +298,10 @@ pub fn run(o: &Options) -> io::Result<Report> {
         drop(fleet);
         Ok(Report {
             shape,
+            on_demand: o.on_demand,
+            watched_per_node,
+            answered,
+            absent,
             cp_start_s,
             cold_sync_s,
             cold_sync_cp_cpu_s,
@@ -311,6 +339,15 @@ fn table(r: &Report) -> String {
         s.nodes, s.workloads, s.services, s.policies
     );
     let mut row = |what: &str, figure: String| out.push_str(&format!("  {what:<34} {figure}\n"));
+    if r.on_demand {
+        row(
+            "other nodes' workloads",
+            format!(
+                "on demand: each node watches {}; {} sent, {} addresses absent",
+                r.watched_per_node, r.answered, r.absent
+            ),
+        );
+    }
     row("mesh-cp start to ready", format!("{:.1} s", r.cp_start_s));
     row(
         "cold sync, every node",
