@@ -145,7 +145,7 @@ pub struct NodeStatus {
 }
 
 /// Snapshots sent at once, at most (see `grpc::send_snapshot`). Each holds about one part
-/// (128 KiB) of memory and a core's worth of encoding while it lasts.
+/// (32 KiB) of memory and a core's worth of encoding while it lasts.
 pub const FIRST_SYNCS: usize = 32;
 
 pub struct Shared {
