@@ -1,5 +1,5 @@
-//! What a node that takes workloads on demand asks its control plane for (`ConfigAck.watch`,
-//! `watch_addresses`), as mesh-cp takes it (`distribute::Watches`): any message is taken whole
+//! What a node that takes workloads on demand asks its control plane for and releases
+//! (`ConfigAck.watch`, `watch_addresses`, `unwatch`, `unwatch_addresses`), as mesh-cp takes it (`distribute::Watches`): any message is taken whole
 //! or refused whole, the watches stay within their bound, and what is sent for them is a
 //! workload or an address no workload has.
 #![no_main]

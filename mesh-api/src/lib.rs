@@ -10,6 +10,12 @@ pub mod server {
     include!(concat!(env!("OUT_DIR"), "/mycel.v1.NodeService.rs"));
 }
 
+/// Workload keys and addresses one on-demand config stream may watch, together
+/// (`ConfigAck.watch`). A node needs the workloads its pods talk to; 65,536 is far above that
+/// and bounds what an authenticated node can make the control plane hold (a few MB per
+/// stream). A node that needs room releases what it no longer uses (`unwatch`).
+pub const MAX_WATCHES: usize = 1 << 16;
+
 pub mod convert;
 pub mod encoded;
 pub mod parts;

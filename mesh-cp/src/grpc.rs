@@ -521,7 +521,11 @@ async fn serve_stream(
             }
             ack = acks.message() => match ack {
                 Ok(Some(ack)) => {
-                    if !ack.watch.is_empty() || !ack.watch_addresses.is_empty() {
+                    let demand = !ack.watch.is_empty()
+                        || !ack.watch_addresses.is_empty()
+                        || !ack.unwatch.is_empty()
+                        || !ack.unwatch_addresses.is_empty();
+                    if demand {
                         let taken = match watches.as_mut() {
                             Some(w) => w.request(&ack),
                             None => Err(WatchError::NotOnDemand),

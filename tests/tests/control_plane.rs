@@ -342,6 +342,31 @@ async fn a_node_on_demand_holds_its_own_workloads_and_those_it_watches() {
         [vec![10, 0, 0, 22]]
     );
 
+    acks.send(ack(&got)).await.unwrap();
+
+    // Released, b is no longer sent: after a change to it and then to c, the next message
+    // is c's.
+    acks.send(ConfigAck {
+        unwatch: vec!["workload/default/b".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let watches = || {
+        cp.status()
+            .ok()
+            .and_then(|s| s["nodes"]["n1"]["watches"].as_u64())
+    };
+    wait(|| watches() == Some(2)).await;
+    cp.write_config("b.yaml", &workload("b", "n2", "10.0.0.23"))
+        .unwrap();
+    wait(|| cp.version().is_ok_and(|v| v > got.version)).await;
+    cp.write_config("cd.yaml", &workload("c", "n4", "10.0.0.9"))
+        .unwrap();
+    let next_one = next(&mut updates).await.unwrap();
+    assert_eq!(keys(&next_one), ["workload/default/c"]);
+    assert!(next_one.removals.is_empty(), "{next_one:?}");
+
     // A watch that is not of a workload ends the stream with the reason.
     acks.send(watch(&["service/default/x"], &[])).await.unwrap();
     let refused = next(&mut updates).await.unwrap_err();
@@ -354,7 +379,7 @@ async fn a_node_on_demand_holds_its_own_workloads_and_those_it_watches() {
     // A stream that did not ask for workloads on demand gets them all, and may not watch.
     let (acks, mut updates) = open_stream(&mut n1).await.unwrap();
     let all = next(&mut updates).await.unwrap();
-    assert!(keys(&all).contains(&"workload/default/d"));
+    assert!(keys(&all).contains(&"workload/default/b"));
     acks.send(watch(&["workload/default/b"], &[]))
         .await
         .unwrap();

@@ -21,10 +21,7 @@ use mesh_api::{keys, v1};
 
 use super::catalog::{Catalog, Entry};
 
-/// Workload keys and addresses one stream may watch, together. A node needs the workloads its
-/// pods talk to; 65,536 is far above that and bounds what an authenticated node can make the
-/// control plane hold (a few MB per stream).
-pub const MAX_WATCHES: usize = 1 << 16;
+pub use mesh_api::MAX_WATCHES;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WatchError {
@@ -58,28 +55,40 @@ pub struct Answers {
 }
 
 impl Watches {
-    /// Takes what `message` asks to watch. Checked whole before any of it is taken: a message
-    /// with one bad entry changes nothing.
+    /// Takes what `message` releases, then what it asks to watch. Checked whole before any of
+    /// it is taken: a message with one bad entry changes nothing.
     pub fn request(&mut self, message: &v1::ConfigAck) -> Result<(), WatchError> {
-        let mut keys = Vec::with_capacity(message.watch.len());
-        for key in &message.watch {
-            match keys::parse(key) {
-                Some((keys::Kind::Workload, _)) => keys.push(key),
-                _ => return Err(WatchError::NotAWorkload(truncated(key))),
-            }
-        }
-        let mut addresses = Vec::with_capacity(message.watch_addresses.len());
-        for raw in &message.watch_addresses {
-            let ip = mesh_api::ip_from_bytes(raw).ok_or(WatchError::BadAddress(raw.len()))?;
-            addresses.push(ip.to_canonical());
-        }
-        let new_keys = keys.iter().filter(|k| !self.keys.contains(**k)).count();
-        let new_addresses = addresses
+        let keys = workload_keys(&message.watch)?;
+        let addresses = parse_addresses(&message.watch_addresses)?;
+        let dropped_keys = workload_keys(&message.unwatch)?;
+        let dropped_addresses = parse_addresses(&message.unwatch_addresses)?;
+        let dropped: HashSet<&String> = dropped_keys.iter().copied().collect();
+        let dropped_ips: HashSet<&IpAddr> = dropped_addresses.iter().collect();
+        let kept = self.keys.iter().filter(|k| !dropped.contains(k)).count()
+            + self
+                .addresses
+                .iter()
+                .filter(|a| !dropped_ips.contains(a))
+                .count();
+        let new_keys: HashSet<&String> = keys
             .iter()
-            .filter(|a| !self.addresses.contains(a))
-            .count();
-        if self.len() + new_keys + new_addresses > MAX_WATCHES {
+            .copied()
+            .filter(|k| dropped.contains(k) || !self.keys.contains(*k))
+            .collect();
+        let new_addresses: HashSet<&IpAddr> = addresses
+            .iter()
+            .filter(|a| dropped_ips.contains(a) || !self.addresses.contains(a))
+            .collect();
+        if kept + new_keys.len() + new_addresses.len() > MAX_WATCHES {
             return Err(WatchError::TooMany);
+        }
+        for key in dropped_keys {
+            self.keys.remove(key);
+            self.pending_keys.remove(key);
+        }
+        for ip in &dropped_addresses {
+            self.addresses.remove(ip);
+            self.pending_addresses.remove(ip);
         }
         for key in keys {
             self.keys.insert(key.clone());
@@ -174,6 +183,27 @@ impl Watches {
             .filter_map(move |k| catalog.get_shared(k));
         catalog.snapshot_without_workloads(node).chain(watched)
     }
+}
+
+/// `keys`, each checked to be a workload's.
+fn workload_keys(keys: &[String]) -> Result<Vec<&String>, WatchError> {
+    keys.iter()
+        .map(|key| match keys::parse(key) {
+            Some((keys::Kind::Workload, _)) => Ok(key),
+            _ => Err(WatchError::NotAWorkload(truncated(key))),
+        })
+        .collect()
+}
+
+/// `raw`, each 4 or 16 bytes, as addresses (an IPv4-mapped IPv6 address as IPv4).
+fn parse_addresses(raw: &[Vec<u8>]) -> Result<Vec<IpAddr>, WatchError> {
+    raw.iter()
+        .map(|a| {
+            mesh_api::ip_from_bytes(a)
+                .map(|ip| ip.to_canonical())
+                .ok_or(WatchError::BadAddress(a.len()))
+        })
+        .collect()
 }
 
 fn is_workload(key: &str) -> bool {
@@ -305,6 +335,51 @@ mod tests {
             Err(WatchError::TooMany)
         );
         assert_eq!(w.len(), MAX_WATCHES);
+    }
+
+    #[test]
+    fn what_a_node_releases_is_no_longer_sent_nor_counted() {
+        let published = catalog();
+        let catalog = &published.distribution.catalog;
+        let mut w = Watches::default();
+        w.request(&ask(
+            &["workload/default/b"],
+            &[&[10, 9, 9, 9], &[10, 0, 0, 3]],
+        ))
+        .unwrap();
+        w.answer(catalog);
+        assert_eq!(w.len(), 4, "b, c (by its address) and the two addresses");
+        let release = v1::ConfigAck {
+            unwatch: vec!["workload/default/b".into()],
+            unwatch_addresses: vec![vec![10, 9, 9, 9]],
+            ..Default::default()
+        };
+        w.request(&release).unwrap();
+        assert_eq!(w.len(), 2);
+        assert!(!w.keeps(catalog, "workload/default/b"));
+        assert!(w.entry(catalog, "n1", "workload/default/b").is_none());
+        // Released and asked again in one message: watched, and sent again.
+        let again = v1::ConfigAck {
+            unwatch: vec!["workload/default/c".into()],
+            watch: vec!["workload/default/c".into()],
+            ..Default::default()
+        };
+        w.request(&again).unwrap();
+        assert_eq!(w.answer(catalog).keys.len(), 1);
+        // A full set makes room by releasing in the same message.
+        let mut full = Watches::default();
+        let many: Vec<String> = (0..MAX_WATCHES)
+            .map(|i| format!("workload/default/w{i}"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        full.request(&ask(&many, &[])).unwrap();
+        let swap = v1::ConfigAck {
+            unwatch: vec!["workload/default/w0".into()],
+            watch_addresses: vec![vec![10, 0, 0, 1]],
+            ..Default::default()
+        };
+        full.request(&swap).unwrap();
+        assert_eq!(full.len(), MAX_WATCHES);
     }
 
     #[test]
