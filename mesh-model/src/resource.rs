@@ -423,6 +423,14 @@ fn parse_ips(field: &str, values: &[String]) -> Result<Vec<IpAddr>, String> {
                 "{field}[{i}]: {ip} cannot be a workload or service address"
             ));
         }
+        // One address, one spelling: otherwise two workloads could hold 10.0.0.5 and
+        // ::ffff:10.0.0.5, which are the same destination to a socket.
+        if ip != ip.to_canonical() {
+            return Err(format!(
+                "{field}[{i}]: {ip} is an IPv4-mapped IPv6 address; write it as {}",
+                ip.to_canonical()
+            ));
+        }
         if out.contains(&ip) {
             return Err(format!("{field}[{i}]: {ip} is listed twice"));
         }
@@ -508,6 +516,7 @@ mod tests {
             ("kind: Workload\nmetadata: {name: A}\nspec: {node: n1, netns: /x}", "metadata.name"),
             ("kind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: x}", "spec.netns"),
             ("kind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: /x, addresses: [1.2.3]}", "spec.addresses[0]"),
+            ("kind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: /x, addresses: ['10.0.0.1', '::ffff:10.0.0.5']}", "spec.addresses[1]: ::ffff:10.0.0.5 is an IPv4-mapped"),
             ("kind: Workload\nmetadata: {name: a}\nspec: {node: n1, netns: /x, serviceAccount: 'A B'}", "spec.serviceAccount"),
             ("kind: Workload\nmetadata: {name: a}", "spec: missing"),
             ("kind: Service\nmetadata: {name: a}\nspec: {vips: [], ports: [{port: 1}], selector: {a: b}}", "spec.vips"),
