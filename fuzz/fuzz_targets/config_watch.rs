@@ -39,6 +39,8 @@ fuzz_target!(|data: &[u8]| {
             Err(_) => assert_eq!(watches.len(), before, "a refused message took something"),
         }
         let answers = watches.answer(catalog);
+        // Each watched address adds at most the one workload that has it.
+        assert!(watches.len() <= 2 * MAX_WATCHES);
         for key in &answers.keys {
             assert!(key.starts_with("workload/"), "{key}");
             let _ = watches.entry(catalog, "n1", key);
@@ -52,6 +54,10 @@ fuzz_target!(|data: &[u8]| {
                 let _ = catalog.workload_at(ip);
             }
         }
+    }
+    let again = watches.answer_all(catalog);
+    for ip in again.absent {
+        assert!(catalog.workload_at(ip).is_none(), "{ip} has a workload");
     }
     let _ = watches.snapshot(catalog, "n1").count();
 });

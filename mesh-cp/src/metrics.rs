@@ -152,9 +152,9 @@ impl CpMetrics {
         let on_demand = IntCounterVec::new(
             Opts::new(
                 name("on_demand_lookups_total"),
-                "What nodes that take workloads on demand asked for: found (a workload key or an \
-                 address a workload has; sent), absent (an address no workload has), refused \
-                 (a malformed or over-limit request, which ends the node's stream).",
+                "What nodes that take workloads on demand asked for: found (a workload, sent), \
+                 absent (a key or an address no workload has), refused (a malformed or \
+                 over-limit request, which ends the node's stream).",
             ),
             &["answer"],
         )?;
@@ -189,7 +189,7 @@ impl CpMetrics {
         })
     }
 
-    /// Answers to on-demand requests: `found` keys and addresses sent, `absent` addresses.
+    /// Answers to on-demand requests: `found` workloads sent, `absent` keys and addresses.
     pub fn on_demand(&self, found: usize, absent: usize) {
         self.on_demand
             .with_label_values(&["found"])

@@ -396,7 +396,8 @@ async fn a_node_on_demand_holds_its_own_workloads_and_those_it_watches() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let metrics = mesh_tests::mesh::http_get(cp.metrics, "/metrics").unwrap();
     assert!(
-        metrics.contains("mycel_cp_on_demand_lookups_total{answer=\"absent\"} 1"),
+        metrics.contains("mycel_cp_on_demand_lookups_total{answer=\"absent\"} 2")
+            && metrics.contains("mycel_cp_on_demand_lookups_total{answer=\"refused\"} 2"),
         "{metrics}"
     );
 }

@@ -239,10 +239,10 @@ impl Catalog {
             .is_some_and(|part| part.contains_key(key))
     }
 
-    /// The key of the workload that has `address`.
+    /// The key of the workload that has `address` (IPv4-mapped IPv6 found as IPv4).
     pub fn workload_at(&self, address: IpAddr) -> Option<String> {
         self.addresses
-            .get(&address)
+            .get(&address.to_canonical())
             .map(|k| keys::workload(&k.namespace, &k.name))
     }
 
@@ -372,13 +372,15 @@ impl<'a> Build<'a> {
             }
             // An address passes from one workload to another in one change in either order
             // of their keys: it is given up only where this workload still has it.
+            // Canonical, as nodes ask: an IPv4-mapped IPv6 address is found as IPv4.
             for a in before.iter().flat_map(|w| &w.addresses) {
-                if self.addresses.get(a) == Some(key) {
-                    self.addresses.remove(a);
+                let a = a.to_canonical();
+                if self.addresses.get(&a) == Some(key) {
+                    self.addresses.remove(&a);
                 }
             }
             for a in now.iter().flat_map(|w| &w.addresses) {
-                self.addresses.insert(*a, key.clone());
+                self.addresses.insert(a.to_canonical(), key.clone());
             }
         }
         self.services(&workloads);

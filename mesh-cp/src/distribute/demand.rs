@@ -9,8 +9,10 @@
 //! absent, and watched: a workload that takes it later is sent.
 //!
 //! One [`Watches`] per stream, owned by the stream's task. What a node may make the control
-//! plane keep is bounded ([`MAX_WATCHES`]); a node that asks for more loses its stream with
-//! the reason.
+//! plane keep is bounded: at most [`MAX_WATCHES`] keys and addresses asked for (each key at
+//! most 136 bytes), and a workload found through each watched address; a node that asks for
+//! more loses its stream with the reason. Addresses are kept and answered canonical (an
+//! IPv4-mapped IPv6 address as IPv4).
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -27,7 +29,7 @@ pub use mesh_api::MAX_WATCHES;
 pub enum WatchError {
     #[error("watches on a config stream not opened on demand (`x-mycel-on-demand: workloads`)")]
     NotOnDemand,
-    #[error("watch {0:?} is not a workload key (`workload/<namespace>/<name>`)")]
+    #[error("watch {0:?} is not a workload key (`workload/<namespace>/<name>`, DNS labels)")]
     NotAWorkload(String),
     #[error("watch of an address of {0} bytes (4 or 16)")]
     BadAddress(usize),
@@ -56,30 +58,37 @@ pub struct Answers {
 
 impl Watches {
     /// Takes what `message` releases, then what it asks to watch. Checked whole before any of
-    /// it is taken: a message with one bad entry changes nothing.
+    /// it is taken: a message with one bad entry changes nothing. A message that adds no more
+    /// than it releases is never refused, so a node can always make room (keys found through
+    /// watched addresses count, and may take a stream past the bound).
     pub fn request(&mut self, message: &v1::ConfigAck) -> Result<(), WatchError> {
-        let keys = workload_keys(&message.watch)?;
-        let addresses = parse_addresses(&message.watch_addresses)?;
-        let dropped_keys = workload_keys(&message.unwatch)?;
-        let dropped_addresses = parse_addresses(&message.unwatch_addresses)?;
-        let dropped: HashSet<&String> = dropped_keys.iter().copied().collect();
-        let dropped_ips: HashSet<&IpAddr> = dropped_addresses.iter().collect();
-        let kept = self.keys.iter().filter(|k| !dropped.contains(k)).count()
-            + self
-                .addresses
+        let keys: HashSet<&String> = workload_keys(&message.watch)?.into_iter().collect();
+        let addresses: HashSet<IpAddr> = parse_addresses(&message.watch_addresses)?
+            .into_iter()
+            .collect();
+        let dropped_keys: HashSet<&String> = workload_keys(&message.unwatch)?.into_iter().collect();
+        let dropped_addresses: HashSet<IpAddr> = parse_addresses(&message.unwatch_addresses)?
+            .into_iter()
+            .collect();
+        // Counted by walking the message, not the watches: a small message costs little
+        // whatever the stream watches.
+        let released = dropped_keys
+            .iter()
+            .filter(|k| self.keys.contains(**k))
+            .count()
+            + dropped_addresses
                 .iter()
-                .filter(|a| !dropped_ips.contains(a))
+                .filter(|a| self.addresses.contains(a))
                 .count();
-        let new_keys: HashSet<&String> = keys
+        let added = keys
             .iter()
-            .copied()
-            .filter(|k| dropped.contains(k) || !self.keys.contains(*k))
-            .collect();
-        let new_addresses: HashSet<&IpAddr> = addresses
-            .iter()
-            .filter(|a| dropped_ips.contains(a) || !self.addresses.contains(a))
-            .collect();
-        if kept + new_keys.len() + new_addresses.len() > MAX_WATCHES {
+            .filter(|k| dropped_keys.contains(*k) || !self.keys.contains(**k))
+            .count()
+            + addresses
+                .iter()
+                .filter(|a| dropped_addresses.contains(a) || !self.addresses.contains(a))
+                .count();
+        if added > released && self.len() - released + added > MAX_WATCHES {
             return Err(WatchError::TooMany);
         }
         for key in dropped_keys {
@@ -101,8 +110,9 @@ impl Watches {
         Ok(())
     }
 
-    /// Takes what a resuming node says it watches: it holds their entries at the version it
-    /// names already, so nothing is pending.
+    /// Takes what a resuming node says it watches: every other node's workload it holds (by
+    /// key, whether it asked by key or by address) and every address it watches. It holds
+    /// their entries at the version it names already, so nothing is pending.
     pub fn resume(&mut self, message: &v1::ConfigAck) -> Result<(), WatchError> {
         self.request(message)?;
         self.pending_keys.clear();
@@ -153,11 +163,26 @@ impl Watches {
     /// addresses no workload has. An address that a workload has makes that workload
     /// watched.
     pub fn answer(&mut self, catalog: &Catalog) -> Answers {
+        let asked = std::mem::take(&mut self.pending_addresses);
+        self.resolve(catalog, asked)
+    }
+
+    /// What a snapshot carries for the watches: the keys asked for, and every watched
+    /// address found again. A snapshot replaces all the node holds, so an address answered
+    /// absent before is answered again, and one that a workload took while the stream was
+    /// behind is found.
+    pub fn answer_all(&mut self, catalog: &Catalog) -> Answers {
+        self.pending_addresses.clear();
+        let every: BTreeSet<IpAddr> = self.addresses.iter().copied().collect();
+        self.resolve(catalog, every)
+    }
+
+    fn resolve(&mut self, catalog: &Catalog, addresses: BTreeSet<IpAddr>) -> Answers {
         let mut answers = Answers {
             keys: std::mem::take(&mut self.pending_keys),
             absent: Vec::new(),
         };
-        for ip in std::mem::take(&mut self.pending_addresses) {
+        for ip in addresses {
             match catalog.workload_at(ip) {
                 Some(key) => {
                     self.keys.insert(key.clone());
@@ -185,11 +210,16 @@ impl Watches {
     }
 }
 
-/// `keys`, each checked to be a workload's.
+/// `keys`, each checked to be one a workload can have: its namespace and name DNS labels,
+/// so that a key is at most 136 bytes whatever a node sends.
 fn workload_keys(keys: &[String]) -> Result<Vec<&String>, WatchError> {
     keys.iter()
         .map(|key| match keys::parse(key) {
-            Some((keys::Kind::Workload, _)) => Ok(key),
+            Some((keys::Kind::Workload, k))
+                if mesh_model::is_dns_label(&k.namespace) && mesh_model::is_dns_label(&k.name) =>
+            {
+                Ok(key)
+            }
             _ => Err(WatchError::NotAWorkload(truncated(key))),
         })
         .collect()
@@ -307,6 +337,28 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_answers_every_watched_address_again() {
+        let published = catalog();
+        let catalog = &published.distribution.catalog;
+        let mut w = Watches::default();
+        w.request(&ask(&[], &[&[10, 9, 9, 9], &[10, 0, 0, 3]]))
+            .unwrap();
+        w.answer(catalog);
+        let again = w.answer_all(catalog);
+        assert_eq!(again.absent, [IpAddr::from([10, 9, 9, 9])]);
+        assert_eq!(
+            again.keys.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["workload/default/c"]
+        );
+        // An IPv4-mapped IPv6 address is the IPv4 one.
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(
+            catalog.workload_at(mapped).as_deref(),
+            Some("workload/default/a")
+        );
+    }
+
+    #[test]
     fn bad_or_too_many_watches_are_refused_whole() {
         let mut w = Watches::default();
         assert_eq!(
@@ -321,6 +373,18 @@ mod tests {
         match w.request(&ask(&[&long], &[])) {
             Err(WatchError::NotAWorkload(k)) => assert_eq!(k.len(), 128),
             other => panic!("{other:?}"),
+        }
+        // A key no workload could have: names are DNS labels, so a key is short.
+        let huge = format!("workload/default/{}", "a".repeat(4 << 20));
+        for key in ["workload/default/UPPER", "workload/-x/a", huge.as_str()] {
+            assert!(
+                matches!(
+                    w.request(&ask(&[key], &[])),
+                    Err(WatchError::NotAWorkload(_))
+                ),
+                "{}",
+                &key[..40.min(key.len())]
+            );
         }
         assert!(w.is_empty(), "a refused message takes nothing");
         let many: Vec<String> = (0..MAX_WATCHES)
@@ -380,6 +444,13 @@ mod tests {
         };
         full.request(&swap).unwrap();
         assert_eq!(full.len(), MAX_WATCHES);
+        // Releasing alone is never refused.
+        let release = v1::ConfigAck {
+            unwatch: vec!["workload/default/w1".into()],
+            ..Default::default()
+        };
+        full.request(&release).unwrap();
+        assert_eq!(full.len(), MAX_WATCHES - 1);
     }
 
     #[test]
