@@ -27,8 +27,8 @@ pub const TARGETS: &[&str] = &[
     "config_files",
     "node_token",
     "config_update",
-    "config_watch",
     "http_message",
+    "config_watch",
 ];
 
 /// libFuzzer's limits for every run: an input that takes longer is a hang, one that makes
