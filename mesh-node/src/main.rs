@@ -120,6 +120,13 @@ struct RunArgs {
     /// Kubernetes mode: the Unix socket the CNI plugin reports new pods on.
     #[arg(long, default_value = "/run/mycel/cni.sock", requires = "kubernetes")]
     cni_socket: PathBuf,
+    /// Take other nodes' workloads from the control plane on demand, as this node's pods use
+    /// them, rather than every workload of the mesh: for meshes of many thousands of
+    /// workloads, where the first sync of every node would carry them all. A connection to an
+    /// address or Service endpoint this node does not hold waits for the control plane's
+    /// answer (up to 2 s) and is refused if none comes, never passed around the mesh.
+    #[arg(long, requires = "cp")]
+    workloads_on_demand: bool,
     /// Offline mode: YAML file of `Workload` documents (apiVersion mycel.dev/v1alpha1).
     #[arg(long, conflicts_with = "cp")]
     workloads: Option<PathBuf>,
@@ -450,14 +457,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         handshakes_per_node: args.max_handshakes_per_node,
     };
     let (local_owner, local_pods) = proxy::local::local_pods();
-    let shared = Arc::new(proxy::Shared::new(
+    let mut shared = proxy::Shared::new(
         capture.clone(),
         &metrics,
         Duration::from_secs_f64(args.connect_timeout),
         directory_rx,
         local_pods,
         Arc::new(proxy::limits::Limits::new(limits, limited)),
-    ));
+    );
+    let lookups = args.workloads_on_demand.then(|| {
+        let (tx, rx) = tokio::sync::mpsc::channel(control::demand::QUEUE);
+        shared.lookups = Some(tx);
+        rx
+    });
+    let shared = Arc::new(shared);
     let (view_tx, view_rx) = watch::channel(Arc::new(control::MeshView::default()));
     let parts = admin::Parts {
         svids: svids.clone(),
@@ -557,7 +570,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 local
             });
             tracing::info!(node = %args.node_name, admin = %args.admin_listen, cp = args.cp.as_deref().unwrap_or_default(), "mesh-node ready; waiting for the control plane");
-            node::follow_control_plane(node, client, local, stop).await
+            node::follow_control_plane(node, client, local, lookups, stop).await
         }
     };
 

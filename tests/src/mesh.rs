@@ -562,6 +562,10 @@ const FIGURES: &[Figure] = &[
         "proxy_no_orig_dst",
         &[(FAILED, &[("reason", "no_original_destination")])],
     ),
+    // On demand: refused because the control plane did not say in time who an address is.
+    figure("unresolved", &[(FAILED, &[("reason", "unresolved")])]),
+    // Refused by a policy, at either end.
+    figure("denied", &[(FAILED, &[("reason", "denied")])]),
     // Bytes from destinations to this node's applications, as their source proxies count them.
     figure(
         "proxy_bytes_received",

@@ -3,6 +3,7 @@
 //! carries. When the control plane is away the node keeps its last view and certificates and
 //! reconnects with backoff.
 
+pub mod demand;
 mod stream;
 pub mod view;
 
@@ -14,6 +15,7 @@ use std::{
 use mesh_api::{v1::node_service_client::NodeServiceClient, Credentials, NodeClient};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+pub use demand::{Lookup, Lookups};
 pub use stream::{run as run_stream, ApplyRequest};
 pub use view::MeshView;
 

@@ -7,7 +7,10 @@ use mesh_api::{metadata, v1::ConfigAck};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Backoff, CpClient, MeshView};
+use super::{
+    demand::{self, Asked, Lookup},
+    Backoff, CpClient, MeshView,
+};
 
 /// A request to apply one version of the config (`node/`); the answer is `Err(reason)` when
 /// it could not be applied whole (the node keeps the previous set of pods and retries), and
@@ -25,19 +28,37 @@ struct Held {
     view: MeshView,
     /// The epoch `view` came from; none when it cannot be resumed from.
     epoch: Option<u64>,
+    /// On demand: what the control plane was asked to watch.
+    asked: Asked,
 }
 
 /// Runs until the process ends. Each view it builds
-/// goes to the node through `apply`, and is acknowledged once the node has applied it.
+/// goes to the node through `apply`, and is acknowledged once the node has applied it. With
+/// `lookups` (on demand), the proxy's lookups are asked of the control plane.
 pub async fn run(
     client: CpClient,
     apply: mpsc::Sender<ApplyRequest>,
     connected: watch::Sender<bool>,
+    mut lookups: Option<mpsc::Receiver<Lookup>>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut held = Held::default();
+    let mut held = Held {
+        view: MeshView {
+            on_demand: lookups.is_some(),
+            ..MeshView::default()
+        },
+        ..Held::default()
+    };
     loop {
-        let outcome = session(&client, &apply, &connected, &mut backoff, &mut held).await;
+        let outcome = session(
+            &client,
+            &apply,
+            &connected,
+            &mut backoff,
+            &mut held,
+            &mut lookups,
+        )
+        .await;
         connected.send_replace(false);
         let delay = backoff.step();
         match outcome {
@@ -58,6 +79,7 @@ async fn session(
     connected: &watch::Sender<bool>,
     backoff: &mut Backoff,
     held: &mut Held,
+    lookups: &mut Option<mpsc::Receiver<Lookup>>,
 ) -> Result<(), String> {
     let mut api = client.api().map_err(|e| e.to_string())?;
     let (ack_tx, ack_rx) = mpsc::channel(4);
@@ -65,6 +87,15 @@ async fn session(
     let resuming = held.epoch.filter(|_| held.view.version > 0);
     if let Some(epoch) = resuming {
         metadata::set_resume(&mut request, epoch, held.view.version);
+    }
+    if held.view.on_demand {
+        metadata::set_on_demand(&mut request);
+        // First, whether resuming or not: a resumed stream is filtered by these, and a
+        // snapshot answers them.
+        let all = held.asked.all(&held.view, client.node());
+        if ack_tx.send(all).await.is_err() {
+            return Err("the stream's send side closed".into());
+        }
     }
     let mut updates = api
         .stream_config(request)
@@ -75,10 +106,38 @@ async fn session(
     let mut parts = mesh_api::parts::Assembler::default();
     let mut first = true;
     loop {
-        let part = match updates.message().await {
-            Ok(Some(u)) => u,
-            Ok(None) => return Ok(()),
-            Err(s) => return Err(describe(&s)),
+        let next = tokio::select! {
+            m = updates.message() => Ok(m),
+            l = async { lookups.as_mut()?.recv().await }, if lookups.is_some() => Err(l),
+        };
+        let part = match next {
+            Ok(Ok(Some(u))) => u,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(s)) => return Err(describe(&s)),
+            Err(None) => {
+                // The proxy is gone (shutting down): nothing more will be asked, and the
+                // stream stays on demand.
+                *lookups = None;
+                continue;
+            }
+            Err(Some(first)) => {
+                let Some(queue) = lookups.as_mut() else {
+                    continue;
+                };
+                let wanted = demand::batch(first, queue);
+                if let Some(message) = held.asked.ask(wanted, &mut held.view) {
+                    tracing::debug!(
+                        keys = message.watch.len(),
+                        addresses = message.watch_addresses.len(),
+                        released = message.unwatch_addresses.len(),
+                        "asking the control plane for workloads on demand"
+                    );
+                    if ack_tx.send(message).await.is_err() {
+                        return Err("the stream's send side closed".into());
+                    }
+                }
+                continue;
+            }
         };
         let update = match parts.push(part) {
             Ok(Some(whole)) => whole,

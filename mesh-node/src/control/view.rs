@@ -42,6 +42,15 @@ pub struct MeshView {
     pub traffic_policies: BTreeMap<ObjectKey, Arc<TrafficPolicy>>,
     /// Every service route of the mesh, decoded.
     pub routes: BTreeMap<ObjectKey, ServiceRoute>,
+    /// This node takes other nodes' workloads on demand: it holds its own and those it asked
+    /// for, and what it does not hold is asked for, never taken as outside the mesh.
+    pub on_demand: bool,
+    /// On demand: addresses the control plane said no workload has (canonical). A workload
+    /// that takes one later arrives, and the address leaves this set.
+    pub absent: BTreeSet<IpAddr>,
+    /// On demand: workloads asked for by key that do not exist (a Service may list an
+    /// endpoint that is gone).
+    pub absent_workloads: BTreeSet<WorkloadId>,
 }
 
 /// Mesh-wide settings of enforcement and of the data path. The default (no settings yet, or
@@ -105,7 +114,10 @@ impl MeshView {
     /// The view after `update`, or why the update cannot be applied (the view is unchanged).
     pub fn apply(&self, update: ConfigUpdate) -> Result<MeshView, String> {
         let mut next = if update.snapshot {
-            MeshView::default()
+            MeshView {
+                on_demand: self.on_demand,
+                ..MeshView::default()
+            }
         } else {
             if self.version == 0 {
                 return Err("an incremental update arrived before any snapshot".into());
@@ -132,8 +144,16 @@ impl MeshView {
                 }
                 Some(Kind::Workload(w)) if key == keys::workload(&w.namespace, &w.name) => {
                     check_addresses(&key, &w.addresses)?;
-                    next.workloads
-                        .insert(WorkloadId::new(&w.namespace, &w.name), w);
+                    for a in w
+                        .addresses
+                        .iter()
+                        .filter_map(|a| mesh_api::ip_from_bytes(a))
+                    {
+                        next.absent.remove(&a.to_canonical());
+                    }
+                    let id = WorkloadId::new(&w.namespace, &w.name);
+                    next.absent_workloads.remove(&id);
+                    next.workloads.insert(id, w);
                 }
                 Some(Kind::Service(s)) if key == keys::service(&s.namespace, &s.name) => {
                     check_addresses(&key, &s.vips)?;
@@ -182,7 +202,15 @@ impl MeshView {
         for key in update.removals {
             // A removal of something this node never held changes nothing, whatever its key.
             match keys::parse(&key) {
-                Some((keys::Kind::Workload, k)) => next.workloads.remove(&k).map(drop),
+                Some((keys::Kind::Workload, k)) => {
+                    let held = next.workloads.remove(&k).map(drop);
+                    // On demand, the answer for a workload asked for that does not exist:
+                    // known absent, so that nothing waits for it again.
+                    if held.is_none() && next.on_demand {
+                        next.absent_workloads.insert(k);
+                    }
+                    held
+                }
                 Some((keys::Kind::Service, k)) => next.services.remove(&k).map(drop),
                 Some((keys::Kind::Policy, k)) => next.policies.remove(&k).map(drop),
                 Some((keys::Kind::FastDeny, k)) => next.fast_deny.remove(&k).map(drop),
@@ -190,6 +218,11 @@ impl MeshView {
                 Some((keys::Kind::Route, k)) => next.routes.remove(&k).map(drop),
                 None => None,
             };
+        }
+        for raw in &update.absent {
+            let ip = mesh_api::ip_from_bytes(raw)
+                .ok_or_else(|| format!("an absent address of {} bytes", raw.len()))?;
+            next.absent.insert(ip.to_canonical());
         }
         if next.trust_roots.is_empty() {
             return Err("the config has no trust bundle".into());
@@ -285,6 +318,42 @@ mod tests {
             epoch: 1,
             absent: Vec::new(),
         }
+    }
+
+    #[test]
+    fn on_demand_answers_are_held_until_a_workload_takes_them() {
+        let on_demand = MeshView {
+            on_demand: true,
+            ..MeshView::default()
+        };
+        let mut first = update(1, true, vec![bundle()], &[]);
+        first.absent = vec![vec![10, 0, 0, 1], vec![10, 0, 0, 9]];
+        let v = on_demand.apply(first).unwrap();
+        assert!(v.on_demand);
+        assert_eq!(v.absent.len(), 2);
+        let v = v
+            .apply(update(1, false, vec![], &["workload/default/nope"]))
+            .unwrap();
+        assert!(v
+            .absent_workloads
+            .contains(&WorkloadId::new("default", "nope")));
+        // A workload that arrives (with 10.0.0.1) ends both answers.
+        let v = v
+            .apply(update(2, false, vec![workload("nope", "n2", "")], &[]))
+            .unwrap();
+        assert!(!v.absent.contains(&"10.0.0.1".parse().unwrap()));
+        assert!(v.absent_workloads.is_empty());
+        // A snapshot replaces the answers too, and the view stays on demand.
+        let v = v.apply(update(3, true, vec![bundle()], &[])).unwrap();
+        assert!(v.on_demand && v.absent.is_empty());
+        let mut bad = update(4, false, vec![], &[]);
+        bad.absent = vec![vec![1, 2, 3]];
+        assert!(v.apply(bad).is_err());
+        // Not on demand, a removal of what is not held is nothing.
+        let full = MeshView::default()
+            .apply(update(1, true, vec![bundle()], &["workload/default/x"]))
+            .unwrap();
+        assert!(full.absent_workloads.is_empty());
     }
 
     #[test]

@@ -178,6 +178,9 @@ pub enum FailReason {
     IdleTimeout,
     /// Established, then closed at its `maxConnectionDuration`.
     MaxDuration,
+    /// On demand: the control plane did not say in time who has the destination (or the
+    /// source) address, so the connection was refused rather than let around the mesh.
+    Unresolved,
 }
 
 impl FailReason {
@@ -199,6 +202,7 @@ impl FailReason {
             FailReason::RateLimited => "rate_limited",
             FailReason::IdleTimeout => "idle_timeout",
             FailReason::MaxDuration => "max_duration",
+            FailReason::Unresolved => "unresolved",
         }
     }
 }

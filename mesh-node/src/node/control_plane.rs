@@ -11,15 +11,22 @@ use crate::{control, handoff::gate::Phase, identity, kubernetes};
 
 /// Runs until `stop` completes or the stream's task is gone; returns the node for its
 /// shutdown.
+/// With `lookups` (on demand), the proxy's lookups go to the control plane on the stream.
 pub async fn follow(
     mut node: Node,
     client: control::CpClient,
     local: Option<kubernetes::Local>,
+    lookups: Option<mpsc::Receiver<control::Lookup>>,
     stop: impl Future<Output = ()>,
 ) -> Node {
     let (apply_tx, mut apply_rx) = mpsc::channel(1);
     let (connected_tx, mut connected_rx) = watch::channel(false);
-    tokio::spawn(control::run_stream(client.clone(), apply_tx, connected_tx));
+    tokio::spawn(control::run_stream(
+        client.clone(),
+        apply_tx,
+        connected_tx,
+        lookups,
+    ));
     tokio::spawn(identity::run_manager(client, node.view(), node.svids()));
     let (mut requests, mut pods_changed) = match local {
         Some(l) => {

@@ -21,7 +21,7 @@ use mesh_model::{
 };
 
 use crate::{
-    control::MeshView,
+    control::{Lookup, MeshView},
     identity::SvidStore,
     tunnel::{TlsConfigs, Trust},
     workloads::WorkloadId,
@@ -70,6 +70,9 @@ pub struct Target {
 pub enum Route {
     /// Not a mesh destination: connect to it as the application asked.
     Passthrough,
+    /// On demand: an address this node was not told about either way. Never passed by: the
+    /// proxy asks the control plane, and refuses the connection if no answer comes.
+    Unresolved,
     Workload(Target),
     /// A service VIP and port: its backends (the Service itself, or a route's).
     Service(Arc<ServicePort>),
@@ -125,6 +128,8 @@ pub struct Backend {
     pub port: u16,
     pub target_port: u16,
     pub endpoints: Vec<Arc<Peer>>,
+    /// On demand: endpoints the Service lists that this node does not hold yet.
+    pub missing: Vec<WorkloadId>,
     pub policies: Vec<Arc<TrafficPolicy>>,
     next: AtomicUsize,
 }
@@ -198,6 +203,11 @@ pub struct Directory {
     policies: PolicyIndex,
     /// What tunnels to other nodes use.
     transport: Transport,
+    /// Other nodes' workloads come on demand: what is not here is asked for.
+    on_demand: bool,
+    /// On demand: addresses no workload has, as the control plane answered, and the
+    /// Services' VIPs (which are no workload's either).
+    absent: std::collections::HashSet<IpAddr>,
 }
 
 impl Directory {
@@ -229,7 +239,7 @@ impl Directory {
             }
             peers.insert(key.clone(), peer);
         }
-        let (by_vip, rate_limits) = services(view, &peers);
+        let (by_vip, rate_limits) = services(view, &peers, &view.absent_workloads);
         let tls = if view.trust_roots.is_empty() {
             None
         } else {
@@ -253,7 +263,47 @@ impl Directory {
             tls,
             policies,
             transport: view.mesh_policy.transport,
+            on_demand: view.on_demand,
+            absent: view
+                .absent
+                .iter()
+                .copied()
+                .chain(view.services.values().flat_map(|s| {
+                    s.vips
+                        .iter()
+                        .filter_map(|v| mesh_api::ip_from_bytes(v))
+                        .map(|ip| ip.to_canonical())
+                }))
+                .collect(),
         }
+    }
+
+    /// What a connection to `dst` needs that this directory lacks, on demand: the address,
+    /// when it is neither a workload's, a Service's nor known absent; a Service's endpoints
+    /// not held yet. Empty when nothing is wanted (or not on demand).
+    pub fn wanted_for(&self, dst: SocketAddr) -> Vec<Lookup> {
+        if !self.on_demand {
+            return Vec::new();
+        }
+        if let Some(port) = self.by_vip.get(&dst) {
+            return port
+                .backends
+                .iter()
+                .flat_map(|(b, _)| b.missing.iter())
+                .map(|k| Lookup::Workload(k.clone()))
+                .collect();
+        }
+        self.wanted_source(dst.ip()).into_iter().collect()
+    }
+
+    /// What this directory lacks to know who `ip` is, on demand: the address, when it is
+    /// neither a workload's nor known absent.
+    pub fn wanted_source(&self, ip: IpAddr) -> Option<Lookup> {
+        let canonical = ip.to_canonical();
+        let known = self.by_addr.contains_key(&ip)
+            || self.by_addr.contains_key(&canonical)
+            || self.absent.contains(&canonical);
+        (self.on_demand && !known).then_some(Lookup::Address(canonical))
     }
 
     /// Whether [`Directory::route`] would send `dst` to the mesh (a workload or a service),
@@ -271,6 +321,7 @@ impl Directory {
         }
         match self.by_vip.get(&dst) {
             Some(port) => Route::Service(port.clone()),
+            None if self.wanted_source(dst.ip()).is_some() => Route::Unresolved,
             None => Route::Passthrough,
         }
     }
@@ -303,7 +354,11 @@ impl Directory {
 
 /// Every service VIP and port with what it leads to, and the rate limits of each workload port
 /// that a Service leads to.
-fn services(view: &MeshView, peers: &HashMap<WorkloadId, Arc<Peer>>) -> Services {
+fn services(
+    view: &MeshView,
+    peers: &HashMap<WorkloadId, Arc<Peer>>,
+    absent: &std::collections::BTreeSet<WorkloadId>,
+) -> Services {
     let root = &view.mesh_policy.root_namespace;
     let policies = |key: &ObjectKey, port: u16| -> Vec<Arc<TrafficPolicy>> {
         traffic::candidates(
@@ -331,6 +386,10 @@ fn services(view: &MeshView, peers: &HashMap<WorkloadId, Arc<Peer>>) -> Services
             port,
             target_port,
             endpoints: endpoints(s, peers),
+            missing: match view.on_demand {
+                true => missing(s, peers, absent),
+                false => Vec::new(),
+            },
             policies: policies(key, port),
             next: AtomicUsize::new(0),
         });
@@ -396,6 +455,20 @@ fn services(view: &MeshView, peers: &HashMap<WorkloadId, Arc<Peer>>) -> Services
     (by_vip, rate_limits)
 }
 
+/// The service's endpoints that the view neither holds nor knows not to exist.
+fn missing(
+    service: &v1::Service,
+    peers: &HashMap<WorkloadId, Arc<Peer>>,
+    absent: &std::collections::BTreeSet<WorkloadId>,
+) -> Vec<WorkloadId> {
+    service
+        .endpoints
+        .iter()
+        .filter_map(|key| mesh_api::keys::object_key(key))
+        .filter(|k| !peers.contains_key(k) && !absent.contains(k))
+        .collect()
+}
+
 /// The service's endpoints (`namespace/name` keys on the wire) that the view knows.
 fn endpoints(service: &v1::Service, peers: &HashMap<WorkloadId, Arc<Peer>>) -> Vec<Arc<Peer>> {
     service
@@ -452,6 +525,55 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn on_demand_an_unknown_address_is_asked_for_never_passed_by() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut v = view();
+        v.on_demand = true;
+        v.workloads.remove(&WorkloadId::new("default", "c"));
+        v.absent.insert(ip("10.0.0.8"));
+        v.absent_workloads
+            .insert(WorkloadId::new("default", "gone"));
+        let dir = Directory::new(&v, Arc::default());
+        assert!(matches!(
+            dir.route(addr("10.0.0.9:9000")),
+            Route::Unresolved
+        ));
+        assert_eq!(
+            dir.wanted_for(addr("10.0.0.9:9000")),
+            [Lookup::Address(ip("10.0.0.9"))]
+        );
+        // Known absent: outside the mesh.
+        assert!(matches!(
+            dir.route(addr("10.0.0.8:9000")),
+            Route::Passthrough
+        ));
+        assert!(dir.wanted_for(addr("10.0.0.8:9000")).is_empty());
+        // A Service's endpoint not held is asked for by key; one that does not exist is not.
+        assert_eq!(
+            dir.wanted_for(addr("10.96.0.1:80")),
+            [Lookup::Workload(WorkloadId::new("default", "c"))]
+        );
+        // A VIP on a port the Service does not expose is no workload's: passed by.
+        assert!(matches!(
+            dir.route(addr("10.96.0.1:81")),
+            Route::Passthrough
+        ));
+        // Sources: a held workload is known; an IPv4-mapped address is asked for as IPv4.
+        assert!(dir.wanted_source(ip("10.0.0.2")).is_none());
+        assert_eq!(
+            dir.wanted_source(ip("::ffff:10.0.0.7")),
+            Some(Lookup::Address(ip("10.0.0.7")))
+        );
+        // Not on demand: nothing is asked, and what is unknown is outside the mesh.
+        let full = Directory::new(&view(), Arc::default());
+        assert!(full.wanted_for(addr("10.0.0.9:9000")).is_empty());
+        assert!(matches!(
+            full.route(addr("10.0.0.9:9000")),
+            Route::Passthrough
+        ));
     }
 
     #[test]

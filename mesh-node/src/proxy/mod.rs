@@ -86,8 +86,15 @@ pub struct Shared {
     pub anchors: Arc<crate::tunnel::anchors::Anchors>,
     /// Per-Service state: endpoints' load and health, limits (TrafficPolicy).
     pub traffic: traffic::Traffic,
+    /// On demand: where lookups go (the config stream); `None` when this node holds every
+    /// workload of the mesh.
+    pub lookups: Option<crate::control::Lookups>,
     next_connection_id: AtomicU64,
 }
+
+/// How long a connection waits for the control plane to answer a lookup (on demand). Past it
+/// the connection is refused, never passed around the mesh.
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
 impl Shared {
     pub fn new(
@@ -112,6 +119,7 @@ impl Shared {
             limits,
             anchors: Arc::default(),
             traffic: traffic::Traffic::new(metrics.traffic.clone()),
+            lookups: None,
             // Unique per daemon run; the pid keeps ids from two runs apart in the logs.
             next_connection_id: AtomicU64::new(u64::from(std::process::id()) << 32),
         }
@@ -148,6 +156,44 @@ impl Shared {
             if let Ok(Err(_)) = tokio::time::timeout(tick, rx.changed()).await {
                 // The directory's owner is gone (shutdown): no change will wake us.
                 tokio::time::sleep(tick).await;
+            }
+        }
+    }
+
+    /// `current`, or once it lacks what `wanted` names (on demand), the first directory
+    /// that has it: the lookups go to the control plane, and the answer is waited for up to
+    /// [`LOOKUP_WAIT`] (then the directory as it is; the caller refuses what is still
+    /// unresolved).
+    pub async fn resolved(
+        &self,
+        current: Arc<Directory>,
+        wanted: impl Fn(&Directory) -> Vec<crate::control::Lookup>,
+    ) -> Arc<Directory> {
+        let Some(lookups) = &self.lookups else {
+            return current;
+        };
+        let first = wanted(&current);
+        if first.is_empty() {
+            return current;
+        }
+        let deadline = Instant::now() + LOOKUP_WAIT;
+        let mut rx = self.directory.clone();
+        rx.mark_unchanged();
+        for lookup in first {
+            let sent = tokio::time::timeout_at(deadline.into(), lookups.send(lookup)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return self.directory();
+            }
+        }
+        loop {
+            let latest = rx.borrow_and_update().clone();
+            if wanted(&latest).is_empty() {
+                return latest;
+            }
+            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+                Ok(Ok(())) => {}
+                // The deadline, or the directory's owner gone (shutdown).
+                _ => return self.directory(),
             }
         }
     }

@@ -374,6 +374,10 @@ impl Outgoing {
             .shared
             .capture
             .original_destination(ctx.netns_cookie, peer);
+        // On demand, a destination this node was not told about is asked for first.
+        if let Some(dst) = original {
+            dir = ctx.shared.resolved(dir, |d| d.wanted_for(dst)).await;
+        }
         // A pod captured as it starts (Kubernetes) may connect before this node knows its
         // identity: a mesh destination then waits for it rather than fail at once.
         if original.is_some_and(|dst| dir.is_mesh_destination(dst)) {
@@ -429,6 +433,18 @@ impl Outgoing {
                 .failed(Reporter::Source, &this.pair, reason, &this.details, detail);
         };
         match dir.route(dst) {
+            Route::Unresolved => {
+                let why = format!(
+                    "the control plane did not say within {:?} whether {dst} is in the mesh",
+                    super::LOOKUP_WAIT
+                );
+                failed(self, FailReason::Unresolved, &why);
+                tracing::warn!(
+                    workload = %ctx.workload, %peer, %dst,
+                    "{why}; resetting the client connection rather than pass it around the mesh"
+                );
+                None
+            }
             Route::Passthrough => match ctx.connect_in_pod(dst).await {
                 Ok(s) => Some(Upstream::Plain(s)),
                 Err(e) => {

@@ -102,6 +102,8 @@ pub struct Refusal {
     /// The deciding policy and rule of a deny (boxed: a refusal is rare, and travels in
     /// results that connection tasks hold).
     pub decided: Option<Box<(String, String)>>,
+    /// Refused because the control plane did not answer a lookup in time (on demand).
+    unresolved: bool,
 }
 
 impl Refusal {
@@ -110,11 +112,24 @@ impl Refusal {
             status,
             reason: reason.into(),
             decided: None,
+            unresolved: false,
+        }
+    }
+
+    /// The source's workload is not known and the control plane did not say in time: the
+    /// source is told to try later, as when this pod is at a limit.
+    fn unresolved(reason: impl Into<String>) -> Self {
+        Self {
+            unresolved: true,
+            ..Self::new(Status::Overloaded, reason)
         }
     }
 
     fn reason(&self) -> FailReason {
-        refusal_reason(self.status)
+        match self.unresolved {
+            true => FailReason::Unresolved,
+            false => refusal_reason(self.status),
+        }
     }
 
     /// Counts and logs the refusal of a connection with `pair` and `details`.
@@ -466,11 +481,33 @@ async fn admit_tunnel(
     transport: Transport,
 ) -> Result<(Delivery, Admitted), Refusal> {
     let peer = client.addr.ip();
-    let checked = parse(request, client.id.clone(), transport).and_then(|mut d| {
-        check_tunnel_source(dir, peer, &d)?;
-        d.tunnel_trust = Some(client.credentials.withdrawn.clone());
-        Ok(d)
-    });
+    // On demand, the tunnel's TCP source and the source it names may be workloads this node
+    // was not sent: asked for now, once the peer has proven a mesh identity (a stranger
+    // cannot make the node ask).
+    let sources = |d: &Directory| -> Vec<crate::control::Lookup> {
+        let named = mesh_api::ip_from_bytes(&request.source_address);
+        [Some(peer), named]
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| d.wanted_source(ip))
+            .collect()
+    };
+    let resolved = match ctx.shared.lookups.is_some() {
+        true => Some(ctx.shared.resolved(ctx.shared.directory(), sources).await),
+        false => None,
+    };
+    let dir = resolved.as_deref().unwrap_or(dir);
+    let checked = match sources(dir).as_slice() {
+        [] => parse(request, client.id.clone(), transport).and_then(|mut d| {
+            check_tunnel_source(dir, peer, &d)?;
+            d.tunnel_trust = Some(client.credentials.withdrawn.clone());
+            Ok(d)
+        }),
+        wanted => Err(Refusal::unresolved(format!(
+            "the control plane did not say within {:?} whose address {wanted:?} is",
+            super::LOOKUP_WAIT
+        ))),
+    };
     let d = match checked {
         Ok(d) => d,
         Err(r) => {

@@ -1,0 +1,188 @@
+//! Other nodes' workloads on demand, the node's side: what the proxy asks for, and what the
+//! config stream has asked the control plane to watch.
+//!
+//! The proxy sends a [`Lookup`] when a connection needs a workload the view does not hold
+//! (a destination address, a Service's endpoint, a tunnel's source); the stream batches
+//! them into `ConfigAck.watch`/`watch_addresses`, and the answer arrives as any update
+//! does, in the view and from it the directory the proxy waits on. What was asked is kept
+//! across streams ([`Asked`]) and named again when a stream starts.
+
+use std::{
+    collections::{BTreeSet, VecDeque},
+    net::IpAddr,
+};
+
+use mesh_api::{keys, v1::ConfigAck, MAX_WATCHES};
+use tokio::sync::mpsc;
+
+use super::MeshView;
+use crate::workloads::WorkloadId;
+
+/// What a connection needs that the view does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// A workload by name: a Service's endpoint.
+    Workload(WorkloadId),
+    /// Whatever workload has this address: a destination, or a tunnel's source.
+    Address(IpAddr),
+}
+
+/// The proxy's end: lookups go to the config stream. Cheap to clone.
+pub type Lookups = mpsc::Sender<Lookup>;
+
+/// Lookups queued at most between the proxy and the stream: a connection whose lookup does
+/// not fit waits for room, as it waits for the answer.
+pub const QUEUE: usize = 1024;
+
+/// Addresses asked for at most, of [`MAX_WATCHES`]: past it the oldest are released
+/// (`unwatch_addresses`), so that a pod that reaches many addresses outside the mesh cannot
+/// fill the stream's watches; one of them is asked for again when a connection needs it.
+pub const MAX_ADDRESSES: usize = MAX_WATCHES / 4;
+
+/// Most lookups one message carries.
+const BATCH: usize = 1024;
+
+/// What this node has asked the control plane to watch, kept across streams.
+#[derive(Debug, Default)]
+pub struct Asked {
+    keys: BTreeSet<String>,
+    addresses: BTreeSet<IpAddr>,
+    /// `addresses` in the order they were asked, oldest first.
+    order: VecDeque<IpAddr>,
+}
+
+impl Asked {
+    /// What a new stream names first: every other node's workload `view` holds, every key
+    /// and address asked for. A resuming stream is filtered by exactly this.
+    pub fn all(&self, view: &MeshView, node: &str) -> ConfigAck {
+        let mut keys: BTreeSet<String> = self.keys.clone();
+        keys.extend(
+            view.workloads
+                .iter()
+                .filter(|(_, w)| w.node != node)
+                .map(|(id, _)| keys::workload(&id.namespace, &id.name)),
+        );
+        ConfigAck {
+            watch: keys
+                .into_iter()
+                .take(MAX_WATCHES - self.addresses.len())
+                .collect(),
+            watch_addresses: self
+                .addresses
+                .iter()
+                .map(|a| mesh_api::ip_to_bytes(*a))
+                .collect(),
+            ..ConfigAck::default()
+        }
+    }
+
+    /// A message asking for what `lookups` name that is neither held in `view` nor asked
+    /// already, releasing the oldest addresses past [`MAX_ADDRESSES`] (also dropped from
+    /// `view`'s absent set, so that a connection asks again); `None` when there is nothing
+    /// to ask.
+    pub fn ask(
+        &mut self,
+        lookups: impl IntoIterator<Item = Lookup>,
+        view: &mut MeshView,
+    ) -> Option<ConfigAck> {
+        let mut message = ConfigAck::default();
+        for lookup in lookups {
+            match lookup {
+                Lookup::Workload(id) => {
+                    let key = keys::workload(&id.namespace, &id.name);
+                    let full = self.keys.len() + self.addresses.len() >= MAX_WATCHES;
+                    if view.workloads.contains_key(&id) || self.keys.contains(&key) || full {
+                        continue;
+                    }
+                    self.keys.insert(key.clone());
+                    message.watch.push(key);
+                }
+                Lookup::Address(ip) => {
+                    let ip = ip.to_canonical();
+                    if view.absent.contains(&ip) || !self.addresses.insert(ip) {
+                        continue;
+                    }
+                    self.order.push_back(ip);
+                    message.watch_addresses.push(mesh_api::ip_to_bytes(ip));
+                }
+            }
+        }
+        while self.addresses.len() > MAX_ADDRESSES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            self.addresses.remove(&old);
+            view.absent.remove(&old);
+            message.unwatch_addresses.push(mesh_api::ip_to_bytes(old));
+        }
+        let nothing = message.watch.is_empty()
+            && message.watch_addresses.is_empty()
+            && message.unwatch_addresses.is_empty();
+        (!nothing).then_some(message)
+    }
+}
+
+/// Up to [`BATCH`] lookups: `first`, and what else is queued now.
+pub fn batch(first: Lookup, queue: &mut mpsc::Receiver<Lookup>) -> Vec<Lookup> {
+    let mut out = vec![first];
+    while out.len() < BATCH {
+        match queue.try_recv() {
+            Ok(l) => out.push(l),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + last))
+    }
+
+    #[test]
+    fn asks_once_for_what_is_not_held() {
+        let mut asked = Asked::default();
+        let mut view = MeshView {
+            on_demand: true,
+            ..MeshView::default()
+        };
+        view.absent.insert(ip(9));
+        let m = asked
+            .ask(
+                [
+                    Lookup::Address(ip(1)),
+                    Lookup::Address(ip(1)),
+                    Lookup::Address(ip(9)),
+                    Lookup::Workload(WorkloadId::new("default", "b")),
+                ],
+                &mut view,
+            )
+            .unwrap();
+        assert_eq!(m.watch, ["workload/default/b"]);
+        assert_eq!(m.watch_addresses, [vec![10, 0, 0, 1]]);
+        assert!(asked.ask([Lookup::Address(ip(1))], &mut view).is_none());
+        let all = asked.all(&view, "n1");
+        assert_eq!(all.watch, ["workload/default/b"]);
+        assert_eq!(all.watch_addresses.len(), 1);
+    }
+
+    #[test]
+    fn the_oldest_addresses_are_released_past_the_bound() {
+        let mut asked = Asked::default();
+        let mut view = MeshView::default();
+        let first: Vec<Lookup> = (0..MAX_ADDRESSES as u32)
+            .map(|i| Lookup::Address(ip(i)))
+            .collect();
+        asked.ask(first, &mut view).unwrap();
+        view.absent.insert(ip(0));
+        let m = asked
+            .ask([Lookup::Address(ip(MAX_ADDRESSES as u32))], &mut view)
+            .unwrap();
+        assert_eq!(m.unwatch_addresses, [vec![10, 0, 0, 0]]);
+        assert!(!view.absent.contains(&ip(0)), "asked again when needed");
+        assert_eq!(asked.addresses.len(), MAX_ADDRESSES);
+    }
+}
