@@ -337,6 +337,13 @@ async fn send_snapshot<'a>(
                 send_by(tx, part, deadline).await?;
             }
         }
+        // A watched key no workload has is answered too: the node asked for it.
+        for key in watches.missing(catalog, caller.node) {
+            count += 1;
+            if let Some(part) = parts.remove(key.to_owned()) {
+                send_by(tx, part, deadline).await?;
+            }
+        }
         for ip in answers.absent {
             if let Some(part) = parts.absent(mesh_api::ip_to_bytes(ip)) {
                 send_by(tx, part, deadline).await?;
@@ -366,9 +373,9 @@ async fn send_snapshot<'a>(
     Ok((published.version, count, permit))
 }
 
-/// How long a node that resumes on demand has to name what it watches before it is sent a
-/// snapshot instead.
-const RESUME_WATCHES_WAIT: Duration = Duration::from_secs(10);
+/// How long an on-demand node has to name what it watches before it is sent a snapshot (of
+/// nothing but its own, if it named nothing).
+const WATCHES_WAIT: Duration = Duration::from_secs(10);
 
 /// Feeds one node's config stream until the node goes away or its token stops being valid.
 #[allow(clippy::too_many_arguments)]
@@ -399,12 +406,18 @@ async fn serve_stream(
     let mut watches = on_demand.then(Watches::default);
     // An answer to a version that came with a resuming node's watches.
     let mut first_ack = None;
-    // A node that resumes on demand holds workloads it watches: what changed since its
-    // version is filtered by them, so they come first.
-    if let (Some(w), Some(_)) = (watches.as_mut(), cursor) {
-        match tokio::time::timeout(RESUME_WATCHES_WAIT, acks.message()).await {
+    // An on-demand node names what it watches first. One that resumes holds those already:
+    // what changed since its version is filtered by them. One that starts afresh is
+    // answered in its snapshot, so that it never holds a view without the workloads it had
+    // (a restarted control plane would otherwise drop them from every node at once).
+    if let Some(w) = watches.as_mut() {
+        match tokio::time::timeout(WATCHES_WAIT, acks.message()).await {
             Ok(Ok(Some(first))) => {
-                if let Err(e) = w.resume(&first) {
+                let taken = match cursor {
+                    Some(_) => w.resume(&first),
+                    None => w.request(&first),
+                };
+                if let Err(e) = taken {
                     refuse_watches(&shared, &node, &tx, &e).await;
                     shared.update_node(&node, |n| n.streams = n.streams.saturating_sub(1));
                     return;
@@ -417,7 +430,7 @@ async fn serve_stream(
                 return;
             }
             Err(_) => {
-                tracing::warn!(node, "node resumed on demand without naming its watches within 10 s; sending a snapshot");
+                tracing::warn!(node, "on-demand node named no watches within 10 s; sending a snapshot of what it watches: nothing");
                 cursor = None;
             }
         }

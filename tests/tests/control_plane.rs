@@ -217,12 +217,15 @@ async fn config_stream_is_node_scoped_incremental_and_keeps_the_last_good_config
     assert_eq!(removed.removals, ["workload/default/c"]);
 }
 
-/// Opens the config stream on demand, resuming from `(epoch, version)` if given.
+/// Opens the config stream on demand, resuming from `(epoch, version)` if given, with
+/// `first` as the first message (what the node watches).
 async fn open_on_demand(
     client: &mut NodeClient,
     resume: Option<(u64, u64)>,
+    first: ConfigAck,
 ) -> (mpsc::Sender<ConfigAck>, Streaming<ConfigUpdate>) {
     let (tx, rx) = mpsc::channel(4);
+    tx.send(first).await.expect("the first message is queued");
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     mesh_api::metadata::set_on_demand(&mut request);
     if let Some((epoch, version)) = resume {
@@ -255,7 +258,7 @@ async fn a_node_on_demand_holds_its_own_workloads_and_those_it_watches() {
     let cp = start("demand");
     let (token, _) = cp.create_token("n1").unwrap();
     let mut n1 = cp.client("n1", &token).await.unwrap();
-    let (acks, mut updates) = open_on_demand(&mut n1, None).await;
+    let (acks, mut updates) = open_on_demand(&mut n1, None, watch(&[], &[])).await;
 
     // Its own workload and no other.
     let first = next(&mut updates).await.unwrap();
@@ -327,13 +330,11 @@ async fn a_node_on_demand_holds_its_own_workloads_and_those_it_watches() {
     )
     .unwrap();
     wait(|| cp.version().is_ok_and(|v| v >= held + 2)).await;
-    let (acks, mut updates) = open_on_demand(&mut n1, Some((epoch, held))).await;
-    acks.send(watch(
+    let named = watch(
         &["workload/default/b", "workload/default/c"],
         &[[10, 0, 0, 9]],
-    ))
-    .await
-    .unwrap();
+    );
+    let (acks, mut updates) = open_on_demand(&mut n1, Some((epoch, held)), named.clone()).await;
     let got = next(&mut updates).await.unwrap();
     assert!(!got.snapshot, "resumed, not sent everything again");
     assert_eq!(keys(&got), ["workload/default/b"]);
@@ -367,6 +368,25 @@ async fn a_node_on_demand_holds_its_own_workloads_and_those_it_watches() {
     assert_eq!(keys(&next_one), ["workload/default/c"]);
     assert!(next_one.removals.is_empty(), "{next_one:?}");
 
+    // A node that starts afresh naming its watches has them answered in its snapshot: the
+    // workloads it watches, a key no workload has as removed, the address no workload has.
+    let (_fresh_acks, mut fresh) = open_on_demand(
+        &mut n1,
+        None,
+        watch(
+            &["workload/default/b", "workload/default/gone"],
+            &[[10, 9, 9, 9]],
+        ),
+    )
+    .await;
+    let snapshot = next(&mut fresh).await.unwrap();
+    assert!(snapshot.snapshot);
+    assert!(keys(&snapshot).contains(&"workload/default/b"));
+    assert!(!keys(&snapshot).contains(&"workload/default/c"));
+    assert_eq!(snapshot.removals, ["workload/default/gone"]);
+    assert_eq!(snapshot.absent, [vec![10, 9, 9, 9]]);
+    drop(fresh);
+
     // A watch that is not of a workload ends the stream with the reason.
     acks.send(watch(&["service/default/x"], &[])).await.unwrap();
     let refused = next(&mut updates).await.unwrap_err();
@@ -396,7 +416,7 @@ async fn a_node_on_demand_holds_its_own_workloads_and_those_it_watches() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let metrics = mesh_tests::mesh::http_get(cp.metrics, "/metrics").unwrap();
     assert!(
-        metrics.contains("mycel_cp_on_demand_lookups_total{answer=\"absent\"} 2")
+        metrics.contains("mycel_cp_on_demand_lookups_total{answer=\"absent\"} 4")
             && metrics.contains("mycel_cp_on_demand_lookups_total{answer=\"refused\"} 2"),
         "{metrics}"
     );

@@ -194,6 +194,19 @@ impl Watches {
         answers
     }
 
+    /// The workload keys watched that no workload has: a snapshot names them as removed, so
+    /// that the node knows them absent.
+    pub fn missing<'c>(
+        &'c self,
+        catalog: &'c Catalog,
+        node: &'c str,
+    ) -> impl Iterator<Item = &'c str> + 'c {
+        self.keys
+            .iter()
+            .filter(move |k| !catalog.is_own(node, k) && catalog.get_shared(k).is_none())
+            .map(String::as_str)
+    }
+
     /// Everything this node holds at `catalog`'s version: every shared entry but the
     /// workloads, its own part, then the other workloads it watches that exist.
     pub fn snapshot<'c>(
@@ -305,6 +318,11 @@ mod tests {
         assert_eq!(w.len(), 6);
         assert!(w.entry(catalog, "n1", "workload/default/b").is_some());
         assert!(w.entry(catalog, "n1", "workload/default/gone").is_none());
+        // A snapshot names the watched key no workload has, as removed.
+        assert_eq!(
+            w.missing(catalog, "n1").collect::<Vec<_>>(),
+            ["workload/default/gone"]
+        );
     }
 
     #[test]

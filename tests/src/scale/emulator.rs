@@ -104,8 +104,7 @@ pub struct Held {
     pub arrivals: Vec<(u64, Instant)>,
     pub errors: u32,
     pub last_error: Option<String>,
-    /// On demand: resources and absent addresses received in answer to its watches.
-    pub answered: usize,
+    /// On demand: addresses its snapshot answered as no workload's.
     pub absent: usize,
 }
 
@@ -293,15 +292,12 @@ async fn session(node: &Node, cp: SocketAddr, tls: &ClientTlsConfig) -> Result<(
     }
     if let Some(demand) = &node.demand {
         metadata::set_on_demand(&mut request);
-        // A node that resumes names what it watches first; one that starts afresh asks
-        // once its snapshot is in, as a node does when its pods first connect.
-        if resuming.is_some() {
-            let _ = ack_tx.send(demand.message()).await;
-        }
+        // An on-demand node names what it watches first, as a real one does: a resumed
+        // stream is filtered by it, a snapshot answers it.
+        let _ = ack_tx.send(demand.message()).await;
     }
-    // Whether the watches are still to be asked on this stream, and then answered.
-    let mut ask = node.demand.is_some() && resuming.is_none();
-    let mut asked = false;
+    // Whether the next whole message answers the watches: a snapshot does.
+    let mut asked = node.demand.is_some() && resuming.is_none();
     grpc.ready().await.map_err(|e| format!("connect: {e}"))?;
     let codec = tonic_prost::ProstCodec::<ConfigAck, Counted>::default();
     let path = PathAndQuery::from_static("/mycel.v1.NodeService/StreamConfig");
@@ -342,11 +338,10 @@ async fn session(node: &Node, cp: SocketAddr, tls: &ClientTlsConfig) -> Result<(
             continue;
         }
         let (version, count) = (whole.version, whole.upserts);
-        // The first message after the watches were asked answers them.
+        // The snapshot answers the watches: the address outside the mesh as absent.
         let answer = std::mem::take(&mut asked);
         node.update(|h| {
             if answer {
-                h.answered += whole.upserts + whole.removals;
                 h.absent += whole.absent;
             }
             if whole.snapshot {
@@ -372,13 +367,6 @@ async fn session(node: &Node, cp: SocketAddr, tls: &ClientTlsConfig) -> Result<(
         };
         if ack_tx.send(ack).await.is_err() {
             return Err("the ack stream closed".into());
-        }
-        if let Some(demand) = node.demand.as_ref().filter(|_| ask) {
-            ask = false;
-            asked = true;
-            if ack_tx.send(demand.message()).await.is_err() {
-                return Err("the ack stream closed".into());
-            }
         }
     }
 }

@@ -51,9 +51,9 @@ impl Shape {
         mesh_api::keys::workload(&self.namespace(i), &format!("w-{i}"))
     }
 
-    /// What node `n` asks for when it takes workloads on demand: the endpoints of the
-    /// Service of its first pod's next Service (the one its policy lets it call), and an
-    /// address outside the mesh.
+    /// What node `n` watches when it takes workloads on demand, named in its first message:
+    /// the endpoints of a Service (the next one after its own number), and an address
+    /// outside the mesh.
     pub fn demand(&self, n: usize) -> super::emulator::Demand {
         let service = (n + 1) % self.services;
         super::emulator::Demand {
