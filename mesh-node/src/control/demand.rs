@@ -12,7 +12,11 @@ use std::{
     net::IpAddr,
 };
 
-use mesh_api::{keys, v1::ConfigAck, MAX_WATCHES};
+use mesh_api::{
+    keys,
+    v1::{resource::Kind, ConfigAck, ConfigUpdate},
+    MAX_WATCHES,
+};
 use tokio::sync::mpsc;
 
 use super::MeshView;
@@ -34,10 +38,17 @@ pub type Lookups = mpsc::Sender<Lookup>;
 /// not fit waits for room, as it waits for the answer.
 pub const QUEUE: usize = 1024;
 
-/// Addresses asked for at most, of [`MAX_WATCHES`]: past it the oldest are released
-/// (`unwatch_addresses`), so that a pod that reaches many addresses outside the mesh cannot
-/// fill the stream's watches; one of them is asked for again when a connection needs it.
-pub const MAX_ADDRESSES: usize = MAX_WATCHES / 4;
+/// Addresses asked for at most: past it the oldest are released (`unwatch_addresses`), so
+/// that a pod that reaches many addresses outside the mesh cannot fill the stream's watches;
+/// one of them is asked for again when a connection needs it.
+pub const MAX_ADDRESSES: usize = 8 << 10;
+
+/// Workloads asked for by key at most. Each watched address may bring one more workload, and
+/// mesh-cp counts those too: keys and addresses asked, and the workloads found through the
+/// addresses, stay within [`MAX_WATCHES`]. A node whose pods use more other workloads than
+/// this should hold every workload (no `--workloads-on-demand`).
+pub const MAX_KEYS: usize = MAX_WATCHES - 2 * MAX_ADDRESSES;
+const _: () = assert!(MAX_KEYS + 2 * MAX_ADDRESSES <= MAX_WATCHES && MAX_KEYS > MAX_ADDRESSES);
 
 /// Most lookups one message carries.
 const BATCH: usize = 1024;
@@ -49,6 +60,12 @@ pub struct Asked {
     addresses: BTreeSet<IpAddr>,
     /// `addresses` in the order they were asked, oldest first.
     order: VecDeque<IpAddr>,
+    /// Asked and not answered yet: asked again on a stream that resumes (a stream that
+    /// broke may have lost the answer; a snapshot answers everything watched).
+    unanswered_keys: BTreeSet<String>,
+    unanswered_addresses: BTreeSet<IpAddr>,
+    /// Whether the bound on keys was met (logged once).
+    full: bool,
 }
 
 impl Asked {
@@ -63,10 +80,7 @@ impl Asked {
                 .map(|(id, _)| keys::workload(&id.namespace, &id.name)),
         );
         ConfigAck {
-            watch: keys
-                .into_iter()
-                .take(MAX_WATCHES - self.addresses.len())
-                .collect(),
+            watch: keys.into_iter().collect(),
             watch_addresses: self
                 .addresses
                 .iter()
@@ -76,10 +90,55 @@ impl Asked {
         }
     }
 
+    /// What was asked and not answered, to ask again after a resume; `None` if nothing.
+    pub fn unanswered(&self) -> Option<ConfigAck> {
+        let message = ConfigAck {
+            watch: self.unanswered_keys.iter().cloned().collect(),
+            watch_addresses: self
+                .unanswered_addresses
+                .iter()
+                .map(|a| mesh_api::ip_to_bytes(*a))
+                .collect(),
+            ..ConfigAck::default()
+        };
+        (!message.watch.is_empty() || !message.watch_addresses.is_empty()).then_some(message)
+    }
+
+    /// Takes note of what `update` answers: the workloads it brings (by key and by their
+    /// addresses), the keys it removes, the addresses it names absent.
+    pub fn answered_by(&mut self, update: &ConfigUpdate) {
+        if self.unanswered_keys.is_empty() && self.unanswered_addresses.is_empty() {
+            return;
+        }
+        for r in &update.upserts {
+            if let Some(Kind::Workload(w)) = &r.kind {
+                self.unanswered_keys.remove(&r.key);
+                for a in w
+                    .addresses
+                    .iter()
+                    .filter_map(|a| mesh_api::ip_from_bytes(a))
+                {
+                    self.unanswered_addresses.remove(&a.to_canonical());
+                }
+            }
+        }
+        for key in &update.removals {
+            self.unanswered_keys.remove(key);
+        }
+        for a in update
+            .absent
+            .iter()
+            .filter_map(|a| mesh_api::ip_from_bytes(a))
+        {
+            self.unanswered_addresses.remove(&a.to_canonical());
+        }
+    }
+
     /// A message asking for what `lookups` name that is neither held in `view` nor asked
     /// already, releasing the oldest addresses past [`MAX_ADDRESSES`] (also dropped from
     /// `view`'s absent set, so that a connection asks again); `None` when there is nothing
-    /// to ask.
+    /// to ask. Keys past [`MAX_KEYS`] are not asked (their connections are refused as
+    /// unresolved, or a Service goes on with the endpoints it has).
     pub fn ask(
         &mut self,
         lookups: impl IntoIterator<Item = Lookup>,
@@ -90,11 +149,20 @@ impl Asked {
             match lookup {
                 Lookup::Workload(id) => {
                     let key = keys::workload(&id.namespace, &id.name);
-                    let full = self.keys.len() + self.addresses.len() >= MAX_WATCHES;
-                    if view.workloads.contains_key(&id) || self.keys.contains(&key) || full {
+                    if view.workloads.contains_key(&id) || self.keys.contains(&key) {
+                        continue;
+                    }
+                    if self.keys.len() >= MAX_KEYS {
+                        if !std::mem::replace(&mut self.full, true) {
+                            tracing::warn!(
+                                asked = self.keys.len(),
+                                "this node has asked for {MAX_KEYS} other workloads, the most on demand; more are not asked for (run it without --workloads-on-demand to hold every workload)"
+                            );
+                        }
                         continue;
                     }
                     self.keys.insert(key.clone());
+                    self.unanswered_keys.insert(key.clone());
                     message.watch.push(key);
                 }
                 Lookup::Address(ip) => {
@@ -103,6 +171,7 @@ impl Asked {
                         continue;
                     }
                     self.order.push_back(ip);
+                    self.unanswered_addresses.insert(ip);
                     message.watch_addresses.push(mesh_api::ip_to_bytes(ip));
                 }
             }
@@ -112,6 +181,7 @@ impl Asked {
                 break;
             };
             self.addresses.remove(&old);
+            self.unanswered_addresses.remove(&old);
             view.absent.remove(&old);
             message.unwatch_addresses.push(mesh_api::ip_to_bytes(old));
         }
@@ -167,6 +237,27 @@ mod tests {
         let all = asked.all(&view, "n1");
         assert_eq!(all.watch, ["workload/default/b"]);
         assert_eq!(all.watch_addresses.len(), 1);
+        // Until answered, both are asked again after a resume; a removal answers the key,
+        // an absent address the address.
+        let again = asked.unanswered().unwrap();
+        assert_eq!(again.watch, ["workload/default/b"]);
+        asked.answered_by(&ConfigUpdate {
+            removals: vec!["workload/default/b".into()],
+            absent: vec![vec![10, 0, 0, 1]],
+            ..ConfigUpdate::default()
+        });
+        assert!(asked.unanswered().is_none());
+    }
+
+    #[test]
+    fn keys_past_the_bound_are_not_asked() {
+        let mut asked = Asked::default();
+        let mut view = MeshView::default();
+        let many: Vec<Lookup> = (0..=MAX_KEYS)
+            .map(|i| Lookup::Workload(WorkloadId::new("default", &format!("w{i}"))))
+            .collect();
+        let m = asked.ask(many, &mut view).unwrap();
+        assert_eq!(m.watch.len(), MAX_KEYS);
     }
 
     #[test]

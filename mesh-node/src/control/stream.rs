@@ -91,10 +91,14 @@ async fn session(
     if held.view.on_demand {
         metadata::set_on_demand(&mut request);
         // First, whether resuming or not: a resumed stream is filtered by these, and a
-        // snapshot answers them.
+        // snapshot answers them. A resumed one is asked again what was not answered (the
+        // answer may have been lost with the last stream).
         let all = held.asked.all(&held.view, client.node());
-        if ack_tx.send(all).await.is_err() {
-            return Err("the stream's send side closed".into());
+        let again = resuming.and_then(|_| held.asked.unanswered());
+        for message in std::iter::once(all).chain(again) {
+            if ack_tx.send(message).await.is_err() {
+                return Err("the stream's send side closed".into());
+            }
         }
     }
     let mut updates = api
@@ -106,9 +110,12 @@ async fn session(
     let mut parts = mesh_api::parts::Assembler::default();
     let mut first = true;
     loop {
+        // Lookups are taken only while a message can be sent at once: the stream never
+        // waits on the control plane to read them while updates wait to be read.
+        let room = ack_tx.capacity() > 0;
         let next = tokio::select! {
             m = updates.message() => Ok(m),
-            l = async { lookups.as_mut()?.recv().await }, if lookups.is_some() => Err(l),
+            l = async { lookups.as_mut()?.recv().await }, if lookups.is_some() && room => Err(l),
         };
         let part = match next {
             Ok(Ok(Some(u))) => u,
@@ -153,6 +160,7 @@ async fn session(
                 "the control plane sent changes (version {version}, epoch {epoch}) to a view it did not send; starting again from a snapshot"
             ));
         }
+        held.asked.answered_by(&update);
         let error = match held.view.apply(update) {
             Ok(next) => {
                 held.view = next;

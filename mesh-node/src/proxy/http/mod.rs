@@ -269,8 +269,13 @@ impl Downstream {
     /// when it ends without one (the client went away: this future is dropped).
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Reported> {
         let ctx = &*self.pod;
-        // One view of the mesh for the whole request: its report and its routing.
-        let dir = ctx.shared.directory();
+        // One view of the mesh for the whole request: its report and its routing. On demand,
+        // endpoints the Service gained since the connection was made are asked for first.
+        let dst = self.dst;
+        let dir = ctx
+            .shared
+            .resolved(ctx.shared.directory(), |d| d.wanted_for(dst))
+            .await;
         let mut pair = dir
             .peer(&ctx.workload)
             .map(|me| Pair::default().with_source(me))

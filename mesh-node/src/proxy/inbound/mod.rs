@@ -481,16 +481,12 @@ async fn admit_tunnel(
     transport: Transport,
 ) -> Result<(Delivery, Admitted), Refusal> {
     let peer = client.addr.ip();
-    // On demand, the tunnel's TCP source and the source it names may be workloads this node
-    // was not sent: asked for now, once the peer has proven a mesh identity (a stranger
-    // cannot make the node ask).
+    // On demand, the tunnel's TCP source may be a workload this node was not sent: asked
+    // for now, once the peer has proven a mesh identity (a stranger cannot make the node
+    // ask). Only the TCP source: the source the header names must be that same workload
+    // (`check_tunnel_source`), so a peer cannot make the node ask for addresses it chooses.
     let sources = |d: &Directory| -> Vec<crate::control::Lookup> {
-        let named = mesh_api::ip_from_bytes(&request.source_address);
-        [Some(peer), named]
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| d.wanted_source(ip))
-            .collect()
+        d.wanted_source(peer).into_iter().collect()
     };
     let resolved = match ctx.shared.lookups.is_some() {
         true => Some(ctx.shared.resolved(ctx.shared.directory(), sources).await),
