@@ -1,7 +1,10 @@
 //! mesh-cp: Mycel's control plane. The CA and the source of truth: it reads the mesh's
 //! configuration, signs workload certificates, and streams each node its slice of the config.
 
-use mesh_cp::{ca, explain, kubernetes, metrics, node_auth, server, source, state, status, tokens};
+use mesh_cp::{
+    ca, explain, first_version, kubernetes, metrics, node_auth, server, source, state, status,
+    tokens,
+};
 
 use mesh_daemon::cli::{seconds, Binary, HOUR};
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -356,7 +359,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
 
-    let (publish, published) = tokio::sync::watch::channel(state::Published::new(1, config));
+    let first = first_version::take(&args.data_dir, std::time::SystemTime::now())?;
+    tracing::info!(version = first, "first config version of this run");
+    let (publish, published) = tokio::sync::watch::channel(state::Published::new(first, config));
     let shared = Arc::new(state::Shared::new(
         published,
         auth,

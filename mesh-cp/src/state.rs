@@ -18,8 +18,9 @@ use crate::{
     node_auth::NodeAuth,
 };
 
-/// One accepted configuration. Versions start at 1 with each control-plane process (`epoch`
-/// tells processes apart, so a node never resumes from another's version).
+/// One accepted configuration. Each control-plane run starts above every version an earlier
+/// run published (`first_version`), so versions never go back; `epoch` still tells runs
+/// apart, so a node never resumes from another's version.
 #[derive(Debug, Clone)]
 pub struct Published {
     pub version: u64,

@@ -423,6 +423,33 @@ async fn a_node_on_demand_holds_its_own_workloads_and_those_it_watches() {
 }
 
 #[test]
+fn the_config_version_grows_across_restarts() {
+    let mut cp = start("version");
+    let first = cp.version().unwrap();
+    cp.write_config("c.yaml", &workload("c", "n1", "10.0.0.3"))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cp.version().unwrap() == first {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change was not taken"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = cp.version().unwrap();
+    cp.pause().unwrap();
+    cp.resume().unwrap();
+    let after = cp.version().unwrap();
+    // Before, every run started again at 1.
+    assert!(after > before, "{after} after {before}");
+    let metrics = mesh_tests::mesh::http_get(cp.metrics, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!("mycel_cp_config_version {after}")),
+        "{metrics}"
+    );
+}
+
+#[test]
 fn an_invalid_config_dir_at_start_is_a_one_line_error() {
     let dir = std::env::temp_dir().join(format!("mycel-t-cp-badstart-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("config")).unwrap();
