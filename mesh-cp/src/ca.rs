@@ -68,6 +68,15 @@ pub struct Issued {
     pub not_after: OffsetDateTime,
 }
 
+impl Issued {
+    /// When it expires, in RFC 3339, as logs print times.
+    pub fn expires(&self) -> String {
+        self.not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    }
+}
+
 impl Ca {
     /// Loads the CA from `cert` and `key`. When neither file exists and `create` is set, makes a
     /// new root and writes both.

@@ -187,7 +187,7 @@ impl NodeService for NodeApi {
         self.shared
             .update_node(&node, |n| n.certificates_issued += 1);
         self.shared.metrics.issued();
-        tracing::info!(node, %identity, serial = issued.serial, not_after = %issued.not_after, "certificate issued");
+        tracing::info!(node, %identity, serial = issued.serial, not_after = %issued.expires(), "certificate issued");
         Ok(Response::new(SignCertificateResponse {
             cert_chain_der: vec![issued.der.to_vec()],
         }))

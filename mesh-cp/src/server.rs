@@ -44,7 +44,7 @@ fn issue(shared: &Shared, names: &[String]) -> anyhow::Result<Arc<CertifiedKey>>
     let provider = rustls::crypto::ring::default_provider();
     let certified = CertifiedKey::from_der(chain, key, &provider)
         .context("cannot load the control plane's serving certificate")?;
-    tracing::info!(serial = issued.serial, not_after = %issued.not_after, names = ?names, "serving certificate issued");
+    tracing::info!(serial = issued.serial, not_after = %issued.expires(), names = ?names, "serving certificate issued");
     Ok(Arc::new(certified))
 }
 

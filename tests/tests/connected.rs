@@ -78,6 +78,19 @@ fn node_enrolls_what_the_control_plane_places_on_it_and_holds_its_certificates()
         );
     }
     assert!(s.node.log().contains("certificate obtained"));
+    // Times in RFC 3339 in both logs, not a SystemTime's or an OffsetDateTime's Debug.
+    for log in [s.node.log(), s.cp.log()] {
+        let line = log
+            .lines()
+            .find(|l| l.contains("certificate obtained") || l.contains("certificate issued"))
+            .unwrap_or_default()
+            .to_owned();
+        let at = line.split("not_after=").nth(1).unwrap_or_default();
+        assert!(
+            at.len() >= 20 && at.as_bytes()[10] == b'T' && !line.contains("SystemTime"),
+            "{line}"
+        );
+    }
 
     // Added and removed in the config dir: enrolled and unenrolled without a restart.
     let c = workloads_yaml(&[s.topo.pod("c")]);

@@ -124,7 +124,7 @@ pub async fn run_manager(
             }
             match issue(&client, id).await {
                 Ok(svid) => {
-                    tracing::info!(identity = id, serial = svid.serial, not_after = ?svid.not_after, renew_in = ?svid.renew_at.duration_since(SystemTime::now()).unwrap_or_default(), "certificate obtained");
+                    tracing::info!(identity = id, serial = svid.serial, not_after = %crate::access_log::rfc3339(svid.not_after), renew_in = ?svid.renew_at.duration_since(SystemTime::now()).unwrap_or_default(), "certificate obtained");
                     store.write().insert(id.clone(), Arc::new(svid));
                     store.count(|s| s.issued += 1);
                     retry.remove(id);
@@ -139,8 +139,11 @@ pub async fn run_manager(
                     });
                     let delay = entry.1.step();
                     entry.0 = SystemTime::now() + delay;
-                    let current = store.get(id).map(|s| s.not_after);
-                    tracing::warn!(identity = id, retry_in = ?delay, current_not_after = ?current, "cannot obtain a certificate: {e}");
+                    let current = store.get(id).map_or_else(
+                        || "none".to_owned(),
+                        |s| crate::access_log::rfc3339(s.not_after),
+                    );
+                    tracing::warn!(identity = id, retry_in = ?delay, current_not_after = %current, "cannot obtain a certificate: {e}");
                 }
             }
         }
