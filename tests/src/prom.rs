@@ -8,6 +8,7 @@ use std::{
     io::{self, Write as _},
     net::SocketAddr,
     process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -162,7 +163,11 @@ impl PrometheusServer {
     /// Starts `prometheus` scraping each `(job, address)` at `/metrics`, and waits until it is
     /// ready.
     pub fn start(prefix: &str, targets: &[(&str, SocketAddr)]) -> io::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{prefix}-prometheus"));
+        // A test may run two servers at once; two in one data directory corrupt each other's
+        // head chunks (Prometheus panics "expected newly cut file to have sequence:offset").
+        static STARTED: AtomicU32 = AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{prefix}-prometheus-{n}"));
         fs::create_dir_all(&dir)?;
         let mut jobs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (job, addr) in targets {
@@ -338,6 +343,19 @@ pub fn assert_panels_answer(prefix: &str, nodes: &[SocketAddr], titles: &[&str])
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_servers_of_one_test_keep_their_data_apart() {
+        let prefix = format!("mycel-prom2-{}", std::process::id());
+        let a = PrometheusServer::start(&prefix, &[]).expect("first prometheus");
+        let b = PrometheusServer::start(&prefix, &[]).expect("second prometheus");
+        assert_ne!(a.daemon.dir, b.daemon.dir);
+        for server in [&a, &b] {
+            server
+                .query("vector(1)")
+                .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+        }
+    }
 
     #[test]
     fn parses_labels_with_escapes_and_plain_samples() {
