@@ -11,10 +11,20 @@ pub fn on_error(binary: &str, result: anyhow::Result<()>) {
 /// The error and its causes on one line, each once: many errors here already end with their
 /// source's text, which `{:#}` would print again.
 pub fn one_line(e: &anyhow::Error) -> String {
+    join_causes(e.chain().map(|c| c.to_string()))
+}
+
+/// Causes, outermost first, joined by ": " with each said once. A library's pointer to its
+/// manual (rustls ends some errors with a docs.rs URL) is left out: it says nothing of what
+/// happened here.
+pub fn join_causes(causes: impl IntoIterator<Item = String>) -> String {
     let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
+    for cause in causes {
+        let text = match cause.find("https://") {
+            Some(at) => cause[..at].trim_end_matches([' ', ':']).to_owned(),
+            None => cause,
+        };
+        if text.is_empty() || out.contains(&text) {
             continue;
         }
         if !out.is_empty() {
@@ -37,6 +47,32 @@ mod tests {
         assert_eq!(
             one_line(&inner.context("cannot start")),
             format!("cannot start: cannot read /x: {text}")
+        );
+    }
+
+    #[test]
+    fn repeated_causes_and_manual_urls_are_left_out() {
+        let chain = [
+            "Unavailable: tcp connect error",
+            "transport error",
+            "tcp connect error",
+            "tcp connect error",
+            "Connection refused (os error 111)",
+        ]
+        .map(String::from);
+        assert_eq!(
+            join_causes(chain),
+            "Unavailable: tcp connect error: transport error: Connection refused (os error 111)"
+        );
+        let rustls = [
+            "Unknown: h2 protocol error: error reading a body from connection",
+            "error reading a body from connection",
+            "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof",
+        ]
+        .map(String::from);
+        assert_eq!(
+            join_causes(rustls),
+            "Unknown: h2 protocol error: error reading a body from connection: peer closed connection without sending TLS close_notify"
         );
     }
 

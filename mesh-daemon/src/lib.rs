@@ -4,6 +4,8 @@
 pub mod cli;
 pub mod exit;
 pub mod follow;
+pub mod host;
 pub mod logging;
 pub mod runtime;
 pub mod signals;
+pub mod time;

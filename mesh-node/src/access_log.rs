@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     sync::Mutex,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -180,11 +180,7 @@ pub fn named(namespace: &str, name: &str) -> String {
     }
 }
 
-pub fn rfc3339(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
+pub use mesh_daemon::time::rfc3339;
 
 pub fn seconds(d: Duration) -> f64 {
     // Microseconds are enough and keep the lines short.

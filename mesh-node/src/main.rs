@@ -6,7 +6,10 @@ use mesh_node::{
     identity, kubernetes, metrics, node, proxy, workloads,
 };
 
-use mesh_daemon::cli::{seconds, Binary, DAY};
+use mesh_daemon::{
+    cli::{seconds, Binary, DAY},
+    host::{cgroup2_root, check_cgroup2},
+};
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -291,6 +294,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => cgroup2_root(Path::new("/proc/mounts"))?,
     };
+    // Before anything is loaded: a wrong --cgroup says what to name instead.
+    check_cgroup2(&cgroup)?;
     // Check the source before touching the kernel: a bad file or address at start is a bad
     // command line.
     let source = match (&args.cp, &args.token_file, &args.cp_ca, &args.workloads) {
@@ -844,41 +849,9 @@ enum Source {
     ControlPlane(control::CpClient),
 }
 
-/// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup/unified` on hybrid hosts).
-fn cgroup2_root(mounts: &Path) -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string(mounts)
-        .with_context(|| format!("cannot read {}", mounts.display()))?;
-    match find_cgroup2(&text) {
-        Some(p) => Ok(p),
-        None => bail!("no cgroup2 mount in {}; pass --cgroup", mounts.display()),
-    }
-}
-
-fn find_cgroup2(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_hybrid_and_unified_cgroup2_mounts() {
-        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            find_cgroup2(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            find_cgroup2("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-        assert_eq!(find_cgroup2("proc /proc proc rw 0 0\n"), None);
-    }
 
     #[test]
     fn cli_is_well_formed() {

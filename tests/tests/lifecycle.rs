@@ -1,6 +1,10 @@
 //! mesh-node's lifecycle: runtime enrollment changes, bad input, restart and shutdown.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use mesh_tests::{
     app::{self, Server},
@@ -46,12 +50,20 @@ fn attached(cgroup: &std::path::Path) -> Vec<(String, String)> {
 /// Runs `mesh-node run` for node n0 in the foreground and collects its exit and output; for
 /// starts that are expected to fail.
 fn run_once(node: &mesh_tests::topology::Node, workloads: &Path) -> std::process::Output {
+    run_once_in(node, workloads, &node.cgroup)
+}
+
+fn run_once_in(
+    node: &mesh_tests::topology::Node,
+    workloads: &Path,
+    cgroup: &Path,
+) -> std::process::Output {
     let mut cmd = Command::new(mesh_node_bin());
     cmd.args(["run", "--node-name", "n0", "--admin-listen", "127.0.0.1:0"])
         .arg("--workloads")
         .arg(workloads)
         .arg("--cgroup")
-        .arg(&node.cgroup)
+        .arg(cgroup)
         .arg("--bpffs")
         .arg(&node.bpffs);
     mesh_tests::mesh::run_alone(node, &mut cmd).expect("run mesh-node")
@@ -142,6 +154,20 @@ fn bad_input_at_start_is_one_line_and_non_zero_exit() {
         assert_eq!(errors.len(), 1, "{stderr}");
         assert!(errors[0].contains(needle), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // A --cgroup that is not there, or not cgroup v2, says what to name instead (it was "No
+    // such file or directory").
+    std::fs::write(&file, "").unwrap();
+    let node = topo.node("n0");
+    for (cgroup, needle) in [
+        (node.cgroup.join("not-here"), "does not exist: --cgroup must name a directory of the host's cgroup v2 hierarchy (mounted at"),
+        (PathBuf::from("/proc"), "is not in a cgroup v2 hierarchy"),
+    ] {
+        let out = run_once_in(node, &file, &cgroup);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with("mesh-node: error: ") && last.contains(needle), "{stderr}");
     }
     // Nothing stays attached after a failed start.
     assert!(attached(&topo.node("n0").cgroup).is_empty());
