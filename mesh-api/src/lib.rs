@@ -40,6 +40,20 @@ pub fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
 }
 
 /// gRPC metadata keys.
+/// How the control plane ends a config stream when it stops in order (a restart, an
+/// upgrade): `UNAVAILABLE` with this message, so that the node can tell it from a failure.
+pub mod shutdown {
+    pub const MESSAGE: &str = "the control plane is shutting down";
+
+    pub fn status() -> tonic::Status {
+        tonic::Status::unavailable(MESSAGE)
+    }
+
+    pub fn is(status: &tonic::Status) -> bool {
+        status.code() == tonic::Code::Unavailable && status.message() == MESSAGE
+    }
+}
+
 pub mod metadata {
     pub const AUTHORIZATION: &str = "authorization";
     pub const NODE: &str = "x-mycel-node";

@@ -448,6 +448,7 @@ async fn serve_stream(
     // SNAPSHOT_ACK_WAIT passes.
     let mut syncing: Option<(u64, SemaphorePermit<'_>)> = None;
     let mut syncing_until = tokio::time::Instant::now();
+    let mut stopping = shared.stopping.subscribe();
     let reason = loop {
         if dirty {
             dirty = false;
@@ -549,6 +550,11 @@ async fn serve_stream(
                     break "control plane shutting down";
                 }
                 dirty = true;
+            }
+            () = async { let _ = stopping.wait_for(|s| *s).await; } => {
+                // Told in order, so that the node logs a restart, not a failure.
+                let _ = tokio::time::timeout(SEND_WAIT, tx.send(Err(mesh_api::shutdown::status()))).await;
+                break "control plane shutting down";
             }
             ack = acks.message() => match ack {
                 Ok(Some(ack)) => {

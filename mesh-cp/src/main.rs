@@ -346,6 +346,9 @@ async fn prepare_cluster(
     Ok((config, Origin::Kubernetes(Box::new(cluster)), ca, auth))
 }
 
+/// How long an orderly stop waits for the nodes' connections to close.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ensure_data_dir(&args.data_dir)?;
     let (config, origin, ca, auth) = prepare(&args).await?;
@@ -403,12 +406,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
+    let mut grpc_task = grpc_task;
     tokio::select! {
         () = signals.recv() => {}
-        r = grpc_task => return r.context("the gRPC server panicked")?,
+        r = &mut grpc_task => return r.context("the gRPC server panicked")?,
     }
-    // Nodes keep their last config and certificates and reconnect on their own.
-    tracing::info!("shutting down");
+    // Nodes keep their last config and certificates and reconnect on their own; each is told
+    // the stream ends because of a stop, not a fault.
+    tracing::info!("shutting down: closing the nodes' streams");
+    shared.stopping.send_replace(true);
+    tokio::select! {
+        r = &mut grpc_task => r.context("the gRPC server panicked")??,
+        () = tokio::time::sleep(STOP_WAIT) => {
+            tracing::warn!("nodes' connections not closed within {}s; stopping anyway", STOP_WAIT.as_secs());
+        }
+        () = signals.recv() => tracing::info!("second signal: stopping now"),
+    }
     Ok(())
 }
 

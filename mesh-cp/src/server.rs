@@ -88,7 +88,8 @@ pub fn default_server_names(listen: SocketAddr) -> Vec<String> {
     names
 }
 
-/// Serves the node API on `listener` until the process ends.
+/// Serves the node API on `listener` until `shared.stopping` is set, then closes its
+/// connections in order.
 pub async fn serve_grpc(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -153,11 +154,16 @@ pub async fn serve_grpc(
     shared
         .serving
         .store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut stopping = shared.stopping.subscribe();
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(NodeServiceServer::new(NodeApi::new(shared)))
-        .serve_with_incoming(ReceiverStream::new(conn_rx))
+        // Once stopping, connections get a GOAWAY, their streams end (each with the
+        // shutdown status) and TLS closes with close_notify.
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        })
         .await
         .context("the gRPC server stopped")
 }

@@ -162,6 +162,9 @@ pub struct Shared {
     pub metrics: CpMetrics,
     /// Set once the gRPC server serves (its certificate issued): the readiness probe.
     pub serving: std::sync::atomic::AtomicBool,
+    /// Set when the process stops in order: each config stream ends with
+    /// `mesh_api::shutdown::status()`, then the server closes its connections.
+    pub stopping: watch::Sender<bool>,
     config_status: Mutex<ConfigStatus>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
 }
@@ -182,6 +185,7 @@ impl Shared {
             ca,
             metrics,
             serving: std::sync::atomic::AtomicBool::new(false),
+            stopping: watch::channel(false).0,
             config_status: Mutex::new(ConfigStatus::ok(version)),
             nodes: Mutex::new(BTreeMap::new()),
         }

@@ -230,7 +230,7 @@ impl MeshNode {
         Self::connect_to(node, cp, cp.grpc, daemon_cgroup, extra)
     }
 
-    fn connect_to(
+    pub fn connect_to(
         node: &Node,
         cp: &ControlPlane,
         cp_addr: SocketAddr,

@@ -122,6 +122,26 @@ fn node_keeps_its_config_while_the_control_plane_is_away_and_resyncs_when_it_ret
     s.node
         .wait_for(T, |st| st["cp_connected"] == 0)
         .expect("node notices the outage");
+    // A stop in order is told as such, and what follows says each cause once: before, the
+    // node logged "h2 protocol error: ... without sending TLS close_notify: https://docs.rs/…"
+    // and "tcp connect error: transport error: tcp connect error: tcp connect error".
+    let log = s
+        .node
+        .wait_log(T, "Connection refused")
+        .expect("a refused reconnect");
+    assert!(
+        log.contains(
+            "control plane is shutting down (a restart or an upgrade); keeping the last config"
+        ),
+        "{log}"
+    );
+    for fault in [
+        "h2 protocol error",
+        "https://",
+        "tcp connect error: tcp connect error",
+    ] {
+        assert!(!log.contains(fault), "{fault:?} in\n{log}");
+    }
     // While it is away for 30 s: known workloads stay enrolled and keep talking.
     let away = std::time::Instant::now();
     s.cp.write_config("c.yaml", &workloads_yaml(&[s.topo.pod("c")]))
@@ -261,4 +281,37 @@ fn a_node_that_reconnects_is_sent_only_what_changed() {
         (1.0..=2.0).contains(&sent),
         "the workload (and nothing else that did not change): {sent}"
     );
+}
+
+/// A node that reaches mesh-cp by a name its serving certificate lacks (here an IPv4-mapped
+/// IPv6 address of its loopback address) is told the names the certificate has and how to
+/// add one, and gets nothing until then.
+#[test]
+fn a_control_plane_name_missing_from_its_certificate_is_named_with_the_fix() {
+    let topo = Topology::new(&[NodeSpec::new("n1", &["a"])]).expect("topology");
+    let cp = ControlPlane::start(
+        &format!("{}-name", topo.prefix),
+        &[("workloads.yaml", &workloads_yaml(&[topo.pod("a")]))],
+    )
+    .expect("mesh-cp");
+    let mapped: std::net::SocketAddr = format!("[::ffff:127.0.0.1]:{}", cp.grpc.port())
+        .parse()
+        .expect("an address");
+    let mut node =
+        MeshNode::connect_to(topo.node("n1"), &cp, mapped, None, &[]).expect("mesh-node");
+    let log = node
+        .wait_log(T, "certificate not valid for name")
+        .expect("the handshake refused");
+    let line = log
+        .lines()
+        .find(|l| l.contains("certificate not valid for name"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("control plane unavailable")
+            && line.contains("\"::ffff:127.0.0.1\"")
+            && line.contains("IpAddress(127.0.0.1)")
+            && line.contains("mesh-cp serve --server-name NAME"),
+        "{line}"
+    );
+    assert_eq!(node.stat("cp_connected"), 0);
 }

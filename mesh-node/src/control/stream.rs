@@ -62,8 +62,11 @@ pub async fn run(
         connected.send_replace(false);
         let delay = backoff.step();
         match outcome {
-            Ok(()) => {
+            Ok(Ended::Closed) => {
                 tracing::warn!(retry_in = ?delay, "control plane closed the config stream; keeping the last config")
+            }
+            Ok(Ended::Stopping) => {
+                tracing::info!(retry_in = ?delay, "control plane is shutting down (a restart or an upgrade); keeping the last config until it is back")
             }
             Err(e) => {
                 tracing::warn!(retry_in = ?delay, "control plane unavailable, keeping the last config: {e}")
@@ -73,6 +76,14 @@ pub async fn run(
     }
 }
 
+/// How a config stream ended without a fault.
+enum Ended {
+    /// The control plane ended it without saying why.
+    Closed,
+    /// The control plane said it is stopping.
+    Stopping,
+}
+
 async fn session(
     client: &CpClient,
     apply: &mpsc::Sender<ApplyRequest>,
@@ -80,7 +91,7 @@ async fn session(
     backoff: &mut Backoff,
     held: &mut Held,
     lookups: &mut Option<mpsc::Receiver<Lookup>>,
-) -> Result<(), String> {
+) -> Result<Ended, String> {
     let mut api = client.api().map_err(|e| e.to_string())?;
     let (ack_tx, ack_rx) = mpsc::channel(4);
     let mut request = tonic::Request::new(ReceiverStream::new(ack_rx));
@@ -119,7 +130,8 @@ async fn session(
         };
         let part = match next {
             Ok(Ok(Some(u))) => u,
-            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(None)) => return Ok(Ended::Closed),
+            Ok(Err(s)) if mesh_api::shutdown::is(&s) => return Ok(Ended::Stopping),
             Ok(Err(s)) => return Err(describe(&s)),
             Err(None) => {
                 // The proxy is gone (shutting down): nothing more will be asked, and the
@@ -230,12 +242,19 @@ async fn enroll(apply: &mpsc::Sender<ApplyRequest>, view: Arc<MeshView>) -> Stri
 }
 
 fn describe(status: &tonic::Status) -> String {
-    // Connection failures carry the useful part in the source chain, not the message.
-    let mut out = format!("{:?}: {}", status.code(), status.message());
+    // Connection failures carry the useful part in the source chain, not the message; the
+    // chain repeats itself ("tcp connect error" three times), each cause is said once.
+    let mut causes = vec![format!("{:?}: {}", status.code(), status.message())];
     let mut source = std::error::Error::source(status);
     while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
+        causes.push(s.to_string());
         source = s.source();
     }
-    out
+    let mut text = mesh_daemon::exit::join_causes(causes);
+    if text.contains("certificate not valid for name") {
+        text.push_str(
+            " (give --cp a name the control plane's certificate has, or add this one: mesh-cp serve --server-name NAME)",
+        );
+    }
+    text
 }
