@@ -199,6 +199,13 @@ impl Ca {
         &self.root_der
     }
 
+    /// When the root expires.
+    pub fn root_not_after(&self) -> Option<std::time::SystemTime> {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.root_der).ok()?;
+        let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+    }
+
     /// Signs an SVID for `identity` with the key of `csr_der`, valid for `ttl`.
     pub fn sign_workload(
         &self,

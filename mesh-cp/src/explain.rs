@@ -5,11 +5,7 @@
 //! taken as the node's tunnel presents it: the workload's verified identity and labels, and its
 //! address (each family it has, since CIDR rules can tell them apart).
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::net::IpAddr;
 
 use mesh_model::{
     authz::{PolicyIndex, Source, SourceWorkload},
@@ -85,6 +81,8 @@ pub enum ExplainError {
     NoSuchPort { service: ObjectKey, port: u16 },
     #[error("traffic settings apply to connections of mesh workloads; name one with --from")]
     PlaintextToService,
+    #[error("give --from or --from-address")]
+    NoClient,
 }
 
 pub fn parse_key(s: &str) -> Result<ObjectKey, ExplainError> {
@@ -93,6 +91,42 @@ pub fn parse_key(s: &str) -> Result<ObjectKey, ExplainError> {
             Ok(ObjectKey::new(ns, name))
         }
         _ => Err(ExplainError::BadKey(s.to_owned())),
+    }
+}
+
+/// What to explain, as `mesh-cp explain` and `mycel explain` take it on the command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Question {
+    /// The client workload, NAMESPACE/NAME.
+    #[arg(
+        long,
+        required_unless_present = "from_address",
+        conflicts_with = "from_address"
+    )]
+    pub from: Option<String>,
+    /// A plaintext client outside the mesh, by address (PERMISSIVE mode: only CIDR rules and
+    /// `not…` clauses can match it).
+    #[arg(long)]
+    pub from_address: Option<IpAddr>,
+    /// The destination, NAMESPACE/NAME: a workload (the policy verdict), or a Service (its
+    /// route and the traffic settings of each backend; both when the names clash).
+    #[arg(long)]
+    pub to: String,
+    /// Destination port: on the workload (after any service port mapping), or the Service's
+    /// port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+}
+
+impl Question {
+    /// The client and the destination, checked.
+    pub fn parse(&self) -> Result<(Client, ObjectKey), ExplainError> {
+        let from = match (&self.from, self.from_address) {
+            (Some(key), _) => Client::Workload(parse_key(key)?),
+            (None, Some(ip)) => Client::Address(ip),
+            (None, None) => return Err(ExplainError::NoClient),
+        };
+        Ok((from, parse_key(&self.to)?))
     }
 }
 
@@ -455,34 +489,19 @@ fn render_traffic(from: &str, t: &Traffic) -> String {
 }
 
 /// Asks a running control plane (its HTTP status address) for an explanation.
-pub fn fetch(cp: SocketAddr, from: &Client, to: &str, port: u16) -> anyhow::Result<Explanation> {
-    use anyhow::Context as _;
-    let timeout = Duration::from_secs(10);
-    let mut stream = TcpStream::connect_timeout(&cp, timeout)
-        .with_context(|| format!("cannot reach the control plane at {cp}"))?;
-    stream.set_read_timeout(Some(timeout))?;
+pub fn fetch(
+    cp: &str,
+    from: &Client,
+    to: &str,
+    port: u16,
+) -> Result<Explanation, crate::client::ClientError> {
     // Keys are DNS labels and a slash, addresses are digits, dots and colons (all checked
     // before this), so they need no URL escaping.
     let from = match from {
         Client::Workload(key) => format!("from={key}"),
         Client::Address(ip) => format!("from_address={ip}"),
     };
-    write!(
-        stream,
-        "GET /explain?{from}&to={to}&port={port} HTTP/1.1\r\nhost: {cp}\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .with_context(|| format!("no answer from the control plane at {cp}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{cp} did not answer HTTP"))?;
-    let status = head.lines().next().unwrap_or_default();
-    if !status.contains(" 200 ") {
-        anyhow::bail!("{cp} answered {status}: {}", body.trim());
-    }
-    serde_json::from_str(body).with_context(|| format!("{cp} sent an explanation I cannot read"))
+    crate::client::get_json(cp, &format!("/explain?{from}&to={to}&port={port}"))
 }
 
 #[cfg(test)]

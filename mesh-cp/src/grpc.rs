@@ -24,7 +24,7 @@ use crate::{
     distribute::{Answers, Catalog, Delta, WatchError, Watches},
     metrics::{Push, Refusal},
     node_auth::AuthError,
-    state::{Published, Shared},
+    state::{NodeStatus, Published, Shared},
 };
 
 /// How often an open config stream re-checks that its credential is still valid (a join
@@ -184,8 +184,17 @@ impl NodeService for NodeApi {
             .ca
             .sign_workload(&req.csr_der, &identity, mesh.cert_ttl)
             .map_err(|e| refuse(Refusal::BadCsr, Status::invalid_argument(e.to_string())))?;
-        self.shared
-            .update_node(&node, |n| n.certificates_issued += 1);
+        let placed: std::collections::BTreeSet<String> = published
+            .config
+            .workloads_on(&node)
+            .map(|w| w.identity(&mesh.trust_domain).to_string())
+            .collect();
+        self.shared.update_node(&node, |n| {
+            n.certificates_issued += 1;
+            n.certificates.retain(|id, _| placed.contains(id));
+            n.certificates
+                .insert(identity.to_string(), issued.not_after.into());
+        });
         self.shared.metrics.issued();
         tracing::info!(node, %identity, serial = issued.serial, not_after = %issued.expires(), "certificate issued");
         Ok(Response::new(SignCertificateResponse {
@@ -393,7 +402,7 @@ async fn serve_stream(
     // Held for the stream's life: the peer's place among its streams.
     _slot: Option<crate::peer_limits::StreamSlot>,
 ) {
-    shared.update_node(&node, |n| n.streams += 1);
+    shared.update_node(&node, NodeStatus::opened);
     tracing::info!(node, peer = ?peer, resume, on_demand, "node connected");
     let caller = Caller {
         node: &node,
@@ -419,13 +428,13 @@ async fn serve_stream(
                 };
                 if let Err(e) = taken {
                     refuse_watches(&shared, &node, &tx, &e).await;
-                    shared.update_node(&node, |n| n.streams = n.streams.saturating_sub(1));
+                    shared.update_node(&node, NodeStatus::closed);
                     return;
                 }
                 first_ack = Some(first).filter(|m| m.version > 0);
             }
             Ok(_) => {
-                shared.update_node(&node, |n| n.streams = n.streams.saturating_sub(1));
+                shared.update_node(&node, NodeStatus::closed);
                 tracing::info!(node, "node disconnected before naming its watches");
                 return;
             }
@@ -599,7 +608,7 @@ async fn serve_stream(
         }
     };
     shared.update_node(&node, |n| {
-        n.streams = n.streams.saturating_sub(1);
+        n.closed();
         n.watches = n.watches.saturating_sub(watched);
     });
     tracing::info!(node, reason, "node disconnected");
@@ -638,7 +647,10 @@ fn answer(shared: &Shared, node: &str, in_flight: &mut Vec<(u64, Instant)>, ack:
         tracing::debug!(node, version = ack.version, "config acknowledged");
         let took = answered(in_flight, ack.version);
         shared.metrics.acked(true, took);
-        shared.update_node(node, |n| n.acked_version = Some(ack.version));
+        shared.update_node(node, |n| {
+            n.acked_version = Some(ack.version);
+            n.acked_at = Some(std::time::SystemTime::now());
+        });
     } else {
         tracing::warn!(
             node,

@@ -47,31 +47,14 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ExplainArgs {
-    /// The client workload, NAMESPACE/NAME.
-    #[arg(
-        long,
-        required_unless_present = "from_address",
-        conflicts_with = "from_address"
-    )]
-    from: Option<String>,
-    /// A plaintext client outside the mesh, by address (PERMISSIVE mode: only CIDR rules and
-    /// `not…` clauses can match it).
-    #[arg(long)]
-    from_address: Option<std::net::IpAddr>,
-    /// The destination, NAMESPACE/NAME: a workload (the policy verdict), or a Service (its
-    /// route and the traffic settings of each backend; both when the names clash).
-    #[arg(long)]
-    to: String,
-    /// Destination port: on the workload (after any service port mapping), or the Service's
-    /// port.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    port: u16,
+    #[command(flatten)]
+    question: explain::Question,
     /// Evaluate this config dir instead of asking a control plane.
     #[arg(long, conflicts_with = "cp")]
     config_dir: Option<PathBuf>,
-    /// HTTP status address of a running control plane.
+    /// HTTP status address (host:port) of a running control plane: its --http-listen.
     #[arg(long, default_value = "127.0.0.1:15014")]
-    cp: SocketAddr,
+    cp: String,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -179,18 +162,14 @@ fn main() {
 }
 
 fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
-    let from = match (&args.from, args.from_address) {
-        (Some(key), _) => explain::Client::Workload(explain::parse_key(key).context("--from")?),
-        (None, Some(ip)) => explain::Client::Address(ip),
-        (None, None) => bail!("give --from or --from-address"),
-    };
-    let to = explain::parse_key(&args.to).context("--to")?;
+    let q = &args.question;
+    let (from, to) = q.parse()?;
     let explanation = match &args.config_dir {
         Some(dir) => {
             let config = mesh_model::load_dir(dir)?;
-            explain::explain(&config, &from, &to, args.port)?
+            explain::explain(&config, &from, &to, q.port)?
         }
-        None => explain::fetch(args.cp, &from, &args.to, args.port)?,
+        None => explain::fetch(&args.cp, &from, &q.to, q.port)?,
     };
     match args.output {
         OutputFormat::Text => print!("{}", explain::render(&explanation)),

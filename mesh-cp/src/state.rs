@@ -117,7 +117,7 @@ pub struct ConfigStatus {
     /// Why the files on disk are not in force, if they are not.
     pub error: Option<String>,
     pub error_file: Option<PathBuf>,
-    #[serde(serialize_with = "unix_seconds")]
+    #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339")]
     pub checked_at: SystemTime,
 }
 
@@ -143,6 +143,37 @@ pub struct NodeStatus {
     pub certificates_refused: u64,
     /// Other nodes' workloads and addresses its on-demand streams watch.
     pub watches: usize,
+    /// When it last acknowledged a version.
+    #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339_opt")]
+    pub acked_at: Option<SystemTime>,
+    /// When its streams last went from none to one, or from some to none.
+    #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339_opt")]
+    pub connected_at: Option<SystemTime>,
+    #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339_opt")]
+    pub disconnected_at: Option<SystemTime>,
+    /// When the last certificate issued to each identity placed on it expires. Kept to the
+    /// identities placed on it at each issue, so at most one per workload it holds.
+    #[serde(skip)]
+    pub certificates: BTreeMap<String, SystemTime>,
+}
+
+impl NodeStatus {
+    /// One more config stream open.
+    pub fn opened(&mut self) {
+        if self.streams == 0 {
+            self.connected_at = Some(SystemTime::now());
+            self.disconnected_at = None;
+        }
+        self.streams += 1;
+    }
+
+    /// One config stream fewer.
+    pub fn closed(&mut self) {
+        self.streams = self.streams.saturating_sub(1);
+        if self.streams == 0 {
+            self.disconnected_at = Some(SystemTime::now());
+        }
+    }
 }
 
 /// Snapshots sent at once, at most (see `grpc::send_snapshot`). Each holds about one part
@@ -225,9 +256,11 @@ impl Shared {
             nodes_connected: self.nodes().values().filter(|n| n.streams > 0).count(),
             config_version: status.version,
             config_in_force: status.error.is_none(),
-            ca_expiry: x509_parser::parse_x509_certificate(self.ca.root_der())
-                .map(|(_, c)| c.validity().not_after.timestamp() as f64)
-                .unwrap_or(0.0),
+            ca_expiry: self
+                .ca
+                .root_not_after()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0.0, |d| d.as_secs() as f64),
         }
     }
 }
@@ -243,12 +276,4 @@ fn random_epoch() -> u64 {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1),
     }
-}
-
-fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(
-        t.duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    )
 }

@@ -1,11 +1,15 @@
 //! The HTTP endpoints. Status (`--http-listen`, loopback by default): `/healthz`, `/readyz`
 //! (the config loaded and the gRPC API serving), `/status` with the config in force, the last
-//! config error, and each node's stream and acknowledged version (JSON), `/explain` (the JSON
-//! of `mesh-cp explain`, evaluated on the config in force), `/debug/nodes` and
-//! `/debug/config`. Metrics (`--metrics-listen`): `/metrics`, and `/healthz` and `/readyz` again
+//! config error, and each node's streams, acknowledged version, workloads and certificates
+//! (JSON), `/policies` (each AccessPolicy and what it selects), `/explain` (the JSON of
+//! `mesh-cp explain`, evaluated on the config in force), `/debug/nodes` and `/debug/config`.
+//! `mycel` reads these. Metrics (`--metrics-listen`): `/metrics`, and `/healthz` and `/readyz` again
 //! for the kubelet's probes, which cannot reach the pod's loopback.
 
-use std::sync::{atomic::Ordering, Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{atomic::Ordering, Arc},
+};
 
 use axum::{
     extract::{Query, State},
@@ -25,6 +29,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/explain", get(explain))
+        .route("/policies", get(policies))
         .route("/debug/nodes", get(debug_nodes))
         .route("/debug/config", get(debug_config))
         .with_state(shared);
@@ -73,8 +78,72 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
 }
 
 async fn debug_nodes(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    let version = shared.config.borrow().version;
-    Json(json!({ "config_version": version, "nodes": shared.nodes() }))
+    let published = shared.config.borrow().clone();
+    Json(json!({
+        "config_version": published.version,
+        "nodes": nodes(&shared, &published.config),
+    }))
+}
+
+/// Each node that has connected or has workloads placed on it: its streams, the version it
+/// holds, how many workloads the config places on it, and when the earliest of the
+/// certificates issued for them expires.
+fn nodes(
+    shared: &Shared,
+    config: &mesh_model::Config,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut placed: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for w in config.workloads.values() {
+        placed
+            .entry(w.node.as_str())
+            .or_default()
+            .push(w.identity(&config.mesh.trust_domain).to_string());
+    }
+    let mut known = shared.nodes();
+    for node in placed.keys() {
+        known.entry((*node).to_owned()).or_default();
+    }
+    known
+        .into_iter()
+        .map(|(name, status)| {
+            let identities = placed.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+            let expires = identities
+                .iter()
+                .filter_map(|id| status.certificates.get(id))
+                .min()
+                .copied();
+            let mut v = json!(status);
+            v["workloads"] = json!(identities.len());
+            v["certificates"] = json!(identities
+                .iter()
+                .filter(|id| status.certificates.contains_key(*id))
+                .count());
+            v["certificates_expire"] = json!(expires.map(mesh_daemon::time::rfc3339));
+            (name, v)
+        })
+        .collect()
+}
+
+/// Each AccessPolicy in force and the workloads it selects.
+async fn policies(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let published = shared.config.borrow().clone();
+    let c = &published.config;
+    let policies: Vec<serde_json::Value> = c
+        .policies
+        .values()
+        .map(|p| {
+            let selects: Vec<String> = c.selected_by(p).map(|w| w.key.to_string()).collect();
+            json!({
+                "key": p.key.to_string(),
+                "action": p.action,
+                "mode": p.mode,
+                "rules": p.rules.len(),
+                "mesh_wide": p.key.namespace == c.mesh.root_namespace,
+                "selects": selects,
+            })
+        })
+        .collect();
+    Json(json!({ "config_version": published.version, "policies": policies }))
 }
 
 /// The config in force, as the control plane holds it.
@@ -144,7 +213,9 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "mtls": published.config.mesh.mtls,
         "transport": published.config.mesh.transport,
         "trust_domain": published.config.mesh.trust_domain,
-        "nodes": shared.nodes(),
+        "cert_ttl_seconds": published.config.mesh.cert_ttl.as_secs(),
+        "ca_expires": shared.ca.root_not_after().map(mesh_daemon::time::rfc3339),
+        "nodes": nodes(&shared, &published.config),
     }))
 }
 
