@@ -14,111 +14,10 @@ use std::{
 
 use crate::{
     daemon::Daemon,
-    mesh::{free_port, http_get, http_get_any},
+    mesh::{free_port, http_get},
 };
 
-/// One sample: its labels, sorted by name.
-pub type Labels = BTreeMap<String, String>;
-
-/// Samples of one exposition by metric name.
-#[derive(Debug, Default)]
-pub struct Exposition {
-    pub samples: BTreeMap<String, Vec<(Labels, f64)>>,
-    /// `# TYPE` lines seen, by family name, in order (a family listed twice shows twice).
-    pub families: Vec<String>,
-}
-
-impl Exposition {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut out = Exposition::default();
-        for (i, line) in text.lines().enumerate() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                if let Some(name) = rest.split_whitespace().next() {
-                    out.families.push(name.to_owned());
-                }
-                continue;
-            }
-            if line.starts_with('#') || line.trim().is_empty() {
-                continue;
-            }
-            let (name, labels, rest) = parse_sample(line)
-                .ok_or_else(|| format!("line {}: cannot parse {line:?}", i + 1))?;
-            let value: f64 = rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("line {}: no value in {line:?}", i + 1))?;
-            out.samples.entry(name).or_default().push((labels, value));
-        }
-        Ok(out)
-    }
-
-    /// The sum over the samples of `name` whose labels include all of `want`.
-    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
-        self.matching(name, want).map(|(_, v)| v).sum()
-    }
-
-    /// The samples of `name` whose labels include all of `want`.
-    pub fn matching<'a>(
-        &'a self,
-        name: &str,
-        want: &'a [(&'a str, &'a str)],
-    ) -> impl Iterator<Item = (&'a Labels, f64)> + 'a {
-        self.samples
-            .get(name)
-            .into_iter()
-            .flatten()
-            .filter(move |(labels, _)| {
-                want.iter()
-                    .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(l, v)| (l, *v))
-    }
-}
-
-/// `name{a="b",...} rest` or `name rest`.
-fn parse_sample(line: &str) -> Option<(String, Labels, &str)> {
-    let end = line.find(['{', ' '])?;
-    let name = line[..end].to_owned();
-    let mut labels = Labels::new();
-    let bytes = line.as_bytes();
-    let mut i = end;
-    if bytes[i] == b'{' {
-        i += 1;
-        loop {
-            while matches!(bytes.get(i), Some(b',' | b' ')) {
-                i += 1;
-            }
-            if *bytes.get(i)? == b'}' {
-                i += 1;
-                break;
-            }
-            let eq = line[i..].find('=')? + i;
-            let key = line[i..eq].to_owned();
-            if bytes.get(eq + 1) != Some(&b'"') {
-                return None;
-            }
-            i = eq + 2;
-            let mut value = String::new();
-            let mut chars = line[i..].char_indices();
-            loop {
-                match chars.next()? {
-                    (_, '\\') => {
-                        let (_, n) = chars.next()?;
-                        value.push(if n == 'n' { '\n' } else { n });
-                    }
-                    (off, '"') => {
-                        i += off + 1;
-                        break;
-                    }
-                    (_, c) => value.push(c),
-                }
-            }
-            labels.insert(key, value);
-        }
-    }
-    Some((name, labels, &line[i..]))
-}
+pub use mycel::exposition::{Exposition, Labels};
 
 /// `promtool check metrics` on `text`: Ok, or what promtool said.
 pub fn promtool_check(text: &str) -> io::Result<Result<(), String>> {
@@ -242,43 +141,7 @@ impl PrometheusServer {
 
 /// `GET /api/v1/query` on the server at `addr`.
 fn query(addr: SocketAddr, promql: &str) -> io::Result<Vec<(Labels, f64)>> {
-    let path = format!("/api/v1/query?query={}", percent_encode(promql));
-    let (code, body) = http_get_any(addr, &path)?;
-    let v: serde_json::Value = serde_json::from_str(&body).map_err(io::Error::other)?;
-    if code != 200 || v["status"] != "success" {
-        return Err(io::Error::other(format!("{promql}: {code} {body}")));
-    }
-    let series = v["data"]["result"].as_array().cloned().unwrap_or_default();
-    Ok(series
-        .iter()
-        .map(|s| {
-            let labels = s["metric"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let value = s["value"][1]
-                .as_str()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(f64::NAN);
-            (labels, value)
-        })
-        .collect())
-}
-
-/// Percent-encodes a query parameter (RFC 3986 unreserved characters stay).
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            b => format!("%{b:02X}"),
-        })
-        .collect()
+    mycel::prometheus::query(&addr.to_string(), promql).map_err(io::Error::other)
 }
 
 /// The dashboard shipped in `deploy/grafana/`, as (panel title, query) pairs, with Grafana's
@@ -355,15 +218,5 @@ mod tests {
                 .query("vector(1)")
                 .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
         }
-    }
-
-    #[test]
-    fn parses_labels_with_escapes_and_plain_samples() {
-        let text = "# TYPE a counter\na_total{x=\"1\",y=\"q\\\"uote,d\"} 3\nb 2.5\n";
-        let e = Exposition::parse(text).unwrap();
-        assert_eq!(e.families, ["a"]);
-        assert_eq!(e.sum("a_total", &[("y", "q\"uote,d")]), 3.0);
-        assert_eq!(e.sum("b", &[]), 2.5);
-        assert_eq!(e.sum("a_total", &[("x", "2")]), 0.0);
     }
 }

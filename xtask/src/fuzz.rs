@@ -29,6 +29,7 @@ pub const TARGETS: &[&str] = &[
     "config_update",
     "http_message",
     "config_watch",
+    "operator_answer",
 ];
 
 /// libFuzzer's limits for every run: an input that takes longer is a hang, one that makes

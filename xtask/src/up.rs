@@ -3,7 +3,7 @@
 //! denied payment by an AccessPolicy, in its own node's kernel; a canary, payment-v2, takes
 //! 10 % of the new connections to payment's VIP by a ServiceRoute, and each round prints the
 //! split it saw. With Prometheus installed, a server on loopback scrapes both nodes and the
-//! control plane.
+//! control plane. It shows `mycel status`, `mycel check` and `mycel explain` on the sandbox.
 
 use std::time::{Duration, Instant};
 
@@ -121,39 +121,69 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         cp.log_file().display()
     );
     println!();
+    let mycel = sibling_bin("mycel", "MYCEL_BIN");
+    let cp_http = cp.http.to_string();
+    let with_cp = |args: &[&str]| -> Vec<String> {
+        ["--cp", cp_http.as_str()]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect()
+    };
+    println!(
+        "Is the mesh healthy? `mycel` asks mesh-cp (MYCEL_CP, or --cp, is its --http-listen):"
+    );
+    show_command(&mycel, &with_cp(&["status"]))?;
+    show_command(&mycel, &with_cp(&["check"]))?;
+    println!();
     println!("Why is a call allowed or denied? The same evaluation the nodes run:");
-    let mesh_cp = sibling_bin("mesh-cp", "MESH_CP_BIN");
     for from in ["order", "analytics"] {
-        let args = [
-            "explain".to_owned(),
-            "--from".to_owned(),
-            format!("default/{from}"),
-            "--to".to_owned(),
-            "default/payment".to_owned(),
-            "--port".to_owned(),
-            PORT.to_string(),
-            "--cp".to_owned(),
-            cp.http.to_string(),
-        ];
-        show_command(&mesh_cp, &args)?;
+        let from = format!("default/{from}");
+        let port = PORT.to_string();
+        show_command(
+            &mycel,
+            &with_cp(&[
+                "explain",
+                "--from",
+                &from,
+                "--to",
+                "default/payment",
+                "--port",
+                &port,
+            ]),
+        )?;
     }
     println!();
     println!("Where do order's connections to the payment Service go, and with what settings?");
-    let args = [
-        "explain".to_owned(),
-        "--from".to_owned(),
-        "default/order".to_owned(),
-        "--to".to_owned(),
-        "default/payment".to_owned(),
-        "--port".to_owned(),
-        "80".to_owned(),
-        "--cp".to_owned(),
-        cp.http.to_string(),
-    ];
-    show_command(&mesh_cp, &args)?;
+    show_command(
+        &mycel,
+        &with_cp(&[
+            "explain",
+            "--from",
+            "default/order",
+            "--to",
+            "default/payment",
+            "--port",
+            "80",
+        ]),
+    )?;
     println!();
     println!("Look:");
     let look = |cmd: String, what: &str| println!("  {cmd:<44} # {what}");
+    look(
+        format!(
+            "{} --cp {} stat --node {} --node {}",
+            mycel.display(),
+            cp.http,
+            node1.metrics,
+            node2.metrics
+        ),
+        "traffic per workload pair: connections/s, bytes/s, failures",
+    );
+    look(
+        format!("{} --cp {} policies", mycel.display(), cp.http),
+        "each AccessPolicy and the workloads it selects",
+    );
     look(
         format!("curl -s http://{}/status", cp.http),
         "mesh-cp: config version and errors, nodes and their acks",
@@ -277,14 +307,17 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints `$ mesh-cp ARGS` and its output, indented.
-fn show_command(mesh_cp: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
-    println!("  $ {} {}", mesh_cp.display(), args.join(" "));
-    let out = std::process::Command::new(mesh_cp)
+/// Prints `$ BINARY ARGS` and its output, indented.
+fn show_command(binary: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
+    println!("  $ {} {}", binary.display(), args.join(" "));
+    let out = std::process::Command::new(binary)
         .args(args)
         .output()
-        .context("running mesh-cp explain")?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        .with_context(|| format!("running {}", binary.display()))?;
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+    {
         println!("    {line}");
     }
     Ok(())

@@ -1,0 +1,141 @@
+//! `mycel status`: what mesh-cp's `/status` says, for people: the config in force, then one
+//! line per node. `-o json` prints the same figures as mesh-cp sent them.
+
+use std::collections::BTreeMap;
+
+use mesh_cp::client::{self, ClientError};
+use serde::{Deserialize, Serialize};
+
+use crate::table;
+
+/// mesh-cp's `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub config: ConfigStatus,
+    pub workloads: usize,
+    pub services: usize,
+    pub policies: usize,
+    pub trust_domain: String,
+    pub cert_ttl_seconds: u64,
+    pub ca_expires: Option<String>,
+    pub default_action: serde_json::Value,
+    pub mtls: serde_json::Value,
+    pub transport: serde_json::Value,
+    pub nodes: BTreeMap<String, Node>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    pub version: u64,
+    pub error: Option<String>,
+    pub error_file: Option<String>,
+    pub checked_at: String,
+}
+
+/// One node, as mesh-cp sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Config streams open now; 0 is a node that is away (or never came).
+    pub streams: u32,
+    pub acked_version: Option<u64>,
+    pub acked_at: Option<String>,
+    /// The last version it rejected, and why.
+    pub last_nack: Option<(u64, String)>,
+    pub connected_at: Option<String>,
+    pub disconnected_at: Option<String>,
+    /// Workloads the config places on it.
+    pub workloads: usize,
+    /// How many of them hold a certificate mesh-cp issued, and when the first of those expires.
+    pub certificates: usize,
+    pub certificates_expire: Option<String>,
+    pub certificates_issued: u64,
+    pub certificates_refused: u64,
+    pub watches: usize,
+}
+
+pub fn fetch(cp: &str) -> Result<Status, ClientError> {
+    client::get_json(cp, "/status")
+}
+
+pub fn render(s: &Status) -> String {
+    let c = &s.config;
+    let mut out = format!(
+        "config version {} ({}), {} workloads, {} services, {} policies, trust domain {}, certificates for {}\n",
+        c.version,
+        match &c.error {
+            None => "the files are in force".to_owned(),
+            Some(e) => format!("NOT the files on disk: {e}"),
+        },
+        s.workloads,
+        s.services,
+        s.policies,
+        s.trust_domain,
+        table::duration(std::time::Duration::from_secs(s.cert_ttl_seconds)),
+    );
+    if s.nodes.is_empty() {
+        out.push_str("no nodes: none has connected and no workload is placed on one\n");
+        return out;
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = s
+        .nodes
+        .iter()
+        .map(|(name, n)| {
+            vec![
+                name.clone(),
+                connection(n),
+                version(n, c.version),
+                n.workloads.to_string(),
+                certificates(n),
+            ]
+        })
+        .collect();
+    out + &table::render(
+        &["NODE", "CONNECTED", "CONFIG", "WORKLOADS", "CERTIFICATES"],
+        &rows,
+    )
+}
+
+fn ago(t: &Option<String>) -> String {
+    t.as_deref()
+        .and_then(table::parse_time)
+        .map(table::from_now)
+        .unwrap_or_else(|| "-".into())
+}
+
+fn connection(n: &Node) -> String {
+    match (n.streams, &n.disconnected_at) {
+        (0, None) => "never".into(),
+        (0, t) => format!("no, since {}", ago(t)),
+        (1, _) => format!("yes, {}", ago(&n.connected_at)),
+        (k, _) => format!("yes ({k} streams), {}", ago(&n.connected_at)),
+    }
+}
+
+fn version(n: &Node, current: u64) -> String {
+    let held = match n.acked_version {
+        None => "none".to_owned(),
+        Some(v) if v == current => format!("current, acked {}", ago(&n.acked_at)),
+        Some(v) => format!("{v} (behind), acked {}", ago(&n.acked_at)),
+    };
+    match &n.last_nack {
+        Some((v, why)) if n.acked_version.is_none_or(|a| a < *v) => {
+            format!("{held}; rejected {v}: {why}")
+        }
+        _ => held,
+    }
+}
+
+fn certificates(n: &Node) -> String {
+    match (&n.certificates_expire, n.certificates) {
+        (None, 0) if n.workloads == 0 => "-".into(),
+        (None, _) => "none issued".into(),
+        (Some(t), k) => format!(
+            "{k}/{}, first expires {}",
+            n.workloads,
+            table::parse_time(t)
+                .map(table::from_now)
+                .unwrap_or_else(|| t.clone())
+        ),
+    }
+}
