@@ -39,7 +39,6 @@ pub fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// gRPC metadata keys.
 /// How the control plane ends a config stream when it stops in order (a restart, an
 /// upgrade): `UNAVAILABLE` with this message, so that the node can tell it from a failure.
 pub mod shutdown {
@@ -54,6 +53,7 @@ pub mod shutdown {
     }
 }
 
+/// gRPC metadata keys.
 pub mod metadata {
     pub const AUTHORIZATION: &str = "authorization";
     pub const NODE: &str = "x-mycel-node";
@@ -92,6 +92,24 @@ pub mod metadata {
         if let Ok(value) = format!("{epoch}-{version}").parse() {
             request.metadata_mut().insert(RESUME, value);
         }
+    }
+
+    /// On a config stream: the port of the node's metrics endpoint (its --metrics-listen), which
+    /// the control plane's dashboard scrapes at the address the stream comes from (never an
+    /// address the node names).
+    pub const METRICS_PORT: &str = "x-mycel-metrics-port";
+
+    pub fn set_metrics_port<T>(request: &mut tonic::Request<T>, port: u16) {
+        // Digits: always a valid header value.
+        if let Ok(value) = port.to_string().parse() {
+            request.metadata_mut().insert(METRICS_PORT, value);
+        }
+    }
+
+    /// The metrics port a request names, if it names a port.
+    pub fn metrics_port<T>(request: &tonic::Request<T>) -> Option<u16> {
+        let value = request.metadata().get(METRICS_PORT)?.to_str().ok()?;
+        value.parse().ok().filter(|p| *p != 0)
     }
 
     /// The epoch and version a request names, if it names them well-formed.

@@ -83,6 +83,11 @@ pub enum ExplainError {
     PlaintextToService,
     #[error("give --from or --from-address")]
     NoClient,
+    #[error("{flag}: {source}")]
+    Flag {
+        flag: &'static str,
+        source: Box<ExplainError>,
+    },
 }
 
 pub fn parse_key(s: &str) -> Result<ObjectKey, ExplainError> {
@@ -121,12 +126,18 @@ pub struct Question {
 impl Question {
     /// The client and the destination, checked.
     pub fn parse(&self) -> Result<(Client, ObjectKey), ExplainError> {
+        let flag = |flag| {
+            move |e| ExplainError::Flag {
+                flag,
+                source: Box::new(e),
+            }
+        };
         let from = match (&self.from, self.from_address) {
-            (Some(key), _) => Client::Workload(parse_key(key)?),
+            (Some(key), _) => Client::Workload(parse_key(key).map_err(flag("--from"))?),
             (None, Some(ip)) => Client::Address(ip),
             (None, None) => return Err(ExplainError::NoClient),
         };
-        Ok((from, parse_key(&self.to)?))
+        Ok((from, parse_key(&self.to).map_err(flag("--to"))?))
     }
 }
 
@@ -494,14 +505,14 @@ pub fn fetch(
     from: &Client,
     to: &str,
     port: u16,
-) -> Result<Explanation, crate::client::ClientError> {
+) -> Result<Explanation, mesh_telemetry::client::ClientError> {
     // Keys are DNS labels and a slash, addresses are digits, dots and colons (all checked
     // before this), so they need no URL escaping.
     let from = match from {
         Client::Workload(key) => format!("from={key}"),
         Client::Address(ip) => format!("from_address={ip}"),
     };
-    crate::client::get_json(cp, &format!("/explain?{from}&to={to}&port={port}"))
+    mesh_telemetry::client::get_json(cp, &format!("/explain?{from}&to={to}&port={port}"))
 }
 
 #[cfg(test)]

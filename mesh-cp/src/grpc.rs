@@ -111,6 +111,12 @@ impl NodeService for NodeApi {
         // Two parts queued at most: the rest waits in the catalog, not in memory.
         let (tx, rx) = mpsc::channel(2);
         let on_demand = metadata::on_demand(&req).map_err(Status::invalid_argument)?;
+        // Scraped by the dashboard at the stream's own address: a node names a port, never
+        // where mesh-cp connects.
+        if let (Some(port), Some(p)) = (metadata::metrics_port(&req), peer) {
+            let at = std::net::SocketAddr::new(p.ip().to_canonical(), port);
+            self.shared.update_node(&node, |n| n.metrics = Some(at));
+        }
         // Only a version of this run can be resumed from; anything else takes a snapshot.
         let resume = metadata::resume(&req)
             .filter(|(epoch, _)| *epoch == self.shared.epoch)
@@ -167,11 +173,14 @@ impl NodeService for NodeApi {
                 )),
             ));
         }
-        let placed = published
+        // The identities placed on the node: the one asked for must be among them, and the
+        // node's certificate record keeps only these.
+        let placed: std::collections::BTreeSet<SpiffeId> = published
             .config
             .workloads_on(&node)
-            .any(|w| w.identity(&mesh.trust_domain) == identity);
-        if !placed {
+            .map(|w| w.identity(&mesh.trust_domain))
+            .collect();
+        if !placed.contains(&identity) {
             return Err(refuse(
                 Refusal::NotPlaced,
                 Status::permission_denied(format!(
@@ -184,16 +193,11 @@ impl NodeService for NodeApi {
             .ca
             .sign_workload(&req.csr_der, &identity, mesh.cert_ttl)
             .map_err(|e| refuse(Refusal::BadCsr, Status::invalid_argument(e.to_string())))?;
-        let placed: std::collections::BTreeSet<String> = published
-            .config
-            .workloads_on(&node)
-            .map(|w| w.identity(&mesh.trust_domain).to_string())
-            .collect();
         self.shared.update_node(&node, |n| {
             n.certificates_issued += 1;
             n.certificates.retain(|id, _| placed.contains(id));
             n.certificates
-                .insert(identity.to_string(), issued.not_after.into());
+                .insert(identity.clone(), issued.not_after.into());
         });
         self.shared.metrics.issued();
         tracing::info!(node, %identity, serial = issued.serial, not_after = %issued.expires(), "certificate issued");
@@ -451,7 +455,7 @@ async fn serve_stream(
     // Versions sent and not yet answered, oldest first, with when they were sent.
     let mut in_flight: Vec<(u64, Instant)> = Vec::new();
     if let Some(ack) = first_ack {
-        answer(&shared, &node, &mut in_flight, ack);
+        answer(&shared, &node, &mut in_flight, cursor, ack);
     }
     // The snapshot in progress: its version, and its place until the node answers or
     // SNAPSHOT_ACK_WAIT passes.
@@ -524,8 +528,17 @@ async fn serve_stream(
                     shared.metrics.pushed(kind, count);
                     in_flight.push((version, Instant::now()));
                     cursor = Some(version);
+                    waiting(&shared, &node, &in_flight);
                 }
-                Ok(None) => cursor = Some(published.version),
+                Ok(None) => {
+                    cursor = Some(published.version);
+                    if in_flight.is_empty() {
+                        // Nothing of this version is the node's: it holds all of it already.
+                        shared.update_node(&node, |n| {
+                            n.synced_version = n.synced_version.max(cursor)
+                        });
+                    }
+                }
                 Err(Stop::Gone) => break "stream closed",
                 Err(Stop::NotReading) => {
                     tracing::warn!(
@@ -589,7 +602,7 @@ async fn serve_stream(
                         // Answered (applied or not): the place goes to another node.
                         syncing = None;
                     }
-                    answer(&shared, &node, &mut in_flight, ack);
+                    answer(&shared, &node, &mut in_flight, cursor, ack);
                 }
                 Ok(None) => break "node closed the stream",
                 Err(_) => break "stream broken",
@@ -641,16 +654,29 @@ async fn refuse_watches(shared: &Shared, node: &str, tx: &Tx, e: &WatchError) {
     let _ = tokio::time::timeout(SEND_WAIT, tx.send(Err(status))).await;
 }
 
-/// Records a node's answer to a version.
-fn answer(shared: &Shared, node: &str, in_flight: &mut Vec<(u64, Instant)>, ack: ConfigAck) {
+/// Records a node's answer to a version. `cursor` is the version the stream holds the node
+/// at: with nothing left unanswered, the node holds all of it (versions after the one answered
+/// may have had nothing for it).
+fn answer(
+    shared: &Shared,
+    node: &str,
+    in_flight: &mut Vec<(u64, Instant)>,
+    cursor: Option<u64>,
+    ack: ConfigAck,
+) {
     if ack.error.is_empty() {
         tracing::debug!(node, version = ack.version, "config acknowledged");
         let took = answered(in_flight, ack.version);
         shared.metrics.acked(true, took);
+        let synced = in_flight
+            .is_empty()
+            .then(|| cursor.unwrap_or(ack.version).max(ack.version));
         shared.update_node(node, |n| {
             n.acked_version = Some(ack.version);
             n.acked_at = Some(std::time::SystemTime::now());
+            n.synced_version = n.synced_version.max(synced);
         });
+        waiting(shared, node, in_flight);
     } else {
         tracing::warn!(
             node,
@@ -661,7 +687,16 @@ fn answer(shared: &Shared, node: &str, in_flight: &mut Vec<(u64, Instant)>, ack:
         answered(in_flight, ack.version);
         shared.metrics.acked(false, None);
         shared.update_node(node, |n| n.last_nack = Some((ack.version, ack.error)));
+        waiting(shared, node, in_flight);
     }
+}
+
+/// Records since when the oldest version sent to the node has waited for its answer.
+fn waiting(shared: &Shared, node: &str, in_flight: &[(u64, Instant)]) {
+    let since = in_flight
+        .first()
+        .and_then(|(_, sent)| std::time::SystemTime::now().checked_sub(sent.elapsed()));
+    shared.update_node(node, |n| n.unanswered_since = since);
 }
 
 /// Removes the versions up to `version` from `in_flight`; the seconds since `version` itself

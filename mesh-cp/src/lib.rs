@@ -2,7 +2,6 @@
 //! fuzz targets (`fuzz/`) reach the CA and the node authentication through them.
 
 pub mod ca;
-pub mod client;
 pub mod distribute;
 pub mod explain;
 pub mod first_version;

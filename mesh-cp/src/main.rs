@@ -344,12 +344,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let first = first_version::take(&args.data_dir, std::time::SystemTime::now())?;
     tracing::info!(version = first, "first config version of this run");
     let (publish, published) = tokio::sync::watch::channel(state::Published::new(first, config));
-    let shared = Arc::new(state::Shared::new(
-        published,
-        auth,
-        ca,
-        metrics::CpMetrics::new().context("cannot register the metrics")?,
-    ));
+    let source = match &origin {
+        Origin::Dir(..) => "directory",
+        Origin::Kubernetes(_) => "kubernetes",
+    };
+    let shared = Arc::new(
+        state::Shared::new(
+            published,
+            auth,
+            ca,
+            metrics::CpMetrics::new().context("cannot register the metrics")?,
+        )
+        .with_config_source(source),
+    );
     shared
         .watch_metrics()
         .context("cannot register the metrics")?;

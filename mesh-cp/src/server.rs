@@ -121,8 +121,15 @@ pub async fn serve_grpc(
     let accepting = shared.clone();
     tokio::spawn(async move {
         let shared = accepting;
+        let mut stopping = shared.stopping.subscribe();
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            // Once stopping, no new connection: a node that reconnects at once would only be
+            // cut again; it reaches the next process instead.
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stopping.wait_for(|s| *s) => break,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

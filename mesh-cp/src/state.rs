@@ -146,15 +146,25 @@ pub struct NodeStatus {
     /// When it last acknowledged a version.
     #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339_opt")]
     pub acked_at: Option<SystemTime>,
+    /// The version it holds everything of: the last it acknowledged with nothing sent after,
+    /// or a later one that had nothing for it. A node is current when this is the version in
+    /// force; `acked_version` alone lags behind versions that changed nothing of its part.
+    pub synced_version: Option<u64>,
+    /// Since when the oldest version sent to it has waited for its answer; none when it has
+    /// answered everything.
+    #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339_opt")]
+    pub unanswered_since: Option<SystemTime>,
     /// When its streams last went from none to one, or from some to none.
     #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339_opt")]
     pub connected_at: Option<SystemTime>,
     #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339_opt")]
     pub disconnected_at: Option<SystemTime>,
+    /// Its metrics endpoint: the port it named, at the address its last stream came from.
+    pub metrics: Option<std::net::SocketAddr>,
     /// When the last certificate issued to each identity placed on it expires. Kept to the
     /// identities placed on it at each issue, so at most one per workload it holds.
     #[serde(skip)]
-    pub certificates: BTreeMap<String, SystemTime>,
+    pub certificates: BTreeMap<mesh_model::SpiffeId, SystemTime>,
 }
 
 impl NodeStatus {
@@ -196,6 +206,11 @@ pub struct Shared {
     /// Set when the process stops in order: each config stream ends with
     /// `mesh_api::shutdown::status()`, then the server closes its connections.
     pub stopping: watch::Sender<bool>,
+    /// When this process started: certificates issued before it are not known to it.
+    pub started_at: SystemTime,
+    /// Where the config comes from: `directory` (a bad file keeps the whole change out) or
+    /// `kubernetes` (a bad object is left out alone).
+    pub config_source: &'static str,
     config_status: Mutex<ConfigStatus>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
 }
@@ -217,9 +232,17 @@ impl Shared {
             metrics,
             serving: std::sync::atomic::AtomicBool::new(false),
             stopping: watch::channel(false).0,
+            started_at: SystemTime::now(),
+            config_source: "directory",
             config_status: Mutex::new(ConfigStatus::ok(version)),
             nodes: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// This state, for a config that comes from `source` (see [`Shared::config_source`]).
+    pub fn with_config_source(mut self, source: &'static str) -> Self {
+        self.config_source = source;
+        self
     }
 
     pub fn set_config_status(&self, status: ConfigStatus) {
@@ -242,6 +265,12 @@ impl Shared {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// `f` of the nodes' status, under the lock: a view without copying every node's
+    /// certificates (streams wait on this lock; keep `f` short).
+    pub fn with_nodes<T>(&self, f: impl FnOnce(&BTreeMap<String, NodeStatus>) -> T) -> T {
+        f(&self.nodes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Lets the metrics read this state when scraped. Weakly: the state owns the metrics, not
     /// the other way round.
     pub fn watch_metrics(self: &Arc<Self>) -> Result<(), prometheus::Error> {
@@ -253,7 +282,7 @@ impl Shared {
     fn figures(&self) -> Figures {
         let status = self.config_status();
         Figures {
-            nodes_connected: self.nodes().values().filter(|n| n.streams > 0).count(),
+            nodes_connected: self.with_nodes(|n| n.values().filter(|n| n.streams > 0).count()),
             config_version: status.version,
             config_in_force: status.error.is_none(),
             ca_expiry: self

@@ -67,7 +67,12 @@ async fn metrics(
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    if shared.serving.load(Ordering::Relaxed) {
+    if *shared.stopping.borrow() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+    } else if shared.serving.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
         (
@@ -87,41 +92,43 @@ async fn debug_nodes(State(shared): State<Arc<Shared>>) -> Json<serde_json::Valu
 
 /// Each node that has connected or has workloads placed on it: its streams, the version it
 /// holds, how many workloads the config places on it, and when the earliest of the
-/// certificates issued for them expires.
+/// certificates issued for them expires. Built under the nodes' lock, without copying them.
 fn nodes(
     shared: &Shared,
     config: &mesh_model::Config,
 ) -> serde_json::Map<String, serde_json::Value> {
-    let mut placed: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut placed: BTreeMap<&str, Vec<mesh_model::SpiffeId>> = BTreeMap::new();
     for w in config.workloads.values() {
         placed
             .entry(w.node.as_str())
             .or_default()
-            .push(w.identity(&config.mesh.trust_domain).to_string());
+            .push(w.identity(&config.mesh.trust_domain));
     }
-    let mut known = shared.nodes();
-    for node in placed.keys() {
-        known.entry((*node).to_owned()).or_default();
-    }
-    known
-        .into_iter()
-        .map(|(name, status)| {
-            let identities = placed.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-            let expires = identities
-                .iter()
-                .filter_map(|id| status.certificates.get(id))
-                .min()
-                .copied();
-            let mut v = json!(status);
-            v["workloads"] = json!(identities.len());
-            v["certificates"] = json!(identities
-                .iter()
-                .filter(|id| status.certificates.contains_key(*id))
-                .count());
-            v["certificates_expire"] = json!(expires.map(mesh_daemon::time::rfc3339));
-            (name, v)
-        })
-        .collect()
+    let none = crate::state::NodeStatus::default();
+    shared.with_nodes(|known| {
+        let names: std::collections::BTreeSet<&str> = known
+            .keys()
+            .map(String::as_str)
+            .chain(placed.keys().copied())
+            .collect();
+        names
+            .into_iter()
+            .map(|name| {
+                let status = known.get(name).unwrap_or(&none);
+                let identities = placed.get(name).map(Vec::as_slice).unwrap_or(&[]);
+                let held: Vec<std::time::SystemTime> = identities
+                    .iter()
+                    .filter_map(|id| status.certificates.get(id).copied())
+                    .collect();
+                let mut v = json!(status);
+                v["workloads"] = json!(identities.len());
+                v["certificates"] = json!(held.len());
+                v["certificates_expire"] =
+                    json!(held.iter().min().copied().map(mesh_daemon::time::rfc3339));
+                (name.to_owned(), v)
+            })
+            .collect()
+    })
 }
 
 /// Each AccessPolicy in force and the workloads it selects.
@@ -215,6 +222,8 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "trust_domain": published.config.mesh.trust_domain,
         "cert_ttl_seconds": published.config.mesh.cert_ttl.as_secs(),
         "ca_expires": shared.ca.root_not_after().map(mesh_daemon::time::rfc3339),
+        "started_at": mesh_daemon::time::rfc3339(shared.started_at),
+        "config_source": shared.config_source,
         "nodes": nodes(&shared, &published.config),
     }))
 }

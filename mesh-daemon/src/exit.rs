@@ -15,14 +15,14 @@ pub fn one_line(e: &anyhow::Error) -> String {
 }
 
 /// Causes, outermost first, joined by ": " with each said once. A library's pointer to its
-/// manual (rustls ends some errors with a docs.rs URL) is left out: it says nothing of what
-/// happened here.
+/// manual at the end of a cause (rustls ends some errors with ": https://docs.rs/…") is left
+/// out: it says nothing of what happened here.
 pub fn join_causes(causes: impl IntoIterator<Item = String>) -> String {
     let mut out = String::new();
     for cause in causes {
-        let text = match cause.find("https://") {
-            Some(at) => cause[..at].trim_end_matches([' ', ':']).to_owned(),
-            None => cause,
+        let text = match cause.rfind(": https://") {
+            Some(at) if !cause[at + 2..].contains(char::is_whitespace) => cause[..at].to_owned(),
+            _ => cause,
         };
         if text.is_empty() || out.contains(&text) {
             continue;
@@ -74,6 +74,9 @@ mod tests {
             join_causes(rustls),
             "Unknown: h2 protocol error: error reading a body from connection: peer closed connection without sending TLS close_notify"
         );
+        // A URL that is the message, or inside it, stays.
+        let named = ["cannot reach https://cp.example:15012 now".to_owned()];
+        assert_eq!(join_causes(named.clone()), named[0]);
     }
 
     #[test]

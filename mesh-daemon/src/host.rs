@@ -73,7 +73,10 @@ pub fn find_cgroup2(mounts: &str) -> Option<PathBuf> {
 pub fn check_cgroup2(path: &Path) -> Result<(), CgroupError> {
     let root = || cgroup2_root(Path::new("/proc/mounts")).ok();
     match nix::sys::statfs::statfs(path) {
-        Ok(s) if s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC => Ok(()),
+        // A cgroup is a directory; its files (cgroup.procs, …) are on the same filesystem.
+        Ok(s) if s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC && path.is_dir() => {
+            Ok(())
+        }
         Ok(_) => Err(CgroupError::NotCgroup2 {
             path: path.to_path_buf(),
             root: root(),
@@ -116,5 +119,7 @@ mod tests {
         assert!(matches!(proc, CgroupError::NotCgroup2 { .. }), "{proc}");
         let root = cgroup2_root(Path::new("/proc/mounts")).expect("these machines have cgroup2");
         check_cgroup2(&root).expect("the cgroup2 mount is cgroup v2");
+        let file = check_cgroup2(&root.join("cgroup.procs")).unwrap_err();
+        assert!(matches!(file, CgroupError::NotCgroup2 { .. }), "{file}");
     }
 }

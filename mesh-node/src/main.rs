@@ -299,9 +299,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Check the source before touching the kernel: a bad file or address at start is a bad
     // command line.
     let source = match (&args.cp, &args.token_file, &args.cp_ca, &args.workloads) {
-        (Some(cp), Some(token), Some(ca), None) => {
-            Source::ControlPlane(control::CpClient::new(cp, ca, &args.node_name, token)?)
-        }
+        (Some(cp), Some(token), Some(ca), None) => Source::ControlPlane(
+            control::CpClient::new(cp, ca, &args.node_name, token)?
+                .with_metrics_port(args.metrics_listen.port()),
+        ),
         (None, None, None, Some(file)) => {
             let (initial, text) = workloads::load(file, &args.node_name)?;
             Source::File(file.clone(), initial, text)

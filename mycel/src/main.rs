@@ -94,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Stat(args) => {
-            let pairs = stat::run(&args)?;
+            let pairs = stat::run(&cli.cp, &args)?;
             out.print(pairs.as_slice(), stat::render)?;
             Ok(ExitCode::SUCCESS)
         }

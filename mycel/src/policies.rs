@@ -1,7 +1,7 @@
 //! `mycel policies`: each AccessPolicy in force, and the workloads it selects (mesh-cp's
 //! `/policies`, evaluated on the config in force, as the nodes enforce it).
 
-use mesh_cp::client::{self, ClientError};
+use mesh_telemetry::client::{self, ClientError};
 use serde::{Deserialize, Serialize};
 
 use crate::table;

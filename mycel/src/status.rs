@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use mesh_cp::client::{self, ClientError};
+use mesh_telemetry::client::{self, ClientError};
 use serde::{Deserialize, Serialize};
 
 use crate::table;
@@ -18,6 +18,10 @@ pub struct Status {
     pub trust_domain: String,
     pub cert_ttl_seconds: u64,
     pub ca_expires: Option<String>,
+    /// When mesh-cp started: it knows only the certificates it issued since.
+    pub started_at: String,
+    /// `directory` or `kubernetes`.
+    pub config_source: String,
     pub default_action: serde_json::Value,
     pub mtls: serde_json::Value,
     pub transport: serde_json::Value,
@@ -39,6 +43,10 @@ pub struct Node {
     pub streams: u32,
     pub acked_version: Option<u64>,
     pub acked_at: Option<String>,
+    /// The version it holds all of (later versions may have had nothing for it).
+    pub synced_version: Option<u64>,
+    /// Since when a version sent to it has waited for its answer.
+    pub unanswered_since: Option<String>,
     /// The last version it rejected, and why.
     pub last_nack: Option<(u64, String)>,
     pub connected_at: Option<String>,
@@ -51,6 +59,8 @@ pub struct Node {
     pub certificates_issued: u64,
     pub certificates_refused: u64,
     pub watches: usize,
+    /// Its metrics endpoint, as mesh-cp scrapes it.
+    pub metrics: Option<String>,
 }
 
 pub fn fetch(cp: &str) -> Result<Status, ClientError> {
@@ -113,13 +123,21 @@ fn connection(n: &Node) -> String {
 }
 
 fn version(n: &Node, current: u64) -> String {
-    let held = match n.acked_version {
-        None => "none".to_owned(),
-        Some(v) if v == current => format!("current, acked {}", ago(&n.acked_at)),
-        Some(v) => format!("{v} (behind), acked {}", ago(&n.acked_at)),
+    let acked = match n.acked_version {
+        None => "nothing acked".to_owned(),
+        Some(_) => format!("acked {}", ago(&n.acked_at)),
+    };
+    let held = match n.synced_version {
+        Some(v) if v == current => format!("current, {acked}"),
+        Some(v) => format!("{v} (behind), {acked}"),
+        None => acked,
+    };
+    let held = match &n.unanswered_since {
+        Some(t) => format!("{held}; waiting since {}", ago(&Some(t.clone()))),
+        None => held,
     };
     match &n.last_nack {
-        Some((v, why)) if n.acked_version.is_none_or(|a| a < *v) => {
+        Some((v, why)) if n.synced_version.is_none_or(|a| a < *v) => {
             format!("{held}; rejected {v}: {why}")
         }
         _ => held,

@@ -17,7 +17,7 @@ use crate::{
     mesh::{free_port, http_get},
 };
 
-pub use mycel::exposition::{Exposition, Labels};
+pub use mesh_telemetry::exposition::{Exposition, Labels};
 
 /// `promtool check metrics` on `text`: Ok, or what promtool said.
 pub fn promtool_check(text: &str) -> io::Result<Result<(), String>> {
@@ -141,7 +141,7 @@ impl PrometheusServer {
 
 /// `GET /api/v1/query` on the server at `addr`.
 fn query(addr: SocketAddr, promql: &str) -> io::Result<Vec<(Labels, f64)>> {
-    mycel::prometheus::query(&addr.to_string(), promql).map_err(io::Error::other)
+    mesh_telemetry::prometheus::query(&addr.to_string(), promql).map_err(io::Error::other)
 }
 
 /// The dashboard shipped in `deploy/grafana/`, as (panel title, query) pairs, with Grafana's

@@ -86,9 +86,9 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
     for line in [
         "ok    mesh-cp: ready at",
         "ok    config: version",
-        "ok    node n1: connected, on the current version; workloads placed: 2",
-        "ok    node n2: connected, on the current version; workloads placed: 1",
-        "ok    certificates on n1: 2 of 2 workloads hold one; the first expires",
+        "ok    node n1: connected, holds the version in force; workloads placed: 2",
+        "ok    node n2: connected, holds the version in force; workloads placed: 1",
+        "ok    certificates on n1: 2 of 2 workloads hold one issued since mesh-cp started; the first expires",
         "ok    CA root: expires",
         " 0 failed",
     ] {
@@ -123,13 +123,33 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
         "{table}"
     );
 
+    // A version with nothing for n1 (a policy that selects only payment, on n2): n1 holds it
+    // all the same. Before, n1 was "behind" until its next stream.
+    let changed = cp
+        .apply(
+            "block-analytics.yaml",
+            &format!("apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{ name: block-analytics, namespace: default }}\nspec:\n  selector: {{ matchLabels: {{ app: payment }} }}\n  action: Deny\n  rules: [{{ sourceIdentities: ['{TD}/analytics'] }}, {{ sourceIdentities: ['{TD}/nobody'] }}]\n"),
+            &["n2"],
+        )
+        .expect("a policy change");
+    let current = check_until(&cp, |out, t| {
+        out.status.success() && t.contains("ok    node n2: connected, holds the version in force")
+    });
+    assert!(
+        current.contains("ok    node n1: connected, holds the version in force"),
+        "version {changed}:\n{current}"
+    );
+    let status = json(&cp, &["status"]);
+    assert_eq!(status["nodes"]["n1"]["synced_version"], changed, "{status}");
+    println!("n1 after a version with nothing for it: {}", status["nodes"]["n1"]);
+
     // policies: what each selects.
     let policies = json(&cp, &["policies"]);
     assert_eq!(
         policies["policies"],
         serde_json::json!([{
             "key": "default/block-analytics", "action": "Deny", "mode": "Enforce",
-            "rules": 1, "mesh_wide": false, "selects": ["default/payment"],
+            "rules": 2, "mesh_wide": false, "selects": ["default/payment"],
         }]),
         "{policies}"
     );
@@ -170,6 +190,16 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
         assert!(Instant::now() < deadline, "{pairs}");
     };
     assert_eq!(pair["failures_total"], 0.0, "{pair}");
+    // Without --node: the nodes at the metrics port each told mesh-cp.
+    let known = json(&cp, &["stat", "--interval", "0.2"]);
+    assert!(
+        known.as_array().into_iter().flatten().any(|p| {
+            p["source"] == "default/order"
+                && p["destination"] == "default/payment"
+                && p["connections_total"] == 5.0
+        }),
+        "{known}"
+    );
     let stat = text(&mycel(&cp, &stat_args));
     println!("mycel stat:\n{stat}");
     assert!(
@@ -227,7 +257,7 @@ fn a_short_certificate_lifetime_fails_the_check() {
         !out.status.success() && t.contains("FAIL  certificates on n1:")
     });
     assert!(
-        out.contains("within 1h0m (MeshConfig certTtl is 30m0s)")
+        out.contains("MeshConfig certTtl is 30m0s, within 1h0m")
             && out.contains("raise MeshConfig certTtl"),
         "{out}"
     );

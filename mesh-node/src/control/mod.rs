@@ -43,6 +43,8 @@ pub struct CpClient {
     channel: Channel,
     node: String,
     token_file: PathBuf,
+    /// Told to the control plane, whose dashboard scrapes the node there.
+    metrics_port: Option<u16>,
 }
 
 impl CpClient {
@@ -82,6 +84,7 @@ impl CpClient {
             channel: endpoint.connect_lazy(),
             node: node.into(),
             token_file: token_file.into(),
+            metrics_port: None,
         };
         client.credentials()?;
         Ok(client)
@@ -89,6 +92,16 @@ impl CpClient {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The port of this node's metrics endpoint, to tell the control plane.
+    pub fn with_metrics_port(mut self, port: u16) -> Self {
+        self.metrics_port = Some(port);
+        self
+    }
+
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_port
     }
 
     /// The token file is read for every connection, so it can be replaced without a restart.

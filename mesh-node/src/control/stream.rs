@@ -99,6 +99,9 @@ async fn session(
     if let Some(epoch) = resuming {
         metadata::set_resume(&mut request, epoch, held.view.version);
     }
+    if let Some(port) = client.metrics_port() {
+        metadata::set_metrics_port(&mut request, port);
+    }
     if held.view.on_demand {
         metadata::set_on_demand(&mut request);
         // First, whether resuming or not: a resumed stream is filtered by these, and a

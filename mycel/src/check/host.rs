@@ -192,7 +192,14 @@ fn clock() -> Finding {
     // SAFETY: adjtimex with modes 0 only reads the kernel's clock state into `t`.
     let mut t: libc::timex = unsafe { std::mem::zeroed() };
     let state = unsafe { libc::adjtimex(&mut t) };
-    if state == libc::TIME_ERROR {
+    if state < 0 {
+        let e = std::io::Error::last_os_error();
+        Finding::warn(
+            "clock",
+            format!("cannot ask the kernel whether the clock is synchronized: {e}"),
+            "make sure an NTP client (chrony, systemd-timesyncd) runs: certificates are checked against the clock",
+        )
+    } else if state == libc::TIME_ERROR {
         Finding::warn(
             "clock",
             "the kernel says the clock is not synchronized",

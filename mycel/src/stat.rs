@@ -1,26 +1,19 @@
-//! `mycel stat`: traffic per workload pair, as the source's node reports it (each connection
-//! once; a pair whose source is outside the mesh has no source node and is not shown):
-//! connections and bytes per second, failures, connections open, and on ports that declare
-//! HTTP requests per second and their duration's p50/p95/p99.
-//!
-//! From the nodes' `/metrics` ([`nodes`]: two scrapes `--interval` apart, rates over that
-//! interval) or from Prometheus ([`prometheus`]: rates over the last minute).
+//! `mycel stat`: traffic per workload pair (`mesh_telemetry::traffic`), from the nodes'
+//! `/metrics` (two scrapes `--interval` apart; the nodes named, or every node mesh-cp knows
+//! the metrics endpoint of) or from Prometheus (rates over the last minute).
 
-mod histogram;
-pub mod nodes;
-pub mod prometheus;
+use std::time::Duration;
 
-use std::{collections::BTreeMap, time::Duration};
+use anyhow::Context as _;
+use mesh_telemetry::traffic::{self, Pair};
 
-use serde::Serialize;
-
-use crate::table;
+use crate::{status, table};
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["node", "prometheus"])))]
 pub struct Args {
     /// A node's metrics address, host:port (its mesh-node --metrics-listen); repeat for each
-    /// node. Rates are over --interval between two scrapes of each.
+    /// node. Rates are over --interval between two scrapes of each. Without --node or
+    /// --prometheus: every connected node, where mesh-cp says its metrics are.
     #[arg(long)]
     pub node: Vec<String>,
     /// A Prometheus server that scrapes the nodes (job mycel-node), host:port. Rates are over
@@ -32,35 +25,35 @@ pub struct Args {
     pub interval: f64,
 }
 
-/// One workload pair: `namespace/workload` at each end.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Pair {
-    pub source: String,
-    pub destination: String,
-    pub connections_per_second: f64,
-    pub bytes_per_second: f64,
-    pub failures_per_second: f64,
-    pub connections_open: f64,
-    /// Since each node's start.
-    pub connections_total: f64,
-    pub failures_total: f64,
-    /// Failures since start, by reason.
-    pub failure_reasons: BTreeMap<String, f64>,
-    pub requests_per_second: f64,
-    /// Request duration quantiles (seconds) over the window; none without requests in it.
-    pub request_p50: Option<f64>,
-    pub request_p95: Option<f64>,
-    pub request_p99: Option<f64>,
-}
-
-/// What a report is keyed by: source and destination, `namespace/workload`.
-pub type PairKey = (String, String);
-
-pub fn run(args: &Args) -> anyhow::Result<Vec<Pair>> {
-    match &args.prometheus {
-        Some(addr) => Ok(prometheus::pairs(addr)?),
-        None => nodes::pairs(&args.node, Duration::from_secs_f64(args.interval)),
+pub fn run(cp: &str, args: &Args) -> anyhow::Result<Vec<Pair>> {
+    if let Some(addr) = &args.prometheus {
+        return Ok(traffic::prometheus::pairs(addr)?);
     }
+    let nodes = if args.node.is_empty() {
+        // The metrics endpoints mesh-cp knows: each node's port, at the address its stream
+        // comes from.
+        let s = status::fetch(cp).context(
+            "no --node or --prometheus given, and mesh-cp cannot say where the nodes' metrics are",
+        )?;
+        let known: Vec<String> = s
+            .nodes
+            .values()
+            .filter(|n| n.streams > 0)
+            .filter_map(|n| n.metrics.clone())
+            .collect();
+        if known.is_empty() {
+            anyhow::bail!(
+                "no connected node has told mesh-cp its metrics port: give --node or --prometheus"
+            );
+        }
+        known
+    } else {
+        args.node.clone()
+    };
+    Ok(traffic::scrape::pairs(
+        &nodes,
+        Duration::from_secs_f64(args.interval),
+    )?)
 }
 
 pub fn render(pairs: &[Pair]) -> String {
@@ -125,17 +118,4 @@ fn bytes(per_second: f64) -> String {
         b if b >= 1e3 => format!("{:.1}kB", b / 1e3),
         b => format!("{b:.0}B"),
     }
-}
-
-/// The pair a series is about, from its labels.
-pub(crate) fn pair_of(labels: &crate::exposition::Labels) -> Option<PairKey> {
-    let get = |k: &str| labels.get(k).map(String::as_str).unwrap_or_default();
-    let (sw, dw) = (get("source_workload"), get("destination_workload"));
-    if sw.is_empty() || dw.is_empty() {
-        return None;
-    }
-    Some((
-        format!("{}/{sw}", get("source_namespace")),
-        format!("{}/{dw}", get("destination_namespace")),
-    ))
 }

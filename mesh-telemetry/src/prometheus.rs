@@ -1,7 +1,7 @@
 //! Instant queries to a Prometheus server: what `mycel stat --prometheus` reads (and what the
 //! tests check the dashboard's queries with).
 
-use mesh_cp::client::{self, ClientError};
+use crate::client::{self, ClientError};
 
 use crate::exposition::Labels;
 
@@ -37,7 +37,15 @@ pub fn query(addr: &str, promql: &str) -> Result<Vec<(Labels, f64)>, QueryError>
         return Err(QueryError::Refused {
             addr: addr.to_owned(),
             promql: promql.to_owned(),
-            answer: format!("{code} {}", v["error"].as_str().unwrap_or(body.trim())),
+            answer: format!(
+                "{code} {}",
+                v["error"]
+                    .as_str()
+                    .unwrap_or(body.trim())
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            ),
         });
     }
     let series = v["data"]["result"].as_array().cloned().unwrap_or_default();

@@ -51,7 +51,7 @@ pub enum ClientError {
 /// `GET path` from `addr` (`host:port`): the status code and the body.
 pub fn get(addr: &str, path: &str) -> Result<(u16, String), ClientError> {
     let deadline = Instant::now() + TIMEOUT;
-    let mut stream = connect(addr)?;
+    let mut stream = connect(addr, deadline)?;
     let read_err = |source| ClientError::Read {
         addr: addr.to_owned(),
         source,
@@ -76,7 +76,13 @@ pub fn get(addr: &str, path: &str) -> Result<(u16, String), ClientError> {
                     addr: addr.to_owned(),
                 })
             }
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                // A server that keeps the connection open after its body has answered.
+                if complete(&answer) {
+                    break;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e)
                 if matches!(
@@ -120,7 +126,24 @@ pub fn get_json<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, Client
     })
 }
 
-fn connect(addr: &str) -> Result<TcpStream, ClientError> {
+/// Whether `answer` holds a head with a `content-length` and that many bytes of body.
+fn complete(answer: &[u8]) -> bool {
+    let Some(split) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&answer[..split]);
+    let length = head.lines().skip(1).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    length.is_some_and(|n| answer.len() - (split + 4) >= n)
+}
+
+/// Connects to the first address of `addr` that answers, all before `deadline` (resolving a
+/// name takes what the system's resolver takes).
+fn connect(addr: &str, deadline: Instant) -> Result<TcpStream, ClientError> {
     let resolved: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|source| ClientError::Resolve {
@@ -130,7 +153,13 @@ fn connect(addr: &str) -> Result<TcpStream, ClientError> {
         .collect();
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     for a in resolved {
-        match TcpStream::connect_timeout(&a, TIMEOUT) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Timeout {
+                addr: addr.to_owned(),
+            });
+        }
+        match TcpStream::connect_timeout(&a, left) {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
         }
@@ -196,6 +225,24 @@ mod tests {
             e,
             format!("{addr} answered /explain?x with 400: no such workload")
         );
+    }
+
+    #[test]
+    fn an_answer_with_its_length_ends_while_the_connection_stays_open() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                // Open until the client has its answer.
+                let _ = done_rx.recv_timeout(Duration::from_secs(20));
+            }
+        });
+        let started = Instant::now();
+        assert_eq!(get_ok(&addr, "/").unwrap(), "ok");
+        assert!(started.elapsed() < TIMEOUT, "waited for the close");
+        let _ = done_tx.send(());
     }
 
     #[test]

@@ -14,8 +14,9 @@ pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     let (le, count) = buckets[i];
     let (lower, below) = if i == 0 { (0.0, 0.0) } else { buckets[i - 1] };
     if le.is_infinite() {
-        // Above the highest finite bound: that bound is all that is known.
-        return Some(lower);
+        // Above the highest finite bound: that bound is all that is known (and with no finite
+        // bound, nothing is).
+        return (i > 0).then_some(lower);
     }
     let inside = count - below;
     if inside <= 0.0 {
@@ -44,5 +45,6 @@ mod tests {
             Some(0.1)
         );
         assert_eq!(quantile(0.5, &[]), None);
+        assert_eq!(quantile(0.5, &[(f64::INFINITY, 4.0)]), None);
     }
 }

@@ -1,4 +1,4 @@
-//! `mycel stat --prometheus`: the same figures as PromQL over the last minute, from a
+//! Traffic per pair from Prometheus: the same figures as PromQL over the last minute, from a
 //! Prometheus server that scrapes the nodes.
 
 use std::collections::BTreeMap;
