@@ -17,3 +17,4 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod tokens;
+pub mod ui;

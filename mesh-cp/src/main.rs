@@ -97,12 +97,18 @@ struct ServeArgs {
     /// Address of the gRPC API (TLS) that nodes connect to.
     #[arg(long, default_value = "0.0.0.0:15012")]
     grpc_listen: SocketAddr,
-    /// Address of the HTTP status endpoint (/healthz, /readyz, /status, /explain, /debug/*).
+    /// Address of the HTTP status endpoint and dashboard (/ui, /status, /policies, /explain,
+    /// /debug/*, /healthz, /readyz); it shows the mesh: keep it on loopback or a trusted network.
     #[arg(long, default_value = "127.0.0.1:15014")]
     http_listen: SocketAddr,
     /// Address of the Prometheus endpoint (/metrics).
     #[arg(long, default_value = "0.0.0.0:15016")]
     metrics_listen: SocketAddr,
+    /// A Prometheus server (host:port) that scrapes the nodes (job mycel-node): the dashboard
+    /// (/ui on --http-listen) reads traffic from it. Without it, mesh-cp scrapes each connected
+    /// node's metrics endpoint itself (up to 256 nodes).
+    #[arg(long)]
+    prometheus: Option<String>,
     /// A DNS name or IP address nodes use to reach this control plane; repeat for several
     /// [default: localhost, mesh-cp, the host name and this host's addresses].
     #[arg(long = "server-name")]
@@ -378,7 +384,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(kubernetes::follow(*cluster, publish, shared.clone()))
         }
     };
-    tokio::spawn(status::serve(http, shared.clone()));
+    let dashboard = Arc::new(mesh_cp::ui::Dashboard::new(
+        shared.clone(),
+        args.prometheus.clone(),
+    ));
+    tokio::spawn(status::serve(
+        http,
+        shared.clone(),
+        dashboard,
+        names.clone(),
+    ));
     tokio::spawn(status::serve_metrics(metrics_listener, shared.clone()));
     let grpc_task = tokio::spawn(server::serve_grpc(grpc, shared.clone(), names));
     let mut signals = mesh_daemon::signals::Signals::new()?;

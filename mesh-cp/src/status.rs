@@ -3,7 +3,7 @@
 //! config error, and each node's streams, acknowledged version, workloads and certificates
 //! (JSON), `/policies` (each AccessPolicy and what it selects), `/explain` (the JSON of
 //! `mesh-cp explain`, evaluated on the config in force), `/debug/nodes` and `/debug/config`.
-//! `mycel` reads these. Metrics (`--metrics-listen`): `/metrics`, and `/healthz` and `/readyz` again
+//! `mycel` reads these; `/ui` is the dashboard on them (`ui/`). Metrics (`--metrics-listen`): `/metrics`, and `/healthz` and `/readyz` again
 //! for the kubelet's probes, which cannot reach the pod's loopback.
 
 use std::{
@@ -23,7 +23,15 @@ use tokio::net::TcpListener;
 
 use crate::state::Shared;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// Serves the status endpoints and the dashboard on `listener`, to requests that name it by
+/// an address, `localhost` or one of `names` (the serving certificate's).
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    dashboard: Arc<crate::ui::Dashboard>,
+    names: Vec<String>,
+) {
+    let names: Arc<[String]> = names.into();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -32,10 +40,53 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/policies", get(policies))
         .route("/debug/nodes", get(debug_nodes))
         .route("/debug/config", get(debug_config))
-        .with_state(shared);
+        .with_state(shared)
+        .merge(crate::ui::routes(dashboard))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            known_host(names.clone(), req, next)
+        }));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "status endpoint stopped");
     }
+}
+
+/// Refuses a request whose `Host` is a name this control plane does not have: a web page
+/// elsewhere that rebinds its own name to this loopback address must not read the mesh
+/// through a browser on this host. An address, `localhost` and the serving certificate's names
+/// are taken; a request without `Host` (not a browser's) is too.
+async fn known_host(
+    names: Arc<[String]>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let host = req
+        .headers()
+        .get(axum::http::header::HOST)
+        .map(|h| h.to_str().unwrap_or("\u{0}"));
+    match host {
+        Some(h) if !host_is_ours(h, &names) => (
+            StatusCode::MISDIRECTED_REQUEST,
+            "this host name is not one of mesh-cp's: use its address, localhost, or a --server-name\n",
+        )
+            .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+/// Whether `host` (a `Host` header: a name or address, with or without a port) names this
+/// control plane.
+fn host_is_ours(host: &str, names: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// Serves `/metrics` on its own listener, for the scraper, with the probes.
@@ -258,4 +309,33 @@ async fn explain(
     crate::explain::explain(&published.config, &from, &to, q.port)
         .map(Json)
         .map_err(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_its_own_names_and_addresses_are_hosts() {
+        let names = ["mycel-cp.mycel-system.svc".to_owned()];
+        for ours in [
+            "127.0.0.1:15014",
+            "127.0.0.1",
+            "[::1]:15014",
+            "localhost:15014",
+            "LOCALHOST",
+            "mycel-cp.mycel-system.svc:15014",
+        ] {
+            assert!(host_is_ours(ours, &names), "{ours}");
+        }
+        for theirs in [
+            "attacker.example:15014",
+            "attacker.example",
+            "127.0.0.1.attacker.example",
+            "[evil]:1",
+            "",
+        ] {
+            assert!(!host_is_ours(theirs, &names), "{theirs}");
+        }
+    }
 }

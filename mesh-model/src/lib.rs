@@ -22,9 +22,9 @@ pub use config::{
 pub use identity::{is_sa_name, is_trust_domain, ParseSpiffeIdError, SpiffeId};
 pub use object_key::ObjectKey;
 pub use resource::{
-    parse_document, MeshConfig, Resource, Service, ServicePort, Workload, API_VERSION,
-    DEFAULT_CERT_TTL, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, MAX_CERT_TTL, MIN_CERT_TTL,
-    RESERVED_PORTS,
+    application, parse_document, MeshConfig, Resource, Service, ServicePort, Workload, API_VERSION,
+    APP_LABELS, DEFAULT_CERT_TTL, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, MAX_CERT_TTL,
+    MIN_CERT_TTL, RESERVED_PORTS,
 };
 pub use spec::{Action, AppProtocol, LocalHop, Mode, MtlsMode, Transport};
 pub use validate::is_dns_label;

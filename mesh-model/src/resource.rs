@@ -87,6 +87,24 @@ impl Workload {
     pub fn has_labels(&self, labels: &BTreeMap<String, String>) -> bool {
         labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
     }
+
+    /// The application it is a replica of, as the metrics name it: [`application`].
+    pub fn application(&self) -> &str {
+        application(&self.labels, &self.key.name)
+    }
+}
+
+/// Labels that name an application, most specific first.
+pub const APP_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app"];
+
+/// The application a workload with `labels` and `name` is a replica of: what its first
+/// non-empty [`APP_LABELS`] says, else its own name. Every replica shares the metrics' series
+/// and the dashboard's node.
+pub fn application<'a>(labels: &'a BTreeMap<String, String>, name: &'a str) -> &'a str {
+    APP_LABELS
+        .iter()
+        .find_map(|l| labels.get(*l).filter(|v| !v.is_empty()))
+        .map_or(name, String::as_str)
 }
 
 /// A virtual IP whose connections go to the workloads its selector picks.

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod browser;
 pub mod cp;
 pub mod daemon;
 pub mod kube;

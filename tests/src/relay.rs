@@ -5,6 +5,7 @@
 use std::{
     io::{self, Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -24,12 +25,28 @@ struct State {
 pub struct Relay {
     pub addr: SocketAddr,
     state: Arc<State>,
+    /// Where it listens, when not in the test's own netns.
+    netns: Option<PathBuf>,
 }
 
 impl Relay {
     /// Relays 127.0.0.1:(a free port) to `target`.
     pub fn start(target: SocketAddr) -> io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Self::start_on(TcpListener::bind("127.0.0.1:0")?, target, None)
+    }
+
+    /// Relays 127.0.0.1:(a free port) inside `netns` to `target` in the test's own netns: a
+    /// process in a netns with no route out reaches one server, and nothing else.
+    pub fn start_in(netns: &Path, target: SocketAddr) -> io::Result<Self> {
+        let listener = crate::tunnel::in_netns(netns, || TcpListener::bind("127.0.0.1:0"))?;
+        Self::start_on(listener, target, Some(netns.to_path_buf()))
+    }
+
+    fn start_on(
+        listener: TcpListener,
+        target: SocketAddr,
+        netns: Option<PathBuf>,
+    ) -> io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
         let shared = state.clone();
@@ -60,7 +77,7 @@ impl Relay {
                 thread::spawn(move || pipe(s2, c2, Some(count)));
             }
         });
-        Ok(Self { addr, state })
+        Ok(Self { addr, state, netns })
     }
 
     /// Bytes the server sent on each connection so far, in the order they were accepted.
@@ -89,7 +106,10 @@ impl Drop for Relay {
         self.state.stopped.store(true, Ordering::SeqCst);
         self.cut();
         // Wakes the accept loop so that it sees `stopped`.
-        let _ = TcpStream::connect(self.addr);
+        let _ = match &self.netns {
+            Some(netns) => crate::tunnel::connect_in(netns, self.addr),
+            None => TcpStream::connect(self.addr),
+        };
     }
 }
 

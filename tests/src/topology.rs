@@ -384,6 +384,14 @@ impl Topology {
             .unwrap_or_else(|| panic!("no pod {name} in this topology"))
     }
 
+    /// Adds a network namespace `<prefix>-<name>` with only its loopback, up: nothing in it
+    /// reaches anything outside (a browser under test, say); removed on drop. Returns its path.
+    pub fn add_isolated_netns(&mut self, name: &str) -> Result<PathBuf> {
+        let ns = format!("{}-{name}", self.prefix);
+        self.add_netns(&ns)?;
+        Ok(PathBuf::from("/run/netns").join(ns))
+    }
+
     /// Adds a cgroup below `parent` (for processes that share a pod's netns but not its cgroup,
     /// or for the daemon itself); removed on drop.
     pub fn add_cgroup_below(&mut self, parent: &Path, name: &str) -> Result<PathBuf> {

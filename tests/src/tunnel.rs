@@ -291,7 +291,10 @@ pub fn dial_quic(
 }
 
 /// Runs `f` on a short-lived thread inside `netns`; sockets it makes stay in that netns.
-fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+pub(crate) fn in_netns<T: Send>(
+    netns: &Path,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
     let file = fs::File::open(netns)?;
     std::thread::scope(|s| {
         s.spawn(|| {

@@ -141,7 +141,10 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
     );
     let status = json(&cp, &["status"]);
     assert_eq!(status["nodes"]["n1"]["synced_version"], changed, "{status}");
-    println!("n1 after a version with nothing for it: {}", status["nodes"]["n1"]);
+    println!(
+        "n1 after a version with nothing for it: {}",
+        status["nodes"]["n1"]
+    );
 
     // policies: what each selects.
     let policies = json(&cp, &["policies"]);

@@ -3,7 +3,8 @@
 //! denied payment by an AccessPolicy, in its own node's kernel; a canary, payment-v2, takes
 //! 10 % of the new connections to payment's VIP by a ServiceRoute, and each round prints the
 //! split it saw. With Prometheus installed, a server on loopback scrapes both nodes and the
-//! control plane. It shows `mycel status`, `mycel check` and `mycel explain` on the sandbox.
+//! control plane. It prints the dashboard's URL, and `mycel status`, `mycel check` and
+//! `mycel explain` on the sandbox.
 
 use std::time::{Duration, Instant};
 
@@ -130,6 +131,11 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
             .map(|a| a.to_string())
             .collect()
     };
+    println!(
+        "Dashboard (nodes, the service graph, policies, explain): http://{}/ui",
+        cp.http
+    );
+    println!();
     println!(
         "Is the mesh healthy? `mycel` asks mesh-cp (MYCEL_CP, or --cp, is its --http-listen):"
     );

@@ -4,15 +4,9 @@
 use super::directory::Peer;
 use crate::metrics::Pair;
 
-/// Labels that name an application, most specific first.
-const APP_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app"];
-
 /// The application `peer` is a replica of, for the labels.
 pub fn workload_of(peer: &Peer) -> &str {
-    APP_LABELS
-        .iter()
-        .find_map(|l| peer.labels.get(*l).filter(|v| !v.is_empty()))
-        .unwrap_or(&peer.key.name)
+    mesh_model::application(&peer.labels, &peer.key.name)
 }
 
 /// Fills a [`Pair`]'s source or destination from a peer.
