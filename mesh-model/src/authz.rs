@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::{
     policy::{AccessPolicy, Matcher, PortRange, Rule},
-    Action, Config, Mode, ObjectKey, Service, Workload,
+    Action, Config, Mode, ObjectKey, Service, SpiffeId, Workload,
 };
 
 /// The client of a connection, as the destination knows it.
@@ -40,6 +40,17 @@ pub struct SourceWorkload<'a> {
     pub identity: &'a str,
     pub namespace: &'a str,
     pub labels: &'a BTreeMap<String, String>,
+}
+
+impl<'a> SourceWorkload<'a> {
+    /// `w` as a client whose identity (`identity`, `uri` its text) its node verified.
+    pub fn of(w: &'a Workload, identity: &'a SpiffeId, uri: &'a str) -> Self {
+        Self {
+            identity: uri,
+            namespace: &identity.namespace,
+            labels: &w.labels,
+        }
+    }
 }
 
 /// A rule that matched.
@@ -472,11 +483,7 @@ impl<'a> DenyTargets<'a> {
             };
             let src = Source {
                 address,
-                workload: Some(SourceWorkload {
-                    identity: &uri,
-                    namespace: &identity.namespace,
-                    labels: &source.labels,
-                }),
+                workload: Some(SourceWorkload::of(source, &identity, &uri)),
             };
             // Destinations left out allow everyone (see the type's comment), so a service
             // with such an endpoint is never denied whole: absent here means allowed.

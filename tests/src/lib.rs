@@ -7,6 +7,7 @@ pub mod bench;
 pub mod browser;
 pub mod cp;
 pub mod daemon;
+pub mod demo;
 pub mod kube;
 pub mod mesh;
 pub mod procfs;

@@ -10,14 +10,13 @@ use std::{
 };
 
 use mesh_tests::{
-    app::{self, Server},
+    app,
+    demo::{block_analytics, Demo, PORT},
     mesh::{http_get, mesh_config_yaml, sibling_bin, workloads_yaml},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
-const PORT: u16 = 8080;
 const T: Duration = Duration::from_secs(30);
-const TD: &str = "spiffe://cluster.local/ns/default/sa";
 
 fn mycel(cp: &ControlPlane, args: &[&str]) -> Output {
     Command::new(sibling_bin("mycel", "MYCEL_BIN"))
@@ -59,30 +58,14 @@ fn check_until(cp: &ControlPlane, done: impl Fn(&Output, &str) -> bool) -> Strin
 
 #[test]
 fn check_status_policies_explain_and_stat_on_a_running_mesh() {
-    let mut topo = Topology::new(&[
-        NodeSpec::new("n1", &["order", "analytics"]),
-        NodeSpec::new("n2", &["payment"]),
-    ])
-    .expect("topology");
-    let _server = Server::start(topo.pod("payment"), PORT).expect("server");
-    let pods = ["order", "analytics", "payment"].map(|p| topo.pod(p));
-    let mut cp = ControlPlane::start(
-        &format!("{}-cli", topo.prefix),
-        &[
-            ("workloads.yaml", &workloads_yaml(&pods)),
-            ("mesh.yaml", &mesh_config_yaml("tls", "")),
-            (
-                "block-analytics.yaml",
-                &format!("apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{ name: block-analytics, namespace: default }}\nspec:\n  selector: {{ matchLabels: {{ app: payment }} }}\n  action: Deny\n  rules: [{{ sourceIdentities: ['{TD}/analytics'] }}]\n"),
-            ),
-        ],
-    )
-    .expect("mesh-cp");
-    let n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
-    let mut n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+    // Borrowed, not moved out: the mesh is dropped in its fields' order (daemons first).
+    let mut demo = Demo::start("cli");
+    let Demo {
+        n1, n2, cp, topo, ..
+    } = &mut demo;
 
     // Healthy: every check passes, and says so per node.
-    let healthy = check_until(&cp, |out, _| out.status.success());
+    let healthy = check_until(cp, |out, _| out.status.success());
     for line in [
         "ok    mesh-cp: ready at",
         "ok    config: version",
@@ -97,7 +80,7 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
     println!("mycel check, healthy:\n{healthy}");
 
     // status -o json: the nodes as /debug/nodes has them.
-    let status = json(&cp, &["status"]);
+    let status = json(cp, &["status"]);
     let debug: serde_json::Value =
         serde_json::from_str(&http_get(cp.http, "/debug/nodes").expect("/debug/nodes"))
             .expect("JSON");
@@ -116,7 +99,7 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
             "{n}"
         );
     }
-    let table = text(&mycel(&cp, &["status"]));
+    let table = text(&mycel(cp, &["status"]));
     println!("mycel status:\n{table}");
     assert!(
         table.contains("NODE") && table.contains("current, acked"),
@@ -128,18 +111,18 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
     let changed = cp
         .apply(
             "block-analytics.yaml",
-            &format!("apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{ name: block-analytics, namespace: default }}\nspec:\n  selector: {{ matchLabels: {{ app: payment }} }}\n  action: Deny\n  rules: [{{ sourceIdentities: ['{TD}/analytics'] }}, {{ sourceIdentities: ['{TD}/nobody'] }}]\n"),
+            &block_analytics(&["nobody"]),
             &["n2"],
         )
         .expect("a policy change");
-    let current = check_until(&cp, |out, t| {
+    let current = check_until(cp, |out, t| {
         out.status.success() && t.contains("ok    node n2: connected, holds the version in force")
     });
     assert!(
         current.contains("ok    node n1: connected, holds the version in force"),
         "version {changed}:\n{current}"
     );
-    let status = json(&cp, &["status"]);
+    let status = json(cp, &["status"]);
     assert_eq!(status["nodes"]["n1"]["synced_version"], changed, "{status}");
     println!(
         "n1 after a version with nothing for it: {}",
@@ -147,7 +130,7 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
     );
 
     // policies: what each selects.
-    let policies = json(&cp, &["policies"]);
+    let policies = json(cp, &["policies"]);
     assert_eq!(
         policies["policies"],
         serde_json::json!([{
@@ -159,7 +142,7 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
 
     // explain, as mesh-cp explain --cp answers it.
     let e = json(
-        &cp,
+        cp,
         &[
             "explain",
             "--from",
@@ -181,7 +164,7 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
     let stat_args = ["stat", "--node", &m1, "--node", &m2, "--interval", "0.5"];
     let deadline = Instant::now() + T;
     let pair = loop {
-        let pairs = json(&cp, &stat_args);
+        let pairs = json(cp, &stat_args);
         let found = pairs
             .as_array()
             .into_iter()
@@ -194,7 +177,7 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
     };
     assert_eq!(pair["failures_total"], 0.0, "{pair}");
     // Without --node: the nodes at the metrics port each told mesh-cp.
-    let known = json(&cp, &["stat", "--interval", "0.2"]);
+    let known = json(cp, &["stat", "--interval", "0.2"]);
     assert!(
         known.as_array().into_iter().flatten().any(|p| {
             p["source"] == "default/order"
@@ -203,7 +186,7 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
         }),
         "{known}"
     );
-    let stat = text(&mycel(&cp, &stat_args));
+    let stat = text(&mycel(cp, &stat_args));
     println!("mycel stat:\n{stat}");
     assert!(
         stat.contains("default/order") && stat.contains("default/payment"),
@@ -217,7 +200,7 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
             "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: { name: bad, namespace: default }\nspec: { action: Maybe }\n",
         )
         .expect("the config error");
-    let rejected = check_until(&cp, |out, t| {
+    let rejected = check_until(cp, |out, t| {
         !out.status.success() && t.contains("FAIL  config: the files are rejected")
     });
     assert_eq!(rejected.matches("bad-policy.yaml").count(), 1, "{rejected}");
@@ -226,16 +209,16 @@ fn check_status_policies_explain_and_stat_on_a_running_mesh() {
     println!("mycel check, a policy rejected:\n{rejected}");
     cp.remove_config("bad-policy.yaml")
         .expect("remove the bad file");
-    check_until(&cp, |out, _| out.status.success());
+    check_until(cp, |out, _| out.status.success());
 
     // A stopped node: the check fails and names it.
     n2.stop_with(libc::SIGTERM).expect("stop n2");
-    let stopped = check_until(&cp, |out, t| {
+    let stopped = check_until(cp, |out, t| {
         !out.status.success() && t.contains("FAIL  node n2: is not connected since")
     });
     assert!(stopped.contains("ok    node n1:"), "{stopped}");
     println!("mycel check, n2 stopped:\n{stopped}");
-    let status = json(&cp, &["status"]);
+    let status = json(cp, &["status"]);
     assert_eq!(status["nodes"]["n2"]["streams"], 0, "{status}");
     assert!(
         status["nodes"]["n2"]["disconnected_at"].is_string(),

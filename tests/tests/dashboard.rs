@@ -8,43 +8,23 @@
 use std::time::{Duration, Instant};
 
 use mesh_tests::{
-    app::{self, Server},
+    app,
     browser::{tags, Browser},
-    mesh::{http_get, mesh_config_yaml, workloads_yaml},
+    demo::{Demo, PORT},
+    mesh::http_get,
     relay::Relay,
-    ControlPlane, MeshNode, NodeSpec, Topology,
 };
 
-const PORT: u16 = 8080;
 const T: Duration = Duration::from_secs(30);
-const TD: &str = "spiffe://cluster.local/ns/default/sa";
 /// The colours the page draws traffic (under 1 % failing) and denied pairs in.
 const OK_RGB: [u8; 3] = [0x2e, 0x7d, 0x32];
 const DENIED_RGB: [u8; 3] = [0xd8, 0x1b, 0x60];
 
 #[test]
 fn the_dashboard_draws_traffic_and_denies_and_explains_in_a_real_browser() {
-    let mut topo = Topology::new(&[
-        NodeSpec::new("n1", &["order", "analytics"]),
-        NodeSpec::new("n2", &["payment"]),
-    ])
-    .expect("topology");
-    let _server = Server::start(topo.pod("payment"), PORT).expect("server");
-    let pods = ["order", "analytics", "payment"].map(|p| topo.pod(p));
-    let cp = ControlPlane::start(
-        &format!("{}-ui", topo.prefix),
-        &[
-            ("workloads.yaml", &workloads_yaml(&pods)),
-            ("mesh.yaml", &mesh_config_yaml("tls", "")),
-            (
-                "block-analytics.yaml",
-                &format!("apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{ name: block-analytics, namespace: default }}\nspec:\n  selector: {{ matchLabels: {{ app: payment }} }}\n  action: Deny\n  rules: [{{ sourceIdentities: ['{TD}/analytics'] }}]\n"),
-            ),
-        ],
-    )
-    .expect("mesh-cp");
-    let _n1 = MeshNode::join(&mut topo, "n1", &cp, 2).expect("mesh-node n1");
-    let _n2 = MeshNode::join(&mut topo, "n2", &cp, 1).expect("mesh-node n2");
+    // Borrowed, not moved out: the mesh is dropped in its fields' order (daemons first).
+    let mut demo = Demo::start("ui");
+    let Demo { cp, topo, .. } = &mut demo;
 
     let ip = topo.pod("payment").ipv4.to_string();
     let out = app::run(topo.pod("order"), &["loop", &ip, &PORT.to_string(), "5"], T);
@@ -92,7 +72,7 @@ fn the_dashboard_draws_traffic_and_denies_and_explains_in_a_real_browser() {
     assert!(rebound.starts_with("HTTP/1.1 421"), "{rebound}");
     assert!(!rebound.contains("trust_domain"), "{rebound}");
 
-    let browser = Browser::new(&mut topo).expect("browser");
+    let browser = Browser::new(topo).expect("browser");
     let relay = Relay::start_in(&browser.netns, cp.http).expect("relay into the browser's netns");
     let url = format!(
         "http://{}/ui#workload=default/payment&explain=default/analytics|default/payment|{PORT}",

@@ -154,11 +154,7 @@ fn denied_pairs(config: &Config) -> (Vec<Denied>, bool) {
         };
         let src = Source {
             address,
-            workload: Some(SourceWorkload {
-                identity: &uri,
-                namespace: &identity.namespace,
-                labels: &source.labels,
-            }),
+            workload: Some(SourceWorkload::of(source, &identity, &uri)),
         };
         for d in &destinations {
             let ranges = index.denied_ports(&d.key, &src);
