@@ -113,10 +113,10 @@ impl NodeService for NodeApi {
         let on_demand = metadata::on_demand(&req).map_err(Status::invalid_argument)?;
         // Scraped by the dashboard at the stream's own address: a node names a port, never
         // where mesh-cp connects.
-        if let (Some(port), Some(p)) = (metadata::metrics_port(&req), peer) {
-            let at = std::net::SocketAddr::new(p.ip().to_canonical(), port);
-            self.shared.update_node(&node, |n| n.metrics = Some(at));
-        }
+        let metrics = metadata::metrics_port(&req)
+            .zip(peer)
+            .map(|(port, p)| std::net::SocketAddr::new(p.ip().to_canonical(), port));
+        self.shared.update_node(&node, |n| n.metrics = metrics);
         // Only a version of this run can be resumed from; anything else takes a snapshot.
         let resume = metadata::resume(&req)
             .filter(|(epoch, _)| *epoch == self.shared.epoch)
@@ -406,7 +406,14 @@ async fn serve_stream(
     // Held for the stream's life: the peer's place among its streams.
     _slot: Option<crate::peer_limits::StreamSlot>,
 ) {
-    shared.update_node(&node, NodeStatus::opened);
+    shared.update_node(&node, |n| {
+        n.opened();
+        // A stream that starts afresh is sent a snapshot: until the node answers it, it holds
+        // nothing this stream knows of.
+        if resume.is_none() {
+            n.synced_version = None;
+        }
+    });
     tracing::info!(node, peer = ?peer, resume, on_demand, "node connected");
     let caller = Caller {
         node: &node,
@@ -454,8 +461,12 @@ async fn serve_stream(
     let mut recheck = tokio::time::interval(TOKEN_RECHECK);
     // Versions sent and not yet answered, oldest first, with when they were sent.
     let mut in_flight: Vec<(u64, Instant)> = Vec::new();
+    // Whether the node rejected a version on this stream: what follows is computed against a
+    // view it does not hold, so it holds no later version all of (it starts again with a
+    // snapshot on its next stream).
+    let mut rejected = false;
     if let Some(ack) = first_ack {
-        answer(&shared, &node, &mut in_flight, cursor, ack);
+        answer(&shared, &node, &mut in_flight, &mut rejected, cursor, ack);
     }
     // The snapshot in progress: its version, and its place until the node answers or
     // SNAPSHOT_ACK_WAIT passes.
@@ -532,7 +543,7 @@ async fn serve_stream(
                 }
                 Ok(None) => {
                     cursor = Some(published.version);
-                    if in_flight.is_empty() {
+                    if in_flight.is_empty() && !rejected {
                         // Nothing of this version is the node's: it holds all of it already.
                         shared.update_node(&node, |n| {
                             n.synced_version = n.synced_version.max(cursor)
@@ -602,7 +613,7 @@ async fn serve_stream(
                         // Answered (applied or not): the place goes to another node.
                         syncing = None;
                     }
-                    answer(&shared, &node, &mut in_flight, cursor, ack);
+                    answer(&shared, &node, &mut in_flight, &mut rejected, cursor, ack);
                 }
                 Ok(None) => break "node closed the stream",
                 Err(_) => break "stream broken",
@@ -661,6 +672,7 @@ fn answer(
     shared: &Shared,
     node: &str,
     in_flight: &mut Vec<(u64, Instant)>,
+    rejected: &mut bool,
     cursor: Option<u64>,
     ack: ConfigAck,
 ) {
@@ -668,13 +680,15 @@ fn answer(
         tracing::debug!(node, version = ack.version, "config acknowledged");
         let took = answered(in_flight, ack.version);
         shared.metrics.acked(true, took);
-        let synced = in_flight
-            .is_empty()
-            .then(|| cursor.unwrap_or(ack.version).max(ack.version));
+        // The stream's own cursor, never the version the node names: a node cannot claim
+        // more than it was sent.
+        let synced = cursor.filter(|_| in_flight.is_empty() && !*rejected);
         shared.update_node(node, |n| {
             n.acked_version = Some(ack.version);
             n.acked_at = Some(std::time::SystemTime::now());
-            n.synced_version = n.synced_version.max(synced);
+            if synced.is_some() {
+                n.synced_version = synced;
+            }
         });
         waiting(shared, node, in_flight);
     } else {
@@ -685,6 +699,7 @@ fn answer(
             "node rejected config"
         );
         answered(in_flight, ack.version);
+        *rejected = true;
         shared.metrics.acked(false, None);
         shared.update_node(node, |n| n.last_nack = Some((ack.version, ack.error)));
         waiting(shared, node, in_flight);

@@ -182,6 +182,8 @@ impl NodeStatus {
         self.streams = self.streams.saturating_sub(1);
         if self.streams == 0 {
             self.disconnected_at = Some(SystemTime::now());
+            // Nothing waits for an answer on a stream that is gone.
+            self.unanswered_since = None;
         }
     }
 }

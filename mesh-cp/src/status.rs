@@ -53,7 +53,8 @@ pub async fn serve(
 /// Refuses a request whose `Host` is a name this control plane does not have: a web page
 /// elsewhere that rebinds its own name to this loopback address must not read the mesh
 /// through a browser on this host. An address, `localhost` and the serving certificate's names
-/// are taken; a request without `Host` (not a browser's) is too.
+/// are taken; a request without `Host` (not a browser's) is too. Refuses, as well, what a
+/// browser marks as coming from another site's page.
 async fn known_host(
     names: Arc<[String]>,
     req: axum::extract::Request,
@@ -64,10 +65,21 @@ async fn known_host(
         .headers()
         .get(axum::http::header::HOST)
         .map(|h| h.to_str().unwrap_or("\u{0}"));
+    // A browser says where a request comes from: a page of another site (which may still
+    // name this host by its address) reads nothing, and makes mesh-cp do no work.
+    let cross_site = req
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site" || v.as_bytes() == b"same-site");
     match host {
         Some(h) if !host_is_ours(h, &names) => (
             StatusCode::MISDIRECTED_REQUEST,
             "this host name is not one of mesh-cp's: use its address, localhost, or a --server-name\n",
+        )
+            .into_response(),
+        _ if cross_site => (
+            StatusCode::FORBIDDEN,
+            "requests from another site's page are refused\n",
         )
             .into_response(),
         _ => next.run(req).await,

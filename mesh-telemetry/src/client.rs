@@ -19,6 +19,22 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest answer read: a node's `/metrics` with many workload pairs stays far below.
 pub const MAX_ANSWER: usize = 64 << 20;
 
+/// What one request may take: time from connecting to the last byte, and bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub time: Duration,
+    pub size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            time: TIMEOUT,
+            size: MAX_ANSWER,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{addr} is not a host:port I can resolve: {source}")]
@@ -27,12 +43,14 @@ pub enum ClientError {
     Connect { addr: String, source: io::Error },
     #[error("no answer from {addr}: {source}")]
     Read { addr: String, source: io::Error },
-    #[error("{addr} took more than {}s to answer", TIMEOUT.as_secs())]
-    Timeout { addr: String },
-    #[error("{addr} sent more than {} MiB", MAX_ANSWER >> 20)]
-    TooLarge { addr: String },
+    #[error("{addr} took more than {seconds}s to answer")]
+    Timeout { addr: String, seconds: u64 },
+    #[error("{addr} sent more than {bytes} bytes")]
+    TooLarge { addr: String, bytes: usize },
     #[error("{addr} did not answer HTTP")]
     NotHttp { addr: String },
+    #[error("{addr} closed before the end of its answer's body")]
+    Truncated { addr: String },
     #[error("{addr} answered {path} with {status}: {body}")]
     Status {
         addr: String,
@@ -50,8 +68,17 @@ pub enum ClientError {
 
 /// `GET path` from `addr` (`host:port`): the status code and the body.
 pub fn get(addr: &str, path: &str) -> Result<(u16, String), ClientError> {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut stream = connect(addr, deadline)?;
+    get_within(addr, path, Limits::default())
+}
+
+/// [`get`] within `limits`.
+pub fn get_within(addr: &str, path: &str, limits: Limits) -> Result<(u16, String), ClientError> {
+    let deadline = Instant::now() + limits.time;
+    let timeout = || ClientError::Timeout {
+        addr: addr.to_owned(),
+        seconds: limits.time.as_secs(),
+    };
+    let mut stream = connect(addr, deadline, limits)?;
     let read_err = |source| ClientError::Read {
         addr: addr.to_owned(),
         source,
@@ -60,27 +87,38 @@ pub fn get(addr: &str, path: &str) -> Result<(u16, String), ClientError> {
     let request = format!("GET {path} HTTP/1.0\r\nhost: {addr}\r\nuser-agent: mycel\r\n\r\n");
     stream.write_all(request.as_bytes()).map_err(read_err)?;
     let mut answer = Vec::new();
+    // Where the head ends and how long the body is, once the head is in.
+    let mut head: Option<(usize, Option<usize>)> = None;
     let mut buf = [0u8; 16 << 10];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(ClientError::Timeout {
-                addr: addr.to_owned(),
-            });
+            return Err(timeout());
         }
         stream.set_read_timeout(Some(left)).map_err(read_err)?;
         match stream.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) if answer.len() + n > MAX_ANSWER => {
+            Ok(n) if answer.len() + n > limits.size => {
                 return Err(ClientError::TooLarge {
                     addr: addr.to_owned(),
+                    bytes: limits.size,
                 })
             }
             Ok(n) => {
+                // Only the new bytes (and the three before) can complete the head.
+                let from = answer.len().saturating_sub(3);
                 answer.extend_from_slice(&buf[..n]);
+                if head.is_none() {
+                    head = find_head(&answer[from..]).map(|end| {
+                        let end = from + end;
+                        (end, content_length(&answer[..end]))
+                    });
+                }
                 // A server that keeps the connection open after its body has answered.
-                if complete(&answer) {
-                    break;
+                if let Some((end, Some(length))) = head {
+                    if answer.len() - end >= length {
+                        break;
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -90,11 +128,16 @@ pub fn get(addr: &str, path: &str) -> Result<(u16, String), ClientError> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(ClientError::Timeout {
-                    addr: addr.to_owned(),
-                })
+                return Err(timeout())
             }
             Err(e) => return Err(read_err(e)),
+        }
+    }
+    if let Some((end, Some(length))) = head {
+        if answer.len() - end < length {
+            return Err(ClientError::Truncated {
+                addr: addr.to_owned(),
+            });
         }
     }
     parse_answer(&answer).ok_or_else(|| ClientError::NotHttp {
@@ -104,7 +147,12 @@ pub fn get(addr: &str, path: &str) -> Result<(u16, String), ClientError> {
 
 /// `GET path`, which must answer 200: the body.
 pub fn get_ok(addr: &str, path: &str) -> Result<String, ClientError> {
-    match get(addr, path)? {
+    get_ok_within(addr, path, Limits::default())
+}
+
+/// [`get_ok`] within `limits`.
+pub fn get_ok_within(addr: &str, path: &str, limits: Limits) -> Result<String, ClientError> {
+    match get_within(addr, path, limits)? {
         (200, body) => Ok(body),
         (status, body) => Err(ClientError::Status {
             addr: addr.to_owned(),
@@ -126,24 +174,30 @@ pub fn get_json<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, Client
     })
 }
 
-/// Whether `answer` holds a head with a `content-length` and that many bytes of body.
-fn complete(answer: &[u8]) -> bool {
-    let Some(split) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&answer[..split]);
-    let length = head.lines().skip(1).find_map(|l| {
+/// Where the head in `bytes` ends (the index after its blank line).
+fn find_head(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
+}
+
+/// The `content-length` of a head, if it has one well-formed; the first of several.
+fn content_length(head: &[u8]) -> Option<usize> {
+    let head = String::from_utf8_lossy(head);
+    head.lines().skip(1).find_map(|l| {
         let (name, value) = l.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
-    length.is_some_and(|n| answer.len() - (split + 4) >= n)
+        let value = value.trim();
+        (name.trim().eq_ignore_ascii_case("content-length")
+            && !value.is_empty()
+            && value.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| value.parse().ok())?
+    })
 }
 
 /// Connects to the first address of `addr` that answers, all before `deadline` (resolving a
 /// name takes what the system's resolver takes).
-fn connect(addr: &str, deadline: Instant) -> Result<TcpStream, ClientError> {
+fn connect(addr: &str, deadline: Instant, limits: Limits) -> Result<TcpStream, ClientError> {
     let resolved: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|source| ClientError::Resolve {
@@ -157,6 +211,7 @@ fn connect(addr: &str, deadline: Instant) -> Result<TcpStream, ClientError> {
         if left.is_zero() {
             return Err(ClientError::Timeout {
                 addr: addr.to_owned(),
+                seconds: limits.time.as_secs(),
             });
         }
         match TcpStream::connect_timeout(&a, left) {
@@ -170,18 +225,23 @@ fn connect(addr: &str, deadline: Instant) -> Result<TcpStream, ClientError> {
     })
 }
 
-/// The status code and body of an HTTP/1 answer read to its end.
+/// The status code and body of an HTTP/1 answer read to its end; the body ends at the head's
+/// `content-length`, when it has one.
 pub fn parse_answer(answer: &[u8]) -> Option<(u16, String)> {
-    let split = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&answer[..split]).ok()?;
+    let end = find_head(answer)?;
+    let head = std::str::from_utf8(&answer[..end]).ok()?;
     let status_line = head.lines().next()?;
     let mut parts = status_line.split(' ');
     if !parts.next()?.starts_with("HTTP/1.") {
         return None;
     }
     let code = parts.next()?.parse().ok()?;
-    let body = String::from_utf8_lossy(&answer[split + 4..]).into_owned();
-    Some((code, body))
+    let body = &answer[end..];
+    let body = match content_length(&answer[..end]) {
+        Some(length) => &body[..length.min(body.len())],
+        None => body,
+    };
+    Some((code, String::from_utf8_lossy(body).into_owned()))
 }
 
 #[cfg(test)]
@@ -243,6 +303,23 @@ mod tests {
         assert_eq!(get_ok(&addr, "/").unwrap(), "ok");
         assert!(started.elapsed() < TIMEOUT, "waited for the close");
         let _ = done_tx.send(());
+    }
+
+    #[test]
+    fn a_body_ends_at_its_length_and_a_short_one_is_an_error() {
+        let addr = serve(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA");
+        assert_eq!(get_ok(&addr, "/").unwrap(), "ok");
+        let addr = serve(b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\nshort");
+        assert!(matches!(
+            get(&addr, "/"),
+            Err(ClientError::Truncated { .. })
+        ));
+        let addr = serve(b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nabc");
+        assert_eq!(
+            get_ok(&addr, "/").unwrap(),
+            "abc",
+            "a length that is not digits is no length"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::{
     fs, io,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -18,7 +18,9 @@ pub struct Browser {
     /// Its netns: relay a server into it (`Relay::start_in`).
     pub netns: PathBuf,
     cgroup: PathBuf,
-    profile: PathBuf,
+    /// Scratch: a profile per run, what each run printed, screenshots; removed on drop.
+    dir: PathBuf,
+    runs: std::cell::Cell<u32>,
 }
 
 impl Browser {
@@ -30,12 +32,13 @@ impl Browser {
         let cgroup = topo
             .add_cgroup_below(&root, "browser")
             .map_err(|e| io::Error::other(e.0))?;
-        let profile = std::env::temp_dir().join(format!("{}-chromium", topo.prefix));
-        fs::create_dir_all(&profile)?;
+        let dir = std::env::temp_dir().join(format!("{}-chromium", topo.prefix));
+        fs::create_dir_all(&dir)?;
         Ok(Self {
             netns,
             cgroup,
-            profile,
+            dir,
+            runs: std::cell::Cell::new(0),
         })
     }
 
@@ -45,14 +48,15 @@ impl Browser {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
-    /// A PNG of the page at `url`, `width` × `height`, written to `path`.
+    /// A PNG of the page at `url`, `width` × `height`: its path, in the browser's scratch
+    /// directory (gone with the browser).
     pub fn screenshot(
         &self,
         url: &str,
         budget: Duration,
         (width, height): (u32, u32),
-        path: &Path,
-    ) -> io::Result<()> {
+    ) -> io::Result<PathBuf> {
+        let path = self.dir.join(format!("screenshot-{}.png", self.runs.get()));
         self.run(
             &[
                 format!("--screenshot={}", path.display()),
@@ -68,10 +72,19 @@ impl Browser {
                 path.display()
             )));
         }
-        Ok(())
+        Ok(path)
     }
 
+    /// Runs Chromium once, with a profile of its own (two runs never share one), its output
+    /// to files (a page larger than a pipe's buffer must not stall it): what it printed.
     fn run(&self, extra: &[String], url: &str, budget: Duration) -> io::Result<Vec<u8>> {
+        let n = self.runs.get() + 1;
+        self.runs.set(n);
+        let profile = self.dir.join(format!("profile-{n}"));
+        let (stdout, stderr) = (
+            self.dir.join(format!("stdout-{n}")),
+            self.dir.join(format!("stderr-{n}")),
+        );
         let mut cmd = Command::new("chromium");
         cmd.args([
             "--headless",
@@ -85,14 +98,16 @@ impl Browser {
             "--disable-default-apps",
             "--disable-extensions",
             "--run-all-compositor-stages-before-draw",
+            // No name is looked up: nothing can be, in its netns, and nothing is tried.
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         ])
-        .arg(format!("--user-data-dir={}", self.profile.display()))
+        .arg(format!("--user-data-dir={}", profile.display()))
         .arg(format!("--virtual-time-budget={}", budget.as_millis()))
         .args(extra)
         .arg(url)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(fs::File::create(&stdout)?)
+        .stderr(fs::File::create(&stderr)?);
         let child = spawn_in(Some(&self.netns), Some(&self.cgroup), &mut cmd).map_err(|e| {
             io::Error::other(format!(
                 "cannot run chromium (apt-get install chromium): {e}"
@@ -103,16 +118,16 @@ impl Browser {
             return Err(io::Error::other(format!(
                 "chromium {}: {}",
                 out.status,
-                String::from_utf8_lossy(&out.stderr)
+                fs::read_to_string(&stderr).unwrap_or_default()
             )));
         }
-        Ok(out.stdout)
+        fs::read(&stdout)
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.profile);
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -58,19 +58,18 @@ fn the_dashboard_draws_traffic_and_denies_and_explains_in_a_real_browser() {
     );
 
     // A page elsewhere that rebinds its name to mesh-cp's address gets nothing.
-    let rebound = {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(cp.http).expect("connect");
-        s.write_all(
-            b"GET /status HTTP/1.1\r\nhost: attacker.example:15014\r\nconnection: close\r\n\r\n",
-        )
-        .expect("send");
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).expect("answer");
-        answer
-    };
+    let rebound = raw(
+        cp.http,
+        "GET /status HTTP/1.1\r\nhost: attacker.example:15014\r\nconnection: close\r\n\r\n",
+    );
     assert!(rebound.starts_with("HTTP/1.1 421"), "{rebound}");
     assert!(!rebound.contains("trust_domain"), "{rebound}");
+    // Nor does another site's page that names it by its address.
+    let cross = raw(
+        cp.http,
+        &format!("GET /ui/graph HTTP/1.1\r\nhost: {}\r\nsec-fetch-site: cross-site\r\nconnection: close\r\n\r\n", cp.http),
+    );
+    assert!(cross.starts_with("HTTP/1.1 403"), "{cross}");
 
     let browser = Browser::new(topo).expect("browser");
     let relay = Relay::start_in(&browser.netns, cp.http).expect("relay into the browser's netns");
@@ -117,7 +116,11 @@ fn the_dashboard_draws_traffic_and_denies_and_explains_in_a_real_browser() {
             "{node} in\n{dom}"
         );
     }
-    assert!(dom.contains("current, acked"), "{dom}");
+    assert_eq!(
+        dom.matches("current, acked").count(),
+        2,
+        "both nodes current:\n{dom}"
+    );
     // The application page of payment: order's traffic to it, and analytics' deny.
     let app_rows = dom
         .split("id=\"workload-pairs\"")
@@ -139,9 +142,8 @@ fn the_dashboard_draws_traffic_and_denies_and_explains_in_a_real_browser() {
     );
 
     // The picture: both edges in their colours.
-    let shot = std::env::temp_dir().join(format!("{}-dashboard.png", topo.prefix));
-    browser
-        .screenshot(&url, Duration::from_secs(8), (1400, 1000), &shot)
+    let shot = browser
+        .screenshot(&url, Duration::from_secs(8), (1400, 1000))
         .expect("a screenshot");
     let (ok, denied) = count_colours(&shot);
     println!(
@@ -151,7 +153,6 @@ fn the_dashboard_draws_traffic_and_denies_and_explains_in_a_real_browser() {
     if let Some(keep) = std::env::var_os("MYCEL_DASHBOARD_PNG") {
         std::fs::copy(&shot, keep).expect("keep the screenshot");
     }
-    std::fs::remove_file(&shot).expect("remove the screenshot");
     // Only the edges, their arrowheads and the legend's swatches (54 pixels each at most)
     // are drawn in these colours.
     assert!(
@@ -163,6 +164,16 @@ fn the_dashboard_draws_traffic_and_denies_and_explains_in_a_real_browser() {
         "the denied edge is not in the picture ({denied} pixels)"
     );
     drop(relay);
+}
+
+/// What `addr` answers `request`, sent as written.
+fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    answer
 }
 
 /// Pixels within a small distance of each edge colour in the PNG at `path`.

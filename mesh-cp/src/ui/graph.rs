@@ -15,8 +15,9 @@ use serde::Serialize;
 /// first, and says it left some out.
 pub const MAX_APPLICATIONS: usize = 300;
 
-/// Source × destination evaluations spent on the denied pairs at most (one policy check
-/// each); past that they are left out, and the graph says so.
+/// Source × destination pairs evaluated for the denied pairs at most (each costs a policy
+/// evaluation per port range its destination's policies name); past that they are left out,
+/// and the graph says so. They are evaluated once per config version.
 pub const DENY_BUDGET: usize = 250_000;
 
 #[derive(Debug, Serialize)]
@@ -29,8 +30,15 @@ pub struct Graph {
     pub traffic: TrafficSource,
     /// Applications left out past [`MAX_APPLICATIONS`].
     pub left_out: usize,
-    /// Whether the denied pairs were over [`DENY_BUDGET`] and are not shown.
-    pub denied_over_budget: bool,
+    /// Why no denied pair is drawn, when none is for a reason other than there being none.
+    pub denied_not_shown: Option<&'static str>,
+}
+
+/// The denied pairs of a config, or why they are not evaluated.
+#[derive(Debug, Default)]
+pub struct DeniedPairs {
+    pub pairs: Vec<Denied>,
+    pub not_shown: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -63,8 +71,14 @@ pub struct TrafficSource {
     pub errors: Vec<String>,
 }
 
-/// The graph of `config` with `edges` from the traffic.
-pub fn build(config: &Config, version: u64, edges: Vec<Pair>, traffic: TrafficSource) -> Graph {
+/// The graph of `config` with `edges` from the traffic and `denied` (from [`denied_pairs`]).
+pub fn build(
+    config: &Config,
+    version: u64,
+    edges: &[Pair],
+    denied: &DeniedPairs,
+    traffic: TrafficSource,
+) -> Graph {
     let mut apps: BTreeMap<String, Application> = BTreeMap::new();
     for w in config.workloads.values() {
         let id = app_id(w);
@@ -78,47 +92,52 @@ pub fn build(config: &Config, version: u64, edges: Vec<Pair>, traffic: TrafficSo
         app.workloads.push(w.key.to_string());
         app.nodes.insert(w.node.clone());
     }
-    let (denied, denied_over_budget) = denied_pairs(config);
-    // Past the cap, those that take part in an edge first, then by name.
+    // Past the cap: those with traffic first, then those with a deny, then by name.
     let left_out = apps.len().saturating_sub(MAX_APPLICATIONS);
     if left_out > 0 {
-        let busy: BTreeSet<&str> = edges
+        let with_traffic: BTreeSet<&str> = edges
             .iter()
             .flat_map(|e| [e.source.as_str(), e.destination.as_str()])
-            .chain(
-                denied
-                    .iter()
-                    .flat_map(|d| [d.source.as_str(), d.destination.as_str()]),
-            )
             .collect();
-        let mut keep: Vec<String> = apps
-            .keys()
-            .filter(|id| busy.contains(id.as_str()))
-            .chain(apps.keys().filter(|id| !busy.contains(id.as_str())))
-            .take(MAX_APPLICATIONS)
-            .cloned()
+        let with_deny: BTreeSet<&str> = denied
+            .pairs
+            .iter()
+            .flat_map(|d| [d.source.as_str(), d.destination.as_str()])
             .collect();
-        keep.sort();
-        let keep: BTreeSet<String> = keep.into_iter().collect();
+        let rank = |id: &str| match (with_traffic.contains(id), with_deny.contains(id)) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => 2,
+        };
+        let mut order: Vec<&String> = apps.keys().collect();
+        order.sort_by_key(|id| rank(id));
+        let keep: BTreeSet<String> = order.into_iter().take(MAX_APPLICATIONS).cloned().collect();
         apps.retain(|id, _| keep.contains(id));
     }
     let shown = |id: &str| apps.contains_key(id);
     let edges = edges
-        .into_iter()
+        .iter()
         .filter(|e| shown(&e.source) && shown(&e.destination))
+        .cloned()
         .collect();
-    let denied = denied
-        .into_iter()
+    let shown_denied = denied
+        .pairs
+        .iter()
         .filter(|d| shown(&d.source) && shown(&d.destination))
+        .map(|d| Denied {
+            source: d.source.clone(),
+            destination: d.destination.clone(),
+            ports: d.ports.clone(),
+        })
         .collect();
     Graph {
         config_version: version,
         applications: apps.into_values().collect(),
         edges,
-        denied,
+        denied: shown_denied,
         traffic,
         left_out,
-        denied_over_budget,
+        denied_not_shown: denied.not_shown,
     }
 }
 
@@ -128,7 +147,16 @@ fn app_id(w: &Workload) -> String {
 
 /// The pairs of applications some of whose replicas' connections are denied on some ports
 /// whatever happens, as the destination's node decides it (the fast-deny evaluation).
-fn denied_pairs(config: &Config) -> (Vec<Denied>, bool) {
+///
+/// A mesh that denies by default denies every pair no policy allows: drawing those says
+/// nothing a policy says, so then none is drawn.
+pub fn denied_pairs(config: &Config) -> DeniedPairs {
+    if config.mesh.default_action == Action::Deny {
+        return DeniedPairs {
+            pairs: Vec::new(),
+            not_shown: Some("the mesh denies by default (MeshConfig defaultAction: Deny): only traffic is drawn"),
+        };
+    }
     let selections = config.selections();
     // With a mesh that allows by default, only workloads a policy selects can deny.
     let selected: BTreeSet<mesh_model::ObjectKey> = selections
@@ -139,10 +167,13 @@ fn denied_pairs(config: &Config) -> (Vec<Denied>, bool) {
     let destinations: Vec<&Workload> = config
         .workloads
         .values()
-        .filter(|w| config.mesh.default_action == Action::Deny || selected.contains(&w.key))
+        .filter(|w| selected.contains(&w.key))
         .collect();
     if destinations.len().saturating_mul(config.workloads.len()) > DENY_BUDGET {
-        return (Vec::new(), true);
+        return DeniedPairs {
+            pairs: Vec::new(),
+            not_shown: Some("too many workloads selected by policies to evaluate every pair here"),
+        };
     }
     let trust_domain = &config.mesh.trust_domain;
     let mut pairs: BTreeMap<(String, String), BTreeSet<(u16, u16)>> = BTreeMap::new();
@@ -167,7 +198,7 @@ fn denied_pairs(config: &Config) -> (Vec<Denied>, bool) {
                 .extend(ranges.iter().map(|r| (r.first, r.last)));
         }
     }
-    let denied = pairs
+    let pairs = pairs
         .into_iter()
         .map(|((source, destination), ranges)| Denied {
             source,
@@ -182,7 +213,10 @@ fn denied_pairs(config: &Config) -> (Vec<Denied>, bool) {
                 .collect(),
         })
         .collect();
-    (denied, false)
+    DeniedPairs {
+        pairs,
+        not_shown: None,
+    }
 }
 
 #[cfg(test)]
@@ -216,7 +250,7 @@ mod tests {
     #[test]
     fn replicas_are_one_application_and_a_deny_is_an_edge() {
         let c = config("apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: block, namespace: shop}\nspec: {selector: {matchLabels: {app: payment}}, action: Deny, rules: [{sourceIdentities: ['spiffe://cluster.local/ns/shop/sa/analytics'], ports: [8080]}]}\n");
-        let g = build(&c, 7, Vec::new(), none());
+        let g = build(&c, 7, &[], &denied_pairs(&c), none());
         let ids: Vec<&str> = g.applications.iter().map(|a| a.id.as_str()).collect();
         assert_eq!(ids, ["shop/analytics", "shop/order", "shop/payment"]);
         assert_eq!(
@@ -235,7 +269,15 @@ mod tests {
 
     #[test]
     fn without_a_deny_nothing_is_denied() {
-        let g = build(&config(""), 1, Vec::new(), none());
-        assert!(g.denied.is_empty() && !g.denied_over_budget);
+        let c = config("");
+        let g = build(&c, 1, &[], &denied_pairs(&c), none());
+        assert!(g.denied.is_empty() && g.denied_not_shown.is_none());
+    }
+
+    #[test]
+    fn a_mesh_that_denies_by_default_draws_no_denied_pair() {
+        let c = config("apiVersion: mycel.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {defaultAction: Deny}\n");
+        let d = denied_pairs(&c);
+        assert!(d.pairs.is_empty() && d.not_shown.is_some(), "{d:?}");
     }
 }

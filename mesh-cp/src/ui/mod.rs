@@ -31,19 +31,20 @@ const READ_EVERY: Duration = Duration::from_secs(2);
 /// Nodes mesh-cp scrapes itself at most; a larger mesh has a Prometheus for that.
 const MAX_SCRAPED: usize = 256;
 
-/// What the dashboard reads traffic from, and the last reading.
+/// A reading of the traffic: when it was taken, the pairs, and where they came from.
+type Reading = (Instant, Arc<Vec<Pair>>, graph::TrafficSource);
+
+/// What the dashboard reads traffic from, and its last readings.
 pub struct Dashboard {
     shared: Arc<Shared>,
     /// A Prometheus server's host:port, or none: the nodes are scraped.
     prometheus: Option<String>,
-    last: Mutex<Last>,
-}
-
-#[derive(Default)]
-struct Last {
-    /// The nodes' last scrape: rates are taken against it.
-    scrape: Option<Scrape>,
-    reading: Option<(Instant, Vec<Pair>, graph::TrafficSource)>,
+    /// The nodes' last scrape, rates are taken against it; held by the one request that reads
+    /// (the others are answered from the last reading meanwhile).
+    reader: Mutex<Option<Scrape>>,
+    last: Mutex<Option<Reading>>,
+    /// The denied pairs of one config version: evaluated once per version, not per request.
+    denied: Mutex<Option<(u64, Arc<graph::DeniedPairs>)>>,
 }
 
 impl Dashboard {
@@ -51,45 +52,71 @@ impl Dashboard {
         Self {
             shared,
             prometheus,
-            last: Mutex::new(Last::default()),
+            reader: Mutex::new(None),
+            last: Mutex::new(None),
+            denied: Mutex::new(None),
         }
     }
 
-    /// The traffic between applications now, read again if the last reading is older than
-    /// [`READ_EVERY`]. Blocking: scrapes and queries wait on the network.
-    fn traffic(&self) -> (Vec<Pair>, graph::TrafficSource) {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, pairs, source)) = &last.reading {
-            if at.elapsed() < READ_EVERY {
-                return (pairs.clone(), source.clone());
-            }
+    /// The last reading, if it is younger than `age`.
+    fn last(&self, age: Duration) -> Option<(Arc<Vec<Pair>>, graph::TrafficSource)> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, pairs, source) = last.as_ref()?;
+        (at.elapsed() < age).then(|| (pairs.clone(), source.clone()))
+    }
+
+    /// The traffic between applications now: read again if the last reading is older than
+    /// [`READ_EVERY`] by whichever request comes first, while the others get the last one.
+    /// Blocking: scrapes and queries wait on the network.
+    fn traffic(&self) -> (Arc<Vec<Pair>>, graph::TrafficSource) {
+        if let Some(fresh) = self.last(READ_EVERY) {
+            return fresh;
         }
+        let mut reader = match self.reader.try_lock() {
+            Ok(r) => r,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if let Some(any) = self.last(Duration::MAX) {
+                    return any;
+                }
+                // The first reading: wait for it.
+                let r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(fresh) = self.last(READ_EVERY) {
+                    return fresh;
+                }
+                r
+            }
+        };
         let read_at = mesh_daemon::time::rfc3339(SystemTime::now());
-        let (pairs, source) = match &self.prometheus {
+        let (pairs, errors) = match &self.prometheus {
             Some(addr) => match traffic::prometheus::pairs(addr) {
                 Ok(pairs) => (pairs, Vec::new()),
                 Err(e) => (Vec::new(), vec![e.to_string()]),
             },
             None => {
-                let nodes: Vec<String> = self
-                    .shared
-                    .nodes()
-                    .values()
-                    .filter(|n| n.streams > 0)
-                    .filter_map(|n| n.metrics)
-                    .map(|a| a.to_string())
-                    .collect();
+                let nodes: Vec<String> = self.shared.with_nodes(|nodes| {
+                    nodes
+                        .values()
+                        .filter(|n| n.streams > 0)
+                        .filter_map(|n| n.metrics)
+                        .map(|a| a.to_string())
+                        .collect()
+                });
                 if nodes.len() > MAX_SCRAPED {
                     let why = format!(
                         "{} nodes are more than mesh-cp scrapes itself ({MAX_SCRAPED}): give mesh-cp serve --prometheus",
                         nodes.len()
                     );
+                    *reader = None;
                     (Vec::new(), vec![why])
                 } else {
                     let (now, failed) = Scrape::of_each(&nodes);
-                    let pairs = now.rates_since(last.scrape.as_ref());
-                    last.scrape = Some(now);
-                    let errors = failed.iter().map(|(_, e)| e.to_string()).collect();
+                    let pairs = now.rates_since(reader.as_ref());
+                    *reader = Some(now);
+                    let errors = failed
+                        .iter()
+                        .map(|(node, e)| format!("{node}: {e}"))
+                        .collect();
                     (pairs, errors)
                 }
             }
@@ -101,10 +128,25 @@ impl Dashboard {
                 "nodes"
             },
             read_at,
-            errors: source,
+            errors,
         };
-        last.reading = Some((Instant::now(), pairs.clone(), source.clone()));
+        let pairs = Arc::new(pairs);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), pairs.clone(), source.clone()));
         (pairs, source)
+    }
+
+    /// The denied pairs of `published`'s config, evaluated once per version.
+    fn denied(&self, published: &crate::state::Published) -> Arc<graph::DeniedPairs> {
+        let mut cached = self.denied.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((version, pairs)) if *version == published.version => pairs.clone(),
+            _ => {
+                let pairs = Arc::new(graph::denied_pairs(&published.config));
+                *cached = Some((published.version, pairs.clone()));
+                pairs
+            }
+        }
     }
 }
 
@@ -131,7 +173,7 @@ const STYLE: &str = include_str!("page/style.css");
 
 /// The page's own files only, no inline script, no other origin: what the status endpoint
 /// shows stays on it.
-const POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+const POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 async fn page(body: &'static str, content_type: &'static str) -> impl IntoResponse {
     (
@@ -151,7 +193,14 @@ async fn graph_json(
     let published = dashboard.shared.config.borrow().clone();
     tokio::task::spawn_blocking(move || {
         let (pairs, source) = dashboard.traffic();
-        graph::build(&published.config, published.version, pairs, source)
+        let denied = dashboard.denied(&published);
+        graph::build(
+            &published.config,
+            published.version,
+            &pairs,
+            &denied,
+            source,
+        )
     })
     .await
     .map(Json)

@@ -8,7 +8,7 @@ use std::{
 
 use super::{histogram, pair_of, Pair, PairKey};
 use crate::{
-    client::{self, ClientError},
+    client::{self, ClientError, Limits},
     exposition::Exposition,
 };
 
@@ -35,11 +35,20 @@ struct Counters {
     buckets: BTreeMap<String, f64>,
 }
 
+/// What one scrape of a node may take: a node's `/metrics` is far smaller, and the reader
+/// waits on every node it scrapes.
+pub const LIMITS: Limits = Limits {
+    time: Duration::from_secs(5),
+    size: 16 << 20,
+};
+
 /// One scrape of some nodes: each pair's counters by node, so that a node whose counters
 /// started again between two scrapes (a restart) counts from zero, not against the others.
 #[derive(Debug, Clone)]
 pub struct Scrape {
     pairs: BTreeMap<PairKey, BTreeMap<String, Counters>>,
+    /// The nodes that answered: rates are taken only for a node in both scrapes.
+    answered: std::collections::BTreeSet<String>,
     taken: Instant,
 }
 
@@ -47,6 +56,7 @@ impl Default for Scrape {
     fn default() -> Self {
         Self {
             pairs: BTreeMap::new(),
+            answered: Default::default(),
             taken: Instant::now(),
         }
     }
@@ -96,12 +106,14 @@ impl Scrape {
         (out, failed)
     }
 
-    /// Adds `node`'s source-side series.
+    /// Adds `node`'s source-side series (values that are not finite numbers are left out).
     pub fn add(&mut self, node: &str, e: &Exposition) {
+        self.answered.insert(node.to_owned());
         let source = [("reporter", "source")];
         let mut out: BTreeMap<PairKey, Counters> = BTreeMap::new();
         let each = |name: &str| {
             e.matching(name, &source)
+                .filter(|(_, v)| v.is_finite())
                 .filter_map(|(l, v)| Some((pair_of(l)?, l, v)))
                 .collect::<Vec<_>>()
         };
@@ -156,10 +168,13 @@ impl Scrape {
                 let mut total = Counters::default();
                 let mut window = Counters::default();
                 for (node, now) in by_node {
-                    let was = before
-                        .and_then(|b| b.pairs.get(key)?.get(node))
-                        .unwrap_or(&zero);
                     total.sum(now);
+                    // A node that did not answer the earlier scrape (it failed then, or
+                    // joined since) has no window: its totals are not one window's traffic.
+                    let Some(b) = before.filter(|b| b.answered.contains(node)) else {
+                        continue;
+                    };
+                    let was = b.pairs.get(key).and_then(|p| p.get(node)).unwrap_or(&zero);
                     window.sum(&now.since(was));
                 }
                 let rate = |v: f64| seconds.map_or(0.0, |s| v / s);
@@ -170,10 +185,10 @@ impl Scrape {
                     destination: key.1.clone(),
                     connections_per_second: rate(window.opened),
                     bytes_per_second: rate(window.bytes),
-                    failures_per_second: rate(window.failed.values().sum()),
+                    failures_per_second: rate(sum(&window.failed)),
                     connections_open: total.open,
                     connections_total: total.opened,
-                    failures_total: total.failed.values().sum(),
+                    failures_total: sum(&total.failed),
                     failure_reasons: total.failed,
                     requests_per_second: rate(window.requests),
                     request_p50: q(0.5),
@@ -201,10 +216,21 @@ impl Counters {
     }
 
     /// What these counters of one node counted since `was`, an earlier reading of the same
-    /// node: a counter below its earlier value started again (the node restarted), and all
-    /// it holds is new.
+    /// node. A counter below its earlier value means the node started counting again (a
+    /// restart): then everything it holds is new, histogram buckets included.
     fn since(&self, was: &Counters) -> Counters {
-        let delta = |now: f64, was: f64| if now >= was { now - was } else { now };
+        let went_back = |now: &BTreeMap<String, f64>, was: &BTreeMap<String, f64>| {
+            was.iter()
+                .any(|(k, w)| now.get(k).copied().unwrap_or(0.0) < *w)
+        };
+        let restarted = self.opened < was.opened
+            || self.bytes < was.bytes
+            || self.requests < was.requests
+            || went_back(&self.failed, &was.failed)
+            || went_back(&self.buckets, &was.buckets);
+        let zero = Counters::default();
+        let was = if restarted { &zero } else { was };
+        let delta = |now: f64, was: f64| (now - was).max(0.0);
         let map = |now: &BTreeMap<String, f64>, was: &BTreeMap<String, f64>| {
             now.iter()
                 .map(|(k, v)| (k.clone(), delta(*v, was.get(k).copied().unwrap_or(0.0))))
@@ -219,6 +245,11 @@ impl Counters {
             buckets: map(&self.buckets, &was.buckets),
         }
     }
+}
+
+/// The sum of `counts`, 0 when there are none (a float sum of nothing is -0, printed "-0.0").
+fn sum(counts: &BTreeMap<String, f64>) -> f64 {
+    counts.values().fold(0.0, |a, b| a + b)
 }
 
 /// `names` without repeats, in their order: a node named twice is scraped once.
@@ -240,7 +271,7 @@ pub fn pairs(nodes: &[String], interval: Duration) -> Result<Vec<Pair>, ScrapeEr
 }
 
 fn fetch(node: &str) -> Result<Exposition, ScrapeError> {
-    let text = client::get_ok(node, "/metrics")?;
+    let text = client::get_ok_within(node, "/metrics", LIMITS)?;
     Exposition::parse(&text).map_err(|reason| ScrapeError::NotMetrics {
         node: node.to_owned(),
         reason,
@@ -290,6 +321,14 @@ mod tests {
         assert_eq!(p.failure_reasons.get("denied"), Some(&5.0));
         // Without an earlier scrape: totals, no rates.
         assert_eq!(now.rates_since(None)[0].connections_per_second, 0.0);
+        // No failure is 0, not -0 (which prints "-0.0").
+        let quiet = scrape(&[(
+            "n1",
+            &format!("mycel_tcp_connections_opened_total{{{PAIR}}} 1\n"),
+        )]);
+        assert!(quiet.rates_since(Some(&before))[0]
+            .failures_per_second
+            .is_sign_positive());
     }
 
     #[test]
@@ -302,6 +341,24 @@ mod tests {
         let p = &now.rates_since(Some(&before))[0];
         assert!((p.connections_per_second - 63.0).abs() < 1.0, "{p:?}");
         assert_eq!(p.connections_total, 263.0);
+    }
+
+    #[test]
+    fn a_node_missing_from_the_earlier_scrape_has_no_rate() {
+        let line = |n: u32| format!("mycel_tcp_connections_opened_total{{{PAIR}}} {n}\n");
+        let mut before = scrape(&[("n1", &line(100))]);
+        before.taken -= Duration::from_secs(1);
+        // n2 failed (or joined) before: its 10 million since start are not one second's.
+        let now = scrape(&[("n1", &line(110)), ("n2", &line(10_000_000))]);
+        let p = &now.rates_since(Some(&before))[0];
+        assert!((p.connections_per_second - 10.0).abs() < 0.5, "{p:?}");
+        assert_eq!(p.connections_total, 10_000_110.0);
+    }
+
+    #[test]
+    fn values_that_are_not_numbers_are_left_out() {
+        let s = scrape(&[("n1", &format!("mycel_tcp_connections_opened_total{{{PAIR}}} NaN\nmycel_tcp_connections_open{{{PAIR}}} +Inf\n"))]);
+        assert!(s.rates_since(None).is_empty());
     }
 
     #[test]

@@ -148,15 +148,6 @@ fn connection(name: &str, n: &Node, current: u64, now: SystemTime) -> Finding {
             );
         }
     }
-    if n.synced_version == Some(current) {
-        return Finding::ok(
-            check,
-            format!(
-                "connected, holds the version in force; workloads placed: {}",
-                n.workloads
-            ),
-        );
-    }
     if older_than(&n.unanswered_since, UNANSWERED, now) {
         return Finding::fail(
             check,
@@ -167,6 +158,15 @@ fn connection(name: &str, n: &Node, current: u64, now: SystemTime) -> Finding {
                     .map_or("nothing yet".to_owned(), |v| format!("version {v}"))
             ),
             "the node is stuck applying it: read its log, and its /readyz on the admin port",
+        );
+    }
+    if n.synced_version == Some(current) {
+        return Finding::ok(
+            check,
+            format!(
+                "connected, holds the version in force; workloads placed: {}",
+                n.workloads
+            ),
         );
     }
     Finding::warn(

@@ -56,11 +56,20 @@ function fromNow(t) {
   return ms >= 0 ? `in ${out}` : `${out} ago`;
 }
 
+// A figure from the server as a finite number (anything else is 0): one odd value must not
+// stop the page from drawing.
+function num(v) {
+  const n = Number(v);
+  return Number.isFinite(n) ? n : 0;
+}
+
 function rate(v) {
+  v = num(v);
   return v >= 100 ? v.toFixed(0) : v.toFixed(1);
 }
 
 function bytes(v) {
+  v = num(v);
   if (v >= 1e6) return (v / 1e6).toFixed(1) + ' MB';
   if (v >= 1e3) return (v / 1e3).toFixed(1) + ' kB';
   return v.toFixed(0) + ' B';
@@ -68,13 +77,13 @@ function bytes(v) {
 
 function quantiles(p) {
   if (!(p.requests_per_second > 0)) return '-';
-  const q = (v) => (v == null ? '-' : (v * 1000).toFixed(1) + ' ms');
+  const q = (v) => (v == null ? '-' : (num(v) * 1000).toFixed(1) + ' ms');
   return `${q(p.request_p50)} / ${q(p.request_p95)} / ${q(p.request_p99)}`;
 }
 
 function failureRate(p) {
-  const all = p.connections_total + p.failures_total;
-  return all > 0 ? p.failures_total / all : 0;
+  const all = num(p.connections_total) + num(p.failures_total);
+  return all > 0 ? num(p.failures_total) / all : 0;
 }
 
 function showProblem(message) {
@@ -96,10 +105,12 @@ function renderStatus(s) {
     const connected = n.streams > 0
       ? { text: `yes, since ${fromNow(n.connected_at)}` }
       : { text: n.connected_at ? `no, since ${fromNow(n.disconnected_at)}` : 'never', fail: true };
+    // The version it holds all of: a later one with nothing for it leaves its last ack behind.
     let config;
-    if (n.acked_version === c.version) config = { text: `current, acked ${fromNow(n.acked_at)}` };
-    else config = { text: n.acked_version == null ? 'none' : `${n.acked_version} (behind)`, fail: true };
-    if (n.last_nack && (n.acked_version == null || n.acked_version < n.last_nack[0])) {
+    if (n.synced_version === c.version) config = { text: `current, acked ${fromNow(n.acked_at)}` };
+    else if (n.streams === 0 && n.workloads === 0) config = { text: '-' };
+    else config = { text: n.synced_version == null ? 'none yet' : `${n.synced_version} (behind)`, fail: n.streams > 0 };
+    if (n.last_nack && (n.synced_version == null || n.synced_version < n.last_nack[0])) {
       config = { text: `rejected ${n.last_nack[0]}: ${n.last_nack[1]}`, fail: true };
     }
     const soon = n.certificates_expire && Date.parse(n.certificates_expire) - Date.now() < 3600e3;
@@ -173,7 +184,7 @@ function renderGraph(g) {
     const fr = failureRate(e);
     const state = fr >= 0.1 ? 'bad' : fr >= 0.01 ? 'warn' : 'ok';
     const color = { ok: '#2e7d32', warn: '#f9a825', bad: '#c62828' }[state];
-    const width = Math.min(9, 2.5 + 2 * Math.log10(1 + e.connections_per_second));
+    const width = Math.min(9, 2.5 + 2 * Math.log10(1 + num(e.connections_per_second)));
     const line = edgeLine(edges, from, to, 5, {
       class: `edge ${state}`, stroke: color, 'stroke-width': width.toFixed(2),
       'marker-end': `url(#arrow-${state})`,
@@ -206,12 +217,12 @@ function renderGraph(g) {
     el('circle', { r: 22 }, group);
     el('text', { y: 38 }, group).textContent = a.id;
     el('title', {}, group).textContent = `${a.id}: ${a.workloads.length} workload(s) on ${[...a.nodes].join(', ')}`;
-    group.addEventListener('click', () => { location.hash = `workload=${a.id}`; });
+    group.addEventListener('click', () => { location.hash = `workload=${encodeURIComponent(a.id)}`; });
   }
   const notes = [`Traffic from ${g.traffic.from === 'prometheus' ? 'Prometheus (last minute)' : 'the nodes\' /metrics (since the last reading)'}, read ${g.traffic.read_at}.`];
   if (g.traffic.errors.length) notes.push(`Not read: ${g.traffic.errors.join('; ')}.`);
   if (g.left_out) notes.push(`${g.left_out} applications left out.`);
-  if (g.denied_over_budget) notes.push('Denied pairs not shown: the mesh is too large to evaluate them here.');
+  if (g.denied_not_shown) notes.push(`Denied pairs not drawn: ${g.denied_not_shown}.`);
   $('graph-note').textContent = notes.join(' ');
   fillExplain(g);
   renderWorkload();
@@ -313,7 +324,20 @@ function fromHash() {
   }
 }
 
+let refreshing = false;
+
 async function refresh() {
+  // One at a time: a slow answer must not pile requests up behind it.
+  if (refreshing) return;
+  refreshing = true;
+  try {
+    await refreshOnce();
+  } finally {
+    refreshing = false;
+  }
+}
+
+async function refreshOnce() {
   const problems = [];
   const results = await Promise.allSettled([getJSON('/status'), getJSON('/ui/graph'), getJSON('/policies')]);
   const [status, g, policies] = results;
