@@ -10,7 +10,7 @@ use std::{
 };
 
 use mesh_tests::{
-    app,
+    app::{self, Server},
     demo::{block_analytics, Demo, PORT},
     mesh::{http_get, mesh_config_yaml, sibling_bin, workloads_yaml},
     ControlPlane, MeshNode, NodeSpec, Topology,
@@ -282,4 +282,19 @@ fn check_pre_passes_on_this_host_and_names_a_cgroup_that_is_not_v2() {
     );
     let (ok, out) = pre(&["--cgroup", "/sys/fs/cgroup/no-such-mycel-cgroup"]);
     assert!(!ok && out.contains("does not exist"), "{out}");
+
+    // A pod whose application listens on the tunnel port: mesh-node could not enrol it.
+    let topo = Topology::new(&[NodeSpec::new("n1", &["app"])]).expect("topology");
+    let netns = topo.pod("app").netns_path();
+    let netns = netns.to_string_lossy();
+    let (ok, out) = pre(&["--netns", &netns]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok    ports in "), "{out}");
+    let _server = Server::start(topo.pod("app"), 15008).expect("a server on 15008");
+    let (ok, out) = pre(&["--netns", &netns]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL  ports in ") && out.contains("taken: 15008/tcp"),
+        "{out}"
+    );
 }

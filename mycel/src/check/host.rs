@@ -16,7 +16,7 @@ use super::{Args, Finding};
 const MIN_KERNEL: (u32, u32) = (6, 6);
 
 pub fn check(args: &Args) -> Vec<Finding> {
-    vec![
+    let mut out = vec![
         kernel(),
         cgroup(args),
         bpf(),
@@ -25,7 +25,62 @@ pub fn check(args: &Args) -> Vec<Finding> {
         port("admin port", args.admin_listen, "--admin-listen"),
         port("metrics port", args.metrics_listen, "--metrics-listen"),
         clock(),
-    ]
+    ];
+    out.extend(args.netns.iter().map(|netns| pod_ports(netns)));
+    out
+}
+
+/// What mesh-node listens on in each enrolled pod: its outbound, plaintext and tunnel ports.
+const POD_PORTS: [u16; 3] = [
+    mesh_ebpf_common::OUTBOUND_PORT,
+    mesh_ebpf_common::PLAINTEXT_PORT,
+    mesh_ebpf_common::TUNNEL_PORT,
+];
+
+/// Whether mesh-node's ports are free in the pod whose netns is `netns`: each is bound (and
+/// let go) from a thread inside it.
+fn pod_ports(netns: &Path) -> Finding {
+    let check = format!("ports in {}", netns.display());
+    let taken = std::fs::File::open(netns).and_then(|ns| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: setns on a descriptor we hold, in a thread of our own that ends here.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut taken = Vec::new();
+                for port in POD_PORTS {
+                    if let Err(e) = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))) {
+                        taken.push(format!("{port}/tcp ({e})"));
+                    }
+                }
+                let tunnel = SocketAddr::from(([0, 0, 0, 0], mesh_ebpf_common::TUNNEL_PORT));
+                if let Err(e) = std::net::UdpSocket::bind(tunnel) {
+                    taken.push(format!("{}/udp ({e})", mesh_ebpf_common::TUNNEL_PORT));
+                }
+                Ok(taken)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the check's thread panicked")))
+        })
+    });
+    match taken {
+        Ok(taken) if taken.is_empty() => Finding::ok(
+            check,
+            "15001, 15006 and 15008/tcp, 15008/udp are free for mesh-node",
+        ),
+        Ok(taken) => Finding::fail(
+            check,
+            format!("taken: {}", taken.join(", ")),
+            "mesh-node listens there when it enrolls the pod: move the application off these ports (or exclude the pod from the mesh)",
+        ),
+        Err(e) => Finding::fail(
+            check,
+            format!("cannot enter it: {e}"),
+            "give the path of the pod's network namespace (ip netns: /run/netns/NAME)",
+        ),
+    }
 }
 
 fn kernel() -> Finding {

@@ -31,6 +31,11 @@ pub struct Args {
     /// --pre: mesh-node's metrics address (its run --metrics-listen), which must be free.
     #[arg(long, requires = "pre", default_value = "0.0.0.0:15020")]
     pub metrics_listen: SocketAddr,
+    /// --pre: a pod's network namespace (e.g. /run/netns/api) whose ports mesh-node will
+    /// listen on when it enrolls the pod (15001, 15006 and 15008 over TCP, 15008 over UDP):
+    /// they must be free there. Repeat for several pods.
+    #[arg(long = "netns", requires = "pre")]
+    pub netns: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
