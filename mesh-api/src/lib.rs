@@ -30,6 +30,19 @@ pub fn ip_to_bytes(ip: IpAddr) -> Vec<u8> {
     }
 }
 
+/// A message of an on-demand node that watches `keys` and `addresses`, and answers no
+/// version.
+pub fn watch(
+    keys: impl IntoIterator<Item = String>,
+    addresses: impl IntoIterator<Item = IpAddr>,
+) -> v1::ConfigAck {
+    v1::ConfigAck {
+        watch: keys.into_iter().collect(),
+        watch_addresses: addresses.into_iter().map(ip_to_bytes).collect(),
+        ..v1::ConfigAck::default()
+    }
+}
+
 /// Decodes 4 or 16 raw bytes; anything else is `None`.
 pub fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
     match bytes.len() {

@@ -79,28 +79,15 @@ impl Asked {
                 .filter(|(_, w)| w.node != node)
                 .map(|(id, _)| keys::workload(&id.namespace, &id.name)),
         );
-        ConfigAck {
-            watch: keys.into_iter().collect(),
-            watch_addresses: self
-                .addresses
-                .iter()
-                .map(|a| mesh_api::ip_to_bytes(*a))
-                .collect(),
-            ..ConfigAck::default()
-        }
+        mesh_api::watch(keys, self.addresses.iter().copied())
     }
 
     /// What was asked and not answered, to ask again after a resume; `None` if nothing.
     pub fn unanswered(&self) -> Option<ConfigAck> {
-        let message = ConfigAck {
-            watch: self.unanswered_keys.iter().cloned().collect(),
-            watch_addresses: self
-                .unanswered_addresses
-                .iter()
-                .map(|a| mesh_api::ip_to_bytes(*a))
-                .collect(),
-            ..ConfigAck::default()
-        };
+        let message = mesh_api::watch(
+            self.unanswered_keys.iter().cloned(),
+            self.unanswered_addresses.iter().copied(),
+        );
         (!message.watch.is_empty() || !message.watch_addresses.is_empty()).then_some(message)
     }
 

@@ -130,15 +130,7 @@ pub struct Demand {
 
 impl Demand {
     fn message(&self) -> ConfigAck {
-        ConfigAck {
-            watch: self.keys.clone(),
-            watch_addresses: self
-                .addresses
-                .iter()
-                .map(|a| mesh_api::ip_to_bytes(*a))
-                .collect(),
-            ..Default::default()
-        }
+        mesh_api::watch(self.keys.iter().cloned(), self.addresses.iter().copied())
     }
 }
 
