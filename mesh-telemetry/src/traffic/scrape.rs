@@ -63,15 +63,14 @@ impl Default for Scrape {
 }
 
 impl Scrape {
-    /// Scrapes every node in `nodes` (metrics addresses, host:port); fails on the first that
-    /// does not answer.
+    /// Scrapes every node in `nodes` (metrics addresses, host:port); fails with the first
+    /// that did not answer.
     pub fn of(nodes: &[String]) -> Result<Self, ScrapeError> {
-        let mut out = Scrape::default();
-        for node in distinct(nodes) {
-            out.add(node, &fetch(node)?);
+        let (out, failed) = Self::of_each(nodes);
+        match failed.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(out),
         }
-        out.taken = Instant::now();
-        Ok(out)
     }
 
     /// Scrapes every node it can of `nodes`, [`PARALLEL`] at a time; what did not answer,
