@@ -9,7 +9,6 @@
 //! run starts above it too, should the clock have gone back.
 
 use std::{
-    io::Write as _,
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -58,16 +57,17 @@ pub fn take(data_dir: &Path, now: SystemTime) -> Result<u64, FirstVersionError> 
 
 /// Writes `version` whole or not at all (a file beside it, renamed over it).
 fn record(path: &Path, version: u64) -> Result<(), FirstVersionError> {
-    let write = |source| FirstVersionError::Write {
+    // The mode File::create gives, as before.
+    crate::files::replace(
+        path,
+        &path.with_extension("tmp"),
+        format!("{version}\n").as_bytes(),
+        0o666,
+    )
+    .map_err(|(_, source)| FirstVersionError::Write {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(write)?;
-    f.write_all(format!("{version}\n").as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(write)?;
-    std::fs::rename(&tmp, path).map_err(write)
+    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod ca;
 pub mod distribute;
 pub mod explain;
+pub mod files;
 pub mod first_version;
 pub mod grpc;
 pub mod kubernetes;

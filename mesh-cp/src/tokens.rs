@@ -8,7 +8,6 @@
 use std::{
     collections::HashMap,
     fs::File,
-    io::Write as _,
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -201,16 +200,8 @@ fn modify<T>(
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    let mut f = File::options()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(werr(&tmp))?;
-    f.write_all(&json).map_err(werr(&tmp))?;
-    f.sync_all().map_err(werr(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+    crate::files::replace(&path, &tmp, &json, 0o600)
+        .map_err(|(at, source)| TokenError::Write { path: at, source })?;
     Ok(out)
 }
 
