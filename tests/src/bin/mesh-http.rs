@@ -27,8 +27,9 @@
 //!                                          keep-alive, M ms apart, or HTTP/2 with C streams
 //!                                          at a time, the i-th not before i × M ms); prints one JSON line: {requests,
 //!                                          by_body, by_status, by_mesh_error, errors, p50_us,
-//!                                          p99_us, per_second, last_ok, first_not_ok} (the
-//!                                          last two: indexes of HTTP/1.1 requests, or null)
+//!                                          p99_us, per_second, last_ok, first_not_ok,
+//!                                          first_not_ok_status} (the indexes of HTTP/1.1
+//!                                          requests and that answer's status, or null)
 //! mesh-http upgrade --addr A [--lines N] [--interval-ms M]
 //!                                          asks to switch to `echo`, then sends N lines (1)
 //!                                          M ms apart on the switched connection, each
@@ -288,6 +289,8 @@ struct Tally {
     /// HTTP/1.1: the index of the last request answered 200, and of the first that was not.
     last_ok: Option<u64>,
     first_not_ok: Option<u64>,
+    /// The status of that first one (none: no answer at all).
+    first_not_ok_status: Option<u16>,
 }
 
 /// A GET of `uri` (its authority also the Host header).
@@ -413,8 +416,9 @@ async fn get(
                 let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
                 if ok {
                     t.last_ok = Some(i);
-                } else {
-                    t.first_not_ok.get_or_insert(i);
+                } else if t.first_not_ok.is_none() {
+                    t.first_not_ok = Some(i);
+                    t.first_not_ok_status = result.as_ref().ok().map(|r| r.0);
                 }
             }
             record(&tally, started, result);
@@ -443,6 +447,7 @@ async fn get(
         "per_second": t.latencies_us.len() as f64 / began.elapsed().as_secs_f64(),
         "last_ok": t.last_ok,
         "first_not_ok": t.first_not_ok,
+        "first_not_ok_status": t.first_not_ok_status,
     }))
 }
 
