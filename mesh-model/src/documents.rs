@@ -217,21 +217,38 @@ fn parse_piece(piece: &str) -> Option<Yielded> {
 /// The whole text in one go.
 pub(crate) fn parse_whole(file: &Path, text: &str) -> Result<Vec<(usize, Resource)>, ConfigError> {
     let mut out = Vec::new();
-    for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let doc = index + 1;
-        let invalid = |message: String| ConfigError::Invalid {
+    for document in yaml_documents(file, text) {
+        let (doc, value) = document?;
+        let resource = resource::parse_document(value).map_err(|message| ConfigError::Invalid {
             file: file.to_path_buf(),
             doc,
             message,
-        };
-        let value =
-            serde_yaml::Value::deserialize(de).map_err(|e| invalid(validate::one_line(&e)))?;
-        if value.is_null() {
-            continue; // an empty document, e.g. after a trailing `---`
-        }
-        out.push((doc, resource::parse_document(value).map_err(&invalid)?));
+        })?;
+        out.push((doc, resource));
     }
     Ok(out)
+}
+
+/// Each document of `text` as YAML, with its number (from 1); empty ones (e.g. after a
+/// trailing `---`) are left out. One that is not YAML is an error that names it.
+pub fn yaml_documents<'a>(
+    file: &'a Path,
+    text: &'a str,
+) -> impl Iterator<Item = Result<(usize, serde_yaml::Value), ConfigError>> + 'a {
+    serde_yaml::Deserializer::from_str(text)
+        .enumerate()
+        .filter_map(move |(index, de)| {
+            let doc = index + 1;
+            match serde_yaml::Value::deserialize(de) {
+                Ok(value) if value.is_null() => None,
+                Ok(value) => Some(Ok((doc, value))),
+                Err(e) => Some(Err(ConfigError::Invalid {
+                    file: file.to_path_buf(),
+                    doc,
+                    message: validate::one_line(&e),
+                })),
+            }
+        })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ mod config;
 #[cfg(feature = "crd")]
 pub mod crd;
 mod documents;
+pub use documents::yaml_documents;
 pub mod duration;
 mod identity;
 pub mod membership;
