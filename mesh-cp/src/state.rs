@@ -35,25 +35,37 @@ impl Published {
         Self::build(
             version,
             config,
-            &Config::default(),
+            (0, &Config::default()),
             &Distribution::default(),
         )
     }
 
     /// `config` as the version after this one.
     pub fn next(&self, config: Config) -> Self {
-        Self::build(self.version + 1, config, &self.config, &self.distribution)
+        self.at(self.version + 1, config)
+    }
+
+    /// `config` as `version`, a later one than this (in etcd mode, the store's revision of
+    /// the change).
+    pub fn at(&self, version: u64, config: Config) -> Self {
+        Self::build(
+            version,
+            config,
+            (self.version, &self.config),
+            &self.distribution,
+        )
     }
 
     fn build(
         version: u64,
         config: Config,
-        previous_config: &Config,
+        (previous_version, previous_config): (u64, &Config),
         previous: &Distribution,
     ) -> Self {
         let started = std::time::Instant::now();
-        let (catalog, change) =
+        let (catalog, mut change) =
             Catalog::build(&config, &previous.catalog, previous_config, version);
+        change.previous = previous_version;
         // Said once when it starts (the first version included), not on every change.
         if catalog.fast_deny == FastDeny::OverBudget
             && previous.catalog.fast_deny == FastDeny::Computed
@@ -72,7 +84,7 @@ impl Published {
             "config catalog built"
         );
         // The first version's change is everything: nothing resumes from before it.
-        let log = if version == 1 {
+        let log = if previous_version == 0 {
             ChangeLog::default()
         } else {
             previous.log.with(change)

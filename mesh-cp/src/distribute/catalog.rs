@@ -84,6 +84,9 @@ impl Default for Catalog {
 #[derive(Debug, Default)]
 pub struct Change {
     pub version: u64,
+    /// The version it changed from: the one before, or (versions taken from a store's
+    /// revisions, which other writes advance too) an earlier one.
+    pub previous: u64,
     pub shared: Vec<String>,
     pub nodes: HashMap<String, Vec<String>>,
 }

@@ -2,6 +2,9 @@
 //! the latest. Each stream keeps only its cursor (the version it last sent); a stream that
 //! fell further behind than the log reaches, or a node that comes back from a version the
 //! log no longer holds, gets a snapshot instead.
+//!
+//! Versions need not be consecutive (in etcd mode they are the store's revisions): each
+//! change names the version it was made from, and the log holds a chain of them.
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -20,7 +23,7 @@ pub const MAX_KEYS: usize = 1 << 20;
 /// Cheap to clone: each published version carries the log up to itself.
 #[derive(Debug, Clone, Default)]
 pub struct ChangeLog {
-    /// Consecutive versions, oldest first.
+    /// A chain of changes, oldest first: each made from the version of the one before.
     changes: VecDeque<Arc<Change>>,
     keys: usize,
 }
@@ -30,11 +33,11 @@ impl ChangeLog {
     /// bounds.
     pub fn with(&self, change: Change) -> Self {
         let mut next = self.clone();
-        let consecutive = next
+        let chained = next
             .changes
             .back()
-            .is_none_or(|last| last.version + 1 == change.version);
-        if !consecutive || change.len() > MAX_KEYS {
+            .is_none_or(|last| last.version == change.previous);
+        if !chained || change.previous >= change.version || change.len() > MAX_KEYS {
             return Self::default();
         }
         next.keys += change.len();
@@ -64,8 +67,11 @@ impl ChangeLog {
         if since > latest {
             return None;
         }
-        let oldest = self.changes.front()?.version;
-        if since + 1 < oldest {
+        // A node at any version from the oldest change's starting point on holds all that
+        // the changes after its version did not touch. (A version between two of this log's,
+        // which another replica published, is covered too: the change that spans it lists
+        // every key that changed across it.)
+        if since < self.changes.front()?.previous {
             return None;
         }
         let mut shared = BTreeSet::new();
@@ -89,6 +95,7 @@ mod tests {
     fn change(version: u64, shared: &[&str], node: &[&str]) -> Change {
         Change {
             version,
+            previous: version - 1,
             shared: shared.iter().map(|s| s.to_string()).collect(),
             nodes: [(
                 "n1".to_string(),
@@ -139,8 +146,33 @@ mod tests {
             .with(change(2, &big, &[]));
         assert_eq!(log.changes.len(), 1, "the older one is dropped");
         assert!(log.keys <= MAX_KEYS);
-        // A gap in versions starts the log again rather than skip one.
+        // A change that does not start where the last one ended starts the log again.
         let log = log.with(change(9, &["a"], &[]));
         assert!(log.since(2, 9, "n1", |_| true).is_none());
+    }
+
+    /// Versions that are a store's revisions: far apart, each change from the last.
+    #[test]
+    fn versions_may_leave_gaps_when_each_change_names_its_previous() {
+        let gap = |version, previous, shared: &[&str]| Change {
+            previous,
+            ..change(version, shared, &[])
+        };
+        let log = ChangeLog::default()
+            .with(gap(10, 4, &["a"]))
+            .with(gap(17, 10, &["b"]))
+            .with(gap(30, 17, &["c"]));
+        let keys = |since| {
+            log.since(since, 30, "n1", |_| true)
+                .map(|k| k.into_iter().collect::<Vec<_>>())
+        };
+        assert_eq!(keys(4), Some(vec!["a", "b", "c"]));
+        assert_eq!(keys(10), Some(vec!["b", "c"]));
+        // A version this replica did not publish, inside a change: covered by it.
+        assert_eq!(keys(12), Some(vec!["b", "c"]));
+        assert_eq!(keys(3), None, "before the log's first change was made");
+        // A change from elsewhere than the last version breaks the chain.
+        let broken = log.with(gap(40, 35, &["d"]));
+        assert_eq!(broken.since(30, 40, "n1", |_| true), None);
     }
 }
