@@ -17,5 +17,6 @@ pub mod slice;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod store;
 pub mod tokens;
 pub mod ui;

@@ -3,7 +3,7 @@
 
 use mesh_cp::{
     ca, explain, first_version, kubernetes, metrics, node_auth, server, source, state, status,
-    tokens,
+    store, tokens,
 };
 
 use mesh_daemon::cli::{seconds, Binary, HOUR};
@@ -33,7 +33,22 @@ enum Command {
     /// namespace or on themselves, and AccessPolicies and the MeshConfig are custom
     /// resources. One invalid AccessPolicy is left out and says why in its status; the
     /// others stay in force. Nodes are served once every kind has been listed.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Write objects (MeshConfig, Workload, Service, AccessPolicy, TrafficPolicy,
+    /// ServiceRoute) to the config store (etcd): new ones are created, existing ones
+    /// replaced.
+    ///
+    /// The store's objects with these applied are checked as a config dir is, and written
+    /// in one transaction: every replica sees the whole change or none of it. A bad object
+    /// is refused with its file, document and field, and nothing is written. Prints each
+    /// object's outcome (created, configured, unchanged) and the config version written.
+    Apply(ApplyArgs),
+    /// Remove objects from the config store (etcd): those a file defines (-f), or those
+    /// named (KIND NAMESPACE/NAME, or MeshConfig).
+    ///
+    /// Checked and written as `apply` is: if the config without them is invalid (a route
+    /// left without its Service), nothing is removed.
+    Delete(DeleteArgs),
     /// Manage the join tokens nodes authenticate with (universal mode).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -60,6 +75,27 @@ struct ExplainArgs {
     output: OutputFormat,
 }
 
+#[derive(clap::Args)]
+struct ApplyArgs {
+    /// A YAML file of objects, or a directory of them (*.yaml, *.yml); repeat for several.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    #[command(flatten)]
+    etcd: store::EtcdArgs,
+}
+
+#[derive(clap::Args)]
+struct DeleteArgs {
+    /// The objects this file (or directory) defines.
+    #[arg(short = 'f', long = "filename", conflicts_with = "objects")]
+    files: Vec<PathBuf>,
+    /// KIND NAMESPACE/NAME [NAMESPACE/NAME ...], or MeshConfig.
+    #[arg(required_unless_present = "files")]
+    objects: Vec<String>,
+    #[command(flatten)]
+    etcd: store::EtcdArgs,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
     Text,
@@ -71,14 +107,18 @@ struct ServeArgs {
     /// Directory of MeshConfig, Workload, Service and AccessPolicy documents (*.yaml, *.yml).
     #[arg(
         long,
-        required_unless_present = "kubernetes",
-        conflicts_with = "kubernetes"
+        required_unless_present_any = ["kubernetes", "etcd_endpoints"],
+        conflicts_with_all = ["kubernetes", "etcd_endpoints"]
     )]
     config_dir: Option<PathBuf>,
+    /// Read the mesh from etcd instead (--etcd-endpoints; write it with `mesh-cp apply`), so
+    /// that several replicas serve it. Give every replica the same CA (--ca-cert, --ca-key).
+    #[command(flatten)]
+    etcd: store::EtcdArgs,
     /// Read the mesh from the Kubernetes API (in-cluster credentials, or the kubeconfig).
     /// Nodes then authenticate with their service-account token (audience mycel-cp), checked
     /// with a TokenReview, instead of join tokens.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "etcd_endpoints")]
     kubernetes: bool,
     /// With --kubernetes: the node daemon's service account, NAMESPACE/NAME; only its tokens
     /// are accepted from nodes.
@@ -160,7 +200,9 @@ fn main() {
     let cli = Cli::parse_for(BINARY);
     mesh_daemon::logging::init(cli.log.log_format);
     let result = match cli.command {
-        Command::Serve(args) => mesh_daemon::runtime::block_on(None, serve(args)),
+        Command::Serve(args) => mesh_daemon::runtime::block_on(None, serve(*args)),
+        Command::Apply(args) => mesh_daemon::runtime::block_on(None, apply(args)),
+        Command::Delete(args) => mesh_daemon::runtime::block_on(None, delete(args)),
         Command::Token(cmd) => token(cmd),
         Command::Explain(args) => run_explain(args),
     };
@@ -260,16 +302,61 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
+    let files = store::read_inputs(&args.files)?;
+    let objects = store::Object::all_of(&files)?;
+    if objects.is_empty() {
+        bail!("no object in {}", paths(&args.files));
+    }
+    let report = store::apply::apply(&store::Store::new(&args.etcd)?, &objects).await?;
+    print_report(&report);
+    Ok(())
+}
+
+async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let targets: Vec<(&'static str, Option<mesh_model::ObjectKey>)> = if args.files.is_empty() {
+        store::named(&args.objects).map_err(anyhow::Error::msg)?
+    } else {
+        let files = store::read_inputs(&args.files)?;
+        store::Object::all_of(&files)?
+            .into_iter()
+            .map(|o| (o.kind, o.key))
+            .collect()
+    };
+    let report = store::apply::delete(&store::Store::new(&args.etcd)?, &targets).await?;
+    print_report(&report);
+    Ok(())
+}
+
+fn paths(paths: &[PathBuf]) -> String {
+    let all: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    all.join(", ")
+}
+
+fn print_report(report: &store::apply::Report) {
+    for (object, outcome) in &report.objects {
+        println!("{object} {outcome}");
+    }
+    match report.version {
+        Some(v) => eprintln!("config version {v} written"),
+        None => eprintln!("nothing changed"),
+    }
+}
+
 /// Where the config comes from, once its first version is read.
 enum Origin {
     Dir(PathBuf, Vec<(PathBuf, String)>, Box<mesh_model::Parser>),
     Kubernetes(Box<kubernetes::Cluster>),
+    Store(Box<store::source::Source>, u64, u64),
 }
 
 /// The first config, where the rest will come from, the CA and how nodes authenticate.
 async fn prepare(
     args: &ServeArgs,
 ) -> anyhow::Result<(mesh_model::Config, Origin, ca::Ca, node_auth::NodeAuth)> {
+    if !args.etcd.etcd_endpoints.is_empty() {
+        return prepare_store(args).await;
+    }
     let Some(dir) = &args.config_dir else {
         return prepare_cluster(args).await;
     };
@@ -290,6 +377,30 @@ async fn prepare(
     Ok((
         config,
         Origin::Dir(dir.clone(), files, Box::new(parser)),
+        ca,
+        auth,
+    ))
+}
+
+async fn prepare_store(
+    args: &ServeArgs,
+) -> anyhow::Result<(mesh_model::Config, Origin, ca::Ca, node_auth::NodeAuth)> {
+    let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) else {
+        bail!("with --etcd-endpoints, give every replica the same CA: --ca-cert and --ca-key");
+    };
+    let ca = ca::Ca::load_or_create(cert, key, false)?;
+    let store = store::Store::new(&args.etcd)?;
+    tracing::info!(
+        endpoints = store.client.endpoints(),
+        prefix = args.etcd.etcd_prefix,
+        "reading the mesh's config from etcd"
+    );
+    let epoch = store.epoch_when_answered().await?;
+    let (config, version, source) = store::source::Source::initial(store).await?;
+    let auth = node_auth::NodeAuth::join_tokens(tokens::TokenStore::new(&args.data_dir));
+    Ok((
+        config,
+        Origin::Store(Box::new(source), version, epoch),
         ca,
         auth,
     ))
@@ -347,22 +458,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
 
-    let first = first_version::take(&args.data_dir, std::time::SystemTime::now())?;
-    tracing::info!(version = first, "first config version of this run");
+    // In etcd, the version is the store's and the same on every replica; otherwise each
+    // run starts above the last.
+    let (first, epoch) = match &origin {
+        Origin::Store(_, version, epoch) => (*version, Some(*epoch)),
+        _ => (
+            first_version::take(&args.data_dir, std::time::SystemTime::now())?,
+            None,
+        ),
+    };
+    match epoch {
+        Some(_) => tracing::info!(version = first, "config version in etcd"),
+        None => tracing::info!(version = first, "first config version of this run"),
+    }
     let (publish, published) = tokio::sync::watch::channel(state::Published::new(first, config));
     let source = match &origin {
         Origin::Dir(..) => "directory",
         Origin::Kubernetes(_) => "kubernetes",
+        Origin::Store(..) => "etcd",
     };
-    let shared = Arc::new(
-        state::Shared::new(
-            published,
-            auth,
-            ca,
-            metrics::CpMetrics::new().context("cannot register the metrics")?,
-        )
-        .with_config_source(source),
-    );
+    let mut shared = state::Shared::new(
+        published,
+        auth,
+        ca,
+        metrics::CpMetrics::new().context("cannot register the metrics")?,
+    )
+    .with_config_source(source);
+    if let Some(epoch) = epoch {
+        shared.epoch = epoch;
+    }
+    let shared = Arc::new(shared);
     shared
         .watch_metrics()
         .context("cannot register the metrics")?;
@@ -383,6 +508,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Origin::Kubernetes(cluster) => {
             tokio::spawn(kubernetes::follow(*cluster, publish, shared.clone()))
         }
+        Origin::Store(source, ..) => tokio::spawn(source.follow(publish, shared.clone())),
     };
     let dashboard = Arc::new(mesh_cp::ui::Dashboard::new(
         shared.clone(),

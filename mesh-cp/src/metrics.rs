@@ -265,6 +265,8 @@ pub struct Figures {
     pub config_version: u64,
     /// Whether the config source as it is now is in force (no rejected change).
     pub config_in_force: bool,
+    /// Whether the config store (etcd) answers; `None` without one.
+    pub store_reachable: Option<bool>,
     /// When the CA's root certificate expires, in Unix seconds (0 when unreadable).
     pub ca_expiry: f64,
 }
@@ -276,6 +278,7 @@ struct StateCollector {
     nodes: IntGauge,
     version: IntGauge,
     config_in_force: IntGauge,
+    store_reachable: IntGauge,
     ca_expiry: Gauge,
     scrape: Mutex<()>,
 }
@@ -291,6 +294,10 @@ impl StateCollector {
                 name("config_dir_in_force"),
                 "1 when the config dir as it is on disk is in force, 0 when a change was rejected.",
             )?,
+            store_reachable: IntGauge::new(
+                name("store_reachable"),
+                "1 while the config store (etcd) answers, 0 while it does not (the last config stays in force); only with --etcd-endpoints.",
+            )?,
             ca_expiry: Gauge::new(
                 name("ca_expiry_timestamp_seconds"),
                 "When the CA's root certificate expires (Unix seconds).",
@@ -302,11 +309,12 @@ impl StateCollector {
 
 impl StateCollector {
     /// Every family: what `desc` and `collect` both walk.
-    fn families(&self) -> [&dyn Collector; 4] {
+    fn families(&self) -> [&dyn Collector; 5] {
         [
             &self.nodes,
             &self.version,
             &self.config_in_force,
+            &self.store_reachable,
             &self.ca_expiry,
         ]
     }
@@ -328,8 +336,14 @@ impl Collector for StateCollector {
             .set(i64::try_from(figures.config_version).unwrap_or(i64::MAX));
         self.config_in_force.set(i64::from(figures.config_in_force));
         self.ca_expiry.set(figures.ca_expiry);
+        if let Some(up) = figures.store_reachable {
+            self.store_reachable.set(i64::from(up));
+        }
+        // Without a store there is nothing to say of one.
+        let store = figures.store_reachable.is_some();
         self.families()
             .into_iter()
+            .filter(|f| store || !std::ptr::addr_eq(*f, &self.store_reachable))
             .flat_map(|f| f.collect())
             .collect()
     }
@@ -346,6 +360,7 @@ mod tests {
             nodes_connected: 2,
             config_version: 7,
             config_in_force: false,
+            store_reachable: None,
             ca_expiry: 1.5e9,
         };
         metrics.watch(move || Some(figures)).unwrap();
@@ -358,6 +373,25 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
+
+        assert!(
+            !text.contains("mycel_cp_store_reachable"),
+            "no store, no line"
+        );
+        let stored = CpMetrics::new().unwrap();
+        stored
+            .watch(move || {
+                Some(Figures {
+                    store_reachable: Some(false),
+                    ..figures
+                })
+            })
+            .unwrap();
+        let text = stored.render().unwrap();
+        assert!(
+            text.lines().any(|l| l == "mycel_cp_store_reachable 0"),
+            "{text}"
+        );
 
         let gone = CpMetrics::new().unwrap();
         gone.watch(|| None).unwrap();

@@ -39,7 +39,7 @@ pub async fn watch_dir(
     shared: Arc<Shared>,
 ) {
     let mut follower = Follower::new(interval, applied, move || mesh_model::read_dir(&dir));
-    let mut last_error: Option<String> = None;
+    let mut rejected = Rejected::default();
     loop {
         let outcome = match follower.changed().await {
             Ok(files) => parser.parse(files),
@@ -47,25 +47,41 @@ pub async fn watch_dir(
         };
         match outcome {
             Ok(config) => {
-                last_error = None;
+                rejected.cleared();
                 let (version, _) = publish_if_changed(&publish, config);
                 shared.set_config_status(ConfigStatus::ok(version));
             }
-            Err(e) => {
-                let message = e.to_string();
-                if last_error.as_deref() != Some(message.as_str()) {
-                    tracing::error!(file = %e.file().display(), "config rejected, keeping the last good config: {message}");
-                    shared.metrics.config_rejected();
-                    last_error = Some(message.clone());
-                }
-                let version = publish.borrow().version;
-                shared.set_config_status(ConfigStatus {
-                    version,
-                    error: Some(message),
-                    error_file: Some(e.file().to_path_buf()),
-                    checked_at: SystemTime::now(),
-                });
-            }
+            Err(e) => rejected.report(&e, publish.borrow().version, &shared),
         }
+    }
+}
+
+/// The change last rejected, said once however often it is read again.
+#[derive(Default)]
+pub(crate) struct Rejected {
+    last: Option<String>,
+}
+
+impl Rejected {
+    /// The source is valid again.
+    pub fn cleared(&mut self) {
+        self.last = None;
+    }
+
+    /// Logs and counts `e` if it is new, and shows it on `/status` beside `version`, the one
+    /// that stays in force.
+    pub fn report(&mut self, e: &ConfigError, version: u64, shared: &Shared) {
+        let message = e.to_string();
+        if self.last.as_deref() != Some(message.as_str()) {
+            tracing::error!(file = %e.file().display(), "config rejected, keeping the last good config: {message}");
+            shared.metrics.config_rejected();
+            self.last = Some(message.clone());
+        }
+        shared.set_config_status(ConfigStatus {
+            version,
+            error: Some(message),
+            error_file: Some(e.file().to_path_buf()),
+            checked_at: SystemTime::now(),
+        });
     }
 }

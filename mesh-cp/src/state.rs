@@ -226,7 +226,25 @@ pub struct Shared {
     /// `kubernetes` (a bad object is left out alone).
     pub config_source: &'static str,
     config_status: Mutex<ConfigStatus>,
+    /// The config store (etcd), when the config comes from one.
+    store: Mutex<Option<StoreStatus>>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
+}
+
+/// Whether the config store answers, as the last try found.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreStatus {
+    pub endpoints: String,
+    pub reachable: bool,
+    /// Why not, when not.
+    pub error: Option<String>,
+    /// The store's revision this replica has read up to.
+    pub revision: i64,
+    #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339")]
+    pub checked_at: SystemTime,
+    /// Since when it has been reachable, or not.
+    #[serde(serialize_with = "mesh_daemon::time::serialize_rfc3339")]
+    pub since: SystemTime,
 }
 
 impl Shared {
@@ -249,6 +267,7 @@ impl Shared {
             started_at: SystemTime::now(),
             config_source: "directory",
             config_status: Mutex::new(ConfigStatus::ok(version)),
+            store: Mutex::new(None),
             nodes: Mutex::new(BTreeMap::new()),
         }
     }
@@ -268,6 +287,19 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Records what the last try of the store found; `since` moves only when that changes.
+    pub fn set_store(&self, mut status: StoreStatus) {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(last) = store.as_ref().filter(|s| s.reachable == status.reachable) {
+            status.since = last.since;
+        }
+        *store = Some(status);
+    }
+
+    pub fn store(&self) -> Option<StoreStatus> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn update_node(&self, node: &str, f: impl FnOnce(&mut NodeStatus)) {
@@ -299,6 +331,7 @@ impl Shared {
             nodes_connected: self.with_nodes(|n| n.values().filter(|n| n.streams > 0).count()),
             config_version: status.version,
             config_in_force: status.error.is_none(),
+            store_reachable: self.store().map(|s| s.reachable),
             ca_expiry: self
                 .ca
                 .root_not_after()
@@ -308,7 +341,7 @@ impl Shared {
     }
 }
 
-fn random_epoch() -> u64 {
+pub(crate) fn random_epoch() -> u64 {
     use ring::rand::SecureRandom as _;
     let mut bytes = [0u8; 8];
     // Without the system's randomness the clock still tells runs apart.

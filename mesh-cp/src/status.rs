@@ -135,6 +135,13 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down\n",
         )
+    } else if shared.store().is_some_and(|s| !s.reachable) {
+        // Nodes are still served, the last config: but a change made now would not reach
+        // them through this replica, and a balancer should send them to one that has it.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: etcd does not answer; the last config stays in force\n",
+        )
     } else if shared.serving.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
@@ -287,6 +294,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "ca_expires": shared.ca.root_not_after().map(mesh_daemon::time::rfc3339),
         "started_at": mesh_daemon::time::rfc3339(shared.started_at),
         "config_source": shared.config_source,
+        "store": shared.store(),
         "nodes": nodes(&shared, &published.config),
     }))
 }

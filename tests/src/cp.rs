@@ -29,8 +29,17 @@ pub struct ControlPlane {
     /// Kubernetes mode: the kubeconfig of the (fake) API server it reads the mesh from,
     /// instead of the config dir.
     kubeconfig: Option<PathBuf>,
+    /// etcd mode: the store's endpoint and the CA files every replica shares, instead of the
+    /// config dir.
+    store: Option<Store>,
     /// How long it may take to become ready.
     ready: Duration,
+}
+
+/// Where an etcd-mode control plane keeps the mesh.
+struct Store {
+    endpoint: String,
+    ca: (PathBuf, PathBuf),
 }
 
 /// How long mesh-cp may take to become ready, usually.
@@ -41,6 +50,47 @@ impl ControlPlane {
     /// named after `prefix`, and waits for `/healthz`.
     pub fn start(prefix: &str, files: &[(&str, &str)]) -> io::Result<Self> {
         Self::launch(prefix, files, None, READY)
+    }
+
+    /// Starts `mesh-cp serve --etcd-endpoints` on the store at `endpoint`, with the CA of
+    /// `ca` (a certificate and key every replica is given), and waits for `/healthz`.
+    pub fn start_etcd(prefix: &str, endpoint: &str, ca: &(PathBuf, PathBuf)) -> io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-mesh-cp-{}", free_port()));
+        fs::create_dir_all(&dir)?;
+        let mut cp = Self::not_started(dir, None);
+        cp.store = Some(Store {
+            endpoint: endpoint.to_owned(),
+            ca: ca.clone(),
+        });
+        cp.daemon.replace(cp.spawn()?);
+        cp.wait_healthy()?;
+        Ok(cp)
+    }
+
+    /// `mesh-cp VERB -f FILE` (`apply` or `delete`) with `text` as the file, against this
+    /// control plane's store: what it printed (standard output and error), or its error.
+    pub fn store_cmd(&self, verb: &str, name: &str, text: &str) -> io::Result<(String, String)> {
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| io::Error::other("not in etcd mode"))?;
+        let file = self.daemon.dir.join(name);
+        fs::write(&file, text)?;
+        let out = Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"))
+            .arg(verb)
+            .arg("-f")
+            .arg(&file)
+            .args(["--etcd-endpoints", &store.endpoint])
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+        Ok((
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     /// [`ControlPlane::start`] for a config that takes long to load: `/healthz` is waited
@@ -62,17 +112,25 @@ impl ControlPlane {
         ready: Duration,
     ) -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("{prefix}-mesh-cp-{}", free_port()));
+        let mut cp = Self::not_started(dir, kubeconfig);
+        fs::create_dir_all(&cp.config_dir)?;
+        for (name, text) in files {
+            fs::write(cp.config_dir.join(name), text)?;
+        }
+        cp.ready = ready;
+        cp.daemon.replace(cp.spawn()?);
+        cp.wait_healthy()?;
+        Ok(cp)
+    }
+
+    fn not_started(dir: PathBuf, kubeconfig: Option<PathBuf>) -> Self {
         let config_dir = dir.join("config");
         let data_dir = dir.join("data");
-        fs::create_dir_all(&config_dir)?;
-        for (name, text) in files {
-            fs::write(config_dir.join(name), text)?;
-        }
         let log_file = dir.join("mesh-cp.log");
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut cp = Self {
+        Self {
             daemon: Daemon::not_started("mesh-cp", dir, log_file),
             grpc,
             http,
@@ -80,11 +138,9 @@ impl ControlPlane {
             config_dir,
             data_dir,
             kubeconfig,
-            ready,
-        };
-        cp.daemon.replace(cp.spawn()?);
-        cp.wait_healthy()?;
-        Ok(cp)
+            store: None,
+            ready: READY,
+        }
     }
 
     fn spawn(&self) -> io::Result<std::process::Child> {
@@ -94,12 +150,18 @@ impl ControlPlane {
             .open(&self.daemon.log_file)?;
         let mut cmd = Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"));
         cmd.arg("serve");
-        match &self.kubeconfig {
-            Some(kubeconfig) => cmd
+        match (&self.kubeconfig, &self.store) {
+            (Some(kubeconfig), _) => cmd
                 .args(["--kubernetes", "--namespace", "mycel-system"])
                 .args(["--pod-name", "mycel-cp-0"])
                 .env("KUBECONFIG", kubeconfig),
-            None => cmd.arg("--config-dir").arg(&self.config_dir),
+            (None, Some(store)) => cmd
+                .args(["--etcd-endpoints", &store.endpoint])
+                .arg("--ca-cert")
+                .arg(&store.ca.0)
+                .arg("--ca-key")
+                .arg(&store.ca.1),
+            (None, None) => cmd.arg("--config-dir").arg(&self.config_dir),
         };
         cmd.arg("--data-dir")
             .arg(&self.data_dir)
@@ -166,7 +228,10 @@ impl ControlPlane {
     }
 
     pub fn ca_cert(&self) -> PathBuf {
-        self.data_dir.join("ca.crt")
+        match &self.store {
+            Some(store) => store.ca.0.clone(),
+            None => self.data_dir.join("ca.crt"),
+        }
     }
 
     /// `GET /status` as JSON.

@@ -8,6 +8,7 @@ pub mod browser;
 pub mod cp;
 pub mod daemon;
 pub mod demo;
+pub mod etcd;
 pub mod kube;
 pub mod mesh;
 pub mod procfs;

@@ -7,7 +7,8 @@ use anyhow::{bail, Context as _};
 /// Debian packages the end-to-end tests use: iproute2 (ip), bpftool, python3 (the test app),
 /// coreutils (sha256sum), tcpdump and tshark (what crosses the link between nodes),
 /// prometheus (promtool checks the metrics; the server scrapes the nodes), chromium (the
-/// dashboard rendered in a real browser, headless).
+/// dashboard rendered in a real browser, headless), etcd-server (mesh-cp replicas that keep
+/// the mesh in etcd).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -17,6 +18,7 @@ const TEST_PACKAGES: &[&str] = &[
     "tshark",
     "prometheus",
     "chromium",
+    "etcd-server",
 ];
 /// The manifest checks: `kubectl kustomize` renders `deploy/` (Debian's kubectl renders it the
 /// same as current ones), `kubernetes-validate` (PyPI) checks the result against the API's

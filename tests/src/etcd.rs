@@ -1,0 +1,154 @@
+//! A real etcd (Debian's `etcd-server`) for a test: one member on loopback, its data in the
+//! test's own directory, stopped and removed when the handle drops.
+
+use std::{
+    fs,
+    io::{self, Read as _, Write as _},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use crate::{daemon::Daemon, mesh::free_port};
+
+/// Where Debian installs it (`cargo xtask` installs the package).
+const ETCD: &str = "/usr/bin/etcd";
+
+pub struct Etcd {
+    daemon: Daemon,
+    pub client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers `/health`.
+    pub fn start(prefix: &str) -> io::Result<Self> {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let dir = std::env::temp_dir().join(format!("{prefix}-etcd-{client_port}"));
+        fs::create_dir_all(&dir)?;
+        let log_file = dir.join("etcd.log");
+        let mut etcd = Self {
+            daemon: Daemon::not_started("etcd", dir.clone(), log_file),
+            client_port,
+            peer_port,
+            data_dir: dir.join("data"),
+        };
+        etcd.resume()?;
+        Ok(etcd)
+    }
+
+    /// `http://127.0.0.1:PORT`, for `--etcd-endpoints`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills etcd at once (SIGKILL), as a crash or a lost host would: its data stays for
+    /// [`Etcd::resume`].
+    pub fn kill(&mut self) -> io::Result<()> {
+        self.daemon.stop_with(libc::SIGKILL).map(drop)
+    }
+
+    /// Starts etcd again on the same ports and data, and waits until it answers.
+    pub fn resume(&mut self) -> io::Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.daemon.log_file)?;
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(ETCD)
+            .arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            // No metrics listener of its own beyond the client port, and quiet logs.
+            .args(["--log-level", "warn", "--logger", "zap"])
+            .env_remove("ETCD_NAME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot start {ETCD} ({e}): install the etcd-server package (cargo xtask test does)"),
+                )
+            })?;
+        self.daemon.replace(child);
+        let port = self.client_port;
+        self.daemon
+            .wait_until(Duration::from_secs(20), "etcd /health", || {
+                health(port).then_some(())
+            })
+    }
+}
+
+/// Whether etcd on `port` says it is healthy.
+fn health(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}
+
+/// A root CA's certificate and key in files, as an operator gives every mesh-cp replica
+/// (`--ca-cert`, `--ca-key`); removed on drop.
+pub struct SharedCa {
+    dir: PathBuf,
+}
+
+impl SharedCa {
+    /// (certificate, key)
+    pub fn files(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("ca.crt"), self.dir.join("ca.key"))
+    }
+}
+
+impl Drop for SharedCa {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A new root CA for the replicas of one test.
+pub fn shared_ca(prefix: &str) -> io::Result<SharedCa> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let dir = std::env::temp_dir().join(format!("{prefix}-ca-{}", free_port()));
+    fs::create_dir_all(&dir)?;
+    let ca = SharedCa { dir };
+    let key = KeyPair::generate().map_err(io::Error::other)?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Mycel test root CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(30);
+    let cert = params.self_signed(&key).map_err(io::Error::other)?;
+    let (cert_file, key_file) = ca.files();
+    fs::write(cert_file, cert.pem())?;
+    fs::write(key_file, key.serialize_pem())?;
+    Ok(ca)
+}

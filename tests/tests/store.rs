@@ -1,0 +1,199 @@
+//! Universal mode on several hosts: two mesh-cp replicas keeping the mesh in a real etcd
+//! (Debian's etcd-server, on loopback, its data in the test's directory), each serving one
+//! node. Objects are written with `mesh-cp apply` and `mesh-cp delete`, and the nodes
+//! enforce what either replica serves.
+
+use std::time::Duration;
+
+use mesh_tests::{
+    app::{self, Server},
+    etcd::{self, Etcd},
+    mesh::{http_get, http_get_any, mesh_config_yaml, workloads_yaml},
+    ControlPlane, MeshNode, NodeSpec, Topology,
+};
+
+const PORT: u16 = 8080;
+const T: Duration = Duration::from_secs(30);
+const TD: &str = "spiffe://cluster.local/ns/default/sa";
+
+fn deny_order(name: &str, action: &str) -> String {
+    format!(
+        "apiVersion: mycel.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{ name: {name}, namespace: default }}\nspec: {{ selector: {{ matchLabels: {{ app: payment }} }}, action: {action}, rules: [{{ sourceIdentities: ['{TD}/order'] }}] }}\n"
+    )
+}
+
+/// One "ping" connection from order to payment; true when it got "pong".
+fn connects(topo: &Topology) -> bool {
+    let ip = topo.pod("payment").ipv4.to_string();
+    let out = app::run(topo.pod("order"), &["loop", &ip, &PORT.to_string(), "1"], T);
+    out["failures"] == 0
+}
+
+/// Waits until every control plane in `cps` serves a version of at least `version` and
+/// each node in `nodes` (name, its control plane) acknowledged it; the versions they serve.
+fn wait_everywhere(
+    cps: &mut [&mut ControlPlane],
+    version: u64,
+    nodes: &[(&str, usize)],
+) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let statuses: Vec<serde_json::Value> =
+            cps.iter().map(|cp| cp.status().expect("/status")).collect();
+        let served: Vec<u64> = statuses
+            .iter()
+            .map(|s| s["config"]["version"].as_u64().unwrap_or(0))
+            .collect();
+        let acked = nodes.iter().all(|(node, cp)| {
+            statuses[*cp]["nodes"][node]["acked_version"].as_u64() >= Some(version)
+        });
+        if served.iter().all(|v| *v >= version) && acked {
+            return served;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not everywhere at {version} within {T:?}: {statuses:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn written_version(stderr_or_out: &str) -> u64 {
+    stderr_or_out
+        .lines()
+        .find_map(|l| l.strip_prefix("config version "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no version written in {stderr_or_out:?}"))
+}
+
+/// Two replicas on one etcd, a node on each: what is applied through either is served by
+/// both at the same version (the store's revision) and enforced by both nodes; a bad object
+/// is refused with its file, document and field, and nothing of its file reaches the
+/// store; etcd gone for 30 s leaves the data plane as it was, is reported by each replica
+/// (readiness, metric, status, log), and the replicas follow the store again by themselves.
+#[test]
+fn replicas_on_etcd_serve_one_config_and_ride_out_its_absence() {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["order"]),
+        NodeSpec::new("n2", &["payment"]),
+    ])
+    .expect("topology");
+    let _server = Server::start(topo.pod("payment"), PORT).expect("payment");
+    let mut etcd = Etcd::start(&topo.prefix).expect("etcd");
+    let ca = etcd::shared_ca(&topo.prefix).expect("a CA for both replicas");
+    let mut a =
+        ControlPlane::start_etcd(&format!("{}-a", topo.prefix), &etcd.endpoint(), &ca.files())
+            .expect("replica a");
+    let mut b =
+        ControlPlane::start_etcd(&format!("{}-b", topo.prefix), &etcd.endpoint(), &ca.files())
+            .expect("replica b");
+
+    let pods = ["order", "payment"].map(|p| topo.pod(p));
+    let mesh = format!(
+        "{}---\n{}",
+        workloads_yaml(&pods),
+        mesh_config_yaml("tls", "")
+    );
+    let (out, _) = a
+        .store_cmd("apply", "mesh.yaml", &mesh)
+        .expect("apply the mesh");
+    assert!(out.contains("Workload default/order created"), "{out}");
+    assert!(out.contains("MeshConfig created"), "{out}");
+    let n1 = MeshNode::join(&mut topo, "n1", &a, 1).expect("mesh-node n1 on replica a");
+    let n2 = MeshNode::join(&mut topo, "n2", &b, 1).expect("mesh-node n2 on replica b");
+    assert!(connects(&topo), "order reaches payment");
+
+    // A deny written through b: both replicas serve it at the version apply wrote.
+    let out = b
+        .store_cmd("apply", "deny.yaml", &deny_order("no-order", "Deny"))
+        .expect("apply the deny");
+    assert!(
+        out.0.contains("AccessPolicy default/no-order created"),
+        "{out:?}"
+    );
+    let version = written_version(&out.1);
+    // The deny concerns payment's node; n1 gets nothing new to acknowledge.
+    let served = wait_everywhere(&mut [&mut a, &mut b], version, &[("n2", 1)]);
+    assert_eq!(served, [version, version], "one version for one config");
+    assert!(!connects(&topo), "the deny is enforced");
+    // The same again changes nothing and writes no version.
+    let again = b
+        .store_cmd("apply", "deny.yaml", &deny_order("no-order", "Deny"))
+        .expect("apply again");
+    assert!(
+        again.0.contains("unchanged") && again.1.contains("nothing changed"),
+        "{again:?}"
+    );
+
+    // A file with a good object and a bad one: refused whole, naming document and field.
+    let bad = format!(
+        "{}---\n{}",
+        deny_order("another", "Deny"),
+        deny_order("broken", "Maybe")
+    );
+    let err = a
+        .store_cmd("apply", "bad.yaml", &bad)
+        .expect_err("a bad object is refused")
+        .to_string();
+    assert!(
+        err.contains("bad.yaml: document 2") && err.contains("action"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "one line: {err}");
+    std::thread::sleep(Duration::from_millis(500));
+    for cp in [&a, &b] {
+        assert_eq!(
+            cp.version().expect("version"),
+            version,
+            "nothing was written"
+        );
+        let policies = http_get(cp.http, "/policies").expect("/policies");
+        assert!(!policies.contains("another"), "{policies}");
+    }
+
+    // etcd away for 30 s: the nodes keep what they hold, the replicas say so.
+    etcd.kill().expect("kill etcd");
+    let gone = std::time::Instant::now();
+    for cp in [&mut a, &mut b] {
+        let http = cp.http;
+        cp.daemon()
+            .wait_until(T, "readiness to say etcd is away", || {
+                let (code, body) = http_get_any(http, "/readyz").ok()?;
+                (code == 503 && body.contains("etcd")).then_some(())
+            })
+            .expect("not ready while etcd is away");
+        let status = cp.status().expect("/status");
+        assert_eq!(status["store"]["reachable"], false, "{status}");
+        let metrics = http_get(cp.metrics, "/metrics").expect("/metrics");
+        assert!(
+            metrics.lines().any(|l| l == "mycel_cp_store_reachable 0"),
+            "{metrics}"
+        );
+        assert!(cp.log().contains("etcd unreachable"), "{}", cp.log());
+    }
+    while gone.elapsed() < Duration::from_secs(30) {
+        assert!(!connects(&topo), "the deny stays in force without etcd");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    etcd.resume().expect("etcd back");
+    for cp in [&mut a, &mut b] {
+        let http = cp.http;
+        cp.daemon()
+            .wait_until(T, "ready again", || http_get(http, "/readyz").ok())
+            .expect("ready once etcd answers");
+    }
+
+    // And the replicas follow the store again: a delete through a reaches both nodes.
+    let out = a
+        .store_cmd("delete", "deny.yaml", &deny_order("no-order", "Deny"))
+        .expect("delete the deny");
+    assert!(
+        out.0.contains("AccessPolicy default/no-order deleted"),
+        "{out:?}"
+    );
+    let version = written_version(&out.1);
+    wait_everywhere(&mut [&mut a, &mut b], version, &[("n2", 1)]);
+    assert!(connects(&topo), "allowed again");
+    drop((n1, n2, a, b, etcd, ca));
+}
