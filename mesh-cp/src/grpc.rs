@@ -121,6 +121,16 @@ impl NodeService for NodeApi {
         let resume = metadata::resume(&req)
             .filter(|(epoch, _)| *epoch == self.shared.epoch)
             .map(|(_, version)| version);
+        // With etcd, a node ahead of this replica has seen what this replica has not read yet
+        // (it lost etcd, or lags): a snapshot from here would take the node back. It goes to
+        // another replica instead.
+        let latest = self.shared.config.borrow().version;
+        if let Some(held) = resume.filter(|v| *v > latest && self.shared.config_source == "etcd") {
+            drop(slot);
+            return Err(Status::unavailable(format!(
+                "this control plane is behind the config version the node holds ({held} > {latest}); try another replica"
+            )));
+        }
         tokio::spawn(serve_stream(
             self.shared.clone(),
             node,

@@ -174,9 +174,8 @@ enum TokenCommand {
         /// several nodes at once; each line of the output is then `NODE TOKEN`.
         #[arg(long, required = true)]
         node: Vec<String>,
-        /// mesh-cp's data dir (its --data-dir): where tokens.json is kept.
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        place: TokenPlace,
         /// How long the token is accepted (45s, 20m, 24h, 30d, ...). The node re-reads its
         /// token file on every connect: write a new token there before this runs out.
         #[arg(long, default_value = "30d", value_parser = parse_ttl)]
@@ -185,14 +184,29 @@ enum TokenCommand {
     /// Revoke a token by id; nodes using it are disconnected within seconds.
     Revoke {
         id: String,
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        place: TokenPlace,
     },
     /// List tokens: id, node, creation and expiry times (UTC).
     List {
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        place: TokenPlace,
     },
+}
+
+/// Where the tokens are kept: the data dir of a single control plane, or etcd.
+#[derive(clap::Args)]
+struct TokenPlace {
+    /// mesh-cp's data dir (its --data-dir): where tokens.json is kept.
+    #[arg(
+        long,
+        required_unless_present = "etcd_endpoints",
+        conflicts_with = "etcd_endpoints"
+    )]
+    data_dir: Option<PathBuf>,
+    /// With --etcd-endpoints, the tokens are kept in etcd, for every replica.
+    #[command(flatten)]
+    etcd: store::EtcdArgs,
 }
 
 fn main() {
@@ -257,49 +271,76 @@ fn utc(secs: u64) -> String {
 }
 
 fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    let place = match &cmd {
+        TokenCommand::Create { place, .. }
+        | TokenCommand::Revoke { place, .. }
+        | TokenCommand::List { place } => place,
+    };
+    if let Some(dir) = place.data_dir.clone() {
+        return token_in_dir(&dir, cmd);
+    }
+    let args = place.etcd.clone();
+    mesh_daemon::runtime::block_on(None, async move {
+        let etcd = store::Store::new(&args)?;
+        match cmd {
+            TokenCommand::Create { node, ttl, .. } => {
+                print_tokens(store::tokens::create(&etcd, &node, ttl).await?)
+            }
+            TokenCommand::Revoke { id, .. } => {
+                print_revoked(&store::tokens::revoke(&etcd, &id).await?)
+            }
+            TokenCommand::List { .. } => print_token_list(&store::tokens::list(&etcd).await?),
+        }
+        Ok(())
+    })
+}
+
+fn token_in_dir(data_dir: &std::path::Path, cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create {
-            node,
-            data_dir,
-            ttl,
-        } => {
-            ensure_data_dir(&data_dir)?;
-            let made = tokens::create_many(&data_dir, &node, ttl)?;
-            let several = made.len() > 1;
-            for (record, token) in made {
-                eprintln!(
-                    "token {} for node {} created, valid until {}; it is not shown again",
-                    record.id,
-                    record.node,
-                    record.expires.map_or_else(|| "-".into(), utc)
-                );
-                if several {
-                    println!("{} {token}", record.node);
-                } else {
-                    println!("{token}");
-                }
-            }
+        TokenCommand::Create { node, ttl, .. } => {
+            ensure_data_dir(data_dir)?;
+            print_tokens(tokens::create_many(data_dir, &node, ttl)?);
         }
-        TokenCommand::Revoke { id, data_dir } => {
-            let record = tokens::revoke(&data_dir, &id)?;
-            eprintln!("token {} of node {} revoked", record.id, record.node);
-        }
-        TokenCommand::List { data_dir } => {
-            println!("{:<14} {:<24} {:<21} EXPIRES", "ID", "NODE", "CREATED");
-            for t in tokens::list(&data_dir)? {
-                let expires = t
-                    .expires
-                    .map_or_else(|| "never (made before tokens expired)".into(), utc);
-                println!(
-                    "{:<14} {:<24} {:<21} {expires}",
-                    t.id,
-                    t.node,
-                    utc(t.created)
-                );
-            }
-        }
+        TokenCommand::Revoke { id, .. } => print_revoked(&tokens::revoke(data_dir, &id)?),
+        TokenCommand::List { .. } => print_token_list(&tokens::list(data_dir)?),
     }
     Ok(())
+}
+
+fn print_tokens(made: Vec<(tokens::TokenRecord, String)>) {
+    let several = made.len() > 1;
+    for (record, token) in made {
+        eprintln!(
+            "token {} for node {} created, valid until {}; it is not shown again",
+            record.id,
+            record.node,
+            record.expires.map_or_else(|| "-".into(), utc)
+        );
+        if several {
+            println!("{} {token}", record.node);
+        } else {
+            println!("{token}");
+        }
+    }
+}
+
+fn print_revoked(record: &tokens::TokenRecord) {
+    eprintln!("token {} of node {} revoked", record.id, record.node);
+}
+
+fn print_token_list(all: &[tokens::TokenRecord]) {
+    println!("{:<14} {:<24} {:<21} EXPIRES", "ID", "NODE", "CREATED");
+    for t in all {
+        let expires = t
+            .expires
+            .map_or_else(|| "never (made before tokens expired)".into(), utc);
+        println!(
+            "{:<14} {:<24} {:<21} {expires}",
+            t.id,
+            t.node,
+            utc(t.created)
+        );
+    }
 }
 
 async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
@@ -396,8 +437,12 @@ async fn prepare_store(
         "reading the mesh's config from etcd"
     );
     let epoch = store.epoch_when_answered().await?;
+    // Join tokens from the store too: a node authenticates to whichever replica it reaches.
+    let (records, revision) = store::when_answered(|| store::tokens::read(&store)).await?;
+    let (keep, records) = tokio::sync::watch::channel(records);
+    tokio::spawn(store::tokens::follow_tokens(store.clone(), revision, keep));
     let (config, version, source) = store::source::Source::initial(store).await?;
-    let auth = node_auth::NodeAuth::join_tokens(tokens::TokenStore::new(&args.data_dir));
+    let auth = node_auth::NodeAuth::join_tokens(tokens::TokenStore::watched(records));
     Ok((
         config,
         Origin::Store(Box::new(source), version, epoch),

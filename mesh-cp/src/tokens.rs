@@ -79,23 +79,41 @@ struct TokenFile {
     tokens: Vec<TokenRecord>,
 }
 
-/// Read-only view for the server: re-reads the file when its modification time or size changes.
+/// Read-only view for the server: the data dir's file, re-read when its modification time or
+/// size changes; or, with etcd, the records a watch keeps current (`store::tokens`).
 pub struct TokenStore {
-    path: PathBuf,
-    /// By id: every open stream re-checks its token every few seconds, so a check must not
-    /// copy or scan the whole set (thousands of nodes).
-    cache: Mutex<Option<(FileStamp, Records)>>,
+    backing: Backing,
 }
 
-type Records = Arc<HashMap<String, TokenRecord>>;
+enum Backing {
+    File {
+        path: PathBuf,
+        /// By id: every open stream re-checks its token every few seconds, so a check must
+        /// not copy or scan the whole set (thousands of nodes).
+        cache: Mutex<Option<(FileStamp, Records)>>,
+    },
+    Watched(tokio::sync::watch::Receiver<Records>),
+}
+
+/// Token records by id.
+pub type Records = Arc<HashMap<String, TokenRecord>>;
 
 type FileStamp = (SystemTime, u64, u64);
 
 impl TokenStore {
     pub fn new(data_dir: &Path) -> Self {
         Self {
-            path: data_dir.join(FILE_NAME),
-            cache: Mutex::new(None),
+            backing: Backing::File {
+                path: data_dir.join(FILE_NAME),
+                cache: Mutex::new(None),
+            },
+        }
+    }
+
+    /// The records `records` holds, as whoever sends on it keeps them.
+    pub fn watched(records: tokio::sync::watch::Receiver<Records>) -> Self {
+        Self {
+            backing: Backing::Watched(records),
         }
     }
 
@@ -122,7 +140,11 @@ impl TokenStore {
     }
 
     fn records(&self) -> Result<Records, TokenError> {
-        let stamp = match std::fs::metadata(&self.path) {
+        let (path, cache) = match &self.backing {
+            Backing::Watched(records) => return Ok(records.borrow().clone()),
+            Backing::File { path, cache } => (path, cache),
+        };
+        let stamp = match std::fs::metadata(path) {
             Ok(m) => {
                 use std::os::unix::fs::MetadataExt as _;
                 (
@@ -134,19 +156,19 @@ impl TokenStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Records::default()),
             Err(source) => {
                 return Err(TokenError::Read {
-                    path: self.path.clone(),
+                    path: path.clone(),
                     source,
                 })
             }
         };
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((cached, records)) = cache.as_ref() {
             if *cached == stamp {
                 return Ok(records.clone());
             }
         }
         let records: Records = Arc::new(
-            read_file(&self.path)?
+            read_file(path)?
                 .tokens
                 .into_iter()
                 .map(|r| (r.id.clone(), r))
@@ -222,6 +244,21 @@ pub fn create_many(
     nodes: &[String],
     ttl: std::time::Duration,
 ) -> Result<Vec<(TokenRecord, String)>, TokenError> {
+    let made = issue(nodes, ttl)?;
+    let stored: Vec<TokenRecord> = made.iter().map(|(r, _)| r.clone()).collect();
+    modify(data_dir, move |f| {
+        f.tokens.extend(stored);
+        Ok(())
+    })?;
+    Ok(made)
+}
+
+/// A new token for each of `nodes`, valid for `ttl`: the record to keep and the token to
+/// show once.
+pub fn issue(
+    nodes: &[String],
+    ttl: std::time::Duration,
+) -> Result<Vec<(TokenRecord, String)>, TokenError> {
     if let Some(bad) = nodes.iter().find(|n| !mesh_model::is_dns_label(n)) {
         return Err(TokenError::BadNode(bad.clone()));
     }
@@ -244,11 +281,6 @@ pub fn create_many(
         };
         made.push((record, format!("{id}.{secret}")));
     }
-    let stored: Vec<TokenRecord> = made.iter().map(|(r, _)| r.clone()).collect();
-    modify(data_dir, move |f| {
-        f.tokens.extend(stored);
-        Ok(())
-    })?;
     Ok(made)
 }
 

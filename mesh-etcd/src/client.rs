@@ -75,6 +75,12 @@ impl Client {
         if options.endpoints.is_empty() {
             return Err(Error::Endpoint("no endpoint given".into()));
         }
+        // The channels' tasks run on the runtime it is made in.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Endpoint(
+                "a client must be made inside a tokio runtime".into(),
+            ));
+        }
         let tls = match &options.tls {
             Some(tls) => Some(tls_config(tls)?),
             None => None,
@@ -95,8 +101,9 @@ impl Client {
                 .connect_timeout(options.request_timeout)
                 .tcp_nodelay(true)
                 // A member that went away is noticed between requests too (a watch waits on
-                // it for long stretches).
-                .http2_keep_alive_interval(Duration::from_secs(5))
+                // it for long stretches). Not more often than etcd's default
+                // --grpc-keepalive-min-time (5 s) allows: it answers that with GOAWAY.
+                .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(options.request_timeout)
                 .keep_alive_while_idle(true);
             match (&tls, secure) {
@@ -205,10 +212,19 @@ impl Client {
             }
             let more = answer.more;
             match answer.kvs.last() {
-                Some(last) if more => {
-                    // The next page starts just after the last key.
+                // The next page starts just after the last key; a page that does not move on
+                // (or leaves the range) is no page etcd sends, and would never end.
+                Some(last) if more && last.key >= from && last.key < end => {
                     from = last.key.clone();
                     from.push(0);
+                }
+                Some(_) if more => {
+                    return Err(Error::Failed {
+                        endpoints: self.endpoints.clone(),
+                        what: "a read",
+                        code: tonic::Code::Internal,
+                        message: "a page of keys out of order".into(),
+                    })
                 }
                 _ => {
                     all.extend(answer.kvs);

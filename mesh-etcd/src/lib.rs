@@ -20,11 +20,13 @@ pub mod pb {
 }
 
 /// The largest answer accepted from etcd. A range is read in pages of [`PAGE`] keys, so an
-/// answer is at most a page of values.
+/// answer is at most a page of values: values of up to 128 KiB keep a page under half of it.
+/// A watch answer larger than this ends the watch as a failure other than unavailability:
+/// the caller reads the prefix again instead.
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Keys per page of a prefix read.
-pub const PAGE: i64 = 500;
+pub const PAGE: i64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

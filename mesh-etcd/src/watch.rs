@@ -18,9 +18,11 @@ pub struct Change {
     pub revision: i64,
 }
 
-/// What one answer of the watch carried: the changes of one or more whole revisions, and
-/// the revision the store was at. An answer with no change is a progress note: nothing in
-/// the prefix changed up to `revision`.
+/// What one answer of the watch carried: the changes of one or more whole revisions, and the
+/// revision they reach: the last change's. (While a watch catches up, etcd's answers carry
+/// the store's latest revision in their header, past changes still to come: resuming from it
+/// would skip them.) An answer with no change is a progress note: nothing in the prefix
+/// changed up to `revision`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchBatch {
     pub changes: Vec<Change>,
@@ -53,9 +55,14 @@ impl Client {
         // The channel was made just above with room for one.
         let _ = requests.try_send(create);
         let mut client = self.watch.clone();
-        let answers = self
-            .call("a watch", client.watch(ReceiverStream::new(rx)))
-            .await?;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        // A member cut off from the rest of its cluster refuses the watch rather than keep it
+        // open and silent while the others move on.
+        request.metadata_mut().insert(
+            "hasleader",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        let answers = self.call("a watch", client.watch(request)).await?;
         let mut watch = Watch {
             answers,
             _requests: requests,
@@ -85,8 +92,8 @@ impl Watch {
         if answer.canceled {
             return Err(self.refused(&answer));
         }
-        let revision = answer.header.as_ref().map_or(0, |h| h.revision);
-        let changes = answer
+        let noted = answer.header.as_ref().map_or(0, |h| h.revision);
+        let changes: Vec<Change> = answer
             .events
             .into_iter()
             .filter_map(|e| {
@@ -99,6 +106,10 @@ impl Watch {
                 })
             })
             .collect();
+        let revision = match changes.iter().map(|c| c.revision).max() {
+            Some(last) => last,
+            None => noted,
+        };
         Ok(WatchBatch { changes, revision })
     }
 
@@ -110,9 +121,10 @@ impl Watch {
                 what: "a watch",
                 message: "the stream closed".into(),
             }),
-            Err(status) => Err(Error::Ended {
+            Err(status) => Err(Error::Failed {
                 endpoints: self.endpoints.clone(),
                 what: "a watch",
+                code: status.code(),
                 message: status.message().replace('\n', " "),
             }),
         }
@@ -131,7 +143,7 @@ impl Watch {
             message: if answer.cancel_reason.is_empty() {
                 "cancelled".into()
             } else {
-                answer.cancel_reason.clone()
+                answer.cancel_reason.replace(['\n', '\r'], " ")
             },
         }
     }

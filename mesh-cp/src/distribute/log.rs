@@ -67,11 +67,16 @@ impl ChangeLog {
         if since > latest {
             return None;
         }
-        // A node at any version from the oldest change's starting point on holds all that
-        // the changes after its version did not touch. (A version between two of this log's,
-        // which another replica published, is covered too: the change that spans it lists
-        // every key that changed across it.)
-        if since < self.changes.front()?.previous {
+        // Only from a link of the chain: the first change's start, or a change's version. A
+        // version between two links (published by another replica, which read the store in
+        // other steps) may hold a change that the next link undid: the change that spans it
+        // lists only what differs across the whole span, so it would not undo that.
+        let first = self.changes.front()?;
+        let linked = self
+            .changes
+            .binary_search_by_key(&since, |c| c.version)
+            .is_ok();
+        if since != first.previous && !linked {
             return None;
         }
         let mut shared = BTreeSet::new();
@@ -168,8 +173,9 @@ mod tests {
         };
         assert_eq!(keys(4), Some(vec!["a", "b", "c"]));
         assert_eq!(keys(10), Some(vec!["b", "c"]));
-        // A version this replica did not publish, inside a change: covered by it.
-        assert_eq!(keys(12), Some(vec!["b", "c"]));
+        // A version this replica did not publish, inside a change: what another replica
+        // published at 12 may have been undone by 17, and the change 10→17 would not say.
+        assert_eq!(keys(12), None);
         assert_eq!(keys(3), None, "before the log's first change was made");
         // A change from elsewhere than the last version breaks the chain.
         let broken = log.with(gap(40, 35, &["d"]));

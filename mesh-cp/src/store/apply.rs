@@ -141,15 +141,31 @@ async fn write(
             .get_prefix(store.layout.objects().as_bytes(), revision)
             .await?;
         let mut current = BTreeMap::new();
+        // Values that are not text (written by hand): a change may delete or replace them,
+        // and must, to be written.
+        let mut undecodable = Vec::new();
         for kv in kvs {
             let key = String::from_utf8_lossy(&kv.key).into_owned();
-            let text = String::from_utf8(kv.value).map_err(|_| StoreError::Corrupt {
-                key: key.clone(),
-                reason: "not UTF-8 text: delete it (mesh-cp delete)".into(),
-            })?;
+            let text = String::from_utf8(kv.value).unwrap_or_else(|e| {
+                undecodable.push(key.clone());
+                String::from_utf8_lossy(e.as_bytes()).into_owned()
+            });
             current.insert(key, text);
         }
         let (next, outcomes) = change(&current);
+        if let Some(key) = undecodable
+            .into_iter()
+            .find(|k| next.get(k).is_some_and(|t| current.get(k) == Some(t)))
+        {
+            return Err(StoreError::Corrupt {
+                reason: format!(
+                    "not UTF-8 text: delete it first (mesh-cp delete {})",
+                    store.layout.describe(&key)
+                ),
+                key,
+            }
+            .into());
+        }
         let mut ops = Vec::new();
         for (key, text) in &next {
             if current.get(key) != Some(text) {

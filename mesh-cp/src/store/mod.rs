@@ -7,14 +7,22 @@
 //! that also rewrites `PREFIX/config/written`: every replica sees a change whole or not at
 //! all. Replicas read and watch `PREFIX/config/` (`source.rs`).
 //!
-//! The config version is the store's revision of the last change under `PREFIX/config/`:
-//! the same on every replica that has read as far, and it never goes back, whichever replica
-//! restarts. `PREFIX/epoch` (made once, random) tells this store's versions from any other's,
-//! so that a node resumes from its version on another replica but never across stores.
+//! The config version is a store revision: the one the config is the state at (the last
+//! change a replica followed, or the revision it read everything at). One version therefore
+//! names one config on every replica, and it never goes back, whichever replica restarts;
+//! two replicas may call one config by two versions, which costs a node that moves between
+//! them a full copy, never a wrong one. `PREFIX/epoch` (made once, random) tells this store's
+//! versions from any other's, so that a node resumes from its version on another replica but
+//! never across stores. A node that holds a later version than a replica has read is refused
+//! by that replica (it moves to another), so that a lagging replica never takes it back.
+//!
+//! Join tokens are kept there too (`tokens.rs`), so that a node authenticates to any replica.
 
 pub mod apply;
+mod follow;
 mod objects;
 pub mod source;
+pub mod tokens;
 
 use std::path::PathBuf;
 
@@ -150,6 +158,11 @@ impl Layout {
         format!("{}/epoch", self.prefix)
     }
 
+    /// Join tokens, one key per token id, each holding its record (JSON, the secret hashed).
+    pub fn tokens(&self) -> String {
+        format!("{}/tokens/", self.prefix)
+    }
+
     /// The key of an object of `kind`: the MeshConfig has none of its own (one per mesh).
     pub fn object(&self, kind: &str, key: Option<&ObjectKey>) -> String {
         match key {
@@ -239,17 +252,17 @@ impl Store {
 
 /// What `call` gives once etcd answers it: tried again (1 s, doubling to 10 s, saying so
 /// each time) while etcd cannot be reached; any other error at once.
-pub(crate) async fn when_answered<T, F>(mut call: impl FnMut() -> F) -> Result<T, StoreError>
+pub async fn when_answered<T, F>(mut call: impl FnMut() -> F) -> Result<T, StoreError>
 where
     F: std::future::Future<Output = Result<T, StoreError>>,
 {
-    let mut wait = source::RETRY_FIRST;
+    let mut wait = follow::RETRY_FIRST;
     loop {
         match call().await {
             Err(StoreError::Etcd(e)) if e.is_unavailable() => {
                 tracing::warn!(error = %e, "waiting for etcd to answer before serving");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(source::RETRY_MOST);
+                wait = (wait * 2).min(follow::RETRY_MOST);
             }
             other => return other,
         }

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use mesh_model::{ConfigError, ObjectKey};
 
 /// The most bytes one object may take in the store: etcd refuses a request over 1.5 MiB by
-/// default, and an object this large is a mistake.
-pub const MAX_OBJECT: usize = 512 * 1024;
+/// default, a page of reads must stay under `mesh_etcd::MAX_MESSAGE`, and an object this
+/// large is a mistake.
+pub const MAX_OBJECT: usize = 128 * 1024;
 
 /// One object to write: its kind, key and YAML as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! The config as a replica serves it from etcd: read whole at start, then followed by a
 //! watch, each batch of changes checked as a whole set (as the config dir's are) and
-//! published at the store's revision.
+//! published at the revision of its last change.
 //!
 //! While etcd does not answer, the last config stays in force and nodes keep being served;
 //! `/readyz` says why it is not ready, `mycel_cp_store_reachable` is 0, and the watch is
@@ -8,24 +8,21 @@
 //! written meanwhile is missed. Should etcd have compacted that history, everything is read
 //! again.
 
-use std::{
-    collections::BTreeSet,
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::SystemTime};
 
 use mesh_model::{Config, ConfigError, Parser};
 use tokio::sync::watch;
 
-use super::{Store, StoreError};
+use mesh_etcd::pb::KeyValue;
+
+use super::{
+    follow::{follow, Seen},
+    Store, StoreError,
+};
 use crate::{
     source::Rejected,
     state::{ConfigStatus, Published, Shared, StoreStatus},
 };
-
-pub(super) const RETRY_FIRST: Duration = Duration::from_secs(1);
-pub(super) const RETRY_MOST: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -39,7 +36,7 @@ pub enum LoadError {
 pub struct Source {
     store: Store,
     parser: Parser,
-    /// The objects, by key (in key order), as the parser takes them.
+    /// The objects, by key (in the keys' byte order), as the parser takes them.
     files: Vec<(PathBuf, String)>,
     /// Keys whose value is not text: while there is one, no change is accepted.
     undecodable: BTreeSet<String>,
@@ -82,99 +79,59 @@ impl Source {
 
     /// Follows the store for as long as the process runs, publishing each valid change.
     pub async fn follow(mut self, publish: watch::Sender<Published>, shared: Arc<Shared>) {
-        let endpoints = self.store.client.endpoints().to_owned();
+        let store = self.store.clone();
+        let endpoints = store.client.endpoints().to_owned();
         shared.set_store(StoreStatus::reachable(&endpoints, self.revision));
         let mut rejected = Rejected::default();
-        let mut wait = RETRY_FIRST;
-        loop {
-            let ended = self.watch(&publish, &shared, &mut rejected).await;
-            let compacted = matches!(ended, mesh_etcd::Error::Compacted { .. });
-            if !compacted {
-                // A first failure is said once; `/status` keeps the latest.
-                if shared.store().is_none_or(|s| s.reachable) {
-                    tracing::warn!(error = %ended, "etcd unreachable: the last config stays in force while it is tried again");
+        let objects = store.layout.objects();
+        let start = self.revision;
+        follow(&store, &store.layout.config(), start, |seen, revision| {
+            self.revision = revision;
+            match seen {
+                Seen::Reachable => {
+                    if shared.store().is_some_and(|s| !s.reachable) {
+                        tracing::info!(revision, "etcd answers again; following it from where it was left");
+                    }
                 }
-                shared.set_store(StoreStatus::unreachable(&endpoints, self.revision, &ended));
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(RETRY_MOST);
-                continue;
-            }
-            tracing::warn!(error = %ended, "reading the whole config again");
-            match read_all(&self.store).await {
-                Ok(read) => {
-                    wait = RETRY_FIRST;
+                Seen::Unreachable(e) => {
+                    // A first failure is said once; `/status` keeps the latest.
+                    if shared.store().is_none_or(|s| s.reachable) {
+                        tracing::warn!(error = %e, "etcd unreachable: the last config stays in force while it is tried again");
+                    }
+                    shared.set_store(StoreStatus::unreachable(&endpoints, revision, e));
+                    return;
+                }
+                Seen::Changed(changes) => {
+                    for change in changes {
+                        self.version = self.version.max(revision_of(change.revision));
+                        let key = String::from_utf8_lossy(&change.key).into_owned();
+                        if key.starts_with(&objects) {
+                            self.set(key, change.value);
+                        }
+                    }
+                    self.publish(&publish, &shared, &mut rejected);
+                }
+                Seen::Reloaded(kvs) => {
+                    let read = Read::of(&store, kvs, revision);
                     self.files = read.files;
                     self.undecodable = read.undecodable;
-                    self.revision = read.revision;
                     self.version = self.version.max(read.version);
                     self.publish(&publish, &shared, &mut rejected);
                 }
-                Err(e) => {
-                    shared.set_store(StoreStatus::unreachable(&endpoints, self.revision, &e));
-                    tokio::time::sleep(wait).await;
-                }
             }
-        }
-    }
-
-    /// Watches from the revision after the last one read until the watch ends; why it ended.
-    async fn watch(
-        &mut self,
-        publish: &watch::Sender<Published>,
-        shared: &Shared,
-        rejected: &mut Rejected,
-    ) -> mesh_etcd::Error {
-        let prefix = self.store.layout.config();
-        let mut watch = match self
-            .store
-            .client
-            .watch_prefix(prefix.as_bytes(), self.revision + 1)
-            .await
-        {
-            Ok(w) => w,
-            Err(e) => return e,
-        };
-        if shared.store().is_some_and(|s| !s.reachable) {
-            tracing::info!(
-                revision = self.revision,
-                "etcd answers again; following it from where it was left"
-            );
-        }
-        shared.set_store(StoreStatus::reachable(
-            self.store.client.endpoints(),
-            self.revision,
-        ));
-        loop {
-            let batch = match watch.next().await {
-                Ok(b) => b,
-                Err(e) => return e,
-            };
-            self.revision = self.revision.max(batch.revision);
-            if batch.changes.is_empty() {
-                continue;
-            }
-            let objects = self.store.layout.objects();
-            for change in batch.changes {
-                self.version = self
-                    .version
-                    .max(u64::try_from(change.revision).unwrap_or(0));
-                let key = String::from_utf8_lossy(&change.key).into_owned();
-                if key.starts_with(&objects) {
-                    self.set(key, change.value);
-                }
-            }
-            self.publish(publish, shared, rejected);
-            shared.set_store(StoreStatus::reachable(
-                self.store.client.endpoints(),
-                self.revision,
-            ));
-        }
+            shared.set_store(StoreStatus::reachable(&endpoints, revision));
+        })
+        .await;
     }
 
     /// One object changed (`None`: deleted).
     fn set(&mut self, key: String, value: Option<Vec<u8>>) {
+        // By the key's bytes, the order etcd reads them in (`Path`'s own order compares
+        // components, and puts `shop-eu/a` after `shop/b`).
+        let at = self
+            .files
+            .binary_search_by(|(p, _)| p.as_os_str().as_encoded_bytes().cmp(key.as_bytes()));
         let path = PathBuf::from(&key);
-        let at = self.files.binary_search_by(|(p, _)| p.cmp(&path));
         self.undecodable.remove(&key);
         let text = match value.map(String::from_utf8) {
             Some(Ok(text)) => Some(text),
@@ -231,39 +188,51 @@ struct Read {
     files: Vec<(PathBuf, String)>,
     undecodable: BTreeSet<String>,
     revision: i64,
-    /// The revision of the last change among them.
+    /// The config version: the revision read at.
     version: u64,
 }
 
 async fn read_all(store: &Store) -> Result<Read, StoreError> {
-    let layout = &store.layout;
     let (kvs, revision) = store
         .client
-        .get_prefix(layout.config().as_bytes(), 0)
+        .get_prefix(store.layout.config().as_bytes(), 0)
         .await?;
-    let objects = layout.objects();
-    let mut read = Read {
-        files: Vec::with_capacity(kvs.len()),
-        undecodable: BTreeSet::new(),
-        revision,
-        version: 0,
-    };
-    for kv in kvs {
-        read.version = read
-            .version
-            .max(u64::try_from(kv.mod_revision).unwrap_or(0));
-        let key = String::from_utf8_lossy(&kv.key).into_owned();
-        if !key.starts_with(&objects) {
-            continue;
-        }
-        match String::from_utf8(kv.value) {
-            Ok(text) => read.files.push((PathBuf::from(key), text)),
-            Err(_) => {
-                read.undecodable.insert(key);
+    Ok(Read::of(store, kvs, revision))
+}
+
+impl Read {
+    /// The keys under the config prefix, as read at `revision`.
+    fn of(store: &Store, kvs: Vec<KeyValue>, revision: i64) -> Self {
+        let objects = store.layout.objects();
+        let mut read = Read {
+            files: Vec::with_capacity(kvs.len()),
+            undecodable: BTreeSet::new(),
+            revision,
+            // The state at this revision: a replica that read it elsewhere, or followed the
+            // changes up to it, has the same config (one that stopped at the last change
+            // calls it by that change's revision; a node moving between them is sent it
+            // whole, never something else under the same number).
+            version: revision_of(revision),
+        };
+        for kv in kvs {
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            if !key.starts_with(&objects) {
+                continue;
+            }
+            match String::from_utf8(kv.value) {
+                Ok(text) => read.files.push((PathBuf::from(key), text)),
+                Err(_) => {
+                    read.undecodable.insert(key);
+                }
             }
         }
+        read
     }
-    Ok(read)
+}
+
+/// A store revision as a config version (a revision is never negative).
+fn revision_of(revision: i64) -> u64 {
+    u64::try_from(revision).unwrap_or(0)
 }
 
 /// `/status`'s account of the store, as of now.
@@ -288,5 +257,51 @@ impl StoreStatus {
             checked_at: SystemTime::now(),
             since: SystemTime::now(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// etcd reads keys in byte order, where `shop-eu/…` comes before `shop/…` (`Path`'s
+    /// order says otherwise): a change must find its key in that order, or a delete is
+    /// missed and an update adds a second copy.
+    #[tokio::test]
+    async fn changes_find_their_key_in_the_order_etcd_reads_them() {
+        let args = super::super::EtcdArgs {
+            etcd_endpoints: vec!["http://127.0.0.1:9".into()],
+            etcd_prefix: "/mycel".into(),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+        };
+        let key = |ns: &str, name: &str| format!("/mycel/config/objects/AccessPolicy/{ns}/{name}");
+        let mut keys = [key("shop-eu", "a"), key("shop", "b"), key("shop", "c")];
+        keys.sort_unstable();
+        assert_eq!(keys[0], key("shop-eu", "a"), "etcd's order");
+        let mut source = Source {
+            store: Store::new(&args).unwrap(),
+            parser: Parser::default(),
+            files: keys
+                .iter()
+                .map(|k| (PathBuf::from(k), "old".to_owned()))
+                .collect(),
+            undecodable: BTreeSet::new(),
+            revision: 0,
+            version: 0,
+        };
+        source.set(key("shop-eu", "a"), None);
+        source.set(key("shop", "b"), Some(b"new".to_vec()));
+        let left: Vec<(String, &str)> = source
+            .files
+            .iter()
+            .map(|(p, t)| (p.display().to_string(), t.as_str()))
+            .collect();
+        assert_eq!(
+            left,
+            [(key("shop", "b"), "new"), (key("shop", "c"), "old")],
+            "deleted, and updated in place"
+        );
     }
 }
