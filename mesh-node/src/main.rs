@@ -94,7 +94,10 @@ struct RunArgs {
     /// This node's name; only workloads placed on it are enrolled.
     #[arg(long)]
     node_name: String,
-    /// Control plane gRPC address, `host:port` or `https://host:port`.
+    /// Control plane gRPC address, `host:port` or `https://host:port`; several, comma-separated,
+    /// for replicas of one control plane (`mesh-cp serve --etcd-endpoints`): one is used at a
+    /// time, and when it goes away the node moves to the next at once, resuming from the
+    /// config version it holds. A name with several addresses is tried address by address.
     #[arg(long, requires_all = ["token_file", "cp_ca"])]
     cp: Option<String>,
     /// File holding this node's join token (`mesh-cp token create`); re-read on every connect.

@@ -400,12 +400,13 @@ impl ControlPlane {
     }
 
     fn token_cmd(&self, args: &[&str]) -> io::Result<String> {
-        let out = Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"))
-            .arg("token")
-            .args(args)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .output()?;
+        let mut cmd = Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"));
+        cmd.arg("token").args(args);
+        match &self.store {
+            Some(store) => cmd.args(["--etcd-endpoints", &store.endpoint]),
+            None => cmd.arg("--data-dir").arg(&self.data_dir),
+        };
+        let out = cmd.output()?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
                 "mesh-cp token {args:?}: {}",

@@ -199,6 +199,18 @@ impl MeshNode {
         workloads: u64,
         extra: &[&str],
     ) -> io::Result<Self> {
+        Self::join_any(topo, node, cp, &[cp_addr], workloads, extra)
+    }
+
+    /// [`MeshNode::join_via`] with several control-plane addresses, `--cp A,B`.
+    pub fn join_any(
+        topo: &mut Topology,
+        node: &str,
+        cp: &ControlPlane,
+        cp_addrs: &[SocketAddr],
+        workloads: u64,
+        extra: &[&str],
+    ) -> io::Result<Self> {
         // A node joined again (a restarted daemon) gets a new cgroup next to the old one.
         let parent = topo.node(node).cgroup.clone();
         let name = (1..)
@@ -211,7 +223,7 @@ impl MeshNode {
         let cg = topo
             .add_cgroup_below(&parent, &name)
             .map_err(io::Error::other)?;
-        let mut daemon = Self::connect_to(topo.node(node), cp, cp_addr, Some(&cg), extra)?;
+        let mut daemon = Self::connect_to_any(topo.node(node), cp, cp_addrs, Some(&cg), extra)?;
         daemon.wait_for(Duration::from_secs(30), |s| {
             s["enrolled_workloads"] == workloads
                 && s["svids"] == workloads
@@ -237,11 +249,24 @@ impl MeshNode {
         daemon_cgroup: Option<&Path>,
         extra: &[&str],
     ) -> io::Result<Self> {
+        Self::connect_to_any(node, cp, &[cp_addr], daemon_cgroup, extra)
+    }
+
+    /// [`MeshNode::connect_to`] with several control-plane addresses (replicas of `cp`'s
+    /// store), `--cp A,B`.
+    pub fn connect_to_any(
+        node: &Node,
+        cp: &ControlPlane,
+        cp_addrs: &[SocketAddr],
+        daemon_cgroup: Option<&Path>,
+        extra: &[&str],
+    ) -> io::Result<Self> {
         let token_file = cp.token_file(&node.name)?;
+        let addrs: Vec<String> = cp_addrs.iter().map(SocketAddr::to_string).collect();
         Self::launch(node, daemon_cgroup, extra, &[], |_| {
             Ok(vec![
                 "--cp".into(),
-                cp_addr.to_string().into(),
+                addrs.join(",").into(),
                 "--token-file".into(),
                 token_file.into(),
                 "--cp-ca".into(),

@@ -197,3 +197,120 @@ fn replicas_on_etcd_serve_one_config_and_ride_out_its_absence() {
     assert!(connects(&topo), "allowed again");
     drop((n1, n2, a, b, etcd, ca));
 }
+
+/// Which of `cps` `node` streams from now, if any.
+fn streaming_from(cps: &[&ControlPlane], node: &str) -> Option<usize> {
+    cps.iter().position(|cp| {
+        cp.status()
+            .is_ok_and(|s| s["nodes"][node]["streams"].as_u64() > Some(0))
+    })
+}
+
+/// `mycel_cp_config_pushes_total{kind}` of `cp`.
+fn pushes(cp: &ControlPlane, kind: &str) -> f64 {
+    let text = http_get(cp.metrics, "/metrics").expect("/metrics");
+    mesh_telemetry::exposition::Exposition::parse(&text)
+        .expect("exposition")
+        .sum("mycel_cp_config_pushes_total", &[("kind", kind)])
+}
+
+/// Nodes that name both replicas (`--cp A,B`, join tokens kept in etcd): killing the replica
+/// a node streams from moves it to the other within a few seconds, resuming from the version
+/// it holds (no snapshot), while connections through the mesh keep succeeding; the survivor
+/// then serves it changes, and the killed replica comes back on the same store.
+#[test]
+fn killing_a_replica_moves_its_nodes_to_the_other_without_a_failed_connection() {
+    let mut topo = Topology::new(&[
+        NodeSpec::new("n1", &["order"]),
+        NodeSpec::new("n2", &["payment"]),
+    ])
+    .expect("topology");
+    let _server = Server::start(topo.pod("payment"), PORT).expect("payment");
+    let etcd = Etcd::start(&topo.prefix).expect("etcd");
+    let ca = etcd::shared_ca(&topo.prefix).expect("a CA for both replicas");
+    let mut cps = [
+        ControlPlane::start_etcd(&format!("{}-a", topo.prefix), &etcd.endpoint(), &ca.files())
+            .expect("replica a"),
+        ControlPlane::start_etcd(&format!("{}-b", topo.prefix), &etcd.endpoint(), &ca.files())
+            .expect("replica b"),
+    ];
+    let pods = ["order", "payment"].map(|p| topo.pod(p));
+    let mesh = format!(
+        "{}---\n{}",
+        workloads_yaml(&pods),
+        mesh_config_yaml("tls", "")
+    );
+    cps[0]
+        .store_cmd("apply", "mesh.yaml", &mesh)
+        .expect("apply the mesh");
+    let addrs = [cps[0].grpc, cps[1].grpc];
+    // Tokens from etcd (`mesh-cp token create --etcd-endpoints`): valid on both replicas.
+    let n1 = MeshNode::join_any(&mut topo, "n1", &cps[0], &addrs, 1, &[]).expect("n1");
+    let n2 = MeshNode::join_any(&mut topo, "n2", &cps[1], &addrs, 1, &[]).expect("n2");
+    assert!(connects(&topo), "order reaches payment");
+    let on = streaming_from(&[&cps[0], &cps[1]], "n1").expect("n1 streams from a replica");
+    let other = 1 - on;
+    let snapshots = pushes(&cps[other], "snapshot");
+    let resumes = pushes(&cps[other], "resume");
+
+    // Connections go on, one batch after another, while the replica is killed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        let ip = topo.pod("payment").ipv4.to_string();
+        let order = topo.pod("order").clone();
+        std::thread::spawn(move || {
+            let (mut made, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = app::run(&order, &["loop", &ip, &PORT.to_string(), "20"], T);
+                made += out["connections"].as_u64().unwrap_or(0);
+                failed += out["failures"].as_u64().unwrap_or(20);
+            }
+            (made, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    cps[on]
+        .daemon()
+        .stop_with(libc::SIGKILL)
+        .expect("kill the replica");
+    let killed = std::time::Instant::now();
+    let moved = loop {
+        if streaming_from(&[&cps[other]], "n1").is_some() {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < T,
+            "n1 did not move within {T:?}:\n{}",
+            n1.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (made, failed) = traffic.join().expect("traffic");
+    println!(
+        "n1 moved to the other replica in {moved:?}; {made} connections meanwhile, {failed} failed"
+    );
+    assert!(moved < Duration::from_secs(5), "moved in {moved:?}");
+    assert_eq!(failed, 0, "{made} connections, {failed} failed");
+    assert!(made >= 20, "traffic ran: {made}");
+    assert_eq!(pushes(&cps[other], "snapshot"), snapshots, "no full resync");
+    assert!(pushes(&cps[other], "resume") > resumes, "n1 resumed");
+
+    // The survivor serves changes: a deny applied through it reaches n2 and is enforced.
+    let (_, err) = cps[other]
+        .store_cmd("apply", "deny.yaml", &deny_order("no-order", "Deny"))
+        .expect("apply the deny");
+    let version = written_version(&err);
+    let survivor = &mut cps[other];
+    wait_everywhere(&mut [survivor], version, &[("n2", 0)]);
+    assert!(!connects(&topo), "the deny is enforced");
+
+    // The killed replica comes back on the same store and serves the same version.
+    cps[on].resume().expect("the replica restarts");
+    let [a, b] = &mut cps;
+    let served = wait_everywhere(&mut [a, b], version, &[]);
+    assert!(served.iter().all(|v| *v >= version), "{served:?}");
+    drop((n1, n2, cps, etcd, ca));
+}

@@ -1,7 +1,9 @@
-//! The node's side of the control plane: one gRPC channel (TLS, verified against `--cp-ca`),
-//! the config stream that keeps the [`MeshView`] current, and the credentials every call
-//! carries. When the control plane is away the node keeps its last view and certificates and
-//! reconnects with backoff.
+//! The node's side of the control plane: a gRPC channel (TLS, verified against `--cp-ca`) to
+//! each address `--cp` names, the config stream that keeps the [`MeshView`] current, and the
+//! credentials every call carries. One address is used at a time; when its replica goes away
+//! the node moves to the next at once (resuming from the version it holds) and keeps its last
+//! view and certificates meanwhile; only when every address has failed in a row does it back
+//! off.
 
 pub mod demand;
 mod stream;
@@ -9,6 +11,10 @@ pub mod view;
 
 use std::{
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -37,10 +43,17 @@ pub enum ControlError {
     },
 }
 
+/// The most control-plane addresses `--cp` may name.
+pub const MAX_ADDRESSES: usize = 16;
+
 /// How to reach the control plane and who to say we are.
 #[derive(Clone)]
 pub struct CpClient {
-    channel: Channel,
+    /// One channel per address, each connected on first use.
+    channels: Arc<[(String, Channel)]>,
+    /// The address in use, for every clone (the config stream and certificate requests move
+    /// together).
+    current: Arc<AtomicUsize>,
     node: String,
     token_file: PathBuf,
     /// Told to the control plane, whose dashboard scrapes the node there.
@@ -48,10 +61,12 @@ pub struct CpClient {
 }
 
 impl CpClient {
-    /// Prepares the channel (it connects on first use and reconnects by itself) and checks that
-    /// the token file can be read, so a bad command line fails at start.
+    /// Prepares a channel for each of `addrs` (comma-separated; each connects on first use
+    /// and reconnects by itself) and checks that the token file can be read, so a bad command
+    /// line fails at start. Nodes start at different addresses (by their name), so that a
+    /// fleet spreads over the replicas.
     pub fn new(
-        addr: &str,
+        addrs: &str,
         ca_file: &Path,
         node: &str,
         token_file: &Path,
@@ -60,34 +75,51 @@ impl CpClient {
             path: ca_file.into(),
             source,
         })?;
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("https://{addr}")
-        };
-        let bad = |reason: String| ControlError::BadAddress {
-            addr: addr.into(),
-            reason,
-        };
-        if !uri.starts_with("https://") {
-            return Err(bad("only https:// is supported".into()));
+        let list: Vec<&str> = addrs.split(',').map(str::trim).collect();
+        if list.iter().any(|a| a.is_empty()) || list.len() > MAX_ADDRESSES {
+            return Err(ControlError::BadAddress {
+                addr: addrs.into(),
+                reason: format!("name 1 to {MAX_ADDRESSES} addresses, comma-separated, none empty"),
+            });
         }
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| bad(e.to_string()))?
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)))
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
+        let mut channels = Vec::with_capacity(list.len());
+        for addr in list {
+            channels.push((addr.to_owned(), channel(addr, &ca_pem)?));
+        }
+        let start = node
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
         let client = Self {
-            channel: endpoint.connect_lazy(),
+            current: Arc::new(AtomicUsize::new(start % channels.len())),
+            channels: channels.into(),
             node: node.into(),
             token_file: token_file.into(),
             metrics_port: None,
         };
         client.credentials()?;
         Ok(client)
+    }
+
+    /// The address in use, and its channel.
+    fn in_use(&self) -> &(String, Channel) {
+        &self.channels[self.current.load(Ordering::Relaxed) % self.channels.len()]
+    }
+
+    /// The address in use.
+    pub fn address(&self) -> &str {
+        &self.in_use().0
+    }
+
+    /// How many addresses there are to try.
+    pub fn addresses(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Moves to the next address (to the same one when there is only one); the one now in
+    /// use.
+    pub fn fail_over(&self) -> &str {
+        self.current.fetch_add(1, Ordering::Relaxed);
+        self.address()
     }
 
     pub fn node(&self) -> &str {
@@ -125,10 +157,36 @@ impl CpClient {
 
     pub fn api(&self) -> Result<NodeClient, ControlError> {
         Ok(NodeServiceClient::with_interceptor(
-            self.channel.clone(),
+            self.in_use().1.clone(),
             self.credentials()?,
         ))
     }
+}
+
+/// A lazily connected channel to `addr` (`host:port` or `https://host:port`), verified
+/// against `ca_pem`.
+fn channel(addr: &str, ca_pem: &[u8]) -> Result<Channel, ControlError> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("https://{addr}")
+    };
+    let bad = |reason: String| ControlError::BadAddress {
+        addr: addr.into(),
+        reason,
+    };
+    if !uri.starts_with("https://") {
+        return Err(bad("only https:// is supported".into()));
+    }
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| bad(e.to_string()))?
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)))
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_lazy())
 }
 
 /// Exponential backoff with jitter, reset after a success.
@@ -156,10 +214,15 @@ impl Backoff {
         let base = self.next;
         self.next = (self.next * 2).min(self.max);
         // Up to 25% jitter, so nodes cut off together do not reconnect together.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+        base + base.mul_f64(jitter() / 4.0)
     }
+}
+
+/// A fraction in [0, 1), different from node to node and from time to time.
+pub(crate) fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
 }

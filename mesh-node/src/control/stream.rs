@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
     demand::{self, Asked, Lookup},
-    Backoff, CpClient, MeshView,
+    jitter, Backoff, CpClient, MeshView,
 };
 
 /// A request to apply one version of the config (`node/`); the answer is `Err(reason)` when
@@ -49,6 +49,9 @@ pub async fn run(
         },
         ..Held::default()
     };
+    // Sessions that failed since the last one that got going: while some address is left
+    // untried, the next is tried at once.
+    let mut failed_in_a_row = 0usize;
     loop {
         let outcome = session(
             &client,
@@ -59,22 +62,34 @@ pub async fn run(
             &mut lookups,
         )
         .await;
-        connected.send_replace(false);
-        let delay = backoff.step();
+        let got_going = connected.send_replace(false);
+        failed_in_a_row = if got_going { 1 } else { failed_in_a_row + 1 };
+        let from = client.address().to_owned();
+        let several = client.addresses() > 1;
+        let to = if several { client.fail_over() } else { &from };
+        let delay = if several && failed_in_a_row < client.addresses() {
+            // Not at the same instant as every other node of a replica that went away.
+            AT_ONCE + AT_ONCE.mul_f64(jitter())
+        } else {
+            backoff.step()
+        };
         match outcome {
             Ok(Ended::Closed) => {
-                tracing::warn!(retry_in = ?delay, "control plane closed the config stream; keeping the last config")
+                tracing::warn!(cp = from, next = to, retry_in = ?delay, "control plane closed the config stream; keeping the last config")
             }
             Ok(Ended::Stopping) => {
-                tracing::info!(retry_in = ?delay, "control plane is shutting down (a restart or an upgrade); keeping the last config until it is back")
+                tracing::info!(cp = from, next = to, retry_in = ?delay, "control plane is shutting down (a restart or an upgrade); keeping the last config until it is back")
             }
             Err(e) => {
-                tracing::warn!(retry_in = ?delay, "control plane unavailable, keeping the last config: {e}")
+                tracing::warn!(cp = from, next = to, retry_in = ?delay, "control plane unavailable, keeping the last config: {e}")
             }
         }
         tokio::time::sleep(delay).await;
     }
 }
+
+/// The pause before trying another control-plane address, before its jitter.
+const AT_ONCE: Duration = Duration::from_millis(100);
 
 /// How a config stream ended without a fault.
 enum Ended {
