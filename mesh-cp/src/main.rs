@@ -128,7 +128,8 @@ struct ServeArgs {
     /// bundle ConfigMap (mycel-trust-bundle) and leader Lease (mycel-cp-leader) live.
     #[arg(long, env = "POD_NAMESPACE", default_value = "mycel-system")]
     namespace: String,
-    /// With --kubernetes: this replica's name in the leader election [default: the host name].
+    /// With --kubernetes or --etcd-endpoints: this replica's name in the leader election
+    /// [default: the host name; with etcd, followed by the process id].
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
     /// Directory for the CA (ca.crt, ca.key) and join tokens; created if missing.
@@ -160,6 +161,11 @@ struct ServeArgs {
     /// The private key (PEM) of --ca-cert.
     #[arg(long, requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// With --etcd-endpoints: keep the CA in etcd, its private key sealed with this key (a
+    /// file of 64 hex digits, `openssl rand -hex 32`; give every replica the same one). The
+    /// leader makes the CA when etcd has none. Instead of --ca-cert and --ca-key.
+    #[arg(long, requires = "etcd_endpoints", conflicts_with = "ca_cert")]
+    ca_encryption_key: Option<PathBuf>,
     /// How often to check the config dir for changes, in seconds.
     #[arg(long, default_value_t = 0.5, value_parser = seconds(HOUR))]
     reload_interval: f64,
@@ -388,7 +394,12 @@ fn print_report(report: &store::apply::Report) {
 enum Origin {
     Dir(PathBuf, Vec<(PathBuf, String)>, Box<mesh_model::Parser>),
     Kubernetes(Box<kubernetes::Cluster>),
-    Store(Box<store::source::Source>, u64, u64),
+    Store(
+        Box<store::source::Source>,
+        u64,
+        u64,
+        tokio::sync::watch::Receiver<bool>,
+    ),
 }
 
 /// The first config, where the rest will come from, the CA and how nodes authenticate.
@@ -426,16 +437,50 @@ async fn prepare(
 async fn prepare_store(
     args: &ServeArgs,
 ) -> anyhow::Result<(mesh_model::Config, Origin, ca::Ca, node_auth::NodeAuth)> {
-    let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) else {
-        bail!("with --etcd-endpoints, give every replica the same CA: --ca-cert and --ca-key");
+    let sealing = match (&args.ca_cert, &args.ca_key, &args.ca_encryption_key) {
+        (Some(cert), Some(key), None) => Err(ca::Ca::load_or_create(cert, key, false)?),
+        (None, None, Some(path)) => Ok(store::ca::SealingKey::read(path)?),
+        _ => bail!(
+            "with --etcd-endpoints, give every replica the same CA: --ca-encryption-key (the CA kept in etcd) or --ca-cert and --ca-key"
+        ),
     };
-    let ca = ca::Ca::load_or_create(cert, key, false)?;
     let store = store::Store::new(&args.etcd)?;
     tracing::info!(
         endpoints = store.client.endpoints(),
         prefix = args.etcd.etcd_prefix,
         "reading the mesh's config from etcd"
     );
+    let identity = args.pod_name.clone().unwrap_or_else(|| {
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "mesh-cp".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let (elected, leader) = tokio::sync::watch::channel(false);
+    tokio::spawn(store::leader::run(
+        store.clone(),
+        identity,
+        store::leader::Timing::default(),
+        elected,
+    ));
+    let ca = match sealing {
+        Err(ca) => ca,
+        Ok(sealing) => {
+            let ca = store::ca::load(&store, &sealing, leader.clone()).await?;
+            // The root (public) where nodes' --cp-ca is copied from, as in a single control
+            // plane's data dir.
+            ensure_data_dir(&args.data_dir)?;
+            let path = args.data_dir.join("ca.crt");
+            mesh_cp::files::replace(
+                &path,
+                &args.data_dir.join(".ca.crt.tmp"),
+                ca.root_pem().as_bytes(),
+                0o644,
+            )
+            .map_err(|(at, e)| anyhow::anyhow!("cannot write {}: {e}", at.display()))?;
+            ca
+        }
+    };
     let epoch = store.epoch_when_answered().await?;
     // Join tokens from the store too: a node authenticates to whichever replica it reaches.
     let (records, revision) = store::when_answered(|| store::tokens::read(&store)).await?;
@@ -445,7 +490,7 @@ async fn prepare_store(
     let auth = node_auth::NodeAuth::join_tokens(tokens::TokenStore::watched(records));
     Ok((
         config,
-        Origin::Store(Box::new(source), version, epoch),
+        Origin::Store(Box::new(source), version, epoch, leader),
         ca,
         auth,
     ))
@@ -506,7 +551,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // In etcd, the version is the store's and the same on every replica; otherwise each
     // run starts above the last.
     let (first, epoch) = match &origin {
-        Origin::Store(_, version, epoch) => (*version, Some(*epoch)),
+        Origin::Store(_, version, epoch, _) => (*version, Some(*epoch)),
         _ => (
             first_version::take(&args.data_dir, std::time::SystemTime::now())?,
             None,
@@ -531,6 +576,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .with_config_source(source);
     if let Some(epoch) = epoch {
         shared.epoch = epoch;
+    }
+    match &origin {
+        Origin::Store(.., leader) => shared.leader = Some(leader.clone()),
+        Origin::Kubernetes(cluster) => shared.leader = Some(cluster.leader.clone()),
+        Origin::Dir(..) => {}
     }
     let shared = Arc::new(shared);
     shared

@@ -267,6 +267,8 @@ pub struct Figures {
     pub config_in_force: bool,
     /// Whether the config store (etcd) answers; `None` without one.
     pub store_reachable: Option<bool>,
+    /// Whether this replica leads; `None` where replicas elect no leader.
+    pub leader: Option<bool>,
     /// When the CA's root certificate expires, in Unix seconds (0 when unreadable).
     pub ca_expiry: f64,
 }
@@ -279,6 +281,7 @@ struct StateCollector {
     version: IntGauge,
     config_in_force: IntGauge,
     store_reachable: IntGauge,
+    leader: IntGauge,
     ca_expiry: Gauge,
     scrape: Mutex<()>,
 }
@@ -298,6 +301,10 @@ impl StateCollector {
                 name("store_reachable"),
                 "1 while the config store (etcd) answers, 0 while it does not (the last config stays in force); only with --etcd-endpoints.",
             )?,
+            leader: IntGauge::new(
+                name("leader"),
+                "1 while this replica leads the others (it makes the CA when there is none, and in Kubernetes writes the policies' status), 0 otherwise; only where replicas elect a leader (etcd, Kubernetes).",
+            )?,
             ca_expiry: Gauge::new(
                 name("ca_expiry_timestamp_seconds"),
                 "When the CA's root certificate expires (Unix seconds).",
@@ -309,12 +316,13 @@ impl StateCollector {
 
 impl StateCollector {
     /// Every family: what `desc` and `collect` both walk.
-    fn families(&self) -> [&dyn Collector; 5] {
+    fn families(&self) -> [&dyn Collector; 6] {
         [
             &self.nodes,
             &self.version,
             &self.config_in_force,
             &self.store_reachable,
+            &self.leader,
             &self.ca_expiry,
         ]
     }
@@ -339,11 +347,17 @@ impl Collector for StateCollector {
         if let Some(up) = figures.store_reachable {
             self.store_reachable.set(i64::from(up));
         }
-        // Without a store there is nothing to say of one.
-        let store = figures.store_reachable.is_some();
+        if let Some(leads) = figures.leader {
+            self.leader.set(i64::from(leads));
+        }
+        // Without a store, or an election, there is nothing to say of one.
+        let unsaid = |f: &&dyn Collector| {
+            (figures.store_reachable.is_none() && std::ptr::addr_eq(*f, &self.store_reachable))
+                || (figures.leader.is_none() && std::ptr::addr_eq(*f, &self.leader))
+        };
         self.families()
             .into_iter()
-            .filter(|f| store || !std::ptr::addr_eq(*f, &self.store_reachable))
+            .filter(|f| !unsaid(f))
             .flat_map(|f| f.collect())
             .collect()
     }
@@ -361,6 +375,7 @@ mod tests {
             config_version: 7,
             config_in_force: false,
             store_reachable: None,
+            leader: None,
             ca_expiry: 1.5e9,
         };
         metrics.watch(move || Some(figures)).unwrap();
@@ -383,6 +398,7 @@ mod tests {
             .watch(move || {
                 Some(Figures {
                     store_reachable: Some(false),
+                    leader: Some(true),
                     ..figures
                 })
             })

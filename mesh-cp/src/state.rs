@@ -228,6 +228,8 @@ pub struct Shared {
     config_status: Mutex<ConfigStatus>,
     /// The config store (etcd), when the config comes from one.
     store: Mutex<Option<StoreStatus>>,
+    /// Whether this replica leads the others, where replicas elect one (etcd, Kubernetes).
+    pub leader: Option<watch::Receiver<bool>>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
 }
 
@@ -268,6 +270,7 @@ impl Shared {
             config_source: "directory",
             config_status: Mutex::new(ConfigStatus::ok(version)),
             store: Mutex::new(None),
+            leader: None,
             nodes: Mutex::new(BTreeMap::new()),
         }
     }
@@ -296,6 +299,11 @@ impl Shared {
             status.since = last.since;
         }
         *store = Some(status);
+    }
+
+    /// Whether this replica leads now; `None` where there is no election.
+    pub fn leads(&self) -> Option<bool> {
+        self.leader.as_ref().map(|l| *l.borrow())
     }
 
     pub fn store(&self) -> Option<StoreStatus> {
@@ -332,6 +340,7 @@ impl Shared {
             config_version: status.version,
             config_in_force: status.error.is_none(),
             store_reachable: self.store().map(|s| s.reachable),
+            leader: self.leads(),
             ca_expiry: self
                 .ca
                 .root_not_after()

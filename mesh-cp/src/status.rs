@@ -295,6 +295,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "started_at": mesh_daemon::time::rfc3339(shared.started_at),
         "config_source": shared.config_source,
         "store": shared.store(),
+        "leader": shared.leads(),
         "nodes": nodes(&shared, &published.config),
     }))
 }

@@ -39,7 +39,15 @@ pub struct ControlPlane {
 /// Where an etcd-mode control plane keeps the mesh.
 struct Store {
     endpoint: String,
-    ca: (PathBuf, PathBuf),
+    ca: StoreCa,
+}
+
+/// How the replicas share the CA.
+enum StoreCa {
+    /// Files every replica is given (`--ca-cert`, `--ca-key`).
+    Files(PathBuf, PathBuf),
+    /// Kept in etcd, its key sealed with this key file (`--ca-encryption-key`).
+    Sealed(PathBuf),
 }
 
 /// How long mesh-cp may take to become ready, usually.
@@ -55,12 +63,23 @@ impl ControlPlane {
     /// Starts `mesh-cp serve --etcd-endpoints` on the store at `endpoint`, with the CA of
     /// `ca` (a certificate and key every replica is given), and waits for `/healthz`.
     pub fn start_etcd(prefix: &str, endpoint: &str, ca: &(PathBuf, PathBuf)) -> io::Result<Self> {
+        let (cert, key) = ca.clone();
+        Self::launch_etcd(prefix, endpoint, StoreCa::Files(cert, key))
+    }
+
+    /// [`ControlPlane::start_etcd`] with the CA kept in etcd, sealed with `sealing_key`
+    /// (made by the elected leader if etcd has none).
+    pub fn start_etcd_sealed(prefix: &str, endpoint: &str, sealing_key: &Path) -> io::Result<Self> {
+        Self::launch_etcd(prefix, endpoint, StoreCa::Sealed(sealing_key.to_path_buf()))
+    }
+
+    fn launch_etcd(prefix: &str, endpoint: &str, ca: StoreCa) -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("{prefix}-mesh-cp-{}", free_port()));
         fs::create_dir_all(&dir)?;
         let mut cp = Self::not_started(dir, None);
         cp.store = Some(Store {
             endpoint: endpoint.to_owned(),
-            ca: ca.clone(),
+            ca,
         });
         cp.daemon.replace(cp.spawn()?);
         cp.wait_healthy()?;
@@ -155,12 +174,18 @@ impl ControlPlane {
                 .args(["--kubernetes", "--namespace", "mycel-system"])
                 .args(["--pod-name", "mycel-cp-0"])
                 .env("KUBECONFIG", kubeconfig),
-            (None, Some(store)) => cmd
-                .args(["--etcd-endpoints", &store.endpoint])
-                .arg("--ca-cert")
-                .arg(&store.ca.0)
-                .arg("--ca-key")
-                .arg(&store.ca.1),
+            (None, Some(store)) => match &store.ca {
+                StoreCa::Files(cert, key) => cmd
+                    .args(["--etcd-endpoints", &store.endpoint])
+                    .arg("--ca-cert")
+                    .arg(cert)
+                    .arg("--ca-key")
+                    .arg(key),
+                StoreCa::Sealed(key) => cmd
+                    .args(["--etcd-endpoints", &store.endpoint])
+                    .arg("--ca-encryption-key")
+                    .arg(key),
+            },
             (None, None) => cmd.arg("--config-dir").arg(&self.config_dir),
         };
         cmd.arg("--data-dir")
@@ -229,8 +254,12 @@ impl ControlPlane {
 
     pub fn ca_cert(&self) -> PathBuf {
         match &self.store {
-            Some(store) => store.ca.0.clone(),
-            None => self.data_dir.join("ca.crt"),
+            Some(Store {
+                ca: StoreCa::Files(cert, _),
+                ..
+            }) => cert.clone(),
+            // Written there by mesh-cp, from etcd, in etcd mode as in a single one's.
+            _ => self.data_dir.join("ca.crt"),
         }
     }
 

@@ -108,7 +108,8 @@ fn health(port: u16) -> bool {
 }
 
 /// A root CA's certificate and key in files, as an operator gives every mesh-cp replica
-/// (`--ca-cert`, `--ca-key`); removed on drop.
+/// (`--ca-cert`, `--ca-key`), or the key that seals the CA kept in etcd
+/// (`--ca-encryption-key`); removed on drop.
 pub struct SharedCa {
     dir: PathBuf,
 }
@@ -118,6 +119,27 @@ impl SharedCa {
     pub fn files(&self) -> (PathBuf, PathBuf) {
         (self.dir.join("ca.crt"), self.dir.join("ca.key"))
     }
+
+    /// The sealing key (64 hex digits) of [`sealing_key`].
+    pub fn sealing_key(&self) -> PathBuf {
+        self.dir.join("ca-encryption.key")
+    }
+}
+
+/// A key to seal the CA that the replicas keep in etcd.
+pub fn sealing_key(prefix: &str) -> io::Result<SharedCa> {
+    use std::fmt::Write as _;
+    let dir = std::env::temp_dir().join(format!("{prefix}-seal-{}", free_port()));
+    fs::create_dir_all(&dir)?;
+    let ca = SharedCa { dir };
+    let mut bytes = [0u8; 32];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let hex = bytes.iter().fold(String::new(), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    });
+    fs::write(ca.sealing_key(), hex)?;
+    Ok(ca)
 }
 
 impl Drop for SharedCa {

@@ -314,3 +314,93 @@ fn killing_a_replica_moves_its_nodes_to_the_other_without_a_failed_connection() 
     assert!(served.iter().all(|v| *v >= version), "{served:?}");
     drop((n1, n2, cps, etcd, ca));
 }
+
+/// Replicas that keep the CA in etcd, sealed with a key each is given: the first to lead
+/// makes it, the other loads the same root; killing the leader elects the other; and
+/// certificates go on being issued and rotated with either replica down.
+#[test]
+fn the_leader_makes_the_ca_once_and_certificates_rotate_with_either_replica_down() {
+    let mut topo = Topology::new(&[NodeSpec::new("n1", &["order"])]).expect("topology");
+    let etcd = Etcd::start(&topo.prefix).expect("etcd");
+    let key = etcd::sealing_key(&topo.prefix).expect("a sealing key");
+    let start = |name: &str| {
+        ControlPlane::start_etcd_sealed(
+            &format!("{}-{name}", topo.prefix),
+            &etcd.endpoint(),
+            &key.sealing_key(),
+        )
+        .expect("replica")
+    };
+    let mut cps = [start("a"), start("b")];
+    let roots: Vec<String> = cps
+        .iter()
+        .map(|cp| std::fs::read_to_string(cp.ca_cert()).expect("ca.crt written"))
+        .collect();
+    assert_eq!(roots[0], roots[1], "one root for both replicas");
+    let leaders = |cps: &[ControlPlane]| -> Vec<bool> {
+        cps.iter()
+            .map(|cp| cp.status().expect("/status")["leader"] == true)
+            .collect()
+    };
+    // The first leads from its first attempt; the second found the key held.
+    let deadline = std::time::Instant::now() + T;
+    while leaders(&cps) != [true, false] {
+        assert!(std::time::Instant::now() < deadline, "{:?}", leaders(&cps));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Certificates of 20 s: rotated about every 10 s.
+    let mesh = format!(
+        "{}---\n{}",
+        workloads_yaml(&[topo.pod("order")]),
+        mesh_config_yaml("tls", "certTtl: 20s")
+    );
+    cps[0]
+        .store_cmd("apply", "mesh.yaml", &mesh)
+        .expect("apply the mesh");
+    let addrs = [cps[0].grpc, cps[1].grpc];
+    let n1 = MeshNode::join_any(&mut topo, "n1", &cps[0], &addrs, 1, &[]).expect("n1");
+
+    for down in [0, 1] {
+        let up = 1 - down;
+        cps[down]
+            .daemon()
+            .stop_with(libc::SIGKILL)
+            .expect("kill a replica");
+        let killed = std::time::Instant::now();
+        let before = n1.cert_serials().expect("certs");
+        // Rotated at least twice by the replica left, which comes to lead (its election waits
+        // for the dead one's lease to run out).
+        let mut seen = vec![before.clone()];
+        let mut elected = None;
+        while seen.len() < 3 || elected.is_none() {
+            assert!(
+                killed.elapsed() < Duration::from_secs(60),
+                "rotations: {seen:?}, elected: {elected:?}\n{}",
+                n1.log()
+            );
+            let now = n1.cert_serials().expect("certs");
+            if seen.last() != Some(&now) {
+                seen.push(now);
+            }
+            if elected.is_none() && cps[up].status().expect("/status")["leader"] == true {
+                elected = Some(killed.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let elected = elected.unwrap_or_default();
+        println!(
+            "replica {down} killed: the other led {elected:?} after; certificates rotated twice within {:?}",
+            killed.elapsed()
+        );
+        // A lease of 10 s renewed every 3 s: the other takes it within about 13 s.
+        assert!(
+            elected < Duration::from_secs(20),
+            "elected after {elected:?}"
+        );
+        cps[down].resume().expect("the replica comes back");
+        let root = std::fs::read_to_string(cps[down].ca_cert()).expect("ca.crt");
+        assert_eq!(root, roots[0], "the same root after a restart");
+    }
+    drop((n1, cps, etcd, key));
+}

@@ -16,10 +16,14 @@
 //! never across stores. A node that holds a later version than a replica has read is refused
 //! by that replica (it moves to another), so that a lagging replica never takes it back.
 //!
-//! Join tokens are kept there too (`tokens.rs`), so that a node authenticates to any replica.
+//! Join tokens are kept there too (`tokens.rs`), so that a node authenticates to any replica;
+//! and, unless each replica is given it as files, the CA (`ca.rs`, its key sealed), made once
+//! by the leader the replicas elect with an etcd lease (`leader.rs`).
 
 pub mod apply;
+pub mod ca;
 mod follow;
+pub mod leader;
 mod objects;
 pub mod source;
 pub mod tokens;
@@ -156,6 +160,16 @@ impl Layout {
 
     pub fn epoch(&self) -> String {
         format!("{}/epoch", self.prefix)
+    }
+
+    /// The replica that leads, attached to its lease.
+    pub fn leader(&self) -> String {
+        format!("{}/leader", self.prefix)
+    }
+
+    /// The CA, when the replicas keep it in etcd (its private key sealed).
+    pub fn ca(&self) -> String {
+        format!("{}/ca", self.prefix)
     }
 
     /// Join tokens, one key per token id, each holding its record (JSON, the secret hashed).

@@ -1,0 +1,262 @@
+//! The mesh's CA kept in etcd, for replicas that are not each given it as files: the root
+//! certificate in the clear and its private key sealed (ChaCha20-Poly1305) with a key every
+//! replica is given (`--ca-encryption-key`, 32 bytes as 64 hex digits). Whoever reads etcd
+//! without that key learns the root certificate, which is public anyway, and nothing else.
+//!
+//! Without a CA in the store, the leader makes one and writes it only if there is still
+//! none; the other replicas wait for it. A stored CA that cannot be opened is an error, never
+//! replaced: a new root would cut every certificate in the mesh from its root.
+
+use std::{path::Path, time::Duration};
+
+use base64::Engine as _;
+use mesh_etcd::pb::{compare, request_op, Compare, PutRequest, RequestOp, TxnRequest};
+use ring::{
+    aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN},
+    rand::{SecureRandom as _, SystemRandom},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{Store, StoreError};
+use crate::ca::{Ca, CaError};
+
+/// How often a replica that does not lead looks for the CA the leader makes.
+const WAIT: Duration = Duration::from_secs(1);
+/// The most bytes the stored CA may take.
+const MAX_VALUE: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreCaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("--ca-encryption-key {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("the CA in etcd ({key}) cannot be opened: {reason}; it is never replaced (every certificate chains to it): give the key it was sealed with")]
+    Sealed { key: String, reason: String },
+    #[error("the CA in etcd ({key}): {0}", key = .1)]
+    Ca(CaError, String),
+    #[error("the system's random source failed")]
+    Random,
+}
+
+impl From<mesh_etcd::Error> for StoreCaError {
+    fn from(e: mesh_etcd::Error) -> Self {
+        StoreCaError::Store(e.into())
+    }
+}
+
+/// The key that seals the CA's private key.
+pub struct SealingKey(LessSafeKey);
+
+impl SealingKey {
+    /// Reads 32 bytes written as 64 hex digits (`openssl rand -hex 32`).
+    pub fn read(path: &Path) -> Result<Self, StoreCaError> {
+        let bad = |reason: String| StoreCaError::Key {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let bytes = hex::decode(text.trim())
+            .map_err(|_| bad("not hex digits (make one with `openssl rand -hex 32`)".into()))?;
+        if bytes.len() != 32 {
+            return Err(bad(format!(
+                "{} bytes; it must be 32 (64 hex digits)",
+                bytes.len()
+            )));
+        }
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes)
+            .map_err(|_| bad("not a ChaCha20-Poly1305 key".into()))?;
+        Ok(Self(LessSafeKey::new(key)))
+    }
+}
+
+/// What the store holds.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    cert_pem: String,
+    /// Base64 of the nonce followed by the sealed key PEM and its tag.
+    key_sealed: String,
+}
+
+/// The CA from the store, or, once this replica leads and there is none, a new one it
+/// writes there. Waits (saying so) while etcd does not answer or the leader has not made it.
+pub async fn load(
+    store: &Store,
+    sealing: &SealingKey,
+    mut leader: watch::Receiver<bool>,
+) -> Result<Ca, StoreCaError> {
+    let key = store.layout.ca();
+    let mut said = false;
+    loop {
+        let name = key.as_bytes();
+        let (kv, _) =
+            super::when_answered(|| async move { Ok(store.client.get(name).await?) }).await?;
+        if let Some(kv) = kv {
+            return open(&key, &kv.value, sealing);
+        }
+        if *leader.borrow_and_update() {
+            if let Some(ca) = create(store, &key, sealing).await? {
+                return Ok(ca);
+            }
+            // Another replica wrote one first: read it next time round.
+            continue;
+        }
+        if !said {
+            tracing::info!("no CA in etcd yet: waiting for the leader to make it");
+            said = true;
+        }
+        tokio::select! {
+            _ = leader.changed() => {}
+            () = tokio::time::sleep(WAIT) => {}
+        }
+    }
+}
+
+/// Makes a root and writes it if the store still has none: `None` if another did first.
+async fn create(
+    store: &Store,
+    key: &str,
+    sealing: &SealingKey,
+) -> Result<Option<Ca>, StoreCaError> {
+    let (ca, cert_pem, key_pem) = Ca::generate().map_err(|e| StoreCaError::Ca(e, key.into()))?;
+    let stored = Stored {
+        cert_pem,
+        key_sealed: seal(key, &key_pem, sealing)?,
+    };
+    let value = serde_json::to_vec(&stored).map_err(|e| StoreCaError::Sealed {
+        key: key.into(),
+        reason: e.to_string(),
+    })?;
+    let answer = store
+        .client
+        .txn(TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Create as i32,
+                key: key.as_bytes().to_vec(),
+                target_union: Some(compare::TargetUnion::CreateRevision(0)),
+            }],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: key.as_bytes().to_vec(),
+                    value,
+                    ..PutRequest::default()
+                })),
+            }],
+            failure: vec![],
+        })
+        .await?;
+    if !answer.succeeded {
+        return Ok(None);
+    }
+    let expires = ca.root_not_after().map(mesh_daemon::time::rfc3339);
+    tracing::info!(
+        key,
+        expires,
+        "made the mesh's root CA and kept it in etcd, its key sealed"
+    );
+    Ok(Some(ca))
+}
+
+fn seal(key: &str, key_pem: &str, sealing: &SealingKey) -> Result<String, StoreCaError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| StoreCaError::Random)?;
+    let mut sealed = key_pem.as_bytes().to_vec();
+    // The key's name is bound in: a sealed CA moved under another prefix does not open.
+    sealing
+        .0
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(key.as_bytes()),
+            &mut sealed,
+        )
+        .map_err(|_| StoreCaError::Random)?;
+    let mut out = nonce.to_vec();
+    out.extend(sealed);
+    Ok(base64::engine::general_purpose::STANDARD.encode(out))
+}
+
+fn open(key: &str, value: &[u8], sealing: &SealingKey) -> Result<Ca, StoreCaError> {
+    let bad = |reason: &str| StoreCaError::Sealed {
+        key: key.into(),
+        reason: reason.into(),
+    };
+    if value.len() > MAX_VALUE {
+        return Err(bad("larger than a CA"));
+    }
+    let stored: Stored = serde_json::from_slice(value).map_err(|_| bad("not a stored CA"))?;
+    let mut sealed = base64::engine::general_purpose::STANDARD
+        .decode(stored.key_sealed.as_bytes())
+        .map_err(|_| bad("its sealed key is not base64"))?;
+    if sealed.len() < NONCE_LEN {
+        return Err(bad("its sealed key is cut short"));
+    }
+    let rest = sealed.split_off(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(&sealed).map_err(|_| bad("bad nonce"))?;
+    let mut rest = rest;
+    let key_pem = sealing
+        .0
+        .open_in_place(nonce, Aad::from(key.as_bytes()), &mut rest)
+        .map_err(|_| bad("the key does not open it (another --ca-encryption-key?)"))?;
+    let key_pem = std::str::from_utf8(key_pem).map_err(|_| bad("its key is not PEM"))?;
+    Ca::from_pem(&stored.cert_pem, key_pem, key).map_err(|e| StoreCaError::Ca(e, key.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_file(name: &str, text: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("mycel-ca-seal-{name}-{}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_sealed_ca_opens_with_its_key_only_and_under_its_name_only() {
+        let one = key_file("one", &"11".repeat(32));
+        let two = key_file("two", &format!("{}\n", "22".repeat(32)));
+        let (k1, k2) = (
+            SealingKey::read(&one).unwrap(),
+            SealingKey::read(&two).unwrap(),
+        );
+        let (ca, cert_pem, key_pem) = Ca::generate().unwrap();
+        let stored = Stored {
+            cert_pem,
+            key_sealed: seal("/mycel/ca", &key_pem, &k1).unwrap(),
+        };
+        let value = serde_json::to_vec(&stored).unwrap();
+        assert!(!String::from_utf8_lossy(&value).contains("PRIVATE KEY"));
+        let opened = open("/mycel/ca", &value, &k1).unwrap();
+        assert_eq!(opened.root_der(), ca.root_der());
+        let wrong_key = open("/mycel/ca", &value, &k2).err().unwrap().to_string();
+        assert!(wrong_key.contains("does not open"), "{wrong_key}");
+        assert!(
+            open("/other/ca", &value, &k1).is_err(),
+            "bound to its key name"
+        );
+        for junk in [&b"{}"[..], b"not json", &[0xff; 10]] {
+            assert!(open("/mycel/ca", junk, &k1).is_err());
+        }
+        std::fs::remove_file(one).unwrap();
+        std::fs::remove_file(two).unwrap();
+    }
+
+    #[test]
+    fn a_sealing_key_is_64_hex_digits() {
+        for (name, text, says) in [("short", "abcd", "2 bytes"), ("nothex", "zz", "not hex")] {
+            let path = key_file(name, text);
+            let err = SealingKey::read(&path).err().unwrap().to_string();
+            assert!(err.contains(says), "{err}");
+            std::fs::remove_file(path).unwrap();
+        }
+        let missing = SealingKey::read(Path::new("/nonexistent/key"))
+            .err()
+            .unwrap();
+        assert!(missing.to_string().contains("/nonexistent/key"));
+    }
+}

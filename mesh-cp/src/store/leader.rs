@@ -1,0 +1,119 @@
+//! Leader election among the replicas that share a store, by an etcd lease: the leader does
+//! what must happen once (today, making the CA when the store has none). Every replica
+//! serves nodes and signs certificates whether it leads or not.
+//!
+//! The leader holds `PREFIX/leader` (its name) attached to a lease it renews every
+//! [`Timing::renew`]; when it stops renewing (it died, or lost etcd), etcd removes the key
+//! once the lease's [`Timing::ttl`] runs out, and the next replica to look takes it. A leader
+//! that fails to renew steps down at once: two leaders never act together.
+
+use std::time::Duration;
+
+use mesh_etcd::pb::{
+    compare, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use tokio::sync::watch;
+
+use super::Store;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long the lease lasts without renewal, in seconds.
+    pub ttl: i64,
+    /// How often the leader renews, and the others look.
+    pub renew: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            ttl: 10,
+            renew: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Takes part in the election as `identity` for as long as the process runs; `leader` says
+/// whether this replica leads now.
+pub async fn run(store: Store, identity: String, timing: Timing, leader: watch::Sender<bool>) {
+    let key = store.layout.leader();
+    let mut lease: Option<i64> = None;
+    loop {
+        let leads = match attempt(&store, &key, &identity, &mut lease, timing.ttl).await {
+            Ok(leads) => leads,
+            Err(e) => {
+                if *leader.borrow() {
+                    tracing::warn!(error = %e, "cannot renew the leader lease: stepping down");
+                }
+                // Whatever the lease's state, a new one is taken next time.
+                lease = None;
+                false
+            }
+        };
+        if leader.send_replace(leads) != leads {
+            match leads {
+                true => tracing::info!(identity, "leading the control-plane replicas"),
+                false => tracing::info!(identity, "no longer leading"),
+            }
+        }
+        tokio::time::sleep(timing.renew).await;
+    }
+}
+
+/// Renews (or takes) the lease, then takes the key if it is free; whether this replica
+/// holds it.
+async fn attempt(
+    store: &Store,
+    key: &str,
+    identity: &str,
+    lease: &mut Option<i64>,
+    ttl: i64,
+) -> Result<bool, mesh_etcd::Error> {
+    let client = &store.client;
+    if let Some(id) = *lease {
+        if client.keep_alive(id).await? <= 0 {
+            *lease = None;
+        }
+    }
+    let id = match *lease {
+        Some(id) => id,
+        None => {
+            let id = client.grant(ttl).await?;
+            *lease = Some(id);
+            id
+        }
+    };
+    let answer = client
+        .txn(TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Create as i32,
+                key: key.as_bytes().to_vec(),
+                target_union: Some(compare::TargetUnion::CreateRevision(0)),
+            }],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: key.as_bytes().to_vec(),
+                    value: identity.as_bytes().to_vec(),
+                    lease: id,
+                    ..PutRequest::default()
+                })),
+            }],
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: key.as_bytes().to_vec(),
+                    ..RangeRequest::default()
+                })),
+            }],
+        })
+        .await?;
+    if answer.succeeded {
+        return Ok(true);
+    }
+    // Held already: by this replica's lease (it took it earlier), or another's.
+    let holder = answer.responses.into_iter().find_map(|r| match r.response {
+        Some(response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
+        _ => None,
+    });
+    Ok(holder.is_some_and(|kv| kv.lease == id))
+}
