@@ -19,7 +19,9 @@ use mycel::{check, output::Output, policies, stat, status};
         (--prometheus), and for `check --pre` this host itself. It changes nothing."
 )]
 struct Cli {
-    /// mesh-cp's HTTP status address, host:port (its --http-listen).
+    /// mesh-cp's HTTP status address, host:port (its --http-listen); for replicas that serve
+    /// one mesh from etcd, each of theirs, comma-separated (`status` and `check` then see every
+    /// node on the replica it streams from; `policies` and `explain` ask the first).
     #[arg(
         long,
         global = true,
@@ -83,13 +85,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policies => {
-            let p = policies::fetch(&cli.cp)?;
+            let p = policies::fetch(first(&cli.cp))?;
             out.print(&p, policies::render)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Explain(q) => {
             let (from, _) = q.parse()?;
-            let e = mesh_cp::explain::fetch(&cli.cp, &from, &q.to, q.port)?;
+            let e = mesh_cp::explain::fetch(first(&cli.cp), &from, &q.to, q.port)?;
             out.print(&e, mesh_cp::explain::render)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -99,4 +101,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The first of `--cp`'s addresses.
+fn first(cp: &str) -> &str {
+    status::addresses(cp).next().unwrap_or(cp)
 }

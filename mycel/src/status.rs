@@ -20,7 +20,7 @@ pub struct Status {
     pub ca_expires: Option<String>,
     /// When mesh-cp started: it knows only the certificates it issued since.
     pub started_at: String,
-    /// `directory` or `kubernetes`.
+    /// `directory`, `etcd` or `kubernetes`.
     pub config_source: String,
     pub default_action: serde_json::Value,
     pub mtls: serde_json::Value,
@@ -63,8 +63,53 @@ pub struct Node {
     pub metrics: Option<String>,
 }
 
+/// mesh-cp's `/status`; with several addresses (comma-separated: replicas that serve one
+/// mesh from etcd), one status in which each node is as the replica it streams from sees
+/// it. Replicas that do not answer are left out while one does (`mycel check` says which).
 pub fn fetch(cp: &str) -> Result<Status, ClientError> {
+    let mut merged: Option<Status> = None;
+    let mut failed = None;
+    for addr in addresses(cp) {
+        match client::get_json::<Status>(addr, "/status") {
+            Ok(s) => match &mut merged {
+                None => merged = Some(s),
+                Some(m) => merge(m, s),
+            },
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    match (merged, failed) {
+        (Some(s), _) => Ok(s),
+        (None, Some(e)) => Err(e),
+        (None, None) => unreachable_status(cp),
+    }
+}
+
+/// The addresses `--cp` names.
+pub fn addresses(cp: &str) -> impl Iterator<Item = &str> {
+    cp.split(',').map(str::trim).filter(|a| !a.is_empty())
+}
+
+fn unreachable_status(cp: &str) -> Result<Status, ClientError> {
     client::get_json(cp, "/status")
+}
+
+/// Adds what `other` (another replica) knows of nodes to `into`: a node streaming from one of
+/// them is as that one sees it; one streaming from neither is as the one it answered last.
+fn merge(into: &mut Status, other: Status) {
+    // The later config, when the replicas are at different versions.
+    if other.config.version > into.config.version {
+        into.config = other.config.clone();
+    }
+    for (name, node) in other.nodes {
+        match into.nodes.get(&name) {
+            Some(held) if held.streams > 0 => {}
+            Some(held) if node.streams == 0 && held.acked_at >= node.acked_at => {}
+            _ => {
+                into.nodes.insert(name, node);
+            }
+        }
+    }
 }
 
 pub fn render(s: &Status) -> String {
@@ -73,6 +118,7 @@ pub fn render(s: &Status) -> String {
         "config version {} ({}), {} workloads, {} services, {} policies, trust domain {}, certificates for {}\n",
         c.version,
         match &c.error {
+            None if s.config_source == "etcd" => "etcd's objects are in force".to_owned(),
             None => "the files are in force".to_owned(),
             Some(e) => format!("NOT the files on disk: {e}"),
         },

@@ -40,6 +40,10 @@ impl Etcd {
         Ok(etcd)
     }
 
+    pub fn log_file(&self) -> &std::path::Path {
+        &self.daemon.log_file
+    }
+
     /// `http://127.0.0.1:PORT`, for `--etcd-endpoints`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)

@@ -58,6 +58,18 @@ fn wait_everywhere(
     }
 }
 
+/// `mycel --cp CP check`: whether it passed, and what it printed.
+fn mycel_check(cp: &str) -> (bool, String) {
+    let out = std::process::Command::new(mesh_tests::mesh::sibling_bin("mycel", "MYCEL_BIN"))
+        .args(["--cp", cp, "check"])
+        .output()
+        .expect("run mycel");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 fn written_version(stderr_or_out: &str) -> u64 {
     stderr_or_out
         .lines()
@@ -103,6 +115,21 @@ fn replicas_on_etcd_serve_one_config_and_ride_out_its_absence() {
     let n1 = MeshNode::join(&mut topo, "n1", &a, 1).expect("mesh-node n1 on replica a");
     let n2 = MeshNode::join(&mut topo, "n2", &b, 1).expect("mesh-node n2 on replica b");
     assert!(connects(&topo), "order reaches payment");
+
+    // `mycel check` over both replicas sees each node on the replica it streams from; over
+    // one, the other's node has never connected there.
+    let both = format!("{},{}", a.http, b.http);
+    let (passed, out) = mycel_check(&both);
+    assert!(passed, "{out}");
+    assert!(
+        out.contains("ok    node n1") && out.contains("ok    node n2"),
+        "{out}"
+    );
+    let (passed, out) = mycel_check(&a.http.to_string());
+    assert!(
+        !passed && out.contains("node n2: has never connected"),
+        "{out}"
+    );
 
     // A deny written through b: both replicas serve it at the version apply wrote.
     let out = b
@@ -150,6 +177,32 @@ fn replicas_on_etcd_serve_one_config_and_ride_out_its_absence() {
         );
         let policies = http_get(cp.http, "/policies").expect("/policies");
         assert!(!policies.contains("another"), "{policies}");
+    }
+
+    // A file that checks alone but clashes with what the store holds (an address in use) is
+    // refused whole as well, naming both.
+    let impostor = format!(
+        "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: impostor }}\nspec: {{ node: n1, netns: /run/netns/impostor, addresses: ['{}'] }}\n",
+        topo.pod("payment").ipv4
+    );
+    let clash = format!("{}---\n{impostor}", deny_order("third", "Deny"));
+    let err = b
+        .store_cmd("apply", "clash.yaml", &clash)
+        .expect_err("a clash is refused")
+        .to_string();
+    assert!(
+        err.contains("nothing was written") && err.contains("impostor") && err.contains("payment"),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for cp in [&a, &b] {
+        assert_eq!(
+            cp.version().expect("version"),
+            version,
+            "nothing was written"
+        );
+        let policies = http_get(cp.http, "/policies").expect("/policies");
+        assert!(!policies.contains("third"), "{policies}");
     }
 
     // etcd away for 30 s: the nodes keep what they hold, the replicas say so.

@@ -30,11 +30,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Start a local sandbox mesh (one node, three pods) with a demo client and server.
+    /// Start a local sandbox mesh (two nodes, six pods, mesh-cp) with demo traffic.
     Up {
         /// Stop after this many seconds instead of waiting for Ctrl-C.
         #[arg(long)]
         duration: Option<u64>,
+        /// Keep the mesh in etcd (started on loopback) and run two mesh-cp replicas; the
+        /// nodes name both.
+        #[arg(long)]
+        ha: bool,
     },
     /// Remove namespaces, cgroups and temp files left by killed test or sandbox runs.
     Clean,
@@ -102,7 +106,7 @@ fn main() {
                 println!("xtask: eBPF object at {}", p.display());
             }),
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
-        Cmd::Up { duration } => up::run(duration),
+        Cmd::Up { duration, ha } => up::run(duration, ha),
         Cmd::Fuzz { time, target } => {
             prereqs::ensure_fuzz().and_then(|()| fuzz::run(time, target.as_deref()))
         }

@@ -4,17 +4,56 @@
 //! 10 % of the new connections to payment's VIP by a ServiceRoute, and each round prints the
 //! split it saw. With Prometheus installed, a server on loopback scrapes both nodes and the
 //! control plane. It prints the dashboard's URL, and `mycel status`, `mycel check` and
-//! `mycel explain` on the sandbox.
+//! `mycel explain` on the sandbox. With `--ha`, the mesh is kept in etcd (Debian's, on
+//! loopback) and two mesh-cp replicas serve it; the nodes name both.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use mesh_tests::{
     app::{self, Server},
+    etcd::{self, Etcd, SharedCa},
     mesh::{sibling_bin, workloads_yaml},
     prom::{PrometheusServer, CP_JOB, NODE_JOB},
     ControlPlane, MeshNode, NodeSpec, Topology,
 };
+
+/// The second replica, the etcd both keep the mesh in, and the key that seals their CA
+/// (`up --ha`).
+struct Standby {
+    replica: ControlPlane,
+    etcd: Etcd,
+    _key: SharedCa,
+}
+
+/// Starts etcd, two replicas on it (the CA kept there, sealed), and applies `files` through
+/// the first.
+fn start_replicas(prefix: &str, files: &[(&str, &str)]) -> anyhow::Result<(ControlPlane, Standby)> {
+    let etcd = Etcd::start(prefix).context("starting etcd")?;
+    let key = etcd::sealing_key(prefix).context("making the CA's sealing key")?;
+    let start = |name: &str| {
+        ControlPlane::start_etcd_sealed(
+            &format!("{prefix}-{name}"),
+            &etcd.endpoint(),
+            &key.sealing_key(),
+        )
+        .with_context(|| format!("starting mesh-cp replica {name}"))
+    };
+    let a = start("cp1")?;
+    let b = start("cp2")?;
+    for (name, text) in files {
+        a.store_cmd("apply", name, text)
+            .with_context(|| format!("mesh-cp apply -f {name}"))?;
+    }
+    Ok((
+        a,
+        Standby {
+            replica: b,
+            etcd,
+            _key: key,
+        },
+    ))
+}
 
 const PORT: u16 = 8080;
 const VIP: &str = "10.96.0.10";
@@ -25,7 +64,7 @@ const NAME_PORT: u16 = 9090;
 /// New connections per round to see the canary's split.
 const SPLIT_SAMPLE: u32 = 50;
 
-pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
+pub fn run(duration: Option<u64>, ha: bool) -> anyhow::Result<()> {
     crate::prereqs::ensure_all()?;
     crate::build_bins()?;
     // Block SIGINT/SIGTERM here and collect them with sigtimedwait, so that Ctrl-C always ends
@@ -72,18 +111,41 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         payment_service("payment", VIP),
         payment_service("payment-v2", V2_VIP),
     );
-    let cp = ControlPlane::start(
-        &topo.prefix,
-        &[
-            ("mesh.yaml", &config),
-            ("block-analytics.yaml", BLOCK_ANALYTICS),
-            ("payment-canary.yaml", CANARY),
-        ],
-    )
-    .context("starting mesh-cp")?;
+    let files = [
+        ("mesh.yaml", config.as_str()),
+        ("block-analytics.yaml", BLOCK_ANALYTICS),
+        ("payment-canary.yaml", CANARY),
+    ];
+    let (cp, standby) = if ha {
+        let (a, standby) = start_replicas(&topo.prefix, &files)?;
+        (a, Some(standby))
+    } else {
+        let cp = ControlPlane::start(&topo.prefix, &files).context("starting mesh-cp")?;
+        (cp, None)
+    };
+    let addrs: Vec<std::net::SocketAddr> = std::iter::once(cp.grpc)
+        .chain(standby.as_ref().map(|s| s.replica.grpc))
+        .collect();
+    // Where the config lives, and how to change it.
+    let (config_at, edit) = match &standby {
+        Some(s) => (
+            format!("etcd {}", s.etcd.endpoint()),
+            format!(
+                "mesh-cp apply -f FILE --etcd-endpoints {}  (and mesh-cp delete)",
+                s.etcd.endpoint()
+            ),
+        ),
+        None => (
+            cp.config_dir.display().to_string(),
+            format!(
+                "edit or add YAML in {}: mesh-cp applies it; a bad file is reported on /status",
+                cp.config_dir.display()
+            ),
+        ),
+    };
     let mut nodes = Vec::new();
     for (name, enrolled) in [("node1", 2), ("node2", 3)] {
-        let mut node = MeshNode::connect(topo.node(name), &cp, None, &[])
+        let mut node = MeshNode::connect_to_any(topo.node(name), &cp, &addrs, None, &[])
             .with_context(|| format!("starting mesh-node on {name}"))?;
         node.wait_for(Duration::from_secs(30), |s| {
             s.get("enrolled_workloads") == Some(&enrolled) && s.get("svids") == Some(&enrolled)
@@ -108,19 +170,28 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     println!("  service payment: {VIP}:80 -> payment:{PORT}, {VIP}:90 -> payment:{NAME_PORT}");
     println!("  service payment-v2: {V2_VIP}:80 -> payment-v2:{PORT}, {V2_VIP}:90 -> payment-v2:{NAME_PORT}");
     println!(
-        "  route default/payment-canary: payment's new connections 90 % to payment, 10 % to payment-v2 ({}/payment-canary.yaml)",
-        cp.config_dir.display()
+        "  route default/payment-canary: payment's new connections 90 % to payment, 10 % to payment-v2 (payment-canary.yaml in {config_at})"
     );
     println!(
-        "  policy default/block-analytics: Deny analytics -> payment ({}/block-analytics.yaml)",
-        cp.config_dir.display()
+        "  policy default/block-analytics: Deny analytics -> payment (block-analytics.yaml in {config_at})"
     );
     println!(
-        "  mesh-cp: config dir {}, data dir {}, log {}",
-        cp.config_dir.display(),
+        "  mesh-cp: config in {config_at}, data dir {}, log {}",
         cp.data_dir.display(),
         cp.log_file().display()
     );
+    if let Some(s) = &standby {
+        println!(
+            "  mesh-cp replica 2: gRPC {}, status http://{}/status, log {} (the nodes name both: --cp {},{}); etcd log {}",
+            s.replica.grpc,
+            s.replica.http,
+            s.replica.log_file().display(),
+            cp.grpc,
+            s.replica.grpc,
+            s.etcd.log_file().display()
+        );
+        println!("  stop either replica (kill its pid) and watch the nodes move to the other: `mycel status --cp` on each");
+    }
     println!();
     let mycel = sibling_bin("mycel", "MYCEL_BIN");
     let cp_http = cp.http.to_string();
@@ -231,10 +302,7 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         order.cgroup.display()
     );
     println!("      then: curl http://{VIP}/whoami   # from order, through the tunnel to payment");
-    println!(
-        "  edit or add YAML in {}: mesh-cp applies it; a bad file is reported on /status",
-        cp.config_dir.display()
-    );
+    println!("  {edit}");
     println!("  cargo xtask clean   # if this process is ever killed");
     println!();
     println!("Every 2 s: order calls payment (pod IP and VIP, across nodes) and inventory; analytics calls payment; order opens {SPLIT_SAMPLE} connections to payment's VIP and counts who answered (the canary's split). Ctrl-C tears everything down.");

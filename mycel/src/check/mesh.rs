@@ -26,24 +26,31 @@ pub const ROOT_MARGIN: Duration = Duration::from_secs(30 * 86_400);
 
 pub fn check(cp: &str) -> Vec<Finding> {
     let mut out = Vec::new();
-    match client::get(cp, "/readyz") {
-        Ok((200, _)) => out.push(Finding::ok("mesh-cp", format!("ready at {cp}"))),
-        Ok((code, body)) => {
-            out.push(Finding::fail(
-                "mesh-cp",
-                format!("{cp} is not ready ({code}): {}", body.trim()),
-                "read mesh-cp's log: until it serves its gRPC API no node gets config or certificates",
-            ));
-            return out;
-        }
-        Err(e) => {
-            out.push(Finding::fail(
+    // Each replica's readiness; the nodes are checked across those that answer.
+    let mut answered = false;
+    for addr in status::addresses(cp) {
+        match client::get(addr, "/readyz") {
+            Ok((200, _)) => {
+                answered = true;
+                out.push(Finding::ok("mesh-cp", format!("ready at {addr}")));
+            }
+            Ok((code, body)) => {
+                answered = true;
+                out.push(Finding::fail(
+                    "mesh-cp",
+                    format!("{addr} is not ready ({code}): {}", body.trim()),
+                    "read mesh-cp's log: until it serves its gRPC API no node gets config or certificates (with etcd: until etcd answers, it serves the last config it read)",
+                ));
+            }
+            Err(e) => out.push(Finding::fail(
                 "mesh-cp",
                 e.to_string(),
                 "start mesh-cp, or point --cp (or MYCEL_CP) at its --http-listen address; it listens on loopback by default, so run mycel on its host (in Kubernetes: kubectl -n mycel-system port-forward deploy/mycel-cp 15014)",
-            ));
-            return out;
+            )),
         }
+    }
+    if !answered {
+        return out;
     }
     match status::fetch(cp) {
         Ok(s) => out.extend(findings(&s, SystemTime::now())),
