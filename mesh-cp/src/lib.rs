@@ -2,6 +2,7 @@
 //! fuzz targets (`fuzz/`) reach the CA and the node authentication through them.
 
 pub mod ca;
+pub mod dir_apply;
 pub mod distribute;
 pub mod explain;
 pub mod files;

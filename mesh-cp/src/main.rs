@@ -35,16 +35,17 @@ enum Command {
     /// others stay in force. Nodes are served once every kind has been listed.
     Serve(Box<ServeArgs>),
     /// Write objects (MeshConfig, Workload, Service, AccessPolicy, TrafficPolicy,
-    /// ServiceRoute) to the config store (etcd): new ones are created, existing ones
-    /// replaced.
+    /// ServiceRoute) to the mesh's config: new ones are created, existing ones replaced.
     ///
-    /// The store's objects with these applied are checked as a config dir is, and written
-    /// in one transaction: every replica sees the whole change or none of it. A bad object
-    /// is refused with its file, document and field, and nothing is written. Prints each
-    /// object's outcome (created, configured, unchanged) and the config version written.
+    /// With --etcd-endpoints, the store's objects with these applied are checked as a config
+    /// dir is, and written in one transaction: every replica sees the whole change or none
+    /// of it. With --config-dir, they go into the directory's applied.yaml, replaced whole
+    /// (objects that hand-written files define are left to them). A bad object is refused
+    /// with its file, document and field, and nothing is written. Prints each object's
+    /// outcome (created, configured, unchanged), and the config version written (etcd).
     Apply(ApplyArgs),
-    /// Remove objects from the config store (etcd): those a file defines (-f), or those
-    /// named (KIND NAMESPACE/NAME, or MeshConfig).
+    /// Remove objects from the mesh's config: those a file defines (-f), or those named
+    /// (KIND NAMESPACE/NAME, or MeshConfig).
     ///
     /// Checked and written as `apply` is: if the config without them is invalid (a route
     /// left without its Service), nothing is removed.
@@ -81,6 +82,21 @@ struct ApplyArgs {
     #[arg(short = 'f', long = "filename", required = true)]
     files: Vec<PathBuf>,
     #[command(flatten)]
+    target: ApplyTarget,
+}
+
+/// Where `apply` and `delete` write: a config dir, or etcd.
+#[derive(clap::Args)]
+struct ApplyTarget {
+    /// The config dir of a single control plane (its --config-dir): written into its
+    /// applied.yaml.
+    #[arg(
+        long,
+        required_unless_present = "etcd_endpoints",
+        conflicts_with = "etcd_endpoints"
+    )]
+    config_dir: Option<PathBuf>,
+    #[command(flatten)]
     etcd: store::EtcdArgs,
 }
 
@@ -93,7 +109,7 @@ struct DeleteArgs {
     #[arg(required_unless_present = "files")]
     objects: Vec<String>,
     #[command(flatten)]
-    etcd: store::EtcdArgs,
+    target: ApplyTarget,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -355,8 +371,13 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     if objects.is_empty() {
         bail!("no object in {}", paths(&args.files));
     }
-    let report = store::apply::apply(&store::Store::new(&args.etcd)?, &objects).await?;
-    print_report(&report);
+    match &args.target.config_dir {
+        Some(dir) => print_dir_report(&mesh_cp::dir_apply::apply(dir, &objects)?),
+        None => {
+            let store = store::Store::new(&args.target.etcd)?;
+            print_report(&store::apply::apply(&store, &objects).await?);
+        }
+    }
     Ok(())
 }
 
@@ -370,9 +391,27 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
             .map(|o| (o.kind, o.key))
             .collect()
     };
-    let report = store::apply::delete(&store::Store::new(&args.etcd)?, &targets).await?;
-    print_report(&report);
+    match &args.target.config_dir {
+        Some(dir) => print_dir_report(&mesh_cp::dir_apply::delete(dir, &targets)?),
+        None => {
+            let store = store::Store::new(&args.target.etcd)?;
+            print_report(&store::apply::delete(&store, &targets).await?);
+        }
+    }
     Ok(())
+}
+
+fn print_dir_report(report: &mesh_cp::dir_apply::DirReport) {
+    for (object, outcome) in &report.objects {
+        println!("{object} {outcome}");
+    }
+    match &report.written {
+        Some(path) => eprintln!(
+            "{} written; mesh-cp applies it at its next read of the directory",
+            path.display()
+        ),
+        None => eprintln!("nothing changed"),
+    }
 }
 
 fn paths(paths: &[PathBuf]) -> String {

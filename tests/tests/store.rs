@@ -457,3 +457,64 @@ fn the_leader_makes_the_ca_once_and_certificates_rotate_with_either_replica_down
     }
     drop((n1, cps, etcd, key));
 }
+
+/// `mesh-cp apply` and `delete` serve a single control plane too: they write its config
+/// dir's applied.yaml, which it reads whole.
+#[test]
+fn apply_and_delete_write_a_config_dir_too() {
+    let prefix = format!("mycel-t{:x}-dirapply", std::process::id());
+    let w = "apiVersion: mycel.dev/v1alpha1\nkind: Workload\nmetadata: { name: payment, labels: { app: payment } }\nspec: { node: n1, netns: /run/netns/payment, addresses: ['10.0.0.2'] }\n";
+    let mut cp = ControlPlane::start(&prefix, &[("w.yaml", w)]).expect("mesh-cp");
+    let dir = cp.config_dir.clone();
+    let scratch = cp.data_dir.clone();
+    let run = |verb: &str, file: &str, text: &str| {
+        let path = scratch.join(file);
+        std::fs::write(&path, text).expect("write");
+        std::process::Command::new(mesh_tests::mesh::sibling_bin("mesh-cp", "MESH_CP_BIN"))
+            .arg(verb)
+            .arg("-f")
+            .arg(&path)
+            .arg("--config-dir")
+            .arg(&dir)
+            .output()
+            .expect("mesh-cp")
+    };
+    let before = cp.version().expect("version");
+    let out = run("apply", "deny.yaml", &deny_order("no-order", "Deny"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("AccessPolicy default/no-order created"));
+    let http = cp.http;
+    cp.daemon()
+        .wait_until(T, "the policy in force", || {
+            let p = http_get(http, "/policies").ok()?;
+            p.contains("no-order").then_some(())
+        })
+        .expect("applied");
+    assert!(cp.version().expect("version") > before);
+    // A workload taking payment's address: refused, nothing written.
+    let clash = w
+        .replace("name: payment,", "name: impostor,")
+        .replace("/payment", "/impostor");
+    let out = run("apply", "clash.yaml", &clash);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("nothing was written"),
+        "{err}"
+    );
+    // The hand-written file's objects are left to it.
+    let out = run("apply", "w2.yaml", w);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("w.yaml"), "{err}");
+
+    let out = run("delete", "deny.yaml", &deny_order("no-order", "Deny"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("deleted"),
+        "{out:?}"
+    );
+    cp.daemon()
+        .wait_until(T, "the policy gone", || {
+            let p = http_get(http, "/policies").ok()?;
+            (!p.contains("no-order")).then_some(())
+        })
+        .expect("deleted");
+}
