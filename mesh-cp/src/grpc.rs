@@ -127,6 +127,7 @@ impl NodeService for NodeApi {
         let latest = self.shared.config.borrow().version;
         if let Some(held) = resume.filter(|v| *v > latest && self.shared.config_source == "etcd") {
             drop(slot);
+            tracing::warn!(node, held, latest, "node refused: it holds a later config version than this replica has read from etcd");
             return Err(Status::unavailable(format!(
                 "this control plane is behind the config version the node holds ({held} > {latest}); try another replica"
             )));

@@ -178,9 +178,10 @@ struct ServeArgs {
     #[arg(long, requires = "ca_cert")]
     ca_key: Option<PathBuf>,
     /// With --etcd-endpoints: keep the CA in etcd, its private key sealed with this key (a
-    /// file of 64 hex digits, `openssl rand -hex 32`; give every replica the same one). The
-    /// leader makes the CA when etcd has none. Instead of --ca-cert and --ca-key.
-    #[arg(long, requires = "etcd_endpoints", conflicts_with = "ca_cert")]
+    /// file of 64 hex digits, `openssl rand -hex 32`; give every replica the same one). When
+    /// etcd has none, the leader makes one, unless --ca-cert and --ca-key are given too:
+    /// then that root is put in etcd (moving a single control plane's CA to replicas).
+    #[arg(long, requires = "etcd_endpoints")]
     ca_encryption_key: Option<PathBuf>,
     /// How often to check the config dir for changes, in seconds.
     #[arg(long, default_value_t = 0.5, value_parser = seconds(HOUR))]
@@ -476,9 +477,23 @@ async fn prepare(
 async fn prepare_store(
     args: &ServeArgs,
 ) -> anyhow::Result<(mesh_model::Config, Origin, ca::Ca, node_auth::NodeAuth)> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
     let sealing = match (&args.ca_cert, &args.ca_key, &args.ca_encryption_key) {
         (Some(cert), Some(key), None) => Err(ca::Ca::load_or_create(cert, key, false)?),
-        (None, None, Some(path)) => Ok(store::ca::SealingKey::read(path)?),
+        (cert, key, Some(path)) => {
+            let import = match (cert, key) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            };
+            let served = args.data_dir.join("ca.crt");
+            let known = store::ca::Known {
+                import,
+                served: served.exists().then(|| read(&served)).transpose()?,
+            };
+            Ok((store::ca::SealingKey::read(path)?, known))
+        }
         _ => bail!(
             "with --etcd-endpoints, give every replica the same CA: --ca-encryption-key (the CA kept in etcd) or --ca-cert and --ca-key"
         ),
@@ -504,8 +519,8 @@ async fn prepare_store(
     ));
     let ca = match sealing {
         Err(ca) => ca,
-        Ok(sealing) => {
-            let ca = store::ca::load(&store, &sealing, leader.clone()).await?;
+        Ok((sealing, known)) => {
+            let ca = store::ca::load(&store, &sealing, &known, leader.clone()).await?;
             // The root (public) where nodes' --cp-ca is copied from, as in a single control
             // plane's data dir.
             ensure_data_dir(&args.data_dir)?;

@@ -95,6 +95,33 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// Deletes `key`, as an operator with etcd's own tools could (its JSON gateway).
+    pub fn delete(&self, key: &str) -> io::Result<()> {
+        use base64::Engine as _;
+        let body = format!(
+            "{{\"key\":\"{}\"}}",
+            base64::engine::general_purpose::STANDARD.encode(key)
+        );
+        let mut s = TcpStream::connect(("127.0.0.1", self.client_port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "POST /v3/kv/deleterange HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "etcd refused the delete: {answer}"
+            )))
+        }
+    }
+}
+
 /// Whether etcd on `port` says it is healthy.
 fn health(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {

@@ -38,6 +38,8 @@ pub enum StoreCaError {
     Ca(CaError, String),
     #[error("the system's random source failed")]
     Random,
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<mesh_etcd::Error> for StoreCaError {
@@ -79,50 +81,119 @@ struct Stored {
     key_sealed: String,
 }
 
-/// The CA from the store, or, once this replica leads and there is none, a new one it
-/// writes there. Waits (saying so) while etcd does not answer or the leader has not made it.
+/// What a replica brings to the CA in the store besides its sealing key.
+#[derive(Default)]
+pub struct Known {
+    /// A root and its key to put in etcd when it has none (`--ca-cert`, `--ca-key` with
+    /// `--ca-encryption-key`): moving a single control plane's CA to its replicas.
+    pub import: Option<(String, String)>,
+    /// The root this replica served before (`DATA_DIR/ca.crt`): nodes trust it.
+    pub served: Option<String>,
+}
+
+/// The CA from the store; or, when it has none, the one imported, or (once this replica
+/// leads, and only on a replica that never served another root) a new one. Waits (saying
+/// so) while etcd does not answer or the leader has not made it.
+///
+/// A store whose root is not the one this replica served before, or not the one it was
+/// asked to import, is an error: nodes trust the root they were given, and a second root
+/// would split the mesh in two.
 pub async fn load(
     store: &Store,
     sealing: &SealingKey,
+    known: &Known,
     mut leader: watch::Receiver<bool>,
 ) -> Result<Ca, StoreCaError> {
     let key = store.layout.ca();
+    let import = match &known.import {
+        Some((cert_pem, key_pem)) => Some(
+            Ca::from_pem(cert_pem, key_pem, "--ca-cert")
+                .map_err(|e| StoreCaError::Ca(e, "--ca-cert".into()))?,
+        ),
+        None => None,
+    };
     let mut said = false;
     loop {
         let name = key.as_bytes();
         let (kv, _) =
             super::when_answered(|| async move { Ok(store.client.get(name).await?) }).await?;
         if let Some(kv) = kv {
-            return open(&key, &kv.value, sealing);
-        }
-        if *leader.borrow_and_update() {
-            if let Some(ca) = create(store, &key, sealing).await? {
-                return Ok(ca);
+            let ca = open(&key, &kv.value, sealing)?;
+            let differs = |root: &str| root.trim() != ca.root_pem().trim();
+            if import
+                .as_ref()
+                .is_some_and(|i| i.root_der() != ca.root_der())
+            {
+                return Err(StoreCaError::Conflict(format!(
+                    "etcd already holds another root CA than --ca-cert ({key}); leave --ca-cert out to use etcd's"
+                )));
             }
+            if known.served.as_deref().is_some_and(differs) {
+                return Err(StoreCaError::Conflict(format!(
+                    "etcd's root CA ({key}) is not the one this replica served before (ca.crt in --data-dir), which nodes trust; if the root really changed, give the nodes the new ca.crt and remove the old one from --data-dir"
+                )));
+            }
+            return Ok(ca);
+        }
+        let made = match (&known.import, known.served.is_some()) {
+            (Some((cert_pem, key_pem)), _) => write(store, &key, sealing, cert_pem, key_pem).await,
+            (None, true) => {
+                return Err(StoreCaError::Conflict(format!(
+                    "etcd holds no CA ({key}), but this replica served a root before (ca.crt in --data-dir): to keep that root, start once with --ca-cert and --ca-key to put it in etcd; to make a new one, remove ca.crt from --data-dir (nodes then need the new one)"
+                )))
+            }
+            (None, false) if *leader.borrow_and_update() => create(store, &key, sealing).await,
+            (None, false) => {
+                if !said {
+                    tracing::info!("no CA in etcd yet: waiting for the leader to make it");
+                    said = true;
+                }
+                tokio::select! {
+                    _ = leader.changed() => {}
+                    () = tokio::time::sleep(WAIT) => {}
+                }
+                continue;
+            }
+        };
+        match made {
+            Ok(true) => {}
             // Another replica wrote one first: read it next time round.
-            continue;
-        }
-        if !said {
-            tracing::info!("no CA in etcd yet: waiting for the leader to make it");
-            said = true;
-        }
-        tokio::select! {
-            _ = leader.changed() => {}
-            () = tokio::time::sleep(WAIT) => {}
+            Ok(false) => continue,
+            Err(StoreCaError::Store(StoreError::Etcd(e))) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "cannot write the CA to etcd yet; trying again");
+                tokio::time::sleep(WAIT).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }
 
-/// Makes a root and writes it if the store still has none: `None` if another did first.
-async fn create(
+/// Makes a root and writes it if the store still has none: whether it was written.
+async fn create(store: &Store, key: &str, sealing: &SealingKey) -> Result<bool, StoreCaError> {
+    let (ca, cert_pem, key_pem) = Ca::generate().map_err(|e| StoreCaError::Ca(e, key.into()))?;
+    let written = write(store, key, sealing, &cert_pem, &key_pem).await?;
+    if written {
+        let expires = ca.root_not_after().map(mesh_daemon::time::rfc3339);
+        tracing::info!(
+            key,
+            expires,
+            "made the mesh's root CA and kept it in etcd, its key sealed"
+        );
+    }
+    Ok(written)
+}
+
+/// Writes a root and its key (sealed) if the store still has none: whether it was written.
+async fn write(
     store: &Store,
     key: &str,
     sealing: &SealingKey,
-) -> Result<Option<Ca>, StoreCaError> {
-    let (ca, cert_pem, key_pem) = Ca::generate().map_err(|e| StoreCaError::Ca(e, key.into()))?;
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<bool, StoreCaError> {
     let stored = Stored {
-        cert_pem,
-        key_sealed: seal(key, &key_pem, sealing)?,
+        cert_pem: cert_pem.to_owned(),
+        key_sealed: seal(key, key_pem, sealing)?,
     };
     let value = serde_json::to_vec(&stored).map_err(|e| StoreCaError::Sealed {
         key: key.into(),
@@ -147,16 +218,7 @@ async fn create(
             failure: vec![],
         })
         .await?;
-    if !answer.succeeded {
-        return Ok(None);
-    }
-    let expires = ca.root_not_after().map(mesh_daemon::time::rfc3339);
-    tracing::info!(
-        key,
-        expires,
-        "made the mesh's root CA and kept it in etcd, its key sealed"
-    );
-    Ok(Some(ca))
+    Ok(answer.succeeded)
 }
 
 fn seal(key: &str, key_pem: &str, sealing: &SealingKey) -> Result<String, StoreCaError> {

@@ -5,7 +5,9 @@
 //! The leader holds `PREFIX/leader` (its name) attached to a lease it renews every
 //! [`Timing::renew`]; when it stops renewing (it died, or lost etcd), etcd removes the key
 //! once the lease's [`Timing::ttl`] runs out, and the next replica to look takes it. A leader
-//! that fails to renew steps down at once: two leaders never act together.
+//! counts itself one only until its lease could end (its time counted from before the
+//! renewal, less a margin), and steps down at once when a renewal fails or is late, letting
+//! the lease go: two leaders never act together.
 
 use std::time::Duration;
 
@@ -38,25 +40,78 @@ impl Default for Timing {
 pub async fn run(store: Store, identity: String, timing: Timing, leader: watch::Sender<bool>) {
     let key = store.layout.leader();
     let mut lease: Option<i64> = None;
+    // Until when this replica may call itself the leader: the lease's time counted from
+    // before the renewal that granted it, less a margin. Etcd may end the lease at any moment
+    // after that, and another replica take the key.
+    let mut until: Option<tokio::time::Instant> = None;
+    let ttl = Duration::from_secs(u64::try_from(timing.ttl).unwrap_or(1));
+    let margin = timing.renew.min(ttl / 3);
     loop {
-        let leads = match attempt(&store, &key, &identity, &mut lease, timing.ttl).await {
-            Ok(leads) => leads,
-            Err(e) => {
+        let sent = tokio::time::Instant::now();
+        let attempt = attempt(&store, &key, &identity, &mut lease, timing.ttl);
+        let outcome = match until {
+            // A renewal slower than the lease has left is not waited for.
+            Some(deadline) => tokio::select! {
+                r = attempt => Some(r),
+                () = tokio::time::sleep_until(deadline) => None,
+            },
+            None => Some(attempt.await),
+        };
+        let leads = match outcome {
+            Some(Ok(true)) => {
+                until = Some(sent + ttl - margin);
+                true
+            }
+            // Another holds the key: this lease is kept for the next try.
+            Some(Ok(false)) => false,
+            Some(Err(e)) => {
                 if *leader.borrow() {
                     tracing::warn!(error = %e, "cannot renew the leader lease: stepping down");
                 }
-                // Whatever the lease's state, a new one is taken next time.
-                lease = None;
+                // Whatever its state, a new lease is taken next time.
+                drop_lease(&store, &mut lease).await;
+                false
+            }
+            None => {
+                tracing::warn!("the leader lease was not renewed in time: stepping down");
+                drop_lease(&store, &mut lease).await;
                 false
             }
         };
-        if leader.send_replace(leads) != leads {
-            match leads {
-                true => tracing::info!(identity, "leading the control-plane replicas"),
-                false => tracing::info!(identity, "no longer leading"),
-            }
+        if !leads {
+            until = None;
         }
-        tokio::time::sleep(timing.renew).await;
+        set(&leader, leads, &identity);
+        match until {
+            // The next renewal is due before the lease could end, or leadership ends there.
+            Some(deadline) => tokio::select! {
+                () = tokio::time::sleep(timing.renew) => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!("the leader lease was not renewed in time: stepping down");
+                    until = None;
+                    set(&leader, false, &identity);
+                    drop_lease(&store, &mut lease).await;
+                }
+            },
+            None => tokio::time::sleep(timing.renew).await,
+        }
+    }
+}
+
+/// Lets the lease go, at once if etcd answers (within its timeout), so that another replica
+/// need not wait for it to run out.
+async fn drop_lease(store: &Store, lease: &mut Option<i64>) {
+    if let Some(id) = lease.take() {
+        let _ = store.client.revoke(id).await;
+    }
+}
+
+fn set(leader: &watch::Sender<bool>, leads: bool, identity: &str) {
+    if leader.send_replace(leads) != leads {
+        match leads {
+            true => tracing::info!(identity, "leading the control-plane replicas"),
+            false => tracing::info!(identity, "no longer leading"),
+        }
     }
 }
 

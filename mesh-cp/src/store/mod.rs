@@ -7,14 +7,16 @@
 //! that also rewrites `PREFIX/config/written`: every replica sees a change whole or not at
 //! all. Replicas read and watch `PREFIX/config/` (`source.rs`).
 //!
-//! The config version is a store revision: the one the config is the state at (the last
-//! change a replica followed, or the revision it read everything at). One version therefore
-//! names one config on every replica, and it never goes back, whichever replica restarts;
-//! two replicas may call one config by two versions, which costs a node that moves between
-//! them a full copy, never a wrong one. `PREFIX/epoch` (made once, random) tells this store's
-//! versions from any other's, so that a node resumes from its version on another replica but
-//! never across stores. A node that holds a later version than a replica has read is refused
-//! by that replica (it moves to another), so that a lagging replica never takes it back.
+//! The config version is the store's revision of the last change under `PREFIX/config/`
+//! (`config/written` is rewritten by every apply and delete, so a delete counts too): one
+//! version names one config on every replica, whether it followed the changes or read them
+//! at start, and it never goes back, whichever replica restarts. `PREFIX/epoch` (made once,
+//! random) tells this store's versions from any other's, so that a node resumes from its
+//! version on another replica but never across stores. A node that holds a later version
+//! than a replica has read is refused by that replica (it moves to another), so that a
+//! lagging replica never takes it back. Objects changed in etcd by hand, not by apply or
+//! delete, are applied but warned of: a delete by hand would not move the version of a
+//! replica that reads the store afterwards.
 //!
 //! Join tokens are kept there too (`tokens.rs`), so that a node authenticates to any replica;
 //! and, unless each replica is given it as files, the CA (`ca.rs`, its key sealed), made once

@@ -83,6 +83,7 @@ impl Source {
         let endpoints = store.client.endpoints().to_owned();
         shared.set_store(StoreStatus::reachable(&endpoints, self.revision));
         let mut rejected = Rejected::default();
+        let mut said_unmarked = false;
         let objects = store.layout.objects();
         let start = self.revision;
         follow(&store, &store.layout.config(), start, |seen, revision| {
@@ -102,6 +103,14 @@ impl Source {
                     return;
                 }
                 Seen::Changed(changes) => {
+                    let written = store.layout.written();
+                    let marked = changes.iter().any(|c| c.key == written.as_bytes());
+                    if !marked && !said_unmarked {
+                        // A replica that starts later numbers the config by the marker and
+                        // what is left: a delete made by hand would not move it.
+                        tracing::warn!("objects changed in etcd without mesh-cp apply or delete; make changes with them, so that every replica numbers the config alike");
+                        said_unmarked = true;
+                    }
                     for change in changes {
                         self.version = self.version.max(revision_of(change.revision));
                         let key = String::from_utf8_lossy(&change.key).into_owned();
@@ -188,7 +197,7 @@ struct Read {
     files: Vec<(PathBuf, String)>,
     undecodable: BTreeSet<String>,
     revision: i64,
-    /// The config version: the revision read at.
+    /// The config version: the revision of the last change among them.
     version: u64,
 }
 
@@ -208,13 +217,15 @@ impl Read {
             files: Vec::with_capacity(kvs.len()),
             undecodable: BTreeSet::new(),
             revision,
-            // The state at this revision: a replica that read it elsewhere, or followed the
-            // changes up to it, has the same config (one that stopped at the last change
-            // calls it by that change's revision; a node moving between them is sent it
-            // whole, never something else under the same number).
-            version: revision_of(revision),
+            version: 0,
         };
         for kv in kvs {
+            // The last change's revision, as a replica that followed the changes calls the
+            // config: `config/written` is rewritten by every apply and delete, so a delete
+            // counts too. (Not the revision read at: leases, tokens and other meshes move the
+            // store's revision, and a replica that numbered one config higher than the others
+            // would refuse their nodes as ahead of it.)
+            read.version = read.version.max(revision_of(kv.mod_revision));
             let key = String::from_utf8_lossy(&kv.key).into_owned();
             if !key.starts_with(&objects) {
                 continue;

@@ -16,6 +16,9 @@ use super::{
 };
 use crate::tokens::{issue, Records, TokenError, TokenRecord};
 
+/// Tokens made in one transaction at most.
+pub const MAX_AT_ONCE: usize = 60;
+
 /// The most bytes a token record may take: they are a few hundred.
 const MAX_RECORD: usize = 4096;
 
@@ -27,6 +30,8 @@ pub enum StoreTokenError {
     Token(#[from] TokenError),
     #[error("a new token's id was taken meanwhile; nothing was written, try again")]
     Collision,
+    #[error("{0} tokens at once: at most {MAX_AT_ONCE} per `token create` with etcd (one transaction); run it again for the rest")]
+    TooMany(usize),
 }
 
 impl From<mesh_etcd::Error> for StoreTokenError {
@@ -42,6 +47,10 @@ pub async fn create(
     nodes: &[String],
     ttl: Duration,
 ) -> Result<Vec<(TokenRecord, String)>, StoreTokenError> {
+    // A comparison and a put per token, within etcd's default --max-txn-ops (128).
+    if nodes.len() > MAX_AT_ONCE {
+        return Err(StoreTokenError::TooMany(nodes.len()));
+    }
     let made = issue(nodes, ttl)?;
     let mut compare = Vec::with_capacity(made.len());
     let mut success = Vec::with_capacity(made.len());
@@ -99,17 +108,23 @@ pub async fn revoke(store: &Store, id: &str) -> Result<TokenRecord, StoreTokenEr
             failure: vec![],
         })
         .await?;
-    let removed = answer
-        .responses
-        .into_iter()
-        .find_map(|r| match r.response {
-            Some(mesh_etcd::pb::response_op::Response::ResponseDeleteRange(d)) => {
-                d.prev_kvs.into_iter().next()
-            }
-            _ => None,
-        })
-        .and_then(|kv| record(&kv));
-    removed.ok_or_else(|| TokenError::NotFound(id.into()).into())
+    let removed = answer.responses.into_iter().find_map(|r| match r.response {
+        Some(mesh_etcd::pb::response_op::Response::ResponseDeleteRange(d)) => {
+            d.prev_kvs.into_iter().next()
+        }
+        _ => None,
+    });
+    match removed {
+        None => Err(TokenError::NotFound(id.into()).into()),
+        // Removed, though it was not a token record: say what was there.
+        Some(kv) => Ok(record(&kv).unwrap_or_else(|| TokenRecord {
+            id: id.into(),
+            node: "(not a token record)".into(),
+            secret_sha256: String::new(),
+            created: 0,
+            expires: None,
+        })),
+    }
 }
 
 /// Every token's record, by id.
@@ -133,6 +148,7 @@ pub async fn read(store: &Store) -> Result<(Records, i64), StoreError> {
 /// While etcd does not answer, the records last read stay (the config source reports it).
 pub async fn follow_tokens(store: Store, revision: i64, records: watch::Sender<Records>) {
     let prefix = store.layout.tokens();
+    let mut away = false;
     follow(&store, &prefix, revision, |seen, _| match seen {
         Seen::Changed(changes) => records.send_modify(|all| {
             let all = Arc::make_mut(all);
@@ -154,7 +170,20 @@ pub async fn follow_tokens(store: Store, revision: i64, records: watch::Sender<R
         Seen::Reloaded(kvs) => {
             records.send_replace(Arc::new(records_of(&prefix, kvs)));
         }
-        Seen::Reachable | Seen::Unreachable(_) => {}
+        // Said once per outage: revocations made meanwhile reach this replica only when
+        // etcd answers again.
+        Seen::Unreachable(e) => {
+            if !away {
+                tracing::warn!(error = %e, "join tokens not followed while etcd does not answer; those known stay valid here");
+                away = true;
+            }
+        }
+        Seen::Reachable => {
+            if away {
+                tracing::info!("join tokens followed again");
+                away = false;
+            }
+        }
     })
     .await;
 }

@@ -53,6 +53,7 @@ pub async fn run(
     // untried, the next is tried at once.
     let mut failed_in_a_row = 0usize;
     loop {
+        let began = tokio::time::Instant::now();
         let outcome = session(
             &client,
             &apply,
@@ -62,7 +63,9 @@ pub async fn run(
             &mut lookups,
         )
         .await;
-        let got_going = connected.send_replace(false);
+        // A stream that answered and then ended at once (a replica that takes nodes and
+        // drops them) counts as a failure, or nodes would bounce to it every few hundred ms.
+        let got_going = connected.send_replace(false) && began.elapsed() >= LASTED;
         failed_in_a_row = if got_going { 1 } else { failed_in_a_row + 1 };
         let from = client.address().to_owned();
         let several = client.addresses() > 1;
@@ -87,6 +90,9 @@ pub async fn run(
         tokio::time::sleep(delay).await;
     }
 }
+
+/// How long a stream must have lasted to count as one that got going.
+const LASTED: Duration = Duration::from_secs(5);
 
 /// The pause before trying another control-plane address, before its jitter.
 const AT_ONCE: Duration = Duration::from_millis(100);
