@@ -52,6 +52,9 @@ pub struct Client {
     /// The endpoints, as errors name them.
     pub(crate) endpoints: String,
     pub(crate) timeout: Duration,
+    /// TLS without a client certificate: an etcd that asks for one closes the connection
+    /// after the handshake, and the error should say what is likely missing.
+    anonymous_tls: bool,
 }
 
 /// The end of the range of keys that start with `prefix`: the prefix with its last byte
@@ -139,6 +142,7 @@ impl Client {
             watch: WatchClient::new(channel).max_decoding_message_size(MAX_MESSAGE),
             endpoints: options.endpoints.join(","),
             timeout: options.request_timeout,
+            anonymous_tls: options.tls.as_ref().is_some_and(|t| t.cert.is_none()),
         })
     }
 
@@ -165,11 +169,20 @@ impl Client {
     }
 
     pub(crate) fn failed(&self, what: &'static str, status: &tonic::Status) -> Error {
+        let mut message = one_line(status);
+        // A refused handshake or a connection closed right after it reads as a transport
+        // failure, in words that vary.
+        if self.anonymous_tls && message.contains("transport error") && !message.contains("refused")
+        {
+            message.push_str(
+                " (if etcd asks clients for a certificate, give --etcd-cert and --etcd-key)",
+            );
+        }
         Error::Failed {
             endpoints: self.endpoints.clone(),
             what,
             code: status.code(),
-            message: one_line(status),
+            message,
         }
     }
 

@@ -15,6 +15,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::{
     daemon::Daemon,
+    etcd::Etcd,
     mesh::{free_port, http_get, sibling_bin},
 };
 
@@ -38,8 +39,26 @@ pub struct ControlPlane {
 
 /// Where an etcd-mode control plane keeps the mesh.
 struct Store {
-    endpoint: String,
+    /// `--etcd-endpoints`, and `--etcd-ca` and the client certificate for an etcd that
+    /// serves TLS.
+    args: Vec<std::ffi::OsString>,
     ca: StoreCa,
+}
+
+/// The `--etcd-*` arguments for `etcd`.
+fn etcd_args(etcd: &Etcd) -> Vec<std::ffi::OsString> {
+    let mut args = vec!["--etcd-endpoints".into(), etcd.endpoint().into()];
+    if let Some(tls) = etcd.tls() {
+        for (flag, path) in [
+            ("--etcd-ca", &tls.ca),
+            ("--etcd-cert", &tls.client_cert),
+            ("--etcd-key", &tls.client_key),
+        ] {
+            args.push(flag.into());
+            args.push(path.into());
+        }
+    }
+    args
 }
 
 /// How the replicas share the CA.
@@ -62,23 +81,23 @@ impl ControlPlane {
 
     /// Starts `mesh-cp serve --etcd-endpoints` on the store at `endpoint`, with the CA of
     /// `ca` (a certificate and key every replica is given), and waits for `/healthz`.
-    pub fn start_etcd(prefix: &str, endpoint: &str, ca: &(PathBuf, PathBuf)) -> io::Result<Self> {
+    pub fn start_etcd(prefix: &str, etcd: &Etcd, ca: &(PathBuf, PathBuf)) -> io::Result<Self> {
         let (cert, key) = ca.clone();
-        Self::launch_etcd(prefix, endpoint, StoreCa::Files(cert, key))
+        Self::launch_etcd(prefix, etcd, StoreCa::Files(cert, key))
     }
 
     /// [`ControlPlane::start_etcd`] with the CA kept in etcd, sealed with `sealing_key`
     /// (made by the elected leader if etcd has none).
-    pub fn start_etcd_sealed(prefix: &str, endpoint: &str, sealing_key: &Path) -> io::Result<Self> {
-        Self::launch_etcd(prefix, endpoint, StoreCa::Sealed(sealing_key.to_path_buf()))
+    pub fn start_etcd_sealed(prefix: &str, etcd: &Etcd, sealing_key: &Path) -> io::Result<Self> {
+        Self::launch_etcd(prefix, etcd, StoreCa::Sealed(sealing_key.to_path_buf()))
     }
 
-    fn launch_etcd(prefix: &str, endpoint: &str, ca: StoreCa) -> io::Result<Self> {
+    fn launch_etcd(prefix: &str, etcd: &Etcd, ca: StoreCa) -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("{prefix}-mesh-cp-{}", free_port()));
         fs::create_dir_all(&dir)?;
         let mut cp = Self::not_started(dir, None);
         cp.store = Some(Store {
-            endpoint: endpoint.to_owned(),
+            args: etcd_args(etcd),
             ca,
         });
         cp.daemon.replace(cp.spawn()?);
@@ -99,7 +118,7 @@ impl ControlPlane {
             .arg(verb)
             .arg("-f")
             .arg(&file)
-            .args(["--etcd-endpoints", &store.endpoint])
+            .args(&store.args)
             .output()?;
         if !out.status.success() {
             return Err(io::Error::other(
@@ -176,15 +195,12 @@ impl ControlPlane {
                 .env("KUBECONFIG", kubeconfig),
             (None, Some(store)) => match &store.ca {
                 StoreCa::Files(cert, key) => cmd
-                    .args(["--etcd-endpoints", &store.endpoint])
+                    .args(&store.args)
                     .arg("--ca-cert")
                     .arg(cert)
                     .arg("--ca-key")
                     .arg(key),
-                StoreCa::Sealed(key) => cmd
-                    .args(["--etcd-endpoints", &store.endpoint])
-                    .arg("--ca-encryption-key")
-                    .arg(key),
+                StoreCa::Sealed(key) => cmd.args(&store.args).arg("--ca-encryption-key").arg(key),
             },
             (None, None) => cmd.arg("--config-dir").arg(&self.config_dir),
         };
@@ -432,7 +448,7 @@ impl ControlPlane {
         let mut cmd = Command::new(sibling_bin("mesh-cp", "MESH_CP_BIN"));
         cmd.arg("token").args(args);
         match &self.store {
-            Some(store) => cmd.args(["--etcd-endpoints", &store.endpoint]),
+            Some(store) => cmd.args(&store.args),
             None => cmd.arg("--data-dir").arg(&self.data_dir),
         };
         let out = cmd.output()?;

@@ -19,23 +19,53 @@ pub struct Etcd {
     daemon: Daemon,
     pub client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` (etcd's metrics listener), which answers whatever the clients'
+    /// port asks for.
+    health_port: u16,
     data_dir: PathBuf,
+    /// With TLS: the certificates, in the etcd's directory.
+    tls: Option<TlsFiles>,
+}
+
+/// The files of an etcd that serves TLS and asks clients for certificates.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA of the server's and the client's certificates.
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers `/health`.
     pub fn start(prefix: &str) -> io::Result<Self> {
+        Self::launch(prefix, false)
+    }
+
+    /// [`Etcd::start`] serving TLS to clients, and asking them for a certificate
+    /// (`--client-cert-auth`), from a CA of the test's own.
+    pub fn start_tls(prefix: &str) -> io::Result<Self> {
+        Self::launch(prefix, true)
+    }
+
+    fn launch(prefix: &str, tls: bool) -> io::Result<Self> {
         let client_port = free_port();
-        let peer_port = free_port();
         let dir = std::env::temp_dir().join(format!("{prefix}-etcd-{client_port}"));
         fs::create_dir_all(&dir)?;
         let log_file = dir.join("etcd.log");
         let mut etcd = Self {
             daemon: Daemon::not_started("etcd", dir.clone(), log_file),
             client_port,
-            peer_port,
+            peer_port: free_port(),
+            health_port: free_port(),
             data_dir: dir.join("data"),
+            tls: None,
         };
+        if tls {
+            etcd.tls = Some(tls_files(&dir)?);
+        }
         etcd.resume()?;
         Ok(etcd)
     }
@@ -44,9 +74,15 @@ impl Etcd {
         &self.daemon.log_file
     }
 
-    /// `http://127.0.0.1:PORT`, for `--etcd-endpoints`.
+    /// `http://127.0.0.1:PORT` (or `https://`), for `--etcd-endpoints`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The certificates, when it serves TLS.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// Kills etcd at once (SIGKILL), as a crash or a lost host would: its data stays for
@@ -61,9 +97,19 @@ impl Etcd {
             .create(true)
             .append(true)
             .open(&self.daemon.log_file)?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(ETCD)
+        let mut cmd = Command::new(ETCD);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name")
             .arg("test")
             .arg("--data-dir")
@@ -73,7 +119,10 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
-            // No metrics listener of its own beyond the client port, and quiet logs.
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{}", self.health_port),
+            ])
             .args(["--log-level", "warn", "--logger", "zap"])
             .env_remove("ETCD_NAME")
             .stdin(Stdio::null())
@@ -87,7 +136,7 @@ impl Etcd {
                 )
             })?;
         self.daemon.replace(child);
-        let port = self.client_port;
+        let port = self.health_port;
         self.daemon
             .wait_until(Duration::from_secs(20), "etcd /health", || {
                 health(port).then_some(())
@@ -96,7 +145,8 @@ impl Etcd {
 }
 
 impl Etcd {
-    /// Deletes `key`, as an operator with etcd's own tools could (its JSON gateway).
+    /// Deletes `key`, as an operator with etcd's own tools could (its JSON gateway; plain
+    /// HTTP only).
     pub fn delete(&self, key: &str) -> io::Result<()> {
         use base64::Engine as _;
         let body = format!(
@@ -136,6 +186,57 @@ fn health(port: u16) -> bool {
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     answer.contains("\"health\":\"true\"")
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
+fn tls_files(dir: &std::path::Path) -> io::Result<TlsFiles> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let dated = |mut p: CertificateParams| {
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(1);
+        p
+    };
+    let ca_key = KeyPair::generate().map_err(io::Error::other)?;
+    let mut ca = dated(CertificateParams::new(Vec::<String>::new()).map_err(io::Error::other)?);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).map_err(io::Error::other)?;
+    fs::write(&files.ca, ca_cert.pem())?;
+    let issuer = Issuer::new(ca, ca_key);
+    for (cert, key, purpose) in [
+        (
+            &files.server_cert,
+            &files.server_key,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ),
+        (
+            &files.client_cert,
+            &files.client_key,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+    ] {
+        let pair = KeyPair::generate().map_err(io::Error::other)?;
+        let mut params =
+            dated(CertificateParams::new(Vec::<String>::new()).map_err(io::Error::other)?);
+        params.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+        params.extended_key_usages = vec![purpose];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let signed = params.signed_by(&pair, &issuer).map_err(io::Error::other)?;
+        fs::write(cert, signed.pem())?;
+        fs::write(key, pair.serialize_pem())?;
+    }
+    Ok(files)
 }
 
 /// A root CA's certificate and key in files, as an operator gives every mesh-cp replica

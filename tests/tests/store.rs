@@ -94,12 +94,10 @@ fn replicas_on_etcd_serve_one_config_and_ride_out_its_absence() {
     let _server = Server::start(topo.pod("payment"), PORT).expect("payment");
     let mut etcd = Etcd::start(&topo.prefix).expect("etcd");
     let ca = etcd::shared_ca(&topo.prefix).expect("a CA for both replicas");
-    let mut a =
-        ControlPlane::start_etcd(&format!("{}-a", topo.prefix), &etcd.endpoint(), &ca.files())
-            .expect("replica a");
-    let mut b =
-        ControlPlane::start_etcd(&format!("{}-b", topo.prefix), &etcd.endpoint(), &ca.files())
-            .expect("replica b");
+    let mut a = ControlPlane::start_etcd(&format!("{}-a", topo.prefix), &etcd, &ca.files())
+        .expect("replica a");
+    let mut b = ControlPlane::start_etcd(&format!("{}-b", topo.prefix), &etcd, &ca.files())
+        .expect("replica b");
 
     let pods = ["order", "payment"].map(|p| topo.pod(p));
     let mesh = format!(
@@ -282,9 +280,9 @@ fn killing_a_replica_moves_its_nodes_to_the_other_without_a_failed_connection() 
     let etcd = Etcd::start(&topo.prefix).expect("etcd");
     let ca = etcd::shared_ca(&topo.prefix).expect("a CA for both replicas");
     let mut cps = [
-        ControlPlane::start_etcd(&format!("{}-a", topo.prefix), &etcd.endpoint(), &ca.files())
+        ControlPlane::start_etcd(&format!("{}-a", topo.prefix), &etcd, &ca.files())
             .expect("replica a"),
-        ControlPlane::start_etcd(&format!("{}-b", topo.prefix), &etcd.endpoint(), &ca.files())
+        ControlPlane::start_etcd(&format!("{}-b", topo.prefix), &etcd, &ca.files())
             .expect("replica b"),
     ];
     let pods = ["order", "payment"].map(|p| topo.pod(p));
@@ -381,7 +379,7 @@ fn the_leader_makes_the_ca_once_and_certificates_rotate_with_either_replica_down
     let start = |name: &str| {
         ControlPlane::start_etcd_sealed(
             &format!("{}-{name}", topo.prefix),
-            &etcd.endpoint(),
+            &etcd,
             &key.sealing_key(),
         )
         .expect("replica")
@@ -532,4 +530,58 @@ fn apply_and_delete_write_a_config_dir_too() {
             (!p.contains("no-order")).then_some(())
         })
         .expect("deleted");
+}
+
+/// etcd that serves TLS and asks for client certificates: a replica and `mesh-cp apply` reach
+/// it with --etcd-ca, --etcd-cert and --etcd-key; without the client certificate apply fails
+/// in one line and writes nothing.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let prefix = format!("mycel-t{:x}-etcdtls", std::process::id());
+    let etcd = Etcd::start_tls(&prefix).expect("etcd over TLS");
+    let ca = etcd::shared_ca(&prefix).expect("a CA");
+    let mut cp =
+        ControlPlane::start_etcd(&format!("{prefix}-a"), &etcd, &ca.files()).expect("replica");
+    let (out, err) = cp
+        .store_cmd("apply", "deny.yaml", &deny_order("no-order", "Deny"))
+        .expect("apply over TLS");
+    assert!(
+        out.contains("AccessPolicy default/no-order created"),
+        "{out}"
+    );
+    let version = written_version(&err);
+    wait_everywhere(&mut [&mut cp], version, &[]);
+    assert_eq!(cp.status().expect("/status")["store"]["reachable"], true);
+
+    let tls = etcd.tls().expect("TLS files");
+    let file = cp.data_dir.join("other.yaml");
+    std::fs::write(&file, deny_order("other", "Deny")).expect("write");
+    let out = std::process::Command::new(mesh_tests::mesh::sibling_bin("mesh-cp", "MESH_CP_BIN"))
+        .arg("apply")
+        .arg("-f")
+        .arg(&file)
+        .args(["--etcd-endpoints", &etcd.endpoint()])
+        .arg("--etcd-ca")
+        .arg(&tls.ca)
+        .output()
+        .expect("mesh-cp");
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("without a client certificate: {}", err.trim_end());
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.starts_with("mesh-cp: error: etcd at https://127.0.0.1:"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("--etcd-cert"),
+        "says what is likely missing: {err}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        cp.version().expect("version"),
+        version,
+        "nothing was written"
+    );
+    drop((cp, etcd, ca));
 }

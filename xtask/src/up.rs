@@ -32,12 +32,8 @@ fn start_replicas(prefix: &str, files: &[(&str, &str)]) -> anyhow::Result<(Contr
     let etcd = Etcd::start(prefix).context("starting etcd")?;
     let key = etcd::sealing_key(prefix).context("making the CA's sealing key")?;
     let start = |name: &str| {
-        ControlPlane::start_etcd_sealed(
-            &format!("{prefix}-{name}"),
-            &etcd.endpoint(),
-            &key.sealing_key(),
-        )
-        .with_context(|| format!("starting mesh-cp replica {name}"))
+        ControlPlane::start_etcd_sealed(&format!("{prefix}-{name}"), &etcd, &key.sealing_key())
+            .with_context(|| format!("starting mesh-cp replica {name}"))
     };
     let a = start("cp1")?;
     let b = start("cp2")?;
