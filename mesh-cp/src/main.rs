@@ -438,7 +438,7 @@ enum Origin {
         Box<store::source::Source>,
         u64,
         u64,
-        tokio::sync::watch::Receiver<bool>,
+        store::leader::Election,
     ),
 }
 
@@ -510,13 +510,9 @@ async fn prepare_store(
             .unwrap_or_else(|_| "mesh-cp".into());
         format!("{host}-{}", std::process::id())
     });
-    let (elected, leader) = tokio::sync::watch::channel(false);
-    tokio::spawn(store::leader::run(
-        store.clone(),
-        identity,
-        store::leader::Timing::default(),
-        elected,
-    ));
+    let election =
+        store::leader::Election::start(store.clone(), identity, store::leader::Timing::default());
+    let leader = election.leader.clone();
     let ca = match sealing {
         Err(ca) => ca,
         Ok((sealing, known)) => {
@@ -544,7 +540,7 @@ async fn prepare_store(
     let auth = node_auth::NodeAuth::join_tokens(tokens::TokenStore::watched(records));
     Ok((
         config,
-        Origin::Store(Box::new(source), version, epoch, leader),
+        Origin::Store(Box::new(source), version, epoch, election),
         ca,
         auth,
     ))
@@ -632,7 +628,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shared.epoch = epoch;
     }
     match &origin {
-        Origin::Store(.., leader) => shared.leader = Some(leader.clone()),
+        Origin::Store(.., election) => shared.leader = Some(election.leader.clone()),
         Origin::Kubernetes(cluster) => shared.leader = Some(cluster.leader.clone()),
         Origin::Dir(..) => {}
     }
@@ -645,6 +641,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         args.server_names.clone()
     };
+    // With etcd, this replica's part in the election, left when it stops.
+    let mut election = None;
     match origin {
         Origin::Dir(dir, files, parser) => tokio::spawn(source::watch_dir(
             dir,
@@ -657,7 +655,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Origin::Kubernetes(cluster) => {
             tokio::spawn(kubernetes::follow(*cluster, publish, shared.clone()))
         }
-        Origin::Store(source, ..) => tokio::spawn(source.follow(publish, shared.clone())),
+        Origin::Store(source, _, _, elected) => {
+            election = Some(elected);
+            tokio::spawn(source.follow(publish, shared.clone()))
+        }
     };
     let dashboard = Arc::new(mesh_cp::ui::Dashboard::new(
         shared.clone(),
@@ -691,6 +692,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // the stream ends because of a stop, not a fault.
     tracing::info!("shutting down: closing the nodes' streams");
     shared.stopping.send_replace(true);
+    if let Some(election) = election {
+        // Another replica leads at once, rather than when this one's lease runs out.
+        election.stop().await;
+    }
     tokio::select! {
         r = &mut grpc_task => r.context("the gRPC server panicked")??,
         () = tokio::time::sleep(STOP_WAIT) => {

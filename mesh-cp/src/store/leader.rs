@@ -35,9 +35,41 @@ impl Default for Timing {
     }
 }
 
-/// Takes part in the election as `identity` for as long as the process runs; `leader` says
-/// whether this replica leads now.
-pub async fn run(store: Store, identity: String, timing: Timing, leader: watch::Sender<bool>) {
+/// This replica's part in the election, running.
+pub struct Election {
+    /// Whether this replica leads now.
+    pub leader: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Election {
+    /// Takes part in the election as `identity` until [`Election::stop`].
+    pub fn start(store: Store, identity: String, timing: Timing) -> Self {
+        let (elected, leader) = watch::channel(false);
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(store, identity, timing, elected, stopped));
+        Self { leader, stop, task }
+    }
+
+    /// Leaves the election: a leader lets its lease go, so that another replica leads at
+    /// once rather than when the lease runs out. Waits for that at most the time of one
+    /// call to etcd.
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        let _ = tokio::time::timeout(Duration::from_secs(6), self.task).await;
+    }
+}
+
+/// Takes part in the election as `identity` until `stop` says so; `leader` says whether this
+/// replica leads now.
+async fn run(
+    store: Store,
+    identity: String,
+    timing: Timing,
+    leader: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
     let key = store.layout.leader();
     let mut lease: Option<i64> = None;
     // Until when this replica may call itself the leader: the lease's time counted from
@@ -82,10 +114,14 @@ pub async fn run(store: Store, identity: String, timing: Timing, leader: watch::
             until = None;
         }
         set(&leader, leads, &identity);
+        if *stop.borrow() {
+            break;
+        }
         match until {
             // The next renewal is due before the lease could end, or leadership ends there.
             Some(deadline) => tokio::select! {
                 () = tokio::time::sleep(timing.renew) => {}
+                _ = stop.changed() => {}
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!("the leader lease was not renewed in time: stepping down");
                     until = None;
@@ -93,9 +129,20 @@ pub async fn run(store: Store, identity: String, timing: Timing, leader: watch::
                     drop_lease(&store, &mut lease).await;
                 }
             },
-            None => tokio::time::sleep(timing.renew).await,
+            None => tokio::select! {
+                () = tokio::time::sleep(timing.renew) => {}
+                _ = stop.changed() => {}
+            },
+        }
+        if *stop.borrow() {
+            break;
         }
     }
+    if *leader.borrow() {
+        tracing::info!(identity, "stopping: letting the leader lease go");
+    }
+    set(&leader, false, &identity);
+    drop_lease(&store, &mut lease).await;
 }
 
 /// Lets the lease go, at once if etcd answers (within its timeout), so that another replica
