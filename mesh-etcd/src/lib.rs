@@ -8,6 +8,7 @@
 //! endpoints were asked and what failed, in one line.
 
 mod client;
+pub mod ops;
 mod watch;
 
 pub use client::{prefix_end, Client, Options, Tls};

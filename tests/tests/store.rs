@@ -58,6 +58,21 @@ fn wait_everywhere(
     }
 }
 
+/// After a refused apply: a moment later, every replica in `cps` still serves `version` and
+/// no policy named `policy`.
+fn nothing_written(cps: &[&ControlPlane], version: u64, policy: &str) {
+    std::thread::sleep(Duration::from_millis(500));
+    for cp in cps {
+        assert_eq!(
+            cp.version().expect("version"),
+            version,
+            "nothing was written"
+        );
+        let policies = http_get(cp.http, "/policies").expect("/policies");
+        assert!(!policies.contains(policy), "{policies}");
+    }
+}
+
 /// `mycel --cp CP check`: whether it passed, and what it printed.
 fn mycel_check(cp: &str) -> (bool, String) {
     let out = std::process::Command::new(mesh_tests::mesh::sibling_bin("mycel", "MYCEL_BIN"))
@@ -166,16 +181,7 @@ fn replicas_on_etcd_serve_one_config_and_ride_out_its_absence() {
         "{err}"
     );
     assert!(!err.contains('\n'), "one line: {err}");
-    std::thread::sleep(Duration::from_millis(500));
-    for cp in [&a, &b] {
-        assert_eq!(
-            cp.version().expect("version"),
-            version,
-            "nothing was written"
-        );
-        let policies = http_get(cp.http, "/policies").expect("/policies");
-        assert!(!policies.contains("another"), "{policies}");
-    }
+    nothing_written(&[&a, &b], version, "another");
 
     // A file that checks alone but clashes with what the store holds (an address in use) is
     // refused whole as well, naming both.
@@ -192,16 +198,7 @@ fn replicas_on_etcd_serve_one_config_and_ride_out_its_absence() {
         err.contains("nothing was written") && err.contains("impostor") && err.contains("payment"),
         "{err}"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    for cp in [&a, &b] {
-        assert_eq!(
-            cp.version().expect("version"),
-            version,
-            "nothing was written"
-        );
-        let policies = http_get(cp.http, "/policies").expect("/policies");
-        assert!(!policies.contains("third"), "{policies}");
-    }
+    nothing_written(&[&a, &b], version, "third");
 
     // etcd away for 30 s: the nodes keep what they hold, the replicas say so.
     etcd.kill().expect("kill etcd");

@@ -7,9 +7,7 @@
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, time::SystemTime};
 
-use mesh_etcd::pb::{
-    compare, request_op, Compare, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
-};
+use mesh_etcd::{ops as etcd, pb::TxnRequest};
 use mesh_model::{ConfigError, ObjectKey};
 
 use super::{Object, Store, StoreError};
@@ -169,18 +167,11 @@ async fn write(
         let mut ops = Vec::new();
         for (key, text) in &next {
             if current.get(key) != Some(text) {
-                ops.push(put(key, text));
+                ops.push(etcd::put(key.as_bytes(), text.clone().into_bytes(), 0));
             }
         }
         for key in current.keys().filter(|k| !next.contains_key(*k)) {
-            ops.push(RequestOp {
-                request: Some(request_op::Request::RequestDeleteRange(
-                    DeleteRangeRequest {
-                        key: key.clone().into_bytes(),
-                        ..DeleteRangeRequest::default()
-                    },
-                )),
-            });
+            ops.push(etcd::delete(key.as_bytes(), false));
         }
         if ops.is_empty() {
             return Ok(Report {
@@ -193,14 +184,9 @@ async fn write(
             .map(|(key, text)| (PathBuf::from(key), text))
             .collect();
         mesh_model::parse(&files).map_err(|e| invalid(store, origins, e))?;
-        ops.push(put(&written, &marker_text()));
+        ops.push(etcd::put(written.as_bytes(), marker_text().into_bytes(), 0));
         let request = TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Mod as i32,
-                key: written.clone().into_bytes(),
-                target_union: Some(compare::TargetUnion::ModRevision(marker_revision)),
-            }],
+            compare: vec![etcd::unchanged_since(written.as_bytes(), marker_revision)],
             success: ops,
             failure: vec![],
         };
@@ -230,16 +216,6 @@ fn invalid(store: &Store, origins: &BTreeMap<String, String>, e: ConfigError) ->
         object = format!("{object} ({origin})");
     }
     ApplyError::Invalid { object, message }
-}
-
-fn put(key: &str, text: &str) -> RequestOp {
-    RequestOp {
-        request: Some(request_op::Request::RequestPut(PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: text.as_bytes().to_vec(),
-            ..PutRequest::default()
-        })),
-    }
 }
 
 /// When and from where the last change was written: for whoever reads the store by hand.

@@ -10,7 +10,7 @@
 use std::{path::Path, time::Duration};
 
 use base64::Engine as _;
-use mesh_etcd::pb::{compare, request_op, Compare, PutRequest, RequestOp, TxnRequest};
+use mesh_etcd::{ops, pb::TxnRequest};
 use ring::{
     aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN},
     rand::{SecureRandom as _, SystemRandom},
@@ -202,19 +202,8 @@ async fn write(
     let answer = store
         .client
         .txn(TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Create as i32,
-                key: key.as_bytes().to_vec(),
-                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-            }],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestPut(PutRequest {
-                    key: key.as_bytes().to_vec(),
-                    value,
-                    ..PutRequest::default()
-                })),
-            }],
+            compare: vec![ops::absent(key.as_bytes())],
+            success: vec![ops::put(key.as_bytes(), value, 0)],
             failure: vec![],
         })
         .await?;

@@ -11,8 +11,9 @@
 
 use std::time::Duration;
 
-use mesh_etcd::pb::{
-    compare, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
+use mesh_etcd::{
+    ops,
+    pb::{response_op, TxnRequest},
 };
 use tokio::sync::watch;
 
@@ -187,26 +188,9 @@ async fn attempt(
     };
     let answer = client
         .txn(TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Create as i32,
-                key: key.as_bytes().to_vec(),
-                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-            }],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestPut(PutRequest {
-                    key: key.as_bytes().to_vec(),
-                    value: identity.as_bytes().to_vec(),
-                    lease: id,
-                    ..PutRequest::default()
-                })),
-            }],
-            failure: vec![RequestOp {
-                request: Some(request_op::Request::RequestRange(RangeRequest {
-                    key: key.as_bytes().to_vec(),
-                    ..RangeRequest::default()
-                })),
-            }],
+            compare: vec![ops::absent(key.as_bytes())],
+            success: vec![ops::put(key.as_bytes(), identity.as_bytes().to_vec(), id)],
+            failure: vec![ops::get(key.as_bytes())],
         })
         .await?;
     if answer.succeeded {

@@ -32,10 +32,7 @@ pub mod tokens;
 
 use std::path::PathBuf;
 
-use mesh_etcd::{
-    pb::{compare, request_op, Compare, PutRequest, RequestOp, TxnRequest},
-    Client,
-};
+use mesh_etcd::{ops, pb::TxnRequest, Client};
 use mesh_model::ObjectKey;
 
 pub use objects::{read_inputs, Object};
@@ -235,19 +232,8 @@ impl Store {
         let mine = crate::state::random_epoch();
         // Put only if absent; either way, read it back in the same transaction.
         let request = TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Create as i32,
-                key: key.clone().into_bytes(),
-                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-            }],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestPut(PutRequest {
-                    key: key.clone().into_bytes(),
-                    value: mine.to_string().into_bytes(),
-                    ..PutRequest::default()
-                })),
-            }],
+            compare: vec![ops::absent(key.as_bytes())],
+            success: vec![ops::put(key.as_bytes(), mine.to_string().into_bytes(), 0)],
             failure: vec![],
         };
         if self.client.txn(request).await?.succeeded {

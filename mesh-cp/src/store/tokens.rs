@@ -5,8 +5,9 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use mesh_etcd::pb::{
-    compare, request_op, Compare, DeleteRangeRequest, KeyValue, PutRequest, RequestOp, TxnRequest,
+use mesh_etcd::{
+    ops,
+    pb::{KeyValue, TxnRequest},
 };
 use tokio::sync::watch;
 
@@ -61,19 +62,8 @@ pub async fn create(
             reason: e.to_string(),
         })?;
         // A new id only: a clash (48 random bits) writes nothing rather than replace.
-        compare.push(Compare {
-            result: compare::CompareResult::Equal as i32,
-            target: compare::CompareTarget::Create as i32,
-            key: key.clone(),
-            target_union: Some(compare::TargetUnion::CreateRevision(0)),
-        });
-        success.push(RequestOp {
-            request: Some(request_op::Request::RequestPut(PutRequest {
-                key,
-                value,
-                ..PutRequest::default()
-            })),
-        });
+        compare.push(ops::absent(&key));
+        success.push(ops::put(&key, value, 0));
     }
     let answer = store
         .client
@@ -96,15 +86,7 @@ pub async fn revoke(store: &Store, id: &str) -> Result<TokenRecord, StoreTokenEr
         .client
         .txn(TxnRequest {
             compare: vec![],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestDeleteRange(
-                    DeleteRangeRequest {
-                        key: key.into_bytes(),
-                        prev_kv: true,
-                        ..DeleteRangeRequest::default()
-                    },
-                )),
-            }],
+            success: vec![ops::delete(key.as_bytes(), true)],
             failure: vec![],
         })
         .await?;
@@ -141,7 +123,7 @@ pub async fn read(store: &Store) -> Result<(Records, i64), StoreError> {
         .client
         .get_prefix(store.layout.tokens().as_bytes(), 0)
         .await?;
-    Ok((Arc::new(records(store, kvs)), revision))
+    Ok((Arc::new(records_of(&store.layout.tokens(), kvs)), revision))
 }
 
 /// Keeps `records` current from revision `revision` on, for as long as the process runs.
@@ -186,10 +168,6 @@ pub async fn follow_tokens(store: Store, revision: i64, records: watch::Sender<R
         }
     })
     .await;
-}
-
-fn records(store: &Store, kvs: Vec<KeyValue>) -> HashMap<String, TokenRecord> {
-    records_of(&store.layout.tokens(), kvs)
 }
 
 /// The records among `kvs` whose key names their id; anything else is left out, and said.
